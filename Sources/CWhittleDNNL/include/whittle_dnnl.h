@@ -1,0 +1,108 @@
+// Thin C layer over oneDNN's C API (Debian libdnnl-dev, oneDNN 2.6).
+//
+// Swift cannot use oneDNN's descriptor structs and variadic-free but deeply nested init calls comfortably, so each
+// primitive Whittle uses gets a "plan": created once for fixed shapes (weights are reordered into the layout oneDNN
+// prefers at creation), then executed many times on caller-owned buffers in plain NCHW / row-major layout.
+// Every function reports failure by returning NULL or a non-zero status and writing a message into `err`.
+#ifndef WHITTLE_DNNL_H
+#define WHITTLE_DNNL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// Element-wise post-operation fused after a primitive (and the algorithms of the standalone eltwise plan).
+typedef enum {
+    WK_ELTWISE_NONE = 0,
+    WK_ELTWISE_RELU = 1,      ///< max(x, 0) · 1, or leaky with alpha: x < 0 ? alpha·x : x
+    WK_ELTWISE_CLIP = 2,      ///< min(max(x, alpha), beta)
+    WK_ELTWISE_LOGISTIC = 3,  ///< 1 / (1 + e^-x)
+    WK_ELTWISE_TANH = 4,
+    WK_ELTWISE_HARDSWISH = 5, ///< x · min(max(x + 3, 0), 6) / 6
+    WK_ELTWISE_LINEAR = 6,    ///< alpha · x + beta
+} wk_eltwise_t;
+
+typedef struct {
+    wk_eltwise_t kind;
+    float alpha;
+    float beta;
+} wk_postop_t;
+
+/// Sets the OpenMP thread count used by oneDNN (and, through the same runtime, by later calls).
+void wk_set_num_threads(int n);
+int wk_get_max_threads(void);
+
+// MARK: Convolution (2-D)
+
+/// src [N, C, H, W], weights [OC, C/groups, KH, KW], bias [OC] or NULL, dst [N, OC, OH, OW].
+/// Dilations are ONNX-style (1 = dense). Pads: top, left, bottom, right.
+typedef struct wk_conv wk_conv;
+wk_conv *wk_conv_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc, int64_t oh, int64_t ow,
+                        int64_t kh, int64_t kw, int64_t groups, int64_t stride_h, int64_t stride_w,
+                        int64_t dil_h, int64_t dil_w, int64_t pad_t, int64_t pad_l, int64_t pad_b, int64_t pad_r,
+                        const float *weights, const float *bias, wk_postop_t post, int sum_input,
+                        char *err, size_t errlen);
+/// When the plan was created with sum_input, `dst` must hold the tensor to add (dst = conv(src) + dst) before the call.
+int wk_conv_run(wk_conv *plan, const float *src, float *dst, char *err, size_t errlen);
+const char *wk_conv_impl(wk_conv *plan);
+void wk_conv_destroy(wk_conv *plan);
+
+// MARK: Pooling (2-D)
+
+typedef enum { WK_POOL_MAX = 0, WK_POOL_AVG_INCLUDE_PAD = 1, WK_POOL_AVG_EXCLUDE_PAD = 2 } wk_pool_t;
+typedef struct wk_pool wk_pool;
+/// src [N, C, H, W] → dst [N, C, OH, OW]; dilations ONNX-style (1 = dense).
+wk_pool *wk_pool_create(wk_pool_t kind, int64_t n, int64_t c, int64_t h, int64_t w, int64_t oh, int64_t ow,
+                        int64_t kh, int64_t kw, int64_t stride_h, int64_t stride_w, int64_t dil_h, int64_t dil_w,
+                        int64_t pad_t, int64_t pad_l, int64_t pad_b, int64_t pad_r, char *err, size_t errlen);
+int wk_pool_run(wk_pool *plan, const float *src, float *dst, char *err, size_t errlen);
+void wk_pool_destroy(wk_pool *plan);
+
+// MARK: Batch normalization (inference, global statistics)
+
+typedef struct wk_bnorm wk_bnorm;
+/// data [N, C, spatial...] flattened to [N, C, S]; y = scale · (x − mean) / sqrt(var + eps) + shift.
+wk_bnorm *wk_bnorm_create(int64_t n, int64_t c, int64_t spatial, float epsilon, const float *scale,
+                          const float *shift, const float *mean, const float *var, wk_postop_t post,
+                          char *err, size_t errlen);
+int wk_bnorm_run(wk_bnorm *plan, const float *src, float *dst, char *err, size_t errlen);
+void wk_bnorm_destroy(wk_bnorm *plan);
+
+// MARK: Inner product (Gemm with B transposed: y = x · Wᵀ + b)
+
+typedef struct wk_inner wk_inner;
+/// src [M, K], weights [N, K], bias [N] or NULL, dst [M, N].
+wk_inner *wk_inner_create(int64_t m, int64_t k, int64_t n, const float *weights, const float *bias,
+                          wk_postop_t post, char *err, size_t errlen);
+int wk_inner_run(wk_inner *plan, const float *src, float *dst, char *err, size_t errlen);
+void wk_inner_destroy(wk_inner *plan);
+
+// MARK: Element-wise
+
+typedef struct wk_eltwise wk_eltwise;
+/// y = f(x) over `count` contiguous floats; in-place allowed.
+wk_eltwise *wk_eltwise_create(wk_postop_t op, int64_t count, char *err, size_t errlen);
+int wk_eltwise_run(wk_eltwise *plan, const float *src, float *dst, char *err, size_t errlen);
+void wk_eltwise_destroy(wk_eltwise *plan);
+
+// MARK: Softmax
+
+typedef struct wk_softmax wk_softmax;
+/// data viewed as [outer, axis, inner]; softmax along the middle dimension.
+wk_softmax *wk_softmax_create(int64_t outer, int64_t axis, int64_t inner, char *err, size_t errlen);
+int wk_softmax_run(wk_softmax *plan, const float *src, float *dst, char *err, size_t errlen);
+void wk_softmax_destroy(wk_softmax *plan);
+
+// MARK: GEMM
+
+/// Row-major C[M, N] = alpha · op(A) · op(B) + beta · C, op = transpose when trans is 'T' ('N' otherwise).
+int wk_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
+             const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,507 @@
+// Implementation of the plan API declared in include/whittle_dnnl.h on oneDNN 2.6's C API.
+#include "whittle_dnnl.h"
+
+#include <oneapi/dnnl/dnnl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern void omp_set_num_threads(int);
+extern int omp_get_max_threads(void);
+
+static dnnl_engine_t g_engine;
+static dnnl_stream_t g_stream;
+static dnnl_status_t g_init_status = dnnl_success;
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+
+static void init_engine(void) {
+    g_init_status = dnnl_engine_create(&g_engine, dnnl_cpu, 0);
+    if (g_init_status == dnnl_success) g_init_status = dnnl_stream_create(&g_stream, g_engine, dnnl_stream_default_flags);
+}
+
+static const char *status_name(dnnl_status_t s) {
+    switch (s) {
+    case dnnl_success: return "success";
+    case dnnl_out_of_memory: return "out of memory";
+    case dnnl_invalid_arguments: return "invalid arguments";
+    case dnnl_unimplemented: return "unimplemented";
+    case dnnl_iterator_ends: return "iterator ends";
+    case dnnl_runtime_error: return "runtime error";
+    case dnnl_not_required: return "not required";
+    default: return "unknown status";
+    }
+}
+
+#define CHECK(call)                                                                                  \
+    do {                                                                                             \
+        dnnl_status_t st_ = (call);                                                                  \
+        if (st_ != dnnl_success) {                                                                   \
+            if (err && errlen) snprintf(err, errlen, "oneDNN: %s failed: %s", #call, status_name(st_)); \
+            goto fail;                                                                               \
+        }                                                                                            \
+    } while (0)
+
+static int engine_ready(char *err, size_t errlen) {
+    pthread_once(&g_once, init_engine);
+    if (g_init_status != dnnl_success) {
+        if (err && errlen) snprintf(err, errlen, "oneDNN: engine creation failed: %s", status_name(g_init_status));
+        return 0;
+    }
+    return 1;
+}
+
+void wk_set_num_threads(int n) { if (n > 0) omp_set_num_threads(n); }
+int wk_get_max_threads(void) { return omp_get_max_threads(); }
+
+static dnnl_alg_kind_t eltwise_alg(wk_eltwise_t kind) {
+    switch (kind) {
+    case WK_ELTWISE_RELU: return dnnl_eltwise_relu;
+    case WK_ELTWISE_CLIP: return dnnl_eltwise_clip_v2;
+    case WK_ELTWISE_LOGISTIC: return dnnl_eltwise_logistic;
+    case WK_ELTWISE_TANH: return dnnl_eltwise_tanh;
+    case WK_ELTWISE_HARDSWISH: return dnnl_eltwise_hardswish;
+    case WK_ELTWISE_LINEAR: return dnnl_eltwise_linear;
+    default: return dnnl_alg_kind_undef;
+    }
+}
+
+/// Builds an attribute with an optional sum post-op followed by an optional eltwise post-op.
+static dnnl_status_t make_attr(dnnl_primitive_attr_t *attr, wk_postop_t post, int sum_input) {
+    dnnl_status_t st = dnnl_primitive_attr_create(attr);
+    if (st != dnnl_success) return st;
+    if (post.kind == WK_ELTWISE_NONE && !sum_input) return dnnl_success;
+    dnnl_post_ops_t ops;
+    st = dnnl_post_ops_create(&ops);
+    if (st != dnnl_success) return st;
+    if (sum_input) st = dnnl_post_ops_append_sum(ops, 1.0f);
+    if (st == dnnl_success && post.kind != WK_ELTWISE_NONE)
+        st = dnnl_post_ops_append_eltwise(ops, 1.0f, eltwise_alg(post.kind), post.alpha, post.beta);
+    if (st == dnnl_success) st = dnnl_primitive_attr_set_post_ops(*attr, ops);
+    dnnl_post_ops_destroy(ops);
+    return st;
+}
+
+/// Copies `src` laid out as `from` into a new buffer laid out as `to` (a weights reorder, done once per plan).
+static void *reorder_copy(const dnnl_memory_desc_t *from, const dnnl_memory_desc_t *to, const void *src,
+                          char *err, size_t errlen) {
+    void *buf = NULL;
+    dnnl_primitive_desc_t rpd = NULL;
+    dnnl_primitive_t r = NULL;
+    dnnl_memory_t msrc = NULL, mdst = NULL;
+    size_t size = dnnl_memory_desc_get_size(to);
+    buf = aligned_alloc(64, (size + 63) / 64 * 64);
+    if (!buf) { if (err && errlen) snprintf(err, errlen, "out of memory"); return NULL; }
+    if (dnnl_memory_desc_equal(from, to)) { memcpy(buf, src, size); return buf; }
+    CHECK(dnnl_reorder_primitive_desc_create(&rpd, from, g_engine, to, g_engine, NULL));
+    CHECK(dnnl_primitive_create(&r, rpd));
+    CHECK(dnnl_memory_create(&msrc, from, g_engine, (void *)src));
+    CHECK(dnnl_memory_create(&mdst, to, g_engine, buf));
+    dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, msrc}, {DNNL_ARG_TO, mdst}};
+    CHECK(dnnl_primitive_execute(r, g_stream, 2, args));
+    CHECK(dnnl_stream_wait(g_stream));
+    dnnl_memory_destroy(msrc); dnnl_memory_destroy(mdst); dnnl_primitive_destroy(r); dnnl_primitive_desc_destroy(rpd);
+    return buf;
+fail:
+    if (msrc) dnnl_memory_destroy(msrc);
+    if (mdst) dnnl_memory_destroy(mdst);
+    if (r) dnnl_primitive_destroy(r);
+    if (rpd) dnnl_primitive_desc_destroy(rpd);
+    free(buf);
+    return NULL;
+}
+
+// MARK: Convolution
+
+struct wk_conv {
+    dnnl_primitive_t prim;
+    dnnl_memory_t src, weights, bias, dst;
+    void *weights_buf;
+    float *bias_buf;
+    char impl[64];
+};
+
+void wk_conv_destroy(wk_conv *p) {
+    if (!p) return;
+    if (p->prim) dnnl_primitive_destroy(p->prim);
+    if (p->src) dnnl_memory_destroy(p->src);
+    if (p->weights) dnnl_memory_destroy(p->weights);
+    if (p->bias) dnnl_memory_destroy(p->bias);
+    if (p->dst) dnnl_memory_destroy(p->dst);
+    free(p->weights_buf);
+    free(p->bias_buf);
+    free(p);
+}
+
+wk_conv *wk_conv_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc, int64_t oh, int64_t ow,
+                        int64_t kh, int64_t kw, int64_t groups, int64_t stride_h, int64_t stride_w,
+                        int64_t dil_h, int64_t dil_w, int64_t pad_t, int64_t pad_l, int64_t pad_b, int64_t pad_r,
+                        const float *weights, const float *bias, wk_postop_t post, int sum_input,
+                        char *err, size_t errlen) {
+    if (!engine_ready(err, errlen)) return NULL;
+    wk_conv *p = calloc(1, sizeof *p);
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    if (!p) return NULL;
+    dnnl_memory_desc_t src_md, dst_md, w_plain, w_any, b_md;
+    dnnl_dims_t src_dims = {n, c, h, w}, dst_dims = {n, oc, oh, ow}, b_dims = {oc};
+    CHECK(dnnl_memory_desc_init_by_tag(&src_md, 4, src_dims, dnnl_f32, dnnl_nchw));
+    CHECK(dnnl_memory_desc_init_by_tag(&dst_md, 4, dst_dims, dnnl_f32, dnnl_nchw));
+    CHECK(dnnl_memory_desc_init_by_tag(&b_md, 1, b_dims, dnnl_f32, dnnl_x));
+    if (groups > 1) {
+        dnnl_dims_t wd = {groups, oc / groups, c / groups, kh, kw};
+        CHECK(dnnl_memory_desc_init_by_tag(&w_plain, 5, wd, dnnl_f32, dnnl_goihw));
+        CHECK(dnnl_memory_desc_init_by_tag(&w_any, 5, wd, dnnl_f32, dnnl_format_tag_any));
+    } else {
+        dnnl_dims_t wd = {oc, c, kh, kw};
+        CHECK(dnnl_memory_desc_init_by_tag(&w_plain, 4, wd, dnnl_f32, dnnl_oihw));
+        CHECK(dnnl_memory_desc_init_by_tag(&w_any, 4, wd, dnnl_f32, dnnl_format_tag_any));
+    }
+    dnnl_dims_t strides = {stride_h, stride_w}, dil = {dil_h - 1, dil_w - 1};
+    dnnl_dims_t pl = {pad_t, pad_l}, pr = {pad_b, pad_r};
+    dnnl_convolution_desc_t desc;
+    CHECK(dnnl_dilated_convolution_forward_desc_init(&desc, dnnl_forward_inference, dnnl_convolution_direct, &src_md,
+                                                      &w_any, bias ? &b_md : NULL, &dst_md, strides, dil, pl, pr));
+    CHECK(make_attr(&attr, post, sum_input));
+    CHECK(dnnl_primitive_desc_create(&pd, &desc, attr, g_engine, NULL));
+    const dnnl_memory_desc_t *w_chosen = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+    p->weights_buf = reorder_copy(&w_plain, w_chosen, weights, err, errlen);
+    if (!p->weights_buf) goto fail;
+    const char *impl = NULL;
+    if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) == dnnl_success && impl)
+        snprintf(p->impl, sizeof p->impl, "%s", impl);
+    CHECK(dnnl_primitive_create(&p->prim, pd));
+    CHECK(dnnl_memory_create(&p->src, &src_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->dst, &dst_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->weights, w_chosen, g_engine, p->weights_buf));
+    if (bias) {
+        p->bias_buf = malloc(sizeof(float) * (size_t)oc);
+        if (!p->bias_buf) goto fail;
+        memcpy(p->bias_buf, bias, sizeof(float) * (size_t)oc);
+        CHECK(dnnl_memory_create(&p->bias, &b_md, g_engine, p->bias_buf));
+    }
+    dnnl_primitive_desc_destroy(pd);
+    dnnl_primitive_attr_destroy(attr);
+    return p;
+fail:
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    wk_conv_destroy(p);
+    return NULL;
+}
+
+const char *wk_conv_impl(wk_conv *p) { return p->impl; }
+
+int wk_conv_run(wk_conv *p, const float *src, float *dst, char *err, size_t errlen) {
+    CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+    CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, p->src}, {DNNL_ARG_WEIGHTS, p->weights}, {DNNL_ARG_DST, p->dst},
+                               {DNNL_ARG_BIAS, p->bias}};
+    CHECK(dnnl_primitive_execute(p->prim, g_stream, p->bias ? 4 : 3, args));
+    CHECK(dnnl_stream_wait(g_stream));
+    return 0;
+fail:
+    return 1;
+}
+
+// MARK: Pooling
+
+struct wk_pool {
+    dnnl_primitive_t prim;
+    dnnl_memory_t src, dst;
+};
+
+void wk_pool_destroy(wk_pool *p) {
+    if (!p) return;
+    if (p->prim) dnnl_primitive_destroy(p->prim);
+    if (p->src) dnnl_memory_destroy(p->src);
+    if (p->dst) dnnl_memory_destroy(p->dst);
+    free(p);
+}
+
+wk_pool *wk_pool_create(wk_pool_t kind, int64_t n, int64_t c, int64_t h, int64_t w, int64_t oh, int64_t ow,
+                        int64_t kh, int64_t kw, int64_t stride_h, int64_t stride_w, int64_t dil_h, int64_t dil_w,
+                        int64_t pad_t, int64_t pad_l, int64_t pad_b, int64_t pad_r, char *err, size_t errlen) {
+    if (!engine_ready(err, errlen)) return NULL;
+    wk_pool *p = calloc(1, sizeof *p);
+    dnnl_primitive_desc_t pd = NULL;
+    if (!p) return NULL;
+    dnnl_memory_desc_t src_md, dst_md;
+    dnnl_dims_t src_dims = {n, c, h, w}, dst_dims = {n, c, oh, ow};
+    CHECK(dnnl_memory_desc_init_by_tag(&src_md, 4, src_dims, dnnl_f32, dnnl_nchw));
+    CHECK(dnnl_memory_desc_init_by_tag(&dst_md, 4, dst_dims, dnnl_f32, dnnl_nchw));
+    dnnl_dims_t strides = {stride_h, stride_w}, kernel = {kh, kw}, dil = {dil_h - 1, dil_w - 1};
+    dnnl_dims_t pl = {pad_t, pad_l}, pr = {pad_b, pad_r};
+    dnnl_alg_kind_t alg = kind == WK_POOL_MAX ? dnnl_pooling_max
+                        : kind == WK_POOL_AVG_INCLUDE_PAD ? dnnl_pooling_avg_include_padding
+                                                          : dnnl_pooling_avg_exclude_padding;
+    dnnl_pooling_v2_desc_t desc;
+    CHECK(dnnl_pooling_v2_forward_desc_init(&desc, dnnl_forward_inference, alg, &src_md, &dst_md, strides, kernel,
+                                             dil, pl, pr));
+    CHECK(dnnl_primitive_desc_create(&pd, &desc, NULL, g_engine, NULL));
+    CHECK(dnnl_primitive_create(&p->prim, pd));
+    CHECK(dnnl_memory_create(&p->src, &src_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->dst, &dst_md, g_engine, DNNL_MEMORY_NONE));
+    dnnl_primitive_desc_destroy(pd);
+    return p;
+fail:
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    wk_pool_destroy(p);
+    return NULL;
+}
+
+int wk_pool_run(wk_pool *p, const float *src, float *dst, char *err, size_t errlen) {
+    CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+    CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    dnnl_exec_arg_t args[2] = {{DNNL_ARG_SRC, p->src}, {DNNL_ARG_DST, p->dst}};
+    CHECK(dnnl_primitive_execute(p->prim, g_stream, 2, args));
+    CHECK(dnnl_stream_wait(g_stream));
+    return 0;
+fail:
+    return 1;
+}
+
+// MARK: Batch normalization
+
+struct wk_bnorm {
+    dnnl_primitive_t prim;
+    dnnl_memory_t src, dst, scale, shift, mean, var;
+    float *params; // scale, shift, mean, var: 4 · C floats
+};
+
+void wk_bnorm_destroy(wk_bnorm *p) {
+    if (!p) return;
+    if (p->prim) dnnl_primitive_destroy(p->prim);
+    dnnl_memory_t mems[6] = {p->src, p->dst, p->scale, p->shift, p->mean, p->var};
+    for (int i = 0; i < 6; i++) if (mems[i]) dnnl_memory_destroy(mems[i]);
+    free(p->params);
+    free(p);
+}
+
+wk_bnorm *wk_bnorm_create(int64_t n, int64_t c, int64_t spatial, float epsilon, const float *scale,
+                          const float *shift, const float *mean, const float *var, wk_postop_t post,
+                          char *err, size_t errlen) {
+    if (!engine_ready(err, errlen)) return NULL;
+    wk_bnorm *p = calloc(1, sizeof *p);
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_attr_t attr = NULL;
+    if (!p) return NULL;
+    p->params = malloc(sizeof(float) * 4 * (size_t)c);
+    if (!p->params) goto fail;
+    memcpy(p->params, scale, sizeof(float) * (size_t)c);
+    memcpy(p->params + c, shift, sizeof(float) * (size_t)c);
+    memcpy(p->params + 2 * c, mean, sizeof(float) * (size_t)c);
+    memcpy(p->params + 3 * c, var, sizeof(float) * (size_t)c);
+    dnnl_memory_desc_t data_md, c_md;
+    dnnl_dims_t dims = {n, c, spatial}, cdims = {c};
+    CHECK(dnnl_memory_desc_init_by_tag(&data_md, 3, dims, dnnl_f32, dnnl_abc));
+    CHECK(dnnl_memory_desc_init_by_tag(&c_md, 1, cdims, dnnl_f32, dnnl_x));
+    dnnl_batch_normalization_desc_t desc;
+    CHECK(dnnl_batch_normalization_forward_desc_init(&desc, dnnl_forward_inference, &data_md, epsilon,
+                                                     dnnl_use_global_stats | dnnl_use_scale | dnnl_use_shift));
+    CHECK(make_attr(&attr, post, 0));
+    CHECK(dnnl_primitive_desc_create(&pd, &desc, attr, g_engine, NULL));
+    CHECK(dnnl_primitive_create(&p->prim, pd));
+    CHECK(dnnl_memory_create(&p->src, &data_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->dst, &data_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->scale, &c_md, g_engine, p->params));
+    CHECK(dnnl_memory_create(&p->shift, &c_md, g_engine, p->params + c));
+    CHECK(dnnl_memory_create(&p->mean, &c_md, g_engine, p->params + 2 * c));
+    CHECK(dnnl_memory_create(&p->var, &c_md, g_engine, p->params + 3 * c));
+    dnnl_primitive_desc_destroy(pd);
+    dnnl_primitive_attr_destroy(attr);
+    return p;
+fail:
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    wk_bnorm_destroy(p);
+    return NULL;
+}
+
+int wk_bnorm_run(wk_bnorm *p, const float *src, float *dst, char *err, size_t errlen) {
+    CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+    CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    dnnl_exec_arg_t args[6] = {{DNNL_ARG_SRC, p->src},     {DNNL_ARG_DST, p->dst},   {DNNL_ARG_SCALE, p->scale},
+                               {DNNL_ARG_SHIFT, p->shift}, {DNNL_ARG_MEAN, p->mean}, {DNNL_ARG_VARIANCE, p->var}};
+    CHECK(dnnl_primitive_execute(p->prim, g_stream, 6, args));
+    CHECK(dnnl_stream_wait(g_stream));
+    return 0;
+fail:
+    return 1;
+}
+
+// MARK: Inner product
+
+struct wk_inner {
+    dnnl_primitive_t prim;
+    dnnl_memory_t src, weights, bias, dst;
+    void *weights_buf;
+    float *bias_buf;
+};
+
+void wk_inner_destroy(wk_inner *p) {
+    if (!p) return;
+    if (p->prim) dnnl_primitive_destroy(p->prim);
+    dnnl_memory_t mems[4] = {p->src, p->weights, p->bias, p->dst};
+    for (int i = 0; i < 4; i++) if (mems[i]) dnnl_memory_destroy(mems[i]);
+    free(p->weights_buf);
+    free(p->bias_buf);
+    free(p);
+}
+
+wk_inner *wk_inner_create(int64_t m, int64_t k, int64_t n, const float *weights, const float *bias,
+                          wk_postop_t post, char *err, size_t errlen) {
+    if (!engine_ready(err, errlen)) return NULL;
+    wk_inner *p = calloc(1, sizeof *p);
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_attr_t attr = NULL;
+    if (!p) return NULL;
+    dnnl_memory_desc_t src_md, dst_md, w_plain, w_any, b_md;
+    dnnl_dims_t sd = {m, k}, dd = {m, n}, wd = {n, k}, bd = {n};
+    CHECK(dnnl_memory_desc_init_by_tag(&src_md, 2, sd, dnnl_f32, dnnl_nc));
+    CHECK(dnnl_memory_desc_init_by_tag(&dst_md, 2, dd, dnnl_f32, dnnl_nc));
+    CHECK(dnnl_memory_desc_init_by_tag(&w_plain, 2, wd, dnnl_f32, dnnl_oi));
+    CHECK(dnnl_memory_desc_init_by_tag(&w_any, 2, wd, dnnl_f32, dnnl_format_tag_any));
+    CHECK(dnnl_memory_desc_init_by_tag(&b_md, 1, bd, dnnl_f32, dnnl_x));
+    dnnl_inner_product_desc_t desc;
+    CHECK(dnnl_inner_product_forward_desc_init(&desc, dnnl_forward_inference, &src_md, &w_any, bias ? &b_md : NULL,
+                                               &dst_md));
+    CHECK(make_attr(&attr, post, 0));
+    CHECK(dnnl_primitive_desc_create(&pd, &desc, attr, g_engine, NULL));
+    const dnnl_memory_desc_t *w_chosen = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+    p->weights_buf = reorder_copy(&w_plain, w_chosen, weights, err, errlen);
+    if (!p->weights_buf) goto fail;
+    CHECK(dnnl_primitive_create(&p->prim, pd));
+    CHECK(dnnl_memory_create(&p->src, &src_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->dst, &dst_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->weights, w_chosen, g_engine, p->weights_buf));
+    if (bias) {
+        p->bias_buf = malloc(sizeof(float) * (size_t)n);
+        if (!p->bias_buf) goto fail;
+        memcpy(p->bias_buf, bias, sizeof(float) * (size_t)n);
+        CHECK(dnnl_memory_create(&p->bias, &b_md, g_engine, p->bias_buf));
+    }
+    dnnl_primitive_desc_destroy(pd);
+    dnnl_primitive_attr_destroy(attr);
+    return p;
+fail:
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    wk_inner_destroy(p);
+    return NULL;
+}
+
+int wk_inner_run(wk_inner *p, const float *src, float *dst, char *err, size_t errlen) {
+    CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+    CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, p->src}, {DNNL_ARG_WEIGHTS, p->weights}, {DNNL_ARG_DST, p->dst},
+                               {DNNL_ARG_BIAS, p->bias}};
+    CHECK(dnnl_primitive_execute(p->prim, g_stream, p->bias ? 4 : 3, args));
+    CHECK(dnnl_stream_wait(g_stream));
+    return 0;
+fail:
+    return 1;
+}
+
+// MARK: Element-wise
+
+struct wk_eltwise {
+    dnnl_primitive_t prim;
+    dnnl_memory_t src, dst;
+};
+
+void wk_eltwise_destroy(wk_eltwise *p) {
+    if (!p) return;
+    if (p->prim) dnnl_primitive_destroy(p->prim);
+    if (p->src) dnnl_memory_destroy(p->src);
+    if (p->dst) dnnl_memory_destroy(p->dst);
+    free(p);
+}
+
+wk_eltwise *wk_eltwise_create(wk_postop_t op, int64_t count, char *err, size_t errlen) {
+    if (!engine_ready(err, errlen)) return NULL;
+    wk_eltwise *p = calloc(1, sizeof *p);
+    dnnl_primitive_desc_t pd = NULL;
+    if (!p) return NULL;
+    dnnl_memory_desc_t md;
+    dnnl_dims_t dims = {count};
+    CHECK(dnnl_memory_desc_init_by_tag(&md, 1, dims, dnnl_f32, dnnl_x));
+    dnnl_eltwise_desc_t desc;
+    CHECK(dnnl_eltwise_forward_desc_init(&desc, dnnl_forward_inference, eltwise_alg(op.kind), &md, op.alpha, op.beta));
+    CHECK(dnnl_primitive_desc_create(&pd, &desc, NULL, g_engine, NULL));
+    CHECK(dnnl_primitive_create(&p->prim, pd));
+    CHECK(dnnl_memory_create(&p->src, &md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->dst, &md, g_engine, DNNL_MEMORY_NONE));
+    dnnl_primitive_desc_destroy(pd);
+    return p;
+fail:
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    wk_eltwise_destroy(p);
+    return NULL;
+}
+
+int wk_eltwise_run(wk_eltwise *p, const float *src, float *dst, char *err, size_t errlen) {
+    CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+    CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    dnnl_exec_arg_t args[2] = {{DNNL_ARG_SRC, p->src}, {DNNL_ARG_DST, p->dst}};
+    CHECK(dnnl_primitive_execute(p->prim, g_stream, 2, args));
+    CHECK(dnnl_stream_wait(g_stream));
+    return 0;
+fail:
+    return 1;
+}
+
+// MARK: Softmax
+
+struct wk_softmax {
+    dnnl_primitive_t prim;
+    dnnl_memory_t src, dst;
+};
+
+void wk_softmax_destroy(wk_softmax *p) {
+    if (!p) return;
+    if (p->prim) dnnl_primitive_destroy(p->prim);
+    if (p->src) dnnl_memory_destroy(p->src);
+    if (p->dst) dnnl_memory_destroy(p->dst);
+    free(p);
+}
+
+wk_softmax *wk_softmax_create(int64_t outer, int64_t axis, int64_t inner, char *err, size_t errlen) {
+    if (!engine_ready(err, errlen)) return NULL;
+    wk_softmax *p = calloc(1, sizeof *p);
+    dnnl_primitive_desc_t pd = NULL;
+    if (!p) return NULL;
+    dnnl_memory_desc_t md;
+    dnnl_dims_t dims = {outer, axis, inner};
+    CHECK(dnnl_memory_desc_init_by_tag(&md, 3, dims, dnnl_f32, dnnl_abc));
+    dnnl_softmax_desc_t desc;
+    CHECK(dnnl_softmax_forward_desc_init(&desc, dnnl_forward_inference, &md, 1));
+    CHECK(dnnl_primitive_desc_create(&pd, &desc, NULL, g_engine, NULL));
+    CHECK(dnnl_primitive_create(&p->prim, pd));
+    CHECK(dnnl_memory_create(&p->src, &md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->dst, &md, g_engine, DNNL_MEMORY_NONE));
+    dnnl_primitive_desc_destroy(pd);
+    return p;
+fail:
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    wk_softmax_destroy(p);
+    return NULL;
+}
+
+int wk_softmax_run(wk_softmax *p, const float *src, float *dst, char *err, size_t errlen) {
+    CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+    CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    dnnl_exec_arg_t args[2] = {{DNNL_ARG_SRC, p->src}, {DNNL_ARG_DST, p->dst}};
+    CHECK(dnnl_primitive_execute(p->prim, g_stream, 2, args));
+    CHECK(dnnl_stream_wait(g_stream));
+    return 0;
+fail:
+    return 1;
+}
+
+// MARK: GEMM
+
+int wk_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
+             const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+    return dnnl_sgemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == dnnl_success ? 0 : 1;
+}

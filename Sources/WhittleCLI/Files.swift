@@ -1,0 +1,65 @@
+import Foundation
+import WhittleONNX
+import WhittleTensor
+
+/// File I/O for the command line: the pure core takes and returns bytes, these functions touch the disk.
+public enum Files {
+    /// Largest model or data file read, in bytes (a guard against reading a wrong multi-gigabyte path).
+    public static let maximumFileSize = 4 << 30
+
+    public static func readBytes(_ path: String) throws -> [UInt8] {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
+            throw CLIError("file not found: \(path)")
+        }
+        guard !isDirectory.boolValue else { throw CLIError("\(path) is a directory, not a file") }
+        guard let handle = FileHandle(forReadingAtPath: path) else { throw CLIError("cannot open \(path) for reading") }
+        defer { try? handle.close() }
+        let data = try handle.readToEnd() ?? Data()
+        guard data.count <= maximumFileSize else { throw CLIError("\(path) is larger than \(maximumFileSize) bytes") }
+        return [UInt8](data)
+    }
+
+    public static func writeBytes(_ bytes: [UInt8], to path: String) throws {
+        let url = URL(fileURLWithPath: path)
+        do {
+            try Data(bytes).write(to: url, options: .atomic)
+        } catch {
+            throw CLIError("cannot write \(path): \(error.localizedDescription)")
+        }
+    }
+
+    /// Reads an ONNX model; external-data files are read relative to the model's folder.
+    public static func readModel(_ path: String) throws -> Model {
+        let bytes = try readBytes(path)
+        let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        let loader: ExternalDataLoader = { location in try readBytes(folder + "/" + location) }
+        do {
+            return try ModelCoding.read(bytes, externalData: loader)
+        } catch let error as ONNXError {
+            throw CLIError("\(path): \(error.message)")
+        }
+    }
+
+    public static func writeModel(_ model: Model, to path: String) throws {
+        try writeBytes(try ModelCoding.write(model), to: path)
+    }
+
+    public static func readNPY(_ path: String) throws -> Tensor {
+        do {
+            return try NPY.decode(try readBytes(path))
+        } catch let error as TensorError {
+            throw CLIError("\(path): \(error.message)")
+        }
+    }
+
+    public static func writeNPY(_ tensor: Tensor, to path: String) throws {
+        try writeBytes(try NPY.encode(tensor), to: path)
+    }
+}
+
+/// An error for the person at the terminal: the message says what is wrong and, where possible, what to do.
+public struct CLIError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ message: String) { description = message }
+}

@@ -1,0 +1,290 @@
+import ArgumentParser
+import Foundation
+import WhittleNN
+import WhittleONNX
+import WhittleTensor
+
+/// `model …`: inspect, run, evaluate and benchmark ONNX models on this machine.
+public struct ModelCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "model",
+        abstract: "Inspect, run, evaluate and benchmark ONNX models locally.",
+        subcommands: [Inspect.self, Run.self, Eval.self, Bench.self, Convert.self])
+
+    public init() {}
+}
+
+/// Options shared by commands that run a model.
+struct RunOptions: ParsableArguments {
+    @Option(name: .long, help: "Samples per forward pass.")
+    var batchSize: Int = 32
+
+    @Option(name: .long, help: "Compute threads (oneDNN and OpenBLAS). Default: all cores.")
+    var threads: Int?
+
+    @Flag(name: .long, help: "Use the naive reference kernels instead of oneDNN (slow; for checking).")
+    var reference = false
+
+    func validate() throws {
+        guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
+        if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+    }
+
+    /// Applies the thread count and opens the model.
+    func session(_ path: String) throws -> InferenceSession {
+        if let threads { ComputeThreads.set(threads) }
+        let model = try Files.readModel(path)
+        do {
+            return try InferenceSession(model: model, options: KernelOptions(fast: !reference))
+        } catch let error as ONNXError {
+            throw CLIError("\(path): \(error.message)")
+        }
+    }
+}
+
+/// Runs `session` over `data` in batches, calling `body` with each batch's first output and its sample range.
+func forEachBatch(_ session: InferenceSession, _ data: Tensor, batchSize: Int,
+                  _ body: (Tensor, Range<Int>) throws -> Void) throws {
+    guard data.rank >= 1, data.shape[0] >= 1 else { throw CLIError("the data has no samples (shape \(data.shape))") }
+    var input = data
+    if data.dtype != .float {
+        input = Tensor(shape: data.shape, floats: data.asFloats)
+    }
+    try session.validate(input)
+    let n = data.shape[0], sampleSize = data.count / n
+    var start = 0
+    while start < n {
+        let end = min(start + batchSize, n)
+        let batch = Tensor(shape: [end - start] + Array(data.shape.dropFirst()),
+                           floats: Array(input.floats[(start * sampleSize)..<(end * sampleSize)]))
+        do {
+            try body(try session.run(batch), start..<end)
+        } catch let error as ONNXError {
+            throw CLIError(error.message)
+        } catch let error as TensorError {
+            throw CLIError(error.message)
+        }
+        start = end
+    }
+}
+
+extension ModelCommand {
+    struct Inspect: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show inputs, outputs, op counts, parameters and MACs per layer of an ONNX model.")
+
+        @Argument(help: "The ONNX model file.") var model: String
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+        struct Report: Encodable {
+            var file: String
+            var fileBytes: Int
+            var summary: ModelSummary
+        }
+
+        func run() throws {
+            let bytes = try Files.readBytes(model).count
+            let parsed = try Files.readModel(model)
+            let summary: ModelSummary
+            do {
+                summary = try ModelSummary(model: parsed)
+            } catch let error as ONNXError {
+                throw CLIError("\(model): \(error.message)")
+            }
+            if json {
+                try printJSON(Report(file: model, fileBytes: bytes, summary: summary))
+                return
+            }
+            print("model      \(model) (\(byteSize(bytes)))")
+            print("format     ONNX IR \(summary.irVersion), opset \(summary.opset)\(summary.producer.isEmpty ? "" : ", from \(summary.producer)")")
+            for input in summary.inputs { print("input      \(input.name): \(input.elementType) [\(input.shape.joined(separator: ", "))]") }
+            for output in summary.outputs { print("output     \(output.name): \(output.elementType) [\(output.shape.joined(separator: ", "))]") }
+            print("nodes      \(summary.nodeCount): " + summary.opCounts.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
+            print("parameters \(grouped(summary.parameters)) (\(byteSize(summary.parameterBytes)))")
+            print("MACs       \(grouped(summary.macs)) per sample")
+            print("")
+            let rows = summary.layers.map { layer in
+                [layer.name, layer.opType, "[" + layer.outputShape.map(String.init).joined(separator: ", ") + "]",
+                 grouped(layer.parameters), grouped(layer.macs)]
+            }
+            print(table(["layer", "op", "output (batch 1)", "params", "MACs"], rows, numeric: [3, 4]))
+        }
+    }
+
+    struct Run: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a forward pass; the first graph output is written as a float32 .npy file.")
+
+        @Argument(help: "The ONNX model file.") var model: String
+        @Option(name: .long, help: "Input samples, NCHW float32 .npy (batch first).") var input: String
+        @Option(name: .long, help: "Where to write the first output (.npy).") var output: String
+        @OptionGroup var options: RunOptions
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+        func run() throws {
+            let session = try options.session(model)
+            let data = try Files.readNPY(input)
+            var outputs: [Float] = []
+            var outShape: [Int] = []
+            try forEachBatch(session, data, batchSize: options.batchSize) { batch, range in
+                guard batch.rank >= 1, batch.shape[0] == range.count else {
+                    throw CLIError("the first output '\(session.primaryOutput)' has shape \(batch.shape), which has no batch axis of size \(range.count)")
+                }
+                outputs += batch.asFloats
+                outShape = [range.upperBound] + Array(batch.shape.dropFirst())
+            }
+            try Files.writeNPY(Tensor(shape: outShape, floats: outputs), to: output)
+            if json {
+                try printJSON(["output": output, "shape": outShape.map(String.init).joined(separator: "x")])
+            } else {
+                print("wrote \(output): float32 \(outShape)")
+            }
+        }
+    }
+
+    struct Eval: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Top-1 accuracy, mean cross-entropy and throughput of a classifier on labelled data.")
+
+        @Argument(help: "The ONNX model file.") var model: String
+        @Option(name: .long, help: "Samples, NCHW float32 .npy.") var data: String
+        @Option(name: .long, help: "Labels, int64 or int32 .npy with one class index per sample.") var labels: String
+        @OptionGroup var options: RunOptions
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+        struct Report: Encodable {
+            var model: String
+            var samples: Int
+            var accuracy: Double
+            var meanCrossEntropy: Double
+            var samplesPerSecond: Double
+            var batchSize: Int
+            var threads: Int
+        }
+
+        func run() throws {
+            let session = try options.session(model)
+            let x = try Files.readNPY(data)
+            let y = try Files.readNPY(labels)
+            guard y.dtype.isInteger else { throw CLIError("\(labels): labels must be integers, got \(y.dtype)") }
+            guard y.rank == 1, x.rank >= 1, y.shape[0] == x.shape[0] else {
+                throw CLIError("\(labels) has shape \(y.shape); expected [\(x.shape.first ?? 0)], one label per sample of \(data)")
+            }
+            var metrics = ClassificationMetrics()
+            let clock = ContinuousClock()
+            let start = clock.now
+            try forEachBatch(session, x, batchSize: options.batchSize) { logits, range in
+                do {
+                    try metrics.add(logits: logits, labels: y.ints[range])
+                } catch let error as ONNXError {
+                    throw CLIError(error.message)
+                }
+            }
+            let elapsed = clock.now - start
+            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+            let report = Report(model: model, samples: metrics.samples, accuracy: metrics.accuracy,
+                                meanCrossEntropy: metrics.meanCrossEntropy,
+                                samplesPerSecond: Double(metrics.samples) / max(seconds, 1e-9),
+                                batchSize: options.batchSize, threads: ComputeThreads.current)
+            if json {
+                try printJSON(report)
+            } else {
+                print("model          \(model)")
+                print("samples        \(report.samples)")
+                print(String(format: "top-1 accuracy %.2f %%", report.accuracy * 100))
+                print(String(format: "cross-entropy  %.4f", report.meanCrossEntropy))
+                print(String(format: "throughput     %.1f samples/s (batch %d, %d threads)", report.samplesPerSecond,
+                             report.batchSize, report.threads))
+            }
+        }
+    }
+
+    struct Bench: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Measure forward-pass throughput on random input of the model's declared shape.")
+
+        @Argument(help: "The ONNX model file.") var model: String
+        @OptionGroup var options: RunOptions
+        @Option(name: .long, help: "Timed forward passes.") var iterations: Int = 20
+        @Option(name: .long, help: "Untimed warm-up passes.") var warmup: Int = 3
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+        struct Report: Encodable {
+            var model: String
+            var batchSize: Int
+            var threads: Int
+            var iterations: Int
+            var imagesPerSecond: Double
+            var millisecondsPerBatch: Double
+            var peakActivationBytes: Int
+        }
+
+        func run() throws {
+            guard iterations >= 1, warmup >= 0 else { throw ValidationError("--iterations must be ≥ 1 and --warmup ≥ 0") }
+            let session = try options.session(model)
+            let shapes = try ShapeInference.inputShapes(session.model, batchSize: options.batchSize)
+            guard let (_, shape) = shapes[session.primaryInput.name] else { throw CLIError("the model has no input") }
+            var generator = SplitMix64(seed: 42)
+            let input = Tensor(shape: shape, floats: (0..<shape.reduce(1, *)).map { _ in generator.nextFloat() * 2 - 1 })
+            for _ in 0..<warmup { _ = try session.run(input) }
+            let clock = ContinuousClock()
+            let start = clock.now
+            for _ in 0..<iterations { _ = try session.run(input) }
+            let elapsed = clock.now - start
+            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+            let report = Report(model: model, batchSize: options.batchSize, threads: ComputeThreads.current,
+                                iterations: iterations,
+                                imagesPerSecond: Double(iterations * options.batchSize) / seconds,
+                                millisecondsPerBatch: seconds * 1000 / Double(iterations),
+                                peakActivationBytes: try session.compiled(batchSize: options.batchSize).peakActivationBytes)
+            if json {
+                try printJSON(report)
+            } else {
+                print(String(format: "%@: %.1f images/s (%.2f ms per batch of %d, %d threads)", model,
+                             report.imagesPerSecond, report.millisecondsPerBatch, report.batchSize, report.threads))
+            }
+        }
+    }
+}
+
+extension ModelCommand {
+    struct Convert: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Read a model and write it back (external weight data is inlined); checks it loads on the way.",
+            discussion: "Unchanged models are written back byte for byte; names, opset imports, metadata and doc strings survive.")
+
+        @Argument(help: "The ONNX model file.") var model: String
+        @Option(name: .long, help: "Where to write the model.") var out: String
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+        func run() throws {
+            let parsed = try Files.readModel(model)
+            do {
+                _ = try ModelSummary(model: parsed)  // shape inference over every node: refuses what Whittle cannot run
+            } catch let error as ONNXError {
+                throw CLIError("\(model): \(error.message)")
+            }
+            let bytes = try ModelCoding.write(parsed)
+            try Files.writeBytes(bytes, to: out)
+            if json {
+                try printJSON(["output": out, "bytes": String(bytes.count)])
+            } else {
+                print("wrote \(out) (\(byteSize(bytes.count)))")
+            }
+        }
+    }
+}
+
+/// A small deterministic generator (SplitMix64) for benchmark inputs.
+struct SplitMix64 {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    mutating func nextFloat() -> Float { Float(next() >> 40) / Float(1 << 24) }
+}

@@ -1,0 +1,49 @@
+import Foundation
+
+/// Prints `value` as pretty JSON with sorted keys on standard output.
+func printJSON<T: Encodable>(_ value: T) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    let data = try encoder.encode(value)
+    print(String(decoding: data, as: UTF8.self))
+}
+
+/// Formats a count with thousands separators: 1234567 → "1,234,567".
+func grouped(_ n: Int) -> String {
+    let digits = String(n.magnitude)
+    var out = ""
+    for (i, c) in digits.enumerated() {
+        if i > 0 && (digits.count - i) % 3 == 0 { out.append(",") }
+        out.append(c)
+    }
+    return n < 0 ? "-" + out : out
+}
+
+/// Formats a byte count: 1536 → "1.5 KiB".
+func byteSize(_ bytes: Int) -> String {
+    let units = ["B", "KiB", "MiB", "GiB"]
+    var value = Double(bytes)
+    var unit = 0
+    while value >= 1024 && unit < units.count - 1 {
+        value /= 1024
+        unit += 1
+    }
+    return unit == 0 ? "\(bytes) B" : String(format: "%.1f %@", value, units[unit])
+}
+
+/// Pads `s` on the right (or left) to `width` characters.
+func pad(_ s: String, _ width: Int, right: Bool = false) -> String {
+    let fill = String(repeating: " ", count: max(0, width - s.count))
+    return right ? fill + s : s + fill
+}
+
+/// Renders rows as an aligned text table; columns whose index is in `numeric` align right.
+func table(_ header: [String], _ rows: [[String]], numeric: Set<Int> = []) -> String {
+    let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }
+    func line(_ cells: [String]) -> String {
+        cells.enumerated().map { pad($0.element, widths[$0.offset], right: numeric.contains($0.offset)) }
+            .joined(separator: "  ")
+    }
+    return ([line(header), widths.map { String(repeating: "-", count: $0) }.joined(separator: "  ")]
+        + rows.map(line)).joined(separator: "\n")
+}

@@ -1,0 +1,201 @@
+import WhittleONNX
+import WhittleTensor
+
+/// Runs a model's graph in float32 for fixed input shapes.
+///
+/// Compilation infers shapes, folds constants and prepares each node's kernel (oneDNN plans with reordered weights).
+/// A run feeds the inputs through the nodes in order and frees every intermediate value after its last reader, so
+/// peak memory is the schedule's live set, not the sum of all activations. An observer sees each node's outputs as
+/// they are produced.
+public final class CompiledGraph: @unchecked Sendable {
+    public let inferred: InferredGraph
+    public let inputNames: [String]
+    public let outputNames: [String]
+    let kernels: [(any NodeKernel)?]
+    let inputSlots: [[Int]]
+    let outputSlots: [[Int]]
+    let freeAfter: [[Int]]
+    let slotOf: [String: Int]
+    let constants: [Int: Tensor]
+    let slotCount: Int
+
+    public init(graph: Graph, opset: Int64, inputs: [String: (DataType, [Int])], options: KernelOptions = KernelOptions()) throws {
+        let inferred = try ShapeInference.infer(graph, opset: opset, inputs: inputs)
+        self.inferred = inferred
+        inputNames = graph.runtimeInputs.map(\.name)
+        outputNames = graph.outputs.map(\.name)
+        var slotOf: [String: Int] = [:]
+        func slot(_ name: String) -> Int {
+            if let s = slotOf[name] { return s }
+            let s = slotOf.count
+            slotOf[name] = s
+            return s
+        }
+        var constants: [Int: Tensor] = [:]
+        for (name, meta) in inferred.values {
+            if let value = meta.constant { constants[slot(name)] = value }
+        }
+        for name in inputNames { _ = slot(name) }
+        var kernels: [(any NodeKernel)?] = []
+        var inputSlots: [[Int]] = [], outputSlots: [[Int]] = []
+        for (i, ctx) in inferred.contexts.enumerated() {
+            inputSlots.append(ctx.node.inputs.map { $0.isEmpty ? -1 : slot($0) })
+            outputSlots.append(ctx.node.outputs.map { $0.isEmpty ? -1 : slot($0) })
+            kernels.append(inferred.folded[i] ? nil : try inferred.definitions[i].compile(ctx, inferred.outputs[i], options))
+        }
+        // Last reader of each non-constant slot; graph outputs are never freed.
+        let keep = Set(outputNames.compactMap { slotOf[$0] })
+        var lastUse: [Int: Int] = [:]
+        for (i, slots) in inputSlots.enumerated() where !inferred.folded[i] {
+            for s in slots where s >= 0 && constants[s] == nil { lastUse[s] = i }
+        }
+        var freeAfter = [[Int]](repeating: [], count: kernels.count)
+        for (s, i) in lastUse where !keep.contains(s) { freeAfter[i].append(s) }
+        self.kernels = kernels
+        self.inputSlots = inputSlots
+        self.outputSlots = outputSlots
+        self.freeAfter = freeAfter
+        self.slotOf = slotOf
+        self.constants = constants
+        self.slotCount = slotOf.count
+    }
+
+    /// Runs on `inputs` (by graph input name), returning the graph outputs by name. `observe` is called after each
+    /// node that runs, with the node and its outputs.
+    public func run(_ inputs: [String: Tensor], observe: ((Node, [Tensor]) throws -> Void)? = nil) throws -> [String: Tensor] {
+        var slots = [Tensor?](repeating: nil, count: slotCount)
+        for (s, value) in constants { slots[s] = value }
+        for name in inputNames {
+            guard let value = inputs[name] else { throw ONNXError(.invalidInput, "missing input '\(name)'") }
+            slots[slotOf[name]!] = value
+        }
+        for (i, kernel) in kernels.enumerated() {
+            guard let kernel else { continue }
+            let args = inputSlots[i].map { $0 >= 0 ? slots[$0] : nil }
+            let produced = try kernel.run(args)
+            for (s, value) in zip(outputSlots[i], produced) where s >= 0 { slots[s] = value }
+            if let observe { try observe(inferred.contexts[i].node, produced) }
+            for s in freeAfter[i] { slots[s] = nil }
+        }
+        var result: [String: Tensor] = [:]
+        for name in outputNames { result[name] = slots[slotOf[name]!] }
+        return result
+    }
+
+    /// Peak bytes of activations alive at once during a run (inputs and outputs included, constants excluded),
+    /// following the same free-after-last-use schedule as `run`.
+    public var peakActivationBytes: Int {
+        var live = 0, peak = 0
+        for name in inputNames { live += inferred.values[name]?.bytes ?? 0 }
+        peak = live
+        for i in kernels.indices where kernels[i] != nil {
+            for (name, meta) in zip(inferred.contexts[i].node.outputs, inferred.outputs[i]) where !name.isEmpty {
+                live += meta.bytes
+            }
+            peak = max(peak, live)
+            for s in freeAfter[i] {
+                if let name = slotOf.first(where: { $0.value == s })?.key { live -= inferred.values[name]?.bytes ?? 0 }
+            }
+        }
+        return peak
+    }
+}
+
+/// A model ready to run at any batch size: compiled graphs are cached per input shape.
+public final class InferenceSession: @unchecked Sendable {
+    public let model: Model
+    public let options: KernelOptions
+    public let opset: Int64
+    private var cache: [[Int]: CompiledGraph] = [:]
+
+    public init(model: Model, options: KernelOptions = KernelOptions()) throws {
+        try ModelCoding.checkOpset(model)
+        self.model = model
+        self.options = options
+        self.opset = model.defaultOpset!
+        // Refuse unsupported operators up front, naming the first one.
+        for node in model.graph.nodes { _ = try Operators.definition(for: node, opset: opset) }
+        guard model.graph.runtimeInputs.count >= 1 else {
+            throw ONNXError(.invalidGraph, "the model has no runtime inputs")
+        }
+    }
+
+    /// The single runtime input (Whittle's commands feed one input tensor).
+    public var primaryInput: ValueInfo { model.graph.runtimeInputs[0] }
+    public var primaryOutput: String { model.graph.outputs[0].name }
+
+    /// The compiled graph for a batch size (inputs' declared shapes with the batch axis set).
+    public func compiled(batchSize: Int) throws -> CompiledGraph {
+        let shapes = try ShapeInference.inputShapes(model, batchSize: batchSize)
+        let key = model.graph.runtimeInputs.flatMap { shapes[$0.name]!.1 + [-1] }
+        if let graph = cache[key] { return graph }
+        let graph = try CompiledGraph(graph: model.graph, opset: opset, inputs: shapes, options: options)
+        cache[key] = graph
+        return graph
+    }
+
+    /// Runs one batch given as the single primary input; returns the first graph output.
+    /// Inputs are checked for element type, rank, shape against the declaration, and NaN/infinite values.
+    public func run(_ input: Tensor, observe: ((Node, [Tensor]) throws -> Void)? = nil) throws -> Tensor {
+        try validate(input)
+        let graph = try compiled(batchSize: input.shape[0])
+        guard model.graph.runtimeInputs.count == 1 else {
+            throw ONNXError(.invalidInput, "the model has \(model.graph.runtimeInputs.count) inputs; Whittle's run feeds one")
+        }
+        let outputs = try graph.run([primaryInput.name: input], observe: observe)
+        return outputs[primaryOutput]!
+    }
+
+    /// Checks a batch for the primary input.
+    public func validate(_ input: Tensor) throws {
+        let info = primaryInput
+        guard let (elementType, declared) = info.tensorType else {
+            throw ONNXError(.invalidInput, "input '\(info.name)' is not a tensor")
+        }
+        guard elementType.isFloatingPoint == input.dtype.isFloatingPoint else {
+            throw ONNXError(.invalidInput, "input '\(info.name)' expects \(elementType) data, got \(input.dtype)")
+        }
+        if let declared {
+            guard declared.count == input.rank else {
+                throw ONNXError(.invalidInput,
+                    "input '\(info.name)' expects rank \(declared.count) \(declared), got shape \(input.shape)")
+            }
+            for (axis, dim) in declared.enumerated().dropFirst() {
+                if let v = dim.fixedValue, v != input.shape[axis] {
+                    throw ONNXError(.invalidInput,
+                        "input '\(info.name)' expects shape \(declared) (batch first), got \(input.shape): axis \(axis) differs")
+                }
+            }
+        }
+        guard input.rank >= 1, input.shape[0] >= 1 else {
+            throw ONNXError(.invalidInput, "input '\(info.name)' must have a batch axis of size ≥ 1, got shape \(input.shape)")
+        }
+        if input.dtype.isFloatingPoint, let bad = input.floats.firstIndex(where: { !$0.isFinite }) {
+            throw ONNXError(.invalidInput,
+                "input '\(info.name)' contains a non-finite value (\(input.floats[bad])) at flat index \(bad)")
+        }
+    }
+
+    /// The largest batch size whose peak activation memory plus the model's weights fits in `bytes`
+    /// (searched up to `limit`). Returns nil when even batch size 1 does not fit.
+    public func largestBatch(fittingIn bytes: Int, limit: Int = 4096) throws -> Int? {
+        let weights = model.graph.initializers.reduce(0) { $0 + ($1.tensor?.count ?? 0) * 4 }
+        func fits(_ batch: Int) throws -> Bool {
+            let graph = try CompiledGraph(graph: model.graph, opset: opset,
+                                          inputs: try ShapeInference.inputShapes(model, batchSize: batch),
+                                          options: KernelOptions(fast: false))
+            // Kernels hold a second copy of the weights (reordered for oneDNN).
+            return graph.peakActivationBytes + 2 * weights <= bytes
+        }
+        guard try fits(1) else { return nil }
+        var low = 1, high = 1
+        while high < limit, try fits(min(high * 2, limit)) { high = min(high * 2, limit); low = high }
+        if high == limit { return limit }
+        high = min(high * 2, limit)
+        while high - low > 1 {
+            let mid = (low + high) / 2
+            if try fits(mid) { low = mid } else { high = mid }
+        }
+        return low
+    }
+}

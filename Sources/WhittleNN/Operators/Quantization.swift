@@ -1,0 +1,95 @@
+import WhittleONNX
+import WhittleTensor
+
+/// QuantizeLinear(x, y_scale, y_zero_point; axis) and DequantizeLinear(x, x_scale, x_zero_point; axis),
+/// per tensor or per axis, for int8, uint8, int4 and uint4 (and int32 for dequantizing biases).
+/// `q = clamp(round_half_even(x / s) + z, qmin, qmax)` and `x = (q − z) · s`.
+extension Operators {
+    static func registerQuantization(_ r: inout [String: OperatorDefinition]) {
+        r["QuantizeLinear"] = .simple(infer: { ctx in
+            let x = try ctx.floatInput(0)
+            let type = try quantizedType(ctx)
+            _ = try quantAxis(ctx, x.shape)
+            return [ValueMeta(dtype: type, shape: x.shape)]
+        }) { ctx, inputs in
+            let x = inputs[0]!
+            let type = try quantizedType(ctx)
+            let (scales, zeros, axisInfo) = try quantParameters(ctx, x.shape, inputs)
+            let range = type.integerRange!
+            var q = [Int64](repeating: 0, count: x.count)
+            for i in 0..<x.count {
+                let c = axisInfo.map { (i / $0.inner) % $0.size } ?? 0
+                let v = (x.floats[i] / scales[c]).rounded(.toNearestOrEven)
+                let shifted = v.isNaN ? Float(zeros[c]) : v + Float(zeros[c])
+                q[i] = Int64(min(max(shifted, Float(range.lowerBound)), Float(range.upperBound)))
+            }
+            return [Tensor(shape: x.shape, ints: q, dtype: type)]
+        }
+        r["DequantizeLinear"] = .simple(infer: { ctx in
+            let x = try ctx.input(0)
+            guard [.int8, .uint8, .int32, .int4, .uint4, .int16, .uint16].contains(x.dtype) else {
+                throw ctx.error(.unsupportedDataType, "input x has element type \(x.dtype); an integer type is required")
+            }
+            _ = try quantAxis(ctx, x.shape)
+            return [ValueMeta(dtype: .float, shape: x.shape)]
+        }) { ctx, inputs in
+            let x = inputs[0]!
+            let (scales, zeros, axisInfo) = try quantParameters(ctx, x.shape, inputs)
+            var y = [Float](repeating: 0, count: x.count)
+            for i in 0..<x.count {
+                let c = axisInfo.map { (i / $0.inner) % $0.size } ?? 0
+                y[i] = Float(x.ints[i] - zeros[c]) * scales[c]
+            }
+            return [Tensor(shape: x.shape, floats: y)]
+        }
+    }
+
+    /// The quantized type: the zero point's type, else `output_dtype` (opset 21), else uint8.
+    static func quantizedType(_ ctx: NodeContext) throws -> DataType {
+        let type: DataType
+        if let zp = ctx.optionalInput(2) {
+            type = zp.dtype
+        } else if let raw = try ctx.int("output_dtype"), raw != 0 {
+            guard let t = DataType(rawValue: Int32(raw)) else { throw ctx.error(.unsupportedDataType, "output_dtype \(raw) is unknown") }
+            type = t
+        } else {
+            type = .uint8
+        }
+        guard [.int8, .uint8, .int4, .uint4, .int16, .uint16].contains(type) else {
+            throw ctx.error(.unsupportedDataType, "quantizing to \(type) is not supported (int8, uint8, int16, uint16, int4, uint4)")
+        }
+        if (type == .int4 || type == .uint4) && ctx.opset < 21 {
+            throw ctx.error(.unsupportedDataType, "4-bit quantization needs opset 21, the model uses \(ctx.opset)")
+        }
+        return type
+    }
+
+    /// Per-axis layout (axis size and the stride of the axis) when the scale is a vector, nil for per-tensor.
+    static func quantAxis(_ ctx: NodeContext, _ shape: [Int]) throws -> (size: Int, inner: Int)? {
+        let scale = try ctx.floatInput(1)
+        if try ctx.int("block_size", default: 0) != 0 {
+            throw ctx.error(.unsupportedOperator, "blocked quantization (block_size) is not supported")
+        }
+        if let zp = ctx.optionalInput(2), zp.count != scale.count || (zp.rank > 1) != (scale.rank > 1) {
+            throw ctx.error(.shapeMismatch, "zero point shape \(zp.shape) differs from scale shape \(scale.shape)")
+        }
+        if scale.count == 1 && scale.rank <= 1 { return nil }
+        guard scale.rank == 1 else { throw ctx.error(.shapeMismatch, "scale must be a scalar or a 1-D tensor, got \(scale.shape)") }
+        let axis = try ctx.axis(Int(try ctx.int("axis", default: 1)), rank: shape.count)
+        guard shape[axis] == scale.count else {
+            throw ctx.error(.shapeMismatch, "scale has \(scale.count) values, axis \(axis) of \(shape) has \(shape[axis])")
+        }
+        return (shape[axis], shape[(axis + 1)...].reduce(1, *))
+    }
+
+    static func quantParameters(_ ctx: NodeContext, _ shape: [Int], _ inputs: [Tensor?]) throws
+        -> ([Float], [Int64], (size: Int, inner: Int)?) {
+        let axisInfo = try quantAxis(ctx, shape)
+        let scales = inputs[1]!.floats
+        guard scales.allSatisfy({ $0.isFinite && $0 > 0 }) else {
+            throw ctx.error(.invalidInput, "scales must be positive and finite")
+        }
+        let zeros = inputs.count > 2 ? inputs[2]?.ints ?? [Int64](repeating: 0, count: scales.count) : [Int64](repeating: 0, count: scales.count)
+        return (scales, zeros, axisInfo)
+    }
+}

@@ -1,0 +1,124 @@
+import WhittleONNX
+import WhittleTensor
+
+/// Resize(X, roi, scales, sizes; mode, coordinate_transformation_mode, nearest_mode) for modes "nearest" and
+/// "linear", separable along every axis. Coordinate modes: half_pixel (default), pytorch_half_pixel, align_corners,
+/// asymmetric, half_pixel_symmetric. Linear sources are clamped to the input, as onnxruntime does.
+extension Operators {
+    static func registerResize(_ r: inout [String: OperatorDefinition]) {
+        r["Resize"] = .simple(minimumOpset: 11, infer: { ctx in
+            let x = try ctx.floatInput(0)
+            let (shape, _) = try resizeTarget(ctx, x.shape, nil)
+            return [ValueMeta(dtype: x.dtype, shape: shape)]
+        }) { ctx, inputs in
+            let x = inputs[0]!
+            let (shape, scales) = try resizeTarget(ctx, x.shape, inputs)
+            let mode = try ctx.string("mode", default: "nearest")
+            let transform = try ctx.string("coordinate_transformation_mode", default: "half_pixel")
+            let nearestMode = try ctx.string("nearest_mode", default: "round_prefer_floor")
+            var values = x.floats
+            var current = x.shape
+            for axis in 0..<x.rank where shape[axis] != current[axis] || scales[axis] != 1 {
+                let n = current[axis], m = shape[axis]
+                let taps = try (0..<m).map { i -> (Int, Int, Float) in
+                    let source = try sourceCoordinate(ctx, Float(i), scale: scales[axis], inSize: n, outSize: m, transform)
+                    if mode == "nearest" {
+                        let index = try nearestIndex(ctx, source, nearestMode)
+                        let clamped = min(max(index, 0), n - 1)
+                        return (clamped, clamped, 0)
+                    }
+                    let s = min(max(source, 0), Float(n - 1))
+                    let lo = Int(s.rounded(.down))
+                    return (lo, min(lo + 1, n - 1), s - Float(lo))
+                }
+                values = resample(values, shape: current, axis: axis, taps: taps)
+                current[axis] = m
+            }
+            return [Tensor(shape: shape, floats: values)]
+        }
+    }
+
+    /// Output shape and per-axis scales from `sizes` or `scales` (and opset-18 `axes`).
+    static func resizeTarget(_ ctx: NodeContext, _ shape: [Int], _ inputs: [Tensor?]?) throws -> ([Int], [Float]) {
+        let mode = try ctx.string("mode", default: "nearest")
+        guard mode == "nearest" || mode == "linear" else {
+            throw ctx.error(.unsupportedOperator, "Resize mode '\(mode)' is not supported (nearest, linear)")
+        }
+        if try ctx.int("antialias", default: 0) != 0 {
+            throw ctx.error(.unsupportedOperator, "Resize with antialias is not supported")
+        }
+        let transform = try ctx.string("coordinate_transformation_mode", default: "half_pixel")
+        guard ["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "half_pixel_symmetric"].contains(transform) else {
+            throw ctx.error(.unsupportedOperator, "coordinate_transformation_mode '\(transform)' is not supported")
+        }
+        let axes = try ctx.ints("axes")?.map { try ctx.axis($0, rank: shape.count) } ?? Array(0..<shape.count)
+        func value(_ i: Int) throws -> Tensor? {
+            guard ctx.optionalInput(i) != nil else { return nil }
+            guard let v = inputs?[i] ?? ctx.inputs[i]?.constant else {
+                throw ctx.error(.invalidGraph, "input \(i) of Resize must be a constant or computable from shapes")
+            }
+            return v.count == 0 ? nil : v
+        }
+        var out = shape
+        var scales = [Float](repeating: 1, count: shape.count)
+        if let sizes = try value(3) {
+            guard sizes.count == axes.count else { throw ctx.error(.shapeMismatch, "sizes has \(sizes.count) values for \(axes.count) axes") }
+            for (k, axis) in axes.enumerated() {
+                out[axis] = Int(sizes.asInts[k])
+                scales[axis] = Float(out[axis]) / Float(shape[axis])
+            }
+        } else if let given = try value(2) {
+            guard given.count == axes.count else { throw ctx.error(.shapeMismatch, "scales has \(given.count) values for \(axes.count) axes") }
+            for (k, axis) in axes.enumerated() {
+                let s = given.asFloats[k]
+                guard s > 0, s.isFinite else { throw ctx.error(.invalidInput, "scale \(s) must be positive") }
+                scales[axis] = s
+                out[axis] = Int((Float(shape[axis]) * s).rounded(.down))
+            }
+        } else {
+            throw ctx.error(.invalidGraph, "Resize needs scales or sizes")
+        }
+        guard out.allSatisfy({ $0 >= 1 }) else { throw ctx.error(.shapeMismatch, "Resize output \(out) has an empty axis") }
+        return (out, scales)
+    }
+
+    static func sourceCoordinate(_ ctx: NodeContext, _ x: Float, scale: Float, inSize: Int, outSize: Int,
+                                 _ transform: String) throws -> Float {
+        switch transform {
+        case "asymmetric": return x / scale
+        case "align_corners": return outSize == 1 ? 0 : x * Float(inSize - 1) / Float(outSize - 1)
+        case "pytorch_half_pixel": return outSize > 1 ? (x + 0.5) / scale - 0.5 : 0
+        case "half_pixel_symmetric":
+            let adjustment = Float(outSize) / (Float(inSize) * scale)
+            let offset = Float(inSize) / 2 * (1 - adjustment)
+            return offset + (x + 0.5) / scale - 0.5
+        default: return (x + 0.5) / scale - 0.5
+        }
+    }
+
+    static func nearestIndex(_ ctx: NodeContext, _ x: Float, _ mode: String) throws -> Int {
+        switch mode {
+        case "floor": return Int(x.rounded(.down))
+        case "ceil": return Int(x.rounded(.up))
+        case "round_prefer_ceil": return Int(x.rounded(.toNearestOrAwayFromZero) == x.rounded(.down) + 0.5 ? x.rounded(.up) : x.rounded(.toNearestOrAwayFromZero))
+        case "round_prefer_floor":
+            return x - x.rounded(.down) == 0.5 ? Int(x.rounded(.down)) : Int(x.rounded(.toNearestOrAwayFromZero))
+        default: throw ctx.error(.invalidAttribute, "nearest_mode '\(mode)' is not supported")
+        }
+    }
+
+    /// Resamples along `axis`: output index i mixes input indices taps[i].0 and taps[i].1 with weight taps[i].2.
+    static func resample(_ x: [Float], shape: [Int], axis: Int, taps: [(Int, Int, Float)]) -> [Float] {
+        let outer = shape[..<axis].reduce(1, *), n = shape[axis], inner = shape[(axis + 1)...].reduce(1, *)
+        let m = taps.count
+        var out = [Float](repeating: 0, count: outer * m * inner)
+        for o in 0..<outer {
+            for (i, tap) in taps.enumerated() {
+                let a = (o * n + tap.0) * inner, b = (o * n + tap.1) * inner, dst = (o * m + i) * inner
+                let w = tap.2
+                for j in 0..<inner { out[dst + j] = x[a + j] + w * (x[b + j] - x[a + j]) }
+            }
+        }
+        return out
+    }
+}

@@ -1,0 +1,49 @@
+import CWhittleDNNL
+
+/// Inference batch normalization with stored statistics, on oneDNN:
+/// `y[n, c, s] = γ[c] · (x[n, c, s] − μ[c]) / √(σ²[c] + ε) + β[c]` over data `[N, C, S]` (S = product of spatial dims).
+public final class BatchNormPlan: @unchecked Sendable {
+    public let batch: Int, channels: Int, spatial: Int
+    private let handle: OpaquePointer
+
+    public init(batch: Int, channels: Int, spatial: Int, epsilon: Float, scale: [Float], bias: [Float],
+                mean: [Float], variance: [Float], post: PostOp = .none) throws {
+        guard batch >= 1, channels >= 1, spatial >= 1 else {
+            throw TensorError(.invalidArgument, "batch normalization needs positive dimensions")
+        }
+        for (name, values) in [("scale", scale), ("B", bias), ("mean", mean), ("var", variance)]
+        where values.count != channels {
+            throw TensorError(.shapeMismatch, "BatchNormalization \(name) has \(values.count) values, expected \(channels)")
+        }
+        self.batch = batch
+        self.channels = channels
+        self.spatial = spatial
+        handle = try withErrorBuffer { err, len in
+            wk_bnorm_create(Int64(batch), Int64(channels), Int64(spatial), epsilon, scale, bias, mean, variance,
+                            post.c, err, len)
+        }
+    }
+
+    deinit { wk_bnorm_destroy(handle) }
+
+    public func run(_ src: UnsafePointer<Float>, _ dst: UnsafeMutablePointer<Float>) throws {
+        try runChecked { err, len in wk_bnorm_run(handle, src, dst, err, len) }
+    }
+}
+
+extension Kernels {
+    /// Reference twin of `BatchNormPlan`.
+    public static func batchNormReference(batch: Int, channels: Int, spatial: Int, epsilon: Float, scale: [Float],
+                                          bias: [Float], mean: [Float], variance: [Float], input x: [Float],
+                                          post: PostOp = .none) -> [Float] {
+        var y = [Float](repeating: 0, count: x.count)
+        for n in 0..<batch {
+            for c in 0..<channels {
+                let k = scale[c] / (variance[c] + epsilon).squareRoot()
+                let base = (n * channels + c) * spatial
+                for s in 0..<spatial { y[base + s] = post.apply(k * (x[base + s] - mean[c]) + bias[c]) }
+            }
+        }
+        return y
+    }
+}
