@@ -11,19 +11,20 @@ public final class CompiledGraph: @unchecked Sendable {
     public let inferred: InferredGraph
     public let inputNames: [String]
     public let outputNames: [String]
-    let kernels: [(any NodeKernel)?]
+    let steps: [PlannedStep]
     let inputSlots: [[Int]]
     let outputSlots: [[Int]]
     let freeAfter: [[Int]]
     let slotOf: [String: Int]
+    let slotBytes: [Int]
     let constants: [Int: Tensor]
-    let slotCount: Int
 
     public init(graph: Graph, opset: Int64, inputs: [String: (DataType, [Int])], options: KernelOptions = KernelOptions()) throws {
         let inferred = try ShapeInference.infer(graph, opset: opset, inputs: inputs)
         self.inferred = inferred
         inputNames = graph.runtimeInputs.map(\.name)
         outputNames = graph.outputs.map(\.name)
+        steps = try StepPlanner.plan(inferred, graphOutputs: Set(outputNames), options: options)
         var slotOf: [String: Int] = [:]
         func slot(_ name: String) -> Int {
             if let s = slotOf[name] { return s }
@@ -36,45 +37,38 @@ public final class CompiledGraph: @unchecked Sendable {
             if let value = meta.constant { constants[slot(name)] = value }
         }
         for name in inputNames { _ = slot(name) }
-        var kernels: [(any NodeKernel)?] = []
-        var inputSlots: [[Int]] = [], outputSlots: [[Int]] = []
-        for (i, ctx) in inferred.contexts.enumerated() {
-            inputSlots.append(ctx.node.inputs.map { $0.isEmpty ? -1 : slot($0) })
-            outputSlots.append(ctx.node.outputs.map { $0.isEmpty ? -1 : slot($0) })
-            kernels.append(inferred.folded[i] ? nil : try inferred.definitions[i].compile(ctx, inferred.outputs[i], options))
-        }
+        inputSlots = steps.map { $0.inputs.map { $0.isEmpty ? -1 : slot($0) } }
+        outputSlots = steps.map { $0.outputs.map { $0.isEmpty ? -1 : slot($0) } }
         // Last reader of each non-constant slot; graph outputs are never freed.
         let keep = Set(outputNames.compactMap { slotOf[$0] })
         var lastUse: [Int: Int] = [:]
-        for (i, slots) in inputSlots.enumerated() where !inferred.folded[i] {
+        for (i, slots) in inputSlots.enumerated() {
             for s in slots where s >= 0 && constants[s] == nil { lastUse[s] = i }
         }
-        var freeAfter = [[Int]](repeating: [], count: kernels.count)
+        var freeAfter = [[Int]](repeating: [], count: steps.count)
         for (s, i) in lastUse where !keep.contains(s) { freeAfter[i].append(s) }
-        self.kernels = kernels
-        self.inputSlots = inputSlots
-        self.outputSlots = outputSlots
+        var slotBytes = [Int](repeating: 0, count: slotOf.count)
+        for (name, s) in slotOf { slotBytes[s] = inferred.values[name]?.bytes ?? 0 }
         self.freeAfter = freeAfter
         self.slotOf = slotOf
+        self.slotBytes = slotBytes
         self.constants = constants
-        self.slotCount = slotOf.count
     }
 
     /// Runs on `inputs` (by graph input name), returning the graph outputs by name. `observe` is called after each
-    /// node that runs, with the node and its outputs.
+    /// step with the last node it computes and that node's outputs (compile with `fuse: false` to see every node).
     public func run(_ inputs: [String: Tensor], observe: ((Node, [Tensor]) throws -> Void)? = nil) throws -> [String: Tensor] {
-        var slots = [Tensor?](repeating: nil, count: slotCount)
+        var slots = [Tensor?](repeating: nil, count: slotOf.count)
         for (s, value) in constants { slots[s] = value }
         for name in inputNames {
             guard let value = inputs[name] else { throw ONNXError(.invalidInput, "missing input '\(name)'") }
             slots[slotOf[name]!] = value
         }
-        for (i, kernel) in kernels.enumerated() {
-            guard let kernel else { continue }
+        for (i, step) in steps.enumerated() {
             let args = inputSlots[i].map { $0 >= 0 ? slots[$0] : nil }
-            let produced = try kernel.run(args)
+            let produced = try step.kernel.run(args)
             for (s, value) in zip(outputSlots[i], produced) where s >= 0 { slots[s] = value }
-            if let observe { try observe(inferred.contexts[i].node, produced) }
+            if let observe { try observe(inferred.contexts[step.nodes.last!].node, produced) }
             for s in freeAfter[i] { slots[s] = nil }
         }
         var result: [String: Tensor] = [:]
@@ -82,20 +76,18 @@ public final class CompiledGraph: @unchecked Sendable {
         return result
     }
 
+    /// Number of kernels a run executes (after folding and fusion).
+    public var stepCount: Int { steps.count }
+
     /// Peak bytes of activations alive at once during a run (inputs and outputs included, constants excluded),
     /// following the same free-after-last-use schedule as `run`.
     public var peakActivationBytes: Int {
-        var live = 0, peak = 0
-        for name in inputNames { live += inferred.values[name]?.bytes ?? 0 }
-        peak = live
-        for i in kernels.indices where kernels[i] != nil {
-            for (name, meta) in zip(inferred.contexts[i].node.outputs, inferred.outputs[i]) where !name.isEmpty {
-                live += meta.bytes
-            }
+        var live = inputNames.reduce(0) { $0 + slotBytes[slotOf[$1]!] }
+        var peak = live
+        for i in steps.indices {
+            for s in outputSlots[i] where s >= 0 { live += slotBytes[s] }
             peak = max(peak, live)
-            for s in freeAfter[i] {
-                if let name = slotOf.first(where: { $0.value == s })?.key { live -= inferred.values[name]?.bytes ?? 0 }
-            }
+            for s in freeAfter[i] { live -= slotBytes[s] }
         }
         return peak
     }
@@ -124,11 +116,14 @@ public final class InferenceSession: @unchecked Sendable {
     public var primaryInput: ValueInfo { model.graph.runtimeInputs[0] }
     public var primaryOutput: String { model.graph.outputs[0].name }
 
-    /// The compiled graph for a batch size (inputs' declared shapes with the batch axis set).
-    public func compiled(batchSize: Int) throws -> CompiledGraph {
+    /// The compiled graph for a batch size (inputs' declared shapes with the batch axis set). With `fused` false,
+    /// every node runs on its own, so an observer sees every node's outputs.
+    public func compiled(batchSize: Int, fused: Bool = true) throws -> CompiledGraph {
         let shapes = try ShapeInference.inputShapes(model, batchSize: batchSize)
-        let key = model.graph.runtimeInputs.flatMap { shapes[$0.name]!.1 + [-1] }
+        let key = model.graph.runtimeInputs.flatMap { shapes[$0.name]!.1 + [-1] } + [fused ? 1 : 0]
         if let graph = cache[key] { return graph }
+        var options = self.options
+        options.fuse = options.fuse && fused
         let graph = try CompiledGraph(graph: model.graph, opset: opset, inputs: shapes, options: options)
         cache[key] = graph
         return graph
@@ -138,7 +133,7 @@ public final class InferenceSession: @unchecked Sendable {
     /// Inputs are checked for element type, rank, shape against the declaration, and NaN/infinite values.
     public func run(_ input: Tensor, observe: ((Node, [Tensor]) throws -> Void)? = nil) throws -> Tensor {
         try validate(input)
-        let graph = try compiled(batchSize: input.shape[0])
+        let graph = try compiled(batchSize: input.shape[0], fused: observe == nil)
         guard model.graph.runtimeInputs.count == 1 else {
             throw ONNXError(.invalidInput, "the model has \(model.graph.runtimeInputs.count) inputs; Whittle's run feeds one")
         }
@@ -181,10 +176,11 @@ public final class InferenceSession: @unchecked Sendable {
     public func largestBatch(fittingIn bytes: Int, limit: Int = 4096) throws -> Int? {
         let weights = model.graph.initializers.reduce(0) { $0 + ($1.tensor?.count ?? 0) * 4 }
         func fits(_ batch: Int) throws -> Bool {
+            // Planned with the reference kernels (nothing fused, no oneDNN plans created): a slight over-estimate.
             let graph = try CompiledGraph(graph: model.graph, opset: opset,
                                           inputs: try ShapeInference.inputShapes(model, batchSize: batch),
                                           options: KernelOptions(fast: false))
-            // Kernels hold a second copy of the weights (reordered for oneDNN).
+            // oneDNN kernels hold a second copy of the weights (reordered into their layout).
             return graph.peakActivationBytes + 2 * weights <= bytes
         }
         guard try fits(1) else { return nil }

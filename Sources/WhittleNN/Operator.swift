@@ -51,9 +51,13 @@ public struct KernelOptions: Sendable {
     public var fast: Bool = true
     /// GEMM library for MatMul and general Gemm.
     public var gemmBackend: GemmBackend = .oneDNN
-    public init(fast: Bool = true, gemmBackend: GemmBackend = .oneDNN) {
+    /// Fuse Conv with the BatchNormalization, residual Add and activation after it (fast kernels only). Fused
+    /// nodes' intermediate outputs are never materialized, so observers need `fuse` off.
+    public var fuse: Bool = true
+    public init(fast: Bool = true, gemmBackend: GemmBackend = .oneDNN, fuse: Bool = true) {
         self.fast = fast
         self.gemmBackend = gemmBackend
+        self.fuse = fuse
     }
 }
 

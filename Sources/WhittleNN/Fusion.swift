@@ -1,0 +1,128 @@
+import WhittleONNX
+import WhittleTensor
+
+/// One unit of work of a compiled graph: a kernel reading and writing named values. Usually one node; a fused step
+/// covers a Conv with the BatchNormalization, residual Add and activation that follow it.
+struct PlannedStep {
+    /// Where the step runs in the node order (a fused residual Add runs where the Add was).
+    var position: Int
+    /// The nodes this step computes (the last one's outputs are the step's outputs).
+    var nodes: [Int]
+    var inputs: [String]
+    var outputs: [String]
+    var kernel: any NodeKernel
+}
+
+/// Plans the steps of a graph, fusing — when `options.fuse` is on and the kernels are fast — the patterns
+/// onnxruntime's graph optimizer also fuses:
+/// - Conv → BatchNormalization: the normalization is folded into the convolution's weights and bias,
+///   `W' = W · γ/√(σ²+ε)`, `b' = (b − μ) · γ/√(σ²+ε) + β`, per output channel;
+/// - Conv → Add(residual): oneDNN's sum post-op accumulates into the residual;
+/// - … → Relu / LeakyRelu / Clip (constant bounds) / HardSwish / Sigmoid / Tanh: an eltwise post-op.
+/// A value is fused away only when its one reader is the next op of the pattern and it is not a graph output.
+enum StepPlanner {
+    static func plan(_ inferred: InferredGraph, graphOutputs: Set<String>, options: KernelOptions) throws -> [PlannedStep] {
+        let contexts = inferred.contexts
+        var readers: [String: [Int]] = [:]
+        var producer: [String: Int] = [:]
+        for (i, ctx) in contexts.enumerated() where !inferred.folded[i] {
+            for name in ctx.node.inputs where !name.isEmpty { readers[name, default: []].append(i) }
+            for name in ctx.node.outputs where !name.isEmpty { producer[name] = i }
+        }
+        /// The single node reading `name`, when fusing it away is allowed.
+        func soleReader(_ name: String) -> Int? {
+            guard !graphOutputs.contains(name), let r = readers[name], r.count == 1 else { return nil }
+            return r[0]
+        }
+
+        var steps: [PlannedStep] = []
+        var absorbed = Set<Int>()
+        for (i, ctx) in contexts.enumerated() where !inferred.folded[i] && !absorbed.contains(i) {
+            if options.fuse && options.fast && ctx.node.opType == "Conv",
+                let fused = try fuseConvolution(i, inferred, soleReader: { name in
+                    soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 }
+                }, producer: producer) {
+                absorbed.formUnion(fused.nodes)
+                steps.append(fused)
+                continue
+            }
+            steps.append(PlannedStep(position: i, nodes: [i], inputs: ctx.node.inputs, outputs: ctx.node.outputs,
+                                     kernel: try inferred.definitions[i].compile(ctx, inferred.outputs[i], options)))
+        }
+        return steps.sorted { $0.position < $1.position }
+    }
+
+    /// The activation a node computes, as a post-op, when it is one oneDNN can fuse.
+    static func postOp(_ ctx: NodeContext) throws -> PostOp? {
+        switch ctx.node.opType {
+        case "Relu": return .relu(alpha: 0)
+        case "LeakyRelu": return .relu(alpha: try ctx.float("alpha", default: 0.01))
+        case "Sigmoid": return .sigmoid
+        case "Tanh": return .tanh
+        case "HardSwish": return .hardSwish
+        case "Clip": return try Operators.clipBounds(ctx, nil).map { .clip(low: $0.0, high: $0.1) }
+        default: return nil
+        }
+    }
+
+    static func fuseConvolution(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
+                                producer: [String: Int]) throws -> PlannedStep? {
+        let ctx = inferred.contexts[i]
+        guard let w = ctx.inputs[1]?.constant, ctx.optionalInput(2).map({ $0.constant != nil }) ?? true else { return nil }
+        let (x, window, outShape) = try Operators.convSetup(ctx)
+        var weights = w.asFloats
+        let channels = w.shape[0]
+        var bias = ctx.optionalInput(2)?.constant?.asFloats ?? [Float](repeating: 0, count: channels)
+        var nodes = [i]
+        var output = ctx.node.outputs[0]
+        var position = i
+        var summand: String?
+        var post = PostOp.none
+
+        // Conv → BatchNormalization (inference, constant parameters).
+        if let j = soleReader(output), inferred.contexts[j].node.opType == "BatchNormalization" {
+            let bn = inferred.contexts[j]
+            let params = (1...4).map { bn.inputs[$0]?.constant?.asFloats }
+            if bn.node.inputs[0] == output, params.allSatisfy({ $0 != nil }), bn.node.outputs.count == 1 || bn.node.outputs.dropFirst().allSatisfy(\.isEmpty) {
+                let epsilon = try bn.float("epsilon", default: 1e-5)
+                let perChannel = weights.count / channels
+                for c in 0..<channels {
+                    let k = params[0]![c] / (params[3]![c] + epsilon).squareRoot()
+                    for t in 0..<perChannel { weights[c * perChannel + t] *= k }
+                    bias[c] = (bias[c] - params[2]![c]) * k + params[1]![c]
+                }
+                nodes.append(j)
+                output = bn.node.outputs[0]
+            }
+        }
+        // Conv → Add(residual) when the other summand is ready by the Add and has the output's shape.
+        if let j = soleReader(output), inferred.contexts[j].node.opType == "Add" {
+            let add = inferred.contexts[j]
+            let other = add.node.inputs[0] == output ? add.node.inputs[1] : add.node.inputs[0]
+            if add.node.inputs.filter({ $0 == output }).count == 1, inferred.values[other]?.shape == outShape,
+                inferred.values[other]?.dtype == .float, inferred.values[other]?.constant == nil,
+                producer[other].map({ $0 < j }) ?? true {
+                summand = other
+                nodes.append(j)
+                output = add.node.outputs[0]
+                position = j
+            }
+        }
+        // … → activation.
+        if let j = soleReader(output), let op = try postOp(inferred.contexts[j]), inferred.contexts[j].node.inputs[0] == output {
+            post = op
+            nodes.append(j)
+            output = inferred.contexts[j].node.outputs[0]
+            position = max(position, j)
+        }
+        guard nodes.count > 1 else { return nil }
+        let groups = Int(try ctx.int("group", default: 1))
+        let g = window.geometry(batch: x.shape[0], channels: x.shape[1], spatial: Array(x.shape[2...]),
+                                outChannels: channels, groups: groups)
+        let kernel = try ConvKernel(geometry: g, weights: weights, bias: bias, post: post, fast: true,
+                                    outShape: outShape, ctx: ctx, fuseSum: summand != nil)
+        var inputs = [ctx.node.inputs[0], "", ""]
+        if let summand { inputs.append(summand) }
+        return PlannedStep(position: position, nodes: nodes, inputs: inputs, outputs: [output], kernel: kernel)
+    }
+}
