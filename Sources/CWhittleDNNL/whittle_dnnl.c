@@ -119,11 +119,23 @@ struct wk_conv {
     void *weights_buf;
     float *bias_buf;
     char impl[64];
+    int sum_input;
+    // When oneDNN prefers blocked activations (nChw16c…), the plan converts at its boundary: plain src → blocked,
+    // blocked dst → plain (and plain dst → blocked first when accumulating into it).
+    dnnl_primitive_t src_in, dst_in, dst_out;
+    dnnl_memory_t user_src, user_dst;  // plain NCHW views of the caller's buffers
+    size_t src_size, dst_size;          // bytes of the blocked buffers (0: the layout is plain NCHW)
+    dnnl_memory_desc_t src_md, dst_md;  // the layouts the primitive computes in
 };
 
 void wk_conv_destroy(wk_conv *p) {
     if (!p) return;
     if (p->prim) dnnl_primitive_destroy(p->prim);
+    if (p->src_in) dnnl_primitive_destroy(p->src_in);
+    if (p->dst_in) dnnl_primitive_destroy(p->dst_in);
+    if (p->dst_out) dnnl_primitive_destroy(p->dst_out);
+    if (p->user_src) dnnl_memory_destroy(p->user_src);
+    if (p->user_dst) dnnl_memory_destroy(p->user_dst);
     if (p->src) dnnl_memory_destroy(p->src);
     if (p->weights) dnnl_memory_destroy(p->weights);
     if (p->bias) dnnl_memory_destroy(p->bias);
@@ -143,10 +155,12 @@ wk_conv *wk_conv_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc, 
     dnnl_primitive_attr_t attr = NULL;
     dnnl_primitive_desc_t pd = NULL;
     if (!p) return NULL;
-    dnnl_memory_desc_t src_md, dst_md, w_plain, w_any, b_md;
+    dnnl_memory_desc_t src_md, dst_md, src_any, dst_any, w_plain, w_any, b_md;
     dnnl_dims_t src_dims = {n, c, h, w}, dst_dims = {n, oc, oh, ow}, b_dims = {oc};
     CHECK(dnnl_memory_desc_init_by_tag(&src_md, 4, src_dims, dnnl_f32, dnnl_nchw));
     CHECK(dnnl_memory_desc_init_by_tag(&dst_md, 4, dst_dims, dnnl_f32, dnnl_nchw));
+    CHECK(dnnl_memory_desc_init_by_tag(&src_any, 4, src_dims, dnnl_f32, dnnl_format_tag_any));
+    CHECK(dnnl_memory_desc_init_by_tag(&dst_any, 4, dst_dims, dnnl_f32, dnnl_format_tag_any));
     CHECK(dnnl_memory_desc_init_by_tag(&b_md, 1, b_dims, dnnl_f32, dnnl_x));
     if (groups > 1) {
         dnnl_dims_t wd = {groups, oc / groups, c / groups, kh, kw};
@@ -160,19 +174,48 @@ wk_conv *wk_conv_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc, 
     dnnl_dims_t strides = {stride_h, stride_w}, dil = {dil_h - 1, dil_w - 1};
     dnnl_dims_t pl = {pad_t, pad_l}, pr = {pad_b, pad_r};
     dnnl_convolution_desc_t desc;
-    CHECK(dnnl_dilated_convolution_forward_desc_init(&desc, dnnl_forward_inference, dnnl_convolution_direct, &src_md,
-                                                      &w_any, bias ? &b_md : NULL, &dst_md, strides, dil, pl, pr));
+    CHECK(dnnl_dilated_convolution_forward_desc_init(&desc, dnnl_forward_inference, dnnl_convolution_direct, &src_any,
+                                                      &w_any, bias ? &b_md : NULL, &dst_any, strides, dil, pl, pr));
     CHECK(make_attr(&attr, post, sum_input));
     CHECK(dnnl_primitive_desc_create(&pd, &desc, attr, g_engine, NULL));
+    p->sum_input = sum_input;
     const dnnl_memory_desc_t *w_chosen = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+    const dnnl_memory_desc_t *src_chosen = dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0);
+    const dnnl_memory_desc_t *dst_chosen = dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0);
+    p->src_md = *src_chosen;
+    p->dst_md = *dst_chosen;
+    if (!dnnl_memory_desc_equal(src_chosen, &src_md)) {
+        dnnl_primitive_desc_t rpd = NULL;
+        CHECK(dnnl_reorder_primitive_desc_create(&rpd, &src_md, g_engine, src_chosen, g_engine, NULL));
+        dnnl_status_t st = dnnl_primitive_create(&p->src_in, rpd);
+        dnnl_primitive_desc_destroy(rpd);
+        CHECK(st);
+        p->src_size = dnnl_memory_desc_get_size(src_chosen);
+    }
+    if (!dnnl_memory_desc_equal(dst_chosen, &dst_md)) {
+        dnnl_primitive_desc_t rpd = NULL;
+        CHECK(dnnl_reorder_primitive_desc_create(&rpd, dst_chosen, g_engine, &dst_md, g_engine, NULL));
+        dnnl_status_t st = dnnl_primitive_create(&p->dst_out, rpd);
+        dnnl_primitive_desc_destroy(rpd);
+        CHECK(st);
+        if (sum_input) {
+            CHECK(dnnl_reorder_primitive_desc_create(&rpd, &dst_md, g_engine, dst_chosen, g_engine, NULL));
+            st = dnnl_primitive_create(&p->dst_in, rpd);
+            dnnl_primitive_desc_destroy(rpd);
+            CHECK(st);
+        }
+        p->dst_size = dnnl_memory_desc_get_size(dst_chosen);
+    }
     p->weights_buf = reorder_copy(&w_plain, w_chosen, weights, err, errlen);
     if (!p->weights_buf) goto fail;
     const char *impl = NULL;
     if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) == dnnl_success && impl)
         snprintf(p->impl, sizeof p->impl, "%s", impl);
     CHECK(dnnl_primitive_create(&p->prim, pd));
-    CHECK(dnnl_memory_create(&p->src, &src_md, g_engine, DNNL_MEMORY_NONE));
-    CHECK(dnnl_memory_create(&p->dst, &dst_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->src, src_chosen, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->dst, dst_chosen, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->user_src, &src_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->user_dst, &dst_md, g_engine, DNNL_MEMORY_NONE));
     CHECK(dnnl_memory_create(&p->weights, w_chosen, g_engine, p->weights_buf));
     if (bias) {
         p->bias_buf = malloc(sizeof(float) * (size_t)oc);
@@ -193,14 +236,59 @@ fail:
 const char *wk_conv_impl(wk_conv *p) { return p->impl; }
 
 int wk_conv_run(wk_conv *p, const float *src, float *dst, char *err, size_t errlen) {
-    CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
-    CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    return wk_conv_run_layout(p, src, dst, 0, 0, err, errlen);
+}
+
+size_t wk_conv_blocked_src_bytes(const wk_conv *p) { return p->src_in ? p->src_size : 0; }
+size_t wk_conv_blocked_dst_bytes(const wk_conv *p) { return p->dst_out ? p->dst_size : 0; }
+
+int wk_conv_layouts_match(const wk_conv *producer, const wk_conv *consumer, int as_summand) {
+    return dnnl_memory_desc_equal(&producer->dst_md, as_summand ? &consumer->dst_md : &consumer->src_md);
+}
+
+int wk_conv_run_layout(wk_conv *p, const float *src, float *dst, int src_blocked, int dst_blocked,
+                       char *err, size_t errlen) {
+    // Blocked staging buffers live only for the call, so a graph of many plans holds no idle activation copies.
+    void *src_buf = NULL, *dst_buf = NULL;
+    int stage_src = p->src_in && !src_blocked, stage_dst = p->dst_out && !dst_blocked;
+    if (stage_src) {
+        src_buf = aligned_alloc(64, (p->src_size + 63) / 64 * 64);
+        if (!src_buf) goto oom;
+        CHECK(dnnl_memory_set_data_handle(p->user_src, (void *)src));
+        CHECK(dnnl_memory_set_data_handle(p->src, src_buf));
+        dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p->user_src}, {DNNL_ARG_TO, p->src}};
+        CHECK(dnnl_primitive_execute(p->src_in, g_stream, 2, r));
+    } else {
+        CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+    }
+    if (stage_dst) {
+        dst_buf = aligned_alloc(64, (p->dst_size + 63) / 64 * 64);
+        if (!dst_buf) goto oom;
+        CHECK(dnnl_memory_set_data_handle(p->user_dst, dst));
+        CHECK(dnnl_memory_set_data_handle(p->dst, dst_buf));
+        if (p->dst_in) {
+            dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p->user_dst}, {DNNL_ARG_TO, p->dst}};
+            CHECK(dnnl_primitive_execute(p->dst_in, g_stream, 2, r));
+        }
+    } else {
+        CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    }
     dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, p->src}, {DNNL_ARG_WEIGHTS, p->weights}, {DNNL_ARG_DST, p->dst},
                                {DNNL_ARG_BIAS, p->bias}};
     CHECK(dnnl_primitive_execute(p->prim, g_stream, p->bias ? 4 : 3, args));
+    if (stage_dst) {
+        dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p->dst}, {DNNL_ARG_TO, p->user_dst}};
+        CHECK(dnnl_primitive_execute(p->dst_out, g_stream, 2, r));
+    }
     CHECK(dnnl_stream_wait(g_stream));
+    free(src_buf);
+    free(dst_buf);
     return 0;
+oom:
+    if (err && errlen) snprintf(err, errlen, "out of memory for convolution staging buffers");
 fail:
+    free(src_buf);
+    free(dst_buf);
     return 1;
 }
 

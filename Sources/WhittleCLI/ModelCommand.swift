@@ -16,8 +16,11 @@ public struct ModelCommand: ParsableCommand {
 
 /// Options shared by commands that run a model.
 struct RunOptions: ParsableArguments {
-    @Option(name: .long, help: "Samples per forward pass.")
-    var batchSize: Int = 32
+    @Option(name: .long, help: "Samples per forward pass (default 32, or the largest that fits --memory-limit).")
+    var batchSize: Int?
+
+    @Option(name: .long, help: "Memory budget for weights and activations, e.g. 512MB or 1GB; picks the batch size.")
+    var memoryLimit: String?
 
     @Option(name: .long, help: "Compute threads (oneDNN and OpenBLAS). Default: all cores.")
     var threads: Int?
@@ -26,8 +29,20 @@ struct RunOptions: ParsableArguments {
     var reference = false
 
     func validate() throws {
-        guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
+        if let batchSize, batchSize < 1 { throw ValidationError("--batch-size must be at least 1") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+        if let memoryLimit, parseByteSize(memoryLimit) == nil {
+            throw ValidationError("--memory-limit '\(memoryLimit)' is not a size like 512MB or 1GB")
+        }
+    }
+
+    /// The batch size to use: --batch-size, capped by what fits in --memory-limit.
+    func batchSize(for session: InferenceSession) throws -> Int {
+        guard let memoryLimit, let bytes = parseByteSize(memoryLimit) else { return batchSize ?? 32 }
+        guard let fitting = try session.largestBatch(fittingIn: bytes, limit: batchSize ?? 4096) else {
+            throw CLIError("even one sample does not fit in --memory-limit \(memoryLimit)")
+        }
+        return fitting
     }
 
     /// Applies the thread count and opens the model.
@@ -126,7 +141,7 @@ extension ModelCommand {
             let data = try Files.readNPY(input)
             var outputs: [Float] = []
             var outShape: [Int] = []
-            try forEachBatch(session, data, batchSize: options.batchSize) { batch, range in
+            try forEachBatch(session, data, batchSize: try options.batchSize(for: session)) { batch, range in
                 guard batch.rank >= 1, batch.shape[0] == range.count else {
                     throw CLIError("the first output '\(session.primaryOutput)' has shape \(batch.shape), which has no batch axis of size \(range.count)")
                 }
@@ -171,9 +186,10 @@ extension ModelCommand {
                 throw CLIError("\(labels) has shape \(y.shape); expected [\(x.shape.first ?? 0)], one label per sample of \(data)")
             }
             var metrics = ClassificationMetrics()
+            let batchSize = try options.batchSize(for: session)
             let clock = ContinuousClock()
             let start = clock.now
-            try forEachBatch(session, x, batchSize: options.batchSize) { logits, range in
+            try forEachBatch(session, x, batchSize: batchSize) { logits, range in
                 do {
                     try metrics.add(logits: logits, labels: y.ints[range])
                 } catch let error as ONNXError {
@@ -185,7 +201,7 @@ extension ModelCommand {
             let report = Report(model: model, samples: metrics.samples, accuracy: metrics.accuracy,
                                 meanCrossEntropy: metrics.meanCrossEntropy,
                                 samplesPerSecond: Double(metrics.samples) / max(seconds, 1e-9),
-                                batchSize: options.batchSize, threads: ComputeThreads.current)
+                                batchSize: batchSize, threads: ComputeThreads.current)
             if json {
                 try printJSON(report)
             } else {
@@ -207,6 +223,7 @@ extension ModelCommand {
         @OptionGroup var options: RunOptions
         @Option(name: .long, help: "Timed forward passes.") var iterations: Int = 20
         @Option(name: .long, help: "Untimed warm-up passes.") var warmup: Int = 3
+        @Flag(name: .long, help: "Also print the time of each step (fused kernel) of one pass.") var profile = false
         @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
 
         struct Report: Encodable {
@@ -222,7 +239,8 @@ extension ModelCommand {
         func run() throws {
             guard iterations >= 1, warmup >= 0 else { throw ValidationError("--iterations must be ≥ 1 and --warmup ≥ 0") }
             let session = try options.session(model)
-            let shapes = try ShapeInference.inputShapes(session.model, batchSize: options.batchSize)
+            let batchSize = try options.batchSize(for: session)
+            let shapes = try ShapeInference.inputShapes(session.model, batchSize: batchSize)
             guard let (_, shape) = shapes[session.primaryInput.name] else { throw CLIError("the model has no input") }
             var generator = SplitMix64(seed: 42)
             let input = Tensor(shape: shape, floats: (0..<shape.reduce(1, *)).map { _ in generator.nextFloat() * 2 - 1 })
@@ -232,11 +250,19 @@ extension ModelCommand {
             for _ in 0..<iterations { _ = try session.run(input) }
             let elapsed = clock.now - start
             let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
-            let report = Report(model: model, batchSize: options.batchSize, threads: ComputeThreads.current,
+            let report = Report(model: model, batchSize: batchSize, threads: ComputeThreads.current,
                                 iterations: iterations,
-                                imagesPerSecond: Double(iterations * options.batchSize) / seconds,
+                                imagesPerSecond: Double(iterations * batchSize) / seconds,
                                 millisecondsPerBatch: seconds * 1000 / Double(iterations),
-                                peakActivationBytes: try session.compiled(batchSize: options.batchSize).peakActivationBytes)
+                                peakActivationBytes: try session.compiled(batchSize: batchSize).peakActivationBytes)
+            if profile {
+                let rows = try session.compiled(batchSize: batchSize).profile([session.primaryInput.name: input])
+                let total = rows.reduce(0) { $0 + $1.seconds }
+                for row in rows.sorted(by: { $0.seconds > $1.seconds }) {
+                    print(String(format: "%8.3f ms %5.1f %%  %@  %@", row.seconds * 1000, row.seconds / total * 100,
+                                 row.label, row.implementation))
+                }
+            }
             if json {
                 try printJSON(report)
             } else {

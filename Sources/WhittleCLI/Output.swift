@@ -47,3 +47,15 @@ func table(_ header: [String], _ rows: [[String]], numeric: Set<Int> = []) -> St
     return ([line(header), widths.map { String(repeating: "-", count: $0) }.joined(separator: "  ")]
         + rows.map(line)).joined(separator: "\n")
 }
+
+/// Parses sizes such as "1GB", "512MB", "64KiB" or "1048576" into bytes (K/M/G are powers of 1024).
+func parseByteSize(_ text: String) -> Int? {
+    let trimmed = text.trimmingCharacters(in: .whitespaces).uppercased()
+    let digits = trimmed.prefix { $0.isNumber || $0 == "." }
+    guard let value = Double(digits), value > 0 else { return nil }
+    let unit = trimmed.dropFirst(digits.count).replacingOccurrences(of: "IB", with: "B")
+    let multipliers: [String: Double] = ["": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1_048_576, "MB": 1_048_576,
+                                         "G": 1_073_741_824, "GB": 1_073_741_824]
+    guard let multiplier = multipliers[unit] else { return nil }
+    return Int(value * multiplier)
+}

@@ -76,6 +76,29 @@ public final class CompiledGraph: @unchecked Sendable {
         return result
     }
 
+    /// Runs once and returns, per step, the node labels it computes, the kernel's implementation and its seconds.
+    public func profile(_ inputs: [String: Tensor]) throws -> [(label: String, implementation: String, seconds: Double)] {
+        var rows: [(String, String, Double)] = []
+        let clock = ContinuousClock()
+        var slots = [Tensor?](repeating: nil, count: slotOf.count)
+        for (s, value) in constants { slots[s] = value }
+        for name in inputNames { slots[slotOf[name]!] = inputs[name] }
+        for (i, step) in steps.enumerated() {
+            let args = inputSlots[i].map { $0 >= 0 ? slots[$0] : nil }
+            let start = clock.now
+            let produced = try step.kernel.run(args)
+            let elapsed = clock.now - start
+            for (s, value) in zip(outputSlots[i], produced) where s >= 0 { slots[s] = value }
+            for s in freeAfter[i] { slots[s] = nil }
+            let label = step.nodes.map { inferred.contexts[$0].node.opType }.joined(separator: "+") + " "
+                + (inferred.contexts[step.nodes[0]].node.name)
+            let implementation = (step.kernel as? ConvKernel)?.plan?.implementation ?? ""
+            rows.append((label, implementation,
+                         Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18))
+        }
+        return rows
+    }
+
     /// Number of kernels a run executes (after folding and fusion).
     public var stepCount: Int { steps.count }
 

@@ -49,7 +49,62 @@ enum StepPlanner {
             steps.append(PlannedStep(position: i, nodes: [i], inputs: ctx.node.inputs, outputs: ctx.node.outputs,
                                      kernel: try inferred.definitions[i].compile(ctx, inferred.outputs[i], options)))
         }
-        return steps.sorted { $0.position < $1.position }
+        let ordered = steps.sorted { $0.position < $1.position }
+        if options.fuse && options.fast { propagateLayouts(ordered, graphOutputs: graphOutputs) }
+        return ordered
+    }
+
+    /// Lets convolution outputs stay in oneDNN's blocked layout (nChw8c, nChw16c…) when every reader is a
+    /// convolution that computes in that same layout — as its source, or as the summand it accumulates into — so
+    /// chains of convolutions convert to and from NCHW only at their ends (onnxruntime's NCHWc transformer does the
+    /// same). A summand and the output written over it share one buffer, so both are blocked or neither is.
+    static func propagateLayouts(_ steps: [PlannedStep], graphOutputs: Set<String>) {
+        var producer: [String: Int] = [:]
+        var readers: [String: [(step: Int, position: Int)]] = [:]
+        for (i, step) in steps.enumerated() {
+            for name in step.outputs where !name.isEmpty { producer[name] = i }
+            for (position, name) in step.inputs.enumerated() where !name.isEmpty {
+                readers[name, default: []].append((i, position))
+            }
+        }
+        func plan(_ i: Int) -> ConvPlan? { (steps[i].kernel as? ConvKernel)?.plan }
+        var blocked = Set(producer.compactMap { name, i -> String? in
+            guard !graphOutputs.contains(name), let p = plan(i), p.blockedDestinationBytes > 0 else { return nil }
+            return name
+        })
+        var changed = true
+        while changed {
+            changed = false
+            for name in blocked {
+                let p = plan(producer[name]!)!
+                let accepted = (readers[name] ?? []).allSatisfy { reader in
+                    guard let r = plan(reader.step) else { return false }
+                    switch reader.position {
+                    case 0: return r.blockedSourceBytes > 0 && p.layoutMatches(r, asSummand: false)
+                    case 3: return r.blockedDestinationBytes > 0 && p.layoutMatches(r, asSummand: true)
+                    default: return false
+                    }
+                }
+                if !accepted {
+                    blocked.remove(name)
+                    changed = true
+                }
+            }
+            for (i, step) in steps.enumerated() where step.inputs.count > 3 && plan(i) != nil {
+                let summand = step.inputs[3], output = step.outputs[0]
+                if blocked.contains(summand) != blocked.contains(output) {
+                    blocked.remove(summand)
+                    blocked.remove(output)
+                    changed = true
+                }
+            }
+        }
+        for name in blocked {
+            (steps[producer[name]!].kernel as! ConvKernel).keepDestinationBlocked = true
+            for reader in readers[name] ?? [] where reader.position == 0 {
+                (steps[reader.step].kernel as! ConvKernel).sourceBlocked = true
+            }
+        }
     }
 
     /// The activation a node computes, as a post-op, when it is one oneDNN can fuse.

@@ -49,6 +49,22 @@ import WhittleTestSupport
         #expect(abs((json["accuracy"] as? Double ?? 0) - 461.0 / 512.0) < 1e-9)
     }
 
+    @Test func memoryLimitPicksTheBatchSize() throws {
+        let root = TestSupport.root.path
+        let arguments = ["model", "eval", "\(root)/examples/models/defect_cnn.onnx", "--data",
+                         "\(root)/examples/data/defects_test_x.npy", "--labels", "\(root)/examples/data/defects_test_y.npy",
+                         "--json"]
+        let small = try TestSupport.runProcess(coordinator, arguments + ["--memory-limit", "3MB"])
+        #expect(small.status == 0, "\(small.stderr)")
+        let json = try JSONSerialization.jsonObject(with: Data(small.stdout.utf8)) as! [String: Any]
+        let batch = json["batchSize"] as? Int ?? 0
+        #expect(batch >= 1 && batch < 32)
+        #expect(abs((json["accuracy"] as? Double ?? 0) - 461.0 / 512.0) < 1e-9)
+        let tiny = try TestSupport.runProcess(coordinator, arguments + ["--memory-limit", "100KB"])
+        #expect(tiny.status != 0)
+        #expect(tiny.stderr.contains("does not fit"))
+    }
+
     @Test(arguments: [
         (["model", "inspect", "/nonexistent/model.onnx"], "file not found"),
         (["model", "inspect", "Package.swift"], "not a valid ONNX model"),
@@ -60,6 +76,8 @@ import WhittleTestSupport
           "--labels", "examples/data/defects_test_x.npy"], "labels must be integers"),
         (["model", "run", "Tests/Fixtures/models/resnet_bn_op13.onnx", "--input", "x", "--output", "y", "--batch-size", "0"],
          "--batch-size"),
+        (["model", "eval", "examples/models/defect_cnn.onnx", "--data", "x", "--labels", "y", "--memory-limit", "lots"],
+         "--memory-limit"),
     ])
     func badInputGivesAClearErrorAndNonZeroExit(_ arguments: [String], _ message: String) throws {
         let process = Process()

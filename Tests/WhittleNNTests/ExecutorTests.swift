@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-import WhittleNN
+@testable import WhittleNN
 import WhittleONNX
 import WhittleTensor
 import WhittleTestSupport
@@ -58,6 +58,26 @@ import WhittleTestSupport
         let convs = session.model.graph.nodes.filter { $0.opType == "Conv" }
         #expect(convs.allSatisfy { seen[$0.name]?.first == 4 })
         #expect(seen.count == session.model.graph.nodes.count)
+    }
+
+    /// Conv+BatchNormalization+Add+Relu run as one oneDNN step each; the fused run still matches onnxruntime
+    /// (matchesOnnxRuntime runs fused) and the unfused run.
+    @Test func fusionMergesConvPatterns() throws {
+        let session = try Self.session("resnet_bn_op13")
+        let fused = try session.compiled(batchSize: 4)
+        let unfused = try session.compiled(batchSize: 4, fused: false)
+        let nodes = session.model.graph.nodes
+        let convs = nodes.filter { $0.opType == "Conv" }.count
+        let absorbed = nodes.filter { ["BatchNormalization", "Relu", "Add"].contains($0.opType) }.count
+        #expect(unfused.stepCount == nodes.count)
+        #expect(fused.stepCount == nodes.count - absorbed)
+        #expect(fused.stepCount >= convs)
+        // Convolution chains pass tensors in oneDNN's blocked layout.
+        let blocked = fused.steps.filter { ($0.kernel as? ConvKernel)?.keepDestinationBlocked == true }
+        #expect(blocked.count >= convs / 2)
+        let input = try TestSupport.npy("resnet_bn_op13.input.npy")
+        let a = try fused.run(["input": input])["logits"]!, b = try unfused.run(["input": input])["logits"]!
+        #expect(TestSupport.relativeError(a.floats, b.floats) < Self.referenceTolerance)
     }
 
     @Test func shapeChainsFoldStatically() throws {

@@ -43,6 +43,46 @@ import WhittleTestSupport
         #expect(TestSupport.relativeError(y, expected) < Self.kernelTolerance)
     }
 
+    /// Two convolutions chained in oneDNN's blocked layout (no NCHW conversion between them), the second
+    /// accumulating into a blocked residual, equal the reference computed in NCHW.
+    @Test func blockedLayoutChain() throws {
+        let a = Conv2DGeometry(batch: 2, inChannels: 8, height: 8, width: 8, outChannels: 16, kernelH: 3, kernelW: 3,
+                               pads: (1, 1, 1, 1))
+        let b = Conv2DGeometry(batch: 2, inChannels: 16, height: 8, width: 8, outChannels: 16, kernelH: 3, kernelW: 3,
+                               groups: 16, pads: (1, 1, 1, 1))
+        let x = TestSupport.randomFloats(a.inputShape.reduce(1, *), seed: 30)
+        let wa = TestSupport.randomFloats(a.weightShape.reduce(1, *), seed: 31)
+        let wb = TestSupport.randomFloats(b.weightShape.reduce(1, *), seed: 32)
+        let first = try ConvPlan(a, weights: wa, bias: nil, post: .relu(alpha: 0))
+        let second = try ConvPlan(b, weights: wb, bias: nil, fuseSum: true)
+        try #require(first.blockedDestinationBytes > 0 && first.layoutMatches(second, asSummand: false))
+        try #require(first.layoutMatches(second, asSummand: true))
+        let hidden = try TestSupport.apply(x, count: first.blockedDestinationBytes / 4) {
+            try first.run($0, $1, sourceBlocked: false, destinationBlocked: true)
+        }
+        // The second convolution reads the blocked hidden tensor and accumulates into a blocked copy of it.
+        let y = try TestSupport.apply(hidden, count: hidden.count, initial: hidden) {
+            try second.run($0, $1, sourceBlocked: true, destinationBlocked: true)
+        }
+        // Back to NCHW with a third plan step: a 1x1 identity convolution reading blocked input.
+        let c = Conv2DGeometry(batch: 2, inChannels: 16, height: 8, width: 8, outChannels: 16, kernelH: 1, kernelW: 1)
+        var identity = [Float](repeating: 0, count: 256)
+        for i in 0..<16 { identity[i * 16 + i] = 1 }
+        let back = try ConvPlan(c, weights: identity, bias: nil)
+        let plain: [Float]
+        if back.blockedSourceBytes > 0 && first.layoutMatches(back, asSummand: false) {
+            plain = try TestSupport.apply(y, count: c.outputShape.reduce(1, *)) {
+                try back.run($0, $1, sourceBlocked: true, destinationBlocked: false)
+            }
+        } else {
+            Issue.record("the 1x1 plan does not read the blocked layout; cannot convert back")
+            return
+        }
+        let h = Kernels.conv2dReference(a, input: x, weights: wa, bias: nil, post: .relu(alpha: 0))
+        let expected = zip(Kernels.conv2dReference(b, input: h, weights: wb, bias: nil), h).map { $0 + $1 }
+        #expect(TestSupport.relativeError(plain, expected) < Self.kernelTolerance)
+    }
+
     @Test func convolutionHandComputed() {
         // 1×1×3×3 input, 2×2 kernel of ones, no padding: each output sums a 2×2 window.
         let g = Conv2DGeometry(batch: 1, inChannels: 1, height: 3, width: 3, outChannels: 1, kernelH: 2, kernelW: 2)

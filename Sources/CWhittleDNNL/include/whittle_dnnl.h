@@ -48,6 +48,16 @@ wk_conv *wk_conv_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc, 
 /// When the plan was created with sum_input, `dst` must hold the tensor to add (dst = conv(src) + dst) before the call.
 int wk_conv_run(wk_conv *plan, const float *src, float *dst, char *err, size_t errlen);
 const char *wk_conv_impl(wk_conv *plan);
+/// Like wk_conv_run, but `src` (when src_blocked) and `dst` (when dst_blocked, for input summand and output) are in
+/// the plan's own blocked layouts, so no reorder is done on that side.
+int wk_conv_run_layout(wk_conv *plan, const float *src, float *dst, int src_blocked, int dst_blocked,
+                       char *err, size_t errlen);
+/// Bytes of the plan's blocked source / destination layout, or 0 when it computes on plain NCHW.
+size_t wk_conv_blocked_src_bytes(const wk_conv *plan);
+size_t wk_conv_blocked_dst_bytes(const wk_conv *plan);
+/// 1 when the producer's destination layout equals the consumer's source layout (or, with as_summand, the
+/// consumer's destination layout), so a blocked tensor can pass between them unconverted.
+int wk_conv_layouts_match(const wk_conv *producer, const wk_conv *consumer, int as_summand);
 void wk_conv_destroy(wk_conv *plan);
 
 // MARK: Pooling (2-D)

@@ -66,6 +66,10 @@ final class ConvKernel: NodeKernel, @unchecked Sendable {
     let post: PostOp
     let outShape: [Int]
     let fast: Bool
+    /// Set by the step planner: the source arrives in the plan's blocked layout.
+    var sourceBlocked = false
+    /// Set by the step planner: the output (and a fused summand) stays in the plan's blocked layout.
+    var keepDestinationBlocked = false
 
     init(geometry: Conv2DGeometry, weights: [Float]?, bias: [Float]?, post: PostOp, fast: Bool, outShape: [Int],
          ctx: NodeContext, fuseSum: Bool = false) throws {
@@ -90,18 +94,25 @@ final class ConvKernel: NodeKernel, @unchecked Sendable {
         let count = outShape.reduce(1, *)
         if let plan {
             let out: [Float]
+            let (srcBlocked, dstBlocked) = (sourceBlocked, keepDestinationBlocked)
             if inputs.count > 3, let summand = inputs[3] {
                 var y = summand.floats
                 try x.floats.withUnsafeBufferPointer { src in
-                    try y.withUnsafeMutableBufferPointer { try plan.run(src.baseAddress!, $0.baseAddress!) }
+                    try y.withUnsafeMutableBufferPointer {
+                        try plan.run(src.baseAddress!, $0.baseAddress!, sourceBlocked: srcBlocked, destinationBlocked: dstBlocked)
+                    }
                 }
                 out = y
             } else {
+                let size = dstBlocked ? plan.blockedDestinationBytes / 4 : count
                 out = try x.floats.withUnsafeBufferPointer { src in
-                    try makeFloats(count) { try plan.run(src.baseAddress!, $0) }
+                    try makeFloats(size) {
+                        try plan.run(src.baseAddress!, $0, sourceBlocked: srcBlocked, destinationBlocked: dstBlocked)
+                    }
                 }
             }
-            return [Tensor(shape: outShape, floats: out)]
+            // A blocked result is an opaque buffer only the next convolution reads (see StepPlanner.propagateLayouts).
+            return [Tensor(shape: dstBlocked ? [out.count] : outShape, floats: out)]
         }
         guard let w = weights ?? inputs[1]?.floats else { throw ONNXError(.invalidInput, "Conv: missing weights") }
         let b = bias ?? (inputs.count > 2 ? inputs[2]?.floats : nil)

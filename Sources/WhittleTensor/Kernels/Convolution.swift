@@ -93,6 +93,27 @@ public final class ConvPlan: @unchecked Sendable {
     public func run(_ src: UnsafePointer<Float>, _ dst: UnsafeMutablePointer<Float>) throws {
         try runChecked { err, len in wk_conv_run(handle, src, dst, err, len) }
     }
+
+    /// Runs with `src` and/or `dst` already in this plan's blocked layouts (`blockedSourceBytes`,
+    /// `blockedDestinationBytes`), skipping the conversion on that side. Used to chain convolutions without
+    /// converting to NCHW between them.
+    public func run(_ src: UnsafePointer<Float>, _ dst: UnsafeMutablePointer<Float>, sourceBlocked: Bool,
+                    destinationBlocked: Bool) throws {
+        try runChecked { err, len in
+            wk_conv_run_layout(handle, src, dst, sourceBlocked ? 1 : 0, destinationBlocked ? 1 : 0, err, len)
+        }
+    }
+
+    /// Bytes of the blocked layout oneDNN computes the source in, or 0 when it uses plain NCHW.
+    public var blockedSourceBytes: Int { Int(wk_conv_blocked_src_bytes(handle)) }
+    /// Bytes of the blocked layout oneDNN computes the destination in, or 0 when it uses plain NCHW.
+    public var blockedDestinationBytes: Int { Int(wk_conv_blocked_dst_bytes(handle)) }
+
+    /// True when this plan's destination layout is `consumer`'s source layout (or, `asSummand`, its destination
+    /// layout), so a blocked tensor can pass between them unconverted.
+    public func layoutMatches(_ consumer: ConvPlan, asSummand: Bool) -> Bool {
+        wk_conv_layouts_match(handle, consumer.handle, asSummand ? 1 : 0) != 0
+    }
 }
 
 /// Calls `body` with a pointer to the array's storage, or with nil.
