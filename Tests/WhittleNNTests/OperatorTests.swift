@@ -30,6 +30,17 @@ import WhittleTestSupport
         #expect(y[0].dtype == .int8)
     }
 
+    @Test func int4NeedsOpset21() throws {
+        let x = Tensor(shape: [4], floats: [-9, -2.4, 3.5, 100])
+        let node = Node(opType: "QuantizeLinear", name: "q4", inputs: ["x", "s", "z"], outputs: ["y"])
+        let zero = Tensor(shape: [], ints: [0], dtype: .int4)
+        let y = try run(node, inputs: [("x", x)], initializers: [("s", .scalar(1)), ("z", zero)], opset: 21)
+        #expect(y[0].ints == [-8, -2, 4, 7])
+        #expect(y[0].dtype == .int4)
+        #expect { try run(node, inputs: [("x", x)], initializers: [("s", .scalar(1)), ("z", zero)], opset: 13) }
+            throws: { "\($0)".contains("opset 21") }
+    }
+
     @Test func perAxisDequantize() throws {
         let q = Tensor(shape: [2, 2], ints: [10, 20, 30, 40], dtype: .uint8)
         let node = Node(opType: "DequantizeLinear", name: "dq", inputs: ["q", "s", "z"], outputs: ["y"],
