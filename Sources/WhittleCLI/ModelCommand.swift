@@ -9,7 +9,7 @@ public struct ModelCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "model",
         abstract: "Inspect, run, evaluate and benchmark ONNX models locally.",
-        subcommands: [Inspect.self, Run.self, Eval.self, Bench.self, Convert.self])
+        subcommands: [Inspect.self, Run.self, Eval.self, Train.self, Bench.self, Convert.self])
 
     public init() {}
 }

@@ -54,12 +54,15 @@ public enum ShapeInference {
         return shapes
     }
 
-    /// Infers every value of `graph` given the runtime inputs' element types and shapes.
-    public static func infer(_ graph: Graph, opset: Int64, inputs: [String: (DataType, [Int])]) throws -> InferredGraph {
+    /// Infers every value of `graph` given the runtime inputs' element types and shapes. Initializers named in
+    /// `variables` (trainable parameters) are treated as values that change between runs: never folded.
+    public static func infer(_ graph: Graph, opset: Int64, inputs: [String: (DataType, [Int])],
+                             variables: Set<String> = []) throws -> InferredGraph {
         var values: [String: ValueMeta] = [:]
         for initializer in graph.initializers {
             guard let tensor = initializer.tensor else { continue }
-            values[initializer.name] = ValueMeta(tensor)
+            values[initializer.name] = variables.contains(initializer.name)
+                ? ValueMeta(dtype: tensor.dtype, shape: tensor.shape) : ValueMeta(tensor)
         }
         for input in graph.runtimeInputs {
             guard let (dtype, shape) = inputs[input.name] else {

@@ -1,0 +1,198 @@
+import ArgumentParser
+import Foundation
+import WhittleNN
+import WhittleONNX
+import WhittleTensor
+
+extension ModelCommand {
+    struct Train: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Train (fine-tune) a model on local data and write the trained ONNX model.",
+            discussion: """
+                Loss: softmax cross-entropy with --labels; with --teacher, knowledge distillation \
+                (1 − α)·CE + α·T²·KL(teacher ‖ student), which needs no labels when --distill-alpha is 1. \
+                Batch normalization trains with batch statistics and updates its running statistics \
+                (--freeze-bn keeps them). Runs are deterministic for a given --seed.
+                """)
+
+        @Argument(help: "The ONNX model to train.") var model: String
+        @Option(name: .long, help: "Training samples, NCHW float32 .npy.") var data: String
+        @Option(name: .long, help: "Labels, int64/int32 .npy (one class index per sample).") var labels: String?
+        @Option(name: .long, help: "Passes over the data.") var epochs: Int
+        @Option(name: .long, help: "Where to write the trained model.") var out: String
+        @Option(name: .long, help: "Samples per step.") var batchSize: Int = 32
+        @Option(name: .long, help: "Base learning rate.") var lr: Float = 0.01
+        @Option(name: .long, help: "sgd, adam or adamw.") var optimizer: String = "sgd"
+        @Option(name: .long, help: "SGD momentum.") var momentum: Float = 0.9
+        @Flag(name: .long, help: "Nesterov momentum (SGD).") var nesterov = false
+        @Option(name: .long, help: "Weight decay (L2 for sgd/adam, decoupled for adamw).") var weightDecay: Float = 0
+        @Option(name: .long, help: "Learning-rate schedule: constant, cosine, or step:EVERY:GAMMA (e.g. step:10:0.1).")
+        var schedule: String = "constant"
+        @Option(name: .long, help: "Clip the global gradient norm to this value.") var clipNorm: Float?
+        @Option(name: .long, help: "Teacher model for distillation.") var teacher: String?
+        @Option(name: .long, help: "Distillation weight α in [0, 1] (1: no labels needed).") var distillAlpha: Float = 0.5
+        @Option(name: .long, help: "Distillation temperature T.") var temperature: Float = 4
+        @Option(name: .long, help: "Validation samples (.npy).") var valData: String?
+        @Option(name: .long, help: "Validation labels (.npy).") var valLabels: String?
+        @Option(name: .long, help: "Seed for data order, dropout and --reinitialize.") var seed: UInt64 = 0
+        @Flag(name: .long, help: "Start from fresh random weights (He initialisation) instead of the model's own.")
+        var reinitialize = false
+        @Flag(name: .long, help: "Keep batch-normalization statistics fixed (use and keep the running statistics).")
+        var freezeBn = false
+        @Option(name: .long, help: "Compute threads.") var threads: Int?
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+        struct Report: Encodable {
+            var model: String
+            var output: String
+            var parameters: Int
+            var epochs: [EpochReport]
+            var seconds: Double
+        }
+
+        func validate() throws {
+            guard epochs >= 1 else { throw ValidationError("--epochs must be at least 1") }
+            guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
+            guard lr > 0, lr.isFinite else { throw ValidationError("--lr must be positive") }
+            guard ["sgd", "adam", "adamw"].contains(optimizer) else { throw ValidationError("--optimizer must be sgd, adam or adamw") }
+            guard labels != nil || teacher != nil else { throw ValidationError("give --labels, or --teacher to distill without labels") }
+            guard (valData == nil) == (valLabels == nil) else { throw ValidationError("--val-data and --val-labels go together") }
+            _ = try parsedSchedule()
+        }
+
+        func parsedSchedule() throws -> LearningRateSchedule {
+            let parts = schedule.split(separator: ":")
+            switch parts.first {
+            case "constant": return .constant
+            case "cosine": return .cosine(epochs: epochs, minimum: 0)
+            case "step":
+                guard parts.count == 3, let every = Int(parts[1]), every > 0, let gamma = Float(parts[2]) else { break }
+                return .step(every: every, gamma: gamma)
+            default: break
+            }
+            throw ValidationError("--schedule must be constant, cosine or step:EVERY:GAMMA")
+        }
+
+        func run() throws {
+            if let threads { ComputeThreads.set(threads) }
+            var base = try Files.readModel(model)
+            if reinitialize { base = try Initialization.heInitialized(base, seed: seed) }
+            let x = try floatData(try Files.readNPY(data), data)
+            let y = try labels.map { try labelData(try Files.readNPY($0), $0, count: x.shape[0]) }
+            var configuration = TrainingConfiguration()
+            configuration.epochs = epochs
+            configuration.batchSize = batchSize
+            configuration.learningRate = lr
+            configuration.seed = seed
+            configuration.schedule = try parsedSchedule()
+            configuration.clipNorm = clipNorm
+            configuration.batchNorm = freezeBn ? .frozen : .train
+            switch optimizer {
+            case "adam": configuration.optimizer = .adam(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: weightDecay)
+            case "adamw": configuration.optimizer = .adamW(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: weightDecay)
+            default: configuration.optimizer = .sgd(momentum: momentum, nesterov: nesterov, weightDecay: weightDecay)
+            }
+            var teacherSession: InferenceSession?
+            if let teacher {
+                teacherSession = try InferenceSession(model: try Files.readModel(teacher))
+                configuration.distillation = (temperature, y == nil ? 1 : distillAlpha)
+            }
+            let trainer: Trainer
+            do {
+                trainer = try Trainer(model: base, configuration: configuration)
+            } catch let error as ONNXError {
+                throw CLIError("\(model): \(error.message)")
+            }
+            let validation = try valData.map { path -> (Tensor, Tensor) in
+                let vx = try floatData(try Files.readNPY(path), path)
+                return (vx, try labelData(try Files.readNPY(valLabels!), valLabels!, count: vx.shape[0]))
+            }
+            let progress = ProgressBar(enabled: !json)
+            let clock = ContinuousClock()
+            let start = clock.now
+            var reports: [EpochReport] = []
+            for epoch in 0..<epochs {
+                var report: EpochReport
+                do {
+                    report = try trainer.trainEpoch(epoch, data: x, labels: y, teacher: teacherSession.map { session in
+                        { batch in try session.run(batch) }
+                    }) { step, steps, loss in
+                        progress.update(String(format: "epoch %d/%d", epoch + 1, epochs), step, steps,
+                                        String(format: "loss %.4f", loss))
+                    }
+                    if let (vx, vy) = validation {
+                        let session = try InferenceSession(model: trainer.exportModel())
+                        var metrics = ClassificationMetrics()
+                        try forEachBatch(session, vx, batchSize: 256) { logits, range in
+                            try metrics.add(logits: logits, labels: vy.ints[range])
+                        }
+                        report.validationAccuracy = metrics.accuracy
+                        report.validationLoss = metrics.meanCrossEntropy
+                    }
+                } catch let error as ONNXError {
+                    progress.finish()
+                    throw CLIError(error.message)
+                }
+                progress.finish()
+                reports.append(report)
+                if !json {
+                    var line = String(format: "epoch %d/%d  loss %.4f  accuracy %.2f %%  lr %.5g", report.epoch, epochs,
+                                      report.loss, report.accuracy * 100, report.learningRate)
+                    if let va = report.validationAccuracy, let vl = report.validationLoss {
+                        line += String(format: "  val loss %.4f  val accuracy %.2f %%", vl, va * 100)
+                    }
+                    print(line)
+                }
+            }
+            let elapsed = clock.now - start
+            try Files.writeModel(trainer.exportModel(), to: out)
+            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+            let parameterCount = trainer.parameters.values.reduce(0) { $0 + $1.count }
+            if json {
+                try printJSON(Report(model: model, output: out, parameters: parameterCount, epochs: reports, seconds: seconds))
+            } else {
+                print(String(format: "wrote %@ (%d trained parameters, %.1f s)", out, parameterCount, seconds))
+            }
+        }
+
+        func floatData(_ t: Tensor, _ path: String) throws -> Tensor {
+            guard t.rank >= 2, t.shape[0] >= 1 else { throw CLIError("\(path) has shape \(t.shape); expected samples [N, …]") }
+            let values = t.asFloats
+            if let bad = values.firstIndex(where: { !$0.isFinite }) {
+                throw CLIError("\(path) contains a non-finite value at flat index \(bad)")
+            }
+            return Tensor(shape: t.shape, floats: values)
+        }
+
+        func labelData(_ t: Tensor, _ path: String, count: Int) throws -> Tensor {
+            guard t.dtype.isInteger else { throw CLIError("\(path): labels must be integers, got \(t.dtype)") }
+            guard t.rank == 1, t.shape[0] == count else {
+                throw CLIError("\(path) has shape \(t.shape); expected [\(count)], one label per sample")
+            }
+            return t
+        }
+    }
+}
+
+/// A one-line progress bar on standard error, drawn only when standard error is a terminal.
+final class ProgressBar {
+    let enabled: Bool
+    var drawn = false
+
+    init(enabled: Bool) { self.enabled = enabled && isatty(STDERR_FILENO) != 0 }
+
+    func update(_ label: String, _ done: Int, _ total: Int, _ detail: String) {
+        guard enabled else { return }
+        let width = 30
+        let filled = total > 0 ? width * done / total : 0
+        let bar = String(repeating: "█", count: filled) + String(repeating: "·", count: width - filled)
+        FileHandle.standardError.write(Data("\r\(label) \(bar) \(done)/\(total) \(detail)  ".utf8))
+        drawn = true
+    }
+
+    func finish() {
+        guard enabled, drawn else { return }
+        FileHandle.standardError.write(Data("\r\u{1B}[2K".utf8))
+        drawn = false
+    }
+}

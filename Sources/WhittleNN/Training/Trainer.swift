@@ -1,0 +1,208 @@
+import WhittleONNX
+import WhittleTensor
+
+/// What a training run does. Units and defaults are PyTorch's where a PyTorch equivalent exists.
+public struct TrainingConfiguration: Sendable {
+    public var epochs: Int = 1
+    public var batchSize: Int = 32
+    /// Base learning rate (before the schedule).
+    public var learningRate: Float = 0.01
+    public var optimizer: OptimizerKind = .sgd(momentum: 0.9, nesterov: false, weightDecay: 0)
+    public var schedule: LearningRateSchedule = .constant
+    /// Clip the global gradient norm to this value (nil: no clipping).
+    public var clipNorm: Float?
+    /// Seeds data order and dropout masks.
+    public var seed: UInt64 = 0
+    public var batchNorm: BatchNormMode = .train
+    /// Distillation temperature and weight; the caller provides teacher logits per batch.
+    public var distillation: (temperature: Float, alpha: Float)?
+    /// EWC regularisation towards reference weights with a diagonal Fisher estimate.
+    public var ewc: (lambda: Float, reference: [String: Tensor], fisher: [String: Tensor])?
+    /// Per-parameter 0/1 masks (same shape as the parameter) that keep pruned channels at zero.
+    public var masks: [String: Tensor] = [:]
+    /// Use oneDNN/GEMM kernels (true) or the reference loops.
+    public var fast = true
+
+    public init() {}
+}
+
+/// Per-epoch figures.
+public struct EpochReport: Codable, Sendable {
+    public var epoch: Int
+    public var loss: Double
+    public var accuracy: Double
+    public var learningRate: Float
+    public var samples: Int
+    public var validationAccuracy: Double?
+    public var validationLoss: Double?
+}
+
+/// Trains a model's parameters on batches: forward, loss, backward, optimizer step; keeps per-parameter gradient
+/// sums and sample counts (what federated rounds upload) and exports the trained ONNX model.
+public final class Trainer: @unchecked Sendable {
+    public let model: Model
+    public let configuration: TrainingConfiguration
+    public private(set) var parameters: [String: Tensor]
+    /// BatchNormalization running statistics by initializer name.
+    public private(set) var runningStatistics: [String: Tensor] = [:]
+    /// Σ over samples of ∂L/∂θ (batch gradients times batch sizes), by parameter.
+    public private(set) var gradientSums: [String: Tensor] = [:]
+    public private(set) var samplesSeen = 0
+    public private(set) var stepsTaken = 0
+    var optimizer: Optimizer
+    var graphs: [Int: TrainingGraph] = [:]
+    var rng: SplitMix64
+
+    public init(model: Model, configuration: TrainingConfiguration) throws {
+        guard configuration.epochs >= 0, configuration.batchSize >= 1, configuration.learningRate >= 0 else {
+            throw ONNXError(.invalidInput, "training needs epochs ≥ 0, batch size ≥ 1 and a non-negative learning rate")
+        }
+        self.model = model
+        self.configuration = configuration
+        optimizer = Optimizer(configuration.optimizer)
+        rng = SplitMix64(seed: configuration.seed)
+        let graph = try TrainingGraph(model: model, batchSize: configuration.batchSize, fast: configuration.fast)
+        guard !graph.parameterNames.isEmpty else {
+            throw ONNXError(.invalidGraph, "the model has no trainable parameters (no float initializers feed Conv, Gemm, MatMul, BatchNormalization…)")
+        }
+        graphs[configuration.batchSize] = graph
+        var parameters: [String: Tensor] = [:]
+        let index = model.graph.initializerIndex
+        for name in graph.parameterNames { parameters[name] = model.graph.initializers[index[name]!].tensor! }
+        for (_, stats) in graph.runningStatistics {
+            for name in [stats.mean, stats.variance] {
+                if let i = index[name], let t = model.graph.initializers[i].tensor { runningStatistics[name] = t }
+            }
+        }
+        for (name, mask) in configuration.masks {
+            guard let p = parameters[name] else { throw ONNXError(.invalidInput, "mask for '\(name)', which is not a trainable parameter") }
+            guard mask.shape == p.shape else {
+                throw ONNXError(.shapeMismatch, "mask for '\(name)' has shape \(mask.shape), the parameter \(p.shape)")
+            }
+            parameters[name] = Tensor(shape: p.shape, floats: zip(p.floats, mask.floats).map(*))
+        }
+        self.parameters = parameters
+    }
+
+    public var parameterNames: [String] { graphs[configuration.batchSize]!.parameterNames }
+
+    func graph(_ batch: Int) throws -> TrainingGraph {
+        if let g = graphs[batch] { return g }
+        let g = try TrainingGraph(model: model, batchSize: batch, fast: configuration.fast)
+        graphs[batch] = g
+        return g
+    }
+
+    /// Forward and backward on one batch without updating: returns the loss and all gradients (parameters and
+    /// every node output), and adds the parameter gradients to `gradientSums`.
+    public func gradients(_ x: Tensor, labels: ArraySlice<Int64>?, teacherLogits: Tensor? = nil,
+                          accumulate: Bool = true) throws -> (LossResult, [String: Tensor]) {
+        let graph = try graph(x.shape[0])
+        var inputs = parameters
+        for (name, value) in runningStatistics { inputs[name] = value }
+        let tape = try graph.forward(x, parameters: inputs, training: true, batchNorm: configuration.batchNorm, rng: &rng)
+        guard let logits = tape.value(graph.outputName) else { throw ONNXError(.invalidGraph, "the model produced no output") }
+        var result: LossResult
+        if let distillation = configuration.distillation {
+            guard let teacherLogits else { throw ONNXError(.invalidInput, "distillation needs teacher logits") }
+            result = try Losses.distillation(student: logits, teacher: teacherLogits, labels: labels,
+                                             temperature: distillation.temperature, alpha: distillation.alpha)
+        } else {
+            guard let labels else { throw ONNXError(.invalidInput, "training without a teacher needs labels") }
+            result = try Losses.softmaxCrossEntropy(logits: logits, labels: labels)
+        }
+        var grads = try graph.backward(tape, seeds: [graph.outputName: result.dLogits])
+        if let ewc = configuration.ewc {
+            let (penalty, extra) = Losses.elasticWeightConsolidation(parameters: parameters, reference: ewc.reference,
+                                                                     fisher: ewc.fisher, lambda: ewc.lambda)
+            result.loss += penalty
+            for (name, g) in extra {
+                if let existing = grads[name] { grads[name] = Tensor(shape: g.shape, floats: zip(existing.floats, g.floats).map(+)) }
+            }
+        }
+        for (name, mask) in configuration.masks {
+            if let g = grads[name] { grads[name] = Tensor(shape: g.shape, floats: zip(g.floats, mask.floats).map(*)) }
+        }
+        if configuration.batchNorm == .train {
+            for (node, stats) in graph.runningStatistics {
+                guard let batch = tape.batchStatistics[node], let mean = runningStatistics[stats.mean],
+                    let variance = runningStatistics[stats.variance] else { continue }
+                // ONNX momentum m: running = m·running + (1 − m)·batch (PyTorch's momentum is 1 − m); the variance
+                // folded in is the unbiased batch variance, as PyTorch does.
+                let m = stats.momentum
+                runningStatistics[stats.mean] = Tensor(shape: mean.shape, floats: zip(mean.floats, batch.mean).map { m * $0 + (1 - m) * $1 })
+                runningStatistics[stats.variance] = Tensor(shape: variance.shape, floats: zip(variance.floats, batch.variance).map { m * $0 + (1 - m) * $1 })
+            }
+        }
+        if accumulate {
+            let n = Float(x.shape[0])
+            for name in graph.parameterNames {
+                guard let g = grads[name] else { continue }
+                let scaled = g.floats.map { $0 * n }
+                if let sum = gradientSums[name] {
+                    gradientSums[name] = Tensor(shape: g.shape, floats: zip(sum.floats, scaled).map(+))
+                } else {
+                    gradientSums[name] = Tensor(shape: g.shape, floats: scaled)
+                }
+            }
+            samplesSeen += x.shape[0]
+        }
+        return (result, grads)
+    }
+
+    /// One optimizer step on a batch; returns its loss. Throws (naming `epoch` and the step) when the loss is not finite.
+    public func step(_ x: Tensor, labels: ArraySlice<Int64>?, teacherLogits: Tensor? = nil, learningRate: Float,
+                     epoch: Int = 0) throws -> LossResult {
+        let (result, all) = try gradients(x, labels: labels, teacherLogits: teacherLogits)
+        guard result.loss.isFinite else {
+            throw ONNXError(.invalidInput, "the loss became \(result.loss) at epoch \(epoch + 1), step \(stepsTaken + 1); lower the learning rate or check the data")
+        }
+        var grads: [String: Tensor] = [:]
+        for name in parameterNames { if let g = all[name] { grads[name] = g } }
+        if let clip = configuration.clipNorm { clipGradients(&grads, maxNorm: clip) }
+        optimizer.update(&parameters, gradients: grads, lr: learningRate)
+        for (name, mask) in configuration.masks {
+            if let p = parameters[name] { parameters[name] = Tensor(shape: p.shape, floats: zip(p.floats, mask.floats).map(*)) }
+        }
+        stepsTaken += 1
+        return result
+    }
+
+    /// One epoch over `data` in an order drawn from the seed. `teacher` gives teacher logits per batch;
+    /// `progress(step, steps, runningLoss)` is called after each step.
+    public func trainEpoch(_ epoch: Int, data: Tensor, labels: Tensor?, teacher: ((Tensor) throws -> Tensor)? = nil,
+                           progress: ((Int, Int, Double) -> Void)? = nil) throws -> EpochReport {
+        let n = data.shape[0], sampleSize = data.count / max(n, 1)
+        if let labels, labels.count != n {
+            throw ONNXError(.invalidInput, "\(labels.count) labels for \(n) samples")
+        }
+        let lr = configuration.schedule.rate(base: configuration.learningRate, epoch: epoch)
+        let order = rng.permutation(n)
+        let steps = (n + configuration.batchSize - 1) / configuration.batchSize
+        var lossSum = 0.0, correct = 0
+        for s in 0..<steps {
+            let indices = order[(s * configuration.batchSize)..<min((s + 1) * configuration.batchSize, n)]
+            var values: [Float] = []
+            values.reserveCapacity(indices.count * sampleSize)
+            for i in indices { values += data.floats[(i * sampleSize)..<((i + 1) * sampleSize)] }
+            let x = Tensor(shape: [indices.count] + Array(data.shape.dropFirst()), floats: values)
+            let y = labels.map { l in ArraySlice(indices.map { l.ints[$0] }) }
+            let result = try step(x, labels: y, teacherLogits: try teacher?(x), learningRate: lr, epoch: epoch)
+            lossSum += result.loss * Double(indices.count)
+            correct += result.correct
+            progress?(s + 1, steps, lossSum / Double(min((s + 1) * configuration.batchSize, n)))
+        }
+        return EpochReport(epoch: epoch + 1, loss: lossSum / Double(n), accuracy: Double(correct) / Double(n),
+                           learningRate: lr, samples: n)
+    }
+
+    /// The model with trained parameters and updated running statistics written into its initializers.
+    public func exportModel() -> Model {
+        var out = model
+        let index = out.graph.initializerIndex
+        for (name, value) in parameters.merging(runningStatistics, uniquingKeysWith: { a, _ in a }) {
+            if let i = index[name] { out.graph.initializers[i].setTensor(value) }
+        }
+        return out
+    }
+}

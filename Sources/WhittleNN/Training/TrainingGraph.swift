@@ -1,0 +1,221 @@
+import WhittleONNX
+import WhittleTensor
+
+/// How batch normalization behaves during training.
+public enum BatchNormMode: String, Sendable, CaseIterable {
+    /// Normalize with batch statistics and update the running statistics (PyTorch's `model.train()`).
+    case train
+    /// Normalize with the stored running statistics and leave them unchanged (fine-tuning with frozen BN).
+    case frozen
+}
+
+/// A model's graph prepared for training at one batch size: forward passes that record what backward passes need,
+/// and backward passes that return ∂L/∂value for every value (parameters, activations, node outputs).
+///
+/// Parameters are the float initializers that feed a differentiable input of an op with a gradient definition
+/// (Conv W and B, Gemm B and C, BatchNormalization scale and B, PRelu slope, constant operands of MatMul/Add/Mul…);
+/// BatchNormalization's mean and variance are running statistics, updated by training-mode forward passes.
+public final class TrainingGraph: @unchecked Sendable {
+    public let model: Model
+    public let opset: Int64
+    public let inferred: InferredGraph
+    public let parameterNames: [String]
+    /// Per BatchNormalization node index: its running mean and variance initializers and ONNX momentum.
+    public let runningStatistics: [Int: (mean: String, variance: String, momentum: Float)]
+    public let inputName: String
+    public let outputName: String
+    let kernels: [(any NodeKernel)?]
+    let fast: Bool
+    /// Values that depend on a parameter or the input (those that carry gradients).
+    let variable: Set<String>
+
+    public init(model: Model, batchSize: Int, fast: Bool = true) throws {
+        try ModelCoding.checkOpset(model)
+        let opset = model.defaultOpset!
+        self.model = model
+        self.opset = opset
+        self.fast = fast
+        guard let input = model.graph.runtimeInputs.first, model.graph.runtimeInputs.count == 1 else {
+            throw ONNXError(.invalidGraph, "training needs a model with exactly one runtime input")
+        }
+        inputName = input.name
+        outputName = model.graph.outputs[0].name
+        let initializers = model.graph.initializerIndex
+        var parameters: [String] = []
+        var seen = Set<String>()
+        var stats: [String: (String, String, Float)] = [:]
+        for node in model.graph.nodes {
+            guard let definition = Gradients.registry[node.opType] else { continue }
+            for (position, name) in node.inputs.enumerated() where definition.differentiable.contains(position) {
+                guard let index = initializers[name], let tensor = model.graph.initializers[index].tensor,
+                    tensor.dtype == .float, tensor.count > 0, !seen.contains(name) else { continue }
+                if node.opType == "BatchNormalization" && position > 2 { continue }
+                seen.insert(name)
+                parameters.append(name)
+            }
+            if node.opType == "BatchNormalization", node.inputs.count == 5 {
+                let momentum = node.attribute("momentum")?.value.float ?? 0.9
+                stats[node.outputs[0]] = (node.inputs[3], node.inputs[4], momentum)
+            }
+        }
+        parameterNames = parameters
+        let shapes = try ShapeInference.inputShapes(model, batchSize: batchSize)
+        inferred = try ShapeInference.infer(model.graph, opset: opset, inputs: shapes, variables: Set(parameters))
+        var running: [Int: (String, String, Float)] = [:]
+        var variable = Set(parameters).union([input.name])
+        var kernels: [(any NodeKernel)?] = []
+        for (i, ctx) in inferred.contexts.enumerated() {
+            if let s = stats[ctx.node.outputs[0]] { running[i] = s }
+            if ctx.node.inputs.contains(where: variable.contains) { variable.formUnion(ctx.node.outputs) }
+            kernels.append(inferred.folded[i] ? nil : try inferred.definitions[i].compile(
+                ctx, inferred.outputs[i], KernelOptions(fast: fast, fuse: false)))
+        }
+        runningStatistics = running
+        self.variable = variable
+        self.kernels = kernels
+    }
+
+    /// The values of one forward pass, kept for the backward pass.
+    public struct Tape: Sendable {
+        public var values: [String: Tensor]
+        var saved: [Int: [Tensor]] = [:]
+        /// Per BatchNormalization node: batch mean and unbiased batch variance (for running statistics).
+        public var batchStatistics: [Int: (mean: [Float], variance: [Float])] = [:]
+        public func value(_ name: String) -> Tensor? { values[name] }
+    }
+
+    /// Runs forward on a batch. `training` switches BatchNormalization (per `batchNorm`) and Dropout to their
+    /// training behaviour; `rng` draws dropout masks.
+    public func forward(_ input: Tensor, parameters: [String: Tensor], training: Bool, batchNorm: BatchNormMode = .train,
+                        rng: inout SplitMix64) throws -> Tape {
+        var values: [String: Tensor] = [:]
+        for (name, meta) in inferred.values { if let c = meta.constant { values[name] = c } }
+        for (name, value) in parameters { values[name] = value }
+        values[inputName] = input
+        var tape = Tape(values: [:])
+        for (i, ctx) in inferred.contexts.enumerated() {
+            guard let kernel = kernels[i] else { continue }
+            let args = ctx.node.inputs.map { $0.isEmpty ? nil : values[$0] }
+            let outputs: [Tensor]
+            switch ctx.node.opType {
+            case "BatchNormalization" where training && batchNorm == .train:
+                let (y, mean, invStd, variance) = try batchNormTraining(ctx, args)
+                outputs = [y]
+                tape.saved[i] = [mean, invStd]
+                tape.batchStatistics[i] = (mean.floats, variance)
+            case "Dropout" where training:
+                let ratio = try dropoutRatio(ctx, args)
+                let x = args[0]!
+                let scale = ratio < 1 ? 1 / (1 - ratio) : 0
+                let mask = (0..<x.count).map { _ in rng.nextFloat() >= ratio ? scale : Float(0) }
+                outputs = [Tensor(shape: x.shape, floats: zip(x.floats, mask).map(*))]
+                tape.saved[i] = [Tensor(shape: x.shape, floats: mask)]
+            default:
+                outputs = try kernel.run(args)
+            }
+            for (name, value) in zip(ctx.node.outputs, outputs) where !name.isEmpty { values[name] = value }
+        }
+        tape.values = values
+        return tape
+    }
+
+    /// Back-propagates `seeds` (∂L/∂value for some values, typically the logits) through the recorded pass and
+    /// returns ∂L/∂value for every value that depends on a parameter or the input, parameters included.
+    public func backward(_ tape: Tape, seeds: [String: Tensor]) throws -> [String: Tensor] {
+        var grads = seeds
+        for i in inferred.contexts.indices.reversed() where kernels[i] != nil {
+            let ctx = inferred.contexts[i]
+            let dOutputs = ctx.node.outputs.map { $0.isEmpty ? nil : grads[$0] }
+            guard dOutputs.contains(where: { $0 != nil }) else { continue }
+            let inputs = ctx.node.inputs.map { $0.isEmpty ? nil : tape.values[$0] }
+            guard let definition = Gradients.registry[ctx.node.opType] else {
+                if ctx.node.inputs.contains(where: variable.contains) {
+                    throw ctx.error(.unsupportedOperator, "has no backward pass in Whittle, and a gradient must flow through it")
+                }
+                continue
+            }
+            let needs = ctx.node.inputs.enumerated().map { position, name in
+                definition.differentiable.contains(position) && !name.isEmpty && variable.contains(name)
+            }
+            guard needs.contains(true) else { continue }
+            let outputs = ctx.node.outputs.map { tape.values[$0] ?? Tensor.zeros([]) }
+            let dInputs = try definition.backward(GradientContext(
+                ctx: ctx, inputs: inputs, outputs: outputs, dOutputs: dOutputs, saved: tape.saved[i] ?? [],
+                needs: needs, fast: fast))
+            for (position, name) in ctx.node.inputs.enumerated() where position < dInputs.count && needs[position] {
+                guard let d = dInputs[position] else { continue }
+                if let existing = grads[name] {
+                    grads[name] = Tensor(shape: existing.shape, floats: zip(existing.floats, d.floats).map(+))
+                } else {
+                    grads[name] = d
+                }
+            }
+        }
+        return grads
+    }
+
+    /// y = γ·(x − μ_B)/√(σ²_B + ε) + β with batch statistics over N and the spatial axes (biased variance);
+    /// also returns the unbiased variance, which PyTorch folds into the running variance.
+    func batchNormTraining(_ ctx: NodeContext, _ args: [Tensor?]) throws -> (Tensor, Tensor, Tensor, [Float]) {
+        let x = args[0]!, gamma = args[1]!.floats, beta = args[2]!.floats
+        let epsilon = try ctx.float("epsilon", default: 1e-5)
+        let n = x.shape[0], c = x.shape[1], s = x.shape[2...].reduce(1, *)
+        let m = n * s
+        var mean = [Float](repeating: 0, count: c), invStd = mean, unbiased = mean
+        var y = [Float](repeating: 0, count: x.count)
+        for ch in 0..<c {
+            var sum = 0.0, sumSquares = 0.0
+            for b in 0..<n {
+                let base = (b * c + ch) * s
+                for i in 0..<s { sum += Double(x.floats[base + i]) }
+            }
+            let mu = sum / Double(m)
+            for b in 0..<n {
+                let base = (b * c + ch) * s
+                for i in 0..<s { let d = Double(x.floats[base + i]) - mu; sumSquares += d * d }
+            }
+            let variance = sumSquares / Double(m)
+            mean[ch] = Float(mu)
+            invStd[ch] = Float(1 / (variance + Double(epsilon)).squareRoot())
+            unbiased[ch] = Float(m > 1 ? sumSquares / Double(m - 1) : variance)
+            for b in 0..<n {
+                let base = (b * c + ch) * s
+                for i in 0..<s { y[base + i] = gamma[ch] * (x.floats[base + i] - mean[ch]) * invStd[ch] + beta[ch] }
+            }
+        }
+        return (Tensor(shape: x.shape, floats: y), Tensor(shape: [c], floats: mean), Tensor(shape: [c], floats: invStd), unbiased)
+    }
+
+    func dropoutRatio(_ ctx: NodeContext, _ args: [Tensor?]) throws -> Float {
+        let ratio: Float
+        if ctx.opset >= 12 {
+            ratio = args.count > 1 ? args[1]?.asFloats.first ?? 0.5 : 0.5
+        } else {
+            ratio = try ctx.float("ratio", default: 0.5)
+        }
+        guard ratio >= 0, ratio < 1 else { throw ctx.error(.invalidAttribute, "dropout ratio \(ratio) must be in [0, 1)") }
+        return ratio
+    }
+}
+
+/// A small deterministic generator (SplitMix64): data order, dropout masks and initialisation are reproducible
+/// for a given seed.
+public struct SplitMix64: Sendable {
+    public var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    public mutating func nextFloat() -> Float { Float(next() >> 40) / Float(1 << 24) }
+    /// A permutation of 0..<n (Fisher–Yates).
+    public mutating func permutation(_ n: Int) -> [Int] {
+        var p = Array(0..<n)
+        for i in stride(from: n - 1, to: 0, by: -1) { p.swapAt(i, Int(next() % UInt64(i + 1))) }
+        return p
+    }
+}

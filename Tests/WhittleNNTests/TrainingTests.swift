@@ -1,0 +1,191 @@
+import Foundation
+import Testing
+import WhittleNN
+import WhittleONNX
+import WhittleTensor
+import WhittleTestSupport
+
+@Suite struct TrainingTests {
+    /// Agreement with PyTorch's float32 step: both compute in float32 with different summation orders; gradients
+    /// of a 2048-element batch-norm reduction differ by a few ulps of their largest terms.
+    static let pytorchTolerance: Float = 2e-4
+
+    static let folder = TestSupport.root.appendingPathComponent("Tests/Fixtures/training")
+    static func reference(_ key: String) throws -> Tensor {
+        try NPY.decode(try TestSupport.bytes(folder.appendingPathComponent("reference/\(key.replacingOccurrences(of: "/", with: "__")).npy")))
+    }
+    static func fixture() throws -> (Model, Tensor, Tensor) {
+        let model = try ModelCoding.read(try TestSupport.bytes(folder.appendingPathComponent("fixture.onnx")))
+        let x = try NPY.decode(try TestSupport.bytes(folder.appendingPathComponent("x.npy")))
+        let y = try NPY.decode(try TestSupport.bytes(folder.appendingPathComponent("y.npy")))
+        return (model, x, y)
+    }
+
+    /// One SGD step (lr 0.1, momentum 0.9, weight decay 1e-4, batch-norm in training mode) equals PyTorch's:
+    /// loss, ∂L/∂logits, every parameter gradient, every updated parameter and the running statistics.
+    @Test func oneSGDStepMatchesPyTorch() throws {
+        let (model, x, y) = try Self.fixture()
+        var configuration = TrainingConfiguration()
+        configuration.batchSize = 8
+        configuration.learningRate = 0.1
+        configuration.optimizer = .sgd(momentum: 0.9, nesterov: false, weightDecay: 1e-4)
+        let trainer = try Trainer(model: model, configuration: configuration)
+        #expect(Set(trainer.parameterNames) == ["conv1.weight", "bn1.weight", "bn1.bias", "dw.weight", "bn2.weight", "bn2.bias",
+                                                  "pw.weight", "pw.bias", "res.weight", "res.bias", "fc.weight", "fc.bias"])
+        let (loss, grads) = try trainer.gradients(x, labels: y.ints[...], accumulate: false)
+        #expect(abs(Float(loss.loss) - (try Self.reference("loss")).floats[0]) < 1e-5)
+        #expect(TestSupport.relativeError(loss.dLogits.floats, try Self.reference("dlogits").floats) < Self.pytorchTolerance)
+        for name in trainer.parameterNames {
+            let expected = try Self.reference("grad/\(name)")
+            #expect(TestSupport.relativeError(grads[name]!.floats, expected.floats) < Self.pytorchTolerance, "grad \(name)")
+        }
+        // Gradients also agree with PyTorch's float64 run (a check independent of float32 ordering).
+        for name in trainer.parameterNames {
+            #expect(TestSupport.relativeError(grads[name]!.floats, try Self.reference("grad64/\(name)").floats) < 1e-3, "grad64 \(name)")
+        }
+        // A fresh trainer takes the step (gradients() above already updated the running statistics once).
+        let stepper = try Trainer(model: model, configuration: configuration)
+        _ = try stepper.step(x, labels: y.ints[...], learningRate: 0.1)
+        for name in stepper.parameterNames {
+            let expected = try Self.reference("updated/\(name)")
+            #expect(TestSupport.relativeError(stepper.parameters[name]!.floats, expected.floats) < Self.pytorchTolerance, "updated \(name)")
+        }
+        for bn in ["bn1", "bn2"] {
+            #expect(TestSupport.relativeError(stepper.runningStatistics["\(bn).running_mean"]!.floats,
+                                              try Self.reference("running_mean/\(bn).running_mean").floats) < Self.pytorchTolerance)
+            #expect(TestSupport.relativeError(stepper.runningStatistics["\(bn).running_var"]!.floats,
+                                              try Self.reference("running_var/\(bn).running_var").floats) < Self.pytorchTolerance)
+        }
+        // The exported model carries the new weights and statistics.
+        let exported = stepper.exportModel()
+        #expect(exported.graph.initializer(named: "fc.weight")?.tensor == stepper.parameters["fc.weight"])
+        #expect(exported.graph.initializer(named: "bn2.running_var")?.tensor == stepper.runningStatistics["bn2.running_var"])
+    }
+
+    @Test func runsAreDeterministicForASeed() throws {
+        let (model, x, y) = try Self.fixture()
+        var configuration = TrainingConfiguration()
+        configuration.batchSize = 3
+        configuration.seed = 7
+        configuration.optimizer = .adam(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0)
+        func train() throws -> [String: Tensor] {
+            let trainer = try Trainer(model: model, configuration: configuration)
+            _ = try trainer.trainEpoch(0, data: x, labels: y)
+            return trainer.parameters
+        }
+        let a = try train(), b = try train()
+        #expect(a == b)
+        configuration.seed = 8
+        #expect(try train() != a)
+    }
+
+    @Test func masksKeepPrunedChannelsAtZero() throws {
+        let (model, x, y) = try Self.fixture()
+        var configuration = TrainingConfiguration()
+        configuration.batchSize = 8
+        let w = model.graph.initializer(named: "pw.weight")!.tensor!
+        let perChannel = w.count / w.shape[0]
+        var mask = [Float](repeating: 1, count: w.count)
+        for i in 0..<perChannel { mask[3 * perChannel + i] = 0 }  // prune output channel 3
+        configuration.masks = ["pw.weight": Tensor(shape: w.shape, floats: mask),
+                               "pw.bias": Tensor(shape: [w.shape[0]], floats: (0..<w.shape[0]).map { $0 == 3 ? 0 : 1 })]
+        let trainer = try Trainer(model: model, configuration: configuration)
+        for _ in 0..<3 { _ = try trainer.step(x, labels: y.ints[...], learningRate: 0.1) }
+        let trained = trainer.parameters["pw.weight"]!
+        #expect((0..<perChannel).allSatisfy { trained.floats[3 * perChannel + $0] == 0 })
+        #expect(trainer.parameters["pw.bias"]!.floats[3] == 0)
+        #expect(trained.floats[0] != w.floats[0])
+    }
+
+    @Test func gradientSumsCountSamples() throws {
+        let (model, x, y) = try Self.fixture()
+        var configuration = TrainingConfiguration()
+        configuration.batchSize = 8
+        configuration.batchNorm = .frozen
+        let trainer = try Trainer(model: model, configuration: configuration)
+        let (_, g) = try trainer.gradients(x, labels: y.ints[...])
+        _ = try trainer.gradients(x, labels: y.ints[...])
+        #expect(trainer.samplesSeen == 16)
+        // Frozen batch norm makes the two passes identical: the sum is 2 · 8 · the batch gradient.
+        #expect(TestSupport.relativeError(trainer.gradientSums["fc.weight"]!.floats, g["fc.weight"]!.floats.map { $0 * 16 }) < 1e-6)
+        // Gradients of node outputs are available too (Taylor importance reads them).
+        let conv = model.graph.nodes.first { $0.opType == "Conv" }!
+        #expect(g[conv.outputs[0]]?.shape == [8, 8, 16, 16])
+    }
+
+    @Test func distillationGradientMatchesFiniteDifferences() throws {
+        let student = Tensor(shape: [2, 3], floats: [0.5, -1, 2, 0.1, 0.2, -0.3])
+        let teacher = Tensor(shape: [2, 3], floats: [1, 0, -1, 0.3, 0.1, 0.9])
+        let labels: [Int64] = [2, 0]
+        let r = try Losses.distillation(student: student, teacher: teacher, labels: labels[...], temperature: 3, alpha: 0.7)
+        for i in 0..<6 {
+            var plus = student, minus = student
+            plus.floats[i] += 1e-3
+            minus.floats[i] -= 1e-3
+            let numeric = (try Losses.distillation(student: plus, teacher: teacher, labels: labels[...], temperature: 3, alpha: 0.7).loss
+                - (try Losses.distillation(student: minus, teacher: teacher, labels: labels[...], temperature: 3, alpha: 0.7).loss)) / 2e-3
+            #expect(abs(Double(r.dLogits.floats[i]) - numeric) < 1e-4)
+        }
+        // Identical logits: the KL term vanishes.
+        let same = try Losses.distillation(student: teacher, teacher: teacher, labels: nil, temperature: 2, alpha: 1)
+        #expect(abs(same.loss) < 1e-12)
+        #expect { try Losses.distillation(student: student, teacher: teacher, labels: nil, temperature: 2, alpha: 0.5) }
+            throws: { "\($0)".contains("alpha 1") }
+    }
+
+    @Test func optimizersFollowPyTorchRules() {
+        var p = ["w": Tensor(shape: [2], floats: [1, -2])]
+        let g = ["w": Tensor(shape: [2], floats: [0.5, -0.25])]
+        var adam = Optimizer(.adam(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0))
+        adam.update(&p, gradients: g, lr: 0.1)
+        // First Adam step moves each weight by lr · sign(g) (bias-corrected m̂ = g, v̂ = g²).
+        #expect(abs(p["w"]!.floats[0] - 0.9) < 1e-6 && abs(p["w"]!.floats[1] + 1.9) < 1e-6)
+        var q = ["w": Tensor(shape: [2], floats: [1, -2])]
+        var adamW = Optimizer(.adamW(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0.5))
+        adamW.update(&q, gradients: g, lr: 0.1)
+        #expect(abs(q["w"]!.floats[0] - (1 * 0.95 - 0.1)) < 1e-6)
+        var s = ["w": Tensor(shape: [2], floats: [1, -2])]
+        var nesterov = Optimizer(.sgd(momentum: 0.9, nesterov: true, weightDecay: 0))
+        nesterov.update(&s, gradients: g, lr: 0.1)  // b = g; step = g + 0.9·b = 1.9·g
+        #expect(abs(s["w"]!.floats[0] - (1 - 0.1 * 1.9 * 0.5)) < 1e-6)
+        nesterov.update(&s, gradients: g, lr: 0.1)  // b = 0.9·g + g = 1.9·g; step = g + 0.9·1.9·g
+        #expect(abs(s["w"]!.floats[0] - (1 - 0.095 - 0.1 * 2.71 * 0.5)) < 1e-6)
+        #expect(LearningRateSchedule.step(every: 2, gamma: 0.1).rate(base: 1, epoch: 3) == Float(0.1))
+        #expect(abs(LearningRateSchedule.cosine(epochs: 10, minimum: 0).rate(base: 1, epoch: 5) - 0.5) < 1e-6)
+        var grads = ["a": Tensor(shape: [2], floats: [3, 4])]
+        #expect(clipGradients(&grads, maxNorm: 1) == 5)
+        #expect(abs(grads["a"]!.floats[0] - 0.6) < 1e-5)
+    }
+
+    @Test func ewcPenaltyAndGradient() {
+        let theta = ["w": Tensor(shape: [2], floats: [1, 2])]
+        let star = ["w": Tensor(shape: [2], floats: [0, 2])]
+        let fisher = ["w": Tensor(shape: [2], floats: [4, 9])]
+        let (penalty, grads) = Losses.elasticWeightConsolidation(parameters: theta, reference: star, fisher: fisher, lambda: 0.5)
+        #expect(abs(penalty - 1) < 1e-12)  // 0.5/2 · 4 · 1²
+        #expect(grads["w"]!.floats == [2, 0])
+    }
+
+    @Test func badInputIsRefusedClearly() throws {
+        let (model, x, y) = try Self.fixture()
+        var configuration = TrainingConfiguration()
+        configuration.batchSize = 8
+        let trainer = try Trainer(model: model, configuration: configuration)
+        let wrongLabels: [Int64] = [0, 1, 2, 3, 4, 5, 0, 1]
+        #expect { try trainer.step(x, labels: wrongLabels[...], learningRate: 0.1) } throws: { "\($0)".contains("label 5") }
+        #expect { try trainer.trainEpoch(0, data: x, labels: Tensor(shape: [3], ints: [0, 1, 2])) } throws: { "\($0)".contains("3 labels") }
+        // A learning rate this large drives the loss to infinity; the error names epoch and step.
+        configuration.learningRate = 1e30
+        configuration.optimizer = .sgd(momentum: 0, nesterov: false, weightDecay: 0)
+        let wild = try Trainer(model: model, configuration: configuration)
+        #expect { for e in 0..<5 { _ = try wild.trainEpoch(e, data: x, labels: y) } } throws: { error in
+            "\(error)".contains("epoch") && "\(error)".contains("step")
+        }
+        // No parameters to train.
+        let bare = Graph(name: "g", nodes: [Node(opType: "Relu", name: "r", inputs: ["x"], outputs: ["y"])],
+                         inputs: [ValueInfo(name: "x", elementType: .float, shape: [.symbol("N"), .value(3)])],
+                         outputs: [ValueInfo(name: "y", elementType: .float, shape: nil)])
+        #expect { try Trainer(model: Model(graph: bare, opset: 13), configuration: TrainingConfiguration()) }
+            throws: { "\($0)".contains("no trainable parameters") }
+    }
+}
