@@ -224,6 +224,8 @@ extension ModelCommand {
         @Option(name: .long, help: "Timed forward passes.") var iterations: Int = 20
         @Option(name: .long, help: "Untimed warm-up passes.") var warmup: Int = 3
         @Flag(name: .long, help: "Also print the time of each step (fused kernel) of one pass.") var profile = false
+        @Flag(name: .long, help: "Time training passes (forward in training mode, cross-entropy, backward; no optimizer step).")
+        var train = false
         @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
 
         struct Report: Encodable {
@@ -242,12 +244,28 @@ extension ModelCommand {
             let batchSize = try options.batchSize(for: session)
             let shapes = try ShapeInference.inputShapes(session.model, batchSize: batchSize)
             guard let (_, shape) = shapes[session.primaryInput.name] else { throw CLIError("the model has no input") }
-            var generator = SplitMix64(seed: 42)
+            var generator = WhittleNN.SplitMix64(seed: 42)
             let input = Tensor(shape: shape, floats: (0..<shape.reduce(1, *)).map { _ in generator.nextFloat() * 2 - 1 })
-            for _ in 0..<warmup { _ = try session.run(input) }
+            var pass: () throws -> Void = { _ = try session.run(input) }
+            if train {
+                let graph = try TrainingGraph(model: session.model, batchSize: batchSize)
+                var parameters: [String: Tensor] = [:]
+                for initializer in session.model.graph.initializers where initializer.tensor != nil {
+                    parameters[initializer.name] = initializer.tensor!
+                }
+                var rng = WhittleNN.SplitMix64(seed: 1)
+                pass = {
+                    let tape = try graph.forward(input, parameters: parameters, training: true, rng: &rng)
+                    let logits = tape.value(graph.outputName)!
+                    let labels = (0..<batchSize).map { Int64($0 % logits.shape[1]) }
+                    let loss = try Losses.softmaxCrossEntropy(logits: logits, labels: labels[...])
+                    _ = try graph.backward(tape, seeds: [graph.outputName: loss.dLogits])
+                }
+            }
+            for _ in 0..<warmup { try pass() }
             let clock = ContinuousClock()
             let start = clock.now
-            for _ in 0..<iterations { _ = try session.run(input) }
+            for _ in 0..<iterations { try pass() }
             let elapsed = clock.now - start
             let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
             let report = Report(model: model, batchSize: batchSize, threads: ComputeThreads.current,
@@ -301,16 +319,3 @@ extension ModelCommand {
     }
 }
 
-/// A small deterministic generator (SplitMix64) for benchmark inputs.
-struct SplitMix64 {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func nextFloat() -> Float { Float(next() >> 40) / Float(1 << 24) }
-}
