@@ -166,6 +166,42 @@ import WhittleTestSupport
         #expect(grads["w"]!.floats == [2, 0])
     }
 
+    /// Quantization-aware training: the gradient of a fake-quantized weight is the gradient at the quantized
+    /// weight, masked by the straight-through estimator; and QAT steps still reduce the loss.
+    @Test func fakeQuantizationUsesTheStraightThroughEstimator() throws {
+        let (model, x, y) = try Self.fixture()
+        let graph = try TrainingGraph(model: model, batchSize: 8)
+        var parameters: [String: Tensor] = [:]
+        for name in graph.parameterNames { parameters[name] = model.graph.initializer(named: name)!.tensor! }
+        let w = parameters["pw.weight"]!
+        // A deliberately narrow fixed range so some weights clip.
+        let quantizer = FakeQuantization(parameters: [QuantizationParameters(scale: 0.002, zeroPoint: 0)], axis: nil, range: -127...127)
+        let (wq, mask) = quantizer.apply(w)
+        #expect(mask.contains(0) && mask.contains(1))
+        func gradients(_ p: [String: Tensor], _ fq: [String: FakeQuantization]) throws -> [String: Tensor] {
+            var rng = SplitMix64(seed: 1)
+            let tape = try graph.forward(x, parameters: p, training: true, fakeQuantization: fq, rng: &rng)
+            let loss = try Losses.softmaxCrossEntropy(logits: tape.value("logits")!, labels: y.ints[...])
+            return try graph.backward(tape, seeds: ["logits": loss.dLogits])
+        }
+        let qat = try gradients(parameters, ["pw.weight": quantizer])
+        var substituted = parameters
+        substituted["pw.weight"] = wq
+        let plain = try gradients(substituted, [:])
+        let expected = zip(plain["pw.weight"]!.floats, mask).map(*)
+        #expect(TestSupport.relativeError(qat["pw.weight"]!.floats, expected) < 1e-6)
+        #expect(TestSupport.relativeError(qat["fc.weight"]!.floats, plain["fc.weight"]!.floats) < 1e-6)
+
+        var configuration = TrainingConfiguration()
+        configuration.batchSize = 8
+        configuration.batchNorm = .frozen
+        configuration.weightQuantization = (.int8, true)
+        let trainer = try Trainer(model: model, configuration: configuration)
+        let first = try trainer.step(x, labels: y.ints[...], learningRate: 0.05).loss
+        for _ in 0..<5 { _ = try trainer.step(x, labels: y.ints[...], learningRate: 0.05) }
+        #expect(try trainer.gradients(x, labels: y.ints[...]).0.loss < first)
+    }
+
     @Test func badInputIsRefusedClearly() throws {
         let (model, x, y) = try Self.fixture()
         var configuration = TrainingConfiguration()

@@ -18,6 +18,11 @@ public struct TrainingConfiguration: Sendable {
     public var distillation: (temperature: Float, alpha: Float)?
     /// EWC regularisation towards reference weights with a diagonal Fisher estimate.
     public var ewc: (lambda: Float, reference: [String: Tensor], fisher: [String: Tensor])?
+    /// Quantization-aware training: fake-quantize Conv/Gemm/MatMul weights every step (symmetric, from the current
+    /// weights' range; per output channel when `perChannel`).
+    public var weightQuantization: (type: DataType, perChannel: Bool)?
+    /// Quantization-aware training: fixed fake quantizers for node outputs (activation ranges from calibration).
+    public var activationQuantization: [String: FakeQuantization] = [:]
     /// Per-parameter 0/1 masks (same shape as the parameter) that keep pruned channels at zero.
     public var masks: [String: Tensor] = [:]
     /// Use oneDNN/GEMM kernels (true) or the reference loops.
@@ -100,7 +105,8 @@ public final class Trainer: @unchecked Sendable {
         let graph = try graph(x.shape[0])
         var inputs = parameters
         for (name, value) in runningStatistics { inputs[name] = value }
-        let tape = try graph.forward(x, parameters: inputs, training: true, batchNorm: configuration.batchNorm, rng: &rng)
+        let tape = try graph.forward(x, parameters: inputs, training: true, batchNorm: configuration.batchNorm,
+                                     fakeQuantization: try fakeQuantizers(), rng: &rng)
         guard let logits = tape.value(graph.outputName) else { throw ONNXError(.invalidGraph, "the model produced no output") }
         var result: LossResult
         if let distillation = configuration.distillation {
@@ -148,6 +154,33 @@ public final class Trainer: @unchecked Sendable {
             samplesSeen += x.shape[0]
         }
         return (result, grads)
+    }
+
+    /// The fake quantizers for this step: weights from their current ranges, activations as configured.
+    func fakeQuantizers() throws -> [String: FakeQuantization] {
+        var quantizers = configuration.activationQuantization
+        guard let (type, perChannel) = configuration.weightQuantization else { return quantizers }
+        for (name, axis) in weightAxes {
+            guard let w = parameters[name] else { continue }
+            quantizers[name] = try FakeQuantization.fromRange(of: w, type: type, symmetric: true, axis: perChannel ? axis : nil)
+        }
+        return quantizers
+    }
+
+    /// Weight parameters and their output-channel axis: Conv W axis 0, Gemm B axis 0 with transB = 1 (else 1),
+    /// MatMul B axis 1 (ALGORITHMS.md).
+    var weightAxes: [String: Int] {
+        var axes: [String: Int] = [:]
+        let trainable = Set(parameterNames)
+        for node in model.graph.nodes where node.inputs.count > 1 && trainable.contains(node.inputs[1]) {
+            switch node.opType {
+            case "Conv": axes[node.inputs[1]] = 0
+            case "Gemm": axes[node.inputs[1]] = (node.attribute("transB")?.value.int ?? 0) != 0 ? 0 : 1
+            case "MatMul": axes[node.inputs[1]] = 1
+            default: break
+            }
+        }
+        return axes
     }
 
     /// One optimizer step on a batch; returns its loss. Throws (naming `epoch` and the step) when the loss is not finite.

@@ -79,6 +79,10 @@ public final class TrainingGraph: @unchecked Sendable {
     public struct Tape: Sendable {
         public var values: [String: Tensor]
         var saved: [Int: [Tensor]] = [:]
+        /// Fake-quantized values: the value before quantization (what its producer's backward needs) and the
+        /// straight-through mask (1 inside the quantization range).
+        var unquantized: [String: Tensor] = [:]
+        var straightThrough: [String: [Float]] = [:]
         /// Per BatchNormalization node: batch mean and unbiased batch variance (for running statistics).
         public var batchStatistics: [Int: (mean: [Float], variance: [Float])] = [:]
         public func value(_ name: String) -> Tensor? { values[name] }
@@ -86,13 +90,23 @@ public final class TrainingGraph: @unchecked Sendable {
 
     /// Runs forward on a batch. `training` switches BatchNormalization (per `batchNorm`) and Dropout to their
     /// training behaviour; `rng` draws dropout masks.
+    ///
+    /// `fakeQuantization` maps parameter or node-output names to fake quantizers (quantization-aware training):
+    /// readers see the quantize–dequantize result, and backward passes apply the straight-through estimator.
     public func forward(_ input: Tensor, parameters: [String: Tensor], training: Bool, batchNorm: BatchNormMode = .train,
-                        rng: inout SplitMix64) throws -> Tape {
+                        fakeQuantization: [String: FakeQuantization] = [:], rng: inout SplitMix64) throws -> Tape {
         var values: [String: Tensor] = [:]
         for (name, meta) in inferred.values { if let c = meta.constant { values[name] = c } }
         for (name, value) in parameters { values[name] = value }
         values[inputName] = input
         var tape = Tape(values: [:])
+        for (name, quantizer) in fakeQuantization {
+            guard let value = values[name] else { continue }
+            let (quantized, mask) = quantizer.apply(value)
+            tape.unquantized[name] = value
+            tape.straightThrough[name] = mask
+            values[name] = quantized
+        }
         for (i, ctx) in inferred.contexts.enumerated() {
             guard let kernel = kernels[i] else { continue }
             let args = ctx.node.inputs.map { $0.isEmpty ? nil : values[$0] }
@@ -113,7 +127,16 @@ public final class TrainingGraph: @unchecked Sendable {
             default:
                 outputs = try kernel.run(args)
             }
-            for (name, value) in zip(ctx.node.outputs, outputs) where !name.isEmpty { values[name] = value }
+            for (name, value) in zip(ctx.node.outputs, outputs) where !name.isEmpty {
+                if let quantizer = fakeQuantization[name] {
+                    let (quantized, mask) = quantizer.apply(value)
+                    tape.unquantized[name] = value
+                    tape.straightThrough[name] = mask
+                    values[name] = quantized
+                } else {
+                    values[name] = value
+                }
+            }
         }
         tape.values = values
         return tape
@@ -123,8 +146,14 @@ public final class TrainingGraph: @unchecked Sendable {
     /// returns ∂L/∂value for every value that depends on a parameter or the input, parameters included.
     public func backward(_ tape: Tape, seeds: [String: Tensor]) throws -> [String: Tensor] {
         var grads = seeds
+        /// The straight-through estimator: a fake-quantized value's gradient passes only where it was not clipped.
+        func straightThrough(_ name: String) {
+            guard let mask = tape.straightThrough[name], let g = grads[name] else { return }
+            grads[name] = Tensor(shape: g.shape, floats: zip(g.floats, mask).map(*))
+        }
         for i in inferred.contexts.indices.reversed() where kernels[i] != nil {
             let ctx = inferred.contexts[i]
+            for name in ctx.node.outputs where !name.isEmpty { straightThrough(name) }
             let dOutputs = ctx.node.outputs.map { $0.isEmpty ? nil : grads[$0] }
             guard dOutputs.contains(where: { $0 != nil }) else { continue }
             let inputs = ctx.node.inputs.map { $0.isEmpty ? nil : tape.values[$0] }
@@ -138,7 +167,7 @@ public final class TrainingGraph: @unchecked Sendable {
                 definition.differentiable.contains(position) && !name.isEmpty && variable.contains(name)
             }
             guard needs.contains(true) else { continue }
-            let outputs = ctx.node.outputs.map { tape.values[$0] ?? Tensor.zeros([]) }
+            let outputs = ctx.node.outputs.map { tape.unquantized[$0] ?? tape.values[$0] ?? Tensor.zeros([]) }
             let dInputs = try definition.backward(GradientContext(
                 ctx: ctx, inputs: inputs, outputs: outputs, dOutputs: dOutputs, saved: tape.saved[i] ?? [],
                 needs: needs, fast: fast))
@@ -151,6 +180,7 @@ public final class TrainingGraph: @unchecked Sendable {
                 }
             }
         }
+        for name in parameterNames { straightThrough(name) }
         return grads
     }
 
