@@ -32,6 +32,10 @@ extension ModelCommand {
         @Option(name: .long, help: "Teacher model for distillation.") var teacher: String?
         @Option(name: .long, help: "Distillation weight α in [0, 1] (1: no labels needed).") var distillAlpha: Float = 0.5
         @Option(name: .long, help: "Distillation temperature T.") var temperature: Float = 4
+        @Option(name: .long, parsing: .upToNextOption,
+                help: "Feature hints TEACHER_TENSOR:STUDENT_TENSOR (MSE to a trained 1x1 projection of the student's map; needs --teacher).")
+        var hint: [String] = []
+        @Option(name: .long, help: "Weight of the hint losses.") var hintWeight: Float = 1
         @Option(name: .long, help: "Validation samples (.npy).") var valData: String?
         @Option(name: .long, help: "Validation labels (.npy).") var valLabels: String?
         @Option(name: .long, help: "Seed for data order, dropout and --reinitialize.") var seed: UInt64 = 0
@@ -58,6 +62,18 @@ extension ModelCommand {
             guard labels != nil || teacher != nil else { throw ValidationError("give --labels, or --teacher to distill without labels") }
             guard (valData == nil) == (valLabels == nil) else { throw ValidationError("--val-data and --val-labels go together") }
             _ = try parsedSchedule()
+            guard hint.isEmpty || teacher != nil else { throw ValidationError("--hint needs --teacher") }
+            _ = try parsedHints()
+        }
+
+        func parsedHints() throws -> [(teacher: String, student: String)] {
+            try hint.map { pair in
+                let parts = pair.split(separator: ":", maxSplits: 1).map(String.init)
+                guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+                    throw ValidationError("--hint '\(pair)' must be TEACHER_TENSOR:STUDENT_TENSOR")
+                }
+                return (parts[0], parts[1])
+            }
         }
 
         func parsedSchedule() throws -> LearningRateSchedule {
@@ -96,7 +112,10 @@ extension ModelCommand {
             if let teacher {
                 teacherSession = try InferenceSession(model: try Files.readModel(teacher))
                 configuration.distillation = (temperature, y == nil ? 1 : distillAlpha)
+                configuration.hints = try parsedHints()
+                configuration.hintWeight = hintWeight
             }
+            let hintTensors = Set(configuration.hints.map(\.teacher))
             let trainer: Trainer
             do {
                 trainer = try Trainer(model: base, configuration: configuration)
@@ -115,7 +134,16 @@ extension ModelCommand {
                 var report: EpochReport
                 do {
                     report = try trainer.trainEpoch(epoch, data: x, labels: y, teacher: teacherSession.map { session in
-                        { batch in try session.run(batch) }
+                        { batch in
+                            var features: [String: Tensor] = [:]
+                            let observe: ((Node, [Tensor]) throws -> Void)? = hintTensors.isEmpty ? nil : { node, outputs in
+                                for (name, value) in zip(node.outputs, outputs) where hintTensors.contains(name) {
+                                    features[name] = value
+                                }
+                            }
+                            let logits = try session.run(batch, observe: observe)
+                            return TeacherOutputs(logits: logits, features: features)
+                        }
                     }) { step, steps, loss in
                         progress.update(String(format: "epoch %d/%d", epoch + 1, epochs), step, steps,
                                         String(format: "loss %.4f", loss))

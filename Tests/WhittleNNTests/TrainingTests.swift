@@ -133,6 +133,59 @@ import WhittleTestSupport
             throws: { "\($0)".contains("alpha 1") }
     }
 
+    @Test func hintLossGradientsMatchFiniteDifferences() {
+        let s = Tensor(shape: [2, 3, 2, 2], floats: TestSupport.randomFloats(24, seed: 50))
+        let t = Tensor(shape: [2, 2, 2, 2], floats: TestSupport.randomFloats(16, seed: 51))
+        let p = Tensor(shape: [2, 3], floats: TestSupport.randomFloats(6, seed: 52))
+        let (_, dP, dS) = Losses.hint(student: s, teacher: t, projection: p, weight: 0.7)
+        for i in 0..<6 {
+            var plus = p, minus = p
+            plus.floats[i] += 1e-3
+            minus.floats[i] -= 1e-3
+            let numeric = (Losses.hint(student: s, teacher: t, projection: plus, weight: 0.7).0
+                - Losses.hint(student: s, teacher: t, projection: minus, weight: 0.7).0) / 2e-3
+            #expect(abs(Double(dP.floats[i]) - numeric) < 1e-4)
+        }
+        for i in stride(from: 0, to: 24, by: 5) {
+            var plus = s, minus = s
+            plus.floats[i] += 1e-3
+            minus.floats[i] -= 1e-3
+            let numeric = (Losses.hint(student: plus, teacher: t, projection: p, weight: 0.7).0
+                - Losses.hint(student: minus, teacher: t, projection: p, weight: 0.7).0) / 2e-3
+            #expect(abs(Double(dS.floats[i]) - numeric) < 1e-4)
+        }
+    }
+
+    /// Distillation with a hint: the student learns from a teacher (here, a copy of itself) without labels, and
+    /// the hint projection trains too.
+    @Test func distillationWithHintsTrainsWithoutLabels() throws {
+        let (model, x, _) = try Self.fixture()
+        let teacher = try InferenceSession(model: model)
+        let convs = model.graph.nodes.filter { $0.opType == "Conv" }
+        var configuration = TrainingConfiguration()
+        configuration.batchSize = 8
+        configuration.distillation = (temperature: 2, alpha: 1)
+        configuration.hints = [(teacher: convs[2].outputs[0], student: convs[2].outputs[0])]
+        configuration.learningRate = 0.02
+        let student = try Trainer(model: try Initialization.heInitialized(model, seed: 3), configuration: configuration)
+        let observe = Set([convs[2].outputs[0]])
+        func teacherOutputs(_ batch: Tensor) throws -> TeacherOutputs {
+            var features: [String: Tensor] = [:]
+            let logits = try teacher.run(batch) { node, outputs in
+                for (name, value) in zip(node.outputs, outputs) where observe.contains(name) { features[name] = value }
+            }
+            return TeacherOutputs(logits: logits, features: features)
+        }
+        let first = try student.step(x, labels: nil, teacher: try teacherOutputs(x), learningRate: 0.02).loss
+        let projection = student.hintProjections[convs[2].outputs[0]]!
+        for _ in 0..<8 { _ = try student.step(x, labels: nil, teacher: try teacherOutputs(x), learningRate: 0.02) }
+        let last = try student.gradients(x, labels: nil, teacher: try teacherOutputs(x), accumulate: false).0.loss
+        #expect(last < first)
+        #expect(student.hintProjections[convs[2].outputs[0]] != projection)
+        // The projection is not part of the exported model.
+        #expect(student.exportModel().graph.initializers.count == model.graph.initializers.count)
+    }
+
     @Test func optimizersFollowPyTorchRules() {
         var p = ["w": Tensor(shape: [2], floats: [1, -2])]
         let g = ["w": Tensor(shape: [2], floats: [0.5, -0.25])]

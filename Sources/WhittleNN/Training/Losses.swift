@@ -93,6 +93,31 @@ public enum Losses {
         return result
     }
 
+    /// FitNets hint: `L = w · mean((P ⋆ s − t)²)` with `P` a 1×1 convolution `[C_t, C_s]` applied to the student map
+    /// `s [N, C_s, H, W]`, against the teacher map `t [N, C_t, H, W]`. Returns L, ∂L/∂P and ∂L/∂s.
+    public static func hint(student s: Tensor, teacher t: Tensor, projection p: Tensor, weight: Float) -> (Double, Tensor, Tensor) {
+        let n = s.shape[0], cs = s.shape[1], ct = t.shape[1], hw = s.shape[2...].reduce(1, *)
+        var loss = 0.0
+        var dP = [Float](repeating: 0, count: ct * cs), dS = [Float](repeating: 0, count: s.count)
+        let scale = 2 * weight / Float(t.count)
+        for b in 0..<n {
+            for o in 0..<ct {
+                for i in 0..<hw {
+                    var projected: Float = 0
+                    for c in 0..<cs { projected += p.floats[o * cs + c] * s.floats[(b * cs + c) * hw + i] }
+                    let d = projected - t.floats[(b * ct + o) * hw + i]
+                    loss += Double(weight) * Double(d * d) / Double(t.count)
+                    let g = scale * d
+                    for c in 0..<cs {
+                        dP[o * cs + c] += g * s.floats[(b * cs + c) * hw + i]
+                        dS[(b * cs + c) * hw + i] += g * p.floats[o * cs + c]
+                    }
+                }
+            }
+        }
+        return (loss, Tensor(shape: p.shape, floats: dP), Tensor(shape: s.shape, floats: dS))
+    }
+
     /// EWC penalty `Σ_i (λ/2)·F_i·(θ_i − θ*_i)²` and its gradient `λ·F_i·(θ_i − θ*_i)`, per parameter.
     public static func elasticWeightConsolidation(parameters: [String: Tensor], reference: [String: Tensor],
                                                   fisher: [String: Tensor], lambda: Float) -> (Double, [String: Tensor]) {

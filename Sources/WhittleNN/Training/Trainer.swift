@@ -16,6 +16,11 @@ public struct TrainingConfiguration: Sendable {
     public var batchNorm: BatchNormMode = .train
     /// Distillation temperature and weight; the caller provides teacher logits per batch.
     public var distillation: (temperature: Float, alpha: Float)?
+    /// FitNets hints: MSE between a teacher feature map and a 1×1 projection of the student's, per pair
+    /// (teacher tensor, student tensor), weighted by `hintWeight`. The projections train with the student and are
+    /// not exported.
+    public var hints: [(teacher: String, student: String)] = []
+    public var hintWeight: Float = 1
     /// EWC regularisation towards reference weights with a diagonal Fisher estimate.
     public var ewc: (lambda: Float, reference: [String: Tensor], fisher: [String: Tensor])?
     /// Quantization-aware training: fake-quantize Conv/Gemm/MatMul weights every step (symmetric, from the current
@@ -29,6 +34,16 @@ public struct TrainingConfiguration: Sendable {
     public var fast = true
 
     public init() {}
+}
+
+/// What the teacher model gives for a batch: its logits and the feature maps hints are taken at.
+public struct TeacherOutputs: Sendable {
+    public var logits: Tensor
+    public var features: [String: Tensor]
+    public init(logits: Tensor, features: [String: Tensor] = [:]) {
+        self.logits = logits
+        self.features = features
+    }
 }
 
 /// Per-epoch figures.
@@ -53,6 +68,8 @@ public final class Trainer: @unchecked Sendable {
     /// Σ over samples of ∂L/∂θ (batch gradients times batch sizes), by parameter.
     public private(set) var gradientSums: [String: Tensor] = [:]
     public private(set) var samplesSeen = 0
+    /// Hint projections `[C_teacher, C_student]` by student tensor name.
+    public private(set) var hintProjections: [String: Tensor] = [:]
     public private(set) var stepsTaken = 0
     var optimizer: Optimizer
     var graphs: [Int: TrainingGraph] = [:]
@@ -100,8 +117,9 @@ public final class Trainer: @unchecked Sendable {
 
     /// Forward and backward on one batch without updating: returns the loss and all gradients (parameters and
     /// every node output), and adds the parameter gradients to `gradientSums`.
-    public func gradients(_ x: Tensor, labels: ArraySlice<Int64>?, teacherLogits: Tensor? = nil,
+    public func gradients(_ x: Tensor, labels: ArraySlice<Int64>?, teacher: TeacherOutputs? = nil,
                           accumulate: Bool = true) throws -> (LossResult, [String: Tensor]) {
+        let teacherLogits = teacher?.logits
         let graph = try graph(x.shape[0])
         var inputs = parameters
         for (name, value) in runningStatistics { inputs[name] = value }
@@ -117,7 +135,31 @@ public final class Trainer: @unchecked Sendable {
             guard let labels else { throw ONNXError(.invalidInput, "training without a teacher needs labels") }
             result = try Losses.softmaxCrossEntropy(logits: logits, labels: labels)
         }
-        var grads = try graph.backward(tape, seeds: [graph.outputName: result.dLogits])
+        var seeds = [graph.outputName: result.dLogits]
+        var hintGradients: [String: Tensor] = [:]
+        for pair in configuration.hints {
+            guard let t = teacher?.features[pair.teacher] else {
+                throw ONNXError(.invalidInput, "the teacher did not produce the hint tensor '\(pair.teacher)'")
+            }
+            guard let s = tape.value(pair.student) else {
+                throw ONNXError(.invalidInput, "the student has no tensor '\(pair.student)' to take a hint at")
+            }
+            guard s.rank == 4, t.rank == 4, s.shape[0] == t.shape[0], s.shape[2...] == t.shape[2...] else {
+                throw ONNXError(.shapeMismatch, "hint '\(pair.teacher)' \(t.shape) and '\(pair.student)' \(s.shape) need equal batch and spatial sizes")
+            }
+            let projection = try hintProjection(pair.student, teacherChannels: t.shape[1], studentChannels: s.shape[1])
+            let (loss, dProjection, dStudent) = Losses.hint(student: s, teacher: t, projection: projection,
+                                                            weight: configuration.hintWeight)
+            result.loss += loss
+            hintGradients[pair.student] = dProjection
+            if let existing = seeds[pair.student] {
+                seeds[pair.student] = Tensor(shape: s.shape, floats: zip(existing.floats, dStudent.floats).map(+))
+            } else {
+                seeds[pair.student] = dStudent
+            }
+        }
+        var grads = try graph.backward(tape, seeds: seeds)
+        for (student, g) in hintGradients { grads[Self.hintPrefix + student] = g }
         if let ewc = configuration.ewc {
             let (penalty, extra) = Losses.elasticWeightConsolidation(parameters: parameters, reference: ewc.reference,
                                                                      fisher: ewc.fisher, lambda: ewc.lambda)
@@ -156,6 +198,24 @@ public final class Trainer: @unchecked Sendable {
         return (result, grads)
     }
 
+    static let hintPrefix = "whittle.hint/"
+
+    /// The 1×1 projection for a hint at `student`, created on first use (He initialisation, seeded).
+    func hintProjection(_ student: String, teacherChannels: Int, studentChannels: Int) throws -> Tensor {
+        if let p = hintProjections[student] {
+            guard p.shape == [teacherChannels, studentChannels] else {
+                throw ONNXError(.shapeMismatch, "hint projection for '\(student)' changed shape")
+            }
+            return p
+        }
+        var generator = SplitMix64(seed: configuration.seed ^ 0x4817)
+        let std = (2 / Float(studentChannels)).squareRoot()
+        let p = Tensor(shape: [teacherChannels, studentChannels],
+                       floats: (0..<(teacherChannels * studentChannels)).map { _ in (generator.nextFloat() * 2 - 1) * std * 1.7320508 })
+        hintProjections[student] = p
+        return p
+    }
+
     /// The fake quantizers for this step: weights from their current ranges, activations as configured.
     func fakeQuantizers() throws -> [String: FakeQuantization] {
         var quantizers = configuration.activationQuantization
@@ -184,16 +244,21 @@ public final class Trainer: @unchecked Sendable {
     }
 
     /// One optimizer step on a batch; returns its loss. Throws (naming `epoch` and the step) when the loss is not finite.
-    public func step(_ x: Tensor, labels: ArraySlice<Int64>?, teacherLogits: Tensor? = nil, learningRate: Float,
+    public func step(_ x: Tensor, labels: ArraySlice<Int64>?, teacher: TeacherOutputs? = nil, learningRate: Float,
                      epoch: Int = 0) throws -> LossResult {
-        let (result, all) = try gradients(x, labels: labels, teacherLogits: teacherLogits)
+        let (result, all) = try gradients(x, labels: labels, teacher: teacher)
         guard result.loss.isFinite else {
             throw ONNXError(.invalidInput, "the loss became \(result.loss) at epoch \(epoch + 1), step \(stepsTaken + 1); lower the learning rate or check the data")
         }
         var grads: [String: Tensor] = [:]
         for name in parameterNames { if let g = all[name] { grads[name] = g } }
+        for (name, g) in all where name.hasPrefix(Self.hintPrefix) { grads[name] = g }
         if let clip = configuration.clipNorm { clipGradients(&grads, maxNorm: clip) }
-        optimizer.update(&parameters, gradients: grads, lr: learningRate)
+        var trainable = parameters
+        for (student, p) in hintProjections { trainable[Self.hintPrefix + student] = p }
+        optimizer.update(&trainable, gradients: grads, lr: learningRate)
+        for name in parameterNames { parameters[name] = trainable[name] }
+        for student in hintProjections.keys { hintProjections[student] = trainable[Self.hintPrefix + student] }
         for (name, mask) in configuration.masks {
             if let p = parameters[name] { parameters[name] = Tensor(shape: p.shape, floats: zip(p.floats, mask.floats).map(*)) }
         }
@@ -203,7 +268,7 @@ public final class Trainer: @unchecked Sendable {
 
     /// One epoch over `data` in an order drawn from the seed. `teacher` gives teacher logits per batch;
     /// `progress(step, steps, runningLoss)` is called after each step.
-    public func trainEpoch(_ epoch: Int, data: Tensor, labels: Tensor?, teacher: ((Tensor) throws -> Tensor)? = nil,
+    public func trainEpoch(_ epoch: Int, data: Tensor, labels: Tensor?, teacher: ((Tensor) throws -> TeacherOutputs)? = nil,
                            progress: ((Int, Int, Double) -> Void)? = nil) throws -> EpochReport {
         let n = data.shape[0], sampleSize = data.count / max(n, 1)
         if let labels, labels.count != n {
@@ -220,7 +285,7 @@ public final class Trainer: @unchecked Sendable {
             for i in indices { values += data.floats[(i * sampleSize)..<((i + 1) * sampleSize)] }
             let x = Tensor(shape: [indices.count] + Array(data.shape.dropFirst()), floats: values)
             let y = labels.map { l in ArraySlice(indices.map { l.ints[$0] }) }
-            let result = try step(x, labels: y, teacherLogits: try teacher?(x), learningRate: lr, epoch: epoch)
+            let result = try step(x, labels: y, teacher: try teacher?(x), learningRate: lr, epoch: epoch)
             lossSum += result.loss * Double(indices.count)
             correct += result.correct
             progress?(s + 1, steps, lossSum / Double(min((s + 1) * configuration.batchSize, n)))
