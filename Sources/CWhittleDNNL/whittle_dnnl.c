@@ -593,3 +593,320 @@ int wk_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float al
              const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
     return dnnl_sgemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == dnnl_success ? 0 : 1;
 }
+
+// MARK: Convolution for training
+
+/// One primitive argument whose caller-side buffer is plain while the primitive may want another layout.
+typedef struct {
+    dnnl_memory_desc_t plain, chosen;
+    dnnl_primitive_t to_chosen, to_plain;  // reorders, created only when the layouts differ
+    dnnl_memory_t user, mem;               // user: plain view of the caller's buffer; mem: what the primitive reads
+    size_t bytes;
+    int same;
+} wk_arg;
+
+static dnnl_status_t arg_init(wk_arg *a, const dnnl_memory_desc_t *plain, const dnnl_memory_desc_t *chosen, int as_input,
+                              int as_output) {
+    dnnl_status_t st;
+    a->plain = *plain;
+    a->chosen = *chosen;
+    a->same = dnnl_memory_desc_equal(plain, chosen);
+    a->bytes = dnnl_memory_desc_get_size(chosen);
+    if ((st = dnnl_memory_create(&a->user, plain, g_engine, DNNL_MEMORY_NONE)) != dnnl_success) return st;
+    if ((st = dnnl_memory_create(&a->mem, chosen, g_engine, DNNL_MEMORY_NONE)) != dnnl_success) return st;
+    if (a->same) return dnnl_success;
+    dnnl_primitive_desc_t rpd;
+    if (as_input) {
+        if ((st = dnnl_reorder_primitive_desc_create(&rpd, plain, g_engine, chosen, g_engine, NULL)) != dnnl_success) return st;
+        st = dnnl_primitive_create(&a->to_chosen, rpd);
+        dnnl_primitive_desc_destroy(rpd);
+        if (st != dnnl_success) return st;
+    }
+    if (as_output) {
+        if ((st = dnnl_reorder_primitive_desc_create(&rpd, chosen, g_engine, plain, g_engine, NULL)) != dnnl_success) return st;
+        st = dnnl_primitive_create(&a->to_plain, rpd);
+        dnnl_primitive_desc_destroy(rpd);
+        if (st != dnnl_success) return st;
+    }
+    return dnnl_success;
+}
+
+static void arg_destroy(wk_arg *a) {
+    if (a->to_chosen) dnnl_primitive_destroy(a->to_chosen);
+    if (a->to_plain) dnnl_primitive_destroy(a->to_plain);
+    if (a->user) dnnl_memory_destroy(a->user);
+    if (a->mem) dnnl_memory_destroy(a->mem);
+}
+
+/// Points the argument at `ptr` (an input), converting into a temporary when the layouts differ.
+static dnnl_status_t arg_bind_input(wk_arg *a, const void *ptr, void **tmp) {
+    dnnl_status_t st;
+    if (a->same) return dnnl_memory_set_data_handle(a->mem, (void *)ptr);
+    *tmp = aligned_alloc(64, (a->bytes + 63) / 64 * 64);
+    if (!*tmp) return dnnl_out_of_memory;
+    if ((st = dnnl_memory_set_data_handle(a->user, (void *)ptr)) != dnnl_success) return st;
+    if ((st = dnnl_memory_set_data_handle(a->mem, *tmp)) != dnnl_success) return st;
+    dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, a->user}, {DNNL_ARG_TO, a->mem}};
+    return dnnl_primitive_execute(a->to_chosen, g_stream, 2, r);
+}
+
+/// Points the argument at `ptr` (an output); `arg_finish_output` converts back after the primitive ran.
+static dnnl_status_t arg_bind_output(wk_arg *a, void *ptr, void **tmp) {
+    dnnl_status_t st;
+    if (a->same) return dnnl_memory_set_data_handle(a->mem, ptr);
+    *tmp = aligned_alloc(64, (a->bytes + 63) / 64 * 64);
+    if (!*tmp) return dnnl_out_of_memory;
+    if ((st = dnnl_memory_set_data_handle(a->user, ptr)) != dnnl_success) return st;
+    return dnnl_memory_set_data_handle(a->mem, *tmp);
+}
+
+static dnnl_status_t arg_finish_output(wk_arg *a) {
+    if (a->same) return dnnl_success;
+    dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, a->mem}, {DNNL_ARG_TO, a->user}};
+    return dnnl_primitive_execute(a->to_plain, g_stream, 2, r);
+}
+
+struct wk_conv_train {
+    dnnl_primitive_t fwd, bwd_data, bwd_weights;
+    int has_bias;
+    // forward: src, weights, bias, dst
+    wk_arg f_src, f_w, f_b, f_dst;
+    // backward data: diff_dst, weights → diff_src
+    wk_arg d_ddst, d_w, d_dsrc;
+    // backward weights: src, diff_dst → diff_weights, diff_bias
+    wk_arg w_src, w_ddst, w_dw, w_db;
+};
+
+void wk_conv_train_destroy(wk_conv_train *p) {
+    if (!p) return;
+    if (p->fwd) dnnl_primitive_destroy(p->fwd);
+    if (p->bwd_data) dnnl_primitive_destroy(p->bwd_data);
+    if (p->bwd_weights) dnnl_primitive_destroy(p->bwd_weights);
+    wk_arg *args[] = {&p->f_src, &p->f_w, &p->f_b, &p->f_dst, &p->d_ddst, &p->d_w, &p->d_dsrc,
+                      &p->w_src, &p->w_ddst, &p->w_dw, &p->w_db};
+    for (size_t i = 0; i < sizeof args / sizeof *args; i++) arg_destroy(args[i]);
+    free(p);
+}
+
+wk_conv_train *wk_conv_train_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc, int64_t oh, int64_t ow,
+                                    int64_t kh, int64_t kw, int64_t groups, int64_t stride_h, int64_t stride_w,
+                                    int64_t dil_h, int64_t dil_w, int64_t pad_t, int64_t pad_l, int64_t pad_b,
+                                    int64_t pad_r, int has_bias, char *err, size_t errlen) {
+    if (!engine_ready(err, errlen)) return NULL;
+    wk_conv_train *p = calloc(1, sizeof *p);
+    dnnl_primitive_desc_t fpd = NULL, dpd = NULL, wpd = NULL;
+    if (!p) return NULL;
+    p->has_bias = has_bias;
+    dnnl_memory_desc_t src_md, dst_md, src_any, dst_any, w_plain, w_any, b_md;
+    dnnl_dims_t src_dims = {n, c, h, w}, dst_dims = {n, oc, oh, ow}, b_dims = {oc};
+    CHECK(dnnl_memory_desc_init_by_tag(&src_md, 4, src_dims, dnnl_f32, dnnl_nchw));
+    CHECK(dnnl_memory_desc_init_by_tag(&dst_md, 4, dst_dims, dnnl_f32, dnnl_nchw));
+    CHECK(dnnl_memory_desc_init_by_tag(&src_any, 4, src_dims, dnnl_f32, dnnl_format_tag_any));
+    CHECK(dnnl_memory_desc_init_by_tag(&dst_any, 4, dst_dims, dnnl_f32, dnnl_format_tag_any));
+    CHECK(dnnl_memory_desc_init_by_tag(&b_md, 1, b_dims, dnnl_f32, dnnl_x));
+    if (groups > 1) {
+        dnnl_dims_t wd = {groups, oc / groups, c / groups, kh, kw};
+        CHECK(dnnl_memory_desc_init_by_tag(&w_plain, 5, wd, dnnl_f32, dnnl_goihw));
+        CHECK(dnnl_memory_desc_init_by_tag(&w_any, 5, wd, dnnl_f32, dnnl_format_tag_any));
+    } else {
+        dnnl_dims_t wd = {oc, c, kh, kw};
+        CHECK(dnnl_memory_desc_init_by_tag(&w_plain, 4, wd, dnnl_f32, dnnl_oihw));
+        CHECK(dnnl_memory_desc_init_by_tag(&w_any, 4, wd, dnnl_f32, dnnl_format_tag_any));
+    }
+    dnnl_dims_t strides = {stride_h, stride_w}, dil = {dil_h - 1, dil_w - 1};
+    dnnl_dims_t pl = {pad_t, pad_l}, pr = {pad_b, pad_r};
+    dnnl_convolution_desc_t fdesc, ddesc, wdesc;
+    CHECK(dnnl_dilated_convolution_forward_desc_init(&fdesc, dnnl_forward_training, dnnl_convolution_direct, &src_any,
+                                                      &w_any, has_bias ? &b_md : NULL, &dst_any, strides, dil, pl, pr));
+    CHECK(dnnl_primitive_desc_create(&fpd, &fdesc, NULL, g_engine, NULL));
+    CHECK(dnnl_dilated_convolution_backward_data_desc_init(&ddesc, dnnl_convolution_direct, &src_any, &w_any, &dst_any,
+                                                            strides, dil, pl, pr));
+    CHECK(dnnl_primitive_desc_create(&dpd, &ddesc, NULL, g_engine, fpd));
+    CHECK(dnnl_dilated_convolution_backward_weights_desc_init(&wdesc, dnnl_convolution_direct, &src_any, &w_any,
+                                                               has_bias ? &b_md : NULL, &dst_any, strides, dil, pl, pr));
+    CHECK(dnnl_primitive_desc_create(&wpd, &wdesc, NULL, g_engine, fpd));
+    CHECK(dnnl_primitive_create(&p->fwd, fpd));
+    CHECK(dnnl_primitive_create(&p->bwd_data, dpd));
+    CHECK(dnnl_primitive_create(&p->bwd_weights, wpd));
+    CHECK(arg_init(&p->f_src, &src_md, dnnl_primitive_desc_query_md(fpd, dnnl_query_src_md, 0), 1, 0));
+    CHECK(arg_init(&p->f_w, &w_plain, dnnl_primitive_desc_query_md(fpd, dnnl_query_weights_md, 0), 1, 0));
+    CHECK(arg_init(&p->f_b, &b_md, &b_md, 1, 0));
+    CHECK(arg_init(&p->f_dst, &dst_md, dnnl_primitive_desc_query_md(fpd, dnnl_query_dst_md, 0), 0, 1));
+    CHECK(arg_init(&p->d_ddst, &dst_md, dnnl_primitive_desc_query_md(dpd, dnnl_query_diff_dst_md, 0), 1, 0));
+    CHECK(arg_init(&p->d_w, &w_plain, dnnl_primitive_desc_query_md(dpd, dnnl_query_weights_md, 0), 1, 0));
+    CHECK(arg_init(&p->d_dsrc, &src_md, dnnl_primitive_desc_query_md(dpd, dnnl_query_diff_src_md, 0), 0, 1));
+    CHECK(arg_init(&p->w_src, &src_md, dnnl_primitive_desc_query_md(wpd, dnnl_query_src_md, 0), 1, 0));
+    CHECK(arg_init(&p->w_ddst, &dst_md, dnnl_primitive_desc_query_md(wpd, dnnl_query_diff_dst_md, 0), 1, 0));
+    CHECK(arg_init(&p->w_dw, &w_plain, dnnl_primitive_desc_query_md(wpd, dnnl_query_diff_weights_md, 0), 0, 1));
+    CHECK(arg_init(&p->w_db, &b_md, &b_md, 0, 1));
+    dnnl_primitive_desc_destroy(fpd);
+    dnnl_primitive_desc_destroy(dpd);
+    dnnl_primitive_desc_destroy(wpd);
+    return p;
+fail:
+    if (fpd) dnnl_primitive_desc_destroy(fpd);
+    if (dpd) dnnl_primitive_desc_destroy(dpd);
+    if (wpd) dnnl_primitive_desc_destroy(wpd);
+    wk_conv_train_destroy(p);
+    return NULL;
+}
+
+int wk_conv_train_forward(wk_conv_train *p, const float *src, const float *weights, const float *bias, float *dst,
+                          char *err, size_t errlen) {
+    void *t[3] = {NULL, NULL, NULL};
+    int rc = 1;
+    CHECK(arg_bind_input(&p->f_src, src, &t[0]));
+    CHECK(arg_bind_input(&p->f_w, weights, &t[1]));
+    CHECK(arg_bind_output(&p->f_dst, dst, &t[2]));
+    int nargs = 3;
+    dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, p->f_src.mem}, {DNNL_ARG_WEIGHTS, p->f_w.mem}, {DNNL_ARG_DST, p->f_dst.mem}};
+    if (p->has_bias) {
+        CHECK(dnnl_memory_set_data_handle(p->f_b.mem, (void *)bias));
+        args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, p->f_b.mem};
+    }
+    CHECK(dnnl_primitive_execute(p->fwd, g_stream, nargs, args));
+    CHECK(arg_finish_output(&p->f_dst));
+    CHECK(dnnl_stream_wait(g_stream));
+    rc = 0;
+fail:
+    for (int i = 0; i < 3; i++) free(t[i]);
+    return rc;
+}
+
+int wk_conv_train_backward(wk_conv_train *p, const float *src, const float *weights, const float *diff_dst,
+                           float *diff_src, float *diff_weights, float *diff_bias, char *err, size_t errlen) {
+    void *t[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    int rc = 1;
+    if (diff_src) {
+        CHECK(arg_bind_input(&p->d_ddst, diff_dst, &t[0]));
+        CHECK(arg_bind_input(&p->d_w, weights, &t[1]));
+        CHECK(arg_bind_output(&p->d_dsrc, diff_src, &t[2]));
+        dnnl_exec_arg_t args[3] = {{DNNL_ARG_DIFF_DST, p->d_ddst.mem}, {DNNL_ARG_WEIGHTS, p->d_w.mem},
+                                   {DNNL_ARG_DIFF_SRC, p->d_dsrc.mem}};
+        CHECK(dnnl_primitive_execute(p->bwd_data, g_stream, 3, args));
+        CHECK(arg_finish_output(&p->d_dsrc));
+    }
+    if (diff_weights || diff_bias) {
+        float *bias_scratch = NULL;
+        CHECK(arg_bind_input(&p->w_src, src, &t[3]));
+        CHECK(arg_bind_input(&p->w_ddst, diff_dst, &t[4]));
+        void *dw = diff_weights;
+        if (!dw) { t[6] = aligned_alloc(64, (p->w_dw.bytes + 63) / 64 * 64); dw = t[6]; if (!dw) goto fail; }
+        CHECK(arg_bind_output(&p->w_dw, dw, &t[5]));
+        int nargs = 3;
+        dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, p->w_src.mem}, {DNNL_ARG_DIFF_DST, p->w_ddst.mem},
+                                   {DNNL_ARG_DIFF_WEIGHTS, p->w_dw.mem}};
+        if (p->has_bias) {
+            if (!diff_bias) {
+                bias_scratch = malloc(p->w_db.bytes);
+                if (!bias_scratch) goto fail;
+            }
+            dnnl_status_t st = dnnl_memory_set_data_handle(p->w_db.mem, diff_bias ? diff_bias : bias_scratch);
+            if (st != dnnl_success) { free(bias_scratch); goto fail; }
+            args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_DIFF_BIAS, p->w_db.mem};
+        }
+        dnnl_status_t st = dnnl_primitive_execute(p->bwd_weights, g_stream, nargs, args);
+        if (st == dnnl_success && diff_weights) st = arg_finish_output(&p->w_dw);
+        if (st == dnnl_success) st = dnnl_stream_wait(g_stream);
+        free(bias_scratch);
+        CHECK(st);
+    }
+    CHECK(dnnl_stream_wait(g_stream));
+    rc = 0;
+fail:
+    for (int i = 0; i < 7; i++) free(t[i]);
+    return rc;
+}
+
+// MARK: Batch normalization for training
+
+struct wk_bnorm_train {
+    dnnl_primitive_t fwd, bwd;
+    dnnl_memory_t src, dst, scale, shift, mean, var, diff_dst, diff_src, diff_scale, diff_shift, workspace;
+};
+
+void wk_bnorm_train_destroy(wk_bnorm_train *p) {
+    if (!p) return;
+    if (p->fwd) dnnl_primitive_destroy(p->fwd);
+    if (p->bwd) dnnl_primitive_destroy(p->bwd);
+    dnnl_memory_t mems[] = {p->src, p->dst, p->scale, p->shift, p->mean, p->var, p->diff_dst, p->diff_src,
+                            p->diff_scale, p->diff_shift, p->workspace};
+    for (size_t i = 0; i < sizeof mems / sizeof *mems; i++) if (mems[i]) dnnl_memory_destroy(mems[i]);
+    free(p);
+}
+
+wk_bnorm_train *wk_bnorm_train_create(int64_t n, int64_t c, int64_t spatial, float epsilon, char *err, size_t errlen) {
+    if (!engine_ready(err, errlen)) return NULL;
+    wk_bnorm_train *p = calloc(1, sizeof *p);
+    dnnl_primitive_desc_t fpd = NULL, bpd = NULL;
+    if (!p) return NULL;
+    dnnl_memory_desc_t data_md, c_md;
+    // 4-D NCHW (spatial, 1): oneDNN's optimized batch-norm kernels cover 4-D layouts, 3-D only has the reference.
+    dnnl_dims_t dims = {n, c, spatial, 1}, cdims = {c};
+    CHECK(dnnl_memory_desc_init_by_tag(&data_md, 4, dims, dnnl_f32, dnnl_nchw));
+    CHECK(dnnl_memory_desc_init_by_tag(&c_md, 1, cdims, dnnl_f32, dnnl_x));
+    unsigned flags = dnnl_use_scale | dnnl_use_shift;
+    dnnl_batch_normalization_desc_t fdesc, bdesc;
+    CHECK(dnnl_batch_normalization_forward_desc_init(&fdesc, dnnl_forward_training, &data_md, epsilon, flags));
+    CHECK(dnnl_primitive_desc_create(&fpd, &fdesc, NULL, g_engine, NULL));
+    CHECK(dnnl_batch_normalization_backward_desc_init(&bdesc, dnnl_backward, &data_md, &data_md, epsilon, flags));
+    CHECK(dnnl_primitive_desc_create(&bpd, &bdesc, NULL, g_engine, fpd));
+    CHECK(dnnl_primitive_create(&p->fwd, fpd));
+    CHECK(dnnl_primitive_create(&p->bwd, bpd));
+    dnnl_memory_t *data[] = {&p->src, &p->dst, &p->diff_dst, &p->diff_src};
+    for (int i = 0; i < 4; i++) CHECK(dnnl_memory_create(data[i], &data_md, g_engine, DNNL_MEMORY_NONE));
+    dnnl_memory_t *chan[] = {&p->scale, &p->shift, &p->mean, &p->var, &p->diff_scale, &p->diff_shift};
+    for (int i = 0; i < 6; i++) CHECK(dnnl_memory_create(chan[i], &c_md, g_engine, DNNL_MEMORY_NONE));
+    const dnnl_memory_desc_t *ws = dnnl_primitive_desc_query_md(fpd, dnnl_query_workspace_md, 0);
+    if (ws && dnnl_memory_desc_get_size(ws) > 0) CHECK(dnnl_memory_create(&p->workspace, ws, g_engine, DNNL_MEMORY_ALLOCATE));
+    dnnl_primitive_desc_destroy(fpd);
+    dnnl_primitive_desc_destroy(bpd);
+    return p;
+fail:
+    if (fpd) dnnl_primitive_desc_destroy(fpd);
+    if (bpd) dnnl_primitive_desc_destroy(bpd);
+    wk_bnorm_train_destroy(p);
+    return NULL;
+}
+
+int wk_bnorm_train_forward(wk_bnorm_train *p, const float *src, const float *scale, const float *shift, float *dst,
+                           float *mean, float *variance, char *err, size_t errlen) {
+    CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+    CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    CHECK(dnnl_memory_set_data_handle(p->scale, (void *)scale));
+    CHECK(dnnl_memory_set_data_handle(p->shift, (void *)shift));
+    CHECK(dnnl_memory_set_data_handle(p->mean, mean));
+    CHECK(dnnl_memory_set_data_handle(p->var, variance));
+    dnnl_exec_arg_t args[7] = {{DNNL_ARG_SRC, p->src},   {DNNL_ARG_DST, p->dst},       {DNNL_ARG_SCALE, p->scale},
+                               {DNNL_ARG_SHIFT, p->shift}, {DNNL_ARG_MEAN, p->mean},   {DNNL_ARG_VARIANCE, p->var},
+                               {DNNL_ARG_WORKSPACE, p->workspace}};
+    CHECK(dnnl_primitive_execute(p->fwd, g_stream, p->workspace ? 7 : 6, args));
+    CHECK(dnnl_stream_wait(g_stream));
+    return 0;
+fail:
+    return 1;
+}
+
+int wk_bnorm_train_backward(wk_bnorm_train *p, const float *src, const float *diff_dst, const float *scale,
+                            const float *shift, const float *mean, const float *variance, float *diff_src,
+                            float *diff_scale, float *diff_shift, char *err, size_t errlen) {
+    CHECK(dnnl_memory_set_data_handle(p->shift, (void *)shift));
+    CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+    CHECK(dnnl_memory_set_data_handle(p->diff_dst, (void *)diff_dst));
+    CHECK(dnnl_memory_set_data_handle(p->scale, (void *)scale));
+    CHECK(dnnl_memory_set_data_handle(p->mean, (void *)mean));
+    CHECK(dnnl_memory_set_data_handle(p->var, (void *)variance));
+    CHECK(dnnl_memory_set_data_handle(p->diff_src, diff_src));
+    CHECK(dnnl_memory_set_data_handle(p->diff_scale, diff_scale));
+    CHECK(dnnl_memory_set_data_handle(p->diff_shift, diff_shift));
+    dnnl_exec_arg_t args[10] = {{DNNL_ARG_SRC, p->src},           {DNNL_ARG_DIFF_DST, p->diff_dst},
+                                {DNNL_ARG_SCALE, p->scale},       {DNNL_ARG_SHIFT, p->shift},
+                                {DNNL_ARG_MEAN, p->mean},         {DNNL_ARG_VARIANCE, p->var},
+                                {DNNL_ARG_DIFF_SRC, p->diff_src}, {DNNL_ARG_DIFF_SCALE, p->diff_scale},
+                                {DNNL_ARG_DIFF_SHIFT, p->diff_shift}, {DNNL_ARG_WORKSPACE, p->workspace}};
+    CHECK(dnnl_primitive_execute(p->bwd, g_stream, p->workspace ? 10 : 9, args));
+    CHECK(dnnl_stream_wait(g_stream));
+    return 0;
+fail:
+    return 1;
+}

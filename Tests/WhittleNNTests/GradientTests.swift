@@ -157,5 +157,17 @@ import WhittleTestSupport
         #expect(TestSupport.relativeError(fast.dX!, reference.dX) < 1e-5)
         #expect(TestSupport.relativeError(fast.dW!, reference.dW) < 1e-5)
         #expect(TestSupport.relativeError(fast.dB, reference.dB) < 1e-5)
+        // oneDNN's training primitives (forward-training, backward-data, backward-weights) against the same twins.
+        let b = TestSupport.randomFloats(g.outChannels, seed: 43)
+        let plan = try ConvTrainingPlan(g, hasBias: true)
+        let y = try plan.forward(input: x, weights: w, bias: b)
+        #expect(TestSupport.relativeError(y, Kernels.conv2dReference(g, input: x, weights: w, bias: b)) < 1e-5)
+        let r = try plan.backward(input: x, weights: w, dY: dy, needInput: true, needWeights: true, needBias: true)
+        #expect(TestSupport.relativeError(r.dX!, reference.dX) < 1e-5)
+        #expect(TestSupport.relativeError(r.dW!, reference.dW) < 1e-5)
+        #expect(TestSupport.relativeError(r.dB!, reference.dB) < 1e-5)
+        let onlyWeights = try plan.backward(input: x, weights: w, dY: dy, needInput: false, needWeights: true, needBias: false)
+        #expect(onlyWeights.dX == nil && onlyWeights.dB == nil)
+        #expect(TestSupport.relativeError(onlyWeights.dW!, reference.dW) < 1e-5)
     }
 }

@@ -60,6 +60,38 @@ size_t wk_conv_blocked_dst_bytes(const wk_conv *plan);
 int wk_conv_layouts_match(const wk_conv *producer, const wk_conv *consumer, int as_summand);
 void wk_conv_destroy(wk_conv *plan);
 
+// MARK: Convolution for training (weights change every step)
+
+/// Forward (training), backward-data and backward-weights primitives for one geometry. All buffers are plain
+/// (src/diff_src NCHW, weights/diff_weights OIHW, dst/diff_dst NCHW); the plan converts to and from the layouts
+/// oneDNN picks on each call. Weights are passed per call.
+typedef struct wk_conv_train wk_conv_train;
+wk_conv_train *wk_conv_train_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc, int64_t oh, int64_t ow,
+                                    int64_t kh, int64_t kw, int64_t groups, int64_t stride_h, int64_t stride_w,
+                                    int64_t dil_h, int64_t dil_w, int64_t pad_t, int64_t pad_l, int64_t pad_b,
+                                    int64_t pad_r, int has_bias, char *err, size_t errlen);
+/// dst = conv(src, weights) + bias (bias may be NULL when the plan has none).
+int wk_conv_train_forward(wk_conv_train *plan, const float *src, const float *weights, const float *bias, float *dst,
+                          char *err, size_t errlen);
+/// Gradients for the given diff_dst: any of diff_src, diff_weights, diff_bias may be NULL to skip it. Results
+/// overwrite the buffers.
+int wk_conv_train_backward(wk_conv_train *plan, const float *src, const float *weights, const float *diff_dst,
+                           float *diff_src, float *diff_weights, float *diff_bias, char *err, size_t errlen);
+void wk_conv_train_destroy(wk_conv_train *plan);
+
+// MARK: Batch normalization for training
+
+/// Batch statistics forward and backward over data [N, C, S] (plain). Forward writes y, the batch mean and the
+/// (biased) batch variance; backward gives diff_src, diff_scale and diff_shift from the saved mean and variance.
+typedef struct wk_bnorm_train wk_bnorm_train;
+wk_bnorm_train *wk_bnorm_train_create(int64_t n, int64_t c, int64_t spatial, float epsilon, char *err, size_t errlen);
+int wk_bnorm_train_forward(wk_bnorm_train *plan, const float *src, const float *scale, const float *shift, float *dst,
+                           float *mean, float *variance, char *err, size_t errlen);
+int wk_bnorm_train_backward(wk_bnorm_train *plan, const float *src, const float *diff_dst, const float *scale,
+                            const float *shift, const float *mean, const float *variance, float *diff_src,
+                            float *diff_scale, float *diff_shift, char *err, size_t errlen);
+void wk_bnorm_train_destroy(wk_bnorm_train *plan);
+
 // MARK: Pooling (2-D)
 
 typedef enum { WK_POOL_MAX = 0, WK_POOL_AVG_INCLUDE_PAD = 1, WK_POOL_AVG_EXCLUDE_PAD = 2 } wk_pool_t;

@@ -14,8 +14,12 @@ public struct GradientContext {
     public let saved: [Tensor]
     /// Which inputs need a gradient.
     public let needs: [Bool]
-    /// Use the fast (GEMM-based) kernels rather than the reference loops.
+    /// Use the fast kernels rather than the reference loops.
     public let fast: Bool
+    /// oneDNN's training primitives for this node, when it is a convolution and `fast` is on.
+    let convolutionPlan: ConvTrainingPlan?
+    /// oneDNN's batch-normalization training primitives, when this is a BatchNormalization node in fast mode.
+    let batchNormPlan: BatchNormTrainingPlan?
 
     func x(_ i: Int) throws -> Tensor {
         guard i < inputs.count, let t = inputs[i] else { throw ctx.error(.invalidGraph, "input \(i) is missing in backward") }
@@ -155,14 +159,20 @@ public enum Gradients {
 
     static func arithmetic(_ g: GradientContext, _ op: String) throws -> [Tensor?] {
         let a = try g.x(0), b = try g.x(1), dy = g.dy, shape = g.outputs[0].shape
-        let (av, _) = try Kernels.broadcastFloat(a.floats, a.shape, dy, shape) { x, _ in x }
-        let (bv, _) = try Kernels.broadcastFloat(b.floats, b.shape, dy, shape) { x, _ in x }
+        /// An operand's values broadcast to the output shape (only Mul and Div need them).
+        func expanded(_ t: Tensor) throws -> [Float] {
+            t.shape == shape ? t.floats : try Kernels.broadcastFloat(t.floats, t.shape, dy, shape) { x, _ in x }.0
+        }
         var da: [Float], db: [Float]
         switch op {
         case "Add": da = dy; db = dy
         case "Sub": da = dy; db = dy.map { -$0 }
-        case "Mul": da = (0..<dy.count).map { dy[$0] * bv[$0] }; db = (0..<dy.count).map { dy[$0] * av[$0] }
+        case "Mul":
+            let av = try expanded(a), bv = try expanded(b)
+            da = (0..<dy.count).map { dy[$0] * bv[$0] }
+            db = (0..<dy.count).map { dy[$0] * av[$0] }
         default:
+            let av = try expanded(a), bv = try expanded(b)
             da = (0..<dy.count).map { dy[$0] / bv[$0] }
             db = (0..<dy.count).map { -dy[$0] * av[$0] / (bv[$0] * bv[$0]) }
         }
@@ -190,7 +200,12 @@ public enum Gradients {
                                        outChannels: w.shape[0], groups: Int(try g.ctx.int("group", default: 1)))
         let input = try g.x(0).floats, dy = g.dy
         let dx: [Float]?, dw: [Float]?, db: [Float]
-        if g.fast {
+        if let plan = g.convolutionPlan {
+            let needBias = g.needs.count > 2 && g.needs[2]
+            let r = try plan.backward(input: input, weights: w.floats, dY: dy, needInput: g.needs[0], needWeights: g.needs[1],
+                                      needBias: needBias)
+            (dx, dw, db) = (r.dX, r.dW, r.dB ?? [])
+        } else if g.fast {
             (dx, dw, db) = try Kernels.conv2dBackward(geometry, input: input, weights: w.floats, dY: dy,
                                                       needInput: g.needs[0], needWeights: g.needs[1])
         } else {
@@ -281,8 +296,14 @@ public enum Gradients {
     static func batchNorm(_ g: GradientContext) throws -> [Tensor?] {
         let x = try g.x(0), gamma = try g.x(1).floats, dy = g.dy
         let n = x.shape[0], c = x.shape[1], s = x.shape[2...].reduce(1, *)
+        if let plan = g.batchNormPlan, g.saved.count == 3 {
+            let r = try plan.backward(x.floats, dY: dy, scale: gamma, shift: try g.x(2).floats, mean: g.saved[0].floats,
+                                      variance: g.saved[2].floats)
+            return [g.needs[0] ? Tensor(shape: x.shape, floats: r.dX) : nil, Tensor(shape: [x.shape[1]], floats: r.dScale),
+                    Tensor(shape: [x.shape[1]], floats: r.dShift), nil, nil]
+        }
         let mean: [Float], invStd: [Float]
-        let training = g.saved.count == 2
+        let training = g.saved.count >= 2
         if training {
             mean = g.saved[0].floats
             invStd = g.saved[1].floats

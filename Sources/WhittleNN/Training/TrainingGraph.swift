@@ -25,6 +25,10 @@ public final class TrainingGraph: @unchecked Sendable {
     public let inputName: String
     public let outputName: String
     let kernels: [(any NodeKernel)?]
+    /// oneDNN training primitives per Conv node index (fast mode).
+    let convolutionPlans: [Int: ConvTrainingPlan]
+    /// oneDNN batch-normalization training primitives per BatchNormalization node index (fast mode).
+    let batchNormPlans: [Int: BatchNormTrainingPlan]
     let fast: Bool
     /// Values that depend on a parameter or the input (those that carry gradients).
     let variable: Set<String>
@@ -64,12 +68,28 @@ public final class TrainingGraph: @unchecked Sendable {
         var running: [Int: (String, String, Float)] = [:]
         var variable = Set(parameters).union([input.name])
         var kernels: [(any NodeKernel)?] = []
+        var plans: [Int: ConvTrainingPlan] = [:]
+        var bnPlans: [Int: BatchNormTrainingPlan] = [:]
         for (i, ctx) in inferred.contexts.enumerated() {
+            if fast, !inferred.folded[i], ctx.node.opType == "BatchNormalization", let x = ctx.inputs[0], x.rank >= 2,
+                x.count > 0 {
+                bnPlans[i] = try BatchNormTrainingPlan(batch: x.shape[0], channels: x.shape[1], spatial: x.shape[2...].reduce(1, *),
+                                                       epsilon: try ctx.float("epsilon", default: 1e-5))
+            }
+            if fast, !inferred.folded[i], ctx.node.opType == "Conv" {
+                let (x, window, _) = try Operators.convSetup(ctx)
+                let w = try ctx.input(1)
+                let g = window.geometry(batch: x.shape[0], channels: x.shape[1], spatial: Array(x.shape[2...]),
+                                        outChannels: w.shape[0], groups: Int(try ctx.int("group", default: 1)))
+                plans[i] = try ConvTrainingPlan(g, hasBias: ctx.optionalInput(2) != nil)
+            }
             if let s = stats[ctx.node.outputs[0]] { running[i] = s }
             if ctx.node.inputs.contains(where: variable.contains) { variable.formUnion(ctx.node.outputs) }
             kernels.append(inferred.folded[i] ? nil : try inferred.definitions[i].compile(
                 ctx, inferred.outputs[i], KernelOptions(fast: fast, fuse: false)))
         }
+        convolutionPlans = plans
+        batchNormPlans = bnPlans
         runningStatistics = running
         self.variable = variable
         self.kernels = kernels
@@ -112,11 +132,28 @@ public final class TrainingGraph: @unchecked Sendable {
             let args = ctx.node.inputs.map { $0.isEmpty ? nil : values[$0] }
             let outputs: [Tensor]
             switch ctx.node.opType {
+            case "Conv" where convolutionPlans[i] != nil:
+                let plan = convolutionPlans[i]!
+                let y = try plan.forward(input: args[0]!.floats, weights: args[1]!.floats,
+                                         bias: args.count > 2 ? args[2]?.floats : nil)
+                outputs = [Tensor(shape: inferred.outputs[i][0].shape, floats: y)]
             case "BatchNormalization" where training && batchNorm == .train:
-                let (y, mean, invStd, variance) = try batchNormTraining(ctx, args)
-                outputs = [y]
-                tape.saved[i] = [mean, invStd]
-                tape.batchStatistics[i] = (mean.floats, variance)
+                if let plan = batchNormPlans[i] {
+                    let x = args[0]!
+                    let (y, mean, variance) = try plan.forward(x.floats, scale: args[1]!.floats, shift: args[2]!.floats)
+                    let epsilon = try ctx.float("epsilon", default: 1e-5)
+                    let m = Float(x.count / plan.channels)
+                    outputs = [Tensor(shape: x.shape, floats: y)]
+                    tape.saved[i] = [Tensor(shape: [plan.channels], floats: mean),
+                                     Tensor(shape: [plan.channels], floats: variance.map { 1 / ($0 + epsilon).squareRoot() }),
+                                     Tensor(shape: [plan.channels], floats: variance)]
+                    tape.batchStatistics[i] = (mean, variance.map { m > 1 ? $0 * m / (m - 1) : $0 })
+                } else {
+                    let (y, mean, invStd, variance) = try batchNormTraining(ctx, args)
+                    outputs = [y]
+                    tape.saved[i] = [mean, invStd]
+                    tape.batchStatistics[i] = (mean.floats, variance)
+                }
             case "Dropout" where training:
                 let ratio = try dropoutRatio(ctx, args)
                 let x = args[0]!
@@ -170,7 +207,7 @@ public final class TrainingGraph: @unchecked Sendable {
             let outputs = ctx.node.outputs.map { tape.unquantized[$0] ?? tape.values[$0] ?? Tensor.zeros([]) }
             let dInputs = try definition.backward(GradientContext(
                 ctx: ctx, inputs: inputs, outputs: outputs, dOutputs: dOutputs, saved: tape.saved[i] ?? [],
-                needs: needs, fast: fast))
+                needs: needs, fast: fast, convolutionPlan: convolutionPlans[i], batchNormPlan: batchNormPlans[i]))
             for (position, name) in ctx.node.inputs.enumerated() where position < dInputs.count && needs[position] {
                 guard let d = dInputs[position] else { continue }
                 if let existing = grads[name] {

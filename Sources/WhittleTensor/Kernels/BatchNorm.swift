@@ -47,3 +47,46 @@ extension Kernels {
         return y
     }
 }
+
+/// oneDNN's batch-normalization forward-training and backward primitives for data `[N, C, S]`: batch statistics,
+/// `y = γ·(x − μ_B)/√(σ²_B + ε) + β` (σ²_B biased), and the gradients w.r.t. x, γ and β. The reference twin is the
+/// training engine's scalar implementation.
+public final class BatchNormTrainingPlan: @unchecked Sendable {
+    public let batch: Int, channels: Int, spatial: Int
+    private let handle: OpaquePointer
+
+    public init(batch: Int, channels: Int, spatial: Int, epsilon: Float) throws {
+        guard batch >= 1, channels >= 1, spatial >= 1 else {
+            throw TensorError(.invalidArgument, "batch normalization needs positive dimensions")
+        }
+        self.batch = batch
+        self.channels = channels
+        self.spatial = spatial
+        handle = try withErrorBuffer { err, len in
+            wk_bnorm_train_create(Int64(batch), Int64(channels), Int64(spatial), epsilon, err, len)
+        }
+    }
+
+    deinit { wk_bnorm_train_destroy(handle) }
+
+    /// Returns y, the batch mean and the biased batch variance.
+    public func forward(_ x: [Float], scale: [Float], shift: [Float]) throws -> (y: [Float], mean: [Float], variance: [Float]) {
+        var y = [Float](repeating: 0, count: x.count)
+        var mean = [Float](repeating: 0, count: channels), variance = mean
+        try runChecked { err, len in
+            wk_bnorm_train_forward(handle, x, scale, shift, &y, &mean, &variance, err, len)
+        }
+        return (y, mean, variance)
+    }
+
+    /// Returns ∂L/∂x, ∂L/∂γ, ∂L/∂β given the forward's batch mean and variance.
+    public func backward(_ x: [Float], dY: [Float], scale: [Float], shift: [Float], mean: [Float], variance: [Float]) throws
+        -> (dX: [Float], dScale: [Float], dShift: [Float]) {
+        var dx = [Float](repeating: 0, count: x.count)
+        var dScale = [Float](repeating: 0, count: channels), dShift = dScale
+        try runChecked { err, len in
+            wk_bnorm_train_backward(handle, x, dY, scale, shift, mean, variance, &dx, &dScale, &dShift, err, len)
+        }
+        return (dx, dScale, dShift)
+    }
+}
