@@ -210,6 +210,31 @@ import WhittleTestSupport
         #expect(abs(grads["a"]!.floats[0] - 0.6) < 1e-5)
     }
 
+    /// The Fisher sums are per-sample squared gradients: equal to squaring single-sample gradients by hand, and
+    /// additive over disjoint sample sets (so workers' sums merge exactly).
+    @Test func fisherSumsArePerSampleSquaredGradients() throws {
+        let (model, x, y) = try Self.fixture()
+        var configuration = TrainingConfiguration()
+        configuration.batchSize = 8
+        let trainer = try Trainer(model: model, configuration: configuration)
+        let (all, n) = try trainer.fisherSums(data: x, labels: y)
+        #expect(n == 8)
+        let (firstTwo, _) = try trainer.fisherSums(data: x, labels: y, limit: 2)
+        var frozen = configuration
+        frozen.batchNorm = .frozen
+        frozen.batchSize = 1
+        let single = try Trainer(model: model, configuration: frozen)
+        var expected = [Float](repeating: 0, count: all["fc.weight"]!.count)
+        for i in 0..<2 {
+            let xi = Tensor(shape: [1, 3, 16, 16], floats: Array(x.floats[(i * 768)..<((i + 1) * 768)]))
+            let g = try single.gradients(xi, labels: [y.ints[i]][...], accumulate: false).1["fc.weight"]!
+            for k in expected.indices { expected[k] += g.floats[k] * g.floats[k] }
+        }
+        #expect(TestSupport.relativeError(firstTwo["fc.weight"]!.floats, expected) < 1e-5)
+        #expect(all["fc.weight"]!.floats.allSatisfy { $0 >= 0 })
+        #expect(zip(all["fc.weight"]!.floats, firstTwo["fc.weight"]!.floats).allSatisfy { $0 >= $1 - 1e-6 })
+    }
+
     @Test func ewcPenaltyAndGradient() {
         let theta = ["w": Tensor(shape: [2], floats: [1, 2])]
         let star = ["w": Tensor(shape: [2], floats: [0, 2])]

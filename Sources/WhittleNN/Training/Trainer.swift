@@ -294,6 +294,33 @@ public final class Trainer: @unchecked Sendable {
                            learningRate: lr, samples: n)
     }
 
+    /// The diagonal empirical Fisher information for EWC: the mean over samples of each parameter's squared
+    /// per-sample gradient of the loss, `F_i = (1/n) Σ_s (∂ℓ_s/∂θ_i)²`, computed one sample at a time with batch
+    /// normalization frozen (batch statistics of one sample are degenerate). Returns the sums of squares and the
+    /// sample count, which merge across workers by addition. Parameters are not changed.
+    public func fisherSums(data: Tensor, labels: Tensor?, teacher: ((Tensor) throws -> TeacherOutputs)? = nil,
+                           limit: Int? = nil) throws -> (sums: [String: Tensor], samples: Int) {
+        let n = min(data.shape[0], limit ?? data.shape[0]), sampleSize = data.count / max(data.shape[0], 1)
+        var sums: [String: [Float]] = [:]
+        var frozen = configuration
+        frozen.batchNorm = .frozen
+        frozen.batchSize = 1
+        let single = try Trainer(model: exportModel(), configuration: frozen)
+        for i in 0..<n {
+            let x = Tensor(shape: [1] + Array(data.shape.dropFirst()), floats: Array(data.floats[(i * sampleSize)..<((i + 1) * sampleSize)]))
+            let label = labels.map { ArraySlice([$0.ints[i]]) }
+            let (_, grads) = try single.gradients(x, labels: label, teacher: try teacher?(x), accumulate: false)
+            for name in single.parameterNames {
+                guard let g = grads[name] else { continue }
+                if sums[name] == nil { sums[name] = [Float](repeating: 0, count: g.count) }
+                for k in 0..<g.count { sums[name]![k] += g.floats[k] * g.floats[k] }
+            }
+        }
+        var out: [String: Tensor] = [:]
+        for (name, values) in sums { out[name] = Tensor(shape: parameters[name]!.shape, floats: values) }
+        return (out, n)
+    }
+
     /// The model with trained parameters and updated running statistics written into its initializers.
     public func exportModel() -> Model {
         var out = model
