@@ -197,7 +197,7 @@ extension ModelCommand {
                 }
             }
             let elapsed = clock.now - start
-            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+            let seconds = seconds(elapsed)
             let report = Report(model: model, samples: metrics.samples, accuracy: metrics.accuracy,
                                 meanCrossEntropy: metrics.meanCrossEntropy,
                                 samplesPerSecond: Double(metrics.samples) / max(seconds, 1e-9),
@@ -267,7 +267,7 @@ extension ModelCommand {
             let start = clock.now
             for _ in 0..<iterations { try pass() }
             let elapsed = clock.now - start
-            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+            let seconds = seconds(elapsed)
             let report = Report(model: model, batchSize: batchSize, threads: ComputeThreads.current,
                                 iterations: iterations,
                                 imagesPerSecond: Double(iterations * batchSize) / seconds,

@@ -174,7 +174,7 @@ extension ModelCommand {
             }
             let elapsed = clock.now - start
             try Files.writeModel(trainer.exportModel(), to: out)
-            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+            let seconds = seconds(elapsed)
             let parameterCount = trainer.parameters.values.reduce(0) { $0 + $1.count }
             if json {
                 try printJSON(Report(model: model, output: out, parameters: parameterCount, epochs: reports, seconds: seconds))

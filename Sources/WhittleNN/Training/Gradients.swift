@@ -358,33 +358,16 @@ public enum Gradients {
         let (oh, ow) = window.output2D
         let includePad = try g.ctx.int("count_include_pad", default: 0) != 0
         var dx = [Float](repeating: 0, count: x.count)
-        for plane in 0..<(geo.batch * geo.inChannels) {
-            let base = plane * geo.height * geo.width
-            for i in 0..<oh {
-                for j in 0..<ow {
-                    let d = dy[(plane * oh + i) * ow + j]
-                    var best = -Float.infinity, bestIndex = -1
-                    var positions: [Int] = []
-                    var padded = 0
-                    for p in 0..<geo.kernelH {
-                        let h = i * geo.strideH + p * geo.dilationH - geo.padTop
-                        for q in 0..<geo.kernelW {
-                            let w = j * geo.strideW + q * geo.dilationW - geo.padLeft
-                            if h >= -geo.padTop && h < geo.height + geo.padBottom && w >= -geo.padLeft
-                                && w < geo.width + geo.padRight { padded += 1 }
-                            guard h >= 0, h < geo.height, w >= 0, w < geo.width else { continue }
-                            let index = base + h * geo.width + w
-                            positions.append(index)
-                            if x.floats[index] > best || bestIndex < 0 { best = x.floats[index]; bestIndex = index }
-                        }
-                    }
-                    if isMax {
-                        if bestIndex >= 0 { dx[bestIndex] += d }
-                    } else {
-                        let count = includePad ? padded : positions.count
-                        for index in positions { dx[index] += d / Float(max(count, 1)) }
-                    }
-                }
+        Kernels.forEachPoolWindow(geo, outHeight: oh, outWidth: ow) { output, inputs, padded in
+            let d = dy[output]
+            if isMax {
+                // The first maximum in scan order takes the gradient (PyTorch's choice on ties).
+                var best = -1
+                for index in inputs where best < 0 || x.floats[index] > x.floats[best] { best = index }
+                if best >= 0 { dx[best] += d }
+            } else {
+                let count = includePad ? padded : inputs.count
+                for index in inputs { dx[index] += d / Float(max(count, 1)) }
             }
         }
         return Tensor(shape: x.shape, floats: dx)

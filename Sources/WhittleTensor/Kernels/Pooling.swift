@@ -62,42 +62,45 @@ extension Kernels {
     public static func pool2dReference(_ kind: PoolKind, _ g: Conv2DGeometry, input x: [Float],
                                        outHeight: Int? = nil, outWidth: Int? = nil) -> [Float] {
         let oh = outHeight ?? g.outHeight, ow = outWidth ?? g.outWidth
-        let c = g.inChannels
-        var y = [Float](repeating: 0, count: g.batch * c * oh * ow)
-        for n in 0..<g.batch {
-            for ch in 0..<c {
-                let plane = (n * c + ch) * g.height * g.width
-                for i in 0..<oh {
-                    for j in 0..<ow {
-                        var best = -Float.infinity
-                        var sum: Float = 0
-                        var inside = 0
-                        var padded = 0
-                        for p in 0..<g.kernelH {
-                            let hi = i * g.strideH + p * g.dilationH - g.padTop
-                            for q in 0..<g.kernelW {
-                                let wi = j * g.strideW + q * g.dilationW - g.padLeft
-                                // Positions within the explicit pads count for count_include_pad.
-                                if hi >= -g.padTop && hi < g.height + g.padBottom && wi >= -g.padLeft
-                                    && wi < g.width + g.padRight { padded += 1 }
-                                guard hi >= 0, hi < g.height, wi >= 0, wi < g.width else { continue }
-                                let v = x[plane + hi * g.width + wi]
-                                best = max(best, v)
-                                sum += v
-                                inside += 1
+        var y = [Float](repeating: 0, count: g.batch * g.inChannels * oh * ow)
+        forEachPoolWindow(g, outHeight: oh, outWidth: ow) { output, inputs, padded in
+            let out: Float
+            switch kind {
+            case .max: out = inputs.map { x[$0] }.max() ?? -.infinity
+            case .averageIncludingPad: out = padded > 0 ? inputs.reduce(0) { $0 + x[$1] } / Float(padded) : 0
+            case .averageExcludingPad: out = inputs.isEmpty ? 0 : inputs.reduce(0) { $0 + x[$1] } / Float(inputs.count)
+            }
+            y[output] = out
+        }
+        return y
+    }
+
+    /// Visits every pooling window of input `[N, C, H, W]` (flat output index, in order): the flat indices of the
+    /// input elements it covers in scan order, and how many of its positions lie within the input plus the
+    /// explicit pads (the divisor of ONNX `count_include_pad = 1`). Forward and backward pooling share it.
+    public static func forEachPoolWindow(_ g: Conv2DGeometry, outHeight oh: Int, outWidth ow: Int,
+                                         _ body: (_ output: Int, _ inputs: [Int], _ paddedCount: Int) -> Void) {
+        var inputs: [Int] = []
+        inputs.reserveCapacity(g.kernelH * g.kernelW)
+        for plane in 0..<(g.batch * g.inChannels) {
+            let base = plane * g.height * g.width
+            for i in 0..<oh {
+                for j in 0..<ow {
+                    inputs.removeAll(keepingCapacity: true)
+                    var padded = 0
+                    for p in 0..<g.kernelH {
+                        let h = i * g.strideH + p * g.dilationH - g.padTop
+                        for q in 0..<g.kernelW {
+                            let w = j * g.strideW + q * g.dilationW - g.padLeft
+                            if h >= -g.padTop && h < g.height + g.padBottom && w >= -g.padLeft && w < g.width + g.padRight {
+                                padded += 1
                             }
+                            if h >= 0, h < g.height, w >= 0, w < g.width { inputs.append(base + h * g.width + w) }
                         }
-                        let out: Float
-                        switch kind {
-                        case .max: out = best
-                        case .averageIncludingPad: out = padded > 0 ? sum / Float(padded) : 0
-                        case .averageExcludingPad: out = inside > 0 ? sum / Float(inside) : 0
-                        }
-                        y[((n * c + ch) * oh + i) * ow + j] = out
                     }
+                    body((plane * oh + i) * ow + j, inputs, padded)
                 }
             }
         }
-        return y
     }
 }
