@@ -603,7 +603,22 @@ typedef struct {
     dnnl_memory_t user, mem;               // user: plain view of the caller's buffer; mem: what the primitive reads
     size_t bytes;
     int same;
+    int skip_finish;
 } wk_arg;
+
+/// 8 or 16 when `md` is the nChw8c / nChw16c layout of its dimensions, 0 when plain NCHW, -1 otherwise.
+static int block_of(const dnnl_memory_desc_t *md) {
+    if (md->ndims != 4) return -1;
+    dnnl_memory_desc_t probe;
+    dnnl_format_tag_t tags[3] = {dnnl_nchw, dnnl_nChw8c, dnnl_nChw16c};
+    int blocks[3] = {0, 8, 16};
+    for (int i = 0; i < 3; i++) {
+        if (dnnl_memory_desc_init_by_tag(&probe, 4, md->dims, dnnl_f32, tags[i]) == dnnl_success &&
+            dnnl_memory_desc_equal(&probe, md))
+            return blocks[i];
+    }
+    return -1;
+}
 
 static dnnl_status_t arg_init(wk_arg *a, const dnnl_memory_desc_t *plain, const dnnl_memory_desc_t *chosen, int as_input,
                               int as_output) {
@@ -638,10 +653,11 @@ static void arg_destroy(wk_arg *a) {
     if (a->mem) dnnl_memory_destroy(a->mem);
 }
 
-/// Points the argument at `ptr` (an input), converting into a temporary when the layouts differ.
-static dnnl_status_t arg_bind_input(wk_arg *a, const void *ptr, void **tmp) {
+/// Points the argument at `ptr` (an input), converting into a temporary when the layouts differ — unless the
+/// caller says `ptr` is already in the primitive's layout (`in_layout`).
+static dnnl_status_t arg_bind_input_ex(wk_arg *a, const void *ptr, void **tmp, int in_layout) {
     dnnl_status_t st;
-    if (a->same) return dnnl_memory_set_data_handle(a->mem, (void *)ptr);
+    if (a->same || in_layout) return dnnl_memory_set_data_handle(a->mem, (void *)ptr);
     *tmp = aligned_alloc(64, (a->bytes + 63) / 64 * 64);
     if (!*tmp) return dnnl_out_of_memory;
     if ((st = dnnl_memory_set_data_handle(a->user, (void *)ptr)) != dnnl_success) return st;
@@ -650,18 +666,27 @@ static dnnl_status_t arg_bind_input(wk_arg *a, const void *ptr, void **tmp) {
     return dnnl_primitive_execute(a->to_chosen, g_stream, 2, r);
 }
 
-/// Points the argument at `ptr` (an output); `arg_finish_output` converts back after the primitive ran.
-static dnnl_status_t arg_bind_output(wk_arg *a, void *ptr, void **tmp) {
+static dnnl_status_t arg_bind_input(wk_arg *a, const void *ptr, void **tmp) { return arg_bind_input_ex(a, ptr, tmp, 0); }
+
+/// Points the argument at `ptr` (an output); `arg_finish_output` converts back after the primitive ran. With
+/// `in_layout`, the caller wants the primitive's own layout and no conversion happens.
+static dnnl_status_t arg_bind_output_ex(wk_arg *a, void *ptr, void **tmp, int in_layout) {
     dnnl_status_t st;
-    if (a->same) return dnnl_memory_set_data_handle(a->mem, ptr);
+    if (a->same || in_layout) {
+        a->skip_finish = 1;
+        return dnnl_memory_set_data_handle(a->mem, ptr);
+    }
+    a->skip_finish = 0;
     *tmp = aligned_alloc(64, (a->bytes + 63) / 64 * 64);
     if (!*tmp) return dnnl_out_of_memory;
     if ((st = dnnl_memory_set_data_handle(a->user, ptr)) != dnnl_success) return st;
     return dnnl_memory_set_data_handle(a->mem, *tmp);
 }
 
+static dnnl_status_t arg_bind_output(wk_arg *a, void *ptr, void **tmp) { return arg_bind_output_ex(a, ptr, tmp, 0); }
+
 static dnnl_status_t arg_finish_output(wk_arg *a) {
-    if (a->same) return dnnl_success;
+    if (a->same || a->skip_finish) return dnnl_success;
     dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, a->mem}, {DNNL_ARG_TO, a->user}};
     return dnnl_primitive_execute(a->to_plain, g_stream, 2, r);
 }
@@ -751,13 +776,24 @@ fail:
     return NULL;
 }
 
+int wk_conv_train_block(const wk_conv_train *p, int which) {
+    const wk_arg *args[6] = {&p->f_src, &p->f_dst, &p->d_ddst, &p->d_dsrc, &p->w_src, &p->w_ddst};
+    if (which < 0 || which > 5) return -1;
+    return block_of(&args[which]->chosen);
+}
+
 int wk_conv_train_forward(wk_conv_train *p, const float *src, const float *weights, const float *bias, float *dst,
                           char *err, size_t errlen) {
+    return wk_conv_train_forward_layout(p, src, weights, bias, dst, 0, 0, err, errlen);
+}
+
+int wk_conv_train_forward_layout(wk_conv_train *p, const float *src, const float *weights, const float *bias,
+                                 float *dst, int src_blocked, int dst_blocked, char *err, size_t errlen) {
     void *t[3] = {NULL, NULL, NULL};
     int rc = 1;
-    CHECK(arg_bind_input(&p->f_src, src, &t[0]));
+    CHECK(arg_bind_input_ex(&p->f_src, src, &t[0], src_blocked));
     CHECK(arg_bind_input(&p->f_w, weights, &t[1]));
-    CHECK(arg_bind_output(&p->f_dst, dst, &t[2]));
+    CHECK(arg_bind_output_ex(&p->f_dst, dst, &t[2], dst_blocked));
     int nargs = 3;
     dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, p->f_src.mem}, {DNNL_ARG_WEIGHTS, p->f_w.mem}, {DNNL_ARG_DST, p->f_dst.mem}};
     if (p->has_bias) {
@@ -775,12 +811,19 @@ fail:
 
 int wk_conv_train_backward(wk_conv_train *p, const float *src, const float *weights, const float *diff_dst,
                            float *diff_src, float *diff_weights, float *diff_bias, char *err, size_t errlen) {
+    return wk_conv_train_backward_layout(p, src, weights, diff_dst, diff_src, diff_weights, diff_bias, 0, 0, 0, err,
+                                         errlen);
+}
+
+int wk_conv_train_backward_layout(wk_conv_train *p, const float *src, const float *weights, const float *diff_dst,
+                                  float *diff_src, float *diff_weights, float *diff_bias, int src_blocked,
+                                  int diff_dst_blocked, int diff_src_blocked, char *err, size_t errlen) {
     void *t[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     int rc = 1;
     if (diff_src) {
-        CHECK(arg_bind_input(&p->d_ddst, diff_dst, &t[0]));
+        CHECK(arg_bind_input_ex(&p->d_ddst, diff_dst, &t[0], diff_dst_blocked));
         CHECK(arg_bind_input(&p->d_w, weights, &t[1]));
-        CHECK(arg_bind_output(&p->d_dsrc, diff_src, &t[2]));
+        CHECK(arg_bind_output_ex(&p->d_dsrc, diff_src, &t[2], diff_src_blocked));
         dnnl_exec_arg_t args[3] = {{DNNL_ARG_DIFF_DST, p->d_ddst.mem}, {DNNL_ARG_WEIGHTS, p->d_w.mem},
                                    {DNNL_ARG_DIFF_SRC, p->d_dsrc.mem}};
         CHECK(dnnl_primitive_execute(p->bwd_data, g_stream, 3, args));
@@ -788,8 +831,8 @@ int wk_conv_train_backward(wk_conv_train *p, const float *src, const float *weig
     }
     if (diff_weights || diff_bias) {
         float *bias_scratch = NULL;
-        CHECK(arg_bind_input(&p->w_src, src, &t[3]));
-        CHECK(arg_bind_input(&p->w_ddst, diff_dst, &t[4]));
+        CHECK(arg_bind_input_ex(&p->w_src, src, &t[3], src_blocked));
+        CHECK(arg_bind_input_ex(&p->w_ddst, diff_dst, &t[4], diff_dst_blocked));
         void *dw = diff_weights;
         if (!dw) { t[6] = aligned_alloc(64, (p->w_dw.bytes + 63) / 64 * 64); dw = t[6]; if (!dw) goto fail; }
         CHECK(arg_bind_output(&p->w_dw, dw, &t[5]));
@@ -835,7 +878,8 @@ void wk_bnorm_train_destroy(wk_bnorm_train *p) {
     free(p);
 }
 
-wk_bnorm_train *wk_bnorm_train_create(int64_t n, int64_t c, int64_t spatial, float epsilon, char *err, size_t errlen) {
+wk_bnorm_train *wk_bnorm_train_create(int64_t n, int64_t c, int64_t spatial, float epsilon, int block, char *err,
+                                      size_t errlen) {
     if (!engine_ready(err, errlen)) return NULL;
     wk_bnorm_train *p = calloc(1, sizeof *p);
     dnnl_primitive_desc_t fpd = NULL, bpd = NULL;
@@ -843,7 +887,8 @@ wk_bnorm_train *wk_bnorm_train_create(int64_t n, int64_t c, int64_t spatial, flo
     dnnl_memory_desc_t data_md, c_md;
     // 4-D NCHW (spatial, 1): oneDNN's optimized batch-norm kernels cover 4-D layouts, 3-D only has the reference.
     dnnl_dims_t dims = {n, c, spatial, 1}, cdims = {c};
-    CHECK(dnnl_memory_desc_init_by_tag(&data_md, 4, dims, dnnl_f32, dnnl_nchw));
+    dnnl_format_tag_t tag = block == 16 ? dnnl_nChw16c : block == 8 ? dnnl_nChw8c : dnnl_nchw;
+    CHECK(dnnl_memory_desc_init_by_tag(&data_md, 4, dims, dnnl_f32, tag));
     CHECK(dnnl_memory_desc_init_by_tag(&c_md, 1, cdims, dnnl_f32, dnnl_x));
     unsigned flags = dnnl_use_scale | dnnl_use_shift;
     dnnl_batch_normalization_desc_t fdesc, bdesc;

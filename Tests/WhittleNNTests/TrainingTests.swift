@@ -62,6 +62,32 @@ import WhittleTestSupport
         #expect(exported.graph.initializer(named: "bn2.running_var")?.tensor == stepper.runningStatistics["bn2.running_var"])
     }
 
+    /// Training activations kept in oneDNN's blocked layout give the same loss and gradients as NCHW throughout;
+    /// `plain` converts a blocked node-output gradient back to NCHW order.
+    @Test func blockedTrainingLayoutsAgreeWithPlain() throws {
+        let (model, x, y) = try Self.fixture()
+        let blocked = try TrainingGraph(model: model, batchSize: 8)
+        let plain = try TrainingGraph(model: model, batchSize: 8, blockedLayouts: false)
+        #expect(!blocked.blocked.isEmpty)
+        #expect(plain.blocked.isEmpty)
+        var parameters: [String: Tensor] = [:]
+        for name in blocked.parameterNames { parameters[name] = model.graph.initializer(named: name)!.tensor! }
+        func run(_ graph: TrainingGraph) throws -> (Double, [String: Tensor]) {
+            var rng = SplitMix64(seed: 1)
+            let tape = try graph.forward(x, parameters: parameters, training: true, rng: &rng)
+            let loss = try Losses.softmaxCrossEntropy(logits: tape.value("logits")!, labels: y.ints[...])
+            return (loss.loss, try graph.backward(tape, seeds: ["logits": loss.dLogits]))
+        }
+        let (lb, gb) = try run(blocked), (lp, gp) = try run(plain)
+        #expect(abs(lb - lp) < 1e-6)
+        for name in blocked.parameterNames {
+            #expect(TestSupport.relativeError(gb[name]!.floats, gp[name]!.floats) < 1e-4, "\(name)")
+        }
+        for name in blocked.blocked.keys where gp[name] != nil {
+            #expect(TestSupport.relativeError(blocked.plain(name, gb[name]!).floats, gp[name]!.floats) < 1e-4, "d\(name)")
+        }
+    }
+
     @Test func runsAreDeterministicForASeed() throws {
         let (model, x, y) = try Self.fixture()
         var configuration = TrainingConfiguration()

@@ -78,13 +78,25 @@ int wk_conv_train_forward(wk_conv_train *plan, const float *src, const float *we
 int wk_conv_train_backward(wk_conv_train *plan, const float *src, const float *weights, const float *diff_dst,
                            float *diff_src, float *diff_weights, float *diff_bias, char *err, size_t errlen);
 void wk_conv_train_destroy(wk_conv_train *plan);
+/// The layout oneDNN picked for an argument: 8 or 16 for nChw8c / nChw16c, 0 for plain NCHW, -1 for anything else.
+/// which: 0 forward src, 1 forward dst, 2 backward-data diff_dst, 3 backward-data diff_src, 4 backward-weights src,
+/// 5 backward-weights diff_dst.
+int wk_conv_train_block(const wk_conv_train *plan, int which);
+/// As forward/backward, with flags saying which activation buffers are already in the plan's own layouts.
+int wk_conv_train_forward_layout(wk_conv_train *plan, const float *src, const float *weights, const float *bias,
+                                 float *dst, int src_blocked, int dst_blocked, char *err, size_t errlen);
+int wk_conv_train_backward_layout(wk_conv_train *plan, const float *src, const float *weights, const float *diff_dst,
+                                  float *diff_src, float *diff_weights, float *diff_bias, int src_blocked,
+                                  int diff_dst_blocked, int diff_src_blocked, char *err, size_t errlen);
 
 // MARK: Batch normalization for training
 
 /// Batch statistics forward and backward over data [N, C, S] (plain). Forward writes y, the batch mean and the
 /// (biased) batch variance; backward gives diff_src, diff_scale and diff_shift from the saved mean and variance.
 typedef struct wk_bnorm_train wk_bnorm_train;
-wk_bnorm_train *wk_bnorm_train_create(int64_t n, int64_t c, int64_t spatial, float epsilon, char *err, size_t errlen);
+/// block: 0 for plain NCHW data, 8 or 16 for nChw8c / nChw16c.
+wk_bnorm_train *wk_bnorm_train_create(int64_t n, int64_t c, int64_t spatial, float epsilon, int block, char *err,
+                                      size_t errlen);
 int wk_bnorm_train_forward(wk_bnorm_train *plan, const float *src, const float *scale, const float *shift, float *dst,
                            float *mean, float *variance, char *err, size_t errlen);
 int wk_bnorm_train_backward(wk_bnorm_train *plan, const float *src, const float *diff_dst, const float *scale,

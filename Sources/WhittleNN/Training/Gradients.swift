@@ -20,6 +20,8 @@ public struct GradientContext {
     let convolutionPlan: ConvTrainingPlan?
     /// oneDNN's batch-normalization training primitives, when this is a BatchNormalization node in fast mode.
     let batchNormPlan: BatchNormTrainingPlan?
+    /// Which convolution activation buffers are in the plan's blocked layout.
+    let convolutionLayouts: ConvTrainingPlan.Layouts
 
     func x(_ i: Int) throws -> Tensor {
         guard i < inputs.count, let t = inputs[i] else { throw ctx.error(.invalidGraph, "input \(i) is missing in backward") }
@@ -203,7 +205,7 @@ public enum Gradients {
         if let plan = g.convolutionPlan {
             let needBias = g.needs.count > 2 && g.needs[2]
             let r = try plan.backward(input: input, weights: w.floats, dY: dy, needInput: g.needs[0], needWeights: g.needs[1],
-                                      needBias: needBias)
+                                      needBias: needBias, layouts: g.convolutionLayouts)
             (dx, dw, db) = (r.dX, r.dW, r.dB ?? [])
         } else if g.fast {
             (dx, dw, db) = try Kernels.conv2dBackward(geometry, input: input, weights: w.floats, dY: dy,

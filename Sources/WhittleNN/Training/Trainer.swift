@@ -83,7 +83,8 @@ public final class Trainer: @unchecked Sendable {
         self.configuration = configuration
         optimizer = Optimizer(configuration.optimizer)
         rng = SplitMix64(seed: configuration.seed)
-        let graph = try TrainingGraph(model: model, batchSize: configuration.batchSize, fast: configuration.fast)
+        let graph = try TrainingGraph(model: model, batchSize: configuration.batchSize, fast: configuration.fast,
+                                      plainValues: Self.plainValues(configuration))
         guard !graph.parameterNames.isEmpty else {
             throw ONNXError(.invalidGraph, "the model has no trainable parameters (no float initializers feed Conv, Gemm, MatMul, BatchNormalization…)")
         }
@@ -110,7 +111,8 @@ public final class Trainer: @unchecked Sendable {
 
     func graph(_ batch: Int) throws -> TrainingGraph {
         if let g = graphs[batch] { return g }
-        let g = try TrainingGraph(model: model, batchSize: batch, fast: configuration.fast)
+        let g = try TrainingGraph(model: model, batchSize: batch, fast: configuration.fast,
+                                  plainValues: Self.plainValues(configuration))
         graphs[batch] = g
         return g
     }
@@ -199,6 +201,11 @@ public final class Trainer: @unchecked Sendable {
     }
 
     static let hintPrefix = "whittle.hint/"
+
+    /// Values the trainer itself reads or rewrites during a step, which must stay in NCHW order.
+    static func plainValues(_ configuration: TrainingConfiguration) -> Set<String> {
+        Set(configuration.hints.map(\.student)).union(configuration.activationQuantization.keys)
+    }
 
     /// The 1×1 projection for a hint at `student`, created on first use (He initialisation, seeded).
     func hintProjection(_ student: String, teacherChannels: Int, studentChannels: Int) throws -> Tensor {

@@ -33,7 +33,14 @@ public final class TrainingGraph: @unchecked Sendable {
     /// Values that depend on a parameter or the input (those that carry gradients).
     let variable: Set<String>
 
-    public init(model: Model, batchSize: Int, fast: Bool = true) throws {
+    /// Activations (and their gradients) kept in oneDNN's blocked layout, with the block size. They have the same
+    /// logical shape and element count as in NCHW — only the order differs; `plain(_:_:)` converts one back.
+    public let blocked: [String: Int]
+
+    /// `plainValues` names values that must stay in NCHW order (tensors a caller reads during training, such as hint
+    /// points or fake-quantized activations); `blockedLayouts` false keeps every value in NCHW.
+    public init(model: Model, batchSize: Int, fast: Bool = true, blockedLayouts: Bool = true,
+                plainValues: Set<String> = []) throws {
         try ModelCoding.checkOpset(model)
         let opset = model.defaultOpset!
         self.model = model
@@ -71,11 +78,6 @@ public final class TrainingGraph: @unchecked Sendable {
         var plans: [Int: ConvTrainingPlan] = [:]
         var bnPlans: [Int: BatchNormTrainingPlan] = [:]
         for (i, ctx) in inferred.contexts.enumerated() {
-            if fast, !inferred.folded[i], ctx.node.opType == "BatchNormalization", let x = ctx.inputs[0], x.rank >= 2,
-                x.count > 0 {
-                bnPlans[i] = try BatchNormTrainingPlan(batch: x.shape[0], channels: x.shape[1], spatial: x.shape[2...].reduce(1, *),
-                                                       epsilon: try ctx.float("epsilon", default: 1e-5))
-            }
             if fast, !inferred.folded[i], ctx.node.opType == "Conv" {
                 let (x, window, _) = try Operators.convSetup(ctx)
                 let w = try ctx.input(1)
@@ -89,6 +91,14 @@ public final class TrainingGraph: @unchecked Sendable {
                 ctx, inferred.outputs[i], KernelOptions(fast: fast, fuse: false)))
         }
         convolutionPlans = plans
+        blocked = fast && blockedLayouts
+            ? Self.planLayouts(inferred, plans: plans, keepPlain: plainValues.union(model.graph.outputs.map(\.name))) : [:]
+        for (i, ctx) in inferred.contexts.enumerated() where fast && !inferred.folded[i] && ctx.node.opType == "BatchNormalization" {
+            guard let x = ctx.inputs[0], x.rank >= 2, x.count > 0 else { continue }
+            bnPlans[i] = try BatchNormTrainingPlan(batch: x.shape[0], channels: x.shape[1], spatial: x.shape[2...].reduce(1, *),
+                                                   epsilon: try ctx.float("epsilon", default: 1e-5),
+                                                   block: blocked[ctx.node.inputs[0]] ?? 0)
+        }
         batchNormPlans = bnPlans
         runningStatistics = running
         self.variable = variable
@@ -134,8 +144,11 @@ public final class TrainingGraph: @unchecked Sendable {
             switch ctx.node.opType {
             case "Conv" where convolutionPlans[i] != nil:
                 let plan = convolutionPlans[i]!
+                var layouts = ConvTrainingPlan.Layouts()
+                layouts.source = blocked[ctx.node.inputs[0]] != nil
+                layouts.destination = blocked[ctx.node.outputs[0]] != nil
                 let y = try plan.forward(input: args[0]!.floats, weights: args[1]!.floats,
-                                         bias: args.count > 2 ? args[2]?.floats : nil)
+                                         bias: args.count > 2 ? args[2]?.floats : nil, layouts: layouts)
                 outputs = [Tensor(shape: inferred.outputs[i][0].shape, floats: y)]
             case "BatchNormalization" where training && batchNorm == .train:
                 if let plan = batchNormPlans[i] {
@@ -207,7 +220,8 @@ public final class TrainingGraph: @unchecked Sendable {
             let outputs = ctx.node.outputs.map { tape.unquantized[$0] ?? tape.values[$0] ?? Tensor.zeros([]) }
             let dInputs = try definition.backward(GradientContext(
                 ctx: ctx, inputs: inputs, outputs: outputs, dOutputs: dOutputs, saved: tape.saved[i] ?? [],
-                needs: needs, fast: fast, convolutionPlan: convolutionPlans[i], batchNormPlan: batchNormPlans[i]))
+                needs: needs, fast: fast, convolutionPlan: convolutionPlans[i], batchNormPlan: batchNormPlans[i],
+                convolutionLayouts: convolutionLayouts(ctx.node)))
             for (position, name) in ctx.node.inputs.enumerated() where position < dInputs.count && needs[position] {
                 guard let d = dInputs[position] else { continue }
                 if let existing = grads[name] {
@@ -219,6 +233,101 @@ public final class TrainingGraph: @unchecked Sendable {
         }
         for name in parameterNames { straightThrough(name) }
         return grads
+    }
+
+    /// Which of a convolution's activation buffers are blocked.
+    func convolutionLayouts(_ node: Node) -> ConvTrainingPlan.Layouts {
+        var layouts = ConvTrainingPlan.Layouts()
+        guard node.opType == "Conv" else { return layouts }
+        layouts.source = blocked[node.inputs[0]] != nil
+        layouts.sourceGradient = layouts.source
+        layouts.destination = blocked[node.outputs[0]] != nil
+        layouts.destinationGradient = layouts.destination
+        return layouts
+    }
+
+    /// `value` (of `name`) in NCHW order: converted from the blocked order when `name` is blocked.
+    public func plain(_ name: String, _ value: Tensor) -> Tensor {
+        guard let b = blocked[name], value.rank == 4 else { return value }
+        let (n, c, h, w) = (value.shape[0], value.shape[1], value.shape[2], value.shape[3])
+        let hw = h * w
+        var out = [Float](repeating: 0, count: value.count)
+        for i in 0..<n { for ch in 0..<c { for s in 0..<hw {
+            out[(i * c + ch) * hw + s] = value.floats[((i * (c / b) + ch / b) * hw + s) * b + ch % b]
+        } } }
+        return Tensor(shape: value.shape, floats: out)
+    }
+
+    /// Chooses the activations that stay blocked. Values tied by an op that computes element by element in one
+    /// layout (BatchNormalization, activations, same-shape Add) form a class; a class is blocked when every member is
+    /// a 4-D float activation that is not kept plain, every producer is a convolution whose output and output-gradient
+    /// layouts are the same nChwXc (or a tying op), and every reader is a tying op or a convolution whose source,
+    /// weights-source and source-gradient layouts are that same nChwXc.
+    static func planLayouts(_ inferred: InferredGraph, plans: [Int: ConvTrainingPlan], keepPlain: Set<String>) -> [String: Int] {
+        let elementwise: Set<String> = ["Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid"]
+        var parent: [String: String] = [:]
+        func find(_ v: String) -> String {
+            var r = v
+            while let p = parent[r], p != r { r = p }
+            parent[v] = r
+            return r
+        }
+        func union(_ a: String, _ b: String) { parent[find(a)] = find(b) }
+        var producer: [String: Int] = [:]
+        var readers: [String: [(node: Int, position: Int)]] = [:]
+        for (i, ctx) in inferred.contexts.enumerated() where !inferred.folded[i] {
+            for name in ctx.node.outputs where !name.isEmpty { producer[name] = i; parent[name] = parent[name] ?? name }
+            for (position, name) in ctx.node.inputs.enumerated() where !name.isEmpty { readers[name, default: []].append((i, position)) }
+        }
+        func tying(_ i: Int) -> [String]? {
+            let node = inferred.contexts[i].node
+            if node.opType == "BatchNormalization" || elementwise.contains(node.opType) { return [node.inputs[0], node.outputs[0]] }
+            if node.opType == "Add", inferred.values[node.inputs[0]]?.shape == inferred.values[node.inputs[1]]?.shape,
+                node.inputs[0] != node.inputs[1] {
+                return [node.inputs[0], node.inputs[1], node.outputs[0]]
+            }
+            return nil
+        }
+        for i in inferred.contexts.indices where !inferred.folded[i] {
+            if let tied = tying(i) { for v in tied.dropFirst() { parent[v] = parent[v] ?? v; parent[tied[0]] = parent[tied[0]] ?? tied[0]; union(v, tied[0]) } }
+        }
+        var classes: [String: [String]] = [:]
+        for v in parent.keys { classes[find(v), default: []].append(v) }
+        var result: [String: Int] = [:]
+        for members in classes.values {
+            var block: Int?
+            var valid = true
+            for v in members {
+                guard let meta = inferred.values[v], meta.constant == nil, meta.dtype == .float, meta.rank == 4,
+                    !keepPlain.contains(v), let p = producer[v] else { valid = false; break }
+                let node = inferred.contexts[p].node
+                if node.opType == "Conv" {
+                    guard let plan = plans[p] else { valid = false; break }
+                    let b = plan.block(.destination)
+                    guard b > 0, meta.shape[1] % b == 0, plan.block(.dataGradientIn) == b, plan.block(.weightsGradientIn) == b,
+                        block == nil || block == b else { valid = false; break }
+                    block = b
+                } else if tying(p) == nil {
+                    valid = false
+                    break
+                }
+                for reader in readers[v] ?? [] {
+                    let r = inferred.contexts[reader.node].node
+                    if let tied = tying(reader.node), tied.contains(v), reader.position < 2 { continue }
+                    guard r.opType == "Conv", reader.position == 0, let plan = plans[reader.node] else { valid = false; break }
+                    let b = plan.block(.source)
+                    guard b > 0, plan.block(.weightsSource) == b, plan.block(.sourceGradient) == b, block == nil || block == b else {
+                        valid = false
+                        break
+                    }
+                    block = b
+                }
+                if !valid { break }
+            }
+            guard valid, let b = block else { continue }
+            for v in members { result[v] = b }
+        }
+        return result
     }
 
     /// y = γ·(x − μ_B)/√(σ²_B + ε) + β with batch statistics over N and the spatial axes (biased variance);

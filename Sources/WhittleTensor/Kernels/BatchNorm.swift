@@ -55,15 +55,16 @@ public final class BatchNormTrainingPlan: @unchecked Sendable {
     public let batch: Int, channels: Int, spatial: Int
     private let handle: OpaquePointer
 
-    public init(batch: Int, channels: Int, spatial: Int, epsilon: Float) throws {
-        guard batch >= 1, channels >= 1, spatial >= 1 else {
-            throw TensorError(.invalidArgument, "batch normalization needs positive dimensions")
+    /// `block` 8 or 16: the data is in nChw8c / nChw16c order (as convolution primitives produce it); 0: NCHW.
+    public init(batch: Int, channels: Int, spatial: Int, epsilon: Float, block: Int = 0) throws {
+        guard batch >= 1, channels >= 1, spatial >= 1, [0, 8, 16].contains(block), block == 0 || channels % block == 0 else {
+            throw TensorError(.invalidArgument, "batch normalization needs positive dimensions and a block dividing the channels")
         }
         self.batch = batch
         self.channels = channels
         self.spatial = spatial
         handle = try withErrorBuffer { err, len in
-            wk_bnorm_train_create(Int64(batch), Int64(channels), Int64(spatial), epsilon, err, len)
+            wk_bnorm_train_create(Int64(batch), Int64(channels), Int64(spatial), epsilon, Int32(block), err, len)
         }
     }
 

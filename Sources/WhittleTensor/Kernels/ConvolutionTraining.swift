@@ -23,8 +23,22 @@ public final class ConvTrainingPlan: @unchecked Sendable {
 
     deinit { wk_conv_train_destroy(handle) }
 
+    /// An activation argument of the training primitives.
+    public enum Argument: Int32, Sendable, CaseIterable {
+        case source = 0, destination = 1, dataGradientIn = 2, sourceGradient = 3, weightsSource = 4, weightsGradientIn = 5
+    }
+
+    /// The layout oneDNN picked for an argument: 8 or 16 (nChw8c / nChw16c), 0 (plain NCHW), -1 (other).
+    public func block(_ argument: Argument) -> Int { Int(wk_conv_train_block(handle, argument.rawValue)) }
+
+    /// Activation buffers already in this plan's blocked layout (skip their conversion).
+    public struct Layouts: Sendable {
+        public var source = false, destination = false, destinationGradient = false, sourceGradient = false
+        public init() {}
+    }
+
     /// `y = conv(x, w) + b`.
-    public func forward(input x: [Float], weights w: [Float], bias b: [Float]?) throws -> [Float] {
+    public func forward(input x: [Float], weights w: [Float], bias b: [Float]?, layouts: Layouts = Layouts()) throws -> [Float] {
         let count = geometry.outputShape.reduce(1, *)
         guard x.count == geometry.inputShape.reduce(1, *), w.count == geometry.weightShape.reduce(1, *),
             hasBias == (b != nil), b.map({ $0.count == geometry.outChannels }) ?? true else {
@@ -36,7 +50,8 @@ public final class ConvTrainingPlan: @unchecked Sendable {
                 w.withUnsafeBufferPointer { pw in
                     withOptionalPointer(b) { pb in
                         y.withUnsafeMutableBufferPointer { py in
-                            wk_conv_train_forward(handle, px.baseAddress, pw.baseAddress, pb, py.baseAddress, err, len)
+                            wk_conv_train_forward_layout(handle, px.baseAddress, pw.baseAddress, pb, py.baseAddress,
+                                                         layouts.source ? 1 : 0, layouts.destination ? 1 : 0, err, len)
                         }
                     }
                 }
@@ -47,7 +62,7 @@ public final class ConvTrainingPlan: @unchecked Sendable {
 
     /// ∂L/∂x, ∂L/∂w, ∂L/∂b from ∂L/∂y (each only when asked for).
     public func backward(input x: [Float], weights w: [Float], dY dy: [Float], needInput: Bool, needWeights: Bool,
-                         needBias: Bool) throws -> (dX: [Float]?, dW: [Float]?, dB: [Float]?) {
+                         needBias: Bool, layouts: Layouts = Layouts()) throws -> (dX: [Float]?, dW: [Float]?, dB: [Float]?) {
         var dx: [Float]? = needInput ? [Float](repeating: 0, count: x.count) : nil
         var dw: [Float]? = needWeights ? [Float](repeating: 0, count: w.count) : nil
         var db: [Float]? = needBias && hasBias ? [Float](repeating: 0, count: geometry.outChannels) : nil
@@ -61,8 +76,10 @@ public final class ConvTrainingPlan: @unchecked Sendable {
                         withOptionalMutablePointer(&dx) { pdx in
                             withOptionalMutablePointer(&dw) { pdw in
                                 withOptionalMutablePointer(&db) { pdb in
-                                    wk_conv_train_backward(handle, px.baseAddress, pw.baseAddress, pdy.baseAddress, pdx, pdw, pdb,
-                                                           err, len)
+                                    wk_conv_train_backward_layout(
+                                        handle, px.baseAddress, pw.baseAddress, pdy.baseAddress, pdx, pdw, pdb,
+                                        layouts.source ? 1 : 0, layouts.destinationGradient ? 1 : 0,
+                                        layouts.sourceGradient ? 1 : 0, err, len)
                                 }
                             }
                         }
