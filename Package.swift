@@ -35,7 +35,7 @@ let package = Package(
         .target(
             name: "WhittleCLI",
             dependencies: [
-                "WhittleNN", "WhittleONNX", "WhittleTensor",
+                "WhittleNN", "WhittleONNX", "WhittleTensor", "CWhittleDNNL",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

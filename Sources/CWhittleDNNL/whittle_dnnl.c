@@ -51,6 +51,16 @@ static int engine_ready(char *err, size_t errlen) {
     return 1;
 }
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+void wk_tune_allocator(void) {
+#if defined(__GLIBC__)
+    mallopt(M_MMAP_THRESHOLD, 1 << 30);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#endif
+}
+
 void wk_set_num_threads(int n) { if (n > 0) omp_set_num_threads(n); }
 int wk_get_max_threads(void) { return omp_get_max_threads(); }
 

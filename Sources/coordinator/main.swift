@@ -11,4 +11,5 @@ struct Coordinator: ParsableCommand {
         subcommands: [ModelCommand.self])
 }
 
+ProcessSetup.tuneAllocator()
 Coordinator.main()

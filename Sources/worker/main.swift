@@ -11,4 +11,5 @@ struct Worker: ParsableCommand {
         subcommands: [ModelCommand.self])
 }
 
+ProcessSetup.tuneAllocator()
 Worker.main()

@@ -31,6 +31,10 @@ typedef struct {
     float beta;
 } wk_postop_t;
 
+/// Keeps large freed buffers in the C heap (glibc mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 1 GiB), so the
+/// activation-sized arrays each training step allocates are reused instead of mapped, faulted and zeroed again.
+void wk_tune_allocator(void);
+
 /// Sets the OpenMP thread count used by oneDNN (and, through the same runtime, by later calls).
 void wk_set_num_threads(int n);
 int wk_get_max_threads(void);

@@ -145,7 +145,18 @@ public enum Gradients {
     /// `f(x, y, dy)` element-wise for single-input activations.
     static func unary(_ g: GradientContext, _ f: (Float, Float, Float) -> Float) -> Tensor {
         let x = g.inputs[0]!, y = g.outputs[0], dy = g.dy
-        return Tensor(shape: x.shape, floats: (0..<x.count).map { f(x.floats[$0], y.floats[$0], dy[$0]) })
+        let count = x.count
+        let out = x.floats.withUnsafeBufferPointer { px in
+            y.floats.withUnsafeBufferPointer { py in
+                dy.withUnsafeBufferPointer { pd in
+                    [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
+                        for i in 0..<count { buffer[i] = f(px[i], py[i], pd[i]) }
+                        initialized = count
+                    }
+                }
+            }
+        }
+        return Tensor(shape: x.shape, floats: out)
     }
 
     /// Sums a gradient of `shape` over the axes along which `target` was broadcast, giving `target`'s shape.
