@@ -83,6 +83,9 @@ import WhittleTestSupport
         for name in blocked.parameterNames {
             #expect(TestSupport.relativeError(gb[name]!.floats, gp[name]!.floats) < 1e-4, "\(name)")
         }
+        // Batch norm on running statistics is refused on a graph planned for training-mode batch norm.
+        var rng = SplitMix64(seed: 1)
+        #expect { try blocked.forward(x, parameters: parameters, training: false, rng: &rng) } throws: { "\($0)".contains("blockedLayouts") }
         for name in blocked.blocked.keys where gp[name] != nil {
             #expect(TestSupport.relativeError(blocked.plain(name, gb[name]!).floats, gp[name]!.floats) < 1e-4, "d\(name)")
         }
@@ -134,9 +137,18 @@ import WhittleTestSupport
         #expect(trainer.samplesSeen == 16)
         // Frozen batch norm makes the two passes identical: the sum is 2 · 8 · the batch gradient.
         #expect(TestSupport.relativeError(trainer.gradientSums["fc.weight"]!.floats, g["fc.weight"]!.floats.map { $0 * 16 }) < 1e-6)
-        // Gradients of node outputs are available too (Taylor importance reads them).
+        // Gradients of node outputs are available too (Taylor importance reads them), in NCHW order even where
+        // training keeps the value blocked: they equal those of a graph that never blocks.
         let conv = model.graph.nodes.first { $0.opType == "Conv" }!
         #expect(g[conv.outputs[0]]?.shape == [8, 8, 16, 16])
+        let plainGraph = try TrainingGraph(model: model, batchSize: 8, blockedLayouts: false)
+        var parameters: [String: Tensor] = [:]
+        for name in plainGraph.parameterNames { parameters[name] = model.graph.initializer(named: name)!.tensor! }
+        var rng = SplitMix64(seed: 0)
+        let tape = try plainGraph.forward(x, parameters: parameters, training: false, batchNorm: .frozen, rng: &rng)
+        let loss = try Losses.softmaxCrossEntropy(logits: tape.value("logits")!, labels: y.ints[...])
+        let reference = try plainGraph.backward(tape, seeds: ["logits": loss.dLogits])
+        #expect(TestSupport.relativeError(g[conv.outputs[0]]!.floats, reference[conv.outputs[0]]!.floats) < 1e-4)
     }
 
     @Test func distillationGradientMatchesFiniteDifferences() throws {

@@ -84,7 +84,7 @@ public final class Trainer: @unchecked Sendable {
         optimizer = Optimizer(configuration.optimizer)
         rng = SplitMix64(seed: configuration.seed)
         let graph = try TrainingGraph(model: model, batchSize: configuration.batchSize, fast: configuration.fast,
-                                      plainValues: Self.plainValues(configuration))
+                                      plainValues: Self.plainValues(configuration), batchNorm: configuration.batchNorm)
         guard !graph.parameterNames.isEmpty else {
             throw ONNXError(.invalidGraph, "the model has no trainable parameters (no float initializers feed Conv, Gemm, MatMul, BatchNormalization…)")
         }
@@ -112,15 +112,16 @@ public final class Trainer: @unchecked Sendable {
     func graph(_ batch: Int) throws -> TrainingGraph {
         if let g = graphs[batch] { return g }
         let g = try TrainingGraph(model: model, batchSize: batch, fast: configuration.fast,
-                                  plainValues: Self.plainValues(configuration))
+                                  plainValues: Self.plainValues(configuration), batchNorm: configuration.batchNorm)
         graphs[batch] = g
         return g
     }
 
-    /// Forward and backward on one batch without updating: returns the loss and all gradients (parameters and
-    /// every node output), and adds the parameter gradients to `gradientSums`.
+    /// Forward and backward on one batch without updating: returns the loss and the gradients of every parameter
+    /// and, with `nodeOutputs`, of every node output (in NCHW order, converted from blocked layouts), and adds the
+    /// parameter gradients to `gradientSums`.
     public func gradients(_ x: Tensor, labels: ArraySlice<Int64>?, teacher: TeacherOutputs? = nil,
-                          accumulate: Bool = true) throws -> (LossResult, [String: Tensor]) {
+                          accumulate: Bool = true, nodeOutputs: Bool = true) throws -> (LossResult, [String: Tensor]) {
         let teacherLogits = teacher?.logits
         let graph = try graph(x.shape[0])
         var inputs = parameters
@@ -197,6 +198,12 @@ public final class Trainer: @unchecked Sendable {
             }
             samplesSeen += x.shape[0]
         }
+        if nodeOutputs {
+            for name in graph.blocked.keys { if let g = grads[name] { grads[name] = graph.plain(name, g) } }
+        } else {
+            let keep = Set(graph.parameterNames)
+            grads = grads.filter { keep.contains($0.key) || $0.key.hasPrefix(Self.hintPrefix) }
+        }
         return (result, grads)
     }
 
@@ -253,7 +260,7 @@ public final class Trainer: @unchecked Sendable {
     /// One optimizer step on a batch; returns its loss. Throws (naming `epoch` and the step) when the loss is not finite.
     public func step(_ x: Tensor, labels: ArraySlice<Int64>?, teacher: TeacherOutputs? = nil, learningRate: Float,
                      epoch: Int = 0) throws -> LossResult {
-        let (result, all) = try gradients(x, labels: labels, teacher: teacher)
+        let (result, all) = try gradients(x, labels: labels, teacher: teacher, nodeOutputs: false)
         guard result.loss.isFinite else {
             throw ONNXError(.invalidInput, "the loss became \(result.loss) at epoch \(epoch + 1), step \(stepsTaken + 1); lower the learning rate or check the data")
         }

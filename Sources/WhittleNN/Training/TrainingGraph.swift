@@ -39,8 +39,9 @@ public final class TrainingGraph: @unchecked Sendable {
 
     /// `plainValues` names values that must stay in NCHW order (tensors a caller reads during training, such as hint
     /// points or fake-quantized activations); `blockedLayouts` false keeps every value in NCHW.
+    /// `batchNorm` is the mode forward passes will use: only training-mode batch norm runs on blocked data.
     public init(model: Model, batchSize: Int, fast: Bool = true, blockedLayouts: Bool = true,
-                plainValues: Set<String> = []) throws {
+                plainValues: Set<String> = [], batchNorm: BatchNormMode = .train) throws {
         try ModelCoding.checkOpset(model)
         let opset = model.defaultOpset!
         self.model = model
@@ -92,7 +93,8 @@ public final class TrainingGraph: @unchecked Sendable {
         }
         convolutionPlans = plans
         blocked = fast && blockedLayouts
-            ? Self.planLayouts(inferred, plans: plans, keepPlain: plainValues.union(model.graph.outputs.map(\.name))) : [:]
+            ? Self.planLayouts(inferred, plans: plans, keepPlain: plainValues.union(model.graph.outputs.map(\.name)),
+                               batchNormTies: batchNorm == .train) : [:]
         for (i, ctx) in inferred.contexts.enumerated() where fast && !inferred.folded[i] && ctx.node.opType == "BatchNormalization" {
             guard let x = ctx.inputs[0], x.rank >= 2, x.count > 0 else { continue }
             bnPlans[i] = try BatchNormTrainingPlan(batch: x.shape[0], channels: x.shape[1], spatial: x.shape[2...].reduce(1, *),
@@ -141,6 +143,10 @@ public final class TrainingGraph: @unchecked Sendable {
             guard let kernel = kernels[i] else { continue }
             let args = ctx.node.inputs.map { $0.isEmpty ? nil : values[$0] }
             let outputs: [Tensor]
+            if ctx.node.opType == "BatchNormalization", blocked[ctx.node.inputs[0]] != nil, !(training && batchNorm == .train) {
+                throw ctx.error(.invalidInput,
+                    "this training graph keeps batch norm in a blocked layout for training mode; build it with blockedLayouts: false (or batchNorm: .frozen) to run batch norm with running statistics")
+            }
             switch ctx.node.opType {
             case "Conv" where convolutionPlans[i] != nil:
                 let plan = convolutionPlans[i]!
@@ -263,7 +269,8 @@ public final class TrainingGraph: @unchecked Sendable {
     /// a 4-D float activation that is not kept plain, every producer is a convolution whose output and output-gradient
     /// layouts are the same nChwXc (or a tying op), and every reader is a tying op or a convolution whose source,
     /// weights-source and source-gradient layouts are that same nChwXc.
-    static func planLayouts(_ inferred: InferredGraph, plans: [Int: ConvTrainingPlan], keepPlain: Set<String>) -> [String: Int] {
+    static func planLayouts(_ inferred: InferredGraph, plans: [Int: ConvTrainingPlan], keepPlain: Set<String>,
+                            batchNormTies: Bool) -> [String: Int] {
         let elementwise: Set<String> = ["Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid"]
         var parent: [String: String] = [:]
         func find(_ v: String) -> String {
@@ -281,7 +288,9 @@ public final class TrainingGraph: @unchecked Sendable {
         }
         func tying(_ i: Int) -> [String]? {
             let node = inferred.contexts[i].node
-            if node.opType == "BatchNormalization" || elementwise.contains(node.opType) { return [node.inputs[0], node.outputs[0]] }
+            if (node.opType == "BatchNormalization" && batchNormTies) || elementwise.contains(node.opType) {
+                return [node.inputs[0], node.outputs[0]]
+            }
             if node.opType == "Add", inferred.values[node.inputs[0]]?.shape == inferred.values[node.inputs[1]]?.shape,
                 node.inputs[0] != node.inputs[1] {
                 return [node.inputs[0], node.inputs[1], node.outputs[0]]
