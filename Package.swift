@@ -30,6 +30,7 @@ let package = Package(
             dependencies: ["WhittleTensor", .product(name: "SwiftProtobuf", package: "swift-protobuf")]
         ),
         .target(name: "WhittleNN", dependencies: ["WhittleTensor", "WhittleONNX"]),
+        .target(name: "WhittleCompression", dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN"]),
 
         // Command-line front ends shared by the executables.
         .target(
@@ -55,6 +56,7 @@ let package = Package(
         .testTarget(name: "WhittleTensorTests", dependencies: ["WhittleTensor", "WhittleTestSupport"]),
         .testTarget(name: "WhittleONNXTests", dependencies: ["WhittleONNX", "WhittleNN", "WhittleTestSupport"]),
         .testTarget(name: "WhittleNNTests", dependencies: ["WhittleNN", "WhittleONNX", "WhittleTestSupport"]),
+        .testTarget(name: "WhittleCompressionTests", dependencies: ["WhittleCompression", "WhittleTensor", "WhittleTestSupport"]),
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
     ]
 )

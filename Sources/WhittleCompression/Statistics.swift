@@ -1,0 +1,168 @@
+/// Statistics that merge exactly: `merge` is associative and commutative, so statistics collected on disjoint
+/// parts of a data set (on different workers) combine into the statistics of the whole. Collection (over data) is
+/// separate from computation (ranges, scores), as in onnxruntime's calibrators: workers collect, the coordinator
+/// computes.
+
+/// Per-tensor minimum, maximum and largest magnitude, with the number of values seen.
+public struct RangeStatistics: Sendable, Equatable, Codable {
+    public var min: Float = .infinity
+    public var max: Float = -.infinity
+    public var count: Int = 0
+
+    public init() {}
+
+    public init(min: Float, max: Float, count: Int) {
+        self.min = min
+        self.max = max
+        self.count = count
+    }
+
+    /// max(|min|, |max|).
+    public var absMax: Float { count == 0 ? 0 : Swift.max(abs(min), abs(max)) }
+
+    /// Adds values; NaN or infinite values are refused (they would poison every range computed from them).
+    public mutating func add(_ values: [Float]) throws {
+        var low = min, high = max
+        for v in values {
+            guard v.isFinite else {
+                throw CompressionError(.invalidStatistics, "a non-finite value (\(v)) reached the range statistics")
+            }
+            low = Swift.min(low, v)
+            high = Swift.max(high, v)
+        }
+        min = low
+        max = high
+        count += values.count
+    }
+
+    public func merged(with other: RangeStatistics) -> RangeStatistics {
+        RangeStatistics(min: Swift.min(min, other.min), max: Swift.max(max, other.max), count: count + other.count)
+    }
+}
+
+/// A histogram over fixed, given edges: `binCount` equal bins over [lower, upper]. Values outside fall into the
+/// end bins (federated calibration broadcasts edges wide enough that none do). Counts merge by addition only
+/// between histograms with identical edges.
+public struct Histogram: Sendable, Equatable, Codable {
+    public let lower: Float
+    public let upper: Float
+    public private(set) var counts: [UInt64]
+    /// If true, the histogram holds |x| (the symmetric calibrators' convention).
+    public let magnitudes: Bool
+
+    public static let defaultBinCount = 2048
+
+    public init(lower: Float, upper: Float, binCount: Int = Histogram.defaultBinCount, magnitudes: Bool) throws {
+        guard lower.isFinite, upper.isFinite, lower < upper || (lower == 0 && upper == 0), binCount >= 1 else {
+            throw CompressionError(.invalidArgument, "histogram edges [\(lower), \(upper)] with \(binCount) bins are not usable")
+        }
+        self.lower = lower
+        self.upper = upper
+        self.counts = [UInt64](repeating: 0, count: binCount)
+        self.magnitudes = magnitudes
+    }
+
+    public var binCount: Int { counts.count }
+    public var total: UInt64 { counts.reduce(0, +) }
+
+    /// The `binCount + 1` edges, `lower + (upper − lower) · k / binCount` (computed as numpy's linspace does).
+    public var edges: [Double] {
+        let step = (Double(upper) - Double(lower)) / Double(binCount)
+        return (0...binCount).map { $0 == binCount ? Double(upper) : Double(lower) + Double($0) * step }
+    }
+
+    public mutating func add(_ values: [Float]) throws {
+        let width = Double(upper) - Double(lower)
+        let n = counts.count
+        for raw in values {
+            guard raw.isFinite else {
+                throw CompressionError(.invalidStatistics, "a non-finite value (\(raw)) reached the histogram")
+            }
+            let v = Double(magnitudes ? abs(raw) : raw)
+            var bin = width > 0 ? Int(((v - Double(lower)) / width * Double(n)).rounded(.down)) : 0
+            bin = Swift.min(Swift.max(bin, 0), n - 1)
+            counts[bin] += 1
+        }
+    }
+
+    public func merged(with other: Histogram) throws -> Histogram {
+        guard lower == other.lower, upper == other.upper, binCount == other.binCount, magnitudes == other.magnitudes else {
+            throw CompressionError(.incompatibleStatistics,
+                "histograms over [\(lower), \(upper)]×\(binCount) and [\(other.lower), \(other.upper)]×\(other.binCount) have different edges and cannot be merged")
+        }
+        var out = self
+        for i in counts.indices { out.counts[i] += other.counts[i] }
+        return out
+    }
+}
+
+/// Per-channel activation statistics of a tensor `[N, C, …]`: sums of values and of absolute values, sums of
+/// squares, counts of zeros (for APoZ), and the number of values per channel.
+public struct ChannelStatistics: Sendable, Equatable, Codable {
+    public private(set) var sums: [Double]
+    public private(set) var absoluteSums: [Double]
+    public private(set) var squaredSums: [Double]
+    public private(set) var zeroCounts: [UInt64]
+    public private(set) var valuesPerChannel: UInt64
+
+    public init(channels: Int) {
+        sums = [Double](repeating: 0, count: channels)
+        absoluteSums = sums
+        squaredSums = sums
+        zeroCounts = [UInt64](repeating: 0, count: channels)
+        valuesPerChannel = 0
+    }
+
+    public var channels: Int { sums.count }
+
+    /// Adds a batch laid out `[N, C, spatial…]` (`shape[1]` must equal `channels`).
+    public mutating func add(_ values: [Float], shape: [Int]) throws {
+        guard shape.count >= 2, shape[1] == channels else {
+            throw CompressionError(.incompatibleStatistics, "a tensor of shape \(shape) does not have \(channels) channels")
+        }
+        let n = shape[0], inner = shape[2...].reduce(1, *)
+        for b in 0..<n {
+            for c in 0..<channels {
+                let base = (b * channels + c) * inner
+                var s = 0.0, a = 0.0, q = 0.0
+                var zeros: UInt64 = 0
+                for i in 0..<inner {
+                    let v = values[base + i]
+                    guard v.isFinite else {
+                        throw CompressionError(.invalidStatistics, "a non-finite activation (\(v)) in channel \(c)")
+                    }
+                    let d = Double(v)
+                    s += d
+                    a += abs(d)
+                    q += d * d
+                    if v == 0 { zeros += 1 }
+                }
+                sums[c] += s
+                absoluteSums[c] += a
+                squaredSums[c] += q
+                zeroCounts[c] += zeros
+            }
+        }
+        valuesPerChannel += UInt64(n * inner)
+    }
+
+    public func merged(with other: ChannelStatistics) throws -> ChannelStatistics {
+        guard channels == other.channels else {
+            throw CompressionError(.incompatibleStatistics, "channel statistics for \(channels) and \(other.channels) channels cannot be merged")
+        }
+        var out = self
+        for c in 0..<channels {
+            out.sums[c] += other.sums[c]
+            out.absoluteSums[c] += other.absoluteSums[c]
+            out.squaredSums[c] += other.squaredSums[c]
+            out.zeroCounts[c] += other.zeroCounts[c]
+        }
+        out.valuesPerChannel += other.valuesPerChannel
+        return out
+    }
+
+    /// Mean |a| per channel (activation importance).
+    public var meanMagnitude: [Double] { absoluteSums.map { valuesPerChannel == 0 ? 0 : $0 / Double(valuesPerChannel) } }
+    /// Average percentage of zeros per channel (APoZ), as a fraction.
+    public var zeroFraction: [Double] { zeroCounts.map { valuesPerChannel == 0 ? 0 : Double($0) / Double(valuesPerChannel) } }
+}
