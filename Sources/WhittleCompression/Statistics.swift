@@ -62,6 +62,12 @@ public struct Histogram: Sendable, Equatable, Codable {
         self.magnitudes = magnitudes
     }
 
+    /// A histogram with given counts (for example received from a worker, or a committed fixture).
+    public init(lower: Float, upper: Float, counts: [UInt64], magnitudes: Bool) throws {
+        try self.init(lower: lower, upper: upper, binCount: counts.count, magnitudes: magnitudes)
+        self.counts = counts
+    }
+
     public var binCount: Int { counts.count }
     public var total: UInt64 { counts.reduce(0, +) }
 

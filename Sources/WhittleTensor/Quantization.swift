@@ -9,16 +9,16 @@ public struct QuantizationParameters: Sendable, Equatable {
         self.zeroPoint = zeroPoint
     }
 
-    /// The integer range of a quantized type: normal, symmetric (int8 [−127, 127], uint8 [0, 254]) or
-    /// reduced-range, as onnxruntime's tables give them.
+    /// The integer range of a quantized type: normal, symmetric (int8 [−127, 127]) or reduced-range, as
+    /// onnxruntime's `get_qmin_qmax_for_qType` gives them. onnxruntime (1.32) has no symmetric range for uint8 and
+    /// returns [0, 255]; ALGORITHMS.md's table lists [0, 254] — Whittle follows the tool.
     public static func range(_ type: DataType, symmetric: Bool = false, reduceRange: Bool = false) throws -> ClosedRange<Int64> {
         switch (type, symmetric, reduceRange) {
         case (.int8, _, true): return -64...64
         case (.int8, true, false): return -127...127
         case (.int8, false, false): return -128...127
         case (.uint8, _, true): return 0...127
-        case (.uint8, true, false): return 0...254
-        case (.uint8, false, false): return 0...255
+        case (.uint8, _, false): return 0...255
         case (.int4, _, true): return -4...3
         case (.int4, _, false): return -8...7
         case (.uint4, _, true): return 0...7

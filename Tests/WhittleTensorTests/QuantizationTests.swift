@@ -6,7 +6,7 @@ import WhittleTensor
     @Test func rangesMatchOnnxRuntimeTables() throws {
         #expect(try QuantizationParameters.range(.int8) == -128...127)
         #expect(try QuantizationParameters.range(.int8, symmetric: true) == -127...127)
-        #expect(try QuantizationParameters.range(.uint8, symmetric: true) == 0...254)
+        #expect(try QuantizationParameters.range(.uint8, symmetric: true) == 0...255)  // onnxruntime 1.32's table
         #expect(try QuantizationParameters.range(.int8, reduceRange: true) == -64...64)
         #expect(try QuantizationParameters.range(.int4) == -8...7)
         #expect(try QuantizationParameters.range(.uint4, reduceRange: true) == 0...7)
