@@ -31,6 +31,10 @@ let package = Package(
         ),
         .target(name: "WhittleNN", dependencies: ["WhittleTensor", "WhittleONNX"]),
         .target(name: "WhittleCompression", dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN"]),
+        .target(
+            name: "WhittleProtocol",
+            dependencies: ["WhittleCompression", .product(name: "SwiftProtobuf", package: "swift-protobuf")]
+        ),
 
         // Command-line front ends shared by the executables.
         .target(
@@ -57,6 +61,7 @@ let package = Package(
         .testTarget(name: "WhittleONNXTests", dependencies: ["WhittleONNX", "WhittleNN", "WhittleTestSupport"]),
         .testTarget(name: "WhittleNNTests", dependencies: ["WhittleNN", "WhittleONNX", "WhittleTestSupport"]),
         .testTarget(name: "WhittleCompressionTests", dependencies: ["WhittleCompression", "WhittleTensor", "WhittleTestSupport"]),
+        .testTarget(name: "WhittleProtocolTests", dependencies: ["WhittleProtocol", "WhittleCompression", "WhittleTestSupport"]),
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
     ]
 )

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates Sources/WhittleONNX/Generated/onnx.pb.swift from proto/onnx.proto.
+# Regenerates Sources/WhittleONNX/Generated/onnx.pb.swift from proto/onnx.proto and
+# Sources/WhittleProtocol/Generated/whittle.pb.swift from proto/whittle.proto.
 #
 # Run by hand, from anywhere inside the repository, whenever proto/onnx.proto
 # changes. It is NEVER run in CI: the generated file is committed, and the
@@ -58,4 +59,14 @@ cd "$ROOT"
   --swift_opt=Visibility=Public \
   proto/onnx.proto
 
-echo "generated $(realpath --relative-to="$ROOT" "$OUT_DIR/onnx.pb.swift") with $("$PROTOC" --version), protoc-gen-swift $plugin_version"
+# Whittle's own wire messages (module WhittleProtocol).
+PROTOCOL_DIR="$ROOT/Sources/WhittleProtocol/Generated"
+mkdir -p "$PROTOCOL_DIR"
+"$PROTOC" \
+  --plugin=protoc-gen-swift="$PROTOC_GEN_SWIFT" \
+  --proto_path=proto \
+  --swift_out="$PROTOCOL_DIR" \
+  --swift_opt=Visibility=Public \
+  proto/whittle.proto
+
+echo "generated $(realpath --relative-to="$ROOT" "$OUT_DIR/onnx.pb.swift") and $(realpath --relative-to="$ROOT" "$PROTOCOL_DIR/whittle.pb.swift") with $("$PROTOC" --version), protoc-gen-swift $plugin_version"

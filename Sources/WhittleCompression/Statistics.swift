@@ -119,6 +119,22 @@ public struct ChannelStatistics: Sendable, Equatable, Codable {
         valuesPerChannel = 0
     }
 
+    /// Statistics from their parts (for example decoded from the wire); all per-channel arrays must agree in length.
+    public init(sums: [Double], absoluteSums: [Double], squaredSums: [Double], zeroCounts: [UInt64],
+                valuesPerChannel: UInt64) throws {
+        guard absoluteSums.count == sums.count, squaredSums.count == sums.count, zeroCounts.count == sums.count else {
+            throw CompressionError(.invalidStatistics, "channel statistics have per-channel arrays of different lengths")
+        }
+        guard (sums + absoluteSums + squaredSums).allSatisfy(\.isFinite) else {
+            throw CompressionError(.invalidStatistics, "channel statistics contain a non-finite sum")
+        }
+        self.sums = sums
+        self.absoluteSums = absoluteSums
+        self.squaredSums = squaredSums
+        self.zeroCounts = zeroCounts
+        self.valuesPerChannel = valuesPerChannel
+    }
+
     public var channels: Int { sums.count }
 
     /// Adds a batch laid out `[N, C, spatial…]` (`shape[1]` must equal `channels`).

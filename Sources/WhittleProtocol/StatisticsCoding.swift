@@ -1,0 +1,78 @@
+import Foundation
+import SwiftProtobuf
+import WhittleCompression
+
+/// Wire encodings of the mergeable statistics (proto/whittle.proto). Decoding validates: what a worker sends is
+/// untrusted input, so non-finite or inconsistent statistics are refused, never merged.
+extension Whittle_RangeStatistics {
+    public init(_ r: RangeStatistics) {
+        self.init()
+        min = r.min
+        max = r.max
+        count = UInt64(r.count)
+    }
+
+    public func decoded() throws -> RangeStatistics {
+        guard count == 0 || (min.isFinite && max.isFinite && min <= max) else {
+            throw CompressionError(.invalidStatistics, "range statistics [\(min), \(max)] over \(count) values are not a finite interval")
+        }
+        guard count <= UInt64(Int.max) else { throw CompressionError(.invalidStatistics, "range statistics count overflows") }
+        return count == 0 ? RangeStatistics() : RangeStatistics(min: min, max: max, count: Int(count))
+    }
+}
+
+extension Whittle_Histogram {
+    public init(_ h: Histogram) {
+        self.init()
+        lower = h.lower
+        upper = h.upper
+        counts = h.counts
+        magnitudes = h.magnitudes
+    }
+
+    /// Refuses histograms with more than `maximumBins` bins (a guard against oversized uploads).
+    public func decoded(maximumBins: Int = 1 << 16) throws -> Histogram {
+        guard !counts.isEmpty, counts.count <= maximumBins else {
+            throw CompressionError(.invalidStatistics, "a histogram with \(counts.count) bins is refused (1…\(maximumBins))")
+        }
+        return try Histogram(lower: lower, upper: upper, counts: counts, magnitudes: magnitudes)
+    }
+}
+
+extension Whittle_ChannelStatistics {
+    public init(_ c: ChannelStatistics) {
+        self.init()
+        sums = c.sums
+        absoluteSums = c.absoluteSums
+        squaredSums = c.squaredSums
+        zeroCounts = c.zeroCounts
+        valuesPerChannel = c.valuesPerChannel
+    }
+
+    public func decoded() throws -> ChannelStatistics {
+        try ChannelStatistics(sums: sums, absoluteSums: absoluteSums, squaredSums: squaredSums, zeroCounts: zeroCounts,
+                              valuesPerChannel: valuesPerChannel)
+    }
+}
+
+extension Whittle_CalibrationReport {
+    /// The report of a `CalibrationCollector`: its ranges, its histograms (when pass 2 ran) and its sample count.
+    public init(_ collector: CalibrationCollector) {
+        self.init()
+        ranges = collector.ranges.mapValues(Whittle_RangeStatistics.init)
+        histograms = collector.histograms.mapValues(Whittle_Histogram.init)
+        samples = UInt64(collector.samples)
+    }
+
+    /// Parses and validates a serialized report.
+    public static func decode(_ bytes: [UInt8]) throws -> (ranges: [String: RangeStatistics], histograms: [String: Histogram], samples: Int) {
+        let report: Whittle_CalibrationReport
+        do {
+            report = try Whittle_CalibrationReport(serializedBytes: bytes)
+        } catch {
+            throw CompressionError(.invalidStatistics, "not a valid calibration report (protobuf decoding failed: \(error))")
+        }
+        return (try report.ranges.mapValues { try $0.decoded() }, try report.histograms.mapValues { try $0.decoded() },
+                Int(clamping: report.samples))
+    }
+}

@@ -1,0 +1,46 @@
+import Testing
+import WhittleCompression
+import WhittleProtocol
+import WhittleTestSupport
+
+@Suite struct StatisticsCodingTests {
+    @Test func statisticsSurviveTheWireExactly() throws {
+        var r = RangeStatistics()
+        try r.add([-1.5, 0.25, 3.75])
+        var h = try Histogram(lower: 0, upper: 4, binCount: 64, magnitudes: true)
+        try h.add(TestSupport.randomFloats(500, seed: 9).map { $0 * 4 })
+        var c = ChannelStatistics(channels: 2)
+        try c.add(TestSupport.randomFloats(40, seed: 10), shape: [5, 2, 4])
+        var report = Whittle_CalibrationReport()
+        report.ranges = ["conv1": Whittle_RangeStatistics(r)]
+        report.histograms = ["conv1": Whittle_Histogram(h)]
+        report.samples = 5
+        let bytes: [UInt8] = try report.serializedBytes()
+        let decoded = try Whittle_CalibrationReport.decode(bytes)
+        #expect(decoded.ranges["conv1"] == r)
+        #expect(decoded.histograms["conv1"] == h)
+        #expect(decoded.samples == 5)
+        let channelBytes: [UInt8] = try Whittle_ChannelStatistics(c).serializedBytes()
+        #expect(try Whittle_ChannelStatistics(serializedBytes: channelBytes).decoded() == c)
+    }
+
+    @Test func hostileStatisticsAreRefused() throws {
+        var bad = Whittle_RangeStatistics()
+        bad.min = .nan
+        bad.max = 1
+        bad.count = 3
+        #expect(throws: CompressionError.self) { try bad.decoded() }
+        var inverted = Whittle_RangeStatistics()
+        (inverted.min, inverted.max, inverted.count) = (2, 1, 1)
+        #expect(throws: CompressionError.self) { try inverted.decoded() }
+        var huge = Whittle_Histogram()
+        huge.upper = 1
+        huge.counts = [UInt64](repeating: 1, count: 70000)
+        #expect(throws: CompressionError.self) { try huge.decoded() }
+        var ragged = Whittle_ChannelStatistics()
+        ragged.sums = [1, 2]
+        ragged.absoluteSums = [1]
+        #expect(throws: CompressionError.self) { try ragged.decoded() }
+        #expect(throws: CompressionError.self) { try Whittle_CalibrationReport.decode(Array("not protobuf at all!!".utf8)) }
+    }
+}
