@@ -123,6 +123,31 @@ fail:
 
 // MARK: Convolution
 
+/// The memory descriptors every convolution plan starts from: plain NCHW / (g)OIHW layouts of the caller's buffers,
+/// their `any` twins for oneDNN to choose from, and the bias vector.
+typedef struct {
+    dnnl_memory_desc_t src, dst, src_any, dst_any, w_plain, w_any, bias;
+} conv_mds;
+
+static dnnl_status_t conv_mds_init(conv_mds *m, int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc, int64_t oh,
+                                   int64_t ow, int64_t kh, int64_t kw, int64_t groups) {
+    dnnl_status_t st;
+    dnnl_dims_t src_dims = {n, c, h, w}, dst_dims = {n, oc, oh, ow}, b_dims = {oc};
+    if ((st = dnnl_memory_desc_init_by_tag(&m->src, 4, src_dims, dnnl_f32, dnnl_nchw)) != dnnl_success) return st;
+    if ((st = dnnl_memory_desc_init_by_tag(&m->dst, 4, dst_dims, dnnl_f32, dnnl_nchw)) != dnnl_success) return st;
+    if ((st = dnnl_memory_desc_init_by_tag(&m->src_any, 4, src_dims, dnnl_f32, dnnl_format_tag_any)) != dnnl_success) return st;
+    if ((st = dnnl_memory_desc_init_by_tag(&m->dst_any, 4, dst_dims, dnnl_f32, dnnl_format_tag_any)) != dnnl_success) return st;
+    if ((st = dnnl_memory_desc_init_by_tag(&m->bias, 1, b_dims, dnnl_f32, dnnl_x)) != dnnl_success) return st;
+    if (groups > 1) {
+        dnnl_dims_t wd = {groups, oc / groups, c / groups, kh, kw};
+        if ((st = dnnl_memory_desc_init_by_tag(&m->w_plain, 5, wd, dnnl_f32, dnnl_goihw)) != dnnl_success) return st;
+        return dnnl_memory_desc_init_by_tag(&m->w_any, 5, wd, dnnl_f32, dnnl_format_tag_any);
+    }
+    dnnl_dims_t wd = {oc, c, kh, kw};
+    if ((st = dnnl_memory_desc_init_by_tag(&m->w_plain, 4, wd, dnnl_f32, dnnl_oihw)) != dnnl_success) return st;
+    return dnnl_memory_desc_init_by_tag(&m->w_any, 4, wd, dnnl_f32, dnnl_format_tag_any);
+}
+
 struct wk_conv {
     dnnl_primitive_t prim;
     dnnl_memory_t src, weights, bias, dst;
@@ -165,22 +190,10 @@ wk_conv *wk_conv_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc, 
     dnnl_primitive_attr_t attr = NULL;
     dnnl_primitive_desc_t pd = NULL;
     if (!p) return NULL;
-    dnnl_memory_desc_t src_md, dst_md, src_any, dst_any, w_plain, w_any, b_md;
-    dnnl_dims_t src_dims = {n, c, h, w}, dst_dims = {n, oc, oh, ow}, b_dims = {oc};
-    CHECK(dnnl_memory_desc_init_by_tag(&src_md, 4, src_dims, dnnl_f32, dnnl_nchw));
-    CHECK(dnnl_memory_desc_init_by_tag(&dst_md, 4, dst_dims, dnnl_f32, dnnl_nchw));
-    CHECK(dnnl_memory_desc_init_by_tag(&src_any, 4, src_dims, dnnl_f32, dnnl_format_tag_any));
-    CHECK(dnnl_memory_desc_init_by_tag(&dst_any, 4, dst_dims, dnnl_f32, dnnl_format_tag_any));
-    CHECK(dnnl_memory_desc_init_by_tag(&b_md, 1, b_dims, dnnl_f32, dnnl_x));
-    if (groups > 1) {
-        dnnl_dims_t wd = {groups, oc / groups, c / groups, kh, kw};
-        CHECK(dnnl_memory_desc_init_by_tag(&w_plain, 5, wd, dnnl_f32, dnnl_goihw));
-        CHECK(dnnl_memory_desc_init_by_tag(&w_any, 5, wd, dnnl_f32, dnnl_format_tag_any));
-    } else {
-        dnnl_dims_t wd = {oc, c, kh, kw};
-        CHECK(dnnl_memory_desc_init_by_tag(&w_plain, 4, wd, dnnl_f32, dnnl_oihw));
-        CHECK(dnnl_memory_desc_init_by_tag(&w_any, 4, wd, dnnl_f32, dnnl_format_tag_any));
-    }
+    conv_mds m;
+    CHECK(conv_mds_init(&m, n, c, h, w, oc, oh, ow, kh, kw, groups));
+    dnnl_memory_desc_t src_md = m.src, dst_md = m.dst, src_any = m.src_any, dst_any = m.dst_any, w_plain = m.w_plain,
+                       w_any = m.w_any, b_md = m.bias;
     dnnl_dims_t strides = {stride_h, stride_w}, dil = {dil_h - 1, dil_w - 1};
     dnnl_dims_t pl = {pad_t, pad_l}, pr = {pad_b, pad_r};
     dnnl_convolution_desc_t desc;
@@ -732,22 +745,10 @@ wk_conv_train *wk_conv_train_create(int64_t n, int64_t c, int64_t h, int64_t w, 
     dnnl_primitive_desc_t fpd = NULL, dpd = NULL, wpd = NULL;
     if (!p) return NULL;
     p->has_bias = has_bias;
-    dnnl_memory_desc_t src_md, dst_md, src_any, dst_any, w_plain, w_any, b_md;
-    dnnl_dims_t src_dims = {n, c, h, w}, dst_dims = {n, oc, oh, ow}, b_dims = {oc};
-    CHECK(dnnl_memory_desc_init_by_tag(&src_md, 4, src_dims, dnnl_f32, dnnl_nchw));
-    CHECK(dnnl_memory_desc_init_by_tag(&dst_md, 4, dst_dims, dnnl_f32, dnnl_nchw));
-    CHECK(dnnl_memory_desc_init_by_tag(&src_any, 4, src_dims, dnnl_f32, dnnl_format_tag_any));
-    CHECK(dnnl_memory_desc_init_by_tag(&dst_any, 4, dst_dims, dnnl_f32, dnnl_format_tag_any));
-    CHECK(dnnl_memory_desc_init_by_tag(&b_md, 1, b_dims, dnnl_f32, dnnl_x));
-    if (groups > 1) {
-        dnnl_dims_t wd = {groups, oc / groups, c / groups, kh, kw};
-        CHECK(dnnl_memory_desc_init_by_tag(&w_plain, 5, wd, dnnl_f32, dnnl_goihw));
-        CHECK(dnnl_memory_desc_init_by_tag(&w_any, 5, wd, dnnl_f32, dnnl_format_tag_any));
-    } else {
-        dnnl_dims_t wd = {oc, c, kh, kw};
-        CHECK(dnnl_memory_desc_init_by_tag(&w_plain, 4, wd, dnnl_f32, dnnl_oihw));
-        CHECK(dnnl_memory_desc_init_by_tag(&w_any, 4, wd, dnnl_f32, dnnl_format_tag_any));
-    }
+    conv_mds m;
+    CHECK(conv_mds_init(&m, n, c, h, w, oc, oh, ow, kh, kw, groups));
+    dnnl_memory_desc_t src_md = m.src, dst_md = m.dst, src_any = m.src_any, dst_any = m.dst_any, w_plain = m.w_plain,
+                       w_any = m.w_any, b_md = m.bias;
     dnnl_dims_t strides = {stride_h, stride_w}, dil = {dil_h - 1, dil_w - 1};
     dnnl_dims_t pl = {pad_t, pad_l}, pr = {pad_b, pad_r};
     dnnl_convolution_desc_t fdesc, ddesc, wdesc;

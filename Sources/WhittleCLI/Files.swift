@@ -53,6 +53,16 @@ public enum Files {
         }
     }
 
+    /// Reads class labels: an integer .npy of shape [count], one label per sample.
+    public static func readLabels(_ path: String, count: Int) throws -> Tensor {
+        let t = try readNPY(path)
+        guard t.dtype.isInteger else { throw CLIError("\(path): labels must be integers, got \(t.dtype)") }
+        guard t.rank == 1, t.shape[0] == count else {
+            throw CLIError("\(path) has shape \(t.shape); expected [\(count)], one label per sample")
+        }
+        return t
+    }
+
     public static func writeNPY(_ tensor: Tensor, to path: String) throws {
         try writeBytes(try NPY.encode(tensor), to: path)
     }

@@ -180,11 +180,7 @@ extension ModelCommand {
         func run() throws {
             let session = try options.session(model)
             let x = try Files.readNPY(data)
-            let y = try Files.readNPY(labels)
-            guard y.dtype.isInteger else { throw CLIError("\(labels): labels must be integers, got \(y.dtype)") }
-            guard y.rank == 1, x.rank >= 1, y.shape[0] == x.shape[0] else {
-                throw CLIError("\(labels) has shape \(y.shape); expected [\(x.shape.first ?? 0)], one label per sample of \(data)")
-            }
+            let y = try Files.readLabels(labels, count: x.shape.first ?? 0)
             var metrics = ClassificationMetrics()
             let batchSize = try options.batchSize(for: session)
             let clock = ContinuousClock()

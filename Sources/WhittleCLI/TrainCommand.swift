@@ -94,7 +94,7 @@ extension ModelCommand {
             var base = try Files.readModel(model)
             if reinitialize { base = try Initialization.heInitialized(base, seed: seed) }
             let x = try floatData(try Files.readNPY(data), data)
-            let y = try labels.map { try labelData(try Files.readNPY($0), $0, count: x.shape[0]) }
+            let y = try labels.map { try Files.readLabels($0, count: x.shape[0]) }
             var configuration = TrainingConfiguration()
             configuration.epochs = epochs
             configuration.batchSize = batchSize
@@ -124,7 +124,7 @@ extension ModelCommand {
             }
             let validation = try valData.map { path -> (Tensor, Tensor) in
                 let vx = try floatData(try Files.readNPY(path), path)
-                return (vx, try labelData(try Files.readNPY(valLabels!), valLabels!, count: vx.shape[0]))
+                return (vx, try Files.readLabels(valLabels!, count: vx.shape[0]))
             }
             let progress = ProgressBar(enabled: !json)
             let clock = ContinuousClock()
@@ -190,14 +190,6 @@ extension ModelCommand {
                 throw CLIError("\(path) contains a non-finite value at flat index \(bad)")
             }
             return Tensor(shape: t.shape, floats: values)
-        }
-
-        func labelData(_ t: Tensor, _ path: String, count: Int) throws -> Tensor {
-            guard t.dtype.isInteger else { throw CLIError("\(path): labels must be integers, got \(t.dtype)") }
-            guard t.rank == 1, t.shape[0] == count else {
-                throw CLIError("\(path) has shape \(t.shape); expected [\(count)], one label per sample")
-            }
-            return t
         }
     }
 }
