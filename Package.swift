@@ -40,7 +40,7 @@ let package = Package(
         .target(
             name: "WhittleCLI",
             dependencies: [
-                "WhittleNN", "WhittleONNX", "WhittleTensor", "CWhittleDNNL",
+                "WhittleNN", "WhittleONNX", "WhittleTensor", "WhittleCompression", "CWhittleDNNL",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -8,8 +8,8 @@ import WhittleTensor
 public struct ModelCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "model",
-        abstract: "Inspect, run, evaluate and benchmark ONNX models locally.",
-        subcommands: [Inspect.self, Run.self, Eval.self, Train.self, Bench.self, Convert.self])
+        abstract: "Inspect, run, evaluate, train, compress and benchmark ONNX models locally.",
+        subcommands: [Inspect.self, Run.self, Eval.self, Train.self, Compress.self, Bench.self, Convert.self])
 
     public init() {}
 }

@@ -2,10 +2,15 @@ import Foundation
 
 /// Prints `value` as pretty JSON with sorted keys on standard output.
 func printJSON<T: Encodable>(_ value: T) throws {
+    print(String(decoding: try jsonBytes(value), as: UTF8.self))
+}
+
+/// `value` as pretty JSON with sorted keys.
+func jsonBytes<T: Encodable>(_ value: T) throws -> [UInt8] {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-    let data = try encoder.encode(value)
-    print(String(decoding: data, as: UTF8.self))
+    encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+    return [UInt8](try encoder.encode(value))
 }
 
 /// Formats a count with thousands separators: 1234567 → "1,234,567".

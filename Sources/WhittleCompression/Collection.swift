@@ -63,3 +63,84 @@ public final class CalibrationCollector {
         }
     }
 }
+
+/// The collecting half of data-driven channel importance (what a worker runs on its data): per-channel activation
+/// statistics of each group's statistics tensor (activation, APoZ), or per-parameter gradient sums (Taylor).
+/// Gradients are taken with batch normalization frozen (running statistics), so sums over disjoint parts of the
+/// data add up to the sum over the whole. Without labels, the loss is cross-entropy against the unpruned model's
+/// top-1 prediction: distillation's gradient vanishes while the student still equals its teacher.
+public final class ImportanceCollector {
+    public let criterion: ImportanceCriterion
+    public let groups: ChannelGroups
+    public private(set) var statistics = ImportanceStatistics()
+    let session: InferenceSession
+    let teacher: InferenceSession?
+    var trainer: Trainer?
+    let batchSize: Int
+
+    public init(model: Model, groups: ChannelGroups, criterion: ImportanceCriterion, teacher: Model? = nil,
+                batchSize: Int = 32) throws {
+        self.criterion = criterion
+        self.groups = groups
+        self.batchSize = batchSize
+        session = try InferenceSession(model: model)
+        self.teacher = try teacher.map { try InferenceSession(model: $0) }
+        if criterion == .taylor {
+            var configuration = TrainingConfiguration()
+            configuration.batchSize = batchSize
+            configuration.batchNorm = .frozen
+            configuration.learningRate = 0
+            trainer = try Trainer(model: model, configuration: configuration)
+        }
+    }
+
+    /// Adds a batch (`labels` optional).
+    public func collect(_ batch: Tensor, labels: ArraySlice<Int64>? = nil) throws {
+        switch criterion {
+        case .activation, .apoz:
+            let wanted = Set(groups.prunable.compactMap(\.statisticsTensor))
+            _ = try session.run(batch) { node, outputs in
+                for (name, value) in zip(node.outputs, outputs) where wanted.contains(name) {
+                    var s = self.statistics.channels[name] ?? ChannelStatistics(channels: value.shape[1])
+                    do {
+                        try s.add(value.floats, shape: value.shape)
+                    } catch let error as CompressionError {
+                        throw CompressionError(error.code, "\(node.label), output '\(name)': \(error.message)")
+                    }
+                    self.statistics.channels[name] = s
+                }
+            }
+        case .taylor:
+            var y = labels
+            if y == nil {
+                let logits = try (teacher ?? session).run(batch)
+                let classes = logits.count / batch.shape[0]
+                y = ArraySlice((0..<batch.shape[0]).map { row in
+                    let z = logits.floats[(row * classes)..<((row + 1) * classes)]
+                    return Int64(z.firstIndex(of: z.max()!)! - z.startIndex)
+                })
+            }
+            let (loss, _) = try trainer!.gradients(batch, labels: y, accumulate: true, nodeOutputs: false)
+            guard loss.loss.isFinite else {
+                throw CompressionError(.invalidStatistics, "the loss is not finite on this batch; the data or model is broken")
+            }
+            statistics.gradientSums = trainer!.gradientSums
+        default:
+            break
+        }
+        statistics.samples += batch.shape[0]
+    }
+
+    /// Adds all of `data` in batches.
+    public func collect(data: Tensor, labels: Tensor?) throws {
+        let n = data.shape[0], sampleSize = data.count / max(n, 1)
+        var start = 0
+        while start < n {
+            let end = min(start + batchSize, n)
+            let x = Tensor(shape: [end - start] + Array(data.shape.dropFirst()),
+                           floats: Array(data.floats[(start * sampleSize)..<(end * sampleSize)]))
+            try collect(x, labels: labels.map { $0.ints[start..<end] })
+            start = end
+        }
+    }
+}

@@ -20,7 +20,8 @@ public struct InferredGraph: Sendable {
 }
 
 public enum ShapeInference {
-    /// Largest output (in elements) folded into a constant; bigger values are computed at run time.
+    /// Largest output (in elements) folded into a constant; bigger values are computed at run time. A
+    /// DequantizeLinear of constants (a QDQ model's weights) is always folded, so quantized weights are expanded once.
     public static let foldingLimit = 1 << 16
     /// Ops never folded even with constant inputs (they are the model's real work).
     static let heavyOps: Set<String> = ["Conv", "Gemm", "MatMul", "BatchNormalization", "MaxPool", "AveragePool",
@@ -88,7 +89,7 @@ public enum ShapeInference {
             var folded = outs.allSatisfy { $0.constant != nil }
             let present = metas.compactMap { $0 }
             if !folded, !heavyOps.contains(node.opType), present.allSatisfy({ $0.constant != nil }),
-                outs.allSatisfy({ $0.count <= foldingLimit }) {
+                outs.allSatisfy({ $0.count <= foldingLimit }) || node.opType == "DequantizeLinear" {
                 let kernel = try definition.compile(ctx, outs, KernelOptions(fast: false))
                 let produced = try kernel.run(metas.map { $0?.constant })
                 for (i, tensor) in produced.enumerated() where i < outs.count { outs[i] = ValueMeta(tensor) }

@@ -76,8 +76,9 @@ public struct FakeQuantization: Sendable, Equatable {
     }
 
     /// Symmetric or asymmetric parameters from the tensor's own min/max (per channel along `axis` when given).
-    public static func fromRange(of x: Tensor, type: DataType, symmetric: Bool, axis: Int?) throws -> FakeQuantization {
-        let range = try QuantizationParameters.range(type, symmetric: symmetric)
+    public static func fromRange(of x: Tensor, type: DataType, symmetric: Bool, axis: Int?, reduceRange: Bool = false) throws
+        -> FakeQuantization {
+        let range = try QuantizationParameters.range(type, symmetric: symmetric, reduceRange: reduceRange)
         guard let axis else {
             let p = try QuantizationParameters.compute(min: x.floats.min() ?? 0, max: x.floats.max() ?? 0, range: range,
                                                        symmetric: symmetric)

@@ -1,0 +1,210 @@
+import ArgumentParser
+import Foundation
+import WhittleCompression
+import WhittleNN
+import WhittleONNX
+import WhittleTensor
+
+extension ModelCommand {
+    struct Compress: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Prune and/or quantize a model on local data and write the compressed ONNX model (QDQ).",
+            discussion: """
+                Locally, exactly what a federated round does with statistics merged from many workers. \
+                Pruning removes whole channels (dependency groups found from the graph), optionally in a \
+                progressive --schedule with fine-tuning between steps; quantization calibrates activation ranges \
+                on --calibration-data and writes QuantizeLinear/DequantizeLinear as onnxruntime's QDQ quantizer \
+                places them. Accuracy is measured on --val-data (or the calibration data) when labels are given.
+                """)
+
+        @Argument(help: "The ONNX model to compress.") var model: String
+        @Option(name: .long, help: "Calibration (and importance) samples, NCHW float32 .npy.") var calibrationData: String
+        @Option(name: .long, help: "Labels of the calibration samples (int .npy): accuracy, Taylor importance.") var labels: String?
+        @Option(name: .long, help: "Where to write the compressed model.") var out: String
+
+        @Option(name: .long, help: "Fraction of channels to remove, in [0, 1).") var pruneRatio: Double = 0
+        @Option(name: .long, help: "Progressive pruning ratios, e.g. 0.2,0.25,0.3 (fine-tuning after each).") var schedule: String?
+        @Option(name: .long, help: "local (each layer) or global (ranked across layers).") var pruneScope: String = "local"
+        @Option(name: .long, help: "l1, l2, bn-scale, activation, apoz or taylor.") var importance: String = "l1"
+        @Option(name: .long, help: "Round kept channel counts down to a multiple of this (8 or 16 for hardware).") var roundTo: Int = 1
+        @Option(name: .long, help: "Keep at least this many channels per group.") var minChannels: Int = 1
+        @Option(name: .long, help: "Remove at most this fraction of any group.") var maxLayerRatio: Double = 0.9
+        @Option(name: .long, help: "Fine-tuning epochs after each pruning step (needs --train-data).") var finetuneEpochs: Int = 0
+        @Option(name: .long, help: "Fine-tuning samples (.npy).") var trainData: String?
+        @Option(name: .long, help: "Fine-tuning labels (.npy).") var trainLabels: String?
+        @Option(name: .long, help: "Fine-tuning learning rate (SGD, momentum 0.9, cosine schedule).") var lr: Float = 0.01
+        @Flag(name: .long, help: "Fine-tune by distillation from the original model (no labels needed).") var distill = false
+
+        @Option(name: .long, help: "none, int8, int4-weights or mixed.") var quantize: String = "none"
+        @Option(name: .long, help: "minmax, percentile, entropy or mse.") var calibration: String = "minmax"
+        @Option(name: .long, help: "Percentile for --calibration percentile.") var percentile: Double = 99.999
+        @Flag(name: .long, help: "Per-output-channel weight scales (the default).") var perChannel = false
+        @Flag(name: .long, help: "One weight scale per tensor.") var perTensor = false
+        @Option(name: .long, help: "Activation type: uint8 or int8.") var activationType: String = "uint8"
+        @Flag(name: .long, help: "Symmetric activation ranges.") var symmetricActivations = false
+        @Flag(name: .long, help: "7-bit weights (onnxruntime's reduce_range): for x86 CPUs without AVX-VNNI, whose u8×s8 kernels saturate.")
+        var reduceRange = false
+        @Option(name: .long, parsing: .upToNextOption, help: "Nodes to keep in float, by name.") var keepFloat: [String] = []
+        @Option(name: .long, parsing: .upToNextOption, help: "Per-node precision, NODE=float|int8|int4-weights.") var override: [String] = []
+        @Flag(name: .long, help: "Report each quantized layer's effect alone (accuracy or output KL divergence).") var sensitivity = false
+
+        @Option(name: .long, help: "Evaluation samples (.npy); default: the calibration data.") var valData: String?
+        @Option(name: .long, help: "Evaluation labels (.npy).") var valLabels: String?
+        @Option(name: .long, help: "Samples per batch.") var batchSize: Int = 32
+        @Option(name: .long, help: "Seed for fine-tuning.") var seed: UInt64 = 0
+        @Option(name: .long, help: "Compute threads.") var threads: Int?
+        @Option(name: .long, help: "Write the JSON report here.") var report: String?
+        @Flag(name: .long, help: "Print the report as JSON.") var json = false
+
+        func validate() throws {
+            guard pruneRatio >= 0, pruneRatio < 1 else { throw ValidationError("--prune-ratio must be in [0, 1), got \(pruneRatio)") }
+            guard PruningScope(rawValue: pruneScope) != nil else { throw ValidationError("--prune-scope must be local or global") }
+            guard ImportanceCriterion(rawValue: importance) != nil else {
+                throw ValidationError("--importance must be one of \(ImportanceCriterion.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            guard QuantizationMode(rawValue: quantize) != nil else { throw ValidationError("--quantize must be none, int8, int4-weights or mixed") }
+            guard CalibrationMethod(rawValue: calibration) != nil else {
+                throw ValidationError("--calibration must be minmax, percentile, entropy or mse")
+            }
+            guard !(perChannel && perTensor) else { throw ValidationError("--per-channel and --per-tensor exclude each other") }
+            guard ["uint8", "int8"].contains(activationType) else { throw ValidationError("--activation-type must be uint8 or int8") }
+            guard roundTo >= 1, minChannels >= 1, batchSize >= 1 else {
+                throw ValidationError("--round-to, --min-channels and --batch-size must be at least 1")
+            }
+            guard finetuneEpochs >= 0 else { throw ValidationError("--finetune-epochs must not be negative") }
+            guard finetuneEpochs == 0 || trainData != nil else { throw ValidationError("--finetune-epochs needs --train-data") }
+            guard finetuneEpochs == 0 || trainLabels != nil || distill else {
+                throw ValidationError("fine-tuning needs --train-labels, or --distill to learn from the original model")
+            }
+            guard (valData == nil) == (valLabels == nil) || valLabels == nil else { throw ValidationError("--val-labels needs --val-data") }
+            _ = try parsedSchedule()
+            _ = try parsedOverrides()
+        }
+
+        func parsedSchedule() throws -> [Double] {
+            guard let schedule else { return [] }
+            let values = schedule.split(separator: ",").map { Double($0.trimmingCharacters(in: .whitespaces)) }
+            guard !values.isEmpty, values.allSatisfy({ $0 != nil && $0! >= 0 && $0! < 1 }) else {
+                throw ValidationError("--schedule must be ratios in [0, 1) separated by commas, e.g. 0.2,0.25,0.3")
+            }
+            return values.map { $0! }
+        }
+
+        func parsedOverrides() throws -> [String: LayerPrecision] {
+            var out: [String: LayerPrecision] = [:]
+            for item in override {
+                let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+                guard parts.count == 2, let p = LayerPrecision(rawValue: parts[1]) else {
+                    throw ValidationError("--override '\(item)' must be NODE=float|int8|int4-weights")
+                }
+                out[parts[0]] = p
+            }
+            return out
+        }
+
+        func dataset(_ path: String, labels: String?) throws -> Dataset {
+            let t = try Files.readNPY(path)
+            guard t.dtype.isFloatingPoint, t.rank >= 2, t.shape[0] >= 1 else {
+                throw CLIError("\(path) has shape \(t.shape) (\(t.dtype)); expected float samples [N, …] with N ≥ 1")
+            }
+            let x = Tensor(shape: t.shape, floats: t.floats)
+            let y = try labels.map { try Files.readLabels($0, count: x.shape[0]) }
+            do {
+                return try Dataset(x: x, labels: y)
+            } catch let error as CompressionError {
+                throw CLIError("\(path): \(error.message)")
+            }
+        }
+
+        func run() throws {
+            if let threads { ComputeThreads.set(threads) }
+            let base = try Files.readModel(model)
+            let calibrationSet = try dataset(calibrationData, labels: labels)
+            let evaluation = try valData.map { try dataset($0, labels: valLabels) }
+            let training = try trainData.map { try dataset($0, labels: trainLabels) }
+
+            var job = LocalCompression()
+            let schedule = try parsedSchedule()
+            if pruneRatio > 0 || !schedule.isEmpty {
+                var options = PruningOptions(ratio: schedule.last ?? pruneRatio)
+                options.scope = PruningScope(rawValue: pruneScope)!
+                options.criterion = ImportanceCriterion(rawValue: importance)!
+                options.roundTo = roundTo
+                options.minChannels = minChannels
+                options.maxLayerRatio = maxLayerRatio
+                job.pruning = options
+                job.schedule = schedule
+            }
+            job.finetuneEpochs = finetuneEpochs
+            job.finetuneLearningRate = lr
+            job.distill = distill
+            job.batchSize = batchSize
+            job.seed = seed
+            var policy = QuantizationPolicy(mode: QuantizationMode(rawValue: quantize)!)
+            policy.calibration = CalibrationMethod(rawValue: calibration)!
+            policy.percentile = percentile
+            policy.perChannel = !perTensor
+            policy.activationType = activationType == "int8" ? .int8 : .uint8
+            policy.symmetricActivations = symmetricActivations
+            policy.reduceRange = reduceRange
+            policy.keepFloat = Set(keepFloat)
+            policy.overrides = try parsedOverrides()
+            job.quantization = policy
+            job.sensitivity = sensitivity
+
+            let quiet = json || isatty(STDERR_FILENO) == 0
+            let (compressed, result): (Model, CompressionReport)
+            do {
+                (compressed, result) = try job.run(model: base, modelName: model, outputName: out, calibration: calibrationSet,
+                                                   evaluation: evaluation, training: training) { message in
+                    if !quiet { FileHandle.standardError.write(Data("… \(message)\n".utf8)) }
+                }
+            } catch let error as CompressionError {
+                throw CLIError("\(model): \(error.message)")
+            } catch let error as ONNXError {
+                throw CLIError("\(model): \(error.message)")
+            } catch let error as TensorError {
+                throw CLIError("\(model): \(error.message)")
+            }
+            try Files.writeModel(compressed, to: out)
+            if let report { try Files.writeBytes(try jsonBytes(result), to: report) }
+            if json {
+                try printJSON(result)
+            } else {
+                printSummary(result)
+            }
+        }
+
+        func printSummary(_ r: CompressionReport) {
+            func accuracy(_ f: CompressionReport.Figures) -> String { f.accuracy.map { String(format: "%.2f %%", $0 * 100) } ?? "–" }
+            print(table(["", "before", "after", "ratio"],
+                        [["size", byteSize(r.before.bytes), byteSize(r.after.bytes), String(format: "%.2fx", Double(r.before.bytes) / Double(max(r.after.bytes, 1)))],
+                         ["parameters", "\(r.before.parameters)", "\(r.after.parameters)", String(format: "%.2fx", Double(r.before.parameters) / Double(max(r.after.parameters, 1)))],
+                         ["MACs", "\(r.before.macs)", "\(r.after.macs)", String(format: "%.2fx", Double(r.before.macs) / Double(max(r.after.macs, 1)))],
+                         ["accuracy", accuracy(r.before), accuracy(r.after), ""]], numeric: [1, 2, 3]))
+            if let a = r.agreement { print(String(format: "top-1 agreement with the original: %.2f %%", a * 100)) }
+            if let p = r.pruning {
+                print("pruning (\(p.criterion.rawValue), \(p.scope.rawValue)): " + p.steps.map { step in
+                    var s = String(format: "%.0f %% → %d/%d channels", step.ratio * 100, step.channelsKept, step.channelsBefore)
+                    if let a = step.accuracyPruned { s += String(format: ", %.2f %%", a * 100) }
+                    if let a = step.accuracyFinetuned { s += String(format: " → %.2f %% after fine-tuning", a * 100) }
+                    return s
+                }.joined(separator: "; "))
+                for f in p.frozen { print("  kept whole: \(f.group) (\(f.channels) channels): \(f.reason)") }
+            }
+            if let q = r.quantization {
+                let counts = Dictionary(grouping: q.layers, by: \.precision).mapValues(\.count)
+                print("quantization \(q.mode.rawValue), \(q.calibration.rawValue) calibration: "
+                      + LayerPrecision.allCases.compactMap { p in counts[p].map { "\($0) \(p.rawValue)" } }.joined(separator: ", ")
+                      + " layers, \(q.tensors.filter { $0.role == .activation }.count) activations quantized")
+            }
+            if let rows = r.sensitivity, !rows.isEmpty {
+                print(table(["layer", "op", "accuracy", "KL", "agreement"], rows.map {
+                    [$0.node, $0.opType, $0.accuracy.map { String(format: "%.2f %%", $0 * 100) } ?? "–",
+                     String(format: "%.5f", $0.klDivergence), String(format: "%.2f %%", $0.agreement * 100)]
+                }, numeric: [2, 3, 4]))
+            }
+            print(String(format: "wrote %@ (%.1f s)", out, r.timings["total"] ?? 0))
+        }
+    }
+}

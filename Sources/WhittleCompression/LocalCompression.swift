@@ -1,0 +1,326 @@
+import WhittleNN
+import WhittleONNX
+import WhittleTensor
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Samples (and optional labels) held in memory.
+public struct Dataset: Sendable {
+    public var x: Tensor
+    public var labels: Tensor?
+
+    public init(x: Tensor, labels: Tensor?) throws {
+        guard x.rank >= 2, x.shape[0] >= 1 else {
+            throw CompressionError(.invalidArgument, "the data has shape \(x.shape); expected at least one sample [N, …]")
+        }
+        if let labels, labels.count != x.shape[0] {
+            throw CompressionError(.invalidArgument, "\(labels.count) labels for \(x.shape[0]) samples")
+        }
+        if let bad = x.floats.firstIndex(where: { !$0.isFinite }) {
+            throw CompressionError(.invalidStatistics, "the data contains a non-finite value at flat index \(bad)")
+        }
+        self.x = x
+        self.labels = labels
+    }
+
+    public var count: Int { x.shape[0] }
+
+    /// The samples in `range` as one batch.
+    public func slice(_ range: Range<Int>) -> Tensor {
+        let sampleSize = x.count / count
+        return Tensor(shape: [range.count] + Array(x.shape.dropFirst()),
+                      floats: Array(x.floats[(range.lowerBound * sampleSize)..<(range.upperBound * sampleSize)]))
+    }
+
+    /// Batches of at most `size` samples, in order: `(batch, range of sample indices)`, made as they are consumed.
+    public func batches(_ size: Int) -> LazyMapSequence<StrideTo<Int>, (Tensor, Range<Int>)> {
+        stride(from: 0, to: count, by: size).lazy.map { start in
+            let range = start..<min(start + size, self.count)
+            return (self.slice(range), range)
+        }
+    }
+}
+
+/// What `coordinator model compress` does, on one machine: prune (progressively, with fine-tuning), fold batch
+/// normalization, calibrate, export QDQ, evaluate, report. A federated round runs the same steps with statistics
+/// merged from workers.
+public struct LocalCompression {
+    public var pruning: PruningOptions?
+    /// Ratios of a progressive schedule (each against the original channel counts); `[pruning.ratio]` by default.
+    public var schedule: [Double] = []
+    public var finetuneEpochs = 0
+    public var finetuneLearningRate: Float = 0.01
+    public var distill = false
+    public var quantization = QuantizationPolicy(mode: .none)
+    public var sensitivity = false
+    public var batchSize = 32
+    public var seed: UInt64 = 0
+
+    public init() {}
+
+    /// Progress messages (stage, detail) for the terminal.
+    public typealias Progress = (String) -> Void
+
+    public func run(model base: Model, modelName: String, outputName: String, calibration: Dataset, evaluation: Dataset?,
+                    training: Dataset?, progress: Progress = { _ in }) throws -> (Model, CompressionReport) {
+        let clock = ContinuousClock()
+        let start = clock.now
+        var timings: [String: Double] = [:]
+        func timed<T>(_ stage: String, _ body: () throws -> T) rethrows -> T {
+            let t0 = clock.now
+            defer { timings[stage, default: 0] += seconds(clock.now - t0) }
+            return try body()
+        }
+        try quantization.check()
+        if let pruning { try pruning.check() }
+        let evaluationData = evaluation ?? calibration
+        let baseSession = try InferenceSession(model: base)
+        try baseSession.validate(calibration.slice(0..<1))
+        if let training { try baseSession.validate(training.slice(0..<1)) }
+        if let evaluation { try baseSession.validate(evaluation.slice(0..<1)) }
+        let baseLogits = try timed("evaluation") { try logits(baseSession, evaluationData) }
+        let before = try figures(base, logits: baseLogits, data: evaluationData)
+
+        var model = base
+        var pruningSection: CompressionReport.PruningSection?
+        if let pruning, pruning.ratio > 0 || !schedule.isEmpty {
+            let steps = schedule.isEmpty ? [pruning.ratio] : schedule
+            guard steps.allSatisfy({ $0 >= 0 && $0 < 1 }), zip(steps, steps.dropFirst()).allSatisfy({ $0 <= $1 }) else {
+                throw CompressionError(.invalidArgument, "a schedule's ratios must be in [0, 1) and non-decreasing, got \(steps)")
+            }
+            let initialGroups = try ChannelGroups(model: base)
+            guard !initialGroups.prunable.isEmpty else {
+                let reasons = initialGroups.groups.compactMap { g in g.frozenReason.map { "\(g.name): \($0)" } }
+                throw CompressionError(.invalidArgument,
+                    "no channel group of this model can be pruned safely: " + reasons.prefix(6).joined(separator: "; "))
+            }
+            var original: [String: Int] = [:]
+            for g in initialGroups.prunable { original[g.name] = g.channels }
+            var section = CompressionReport.PruningSection(
+                criterion: pruning.criterion, scope: pruning.scope, schedule: steps, roundTo: pruning.roundTo,
+                minChannels: pruning.minChannels, maxLayerRatio: pruning.maxLayerRatio, finetuneEpochs: finetuneEpochs,
+                distill: distill, steps: [], groups: [],
+                frozen: initialGroups.groups.filter { !$0.prunable && !$0.members.isEmpty }.map {
+                    CompressionReport.FrozenGroup(group: $0.name, channels: $0.channels, reason: $0.frozenReason ?? "")
+                })
+            for (k, ratio) in steps.enumerated() {
+                progress(String(format: "pruning step %d/%d: %.0f %% of channels (%@ importance)", k + 1, steps.count,
+                                ratio * 100, pruning.criterion.rawValue))
+                let groups = try ChannelGroups(model: model)
+                var statistics: ImportanceStatistics?
+                if pruning.criterion.needsData {
+                    statistics = try timed("importance") {
+                        let collector = try ImportanceCollector(model: model, groups: groups, criterion: pruning.criterion,
+                                                                teacher: base, batchSize: batchSize)
+                        try collector.collect(data: calibration.x, labels: calibration.labels)
+                        return collector.statistics
+                    }
+                }
+                var options = pruning
+                options.ratio = ratio
+                let kept = try timed("pruning") { () throws -> [Int: [Int]] in
+                    let scores = try Pruning.scores(groups, model: model, criterion: pruning.criterion, statistics: statistics)
+                    return try Pruning.select(groups, scores: scores, options: options, originalChannels: original)
+                }
+                let channelsBefore = groups.prunable.reduce(0) { $0 + $1.channels }
+                model = try timed("pruning") { try Pruning.prune(model, groups: groups, kept: kept) }
+                var step = CompressionReport.PruningStep(
+                    ratio: ratio, channelsKept: kept.values.reduce(0) { $0 + $1.count }, channelsBefore: channelsBefore,
+                    accuracyPruned: nil, accuracyFinetuned: nil, finetuneLoss: [])
+                if evaluationData.labels != nil {
+                    step.accuracyPruned = try timed("evaluation") {
+                        try accuracy(logits(try InferenceSession(model: model), evaluationData), evaluationData)
+                    }
+                }
+                if finetuneEpochs > 0, let training {
+                    progress(String(format: "fine-tuning step %d/%d: %d epochs on %d samples", k + 1, steps.count,
+                                    finetuneEpochs, training.count))
+                    let (tuned, losses) = try timed("finetune") {
+                        try finetune(model, teacher: distill ? baseSession : nil, data: training, epochs: finetuneEpochs)
+                    }
+                    model = tuned
+                    step.finetuneLoss = losses
+                    if evaluationData.labels != nil {
+                        step.accuracyFinetuned = try timed("evaluation") {
+                            try accuracy(logits(try InferenceSession(model: model), evaluationData), evaluationData)
+                        }
+                    }
+                }
+                section.steps.append(step)
+            }
+            let finalGroups = try ChannelGroups(model: model)
+            section.groups = finalGroups.prunable.map { g in
+                GroupDecision(group: g.name, producers: g.producers, channels: original[g.name] ?? g.channels,
+                              kept: g.channels, keptIndices: [])
+            }
+            pruningSection = section
+        }
+
+        var calibrationSection: CompressionReport.CalibrationSection?
+        var summary: QuantizationSummary?
+        var sensitivityRows: [CompressionReport.Sensitivity]?
+        if quantization.mode != .none || !quantization.overrides.isEmpty {
+            let folded = try GraphEditing.foldBatchNormalization(model)
+            progress("calibrating on \(calibration.count) samples (\(quantization.calibration.rawValue))")
+            let t0 = clock.now
+            let ranges = try timed("calibration") { try calibrate(folded, calibration) }
+            calibrationSection = CompressionReport.CalibrationSection(method: quantization.calibration, samples: calibration.count,
+                                                                      tensors: ranges.count, seconds: seconds(clock.now - t0))
+            let (quantized, s) = try timed("export") { try QDQExport.export(folded, ranges: ranges, policy: quantization) }
+            summary = s
+            if sensitivity {
+                progress("sensitivity: quantizing one layer at a time")
+                let floatLogits = try timed("sensitivity") { try logits(try InferenceSession(model: folded), evaluationData) }
+                sensitivityRows = []
+                for layer in s.layers where layer.precision != .float {
+                    var single = quantization
+                    single.keepFloat = Set(folded.graph.nodes.map(\.name)).subtracting([layer.node])
+                    single.overrides = [layer.node: layer.precision]
+                    single.mode = .none
+                    let row = try timed("sensitivity") { () throws -> CompressionReport.Sensitivity in
+                        let (m, _) = try QDQExport.export(folded, ranges: ranges, policy: single)
+                        let z = try logits(try InferenceSession(model: m), evaluationData)
+                        return CompressionReport.Sensitivity(
+                            node: layer.node, opType: layer.opType,
+                            accuracy: evaluationData.labels != nil ? try accuracy(z, evaluationData) : nil,
+                            klDivergence: Self.klDivergence(floatLogits, z), agreement: Self.agreement(floatLogits, z))
+                    }
+                    sensitivityRows!.append(row)
+                }
+            }
+            model = quantized
+        }
+        let afterLogits = try timed("evaluation") { try logits(try InferenceSession(model: model), evaluationData) }
+        var report = CompressionReport(model: modelName, output: outputName, before: before,
+                                       after: try figures(model, logits: afterLogits, data: evaluationData))
+        report.agreement = Self.agreement(baseLogits, afterLogits)
+        report.pruning = pruningSection
+        report.calibration = calibrationSection
+        report.quantization = summary
+        report.sensitivity = sensitivityRows
+        timings["total"] = seconds(clock.now - start)
+        report.timings = timings
+        return (model, report)
+    }
+
+    /// Calibrated [min, max] per float activation: pass 1 ranges; pass 2 (histogram methods) |x| histograms over
+    /// [0, max|x|] with the policy's bin count, then the calibrator's threshold, clamped to the observed range.
+    public func calibrate(_ model: Model, _ data: Dataset) throws -> [String: (min: Float, max: Float)] {
+        let collector = CalibrationCollector(session: try InferenceSession(model: model))
+        for (batch, _) in data.batches(batchSize) { try collector.collectRanges(batch) }
+        return try Self.ranges(collector: collector, data: data, policy: quantization, batchSize: batchSize)
+    }
+
+    static func ranges(collector: CalibrationCollector, data: Dataset, policy: QuantizationPolicy, batchSize: Int) throws
+        -> [String: (min: Float, max: Float)] {
+        var out: [String: (min: Float, max: Float)] = [:]
+        if policy.calibration.needsHistograms {
+            try collector.beginHistograms(upperBounds: collector.ranges.mapValues(\.absMax), binCount: policy.histogramBins)
+            for (batch, _) in data.batches(batchSize) { try collector.collectHistograms(batch) }
+        }
+        for (name, r) in collector.ranges where r.count > 0 {
+            var range: (Float, Float)
+            switch policy.calibration {
+            case .minmax:
+                range = try Calibrators.minMax(r, symmetric: policy.symmetricActivations)
+            case .percentile:
+                range = try Calibrators.percentile(collector.histograms[name]!, range: r, percentile: policy.percentile)
+            case .entropy:
+                range = r.absMax == 0 ? (0, 0) : try Calibrators.entropy(collector.histograms[name]!)
+            case .mse:
+                range = r.absMax == 0 ? (0, 0) : try Calibrators.mse(collector.histograms[name]!, 
+                    quantRange: r.min >= 0 && policy.activationType == .uint8 && !policy.symmetricActivations ? 0...255 : -127...127)
+            }
+            if policy.calibration == .entropy || policy.calibration == .mse {
+                range = (max(range.0, r.min), min(range.1, r.max))
+            }
+            out[name] = (range.0, range.1)
+        }
+        return out
+    }
+
+    func finetune(_ model: Model, teacher: InferenceSession?, data: Dataset, epochs: Int) throws -> (Model, [Double]) {
+        var configuration = TrainingConfiguration()
+        configuration.epochs = epochs
+        configuration.batchSize = batchSize
+        configuration.learningRate = finetuneLearningRate
+        configuration.seed = seed
+        configuration.schedule = .cosine(epochs: epochs, minimum: 0)
+        if teacher != nil { configuration.distillation = (4, data.labels == nil ? 1 : 0.5) }
+        guard data.labels != nil || teacher != nil else {
+            throw CompressionError(.invalidArgument, "fine-tuning needs training labels, or distillation from the original model")
+        }
+        let trainer = try Trainer(model: model, configuration: configuration)
+        var losses: [Double] = []
+        for epoch in 0..<epochs {
+            let report = try trainer.trainEpoch(epoch, data: data.x, labels: data.labels, teacher: teacher.map { session in
+                { batch in TeacherOutputs(logits: try session.run(batch)) }
+            })
+            losses.append(report.loss)
+        }
+        return (trainer.exportModel(), losses)
+    }
+
+    func logits(_ session: InferenceSession, _ data: Dataset) throws -> Tensor {
+        var values: [Float] = []
+        var classes = 0
+        for (batch, _) in data.batches(max(batchSize, 64)) {
+            let z = try session.run(batch)
+            classes = z.count / batch.shape[0]
+            values += z.asFloats
+        }
+        return Tensor(shape: [data.count, classes], floats: values)
+    }
+
+    func accuracy(_ logits: Tensor, _ data: Dataset) throws -> Double {
+        var metrics = ClassificationMetrics()
+        try metrics.add(logits: logits, labels: data.labels!.ints[...])
+        return metrics.accuracy
+    }
+
+    func figures(_ model: Model, logits: Tensor, data: Dataset) throws -> CompressionReport.Figures {
+        let summary = try ModelSummary(model: model)
+        let bytes = try ModelCoding.write(model).count
+        return CompressionReport.Figures(bytes: bytes, parameters: summary.parameters, macs: summary.macs,
+                                         accuracy: data.labels == nil ? nil : try accuracy(logits, data),
+                                         samples: data.count)
+    }
+
+    static func top1(_ z: Tensor) -> [Int] {
+        let n = z.shape[0], c = z.count / max(n, 1)
+        return (0..<n).map { r in
+            let row = z.floats[(r * c)..<((r + 1) * c)]
+            return row.firstIndex(of: row.max()!)! - row.startIndex
+        }
+    }
+
+    /// Fraction of samples whose top-1 class agrees.
+    public static func agreement(_ a: Tensor, _ b: Tensor) -> Double {
+        let ta = top1(a), tb = top1(b)
+        return Double(zip(ta, tb).filter { $0 == $1 }.count) / Double(max(ta.count, 1))
+    }
+
+    /// Mean over samples of KL(softmax(p) ‖ softmax(q)).
+    public static func klDivergence(_ p: Tensor, _ q: Tensor) -> Double {
+        let n = p.shape[0], c = p.count / max(n, 1)
+        var total = 0.0
+        for r in 0..<n {
+            func logSoftmax(_ z: ArraySlice<Float>) -> [Double] {
+                let m = Double(z.max()!)
+                let s = log(z.reduce(0.0) { $0 + exp(Double($1) - m) }) + m
+                return z.map { Double($0) - s }
+            }
+            let lp = logSoftmax(p.floats[(r * c)..<((r + 1) * c)]), lq = logSoftmax(q.floats[(r * c)..<((r + 1) * c)])
+            for k in 0..<c { total += exp(lp[k]) * (lp[k] - lq[k]) }
+        }
+        return total / Double(max(n, 1))
+    }
+}
+
+func seconds(_ d: Duration) -> Double {
+    Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
+}

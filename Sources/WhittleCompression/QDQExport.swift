@@ -1,0 +1,383 @@
+import WhittleNN
+import WhittleONNX
+import WhittleTensor
+
+/// One tensor's quantization in an exported model.
+public struct QuantizedTensor: Sendable, Codable, Equatable {
+    public enum Role: String, Sendable, Codable { case activation, weight, bias }
+    public var name: String
+    public var role: Role
+    public var type: String
+    /// The calibrated (activations) or observed (weights) range the parameters were computed from.
+    public var min: Float?
+    public var max: Float?
+    public var scales: [Float]
+    public var zeroPoints: [Int64]
+    /// The per-channel axis, nil for per-tensor.
+    public var axis: Int?
+    /// For activations whose parameters are shared with another tensor (outputs of Reshape, MaxPool…).
+    public var sharedWith: String?
+}
+
+/// The precision a weighted node ended with.
+public struct QuantizedLayer: Sendable, Codable, Equatable {
+    public var node: String
+    public var opType: String
+    public var precision: LayerPrecision
+}
+
+/// What `QDQExport` did: per layer precision and per tensor parameters.
+public struct QuantizationSummary: Sendable, Codable {
+    public var mode: QuantizationMode
+    public var calibration: CalibrationMethod
+    public var percentile: Double?
+    public var perChannel: Bool
+    public var activationType: String
+    public var symmetricActivations: Bool
+    public var reduceRange: Bool
+    public var opset: Int64
+    public var layers: [QuantizedLayer]
+    public var tensors: [QuantizedTensor]
+    /// Nodes removed because their quantized output range does their work (Relu/Clip after a quantized producer).
+    public var removedNodes: [String]
+    /// Biases whose int32 values were clipped (the bias is too large for s_input · s_weight).
+    public var clippedBiases: [String]
+}
+
+/// Writes a quantized model in ONNX's QDQ format, with QuantizeLinear/DequantizeLinear placed as onnxruntime's
+/// QDQ quantizer (`quantize_static`, `QuantFormat.QDQ`) places them, so onnxruntime's graph optimizer turns
+/// DQ → Conv → Q into QLinearConv and so on:
+/// - Conv, Gemm: input and output activations get a Q→DQ pair; weights are stored quantized (int8 symmetric, per
+///   output channel or per tensor) behind a lone DequantizeLinear; the bias is int32 with scale `s_in · s_w`.
+/// - MatMul: constant operands as weights (per channel on axis 1), the others and the output as activations.
+/// - Relu, Clip: skipped when their input is not quantized; with asymmetric activations removed, the producer
+///   writing their output directly (the quantized range clips for them); otherwise input and output quantized,
+///   the input taking the output's range.
+/// - Reshape, Flatten, Transpose, Squeeze, Unsqueeze, MaxPool (opset ≥ 12), AveragePool, Slice, Resize, Gather,
+///   Split: when their input is quantized, their outputs share its parameters.
+/// - Add, Mul, Concat, GlobalAveragePool, Sigmoid, LeakyRelu, Softmax (output range [0, 1]), Where: every float
+///   input and output quantized.
+/// Each tensor is quantized once; all its readers read the DequantizeLinear output. The model must have its
+/// BatchNormalizations folded (`GraphEditing.foldBatchNormalization`) and `ranges` must cover its activations.
+public enum QDQExport {
+    static let weightedOps: Set<String> = ["Conv", "Gemm", "MatMul"]
+    static let removableActivations: Set<String> = ["Relu", "Clip"]
+    static let directOps: Set<String> = ["Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool",
+                                         "AveragePool", "Slice", "Resize", "Gather", "Split"]
+    static let generalOps: Set<String> = ["Add", "Mul", "Concat", "GlobalAveragePool", "Sigmoid", "LeakyRelu",
+                                          "Softmax", "Where"]
+    /// Ops whose signature changed between opset 13 and 21, so a model holding them cannot be lifted to 21 for int4.
+    static let opsetSensitive: Set<String> = ["ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+                                              "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"]
+
+    /// The weighted nodes (Conv, Gemm, MatMul with a constant weight operand), in order.
+    public static func weightedNodes(_ graph: Graph) -> [Node] {
+        let constants = Set(graph.initializers.map(\.name))
+        return graph.nodes.filter { node in
+            weightedOps.contains(node.opType) && node.inputs.count >= 2
+                && (constants.contains(node.inputs[1]) || (node.opType == "MatMul" && constants.contains(node.inputs[0])))
+        }
+    }
+
+    /// The precision `policy` gives each weighted node, by node name.
+    public static func precisions(_ graph: Graph, policy: QuantizationPolicy) throws -> [String: LayerPrecision] {
+        let weighted = weightedNodes(graph)
+        let names = Set(graph.nodes.map(\.name))
+        for name in policy.keepFloat.union(policy.overrides.keys) where !names.contains(name) {
+            throw CompressionError(.invalidArgument, "no node is called '\(name)' (named by --keep-float or an override)")
+        }
+        var out: [String: LayerPrecision] = [:]
+        for (i, node) in weighted.enumerated() {
+            var p: LayerPrecision
+            switch policy.mode {
+            case .none: p = .float
+            case .int8: p = .int8
+            case .int4Weights: p = node.opType == "Conv" ? .float : .int4Weights
+            case .mixed: p = i == 0 || i == weighted.count - 1 ? .float : node.opType == "Conv" ? .int8 : .int4Weights
+            }
+            if let o = policy.overrides[node.name] { p = o }
+            if policy.keepFloat.contains(node.name) { p = .float }
+            if p == .int4Weights && node.opType == "Conv" {
+                throw CompressionError(.invalidArgument, "\(node.label): int4 weight-only quantization is for Gemm and MatMul")
+            }
+            out[node.name] = p
+        }
+        return out
+    }
+
+    /// The exported QDQ model and what was quantized. `ranges` maps activation tensors to their calibrated
+    /// [min, max].
+    public static func export(_ model: Model, ranges: [String: (min: Float, max: Float)], policy: QuantizationPolicy)
+        throws -> (Model, QuantizationSummary) {
+        try policy.check()
+        guard var opset = model.defaultOpset else { throw CompressionError(.invalidArgument, "the model imports no default opset") }
+        var graph = model.graph
+        let inferred = try ShapeInference.infer(graph, opset: opset, inputs: try ShapeInference.inputShapes(model, batchSize: 1))
+        func isFloat(_ name: String) -> Bool { inferred.values[name]?.dtype == .float }
+        let layerPrecision = try precisions(graph, policy: policy)
+        let quantizesActivations = policy.mode == .int8 || policy.mode == .mixed || layerPrecision.values.contains(.int8)
+        let usesInt4 = layerPrecision.values.contains(.int4Weights)
+        let anyPerChannel = policy.perChannel && layerPrecision.values.contains { $0 != .float }
+        if anyPerChannel && opset < 13 {
+            throw CompressionError(.invalidArgument,
+                "per-channel quantization needs opset 13 or later; the model uses opset \(opset): quantize --per-tensor")
+        }
+        if usesInt4 && opset < 21 {
+            if opset < 13 {
+                throw CompressionError(.invalidArgument, "int4 weights need opset 21; the model's opset \(opset) cannot be lifted safely")
+            }
+            if let node = graph.nodes.first(where: { opsetSensitive.contains($0.opType) }) {
+                throw CompressionError(.invalidArgument,
+                    "int4 weights need opset 21, and \(node.label) changed meaning between opset \(opset) and 21")
+            }
+            opset = 21
+        }
+        var ranges = ranges
+        var index = GraphIndex(graph)
+        let keepFloat = policy.keepFloat.union(policy.overrides.filter { $0.value == .float }.map(\.key))
+
+        func shouldQuantize(_ node: Node) -> Bool {
+            if let p = layerPrecision[node.name] { return p != .float }
+            return quantizesActivations && !keepFloat.contains(node.name)
+        }
+        // onnxruntime's adjust_tensor_ranges: a Relu/Clip input read only by it takes the output's range; Softmax
+        // outputs are [0, 1].
+        for node in graph.nodes where shouldQuantize(node) {
+            if removableActivations.contains(node.opType), index.readers[node.inputs[0]]?.count == 1,
+                ranges[node.inputs[0]] != nil, let r = ranges[node.outputs[0]] {
+                ranges[node.inputs[0]] = r
+            } else if node.opType == "Softmax", ranges[node.outputs[0]] != nil {
+                ranges[node.outputs[0]] = (0, 1)
+            }
+        }
+
+        struct WeightPlan { var axis: Int?; var type: DataType; var symmetric: Bool }
+        var marked: [String: String?] = [:]  // activation → the tensor it shares parameters with
+        var markOrder: [String] = []
+        var weights: [String: WeightPlan] = [:]
+        var biases: [(node: Int, bias: String, weight: String, beta: Float)] = []
+        var removed = Set<Int>()
+        var removedNames: [String] = []
+
+        func isQuantized(_ t: String) -> Bool { marked[t] != nil || weights[t] != nil }
+        func markActivation(_ t: String) {
+            guard !t.isEmpty, isFloat(t) else { return }
+            if let i = index.initializers[t] {
+                guard weights[t] == nil, graph.initializers[i].tensor?.dtype == .float else { return }
+                weights[t] = WeightPlan(axis: nil, type: policy.activationType, symmetric: policy.symmetricActivations)
+                return
+            }
+            guard ranges[t] != nil, marked[t] == nil else { return }
+            marked[t] = .some(nil)
+            markOrder.append(t)
+        }
+        func markShared(_ t: String, from source: String) {
+            guard !t.isEmpty, isFloat(t), index.initializers[t] == nil else { return }
+            if marked[t] == nil { markOrder.append(t) }
+            marked[t] = .some(source)
+        }
+        func markWeight(_ t: String, axis: Int, precision: LayerPrecision) {
+            guard let i = index.initializers[t], let w = graph.initializers[i].tensor, w.dtype == .float else { return }
+            weights[t] = WeightPlan(axis: policy.perChannel && w.rank > axis ? axis : nil,
+                                    type: precision == .int4Weights ? .int4 : .int8, symmetric: true)
+        }
+
+        for (i, node) in graph.nodes.enumerated() where shouldQuantize(node) {
+            let op = node.opType
+            if let precision = layerPrecision[node.name] {
+                let transB = node.attribute("transB")?.value.int ?? 0
+                switch op {
+                case "Conv", "Gemm":
+                    if precision == .int8 {
+                        markActivation(node.inputs[0])
+                        markActivation(node.outputs[0])
+                    }
+                    markWeight(node.inputs[1], axis: op == "Conv" || transB != 0 ? 0 : 1, precision: precision)
+                    if precision == .int8, node.inputs.count > 2, !node.inputs[2].isEmpty, index.initializers[node.inputs[2]] != nil {
+                        biases.append((i, node.inputs[2], node.inputs[1], node.attribute("beta")?.value.float ?? 1))
+                    }
+                default:  // MatMul
+                    for t in node.inputs {
+                        if index.initializers[t] != nil { markWeight(t, axis: 1, precision: precision) }
+                        else if precision == .int8 { markActivation(t) }
+                    }
+                    if precision == .int8 { markActivation(node.outputs[0]) }
+                }
+            } else if removableActivations.contains(op) {
+                let input = node.inputs[0], output = node.outputs[0]
+                guard isQuantized(input) else { continue }
+                if !policy.symmetricActivations, ranges[output] != nil, ranges[input] != nil,
+                    index.readers[input]?.count == 1, !index.graphOutputs.contains(input), !index.graphInputs.contains(input),
+                    let p = index.producer[input] {
+                    // The producer writes the activation's output; the activation goes.
+                    for k in graph.nodes[p].outputs.indices where graph.nodes[p].outputs[k] == input {
+                        graph.nodes[p].outputs[k] = output
+                    }
+                    if marked[input] != nil {
+                        marked[input] = nil
+                        markOrder.removeAll { $0 == input }
+                    }
+                    removed.insert(i)
+                    removedNames.append(node.name)
+                    index.producer[output] = p
+                } else {
+                    markActivation(input)
+                }
+                markActivation(output)
+            } else if directOps.contains(op) {
+                if op == "MaxPool" && opset < 12 { continue }
+                guard isQuantized(node.inputs[0]), marked[node.inputs[0]] != nil else { continue }
+                markActivation(node.inputs[0])
+                for t in node.outputs { markShared(t, from: node.inputs[0]) }
+            } else if generalOps.contains(op) {
+                for t in node.inputs + node.outputs { markActivation(t) }
+            }
+        }
+
+        // Parameters.
+        var summary = QuantizationSummary(
+            mode: policy.mode, calibration: policy.calibration,
+            percentile: policy.calibration == .percentile ? policy.percentile : nil, perChannel: policy.perChannel,
+            activationType: policy.activationType.description, symmetricActivations: policy.symmetricActivations,
+            reduceRange: policy.reduceRange, opset: opset,
+            layers: weightedNodes(model.graph).map { QuantizedLayer(node: $0.name, opType: $0.opType, precision: layerPrecision[$0.name] ?? .float) },
+            tensors: [], removedNodes: removedNames, clippedBiases: [])
+        var used = Set(graph.initializers.map(\.name)).union(graph.nodes.flatMap { $0.inputs + $0.outputs })
+            .union(graph.nodes.map(\.name)).union(graph.inputs.map(\.name))
+        var newInitializers: [Initializer] = []
+        var activationParameters: [String: (QuantizationParameters, scale: String, zero: String)] = [:]
+        func root(_ t: String) -> String {
+            var t = t
+            while let source = marked[t] ?? nil { t = source }
+            return t
+        }
+        let activationRange = policy.activationRange
+        for t in markOrder where (marked[t] ?? nil) == nil {
+            let r = ranges[t]!
+            let p: QuantizationParameters
+            do {
+                p = try QuantizationParameters.compute(min: r.min, max: r.max, range: activationRange, symmetric: policy.symmetricActivations)
+            } catch {
+                throw CompressionError(.invalidStatistics, "tensor '\(t)': range [\(r.min), \(r.max)] is not usable")
+            }
+            let scale = GraphEditing.uniqueName(t + "_scale", &used), zero = GraphEditing.uniqueName(t + "_zero_point", &used)
+            newInitializers.append(Initializer(name: scale, tensor: Tensor.scalar(p.scale)))
+            newInitializers.append(Initializer(name: zero, tensor: Tensor(shape: [], ints: [p.zeroPoint], dtype: policy.activationType)))
+            activationParameters[t] = (p, scale, zero)
+            summary.tensors.append(QuantizedTensor(name: t, role: .activation, type: policy.activationType.description,
+                                                   min: r.min, max: r.max, scales: [p.scale], zeroPoints: [p.zeroPoint]))
+        }
+        for t in markOrder {
+            guard let source = marked[t] ?? nil, let shared = activationParameters[root(source)] else { continue }
+            activationParameters[t] = shared
+            summary.tensors.append(QuantizedTensor(name: t, role: .activation, type: policy.activationType.description,
+                                                   scales: [shared.0.scale], zeroPoints: [shared.0.zeroPoint], sharedWith: root(source)))
+        }
+
+        var prefix: [Node] = []
+        var weightScales: [String: [Float]] = [:]
+        var replacement: [String: String] = [:]
+        for (name, plan) in weights.sorted(by: { $0.key < $1.key }) {
+            let w = graph.initializers[index.initializers[name]!].tensor!
+            let fake = try FakeQuantization.fromRange(of: w, type: plan.type, symmetric: plan.symmetric, axis: plan.axis,
+                                                      reduceRange: policy.reduceRange && plan.type == .int8 && plan.symmetric)
+            let parameters = fake.parameters, range = fake.range
+            let inner = plan.axis.map { w.shape[($0 + 1)...].reduce(1, *) } ?? 1
+            let size = plan.axis.map { w.shape[$0] } ?? 1
+            var q = [Int64](repeating: 0, count: w.count)
+            for i in 0..<w.count {
+                q[i] = parameters[plan.axis == nil ? 0 : (i / inner) % size].quantize(w.floats[i], range: range)
+            }
+            let qName = GraphEditing.uniqueName(name + "_quantized", &used)
+            let scale = GraphEditing.uniqueName(name + "_scale", &used), zero = GraphEditing.uniqueName(name + "_zero_point", &used)
+            let dqOut = GraphEditing.uniqueName(name + "_DequantizeLinear_Output", &used)
+            let scales = parameters.map(\.scale), zeros = parameters.map(\.zeroPoint)
+            newInitializers.append(Initializer(name: qName, tensor: Tensor(shape: w.shape, ints: q, dtype: plan.type)))
+            newInitializers.append(Initializer(name: scale, tensor: plan.axis == nil ? .scalar(scales[0]) : Tensor(shape: [size], floats: scales)))
+            newInitializers.append(Initializer(name: zero, tensor: Tensor(shape: plan.axis == nil ? [] : [size], ints: zeros, dtype: plan.type)))
+            prefix.append(dequantize(GraphEditing.uniqueName(name + "_DequantizeLinear", &used), qName, scale, zero, dqOut, axis: plan.axis))
+            replacement[name] = dqOut
+            weightScales[name] = scales
+            summary.tensors.append(QuantizedTensor(name: name, role: .weight, type: plan.type.description,
+                                                   min: w.floats.min(), max: w.floats.max(), scales: scales, zeroPoints: zeros, axis: plan.axis))
+        }
+        for (nodeIndex, bias, weight, beta) in biases {
+            let input = graph.nodes[nodeIndex].inputs[0]
+            guard let inputParameters = activationParameters[input], let ws = weightScales[weight],
+                let b = graph.initializers[index.initializers[bias]!].tensor, b.dtype == .float else { continue }
+            let scales = b.count == ws.count ? ws.map { inputParameters.0.scale * $0 * beta }
+                : [Float](repeating: inputParameters.0.scale * ws[0] * beta, count: 1)
+            var clipped = false
+            let q: [Int64] = b.floats.enumerated().map { k, v in
+                let s = scales[scales.count == 1 ? 0 : k]
+                let x = (v / s).rounded(.toNearestOrEven)
+                guard x.isFinite, abs(x) <= Float(Int32.max) - 128 else { clipped = true; return x < 0 ? Int64(Int32.min) : Int64(Int32.max) }
+                return Int64(x)
+            }
+            if clipped { summary.clippedBiases.append(bias) }
+            let qName = GraphEditing.uniqueName(bias + "_quantized", &used)
+            let scale = GraphEditing.uniqueName(bias + "_quantized_scale", &used)
+            let zero = GraphEditing.uniqueName(bias + "_quantized_zero_point", &used)
+            let dqOut = GraphEditing.uniqueName(bias + "_DequantizeLinear_Output", &used)
+            let axis: Int? = scales.count > 1 ? 0 : nil
+            newInitializers.append(Initializer(name: qName, tensor: Tensor(shape: b.shape, ints: q, dtype: .int32)))
+            newInitializers.append(Initializer(name: scale, tensor: axis == nil ? .scalar(scales[0]) : Tensor(shape: [scales.count], floats: scales)))
+            newInitializers.append(Initializer(name: zero, tensor: Tensor(shape: axis == nil ? [] : [scales.count],
+                                                                          ints: [Int64](repeating: 0, count: scales.count), dtype: .int32)))
+            prefix.append(dequantize(GraphEditing.uniqueName(bias + "_DequantizeLinear", &used), qName, scale, zero, dqOut, axis: axis))
+            replacement[bias] = dqOut
+            if beta != 1 {
+                graph.nodes[nodeIndex].attributes.removeAll { $0.name == "beta" }
+            }
+            summary.tensors.append(QuantizedTensor(name: bias, role: .bias, type: "int32", min: b.floats.min(), max: b.floats.max(),
+                                                   scales: scales, zeroPoints: [Int64](repeating: 0, count: scales.count), axis: axis))
+        }
+
+        // Q → DQ pairs for activations, right after their producer (graph inputs first).
+        var pairs: [String: [Node]] = [:]
+        var renamedOutputs: [String: String] = [:]
+        for t in markOrder {
+            guard let parameters = activationParameters[t] else { continue }
+            var qInput = t
+            var dqOutput = GraphEditing.uniqueName(t + "_DequantizeLinear_Output", &used)
+            if index.graphOutputs.contains(t) {
+                qInput = GraphEditing.uniqueName(t + "_QuantizeLinear_Input", &used)
+                renamedOutputs[t] = qInput
+                dqOutput = t
+            } else {
+                replacement[t] = dqOutput
+            }
+            let qOut = GraphEditing.uniqueName(t + "_QuantizeLinear_Output", &used)
+            let quantize = Node(opType: "QuantizeLinear", name: GraphEditing.uniqueName(t + "_QuantizeLinear", &used),
+                                inputs: [qInput, parameters.scale, parameters.zero], outputs: [qOut])
+            pairs[t] = [quantize, dequantize(GraphEditing.uniqueName(t + "_DequantizeLinear", &used), qOut, parameters.scale,
+                                             parameters.zero, dqOutput, axis: nil)]
+        }
+        var nodes = prefix
+        for t in graph.runtimeInputs.map(\.name) { nodes += pairs[t] ?? [] }
+        for (i, var node) in graph.nodes.enumerated() where !removed.contains(i) {
+            node.inputs = node.inputs.map { replacement[$0] ?? $0 }
+            let outputs = node.outputs
+            node.outputs = node.outputs.map { renamedOutputs[$0] ?? $0 }
+            nodes.append(node)
+            for t in outputs { nodes += pairs[t] ?? [] }
+        }
+        graph.nodes = nodes
+        graph.initializers += newInitializers
+        graph.removeUnusedInitializers()
+        graph.valueInfo = []
+        var out = model
+        out.graph = graph
+        if let k = out.opsetImports.firstIndex(where: { $0.domain == "" || $0.domain == "ai.onnx" }) {
+            out.opsetImports[k].version = opset
+        }
+        if out.irVersion < 7 { out.irVersion = 7 }
+        if usesInt4 && out.irVersion < 10 { out.irVersion = 10 }
+        return (out, summary)
+    }
+
+    static func dequantize(_ name: String, _ input: String, _ scale: String, _ zero: String, _ output: String, axis: Int?) -> Node {
+        Node(opType: "DequantizeLinear", name: name, inputs: [input, scale, zero], outputs: [output],
+             attributes: axis.map { [Attribute("axis", .int(Int64($0)))] } ?? [])
+    }
+}
