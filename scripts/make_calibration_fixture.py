@@ -7,7 +7,7 @@ Run from the repository root (needs numpy and onnxruntime only):
 Writes Tests/Fixtures/calibration/:
   histogram_<name>.npy     int64 bin counts (2048 bins of |x| over [0, T])
   reference.json           for each histogram: T, the observed min/max, and the thresholds of the percentile
-                           (onnxruntime's rule), entropy (TensorRT's KL search as ALGORITHMS.md states it) and MSE
+                           (onnxruntime's rule), entropy (TensorRT's KL search, first bin set to the second) and MSE
                            calibrators computed here in numpy; plus scale/zero point pairs from onnxruntime's own
                            quant_utils.compute_scale_zp for a grid of ranges and types.
 The Swift tests (Tests/WhittleCompressionTests/CalibrationReferenceTests.swift) must reproduce every number.
@@ -32,8 +32,10 @@ def percentile_threshold(hist, edges, p):
 
 
 def entropy_threshold(hist, edges, levels=128):
-    """TensorRT-style KL search as ALGORITHMS.md states it (no special first bin)."""
+    """TensorRT's KL search (pytorch-quantization `_compute_amax_entropy`): the first bin (the spike of exact zeros
+    after ReLU) takes the second bin's count before the search."""
     bins = hist.astype(np.float64)
+    bins[0] = bins[1]
     n = len(bins)
     best, best_i = np.inf, levels
     for i in range(levels, n + 1):

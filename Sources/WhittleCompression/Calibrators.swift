@@ -41,14 +41,17 @@ public enum Calibrators {
         return (low, high)
     }
 
-    /// Entropy (KL divergence), TensorRT style, symmetric on a histogram of |x|: for each i from `levels` to the
+    /// Entropy (KL divergence), TensorRT style, symmetric on a histogram of |x|. As TensorRT's
+    /// `_compute_amax_entropy` does, the first bin takes the second bin's count first (otherwise the spike of exact
+    /// zeros after a ReLU dominates and the smallest threshold always wins). Then for each i from `levels` to the
     /// bin count, P = bins[0..<i] with the tail Σ bins[i...] added to P[i − 1]; Q merges bins[0..<i] into `levels`
     /// groups and spreads each group's mass evenly over its non-empty bins; both normalised; KL(P ‖ Q). The i with the
     /// smallest divergence wins (the last on ties); threshold = edges[i], range ±threshold.
     public static func entropy(_ h: Histogram, levels: Int = 128) throws -> (Float, Float) {
         guard h.magnitudes else { throw CompressionError(.invalidArgument, "the entropy calibrator needs a histogram of |x|") }
         guard h.total > 0 else { throw CompressionError(.invalidStatistics, "the histogram is empty") }
-        let bins = h.counts.map { Double($0) }
+        var bins = h.counts.map { Double($0) }
+        if bins.count > 1 { bins[0] = bins[1] }
         let n = bins.count
         guard n >= levels else { throw CompressionError(.invalidArgument, "\(n) bins cannot be merged into \(levels) levels") }
         var suffix = [Double](repeating: 0, count: n + 1)
