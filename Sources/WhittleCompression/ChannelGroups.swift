@@ -326,7 +326,8 @@ public struct ChannelGroups: Sendable {
                                        tensors: tensors[s], statisticsTensor: statistics, frozenReason: frozenReason))
         }
         // Graph-input spaces carry no parameters of their own; keep them out of reports unless something else joined.
-        self.groups = groups.filter { !($0.members.isEmpty && $0.frozenReason != nil) }
+        let inputs = Set(graph.runtimeInputs.map(\.name))
+        self.groups = groups.filter { !($0.members.isEmpty && inputs.contains($0.name)) }
         for i in self.groups.indices { self.groups[i].id = i }
         self.depthwiseNodes = depthwise
     }

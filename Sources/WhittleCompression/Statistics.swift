@@ -103,7 +103,8 @@ public struct Histogram: Sendable, Equatable, Codable {
 }
 
 /// Per-channel activation statistics of a tensor `[N, C, …]`: sums of values and of absolute values, sums of
-/// squares, counts of zeros (for APoZ), and the number of values per channel.
+/// squares, counts of zeros (for APoZ), and the number of values per channel. Counts merge exactly; the Double sums
+/// merge up to the rounding of adding partial sums in another order (a few ulps).
 public struct ChannelStatistics: Sendable, Equatable, Codable {
     public private(set) var sums: [Double]
     public private(set) var absoluteSums: [Double]
