@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "WhittleCompression", dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN"]),
         .target(
             name: "WhittleProtocol",
-            dependencies: ["WhittleCompression", .product(name: "SwiftProtobuf", package: "swift-protobuf")]
+            dependencies: ["WhittleCompression", "WhittleTensor", .product(name: "SwiftProtobuf", package: "swift-protobuf")]
         ),
 
         // Command-line front ends shared by the executables.
@@ -61,7 +61,7 @@ let package = Package(
         .testTarget(name: "WhittleONNXTests", dependencies: ["WhittleONNX", "WhittleNN", "WhittleTestSupport"]),
         .testTarget(name: "WhittleNNTests", dependencies: ["WhittleNN", "WhittleONNX", "WhittleTestSupport"]),
         .testTarget(name: "WhittleCompressionTests", dependencies: ["WhittleCompression", "WhittleTensor", "WhittleTestSupport"]),
-        .testTarget(name: "WhittleProtocolTests", dependencies: ["WhittleProtocol", "WhittleCompression", "WhittleTestSupport"]),
+        .testTarget(name: "WhittleProtocolTests", dependencies: ["WhittleProtocol", "WhittleCompression", "WhittleTensor", "WhittleTestSupport"]),
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
     ]
 )

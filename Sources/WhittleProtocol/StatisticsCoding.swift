@@ -1,6 +1,7 @@
 import Foundation
 import SwiftProtobuf
 import WhittleCompression
+import WhittleTensor
 
 /// Wire encodings of the mergeable statistics (proto/whittle.proto). Decoding validates: what a worker sends is
 /// untrusted input, so non-finite or inconsistent statistics are refused, never merged.
@@ -74,5 +75,61 @@ extension Whittle_CalibrationReport {
         }
         return (try report.ranges.mapValues { try $0.decoded() }, try report.histograms.mapValues { try $0.decoded() },
                 Int(clamping: report.samples))
+    }
+}
+
+extension Whittle_FloatTensor {
+    public init(_ t: Tensor) {
+        self.init()
+        shape = t.shape.map { Int64($0) }
+        values = t.asFloats
+    }
+
+    /// Refuses negative dimensions, element counts that do not match, more than `maximumElements` values, and
+    /// non-finite values.
+    public func decoded(maximumElements: Int = 1 << 28) throws -> Tensor {
+        guard shape.allSatisfy({ $0 >= 0 && $0 <= Int64(maximumElements) }) else {
+            throw CompressionError(.invalidStatistics, "a tensor of shape \(shape) is refused")
+        }
+        let dims = shape.map { Int($0) }
+        var count = 1
+        for d in dims {
+            let (product, overflow) = count.multipliedReportingOverflow(by: d)
+            guard !overflow, product <= maximumElements else {
+                throw CompressionError(.invalidStatistics, "a tensor of shape \(shape) is too large")
+            }
+            count = product
+        }
+        guard values.count == count else {
+            throw CompressionError(.invalidStatistics, "a tensor of shape \(shape) carries \(values.count) values")
+        }
+        guard values.allSatisfy(\.isFinite) else {
+            throw CompressionError(.invalidStatistics, "a tensor of shape \(shape) contains non-finite values")
+        }
+        return Tensor(shape: dims, floats: values)
+    }
+}
+
+extension Whittle_ImportanceReport {
+    public init(_ s: ImportanceStatistics) {
+        self.init()
+        channels = s.channels.mapValues(Whittle_ChannelStatistics.init)
+        gradientSums = s.gradientSums.mapValues(Whittle_FloatTensor.init)
+        samples = UInt64(s.samples)
+    }
+
+    /// Parses and validates a serialized report.
+    public static func decode(_ bytes: [UInt8]) throws -> ImportanceStatistics {
+        let report: Whittle_ImportanceReport
+        do {
+            report = try Whittle_ImportanceReport(serializedBytes: bytes)
+        } catch {
+            throw CompressionError(.invalidStatistics, "not a valid importance report (protobuf decoding failed: \(error))")
+        }
+        var out = ImportanceStatistics()
+        out.channels = try report.channels.mapValues { try $0.decoded() }
+        out.gradientSums = try report.gradientSums.mapValues { try $0.decoded() }
+        out.samples = Int(clamping: report.samples)
+        return out
     }
 }

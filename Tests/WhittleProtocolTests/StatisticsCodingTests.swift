@@ -1,6 +1,7 @@
 import Testing
 import WhittleCompression
 import WhittleProtocol
+import WhittleTensor
 import WhittleTestSupport
 
 @Suite struct StatisticsCodingTests {
@@ -42,5 +43,31 @@ import WhittleTestSupport
         ragged.absoluteSums = [1]
         #expect(throws: CompressionError.self) { try ragged.decoded() }
         #expect(throws: CompressionError.self) { try Whittle_CalibrationReport.decode(Array("not protobuf at all!!".utf8)) }
+    }
+
+    @Test func importanceReportsSurviveTheWireAndHostileOnesAreRefused() throws {
+        var s = ImportanceStatistics()
+        var c = ChannelStatistics(channels: 3)
+        try c.add(TestSupport.randomFloats(24, seed: 3), shape: [2, 3, 4])
+        s.channels["relu1"] = c
+        s.gradientSums["conv1.weight"] = Tensor(shape: [3, 2], floats: TestSupport.randomFloats(6, seed: 4))
+        s.samples = 2
+        let decoded = try Whittle_ImportanceReport.decode(try Whittle_ImportanceReport(s).serializedBytes())
+        #expect(decoded.channels == s.channels)
+        #expect(decoded.gradientSums == s.gradientSums)
+        #expect(decoded.samples == 2)
+
+        var ragged = Whittle_FloatTensor()
+        ragged.shape = [2, 2]
+        ragged.values = [1, 2, 3]
+        #expect(throws: CompressionError.self) { try ragged.decoded() }
+        var poisoned = Whittle_FloatTensor()
+        poisoned.shape = [2]
+        poisoned.values = [1, .infinity]
+        #expect(throws: CompressionError.self) { try poisoned.decoded() }
+        var enormous = Whittle_FloatTensor()
+        enormous.shape = [1 << 20, 1 << 20]
+        #expect(throws: CompressionError.self) { try enormous.decoded() }
+        #expect(throws: CompressionError.self) { try Whittle_ImportanceReport.decode([0xFF, 0xFF, 0xFF]) }
     }
 }
