@@ -194,9 +194,10 @@ extension ModelCommand {
             }
             if let q = r.quantization {
                 let counts = Dictionary(grouping: q.layers, by: \.precision).mapValues(\.count)
+                let layers = LayerPrecision.allCases.compactMap { p in counts[p].map { "\($0) \(p.rawValue)" } }
                 print("quantization \(q.mode.rawValue), \(q.calibration.rawValue) calibration: "
-                      + LayerPrecision.allCases.compactMap { p in counts[p].map { "\($0) \(p.rawValue)" } }.joined(separator: ", ")
-                      + " layers, \(q.tensors.filter { $0.role == .activation }.count) activations quantized")
+                      + (layers.isEmpty ? "no weighted layers" : layers.joined(separator: ", ") + " layers")
+                      + ", \(q.tensors.filter { $0.role == .activation }.count) activations quantized")
             }
             if let rows = r.sensitivity, !rows.isEmpty {
                 print(table(["layer", "op", "accuracy", "KL", "agreement"], rows.map {

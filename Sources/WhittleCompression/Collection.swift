@@ -7,14 +7,17 @@ import WhittleTensor
 /// given the bin edges everyone shares, collects fixed-edge histograms of |x|.
 public final class CalibrationCollector {
     public let session: InferenceSession
-    /// The tensors observed: the graph input and every float node output, unless restricted.
+    /// The tensors observed: the graph input and every float node output, unless restricted (then the run stays
+    /// fused, only those values kept whole).
     public let tensors: Set<String>
+    let restricted: Bool
     public private(set) var ranges: [String: RangeStatistics] = [:]
     public private(set) var histograms: [String: Histogram] = [:]
     public private(set) var samples = 0
 
     public init(session: InferenceSession, tensors: Set<String>? = nil) {
         self.session = session
+        restricted = tensors != nil
         if let tensors {
             self.tensors = tensors
         } else {
@@ -52,7 +55,7 @@ public final class CalibrationCollector {
     func observe(_ batch: Tensor, _ body: @escaping (String, Tensor) throws -> Void) throws {
         if tensors.contains(session.primaryInput.name) { try body(session.primaryInput.name, batch) }
         let wanted = tensors
-        _ = try session.run(batch) { node, outputs in
+        _ = try session.run(batch, observing: restricted ? wanted : nil) { node, outputs in
             for (name, value) in zip(node.outputs, outputs) where wanted.contains(name) && value.dtype == .float {
                 do {
                     try body(name, value)
@@ -99,7 +102,7 @@ public final class ImportanceCollector {
         switch criterion {
         case .activation, .apoz:
             let wanted = Set(groups.prunable.compactMap(\.statisticsTensor))
-            _ = try session.run(batch) { node, outputs in
+            _ = try session.run(batch, observing: wanted) { node, outputs in
                 for (name, value) in zip(node.outputs, outputs) where wanted.contains(name) {
                     var s = self.statistics.channels[name] ?? ChannelStatistics(channels: value.shape[1])
                     do {

@@ -79,9 +79,9 @@ public struct LocalCompression {
         if let pruning { try pruning.check() }
         let evaluationData = evaluation ?? calibration
         let baseSession = try InferenceSession(model: base)
-        try baseSession.validate(calibration.slice(0..<1))
-        if let training { try baseSession.validate(training.slice(0..<1)) }
-        if let evaluation { try baseSession.validate(evaluation.slice(0..<1)) }
+        try baseSession.validate(calibration.x)
+        if let training { try baseSession.validate(training.x) }
+        if let evaluation { try baseSession.validate(evaluation.x) }
         let baseLogits = try timed("evaluation") { try logits(baseSession, evaluationData) }
         let before = try figures(base, logits: baseLogits, data: evaluationData)
 
@@ -99,7 +99,12 @@ public struct LocalCompression {
                     "no channel group of this model can be pruned safely: " + reasons.prefix(6).joined(separator: "; "))
             }
             var original: [String: Int] = [:]
-            for g in initialGroups.prunable { original[g.name] = g.channels }
+            // Per group, the original index of each current channel (steps compose).
+            var originalIndex: [String: [Int]] = [:]
+            for g in initialGroups.prunable {
+                original[g.name] = g.channels
+                originalIndex[g.name] = Array(0..<g.channels)
+            }
             var section = CompressionReport.PruningSection(
                 criterion: pruning.criterion, scope: pruning.scope, schedule: steps, roundTo: pruning.roundTo,
                 minChannels: pruning.minChannels, maxLayerRatio: pruning.maxLayerRatio, finetuneEpochs: finetuneEpochs,
@@ -127,6 +132,9 @@ public struct LocalCompression {
                     return try Pruning.select(groups, scores: scores, options: options, originalChannels: original)
                 }
                 let channelsBefore = groups.prunable.reduce(0) { $0 + $1.channels }
+                for g in groups.prunable {
+                    if let k = kept[g.id], let index = originalIndex[g.name] { originalIndex[g.name] = k.map { index[$0] } }
+                }
                 model = try timed("pruning") { try Pruning.prune(model, groups: groups, kept: kept) }
                 var step = CompressionReport.PruningStep(
                     ratio: ratio, channelsKept: kept.values.reduce(0) { $0 + $1.count }, channelsBefore: channelsBefore,
@@ -155,7 +163,7 @@ public struct LocalCompression {
             let finalGroups = try ChannelGroups(model: model)
             section.groups = finalGroups.prunable.map { g in
                 GroupDecision(group: g.name, producers: g.producers, channels: original[g.name] ?? g.channels,
-                              kept: g.channels, keptIndices: [])
+                              kept: g.channels, keptIndices: originalIndex[g.name] ?? Array(0..<g.channels))
             }
             pruningSection = section
         }
@@ -177,10 +185,7 @@ public struct LocalCompression {
                 let floatLogits = try timed("sensitivity") { try logits(try InferenceSession(model: folded), evaluationData) }
                 sensitivityRows = []
                 for layer in s.layers where layer.precision != .float {
-                    var single = quantization
-                    single.keepFloat = Set(folded.graph.nodes.map(\.name)).subtracting([layer.node])
-                    single.overrides = [layer.node: layer.precision]
-                    single.mode = .none
+                    let single = singleLayerPolicy(folded, layer.node, layer.precision)
                     let row = try timed("sensitivity") { () throws -> CompressionReport.Sensitivity in
                         let (m, _) = try QDQExport.export(folded, ranges: ranges, policy: single)
                         let z = try logits(try InferenceSession(model: m), evaluationData)
@@ -210,9 +215,24 @@ public struct LocalCompression {
     /// Calibrated [min, max] per float activation: pass 1 ranges; pass 2 (histogram methods) |x| histograms over
     /// [0, max|x|] with the policy's bin count, then the calibrator's threshold, clamped to the observed range.
     public func calibrate(_ model: Model, _ data: Dataset) throws -> [String: (min: Float, max: Float)] {
-        let collector = CalibrationCollector(session: try InferenceSession(model: model))
+        var tensors = try QDQExport.calibrationTensors(model, policy: quantization)
+        if sensitivity {
+            for node in QDQExport.weightedNodes(model.graph) {
+                tensors.formUnion(try QDQExport.calibrationTensors(model, policy: singleLayerPolicy(model, node.name, .int8)))
+            }
+        }
+        let collector = CalibrationCollector(session: try InferenceSession(model: model), tensors: tensors)
         for (batch, _) in data.batches(batchSize) { try collector.collectRanges(batch) }
         return try Self.ranges(collector: collector, data: data, policy: quantization, batchSize: batchSize)
+    }
+
+    /// The policy quantizing only `node` (at `precision`), everything else float: for sensitivity.
+    func singleLayerPolicy(_ model: Model, _ node: String, _ precision: LayerPrecision) -> QuantizationPolicy {
+        var single = quantization
+        single.keepFloat = Set(model.graph.nodes.map(\.name)).subtracting([node])
+        single.overrides = [node: precision]
+        single.mode = .none
+        return single
     }
 
     static func ranges(collector: CalibrationCollector, data: Dataset, policy: QuantizationPolicy, batchSize: Int) throws

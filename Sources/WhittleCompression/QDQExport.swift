@@ -376,6 +376,17 @@ public enum QDQExport {
         return (out, summary)
     }
 
+    /// The activations whose calibrated ranges `export` reads under `policy` (shared parameters and constants
+    /// excluded): found by planning the export with placeholder ranges, so calibration observes only those.
+    public static func calibrationTensors(_ model: Model, policy: QuantizationPolicy) throws -> Set<String> {
+        guard let opset = model.defaultOpset else { return [] }
+        let inferred = try ShapeInference.infer(model.graph, opset: opset, inputs: try ShapeInference.inputShapes(model, batchSize: 1))
+        var placeholder: [String: (min: Float, max: Float)] = [:]
+        for (name, meta) in inferred.values where meta.dtype == .float && meta.constant == nil { placeholder[name] = (0, 1) }
+        let (_, summary) = try export(model, ranges: placeholder, policy: policy)
+        return Set(summary.tensors.filter { $0.role == .activation && $0.sharedWith == nil }.map(\.name))
+    }
+
     static func dequantize(_ name: String, _ input: String, _ scale: String, _ zero: String, _ output: String, axis: Int?) -> Node {
         Node(opType: "DequantizeLinear", name: name, inputs: [input, scale, zero], outputs: [output],
              attributes: axis.map { [Attribute("axis", .int(Int64($0)))] } ?? [])

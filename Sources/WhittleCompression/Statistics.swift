@@ -23,15 +23,33 @@ public struct RangeStatistics: Sendable, Equatable, Codable {
     /// Adds values; NaN or infinite values are refused (they would poison every range computed from them).
     public mutating func add(_ values: [Float]) throws {
         var low = min, high = max
-        for v in values {
-            guard v.isFinite else {
-                throw CompressionError(.invalidStatistics, "a non-finite value (\(v)) reached the range statistics")
+        // Eight lanes at a time; `v − v` is 0 for finite values and NaN otherwise, so one sum finds them all.
+        var lows = SIMD8<Float>(repeating: low), highs = SIMD8<Float>(repeating: high), poison = SIMD8<Float>()
+        values.withUnsafeBufferPointer { buffer in
+            let n = buffer.count, body = n - n % 8
+            buffer.baseAddress.map { base in
+                base.withMemoryRebound(to: SIMD8<Float>.self, capacity: body / 8) { lanes in
+                    for i in 0..<(body / 8) {
+                        let v = lanes[i]
+                        lows = pointwiseMin(lows, v)
+                        highs = pointwiseMax(highs, v)
+                        poison += v - v
+                    }
+                }
             }
-            low = Swift.min(low, v)
-            high = Swift.max(high, v)
+            for i in body..<n {
+                let v = buffer[i]
+                low = Swift.min(low, v)
+                high = Swift.max(high, v)
+                poison[0] += v - v
+            }
         }
-        min = low
-        max = high
+        guard !(0..<8).contains(where: { poison[$0] != 0 }) else {
+            let bad = values.first { !$0.isFinite } ?? .nan
+            throw CompressionError(.invalidStatistics, "a non-finite value (\(bad)) reached the range statistics")
+        }
+        min = Swift.min(low, lows.min())
+        max = Swift.max(high, highs.max())
         count += values.count
     }
 
@@ -79,16 +97,25 @@ public struct Histogram: Sendable, Equatable, Codable {
 
     public mutating func add(_ values: [Float]) throws {
         let width = Double(upper) - Double(lower)
-        let n = counts.count
-        for raw in values {
-            guard raw.isFinite else {
-                throw CompressionError(.invalidStatistics, "a non-finite value (\(raw)) reached the histogram")
+        let n = counts.count, last = Double(n - 1), lower = Double(self.lower), magnitudes = self.magnitudes
+        let bins = Double(n)
+        var bad: Int?
+        counts.withUnsafeMutableBufferPointer { counts in
+            values.withUnsafeBufferPointer { values in
+                // ⌊(v − lower) / width · n⌋, clamped to the end bins (in Double, before converting to an integer).
+                func bin(_ raw: Float) -> Int {
+                    let v = Double(magnitudes ? abs(raw) : raw)
+                    return width > 0 ? Int(Swift.min(Swift.max(((v - lower) / width * bins).rounded(.down), 0), last)) : 0
+                }
+                for (i, raw) in values.enumerated() {
+                    guard raw.isFinite else { bad = i; break }
+                    counts[bin(raw)] += 1
+                }
+                // A refused batch leaves the histogram as it was.
+                if let bad { for raw in values[..<bad] { counts[bin(raw)] -= 1 } }
             }
-            let v = Double(magnitudes ? abs(raw) : raw)
-            var bin = width > 0 ? Int(((v - Double(lower)) / width * Double(n)).rounded(.down)) : 0
-            bin = Swift.min(Swift.max(bin, 0), n - 1)
-            counts[bin] += 1
         }
+        if let bad { throw CompressionError(.invalidStatistics, "a non-finite value (\(values[bad])) reached the histogram") }
     }
 
     public func merged(with other: Histogram) throws -> Histogram {

@@ -19,12 +19,15 @@ public final class CompiledGraph: @unchecked Sendable {
     let slotBytes: [Int]
     let constants: [Int: Tensor]
 
-    public init(graph: Graph, opset: Int64, inputs: [String: (DataType, [Int])], options: KernelOptions = KernelOptions()) throws {
+    /// `observable` values are kept whole like graph outputs — never fused away, always in NCHW order — so an
+    /// observer of a fused run sees them.
+    public init(graph: Graph, opset: Int64, inputs: [String: (DataType, [Int])], options: KernelOptions = KernelOptions(),
+                observable: Set<String> = []) throws {
         let inferred = try ShapeInference.infer(graph, opset: opset, inputs: inputs)
         self.inferred = inferred
         inputNames = graph.runtimeInputs.map(\.name)
         outputNames = graph.outputs.map(\.name)
-        steps = try StepPlanner.plan(inferred, graphOutputs: Set(outputNames), options: options)
+        steps = try StepPlanner.plan(inferred, graphOutputs: Set(outputNames).union(observable), options: options)
         var slotOf: [String: Int] = [:]
         func slot(_ name: String) -> Int {
             if let s = slotOf[name] { return s }
@@ -121,7 +124,7 @@ public final class InferenceSession: @unchecked Sendable {
     public let model: Model
     public let options: KernelOptions
     public let opset: Int64
-    private var cache: [[Int]: CompiledGraph] = [:]
+    private var cache: [CacheKey: CompiledGraph] = [:]
 
     public init(model: Model, options: KernelOptions = KernelOptions()) throws {
         try ModelCoding.checkOpset(model)
@@ -141,22 +144,34 @@ public final class InferenceSession: @unchecked Sendable {
 
     /// The compiled graph for a batch size (inputs' declared shapes with the batch axis set). With `fused` false,
     /// every node runs on its own, so an observer sees every node's outputs.
-    public func compiled(batchSize: Int, fused: Bool = true) throws -> CompiledGraph {
+    /// The compiled graph for a batch size (inputs' declared shapes with the batch axis set). With `fused` false,
+    /// every node runs on its own, so an observer sees every node's outputs; with `observable` values, fusion stays
+    /// on but never hides those values.
+    public func compiled(batchSize: Int, fused: Bool = true, observable: Set<String> = []) throws -> CompiledGraph {
         let shapes = try ShapeInference.inputShapes(model, batchSize: batchSize)
-        let key = model.graph.runtimeInputs.flatMap { shapes[$0.name]!.1 + [-1] } + [fused ? 1 : 0]
+        let key = CacheKey(shapes: model.graph.runtimeInputs.map { shapes[$0.name]!.1 }, fused: fused, observable: observable)
         if let graph = cache[key] { return graph }
         var options = self.options
         options.fuse = options.fuse && fused
-        let graph = try CompiledGraph(graph: model.graph, opset: opset, inputs: shapes, options: options)
+        let graph = try CompiledGraph(graph: model.graph, opset: opset, inputs: shapes, options: options, observable: observable)
         cache[key] = graph
         return graph
     }
 
+    struct CacheKey: Hashable {
+        var shapes: [[Int]]
+        var fused: Bool
+        var observable: Set<String>
+    }
+
     /// Runs one batch given as the single primary input; returns the first graph output.
     /// Inputs are checked for element type, rank, shape against the declaration, and NaN/infinite values.
-    public func run(_ input: Tensor, observe: ((Node, [Tensor]) throws -> Void)? = nil) throws -> Tensor {
+    /// With `observing`, the run stays fused and the observer sees at least those values (in NCHW order); without,
+    /// an observer makes the run unfused so that it sees every node's outputs.
+    public func run(_ input: Tensor, observing: Set<String>? = nil, observe: ((Node, [Tensor]) throws -> Void)? = nil) throws -> Tensor {
         try validate(input)
-        let graph = try compiled(batchSize: input.shape[0], fused: observe == nil)
+        let graph = try observing.map { try compiled(batchSize: input.shape[0], observable: $0) }
+            ?? compiled(batchSize: input.shape[0], fused: observe == nil)
         guard model.graph.runtimeInputs.count == 1 else {
             throw ONNXError(.invalidInput, "the model has \(model.graph.runtimeInputs.count) inputs; Whittle's run feeds one")
         }

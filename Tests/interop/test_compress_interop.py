@@ -336,10 +336,6 @@ def test_data_driven_importance_accuracy_matches_prediction(release_coordinator,
     assert_accuracy_matches(ort_accuracy(out, x, y), report["after"]["accuracy"], f"pruned by {importance}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Whittle bug: the report of `model compress` always writes \"keptIndices\": [] for every pruning group, "
-    "although `kept` is non-zero and GroupDecision documents keptIndices as the kept channel indices; "
-    "LocalCompression.swift rebuilds section.groups from the pruned model with keptIndices: []"))
 def test_pruning_report_lists_kept_channel_indices(coordinator, tmp_path, random_calibration):
     _, report = compress(coordinator, tmp_path, FIXTURES / "resnet_bn_op13.onnx", "--prune-ratio", "0.3",
                          calibration=random_calibration, labels=None)
@@ -429,18 +425,15 @@ BAD_INPUT_CASES = [
     ("keep_float_unknown_node", "demo", "good", ("--quantize", "int8", "--keep-float", "NO_SUCH_NODE"),
      ("no node is called 'NO_SUCH_NODE'",)),
     ("malformed_model", "random_bytes", "good", ("--quantize", "int8"), ("not a valid ONNX model",)),
-    pytest.param(
-        "weight_constant_node", "weight_constant", "small", ("--prune-ratio", "0.5"),
-        ("no channel group of this model can be pruned", "not an initializer"), id="weight_constant_node",
-        marks=pytest.mark.xfail(strict=True, reason=(
-            "Whittle bug: for a model whose only Conv takes its weight from a Constant node, the error is "
-            "'no channel group of this model can be pruned safely: ' with an empty reason list (the message "
-            "ends at the colon); the reasons are collected from ChannelGroups.groups, which is empty here"))),
+    # A single Conv whose weight comes from a Constant node: its group has no initializer members, and the message
+    # must still give its reason rather than end at the colon.
+    ("weight_constant_node", "weight_constant", "small", ("--prune-ratio", "0.5"),
+     ("no channel group of this model can be pruned", "'conv' has weights that are not an initializer")),
 ]
 
 
 @pytest.mark.parametrize("case, model, data, args, phrases",
-                         [pytest.param(*c, id=c[0]) if type(c) is tuple else c for c in BAD_INPUT_CASES])
+                         [pytest.param(*case, id=case[0]) for case in BAD_INPUT_CASES])
 def test_bad_input_is_refused_cleanly(coordinator, tmp_path, bad_inputs, case, model, data, args, phrases):
     model_path = DEMO_MODEL if model == "demo" else bad_inputs[model]
     args = [bad_inputs[a] if a in bad_inputs else a for a in args]
@@ -451,10 +444,6 @@ def test_bad_input_is_refused_cleanly(coordinator, tmp_path, bad_inputs, case, m
     assert not out.exists(), f"{case}: a model was written although the run failed"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Whittle bug: the shape-mismatch error reports the shape of a one-sample slice, not the data's: for "
-    "calibration data of shape (4, 3, 16, 16) it says 'got [1, 3, 16, 16]' (LocalCompression validates "
-    "calibration.slice(0..<1) and the executor prints that slice's shape)"))
 def test_shape_mismatch_message_names_the_data_shape(coordinator, tmp_path, bad_inputs):
     result = coordinator("model", "compress", DEMO_MODEL, "--calibration-data", bad_inputs["mismatch"],
                          "--quantize", "int8", "--out", tmp_path / "out.onnx", check=False)
