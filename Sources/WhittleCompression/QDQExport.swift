@@ -144,7 +144,7 @@ public enum QDQExport {
         // outputs are [0, 1].
         for node in graph.nodes where shouldQuantize(node) {
             if removableActivations.contains(node.opType), index.readers[node.inputs[0]]?.count == 1,
-                ranges[node.inputs[0]] != nil, let r = ranges[node.outputs[0]] {
+                let r = ranges[node.outputs[0]] {
                 ranges[node.inputs[0]] = r
             } else if node.opType == "Softmax", ranges[node.outputs[0]] != nil {
                 ranges[node.outputs[0]] = (0, 1)
@@ -206,7 +206,8 @@ public enum QDQExport {
             } else if removableActivations.contains(op) {
                 let input = node.inputs[0], output = node.outputs[0]
                 guard isQuantized(input) else { continue }
-                if !policy.symmetricActivations, ranges[output] != nil, ranges[input] != nil,
+                // (onnxruntime also asks for the input's range, which every tensor has there; it is never used.)
+                if !policy.symmetricActivations, ranges[output] != nil,
                     index.readers[input]?.count == 1, !index.graphOutputs.contains(input), !index.graphInputs.contains(input),
                     let p = index.producer[input] {
                     // The producer writes the activation's output; the activation goes.

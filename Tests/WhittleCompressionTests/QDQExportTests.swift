@@ -149,4 +149,33 @@ let foldingTolerance: Float = 1e-4
         try metrics.add(logits: try InferenceSession(model: out).run(data.x), labels: data.labels!.ints[...])
         #expect(metrics.accuracy == report.after.accuracy)
     }
+
+    /// A progressive schedule with fine-tuning between steps: each step counts against the original sizes, kept
+    /// indices compose into indices of the original channels, fine-tuning runs (by distillation, without labels).
+    @Test func progressiveScheduleWithFineTuning() throws {
+        let (model, data) = try Self.demo()
+        var job = LocalCompression()
+        var options = PruningOptions(ratio: 0.5)
+        options.roundTo = 2
+        job.pruning = options
+        job.schedule = [0.25, 0.5]
+        job.finetuneEpochs = 1
+        job.distill = true
+        job.batchSize = 16
+        let unlabeled = try Dataset(x: data.x, labels: nil)
+        let (out, report) = try job.run(model: model, modelName: "demo", outputName: "out", calibration: data,
+                                        evaluation: nil, training: unlabeled)
+        let steps = try #require(report.pruning?.steps)
+        #expect(steps.count == 2)
+        #expect(steps[0].channelsKept < steps[0].channelsBefore)
+        #expect(steps[1].channelsBefore == steps[0].channelsKept)
+        #expect(steps.allSatisfy { $0.finetuneLoss.count == 1 && $0.accuracyFinetuned != nil })
+        for g in report.pruning!.groups {
+            #expect(g.keptIndices.count == g.kept)
+            #expect(g.keptIndices == g.keptIndices.sorted() && Set(g.keptIndices).count == g.kept)
+            #expect(g.keptIndices.allSatisfy { $0 < g.channels })
+            #expect(g.kept <= g.channels / 2 + 1 && g.kept % 2 == 0, "\(g.group): \(g.kept) of \(g.channels)")
+        }
+        #expect(try ModelSummary(model: out).parameters == report.after.parameters)
+    }
 }

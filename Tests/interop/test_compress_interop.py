@@ -162,6 +162,11 @@ def test_int8_reduce_range_accuracy_matches_prediction_and_fuses(release_coordin
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(DEMO_MODEL)).graph.node)
     assert fused.count("QLinearConv") == convs, fused
     assert "Conv" not in fused, fused
+    # With asymmetric uint8 activations onnxruntime's quantizer removes every Relu after a quantized Conv (the
+    # output range [0, max] clips for it); so must Whittle.
+    assert "Relu" not in [n.op_type for n in model.graph.node]
+    assert len(report["quantization"]["removedNodes"]) == sum(
+        n.op_type == "Relu" for n in onnx.load(str(DEMO_MODEL)).graph.node)
 
 
 def test_int8_full_range_unoptimized_accuracy_matches_prediction(release_coordinator, tmp_path):
