@@ -18,6 +18,8 @@ from conftest import FIXTURES, ROOT
 # single prediction to flip (a float32 value on a QuantizeLinear rounding boundary, summed in a different order).
 ACCURACY_TOLERANCE_POINTS = 0.2
 
+# The pruned model sums fewer terms than the masked one; only the rounding of those sums may differ.
+SURGERY_RTOL = 1e-5
 DEMO_MODEL = ROOT / "examples" / "models" / "defect_cnn.onnx"
 DEMO_X = ROOT / "examples" / "data" / "defects_test_x.npy"
 DEMO_Y = ROOT / "examples" / "data" / "defects_test_y.npy"
@@ -297,6 +299,71 @@ def random_calibration(tmp_path_factory):
     path = tmp_path_factory.mktemp("pruning") / "calibration.npy"
     np.save(path, np.random.default_rng(0).standard_normal((16, 3, 32, 32), np.float32))
     return path
+
+
+def concat_model(path):
+    """conv A (3→4, 3×3) → Relu and conv B (3→6, 1×1) → Concat (10) → depthwise 3×3 → conv C (10→8) → Relu →
+    GlobalAveragePool → Flatten → Gemm (8→3): Concat maps channels by offset, the depthwise conv joins both groups."""
+    rng = np.random.default_rng(1)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.5, name)
+
+    def conv(name, x, y, weight, bias, k=1, group=1):
+        return helper.make_node("Conv", [x, weight, bias], [y], name=name, kernel_shape=[k, k],
+                                pads=[k // 2] * 4, group=group)
+
+    nodes = [conv("convA", "x", "a0", "wA", "bA", 3), helper.make_node("Relu", ["a0"], ["a"], name="reluA"),
+             conv("convB", "x", "b", "wB", "bB"),
+             helper.make_node("Concat", ["a", "b"], ["c"], name="cat", axis=1),
+             conv("dw", "c", "c2", "wD", "bD", 3, 10), conv("convC", "c2", "d0", "wC", "bC"),
+             helper.make_node("Relu", ["d0"], ["d"], name="reluC"),
+             helper.make_node("GlobalAveragePool", ["d"], ["e"], name="gap"),
+             helper.make_node("Flatten", ["e"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wF", "bF"], ["logits"], name="fc", transB=1)]
+    inits = [w("wA", 4, 3, 3, 3), w("bA", 4), w("wB", 6, 3, 1, 1), w("bB", 6), w("wD", 10, 1, 3, 3), w("bD", 10),
+             w("wC", 8, 10, 1, 1), w("bC", 8), w("wF", 3, 8), w("bF", 3)]
+    graph = helper.make_graph(nodes, "concat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return model
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_concat_pruning_equals_masking_in_onnxruntime(coordinator, tmp_path, random_calibration, scope):
+    """An independent check of surgery: zero, in the original model, every parameter slice of the channels the report
+    says were removed (rows and biases of producers and the depthwise conv, Concat-offset columns of conv C, Gemm
+    columns); onnxruntime must give the same outputs for that masked model and for Whittle's pruned one."""
+    original = concat_model(tmp_path / "concat.onnx")
+    out, report = compress(coordinator, tmp_path, tmp_path / "concat.onnx", "--prune-ratio", "0.5", "--prune-scope",
+                           scope, calibration=random_calibration, labels=None)
+    kept = {g["group"]: g["keptIndices"] for g in report["pruning"]["groups"]}
+    assert set(kept) == {"convA", "convB", "convC"}, kept
+    weights = {t.name: numpy_helper.to_array(t).copy() for t in original.graph.initializer}
+    for group, offset, producer in (("convA", 0, "A"), ("convB", 4, "B"), ("convC", None, "C")):
+        removed = sorted(set(range(len(weights["w" + producer]))) - set(kept[group]))
+        assert removed, f"{group} lost no channel"
+        weights["w" + producer][removed] = 0
+        weights["b" + producer][removed] = 0
+        if offset is not None:
+            positions = [offset + k for k in removed]
+            weights["wD"][positions] = 0
+            weights["bD"][positions] = 0
+            weights["wC"][:, positions] = 0
+        else:
+            weights["wF"][:, removed] = 0
+    masked = onnx.ModelProto()
+    masked.CopyFrom(original)
+    del masked.graph.initializer[:]
+    masked.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in weights.items())
+    onnx.save(masked, str(tmp_path / "masked.onnx"))
+    pruned = load_checked(out)
+    assert parameter_count(pruned) < parameter_count(original)
+    x = np.load(random_calibration)
+    expected = ort_logits(tmp_path / "masked.onnx", x)
+    np.testing.assert_allclose(ort_logits(out, x), expected, rtol=SURGERY_RTOL, atol=SURGERY_RTOL * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("scope", ["local", "global-round8"])

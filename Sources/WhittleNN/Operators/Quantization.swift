@@ -16,12 +16,15 @@ extension Operators {
             let type = try quantizedType(ctx)
             let (scales, zeros, axisInfo) = try quantParameters(ctx, x.shape, inputs)
             let range = type.integerRange!
+            let low = Float(range.lowerBound), high = Float(range.upperBound)
             var q = [Int64](repeating: 0, count: x.count)
-            for i in 0..<x.count {
-                let c = axisInfo.map { (i / $0.inner) % $0.size } ?? 0
-                let v = (x.floats[i] / scales[c]).rounded(.toNearestOrEven)
-                let shifted = v.isNaN ? Float(zeros[c]) : v + Float(zeros[c])
-                q[i] = Int64(min(max(shifted, Float(range.lowerBound)), Float(range.upperBound)))
+            forEachChannelRun(x.count, axisInfo) { c, run in
+                let scale = scales[c], zero = Float(zeros[c])
+                for i in run {
+                    let v = (x.floats[i] / scale).rounded(.toNearestOrEven)
+                    let shifted = v.isNaN ? zero : v + zero
+                    q[i] = Int64(min(max(shifted, low), high))
+                }
             }
             return [Tensor(shape: x.shape, ints: q, dtype: type)]
         }
@@ -36,11 +39,23 @@ extension Operators {
             let x = inputs[0]!
             let (scales, zeros, axisInfo) = try quantParameters(ctx, x.shape, inputs)
             var y = [Float](repeating: 0, count: x.count)
-            for i in 0..<x.count {
-                let c = axisInfo.map { (i / $0.inner) % $0.size } ?? 0
-                y[i] = Float(x.ints[i] - zeros[c]) * scales[c]
+            forEachChannelRun(x.count, axisInfo) { c, run in
+                let scale = scales[c], zero = zeros[c]
+                for i in run { y[i] = Float(x.ints[i] - zero) * scale }
             }
             return [Tensor(shape: x.shape, floats: y)]
+        }
+    }
+
+    /// Calls `body(channel, flat index range)` for each contiguous run of elements sharing one scale (the whole
+    /// tensor when per-tensor).
+    static func forEachChannelRun(_ count: Int, _ axis: (size: Int, inner: Int)?, _ body: (Int, Range<Int>) -> Void) {
+        guard let axis else { return body(0, 0..<count) }
+        var start = 0, c = 0
+        while start < count {
+            body(c, start..<min(start + axis.inner, count))
+            start += axis.inner
+            c = (c + 1) % axis.size
         }
     }
 
