@@ -14,9 +14,15 @@ public final class CalibrationCollector {
     public private(set) var ranges: [String: RangeStatistics] = [:]
     public private(set) var histograms: [String: Histogram] = [:]
     public private(set) var samples = 0
+    /// Pass 1 keeps the observed values while they fit in this many bytes, so pass 2 bins them without running
+    /// the model again (0: never keep).
+    public let retainBytes: Int
+    var retained: [(String, [Float])]? = []
+    var retainedBytes = 0
 
-    public init(session: InferenceSession, tensors: Set<String>? = nil) {
+    public init(session: InferenceSession, tensors: Set<String>? = nil, retainBytes: Int = 0) {
         self.session = session
+        self.retainBytes = retainBytes
         restricted = tensors != nil
         if let tensors {
             self.tensors = tensors
@@ -33,8 +39,29 @@ public final class CalibrationCollector {
             var r = self.ranges[name] ?? RangeStatistics()
             try r.add(value.floats)
             self.ranges[name] = r
+            if self.retained != nil {
+                self.retainedBytes += value.count * 4
+                if self.retainedBytes <= self.retainBytes { self.retained!.append((name, value.floats)) } else { self.retained = nil }
+            }
         }
         samples += batch.shape[0]
+    }
+
+    /// True when pass 1 kept every observed value (see `retainBytes`): `collectRetainedHistograms` then replaces
+    /// running pass 2 over the data.
+    public var retainedEverything: Bool { retained != nil && retainBytes > 0 }
+
+    /// Pass 2 from the values pass 1 kept; releases them.
+    public func collectRetainedHistograms() throws {
+        guard let values = retained, retainBytes > 0 else {
+            throw CompressionError(.invalidArgument, "pass 1 did not keep its values; run pass 2 over the data")
+        }
+        for (name, floats) in values {
+            guard var h = histograms[name] else { continue }
+            try h.add(floats)
+            histograms[name] = h
+        }
+        retained = nil
     }
 
     /// Starts pass 2 with shared edges: a |x| histogram over [0, upper] per tensor (`upper` is the merged absMax).

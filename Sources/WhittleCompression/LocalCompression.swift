@@ -212,6 +212,9 @@ public struct LocalCompression {
         return (model, report)
     }
 
+    /// Locally, pass 1 keeps the observed activations up to this size so pass 2 needs no second run of the model.
+    public static let retainedCalibrationBytes = 256 << 20
+
     /// Calibrated [min, max] per float activation: pass 1 ranges; pass 2 (histogram methods) |x| histograms over
     /// [0, max|x|] with the policy's bin count, then the calibrator's threshold, clamped to the observed range.
     public func calibrate(_ model: Model, _ data: Dataset) throws -> [String: (min: Float, max: Float)] {
@@ -221,7 +224,8 @@ public struct LocalCompression {
                 tensors.formUnion(try QDQExport.calibrationTensors(model, policy: singleLayerPolicy(model, node.name, .int8)))
             }
         }
-        let collector = CalibrationCollector(session: try InferenceSession(model: model), tensors: tensors)
+        let collector = CalibrationCollector(session: try InferenceSession(model: model), tensors: tensors,
+                                             retainBytes: quantization.calibration.needsHistograms ? Self.retainedCalibrationBytes : 0)
         for (batch, _) in data.batches(batchSize) { try collector.collectRanges(batch) }
         return try Self.ranges(collector: collector, data: data, policy: quantization, batchSize: batchSize)
     }
@@ -240,7 +244,11 @@ public struct LocalCompression {
         var out: [String: (min: Float, max: Float)] = [:]
         if policy.calibration.needsHistograms {
             try collector.beginHistograms(upperBounds: collector.ranges.mapValues(\.absMax), binCount: policy.histogramBins)
-            for (batch, _) in data.batches(batchSize) { try collector.collectHistograms(batch) }
+            if collector.retainedEverything {
+                try collector.collectRetainedHistograms()
+            } else {
+                for (batch, _) in data.batches(batchSize) { try collector.collectHistograms(batch) }
+            }
         }
         for (name, r) in collector.ranges where r.count > 0 {
             var range: (Float, Float)

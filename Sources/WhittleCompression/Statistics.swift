@@ -31,8 +31,8 @@ public struct RangeStatistics: Sendable, Equatable, Codable {
                 base.withMemoryRebound(to: SIMD8<Float>.self, capacity: body / 8) { lanes in
                     for i in 0..<(body / 8) {
                         let v = lanes[i]
-                        lows = pointwiseMin(lows, v)
-                        highs = pointwiseMax(highs, v)
+                        lows.replace(with: v, where: v .< lows)
+                        highs.replace(with: v, where: v .> highs)
                         poison += v - v
                     }
                 }
@@ -98,14 +98,16 @@ public struct Histogram: Sendable, Equatable, Codable {
     public mutating func add(_ values: [Float]) throws {
         let width = Double(upper) - Double(lower)
         let n = counts.count, last = Double(n - 1), lower = Double(self.lower), magnitudes = self.magnitudes
-        let bins = Double(n)
+        let scale = width > 0 ? Double(n) / width : 0
         var bad: Int?
         counts.withUnsafeMutableBufferPointer { counts in
             values.withUnsafeBufferPointer { values in
-                // ⌊(v − lower) / width · n⌋, clamped to the end bins (in Double, before converting to an integer).
+                // ⌊(v − lower) · (n / width)⌋ in Double, clamped to the end bins: clamping to [0, n − 1] first makes
+                // the conversion's truncation the floor. Every worker runs this same arithmetic, so equal values land
+                // in equal bins everywhere.
                 func bin(_ raw: Float) -> Int {
                     let v = Double(magnitudes ? abs(raw) : raw)
-                    return width > 0 ? Int(Swift.min(Swift.max(((v - lower) / width * bins).rounded(.down), 0), last)) : 0
+                    return Int(Swift.min(Swift.max((v - lower) * scale, 0), last))
                 }
                 for (i, raw) in values.enumerated() {
                     guard raw.isFinite else { bad = i; break }
