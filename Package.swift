@@ -14,6 +14,14 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-protobuf", exact: "1.39.0"),
         .package(url: "https://github.com/apple/swift-argument-parser", exact: "1.8.2"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", exact: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-nio", exact: "2.101.3"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", exact: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-certificates", exact: "1.21.1"),
+        .package(url: "https://github.com/apple/swift-crypto", exact: "4.5.2"),
+        .package(url: "https://github.com/apple/swift-asn1", exact: "1.7.4"),
+        .package(url: "https://github.com/groue/GRDB.swift", exact: "7.10.0"),
+        .package(url: "https://github.com/apple/swift-log", exact: "1.16.2"),
     ],
     targets: [
         // C adaptors: oneDNN plans and OpenBLAS's CBLAS.
@@ -36,6 +44,42 @@ let package = Package(
             dependencies: ["WhittleCompression", "WhittleTensor", .product(name: "SwiftProtobuf", package: "swift-protobuf")]
         ),
 
+        // Certificates and keys: the coordinator's CA, server and client certificates, CSRs (no NIO).
+        .target(
+            name: "WhittlePKI",
+            dependencies: [
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ]
+        ),
+        // Durable coordinator state behind one interface: SQLite (GRDB, WAL) and in memory.
+        .target(name: "WhittleStore", dependencies: [.product(name: "GRDB", package: "GRDB.swift")]),
+        // libcurl through typed C wrappers (curl_easy_setopt is variadic).
+        .target(name: "CWhittleCurl", linkerSettings: [.linkedLibrary("curl")]),
+        .target(name: "WhittleHTTPClient", dependencies: ["CWhittleCurl"]),
+        // The coordinator's HTTPS server and admin commands.
+        .target(
+            name: "WhittleServer",
+            dependencies: [
+                "WhittlePKI", "WhittleStore", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdTLS", package: "hummingbird"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // The worker's agent: enrollment, heartbeats, jobs (libcurl; never NIO).
+        .target(
+            name: "WhittleAgent",
+            dependencies: [
+                "WhittlePKI", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+
         // Command-line front ends shared by the executables.
         .target(
             name: "WhittleCLI",
@@ -48,11 +92,11 @@ let package = Package(
         // Executables.
         .executableTarget(
             name: "coordinator",
-            dependencies: ["WhittleCLI", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["WhittleCLI", "WhittleServer", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "worker",
-            dependencies: ["WhittleCLI", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["WhittleCLI", "WhittleAgent", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
         // Tests.
@@ -63,5 +107,7 @@ let package = Package(
         .testTarget(name: "WhittleCompressionTests", dependencies: ["WhittleCompression", "WhittleTensor", "WhittleTestSupport"]),
         .testTarget(name: "WhittleProtocolTests", dependencies: ["WhittleProtocol", "WhittleCompression", "WhittleTensor", "WhittleTestSupport"]),
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
+        .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI"]),
+        .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
     ]
 )

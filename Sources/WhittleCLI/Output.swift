@@ -1,12 +1,12 @@
 import Foundation
 
 /// Prints `value` as pretty JSON with sorted keys on standard output.
-func printJSON<T: Encodable>(_ value: T) throws {
+public func printJSON<T: Encodable>(_ value: T) throws {
     print(String(decoding: try jsonBytes(value), as: UTF8.self))
 }
 
 /// `value` as pretty JSON with sorted keys.
-func jsonBytes<T: Encodable>(_ value: T) throws -> [UInt8] {
+public func jsonBytes<T: Encodable>(_ value: T) throws -> [UInt8] {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
     encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
@@ -25,7 +25,7 @@ func grouped(_ n: Int) -> String {
 }
 
 /// Formats a byte count: 1536 → "1.5 KiB".
-func byteSize(_ bytes: Int) -> String {
+public func byteSize(_ bytes: Int) -> String {
     let units = ["B", "KiB", "MiB", "GiB"]
     var value = Double(bytes)
     var unit = 0
@@ -43,7 +43,7 @@ func pad(_ s: String, _ width: Int, right: Bool = false) -> String {
 }
 
 /// Renders rows as an aligned text table; columns whose index is in `numeric` align right.
-func table(_ header: [String], _ rows: [[String]], numeric: Set<Int> = []) -> String {
+public func table(_ header: [String], _ rows: [[String]], numeric: Set<Int> = []) -> String {
     let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }
     func line(_ cells: [String]) -> String {
         cells.enumerated().map { pad($0.element, widths[$0.offset], right: numeric.contains($0.offset)) }
@@ -54,7 +54,7 @@ func table(_ header: [String], _ rows: [[String]], numeric: Set<Int> = []) -> St
 }
 
 /// Parses sizes such as "1GB", "512MB", "64KiB" or "1048576" into bytes (K/M/G are powers of 1024).
-func parseByteSize(_ text: String) -> Int? {
+public func parseByteSize(_ text: String) -> Int? {
     let trimmed = text.trimmingCharacters(in: .whitespaces).uppercased()
     let digits = trimmed.prefix { $0.isNumber || $0 == "." }
     guard let value = Double(digits), value > 0 else { return nil }

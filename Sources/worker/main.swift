@@ -1,14 +1,15 @@
 import ArgumentParser
+import WhittleAgent
 import WhittleCLI
 
 /// The worker: runs on an edge board next to its private data. It links oneDNN and libcurl, never NIO or
-/// Hummingbird. Until the agent exists, it offers the local model tools a board needs.
+/// Hummingbird: it only makes outbound HTTPS connections.
 struct Worker: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "worker",
         abstract: "Whittle worker: computes compression statistics on an edge board's local data.",
         version: WhittleVersion.string,
-        subcommands: [ModelCommand.self])
+        subcommands: [EnrollCommand.self, RunCommand.self, StatusCommand.self, ModelCommand.self])
 }
 
 ProcessSetup.tuneAllocator()

@@ -11,6 +11,11 @@
 /// Whittle's wire messages (worker ↔ coordinator). Generated Swift is committed
 /// (scripts/generate-proto.sh); CI never runs protoc.
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import SwiftProtobuf
 
 // If the compiler emits an error on this type, it is because this file
@@ -125,6 +130,108 @@ public nonisolated struct Whittle_ImportanceReport: Sendable {
   public var gradientSums: Dictionary<String,Whittle_FloatTensor> = [:]
 
   public var samples: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// POST /v1/enroll, without a client certificate. The worker's name is the CSR's common name; nothing else in the
+/// CSR (extensions, attributes) is used.
+public nonisolated struct Whittle_EnrollRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var protocolVersion: UInt32 = 0
+
+  /// The enrollment token printed by `coordinator token create`.
+  public var token: String = String()
+
+  /// A PKCS#10 certificate signing request (DER) for a P-256 key generated on the board.
+  public var csrDer: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Whittle_EnrollResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  /// The worker's certificate (DER), signed by the coordinator's CA.
+  public var certificateDer: Data = Data()
+
+  public var caCertificateDer: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// What a worker can do, reported with every heartbeat.
+public nonisolated struct Whittle_Capabilities: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var cores: UInt32 = 0
+
+  public var memoryBytes: UInt64 = 0
+
+  /// Samples in the worker's local data set, and whether it has labels.
+  public var samples: UInt64 = 0
+
+  public var labels: Bool = false
+
+  public var version: String = String()
+
+  /// The worker's memory budget for jobs (0: none given).
+  public var memoryLimitBytes: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// POST /v1/worker/heartbeat, with the worker's certificate.
+public nonisolated struct Whittle_Heartbeat: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var protocolVersion: UInt32 = 0
+
+  public var capabilities: Whittle_Capabilities {
+    get {_capabilities ?? Whittle_Capabilities()}
+    set {_capabilities = newValue}
+  }
+  /// Returns true if `capabilities` has been explicitly set.
+  public var hasCapabilities: Bool {self._capabilities != nil}
+  /// Clears the value of `capabilities`. Subsequent reads from it will return its default value.
+  public mutating func clearCapabilities() {self._capabilities = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _capabilities: Whittle_Capabilities? = nil
+}
+
+public nonisolated struct Whittle_HeartbeatResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Seconds until the next heartbeat.
+  public var pollSeconds: UInt32 = 0
+
+  /// A task to run (empty: none yet; rounds come in a later protocol version).
+  public var task: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -380,6 +487,215 @@ nonisolated extension Whittle_ImportanceReport: SwiftProtobuf.Message, SwiftProt
     if lhs.channels != rhs.channels {return false}
     if lhs.gradientSums != rhs.gradientSums {return false}
     if lhs.samples != rhs.samples {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_EnrollRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EnrollRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{1}token\0\u{3}csr_der\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.token) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.csrDer) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.protocolVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.protocolVersion, fieldNumber: 1)
+    }
+    if !self.token.isEmpty {
+      try visitor.visitSingularStringField(value: self.token, fieldNumber: 2)
+    }
+    if !self.csrDer.isEmpty {
+      try visitor.visitSingularBytesField(value: self.csrDer, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_EnrollRequest, rhs: Whittle_EnrollRequest) -> Bool {
+    if lhs.protocolVersion != rhs.protocolVersion {return false}
+    if lhs.token != rhs.token {return false}
+    if lhs.csrDer != rhs.csrDer {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_EnrollResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EnrollResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}certificate_der\0\u{3}ca_certificate_der\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.certificateDer) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.caCertificateDer) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.certificateDer.isEmpty {
+      try visitor.visitSingularBytesField(value: self.certificateDer, fieldNumber: 2)
+    }
+    if !self.caCertificateDer.isEmpty {
+      try visitor.visitSingularBytesField(value: self.caCertificateDer, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_EnrollResponse, rhs: Whittle_EnrollResponse) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.certificateDer != rhs.certificateDer {return false}
+    if lhs.caCertificateDer != rhs.caCertificateDer {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Capabilities"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}cores\0\u{3}memory_bytes\0\u{1}samples\0\u{1}labels\0\u{1}version\0\u{3}memory_limit_bytes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.cores) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.memoryBytes) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.samples) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.labels) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.version) }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.memoryLimitBytes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.cores != 0 {
+      try visitor.visitSingularUInt32Field(value: self.cores, fieldNumber: 1)
+    }
+    if self.memoryBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.memoryBytes, fieldNumber: 2)
+    }
+    if self.samples != 0 {
+      try visitor.visitSingularUInt64Field(value: self.samples, fieldNumber: 3)
+    }
+    if self.labels != false {
+      try visitor.visitSingularBoolField(value: self.labels, fieldNumber: 4)
+    }
+    if !self.version.isEmpty {
+      try visitor.visitSingularStringField(value: self.version, fieldNumber: 5)
+    }
+    if self.memoryLimitBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.memoryLimitBytes, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_Capabilities, rhs: Whittle_Capabilities) -> Bool {
+    if lhs.cores != rhs.cores {return false}
+    if lhs.memoryBytes != rhs.memoryBytes {return false}
+    if lhs.samples != rhs.samples {return false}
+    if lhs.labels != rhs.labels {return false}
+    if lhs.version != rhs.version {return false}
+    if lhs.memoryLimitBytes != rhs.memoryLimitBytes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Heartbeat"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{1}capabilities\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._capabilities) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.protocolVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.protocolVersion, fieldNumber: 1)
+    }
+    try { if let v = self._capabilities {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_Heartbeat, rhs: Whittle_Heartbeat) -> Bool {
+    if lhs.protocolVersion != rhs.protocolVersion {return false}
+    if lhs._capabilities != rhs._capabilities {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".HeartbeatResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}poll_seconds\0\u{1}task\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.pollSeconds) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.task) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.pollSeconds != 0 {
+      try visitor.visitSingularUInt32Field(value: self.pollSeconds, fieldNumber: 1)
+    }
+    if !self.task.isEmpty {
+      try visitor.visitSingularStringField(value: self.task, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_HeartbeatResponse, rhs: Whittle_HeartbeatResponse) -> Bool {
+    if lhs.pollSeconds != rhs.pollSeconds {return false}
+    if lhs.task != rhs.task {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,277 @@
+import ArgumentParser
+import Crypto
+import Foundation
+import WhittleCLI
+import WhittleHTTPClient
+import WhittlePKI
+import WhittleProtocol
+import WhittleTensor
+import X509
+
+/// The protocol version this worker speaks.
+let protocolVersion: UInt32 = 1
+
+/// Where things live in a worker's directory.
+struct WorkerLayout {
+    let directory: URL
+    init(_ path: String) { directory = URL(fileURLWithPath: path) }
+    func file(_ name: String) -> String { directory.appendingPathComponent(name).path }
+    var key: String { file("worker.key") }
+    var certificate: String { file("worker.pem") }
+    var ca: String { file("ca.pem") }
+    var state: String { file("worker.json") }
+}
+
+/// What a worker remembers between runs (worker.json).
+struct WorkerState: Codable {
+    var name: String
+    var coordinator: String
+    var caFingerprint: String
+    var enrolledAt: Date
+    var lastHeartbeatAt: Date?
+    var lastError: String?
+    var heartbeats: Int = 0
+
+    static func load(_ layout: WorkerLayout) throws -> WorkerState {
+        guard let data = FileManager.default.contents(atPath: layout.state) else {
+            throw CLIError("\(layout.directory.path) holds no enrollment (no worker.json); run worker enroll first")
+        }
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        do {
+            return try decoder.decode(WorkerState.self, from: data)
+        } catch {
+            throw CLIError("\(layout.state) is damaged: \(error)")
+        }
+    }
+
+    func save(_ layout: WorkerLayout) throws {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try Data(try encoder.encode(self)).write(to: URL(fileURLWithPath: layout.state), options: .atomic)
+    }
+}
+
+/// Reads a failed response's `{"error", "message"}` body.
+func errorMessage(_ response: HTTPResponse) -> String {
+    if let object = try? JSONDecoder().decode([String: String].self, from: Data(response.body)), let message = object["message"] {
+        return "\(response.status) \(object["error"] ?? ""): \(message)"
+    }
+    return "\(response.status): \(response.text.prefix(200))"
+}
+
+/// `worker enroll`.
+public struct EnrollCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "enroll",
+        abstract: "Enroll this board with a coordinator: make a key here, check the CA's fingerprint, get a certificate.",
+        discussion: """
+            The private key is generated on the board and never leaves it; the coordinator signs a certificate \
+            request for it. The CA the coordinator sends is accepted only if its SHA-256 fingerprint equals \
+            --ca-fingerprint (printed by coordinator token create).
+            """)
+
+    @Option(name: .long, help: "The coordinator's URL, https://HOST:PORT.") var coordinator: String
+    @Option(name: .long, help: "The enrollment token.") var token: String
+    @Option(name: .long, help: "The SHA-256 fingerprint of the coordinator's CA.") var caFingerprint: String
+    @Option(name: .long, help: "This worker's directory (created).") var dir: String
+    @Option(name: .long, help: "The worker's name (default: the host name).") var name: String?
+    @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+    public init() {}
+
+    public func validate() throws {
+        guard coordinator.hasPrefix("https://") else { throw ValidationError("--coordinator must be an https:// URL") }
+        if let name, !PKI.isValidWorkerName(name) {
+            throw ValidationError("--name must be 1–64 letters, digits, '.', '-' or '_'")
+        }
+        guard PKI.normalizedFingerprint(caFingerprint).count == 64 else {
+            throw ValidationError("--ca-fingerprint must be a SHA-256 fingerprint (64 hex digits)")
+        }
+    }
+
+    public func run() throws {
+        let layout = WorkerLayout(dir)
+        let fm = FileManager.default
+        if fm.fileExists(atPath: layout.state) || fm.fileExists(atPath: layout.key) {
+            throw CLIError("\(dir) already holds an enrollment; use another --dir (a worker never overwrites its key)")
+        }
+        let workerName = name ?? ProcessInfo.processInfo.hostName.split(separator: ".").first.map(String.init) ?? "worker"
+        guard PKI.isValidWorkerName(workerName) else {
+            throw CLIError("the host name '\(workerName)' is not a valid worker name; give --name")
+        }
+        // 1. Fetch the CA without trusting anyone yet, and accept it only with the expected fingerprint.
+        let bootstrap = HTTPClient(baseURL: coordinator, credentials: TLSCredentials(verifyPeer: false))
+        let caResponse: HTTPResponse
+        do {
+            caResponse = try bootstrap.send("GET", "/v1/ca", retry: RetryPolicy(attempts: 4))
+        } catch let error as HTTPClientError {
+            throw CLIError("cannot reach \(coordinator): \(error.description)")
+        }
+        guard caResponse.status == 200, let ca = try? Certificate(pemEncoded: caResponse.text) else {
+            throw CLIError("\(coordinator) did not send a CA certificate (\(errorMessage(caResponse)))")
+        }
+        let fingerprint = try PKI.fingerprint(ca)
+        guard fingerprint == PKI.normalizedFingerprint(caFingerprint) else {
+            throw CLIError("the coordinator's CA has fingerprint \(fingerprint), not the expected \(PKI.normalizedFingerprint(caFingerprint)); refusing to enroll (wrong server, or someone in between)")
+        }
+        let caPEM = caResponse.text
+        // 2. Key and CSR made here; enroll over TLS verified against that CA.
+        let key = P256.Signing.PrivateKey()
+        var request = Whittle_EnrollRequest()
+        request.protocolVersion = protocolVersion
+        request.token = token
+        request.csrDer = Data(try PKI.makeCSR(name: workerName, key: key))
+        let client = HTTPClient(baseURL: coordinator, credentials: TLSCredentials(caPEM: caPEM))
+        let response: HTTPResponse
+        do {
+            response = try client.send("POST", "/v1/enroll", body: try request.serializedBytes(),
+                                       contentType: "application/x-protobuf", retry: RetryPolicy(attempts: 6))
+        } catch let error as HTTPClientError {
+            throw CLIError("enrollment failed: \(error.description)")
+        }
+        guard response.status == 200 else { throw CLIError("enrollment refused: \(errorMessage(response))") }
+        let answer: Whittle_EnrollResponse
+        let certificate: Certificate
+        do {
+            answer = try Whittle_EnrollResponse(serializedBytes: response.body)
+            certificate = try Certificate(derEncoded: Array(answer.certificateDer))
+        } catch {
+            throw CLIError("the coordinator's enrollment answer is malformed")
+        }
+        guard certificate.publicKey == Certificate.PublicKey(key.publicKey) else {
+            throw CLIError("the coordinator's certificate is not for this board's key")
+        }
+        try fm.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        guard fm.createFile(atPath: layout.key, contents: Data(key.pemRepresentation.utf8), attributes: [.posixPermissions: 0o600]),
+            fm.createFile(atPath: layout.certificate, contents: Data(try certificate.serializeAsPEM().pemString.utf8)),
+            fm.createFile(atPath: layout.ca, contents: Data(caPEM.utf8))
+        else { throw CLIError("cannot write into \(dir)") }
+        try WorkerState(name: answer.name, coordinator: coordinator, caFingerprint: fingerprint, enrolledAt: Date()).save(layout)
+        if json {
+            try printJSON(["name": answer.name, "coordinator": coordinator, "certificateSerial": PKI.serial(certificate)])
+        } else {
+            print("enrolled as '\(answer.name)' with \(coordinator); start the agent with: worker run --dir \(dir) --data X.npy")
+        }
+    }
+}
+
+/// `worker run`: the long-running agent.
+public struct RunCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run the worker agent: heartbeat with capabilities, poll for tasks, stay connected across restarts.")
+
+    @Option(name: .long, help: "This worker's directory (from worker enroll).") var dir: String
+    @Option(name: .long, help: "The board's local samples (.npy).") var data: String
+    @Option(name: .long, help: "Labels of the samples (.npy).") var labels: String?
+    @Option(name: .long, help: "Memory budget for jobs, e.g. 1GB.") var memoryLimit: String?
+    @Option(name: .long, help: "Stop after this many successful heartbeats (for tests and scripts).") var heartbeats: Int?
+
+    public init() {}
+
+    public func validate() throws {
+        if let memoryLimit, parseByteSize(memoryLimit) == nil { throw ValidationError("--memory-limit '\(memoryLimit)' is not a size like 1GB") }
+        if let heartbeats, heartbeats < 1 { throw ValidationError("--heartbeats must be at least 1") }
+    }
+
+    public func run() throws {
+        let layout = WorkerLayout(dir)
+        var state = try WorkerState.load(layout)
+        let read = { (path: String) throws -> String in
+            do { return try String(contentsOfFile: path, encoding: .utf8) } catch { throw CLIError("cannot read \(path)") }
+        }
+        let samples = try Files.readNPY(data)
+        let labelCount = try labels.map { try Files.readLabels($0, count: samples.shape.first ?? 0).count }
+        var capabilities = Whittle_Capabilities()
+        capabilities.cores = UInt32(ProcessInfo.processInfo.activeProcessorCount)
+        capabilities.memoryBytes = ProcessInfo.processInfo.physicalMemory
+        capabilities.samples = UInt64(samples.shape.first ?? 0)
+        capabilities.labels = labelCount != nil
+        capabilities.version = WhittleVersion.string
+        capabilities.memoryLimitBytes = UInt64(memoryLimit.flatMap(parseByteSize) ?? 0)
+        var heartbeat = Whittle_Heartbeat()
+        heartbeat.protocolVersion = protocolVersion
+        heartbeat.capabilities = capabilities
+        let body: [UInt8] = try heartbeat.serializedBytes()
+        let client = HTTPClient(baseURL: state.coordinator, credentials: TLSCredentials(
+            caPEM: try read(layout.ca), certificatePEM: try read(layout.certificate), privateKeyPEM: try read(layout.key)))
+        client.timeout = 30
+        let backoff = RetryPolicy(attempts: Int.max, baseDelay: 1, maximumDelay: 60)
+        var failures = 0, sent = 0
+        print("worker '\(state.name)' running against \(state.coordinator) with \(capabilities.samples) samples")
+        while heartbeats.map({ sent < $0 }) ?? true {
+            var wait: Double
+            do {
+                let response = try client.request("POST", "/v1/worker/heartbeat", body: body, contentType: "application/x-protobuf")
+                if response.status == 200, let answer = try? Whittle_HeartbeatResponse(serializedBytes: response.body) {
+                    failures = 0
+                    sent += 1
+                    state.lastHeartbeatAt = Date()
+                    state.lastError = nil
+                    state.heartbeats += 1
+                    wait = Double(max(answer.pollSeconds, 1))
+                } else if response.status == 403 || response.status == 401 {
+                    state.lastError = errorMessage(response)
+                    try? state.save(layout)
+                    throw CLIError("the coordinator refuses this worker: \(errorMessage(response))")
+                } else {
+                    failures += 1
+                    state.lastError = errorMessage(response)
+                    wait = backoff.delay(attempt: failures, retryAfter: response.retryAfter)
+                }
+            } catch let error as HTTPClientError {
+                failures += 1
+                state.lastError = error.description
+                wait = backoff.delay(attempt: failures, retryAfter: nil)
+                FileHandle.standardError.write(Data("coordinator unreachable (\(error.description)); retrying in \(String(format: "%.1f", wait)) s\n".utf8))
+            }
+            try? state.save(layout)
+            if heartbeats.map({ sent >= $0 }) ?? false { break }
+            Thread.sleep(forTimeInterval: wait)
+        }
+    }
+}
+
+/// `worker status`.
+public struct StatusCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(commandName: "status", abstract: "Show this worker's enrollment and last contact.")
+
+    @Option(name: .long, help: "This worker's directory.") var dir: String
+    @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+    public init() {}
+
+    struct Report: Encodable {
+        var name: String
+        var coordinator: String
+        var enrolledAt: Date
+        var lastHeartbeatAt: Date?
+        var heartbeats: Int
+        var lastError: String?
+        var certificateSerial: String
+        var certificateExpiresAt: Date
+    }
+
+    public func run() throws {
+        let layout = WorkerLayout(dir)
+        let state = try WorkerState.load(layout)
+        let certificate = try Certificate(pemEncoded: try String(contentsOfFile: layout.certificate, encoding: .utf8))
+        let report = Report(name: state.name, coordinator: state.coordinator, enrolledAt: state.enrolledAt,
+                            lastHeartbeatAt: state.lastHeartbeatAt, heartbeats: state.heartbeats, lastError: state.lastError,
+                            certificateSerial: PKI.serial(certificate), certificateExpiresAt: certificate.notValidAfter)
+        if json {
+            let encoder = JSONEncoder()
+            encoder.dateEncodingStrategy = .iso8601
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        } else {
+            let f = ISO8601DateFormatter()
+            print("worker '\(report.name)' enrolled with \(report.coordinator) at \(f.string(from: report.enrolledAt))")
+            print("certificate \(report.certificateSerial), valid until \(f.string(from: report.certificateExpiresAt))")
+            print("heartbeats: \(report.heartbeats), last: \(report.lastHeartbeatAt.map { f.string(from: $0) } ?? "never")")
+            if let e = report.lastError { print("last error: \(e)") }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+import Crypto
+import Foundation
+import SwiftASN1
+import X509
+
+/// Whittle's public-key infrastructure: a P-256 certificate authority that signs the coordinator's server
+/// certificate, the admin client certificate and every enrolled worker's certificate. Pure: keys and certificates
+/// in, PEM and DER out; the callers write the files.
+public struct PKIError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+    public init(_ message: String) { description = message }
+}
+
+/// A certificate with its private key (PEM both).
+public struct Identity: Sendable {
+    public var certificate: Certificate
+    public var privateKey: P256.Signing.PrivateKey
+
+    public init(certificate: Certificate, privateKey: P256.Signing.PrivateKey) {
+        self.certificate = certificate
+        self.privateKey = privateKey
+    }
+
+    public var certificatePEM: String { (try? certificate.serializeAsPEM().pemString) ?? "" }
+    public var privateKeyPEM: String { privateKey.pemRepresentation }
+
+    public init(certificatePEM: String, privateKeyPEM: String) throws {
+        do {
+            certificate = try Certificate(pemEncoded: certificatePEM)
+        } catch {
+            throw PKIError("the certificate is not valid PEM: \(error)")
+        }
+        do {
+            privateKey = try P256.Signing.PrivateKey(pemRepresentation: privateKeyPEM)
+        } catch {
+            throw PKIError("the private key is not a PEM P-256 key: \(error)")
+        }
+        guard certificate.publicKey == Certificate.PublicKey(privateKey.publicKey) else {
+            throw PKIError("the private key does not belong to the certificate")
+        }
+    }
+}
+
+public enum PKI {
+    /// Common name prefixes: the role of a client certificate is fixed when it is issued.
+    public static let adminCommonName = "whittle-admin"
+    public static let caCommonName = "Whittle coordinator CA"
+    /// Names workers may choose: letters, digits, dot, dash and underscore, 1 to 64 characters.
+    public static func isValidWorkerName(_ name: String) -> Bool {
+        !name.isEmpty && name.count <= 64 && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "._-".contains($0)) }
+            && name != adminCommonName
+    }
+
+    /// A new self-signed CA, valid for `years`.
+    public static func makeCA(now: Date = Date(), years: Int = 10) throws -> Identity {
+        let key = P256.Signing.PrivateKey()
+        let name = try DistinguishedName {
+            OrganizationName("Whittle")
+            CommonName(caCommonName)
+        }
+        let certificate = try Certificate(
+            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: .init(key.publicKey),
+            notValidBefore: now.addingTimeInterval(-300), notValidAfter: now.addingTimeInterval(Double(years) * 365 * 86400),
+            issuer: name, subject: name, signatureAlgorithm: .ecdsaWithSHA256,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 0))
+                Critical(KeyUsage(keyCertSign: true, cRLSign: true))
+                SubjectKeyIdentifier(hash: .init(key.publicKey))
+            },
+            issuerPrivateKey: .init(key))
+        return Identity(certificate: certificate, privateKey: key)
+    }
+
+    /// The server certificate for `hosts` (DNS names or IP addresses), signed by `ca`.
+    public static func makeServerCertificate(ca: Identity, hosts: [String], now: Date = Date(), days: Int = 825) throws -> Identity {
+        guard !hosts.isEmpty else { throw PKIError("the server certificate needs at least one host name or address") }
+        let key = P256.Signing.PrivateKey()
+        var names: [GeneralName] = []
+        for host in hosts {
+            if let bytes = ipAddressBytes(host) { names.append(.ipAddress(ASN1OctetString(contentBytes: bytes[...]))) }
+            else { names.append(.dnsName(host)) }
+        }
+        let certificate = try Certificate(
+            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: .init(key.publicKey),
+            notValidBefore: now.addingTimeInterval(-300), notValidAfter: now.addingTimeInterval(Double(days) * 86400),
+            issuer: ca.certificate.subject, subject: try DistinguishedName { CommonName(hosts[0]) },
+            signatureAlgorithm: .ecdsaWithSHA256,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.notCertificateAuthority)
+                Critical(KeyUsage(digitalSignature: true))
+                try ExtendedKeyUsage([.serverAuth])
+                SubjectAlternativeNames(names)
+                AuthorityKeyIdentifier(keyIdentifier: try ca.certificate.extensions.subjectKeyIdentifier?.keyIdentifier)
+            },
+            issuerPrivateKey: .init(ca.privateKey))
+        return Identity(certificate: certificate, privateKey: key)
+    }
+
+    /// A client certificate for `commonName` and `publicKey`, signed by `ca`. Only the name is set by the caller;
+    /// nothing a requester asked for is copied.
+    public static func makeClientCertificate(ca: Identity, commonName: String, publicKey: Certificate.PublicKey,
+                                             now: Date = Date(), validity: TimeInterval = 365 * 86400,
+                                             notBefore: Date? = nil) throws -> Certificate {
+        try Certificate(
+            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: publicKey,
+            notValidBefore: notBefore ?? now.addingTimeInterval(-300), notValidAfter: now.addingTimeInterval(validity),
+            issuer: ca.certificate.subject,
+            subject: try DistinguishedName {
+                OrganizationName("Whittle")
+                CommonName(commonName)
+            },
+            signatureAlgorithm: .ecdsaWithSHA256,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.notCertificateAuthority)
+                Critical(KeyUsage(digitalSignature: true))
+                try ExtendedKeyUsage([.clientAuth])
+                AuthorityKeyIdentifier(keyIdentifier: try ca.certificate.extensions.subjectKeyIdentifier?.keyIdentifier)
+            },
+            issuerPrivateKey: .init(ca.privateKey))
+    }
+
+    /// A new key pair and a client certificate for it (the admin's).
+    public static func makeClientIdentity(ca: Identity, commonName: String, now: Date = Date()) throws -> Identity {
+        let key = P256.Signing.PrivateKey()
+        let certificate = try makeClientCertificate(ca: ca, commonName: commonName, publicKey: .init(key.publicKey), now: now)
+        return Identity(certificate: certificate, privateKey: key)
+    }
+
+    /// A certificate signing request for `name`, signed by `key` (made on the board; the key never leaves it).
+    public static func makeCSR(name: String, key: P256.Signing.PrivateKey) throws -> [UInt8] {
+        let csr = try CertificateSigningRequest(
+            version: .v1, subject: try DistinguishedName { CommonName(name) }, privateKey: .init(key),
+            attributes: CertificateSigningRequest.Attributes(), signatureAlgorithm: .ecdsaWithSHA256)
+        var serializer = DER.Serializer()
+        try serializer.serialize(csr)
+        return serializer.serializedBytes
+    }
+
+    /// Parses a CSR, checks its signature, and returns the public key and the requested common name. Extensions
+    /// and other attributes are ignored.
+    public static func verifyCSR(_ der: [UInt8]) throws -> (publicKey: Certificate.PublicKey, commonName: String?) {
+        let csr: CertificateSigningRequest
+        do {
+            csr = try CertificateSigningRequest(derEncoded: der)
+        } catch {
+            throw PKIError("the certificate signing request is not valid DER")
+        }
+        guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
+            throw PKIError("the certificate signing request's signature does not verify")
+        }
+        let commonName = csr.subject.flatMap { $0 }.first { $0.type == .RDNAttributeType.commonName }
+            .map { String(describing: $0.value) }
+        return (csr.publicKey, commonName)
+    }
+
+    /// The SHA-256 fingerprint of a certificate's DER encoding, as lowercase hex.
+    public static func fingerprint(_ certificate: Certificate) throws -> String {
+        hex(SHA256.hash(data: try der(certificate)))
+    }
+
+    public static func der(_ certificate: Certificate) throws -> [UInt8] {
+        var serializer = DER.Serializer()
+        try serializer.serialize(certificate)
+        return serializer.serializedBytes
+    }
+
+    /// A stable serial-number string: the serial's bytes in hex, zero-padded.
+    public static func serial(_ certificate: Certificate) -> String { hex(certificate.serialNumber.bytes) }
+
+    /// The subject's common name.
+    public static func commonName(_ certificate: Certificate) -> String? {
+        certificate.subject.flatMap { $0 }.first { $0.type == .RDNAttributeType.commonName }.map { String(describing: $0.value) }
+    }
+
+    public static func hex<S: Sequence>(_ bytes: S) -> String where S.Element == UInt8 {
+        bytes.map { String(format: "%02x", $0) }.joined()
+    }
+
+    /// Normalises a fingerprint as people paste it ("AB:CD…", "sha256:abcd…") to lowercase hex.
+    public static func normalizedFingerprint(_ text: String) -> String {
+        var t = text.lowercased()
+        if t.hasPrefix("sha256:") { t.removeFirst(7) }
+        return t.filter { $0.isHexDigit }
+    }
+
+    static func ipAddressBytes(_ host: String) -> [UInt8]? {
+        var v4 = in_addr(), v6 = in6_addr()
+        if inet_pton(AF_INET, host, &v4) == 1 { return withUnsafeBytes(of: &v4) { Array($0) } }
+        if inet_pton(AF_INET6, host, &v6) == 1 { return withUnsafeBytes(of: &v6) { Array($0) } }
+        return nil
+    }
+}

@@ -1,0 +1,283 @@
+import ArgumentParser
+import Foundation
+import Logging
+import WhittleCLI
+import WhittleHTTPClient
+import WhittlePKI
+import WhittleStore
+
+/// `coordinator init`: creates the data directory.
+public struct InitCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "init",
+        abstract: "Create a coordinator data directory: CA, server and admin certificates, configuration, database.",
+        discussion: """
+            The CA is P-256, made here unless --ca-cert and --ca-key give an operator's own. Key files are \
+            created with mode 0600. An existing directory with content is never overwritten.
+            """)
+
+    @Option(name: .long, help: "The data directory to create.") var dir: String
+    @Option(name: .long, parsing: .upToNextOption, help: "Host names and IP addresses the server certificate is valid for.")
+    var hostname: [String] = ["localhost", "127.0.0.1", "::1"]
+    @Option(name: .long, help: "An existing CA certificate (PEM) to use instead of making one.") var caCert: String?
+    @Option(name: .long, help: "The private key (PEM, P-256) of --ca-cert.") var caKey: String?
+    @Option(name: .long, help: "Address and port serve listens on.") var listen: String = "127.0.0.1:8443"
+    @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+    public init() {}
+
+    public func validate() throws {
+        guard (caCert == nil) == (caKey == nil) else { throw ValidationError("--ca-cert and --ca-key go together") }
+        guard !hostname.isEmpty else { throw ValidationError("give at least one --hostname") }
+        _ = try CoordinatorConfig.hostPort(listen)
+    }
+
+    struct Report: Encodable {
+        var directory: String
+        var caFingerprint: String
+        var serverNames: [String]
+        var adminSerial: String
+        var listen: String
+    }
+
+    public func run() throws {
+        let layout = CoordinatorLayout(dir)
+        let fm = FileManager.default
+        if let contents = try? fm.contentsOfDirectory(atPath: dir), !contents.isEmpty {
+            throw CLIError("\(dir) already exists and is not empty; coordinator init never overwrites a data directory")
+        }
+        try fm.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        let ca: Identity
+        if let caCert, let caKey {
+            ca = try Identity(certificatePEM: try String(contentsOfFile: caCert, encoding: .utf8),
+                              privateKeyPEM: try String(contentsOfFile: caKey, encoding: .utf8))
+        } else {
+            ca = try PKI.makeCA()
+        }
+        let server = try PKI.makeServerCertificate(ca: ca, hosts: hostname)
+        let admin = try PKI.makeClientIdentity(ca: ca, commonName: PKI.adminCommonName)
+        try SecureFiles.write(ca.certificatePEM, to: layout.caCertificate, secret: false)
+        try SecureFiles.write(ca.privateKeyPEM, to: layout.caKey, secret: true)
+        try SecureFiles.write(server.certificatePEM, to: layout.serverCertificate, secret: false)
+        try SecureFiles.write(server.privateKeyPEM, to: layout.serverKey, secret: true)
+        try SecureFiles.write(admin.certificatePEM, to: layout.adminCertificate, secret: false)
+        try SecureFiles.write(admin.privateKeyPEM, to: layout.adminKey, secret: true)
+        var config = CoordinatorConfig()
+        config.listen = listen
+        config.adminSerial = PKI.serial(admin.certificate)
+        try SecureFiles.write(config.text, to: layout.config, secret: false)
+        _ = try SQLiteStore(path: layout.database)
+        let report = Report(directory: dir, caFingerprint: try PKI.fingerprint(ca.certificate), serverNames: hostname,
+                            adminSerial: config.adminSerial, listen: listen)
+        if json {
+            try printJSON(report)
+        } else {
+            print("created \(dir)")
+            print("CA fingerprint (SHA-256): \(report.caFingerprint)")
+            print("server certificate for: \(hostname.joined(separator: ", "))")
+            print("start it with: coordinator serve --dir \(dir)")
+        }
+    }
+}
+
+/// File writing with permissions set at creation.
+enum SecureFiles {
+    static func write(_ text: String, to path: String, secret: Bool) throws {
+        let fm = FileManager.default
+        guard fm.createFile(atPath: path, contents: Data(text.utf8), attributes: [.posixPermissions: secret ? 0o600 : 0o644]) else {
+            throw CLIError("cannot write \(path)")
+        }
+    }
+}
+
+/// Loads the configuration of a data directory.
+func loadConfig(_ dir: String) throws -> (CoordinatorLayout, CoordinatorConfig) {
+    let layout = CoordinatorLayout(dir)
+    guard FileManager.default.fileExists(atPath: layout.config) else {
+        throw CLIError("\(dir) is not a coordinator data directory (no coordinator.conf); create one with coordinator init --dir \(dir)")
+    }
+    do {
+        return (layout, try CoordinatorConfig.parse(try String(contentsOfFile: layout.config, encoding: .utf8)))
+    } catch let error as ConfigError {
+        throw CLIError("\(layout.config): \(error.description)")
+    }
+}
+
+/// `coordinator serve`.
+public struct ServeCommand: AsyncParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Run the coordinator's HTTPS server (TLS 1.2+, mutual TLS for workers and admins) until SIGTERM/SIGINT.")
+
+    @Option(name: .long, help: "The data directory made by coordinator init.") var dir: String
+    @Option(name: .long, help: "HOST:PORT to listen on (port 0: any free port, written to DIR/listening).") var listen: String?
+
+    public init() {}
+
+    public func run() async throws {
+        setvbuf(stdout, nil, _IOLBF, 0)  // "listening on …" reaches a pipe at once
+        let (layout, config) = try loadConfig(dir)
+        var logger = Logger(label: "whittle.coordinator")
+        logger.logLevel = ProcessInfo.processInfo.environment["LOG_LEVEL"].flatMap { Logger.Level(rawValue: $0) } ?? .info
+        do {
+            try await CoordinatorServer.serve(layout: layout, config: config, listen: listen ?? config.listen, logger: logger)
+        } catch let error as ConfigError {
+            throw CLIError(error.description)
+        }
+    }
+}
+
+/// An HTTPS client with the admin certificate of a data directory, aimed at its running server.
+func adminClient(_ dir: String, server: String?) throws -> HTTPClient {
+    let (layout, config) = try loadConfig(dir)
+    let url: String
+    if let server {
+        url = server
+    } else if !config.url.isEmpty {
+        url = config.url
+    } else if let listening = try? String(contentsOfFile: layout.listening, encoding: .utf8) {
+        url = listening.trimmingCharacters(in: .whitespacesAndNewlines)
+    } else {
+        url = "https://" + config.listen
+    }
+    let read = { (path: String) throws -> String in
+        do { return try String(contentsOfFile: path, encoding: .utf8) } catch { throw CLIError("cannot read \(path)") }
+    }
+    let client = HTTPClient(baseURL: url, credentials: TLSCredentials(
+        caPEM: try read(layout.caCertificate), certificatePEM: try read(layout.adminCertificate),
+        privateKeyPEM: try read(layout.adminKey)))
+    client.timeout = 30
+    return client
+}
+
+/// Sends an admin request and turns failures into messages for people.
+func adminRequest(_ client: HTTPClient, _ method: String, _ path: String, body: [UInt8]? = nil) throws -> HTTPResponse {
+    let response: HTTPResponse
+    do {
+        response = try client.send(method, path, body: body, contentType: body == nil ? nil : "application/json",
+                                   retry: RetryPolicy(attempts: 3, baseDelay: 0.2, maximumDelay: 2))
+    } catch let error as HTTPClientError {
+        throw CLIError("cannot reach the coordinator at \(client.baseURL): \(error.description) (is coordinator serve running?)")
+    }
+    guard response.status == 200 else {
+        let message = (try? JSONDecoder().decode([String: String].self, from: Data(response.body)))?["message"] ?? response.text
+        throw CLIError("the coordinator answered \(response.status): \(message)")
+    }
+    return response
+}
+
+/// `coordinator token create`.
+public struct TokenCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "token", abstract: "Enrollment tokens.", subcommands: [Create.self])
+
+    public init() {}
+
+    public struct Create: ParsableCommand {
+        public static let configuration = CommandConfiguration(
+            abstract: "Create an enrollment token (printed once, stored hashed) and print the CA fingerprint workers check.")
+
+        @Option(name: .long, help: "The coordinator's data directory (for its admin certificate).") var dir: String
+        @Option(name: .long, help: "How long the token stays valid: 30m, 1h, 2d, or seconds.") var ttl: String = "1h"
+        @Option(name: .long, help: "How many enrollments it allows.") var uses: Int = 1
+        @Option(name: .long, help: "The server's URL (default: from the data directory).") var server: String?
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+        public init() {}
+
+        public func validate() throws {
+            guard Self.seconds(ttl) != nil else { throw ValidationError("--ttl '\(ttl)' is not a duration like 30m, 1h or 2d") }
+            guard uses >= 1 else { throw ValidationError("--uses must be at least 1") }
+        }
+
+        static func seconds(_ text: String) -> Double? {
+            let units: [Character: Double] = ["s": 1, "m": 60, "h": 3600, "d": 86400]
+            if let unit = text.last, let factor = units[unit], let v = Double(text.dropLast()), v > 0 { return v * factor }
+            return Double(text).flatMap { $0 > 0 ? $0 : nil }
+        }
+
+        public func run() throws {
+            let client = try adminClient(dir, server: server)
+            let body = try JSONEncoder().encode(["ttlSeconds": Self.seconds(ttl)!, "uses": Double(uses)])
+            let response = try adminRequest(client, "POST", "/admin/v1/tokens", body: Array(body))
+            if json {
+                print(response.text)
+            } else {
+                let object = try JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any] ?? [:]
+                print("token: \(object["token"] ?? "")")
+                print("uses: \(object["uses"] ?? ""), expires: \(object["expiresAt"] ?? "")")
+                print("CA fingerprint (SHA-256): \(object["caFingerprint"] ?? "")")
+                print("enroll a board with: worker enroll --coordinator \(client.baseURL) --token <token> --ca-fingerprint <fingerprint> --dir WDIR")
+            }
+        }
+    }
+}
+
+/// `coordinator workers list|show|revoke`.
+public struct WorkersCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "workers", abstract: "Enrolled workers.", subcommands: [List.self, Show.self, Revoke.self])
+
+    public init() {}
+
+    struct Common: ParsableArguments {
+        @Option(name: .long, help: "The coordinator's data directory (for its admin certificate).") var dir: String
+        @Option(name: .long, help: "The server's URL (default: from the data directory).") var server: String?
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+    }
+
+    static func decodeWorkers(_ response: HTTPResponse) throws -> [WorkerView] {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return try decoder.decode([WorkerView].self, from: Data(response.body))
+    }
+
+    static func describe(_ w: WorkerView) -> [String] {
+        let f = ISO8601DateFormatter()
+        return [w.name, w.state, w.lastContactAt.map { f.string(from: $0) } ?? "never", w.address ?? "–",
+                w.capabilities.map { "\($0.samples)" } ?? "–", w.certificateSerial.prefix(16) + "…",
+                f.string(from: w.certificateExpiresAt)]
+    }
+
+    public struct List: ParsableCommand {
+        public static let configuration = CommandConfiguration(abstract: "List enrolled workers.")
+        @OptionGroup var common: Common
+        public init() {}
+
+        public func run() throws {
+            let response = try adminRequest(try adminClient(common.dir, server: common.server), "GET", "/admin/v1/workers")
+            if common.json { print(response.text); return }
+            let workers = try WorkersCommand.decodeWorkers(response)
+            guard !workers.isEmpty else { print("no workers enrolled"); return }
+            print(table(["name", "state", "last contact", "address", "samples", "certificate", "expires"],
+                              workers.map(WorkersCommand.describe)))
+        }
+    }
+
+    public struct Show: ParsableCommand {
+        public static let configuration = CommandConfiguration(abstract: "Show one worker.")
+        @Argument(help: "The worker's name.") var name: String
+        @OptionGroup var common: Common
+        public init() {}
+
+        public func run() throws {
+            let path = "/admin/v1/workers/" + (name.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? name)
+            let response = try adminRequest(try adminClient(common.dir, server: common.server), "GET", path)
+            print(response.text)
+        }
+    }
+
+    public struct Revoke: ParsableCommand {
+        public static let configuration = CommandConfiguration(
+            abstract: "Revoke a worker: its next request is refused, without a restart.")
+        @Argument(help: "The worker's name.") var name: String
+        @OptionGroup var common: Common
+        public init() {}
+
+        public func run() throws {
+            let path = "/admin/v1/workers/" + (name.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? name) + "/revoke"
+            let response = try adminRequest(try adminClient(common.dir, server: common.server), "POST", path)
+            if common.json { print(response.text) } else { print("revoked \(name)") }
+        }
+    }
+}

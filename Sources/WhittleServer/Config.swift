@@ -1,0 +1,117 @@
+import Foundation
+
+/// The coordinator's settings, read from `DIR/coordinator.conf` (`key = value` lines, `#` comments). Every key has
+/// a documented default; `coordinator init` writes the file with all of them.
+public struct CoordinatorConfig: Sendable, Equatable {
+    /// Address and port `serve` listens on (`--listen` overrides).
+    public var listen = "127.0.0.1:8443"
+    /// The URL admin commands use to reach the server (derived from `listen` when empty).
+    public var url = ""
+    /// Seconds between a worker's heartbeats.
+    public var heartbeatSeconds = 10
+    /// Validity of issued worker certificates, in days.
+    public var workerCertificateDays = 365
+    /// Body limits per route, in bytes.
+    public var enrollBodyLimit = 64 << 10
+    public var heartbeatBodyLimit = 16 << 10
+    public var adminBodyLimit = 16 << 10
+    /// Enrollment rate limit per client address: sustained requests per second and burst.
+    public var enrollRatePerSecond = 5.0
+    public var enrollBurst = 20
+    /// The serial (hex) of the admin client certificate; admin routes accept only it.
+    public var adminSerial = ""
+
+    public init() {}
+
+    static let documentation: [(key: String, comment: String)] = [
+        ("listen", "Address and port the HTTPS server listens on (coordinator serve --listen overrides)."),
+        ("url", "URL admin commands use to reach the server; empty: https://<listen>."),
+        ("heartbeat_seconds", "Seconds between a worker's heartbeats."),
+        ("worker_certificate_days", "Validity of the certificates issued to enrolled workers, in days."),
+        ("enroll_body_limit", "Largest enrollment request body, in bytes (larger: 413)."),
+        ("heartbeat_body_limit", "Largest heartbeat body, in bytes."),
+        ("admin_body_limit", "Largest admin request body, in bytes."),
+        ("enroll_rate_per_second", "Enrollment requests per second allowed per client address (beyond the burst: 429)."),
+        ("enroll_burst", "Enrollment requests a client address may send at once."),
+        ("admin_serial", "Serial of the admin client certificate (admin.pem); set by coordinator init."),
+    ]
+
+    var values: [String: String] {
+        ["listen": listen, "url": url, "heartbeat_seconds": "\(heartbeatSeconds)",
+         "worker_certificate_days": "\(workerCertificateDays)", "enroll_body_limit": "\(enrollBodyLimit)",
+         "heartbeat_body_limit": "\(heartbeatBodyLimit)", "admin_body_limit": "\(adminBodyLimit)",
+         "enroll_rate_per_second": "\(enrollRatePerSecond)", "enroll_burst": "\(enrollBurst)", "admin_serial": adminSerial]
+    }
+
+    /// The file's text, every key with its comment.
+    public var text: String {
+        var out = "# Whittle coordinator configuration. Each setting shows its default unless changed.\n"
+        for (key, comment) in Self.documentation {
+            out += "\n# \(comment)\n\(key) = \(values[key] ?? "")\n"
+        }
+        return out
+    }
+
+    public static func parse(_ text: String) throws -> CoordinatorConfig {
+        var c = CoordinatorConfig()
+        for (number, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.trimmingCharacters(in: .whitespaces)
+            if line.isEmpty || line.hasPrefix("#") { continue }
+            let parts = line.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
+            guard parts.count == 2 else { throw ConfigError("line \(number + 1): expected key = value, got '\(line)'") }
+            let (key, value) = (parts[0], parts[1])
+            func int() throws -> Int {
+                guard let v = Int(value), v > 0 else { throw ConfigError("line \(number + 1): \(key) must be a positive integer") }
+                return v
+            }
+            switch key {
+            case "listen": c.listen = value
+            case "url": c.url = value
+            case "heartbeat_seconds": c.heartbeatSeconds = try int()
+            case "worker_certificate_days": c.workerCertificateDays = try int()
+            case "enroll_body_limit": c.enrollBodyLimit = try int()
+            case "heartbeat_body_limit": c.heartbeatBodyLimit = try int()
+            case "admin_body_limit": c.adminBodyLimit = try int()
+            case "enroll_rate_per_second":
+                guard let v = Double(value), v > 0 else { throw ConfigError("line \(number + 1): enroll_rate_per_second must be positive") }
+                c.enrollRatePerSecond = v
+            case "enroll_burst": c.enrollBurst = try int()
+            case "admin_serial": c.adminSerial = value
+            default: throw ConfigError("line \(number + 1): unknown setting '\(key)'")
+            }
+        }
+        return c
+    }
+
+    /// `host:port` split; IPv6 in brackets.
+    public static func hostPort(_ text: String) throws -> (String, Int) {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else {
+            throw ConfigError("'\(text)' is not HOST:PORT")
+        }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host, port)
+    }
+}
+
+public struct ConfigError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ message: String) { description = message }
+}
+
+/// Where things live in the coordinator's data directory.
+public struct CoordinatorLayout: Sendable {
+    public let directory: URL
+    public init(_ path: String) { directory = URL(fileURLWithPath: path) }
+    func file(_ name: String) -> String { directory.appendingPathComponent(name).path }
+    public var caCertificate: String { file("ca.pem") }
+    public var caKey: String { file("ca.key") }
+    public var serverCertificate: String { file("server.pem") }
+    public var serverKey: String { file("server.key") }
+    public var adminCertificate: String { file("admin.pem") }
+    public var adminKey: String { file("admin.key") }
+    public var config: String { file("coordinator.conf") }
+    public var database: String { file("whittle.sqlite") }
+    /// Written by `serve` once listening: the bound address (useful with port 0).
+    public var listening: String { file("listening") }
+}

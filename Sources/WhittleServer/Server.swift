@@ -1,0 +1,376 @@
+import Crypto
+import Foundation
+import Hummingbird
+import HummingbirdTLS
+import Logging
+import NIOCore
+import NIOSSL
+import SwiftProtobuf
+import WhittlePKI
+import WhittleProtocol
+import WhittleStore
+import X509
+
+/// The wire protocol version this coordinator speaks.
+public let protocolVersion: UInt32 = 1
+
+/// The request context: the channel (for the peer certificate) and, once the middleware has checked it, who the
+/// client is.
+public struct WhittleContext: RequestContext {
+    public var coreContext: CoreRequestContextStorage
+    let channel: any Channel
+    var workerName: String?
+
+    public init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        channel = source.channel
+    }
+
+    var remoteAddress: String? { channel.remoteAddress?.ipAddress }
+}
+
+/// An error answered as `{"error": code, "message": …}` with a status.
+struct APIError: HTTPResponseError {
+    let status: HTTPResponse.Status
+    let code: String
+    let message: String
+    var retryAfter: Int?
+
+    init(_ status: HTTPResponse.Status, _ code: String, _ message: String, retryAfter: Int? = nil) {
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retryAfter = retryAfter
+    }
+
+    var headers: HTTPFields {
+        var h: HTTPFields = [.contentType: "application/json"]
+        if let retryAfter { h[.retryAfter] = "\(retryAfter)" }
+        return h
+    }
+
+    func response(from request: Request, context: some RequestContext) throws -> Response {
+        let body = (try? JSONEncoder().encode(["error": code, "message": message])) ?? Data()
+        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: body)))
+    }
+}
+
+/// Everything the handlers share.
+final class ServerState: Sendable {
+    let store: any CoordinatorStore
+    let ca: Identity
+    let config: CoordinatorConfig
+    let limiter: RateLimiter
+    let logger: Logger
+
+    init(store: any CoordinatorStore, ca: Identity, config: CoordinatorConfig, logger: Logger) {
+        self.store = store
+        self.ca = ca
+        self.config = config
+        self.limiter = RateLimiter(rate: config.enrollRatePerSecond, burst: Double(config.enrollBurst))
+        self.logger = logger
+    }
+}
+
+/// A token bucket per client address.
+actor RateLimiter {
+    let rate: Double
+    let burst: Double
+    var buckets: [String: (tokens: Double, at: ContinuousClock.Instant)] = [:]
+
+    init(rate: Double, burst: Double) {
+        self.rate = rate
+        self.burst = burst
+    }
+
+    /// Nil when allowed; otherwise the seconds to wait.
+    func take(_ key: String) -> Int? {
+        let now = ContinuousClock.now
+        var bucket = buckets[key] ?? (burst, now)
+        let elapsed = now - bucket.at
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+        bucket.tokens = min(burst, bucket.tokens + seconds * rate)
+        bucket.at = now
+        defer { buckets[key] = bucket }
+        if bucket.tokens >= 1 {
+            bucket.tokens -= 1
+            return nil
+        }
+        return max(1, Int(((1 - bucket.tokens) / rate).rounded(.up)))
+    }
+}
+
+/// Admits only clients presenting a certificate of the given role: the admin certificate, or an enrolled,
+/// unrevoked worker's. The TLS layer already refused certificates that do not chain to the CA or have expired.
+struct ClientCertificateMiddleware: RouterMiddleware {
+    enum Role { case admin, worker }
+    let role: Role
+    let state: ServerState
+
+    func handle(_ request: Request, context: WhittleContext,
+                next: (Request, WhittleContext) async throws -> Response) async throws -> Response {
+        guard let peer = try await context.channel.nioSSL_peerCertificate().get() else {
+            throw APIError(.unauthorized, "client_certificate_required", "this route needs a client certificate")
+        }
+        let certificate = try Certificate(derEncoded: try peer.toDERBytes())
+        let serial = PKI.serial(certificate)
+        var context = context
+        switch role {
+        case .admin:
+            guard !state.config.adminSerial.isEmpty, serial == state.config.adminSerial else {
+                throw APIError(.forbidden, "admin_certificate_required", "this route needs the admin certificate")
+            }
+        case .worker:
+            guard let worker = try await state.store.worker(serial: serial) else {
+                throw APIError(.forbidden, "worker_certificate_required", "this route needs an enrolled worker's certificate")
+            }
+            guard worker.revokedAt == nil else {
+                throw APIError(.forbidden, "revoked", "worker '\(worker.name)' has been revoked")
+            }
+            context.workerName = worker.name
+        }
+        return try await next(request, context)
+    }
+}
+
+/// The coordinator's HTTPS application.
+public enum CoordinatorServer {
+    static func router(state: ServerState) -> Router<WhittleContext> {
+        let router = Router(context: WhittleContext.self)
+        router.get("/healthz") { _, _ in "ok\n" }
+        router.get("/readyz") { _, _ -> Response in
+            do {
+                try await state.store.ping()
+                return Response(status: .ok, body: .init(byteBuffer: ByteBuffer(string: "ready\n")))
+            } catch {
+                return Response(status: .serviceUnavailable, body: .init(byteBuffer: ByteBuffer(string: "not ready\n")))
+            }
+        }
+        router.get("/v1/ca") { _, _ -> Response in
+            Response(status: .ok, headers: [.contentType: "application/x-pem-file"],
+                     body: .init(byteBuffer: ByteBuffer(string: state.ca.certificatePEM)))
+        }
+        router.post("/v1/enroll") { request, context in try await enroll(request, context, state) }
+
+        let worker = router.group("/v1/worker").add(middleware: ClientCertificateMiddleware(role: .worker, state: state))
+        worker.post("/heartbeat") { request, context in try await heartbeat(request, context, state) }
+
+        let admin = router.group("/admin/v1").add(middleware: ClientCertificateMiddleware(role: .admin, state: state))
+        admin.post("/tokens") { request, context in try await createToken(request, context, state) }
+        admin.get("/workers") { _, _ -> Response in
+            let now = Date()
+            return try json(try await state.store.workers().map { WorkerView($0, now: now) })
+        }
+        admin.get("/workers/:name") { _, context -> Response in
+            let name = context.parameters.get("name") ?? ""
+            guard let w = try await state.store.worker(named: name) else {
+                throw APIError(.notFound, "unknown_worker", "no worker is called '\(name)'")
+            }
+            return try json(WorkerView(w, now: Date()))
+        }
+        admin.post("/workers/:name/revoke") { _, context -> Response in
+            let name = context.parameters.get("name") ?? ""
+            guard try await state.store.revoke(name: name, at: Date()) else {
+                throw APIError(.notFound, "unknown_worker", "no worker is called '\(name)'")
+            }
+            state.logger.info("revoked", metadata: ["worker.name": "\(name)"])
+            return try json(WorkerView(try await state.store.worker(named: name)!, now: Date()))
+        }
+        return router
+    }
+
+    static func body(_ request: Request, limit: Int) async throws -> [UInt8] {
+        var request = request
+        do {
+            let buffer = try await request.collectBody(upTo: limit)
+            return Array(buffer.readableBytesView)
+        } catch is NIOTooManyBytesError {
+            throw APIError(.contentTooLarge, "body_too_large", "the request body exceeds \(limit) bytes for this route")
+        }
+    }
+
+    static func protobuf(_ message: some SwiftProtobuf.Message) throws -> Response {
+        let bytes: [UInt8] = try message.serializedBytes()
+        return Response(status: .ok, headers: [.contentType: "application/x-protobuf"], body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+
+    static func json(_ value: some Encodable) throws -> Response {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.sortedKeys]
+        return Response(status: .ok, headers: [.contentType: "application/json"],
+                        body: .init(byteBuffer: ByteBuffer(bytes: try encoder.encode(value))))
+    }
+
+    static func decode<M: SwiftProtobuf.Message>(_ type: M.Type, _ bytes: [UInt8]) throws -> M {
+        do {
+            return try M(serializedBytes: bytes)
+        } catch {
+            throw APIError(.badRequest, "malformed_message", "the body is not a valid \(M.protoMessageName) message")
+        }
+    }
+
+    static func enroll(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Response {
+        if let wait = await state.limiter.take(context.remoteAddress ?? "unknown") {
+            throw APIError(.tooManyRequests, "rate_limited", "too many enrollment requests; retry in \(wait) s", retryAfter: wait)
+        }
+        let message = try decode(Whittle_EnrollRequest.self, try await body(request, limit: state.config.enrollBodyLimit))
+        guard message.protocolVersion == protocolVersion else {
+            throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported (this coordinator speaks \(protocolVersion))")
+        }
+        let csr: (publicKey: Certificate.PublicKey, commonName: String?)
+        do {
+            csr = try PKI.verifyCSR(Array(message.csrDer))
+        } catch let error as PKIError {
+            throw APIError(.badRequest, "bad_csr", error.description)
+        }
+        guard let name = csr.commonName, PKI.isValidWorkerName(name) else {
+            throw APIError(.badRequest, "bad_name", "the CSR's common name must be a worker name: 1–64 letters, digits, '.', '-' or '_'")
+        }
+        let now = Date()
+        let certificate = try PKI.makeClientCertificate(
+            ca: state.ca, commonName: name, publicKey: csr.publicKey, now: now,
+            validity: Double(state.config.workerCertificateDays) * 86400)
+        let record = WorkerRecord(name: name, certificateSerial: PKI.serial(certificate),
+                                  certificateExpiresAt: certificate.notValidAfter, enrolledAt: now)
+        switch try await state.store.enroll(tokenHash: tokenHash(message.token), worker: record, now: now) {
+        case .enrolled:
+            state.logger.info("enrolled", metadata: ["worker.name": "\(name)", "worker.address": "\(context.remoteAddress ?? "?")"])
+            var response = Whittle_EnrollResponse()
+            response.name = name
+            response.certificateDer = Data(try PKI.der(certificate))
+            response.caCertificateDer = Data(try PKI.der(state.ca.certificate))
+            return try protobuf(response)
+        case .unknownToken: throw APIError(.unauthorized, "unknown_token", "the enrollment token is not known")
+        case .expiredToken: throw APIError(.unauthorized, "expired_token", "the enrollment token has expired")
+        case .exhaustedToken: throw APIError(.unauthorized, "exhausted_token", "the enrollment token has no uses left")
+        case .nameTaken: throw APIError(.conflict, "name_taken", "a worker called '\(name)' is already enrolled; choose another --name")
+        }
+    }
+
+    static func heartbeat(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Response {
+        let message = try decode(Whittle_Heartbeat.self, try await body(request, limit: state.config.heartbeatBodyLimit))
+        guard message.protocolVersion == protocolVersion else {
+            throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
+        }
+        let c = message.capabilities
+        let capabilities = CapabilitiesView(cores: Int(c.cores), memoryBytes: Int(clamping: c.memoryBytes),
+                                            samples: Int(clamping: c.samples), labels: c.labels, version: c.version,
+                                            memoryLimitBytes: Int(clamping: c.memoryLimitBytes))
+        let text = String(decoding: try JSONEncoder().encode(capabilities), as: UTF8.self)
+        try await state.store.recordContact(name: context.workerName!, at: Date(), address: context.remoteAddress, capabilities: text)
+        var response = Whittle_HeartbeatResponse()
+        response.pollSeconds = UInt32(state.config.heartbeatSeconds)
+        return try protobuf(response)
+    }
+
+    struct TokenRequest: Decodable {
+        var ttlSeconds: Double?
+        var uses: Int?
+    }
+
+    struct TokenResponse: Encodable {
+        var token: String
+        var expiresAt: Date
+        var uses: Int
+        var caFingerprint: String
+    }
+
+    static func createToken(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Response {
+        let bytes = try await body(request, limit: state.config.adminBodyLimit)
+        let parameters: TokenRequest
+        do {
+            parameters = bytes.isEmpty ? TokenRequest() : try JSONDecoder().decode(TokenRequest.self, from: Data(bytes))
+        } catch {
+            throw APIError(.badRequest, "malformed_json", "the body is not a token request: {\"ttlSeconds\": 3600, \"uses\": 1}")
+        }
+        let ttl = parameters.ttlSeconds ?? 3600, uses = parameters.uses ?? 1
+        guard ttl > 0, ttl <= 366 * 86400, uses >= 1, uses <= 100_000 else {
+            throw APIError(.badRequest, "bad_token_request", "ttlSeconds must be in (0, 1 year] and uses in [1, 100000]")
+        }
+        var secret = [UInt8](repeating: 0, count: 32)
+        var generator = SystemRandomNumberGenerator()
+        for i in secret.indices { secret[i] = generator.next() }
+        let token = Data(secret).base64EncodedString().replacingOccurrences(of: "+", with: "-")
+            .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        let now = Date()
+        try await state.store.addToken(TokenRecord(hash: tokenHash(token), createdAt: now, expiresAt: now.addingTimeInterval(ttl), uses: uses))
+        state.logger.info("token created", metadata: ["token.uses": "\(uses)", "token.ttl": "\(ttl)"])
+        return try json(TokenResponse(token: token, expiresAt: now.addingTimeInterval(ttl), uses: uses,
+                                      caFingerprint: try PKI.fingerprint(state.ca.certificate)))
+    }
+
+    static func tokenHash(_ token: String) -> String { PKI.hex(SHA256.hash(data: Data(token.utf8))) }
+
+    /// The TLS configuration: TLS 1.2+, the server certificate, and optional client certificates that must chain to
+    /// the CA (a foreign or expired certificate is refused at the handshake; none at all is allowed, for
+    /// enrollment and health).
+    static func tlsConfiguration(layout: CoordinatorLayout) throws -> TLSConfiguration {
+        let certificate = try NIOSSLCertificate(file: layout.serverCertificate, format: .pem)
+        let key = try NIOSSLPrivateKey(file: layout.serverKey, format: .pem)
+        let ca = try NIOSSLCertificate(file: layout.caCertificate, format: .pem)
+        var tls = TLSConfiguration.makeServerConfiguration(certificateChain: [.certificate(certificate)], privateKey: .privateKey(key))
+        tls.minimumTLSVersion = .tlsv12
+        tls.certificateVerification = .optionalVerification
+        tls.trustRoots = .certificates([ca])
+        tls.applicationProtocols = ["http/1.1"]
+        return tls
+    }
+
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+    public static func serve(layout: CoordinatorLayout, config: CoordinatorConfig, listen: String, logger: Logger) async throws {
+        let ca = try Identity(certificatePEM: try String(contentsOfFile: layout.caCertificate, encoding: .utf8),
+                              privateKeyPEM: try String(contentsOfFile: layout.caKey, encoding: .utf8))
+        let store = try SQLiteStore(path: layout.database)
+        let state = ServerState(store: store, ca: ca, config: config, logger: logger)
+        let (host, port) = try CoordinatorConfig.hostPort(listen)
+        let app = Application(
+            router: router(state: state),
+            server: try .tls(.http1(), tlsConfiguration: try tlsConfiguration(layout: layout)),
+            configuration: .init(address: .hostname(host, port: port), serverName: "whittle"),
+            onServerRunning: { channel in
+                let bound = channel.localAddress?.port ?? port
+                let url = "https://\(host.contains(":") ? "[\(host)]" : host):\(bound)"
+                try? Data((url + "\n").utf8).write(to: URL(fileURLWithPath: layout.listening), options: .atomic)
+                logger.info("listening", metadata: ["url": "\(url)"])
+                print("listening on \(url)")
+            },
+            logger: logger)
+        try await app.runService()
+        try? FileManager.default.removeItem(atPath: layout.listening)
+    }
+}
+
+/// A worker as admin commands show it.
+public struct WorkerView: Codable, Sendable {
+    public var name: String
+    public var state: String
+    public var enrolledAt: Date
+    public var lastContactAt: Date?
+    public var address: String?
+    public var certificateSerial: String
+    public var certificateExpiresAt: Date
+    public var revokedAt: Date?
+    public var capabilities: CapabilitiesView?
+
+    init(_ w: WorkerRecord, now: Date) {
+        name = w.name
+        state = w.state(now: now)
+        enrolledAt = w.enrolledAt
+        lastContactAt = w.lastContactAt
+        address = w.lastAddress
+        certificateSerial = w.certificateSerial
+        certificateExpiresAt = w.certificateExpiresAt
+        revokedAt = w.revokedAt
+        capabilities = w.capabilities.flatMap { try? JSONDecoder().decode(CapabilitiesView.self, from: Data($0.utf8)) }
+    }
+}
+
+public struct CapabilitiesView: Codable, Sendable {
+    public var cores: Int
+    public var memoryBytes: Int
+    public var samples: Int
+    public var labels: Bool
+    public var version: String
+    public var memoryLimitBytes: Int
+}

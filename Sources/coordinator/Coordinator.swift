@@ -1,0 +1,27 @@
+import ArgumentParser
+import WhittleCLI
+import WhittleServer
+
+/// The coordinator: runs on a server, holds the fleet's state and drives federated compression rounds.
+@main
+struct Coordinator: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "coordinator",
+        abstract: "Whittle coordinator: federated compression of neural networks for fleets of edge boards.",
+        version: WhittleVersion.string,
+        subcommands: [InitCommand.self, ServeCommand.self, TokenCommand.self, WorkersCommand.self, ModelCommand.self])
+
+    static func main() async {
+        ProcessSetup.tuneAllocator()
+        do {
+            var command = try parseAsRoot()
+            if var asyncCommand = command as? AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            exit(withError: error)
+        }
+    }
+}
