@@ -107,7 +107,7 @@ let package = Package(
         .testTarget(name: "WhittleCompressionTests", dependencies: ["WhittleCompression", "WhittleTensor", "WhittleTestSupport"]),
         .testTarget(name: "WhittleProtocolTests", dependencies: ["WhittleProtocol", "WhittleCompression", "WhittleTensor", "WhittleTestSupport"]),
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
-        .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI"]),
+        .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "SwiftASN1", package: "swift-asn1")]),
         .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
     ]
 )

@@ -115,7 +115,6 @@ public struct ServeCommand: AsyncParsableCommand {
     public init() {}
 
     public func run() async throws {
-        setvbuf(stdout, nil, _IOLBF, 0)  // "listening on …" reaches a pipe at once
         let (layout, config) = try loadConfig(dir)
         var logger = Logger(label: "whittle.coordinator")
         logger.logLevel = ProcessInfo.processInfo.environment["LOG_LEVEL"].flatMap { Logger.Level(rawValue: $0) } ?? .info

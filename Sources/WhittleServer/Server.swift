@@ -333,7 +333,7 @@ public enum CoordinatorServer {
                 let url = "https://\(host.contains(":") ? "[\(host)]" : host):\(bound)"
                 try? Data((url + "\n").utf8).write(to: URL(fileURLWithPath: layout.listening), options: .atomic)
                 logger.info("listening", metadata: ["url": "\(url)"])
-                print("listening on \(url)")
+                FileHandle.standardOutput.write(Data("listening on \(url)\n".utf8))  // unbuffered, also into a pipe
             },
             logger: logger)
         try await app.runService()

@@ -1,1 +1,59 @@
+import Crypto
+import Foundation
+import SwiftASN1
 import Testing
+import WhittlePKI
+import X509
+
+@Suite struct PKITests {
+    @Test func caSignsServerAndClientCertificatesThatVerify() async throws {
+        let ca = try PKI.makeCA()
+        let server = try PKI.makeServerCertificate(ca: ca, hosts: ["coordinator.local", "127.0.0.1", "::1"])
+        let san = try #require(try server.certificate.extensions.subjectAlternativeNames)
+        #expect(san.contains(.dnsName("coordinator.local")))
+        #expect(san.count == 3)
+        let admin = try PKI.makeClientIdentity(ca: ca, commonName: PKI.adminCommonName)
+        for leaf in [server.certificate, admin.certificate] {
+            var verifier = Verifier(rootCertificates: CertificateStore([ca.certificate])) { RFC5280Policy() }
+            let result = await verifier.validate(leaf: leaf, intermediates: CertificateStore())
+            guard case .validCertificate = result else {
+                Issue.record("\(PKI.commonName(leaf) ?? "?") does not chain to the CA: \(result)")
+                return
+            }
+        }
+        // PEM round trip; a key that does not match the certificate is refused.
+        let copy = try Identity(certificatePEM: admin.certificatePEM, privateKeyPEM: admin.privateKeyPEM)
+        #expect(copy.certificate == admin.certificate)
+        #expect(throws: PKIError.self) { try Identity(certificatePEM: admin.certificatePEM, privateKeyPEM: server.privateKeyPEM) }
+    }
+
+    @Test func csrsAreVerifiedAndOnlyTheNameIsTaken() throws {
+        let key = P256.Signing.PrivateKey()
+        let der = try PKI.makeCSR(name: "board-7", key: key)
+        let (publicKey, name) = try PKI.verifyCSR(der)
+        #expect(name == "board-7")
+        #expect(publicKey == Certificate.PublicKey(key.publicKey))
+        // A flipped byte near the end (inside the signature) breaks it.
+        var broken = der
+        broken[broken.count - 5] ^= 0x01
+        #expect(throws: PKIError.self) { try PKI.verifyCSR(broken) }
+        #expect(throws: PKIError.self) { try PKI.verifyCSR([0x30, 0x03, 0x02, 0x01, 0x00]) }
+        let ca = try PKI.makeCA()
+        let issued = try PKI.makeClientCertificate(ca: ca, commonName: name!, publicKey: publicKey)
+        #expect(PKI.commonName(issued) == "board-7")
+        #expect(issued.issuer == ca.certificate.subject)
+    }
+
+    @Test func fingerprintsAndNames() throws {
+        let ca = try PKI.makeCA()
+        let f = try PKI.fingerprint(ca.certificate)
+        #expect(f.count == 64)
+        #expect(PKI.normalizedFingerprint("SHA256:" + f.uppercased().enumerated().map { $0.offset % 2 == 1 && $0.offset < 63 ? "\($0.element):" : "\($0.element)" }.joined()) == f)
+        let serial = PKI.serial(ca.certificate)
+        #expect(serial.allSatisfy { $0.isHexDigit })
+        #expect(PKI.isValidWorkerName("cam-07.line_3"))
+        for bad in ["", "with space", "ünïcode", String(repeating: "x", count: 65), PKI.adminCommonName, "a/b"] {
+            #expect(!PKI.isValidWorkerName(bad), "\(bad)")
+        }
+    }
+}

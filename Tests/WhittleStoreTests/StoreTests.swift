@@ -1,1 +1,91 @@
+import Foundation
 import Testing
+import WhittleStore
+
+/// One suite, run against every store implementation: they must behave the same.
+enum StoreKind: String, CaseIterable, CustomStringConvertible {
+    case memory, sqlite
+    var description: String { rawValue }
+
+    func make() throws -> (any CoordinatorStore, URL?) {
+        switch self {
+        case .memory: return (MemoryStore(), nil)
+        case .sqlite:
+            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("whittle-store-\(UUID().uuidString)")
+            try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+            return (try SQLiteStore(path: dir.appendingPathComponent("whittle.sqlite").path), dir)
+        }
+    }
+}
+
+@Suite struct StoreTests {
+    static let now = Date(timeIntervalSince1970: 1_800_000_000)
+
+    static func worker(_ name: String, serial: String? = nil) -> WorkerRecord {
+        WorkerRecord(name: name, certificateSerial: serial ?? "serial-\(name)", certificateExpiresAt: now.addingTimeInterval(86400),
+                     enrolledAt: now)
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func enrollmentChecksTokenAndNameAtomically(_ kind: StoreKind) async throws {
+        let (store, _) = try kind.make()
+        try await store.addToken(TokenRecord(hash: "t2", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 2))
+        try await store.addToken(TokenRecord(hash: "old", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(-1), uses: 5))
+        #expect(try await store.enroll(tokenHash: "nope", worker: Self.worker("a"), now: Self.now) == .unknownToken)
+        #expect(try await store.enroll(tokenHash: "old", worker: Self.worker("a"), now: Self.now) == .expiredToken)
+        #expect(try await store.enroll(tokenHash: "t2", worker: Self.worker("a"), now: Self.now) == .enrolled(Self.worker("a")))
+        #expect(try await store.enroll(tokenHash: "t2", worker: Self.worker("a", serial: "x"), now: Self.now) == .nameTaken)
+        // A refused enrollment takes no use.
+        #expect(try await store.token(hash: "t2")?.usesRemaining == 1)
+        #expect(try await store.enroll(tokenHash: "t2", worker: Self.worker("b"), now: Self.now) == .enrolled(Self.worker("b")))
+        #expect(try await store.enroll(tokenHash: "t2", worker: Self.worker("c"), now: Self.now) == .exhaustedToken)
+        #expect(try await store.workers().map(\.name) == ["a", "b"])
+        #expect(try await store.worker(serial: "serial-b")?.name == "b")
+        #expect(try await store.worker(named: "c") == nil)
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func revocationAndContact(_ kind: StoreKind) async throws {
+        let (store, _) = try kind.make()
+        try await store.addToken(TokenRecord(hash: "t", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 1))
+        _ = try await store.enroll(tokenHash: "t", worker: Self.worker("a"), now: Self.now)
+        try await store.recordContact(name: "a", at: Self.now.addingTimeInterval(5), address: "10.0.0.2", capabilities: "{\"cores\":2}")
+        var a = try #require(try await store.worker(named: "a"))
+        #expect(a.lastAddress == "10.0.0.2" && a.capabilities == "{\"cores\":2}")
+        #expect(a.state(now: Self.now.addingTimeInterval(10)) == "online")
+        #expect(a.state(now: Self.now.addingTimeInterval(1000)) == "offline")
+        #expect(try await store.revoke(name: "a", at: Self.now.addingTimeInterval(20)))
+        #expect(try await !store.revoke(name: "ghost", at: Self.now))
+        a = try #require(try await store.worker(named: "a"))
+        #expect(a.revokedAt == Self.now.addingTimeInterval(20))
+        #expect(a.state(now: Self.now) == "revoked")
+        try await store.ping()
+    }
+
+    /// 50 enrollments at once against a 40-use token: exactly 40 succeed.
+    @Test(arguments: StoreKind.allCases)
+    func concurrentEnrollmentsNeverOverspendAToken(_ kind: StoreKind) async throws {
+        let (store, _) = try kind.make()
+        try await store.addToken(TokenRecord(hash: "t", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 40))
+        let outcomes = try await withThrowingTaskGroup(of: EnrollmentOutcome.self) { group in
+            for i in 0..<50 { group.addTask { try await store.enroll(tokenHash: "t", worker: Self.worker("w\(i)"), now: Self.now) } }
+            var all: [EnrollmentOutcome] = []
+            for try await o in group { all.append(o) }
+            return all
+        }
+        #expect(outcomes.filter { if case .enrolled = $0 { true } else { false } }.count == 40)
+        #expect(outcomes.filter { $0 == .exhaustedToken }.count == 10)
+        #expect(try await store.workers().count == 40)
+        #expect(try await store.token(hash: "t")?.usesRemaining == 0)
+    }
+
+    @Test func sqliteStateSurvivesReopening() async throws {
+        let (first, dir) = try StoreKind.sqlite.make()
+        let path = dir!.appendingPathComponent("whittle.sqlite").path
+        try await first.addToken(TokenRecord(hash: "t", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 3))
+        _ = try await first.enroll(tokenHash: "t", worker: Self.worker("a"), now: Self.now)
+        let reopened = try SQLiteStore(path: path)
+        #expect(try await reopened.worker(named: "a") == Self.worker("a"))
+        #expect(try await reopened.token(hash: "t")?.usesRemaining == 2)
+    }
+}
