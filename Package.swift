@@ -99,6 +99,13 @@ let package = Package(
             dependencies: ["WhittleCLI", "WhittleAgent", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
+        // Load generator for benchmarks/heartbeats.py (not shipped).
+        .executableTarget(
+            name: "whittle-loadgen",
+            dependencies: ["WhittleHTTPClient", "WhittlePKI", "WhittleProtocol",
+                           .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]
+        ),
+
         // Tests.
         .target(name: "WhittleTestSupport", dependencies: ["WhittleTensor"], path: "Tests/WhittleTestSupport"),
         .testTarget(name: "WhittleTensorTests", dependencies: ["WhittleTensor", "WhittleTestSupport"]),

@@ -1,0 +1,141 @@
+import Crypto
+import Foundation
+import WhittleHTTPClient
+import WhittlePKI
+import WhittleProtocol
+import X509
+
+/// Load generator for benchmarks/heartbeats.py: enrolls many worker identities with one token, then sends
+/// heartbeats over mutual TLS from concurrent connections and prints throughput and latency as JSON.
+///
+///   whittle-loadgen --coordinator URL --ca CA.pem --token T --workers N --concurrency C --seconds S [--period P]
+///
+/// With --period P each of the N workers sends one heartbeat every P seconds (a fleet polling); without it, C
+/// connections send heartbeats back to back for S seconds.
+struct Options {
+    var coordinator = ""
+    var ca = ""
+    var token = ""
+    var workers = 1
+    var concurrency = 1
+    var seconds = 5.0
+    var period: Double?
+
+    init(_ arguments: [String]) {
+        var i = 1
+        func value() -> String {
+            i += 1
+            guard i < arguments.count else { fail("missing value for \(arguments[i - 1])") }
+            return arguments[i]
+        }
+        while i < arguments.count {
+            switch arguments[i] {
+            case "--coordinator": coordinator = value()
+            case "--ca": ca = value()
+            case "--token": token = value()
+            case "--workers": workers = Int(value()) ?? 1
+            case "--concurrency": concurrency = Int(value()) ?? 1
+            case "--seconds": seconds = Double(value()) ?? 5
+            case "--period": period = Double(value())
+            default: fail("unknown argument \(arguments[i])")
+            }
+            i += 1
+        }
+    }
+}
+
+func fail(_ message: String) -> Never {
+    FileHandle.standardError.write(Data("whittle-loadgen: \(message)\n".utf8))
+    exit(1)
+}
+
+let options = Options(CommandLine.arguments)
+let caPEM = (try? String(contentsOfFile: options.ca, encoding: .utf8)) ?? { fail("cannot read \(options.ca)") }()
+let run = UUID().uuidString.prefix(8)
+
+/// Values written by concurrent lanes.
+final class Shared<T>: @unchecked Sendable {
+    let lock = NSLock()
+    var value: T
+    init(_ value: T) { self.value = value }
+    func update(_ body: (inout T) -> Void) {
+        lock.lock()
+        body(&value)
+        lock.unlock()
+    }
+}
+
+/// Enrolls `count` identities, eight at a time.
+func enroll(_ count: Int) -> [TLSCredentials] {
+    let identities = Shared([TLSCredentials?](repeating: nil, count: count))
+    DispatchQueue.concurrentPerform(iterations: min(count, 8)) { lane in
+        let client = HTTPClient(baseURL: options.coordinator, credentials: TLSCredentials(caPEM: caPEM))
+        for k in stride(from: lane, to: count, by: min(count, 8)) {
+            let key = P256.Signing.PrivateKey()
+            var request = Whittle_EnrollRequest()
+            request.protocolVersion = 1
+            request.token = options.token
+            request.csrDer = Data((try? PKI.makeCSR(name: "load-\(run)-\(k)", key: key)) ?? [])
+            guard let body: [UInt8] = try? request.serializedBytes(),
+                let response = try? client.send("POST", "/v1/enroll", body: body, contentType: "application/x-protobuf",
+                                                retry: RetryPolicy(attempts: 20, baseDelay: 0.05, maximumDelay: 1)),
+                response.status == 200,
+                let answer = try? Whittle_EnrollResponse(serializedBytes: response.body),
+                let certificate = try? Certificate(derEncoded: Array(answer.certificateDer)),
+                let pem = try? certificate.serializeAsPEM().pemString
+            else { fail("enrollment \(k) failed") }
+            identities.update { $0[k] = TLSCredentials(caPEM: caPEM, certificatePEM: pem, privateKeyPEM: key.pemRepresentation) }
+        }
+    }
+    return identities.value.map { $0! }
+}
+
+var heartbeat = Whittle_Heartbeat()
+heartbeat.protocolVersion = 1
+heartbeat.capabilities.cores = 2
+heartbeat.capabilities.samples = 1000
+heartbeat.capabilities.version = "loadgen"
+let body: [UInt8] = (try? heartbeat.serializedBytes()) ?? []
+
+let enrollStart = Date()
+let identities = enroll(options.workers)
+let enrollSeconds = Date().timeIntervalSince(enrollStart)
+
+let clients = identities.map { HTTPClient(baseURL: options.coordinator, credentials: $0) }
+let latencies = Shared([[Double]](repeating: [], count: options.concurrency))
+let errors = Shared([Int](repeating: 0, count: options.concurrency))
+let deadline = Date().addingTimeInterval(options.seconds)
+let start = Date()
+DispatchQueue.concurrentPerform(iterations: options.concurrency) { lane in
+    let mine = stride(from: lane, to: clients.count, by: options.concurrency).map { clients[$0] }
+    guard !mine.isEmpty else { return }
+    var local: [Double] = [], failed = 0, k = 0
+    while Date() < deadline {
+        let client = mine[k % mine.count]
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        if let r = try? client.request("POST", "/v1/worker/heartbeat", body: body, contentType: "application/x-protobuf"), r.status == 200 {
+            local.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6)
+        } else {
+            failed += 1
+        }
+        k += 1
+        if let period = options.period, k % mine.count == 0 {
+            // Each worker of this lane has sent one heartbeat: wait for the next period.
+            let next = start.addingTimeInterval(period * Double(k / mine.count))
+            let wait = next.timeIntervalSinceNow
+            if wait > 0 { Thread.sleep(forTimeInterval: wait) }
+        }
+    }
+    latencies.update { $0[lane] = local }
+    errors.update { $0[lane] = failed }
+}
+let elapsed = Date().timeIntervalSince(start)
+let all = latencies.value.flatMap { $0 }.sorted()
+func percentile(_ p: Double) -> Double { all.isEmpty ? 0 : all[min(all.count - 1, Int(Double(all.count) * p))] }
+let report: [String: Double] = [
+    "workers": Double(options.workers), "concurrency": Double(options.concurrency), "seconds": elapsed,
+    "requests": Double(all.count), "errors": Double(errors.value.reduce(0, +)), "requestsPerSecond": Double(all.count) / elapsed,
+    "p50Milliseconds": percentile(0.5), "p99Milliseconds": percentile(0.99), "enrollSeconds": enrollSeconds,
+]
+let data = try! JSONSerialization.data(withJSONObject: report, options: [.sortedKeys])
+print(String(decoding: data, as: UTF8.self))
