@@ -57,7 +57,7 @@ let package = Package(
         .target(name: "WhittleStore", dependencies: [.product(name: "GRDB", package: "GRDB.swift")]),
         // libcurl through typed C wrappers (curl_easy_setopt is variadic).
         .target(name: "CWhittleCurl", linkerSettings: [.linkedLibrary("curl")]),
-        .target(name: "WhittleHTTPClient", dependencies: ["CWhittleCurl"]),
+        .target(name: "WhittleHTTPClient", dependencies: ["CWhittleCurl", .product(name: "Crypto", package: "swift-crypto")]),
         // The coordinator's HTTPS server and admin commands.
         .target(
             name: "WhittleServer",

@@ -275,3 +275,37 @@ public struct StatusCommand: ParsableCommand {
         }
     }
 }
+
+/// `worker fetch`: downloads an artifact (a compressed model) by its SHA-256, resuming a partial download.
+public struct FetchCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "fetch",
+        abstract: "Download an artifact from the coordinator by its SHA-256, resuming a partial file, and verify it.")
+
+    @Argument(help: "The artifact's SHA-256 (lowercase hex).") var sha256: String
+    @Option(name: .long, help: "This worker's directory.") var dir: String
+    @Option(name: .long, help: "Where to write the file.") var out: String
+
+    public init() {}
+
+    public func validate() throws {
+        guard sha256.count == 64, sha256.allSatisfy({ $0.isHexDigit }) else { throw ValidationError("the SHA-256 must be 64 hex digits") }
+    }
+
+    public func run() throws {
+        let layout = WorkerLayout(dir)
+        let state = try WorkerState.load(layout)
+        let read = { (path: String) throws -> String in
+            do { return try String(contentsOfFile: path, encoding: .utf8) } catch { throw CLIError("cannot read \(path)") }
+        }
+        let client = HTTPClient(baseURL: state.coordinator, credentials: TLSCredentials(
+            caPEM: try read(layout.ca), certificatePEM: try read(layout.certificate), privateKeyPEM: try read(layout.key)))
+        do {
+            try client.download("/v1/worker/artifacts/" + sha256.lowercased(), to: out, sha256: sha256,
+                                retry: RetryPolicy(attempts: 5, baseDelay: 0.5, maximumDelay: 10))
+        } catch let error as HTTPClientError {
+            throw CLIError(error.description)
+        }
+        print("fetched \(out) (SHA-256 verified)")
+    }
+}

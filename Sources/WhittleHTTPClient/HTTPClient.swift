@@ -1,4 +1,5 @@
 import CWhittleCurl
+import Crypto
 import Foundation
 
 /// An HTTP response: status, headers (names lowercased) and body.
@@ -181,6 +182,92 @@ public final class HTTPClient: @unchecked Sendable {
         }
     }
 
+    /// Downloads `path` into the file at `destination`, resuming a partial file with an HTTP Range request, and
+    /// verifies the whole file's SHA-256 (lowercase hex) before returning; a mismatch deletes the file and throws.
+    /// The body is written to disk as it arrives, never held whole in memory.
+    public func download(_ path: String, to destination: String, sha256 expected: String,
+                         retry: RetryPolicy = RetryPolicy()) throws {
+        let fm = FileManager.default
+        var attempt = 1
+        while true {
+            let have = ((try? fm.attributesOfItem(atPath: destination))?[.size] as? NSNumber)?.intValue ?? 0
+            do {
+                let status = try fetch(path, to: destination, from: have)
+                if status == 416, have > 0 {
+                    // Asked past the end: the partial file was complete (or stale); check it below.
+                } else if status != 200 && status != 206 {
+                    guard RetryPolicy.isRetryable(status: status), attempt < retry.attempts else {
+                        throw HTTPClientError(curlCode: 0, description: "GET \(baseURL + path): HTTP \(status)")
+                    }
+                    Thread.sleep(forTimeInterval: retry.delay(attempt: attempt, retryAfter: nil))
+                    attempt += 1
+                    continue
+                }
+            } catch let error as HTTPClientError where error.curlCode != 0 {
+                // A broken transfer keeps what arrived; the next attempt resumes from there.
+                guard attempt < retry.attempts else { throw error }
+                Thread.sleep(forTimeInterval: retry.delay(attempt: attempt, retryAfter: nil))
+                attempt += 1
+                continue
+            }
+            let actual = try FileDigest.sha256(destination)
+            guard actual == expected.lowercased() else {
+                try? fm.removeItem(atPath: destination)
+                throw HTTPClientError(curlCode: 0, description: "\(baseURL + path): SHA-256 \(actual) differs from the expected \(expected); the file was discarded")
+            }
+            return
+        }
+    }
+
+    /// One GET appending to `destination` from byte `offset` (206) or rewriting it (200); returns the status.
+    func fetch(_ path: String, to destination: String, from offset: Int) throws -> Int {
+        lock.lock()
+        defer { lock.unlock() }
+        if handle == nil { handle = wk_curl_easy_init() }
+        guard let h = handle else { throw HTTPClientError(curlCode: -1, description: "libcurl could not create a handle") }
+        wk_curl_easy_reset(h)
+        let sink = FileSink(path: destination, offset: offset)
+        defer { sink.close() }
+        var codes: [Int32] = []
+        func check(_ code: Int32) { codes.append(code) }
+        check(wk_curl_set_string(h, option(WK_CURLOPT_URL), baseURL + path))
+        check(wk_curl_set_long(h, option(WK_CURLOPT_HTTP_VERSION), WK_CURL_HTTP_VERSION_1_1))
+        check(wk_curl_set_long(h, option(WK_CURLOPT_NOSIGNAL), 1))
+        check(wk_curl_set_long(h, option(WK_CURLOPT_CONNECTTIMEOUT_MS), Int(connectTimeout * 1000)))
+        // Large files: no overall deadline, but abort when slower than 1 kB/s for a minute.
+        check(wk_curl_set_long(h, option(WK_CURLOPT_LOW_SPEED_LIMIT), 1024))
+        check(wk_curl_set_long(h, option(WK_CURLOPT_LOW_SPEED_TIME), 60))
+        check(wk_curl_set_pointer(h, option(WK_CURLOPT_ERRORBUFFER), errorBuffer))
+        errorBuffer[0] = 0
+        if offset > 0 { check(wk_curl_set_string(h, option(WK_CURLOPT_RANGE), "\(offset)-")) }
+        let pointer = Unmanaged.passUnretained(sink).toOpaque()
+        check(wk_curl_set_header(h, { data, size, count, user in
+            let sink = Unmanaged<FileSink>.fromOpaque(user!).takeUnretainedValue()
+            let n = size * count
+            if let data {
+                let line = String(decoding: UnsafeRawBufferPointer(start: data, count: n), as: UTF8.self)
+                if line.hasPrefix("HTTP/") { sink.status = Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0 }
+            }
+            return n
+        }, pointer))
+        check(wk_curl_set_write(h, { data, size, count, user in
+            let sink = Unmanaged<FileSink>.fromOpaque(user!).takeUnretainedValue()
+            let n = size * count
+            guard let data else { return 0 }
+            return sink.write(UnsafeRawBufferPointer(start: data, count: n)) ? n : 0
+        }, pointer))
+        try configureTLS(h, check)
+        if let bad = codes.first(where: { $0 != 0 }) {
+            throw HTTPClientError(curlCode: Int(bad), description: "libcurl refused an option: \(String(cString: wk_curl_strerror(bad)))")
+        }
+        let code = withExtendedLifetime(sink) { wk_curl_perform(h) }
+        guard code == 0 else {
+            let detail = String(cString: errorBuffer)
+            throw HTTPClientError(curlCode: Int(code), description: "GET \(baseURL + path): " + (detail.isEmpty ? String(cString: wk_curl_strerror(code)) : detail))
+        }
+        return wk_curl_response_code(h)
+    }
+
     func configureTLS(_ h: UnsafeMutableRawPointer, _ check: (Int32) -> Void) throws {
         if !credentials.verifyPeer {
             check(wk_curl_set_long(h, option(WK_CURLOPT_SSL_VERIFYPEER), 0))
@@ -220,5 +307,56 @@ final class RequestSource {
         }
         offset += n
         return n
+    }
+}
+
+/// Writes a download's body: appended after `offset` on 206, the file restarted on 200, nothing kept otherwise.
+final class FileSink {
+    let path: String
+    let offset: Int
+    var status = 0
+    var handle: FileHandle?
+    var opened = false
+
+    init(path: String, offset: Int) {
+        self.path = path
+        self.offset = offset
+    }
+
+    func write(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        if !opened {
+            opened = true
+            guard status == 200 || status == 206 else { return true }  // an error body: discarded
+            let fm = FileManager.default
+            if status == 200 || !fm.fileExists(atPath: path) { _ = fm.createFile(atPath: path, contents: nil) }
+            handle = FileHandle(forWritingAtPath: path)
+            if status == 206 { _ = try? handle?.seekToEnd() } else { try? handle?.truncate(atOffset: 0) }
+        }
+        guard status == 200 || status == 206 else { return true }
+        guard let handle else { return false }
+        do {
+            try handle.write(contentsOf: Data(bytes))
+            return true
+        } catch {
+            return false
+        }
+    }
+
+    func close() {
+        try? handle?.synchronize()
+        try? handle?.close()
+    }
+}
+
+/// SHA-256 of a file, read in chunks.
+enum FileDigest {
+    static func sha256(_ path: String) throws -> String {
+        guard let handle = FileHandle(forReadingAtPath: path) else {
+            throw HTTPClientError(curlCode: 0, description: "cannot read \(path)")
+        }
+        defer { try? handle.close() }
+        var hasher = SHA256()
+        while let chunk = try handle.read(upToCount: 1 << 20), !chunk.isEmpty { hasher.update(data: chunk) }
+        return hasher.finalize().map { String(format: "%02x", $0) }.joined()
     }
 }

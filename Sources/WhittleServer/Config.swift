@@ -112,6 +112,8 @@ public struct CoordinatorLayout: Sendable {
     public var adminKey: String { file("admin.key") }
     public var config: String { file("coordinator.conf") }
     public var database: String { file("whittle.sqlite") }
+    /// Files served to workers, named by their SHA-256.
+    public var artifacts: URL { directory.appendingPathComponent("artifacts") }
     /// Written by `serve` once listening: the bound address (useful with port 0).
     public var listening: String { file("listening") }
 }

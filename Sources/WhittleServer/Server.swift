@@ -62,8 +62,11 @@ final class ServerState: Sendable {
     let config: CoordinatorConfig
     let limiter: RateLimiter
     let logger: Logger
+    /// Files workers download (compressed models), named by their SHA-256.
+    let artifacts: URL
 
-    init(store: any CoordinatorStore, ca: Identity, config: CoordinatorConfig, logger: Logger) {
+    init(store: any CoordinatorStore, ca: Identity, config: CoordinatorConfig, artifacts: URL, logger: Logger) {
+        self.artifacts = artifacts
         self.store = store
         self.ca = ca
         self.config = config
@@ -154,6 +157,7 @@ public enum CoordinatorServer {
 
         let worker = router.group("/v1/worker").add(middleware: ClientCertificateMiddleware(role: .worker, state: state))
         worker.post("/heartbeat") { request, context in try await heartbeat(request, context, state) }
+        worker.get("/artifacts/:sha256") { request, context in try artifact(request, context, state) }
 
         let admin = router.group("/admin/v1").add(middleware: ClientCertificateMiddleware(role: .admin, state: state))
         admin.post("/tokens") { request, context in try await createToken(request, context, state) }
@@ -264,6 +268,43 @@ public enum CoordinatorServer {
         return try protobuf(response)
     }
 
+    /// `GET /v1/worker/artifacts/SHA256`: a file of `DIR/artifacts` named by its SHA-256, whole or from a byte
+    /// offset (`Range: bytes=N-` or `bytes=N-M`, answered 206 with Content-Range; past the end 416).
+    static func artifact(_ request: Request, _ context: WhittleContext, _ state: ServerState) throws -> Response {
+        let name = context.parameters.get("sha256") ?? ""
+        guard name.count == 64, name.allSatisfy({ $0.isHexDigit && !$0.isUppercase }) else {
+            throw APIError(.badRequest, "bad_artifact", "artifacts are named by their SHA-256 in lowercase hex")
+        }
+        let path = state.artifacts.appendingPathComponent(name).path
+        guard let handle = FileHandle(forReadingAtPath: path),
+            let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? NSNumber else {
+            throw APIError(.notFound, "unknown_artifact", "no artifact \(name)")
+        }
+        defer { try? handle.close() }
+        let total = size.intValue
+        var start = 0, end = total - 1, partial = false
+        if let range = request.headers[.range] {
+            let spec = range.trimmingCharacters(in: .whitespaces)
+            let parts = spec.hasPrefix("bytes=") ? spec.dropFirst(6).split(separator: "-", omittingEmptySubsequences: false) : []
+            guard parts.count == 2, let first = Int(parts[0]), first >= 0 else {
+                throw APIError(.badRequest, "bad_range", "only single ranges 'bytes=N-' or 'bytes=N-M' are served")
+            }
+            guard first < total else {
+                var headers: HTTPFields = [.contentType: "application/json"]
+                headers[.contentRange] = "bytes */\(total)"
+                return Response(status: .rangeNotSatisfiable, headers: headers)
+            }
+            start = first
+            if let last = Int(parts[1]) { end = min(last, total - 1) }
+            partial = true
+        }
+        try handle.seek(toOffset: UInt64(start))
+        let bytes = try handle.read(upToCount: end - start + 1) ?? Data()
+        var headers: HTTPFields = [.contentType: "application/octet-stream", .acceptRanges: "bytes"]
+        if partial { headers[.contentRange] = "bytes \(start)-\(end)/\(total)" }
+        return Response(status: partial ? .partialContent : .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+
     struct TokenRequest: Decodable {
         var ttlSeconds: Double?
         var uses: Int?
@@ -322,7 +363,7 @@ public enum CoordinatorServer {
         let ca = try Identity(certificatePEM: try String(contentsOfFile: layout.caCertificate, encoding: .utf8),
                               privateKeyPEM: try String(contentsOfFile: layout.caKey, encoding: .utf8))
         let store = try SQLiteStore(path: layout.database)
-        let state = ServerState(store: store, ca: ca, config: config, logger: logger)
+        let state = ServerState(store: store, ca: ca, config: config, artifacts: layout.artifacts, logger: logger)
         let (host, port) = try CoordinatorConfig.hostPort(listen)
         let app = Application(
             router: router(state: state),

@@ -9,7 +9,7 @@ struct Worker: ParsableCommand {
         commandName: "worker",
         abstract: "Whittle worker: computes compression statistics on an edge board's local data.",
         version: WhittleVersion.string,
-        subcommands: [EnrollCommand.self, RunCommand.self, StatusCommand.self, ModelCommand.self])
+        subcommands: [EnrollCommand.self, RunCommand.self, StatusCommand.self, FetchCommand.self, ModelCommand.self])
 }
 
 ProcessSetup.tuneAllocator()
