@@ -1,6 +1,9 @@
 import ArgumentParser
 import Crypto
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import WhittleCLI
 import WhittleHTTPClient
 import WhittlePKI
@@ -51,6 +54,21 @@ struct WorkerState: Codable {
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         try Data(try encoder.encode(self)).write(to: URL(fileURLWithPath: layout.state), options: .atomic)
     }
+}
+
+/// Creates a file that must not exist yet, with its mode set by `open` itself, and syncs it.
+func writeNew(_ text: String, to path: String, mode: mode_t) throws {
+    let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, mode)
+    guard fd >= 0 else { throw CLIError("cannot create \(path): \(String(cString: strerror(errno)))") }
+    defer { close(fd) }
+    let bytes = Array(text.utf8)
+    var written = 0
+    while written < bytes.count {
+        let n = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        guard n > 0 else { throw CLIError("cannot write \(path): \(String(cString: strerror(errno)))") }
+        written += n
+    }
+    guard fsync(fd) == 0 else { throw CLIError("cannot write \(path) to disk") }
 }
 
 /// Reads a failed response's `{"error", "message"}` body.
@@ -144,10 +162,10 @@ public struct EnrollCommand: ParsableCommand {
             throw CLIError("the coordinator's certificate is not for this board's key")
         }
         try fm.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-        guard fm.createFile(atPath: layout.key, contents: Data(key.pemRepresentation.utf8), attributes: [.posixPermissions: 0o600]),
-            fm.createFile(atPath: layout.certificate, contents: Data(try certificate.serializeAsPEM().pemString.utf8)),
-            fm.createFile(atPath: layout.ca, contents: Data(caPEM.utf8))
-        else { throw CLIError("cannot write into \(dir)") }
+        guard chmod(dir, 0o700) == 0 else { throw CLIError("cannot restrict \(dir) to its owner (chmod 0700)") }
+        try writeNew(key.pemRepresentation, to: layout.key, mode: 0o600)
+        try writeNew(try certificate.serializeAsPEM().pemString, to: layout.certificate, mode: 0o644)
+        try writeNew(caPEM, to: layout.ca, mode: 0o644)
         try WorkerState(name: answer.name, coordinator: coordinator, caFingerprint: fingerprint, enrolledAt: Date()).save(layout)
         if json {
             try printJSON(["name": answer.name, "coordinator": coordinator, "certificateSerial": PKI.serial(certificate)])
@@ -198,7 +216,14 @@ public struct RunCommand: ParsableCommand {
         let client = HTTPClient(baseURL: state.coordinator, credentials: TLSCredentials(
             caPEM: try read(layout.ca), certificatePEM: try read(layout.certificate), privateKeyPEM: try read(layout.key)))
         client.timeout = 30
+        let certificate = try Certificate(pemEncoded: try read(layout.certificate))
         let backoff = RetryPolicy(attempts: Int.max, baseDelay: 1, maximumDelay: 60)
+        func checkValidity() throws {
+            guard certificate.notValidAfter > Date() else {
+                throw CLIError("this worker's certificate expired at \(ISO8601DateFormatter().string(from: certificate.notValidAfter)); the coordinator refuses it at the TLS handshake. Enroll again with a new token.")
+            }
+        }
+        try checkValidity()
         var failures = 0, sent = 0
         print("worker '\(state.name)' running against \(state.coordinator) with \(capabilities.samples) samples")
         while heartbeats.map({ sent < $0 }) ?? true {
@@ -222,6 +247,7 @@ public struct RunCommand: ParsableCommand {
                     wait = backoff.delay(attempt: failures, retryAfter: response.retryAfter)
                 }
             } catch let error as HTTPClientError {
+                try checkValidity()
                 failures += 1
                 state.lastError = error.description
                 wait = backoff.delay(attempt: failures, retryAfter: nil)

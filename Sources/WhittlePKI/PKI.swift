@@ -59,7 +59,7 @@ public enum PKI {
             CommonName(caCommonName)
         }
         let certificate = try Certificate(
-            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: .init(key.publicKey),
+            version: .v3, serialNumber: newSerial(), publicKey: .init(key.publicKey),
             notValidBefore: now.addingTimeInterval(-300), notValidAfter: now.addingTimeInterval(Double(years) * 365 * 86400),
             issuer: name, subject: name, signatureAlgorithm: .ecdsaWithSHA256,
             extensions: try Certificate.Extensions {
@@ -81,7 +81,7 @@ public enum PKI {
             else { names.append(.dnsName(host)) }
         }
         let certificate = try Certificate(
-            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: .init(key.publicKey),
+            version: .v3, serialNumber: newSerial(), publicKey: .init(key.publicKey),
             notValidBefore: now.addingTimeInterval(-300), notValidAfter: now.addingTimeInterval(Double(days) * 86400),
             issuer: ca.certificate.subject, subject: try DistinguishedName { CommonName(hosts[0]) },
             signatureAlgorithm: .ecdsaWithSHA256,
@@ -102,7 +102,7 @@ public enum PKI {
                                              now: Date = Date(), validity: TimeInterval = 365 * 86400,
                                              notBefore: Date? = nil) throws -> Certificate {
         try Certificate(
-            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: publicKey,
+            version: .v3, serialNumber: newSerial(), publicKey: publicKey,
             notValidBefore: notBefore ?? now.addingTimeInterval(-300), notValidAfter: now.addingTimeInterval(validity),
             issuer: ca.certificate.subject,
             subject: try DistinguishedName {
@@ -148,9 +148,22 @@ public enum PKI {
         guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
             throw PKIError("the certificate signing request's signature does not verify")
         }
+        guard P256.Signing.PublicKey(csr.publicKey) != nil else {
+            throw PKIError("the certificate signing request is for a key other than P-256; workers use P-256 keys")
+        }
         let commonName = csr.subject.flatMap { $0 }.first { $0.type == .RDNAttributeType.commonName }
             .map { String(describing: $0.value) }
         return (csr.publicKey, commonName)
+    }
+
+    /// A random positive serial of at most 20 octets (RFC 5280 §4.1.2.2): 20 random bytes with the top bit clear,
+    /// so the DER integer needs no leading zero byte.
+    public static func newSerial() -> Certificate.SerialNumber {
+        var bytes = [UInt8](repeating: 0, count: 20)
+        var generator = SystemRandomNumberGenerator()
+        for i in bytes.indices { bytes[i] = generator.next() }
+        bytes[0] = (bytes[0] & 0x7F) | 0x01 << 6  // positive, and never shorter than 20 octets
+        return Certificate.SerialNumber(bytes: bytes)
     }
 
     /// The SHA-256 fingerprint of a certificate's DER encoding, as lowercase hex.

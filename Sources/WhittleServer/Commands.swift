@@ -1,5 +1,8 @@
 import ArgumentParser
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import WhittleCLI
 import WhittleHTTPClient
@@ -47,6 +50,7 @@ public struct InitCommand: ParsableCommand {
             throw CLIError("\(dir) already exists and is not empty; coordinator init never overwrites a data directory")
         }
         try fm.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        guard chmod(dir, 0o700) == 0 else { throw CLIError("cannot restrict \(dir) to its owner (chmod 0700)") }
         let ca: Identity
         if let caCert, let caKey {
             ca = try Identity(certificatePEM: try String(contentsOfFile: caCert, encoding: .utf8),
@@ -80,13 +84,21 @@ public struct InitCommand: ParsableCommand {
     }
 }
 
-/// File writing with permissions set at creation.
-enum SecureFiles {
-    static func write(_ text: String, to path: String, secret: Bool) throws {
-        let fm = FileManager.default
-        guard fm.createFile(atPath: path, contents: Data(text.utf8), attributes: [.posixPermissions: secret ? 0o600 : 0o644]) else {
-            throw CLIError("cannot write \(path)")
+/// File writing with the permissions set by the creating `open` itself (never a readable moment for keys) and
+/// the data on disk before returning.
+public enum SecureFiles {
+    public static func write(_ text: String, to path: String, secret: Bool) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, secret ? 0o600 : 0o644)
+        guard fd >= 0 else { throw CLIError("cannot create \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let bytes = Array(text.utf8)
+        var written = 0
+        while written < bytes.count {
+            let n = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            guard n > 0 else { throw CLIError("cannot write \(path): \(String(cString: strerror(errno)))") }
+            written += n
         }
+        guard fsync(fd) == 0 else { throw CLIError("cannot write \(path) to disk: \(String(cString: strerror(errno)))") }
     }
 }
 

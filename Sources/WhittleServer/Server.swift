@@ -103,6 +103,19 @@ actor RateLimiter {
     }
 }
 
+/// Turns the router's own refusals (unknown route, wrong method) into the JSON error body every refusal has.
+struct JSONErrorsMiddleware: RouterMiddleware {
+    func handle(_ request: Request, context: WhittleContext,
+                next: (Request, WhittleContext) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch let error as HTTPError {
+            throw APIError(error.status, error.status == .notFound ? "unknown_route" : "http_error",
+                           error.body ?? "\(request.method) \(request.uri.path): \(error.status.reasonPhrase)")
+        }
+    }
+}
+
 /// Admits only clients presenting a certificate of the given role: the admin certificate, or an enrolled,
 /// unrevoked worker's. The TLS layer already refused certificates that do not chain to the CA or have expired.
 struct ClientCertificateMiddleware: RouterMiddleware {
@@ -140,6 +153,7 @@ struct ClientCertificateMiddleware: RouterMiddleware {
 public enum CoordinatorServer {
     static func router(state: ServerState) -> Router<WhittleContext> {
         let router = Router(context: WhittleContext.self)
+        router.add(middleware: JSONErrorsMiddleware())
         router.get("/healthz") { _, _ in "ok\n" }
         router.get("/readyz") { _, _ -> Response in
             do {
@@ -329,11 +343,12 @@ public enum CoordinatorServer {
         guard ttl > 0, ttl <= 366 * 86400, uses >= 1, uses <= 100_000 else {
             throw APIError(.badRequest, "bad_token_request", "ttlSeconds must be in (0, 1 year] and uses in [1, 100000]")
         }
+        // 256 random bits as 64 hex digits: nothing a shell or an argument parser reads specially (a base64url
+        // token may start with '-').
         var secret = [UInt8](repeating: 0, count: 32)
         var generator = SystemRandomNumberGenerator()
         for i in secret.indices { secret[i] = generator.next() }
-        let token = Data(secret).base64EncodedString().replacingOccurrences(of: "+", with: "-")
-            .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        let token = PKI.hex(secret)
         let now = Date()
         try await state.store.addToken(TokenRecord(hash: tokenHash(token), createdAt: now, expiresAt: now.addingTimeInterval(ttl), uses: uses))
         state.logger.info("token created", metadata: ["token.uses": "\(uses)", "token.ttl": "\(ttl)"])

@@ -137,8 +137,8 @@ def assert_clean_failure(result, *phrases):
 # 1-2. int8 accuracy as predicted, with and without reduce_range
 
 
-def test_int8_reduce_range_accuracy_matches_prediction_and_fuses(release_coordinator, tmp_path):
-    out, report = compress(release_coordinator, tmp_path, DEMO_MODEL, "--quantize", "int8", "--reduce-range")
+def test_int8_reduce_range_accuracy_matches_prediction_and_fuses(release_models, tmp_path):
+    out, report = compress(release_models, tmp_path, DEMO_MODEL, "--quantize", "int8", "--reduce-range")
     model = load_checked(out)
     x, y = demo_data()
     predicted = report["after"]["accuracy"]
@@ -171,8 +171,8 @@ def test_int8_reduce_range_accuracy_matches_prediction_and_fuses(release_coordin
         n.op_type == "Relu" for n in onnx.load(str(DEMO_MODEL)).graph.node)
 
 
-def test_int8_full_range_unoptimized_accuracy_matches_prediction(release_coordinator, tmp_path):
-    out, report = compress(release_coordinator, tmp_path, DEMO_MODEL, "--quantize", "int8")
+def test_int8_full_range_unoptimized_accuracy_matches_prediction(release_models, tmp_path):
+    out, report = compress(release_models, tmp_path, DEMO_MODEL, "--quantize", "int8")
     load_checked(out)
     assert report["quantization"]["reduceRange"] is False
     x, y = demo_data()
@@ -188,11 +188,11 @@ def test_int8_full_range_unoptimized_accuracy_matches_prediction(release_coordin
 
 
 @pytest.fixture(scope="module", params=CALIBRATION_METHODS)
-def calibrated(request, release_coordinator, tmp_path_factory):
+def calibrated(request, release_models, tmp_path_factory):
     """(method, written model path, report) for an int8 run with each calibration method (run once per module)."""
     method = request.param
     tmp = tmp_path_factory.mktemp(f"calibration_{method}")
-    out, report = compress(release_coordinator, tmp, DEMO_MODEL, "--quantize", "int8", "--calibration", method,
+    out, report = compress(release_models, tmp, DEMO_MODEL, "--quantize", "int8", "--calibration", method,
                            labels=None)
     return method, out, report
 
@@ -256,8 +256,8 @@ def test_scales_equal_onnxruntime_compute_scale_zp(calibrated):
 # 5-6. int4 weights and mixed precision
 
 
-def test_int4_weights(release_coordinator, tmp_path):
-    out, report = compress(release_coordinator, tmp_path, DEMO_MODEL, "--quantize", "int4-weights")
+def test_int4_weights(release_models, tmp_path):
+    out, report = compress(release_models, tmp_path, DEMO_MODEL, "--quantize", "int4-weights")
     model = load_checked(out)
     assert [(o.domain, o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")] == [("", 21)]
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
@@ -272,8 +272,8 @@ def test_int4_weights(release_coordinator, tmp_path):
     assert_accuracy_matches(ort_accuracy(out, x, y), report["after"]["accuracy"], "int4-weights")
 
 
-def test_mixed_keeps_first_and_last_layers_float(release_coordinator, tmp_path):
-    out, report = compress(release_coordinator, tmp_path, DEMO_MODEL, "--quantize", "mixed")
+def test_mixed_keeps_first_and_last_layers_float(release_models, tmp_path):
+    out, report = compress(release_models, tmp_path, DEMO_MODEL, "--quantize", "mixed")
     model = load_checked(out)
     weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
     first, last = weighted[0], weighted[-1]
@@ -398,8 +398,8 @@ def test_pruned_fixture_runs_with_fewer_parameters(coordinator, tmp_path, random
 
 
 @pytest.mark.parametrize("importance", ["taylor", "apoz"])
-def test_data_driven_importance_accuracy_matches_prediction(release_coordinator, tmp_path, importance):
-    out, report = compress(release_coordinator, tmp_path, DEMO_MODEL, "--prune-ratio", "0.3",
+def test_data_driven_importance_accuracy_matches_prediction(release_models, tmp_path, importance):
+    out, report = compress(release_models, tmp_path, DEMO_MODEL, "--prune-ratio", "0.3",
                            "--importance", importance)
     pruned = load_checked(out)
     assert report["pruning"]["criterion"] == importance

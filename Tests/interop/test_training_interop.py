@@ -13,7 +13,7 @@ from conftest import ROOT
 MINIMUM_ACCURACY = 0.60
 
 
-def test_small_cnn_learns_and_onnxruntime_agrees(release_coordinator, tmp_path):
+def test_small_cnn_learns_and_onnxruntime_agrees(release_models, tmp_path):
     data = ROOT / "examples" / "data"
     train_x = np.load(data / "defects_train_x.npy") if (data / "defects_train_x.npy").exists() else None
     if train_x is None:
@@ -25,7 +25,7 @@ def test_small_cnn_learns_and_onnxruntime_agrees(release_coordinator, tmp_path):
     np.save(tmp_path / "x.npy", train_x[:2000])
     np.save(tmp_path / "y.npy", train_y[:2000])
     out = tmp_path / "trained.onnx"
-    result = release_coordinator(
+    result = release_models(
         "model", "train", ROOT / "examples/models/defect_cnn.onnx", "--reinitialize", "--seed", "0",
         "--data", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--epochs", "6", "--optimizer", "adamw",
         "--lr", "0.003", "--weight-decay", "0.01", "--schedule", "cosine", "--out", out,
