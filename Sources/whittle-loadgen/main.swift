@@ -106,7 +106,22 @@ let latencies = Shared([[Double]](repeating: [], count: options.concurrency))
 let errors = Shared([Int](repeating: 0, count: options.concurrency))
 let deadline = Date().addingTimeInterval(options.seconds)
 let start = Date()
-DispatchQueue.concurrentPerform(iterations: options.concurrency) { lane in
+/// Runs `body(lane)` on `count` threads of its own at once (concurrentPerform would cap them at the core count).
+func onThreads(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) {
+    let group = DispatchGroup()
+    for lane in 0..<count {
+        group.enter()
+        let thread = Thread {
+            body(lane)
+            group.leave()
+        }
+        thread.stackSize = 1 << 20
+        thread.start()
+    }
+    group.wait()
+}
+
+onThreads(options.concurrency) { lane in
     let mine = stride(from: lane, to: clients.count, by: options.concurrency).map { clients[$0] }
     guard !mine.isEmpty else { return }
     var local: [Double] = [], failed = 0, k = 0
