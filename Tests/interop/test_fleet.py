@@ -802,3 +802,15 @@ def test_admin_commands_from_another_host(fleet, worker_path, tmp_path):
     assert sorted(w["name"] for w in server.workers()) == ["w1", "w2"]
     # the copy holds no CA key and needs none
     assert not (other / "ca.key").exists()
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+def test_worker_binary_links_no_nio_or_hummingbird(worker_path, coordinator_path):
+    """Boards run only outbound libcurl clients: the worker must not carry the server stack."""
+    def symbols(path):
+        return subprocess.run(["nm", str(path)], capture_output=True, text=True, check=True).stdout
+    worker_symbols = symbols(worker_path)
+    assert "curl_easy_perform" in worker_symbols
+    for module in ("NIOCore", "NIOPosix", "NIOSSL", "Hummingbird"):
+        assert module not in worker_symbols, f"the worker links {module}"
+    assert "Hummingbird" in symbols(coordinator_path)
