@@ -44,6 +44,8 @@ let package = Package(
             dependencies: ["WhittleCompression", "WhittleTensor", .product(name: "SwiftProtobuf", package: "swift-protobuf")]
         ),
 
+        // Federated rounds: aggregation of workers' reports (pure).
+        .target(name: "WhittleRounds", dependencies: ["WhittleTensor"]),
         // Certificates and keys: the coordinator's CA, server and client certificates, CSRs (no NIO).
         .target(
             name: "WhittlePKI",
@@ -116,5 +118,6 @@ let package = Package(
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
         .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "SwiftASN1", package: "swift-asn1")]),
         .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
+        .testTarget(name: "WhittleRoundsTests", dependencies: ["WhittleRounds", "WhittleTensor"]),
     ]
 )

@@ -1,0 +1,174 @@
+import WhittleTensor
+
+/// Aggregation of workers' weight deltas (ALGORITHMS.md, "Fine-tuning and recovery"). Pure: deltas in, deltas out.
+
+/// One worker's report for a fine-tuning phase: per-parameter weight deltas (new − old) and the number of samples
+/// they were computed on.
+public struct ModelUpdate: Sendable {
+    public var deltas: [String: Tensor]
+    public var samples: Int
+
+    public init(deltas: [String: Tensor], samples: Int) {
+        self.deltas = deltas
+        self.samples = samples
+    }
+
+    /// √(Σ δ²) over every parameter.
+    public var norm: Double {
+        deltas.values.reduce(0.0) { sum, t in t.floats.reduce(sum) { $0 + Double($1) * Double($1) } }.squareRoot()
+    }
+}
+
+public struct AggregationError: Error, CustomStringConvertible, Sendable {
+    public enum Code: String, Sendable { case invalidUpdate, empty }
+    public let code: Code
+    public let description: String
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        description = message
+    }
+}
+
+/// Checks a report before it is aggregated: the parameters and shapes the round expects, a positive sample count
+/// no larger than the worker declared, finite values. A refused report changes nothing.
+public struct UpdateValidator: Sendable {
+    public let shapes: [String: [Int]]
+    public let maximumSamples: Int
+
+    public init(shapes: [String: [Int]], maximumSamples: Int = Int.max) {
+        self.shapes = shapes
+        self.maximumSamples = maximumSamples
+    }
+
+    public func validate(_ update: ModelUpdate) throws {
+        guard update.samples > 0, update.samples <= maximumSamples else {
+            throw AggregationError(.invalidUpdate, "the update claims \(update.samples) samples; expected 1…\(maximumSamples)")
+        }
+        let missing = Set(shapes.keys).subtracting(update.deltas.keys), extra = Set(update.deltas.keys).subtracting(shapes.keys)
+        guard missing.isEmpty, extra.isEmpty else {
+            throw AggregationError(.invalidUpdate, "the update's parameters differ from the round's: missing \(missing.sorted()), unexpected \(extra.sorted())")
+        }
+        for (name, delta) in update.deltas {
+            guard delta.shape == shapes[name]!, delta.dtype == .float else {
+                throw AggregationError(.invalidUpdate, "parameter '\(name)' has shape \(delta.shape), the round expects \(shapes[name]!)")
+            }
+            if let bad = delta.floats.firstIndex(where: { !$0.isFinite }) {
+                throw AggregationError(.invalidUpdate, "parameter '\(name)' has a non-finite value (\(delta.floats[bad])) at index \(bad)")
+            }
+        }
+    }
+}
+
+/// Scales an update down so its norm is at most `maximum` (per-update norm clipping).
+public func clipped(_ update: ModelUpdate, to maximum: Double) -> ModelUpdate {
+    let n = update.norm
+    guard n > maximum, n > 0 else { return update }
+    let factor = Float(maximum / n)
+    var out = update
+    for (name, t) in update.deltas { out.deltas[name] = Tensor(shape: t.shape, floats: t.floats.map { $0 * factor }) }
+    return out
+}
+
+/// FedAvg, streaming: each accepted report is folded in on arrival, so memory grows with the model, not with the
+/// number of workers. `θ ← θ + Σ_k n_k Δ_k / Σ_k n_k`, sums in Double.
+public struct FedAvgAccumulator: Sendable {
+    public let validator: UpdateValidator
+    public let clipNorm: Double?
+    var sums: [String: [Double]]
+    public private(set) var samples = 0
+    public private(set) var updates = 0
+
+    public init(validator: UpdateValidator, clipNorm: Double? = nil) {
+        self.validator = validator
+        self.clipNorm = clipNorm
+        sums = validator.shapes.mapValues { [Double](repeating: 0, count: $0.reduce(1, *)) }
+    }
+
+    public mutating func add(_ update: ModelUpdate) throws {
+        try validator.validate(update)
+        let u = clipNorm.map { clipped(update, to: $0) } ?? update
+        let weight = Double(u.samples)
+        for (name, delta) in u.deltas {
+            var s = sums[name]!
+            for i in s.indices { s[i] += weight * Double(delta.floats[i]) }
+            sums[name] = s
+        }
+        samples += u.samples
+        updates += 1
+    }
+
+    /// The sample-weighted mean delta.
+    public func result() throws -> [String: Tensor] {
+        guard samples > 0 else { throw AggregationError(.empty, "no update was accepted") }
+        var out: [String: Tensor] = [:]
+        for (name, s) in sums { out[name] = Tensor(shape: validator.shapes[name]!, floats: s.map { Float($0 / Double(samples)) }) }
+        return out
+    }
+}
+
+/// Coordinate-wise robust aggregation; it needs all updates at once (O(workers × model) memory).
+public enum RobustAggregation: Sendable, Equatable {
+    /// Drop the `fraction` largest and smallest values per coordinate, average the rest (unweighted).
+    case trimmedMean(fraction: Double)
+    case median
+
+    public func aggregate(_ updates: [ModelUpdate], validator: UpdateValidator, clipNorm: Double? = nil) throws -> [String: Tensor] {
+        guard !updates.isEmpty else { throw AggregationError(.empty, "no update was accepted") }
+        for u in updates { try validator.validate(u) }
+        let kept = updates.map { u in clipNorm.map { clipped(u, to: $0) } ?? u }
+        var out: [String: Tensor] = [:]
+        for (name, shape) in validator.shapes {
+            let count = shape.reduce(1, *)
+            var values = [Float](repeating: 0, count: count)
+            var column = [Float](repeating: 0, count: kept.count)
+            for i in 0..<count {
+                for (k, u) in kept.enumerated() { column[k] = u.deltas[name]!.floats[i] }
+                column.sort()
+                switch self {
+                case .median:
+                    let m = column.count / 2
+                    values[i] = column.count % 2 == 1 ? column[m] : (column[m - 1] + column[m]) / 2
+                case .trimmedMean(let fraction):
+                    let cut = min(Int(Double(column.count) * fraction), (column.count - 1) / 2)
+                    let middle = column[cut..<(column.count - cut)]
+                    values[i] = Float(middle.reduce(0.0) { $0 + Double($1) } / Double(middle.count))
+                }
+            }
+            out[name] = Tensor(shape: shape, floats: values)
+        }
+        return out
+    }
+}
+
+/// int8 delta compression for slow uplinks, per tensor with error feedback: the worker sends
+/// `q = round((δ + r) / s)` with `s = max|δ + r| / 127` and keeps the residual `r ← δ + r − s·q` for its next
+/// update, so what it sends adds up to what it meant to send.
+public struct DeltaCompressor: Sendable {
+    public private(set) var residuals: [String: [Float]] = [:]
+
+    public init() {}
+
+    public struct Compressed: Sendable, Equatable {
+        public var scale: Float
+        public var values: [Int8]
+        public var shape: [Int]
+
+        public func decompressed() -> Tensor { Tensor(shape: shape, floats: values.map { Float($0) * scale }) }
+        /// Bytes on the wire (values and scale).
+        public var bytes: Int { values.count + 4 }
+    }
+
+    public mutating func compress(_ deltas: [String: Tensor]) -> [String: Compressed] {
+        var out: [String: Compressed] = [:]
+        for (name, delta) in deltas {
+            let r = residuals[name] ?? [Float](repeating: 0, count: delta.count)
+            let target = zip(delta.floats, r).map(+)
+            let peak = target.map(abs).max() ?? 0
+            let scale = peak > 0 ? peak / 127 : 1
+            let q = target.map { Int8(max(-127, min(127, ($0 / scale).rounded(.toNearestOrEven)))) }
+            residuals[name] = zip(target, q).map { $0 - Float($1) * scale }
+            out[name] = Compressed(scale: scale, values: q, shape: delta.shape)
+        }
+        return out
+    }
+}
