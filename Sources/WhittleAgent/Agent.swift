@@ -56,21 +56,6 @@ struct WorkerState: Codable {
     }
 }
 
-/// Creates a file that must not exist yet, with its mode set by `open` itself, and syncs it.
-func writeNew(_ text: String, to path: String, mode: mode_t) throws {
-    let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, mode)
-    guard fd >= 0 else { throw CLIError("cannot create \(path): \(String(cString: strerror(errno)))") }
-    defer { close(fd) }
-    let bytes = Array(text.utf8)
-    var written = 0
-    while written < bytes.count {
-        let n = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-        guard n > 0 else { throw CLIError("cannot write \(path): \(String(cString: strerror(errno)))") }
-        written += n
-    }
-    guard fsync(fd) == 0 else { throw CLIError("cannot write \(path) to disk") }
-}
-
 /// Reads a failed response's `{"error", "message"}` body.
 func errorMessage(_ response: HTTPResponse) -> String {
     if let object = try? JSONDecoder().decode([String: String].self, from: Data(response.body)), let message = object["message"] {
@@ -163,9 +148,9 @@ public struct EnrollCommand: ParsableCommand {
         }
         try fm.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         guard chmod(dir, 0o700) == 0 else { throw CLIError("cannot restrict \(dir) to its owner (chmod 0700)") }
-        try writeNew(key.pemRepresentation, to: layout.key, mode: 0o600)
-        try writeNew(try certificate.serializeAsPEM().pemString, to: layout.certificate, mode: 0o644)
-        try writeNew(caPEM, to: layout.ca, mode: 0o644)
+        try Files.writeNew(key.pemRepresentation, to: layout.key, mode: 0o600)
+        try Files.writeNew(try certificate.serializeAsPEM().pemString, to: layout.certificate, mode: 0o644)
+        try Files.writeNew(caPEM, to: layout.ca, mode: 0o644)
         try WorkerState(name: answer.name, coordinator: coordinator, caFingerprint: fingerprint, enrolledAt: Date()).save(layout)
         if json {
             try printJSON(["name": answer.name, "coordinator": coordinator, "certificateSerial": PKI.serial(certificate)])

@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import WhittleONNX
 import WhittleTensor
 
@@ -61,6 +64,22 @@ public enum Files {
             throw CLIError("\(path) has shape \(t.shape); expected [\(count)], one label per sample")
         }
         return t
+    }
+
+    /// Creates a file that must not exist yet, with `mode` set by the creating `open` itself (a key is never
+    /// readable by others, not even for a moment), and syncs it to disk before returning.
+    public static func writeNew(_ text: String, to path: String, mode: mode_t) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, mode)
+        guard fd >= 0 else { throw CLIError("cannot create \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let bytes = Array(text.utf8)
+        var written = 0
+        while written < bytes.count {
+            let n = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            guard n > 0 else { throw CLIError("cannot write \(path): \(String(cString: strerror(errno)))") }
+            written += n
+        }
+        guard fsync(fd) == 0 else { throw CLIError("cannot write \(path) to disk: \(String(cString: strerror(errno)))") }
     }
 
     public static func writeNPY(_ tensor: Tensor, to path: String) throws {

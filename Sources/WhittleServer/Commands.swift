@@ -60,16 +60,16 @@ public struct InitCommand: ParsableCommand {
         }
         let server = try PKI.makeServerCertificate(ca: ca, hosts: hostname)
         let admin = try PKI.makeClientIdentity(ca: ca, commonName: PKI.adminCommonName)
-        try SecureFiles.write(ca.certificatePEM, to: layout.caCertificate, secret: false)
-        try SecureFiles.write(ca.privateKeyPEM, to: layout.caKey, secret: true)
-        try SecureFiles.write(server.certificatePEM, to: layout.serverCertificate, secret: false)
-        try SecureFiles.write(server.privateKeyPEM, to: layout.serverKey, secret: true)
-        try SecureFiles.write(admin.certificatePEM, to: layout.adminCertificate, secret: false)
-        try SecureFiles.write(admin.privateKeyPEM, to: layout.adminKey, secret: true)
+        try Files.writeNew(ca.certificatePEM, to: layout.caCertificate, mode: 0o644)
+        try Files.writeNew(ca.privateKeyPEM, to: layout.caKey, mode: 0o600)
+        try Files.writeNew(server.certificatePEM, to: layout.serverCertificate, mode: 0o644)
+        try Files.writeNew(server.privateKeyPEM, to: layout.serverKey, mode: 0o600)
+        try Files.writeNew(admin.certificatePEM, to: layout.adminCertificate, mode: 0o644)
+        try Files.writeNew(admin.privateKeyPEM, to: layout.adminKey, mode: 0o600)
         var config = CoordinatorConfig()
         config.listen = listen
         config.adminSerial = PKI.serial(admin.certificate)
-        try SecureFiles.write(config.text, to: layout.config, secret: false)
+        try Files.writeNew(config.text, to: layout.config, mode: 0o644)
         _ = try SQLiteStore(path: layout.database)
         let report = Report(directory: dir, caFingerprint: try PKI.fingerprint(ca.certificate), serverNames: hostname,
                             adminSerial: config.adminSerial, listen: listen)
@@ -81,24 +81,6 @@ public struct InitCommand: ParsableCommand {
             print("server certificate for: \(hostname.joined(separator: ", "))")
             print("start it with: coordinator serve --dir \(dir)")
         }
-    }
-}
-
-/// File writing with the permissions set by the creating `open` itself (never a readable moment for keys) and
-/// the data on disk before returning.
-public enum SecureFiles {
-    public static func write(_ text: String, to path: String, secret: Bool) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, secret ? 0o600 : 0o644)
-        guard fd >= 0 else { throw CLIError("cannot create \(path): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        let bytes = Array(text.utf8)
-        var written = 0
-        while written < bytes.count {
-            let n = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-            guard n > 0 else { throw CLIError("cannot write \(path): \(String(cString: strerror(errno)))") }
-            written += n
-        }
-        guard fsync(fd) == 0 else { throw CLIError("cannot write \(path) to disk: \(String(cString: strerror(errno)))") }
     }
 }
 
