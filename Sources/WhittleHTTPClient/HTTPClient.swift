@@ -108,14 +108,8 @@ public final class HTTPClient: @unchecked Sendable {
         let sinkPointer = Unmanaged.passUnretained(sink).toOpaque()
         var codes: [Int32] = []
         func check(_ code: Int32) { codes.append(code) }
-        check(wk_curl_set_string(h, option(WK_CURLOPT_URL), baseURL + path))
-        check(wk_curl_set_long(h, option(WK_CURLOPT_HTTP_VERSION), WK_CURL_HTTP_VERSION_1_1))
-        check(wk_curl_set_long(h, option(WK_CURLOPT_NOSIGNAL), 1))
-        check(wk_curl_set_long(h, option(WK_CURLOPT_CONNECTTIMEOUT_MS), Int(connectTimeout * 1000)))
+        commonOptions(h, path, check)
         check(wk_curl_set_long(h, option(WK_CURLOPT_TIMEOUT_MS), Int(timeout * 1000)))
-        check(wk_curl_set_string(h, option(WK_CURLOPT_USERAGENT), userAgent))
-        check(wk_curl_set_pointer(h, option(WK_CURLOPT_ERRORBUFFER), errorBuffer))
-        errorBuffer[0] = 0
         check(wk_curl_set_slist(h, option(WK_CURLOPT_HTTPHEADER), slist))
         check(wk_curl_set_write(h, { data, size, count, user in
             let sink = Unmanaged<ResponseSink>.fromOpaque(user!).takeUnretainedValue()
@@ -230,15 +224,10 @@ public final class HTTPClient: @unchecked Sendable {
         defer { sink.close() }
         var codes: [Int32] = []
         func check(_ code: Int32) { codes.append(code) }
-        check(wk_curl_set_string(h, option(WK_CURLOPT_URL), baseURL + path))
-        check(wk_curl_set_long(h, option(WK_CURLOPT_HTTP_VERSION), WK_CURL_HTTP_VERSION_1_1))
-        check(wk_curl_set_long(h, option(WK_CURLOPT_NOSIGNAL), 1))
-        check(wk_curl_set_long(h, option(WK_CURLOPT_CONNECTTIMEOUT_MS), Int(connectTimeout * 1000)))
+        commonOptions(h, path, check)
         // Large files: no overall deadline, but abort when slower than 1 kB/s for a minute.
         check(wk_curl_set_long(h, option(WK_CURLOPT_LOW_SPEED_LIMIT), 1024))
         check(wk_curl_set_long(h, option(WK_CURLOPT_LOW_SPEED_TIME), 60))
-        check(wk_curl_set_pointer(h, option(WK_CURLOPT_ERRORBUFFER), errorBuffer))
-        errorBuffer[0] = 0
         if offset > 0 { check(wk_curl_set_string(h, option(WK_CURLOPT_RANGE), "\(offset)-")) }
         let pointer = Unmanaged.passUnretained(sink).toOpaque()
         check(wk_curl_set_header(h, { data, size, count, user in
@@ -266,6 +255,17 @@ public final class HTTPClient: @unchecked Sendable {
             throw HTTPClientError(curlCode: Int(code), description: "GET \(baseURL + path): " + (detail.isEmpty ? String(cString: wk_curl_strerror(code)) : detail))
         }
         return wk_curl_response_code(h)
+    }
+
+    /// What every request sets: URL, HTTP/1.1, no signals, connect timeout, user agent, error buffer, and TLS.
+    func commonOptions(_ h: UnsafeMutableRawPointer, _ path: String, _ check: (Int32) -> Void) {
+        check(wk_curl_set_string(h, option(WK_CURLOPT_URL), baseURL + path))
+        check(wk_curl_set_long(h, option(WK_CURLOPT_HTTP_VERSION), WK_CURL_HTTP_VERSION_1_1))
+        check(wk_curl_set_long(h, option(WK_CURLOPT_NOSIGNAL), 1))
+        check(wk_curl_set_long(h, option(WK_CURLOPT_CONNECTTIMEOUT_MS), Int(connectTimeout * 1000)))
+        check(wk_curl_set_string(h, option(WK_CURLOPT_USERAGENT), userAgent))
+        check(wk_curl_set_pointer(h, option(WK_CURLOPT_ERRORBUFFER), errorBuffer))
+        errorBuffer[0] = 0
     }
 
     func configureTLS(_ h: UnsafeMutableRawPointer, _ check: (Int32) -> Void) throws {
