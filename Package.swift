@@ -45,7 +45,7 @@ let package = Package(
         ),
 
         // Federated rounds: aggregation of workers' reports (pure).
-        .target(name: "WhittleRounds", dependencies: ["WhittleTensor"]),
+        .target(name: "WhittleRounds", dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol"]),
         // Certificates and keys: the coordinator's CA, server and client certificates, CSRs (no NIO).
         .target(
             name: "WhittlePKI",
@@ -64,7 +64,8 @@ let package = Package(
         .target(
             name: "WhittleServer",
             dependencies: [
-                "WhittlePKI", "WhittleStore", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI",
+                "WhittlePKI", "WhittleStore", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI", "WhittleRounds",
+                "WhittleCompression", "WhittleONNX",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -77,7 +78,8 @@ let package = Package(
         .target(
             name: "WhittleAgent",
             dependencies: [
-                "WhittlePKI", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI",
+                "WhittlePKI", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI", "WhittleRounds", "WhittleCompression",
+                "WhittleONNX", "WhittleNN", "WhittleTensor",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -5,6 +5,7 @@ import Foundation
 import Glibc
 #endif
 import WhittleCLI
+import WhittleCompression
 import WhittleHTTPClient
 import WhittlePKI
 import WhittleProtocol
@@ -169,6 +170,8 @@ public struct RunCommand: ParsableCommand {
     @Option(name: .long, help: "This worker's directory (from worker enroll).") var dir: String
     @Option(name: .long, help: "The board's local samples (.npy).") var data: String
     @Option(name: .long, help: "Labels of the samples (.npy).") var labels: String?
+    @Option(name: .long, help: "Held-out local samples (.npy) for the evaluation phase (default: --data).") var evalData: String?
+    @Option(name: .long, help: "Labels of --eval-data (.npy).") var evalLabels: String?
     @Option(name: .long, help: "Memory budget for jobs, e.g. 1GB.") var memoryLimit: String?
     @Option(name: .long, help: "Stop after this many successful heartbeats (for tests and scripts).") var heartbeats: Int?
 
@@ -177,6 +180,7 @@ public struct RunCommand: ParsableCommand {
     public func validate() throws {
         if let memoryLimit, parseByteSize(memoryLimit) == nil { throw ValidationError("--memory-limit '\(memoryLimit)' is not a size like 1GB") }
         if let heartbeats, heartbeats < 1 { throw ValidationError("--heartbeats must be at least 1") }
+        if evalLabels != nil, evalData == nil { throw ValidationError("--eval-labels needs --eval-data") }
     }
 
     public func run() throws {
@@ -186,7 +190,23 @@ public struct RunCommand: ParsableCommand {
             do { return try String(contentsOfFile: path, encoding: .utf8) } catch { throw CLIError("cannot read \(path)") }
         }
         let samples = try Files.readNPY(data)
-        let labelCount = try labels.map { try Files.readLabels($0, count: samples.shape.first ?? 0).count }
+        let labelTensor = try labels.map { try Files.readLabels($0, count: samples.shape.first ?? 0) }
+        let labelCount = labelTensor?.count
+        let dataset: Dataset
+        do {
+            dataset = try Dataset(x: samples, labels: labelTensor)
+        } catch let error as CompressionError {
+            throw CLIError("\(data): \(error.message)")
+        }
+        var evaluation: Dataset?
+        if let evalData {
+            let x = try Files.readNPY(evalData)
+            do {
+                evaluation = try Dataset(x: x, labels: try evalLabels.map { try Files.readLabels($0, count: x.shape.first ?? 0) })
+            } catch let error as CompressionError {
+                throw CLIError("\(evalData): \(error.message)")
+            }
+        }
         var capabilities = Whittle_Capabilities()
         capabilities.cores = UInt32(ProcessInfo.processInfo.activeProcessorCount)
         capabilities.memoryBytes = ProcessInfo.processInfo.physicalMemory
@@ -194,6 +214,7 @@ public struct RunCommand: ParsableCommand {
         capabilities.labels = labelCount != nil
         capabilities.version = WhittleVersion.string
         capabilities.memoryLimitBytes = UInt64(memoryLimit.flatMap(parseByteSize) ?? 0)
+        capabilities.evaluationSamples = UInt64(evaluation?.count ?? 0)
         var heartbeat = Whittle_Heartbeat()
         heartbeat.protocolVersion = protocolVersion
         heartbeat.capabilities = capabilities
@@ -209,6 +230,7 @@ public struct RunCommand: ParsableCommand {
             }
         }
         try checkValidity()
+        let runner = TaskRunner(client: client, layout: layout, data: dataset, evaluation: evaluation, memoryLimit: memoryLimit.flatMap(parseByteSize))
         var failures = 0, sent = 0
         print("worker '\(state.name)' running against \(state.coordinator) with \(capabilities.samples) samples")
         while heartbeats.map({ sent < $0 }) ?? true {
@@ -222,6 +244,17 @@ public struct RunCommand: ParsableCommand {
                     state.lastError = nil
                     state.heartbeats += 1
                     wait = Double(max(answer.pollSeconds, 1))
+                    if answer.hasTask, !runner.finished.contains(TaskRunner.key(answer.task)) {
+                        try? state.save(layout)
+                        var busy = heartbeat
+                        busy.workingOn = TaskRunner.key(answer.task)
+                        let beat = BusyHeartbeat(client: HTTPClient(baseURL: client.baseURL, credentials: client.credentials),
+                                                 body: try busy.serializedBytes(), seconds: wait)
+                        print("task \(answer.task.kind): round \(answer.task.roundID), phase \(answer.task.phase)")
+                        runner.run(answer.task)
+                        beat.stop()
+                        wait = 0.2
+                    }
                 } else if response.status == 403 || response.status == 401 {
                     state.lastError = errorMessage(response)
                     try? state.save(layout)

@@ -69,10 +69,30 @@ public enum Files {
     /// Creates a file that must not exist yet, with `mode` set by the creating `open` itself (a key is never
     /// readable by others, not even for a moment), and syncs it to disk before returning.
     public static func writeNew(_ text: String, to path: String, mode: mode_t) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, mode)
+        try write(Array(text.utf8), to: path, flags: O_WRONLY | O_CREAT | O_EXCL, mode: mode)
+    }
+
+    /// Writes `bytes` to `path` so that after a crash the path holds either nothing, its old content, or all of
+    /// `bytes`: a synced temporary file renamed over it, then the directory synced. When this returns, the file
+    /// is on disk (an acknowledgement sent after it cannot be lost).
+    public static func writeDurably(_ bytes: [UInt8], to path: String, mode: mode_t = 0o600) throws {
+        let temporary = path + ".tmp-\(getpid())"
+        try write(bytes, to: temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: mode)
+        guard rename(temporary, path) == 0 else {
+            let reason = String(cString: strerror(errno))
+            unlink(temporary)
+            throw CLIError("cannot move \(temporary) to \(path): \(reason)")
+        }
+        let directory = open(URL(fileURLWithPath: path).deletingLastPathComponent().path, O_RDONLY | O_DIRECTORY)
+        guard directory >= 0 else { throw CLIError("cannot open the directory of \(path) to sync it") }
+        defer { close(directory) }
+        guard fsync(directory) == 0 else { throw CLIError("cannot sync the directory of \(path): \(String(cString: strerror(errno)))") }
+    }
+
+    static func write(_ bytes: [UInt8], to path: String, flags: Int32, mode: mode_t) throws {
+        let fd = open(path, flags, mode)
         guard fd >= 0 else { throw CLIError("cannot create \(path): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
-        let bytes = Array(text.utf8)
         var written = 0
         while written < bytes.count {
             let n = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }

@@ -241,7 +241,6 @@ public struct LocalCompression {
 
     static func ranges(collector: CalibrationCollector, data: Dataset, policy: QuantizationPolicy, batchSize: Int) throws
         -> [String: (min: Float, max: Float)] {
-        var out: [String: (min: Float, max: Float)] = [:]
         if policy.calibration.needsHistograms {
             try collector.beginHistograms(upperBounds: collector.ranges.mapValues(\.absMax), binCount: policy.histogramBins)
             if collector.retainedEverything {
@@ -250,17 +249,31 @@ public struct LocalCompression {
                 for (batch, _) in data.batches(batchSize) { try collector.collectHistograms(batch) }
             }
         }
-        for (name, r) in collector.ranges where r.count > 0 {
+        return try calibratedRanges(ranges: collector.ranges, histograms: collector.histograms, policy: policy)
+    }
+
+    /// The calibrator's [min, max] per tensor from merged pass-1 ranges and (histogram methods) pass-2 |x|
+    /// histograms over [0, absMax]: the same whether the statistics came from one machine or from a fleet.
+    public static func calibratedRanges(ranges: [String: RangeStatistics], histograms: [String: Histogram],
+                                        policy: QuantizationPolicy) throws -> [String: (min: Float, max: Float)] {
+        var out: [String: (min: Float, max: Float)] = [:]
+        for (name, r) in ranges where r.count > 0 {
             var range: (Float, Float)
+            func histogram() throws -> Histogram {
+                guard let h = histograms[name] else {
+                    throw CompressionError(.invalidStatistics, "tensor '\(name)' has a range but no histogram")
+                }
+                return h
+            }
             switch policy.calibration {
             case .minmax:
                 range = try Calibrators.minMax(r, symmetric: policy.symmetricActivations)
             case .percentile:
-                range = try Calibrators.percentile(collector.histograms[name]!, range: r, percentile: policy.percentile)
+                range = try Calibrators.percentile(try histogram(), range: r, percentile: policy.percentile)
             case .entropy:
-                range = r.absMax == 0 ? (0, 0) : try Calibrators.entropy(collector.histograms[name]!)
+                range = r.absMax == 0 ? (0, 0) : try Calibrators.entropy(try histogram())
             case .mse:
-                range = r.absMax == 0 ? (0, 0) : try Calibrators.mse(collector.histograms[name]!, 
+                range = r.absMax == 0 ? (0, 0) : try Calibrators.mse(try histogram(),
                     quantRange: r.min >= 0 && policy.activationType == .uint8 && !policy.symmetricActivations ? 0...255 : -127...127)
             }
             if policy.calibration == .entropy || policy.calibration == .mse {
@@ -271,7 +284,7 @@ public struct LocalCompression {
         return out
     }
 
-    func finetune(_ model: Model, teacher: InferenceSession?, data: Dataset, epochs: Int) throws -> (Model, [Double]) {
+    public func finetune(_ model: Model, teacher: InferenceSession?, data: Dataset, epochs: Int) throws -> (Model, [Double]) {
         var configuration = TrainingConfiguration()
         configuration.epochs = epochs
         configuration.batchSize = batchSize
@@ -293,7 +306,7 @@ public struct LocalCompression {
         return (trainer.exportModel(), losses)
     }
 
-    func logits(_ session: InferenceSession, _ data: Dataset) throws -> Tensor {
+    public func logits(_ session: InferenceSession, _ data: Dataset) throws -> Tensor {
         var values: [Float] = []
         var classes = 0
         for (batch, _) in data.batches(max(batchSize, 64)) {
@@ -310,7 +323,7 @@ public struct LocalCompression {
         return metrics.accuracy
     }
 
-    func figures(_ model: Model, logits: Tensor, data: Dataset) throws -> CompressionReport.Figures {
+    public func figures(_ model: Model, logits: Tensor, data: Dataset) throws -> CompressionReport.Figures {
         let summary = try ModelSummary(model: model)
         let bytes = try ModelCoding.write(model).count
         return CompressionReport.Figures(bytes: bytes, parameters: summary.parameters, macs: summary.macs,
@@ -318,7 +331,7 @@ public struct LocalCompression {
                                          samples: data.count)
     }
 
-    static func top1(_ z: Tensor) -> [Int] {
+    public static func top1(_ z: Tensor) -> [Int] {
         let n = z.shape[0], c = z.count / max(n, 1)
         return (0..<n).map { r in
             let row = z.floats[(r * c)..<((r + 1) * c)]

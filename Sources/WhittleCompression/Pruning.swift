@@ -92,6 +92,14 @@ public struct GroupDecision: Sendable, Codable, Equatable {
     public var kept: Int
     /// Kept channel indices (ascending).
     public var keptIndices: [Int]
+
+    public init(group: String, producers: [String], channels: Int, kept: Int, keptIndices: [Int]) {
+        self.group = group
+        self.producers = producers
+        self.channels = channels
+        self.kept = kept
+        self.keptIndices = keptIndices
+    }
 }
 
 /// Structured pruning: importance per channel group, local or global selection, masking and physical surgery.

@@ -11,6 +11,14 @@ public struct CompressionReport: Sendable, Codable {
         public var accuracy: Double?
         /// Samples the accuracy was measured on.
         public var samples: Int?
+
+        public init(bytes: Int, parameters: Int, macs: Int, accuracy: Double?, samples: Int?) {
+            self.bytes = bytes
+            self.parameters = parameters
+            self.macs = macs
+            self.accuracy = accuracy
+            self.samples = samples
+        }
     }
 
     public struct PruningStep: Sendable, Codable {
@@ -21,12 +29,27 @@ public struct CompressionReport: Sendable, Codable {
         public var accuracyPruned: Double?
         public var accuracyFinetuned: Double?
         public var finetuneLoss: [Double]
+
+        public init(ratio: Double, channelsKept: Int, channelsBefore: Int, accuracyPruned: Double?, accuracyFinetuned: Double?, finetuneLoss: [Double]) {
+            self.ratio = ratio
+            self.channelsKept = channelsKept
+            self.channelsBefore = channelsBefore
+            self.accuracyPruned = accuracyPruned
+            self.accuracyFinetuned = accuracyFinetuned
+            self.finetuneLoss = finetuneLoss
+        }
     }
 
     public struct FrozenGroup: Sendable, Codable {
         public var group: String
         public var channels: Int
         public var reason: String
+
+        public init(group: String, channels: Int, reason: String) {
+            self.group = group
+            self.channels = channels
+            self.reason = reason
+        }
     }
 
     public struct PruningSection: Sendable, Codable {
@@ -43,6 +66,20 @@ public struct CompressionReport: Sendable, Codable {
         public var groups: [GroupDecision]
         /// Groups left alone, with why.
         public var frozen: [FrozenGroup]
+
+        public init(criterion: ImportanceCriterion, scope: PruningScope, schedule: [Double], roundTo: Int, minChannels: Int, maxLayerRatio: Double, finetuneEpochs: Int, distill: Bool, steps: [PruningStep], groups: [GroupDecision], frozen: [FrozenGroup]) {
+            self.criterion = criterion
+            self.scope = scope
+            self.schedule = schedule
+            self.roundTo = roundTo
+            self.minChannels = minChannels
+            self.maxLayerRatio = maxLayerRatio
+            self.finetuneEpochs = finetuneEpochs
+            self.distill = distill
+            self.steps = steps
+            self.groups = groups
+            self.frozen = frozen
+        }
     }
 
     public struct Sensitivity: Sendable, Codable {
@@ -60,6 +97,70 @@ public struct CompressionReport: Sendable, Codable {
         public var samples: Int
         public var tensors: Int
         public var seconds: Double
+
+        public init(method: CalibrationMethod, samples: Int, tensors: Int, seconds: Double) {
+            self.method = method
+            self.samples = samples
+            self.tensors = tensors
+            self.seconds = seconds
+        }
+    }
+
+    /// One worker's part in a federated round.
+    public struct Site: Sendable, Codable, Equatable {
+        public var worker: String
+        public var samples: Int
+        public var labels: Bool
+        /// Phases whose reports were accepted from this worker.
+        public var phasesServed: Int
+        public var bytesUp: Int
+        public var bytesDown: Int
+        /// With labels: top-1 accuracy of the base and the compressed model on this worker's data.
+        public var accuracyBefore: Double?
+        public var accuracyAfter: Double?
+        /// Top-1 agreement of the compressed model with the base model (with or without labels).
+        public var agreement: Double?
+        /// Median single-sample latency on the board, milliseconds.
+        public var latencyBeforeMs: Double?
+        public var latencyAfterMs: Double?
+        /// True once the worker holds the final model, SHA-256 verified.
+        public var received: Bool
+
+        public init(worker: String, samples: Int, labels: Bool) {
+            self.worker = worker
+            self.samples = samples
+            self.labels = labels
+            phasesServed = 0
+            bytesUp = 0
+            bytesDown = 0
+            received = false
+        }
+    }
+
+    /// One phase of a federated round.
+    public struct PhaseRow: Sendable, Codable, Equatable {
+        public var index: Int
+        public var kind: String
+        public var label: String
+        public var state: String
+        public var startedAt: Double?
+        public var endedAt: Double?
+        public var reports: Int
+        public var refused: Int
+        public var bytesUp: Int
+        /// Coordinator CPU seconds spent folding reports in and closing the phase.
+        public var aggregationSeconds: Double
+
+        public init(index: Int, kind: String, label: String) {
+            self.index = index
+            self.kind = kind
+            self.label = label
+            state = "pending"
+            reports = 0
+            refused = 0
+            bytesUp = 0
+            aggregationSeconds = 0
+        }
     }
 
     public var model: String
@@ -74,6 +175,10 @@ public struct CompressionReport: Sendable, Codable {
     public var sensitivity: [Sensitivity]?
     /// Seconds per stage: importance, pruning, finetune, calibration, export, evaluation, total.
     public var timings: [String: Double]
+    /// Federated rounds: the round's id, its phases, and one row per worker.
+    public var round: String?
+    public var phases: [PhaseRow]?
+    public var sites: [Site]?
 
     public init(model: String, output: String, before: Figures, after: Figures) {
         self.model = model

@@ -144,10 +144,11 @@ func adminClient(_ dir: String, server: String?) throws -> HTTPClient {
 }
 
 /// Sends an admin request and turns failures into messages for people.
-func adminRequest(_ client: HTTPClient, _ method: String, _ path: String, body: [UInt8]? = nil) throws -> HTTPResponse {
+func adminRequest(_ client: HTTPClient, _ method: String, _ path: String, body: [UInt8]? = nil,
+                  contentType: String = "application/json") throws -> HTTPResponse {
     let response: HTTPResponse
     do {
-        response = try client.send(method, path, body: body, contentType: body == nil ? nil : "application/json",
+        response = try client.send(method, path, body: body, contentType: body == nil ? nil : contentType,
                                    retry: RetryPolicy(attempts: 3, baseDelay: 0.2, maximumDelay: 2))
     } catch let error as HTTPClientError {
         throw CLIError("cannot reach the coordinator at \(client.baseURL): \(error.description) (is coordinator serve running?)")

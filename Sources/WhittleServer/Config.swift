@@ -15,6 +15,10 @@ public struct CoordinatorConfig: Sendable, Equatable {
     public var enrollBodyLimit = 64 << 10
     public var heartbeatBodyLimit = 16 << 10
     public var adminBodyLimit = 16 << 10
+    /// Largest task report (a round's phase may set a smaller limit, from its model's size).
+    public var reportBodyLimit = 256 << 20
+    /// Largest model an admin uploads for a round.
+    public var modelBodyLimit = 1 << 30
     /// Enrollment rate limit per client address: sustained requests per second and burst.
     public var enrollRatePerSecond = 5.0
     public var enrollBurst = 20
@@ -31,6 +35,8 @@ public struct CoordinatorConfig: Sendable, Equatable {
         ("enroll_body_limit", "Largest enrollment request body, in bytes (larger: 413)."),
         ("heartbeat_body_limit", "Largest heartbeat body, in bytes."),
         ("admin_body_limit", "Largest admin request body, in bytes."),
+        ("report_body_limit", "Largest task report a worker uploads, in bytes (each phase also caps it at 2 × its model's size + 16 MiB)."),
+        ("model_body_limit", "Largest model an admin uploads for a round (coordinator round start), in bytes."),
         ("enroll_rate_per_second", "Enrollment requests per second allowed per client address (beyond the burst: 429)."),
         ("enroll_burst", "Enrollment requests a client address may send at once."),
         ("admin_serial", "Serial of the admin client certificate (admin.pem); set by coordinator init."),
@@ -40,6 +46,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
         ["listen": listen, "url": url, "heartbeat_seconds": "\(heartbeatSeconds)",
          "worker_certificate_days": "\(workerCertificateDays)", "enroll_body_limit": "\(enrollBodyLimit)",
          "heartbeat_body_limit": "\(heartbeatBodyLimit)", "admin_body_limit": "\(adminBodyLimit)",
+         "report_body_limit": "\(reportBodyLimit)", "model_body_limit": "\(modelBodyLimit)",
          "enroll_rate_per_second": "\(enrollRatePerSecond)", "enroll_burst": "\(enrollBurst)", "admin_serial": adminSerial]
     }
 
@@ -72,6 +79,8 @@ public struct CoordinatorConfig: Sendable, Equatable {
             case "enroll_body_limit": c.enrollBodyLimit = try int()
             case "heartbeat_body_limit": c.heartbeatBodyLimit = try int()
             case "admin_body_limit": c.adminBodyLimit = try int()
+            case "report_body_limit": c.reportBodyLimit = try int()
+            case "model_body_limit": c.modelBodyLimit = try int()
             case "enroll_rate_per_second":
                 guard let v = Double(value), v > 0 else { throw ConfigError("line \(number + 1): enroll_rate_per_second must be positive") }
                 c.enrollRatePerSecond = v

@@ -7,7 +7,9 @@ import NIOCore
 import NIOSSL
 import SwiftProtobuf
 import WhittlePKI
+import WhittleCompression
 import WhittleProtocol
+import WhittleRounds
 import WhittleStore
 import X509
 
@@ -64,9 +66,12 @@ final class ServerState: Sendable {
     let logger: Logger
     /// Files workers download (compressed models), named by their SHA-256.
     let artifacts: URL
+    let rounds: RoundService
 
-    init(store: any CoordinatorStore, ca: Identity, config: CoordinatorConfig, artifacts: URL, logger: Logger) {
+    init(store: any CoordinatorStore, ca: Identity, config: CoordinatorConfig, directory: URL, artifacts: URL, logger: Logger) throws {
         self.artifacts = artifacts
+        rounds = try RoundService(store: store, directory: directory, artifacts: artifacts, pollSeconds: config.heartbeatSeconds,
+                                  logger: logger)
         self.store = store
         self.ca = ca
         self.config = config
@@ -171,7 +176,8 @@ public enum CoordinatorServer {
 
         let worker = router.group("/v1/worker").add(middleware: ClientCertificateMiddleware(role: .worker, state: state))
         worker.post("/heartbeat") { request, context in try await heartbeat(request, context, state) }
-        worker.get("/artifacts/:sha256") { request, context in try artifact(request, context, state) }
+        worker.get("/artifacts/:sha256") { request, context in try artifact(request, name: context.parameters.get("sha256") ?? "", state) }
+        worker.post("/reports") { request, context in try await taskReport(request, context, state) }
 
         let admin = router.group("/admin/v1").add(middleware: ClientCertificateMiddleware(role: .admin, state: state))
         admin.post("/tokens") { request, context in try await createToken(request, context, state) }
@@ -194,7 +200,62 @@ public enum CoordinatorServer {
             state.logger.info("revoked", metadata: ["worker.name": "\(name)"])
             return try json(WorkerView(try await state.store.worker(named: name)!, now: Date()))
         }
+        admin.post("/artifacts") { request, _ -> Response in
+            let bytes = try await body(request, limit: state.config.modelBodyLimit)
+            guard !bytes.isEmpty else { throw APIError(.badRequest, "empty_artifact", "the artifact is empty") }
+            let sha = try await state.rounds.storeArtifact(bytes)
+            return try json(["sha256": sha, "bytes": "\(bytes.count)"])
+        }
+        admin.post("/rounds") { request, _ -> Response in
+            let bytes = try await body(request, limit: state.config.adminBodyLimit)
+            let plan: RoundPlan
+            do {
+                plan = try JSONDecoder().decode(RoundPlan.self, from: Data(bytes))
+            } catch {
+                throw APIError(.badRequest, "malformed_json", "the body is not a round plan: \(error)")
+            }
+            let round = try await state.rounds.start(plan)
+            return try json(try await state.rounds.view(round))
+        }
+        admin.get("/rounds") { _, _ -> Response in
+            var views: [RoundView] = []
+            for r in try await state.store.rounds() { views.append(try await state.rounds.view(r)) }
+            return try json(views)
+        }
+        admin.get("/rounds/:id") { _, context -> Response in
+            let id = context.parameters.get("id") ?? ""
+            guard let r = try await state.store.round(id: id) else { throw APIError(.notFound, "unknown_round", "no round '\(id)'") }
+            return try json(try await state.rounds.view(r))
+        }
+        admin.post("/rounds/:id/cancel") { _, context -> Response in
+            let round = try await state.rounds.cancel(context.parameters.get("id") ?? "")
+            return try json(try await state.rounds.view(round))
+        }
+        admin.get("/rounds/:id/report") { _, context -> Response in
+            try json(try await state.rounds.report(context.parameters.get("id") ?? ""))
+        }
+        admin.get("/rounds/:id/model") { request, context -> Response in
+            try artifact(request, name: try await state.rounds.finalModel(context.parameters.get("id") ?? ""), state)
+        }
         return router
+    }
+
+    /// `POST /v1/worker/reports`: a task's result (TaskReport). Durable before the 200; a retried upload id is
+    /// answered `duplicate` and not counted again.
+    static func taskReport(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Response {
+        let bytes = try await body(request, limit: state.config.reportBodyLimit)
+        let message = try decode(Whittle_TaskReport.self, bytes)
+        guard message.protocolVersion == protocolVersion else {
+            throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
+        }
+        guard let worker = try await state.store.worker(named: context.workerName!) else {
+            throw APIError(.forbidden, "worker_certificate_required", "unknown worker")
+        }
+        let duplicate = try await state.rounds.accept(message, bytes: bytes, worker: worker)
+        Task { await state.rounds.tick() }
+        var response = Whittle_TaskReportResponse()
+        response.duplicate = duplicate
+        return try protobuf(response)
     }
 
     static func body(_ request: Request, limit: Int) async throws -> [UInt8] {
@@ -274,18 +335,21 @@ public enum CoordinatorServer {
         let c = message.capabilities
         let capabilities = CapabilitiesView(cores: Int(c.cores), memoryBytes: Int(clamping: c.memoryBytes),
                                             samples: Int(clamping: c.samples), labels: c.labels, version: c.version,
-                                            memoryLimitBytes: Int(clamping: c.memoryLimitBytes))
+                                            memoryLimitBytes: Int(clamping: c.memoryLimitBytes),
+                                            evaluationSamples: Int(clamping: c.evaluationSamples))
         let text = String(decoding: try JSONEncoder().encode(capabilities), as: UTF8.self)
         try await state.store.recordContact(name: context.workerName!, at: Date(), address: context.remoteAddress, capabilities: text)
         var response = Whittle_HeartbeatResponse()
         response.pollSeconds = UInt32(state.config.heartbeatSeconds)
+        if message.workingOn.isEmpty, let task = try await state.rounds.task(forWorkerNamed: context.workerName!) {
+            response.task = task
+        }
         return try protobuf(response)
     }
 
     /// `GET /v1/worker/artifacts/SHA256`: a file of `DIR/artifacts` named by its SHA-256, whole or from a byte
     /// offset (`Range: bytes=N-` or `bytes=N-M`, answered 206 with Content-Range; past the end 416).
-    static func artifact(_ request: Request, _ context: WhittleContext, _ state: ServerState) throws -> Response {
-        let name = context.parameters.get("sha256") ?? ""
+    static func artifact(_ request: Request, name: String, _ state: ServerState) throws -> Response {
         guard name.count == 64, name.allSatisfy({ $0.isHexDigit && !$0.isUppercase }) else {
             throw APIError(.badRequest, "bad_artifact", "artifacts are named by their SHA-256 in lowercase hex")
         }
@@ -378,7 +442,16 @@ public enum CoordinatorServer {
         let ca = try Identity(certificatePEM: try String(contentsOfFile: layout.caCertificate, encoding: .utf8),
                               privateKeyPEM: try String(contentsOfFile: layout.caKey, encoding: .utf8))
         let store = try SQLiteStore(path: layout.database)
-        let state = ServerState(store: store, ca: ca, config: config, artifacts: layout.artifacts, logger: logger)
+        let state = try ServerState(store: store, ca: ca, config: config, directory: layout.directory, artifacts: layout.artifacts,
+                                    logger: logger)
+        // Phases close on time (deadlines, silent workers) even when no report arrives.
+        let ticker = Task {
+            while !Task.isCancelled {
+                await state.rounds.tick()
+                try? await Task.sleep(for: .milliseconds(500))
+            }
+        }
+        defer { ticker.cancel() }
         let (host, port) = try CoordinatorConfig.hostPort(listen)
         let app = Application(
             router: router(state: state),
@@ -429,4 +502,6 @@ public struct CapabilitiesView: Codable, Sendable {
     public var labels: Bool
     public var version: String
     public var memoryLimitBytes: Int
+    /// Held-out samples for evaluation (absent from workers before it existed).
+    public var evaluationSamples: Int?
 }

@@ -45,7 +45,93 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
                 t.column("at", .datetime).notNull()
             }
         }
+        m.registerMigration("v2: rounds, assignments, reports") { db in
+            try db.create(table: "round") { t in
+                t.primaryKey("id", .text)
+                t.column("createdAt", .datetime).notNull()
+                t.column("state", .text).notNull()
+                t.column("phase", .integer).notNull()
+                t.column("phaseStartedAt", .datetime).notNull()
+                t.column("plan", .text).notNull()
+                t.column("progress", .text).notNull()
+                t.column("message", .text)
+                t.column("endedAt", .datetime)
+            }
+            try db.create(table: "assignment") { t in
+                t.column("round", .text).notNull().references("round")
+                t.column("phase", .integer).notNull()
+                t.column("worker", .text).notNull().references("worker")
+                t.column("assignedAt", .datetime).notNull()
+                t.column("droppedAt", .datetime)
+                t.primaryKey(["round", "phase", "worker"])
+            }
+            try db.create(table: "report") { t in
+                t.column("round", .text).notNull().references("round")
+                t.column("phase", .integer).notNull()
+                t.column("worker", .text).notNull().references("worker")
+                t.column("uploadID", .text).notNull()
+                t.column("blob", .text).notNull()
+                t.column("bytes", .integer).notNull()
+                t.column("bytesDown", .integer).notNull()
+                t.column("samples", .integer).notNull()
+                t.column("acceptedAt", .datetime).notNull()
+                t.primaryKey(["round", "phase", "worker"])
+            }
+        }
         return m
+    }
+
+    public func addRound(_ round: RoundRecord) async throws {
+        try await pool.write { db in try round.insert(db) }
+    }
+
+    public func round(id: String) async throws -> RoundRecord? {
+        try await pool.read { db in try RoundRecord.fetchOne(db, key: id) }
+    }
+
+    public func rounds() async throws -> [RoundRecord] {
+        try await pool.read { db in try RoundRecord.order(Column("createdAt").desc, Column("id").desc).fetchAll(db) }
+    }
+
+    public func updateRound(_ round: RoundRecord) async throws {
+        try await pool.write { db in try round.update(db) }
+    }
+
+    public func assign(_ a: AssignmentRecord) async throws -> Bool {
+        try await pool.write { db in
+            try a.insert(db, onConflict: .ignore)
+            return db.changesCount > 0
+        }
+    }
+
+    public func assignments(round: String, phase: Int) async throws -> [AssignmentRecord] {
+        try await pool.read { db in
+            try AssignmentRecord.filter(Column("round") == round && Column("phase") == phase).fetchAll(db)
+        }
+    }
+
+    public func dropAssignment(round: String, phase: Int, worker: String, at: Date) async throws {
+        try await pool.write { db in
+            try db.execute(sql: "UPDATE assignment SET droppedAt = ? WHERE round = ? AND phase = ? AND worker = ? AND droppedAt IS NULL",
+                           arguments: [at, round, phase, worker])
+        }
+    }
+
+    public func addReport(_ r: ReportRecord) async throws -> Bool {
+        try await pool.write { db in
+            try r.insert(db, onConflict: .ignore)
+            return db.changesCount > 0
+        }
+    }
+
+    public func reports(round: String, phase: Int) async throws -> [ReportRecord] {
+        try await pool.read { db in
+            try ReportRecord.filter(Column("round") == round && Column("phase") == phase).order(Column("acceptedAt")).fetchAll(db)
+        }
+    }
+
+    public func reports(round: String) async throws -> [ReportRecord] {
+        try await pool.read { db in try ReportRecord.filter(Column("round") == round).order(Column("acceptedAt")).fetchAll(db) }
     }
 
     public func addToken(_ token: TokenRecord) async throws {
@@ -111,6 +197,18 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
 
 extension WorkerRecord: FetchableRecord, PersistableRecord {
     public static let databaseTableName = "worker"
+}
+
+extension RoundRecord: FetchableRecord, PersistableRecord {
+    public static let databaseTableName = "round"
+}
+
+extension AssignmentRecord: FetchableRecord, PersistableRecord {
+    public static let databaseTableName = "assignment"
+}
+
+extension ReportRecord: FetchableRecord, PersistableRecord {
+    public static let databaseTableName = "report"
 }
 
 extension TokenRecord: FetchableRecord, PersistableRecord {

@@ -46,6 +46,78 @@ public struct TokenRecord: Codable, Sendable, Equatable {
     }
 }
 
+/// A federated round: its plan and progress as JSON (the store does not interpret them), its state and phase.
+public struct RoundRecord: Codable, Sendable, Equatable {
+    public var id: String
+    public var createdAt: Date
+    /// running, succeeded, failed, cancelled.
+    public var state: String
+    public var phase: Int
+    public var phaseStartedAt: Date
+    public var plan: String
+    public var progress: String
+    /// Why the round failed or was cancelled.
+    public var message: String?
+    public var endedAt: Date?
+
+    public init(id: String, createdAt: Date, plan: String, progress: String) {
+        self.id = id
+        self.createdAt = createdAt
+        state = "running"
+        phase = 0
+        phaseStartedAt = createdAt
+        self.plan = plan
+        self.progress = progress
+    }
+
+    public var ended: Bool { state != "running" }
+}
+
+/// A worker given a phase's task. A dropped assignment (the worker vanished, or the phase closed without it)
+/// makes its later report stale.
+public struct AssignmentRecord: Codable, Sendable, Equatable {
+    public var round: String
+    public var phase: Int
+    public var worker: String
+    public var assignedAt: Date
+    public var droppedAt: Date?
+
+    public init(round: String, phase: Int, worker: String, assignedAt: Date) {
+        self.round = round
+        self.phase = phase
+        self.worker = worker
+        self.assignedAt = assignedAt
+    }
+}
+
+/// An accepted report: its blob is on disk (fsynced) before the row is committed, and the row is committed
+/// before the worker is answered.
+public struct ReportRecord: Codable, Sendable, Equatable {
+    public var round: String
+    public var phase: Int
+    public var worker: String
+    public var uploadID: String
+    /// The blob's path, relative to the data directory.
+    public var blob: String
+    public var bytes: Int
+    public var bytesDown: Int
+    public var samples: Int
+    public var acceptedAt: Date
+
+    public init(round: String, phase: Int, worker: String, uploadID: String, blob: String, bytes: Int, bytesDown: Int,
+                samples: Int, acceptedAt: Date) {
+        self.round = round
+        self.phase = phase
+        self.worker = worker
+        self.uploadID = uploadID
+        self.blob = blob
+        self.bytes = bytes
+        self.bytesDown = bytesDown
+        self.samples = samples
+        self.acceptedAt = acceptedAt
+    }
+}
+
 public enum EnrollmentOutcome: Sendable, Equatable {
     case enrolled(WorkerRecord)
     case unknownToken
@@ -70,6 +142,20 @@ public protocol CoordinatorStore: AnyObject, Sendable {
     func recordContact(name: String, at: Date, address: String?, capabilities: String?) async throws
     /// A cheap query proving the store answers (readiness).
     func ping() async throws
+
+    func addRound(_ round: RoundRecord) async throws
+    func round(id: String) async throws -> RoundRecord?
+    /// Every round, newest first.
+    func rounds() async throws -> [RoundRecord]
+    func updateRound(_ round: RoundRecord) async throws
+    /// Records an assignment; false when the worker already had one for the phase.
+    func assign(_ assignment: AssignmentRecord) async throws -> Bool
+    func assignments(round: String, phase: Int) async throws -> [AssignmentRecord]
+    func dropAssignment(round: String, phase: Int, worker: String, at: Date) async throws
+    /// Records an accepted report; false (and nothing written) when the worker already has one for the phase.
+    func addReport(_ report: ReportRecord) async throws -> Bool
+    func reports(round: String, phase: Int) async throws -> [ReportRecord]
+    func reports(round: String) async throws -> [ReportRecord]
 }
 
 /// The store in memory: for tests and for trying things out; nothing survives the process.
@@ -113,4 +199,42 @@ public actor MemoryStore: CoordinatorStore {
     }
 
     public func ping() throws {}
+
+    var roundsByID: [String: RoundRecord] = [:]
+    var assignmentRows: [AssignmentRecord] = []
+    var reportRows: [ReportRecord] = []
+
+    public func addRound(_ round: RoundRecord) throws { roundsByID[round.id] = round }
+    public func round(id: String) throws -> RoundRecord? { roundsByID[id] }
+    public func rounds() throws -> [RoundRecord] { roundsByID.values.sorted { ($0.createdAt, $0.id) > ($1.createdAt, $1.id) } }
+    public func updateRound(_ round: RoundRecord) throws { roundsByID[round.id] = round }
+
+    public func assign(_ a: AssignmentRecord) throws -> Bool {
+        guard !assignmentRows.contains(where: { $0.round == a.round && $0.phase == a.phase && $0.worker == a.worker }) else { return false }
+        assignmentRows.append(a)
+        return true
+    }
+
+    public func assignments(round: String, phase: Int) throws -> [AssignmentRecord] {
+        assignmentRows.filter { $0.round == round && $0.phase == phase }
+    }
+
+    public func dropAssignment(round: String, phase: Int, worker: String, at: Date) throws {
+        for i in assignmentRows.indices where assignmentRows[i].round == round && assignmentRows[i].phase == phase
+            && assignmentRows[i].worker == worker && assignmentRows[i].droppedAt == nil {
+            assignmentRows[i].droppedAt = at
+        }
+    }
+
+    public func addReport(_ r: ReportRecord) throws -> Bool {
+        guard !reportRows.contains(where: { $0.round == r.round && $0.phase == r.phase && $0.worker == r.worker }) else { return false }
+        reportRows.append(r)
+        return true
+    }
+
+    public func reports(round: String, phase: Int) throws -> [ReportRecord] {
+        reportRows.filter { $0.round == round && $0.phase == phase }
+    }
+
+    public func reports(round: String) throws -> [ReportRecord] { reportRows.filter { $0.round == round } }
 }

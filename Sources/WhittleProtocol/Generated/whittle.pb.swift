@@ -193,6 +193,9 @@ public nonisolated struct Whittle_Capabilities: Sendable {
   /// The worker's memory budget for jobs (0: none given).
   public var memoryLimitBytes: UInt64 = 0
 
+  /// Held-out samples the worker evaluates models on (0: it evaluates on its local data).
+  public var evaluationSamples: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -215,6 +218,9 @@ public nonisolated struct Whittle_Heartbeat: Sendable {
   /// Clears the value of `capabilities`. Subsequent reads from it will return its default value.
   public mutating func clearCapabilities() {self._capabilities = nil}
 
+  /// "ROUND/PHASE" while the worker computes a task (its heartbeats go on meanwhile); empty when idle.
+  public var workingOn: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -230,8 +236,355 @@ public nonisolated struct Whittle_HeartbeatResponse: Sendable {
   /// Seconds until the next heartbeat.
   public var pollSeconds: UInt32 = 0
 
-  /// A task to run (empty: none yet; rounds come in a later protocol version).
-  public var task: String = String()
+  /// The task this worker is assigned in a running round, if any (see Task).
+  public var task: Whittle_Task {
+    get {_task ?? Whittle_Task()}
+    set {_task = newValue}
+  }
+  /// Returns true if `task` has been explicitly set.
+  public var hasTask: Bool {self._task != nil}
+  /// Clears the value of `task`. Subsequent reads from it will return its default value.
+  public mutating func clearTask() {self._task = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _task: Whittle_Task? = nil
+}
+
+/// One phase's work for one worker, handed out in the heartbeat response.
+public nonisolated struct Whittle_Task: @unchecked Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var roundID: String {
+    get {_storage._roundID}
+    set {_uniqueStorage()._roundID = newValue}
+  }
+
+  /// The phase's index in the round's plan; a report names it, and a report for a closed phase is stale.
+  public var phase: UInt32 {
+    get {_storage._phase}
+    set {_uniqueStorage()._phase = newValue}
+  }
+
+  /// importance | finetune | fisher | ranges | histograms | evaluate | distribute
+  public var kind: String {
+    get {_storage._kind}
+    set {_uniqueStorage()._kind = newValue}
+  }
+
+  /// The model to work on (an artifact, fetched from /v1/worker/artifacts/SHA256), and its size.
+  public var modelSha256: String {
+    get {_storage._modelSha256}
+    set {_uniqueStorage()._modelSha256 = newValue}
+  }
+
+  public var modelBytes: UInt64 {
+    get {_storage._modelBytes}
+    set {_uniqueStorage()._modelBytes = newValue}
+  }
+
+  /// The round's base model: the distillation teacher, the pseudo-labeller and the evaluation baseline.
+  public var teacherSha256: String {
+    get {_storage._teacherSha256}
+    set {_uniqueStorage()._teacherSha256 = newValue}
+  }
+
+  public var teacherBytes: UInt64 {
+    get {_storage._teacherBytes}
+    set {_uniqueStorage()._teacherBytes = newValue}
+  }
+
+  /// importance: the criterion (activation | apoz | taylor).
+  public var criterion: String {
+    get {_storage._criterion}
+    set {_uniqueStorage()._criterion = newValue}
+  }
+
+  /// finetune / fisher: local epochs, learning rate, seed, distillation from the teacher.
+  public var localEpochs: UInt32 {
+    get {_storage._localEpochs}
+    set {_uniqueStorage()._localEpochs = newValue}
+  }
+
+  public var learningRate: Float {
+    get {_storage._learningRate}
+    set {_uniqueStorage()._learningRate = newValue}
+  }
+
+  public var seed: UInt64 {
+    get {_storage._seed}
+    set {_uniqueStorage()._seed = newValue}
+  }
+
+  public var distill: Bool {
+    get {_storage._distill}
+    set {_uniqueStorage()._distill = newValue}
+  }
+
+  /// finetune: send deltas int8-quantized with error feedback.
+  public var compressDeltas: Bool {
+    get {_storage._compressDeltas}
+    set {_uniqueStorage()._compressDeltas = newValue}
+  }
+
+  /// finetune with EWC: the penalty weight, and an artifact (an EWCState message) with the diagonal Fisher and
+  /// the reference parameters.
+  public var ewcLambda: Float {
+    get {_storage._ewcLambda}
+    set {_uniqueStorage()._ewcLambda = newValue}
+  }
+
+  public var ewcSha256: String {
+    get {_storage._ewcSha256}
+    set {_uniqueStorage()._ewcSha256 = newValue}
+  }
+
+  /// ranges: the tensors to observe.
+  public var tensors: [String] {
+    get {_storage._tensors}
+    set {_uniqueStorage()._tensors = newValue}
+  }
+
+  /// histograms: |x| histograms over [0, upper] with this many bins, per tensor.
+  public var histogramUpper: Dictionary<String,Float> {
+    get {_storage._histogramUpper}
+    set {_uniqueStorage()._histogramUpper = newValue}
+  }
+
+  public var histogramBins: UInt32 {
+    get {_storage._histogramBins}
+    set {_uniqueStorage()._histogramBins = newValue}
+  }
+
+  /// Seconds since 1970 after which the phase may close without this worker's report.
+  public var deadline: Double {
+    get {_storage._deadline}
+    set {_uniqueStorage()._deadline = newValue}
+  }
+
+  /// The plan's batch size; a worker with a memory limit may choose a smaller one (the engine's estimate).
+  public var batchSize: UInt32 {
+    get {_storage._batchSize}
+    set {_uniqueStorage()._batchSize = newValue}
+  }
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// An int8 tensor with one scale: value = scale · q.
+public nonisolated struct Whittle_QuantizedTensor: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var shape: [Int64] = []
+
+  public var scale: Float = 0
+
+  /// One signed byte per element, C order.
+  public var values: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// A fine-tuning result: per-parameter deltas (new − old) over the samples trained on. Deltas come as floats or,
+/// with delta compression, as int8 (never both for one parameter).
+public nonisolated struct Whittle_WeightUpdate: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var deltas: Dictionary<String,Whittle_FloatTensor> = [:]
+
+  public var compressedDeltas: Dictionary<String,Whittle_QuantizedTensor> = [:]
+
+  public var samples: UInt64 = 0
+
+  /// Mean training loss of the last local epoch.
+  public var loss: Double = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// EWC's inputs for fine-tuning: the diagonal Fisher (mean squared gradients) and the reference parameters.
+public nonisolated struct Whittle_EWCState: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var fisher: Dictionary<String,Whittle_FloatTensor> = [:]
+
+  public var reference: Dictionary<String,Whittle_FloatTensor> = [:]
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Sums of squared per-sample gradients (the diagonal Fisher's numerator) and the samples they cover.
+public nonisolated struct Whittle_FisherReport: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var sums: Dictionary<String,Whittle_FloatTensor> = [:]
+
+  public var samples: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Federated evaluation of the base and the compressed model on a worker's data.
+public nonisolated struct Whittle_EvaluationReport: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var samples: UInt64 = 0
+
+  /// With labels: correct top-1 predictions of each model. Without: zero, and `labels` false.
+  public var labels: Bool = false
+
+  public var baseCorrect: UInt64 = 0
+
+  public var compressedCorrect: UInt64 = 0
+
+  /// Samples whose top-1 class is the same under both models.
+  public var agreement: UInt64 = 0
+
+  /// Median latency of one single-sample inference on the board, milliseconds.
+  public var baseLatencyMs: Double = 0
+
+  public var compressedLatencyMs: Double = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// The worker has the final model: downloaded, its SHA-256 verified, kept.
+public nonisolated struct Whittle_DistributionReport: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var sha256: String = String()
+
+  public var bytes: UInt64 = 0
+
+  public var path: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// POST /v1/worker/reports: a task's result.
+public nonisolated struct Whittle_TaskReport: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var protocolVersion: UInt32 = 0
+
+  public var roundID: String = String()
+
+  public var phase: UInt32 = 0
+
+  /// Random, chosen once per result: a retried upload carries the same id and is recognised, never counted twice.
+  public var uploadID: String = String()
+
+  /// Bytes the worker downloaded for this task, and seconds it computed.
+  public var bytesDown: UInt64 = 0
+
+  public var computeSeconds: Double = 0
+
+  public var result: Whittle_TaskReport.OneOf_Result? = nil
+
+  public var importance: Whittle_ImportanceReport {
+    get {
+      if case .importance(let v)? = result {return v}
+      return Whittle_ImportanceReport()
+    }
+    set {result = .importance(newValue)}
+  }
+
+  public var calibration: Whittle_CalibrationReport {
+    get {
+      if case .calibration(let v)? = result {return v}
+      return Whittle_CalibrationReport()
+    }
+    set {result = .calibration(newValue)}
+  }
+
+  public var update: Whittle_WeightUpdate {
+    get {
+      if case .update(let v)? = result {return v}
+      return Whittle_WeightUpdate()
+    }
+    set {result = .update(newValue)}
+  }
+
+  public var fisher: Whittle_FisherReport {
+    get {
+      if case .fisher(let v)? = result {return v}
+      return Whittle_FisherReport()
+    }
+    set {result = .fisher(newValue)}
+  }
+
+  public var evaluation: Whittle_EvaluationReport {
+    get {
+      if case .evaluation(let v)? = result {return v}
+      return Whittle_EvaluationReport()
+    }
+    set {result = .evaluation(newValue)}
+  }
+
+  public var distribution: Whittle_DistributionReport {
+    get {
+      if case .distribution(let v)? = result {return v}
+      return Whittle_DistributionReport()
+    }
+    set {result = .distribution(newValue)}
+  }
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum OneOf_Result: Equatable, Sendable {
+    case importance(Whittle_ImportanceReport)
+    case calibration(Whittle_CalibrationReport)
+    case update(Whittle_WeightUpdate)
+    case fisher(Whittle_FisherReport)
+    case evaluation(Whittle_EvaluationReport)
+    case distribution(Whittle_DistributionReport)
+
+  }
+
+  public init() {}
+}
+
+public nonisolated struct Whittle_TaskReportResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// True when this upload id had already been accepted (a retry): nothing was counted again.
+  public var duplicate: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -574,7 +927,7 @@ nonisolated extension Whittle_EnrollResponse: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Capabilities"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}cores\0\u{3}memory_bytes\0\u{1}samples\0\u{1}labels\0\u{1}version\0\u{3}memory_limit_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}cores\0\u{3}memory_bytes\0\u{1}samples\0\u{1}labels\0\u{1}version\0\u{3}memory_limit_bytes\0\u{3}evaluation_samples\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -588,6 +941,7 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
       case 4: try { try decoder.decodeSingularBoolField(value: &self.labels) }()
       case 5: try { try decoder.decodeSingularStringField(value: &self.version) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.memoryLimitBytes) }()
+      case 7: try { try decoder.decodeSingularUInt64Field(value: &self.evaluationSamples) }()
       default: break
       }
     }
@@ -612,6 +966,9 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
     if self.memoryLimitBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.memoryLimitBytes, fieldNumber: 6)
     }
+    if self.evaluationSamples != 0 {
+      try visitor.visitSingularUInt64Field(value: self.evaluationSamples, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -622,6 +979,7 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
     if lhs.labels != rhs.labels {return false}
     if lhs.version != rhs.version {return false}
     if lhs.memoryLimitBytes != rhs.memoryLimitBytes {return false}
+    if lhs.evaluationSamples != rhs.evaluationSamples {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -629,7 +987,7 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Whittle_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Heartbeat"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{1}capabilities\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{1}capabilities\0\u{3}working_on\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -639,6 +997,7 @@ nonisolated extension Whittle_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._M
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
       case 2: try { try decoder.decodeSingularMessageField(value: &self._capabilities) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.workingOn) }()
       default: break
       }
     }
@@ -655,12 +1014,16 @@ nonisolated extension Whittle_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._M
     try { if let v = self._capabilities {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
     } }()
+    if !self.workingOn.isEmpty {
+      try visitor.visitSingularStringField(value: self.workingOn, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Whittle_Heartbeat, rhs: Whittle_Heartbeat) -> Bool {
     if lhs.protocolVersion != rhs.protocolVersion {return false}
     if lhs._capabilities != rhs._capabilities {return false}
+    if lhs.workingOn != rhs.workingOn {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -668,7 +1031,7 @@ nonisolated extension Whittle_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._M
 
 nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".HeartbeatResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}poll_seconds\0\u{1}task\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}poll_seconds\0\u{2}\u{2}task\0\u{c}\u{2}\u{1}")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -677,25 +1040,678 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt32Field(value: &self.pollSeconds) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.task) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._task) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if self.pollSeconds != 0 {
       try visitor.visitSingularUInt32Field(value: self.pollSeconds, fieldNumber: 1)
     }
-    if !self.task.isEmpty {
-      try visitor.visitSingularStringField(value: self.task, fieldNumber: 2)
-    }
+    try { if let v = self._task {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Whittle_HeartbeatResponse, rhs: Whittle_HeartbeatResponse) -> Bool {
     if lhs.pollSeconds != rhs.pollSeconds {return false}
-    if lhs.task != rhs.task {return false}
+    if lhs._task != rhs._task {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Task"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0")
+
+  fileprivate class _StorageClass {
+    var _roundID: String = String()
+    var _phase: UInt32 = 0
+    var _kind: String = String()
+    var _modelSha256: String = String()
+    var _modelBytes: UInt64 = 0
+    var _teacherSha256: String = String()
+    var _teacherBytes: UInt64 = 0
+    var _criterion: String = String()
+    var _localEpochs: UInt32 = 0
+    var _learningRate: Float = 0
+    var _seed: UInt64 = 0
+    var _distill: Bool = false
+    var _compressDeltas: Bool = false
+    var _ewcLambda: Float = 0
+    var _ewcSha256: String = String()
+    var _tensors: [String] = []
+    var _histogramUpper: Dictionary<String,Float> = [:]
+    var _histogramBins: UInt32 = 0
+    var _deadline: Double = 0
+    var _batchSize: UInt32 = 0
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _roundID = source._roundID
+      _phase = source._phase
+      _kind = source._kind
+      _modelSha256 = source._modelSha256
+      _modelBytes = source._modelBytes
+      _teacherSha256 = source._teacherSha256
+      _teacherBytes = source._teacherBytes
+      _criterion = source._criterion
+      _localEpochs = source._localEpochs
+      _learningRate = source._learningRate
+      _seed = source._seed
+      _distill = source._distill
+      _compressDeltas = source._compressDeltas
+      _ewcLambda = source._ewcLambda
+      _ewcSha256 = source._ewcSha256
+      _tensors = source._tensors
+      _histogramUpper = source._histogramUpper
+      _histogramBins = source._histogramBins
+      _deadline = source._deadline
+      _batchSize = source._batchSize
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._roundID) }()
+        case 2: try { try decoder.decodeSingularUInt32Field(value: &_storage._phase) }()
+        case 3: try { try decoder.decodeSingularStringField(value: &_storage._kind) }()
+        case 4: try { try decoder.decodeSingularStringField(value: &_storage._modelSha256) }()
+        case 5: try { try decoder.decodeSingularUInt64Field(value: &_storage._modelBytes) }()
+        case 6: try { try decoder.decodeSingularStringField(value: &_storage._teacherSha256) }()
+        case 7: try { try decoder.decodeSingularUInt64Field(value: &_storage._teacherBytes) }()
+        case 8: try { try decoder.decodeSingularStringField(value: &_storage._criterion) }()
+        case 9: try { try decoder.decodeSingularUInt32Field(value: &_storage._localEpochs) }()
+        case 10: try { try decoder.decodeSingularFloatField(value: &_storage._learningRate) }()
+        case 11: try { try decoder.decodeSingularUInt64Field(value: &_storage._seed) }()
+        case 12: try { try decoder.decodeSingularBoolField(value: &_storage._distill) }()
+        case 13: try { try decoder.decodeSingularBoolField(value: &_storage._compressDeltas) }()
+        case 14: try { try decoder.decodeSingularFloatField(value: &_storage._ewcLambda) }()
+        case 15: try { try decoder.decodeSingularStringField(value: &_storage._ewcSha256) }()
+        case 16: try { try decoder.decodeRepeatedStringField(value: &_storage._tensors) }()
+        case 17: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufFloat>.self, value: &_storage._histogramUpper) }()
+        case 18: try { try decoder.decodeSingularUInt32Field(value: &_storage._histogramBins) }()
+        case 19: try { try decoder.decodeSingularDoubleField(value: &_storage._deadline) }()
+        case 20: try { try decoder.decodeSingularUInt32Field(value: &_storage._batchSize) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      if !_storage._roundID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._roundID, fieldNumber: 1)
+      }
+      if _storage._phase != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._phase, fieldNumber: 2)
+      }
+      if !_storage._kind.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._kind, fieldNumber: 3)
+      }
+      if !_storage._modelSha256.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._modelSha256, fieldNumber: 4)
+      }
+      if _storage._modelBytes != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._modelBytes, fieldNumber: 5)
+      }
+      if !_storage._teacherSha256.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._teacherSha256, fieldNumber: 6)
+      }
+      if _storage._teacherBytes != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._teacherBytes, fieldNumber: 7)
+      }
+      if !_storage._criterion.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._criterion, fieldNumber: 8)
+      }
+      if _storage._localEpochs != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._localEpochs, fieldNumber: 9)
+      }
+      if _storage._learningRate.bitPattern != 0 {
+        try visitor.visitSingularFloatField(value: _storage._learningRate, fieldNumber: 10)
+      }
+      if _storage._seed != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._seed, fieldNumber: 11)
+      }
+      if _storage._distill != false {
+        try visitor.visitSingularBoolField(value: _storage._distill, fieldNumber: 12)
+      }
+      if _storage._compressDeltas != false {
+        try visitor.visitSingularBoolField(value: _storage._compressDeltas, fieldNumber: 13)
+      }
+      if _storage._ewcLambda.bitPattern != 0 {
+        try visitor.visitSingularFloatField(value: _storage._ewcLambda, fieldNumber: 14)
+      }
+      if !_storage._ewcSha256.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._ewcSha256, fieldNumber: 15)
+      }
+      if !_storage._tensors.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._tensors, fieldNumber: 16)
+      }
+      if !_storage._histogramUpper.isEmpty {
+        try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufFloat>.self, value: _storage._histogramUpper, fieldNumber: 17)
+      }
+      if _storage._histogramBins != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._histogramBins, fieldNumber: 18)
+      }
+      if _storage._deadline.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._deadline, fieldNumber: 19)
+      }
+      if _storage._batchSize != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._batchSize, fieldNumber: 20)
+      }
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_Task, rhs: Whittle_Task) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._roundID != rhs_storage._roundID {return false}
+        if _storage._phase != rhs_storage._phase {return false}
+        if _storage._kind != rhs_storage._kind {return false}
+        if _storage._modelSha256 != rhs_storage._modelSha256 {return false}
+        if _storage._modelBytes != rhs_storage._modelBytes {return false}
+        if _storage._teacherSha256 != rhs_storage._teacherSha256 {return false}
+        if _storage._teacherBytes != rhs_storage._teacherBytes {return false}
+        if _storage._criterion != rhs_storage._criterion {return false}
+        if _storage._localEpochs != rhs_storage._localEpochs {return false}
+        if _storage._learningRate != rhs_storage._learningRate {return false}
+        if _storage._seed != rhs_storage._seed {return false}
+        if _storage._distill != rhs_storage._distill {return false}
+        if _storage._compressDeltas != rhs_storage._compressDeltas {return false}
+        if _storage._ewcLambda != rhs_storage._ewcLambda {return false}
+        if _storage._ewcSha256 != rhs_storage._ewcSha256 {return false}
+        if _storage._tensors != rhs_storage._tensors {return false}
+        if _storage._histogramUpper != rhs_storage._histogramUpper {return false}
+        if _storage._histogramBins != rhs_storage._histogramBins {return false}
+        if _storage._deadline != rhs_storage._deadline {return false}
+        if _storage._batchSize != rhs_storage._batchSize {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_QuantizedTensor: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".QuantizedTensor"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}shape\0\u{1}scale\0\u{1}values\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedInt64Field(value: &self.shape) }()
+      case 2: try { try decoder.decodeSingularFloatField(value: &self.scale) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.values) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.shape.isEmpty {
+      try visitor.visitPackedInt64Field(value: self.shape, fieldNumber: 1)
+    }
+    if self.scale.bitPattern != 0 {
+      try visitor.visitSingularFloatField(value: self.scale, fieldNumber: 2)
+    }
+    if !self.values.isEmpty {
+      try visitor.visitSingularBytesField(value: self.values, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_QuantizedTensor, rhs: Whittle_QuantizedTensor) -> Bool {
+    if lhs.shape != rhs.shape {return false}
+    if lhs.scale != rhs.scale {return false}
+    if lhs.values != rhs.values {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_WeightUpdate: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".WeightUpdate"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}deltas\0\u{3}compressed_deltas\0\u{1}samples\0\u{1}loss\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_FloatTensor>.self, value: &self.deltas) }()
+      case 2: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_QuantizedTensor>.self, value: &self.compressedDeltas) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.samples) }()
+      case 4: try { try decoder.decodeSingularDoubleField(value: &self.loss) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.deltas.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_FloatTensor>.self, value: self.deltas, fieldNumber: 1)
+    }
+    if !self.compressedDeltas.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_QuantizedTensor>.self, value: self.compressedDeltas, fieldNumber: 2)
+    }
+    if self.samples != 0 {
+      try visitor.visitSingularUInt64Field(value: self.samples, fieldNumber: 3)
+    }
+    if self.loss.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.loss, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_WeightUpdate, rhs: Whittle_WeightUpdate) -> Bool {
+    if lhs.deltas != rhs.deltas {return false}
+    if lhs.compressedDeltas != rhs.compressedDeltas {return false}
+    if lhs.samples != rhs.samples {return false}
+    if lhs.loss != rhs.loss {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_EWCState: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EWCState"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}fisher\0\u{1}reference\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_FloatTensor>.self, value: &self.fisher) }()
+      case 2: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_FloatTensor>.self, value: &self.reference) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.fisher.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_FloatTensor>.self, value: self.fisher, fieldNumber: 1)
+    }
+    if !self.reference.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_FloatTensor>.self, value: self.reference, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_EWCState, rhs: Whittle_EWCState) -> Bool {
+    if lhs.fisher != rhs.fisher {return false}
+    if lhs.reference != rhs.reference {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_FisherReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".FisherReport"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sums\0\u{1}samples\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_FloatTensor>.self, value: &self.sums) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.samples) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.sums.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_FloatTensor>.self, value: self.sums, fieldNumber: 1)
+    }
+    if self.samples != 0 {
+      try visitor.visitSingularUInt64Field(value: self.samples, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_FisherReport, rhs: Whittle_FisherReport) -> Bool {
+    if lhs.sums != rhs.sums {return false}
+    if lhs.samples != rhs.samples {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_EvaluationReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EvaluationReport"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}samples\0\u{1}labels\0\u{3}base_correct\0\u{3}compressed_correct\0\u{1}agreement\0\u{3}base_latency_ms\0\u{3}compressed_latency_ms\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.samples) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.labels) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.baseCorrect) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.compressedCorrect) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.agreement) }()
+      case 6: try { try decoder.decodeSingularDoubleField(value: &self.baseLatencyMs) }()
+      case 7: try { try decoder.decodeSingularDoubleField(value: &self.compressedLatencyMs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.samples != 0 {
+      try visitor.visitSingularUInt64Field(value: self.samples, fieldNumber: 1)
+    }
+    if self.labels != false {
+      try visitor.visitSingularBoolField(value: self.labels, fieldNumber: 2)
+    }
+    if self.baseCorrect != 0 {
+      try visitor.visitSingularUInt64Field(value: self.baseCorrect, fieldNumber: 3)
+    }
+    if self.compressedCorrect != 0 {
+      try visitor.visitSingularUInt64Field(value: self.compressedCorrect, fieldNumber: 4)
+    }
+    if self.agreement != 0 {
+      try visitor.visitSingularUInt64Field(value: self.agreement, fieldNumber: 5)
+    }
+    if self.baseLatencyMs.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.baseLatencyMs, fieldNumber: 6)
+    }
+    if self.compressedLatencyMs.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.compressedLatencyMs, fieldNumber: 7)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_EvaluationReport, rhs: Whittle_EvaluationReport) -> Bool {
+    if lhs.samples != rhs.samples {return false}
+    if lhs.labels != rhs.labels {return false}
+    if lhs.baseCorrect != rhs.baseCorrect {return false}
+    if lhs.compressedCorrect != rhs.compressedCorrect {return false}
+    if lhs.agreement != rhs.agreement {return false}
+    if lhs.baseLatencyMs != rhs.baseLatencyMs {return false}
+    if lhs.compressedLatencyMs != rhs.compressedLatencyMs {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_DistributionReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DistributionReport"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sha256\0\u{1}bytes\0\u{1}path\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.sha256) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.bytes) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.path) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.sha256.isEmpty {
+      try visitor.visitSingularStringField(value: self.sha256, fieldNumber: 1)
+    }
+    if self.bytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.bytes, fieldNumber: 2)
+    }
+    if !self.path.isEmpty {
+      try visitor.visitSingularStringField(value: self.path, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_DistributionReport, rhs: Whittle_DistributionReport) -> Bool {
+    if lhs.sha256 != rhs.sha256 {return false}
+    if lhs.bytes != rhs.bytes {return false}
+    if lhs.path != rhs.path {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".TaskReport"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}round_id\0\u{1}phase\0\u{3}upload_id\0\u{3}bytes_down\0\u{3}compute_seconds\0\u{2}\u{4}importance\0\u{1}calibration\0\u{1}update\0\u{1}fisher\0\u{1}evaluation\0\u{1}distribution\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.roundID) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.phase) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.uploadID) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.bytesDown) }()
+      case 6: try { try decoder.decodeSingularDoubleField(value: &self.computeSeconds) }()
+      case 10: try {
+        var v: Whittle_ImportanceReport?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .importance(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .importance(v)
+        }
+      }()
+      case 11: try {
+        var v: Whittle_CalibrationReport?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .calibration(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .calibration(v)
+        }
+      }()
+      case 12: try {
+        var v: Whittle_WeightUpdate?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .update(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .update(v)
+        }
+      }()
+      case 13: try {
+        var v: Whittle_FisherReport?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .fisher(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .fisher(v)
+        }
+      }()
+      case 14: try {
+        var v: Whittle_EvaluationReport?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .evaluation(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .evaluation(v)
+        }
+      }()
+      case 15: try {
+        var v: Whittle_DistributionReport?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .distribution(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .distribution(v)
+        }
+      }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.protocolVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.protocolVersion, fieldNumber: 1)
+    }
+    if !self.roundID.isEmpty {
+      try visitor.visitSingularStringField(value: self.roundID, fieldNumber: 2)
+    }
+    if self.phase != 0 {
+      try visitor.visitSingularUInt32Field(value: self.phase, fieldNumber: 3)
+    }
+    if !self.uploadID.isEmpty {
+      try visitor.visitSingularStringField(value: self.uploadID, fieldNumber: 4)
+    }
+    if self.bytesDown != 0 {
+      try visitor.visitSingularUInt64Field(value: self.bytesDown, fieldNumber: 5)
+    }
+    if self.computeSeconds.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.computeSeconds, fieldNumber: 6)
+    }
+    switch self.result {
+    case .importance?: try {
+      guard case .importance(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+    }()
+    case .calibration?: try {
+      guard case .calibration(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+    }()
+    case .update?: try {
+      guard case .update(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+    }()
+    case .fisher?: try {
+      guard case .fisher(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
+    }()
+    case .evaluation?: try {
+      guard case .evaluation(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
+    }()
+    case .distribution?: try {
+      guard case .distribution(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+    }()
+    case nil: break
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_TaskReport, rhs: Whittle_TaskReport) -> Bool {
+    if lhs.protocolVersion != rhs.protocolVersion {return false}
+    if lhs.roundID != rhs.roundID {return false}
+    if lhs.phase != rhs.phase {return false}
+    if lhs.uploadID != rhs.uploadID {return false}
+    if lhs.bytesDown != rhs.bytesDown {return false}
+    if lhs.computeSeconds != rhs.computeSeconds {return false}
+    if lhs.result != rhs.result {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_TaskReportResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".TaskReportResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}duplicate\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBoolField(value: &self.duplicate) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.duplicate != false {
+      try visitor.visitSingularBoolField(value: self.duplicate, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_TaskReportResponse, rhs: Whittle_TaskReportResponse) -> Bool {
+    if lhs.duplicate != rhs.duplicate {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,209 @@
+import Foundation
+import WhittleCLI
+import WhittleCompression
+import WhittleHTTPClient
+import WhittleONNX
+import WhittleProtocol
+import WhittleRounds
+import WhittleTensor
+
+/// Runs the tasks a coordinator hands out: downloads the task's artifacts (resumed, SHA-256 verified, cached),
+/// computes on the local data (WorkerJobs), and uploads the report with retries under one upload id, so a
+/// retried upload is never counted twice. Only statistics and deltas leave the board.
+final class TaskRunner {
+    let client: HTTPClient
+    let layout: WorkerLayout
+    let data: Dataset
+    /// Held-out samples for the evaluation phase, if the worker has them.
+    let evaluation: Dataset?
+    let memoryLimit: Int?
+    var compressor = DeltaCompressor()
+    /// Tasks ("round/phase") finished or given up, so a re-sent task is not computed twice.
+    var finished: Set<String> = []
+
+    init(client: HTTPClient, layout: WorkerLayout, data: Dataset, evaluation: Dataset?, memoryLimit: Int?) {
+        self.client = client
+        self.layout = layout
+        self.data = data
+        self.evaluation = evaluation
+        self.memoryLimit = memoryLimit
+    }
+
+    static func key(_ task: Whittle_Task) -> String { "\(task.roundID)/\(task.phase)" }
+
+    func log(_ message: String) {
+        FileHandle.standardError.write(Data("\(message)\n".utf8))
+    }
+
+    /// The artifact's local copy (downloaded once, verified), and the bytes downloaded for it now.
+    func artifact(_ sha: String, folder: String = "artifacts") throws -> (path: String, downloaded: Int) {
+        guard sha.count == 64, sha.allSatisfy({ $0.isHexDigit }) else { throw CLIError("the task names a malformed artifact '\(sha)'") }
+        let directory = layout.file(folder)
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let path = directory + "/" + sha + ".onnx"
+        if FileManager.default.fileExists(atPath: path) { return (path, 0) }
+        let partial = path + ".part"
+        let had = ((try? FileManager.default.attributesOfItem(atPath: partial))?[.size] as? NSNumber)?.intValue ?? 0
+        do {
+            try client.download("/v1/worker/artifacts/" + sha, to: partial, sha256: sha,
+                                retry: RetryPolicy(attempts: 8, baseDelay: 0.5, maximumDelay: 10))
+        } catch let error as HTTPClientError {
+            throw CLIError("downloading artifact \(sha.prefix(12))…: \(error.description)")
+        }
+        let size = ((try? FileManager.default.attributesOfItem(atPath: partial))?[.size] as? NSNumber)?.intValue ?? 0
+        guard rename(partial, path) == 0 else { throw CLIError("cannot keep the downloaded artifact at \(path)") }
+        return (path, max(0, size - had))
+    }
+
+    func model(_ sha: String, bytesDown: inout Int) throws -> Model {
+        let (path, downloaded) = try artifact(sha)
+        bytesDown += downloaded
+        return try Files.readModel(path)
+    }
+
+    /// Computes a task's report.
+    func compute(_ task: Whittle_Task) throws -> Whittle_TaskReport {
+        let clock = ContinuousClock()
+        let t0 = clock.now
+        var bytesDown = 0
+        var report: Whittle_TaskReport
+        if task.kind == PhaseKind.distribute.rawValue {
+            let (path, downloaded) = try artifact(task.modelSha256, folder: "models")
+            bytesDown += downloaded
+            var d = Whittle_DistributionReport()
+            d.sha256 = task.modelSha256
+            d.bytes = UInt64(((try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? NSNumber)?.intValue ?? 0)
+            d.path = path
+            report = Whittle_TaskReport()
+            report.distribution = d
+        } else {
+            let model = try model(task.modelSha256, bytesDown: &bytesDown)
+            let teacher = task.teacherSha256.isEmpty || task.teacherSha256 == task.modelSha256 ? model
+                : try self.model(task.teacherSha256, bytesDown: &bytesDown)
+            var ewc: WorkerJobs.EWC?
+            if !task.ewcSha256.isEmpty {
+                let (path, downloaded) = try artifact(task.ewcSha256)
+                bytesDown += downloaded
+                let state = try Whittle_EWCState(serializedBytes: try Files.readBytes(path))
+                ewc = WorkerJobs.EWC(lambda: task.ewcLambda, fisher: try state.fisher.mapValues { try $0.decoded() },
+                                     reference: try state.reference.mapValues { try $0.decoded() })
+            }
+            let training = task.kind == PhaseKind.finetune.rawValue || task.kind == PhaseKind.fisher.rawValue
+                || (task.kind == PhaseKind.importance.rawValue && task.criterion == ImportanceCriterion.taylor.rawValue)
+            let batch = try WorkerJobs.batchSize(model: model, planned: Int(max(task.batchSize, 1)), memoryLimit: memoryLimit,
+                                                 training: training)
+            let local = task.kind == PhaseKind.evaluate.rawValue ? (evaluation ?? data) : data
+            report = try WorkerJobs.run(task, model: model, teacher: teacher, ewc: ewc, data: local, batchSize: batch,
+                                        compressor: &compressor)
+        }
+        report.protocolVersion = protocolVersion
+        report.roundID = task.roundID
+        report.phase = task.phase
+        report.bytesDown = UInt64(bytesDown)
+        let d = clock.now - t0
+        report.computeSeconds = Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
+        return report
+    }
+
+    /// Where a computed report waits until the coordinator has acknowledged it (a restarted worker uploads it
+    /// again under the same upload id instead of computing anew).
+    func pendingPath(_ task: Whittle_Task) -> String {
+        layout.file("pending") + "/\(task.roundID)-\(task.phase).pb"
+    }
+
+    /// Computes (or takes the pending result of) a task and uploads it. Never throws: a task that cannot be done
+    /// is reported on stderr and not tried again.
+    func run(_ task: Whittle_Task) {
+        let key = Self.key(task)
+        guard !finished.contains(key) else { return }
+        defer { finished.insert(key) }
+        let label = "task \(task.kind) (round \(task.roundID), phase \(task.phase))"
+        var body: [UInt8]
+        do {
+            try FileManager.default.createDirectory(atPath: layout.file("pending"), withIntermediateDirectories: true)
+            if let pending = try? Files.readBytes(pendingPath(task)) {
+                body = pending
+            } else {
+                var report = try compute(task)
+                var id = [UInt8](repeating: 0, count: 12)
+                var generator = SystemRandomNumberGenerator()
+                for i in id.indices { id[i] = generator.next() }
+                report.uploadID = id.map { String(format: "%02x", $0) }.joined()
+                body = try report.serializedBytes()
+                try Files.writeDurably(body, to: pendingPath(task))
+            }
+        } catch let error as CLIError {
+            log("\(label) failed: \(error.description)")
+            return
+        } catch let error as CompressionError {
+            log("\(label) failed: \(error.message)")
+            return
+        } catch let error as ONNXError {
+            log("\(label) failed: \(error.message)")
+            return
+        } catch {
+            log("\(label) failed: \(error)")
+            return
+        }
+        var attempt = 1
+        let backoff = RetryPolicy(attempts: Int.max, baseDelay: 0.5, maximumDelay: 15)
+        while true {
+            do {
+                let response = try client.request("POST", "/v1/worker/reports", body: body, contentType: "application/x-protobuf")
+                if response.status == 200 {
+                    let duplicate = (try? Whittle_TaskReportResponse(serializedBytes: response.body))?.duplicate ?? false
+                    print("\(label): report accepted (\(body.count) bytes\(duplicate ? ", already counted" : ""))")
+                    break
+                }
+                if RetryPolicy.isRetryable(status: response.status) {
+                    Thread.sleep(forTimeInterval: backoff.delay(attempt: attempt, retryAfter: response.retryAfter))
+                    attempt += 1
+                    continue
+                }
+                log("\(label): the coordinator refused the report: \(errorMessage(response))")
+                break
+            } catch let error as HTTPClientError {
+                guard Date().timeIntervalSince1970 < task.deadline + 60 else {
+                    log("\(label): giving up the upload after the phase's deadline (\(error.description))")
+                    break
+                }
+                Thread.sleep(forTimeInterval: backoff.delay(attempt: attempt, retryAfter: nil))
+                attempt += 1
+            } catch {
+                log("\(label): the upload failed: \(error)")
+                break
+            }
+        }
+        try? FileManager.default.removeItem(atPath: pendingPath(task))
+    }
+}
+
+/// Heartbeats on their own thread (and connection) while a task computes, so the coordinator knows the worker
+/// is alive and busy.
+final class BusyHeartbeat: @unchecked Sendable {
+    let box = StopBox()
+
+    init(client: HTTPClient, body: [UInt8], seconds: Double) {
+        let box = self.box
+        let thread = Thread {
+            while !box.isStopped {
+                _ = try? client.request("POST", "/v1/worker/heartbeat", body: body, contentType: "application/x-protobuf")
+                var waited = 0.0
+                while waited < seconds, !box.isStopped {
+                    Thread.sleep(forTimeInterval: 0.1)
+                    waited += 0.1
+                }
+            }
+        }
+        thread.start()
+    }
+
+    func stop() { box.stop() }
+
+    final class StopBox: @unchecked Sendable {
+        let lock = NSLock()
+        var value = false
+        var isStopped: Bool { lock.lock(); defer { lock.unlock() }; return value }
+        func stop() { lock.lock(); value = true; lock.unlock() }
+    }
+}

@@ -1,0 +1,240 @@
+import Foundation
+import WhittleCompression
+import WhittleNN
+import WhittleONNX
+import WhittleProtocol
+import WhittleTensor
+
+/// A round's durable progress (stored as JSON with the round after every transition): which models the round
+/// is at, the pruning decisions composed so far, calibration results, per-phase and per-worker rows.
+public struct RoundProgress: Codable, Sendable {
+    /// The round's starting model: teacher, pseudo-labeller and evaluation baseline (artifact SHA-256).
+    public var baseModel: String
+    /// The float model the next phase works on.
+    public var currentModel: String
+    /// The fine-tuned float model before quantization (a later round can start from it).
+    public var floatModel: String?
+    /// The exported model the fleet receives.
+    public var finalModel: String?
+    /// EWC's Fisher and reference parameters (an EWCState artifact).
+    public var ewcState: String?
+    public var originalChannels: [String: Int] = [:]
+    public var originalIndex: [String: [Int]] = [:]
+    public var pruning: CompressionReport.PruningSection?
+    /// The merged pass-1 ranges (kept for the export after the histogram pass).
+    public var rangeStatistics: [String: RangeStatistics]?
+    public var histogramUpper: [String: Float]?
+    public var calibration: CompressionReport.CalibrationSection?
+    public var quantization: QuantizationSummary?
+    public var phases: [CompressionReport.PhaseRow]
+    public var sites: [String: CompressionReport.Site] = [:]
+    public var before: CompressionReport.Figures?
+    public var after: CompressionReport.Figures?
+    public var agreement: Double?
+
+    public init(plan: RoundPlan, baseModel: String, startModel: String) {
+        self.baseModel = baseModel
+        currentModel = startModel
+        phases = plan.phases.enumerated().map { CompressionReport.PhaseRow(index: $0, kind: $1.kind.rawValue, label: $1.label) }
+    }
+}
+
+/// The coordinator's side of a round's phases. Pure: models and aggregates in, models and progress out; the
+/// service stores artifacts and state.
+public struct RoundEngine: Sendable {
+    public let plan: RoundPlan
+
+    public init(plan: RoundPlan) {
+        self.plan = plan
+    }
+
+    /// What a worker phase accepts, from the model its tasks carry.
+    public func expectation(_ phase: Phase, model: Model, progress: RoundProgress) throws -> PhaseExpectation {
+        var e = PhaseExpectation(kind: phase.kind)
+        switch phase.kind {
+        case .importance:
+            e.criterion = plan.importance
+            if plan.importance == .taylor {
+                e.shapes = updateShapes(model)
+            } else {
+                let groups = try ChannelGroups(model: model)
+                for g in groups.prunable {
+                    if let t = g.statisticsTensor { e.channels[t] = g.channels }
+                }
+            }
+        case .finetune, .fisher:
+            e.shapes = updateShapes(model)
+        case .ranges:
+            e.tensors = try QDQExport.calibrationTensors(model, policy: plan.quantizationPolicy)
+        case .histograms:
+            e.histogramUpper = progress.histogramUpper ?? [:]
+            e.histogramBins = plan.quantizationPolicy.histogramBins
+        case .distribute:
+            e.artifact = progress.finalModel ?? ""
+        default:
+            break
+        }
+        return e
+    }
+
+    /// The task a worker phase hands out (the same for every worker).
+    public func task(_ phase: Phase, index: Int, round: String, progress: RoundProgress, expectation: PhaseExpectation,
+                     deadline: Double, artifactBytes: (String) -> Int) -> Whittle_Task {
+        var t = Whittle_Task()
+        t.roundID = round
+        t.phase = UInt32(index)
+        t.kind = phase.kind.rawValue
+        let model = phase.kind == .evaluate || phase.kind == .distribute ? (progress.finalModel ?? "") : progress.currentModel
+        t.modelSha256 = model
+        t.modelBytes = UInt64(artifactBytes(model))
+        t.teacherSha256 = progress.baseModel
+        t.teacherBytes = UInt64(artifactBytes(progress.baseModel))
+        t.criterion = plan.importance.rawValue
+        t.localEpochs = UInt32(plan.localEpochs)
+        t.learningRate = plan.learningRate(iteration: phase.iteration)
+        t.seed = plan.seed &+ UInt64(index)
+        t.distill = plan.distill
+        t.compressDeltas = plan.deltaCompression == .int8
+        if let lambda = plan.ewcLambda, let state = progress.ewcState, phase.kind == .finetune {
+            t.ewcLambda = lambda
+            t.ewcSha256 = state
+        }
+        t.tensors = expectation.tensors.sorted()
+        t.histogramUpper = expectation.histogramUpper
+        t.histogramBins = UInt32(expectation.histogramBins)
+        t.deadline = deadline
+        t.batchSize = UInt32(plan.batchSize)
+        return t
+    }
+
+    /// Prunes step `step` of the schedule: scores from the model (data-free criteria) or from the merged
+    /// importance statistics, the plan's selection against the original channel counts, surgery. Records the
+    /// decisions in `progress`.
+    public func prune(step: Int, model: Model, importance: ImportanceStatistics?, progress: inout RoundProgress) throws -> Model {
+        let groups = try ChannelGroups(model: model)
+        if progress.pruning == nil {
+            for g in groups.prunable {
+                progress.originalChannels[g.name] = g.channels
+                progress.originalIndex[g.name] = Array(0..<g.channels)
+            }
+            progress.pruning = CompressionReport.PruningSection(
+                criterion: plan.importance, scope: plan.scope, schedule: plan.steps, roundTo: plan.roundTo,
+                minChannels: plan.minChannels, maxLayerRatio: plan.maxLayerRatio, finetuneEpochs: plan.localEpochs * plan.finetuneRounds,
+                distill: plan.distill, steps: [], groups: [],
+                frozen: groups.groups.filter { !$0.prunable && !$0.members.isEmpty }.map {
+                    CompressionReport.FrozenGroup(group: $0.name, channels: $0.channels, reason: $0.frozenReason ?? "")
+                })
+        }
+        if plan.importance.needsData, (importance?.samples ?? 0) == 0 {
+            throw CompressionError(.invalidStatistics, "no importance statistics were gathered for pruning step \(step + 1)")
+        }
+        var options = plan.pruningOptions
+        options.ratio = plan.steps[step]
+        let scores = try Pruning.scores(groups, model: model, criterion: plan.importance, statistics: plan.importance.needsData ? importance : nil)
+        let kept = try Pruning.select(groups, scores: scores, options: options, originalChannels: progress.originalChannels)
+        for g in groups.prunable {
+            if let k = kept[g.id], let index = progress.originalIndex[g.name] { progress.originalIndex[g.name] = k.map { index[$0] } }
+        }
+        let pruned = try Pruning.prune(model, groups: groups, kept: kept)
+        progress.pruning!.steps.append(CompressionReport.PruningStep(
+            ratio: options.ratio, channelsKept: kept.values.reduce(0) { $0 + $1.count },
+            channelsBefore: groups.prunable.reduce(0) { $0 + $1.channels }, accuracyPruned: nil, accuracyFinetuned: nil,
+            finetuneLoss: []))
+        let finalGroups = try ChannelGroups(model: pruned)
+        progress.pruning!.groups = finalGroups.prunable.map { g in
+            GroupDecision(group: g.name, producers: g.producers, channels: progress.originalChannels[g.name] ?? g.channels,
+                          kept: g.channels, keptIndices: progress.originalIndex[g.name] ?? Array(0..<g.channels))
+        }
+        return pruned
+    }
+
+    /// Closes a fine-tuning phase: the aggregated delta applied to the model; the mean local loss recorded.
+    public func finetuned(_ model: Model, _ accumulator: PhaseAccumulator, progress: inout RoundProgress) throws -> Model {
+        let out = try applying(try accumulator.delta(), to: model)
+        let losses = accumulator.losses
+        if !losses.isEmpty, var section = progress.pruning, !section.steps.isEmpty {
+            section.steps[section.steps.count - 1].finetuneLoss.append(losses.reduce(0, +) / Double(losses.count))
+            progress.pruning = section
+        }
+        return out
+    }
+
+    /// The EWC artifact from a closed Fisher phase: the diagonal Fisher and the reference parameters.
+    public func ewcState(_ model: Model, _ accumulator: PhaseAccumulator) throws -> [UInt8] {
+        var state = Whittle_EWCState()
+        let fisher = try accumulator.fisher()
+        state.fisher = fisher.mapValues(Whittle_FloatTensor.init)
+        for name in fisher.keys {
+            if let t = model.graph.initializer(named: name)?.tensor { state.reference[name] = Whittle_FloatTensor(t) }
+        }
+        return try state.serializedBytes()
+    }
+
+    /// Closes the range pass: the histogram edges everyone bins over, [0, merged absMax] per tensor.
+    public func histogramEdges(_ accumulator: PhaseAccumulator) -> [String: Float] {
+        accumulator.ranges.mapValues(\.absMax)
+    }
+
+    /// The export: calibrators on the merged statistics, QDQ. Without quantization, the float model as it is.
+    public func export(_ model: Model, ranges: [String: RangeStatistics], histograms: [String: Histogram], samples: Int,
+                       progress: inout RoundProgress) throws -> Model {
+        guard plan.quantize != .none else { return model }
+        let policy = plan.quantizationPolicy
+        let calibrated = try LocalCompression.calibratedRanges(ranges: ranges, histograms: histograms, policy: policy)
+        let (quantized, summary) = try QDQExport.export(model, ranges: calibrated, policy: policy)
+        progress.quantization = summary
+        progress.calibration = CompressionReport.CalibrationSection(method: plan.calibration, samples: samples,
+                                                                    tensors: calibrated.count, seconds: 0)
+        return quantized
+    }
+
+    /// Closes the evaluation: per-site rows and fleet-wide figures (accuracy over the labelled sites' samples).
+    public func evaluated(base: Model, final: Model, _ accumulator: PhaseAccumulator, baseBytes: Int, finalBytes: Int,
+                          progress: inout RoundProgress) throws {
+        var samples = 0, labelled = 0, baseCorrect = 0, finalCorrect = 0, agree = 0
+        for (worker, e) in accumulator.evaluations {
+            var site = progress.sites[worker] ?? CompressionReport.Site(worker: worker, samples: Int(e.samples), labels: e.labels)
+            site.samples = Int(e.samples)
+            site.labels = e.labels
+            let n = Double(max(e.samples, 1))
+            site.agreement = Double(e.agreement) / n
+            if e.labels {
+                site.accuracyBefore = Double(e.baseCorrect) / n
+                site.accuracyAfter = Double(e.compressedCorrect) / n
+                labelled += Int(e.samples)
+                baseCorrect += Int(e.baseCorrect)
+                finalCorrect += Int(e.compressedCorrect)
+            }
+            site.latencyBeforeMs = e.baseLatencyMs
+            site.latencyAfterMs = e.compressedLatencyMs
+            progress.sites[worker] = site
+            samples += Int(e.samples)
+            agree += Int(e.agreement)
+        }
+        let baseSummary = try ModelSummary(model: base), finalSummary = try ModelSummary(model: final)
+        progress.before = CompressionReport.Figures(bytes: baseBytes, parameters: baseSummary.parameters, macs: baseSummary.macs,
+                                                    accuracy: labelled > 0 ? Double(baseCorrect) / Double(labelled) : nil,
+                                                    samples: labelled > 0 ? labelled : samples)
+        progress.after = CompressionReport.Figures(bytes: finalBytes, parameters: finalSummary.parameters, macs: finalSummary.macs,
+                                                   accuracy: labelled > 0 ? Double(finalCorrect) / Double(labelled) : nil,
+                                                   samples: labelled > 0 ? labelled : samples)
+        progress.agreement = samples > 0 ? Double(agree) / Double(samples) : nil
+    }
+
+    /// The round's report, in `coordinator model compress`'s schema plus phases and sites.
+    public func report(round: String, progress: RoundProgress, output: String) -> CompressionReport? {
+        guard let before = progress.before, let after = progress.after else { return nil }
+        var r = CompressionReport(model: plan.modelName, output: output, before: before, after: after)
+        r.agreement = progress.agreement
+        r.pruning = progress.pruning
+        r.calibration = progress.calibration
+        r.quantization = progress.quantization
+        r.round = round
+        r.phases = progress.phases
+        r.sites = progress.sites.values.sorted { $0.worker < $1.worker }
+        for p in progress.phases {
+            if let s = p.startedAt, let e = p.endedAt { r.timings[p.label] = e - s }
+        }
+        return r
+    }
+}

@@ -1,0 +1,177 @@
+import Foundation
+import WhittleCompression
+import WhittleNN
+import WhittleONNX
+import WhittleProtocol
+import WhittleTensor
+
+/// What a worker computes for a task, on its local data. Pure: models and data in, a report out (the agent
+/// downloads, times and uploads). Only mergeable statistics and deltas leave: never samples, labels or logits.
+public enum WorkerJobs {
+    /// EWC's inputs, as the coordinator publishes them.
+    public struct EWC: Sendable {
+        public var lambda: Float
+        public var fisher: [String: Tensor]
+        public var reference: [String: Tensor]
+
+        public init(lambda: Float, fisher: [String: Tensor], reference: [String: Tensor]) {
+            self.lambda = lambda
+            self.fisher = fisher
+            self.reference = reference
+        }
+    }
+
+    /// Runs `task` (any worker kind but distribution, which is the agent's download) and returns its result.
+    /// `model` is the task's model, `teacher` the round's base model.
+    public static func run(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC? = nil, data: Dataset,
+                           batchSize: Int, compressor: inout DeltaCompressor) throws -> Whittle_TaskReport {
+        var report = Whittle_TaskReport()
+        switch PhaseKind(rawValue: task.kind) {
+        case .importance:
+            guard let criterion = ImportanceCriterion(rawValue: task.criterion), criterion.needsData else {
+                throw CompressionError(.invalidArgument, "importance criterion '\(task.criterion)' is not one workers compute")
+            }
+            let groups = try ChannelGroups(model: model)
+            let collector = try ImportanceCollector(model: model, groups: groups, criterion: criterion, teacher: teacher,
+                                                    batchSize: batchSize)
+            try collector.collect(data: data.x, labels: data.labels)
+            report.importance = Whittle_ImportanceReport(collector.statistics)
+        case .finetune:
+            report.update = try finetune(task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize,
+                                         compressor: &compressor)
+        case .fisher:
+            let trainer = try Trainer(model: model, configuration: TrainingConfiguration())
+            let labels = try data.labels ?? pseudoLabels(model: teacher ?? model, data: data, batchSize: batchSize)
+            let (sums, samples) = try trainer.fisherSums(data: data.x, labels: labels)
+            var fisher = Whittle_FisherReport()
+            fisher.sums = sums.mapValues(Whittle_FloatTensor.init)
+            fisher.samples = UInt64(samples)
+            report.fisher = fisher
+        case .ranges:
+            let collector = CalibrationCollector(session: try InferenceSession(model: model), tensors: Set(task.tensors))
+            for (batch, _) in data.batches(batchSize) { try collector.collectRanges(batch) }
+            report.calibration = Whittle_CalibrationReport(collector)
+        case .histograms:
+            let collector = CalibrationCollector(session: try InferenceSession(model: model), tensors: Set(task.histogramUpper.keys))
+            try collector.beginHistograms(upperBounds: task.histogramUpper, binCount: Int(task.histogramBins))
+            for (batch, _) in data.batches(batchSize) { try collector.collectHistograms(batch) }
+            var calibration = Whittle_CalibrationReport()
+            calibration.histograms = collector.histograms.mapValues(Whittle_Histogram.init)
+            calibration.samples = UInt64(data.count)
+            report.calibration = calibration
+        case .evaluate:
+            guard let teacher else { throw CompressionError(.invalidArgument, "evaluation needs the base model") }
+            report.evaluation = try evaluate(base: teacher, compressed: model, data: data, batchSize: batchSize)
+        default:
+            throw CompressionError(.invalidArgument, "task kind '\(task.kind)' is not computed by WorkerJobs")
+        }
+        return report
+    }
+
+    /// Local epochs from the task's model; the delta of every float initializer (parameters and running
+    /// statistics), float or int8 with error feedback.
+    static func finetune(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC?, data: Dataset, batchSize: Int,
+                         compressor: inout DeltaCompressor) throws -> Whittle_WeightUpdate {
+        var configuration = TrainingConfiguration()
+        configuration.epochs = Int(task.localEpochs)
+        configuration.batchSize = batchSize
+        configuration.learningRate = task.learningRate
+        configuration.seed = task.seed
+        let teacherSession = try (task.distill ? teacher : nil).map { try InferenceSession(model: $0) }
+        if teacherSession != nil { configuration.distillation = (4, data.labels == nil ? 1 : 0.5) }
+        guard data.labels != nil || teacherSession != nil else {
+            throw CompressionError(.invalidArgument, "fine-tuning needs labels on this worker, or a round with --distill")
+        }
+        if let ewc { configuration.ewc = (ewc.lambda, ewc.reference, ewc.fisher) }
+        let trainer = try Trainer(model: model, configuration: configuration)
+        var loss = 0.0
+        for epoch in 0..<max(1, Int(task.localEpochs)) {
+            let epochReport = try trainer.trainEpoch(epoch, data: data.x, labels: data.labels, teacher: teacherSession.map { session in
+                { batch in TeacherOutputs(logits: try session.run(batch)) }
+            })
+            guard epochReport.loss.isFinite else {
+                throw CompressionError(.invalidStatistics, "the training loss became non-finite in local epoch \(epoch + 1)")
+            }
+            loss = epochReport.loss
+        }
+        let tuned = trainer.exportModel()
+        var deltas: [String: Tensor] = [:]
+        for (name, _) in updateShapes(model) {
+            guard let old = model.graph.initializer(named: name)?.tensor, let new = tuned.graph.initializer(named: name)?.tensor else {
+                continue
+            }
+            deltas[name] = Tensor(shape: old.shape, floats: zip(new.floats, old.floats).map(-))
+        }
+        var update = Whittle_WeightUpdate()
+        update.samples = UInt64(data.count)
+        update.loss = loss
+        if task.compressDeltas {
+            for (name, c) in compressor.compress(deltas) {
+                var q = Whittle_QuantizedTensor()
+                q.shape = c.shape.map { Int64($0) }
+                q.scale = c.scale
+                q.values = Data(c.values.map { UInt8(bitPattern: $0) })
+                update.compressedDeltas[name] = q
+            }
+        } else {
+            update.deltas = deltas.mapValues(Whittle_FloatTensor.init)
+        }
+        return update
+    }
+
+    static func pseudoLabels(model: Model, data: Dataset, batchSize: Int) throws -> Tensor {
+        let session = try InferenceSession(model: model)
+        var labels: [Int64] = []
+        for (batch, _) in data.batches(batchSize) { labels += LocalCompression.top1(try session.run(batch)).map { Int64($0) } }
+        return Tensor(shape: [labels.count], ints: labels)
+    }
+
+    /// Samples timed for latency (single-sample inference, after two warm-up runs).
+    public static let latencySamples = 20
+
+    static func evaluate(base: Model, compressed: Model, data: Dataset, batchSize: Int) throws -> Whittle_EvaluationReport {
+        var local = LocalCompression()
+        local.batchSize = batchSize
+        let baseSession = try InferenceSession(model: base), compressedSession = try InferenceSession(model: compressed)
+        let before = LocalCompression.top1(try local.logits(baseSession, data))
+        let after = LocalCompression.top1(try local.logits(compressedSession, data))
+        var out = Whittle_EvaluationReport()
+        out.samples = UInt64(data.count)
+        out.agreement = UInt64(zip(before, after).filter { $0 == $1 }.count)
+        if let labels = data.labels?.ints {
+            out.labels = true
+            out.baseCorrect = UInt64(zip(before, labels).filter { Int64($0) == $1 }.count)
+            out.compressedCorrect = UInt64(zip(after, labels).filter { Int64($0) == $1 }.count)
+        }
+        out.baseLatencyMs = try medianLatency(baseSession, data)
+        out.compressedLatencyMs = try medianLatency(compressedSession, data)
+        return out
+    }
+
+    static func medianLatency(_ session: InferenceSession, _ data: Dataset) throws -> Double {
+        let clock = ContinuousClock()
+        let n = min(latencySamples, data.count)
+        for i in 0..<min(2, n) { _ = try session.run(data.slice(i..<(i + 1))) }
+        var times: [Double] = []
+        for i in 0..<n {
+            let x = data.slice(i..<(i + 1))
+            let t0 = clock.now
+            _ = try session.run(x)
+            let d = clock.now - t0
+            times.append((Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18) * 1000)
+        }
+        times.sort()
+        return times.isEmpty ? 0 : times[times.count / 2]
+    }
+
+    /// The batch size for a job: the plan's, or less when the worker's memory budget (the engine's estimate of
+    /// peak activations plus weights; training takes about three times inference) does not hold it.
+    public static func batchSize(model: Model, planned: Int, memoryLimit: Int?, training: Bool) throws -> Int {
+        guard let memoryLimit, memoryLimit > 0 else { return planned }
+        let session = try InferenceSession(model: model)
+        guard let fitting = try session.largestBatch(fittingIn: training ? memoryLimit / 3 : memoryLimit, limit: max(planned, 1)) else {
+            throw CompressionError(.invalidArgument, "the memory limit (\(memoryLimit) bytes) does not hold even one sample of this model")
+        }
+        return min(planned, fitting)
+    }
+}

@@ -1,0 +1,238 @@
+import Foundation
+import WhittleCompression
+import WhittleNN
+import WhittleONNX
+import WhittleTensor
+
+/// How a fine-tuning phase combines the workers' deltas.
+public enum AggregationMethod: String, Codable, Sendable, CaseIterable {
+    /// Sample-weighted mean, folded in as reports arrive.
+    case fedavg
+    /// Coordinate-wise: drop the largest and smallest 20 % per coordinate, average the rest.
+    case trimmedMean = "trimmed-mean"
+    case median
+}
+
+/// How workers send deltas.
+public enum DeltaCompression: String, Codable, Sendable, CaseIterable {
+    case none
+    /// int8 per tensor with error feedback on the worker.
+    case int8
+}
+
+/// The kinds of phase a round runs. Worker phases hand out tasks and fold reports; coordinator phases compute.
+public enum PhaseKind: String, Codable, Sendable, CaseIterable {
+    /// Workers: the diagonal Fisher (sums of squared gradients) of the starting model, for EWC.
+    case fisher
+    /// Workers: data-driven channel importance statistics of the current model.
+    case importance
+    /// Coordinator: scores → global mask → surgery.
+    case prune
+    /// Workers: local epochs → weight deltas; the coordinator averages them into the next global model.
+    case finetune
+    /// Coordinator: fold batch normalization into the convolutions before calibration.
+    case fold
+    /// Workers: per-tensor min/max/count of the activations the export quantizes.
+    case ranges
+    /// Workers: |x| histograms over the edges the coordinator derived from the merged ranges.
+    case histograms
+    /// Coordinator: calibrators → quantization ranges → QDQ model (or the float model when not quantizing).
+    case export
+    /// Workers: base and compressed model on local data: accuracy or agreement, latency.
+    case evaluate
+    /// Workers: download the final model, verify its SHA-256, keep it.
+    case distribute
+
+    public var onWorkers: Bool { ![.prune, .fold, .export].contains(self) }
+    /// Phases whose task count is capped by `--workers-per-phase`; evaluation and distribution go to everyone.
+    public var overSelected: Bool { [.fisher, .importance, .finetune, .ranges, .histograms].contains(self) }
+}
+
+/// One phase of a round's plan.
+public struct Phase: Codable, Sendable, Equatable {
+    public var kind: PhaseKind
+    /// The pruning step it belongs to (importance, prune, finetune), from 0.
+    public var step: Int
+    /// The fine-tuning round within the step, from 0.
+    public var iteration: Int
+
+    public init(_ kind: PhaseKind, step: Int = 0, iteration: Int = 0) {
+        self.kind = kind
+        self.step = step
+        self.iteration = iteration
+    }
+
+    public var label: String {
+        switch kind {
+        case .importance, .prune: return "\(kind.rawValue) (step \(step + 1))"
+        case .finetune: return "finetune (step \(step + 1), round \(iteration + 1))"
+        default: return kind.rawValue
+        }
+    }
+}
+
+/// A round as the operator asked for it (`coordinator round start`): what to compress, how, and with which fleet
+/// rules. Stored as JSON with the round.
+public struct RoundPlan: Codable, Sendable, Equatable {
+    public var modelName = "model.onnx"
+    /// The base model: an artifact of the coordinator, by SHA-256.
+    public var modelSHA256 = ""
+    /// Start from this earlier round's fine-tuned float model instead of `modelSHA256` (continual re-compression).
+    public var fromRound: String?
+    public var pruneRatio = 0.0
+    /// Progressive ratios, each against the original channel counts (overrides `pruneRatio`).
+    public var schedule: [Double] = []
+    public var scope: PruningScope = .global
+    public var importance: ImportanceCriterion = .l1
+    public var roundTo = 1
+    public var minChannels = 1
+    public var maxLayerRatio = 0.9
+    /// FedAvg rounds after each pruning step (or, without pruning, on their own).
+    public var finetuneRounds = 0
+    public var localEpochs = 1
+    public var learningRate: Float = 0.01
+    public var batchSize = 32
+    /// Distill from the base model: workers without labels can fine-tune.
+    public var distill = false
+    /// EWC penalty towards the starting model during fine-tuning (needs a Fisher phase first).
+    public var ewcLambda: Float?
+    public var quantize: QuantizationMode = .int8
+    public var calibration: CalibrationMethod = .minmax
+    public var perChannel = true
+    public var reduceRange = false
+    public var minWorkers = 1
+    /// Tasks per over-selected phase (nil: every eligible worker).
+    public var workersPerPhase: Int?
+    public var phaseDeadlineSeconds = 600.0
+    public var aggregation: AggregationMethod = .fedavg
+    public var trimFraction = 0.2
+    public var clipNorm: Double?
+    public var deltaCompression: DeltaCompression = .none
+    public var seed: UInt64 = 0
+
+    public init() {}
+
+    /// The pruning ratios, one per step (empty: no pruning).
+    public var steps: [Double] {
+        if !schedule.isEmpty { return schedule }
+        return pruneRatio > 0 ? [pruneRatio] : []
+    }
+
+    public var pruningOptions: PruningOptions {
+        var o = PruningOptions(ratio: steps.last ?? 0)
+        o.scope = scope
+        o.criterion = importance
+        o.roundTo = roundTo
+        o.minChannels = minChannels
+        o.maxLayerRatio = maxLayerRatio
+        return o
+    }
+
+    public var quantizationPolicy: QuantizationPolicy {
+        var p = QuantizationPolicy(mode: quantize)
+        p.perChannel = perChannel
+        p.reduceRange = reduceRange
+        p.calibration = calibration
+        return p
+    }
+
+    /// The phases, in order.
+    public var phases: [Phase] {
+        var out: [Phase] = []
+        if ewcLambda != nil { out.append(Phase(.fisher)) }
+        for (k, _) in steps.enumerated() {
+            if importance.needsData { out.append(Phase(.importance, step: k)) }
+            out.append(Phase(.prune, step: k))
+            for r in 0..<finetuneRounds { out.append(Phase(.finetune, step: k, iteration: r)) }
+        }
+        if steps.isEmpty { for r in 0..<finetuneRounds { out.append(Phase(.finetune, iteration: r)) } }
+        if quantize != .none {
+            out.append(Phase(.fold))
+            out.append(Phase(.ranges))
+            if calibration.needsHistograms { out.append(Phase(.histograms)) }
+        }
+        out += [Phase(.export), Phase(.evaluate), Phase(.distribute)]
+        return out
+    }
+
+    /// The learning rate of fine-tuning round `iteration` of a step: cosine from `learningRate` towards 0 over
+    /// the step's rounds (each worker's optimizer starts afresh every round, as in FedAvg).
+    public func learningRate(iteration: Int) -> Float {
+        guard finetuneRounds > 1 else { return learningRate }
+        let t = Double(iteration) / Double(finetuneRounds)
+        return Float(Double(learningRate) * 0.5 * (1 + cos(Double.pi * t)))
+    }
+
+    /// Checks the values on their own.
+    public func check() throws {
+        func fail(_ message: String) -> CompressionError { CompressionError(.invalidArgument, message) }
+        guard modelSHA256.count == 64 else { throw fail("the plan names no base model") }
+        guard pruneRatio >= 0, pruneRatio < 1 else { throw fail("--prune-ratio must be in [0, 1), got \(pruneRatio)") }
+        guard schedule.allSatisfy({ $0 > 0 && $0 < 1 }), zip(schedule, schedule.dropFirst()).allSatisfy({ $0 <= $1 }) else {
+            throw fail("--schedule ratios must be in (0, 1) and non-decreasing, got \(schedule)")
+        }
+        if !steps.isEmpty { try pruningOptions.check() }
+        try quantizationPolicy.check()
+        guard finetuneRounds >= 0, finetuneRounds <= 1000 else { throw fail("--finetune-rounds must be in 0…1000") }
+        guard localEpochs >= 1, localEpochs <= 1000 else { throw fail("--local-epochs must be in 1…1000") }
+        guard learningRate > 0, learningRate.isFinite else { throw fail("--lr must be positive") }
+        guard batchSize >= 1, batchSize <= 4096 else { throw fail("the batch size must be in 1…4096") }
+        guard minWorkers >= 1 else { throw fail("--min-workers must be at least 1") }
+        if let m = workersPerPhase, m < minWorkers {
+            throw fail("--workers-per-phase (\(m)) must be at least --min-workers (\(minWorkers))")
+        }
+        guard phaseDeadlineSeconds >= 1, phaseDeadlineSeconds <= 7 * 86400 else { throw fail("--phase-deadline must be 1 s…7 d") }
+        guard trimFraction >= 0, trimFraction < 0.5 else { throw fail("the trim fraction must be in [0, 0.5)") }
+        if let c = clipNorm, !(c > 0 && c.isFinite) { throw fail("--clip-norm must be positive") }
+        if let l = ewcLambda {
+            guard l > 0, l.isFinite else { throw fail("--ewc must be positive") }
+            guard finetuneRounds > 0 else { throw fail("--ewc regularises fine-tuning: give --finetune-rounds") }
+        }
+    }
+
+    /// Checks the plan against the model it will compress: everything that can be refused before any worker is
+    /// asked anything.
+    public func validate(model: Model) throws {
+        try check()
+        let session = try InferenceSession(model: model)
+        guard session.primaryInput.name.isEmpty == false else {
+            throw CompressionError(.invalidArgument, "the model has no input")
+        }
+        if !steps.isEmpty {
+            let groups = try ChannelGroups(model: model)
+            guard !groups.prunable.isEmpty else {
+                let reasons = groups.groups.compactMap { g in g.frozenReason.map { "\(g.name): \($0)" } }
+                throw CompressionError(.invalidArgument,
+                    "no channel group of this model can be pruned safely: " + reasons.prefix(6).joined(separator: "; "))
+            }
+        }
+        if finetuneRounds > 0 || importance == .taylor || ewcLambda != nil {
+            _ = try Trainer(model: model, configuration: TrainingConfiguration())
+        }
+        if quantize != .none {
+            let folded = try GraphEditing.foldBatchNormalization(model)
+            _ = try QDQExport.calibrationTensors(folded, policy: quantizationPolicy)
+        }
+    }
+}
+
+/// The float initializers a fine-tuning update carries a delta for (parameters and running statistics alike):
+/// every float initializer, in name order.
+public func updateShapes(_ model: Model) -> [String: [Int]] {
+    var out: [String: [Int]] = [:]
+    for i in model.graph.initializers where i.elementType == .float && i.tensor != nil { out[i.name] = i.shape }
+    return out
+}
+
+/// `model` with `delta` added to its float initializers.
+public func applying(_ delta: [String: Tensor], to model: Model) throws -> Model {
+    var out = model
+    for (k, i) in model.graph.initializers.enumerated() {
+        guard let d = delta[i.name], let t = i.tensor else { continue }
+        guard d.shape == t.shape else {
+            throw AggregationError(.invalidUpdate, "delta for '\(i.name)' has shape \(d.shape), the parameter \(t.shape)")
+        }
+        out.graph.initializers[k] = Initializer(name: i.name, tensor: Tensor(shape: t.shape, floats: zip(t.floats, d.floats).map(+)))
+    }
+    return out
+}

@@ -1,0 +1,287 @@
+import ArgumentParser
+import Foundation
+import WhittleCLI
+import WhittleCompression
+import WhittleHTTPClient
+import WhittleONNX
+import WhittleRounds
+
+/// `coordinator round start|status|list|cancel|fetch`.
+public struct RoundCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "round", abstract: "Federated compression rounds.",
+        subcommands: [Start.self, Status.self, List.self, Cancel.self, Fetch.self])
+
+    public init() {}
+
+    struct Common: ParsableArguments {
+        @Option(name: .long, help: "The coordinator's data directory (for its admin certificate).") var dir: String
+        @Option(name: .long, help: "The server's URL (default: from the data directory).") var server: String?
+    }
+
+    static func decoder() -> JSONDecoder {
+        let d = JSONDecoder()
+        d.dateDecodingStrategy = .iso8601
+        return d
+    }
+
+    static func view(_ client: HTTPClient, _ id: String) throws -> RoundView {
+        let response = try adminRequest(client, "GET", "/admin/v1/rounds/" + escaped(id))
+        return try decoder().decode(RoundView.self, from: Data(response.body))
+    }
+
+    static func escaped(_ id: String) -> String { id.addingPercentEncoding(withAllowedCharacters: CharacterSet(charactersIn: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")) ?? id }
+
+    static func percent(_ v: Double?) -> String { v.map { String(format: "%.2f %%", $0 * 100) } ?? "–" }
+    static func ms(_ v: Double?) -> String { v.map { String(format: "%.2f ms", $0) } ?? "–" }
+
+    /// The per-site before/after table.
+    static func sitesTable(_ sites: [CompressionReport.Site]) -> String {
+        table(["worker", "samples", "accuracy before", "accuracy after", "agreement", "latency before", "latency after", "up", "down", "model"],
+              sites.map { s in
+                  [s.worker, "\(s.samples)", percent(s.accuracyBefore), percent(s.accuracyAfter), percent(s.agreement),
+                   ms(s.latencyBeforeMs), ms(s.latencyAfterMs), byteSize(s.bytesUp), byteSize(s.bytesDown), s.received ? "received" : "–"]
+              }, numeric: [1, 2, 3, 4, 5, 6, 7, 8])
+    }
+
+    static func phasesTable(_ v: RoundView) -> String {
+        table(["#", "phase", "state", "reports", "refused", "bytes up", "seconds"], v.phases.map { p in
+            ["\(p.index + 1)", p.label, p.state, "\(p.reports)", "\(p.refused)", byteSize(p.bytesUp),
+             p.startedAt.map { s in String(format: "%.1f", (p.endedAt ?? Date().timeIntervalSince1970) - s) } ?? "–"]
+        }, numeric: [0, 3, 4, 5, 6])
+    }
+
+    static func summary(_ v: RoundView) -> String {
+        var lines = ["round \(v.id): \(v.state)" + (v.message.map { " — \($0)" } ?? "")]
+        if !["succeeded"].contains(v.state) { lines.append("at phase \(v.phase + 1)/\(v.phaseCount): \(v.phaseLabel), \(v.assigned) workers assigned") }
+        lines.append(phasesTable(v))
+        if !v.sites.isEmpty { lines.append(""); lines.append(sitesTable(v.sites)) }
+        return lines.joined(separator: "\n")
+    }
+
+    /// Follows a round until it ends: a line per phase change (a live line on a terminal). Exits non-zero when the
+    /// round did not succeed.
+    static func follow(_ client: HTTPClient, _ id: String, json: Bool) throws {
+        let terminal = isatty(STDOUT_FILENO) == 1 && !json
+        var last = ""
+        while true {
+            let v = try view(client, id)
+            let p = v.phases[min(v.phase, v.phases.count - 1)]
+            let line = "[\(v.phase + 1)/\(v.phaseCount)] \(v.phaseLabel): \(p.reports)/\(max(v.assigned, p.reports)) reports"
+            if v.state != "running" {
+                if terminal { FileHandle.standardOutput.write(Data("\r\u{1B}[K".utf8)) }
+                if json { try printJSON(v) } else { print(summary(v)) }
+                guard v.state == "succeeded" else { throw ExitCode(1) }
+                return
+            }
+            if line != last {
+                if terminal { FileHandle.standardOutput.write(Data(("\r\u{1B}[K" + line).utf8)) } else if !json { print(line) }
+                last = line
+            }
+            Thread.sleep(forTimeInterval: 0.5)
+        }
+    }
+
+    public struct Start: ParsableCommand {
+        public static let configuration = CommandConfiguration(
+            abstract: "Start a federated compression round on the enrolled workers.",
+            discussion: """
+                The plan is checked against the model first (prunable groups, quantization policy, trainability). \
+                Phases: [fisher] → per pruning step: [importance] → prune → fine-tune rounds → [fold → ranges → \
+                histograms] → export → evaluate → distribute.
+                """)
+
+        @OptionGroup var common: Common
+        @Option(name: .long, help: "The base model (ONNX).") var model: String?
+        @Option(name: .long, help: "Start from this earlier round's fine-tuned float model instead of --model.") var fromRound: String?
+        @Option(name: .long, help: "Fraction of channels to remove, in [0, 1).") var pruneRatio: Double = 0
+        @Option(name: .long, help: "Progressive pruning ratios, e.g. 0.2,0.25,0.3 (fine-tune rounds after each).") var schedule: String?
+        @Option(name: .long, help: "local (each layer) or global (ranked across layers).") var pruneScope: String = "global"
+        @Option(name: .long, help: "l1, l2, bn-scale (computed here), or activation, apoz, taylor (computed by the workers).") var importance: String = "l1"
+        @Option(name: .long, help: "Round kept channel counts down to a multiple of this.") var roundTo: Int = 1
+        @Option(name: .long, help: "Keep at least this many channels per group.") var minChannels: Int = 1
+        @Option(name: .long, help: "Remove at most this fraction of any group.") var maxLayerRatio: Double = 0.9
+        @Option(name: .long, help: "FedAvg rounds after each pruning step.") var finetuneRounds: Int = 0
+        @Option(name: .long, help: "Local epochs per fine-tune round.") var localEpochs: Int = 1
+        @Option(name: .long, help: "Learning rate (SGD with momentum; cosine over the rounds of a step).") var lr: Float = 0.01
+        @Option(name: .long, help: "Batch size on the workers (a worker with --memory-limit may use less).") var batchSize: Int = 32
+        @Flag(name: .long, help: "Fine-tune by distillation from the base model (workers without labels take part).") var distill = false
+        @Option(name: .long, help: "EWC penalty weight towards the starting model (adds a Fisher phase).") var ewc: Float?
+        @Option(name: .long, help: "none, int8, int4-weights or mixed.") var quantize: String = "int8"
+        @Option(name: .long, help: "minmax, percentile, entropy or mse.") var calibration: String = "minmax"
+        @Flag(name: .long, help: "Per-output-channel weight scales (the default).") var perChannel = false
+        @Flag(name: .long, help: "One weight scale per tensor.") var perTensor = false
+        @Flag(name: .long, help: "7-bit weights (onnxruntime's reduce_range).") var reduceRange = false
+        @Option(name: .long, help: "Quorum: reports a phase needs.") var minWorkers: Int = 1
+        @Option(name: .long, help: "Tasks handed out per training/statistics phase (over-selection; default: all eligible).") var workersPerPhase: Int?
+        @Option(name: .long, help: "Deadline per phase: 90s, 10m, 1h.") var phaseDeadline: String = "10m"
+        @Option(name: .long, help: "fedavg, trimmed-mean or median.") var aggregation: String = "fedavg"
+        @Option(name: .long, help: "Clip each worker's delta to this L2 norm.") var clipNorm: Double?
+        @Option(name: .long, help: "none or int8 (per tensor, error feedback on the worker).") var deltaCompression: String = "none"
+        @Option(name: .long, help: "Seed for the workers' shuffling.") var seed: UInt64 = 0
+        @Flag(name: .long, help: "Follow the round until it ends.") var wait = false
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+        public init() {}
+
+        func choice<T: RawRepresentable & CaseIterable>(_ text: String, _ flag: String) throws -> T where T.RawValue == String {
+            guard let v = T(rawValue: text) else {
+                throw ValidationError("\(flag) must be one of \(T.allCases.map(\.rawValue).joined(separator: ", ")), not '\(text)'")
+            }
+            return v
+        }
+
+        func plan() throws -> RoundPlan {
+            var p = RoundPlan()
+            p.fromRound = fromRound
+            p.pruneRatio = pruneRatio
+            if let schedule {
+                let parts = schedule.split(separator: ",").map { Double($0.trimmingCharacters(in: .whitespaces)) }
+                guard !parts.isEmpty, parts.allSatisfy({ $0 != nil }) else { throw ValidationError("--schedule must be ratios like 0.2,0.3") }
+                p.schedule = parts.map { $0! }
+            }
+            p.scope = try choice(pruneScope, "--prune-scope")
+            p.importance = try choice(importance, "--importance")
+            p.roundTo = roundTo
+            p.minChannels = minChannels
+            p.maxLayerRatio = maxLayerRatio
+            p.finetuneRounds = finetuneRounds
+            p.localEpochs = localEpochs
+            p.learningRate = lr
+            p.batchSize = batchSize
+            p.distill = distill
+            p.ewcLambda = ewc
+            p.quantize = try choice(quantize, "--quantize")
+            p.calibration = try choice(calibration, "--calibration")
+            guard !(perChannel && perTensor) else { throw ValidationError("--per-channel and --per-tensor exclude each other") }
+            p.perChannel = !perTensor
+            p.reduceRange = reduceRange
+            p.minWorkers = minWorkers
+            p.workersPerPhase = workersPerPhase
+            guard let deadline = TokenCommand.Create.seconds(phaseDeadline) else {
+                throw ValidationError("--phase-deadline '\(phaseDeadline)' is not a duration like 90s, 10m or 1h")
+            }
+            p.phaseDeadlineSeconds = deadline
+            p.aggregation = try choice(aggregation, "--aggregation")
+            p.clipNorm = clipNorm
+            p.deltaCompression = try choice(deltaCompression, "--delta-compression")
+            p.seed = seed
+            return p
+        }
+
+        public func validate() throws {
+            guard (model == nil) != (fromRound == nil) else { throw ValidationError("give --model or --from-round (one of them)") }
+            _ = try plan()
+        }
+
+        public func run() throws {
+            var plan = try plan()
+            let client = try adminClient(common.dir, server: common.server)
+            if let model {
+                let bytes = try Files.readBytes(model)
+                plan.modelName = URL(fileURLWithPath: model).lastPathComponent
+                plan.modelSHA256 = String(repeating: "0", count: 64)
+                // The same checks the coordinator makes, before uploading anything.
+                do {
+                    try plan.validate(model: try Files.readModel(model))
+                } catch let error as CompressionError {
+                    throw CLIError("\(model): \(error.message)")
+                } catch let error as ONNXError {
+                    throw CLIError("\(model): \(error.message)")
+                }
+                client.timeout = 600
+                let uploaded = try adminRequest(client, "POST", "/admin/v1/artifacts", body: bytes, contentType: "application/octet-stream")
+                let object = try JSONDecoder().decode([String: String].self, from: Data(uploaded.body))
+                plan.modelSHA256 = object["sha256"] ?? ""
+            }
+            let response = try adminRequest(client, "POST", "/admin/v1/rounds", body: Array(try JSONEncoder().encode(plan)))
+            let view = try RoundCommand.decoder().decode(RoundView.self, from: Data(response.body))
+            if wait {
+                if !json { print("round \(view.id) started: \(view.phaseCount) phases") }
+                try RoundCommand.follow(client, view.id, json: json)
+            } else if json {
+                print(response.text)
+            } else {
+                print(view.id)
+            }
+        }
+    }
+
+    public struct Status: ParsableCommand {
+        public static let configuration = CommandConfiguration(abstract: "Show a round: its phases, reports and sites.")
+        @Argument(help: "The round's id.") var id: String
+        @OptionGroup var common: Common
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+        @Flag(name: .long, help: "Follow the round until it ends.") var wait = false
+        public init() {}
+
+        public func run() throws {
+            let client = try adminClient(common.dir, server: common.server)
+            if wait { return try RoundCommand.follow(client, id, json: json) }
+            let v = try RoundCommand.view(client, id)
+            if json { try printJSON(v) } else { print(RoundCommand.summary(v)) }
+        }
+    }
+
+    public struct List: ParsableCommand {
+        public static let configuration = CommandConfiguration(abstract: "List rounds, newest first.")
+        @OptionGroup var common: Common
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+        public init() {}
+
+        public func run() throws {
+            let response = try adminRequest(try adminClient(common.dir, server: common.server), "GET", "/admin/v1/rounds")
+            if json { print(response.text); return }
+            let views = try RoundCommand.decoder().decode([RoundView].self, from: Data(response.body))
+            guard !views.isEmpty else { print("no rounds yet"); return }
+            let f = ISO8601DateFormatter()
+            print(table(["id", "state", "phase", "model", "started", "ended"], views.map { v in
+                [v.id, v.state, "\(v.phase + 1)/\(v.phaseCount) \(v.phaseLabel)", v.plan.modelName, f.string(from: v.createdAt),
+                 v.endedAt.map { f.string(from: $0) } ?? "–"]
+            }))
+        }
+    }
+
+    public struct Cancel: ParsableCommand {
+        public static let configuration = CommandConfiguration(abstract: "Cancel a running round: later reports are refused.")
+        @Argument(help: "The round's id.") var id: String
+        @OptionGroup var common: Common
+        public init() {}
+
+        public func run() throws {
+            _ = try adminRequest(try adminClient(common.dir, server: common.server), "POST", "/admin/v1/rounds/" + RoundCommand.escaped(id) + "/cancel")
+            print("cancelled \(id)")
+        }
+    }
+
+    public struct Fetch: ParsableCommand {
+        public static let configuration = CommandConfiguration(abstract: "Download a finished round's compressed model (SHA-256 verified) and report.")
+        @Argument(help: "The round's id.") var id: String
+        @OptionGroup var common: Common
+        @Option(name: .long, help: "Where to write the compressed model.") var out: String
+        @Option(name: .long, help: "Where to write the report (JSON, the schema of model compress plus phases and sites).") var report: String?
+        public init() {}
+
+        public func run() throws {
+            let client = try adminClient(common.dir, server: common.server)
+            client.timeout = 600
+            let v = try RoundCommand.view(client, id)
+            guard v.state == "succeeded", let sha = v.finalModel else {
+                throw CLIError("round \(id) is \(v.state)\(v.message.map { " (\($0))" } ?? ""); only a succeeded round has a model to fetch")
+            }
+            do {
+                try client.download("/admin/v1/rounds/" + RoundCommand.escaped(id) + "/model", to: out + ".part", sha256: sha)
+            } catch let error as HTTPClientError {
+                throw CLIError(error.description)
+            }
+            guard rename(out + ".part", out) == 0 else { throw CLIError("cannot write \(out)") }
+            print("wrote \(out) (SHA-256 \(sha) verified)")
+            if let report {
+                let r = try adminRequest(client, "GET", "/admin/v1/rounds/" + RoundCommand.escaped(id) + "/report")
+                let decoded = try JSONDecoder().decode(CompressionReport.self, from: Data(r.body))
+                try Files.writeBytes(try jsonBytes(decoded), to: report)
+                print("wrote \(report)")
+            }
+        }
+    }
+}

@@ -1,0 +1,542 @@
+import Crypto
+import Foundation
+import Logging
+import WhittleCLI
+import WhittleCompression
+import WhittleONNX
+import WhittleProtocol
+import WhittleRounds
+import WhittleStore
+
+/// Drives federated rounds: hands out tasks, validates and folds reports in as they arrive (after making them
+/// durable), closes phases on quorum, deadline or completion, runs the coordinator's own phases, and keeps every
+/// transition durable so a restarted coordinator continues where it stopped.
+///
+/// Mutations (start, task, accept, tick, cancel) are serialized by an async lock: the store's calls suspend the
+/// actor, and a report must never be folded into an accumulator that another call is replacing.
+actor RoundService {
+    let store: any CoordinatorStore
+    let directory: URL
+    let artifacts: URL
+    let reportsDirectory: URL
+    let pollSeconds: Int
+    let logger: Logger
+
+    /// The open worker phase of each running round: its accumulator (rebuilt from durable reports after a
+    /// restart), task and limits.
+    struct OpenPhase {
+        var phase: Int
+        var accumulator: PhaseAccumulator
+        var task: Whittle_Task
+        var bodyLimit: Int
+        var refused = 0
+        var aggregationSeconds = 0.0
+    }
+    var open: [String: OpenPhase] = [:]
+    var models: [String: Model] = [:]
+    var modelOrder: [String] = []
+    /// Rounds in state running, so idle heartbeats answer without touching the database.
+    var running: Set<String>?
+
+    var locked = false
+    var waiters: [CheckedContinuation<Void, Never>] = []
+
+    init(store: any CoordinatorStore, directory: URL, artifacts: URL, pollSeconds: Int, logger: Logger) throws {
+        self.store = store
+        self.directory = directory
+        self.artifacts = artifacts
+        reportsDirectory = directory.appendingPathComponent("reports")
+        self.pollSeconds = pollSeconds
+        self.logger = logger
+        try FileManager.default.createDirectory(at: artifacts, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: reportsDirectory, withIntermediateDirectories: true)
+    }
+
+    func lock() async {
+        if !locked {
+            locked = true
+            return
+        }
+        await withCheckedContinuation { waiters.append($0) }
+    }
+
+    func unlock() {
+        if waiters.isEmpty { locked = false } else { waiters.removeFirst().resume() }
+    }
+
+    // MARK: artifacts
+
+    static func sha256(_ bytes: [UInt8]) -> String { SHA256.hash(data: bytes).map { String(format: "%02x", $0) }.joined() }
+
+    /// Stores bytes as a content-addressed artifact (durably) and returns its SHA-256.
+    func storeArtifact(_ bytes: [UInt8]) throws -> String {
+        let sha = Self.sha256(bytes)
+        let path = artifacts.appendingPathComponent(sha).path
+        if !FileManager.default.fileExists(atPath: path) { try Files.writeDurably(bytes, to: path, mode: 0o644) }
+        return sha
+    }
+
+    func storeModel(_ model: Model) throws -> String {
+        let sha = try storeArtifact(try ModelCoding.write(model))
+        remember(sha, model)
+        return sha
+    }
+
+    func artifactBytes(_ sha: String) -> Int {
+        ((try? FileManager.default.attributesOfItem(atPath: artifacts.appendingPathComponent(sha).path))?[.size] as? NSNumber)?.intValue ?? 0
+    }
+
+    func remember(_ sha: String, _ model: Model) {
+        if models[sha] == nil { modelOrder.append(sha) }
+        models[sha] = model
+        while modelOrder.count > 6 { models[modelOrder.removeFirst()] = nil }
+    }
+
+    func model(_ sha: String) throws -> Model {
+        if let m = models[sha] { return m }
+        let path = artifacts.appendingPathComponent(sha).path
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw APIError(.notFound, "unknown_artifact", "no artifact \(sha)")
+        }
+        let m: Model
+        do {
+            m = try ModelCoding.read(try Files.readBytes(path))
+        } catch let error as ONNXError {
+            throw APIError(.badRequest, "bad_model", "artifact \(sha.prefix(12))… is not a usable ONNX model: \(error.message)")
+        }
+        remember(sha, m)
+        return m
+    }
+
+    // MARK: JSON
+
+    static let encoder: JSONEncoder = {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys]
+        return e
+    }()
+
+    static func text(_ value: some Encodable) throws -> String { String(decoding: try encoder.encode(value), as: UTF8.self) }
+
+    static func plan(_ r: RoundRecord) throws -> RoundPlan { try JSONDecoder().decode(RoundPlan.self, from: Data(r.plan.utf8)) }
+    static func progress(_ r: RoundRecord) throws -> RoundProgress {
+        try JSONDecoder().decode(RoundProgress.self, from: Data(r.progress.utf8))
+    }
+
+    // MARK: operator
+
+    /// Validates a plan against its model, stores the round and runs its leading coordinator phases.
+    func start(_ requested: RoundPlan) async throws -> RoundRecord {
+        await lock()
+        defer { unlock() }
+        var plan = requested
+        var startModel = plan.modelSHA256
+        if let from = plan.fromRound {
+            guard let earlier = try await store.round(id: from) else {
+                throw APIError(.badRequest, "bad_plan", "--from-round: no round '\(from)'")
+            }
+            guard earlier.state == "succeeded", let float = try Self.progress(earlier).floatModel else {
+                throw APIError(.badRequest, "bad_plan", "--from-round: round '\(from)' is \(earlier.state); only a succeeded round can be continued")
+            }
+            startModel = float
+            plan.modelSHA256 = float
+        }
+        let model = try model(startModel)
+        do {
+            try plan.validate(model: model)
+        } catch let error as CompressionError {
+            throw APIError(.badRequest, "bad_plan", error.message)
+        } catch let error as ONNXError {
+            throw APIError(.badRequest, "bad_plan", error.message)
+        }
+        var bytes = [UInt8](repeating: 0, count: 4)
+        var generator = SystemRandomNumberGenerator()
+        for i in bytes.indices { bytes[i] = generator.next() }
+        let stamp = ISO8601DateFormatter.string(from: Date(), timeZone: TimeZone(identifier: "UTC")!,
+                                                formatOptions: [.withYear, .withMonth, .withDay, .withTime])
+        let id = "r" + stamp.replacingOccurrences(of: ":", with: "") + "-" + bytes.map { String(format: "%02x", $0) }.joined()
+        var progress = RoundProgress(plan: plan, baseModel: startModel, startModel: startModel)
+        var record = RoundRecord(id: id, createdAt: Date(), plan: try Self.text(plan), progress: try Self.text(progress))
+        try await store.addRound(record)
+        try await transition(&record, plan: plan, progress: &progress, closing: nil)
+        running = nil
+        logger.info("round started", metadata: ["round.id": "\(id)", "phases": "\(plan.phases.count)"])
+        return record
+    }
+
+    func cancel(_ id: String) async throws -> RoundRecord {
+        await lock()
+        defer { unlock() }
+        guard var round = try await store.round(id: id) else { throw APIError(.notFound, "unknown_round", "no round '\(id)'") }
+        guard !round.ended else { throw APIError(.conflict, "round_ended", "round '\(id)' has already \(round.state)") }
+        round.state = "cancelled"
+        round.message = "cancelled by the operator"
+        round.endedAt = Date()
+        try await store.updateRound(round)
+        open[id] = nil
+        running = nil
+        logger.info("round cancelled", metadata: ["round.id": "\(id)"])
+        return round
+    }
+
+    // MARK: workers
+
+    func runningRounds() async throws -> [RoundRecord] {
+        var out: [RoundRecord] = []
+        for r in try await store.rounds() where !r.ended { out.append(r) }
+        running = Set(out.map(\.id))
+        return out.sorted { $0.createdAt < $1.createdAt }
+    }
+
+    /// The open phase of a running round, rebuilt from the durable reports when the coordinator has just started
+    /// (or the phase has just opened).
+    func openPhase(_ round: RoundRecord) async throws -> OpenPhase {
+        if let o = open[round.id], o.phase == round.phase { return o }
+        let plan = try Self.plan(round), progress = try Self.progress(round)
+        let phase = plan.phases[round.phase]
+        let engine = RoundEngine(plan: plan)
+        let modelSHA = phase.kind == .evaluate || phase.kind == .distribute ? (progress.finalModel ?? "") : progress.currentModel
+        let expectation = try engine.expectation(phase, model: try model(modelSHA), progress: progress)
+        let task = engine.task(phase, index: round.phase, round: round.id, progress: progress, expectation: expectation,
+                               deadline: round.phaseStartedAt.timeIntervalSince1970 + plan.phaseDeadlineSeconds,
+                               artifactBytes: { self.artifactBytes($0) })
+        var o = OpenPhase(phase: round.phase,
+                          accumulator: PhaseAccumulator(expectation: expectation, aggregation: plan.aggregation,
+                                                        clipNorm: plan.clipNorm, trimFraction: plan.trimFraction),
+                          task: task, bodyLimit: 2 * artifactBytes(modelSHA) + (16 << 20))
+        for r in try await store.reports(round: round.id, phase: round.phase) {
+            do {
+                let message = try Whittle_TaskReport(serializedBytes: try Files.readBytes(directory.appendingPathComponent(r.blob).path))
+                try o.accumulator.add(message, worker: r.worker, maximumSamples: Int.max)
+            } catch {
+                logger.error("an accepted report cannot be folded in again", metadata: [
+                    "round.id": "\(round.id)", "phase": "\(round.phase)", "worker.name": "\(r.worker)", "error": "\(error)"])
+            }
+        }
+        open[round.id] = o
+        return o
+    }
+
+    static func capabilities(_ w: WorkerRecord) -> CapabilitiesView? {
+        w.capabilities.flatMap { try? JSONDecoder().decode(CapabilitiesView.self, from: Data($0.utf8)) }
+    }
+
+    /// The task for this worker, if a running round has one for it: its assignment, or a new one while the phase
+    /// has room (over-selection cap) and the worker can do the work.
+    func task(forWorkerNamed name: String) async throws -> Whittle_Task? {
+        if let running, running.isEmpty { return nil }
+        await lock()
+        defer { unlock() }
+        guard let worker = try await store.worker(named: name) else { return nil }
+        guard let round = try await runningRounds().first else { return nil }
+        let plan = try Self.plan(round)
+        let phase = plan.phases[round.phase]
+        guard phase.kind.onWorkers else { return nil }
+        let o = try await openPhase(round)
+        if o.accumulator.workers.contains(worker.name) { return nil }
+        let assignments = try await store.assignments(round: round.id, phase: round.phase)
+        if let mine = assignments.first(where: { $0.worker == worker.name }) { return mine.droppedAt == nil ? o.task : nil }
+        guard let c = Self.capabilities(worker), c.samples > 0 else { return nil }
+        if phase.kind == .finetune, !c.labels, !plan.distill { return nil }
+        if phase.kind.overSelected, let m = plan.workersPerPhase, assignments.filter({ $0.droppedAt == nil }).count >= m { return nil }
+        guard Date().timeIntervalSince1970 < o.task.deadline else { return nil }
+        _ = try await store.assign(AssignmentRecord(round: round.id, phase: round.phase, worker: worker.name, assignedAt: Date()))
+        logger.info("task assigned", metadata: ["round.id": "\(round.id)", "phase": "\(phase.label)", "worker.name": "\(worker.name)"])
+        return o.task
+    }
+
+    /// Accepts one report: checks it belongs to the open phase and to an assigned worker, validates and folds it
+    /// in, and makes it durable (blob fsynced, row committed) before returning. A retry of an accepted upload
+    /// returns true (duplicate) and counts nothing.
+    func accept(_ report: Whittle_TaskReport, bytes: [UInt8], worker: WorkerRecord) async throws -> Bool {
+        await lock()
+        defer { unlock() }
+        guard let round = try await store.round(id: report.roundID) else {
+            throw APIError(.notFound, "unknown_round", "no round '\(report.roundID)'")
+        }
+        let existing = try await store.reports(round: round.id, phase: Int(report.phase)).first { $0.worker == worker.name }
+        if let existing {
+            guard existing.uploadID == report.uploadID else {
+                throw APIError(.conflict, "already_reported", "worker '\(worker.name)' already reported for phase \(report.phase) of round \(round.id) (upload \(existing.uploadID)); a phase takes one report per worker")
+            }
+            return true
+        }
+        guard !round.ended else {
+            throw APIError(.conflict, "stale_report", "round \(round.id) has \(round.state); this report was not counted")
+        }
+        let plan = try Self.plan(round)
+        guard Int(report.phase) == round.phase else {
+            let label = Int(report.phase) < plan.phases.count ? plan.phases[Int(report.phase)].label : "\(report.phase)"
+            throw APIError(.conflict, "stale_report", "phase \(label) of round \(round.id) has closed (the round is at \(plan.phases[min(round.phase, plan.phases.count - 1)].label)); this report was not counted")
+        }
+        let assignment = try await store.assignments(round: round.id, phase: round.phase).first { $0.worker == worker.name }
+        guard let assignment else {
+            throw APIError(.conflict, "stale_report", "worker '\(worker.name)' was not given phase \(plan.phases[round.phase].label) of round \(round.id)")
+        }
+        guard assignment.droppedAt == nil else {
+            throw APIError(.conflict, "stale_report", "worker '\(worker.name)' was dropped from phase \(plan.phases[round.phase].label) (it missed the deadline or went silent); this report was not counted")
+        }
+        guard report.uploadID.count >= 8, report.uploadID.count <= 64 else {
+            throw APIError(.badRequest, "bad_report", "a report needs an upload id of 8–64 characters")
+        }
+        var o = try await openPhase(round)
+        guard bytes.count <= o.bodyLimit else {
+            throw APIError(.contentTooLarge, "body_too_large", "the report is \(bytes.count) bytes; this phase takes at most \(o.bodyLimit)")
+        }
+        let clock = ContinuousClock()
+        let t0 = clock.now
+        var accumulator = o.accumulator
+        let samplesBefore = accumulator.samples
+        do {
+            let c = Self.capabilities(worker)
+            let maximum = plan.phases[round.phase].kind == .evaluate ? max(c?.samples ?? 0, c?.evaluationSamples ?? 0) : (c?.samples ?? 0)
+            try accumulator.add(report, worker: worker.name, maximumSamples: maximum)
+        } catch let error as AggregationError {
+            open[round.id]?.refused += 1
+            logger.warning("report refused", metadata: ["round.id": "\(round.id)", "worker.name": "\(worker.name)", "reason": "\(error.description)"])
+            throw APIError(.unprocessableContent, "invalid_report", error.description)
+        }
+        let relative = "reports/\(round.id)/\(round.phase)-\(worker.name).pb"
+        try FileManager.default.createDirectory(at: reportsDirectory.appendingPathComponent(round.id), withIntermediateDirectories: true)
+        try Files.writeDurably(bytes, to: directory.appendingPathComponent(relative).path)
+        let record = ReportRecord(round: round.id, phase: round.phase, worker: worker.name, uploadID: report.uploadID,
+                                  blob: relative, bytes: bytes.count, bytesDown: Int(clamping: report.bytesDown),
+                                  samples: accumulator.samples - samplesBefore, acceptedAt: Date())
+        guard try await store.addReport(record) else { return true }
+        o.accumulator = accumulator
+        o.refused = open[round.id]?.refused ?? o.refused
+        o.aggregationSeconds = (open[round.id]?.aggregationSeconds ?? 0) + Self.seconds(clock.now - t0)
+        open[round.id] = o
+        logger.info("report accepted", metadata: ["round.id": "\(round.id)", "phase": "\(plan.phases[round.phase].label)",
+                                                  "worker.name": "\(worker.name)", "bytes": "\(bytes.count)"])
+        return false
+    }
+
+    static func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18 }
+
+    // MARK: phases
+
+    /// Checks every running round's open phase: drops assigned workers that went silent, closes the phase when
+    /// its assigned workers have all reported (after the selection window) or at its deadline with a quorum,
+    /// fails the round when the quorum cannot be reached.
+    func tick() async {
+        await lock()
+        defer { unlock() }
+        do {
+            for var round in try await runningRounds() {
+                do {
+                    try await check(&round)
+                } catch {
+                    let message = (error as? APIError)?.message ?? (error as? CompressionError)?.message ?? "\(error)"
+                    round.state = "failed"
+                    round.message = "phase \(round.phase): \(message)"
+                    round.endedAt = Date()
+                    try await store.updateRound(round)
+                    open[round.id] = nil
+                    running = nil
+                    logger.error("round failed", metadata: ["round.id": "\(round.id)", "reason": "\(message)"])
+                }
+            }
+        } catch {
+            logger.error("round check failed", metadata: ["error": "\(error)"])
+        }
+    }
+
+    func check(_ round: inout RoundRecord) async throws {
+        let plan = try Self.plan(round)
+        let phase = plan.phases[round.phase]
+        let o = try await openPhase(round)
+        let now = Date()
+        let opened = round.phaseStartedAt.timeIntervalSince1970
+        let deadlinePassed = now.timeIntervalSince1970 >= opened + plan.phaseDeadlineSeconds
+        let reported = o.accumulator.workers
+        var active = try await store.assignments(round: round.id, phase: round.phase).filter { $0.droppedAt == nil }
+        // Workers that went silent (no heartbeat for three poll intervals) or were revoked are given up.
+        for a in active where !reported.contains(a.worker) {
+            let w = try await store.worker(named: a.worker)
+            let silent = w?.lastContactAt.map { now.timeIntervalSince($0) > Double(3 * pollSeconds) } ?? true
+            if w?.revokedAt != nil || silent {
+                try await store.dropAssignment(round: round.id, phase: round.phase, worker: a.worker, at: now)
+                logger.warning("worker dropped from phase", metadata: ["round.id": "\(round.id)", "worker.name": "\(a.worker)",
+                                                                       "phase": "\(phase.label)"])
+            }
+        }
+        active = try await store.assignments(round: round.id, phase: round.phase).filter { $0.droppedAt == nil }
+        let full = phase.kind.overSelected && plan.workersPerPhase.map { active.count >= $0 } == true
+        let windowOver = full || now.timeIntervalSince1970 >= opened + Double(2 * pollSeconds) + 1
+        let allIn = active.allSatisfy { reported.contains($0.worker) }
+        if reported.count >= plan.minWorkers, (windowOver && allIn) || deadlinePassed {
+            for a in active where !reported.contains(a.worker) {
+                try await store.dropAssignment(round: round.id, phase: round.phase, worker: a.worker, at: now)
+            }
+            var progress = try Self.progress(round)
+            try await transition(&round, plan: plan, progress: &progress, closing: o)
+            return
+        }
+        if deadlinePassed {
+            throw APIError(.conflict, "quorum", "\(phase.label) got \(reported.count) of the \(plan.minWorkers) reports it needs (--min-workers) by its deadline (\(Int(plan.phaseDeadlineSeconds)) s)")
+        }
+        let usable = try await store.workers().filter { $0.revokedAt == nil && $0.certificateExpiresAt > now }.count
+        if usable < plan.minWorkers {
+            throw APIError(.conflict, "quorum", "only \(usable) workers are enrolled and usable; the round needs \(plan.minWorkers) (--min-workers)")
+        }
+    }
+
+    /// Closes the open worker phase (with its accumulator), runs the coordinator phases that follow, and stores
+    /// the round at its next worker phase (or ended) in one durable update.
+    func transition(_ round: inout RoundRecord, plan: RoundPlan, progress: inout RoundProgress, closing: OpenPhase?) async throws {
+        let engine = RoundEngine(plan: plan)
+        let phases = plan.phases
+        var index = round.phase
+        let now = Date().timeIntervalSince1970
+        let clock = ContinuousClock()
+        if let o = closing {
+            let t0 = clock.now
+            let acc = o.accumulator
+            let phase = phases[index]
+            switch phase.kind {
+            case .fisher:
+                progress.ewcState = try storeArtifact(try engine.ewcState(try model(progress.currentModel), acc))
+            case .finetune:
+                progress.currentModel = try storeModel(try engine.finetuned(try model(progress.currentModel), acc, progress: &progress))
+            case .ranges:
+                progress.rangeStatistics = acc.ranges
+                progress.histogramUpper = engine.histogramEdges(acc)
+            case .evaluate:
+                try engine.evaluated(base: try model(progress.baseModel), final: try model(progress.finalModel ?? ""), acc,
+                                     baseBytes: artifactBytes(progress.baseModel), finalBytes: artifactBytes(progress.finalModel ?? ""),
+                                     progress: &progress)
+            case .distribute:
+                for w in acc.workers { progress.sites[w, default: .init(worker: w, samples: 0, labels: false)].received = true }
+            default:
+                break
+            }
+            var bytesUp = 0
+            for r in try await store.reports(round: round.id, phase: index) {
+                var site = progress.sites[r.worker] ?? .init(worker: r.worker, samples: r.samples, labels: false)
+                site.phasesServed += 1
+                site.bytesUp += r.bytes
+                site.bytesDown += r.bytesDown
+                site.samples = max(site.samples, r.samples)
+                progress.sites[r.worker] = site
+                bytesUp += r.bytes
+            }
+            progress.phases[index].state = "done"
+            progress.phases[index].endedAt = now
+            progress.phases[index].reports = acc.reports
+            progress.phases[index].refused = o.refused
+            progress.phases[index].bytesUp = bytesUp
+            progress.phases[index].aggregationSeconds = o.aggregationSeconds + Self.seconds(clock.now - t0)
+            index += 1
+            open[round.id] = nil
+            // The coordinator phases right after use what this phase gathered.
+            try runCoordinatorPhases(&index, plan: plan, engine: engine, progress: &progress, previous: acc)
+        } else {
+            try runCoordinatorPhases(&index, plan: plan, engine: engine, progress: &progress, previous: nil)
+        }
+        round.phase = index
+        round.phaseStartedAt = Date()
+        if index >= phases.count {
+            round.state = "succeeded"
+            round.endedAt = Date()
+            round.phase = phases.count - 1
+            running = nil
+        } else {
+            progress.phases[index].state = "running"
+            progress.phases[index].startedAt = Date().timeIntervalSince1970
+        }
+        round.progress = try Self.text(progress)
+        try await store.updateRound(round)
+        logger.info(round.ended ? "round succeeded" : "phase opened", metadata: [
+            "round.id": "\(round.id)", "phase": "\(round.ended ? "-" : phases[index].label)"])
+    }
+
+    func runCoordinatorPhases(_ index: inout Int, plan: RoundPlan, engine: RoundEngine, progress: inout RoundProgress,
+                              previous: PhaseAccumulator?) throws {
+        let phases = plan.phases
+        let clock = ContinuousClock()
+        while index < phases.count, !phases[index].kind.onWorkers {
+            let t0 = clock.now
+            progress.phases[index].startedAt = Date().timeIntervalSince1970
+            let phase = phases[index]
+            switch phase.kind {
+            case .prune:
+                let importance = previous?.expectation.kind == .importance ? previous?.importance : nil
+                progress.currentModel = try storeModel(try engine.prune(step: phase.step, model: try model(progress.currentModel),
+                                                                        importance: importance, progress: &progress))
+            case .fold:
+                progress.floatModel = progress.currentModel
+                progress.currentModel = try storeModel(try GraphEditing.foldBatchNormalization(try model(progress.currentModel)))
+            case .export:
+                if plan.quantize == .none { progress.floatModel = progress.currentModel }
+                let histograms = previous?.expectation.kind == .histograms ? previous!.histograms : [:]
+                let samples = previous?.samples ?? 0
+                progress.finalModel = try storeModel(try engine.export(
+                    try model(progress.currentModel), ranges: progress.rangeStatistics ?? [:], histograms: histograms,
+                    samples: samples, progress: &progress))
+            default:
+                break
+            }
+            progress.phases[index].state = "done"
+            progress.phases[index].endedAt = Date().timeIntervalSince1970
+            progress.phases[index].aggregationSeconds = Self.seconds(clock.now - t0)
+            index += 1
+        }
+    }
+
+    // MARK: views
+
+    func view(_ round: RoundRecord) async throws -> RoundView {
+        let plan = try Self.plan(round), progress = try Self.progress(round)
+        var phases = progress.phases
+        if !round.ended, round.phase < phases.count, let o = open[round.id], o.phase == round.phase {
+            phases[round.phase].reports = o.accumulator.reports
+            phases[round.phase].refused = o.refused
+        }
+        var assigned = 0
+        if !round.ended {
+            assigned = try await store.assignments(round: round.id, phase: round.phase).filter { $0.droppedAt == nil }.count
+        }
+        return RoundView(id: round.id, state: round.state, createdAt: round.createdAt, endedAt: round.endedAt,
+                         message: round.message, phase: round.phase, phaseLabel: plan.phases[min(round.phase, plan.phases.count - 1)].label,
+                         phaseCount: plan.phases.count, assigned: assigned, phases: phases, plan: plan,
+                         finalModel: round.state == "succeeded" ? progress.finalModel : nil,
+                         sites: progress.sites.values.sorted { $0.worker < $1.worker })
+    }
+
+    func report(_ id: String) async throws -> CompressionReport {
+        guard let round = try await store.round(id: id) else { throw APIError(.notFound, "unknown_round", "no round '\(id)'") }
+        let plan = try Self.plan(round), progress = try Self.progress(round)
+        guard let r = RoundEngine(plan: plan).report(round: id, progress: progress,
+                                                     output: (plan.modelName as NSString).deletingPathExtension + ".compressed.onnx") else {
+            throw APIError(.conflict, "not_ready", "round \(id) has no report yet (it is at \(plan.phases[min(round.phase, plan.phases.count - 1)].label), \(round.state))")
+        }
+        return r
+    }
+
+    func finalModel(_ id: String) async throws -> String {
+        guard let round = try await store.round(id: id) else { throw APIError(.notFound, "unknown_round", "no round '\(id)'") }
+        guard let sha = try Self.progress(round).finalModel else {
+            throw APIError(.conflict, "not_ready", "round \(id) has not exported its model yet (\(round.state))")
+        }
+        return sha
+    }
+}
+
+/// A round as admin commands show it.
+public struct RoundView: Codable, Sendable {
+    public var id: String
+    public var state: String
+    public var createdAt: Date
+    public var endedAt: Date?
+    public var message: String?
+    public var phase: Int
+    public var phaseLabel: String
+    public var phaseCount: Int
+    /// Workers holding the open phase's task.
+    public var assigned: Int
+    public var phases: [CompressionReport.PhaseRow]
+    public var plan: RoundPlan
+    public var finalModel: String?
+    public var sites: [CompressionReport.Site]
+}
