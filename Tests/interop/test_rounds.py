@@ -16,6 +16,8 @@ from rounds_support import MODEL, Fleet, non_iid_shards, load_test_split, load_t
 INT8_LOSS_POINTS = 0.3
 PRUNED_INT8_LOSS_POINTS = 1.5
 PRUNED_SHRINK_FACTOR = 10
+# Federated fine-tuning rounds after pruning (one local epoch each).
+ROUNDS = "6"
 
 
 @pytest.fixture
@@ -65,11 +67,11 @@ def onnx_accuracy(path, x, y):
 def test_minmax_round_ranges_equal_local_compress_on_the_union(coordinator_server, release_worker_path, tmp_path,
                                                               spawn_any, release_models):
     """Exactness: with no pruning, the federated calibration equals `model compress` on the union of the shards,
-    range for range; the round's model runs in onnxruntime."""
-    fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any, samples=150)
+    range for range and byte for byte; onnxruntime runs the fetched model within the int8 quality goal."""
+    fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any)
     for name in names:
         fleet.start_worker(name)
-    started = fleet.round("start", "--model", MODEL, "--quantize", "int8", "--calibration", "entropy",
+    started = fleet.round("start", "--model", MODEL, "--quantize", "int8", "--calibration", "entropy", "--reduce-range",
                           "--min-workers", "4", "--phase-deadline", "5m", "--json")
     round_id = json.loads(started.stdout)["id"]
     status = fleet.wait(round_id, timeout=300)
@@ -82,7 +84,8 @@ def test_minmax_round_ranges_equal_local_compress_on_the_union(coordinator_serve
     np.save(tmp_path / "union.npy", union)
     local_report = tmp_path / "local.json"
     release_models("model", "compress", MODEL, "--calibration-data", tmp_path / "union.npy", "--out",
-                   tmp_path / "local.onnx", "--quantize", "int8", "--calibration", "entropy", "--report", local_report)
+                   tmp_path / "local.onnx", "--quantize", "int8", "--calibration", "entropy", "--reduce-range",
+                   "--report", local_report)
     local = json.loads(local_report.read_text())
     federated = {t["name"]: t for t in report["quantization"]["tensors"]}
     centralized = {t["name"]: t for t in local["quantization"]["tensors"]}
@@ -95,4 +98,54 @@ def test_minmax_round_ranges_equal_local_compress_on_the_union(coordinator_serve
     assert sorted(sites) == names
     for s in sites.values():
         assert s["received"] and s["phasesServed"] == 4 and s["bytesUp"] > 0 and s["bytesDown"] > 0, s
+
+    tx, ty = load_test_split()
+    base, base_top1 = onnx_accuracy(MODEL, tx, ty)
+    compressed, compressed_top1 = onnx_accuracy(out, tx, ty)
+    print(f"\nint8 round: onnxruntime accuracy {base:.4f} -> {compressed:.4f} "
+          f"(federated evaluation {report['before']['accuracy']:.4f} -> {report['after']['accuracy']:.4f}), "
+          f"agreement {(base_top1 == compressed_top1).mean():.4f}, {report['before']['bytes']} -> {report['after']['bytes']} bytes")
+    assert (base - compressed) * 100 <= INT8_LOSS_POINTS, (base, compressed)
+    # The federated evaluation (each site on its held-out shard) equals onnxruntime on the union of those shards.
+    ex = np.concatenate([np.load(fleet.workers[n]["eval_x"]) for n in names])
+    ey = np.concatenate([np.load(fleet.workers[n]["eval_y"]) for n in names])
+    assert report["before"]["samples"] == len(ey)
+    assert abs(report["before"]["accuracy"] - onnx_accuracy(MODEL, ex, ey)[0]) < 1e-9
+    assert abs(report["after"]["accuracy"] - onnx_accuracy(out, ex, ey)[0]) < 1e-9
+    fleet.stop_workers()
+
+
+def test_pruning_distillation_int8_round_meets_the_quality_goal(coordinator_server, release_worker_path, tmp_path,
+                                                                spawn_any):
+    """50 % of channels pruned on Taylor importance gathered from the fleet, federated distillation fine-tuning
+    (half the workers have no labels), int8: within 1.5 points of the base model and at least 10x smaller."""
+    fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any)
+    for k, name in enumerate(names):
+        if k % 2 == 1:  # unlabeled boards take part through the teacher
+            fleet.workers[name].pop("y")
+        fleet.start_worker(name)
+    started = fleet.round("start", "--model", MODEL, "--prune-ratio", "0.5", "--importance", "taylor",
+                          "--finetune-rounds", ROUNDS, "--local-epochs", "1", "--lr", "0.01", "--distill",
+                          "--quantize", "int8", "--calibration", "entropy", "--reduce-range",
+                          "--min-workers", "4", "--phase-deadline", "5m", "--json")
+    round_id = json.loads(started.stdout)["id"]
+    status = fleet.wait(round_id, timeout=900)
+    assert status["state"] == "succeeded", status
+    out, report_path = tmp_path / "round.onnx", tmp_path / "round.json"
+    fleet.round("fetch", round_id, "--out", out, "--report", report_path)
+    report = json.loads(report_path.read_text())
+    tx, ty = load_test_split()
+    base, _ = onnx_accuracy(MODEL, tx, ty)
+    compressed, _ = onnx_accuracy(out, tx, ty)
+    shrink = MODEL.stat().st_size / out.stat().st_size
+    timings = {p["label"]: round(p["endedAt"] - p["startedAt"], 1) for p in report["phases"]}
+    print(f"\npruned int8 round: onnxruntime accuracy {base:.4f} -> {compressed:.4f}, {shrink:.1f}x smaller, "
+          f"MACs {report['before']['macs']} -> {report['after']['macs']}; phases {timings}")
+    assert (base - compressed) * 100 <= PRUNED_INT8_LOSS_POINTS, (base, compressed)
+    assert shrink >= PRUNED_SHRINK_FACTOR, shrink
+    kinds = [p["kind"] for p in report["phases"]]
+    assert kinds == ["importance", "prune"] + ["finetune"] * int(ROUNDS) + ["fold", "ranges", "histograms", "export",
+                                                                            "evaluate", "distribute"]
+    sites = {s["worker"]: s for s in report["sites"]}
+    assert sorted(sites) == names and all(s["received"] for s in sites.values())
     fleet.stop_workers()

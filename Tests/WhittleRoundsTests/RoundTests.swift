@@ -1,0 +1,219 @@
+import Foundation
+import Testing
+import WhittleCompression
+import WhittleNN
+import WhittleONNX
+import WhittleProtocol
+import WhittleRounds
+import WhittleTensor
+import WhittleTestSupport
+
+/// Double sums of per-channel statistics merged in another order agree to this relative error.
+let mergedSumTolerance = 1e-9
+/// Float gradient sums accumulated per part and merged agree with one pass to this relative error.
+let gradientSumTolerance: Float = 1e-4
+
+/// The federated phases' aggregates against the same computation on the union of the workers' data.
+@Suite struct RoundTests {
+    static let model: Model = try! ModelCoding.read(try! TestSupport.bytes(TestSupport.root.appendingPathComponent("examples/models/defect_cnn.onnx")))
+
+    /// Three workers' shards (sizes 7, 10, 13) of seeded images, and their union.
+    static func shards() throws -> (parts: [Dataset], union: Dataset) {
+        let sizes = [7, 10, 13], sample = 3 * 32 * 32
+        let all = TestSupport.randomFloats(sizes.reduce(0, +) * sample, seed: 11).map { abs($0) }
+        let labels = (0..<sizes.reduce(0, +)).map { Int64($0 % 4) }
+        var parts: [Dataset] = [], start = 0
+        for n in sizes {
+            parts.append(try Dataset(x: Tensor(shape: [n, 3, 32, 32], floats: Array(all[(start * sample)..<((start + n) * sample)])),
+                                     labels: Tensor(shape: [n], ints: Array(labels[start..<(start + n)]))))
+            start += n
+        }
+        return (parts, try Dataset(x: Tensor(shape: [start, 3, 32, 32], floats: all), labels: Tensor(shape: [start], ints: labels)))
+    }
+
+    static func plan(_ configure: (inout RoundPlan) -> Void = { _ in }) -> RoundPlan {
+        var p = RoundPlan()
+        p.modelSHA256 = String(repeating: "a", count: 64)
+        configure(&p)
+        return p
+    }
+
+    /// Runs a worker phase on each shard, through the wire encoding, into an accumulator.
+    static func federated(_ kind: PhaseKind, plan: RoundPlan, model: Model, progress: RoundProgress, parts: [Dataset],
+                          batchSize: Int = 4) throws -> PhaseAccumulator {
+        let engine = RoundEngine(plan: plan)
+        let expectation = try engine.expectation(Phase(kind), model: model, progress: progress)
+        let task = engine.task(Phase(kind), index: 0, round: "r", progress: progress, expectation: expectation, deadline: 0,
+                               artifactBytes: { _ in 0 })
+        var accumulator = PhaseAccumulator(expectation: expectation, aggregation: plan.aggregation)
+        for (k, part) in parts.enumerated() {
+            var compressor = DeltaCompressor()
+            let report = try WorkerJobs.run(task, model: model, teacher: model, data: part, batchSize: batchSize, compressor: &compressor)
+            let wire = try Whittle_TaskReport(serializedBytes: try report.serializedBytes() as [UInt8])
+            try accumulator.add(wire, worker: "w\(k)", maximumSamples: part.count)
+        }
+        return accumulator
+    }
+
+    @Test func phasesFollowThePlan() {
+        #expect(Self.plan().phases.map(\.kind) == [.fold, .ranges, .export, .evaluate, .distribute])
+        let pruned = Self.plan {
+            $0.schedule = [0.2, 0.4]
+            $0.importance = .taylor
+            $0.finetuneRounds = 2
+            $0.quantize = .int8
+            $0.calibration = .entropy
+            $0.ewcLambda = 10
+        }
+        #expect(pruned.phases.map(\.kind) == [.fisher, .importance, .prune, .finetune, .finetune, .importance, .prune, .finetune,
+                                              .finetune, .fold, .ranges, .histograms, .export, .evaluate, .distribute])
+        #expect(pruned.phases[7].label == "finetune (step 2, round 1)")
+        let float = Self.plan { $0.quantize = .none; $0.pruneRatio = 0.3 }
+        #expect(float.phases.map(\.kind) == [.prune, .export, .evaluate, .distribute])
+        // Cosine over a step's rounds.
+        let lr = Self.plan { $0.finetuneRounds = 4; $0.learningRate = 0.1 }
+        #expect(lr.learningRate(iteration: 0) == 0.1)
+        #expect(abs(lr.learningRate(iteration: 2) - 0.05) < 1e-7)
+    }
+
+    @Test func badPlansAreRefusedWithReasons() throws {
+        let cases: [(RoundPlan, String)] = [
+            (Self.plan { $0.pruneRatio = 1 }, "--prune-ratio"),
+            (Self.plan { $0.schedule = [0.4, 0.2] }, "non-decreasing"),
+            (Self.plan { $0.minWorkers = 4; $0.workersPerPhase = 2 }, "--workers-per-phase"),
+            (Self.plan { $0.ewcLambda = 5 }, "--finetune-rounds"),
+            (Self.plan { $0.phaseDeadlineSeconds = 0 }, "--phase-deadline"),
+            (Self.plan { $0.modelSHA256 = "" }, "no base model"),
+        ]
+        for (plan, needle) in cases {
+            do {
+                try plan.check()
+                Issue.record("accepted a bad plan (\(needle))")
+            } catch let error as CompressionError {
+                #expect(error.message.contains(needle), "\(error.message)")
+            }
+        }
+        // Against the model: one Gemm from input to output has no prunable channel group (both ends are fixed).
+        let gemm = Model(graph: Graph(
+            name: "gemm", nodes: [Node(opType: "Gemm", name: "fc", inputs: ["x", "w", "b"], outputs: ["y"], attributes: [Attribute("transB", .int(1))])],
+            inputs: [ValueInfo(name: "x", elementType: .float, shape: [.value(2), .value(3)])],
+            outputs: [ValueInfo(name: "y", elementType: .float, shape: [.value(2), .value(4)])],
+            initializers: [Initializer(name: "w", tensor: Tensor(shape: [4, 3], floats: Array(repeating: 0.5, count: 12))),
+                           Initializer(name: "b", tensor: Tensor(shape: [4], floats: [0, 0, 0, 0]))]), opset: 13)
+        do {
+            try Self.plan { $0.pruneRatio = 0.5 }.validate(model: gemm)
+            Issue.record("a model without prunable groups was accepted for pruning")
+        } catch let error as CompressionError {
+            #expect(error.message.contains("no channel group"), "\(error.message)")
+        }
+        try Self.plan { $0.pruneRatio = 0.5; $0.finetuneRounds = 1 }.validate(model: Self.model)
+    }
+
+    @Test func federatedRangesAndHistogramsEqualTheUnion() throws {
+        let (parts, union) = try Self.shards()
+        let plan = Self.plan { $0.calibration = .entropy }
+        let folded = try GraphEditing.foldBatchNormalization(Self.model)
+        var progress = RoundProgress(plan: plan, baseModel: "b", startModel: "c")
+        let ranges = try Self.federated(.ranges, plan: plan, model: folded, progress: progress, parts: parts)
+
+        var local = LocalCompression()
+        local.quantization = plan.quantizationPolicy
+        let collector = CalibrationCollector(session: try InferenceSession(model: folded),
+                                             tensors: try QDQExport.calibrationTensors(folded, policy: plan.quantizationPolicy))
+        for (batch, _) in union.batches(5) { try collector.collectRanges(batch) }
+        #expect(ranges.ranges == collector.ranges)
+        #expect(ranges.samples == union.count)
+
+        progress.histogramUpper = RoundEngine(plan: plan).histogramEdges(ranges)
+        let histograms = try Self.federated(.histograms, plan: plan, model: folded, progress: progress, parts: parts, batchSize: 3)
+        try collector.beginHistograms(upperBounds: collector.ranges.mapValues(\.absMax), binCount: plan.quantizationPolicy.histogramBins)
+        for (batch, _) in union.batches(5) { try collector.collectHistograms(batch) }
+        #expect(histograms.histograms == collector.histograms)
+        let federated = try LocalCompression.calibratedRanges(ranges: ranges.ranges, histograms: histograms.histograms,
+                                                              policy: plan.quantizationPolicy)
+        let central = try local.calibrate(folded, union)
+        #expect(federated.keys.sorted() == central.keys.sorted())
+        for (name, r) in central { #expect(federated[name]! == r, "\(name)") }
+    }
+
+    @Test func federatedImportanceEqualsTheUnion() throws {
+        let (parts, union) = try Self.shards()
+        let progress = RoundProgress(plan: Self.plan(), baseModel: "b", startModel: "c")
+        for criterion in [ImportanceCriterion.activation, .taylor] {
+            let plan = Self.plan { $0.importance = criterion; $0.pruneRatio = 0.5 }
+            let federated = try Self.federated(.importance, plan: plan, model: Self.model, progress: progress, parts: parts)
+            let groups = try ChannelGroups(model: Self.model)
+            let collector = try ImportanceCollector(model: Self.model, groups: groups, criterion: criterion, teacher: Self.model, batchSize: 4)
+            try collector.collect(data: union.x, labels: union.labels)
+            let central = collector.statistics
+            #expect(federated.importance.samples == central.samples)
+            for (name, c) in central.channels {
+                let f = federated.importance.channels[name]!
+                #expect(f.valuesPerChannel == c.valuesPerChannel && f.zeroCounts == c.zeroCounts)
+                for (a, b) in zip(f.absoluteSums, c.absoluteSums) { #expect(abs(a - b) <= mergedSumTolerance * max(abs(b), 1)) }
+            }
+            for (name, g) in central.gradientSums {
+                #expect(TestSupport.relativeError(federated.importance.gradientSums[name]!.floats, g.floats, floor: 1e-3) < gradientSumTolerance, "\(name)")
+            }
+            // The same scores select the same channels.
+            let fScores = try Pruning.scores(groups, model: Self.model, criterion: criterion, statistics: federated.importance)
+            let cScores = try Pruning.scores(groups, model: Self.model, criterion: criterion, statistics: central)
+            let options = plan.pruningOptions
+            #expect(try Pruning.select(groups, scores: fScores, options: options) == Pruning.select(groups, scores: cScores, options: options))
+        }
+    }
+
+    @Test func fineTuningDeltasAverageAndApply() throws {
+        let (parts, _) = try Self.shards()
+        let progress = RoundProgress(plan: Self.plan(), baseModel: "b", startModel: "c")
+        for compression in [DeltaCompression.none, .int8] {
+            let plan = Self.plan { $0.finetuneRounds = 1; $0.deltaCompression = compression; $0.learningRate = 0.05 }
+            let accumulator = try Self.federated(.finetune, plan: plan, model: Self.model, progress: progress, parts: parts)
+            let delta = try accumulator.delta()
+            #expect(delta.keys.sorted() == updateShapes(Self.model).keys.sorted())
+            #expect(delta.values.contains { t in t.floats.contains { $0 != 0 } })
+            let tuned = try applying(delta, to: Self.model)
+            let w = Self.model.graph.initializer(named: "fc.weight")!.tensor!, t = tuned.graph.initializer(named: "fc.weight")!.tensor!
+            #expect(zip(zip(w.floats, delta["fc.weight"]!.floats), t.floats).allSatisfy { abs($0.0 + $0.1 - $1) <= 1e-6 })
+        }
+    }
+
+    @Test func badReportsAreRefusedAndChangeNothing() throws {
+        let (parts, _) = try Self.shards()
+        let plan = Self.plan()
+        let folded = try GraphEditing.foldBatchNormalization(Self.model)
+        let progress = RoundProgress(plan: plan, baseModel: "b", startModel: "c")
+        var accumulator = try Self.federated(.ranges, plan: plan, model: folded, progress: progress, parts: [parts[0]])
+        let before = accumulator.ranges
+        let engine = RoundEngine(plan: plan)
+        let task = engine.task(Phase(.ranges), index: 0, round: "r", progress: progress,
+                               expectation: accumulator.expectation, deadline: 0, artifactBytes: { _ in 0 })
+        var compressor = DeltaCompressor()
+        let good = try WorkerJobs.run(task, model: folded, teacher: nil, data: parts[1], batchSize: 4, compressor: &compressor)
+        var nan = good
+        let name = nan.calibration.ranges.keys.sorted()[0]
+        nan.calibration.ranges[name]!.max = .nan
+        var missing = good
+        missing.calibration.ranges[name] = nil
+        var inverted = good
+        inverted.calibration.ranges[name]!.min = 5
+        inverted.calibration.ranges[name]!.max = -5
+        var wrongKind = Whittle_TaskReport()
+        wrongKind.evaluation = Whittle_EvaluationReport()
+        let cases: [(Whittle_TaskReport, String, Int, String)] = [
+            (nan, "w1", 100, "finite"), (missing, "w1", 100, "tensors"), (inverted, "w1", 100, "interval"),
+            (good, "w1", 3, "declared"), (good, "w0", 100, "already reported"), (wrongKind, "w1", 100, "ranges phase"),
+        ]
+        for (report, worker, maximum, needle) in cases {
+            do {
+                try accumulator.add(report, worker: worker, maximumSamples: maximum)
+                Issue.record("accepted a bad report (\(needle))")
+            } catch let error as AggregationError {
+                #expect(error.description.contains(needle), "\(error.description)")
+            }
+        }
+        #expect(accumulator.ranges == before && accumulator.reports == 1)
+        try accumulator.add(good, worker: "w1", maximumSamples: 100)
+        #expect(accumulator.reports == 2)
+    }
+}
