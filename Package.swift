@@ -120,6 +120,7 @@ let package = Package(
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
         .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "SwiftASN1", package: "swift-asn1")]),
         .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
+        .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport"]),
         .testTarget(name: "WhittleRoundsTests", dependencies: ["WhittleRounds", "WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol", "WhittleTestSupport"]),
     ]
 )

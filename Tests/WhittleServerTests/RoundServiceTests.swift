@@ -1,0 +1,214 @@
+import Foundation
+import Logging
+import Testing
+import WhittleCompression
+import WhittleProtocol
+import WhittleRounds
+@testable import WhittleServer
+import WhittleStore
+import WhittleTestSupport
+
+/// The round service's fleet rules against a real SQLite store and data directory, without the network: duplicate
+/// and stale uploads, a coordinator restart between reports, quorum failures, silent workers.
+@Suite(.serialized) struct RoundServiceTests {
+    static let modelBytes = try! TestSupport.bytes(TestSupport.root.appendingPathComponent("examples/models/defect_cnn.onnx"))
+
+    struct Fixture {
+        let directory: URL
+        let store: SQLiteStore
+
+        init() throws {
+            directory = FileManager.default.temporaryDirectory.appendingPathComponent("whittle-rounds-\(UUID().uuidString)")
+            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+            store = try SQLiteStore(path: directory.appendingPathComponent("whittle.sqlite").path)
+        }
+
+        /// A new service over the same store and directory: what `coordinator serve` has after a restart.
+        func service() throws -> RoundService {
+            try RoundService(store: store, directory: directory, artifacts: directory.appendingPathComponent("artifacts"),
+                             pollSeconds: 1, logger: Logger(label: "test"))
+        }
+
+        func enroll(_ names: [String], samples: Int = 50, contact: Date = Date()) async throws {
+            try await store.addToken(TokenRecord(hash: "t", createdAt: Date(), expiresAt: Date().addingTimeInterval(3600), uses: 100))
+            for (k, name) in names.enumerated() {
+                _ = try await store.enroll(tokenHash: "t", worker: WorkerRecord(
+                    name: name, certificateSerial: "s\(k)", certificateExpiresAt: Date().addingTimeInterval(86400), enrolledAt: Date()),
+                    now: Date())
+                try await touch(name, samples: samples, at: contact)
+            }
+        }
+
+        func touch(_ name: String, samples: Int = 50, at: Date = Date()) async throws {
+            let capabilities = CapabilitiesView(cores: 1, memoryBytes: 1 << 30, samples: samples, labels: true, version: "t",
+                                                memoryLimitBytes: 0, evaluationSamples: nil)
+            try await store.recordContact(name: name, at: at, address: "127.0.0.1",
+                                          capabilities: String(decoding: try JSONEncoder().encode(capabilities), as: UTF8.self))
+        }
+
+        /// A float round without pruning: export (at start), evaluate, distribute.
+        func start(_ service: RoundService, minWorkers: Int = 2, deadline: Double = 600) async throws -> RoundRecord {
+            var plan = RoundPlan()
+            plan.quantize = .none
+            plan.minWorkers = minWorkers
+            plan.phaseDeadlineSeconds = deadline
+            plan.modelSHA256 = try await service.storeArtifact(RoundServiceTests.modelBytes)
+            return try await service.start(plan)
+        }
+    }
+
+    static func evaluation(_ task: Whittle_Task, correct: UInt64, upload: String) -> (Whittle_TaskReport, [UInt8]) {
+        var e = Whittle_EvaluationReport()
+        e.samples = 40
+        e.labels = true
+        e.baseCorrect = 36
+        e.compressedCorrect = correct
+        e.agreement = 39
+        e.baseLatencyMs = 1.5
+        e.compressedLatencyMs = 1.0
+        var r = Whittle_TaskReport()
+        r.protocolVersion = 1
+        r.roundID = task.roundID
+        r.phase = task.phase
+        r.uploadID = upload
+        r.evaluation = e
+        return (r, try! r.serializedBytes())
+    }
+
+    static func code(_ body: () async throws -> Void) async -> String? {
+        do {
+            try await body()
+            return nil
+        } catch let error as APIError {
+            return error.code
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    static func phase(_ store: SQLiteStore, _ id: String) async throws -> RoundRecord { try await store.round(id: id)! }
+
+    @Test func duplicatesCountOnceAndLateOrForeignReportsAreStale() async throws {
+        let f = try Fixture()
+        try await f.enroll(["a", "b", "c"])
+        let service = try f.service()
+        let round = try await f.start(service)
+        #expect(round.phase == 1, "export ran at the start; the round waits at evaluate")
+        let taskA = try #require(try await service.task(forWorkerNamed: "a"))
+        let taskB = try #require(try await service.task(forWorkerNamed: "b"))
+        #expect(taskA.kind == "evaluate" && taskA == taskB)
+        #expect(try await service.task(forWorkerNamed: "a") == taskA, "the assignment is handed out again, not twice")
+
+        let (reportA, bytesA) = Self.evaluation(taskA, correct: 30, upload: "upload-a-1")
+        #expect(try await service.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!) == false)
+        #expect(try await service.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!) == true)
+        let (again, againBytes) = Self.evaluation(taskA, correct: 31, upload: "upload-a-2")
+        #expect(await Self.code { _ = try await service.accept(again, bytes: againBytes, worker: try await f.store.worker(named: "a")!) } == "already_reported")
+        // c never asked for the task: its report is not counted.
+        #expect(await Self.code { _ = try await service.accept(again, bytes: againBytes, worker: try await f.store.worker(named: "c")!) } == "stale_report")
+        #expect(try await f.store.reports(round: round.id, phase: 1).count == 1)
+
+        // c took the task after all, then b and c report; after the selection window the phase closes.
+        let taskC = try #require(try await service.task(forWorkerNamed: "c"))
+        let (reportB, bytesB) = Self.evaluation(taskB, correct: 34, upload: "upload-b-1")
+        #expect(try await service.accept(reportB, bytes: bytesB, worker: try await f.store.worker(named: "b")!) == false)
+        let (reportC, bytesC) = Self.evaluation(taskC, correct: 35, upload: "upload-c-1")
+        #expect(try await service.accept(reportC, bytes: bytesC, worker: try await f.store.worker(named: "c")!) == false)
+        try await Task.sleep(for: .seconds(3.2))
+        for name in ["a", "b", "c"] { try await f.touch(name) }
+        await service.tick()
+        let closed = try await Self.phase(f.store, round.id)
+        #expect(closed.phase == 2 && closed.state == "running")
+        // A retry of an accepted upload after the phase closed is still answered as a duplicate; anything else is stale.
+        #expect(try await service.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!) == true)
+        #expect(await Self.code { _ = try await service.accept(again, bytes: againBytes, worker: try await f.store.worker(named: "c")!) } == "already_reported")
+        let progress = try RoundService.progress(closed)
+        #expect(progress.phases[1].reports == 3)
+        #expect(progress.after?.accuracy == Double(30 + 34 + 35) / 120)
+        #expect(progress.sites["a"]?.accuracyAfter == 30.0 / 40)
+    }
+
+    @Test func aRestartedCoordinatorRefoldsAcceptedReports() async throws {
+        let f = try Fixture()
+        try await f.enroll(["a", "b"])
+        let before = try f.service()
+        let round = try await f.start(before)
+        let taskA = try #require(try await before.task(forWorkerNamed: "a"))
+        _ = try #require(try await before.task(forWorkerNamed: "b"))
+        let (reportA, bytesA) = Self.evaluation(taskA, correct: 20, upload: "upload-a-1")
+        #expect(try await before.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!) == false)
+
+        // The coordinator dies (its memory is gone); a new one serves the same directory.
+        let after = try f.service()
+        #expect(try await after.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!) == true,
+                "the acknowledged report is known after the restart")
+        let (reportB, bytesB) = Self.evaluation(taskA, correct: 28, upload: "upload-b-1")
+        #expect(try await after.accept(reportB, bytes: bytesB, worker: try await f.store.worker(named: "b")!) == false)
+        try await Task.sleep(for: .seconds(3.2))
+        for name in ["a", "b"] { try await f.touch(name) }
+        await after.tick()
+        let progress = try RoundService.progress(try await Self.phase(f.store, round.id))
+        #expect(progress.phases[1].reports == 2)
+        #expect(progress.after?.accuracy == Double(20 + 28) / 80, "both reports, each once")
+    }
+
+    @Test func aPhaseWithoutQuorumFailsTheRoundAtItsDeadline() async throws {
+        let f = try Fixture()
+        try await f.enroll(["a", "b"])
+        let service = try f.service()
+        let round = try await f.start(service, minWorkers: 2, deadline: 2)
+        let taskA = try #require(try await service.task(forWorkerNamed: "a"))
+        let (reportA, bytesA) = Self.evaluation(taskA, correct: 20, upload: "upload-a-1")
+        _ = try await service.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!)
+        try await Task.sleep(for: .seconds(2.2))
+        try await f.touch("a")
+        await service.tick()
+        let failed = try await Self.phase(f.store, round.id)
+        #expect(failed.state == "failed")
+        #expect(failed.message?.contains("got 1 of the 2 reports") == true, "\(failed.message ?? "")")
+        #expect(await Self.code { _ = try await service.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!) } == nil,
+                "the accepted upload is still recognised")
+    }
+
+    @Test func silentWorkersAreDroppedAndTheirLateReportsRefused() async throws {
+        let f = try Fixture()
+        try await f.enroll(["a", "b", "c"])
+        let service = try f.service()
+        let round = try await f.start(service, minWorkers: 2)
+        let task = try #require(try await service.task(forWorkerNamed: "a"))
+        for name in ["b", "c"] { _ = try await service.task(forWorkerNamed: name) }
+        for (name, correct) in [("a", 30), ("b", 31)] {
+            let (r, bytes) = Self.evaluation(task, correct: UInt64(correct), upload: "upload-\(name)-1")
+            _ = try await service.accept(r, bytes: bytes, worker: try await f.store.worker(named: name)!)
+        }
+        // c goes silent (no heartbeat for more than three poll intervals): the phase closes without it.
+        try await Task.sleep(for: .seconds(3.2))
+        for name in ["a", "b"] { try await f.touch(name) }
+        try await f.touch("c", at: Date().addingTimeInterval(-10))
+        await service.tick()
+        #expect(try await Self.phase(f.store, round.id).phase == 2)
+        let (late, lateBytes) = Self.evaluation(task, correct: 10, upload: "upload-c-1")
+        #expect(await Self.code { _ = try await service.accept(late, bytes: lateBytes, worker: try await f.store.worker(named: "c")!) } == "stale_report")
+        let refused = try await f.store.assignments(round: round.id, phase: 1).first { $0.worker == "c" }
+        #expect(refused?.droppedAt != nil)
+    }
+
+    @Test func invalidReportsAreRefusedWithReasonsAndNotStored() async throws {
+        let f = try Fixture()
+        try await f.enroll(["a", "b"], samples: 30)
+        let service = try f.service()
+        let round = try await f.start(service)
+        let task = try #require(try await service.task(forWorkerNamed: "a"))
+        var (report, _) = Self.evaluation(task, correct: 30, upload: "upload-a-1")
+        report.evaluation.compressedCorrect = 99  // more correct answers than samples
+        #expect(await Self.code { _ = try await service.accept(report, bytes: try report.serializedBytes(), worker: try await f.store.worker(named: "a")!) } == "invalid_report")
+        report.evaluation.compressedCorrect = 30
+        report.evaluation.samples = 40  // more than the 30 the worker declared
+        #expect(await Self.code { _ = try await service.accept(report, bytes: try report.serializedBytes(), worker: try await f.store.worker(named: "a")!) } == "invalid_report")
+        report.uploadID = "x"
+        #expect(await Self.code { _ = try await service.accept(report, bytes: try report.serializedBytes(), worker: try await f.store.worker(named: "a")!) } == "bad_report")
+        #expect(try await f.store.reports(round: round.id, phase: 1).isEmpty)
+        let view = try await service.view(try await Self.phase(f.store, round.id))
+        #expect(view.phases[1].refused == 2)
+    }
+}
