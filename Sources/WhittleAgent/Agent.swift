@@ -172,7 +172,8 @@ public struct RunCommand: ParsableCommand {
     @Option(name: .long, help: "Labels of the samples (.npy).") var labels: String?
     @Option(name: .long, help: "Held-out local samples (.npy) for the evaluation phase (default: --data).") var evalData: String?
     @Option(name: .long, help: "Labels of --eval-data (.npy).") var evalLabels: String?
-    @Option(name: .long, help: "Memory budget for jobs, e.g. 1GB.") var memoryLimit: String?
+    @Option(name: .long, help: "Memory budget for jobs, e.g. 1GB (the batch size shrinks to fit, by the engine's estimate).") var memoryLimit: String?
+    @Option(name: .long, help: "Compute threads for jobs (default: all cores).") var threads: Int?
     @Option(name: .long, help: "Stop after this many successful heartbeats (for tests and scripts).") var heartbeats: Int?
 
     public init() {}
@@ -181,11 +182,13 @@ public struct RunCommand: ParsableCommand {
         if let memoryLimit, parseByteSize(memoryLimit) == nil { throw ValidationError("--memory-limit '\(memoryLimit)' is not a size like 1GB") }
         if let heartbeats, heartbeats < 1 { throw ValidationError("--heartbeats must be at least 1") }
         if evalLabels != nil, evalData == nil { throw ValidationError("--eval-labels needs --eval-data") }
+        if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
     }
 
     public func run() throws {
         let layout = WorkerLayout(dir)
         var state = try WorkerState.load(layout)
+        if let threads { ComputeThreads.set(threads) }
         let read = { (path: String) throws -> String in
             do { return try String(contentsOfFile: path, encoding: .utf8) } catch { throw CLIError("cannot read \(path)") }
         }

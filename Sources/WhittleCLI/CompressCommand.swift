@@ -47,6 +47,7 @@ extension ModelCommand {
         @Option(name: .long, parsing: .upToNextOption, help: "Nodes to keep in float, by name.") var keepFloat: [String] = []
         @Option(name: .long, parsing: .upToNextOption, help: "Per-node precision, NODE=float|int8|int4-weights.") var override: [String] = []
         @Flag(name: .long, help: "Report each quantized layer's effect alone (accuracy or output KL divergence).") var sensitivity = false
+        @Flag(name: .long, help: "Short names for every internal value and node in the output (smaller file; the report maps them).") var compactNames = false
 
         @Option(name: .long, help: "Evaluation samples (.npy); default: the calibration data.") var valData: String?
         @Option(name: .long, help: "Evaluation labels (.npy).") var valLabels: String?
@@ -151,6 +152,7 @@ extension ModelCommand {
             policy.overrides = try parsedOverrides()
             job.quantization = policy
             job.sensitivity = sensitivity
+            job.compactNames = compactNames
 
             let quiet = json || isatty(STDERR_FILENO) == 0
             let (compressed, result): (Model, CompressionReport)

@@ -108,3 +108,44 @@ extension Graph {
         inputs.removeAll { dropped.contains($0.name) }
     }
 }
+
+extension GraphEditing {
+    /// Short names ("t0", "t1", … for values, "n0", … for nodes) for everything but the graph's runtime inputs
+    /// and outputs: on a small quantized model the names the exporter and the QDQ convention produce
+    /// ("features.4.0.weight_DequantizeLinear_Output", twice per tensor) weigh as much as the int8 weights. Returns
+    /// the model and the map from old to new value names. Graphs with subgraphs (If, Loop, Scan), whose bodies may
+    /// refer to outer values, are returned unchanged.
+    public static func compactNames(_ model: Model) -> (Model, [String: String]) {
+        let graph = model.graph
+        let hasSubgraphs = graph.nodes.contains { node in
+            node.attributes.contains { if case .graph = $0.value { return true }; if case .graphs = $0.value { return true }; return false }
+        }
+        guard !hasSubgraphs else { return (model, [:]) }
+        let initializerNames = Set(graph.initializers.map(\.name))
+        var keep = Set(graph.outputs.map(\.name))
+        for input in graph.inputs where !initializerNames.contains(input.name) { keep.insert(input.name) }
+        var map: [String: String] = [:]
+        func name(_ old: String) -> String {
+            if old.isEmpty || keep.contains(old) { return old }
+            if let new = map[old] { return new }
+            let new = "t\(map.count)"
+            map[old] = new
+            return new
+        }
+        var out = model
+        for i in out.graph.initializers.indices { out.graph.initializers[i] = out.graph.initializers[i].renamed(name(out.graph.initializers[i].name)) }
+        for i in out.graph.nodes.indices {
+            out.graph.nodes[i].name = "n\(i)"
+            out.graph.nodes[i].inputs = out.graph.nodes[i].inputs.map(name)
+            out.graph.nodes[i].outputs = out.graph.nodes[i].outputs.map(name)
+        }
+        for i in out.graph.inputs.indices { out.graph.inputs[i].name = name(out.graph.inputs[i].name) }
+        out.graph.valueInfo = out.graph.valueInfo.compactMap { v in
+            guard let new = map[v.name] else { return nil }
+            var v = v
+            v.name = new
+            return v
+        }
+        return (out, map)
+    }
+}

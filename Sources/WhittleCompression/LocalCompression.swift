@@ -57,6 +57,8 @@ public struct LocalCompression {
     public var distill = false
     public var quantization = QuantizationPolicy(mode: .none)
     public var sensitivity = false
+    /// Rename every internal value and node to a short name in the output (`GraphEditing.compactNames`).
+    public var compactNames = false
     public var batchSize = 32
     public var seed: UInt64 = 0
 
@@ -199,6 +201,8 @@ public struct LocalCompression {
             }
             model = quantized
         }
+        var renamed: [String: String]?
+        if compactNames { (model, renamed) = GraphEditing.compactNames(model) }
         let afterLogits = try timed("evaluation") { try logits(try InferenceSession(model: model), evaluationData) }
         var report = CompressionReport(model: modelName, output: outputName, before: before,
                                        after: try figures(model, logits: afterLogits, data: evaluationData))
@@ -207,6 +211,7 @@ public struct LocalCompression {
         report.calibration = calibrationSection
         report.quantization = summary
         report.sensitivity = sensitivityRows
+        report.renamedValues = renamed
         timings["total"] = seconds(clock.now - start)
         report.timings = timings
         return (model, report)

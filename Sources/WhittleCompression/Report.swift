@@ -175,6 +175,8 @@ public struct CompressionReport: Sendable, Codable {
     public var sensitivity: [Sensitivity]?
     /// Seconds per stage: importance, pruning, finetune, calibration, export, evaluation, total.
     public var timings: [String: Double]
+    /// With compact names: each renamed value's original name → its name in the file.
+    public var renamedValues: [String: String]?
     /// Federated rounds: the round's id, its phases, and one row per worker.
     public var round: String?
     public var phases: [PhaseRow]?

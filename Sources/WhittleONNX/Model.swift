@@ -310,6 +310,21 @@ public struct Initializer: Sendable {
         self.tensor = try TensorCoding.decodeIfSupported(proto)
     }
 
+    /// The same initializer under another name.
+    public func renamed(_ newName: String) -> Initializer {
+        var proto = self.proto
+        proto.name = newName
+        return Initializer(name: newName, tensor: tensor, elementType: elementType, shape: shape, proto: proto)
+    }
+
+    init(name: String, tensor: Tensor?, elementType: DataType, shape: [Int], proto: Onnx_TensorProto) {
+        self.name = name
+        self.tensor = tensor
+        self.elementType = elementType
+        self.shape = shape
+        self.proto = proto
+    }
+
     /// Replaces the value (for example after pruning); the proto written back is re-encoded from it.
     public mutating func setTensor(_ newValue: Tensor) {
         let docString = proto.docString

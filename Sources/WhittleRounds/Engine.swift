@@ -31,6 +31,7 @@ public struct RoundProgress: Codable, Sendable {
     public var before: CompressionReport.Figures?
     public var after: CompressionReport.Figures?
     public var agreement: Double?
+    public var renamedValues: [String: String]?
 
     public init(plan: RoundPlan, baseModel: String, startModel: String) {
         self.baseModel = baseModel
@@ -178,14 +179,18 @@ public struct RoundEngine: Sendable {
     /// The export: calibrators on the merged statistics, QDQ. Without quantization, the float model as it is.
     public func export(_ model: Model, ranges: [String: RangeStatistics], histograms: [String: Histogram], samples: Int,
                        progress: inout RoundProgress) throws -> Model {
-        guard plan.quantize != .none else { return model }
-        let policy = plan.quantizationPolicy
-        let calibrated = try LocalCompression.calibratedRanges(ranges: ranges, histograms: histograms, policy: policy)
-        let (quantized, summary) = try QDQExport.export(model, ranges: calibrated, policy: policy)
-        progress.quantization = summary
-        progress.calibration = CompressionReport.CalibrationSection(method: plan.calibration, samples: samples,
-                                                                    tensors: calibrated.count, seconds: 0)
-        return quantized
+        var out = model
+        if plan.quantize != .none {
+            let policy = plan.quantizationPolicy
+            let calibrated = try LocalCompression.calibratedRanges(ranges: ranges, histograms: histograms, policy: policy)
+            let (quantized, summary) = try QDQExport.export(model, ranges: calibrated, policy: policy)
+            progress.quantization = summary
+            progress.calibration = CompressionReport.CalibrationSection(method: plan.calibration, samples: samples,
+                                                                        tensors: calibrated.count, seconds: 0)
+            out = quantized
+        }
+        if plan.compactNames { (out, progress.renamedValues) = GraphEditing.compactNames(out) }
+        return out
     }
 
     /// Closes the evaluation: per-site rows and fleet-wide figures (accuracy over the labelled sites' samples).
@@ -229,6 +234,7 @@ public struct RoundEngine: Sendable {
         r.pruning = progress.pruning
         r.calibration = progress.calibration
         r.quantization = progress.quantization
+        r.renamedValues = progress.renamedValues
         r.round = round
         r.phases = progress.phases
         r.sites = progress.sites.values.sorted { $0.worker < $1.worker }

@@ -100,6 +100,8 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public var calibration: CalibrationMethod = .minmax
     public var perChannel = true
     public var reduceRange = false
+    /// Short internal names in the exported file (`GraphEditing.compactNames`).
+    public var compactNames = false
     public var minWorkers = 1
     /// Tasks per over-selected phase (nil: every eligible worker).
     public var workersPerPhase: Int?

@@ -112,6 +112,7 @@ public struct RoundCommand: ParsableCommand {
         @Flag(name: .long, help: "Per-output-channel weight scales (the default).") var perChannel = false
         @Flag(name: .long, help: "One weight scale per tensor.") var perTensor = false
         @Flag(name: .long, help: "7-bit weights (onnxruntime's reduce_range).") var reduceRange = false
+        @Flag(name: .long, help: "Short names for every internal value and node in the exported file (smaller; the report maps them).") var compactNames = false
         @Option(name: .long, help: "Quorum: reports a phase needs.") var minWorkers: Int = 1
         @Option(name: .long, help: "Tasks handed out per training/statistics phase (over-selection; default: all eligible).") var workersPerPhase: Int?
         @Option(name: .long, help: "Deadline per phase: 90s, 10m, 1h.") var phaseDeadline: String = "10m"
@@ -156,6 +157,7 @@ public struct RoundCommand: ParsableCommand {
             guard !(perChannel && perTensor) else { throw ValidationError("--per-channel and --per-tensor exclude each other") }
             p.perChannel = !perTensor
             p.reduceRange = reduceRange
+            p.compactNames = compactNames
             p.minWorkers = minWorkers
             p.workersPerPhase = workersPerPhase
             guard let deadline = TokenCommand.Create.seconds(phaseDeadline) else {

@@ -362,8 +362,18 @@ actor RoundService {
             }
         }
         active = try await store.assignments(round: round.id, phase: round.phase).filter { $0.droppedAt == nil }
+        // The selection window: long enough for every online worker to poll once, unless every worker that could
+        // take the task already has it, or the over-selection cap is reached.
         let full = phase.kind.overSelected && plan.workersPerPhase.map { active.count >= $0 } == true
-        let windowOver = full || now.timeIntervalSince1970 >= opened + Double(2 * pollSeconds) + 1
+        let assigned = Set(active.map(\.worker))
+        var waitingFor = 0
+        for w in try await store.workers() where !assigned.contains(w.name) && !reported.contains(w.name) && w.revokedAt == nil {
+            guard let seen = w.lastContactAt, now.timeIntervalSince(seen) <= Double(3 * pollSeconds),
+                let c = Self.capabilities(w), c.samples > 0 else { continue }
+            if phase.kind == .finetune, !c.labels, !plan.distill { continue }
+            waitingFor += 1
+        }
+        let windowOver = full || waitingFor == 0 || now.timeIntervalSince1970 >= opened + Double(2 * pollSeconds) + 1
         let allIn = active.allSatisfy { reported.contains($0.worker) }
         if reported.count >= plan.minWorkers, (windowOver && allIn) || deadlinePassed {
             for a in active where !reported.contains(a.worker) {

@@ -83,7 +83,7 @@ class Fleet:
 
     def start_worker(self, name, *extra):
         files = self.workers[name]
-        args = [self.worker_binary, "run", "--dir", self.dir / name, "--data", files["x"]]
+        args = [self.worker_binary, "run", "--dir", self.dir / name, "--data", files["x"], "--threads", "1"]
         if "y" in files:
             args += ["--labels", files["y"]]
         if "eval_x" in files:

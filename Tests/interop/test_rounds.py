@@ -17,7 +17,7 @@ INT8_LOSS_POINTS = 0.3
 PRUNED_INT8_LOSS_POINTS = 1.5
 PRUNED_SHRINK_FACTOR = 10
 # Federated fine-tuning rounds after pruning (one local epoch each).
-ROUNDS = "6"
+ROUNDS = "10"
 
 
 @pytest.fixture
@@ -124,9 +124,9 @@ def test_pruning_distillation_int8_round_meets_the_quality_goal(coordinator_serv
         if k % 2 == 1:  # unlabeled boards take part through the teacher
             fleet.workers[name].pop("y")
         fleet.start_worker(name)
-    started = fleet.round("start", "--model", MODEL, "--prune-ratio", "0.5", "--importance", "taylor",
-                          "--finetune-rounds", ROUNDS, "--local-epochs", "1", "--lr", "0.01", "--distill",
-                          "--quantize", "int8", "--calibration", "entropy", "--reduce-range",
+    started = fleet.round("start", "--model", MODEL, "--prune-ratio", "0.5", "--prune-scope", "local",
+                          "--importance", "taylor", "--finetune-rounds", ROUNDS, "--local-epochs", "2", "--lr", "0.005",
+                          "--distill", "--quantize", "int8", "--calibration", "entropy", "--reduce-range", "--compact-names",
                           "--min-workers", "4", "--phase-deadline", "5m", "--json")
     round_id = json.loads(started.stdout)["id"]
     status = fleet.wait(round_id, timeout=900)
@@ -148,4 +148,46 @@ def test_pruning_distillation_int8_round_meets_the_quality_goal(coordinator_serv
                                                                             "evaluate", "distribute"]
     sites = {s["worker"]: s for s in report["sites"]}
     assert sorted(sites) == names and all(s["received"] for s in sites.values())
+    fleet.stop_workers()
+
+
+def test_kill_9_mid_round_loses_nothing_and_counts_nothing_twice(coordinator_server, release_worker_path, tmp_path,
+                                                                  spawn_any):
+    """The coordinator is killed with SIGKILL twice while a round runs (during fine-tuning and during the histogram
+    pass) and restarted on the same address: the round finishes, every phase counted each worker exactly once, and
+    the workers rode out the downtime."""
+    fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any, samples=250)
+    for name in names:
+        fleet.start_worker(name)
+    started = fleet.round("start", "--model", MODEL, "--prune-ratio", "0.3", "--importance", "activation",
+                          "--finetune-rounds", "4", "--local-epochs", "1", "--distill", "--quantize", "int8",
+                          "--calibration", "percentile", "--min-workers", "4", "--phase-deadline", "5m", "--json")
+    round_id = json.loads(started.stdout)["id"]
+    kinds = [p["kind"] for p in json.loads(started.stdout)["phases"]]
+    kill_at = [3, kinds.index("histograms")]
+    server, port = fleet.server, fleet.server.port
+    deadline = time.monotonic() + 600
+    while kill_at:
+        status = fleet.status(round_id)
+        assert status["state"] == "running", status
+        if status["phase"] >= kill_at[0]:
+            kill_at.pop(0)
+            server.kill()  # SIGKILL: no graceful anything
+            time.sleep(1.5)
+            server.start(listen=f"127.0.0.1:{port}")
+        assert time.monotonic() < deadline, "the round did not reach the phases to interrupt"
+        time.sleep(0.2)
+    status = fleet.wait(round_id, timeout=600)
+    assert status["state"] == "succeeded", status
+    assert server.starts == 3
+    worker_phases = [p for p in status["phases"] if p["kind"] not in ("prune", "fold", "export")]
+    for p in worker_phases:
+        assert p["reports"] == 4, p
+    for site in status["sites"]:
+        assert site["phasesServed"] == len(worker_phases), site
+    out = tmp_path / "round.onnx"
+    fleet.round("fetch", round_id, "--out", out)
+    tx, ty = load_test_split()
+    accuracy, _ = onnx_accuracy(out, tx, ty)
+    assert accuracy > 0.5, accuracy
     fleet.stop_workers()
