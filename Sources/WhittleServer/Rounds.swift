@@ -351,11 +351,12 @@ actor RoundService {
         let deadlinePassed = now.timeIntervalSince1970 >= opened + plan.phaseDeadlineSeconds
         let reported = o.accumulator.workers
         var active = try await store.assignments(round: round.id, phase: round.phase).filter { $0.droppedAt == nil }
-        // Workers that went silent (no heartbeat for three poll intervals) or were revoked are given up.
+        // Workers that went silent (no heartbeat for three poll intervals since they took the task, and since the
+        // phase opened: a long transition holds heartbeats back) or were revoked are given up.
         for a in active where !reported.contains(a.worker) {
             let w = try await store.worker(named: a.worker)
-            let silent = w?.lastContactAt.map { now.timeIntervalSince($0) > Double(3 * pollSeconds) } ?? true
-            if w?.revokedAt != nil || silent {
+            let since = max(w?.lastContactAt ?? .distantPast, a.assignedAt, round.phaseStartedAt)
+            if w?.revokedAt != nil || now.timeIntervalSince(since) > Double(3 * pollSeconds) {
                 try await store.dropAssignment(round: round.id, phase: round.phase, worker: a.worker, at: now)
                 logger.warning("worker dropped from phase", metadata: ["round.id": "\(round.id)", "worker.name": "\(a.worker)",
                                                                        "phase": "\(phase.label)"])
@@ -386,9 +387,15 @@ actor RoundService {
         if deadlinePassed {
             throw APIError(.conflict, "quorum", "\(phase.label) got \(reported.count) of the \(plan.minWorkers) reports it needs (--min-workers) by its deadline (\(Int(plan.phaseDeadlineSeconds)) s)")
         }
-        let usable = try await store.workers().filter { $0.revokedAt == nil && $0.certificateExpiresAt > now }.count
+        // Fail now when the quorum is out of reach: reports in, assigned workers still working, and workers not yet
+        // given the task who could still take it (a dropped worker cannot come back to the phase).
+        let everAssigned = Set(try await store.assignments(round: round.id, phase: round.phase).map(\.worker))
+        let couldJoin = try await store.workers().filter {
+            $0.revokedAt == nil && $0.certificateExpiresAt > now && !everAssigned.contains($0.name)
+        }.count
+        let usable = reported.count + active.filter { !reported.contains($0.worker) }.count + couldJoin
         if usable < plan.minWorkers {
-            throw APIError(.conflict, "quorum", "only \(usable) workers are enrolled and usable; the round needs \(plan.minWorkers) (--min-workers)")
+            throw APIError(.conflict, "quorum", "\(phase.label) can reach at most \(usable) reports (\(reported.count) in, the other workers dropped, revoked or missing); the round needs \(plan.minWorkers) (--min-workers)")
         }
     }
 

@@ -182,7 +182,7 @@ import WhittleTestSupport
             _ = try await service.accept(r, bytes: bytes, worker: try await f.store.worker(named: name)!)
         }
         // c goes silent (no heartbeat for more than three poll intervals): the phase closes without it.
-        try await Task.sleep(for: .seconds(3.2))
+        try await Task.sleep(for: .seconds(3.6))
         for name in ["a", "b"] { try await f.touch(name) }
         try await f.touch("c", at: Date().addingTimeInterval(-10))
         await service.tick()
@@ -210,5 +210,18 @@ import WhittleTestSupport
         #expect(try await f.store.reports(round: round.id, phase: 1).isEmpty)
         let view = try await service.view(try await Self.phase(f.store, round.id))
         #expect(view.phases[1].refused == 2)
+    }
+
+    @Test func aQuorumOutOfReachFailsAtOnce() async throws {
+        let f = try Fixture()
+        try await f.enroll(["a", "b"])
+        let service = try f.service()
+        let round = try await f.start(service, minWorkers: 2)
+        _ = try #require(try await service.task(forWorkerNamed: "a"))
+        _ = try await f.store.revoke(name: "b", at: Date())
+        await service.tick()
+        let failed = try await Self.phase(f.store, round.id)
+        #expect(failed.state == "failed")
+        #expect(failed.message?.contains("can reach at most 1 reports") == true, "\(failed.message ?? "")")
     }
 }

@@ -191,3 +191,35 @@ def test_kill_9_mid_round_loses_nothing_and_counts_nothing_twice(coordinator_ser
     accuracy, _ = onnx_accuracy(out, tx, ty)
     assert accuracy > 0.5, accuracy
     fleet.stop_workers()
+
+
+def test_continual_round_from_an_earlier_one_with_ewc_and_int8_deltas(coordinator_server, release_worker_path,
+                                                                       tmp_path, spawn_any):
+    """A round re-tunes an earlier round's model (--from-round) with EWC (a federated Fisher phase first) and int8
+    deltas; the workers' labels are gone (distillation). A bad plan is refused before anything starts."""
+    fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any, samples=120)
+    for name in names:
+        fleet.start_worker(name)
+    first = json.loads(fleet.round("start", "--model", MODEL, "--prune-ratio", "0.25", "--finetune-rounds", "1",
+                                   "--quantize", "none", "--min-workers", "4", "--json").stdout)["id"]
+    assert fleet.wait(first)["state"] == "succeeded"
+    refused = fleet.round("start", "--from-round", first, "--ewc", "10", "--json", check=False)
+    assert refused.returncode != 0 and "--finetune-rounds" in refused.stderr, refused.stderr
+    second = json.loads(fleet.round("start", "--from-round", first, "--finetune-rounds", "2", "--ewc", "10",
+                                    "--distill", "--delta-compression", "int8", "--quantize", "int8",
+                                    "--min-workers", "4", "--json").stdout)
+    assert [p["kind"] for p in second["phases"]] == ["fisher", "finetune", "finetune", "fold", "ranges", "export",
+                                                     "evaluate", "distribute"]
+    status = fleet.wait(second["id"])
+    assert status["state"] == "succeeded", status
+    finetune = [p for p in status["phases"] if p["kind"] == "finetune"]
+    fisher = [p for p in status["phases"] if p["kind"] == "fisher"][0]
+    # int8 deltas: about a byte per parameter, against four for the float Fisher sums.
+    assert all(p["bytesUp"] < 0.4 * fisher["bytesUp"] for p in finetune), (finetune, fisher)
+    out = tmp_path / "second.onnx"
+    fleet.round("fetch", second["id"], "--out", out)
+    tx, ty = load_test_split()
+    assert onnx_accuracy(out, tx, ty)[0] > 0.5
+    listed = fleet.round("list").stdout
+    assert first in listed and second["id"] in listed
+    fleet.stop_workers()
