@@ -216,4 +216,17 @@ let gradientSumTolerance: Float = 1e-4
         try accumulator.add(good, worker: "w1", maximumSamples: 100)
         #expect(accumulator.reports == 2)
     }
+
+    @Test func theBatchSizeShrinksToTheMemoryLimit() throws {
+        #expect(try WorkerJobs.batchSize(model: Self.model, planned: 32, memoryLimit: nil, training: true) == 32)
+        #expect(try WorkerJobs.batchSize(model: Self.model, planned: 32, memoryLimit: 1 << 34, training: true) == 32)
+        let session = try InferenceSession(model: Self.model)
+        let limit = 12 << 20
+        let small = try WorkerJobs.batchSize(model: Self.model, planned: 256, memoryLimit: limit, training: false)
+        #expect(small >= 1 && small < 256)
+        #expect(small == (try session.largestBatch(fittingIn: limit, limit: 256)))
+        let training = try WorkerJobs.batchSize(model: Self.model, planned: 256, memoryLimit: limit, training: true)
+        #expect(training < small, "training budgets a third of the limit")
+        #expect(throws: CompressionError.self) { try WorkerJobs.batchSize(model: Self.model, planned: 32, memoryLimit: 1024, training: false) }
+    }
 }

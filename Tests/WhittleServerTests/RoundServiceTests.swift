@@ -224,4 +224,31 @@ import WhittleTestSupport
         #expect(failed.state == "failed")
         #expect(failed.message?.contains("can reach at most 1 reports") == true, "\(failed.message ?? "")")
     }
+
+    @Test func overSelectionCapsStatisticsPhasesAndCancelEndsTheRound() async throws {
+        let f = try Fixture()
+        try await f.enroll(["a", "b", "c"])
+        let service = try f.service()
+        var plan = RoundPlan()
+        plan.quantize = .int8
+        plan.minWorkers = 1
+        plan.workersPerPhase = 2
+        plan.modelSHA256 = try await service.storeArtifact(Self.modelBytes)
+        let round = try await service.start(plan)
+        #expect(plan.phases[round.phase].kind == .ranges, "fold ran at the start")
+        let a = try await service.task(forWorkerNamed: "a"), b = try await service.task(forWorkerNamed: "b")
+        let c = try await service.task(forWorkerNamed: "c")
+        #expect(a?.kind == "ranges" && b?.kind == "ranges" && c == nil, "two tasks for --workers-per-phase 2")
+        #expect(a?.tensors.isEmpty == false)
+        let cancelled = try await service.cancel(round.id)
+        #expect(cancelled.state == "cancelled")
+        var report = Whittle_TaskReport()
+        report.roundID = round.id
+        report.phase = UInt32(round.phase)
+        report.uploadID = "upload-a-1"
+        report.calibration = Whittle_CalibrationReport()
+        #expect(await Self.code { _ = try await service.accept(report, bytes: try report.serializedBytes(), worker: try await f.store.worker(named: "a")!) } == "stale_report")
+        #expect(try await service.task(forWorkerNamed: "a") == nil)
+        #expect(await Self.code { _ = try await service.cancel(round.id) } == "round_ended")
+    }
 }

@@ -201,7 +201,8 @@ def test_continual_round_from_an_earlier_one_with_ewc_and_int8_deltas(coordinato
     for name in names:
         fleet.start_worker(name)
     first = json.loads(fleet.round("start", "--model", MODEL, "--prune-ratio", "0.25", "--finetune-rounds", "1",
-                                   "--quantize", "none", "--min-workers", "4", "--json").stdout)["id"]
+                                   "--aggregation", "trimmed-mean", "--clip-norm", "5", "--quantize", "none",
+                                   "--min-workers", "4", "--json").stdout)["id"]
     assert fleet.wait(first)["state"] == "succeeded"
     refused = fleet.round("start", "--from-round", first, "--ewc", "10", "--json", check=False)
     assert refused.returncode != 0 and "--finetune-rounds" in refused.stderr, refused.stderr
