@@ -105,6 +105,7 @@ public struct RoundEngine: Sendable {
         t.histogramBins = UInt32(expectation.histogramBins)
         t.deadline = deadline
         t.batchSize = UInt32(plan.batchSize)
+        t.optimizer = plan.optimizer.rawValue
         return t
     }
 

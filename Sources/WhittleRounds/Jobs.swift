@@ -77,6 +77,12 @@ public enum WorkerJobs {
         configuration.batchSize = batchSize
         configuration.learningRate = task.learningRate
         configuration.seed = task.seed
+        if !task.optimizer.isEmpty {
+            guard let optimizer = LocalOptimizer(rawValue: task.optimizer) else {
+                throw CompressionError(.invalidArgument, "the task asks for optimizer '\(task.optimizer)', which this worker does not know")
+            }
+            configuration.optimizer = optimizer.kind
+        }
         let teacherSession = try (task.distill ? teacher : nil).map { try InferenceSession(model: $0) }
         if teacherSession != nil { configuration.distillation = (4, data.labels == nil ? 1 : 0.5) }
         guard data.labels != nil || teacherSession != nil else {

@@ -14,6 +14,19 @@ public enum AggregationMethod: String, Codable, Sendable, CaseIterable {
 }
 
 /// How workers send deltas.
+/// The workers' local optimizer for fine-tuning (a fresh one every round, as in FedAvg).
+public enum LocalOptimizer: String, Codable, Sendable, CaseIterable {
+    case sgd, adam, adamw
+
+    public var kind: OptimizerKind {
+        switch self {
+        case .sgd: return .sgd(momentum: 0.9, nesterov: false, weightDecay: 0)
+        case .adam: return .adam(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0)
+        case .adamw: return .adamW(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0)
+        }
+    }
+}
+
 public enum DeltaCompression: String, Codable, Sendable, CaseIterable {
     case none
     /// int8 per tensor with error feedback on the worker.
@@ -91,6 +104,7 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public var finetuneRounds = 0
     public var localEpochs = 1
     public var learningRate: Float = 0.01
+    public var optimizer: LocalOptimizer = .sgd
     public var batchSize = 32
     /// Distill from the base model: workers without labels can fine-tune.
     public var distill = false

@@ -103,7 +103,8 @@ public struct RoundCommand: ParsableCommand {
         @Option(name: .long, help: "Remove at most this fraction of any group.") var maxLayerRatio: Double = 0.9
         @Option(name: .long, help: "FedAvg rounds after each pruning step.") var finetuneRounds: Int = 0
         @Option(name: .long, help: "Local epochs per fine-tune round.") var localEpochs: Int = 1
-        @Option(name: .long, help: "Learning rate (SGD with momentum; cosine over the rounds of a step).") var lr: Float = 0.01
+        @Option(name: .long, help: "Learning rate of local fine-tuning (cosine over the rounds of a step).") var lr: Float = 0.01
+        @Option(name: .long, help: "Local optimizer: sgd (momentum 0.9), adam or adamw; fresh every round.") var optimizer: String = "sgd"
         @Option(name: .long, help: "Batch size on the workers (a worker with --memory-limit may use less).") var batchSize: Int = 32
         @Flag(name: .long, help: "Fine-tune by distillation from the base model (workers without labels take part).") var distill = false
         @Option(name: .long, help: "EWC penalty weight towards the starting model (adds a Fisher phase).") var ewc: Float?
@@ -149,6 +150,7 @@ public struct RoundCommand: ParsableCommand {
             p.finetuneRounds = finetuneRounds
             p.localEpochs = localEpochs
             p.learningRate = lr
+            p.optimizer = try choice(optimizer, "--optimizer")
             p.batchSize = batchSize
             p.distill = distill
             p.ewcLambda = ewc

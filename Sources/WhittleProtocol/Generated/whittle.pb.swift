@@ -372,6 +372,12 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._batchSize = newValue}
   }
 
+  /// finetune: the local optimizer, sgd (momentum 0.9) | adam | adamw (fresh every round, as in FedAvg).
+  public var optimizer: String {
+    get {_storage._optimizer}
+    set {_uniqueStorage()._optimizer = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1070,7 +1076,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Task"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0")
 
   fileprivate class _StorageClass {
     var _roundID: String = String()
@@ -1093,6 +1099,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
     var _histogramBins: UInt32 = 0
     var _deadline: Double = 0
     var _batchSize: UInt32 = 0
+    var _optimizer: String = String()
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -1123,6 +1130,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       _histogramBins = source._histogramBins
       _deadline = source._deadline
       _batchSize = source._batchSize
+      _optimizer = source._optimizer
     }
   }
 
@@ -1161,6 +1169,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         case 18: try { try decoder.decodeSingularUInt32Field(value: &_storage._histogramBins) }()
         case 19: try { try decoder.decodeSingularDoubleField(value: &_storage._deadline) }()
         case 20: try { try decoder.decodeSingularUInt32Field(value: &_storage._batchSize) }()
+        case 21: try { try decoder.decodeSingularStringField(value: &_storage._optimizer) }()
         default: break
         }
       }
@@ -1229,6 +1238,9 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       if _storage._batchSize != 0 {
         try visitor.visitSingularUInt32Field(value: _storage._batchSize, fieldNumber: 20)
       }
+      if !_storage._optimizer.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._optimizer, fieldNumber: 21)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1258,6 +1270,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         if _storage._histogramBins != rhs_storage._histogramBins {return false}
         if _storage._deadline != rhs_storage._deadline {return false}
         if _storage._batchSize != rhs_storage._batchSize {return false}
+        if _storage._optimizer != rhs_storage._optimizer {return false}
         return true
       }
       if !storagesAreEqual {return false}
