@@ -64,7 +64,7 @@ let package = Package(
         .target(
             name: "WhittleServer",
             dependencies: [
-                "WhittlePKI", "WhittleStore", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI", "WhittleRounds",
+                "WhittlePKI", "WhittleStore", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI", "WhittleRounds", "WhittleTensor",
                 "WhittleCompression", "WhittleONNX",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),

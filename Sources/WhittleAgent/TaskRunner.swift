@@ -88,7 +88,8 @@ final class TaskRunner {
                 ewc = WorkerJobs.EWC(lambda: task.ewcLambda, fisher: try state.fisher.mapValues { try $0.decoded() },
                                      reference: try state.reference.mapValues { try $0.decoded() })
             }
-            let training = task.kind == PhaseKind.finetune.rawValue || task.kind == PhaseKind.fisher.rawValue
+            let training = task.kind == PhaseKind.finetune.rawValue || task.kind == PhaseKind.qat.rawValue
+                || task.kind == PhaseKind.fisher.rawValue
                 || (task.kind == PhaseKind.importance.rawValue && task.criterion == ImportanceCriterion.taylor.rawValue)
             let batch = try WorkerJobs.batchSize(model: model, planned: Int(max(task.batchSize, 1)), memoryLimit: memoryLimit,
                                                  training: training)

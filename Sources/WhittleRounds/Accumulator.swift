@@ -52,7 +52,7 @@ public struct PhaseAccumulator: Sendable {
         self.aggregation = aggregation
         self.clipNorm = clipNorm
         self.trimFraction = trimFraction
-        fedavg = FedAvgAccumulator(validator: UpdateValidator(shapes: expectation.kind == .finetune ? expectation.shapes : [:]),
+        fedavg = FedAvgAccumulator(validator: UpdateValidator(shapes: expectation.kind.trains ? expectation.shapes : [:]),
                                    clipNorm: clipNorm)
     }
 
@@ -83,12 +83,12 @@ public struct PhaseAccumulator: Sendable {
     mutating func fold(_ report: Whittle_TaskReport, worker: String, maximumSamples: Int) throws {
         let e = expectation
         switch (e.kind, report.result) {
-        case (.importance, .importance(let message)):
+        case (.importance, .importance(let message)), (.normalization, .importance(let message)):
             var s = ImportanceStatistics()
             s.channels = try message.channels.mapValues { try $0.decoded() }
             s.gradientSums = try message.gradientSums.mapValues { try $0.decoded() }
             s.samples = try checkSamples(message.samples, maximumSamples)
-            if e.criterion == .taylor {
+            if e.kind == .importance, e.criterion == .taylor {
                 guard !s.gradientSums.isEmpty else { throw refuse("a Taylor importance report needs gradient sums") }
                 for (name, g) in s.gradientSums where e.shapes[name] != g.shape {
                     throw refuse("gradient sums for '\(name)' have shape \(g.shape); the model's parameter is \(e.shapes[name].map { "\($0)" } ?? "unknown")")
@@ -105,7 +105,7 @@ public struct PhaseAccumulator: Sendable {
             }
             importance = try importance.merged(with: s)
             samples += s.samples
-        case (.finetune, .update(let message)):
+        case (.finetune, .update(let message)), (.qat, .update(let message)):
             var deltas = try message.deltas.mapValues { try $0.decoded() }
             for (name, q) in message.compressedDeltas {
                 guard deltas[name] == nil else { throw refuse("parameter '\(name)' is sent both as float and as int8") }

@@ -18,12 +18,16 @@ public struct RoundProgress: Codable, Sendable {
     public var finalModel: String?
     /// EWC's Fisher and reference parameters (an EWCState artifact).
     public var ewcState: String?
+    /// FedAvgM's velocity (a WeightUpdate artifact holding it as `deltas`), while fine-tuning rounds run.
+    public var serverVelocity: String?
     public var originalChannels: [String: Int] = [:]
     public var originalIndex: [String: [Int]] = [:]
     public var pruning: CompressionReport.PruningSection?
     /// The merged pass-1 ranges (kept for the export after the histogram pass).
     public var rangeStatistics: [String: RangeStatistics]?
     public var histogramUpper: [String: Float]?
+    /// The calibrated activation ranges ([min, max] per tensor), fixed once the calibration phases close.
+    public var calibrated: [String: [Float]]?
     public var calibration: CompressionReport.CalibrationSection?
     public var quantization: QuantizationSummary?
     public var phases: [CompressionReport.PhaseRow]
@@ -63,8 +67,10 @@ public struct RoundEngine: Sendable {
                     if let t = g.statisticsTensor { e.channels[t] = g.channels }
                 }
             }
-        case .finetune, .fisher:
+        case .finetune, .fisher, .qat:
             e.shapes = updateShapes(model)
+        case .normalization:
+            e.channels = Self.normalizationInputs(model)
         case .ranges:
             e.tensors = try QDQExport.calibrationTensors(model, policy: plan.quantizationPolicy)
         case .histograms:
@@ -92,7 +98,13 @@ public struct RoundEngine: Sendable {
         t.teacherBytes = UInt64(artifactBytes(progress.baseModel))
         t.criterion = plan.importance.rawValue
         t.localEpochs = UInt32(plan.localEpochs)
-        t.learningRate = plan.learningRate(iteration: phase.iteration)
+        t.learningRate = phase.kind == .qat ? plan.qatLearningRate(iteration: phase.iteration) : plan.learningRate(iteration: phase.iteration)
+        if phase.kind == .qat, let calibrated = progress.calibrated {
+            t.activationMin = calibrated.mapValues { $0[0] }
+            t.activationMax = calibrated.mapValues { $0[1] }
+            t.perChannel = plan.perChannel
+            t.reduceRange = plan.reduceRange
+        }
         t.seed = plan.seed &+ UInt64(index)
         t.distill = plan.distill
         t.compressDeltas = plan.deltaCompression == .int8
@@ -150,13 +162,54 @@ public struct RoundEngine: Sendable {
         return pruned
     }
 
-    /// Closes a fine-tuning phase: the aggregated delta applied to the model; the mean local loss recorded.
-    public func finetuned(_ model: Model, _ accumulator: PhaseAccumulator, progress: inout RoundProgress) throws -> Model {
-        let out = try applying(try accumulator.delta(), to: model)
+    /// Closes a fine-tuning phase: the aggregated delta (with server momentum: the updated velocity `velocity`,
+    /// scaled by the server learning rate) applied to the model; the mean local loss recorded. Returns the model and
+    /// the new velocity (nil without server momentum).
+    public func finetuned(_ model: Model, _ accumulator: PhaseAccumulator, velocity: [String: Tensor]?,
+                          progress: inout RoundProgress) throws -> (Model, [String: Tensor]?) {
+        var step = try accumulator.delta()
+        var next: [String: Tensor]?
+        if plan.serverMomentum > 0 || plan.serverLearningRate != 1 {
+            var v: [String: Tensor] = [:]
+            let beta = Float(plan.serverMomentum), eta = Float(plan.serverLearningRate)
+            for (name, d) in step {
+                let previous = velocity?[name].flatMap { $0.shape == d.shape ? $0 : nil }
+                v[name] = Tensor(shape: d.shape, floats: previous.map { zip($0.floats, d.floats).map { beta * $0 + $1 } } ?? d.floats)
+            }
+            next = plan.serverMomentum > 0 ? v : nil
+            step = v.mapValues { Tensor(shape: $0.shape, floats: $0.floats.map { eta * $0 }) }
+        }
+        let out = try applying(step, to: model)
         let losses = accumulator.losses
         if !losses.isEmpty, var section = progress.pruning, !section.steps.isEmpty {
             section.steps[section.steps.count - 1].finetuneLoss.append(losses.reduce(0, +) / Double(losses.count))
             progress.pruning = section
+        }
+        return (out, next)
+    }
+
+    /// Each BatchNormalization input and its channel count.
+    public static func normalizationInputs(_ model: Model) -> [String: Int] {
+        var out: [String: Int] = [:]
+        for node in model.graph.nodes where node.opType == "BatchNormalization" && node.inputs.count == 5 {
+            if let scale = model.graph.initializer(named: node.inputs[1]) { out[node.inputs[0]] = scale.shape.first ?? 0 }
+        }
+        return out
+    }
+
+    /// Closes a batch-norm statistics pass: every BatchNormalization's running mean and (population) variance set to
+    /// the merged per-channel moments of its input over the fleet's data.
+    public func renormalized(_ model: Model, _ accumulator: PhaseAccumulator) throws -> Model {
+        var out = model
+        let index = model.graph.initializerIndex
+        for node in model.graph.nodes where node.opType == "BatchNormalization" && node.inputs.count == 5 {
+            guard let s = accumulator.importance.channels[node.inputs[0]], s.valuesPerChannel > 0,
+                let m = index[node.inputs[3]], let v = index[node.inputs[4]] else { continue }
+            let n = Double(s.valuesPerChannel)
+            let mean = s.sums.map { $0 / n }
+            let variance = zip(s.squaredSums, mean).map { max($0 / n - $1 * $1, 0) }
+            out.graph.initializers[m].setTensor(Tensor(shape: [mean.count], floats: mean.map { Float($0) }))
+            out.graph.initializers[v].setTensor(Tensor(shape: [variance.count], floats: variance.map { Float($0) }))
         }
         return out
     }
@@ -177,17 +230,26 @@ public struct RoundEngine: Sendable {
         accumulator.ranges.mapValues(\.absMax)
     }
 
-    /// The export: calibrators on the merged statistics, QDQ. Without quantization, the float model as it is.
-    public func export(_ model: Model, ranges: [String: RangeStatistics], histograms: [String: Histogram], samples: Int,
-                       progress: inout RoundProgress) throws -> Model {
+    /// Closes the calibration: the calibrators on the merged pass-1 ranges and (histogram methods) pass-2
+    /// histograms; the ranges stay fixed through QAT and the export.
+    public func calibrate(ranges: [String: RangeStatistics], histograms: [String: Histogram], samples: Int,
+                          progress: inout RoundProgress) throws {
+        let calibrated = try LocalCompression.calibratedRanges(ranges: ranges, histograms: histograms, policy: plan.quantizationPolicy)
+        progress.calibrated = calibrated.mapValues { [$0.min, $0.max] }
+        progress.calibration = CompressionReport.CalibrationSection(method: plan.calibration, samples: samples,
+                                                                    tensors: calibrated.count, seconds: 0)
+    }
+
+    /// The export: QDQ with the calibrated ranges. Without quantization, the float model as it is.
+    public func export(_ model: Model, progress: inout RoundProgress) throws -> Model {
         var out = model
         if plan.quantize != .none {
-            let policy = plan.quantizationPolicy
-            let calibrated = try LocalCompression.calibratedRanges(ranges: ranges, histograms: histograms, policy: policy)
-            let (quantized, summary) = try QDQExport.export(model, ranges: calibrated, policy: policy)
+            guard let calibrated = progress.calibrated else {
+                throw CompressionError(.invalidStatistics, "the export has no calibrated ranges")
+            }
+            let (quantized, summary) = try QDQExport.export(model, ranges: calibrated.mapValues { ($0[0], $0[1]) },
+                                                            policy: plan.quantizationPolicy)
             progress.quantization = summary
-            progress.calibration = CompressionReport.CalibrationSection(method: plan.calibration, samples: samples,
-                                                                        tensors: calibrated.count, seconds: 0)
             out = quantized
         }
         if plan.compactNames { (out, progress.renamedValues) = GraphEditing.compactNames(out) }

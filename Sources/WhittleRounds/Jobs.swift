@@ -36,7 +36,7 @@ public enum WorkerJobs {
                                                     batchSize: batchSize)
             try collector.collect(data: data.x, labels: data.labels)
             report.importance = Whittle_ImportanceReport(collector.statistics)
-        case .finetune:
+        case .finetune, .qat:
             report.update = try finetune(task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize,
                                          compressor: &compressor)
         case .fisher:
@@ -47,6 +47,21 @@ public enum WorkerJobs {
             fisher.sums = sums.mapValues(Whittle_FloatTensor.init)
             fisher.samples = UInt64(samples)
             report.fisher = fisher
+        case .normalization:
+            let wanted = RoundEngine.normalizationInputs(model)
+            let session = try InferenceSession(model: model)
+            var statistics = ImportanceStatistics()
+            for (batch, _) in data.batches(batchSize) {
+                _ = try session.run(batch, observing: Set(wanted.keys)) { node, outputs in
+                    for (name, value) in zip(node.outputs, outputs) where wanted[name] != nil {
+                        var s = statistics.channels[name] ?? ChannelStatistics(channels: value.shape[1])
+                        try s.add(value.floats, shape: value.shape)
+                        statistics.channels[name] = s
+                    }
+                }
+                statistics.samples += batch.shape[0]
+            }
+            report.importance = Whittle_ImportanceReport(statistics)
         case .ranges:
             let collector = CalibrationCollector(session: try InferenceSession(model: model), tensors: Set(task.tensors))
             for (batch, _) in data.batches(batchSize) { try collector.collectRanges(batch) }
@@ -89,6 +104,19 @@ public enum WorkerJobs {
             throw CompressionError(.invalidArgument, "fine-tuning needs labels on this worker, or a round with --distill")
         }
         if let ewc { configuration.ewc = (ewc.lambda, ewc.reference, ewc.fisher) }
+        if task.kind == PhaseKind.qat.rawValue {
+            configuration.weightQuantization = (.int8, task.perChannel)
+            configuration.weightReduceRange = task.reduceRange
+            let outputs = Set(model.graph.nodes.flatMap(\.outputs))
+            let range = try QuantizationParameters.range(.uint8, symmetric: false)
+            for (name, low) in task.activationMin where outputs.contains(name) {
+                guard let high = task.activationMax[name], low.isFinite, high.isFinite, low <= high else {
+                    throw CompressionError(.invalidArgument, "the task's activation range for '\(name)' is not a finite interval")
+                }
+                let p = try QuantizationParameters.compute(min: low, max: high, range: range, symmetric: false)
+                configuration.activationQuantization[name] = FakeQuantization(parameters: [p], axis: nil, range: range)
+            }
+        }
         let trainer = try Trainer(model: model, configuration: configuration)
         var loss = 0.0
         for epoch in 0..<max(1, Int(task.localEpochs)) {

@@ -43,6 +43,11 @@ public enum PhaseKind: String, Codable, Sendable, CaseIterable {
     case prune
     /// Workers: local epochs → weight deltas; the coordinator averages them into the next global model.
     case finetune
+    /// Workers: per-channel sums and sums of squares of every BatchNormalization input, under the averaged model;
+    /// the coordinator sets the running statistics from them. FedAvg averages each worker's running statistics,
+    /// which describe that worker's own weights, not the averaged ones: evaluated as they are, the averaged model
+    /// normalizes with the wrong statistics.
+    case normalization
     /// Coordinator: fold batch normalization into the convolutions before calibration.
     case fold
     /// Workers: per-tensor min/max/count of the activations the export quantizes.
@@ -51,6 +56,9 @@ public enum PhaseKind: String, Codable, Sendable, CaseIterable {
     case histograms
     /// Coordinator: calibrators → quantization ranges → QDQ model (or the float model when not quantizing).
     case export
+    /// Workers: quantization-aware fine-tuning (fake-quantized weights and activations, straight-through
+    /// estimator) → weight deltas, averaged like fine-tuning.
+    case qat
     /// Workers: base and compressed model on local data: accuracy or agreement, latency.
     case evaluate
     /// Workers: download the final model, verify its SHA-256, keep it.
@@ -58,7 +66,9 @@ public enum PhaseKind: String, Codable, Sendable, CaseIterable {
 
     public var onWorkers: Bool { ![.prune, .fold, .export].contains(self) }
     /// Phases whose task count is capped by `--workers-per-phase`; evaluation and distribution go to everyone.
-    public var overSelected: Bool { [.fisher, .importance, .finetune, .ranges, .histograms].contains(self) }
+    public var overSelected: Bool { [.fisher, .importance, .finetune, .normalization, .ranges, .histograms, .qat].contains(self) }
+    /// Phases whose reports are weight deltas.
+    public var trains: Bool { self == .finetune || self == .qat }
 }
 
 /// One phase of a round's plan.
@@ -79,6 +89,8 @@ public struct Phase: Codable, Sendable, Equatable {
         switch kind {
         case .importance, .prune: return "\(kind.rawValue) (step \(step + 1))"
         case .finetune: return "finetune (step \(step + 1), round \(iteration + 1))"
+        case .qat: return "qat (round \(iteration + 1))"
+        case .normalization: return "batch-norm statistics (step \(step + 1), pass \(iteration + 1))"
         default: return kind.rawValue
         }
     }
@@ -106,6 +118,9 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public var learningRate: Float = 0.01
     public var optimizer: LocalOptimizer = .sgd
     public var batchSize = 32
+    /// Quantization-aware FedAvg rounds after calibration (int8 only), at `qatLearningRate`.
+    public var qatRounds = 0
+    public var qatLearningRate: Float?
     /// Distill from the base model: workers without labels can fine-tune.
     public var distill = false
     /// EWC penalty towards the starting model during fine-tuning (needs a Fisher phase first).
@@ -122,6 +137,14 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public var phaseDeadlineSeconds = 600.0
     public var aggregation: AggregationMethod = .fedavg
     public var trimFraction = 0.2
+    /// Server momentum for fine-tuning rounds (FedAvgM, Hsu et al. 2019): `v ← β·v + Δ`, `θ ← θ + η·v`, with β this
+    /// value (0: plain FedAvg) and η `serverLearningRate`; reset at each pruning step.
+    /// Passes of the batch-norm statistics phase after each step's fine-tuning (each pass makes one more layer
+    /// exact: a layer's inputs depend on the statistics of the layers before it). Ignored for models without
+    /// BatchNormalization (the coordinator sets it to 0 for them when the round starts).
+    public var normalizationPasses = 2
+    public var serverMomentum = 0.0
+    public var serverLearningRate = 1.0
     public var clipNorm: Double?
     public var deltaCompression: DeltaCompression = .none
     public var seed: UInt64 = 0
@@ -160,12 +183,17 @@ public struct RoundPlan: Codable, Sendable, Equatable {
             if importance.needsData { out.append(Phase(.importance, step: k)) }
             out.append(Phase(.prune, step: k))
             for r in 0..<finetuneRounds { out.append(Phase(.finetune, step: k, iteration: r)) }
+            if finetuneRounds > 0 { for p in 0..<normalizationPasses { out.append(Phase(.normalization, step: k, iteration: p)) } }
         }
-        if steps.isEmpty { for r in 0..<finetuneRounds { out.append(Phase(.finetune, iteration: r)) } }
+        if steps.isEmpty, finetuneRounds > 0 {
+            for r in 0..<finetuneRounds { out.append(Phase(.finetune, iteration: r)) }
+            for p in 0..<normalizationPasses { out.append(Phase(.normalization, iteration: p)) }
+        }
         if quantize != .none {
             out.append(Phase(.fold))
             out.append(Phase(.ranges))
             if calibration.needsHistograms { out.append(Phase(.histograms)) }
+            for r in 0..<qatRounds { out.append(Phase(.qat, iteration: r)) }
         }
         out += [Phase(.export), Phase(.evaluate), Phase(.distribute)]
         return out
@@ -174,9 +202,17 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     /// The learning rate of fine-tuning round `iteration` of a step: cosine from `learningRate` towards 0 over
     /// the step's rounds (each worker's optimizer starts afresh every round, as in FedAvg).
     public func learningRate(iteration: Int) -> Float {
-        guard finetuneRounds > 1 else { return learningRate }
-        let t = Double(iteration) / Double(finetuneRounds)
-        return Float(Double(learningRate) * 0.5 * (1 + cos(Double.pi * t)))
+        Self.cosine(learningRate, iteration, finetuneRounds)
+    }
+
+    /// The learning rate of QAT round `iteration`: cosine from `qatLearningRate` (default a tenth of `learningRate`).
+    public func qatLearningRate(iteration: Int) -> Float {
+        Self.cosine(qatLearningRate ?? learningRate / 10, iteration, qatRounds)
+    }
+
+    static func cosine(_ base: Float, _ iteration: Int, _ rounds: Int) -> Float {
+        guard rounds > 1 else { return base }
+        return Float(Double(base) * 0.5 * (1 + cos(Double.pi * Double(iteration) / Double(rounds))))
     }
 
     /// Checks the values on their own.
@@ -190,6 +226,11 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         if !steps.isEmpty { try pruningOptions.check() }
         try quantizationPolicy.check()
         guard finetuneRounds >= 0, finetuneRounds <= 1000 else { throw fail("--finetune-rounds must be in 0…1000") }
+        guard qatRounds >= 0, qatRounds <= 1000 else { throw fail("--qat-rounds must be in 0…1000") }
+        if qatRounds > 0, quantize != .int8 {
+            throw fail("--qat-rounds trains against int8 weights and activations: it needs --quantize int8 (not \(quantize.rawValue))")
+        }
+        if let q = qatLearningRate, !(q > 0 && q.isFinite) { throw fail("--qat-lr must be positive") }
         guard localEpochs >= 1, localEpochs <= 1000 else { throw fail("--local-epochs must be in 1…1000") }
         guard learningRate > 0, learningRate.isFinite else { throw fail("--lr must be positive") }
         guard batchSize >= 1, batchSize <= 4096 else { throw fail("the batch size must be in 1…4096") }
@@ -199,6 +240,9 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         }
         guard phaseDeadlineSeconds >= 1, phaseDeadlineSeconds <= 7 * 86400 else { throw fail("--phase-deadline must be 1 s…7 d") }
         guard trimFraction >= 0, trimFraction < 0.5 else { throw fail("the trim fraction must be in [0, 0.5)") }
+        guard normalizationPasses >= 0, normalizationPasses <= 100 else { throw fail("batch-norm passes must be in 0…100") }
+        guard serverMomentum >= 0, serverMomentum < 1 else { throw fail("--server-momentum must be in [0, 1)") }
+        guard serverLearningRate > 0, serverLearningRate <= 10 else { throw fail("--server-lr must be in (0, 10]") }
         if let c = clipNorm, !(c > 0 && c.isFinite) { throw fail("--clip-norm must be positive") }
         if let l = ewcLambda {
             guard l > 0, l.isFinite else { throw fail("--ewc must be positive") }

@@ -114,11 +114,15 @@ public struct RoundCommand: ParsableCommand {
         @Flag(name: .long, help: "One weight scale per tensor.") var perTensor = false
         @Flag(name: .long, help: "7-bit weights (onnxruntime's reduce_range).") var reduceRange = false
         @Flag(name: .long, help: "Short names for every internal value and node in the exported file (smaller; the report maps them).") var compactNames = false
+        @Option(name: .long, help: "Quantization-aware FedAvg rounds after calibration (int8).") var qatRounds: Int = 0
+        @Option(name: .long, help: "Learning rate of the QAT rounds (default: a tenth of --lr).") var qatLr: Float?
         @Option(name: .long, help: "Quorum: reports a phase needs.") var minWorkers: Int = 1
         @Option(name: .long, help: "Tasks handed out per training/statistics phase (over-selection; default: all eligible).") var workersPerPhase: Int?
         @Option(name: .long, help: "Deadline per phase: 90s, 10m, 1h.") var phaseDeadline: String = "10m"
         @Option(name: .long, help: "fedavg, trimmed-mean or median.") var aggregation: String = "fedavg"
         @Option(name: .long, help: "Clip each worker's delta to this L2 norm.") var clipNorm: Double?
+        @Option(name: .long, help: "Server momentum β for fine-tuning rounds (FedAvgM; 0: plain FedAvg).") var serverMomentum: Double = 0
+        @Option(name: .long, help: "Server learning rate η applied to the averaged delta (or velocity).") var serverLr: Double = 1
         @Option(name: .long, help: "none or int8 (per tensor, error feedback on the worker).") var deltaCompression: String = "none"
         @Option(name: .long, help: "Seed for the workers' shuffling.") var seed: UInt64 = 0
         @Flag(name: .long, help: "Follow the round until it ends.") var wait = false
@@ -160,6 +164,8 @@ public struct RoundCommand: ParsableCommand {
             p.perChannel = !perTensor
             p.reduceRange = reduceRange
             p.compactNames = compactNames
+            p.qatRounds = qatRounds
+            p.qatLearningRate = qatLr
             p.minWorkers = minWorkers
             p.workersPerPhase = workersPerPhase
             guard let deadline = TokenCommand.Create.seconds(phaseDeadline) else {
@@ -168,6 +174,8 @@ public struct RoundCommand: ParsableCommand {
             p.phaseDeadlineSeconds = deadline
             p.aggregation = try choice(aggregation, "--aggregation")
             p.clipNorm = clipNorm
+            p.serverMomentum = serverMomentum
+            p.serverLearningRate = serverLr
             p.deltaCompression = try choice(deltaCompression, "--delta-compression")
             p.seed = seed
             return p

@@ -7,6 +7,7 @@ import WhittleONNX
 import WhittleProtocol
 import WhittleRounds
 import WhittleStore
+import WhittleTensor
 
 /// Drives federated rounds: hands out tasks, validates and folds reports in as they arrive (after making them
 /// durable), closes phases on quorum, deadline or completion, runs the coordinator's own phases, and keeps every
@@ -155,6 +156,7 @@ actor RoundService {
         let stamp = ISO8601DateFormatter.string(from: Date(), timeZone: TimeZone(identifier: "UTC")!,
                                                 formatOptions: [.withYear, .withMonth, .withDay, .withTime])
         let id = "r" + stamp.replacingOccurrences(of: ":", with: "") + "-" + bytes.map { String(format: "%02x", $0) }.joined()
+        if RoundEngine.normalizationInputs(model).isEmpty { plan.normalizationPasses = 0 }
         var progress = RoundProgress(plan: plan, baseModel: startModel, startModel: startModel)
         var record = RoundRecord(id: id, createdAt: Date(), plan: try Self.text(plan), progress: try Self.text(progress))
         try await store.addRound(record)
@@ -237,7 +239,7 @@ actor RoundService {
         let assignments = try await store.assignments(round: round.id, phase: round.phase)
         if let mine = assignments.first(where: { $0.worker == worker.name }) { return mine.droppedAt == nil ? o.task : nil }
         guard let c = Self.capabilities(worker), c.samples > 0 else { return nil }
-        if phase.kind == .finetune, !c.labels, !plan.distill { return nil }
+        if phase.kind.trains, !c.labels, !plan.distill { return nil }
         if phase.kind.overSelected, let m = plan.workersPerPhase, assignments.filter({ $0.droppedAt == nil }).count >= m { return nil }
         guard Date().timeIntervalSince1970 < o.task.deadline else { return nil }
         _ = try await store.assign(AssignmentRecord(round: round.id, phase: round.phase, worker: worker.name, assignedAt: Date()))
@@ -371,7 +373,7 @@ actor RoundService {
         for w in try await store.workers() where !assigned.contains(w.name) && !reported.contains(w.name) && w.revokedAt == nil {
             guard let seen = w.lastContactAt, now.timeIntervalSince(seen) <= Double(3 * pollSeconds),
                 let c = Self.capabilities(w), c.samples > 0 else { continue }
-            if phase.kind == .finetune, !c.labels, !plan.distill { continue }
+            if phase.kind.trains, !c.labels, !plan.distill { continue }
             waitingFor += 1
         }
         let windowOver = full || waitingFor == 0 || now.timeIntervalSince1970 >= opened + Double(2 * pollSeconds) + 1
@@ -414,11 +416,33 @@ actor RoundService {
             switch phase.kind {
             case .fisher:
                 progress.ewcState = try storeArtifact(try engine.ewcState(try model(progress.currentModel), acc))
-            case .finetune:
-                progress.currentModel = try storeModel(try engine.finetuned(try model(progress.currentModel), acc, progress: &progress))
+            case .finetune, .qat:
+                // Server momentum runs within one sequence of training rounds (a step's fine-tuning, or QAT).
+                let continuing = phase.iteration > 0
+                let velocity = try continuing ? progress.serverVelocity.map { sha -> [String: Tensor] in
+                    try Whittle_WeightUpdate(serializedBytes: try Files.readBytes(artifacts.appendingPathComponent(sha).path))
+                        .deltas.mapValues { try $0.decoded() }
+                } : nil
+                let (tuned, next) = try engine.finetuned(try model(progress.currentModel), acc, velocity: velocity, progress: &progress)
+                progress.currentModel = try storeModel(tuned)
+                if let next {
+                    var message = Whittle_WeightUpdate()
+                    message.deltas = next.mapValues(Whittle_FloatTensor.init)
+                    progress.serverVelocity = try storeArtifact(try message.serializedBytes())
+                } else {
+                    progress.serverVelocity = nil
+                }
+            case .normalization:
+                progress.currentModel = try storeModel(try engine.renormalized(try model(progress.currentModel), acc))
             case .ranges:
                 progress.rangeStatistics = acc.ranges
                 progress.histogramUpper = engine.histogramEdges(acc)
+                if !plan.calibration.needsHistograms {
+                    try engine.calibrate(ranges: acc.ranges, histograms: [:], samples: acc.samples, progress: &progress)
+                }
+            case .histograms:
+                try engine.calibrate(ranges: progress.rangeStatistics ?? [:], histograms: acc.histograms, samples: acc.samples,
+                                     progress: &progress)
             case .evaluate:
                 try engine.evaluated(base: try model(progress.baseModel), final: try model(progress.finalModel ?? ""), acc,
                                      baseBytes: artifactBytes(progress.baseModel), finalBytes: artifactBytes(progress.finalModel ?? ""),
@@ -486,11 +510,7 @@ actor RoundService {
                 progress.currentModel = try storeModel(try GraphEditing.foldBatchNormalization(try model(progress.currentModel)))
             case .export:
                 if plan.quantize == .none { progress.floatModel = progress.currentModel }
-                let histograms = previous?.expectation.kind == .histograms ? previous!.histograms : [:]
-                let samples = previous?.samples ?? 0
-                progress.finalModel = try storeModel(try engine.export(
-                    try model(progress.currentModel), ranges: progress.rangeStatistics ?? [:], histograms: histograms,
-                    samples: samples, progress: &progress))
+                progress.finalModel = try storeModel(try engine.export(try model(progress.currentModel), progress: &progress))
             default:
                 break
             }

@@ -65,9 +65,10 @@ let gradientSumTolerance: Float = 1e-4
             $0.calibration = .entropy
             $0.ewcLambda = 10
         }
-        #expect(pruned.phases.map(\.kind) == [.fisher, .importance, .prune, .finetune, .finetune, .importance, .prune, .finetune,
-                                              .finetune, .fold, .ranges, .histograms, .export, .evaluate, .distribute])
-        #expect(pruned.phases[7].label == "finetune (step 2, round 1)")
+        #expect(pruned.phases.map(\.kind) == [.fisher, .importance, .prune, .finetune, .finetune, .normalization, .normalization,
+                                              .importance, .prune, .finetune, .finetune, .normalization, .normalization,
+                                              .fold, .ranges, .histograms, .export, .evaluate, .distribute])
+        #expect(pruned.phases[9].label == "finetune (step 2, round 1)")
         let float = Self.plan { $0.quantize = .none; $0.pruneRatio = 0.3 }
         #expect(float.phases.map(\.kind) == [.prune, .export, .evaluate, .distribute])
         // Cosine over a step's rounds.
@@ -228,5 +229,64 @@ let gradientSumTolerance: Float = 1e-4
         let training = try WorkerJobs.batchSize(model: Self.model, planned: 256, memoryLimit: limit, training: true)
         #expect(training < small, "training budgets a third of the limit")
         #expect(throws: CompressionError.self) { try WorkerJobs.batchSize(model: Self.model, planned: 32, memoryLimit: 1024, training: false) }
+    }
+
+    @Test func quantizationAwareRoundsTrainAgainstTheCalibratedRanges() throws {
+        #expect(throws: CompressionError.self) { try Self.plan { $0.qatRounds = 1; $0.quantize = .none }.check() }
+        let plan = Self.plan { $0.qatRounds = 2; $0.learningRate = 0.01 }
+        #expect(plan.phases.map(\.kind) == [.fold, .ranges, .qat, .qat, .export, .evaluate, .distribute])
+        #expect(abs(plan.qatLearningRate(iteration: 0) - 0.001) < 1e-9)
+        let (parts, _) = try Self.shards()
+        let folded = try GraphEditing.foldBatchNormalization(Self.model)
+        var progress = RoundProgress(plan: plan, baseModel: "b", startModel: "c")
+        let ranges = try Self.federated(.ranges, plan: plan, model: folded, progress: progress, parts: parts)
+        try RoundEngine(plan: plan).calibrate(ranges: ranges.ranges, histograms: [:], samples: ranges.samples, progress: &progress)
+        let calibrated = try #require(progress.calibrated)
+        #expect(calibrated.keys.sorted() == ranges.ranges.keys.sorted())
+        let engine = RoundEngine(plan: plan)
+        let expectation = try engine.expectation(Phase(.qat), model: folded, progress: progress)
+        let task = engine.task(Phase(.qat), index: 2, round: "r", progress: progress, expectation: expectation, deadline: 0,
+                               artifactBytes: { _ in 0 })
+        #expect(task.activationMin.count == calibrated.count && task.perChannel && abs(task.learningRate - 0.001) < 1e-9)
+        var accumulator = PhaseAccumulator(expectation: expectation)
+        for (k, part) in parts.enumerated() {
+            var compressor = DeltaCompressor()
+            let report = try WorkerJobs.run(task, model: folded, teacher: Self.model, data: part, batchSize: 4, compressor: &compressor)
+            try accumulator.add(report, worker: "w\(k)", maximumSamples: part.count)
+        }
+        let tuned = try applying(try accumulator.delta(), to: folded)
+        let exported = try engine.export(tuned, progress: &progress)
+        #expect(exported.graph.nodes.contains { $0.opType == "QuantizeLinear" })
+        #expect(progress.quantization?.tensors.isEmpty == false)
+    }
+
+    @Test func batchNormStatisticsPassesSetPopulationMoments() throws {
+        let (parts, union) = try Self.shards()
+        let plan = Self.plan { $0.finetuneRounds = 1 }
+        let progress = RoundProgress(plan: plan, baseModel: "b", startModel: "c")
+        let engine = RoundEngine(plan: plan)
+        let inputs = RoundEngine.normalizationInputs(Self.model)
+        #expect(inputs.count == 5)
+        let pass1 = try engine.renormalized(Self.model, try Self.federated(.normalization, plan: plan, model: Self.model,
+                                                                             progress: progress, parts: parts))
+        // The first BatchNormalization's input does not depend on any statistics: exact after one pass.
+        let first = Self.model.graph.nodes.first { $0.opType == "BatchNormalization" }!
+        let session = try InferenceSession(model: Self.model)
+        var central = ChannelStatistics(channels: inputs[first.inputs[0]]!)
+        _ = try session.run(union.x, observing: [first.inputs[0]]) { node, outputs in
+            for (name, value) in zip(node.outputs, outputs) where name == first.inputs[0] { try central.add(value.floats, shape: value.shape) }
+        }
+        let n = Double(central.valuesPerChannel)
+        let mean = pass1.graph.initializer(named: first.inputs[3])!.tensor!.floats
+        let variance = pass1.graph.initializer(named: first.inputs[4])!.tensor!.floats
+        for c in 0..<mean.count {
+            let m = central.sums[c] / n
+            #expect(abs(Double(mean[c]) - m) <= 1e-5 * max(1, abs(m)))
+            #expect(abs(Double(variance[c]) - (central.squaredSums[c] / n - m * m)) <= 1e-4 * max(1, central.squaredSums[c] / n))
+        }
+        // A second pass changes the later layers (their inputs saw the first layer's new statistics), not the first.
+        let pass2 = try engine.renormalized(pass1, try Self.federated(.normalization, plan: plan, model: pass1,
+                                                                        progress: progress, parts: parts))
+        #expect(pass2.graph.initializer(named: first.inputs[3])!.tensor!.floats == mean)
     }
 }

@@ -144,8 +144,8 @@ def test_pruning_distillation_int8_round_meets_the_quality_goal(coordinator_serv
     assert (base - compressed) * 100 <= PRUNED_INT8_LOSS_POINTS, (base, compressed)
     assert shrink >= PRUNED_SHRINK_FACTOR, shrink
     kinds = [p["kind"] for p in report["phases"]]
-    assert kinds == ["importance", "prune"] + ["finetune"] * int(ROUNDS) + ["fold", "ranges", "histograms", "export",
-                                                                            "evaluate", "distribute"]
+    assert kinds == ["importance", "prune"] + ["finetune"] * int(ROUNDS) + ["normalization"] * 2 + [
+        "fold", "ranges", "histograms", "export", "evaluate", "distribute"]
     sites = {s["worker"]: s for s in report["sites"]}
     assert sorted(sites) == names and all(s["received"] for s in sites.values())
     fleet.stop_workers()
@@ -193,10 +193,10 @@ def test_kill_9_mid_round_loses_nothing_and_counts_nothing_twice(coordinator_ser
     fleet.stop_workers()
 
 
-def test_continual_round_from_an_earlier_one_with_ewc_and_int8_deltas(coordinator_server, release_worker_path,
+def test_continual_round_from_an_earlier_one_with_ewc_int8_deltas_and_qat(coordinator_server, release_worker_path,
                                                                        tmp_path, spawn_any):
-    """A round re-tunes an earlier round's model (--from-round) with EWC (a federated Fisher phase first) and int8
-    deltas; the workers' labels are gone (distillation). A bad plan is refused before anything starts."""
+    """A round re-tunes an earlier round's model (--from-round) with EWC (a federated Fisher phase first), int8
+    deltas and a quantization-aware round after calibration. A bad plan is refused before anything starts."""
     fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any, samples=120)
     for name in names:
         fleet.start_worker(name)
@@ -208,9 +208,9 @@ def test_continual_round_from_an_earlier_one_with_ewc_and_int8_deltas(coordinato
     assert refused.returncode != 0 and "--finetune-rounds" in refused.stderr, refused.stderr
     second = json.loads(fleet.round("start", "--from-round", first, "--finetune-rounds", "2", "--ewc", "10",
                                     "--distill", "--delta-compression", "int8", "--quantize", "int8",
-                                    "--min-workers", "4", "--json").stdout)
-    assert [p["kind"] for p in second["phases"]] == ["fisher", "finetune", "finetune", "fold", "ranges", "export",
-                                                     "evaluate", "distribute"]
+                                    "--qat-rounds", "1", "--min-workers", "4", "--json").stdout)
+    assert [p["kind"] for p in second["phases"]] == ["fisher", "finetune", "finetune", "normalization", "normalization",
+                                                     "fold", "ranges", "qat", "export", "evaluate", "distribute"]
     status = fleet.wait(second["id"])
     assert status["state"] == "succeeded", status
     finetune = [p for p in status["phases"] if p["kind"] == "finetune"]

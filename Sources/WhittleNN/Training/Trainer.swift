@@ -26,6 +26,8 @@ public struct TrainingConfiguration: Sendable {
     /// Quantization-aware training: fake-quantize Conv/Gemm/MatMul weights every step (symmetric, from the current
     /// weights' range; per output channel when `perChannel`).
     public var weightQuantization: (type: DataType, perChannel: Bool)?
+    /// 7-bit weight fake quantization (onnxruntime's reduce_range), as the export will store them.
+    public var weightReduceRange = false
     /// Quantization-aware training: fixed fake quantizers for node outputs (activation ranges from calibration).
     public var activationQuantization: [String: FakeQuantization] = [:]
     /// Per-parameter 0/1 masks (same shape as the parameter) that keep pruned channels at zero.
@@ -236,7 +238,8 @@ public final class Trainer: @unchecked Sendable {
         guard let (type, perChannel) = configuration.weightQuantization else { return quantizers }
         for (name, axis) in weightAxes {
             guard let w = parameters[name] else { continue }
-            quantizers[name] = try FakeQuantization.fromRange(of: w, type: type, symmetric: true, axis: perChannel ? axis : nil)
+            quantizers[name] = try FakeQuantization.fromRange(of: w, type: type, symmetric: true, axis: perChannel ? axis : nil,
+                                                              reduceRange: configuration.weightReduceRange)
         }
         return quantizers
     }

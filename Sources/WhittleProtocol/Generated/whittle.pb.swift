@@ -378,6 +378,28 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._optimizer = newValue}
   }
 
+  /// qat: the fixed activation ranges (calibrated from the fleet's statistics) to fake-quantize with, and how
+  /// weights are fake-quantized (int8, symmetric, per output channel or per tensor, 7-bit with reduce_range).
+  public var activationMin: Dictionary<String,Float> {
+    get {_storage._activationMin}
+    set {_uniqueStorage()._activationMin = newValue}
+  }
+
+  public var activationMax: Dictionary<String,Float> {
+    get {_storage._activationMax}
+    set {_uniqueStorage()._activationMax = newValue}
+  }
+
+  public var perChannel: Bool {
+    get {_storage._perChannel}
+    set {_uniqueStorage()._perChannel = newValue}
+  }
+
+  public var reduceRange: Bool {
+    get {_storage._reduceRange}
+    set {_uniqueStorage()._reduceRange = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1076,7 +1098,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Task"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0")
 
   fileprivate class _StorageClass {
     var _roundID: String = String()
@@ -1100,6 +1122,10 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
     var _deadline: Double = 0
     var _batchSize: UInt32 = 0
     var _optimizer: String = String()
+    var _activationMin: Dictionary<String,Float> = [:]
+    var _activationMax: Dictionary<String,Float> = [:]
+    var _perChannel: Bool = false
+    var _reduceRange: Bool = false
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -1131,6 +1157,10 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       _deadline = source._deadline
       _batchSize = source._batchSize
       _optimizer = source._optimizer
+      _activationMin = source._activationMin
+      _activationMax = source._activationMax
+      _perChannel = source._perChannel
+      _reduceRange = source._reduceRange
     }
   }
 
@@ -1170,6 +1200,10 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         case 19: try { try decoder.decodeSingularDoubleField(value: &_storage._deadline) }()
         case 20: try { try decoder.decodeSingularUInt32Field(value: &_storage._batchSize) }()
         case 21: try { try decoder.decodeSingularStringField(value: &_storage._optimizer) }()
+        case 22: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufFloat>.self, value: &_storage._activationMin) }()
+        case 23: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufFloat>.self, value: &_storage._activationMax) }()
+        case 24: try { try decoder.decodeSingularBoolField(value: &_storage._perChannel) }()
+        case 25: try { try decoder.decodeSingularBoolField(value: &_storage._reduceRange) }()
         default: break
         }
       }
@@ -1241,6 +1275,18 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       if !_storage._optimizer.isEmpty {
         try visitor.visitSingularStringField(value: _storage._optimizer, fieldNumber: 21)
       }
+      if !_storage._activationMin.isEmpty {
+        try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufFloat>.self, value: _storage._activationMin, fieldNumber: 22)
+      }
+      if !_storage._activationMax.isEmpty {
+        try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufFloat>.self, value: _storage._activationMax, fieldNumber: 23)
+      }
+      if _storage._perChannel != false {
+        try visitor.visitSingularBoolField(value: _storage._perChannel, fieldNumber: 24)
+      }
+      if _storage._reduceRange != false {
+        try visitor.visitSingularBoolField(value: _storage._reduceRange, fieldNumber: 25)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1271,6 +1317,10 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         if _storage._deadline != rhs_storage._deadline {return false}
         if _storage._batchSize != rhs_storage._batchSize {return false}
         if _storage._optimizer != rhs_storage._optimizer {return false}
+        if _storage._activationMin != rhs_storage._activationMin {return false}
+        if _storage._activationMax != rhs_storage._activationMax {return false}
+        if _storage._perChannel != rhs_storage._perChannel {return false}
+        if _storage._reduceRange != rhs_storage._reduceRange {return false}
         return true
       }
       if !storagesAreEqual {return false}
