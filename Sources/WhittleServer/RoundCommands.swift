@@ -114,6 +114,7 @@ public struct RoundCommand: ParsableCommand {
         @Flag(name: .long, help: "One weight scale per tensor.") var perTensor = false
         @Flag(name: .long, help: "7-bit weights (onnxruntime's reduce_range).") var reduceRange = false
         @Flag(name: .long, help: "Short names for every internal value and node in the exported file (smaller; the report maps them).") var compactNames = false
+        @Option(name: .long, help: "Batch-norm statistics passes after fine-tuning (0: FedAvg's averaged statistics; one per BatchNormalization node: exact population statistics).") var bnPasses: Int?
         @Option(name: .long, help: "Quantization-aware FedAvg rounds after calibration (int8).") var qatRounds: Int = 0
         @Option(name: .long, help: "Learning rate of the QAT rounds (default: a tenth of --lr).") var qatLr: Float?
         @Option(name: .long, help: "Quorum: reports a phase needs.") var minWorkers: Int = 1
@@ -164,6 +165,7 @@ public struct RoundCommand: ParsableCommand {
             p.perChannel = !perTensor
             p.reduceRange = reduceRange
             p.compactNames = compactNames
+            p.normalizationPasses = bnPasses
             p.qatRounds = qatRounds
             p.qatLearningRate = qatLr
             p.minWorkers = minWorkers

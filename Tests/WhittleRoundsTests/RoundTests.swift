@@ -64,6 +64,7 @@ let gradientSumTolerance: Float = 1e-4
             $0.quantize = .int8
             $0.calibration = .entropy
             $0.ewcLambda = 10
+            $0.normalizationPasses = 2
         }
         #expect(pruned.phases.map(\.kind) == [.fisher, .importance, .prune, .finetune, .finetune, .normalization, .normalization,
                                               .importance, .prune, .finetune, .finetune, .normalization, .normalization,

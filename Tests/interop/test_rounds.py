@@ -16,7 +16,7 @@ from rounds_support import MODEL, Fleet, non_iid_shards, load_test_split, load_t
 INT8_LOSS_POINTS = 0.3
 PRUNED_SHRINK_FACTOR = 10
 # The goal for 50 % pruning + federated fine-tuning + int8 is 1.5 points; measured with this recipe on 4 non-IID
-# workers (half without labels): 2.1 points (87.89 % against 90.04 %). Not met; the test holds the measured level so a
+# workers (half without labels): 2.7 points (87.30 % against 90.04 %). Not met; the test holds the measured level so a
 # regression shows.
 PRUNED_INT8_GOAL_POINTS = 1.5
 PRUNED_INT8_HELD_POINTS = 3.0
@@ -153,7 +153,7 @@ def test_pruning_distillation_int8_round_shrinks_10x_and_holds_accuracy(coordina
     assert (base - compressed) * 100 <= PRUNED_INT8_HELD_POINTS, (base, compressed)
     assert shrink >= PRUNED_SHRINK_FACTOR, shrink
     kinds = [p["kind"] for p in report["phases"]]
-    assert kinds == ["importance", "prune"] + ["finetune"] * int(ROUNDS) + ["normalization"] * 2 + [
+    assert kinds == ["importance", "prune"] + ["finetune"] * int(ROUNDS) + [
         "fold", "ranges", "histograms", "export", "evaluate", "distribute"]
     sites = {s["worker"]: s for s in report["sites"]}
     assert sorted(sites) == names and all(s["received"] for s in sites.values())
@@ -216,6 +216,7 @@ def test_continual_round_from_an_earlier_one_with_ewc_int8_deltas_and_qat(coordi
     refused = fleet.round("start", "--from-round", first, "--ewc", "10", "--json", check=False)
     assert refused.returncode != 0 and "--finetune-rounds" in refused.stderr, refused.stderr
     second = json.loads(fleet.round("start", "--from-round", first, "--finetune-rounds", "2", "--lr", "0.001", "--ewc", "10",
+                                    "--bn-passes", "2",
                                     "--distill", "--delta-compression", "int8", "--quantize", "int8",
                                     "--qat-rounds", "1", "--min-workers", "4", "--json").stdout)
     assert [p["kind"] for p in second["phases"]] == ["fisher", "finetune", "finetune", "normalization", "normalization",
