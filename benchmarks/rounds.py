@@ -7,7 +7,7 @@ over mutual TLS, each with its own non-IID shard of the shipped defect-inspectio
   B. the same round with --delta-compression int8 (bytes up, accuracy against A);
   C. 64 light workers (16 images each; real processes, real protocol): 30 % l1 pruning, 1 fine-tuning round, int8.
 
-    swift build -c release --product coordinator --product worker
+    swift build -c release --product coordinator && swift build -c release --product worker
     python3 benchmarks/rounds.py
 
 Prints tables and writes benchmarks/last-rounds.json.
