@@ -101,8 +101,7 @@ final class TaskRunner {
         report.roundID = task.roundID
         report.phase = task.phase
         report.bytesDown = UInt64(bytesDown)
-        let d = clock.now - t0
-        report.computeSeconds = Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
+        report.computeSeconds = seconds(clock.now - t0)
         return report
     }
 

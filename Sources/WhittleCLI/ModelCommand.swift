@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import WhittleCompression
 import WhittleNN
 import WhittleONNX
 import WhittleTensor
@@ -193,7 +194,7 @@ extension ModelCommand {
                 }
             }
             let elapsed = clock.now - start
-            let seconds = seconds(elapsed)
+            let seconds = WhittleCompression.seconds(elapsed)
             let report = Report(model: model, samples: metrics.samples, accuracy: metrics.accuracy,
                                 meanCrossEntropy: metrics.meanCrossEntropy,
                                 samplesPerSecond: Double(metrics.samples) / max(seconds, 1e-9),
@@ -263,7 +264,7 @@ extension ModelCommand {
             let start = clock.now
             for _ in 0..<iterations { try pass() }
             let elapsed = clock.now - start
-            let seconds = seconds(elapsed)
+            let seconds = WhittleCompression.seconds(elapsed)
             let report = Report(model: model, batchSize: batchSize, threads: ComputeThreads.current,
                                 iterations: iterations,
                                 imagesPerSecond: Double(iterations * batchSize) / seconds,

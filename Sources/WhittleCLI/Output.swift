@@ -64,8 +64,3 @@ public func parseByteSize(_ text: String) -> Int? {
     guard let multiplier = multipliers[unit] else { return nil }
     return Int(value * multiplier)
 }
-
-/// A duration in seconds.
-func seconds(_ d: Duration) -> Double {
-    Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
-}

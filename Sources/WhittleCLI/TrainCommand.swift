@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import WhittleCompression
 import WhittleNN
 import WhittleONNX
 import WhittleTensor
@@ -174,7 +175,7 @@ extension ModelCommand {
             }
             let elapsed = clock.now - start
             try Files.writeModel(trainer.exportModel(), to: out)
-            let seconds = seconds(elapsed)
+            let seconds = WhittleCompression.seconds(elapsed)
             let parameterCount = trainer.parameters.values.reduce(0) { $0 + $1.count }
             if json {
                 try printJSON(Report(model: model, output: out, parameters: parameterCount, epochs: reports, seconds: seconds))

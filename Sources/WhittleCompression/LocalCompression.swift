@@ -367,6 +367,7 @@ public struct LocalCompression {
     }
 }
 
-func seconds(_ d: Duration) -> Double {
+/// A duration in seconds.
+public func seconds(_ d: Duration) -> Double {
     Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
 }

@@ -191,8 +191,7 @@ public enum WorkerJobs {
             let x = data.slice(i..<(i + 1))
             let t0 = clock.now
             _ = try session.run(x)
-            let d = clock.now - t0
-            times.append((Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18) * 1000)
+            times.append(seconds(clock.now - t0) * 1000)
         }
         times.sort()
         return times.isEmpty ? 0 : times[times.count / 2]

@@ -4,6 +4,7 @@ import Logging
 import WhittleCLI
 import WhittleCompression
 import WhittleONNX
+import WhittlePKI
 import WhittleProtocol
 import WhittleRounds
 import WhittleStore
@@ -67,11 +68,9 @@ actor RoundService {
 
     // MARK: artifacts
 
-    static func sha256(_ bytes: [UInt8]) -> String { SHA256.hash(data: bytes).map { String(format: "%02x", $0) }.joined() }
-
     /// Stores bytes as a content-addressed artifact (durably) and returns its SHA-256.
     func storeArtifact(_ bytes: [UInt8]) throws -> String {
-        let sha = Self.sha256(bytes)
+        let sha = PKI.hex(SHA256.hash(data: bytes))
         let path = artifacts.appendingPathComponent(sha).path
         if !FileManager.default.fileExists(atPath: path) { try Files.writeDurably(bytes, to: path, mode: 0o644) }
         return sha
@@ -307,14 +306,12 @@ actor RoundService {
         guard try await store.addReport(record) else { return true }
         o.accumulator = accumulator
         o.refused = open[round.id]?.refused ?? o.refused
-        o.aggregationSeconds = (open[round.id]?.aggregationSeconds ?? 0) + Self.seconds(clock.now - t0)
+        o.aggregationSeconds = (open[round.id]?.aggregationSeconds ?? 0) + seconds(clock.now - t0)
         open[round.id] = o
         logger.info("report accepted", metadata: ["round.id": "\(round.id)", "phase": "\(plan.phases[round.phase].label)",
                                                   "worker.name": "\(worker.name)", "bytes": "\(bytes.count)"])
         return false
     }
-
-    static func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18 }
 
     // MARK: phases
 
@@ -364,13 +361,15 @@ actor RoundService {
                                                                        "phase": "\(phase.label)"])
             }
         }
-        active = try await store.assignments(round: round.id, phase: round.phase).filter { $0.droppedAt == nil }
+        let assignments = try await store.assignments(round: round.id, phase: round.phase)
+        active = assignments.filter { $0.droppedAt == nil }
+        let workers = try await store.workers()
         // The selection window: long enough for every online worker to poll once, unless every worker that could
         // take the task already has it, or the over-selection cap is reached.
         let full = phase.kind.overSelected && plan.workersPerPhase.map { active.count >= $0 } == true
         let assigned = Set(active.map(\.worker))
         var waitingFor = 0
-        for w in try await store.workers() where !assigned.contains(w.name) && !reported.contains(w.name) && w.revokedAt == nil {
+        for w in workers where !assigned.contains(w.name) && !reported.contains(w.name) && w.revokedAt == nil {
             guard let seen = w.lastContactAt, now.timeIntervalSince(seen) <= Double(3 * pollSeconds),
                 let c = Self.capabilities(w), c.samples > 0 else { continue }
             if phase.kind.trains, !c.labels, !plan.distill { continue }
@@ -391,8 +390,8 @@ actor RoundService {
         }
         // Fail now when the quorum is out of reach: reports in, assigned workers still working, and workers not yet
         // given the task who could still take it (a dropped worker cannot come back to the phase).
-        let everAssigned = Set(try await store.assignments(round: round.id, phase: round.phase).map(\.worker))
-        let couldJoin = try await store.workers().filter {
+        let everAssigned = Set(assignments.map(\.worker))
+        let couldJoin = workers.filter {
             $0.revokedAt == nil && $0.certificateExpiresAt > now && !everAssigned.contains($0.name)
         }.count
         let usable = reported.count + active.filter { !reported.contains($0.worker) }.count + couldJoin
@@ -467,7 +466,7 @@ actor RoundService {
             progress.phases[index].reports = acc.reports
             progress.phases[index].refused = o.refused
             progress.phases[index].bytesUp = bytesUp
-            progress.phases[index].aggregationSeconds = o.aggregationSeconds + Self.seconds(clock.now - t0)
+            progress.phases[index].aggregationSeconds = o.aggregationSeconds + seconds(clock.now - t0)
             index += 1
             open[round.id] = nil
             // The coordinator phases right after use what this phase gathered.
@@ -516,7 +515,7 @@ actor RoundService {
             }
             progress.phases[index].state = "done"
             progress.phases[index].endedAt = Date().timeIntervalSince1970
-            progress.phases[index].aggregationSeconds = Self.seconds(clock.now - t0)
+            progress.phases[index].aggregationSeconds = seconds(clock.now - t0)
             index += 1
         }
     }
