@@ -94,6 +94,27 @@ public final class CalibrationCollector {
     }
 }
 
+extension ChannelStatistics {
+    /// Runs `batch` and adds each observed tensor's per-channel statistics (axis 1) to `channels`: activation
+    /// importance, and the batch-norm statistics passes of rounds.
+    public static func collect(_ session: InferenceSession, _ batch: Tensor, tensors: Set<String>,
+                               into channels: inout [String: ChannelStatistics]) throws {
+        var gathered = channels
+        _ = try session.run(batch, observing: tensors) { node, outputs in
+            for (name, value) in zip(node.outputs, outputs) where tensors.contains(name) {
+                var s = gathered[name] ?? ChannelStatistics(channels: value.shape[1])
+                do {
+                    try s.add(value.floats, shape: value.shape)
+                } catch let error as CompressionError {
+                    throw CompressionError(error.code, "\(node.label), output '\(name)': \(error.message)")
+                }
+                gathered[name] = s
+            }
+        }
+        channels = gathered
+    }
+}
+
 /// The collecting half of data-driven channel importance (what a worker runs on its data): per-channel activation
 /// statistics of each group's statistics tensor (activation, APoZ), or per-parameter gradient sums (Taylor).
 /// Gradients are taken with batch normalization frozen (running statistics), so sums over disjoint parts of the
@@ -128,18 +149,8 @@ public final class ImportanceCollector {
     public func collect(_ batch: Tensor, labels: ArraySlice<Int64>? = nil) throws {
         switch criterion {
         case .activation, .apoz:
-            let wanted = Set(groups.prunable.compactMap(\.statisticsTensor))
-            _ = try session.run(batch, observing: wanted) { node, outputs in
-                for (name, value) in zip(node.outputs, outputs) where wanted.contains(name) {
-                    var s = self.statistics.channels[name] ?? ChannelStatistics(channels: value.shape[1])
-                    do {
-                        try s.add(value.floats, shape: value.shape)
-                    } catch let error as CompressionError {
-                        throw CompressionError(error.code, "\(node.label), output '\(name)': \(error.message)")
-                    }
-                    self.statistics.channels[name] = s
-                }
-            }
+            try ChannelStatistics.collect(session, batch, tensors: Set(groups.prunable.compactMap(\.statisticsTensor)),
+                                          into: &statistics.channels)
         case .taylor:
             var y = labels
             if y == nil {

@@ -52,13 +52,7 @@ public enum WorkerJobs {
             let session = try InferenceSession(model: model)
             var statistics = ImportanceStatistics()
             for (batch, _) in data.batches(batchSize) {
-                _ = try session.run(batch, observing: Set(wanted.keys)) { node, outputs in
-                    for (name, value) in zip(node.outputs, outputs) where wanted[name] != nil {
-                        var s = statistics.channels[name] ?? ChannelStatistics(channels: value.shape[1])
-                        try s.add(value.floats, shape: value.shape)
-                        statistics.channels[name] = s
-                    }
-                }
+                try ChannelStatistics.collect(session, batch, tensors: Set(wanted.keys), into: &statistics.channels)
                 statistics.samples += batch.shape[0]
             }
             report.importance = Whittle_ImportanceReport(statistics)
