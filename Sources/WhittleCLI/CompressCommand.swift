@@ -33,6 +33,7 @@ extension ModelCommand {
         @Option(name: .long, help: "Fine-tuning samples (.npy).") var trainData: String?
         @Option(name: .long, help: "Fine-tuning labels (.npy).") var trainLabels: String?
         @Option(name: .long, help: "Fine-tuning learning rate (SGD, momentum 0.9, cosine schedule).") var lr: Float = 0.01
+        @Option(name: .long, help: "Random transforms of fine-tuning images: none, flips or dihedral (flips and 90° rotations).") var augment: String = "none"
         @Flag(name: .long, help: "Fine-tune by distillation from the original model (no labels needed).") var distill = false
 
         @Option(name: .long, help: "none, int8, int4-weights or mixed.") var quantize: String = "none"
@@ -72,6 +73,7 @@ extension ModelCommand {
             guard roundTo >= 1, minChannels >= 1, batchSize >= 1 else {
                 throw ValidationError("--round-to, --min-channels and --batch-size must be at least 1")
             }
+            guard Augmentation(rawValue: augment) != nil else { throw ValidationError("--augment must be none, flips or dihedral") }
             guard finetuneEpochs >= 0 else { throw ValidationError("--finetune-epochs must not be negative") }
             guard finetuneEpochs == 0 || trainData != nil else { throw ValidationError("--finetune-epochs needs --train-data") }
             guard finetuneEpochs == 0 || trainLabels != nil || distill else {
@@ -139,6 +141,7 @@ extension ModelCommand {
             job.finetuneEpochs = finetuneEpochs
             job.finetuneLearningRate = lr
             job.distill = distill
+            job.augmentation = Augmentation(rawValue: augment)!
             job.batchSize = batchSize
             job.seed = seed
             var policy = QuantizationPolicy(mode: QuantizationMode(rawValue: quantize)!)

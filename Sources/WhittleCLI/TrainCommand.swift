@@ -30,6 +30,7 @@ extension ModelCommand {
         @Option(name: .long, help: "Learning-rate schedule: constant, cosine, or step:EVERY:GAMMA (e.g. step:10:0.1).")
         var schedule: String = "constant"
         @Option(name: .long, help: "Clip the global gradient norm to this value.") var clipNorm: Float?
+        @Option(name: .long, help: "Random transforms of training images: none, flips or dihedral (flips and 90° rotations).") var augment: String = "none"
         @Option(name: .long, help: "Teacher model for distillation.") var teacher: String?
         @Option(name: .long, help: "Distillation weight α in [0, 1] (1: no labels needed).") var distillAlpha: Float = 0.5
         @Option(name: .long, help: "Distillation temperature T.") var temperature: Float = 4
@@ -59,6 +60,7 @@ extension ModelCommand {
             guard epochs >= 1 else { throw ValidationError("--epochs must be at least 1") }
             guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
             guard lr > 0, lr.isFinite else { throw ValidationError("--lr must be positive") }
+            guard Augmentation(rawValue: augment) != nil else { throw ValidationError("--augment must be none, flips or dihedral") }
             guard ["sgd", "adam", "adamw"].contains(optimizer) else { throw ValidationError("--optimizer must be sgd, adam or adamw") }
             guard labels != nil || teacher != nil else { throw ValidationError("give --labels, or --teacher to distill without labels") }
             guard (valData == nil) == (valLabels == nil) else { throw ValidationError("--val-data and --val-labels go together") }
@@ -103,6 +105,7 @@ extension ModelCommand {
             configuration.seed = seed
             configuration.schedule = try parsedSchedule()
             configuration.clipNorm = clipNorm
+            configuration.augmentation = Augmentation(rawValue: augment)!
             configuration.batchNorm = freezeBn ? .frozen : .train
             switch optimizer {
             case "adam": configuration.optimizer = .adam(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: weightDecay)

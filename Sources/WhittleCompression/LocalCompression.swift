@@ -55,6 +55,8 @@ public struct LocalCompression {
     public var finetuneEpochs = 0
     public var finetuneLearningRate: Float = 0.01
     public var distill = false
+    /// Random transforms of the fine-tuning samples.
+    public var augmentation: Augmentation = .none
     public var quantization = QuantizationPolicy(mode: .none)
     public var sensitivity = false
     /// Rename every internal value and node to a short name in the output (`GraphEditing.compactNames`).
@@ -296,6 +298,7 @@ public struct LocalCompression {
         configuration.learningRate = finetuneLearningRate
         configuration.seed = seed
         configuration.schedule = .cosine(epochs: epochs, minimum: 0)
+        configuration.augmentation = augmentation
         if teacher != nil { configuration.distillation = (4, data.labels == nil ? 1 : 0.5) }
         guard data.labels != nil || teacher != nil else {
             throw CompressionError(.invalidArgument, "fine-tuning needs training labels, or distillation from the original model")

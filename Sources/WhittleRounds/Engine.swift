@@ -118,6 +118,9 @@ public struct RoundEngine: Sendable {
         t.deadline = deadline
         t.batchSize = UInt32(plan.batchSize)
         t.optimizer = plan.optimizer.rawValue
+        if let augmentation = plan.augmentation, augmentation != .none, phase.kind == .finetune || phase.kind == .qat {
+            t.augmentation = augmentation.rawValue
+        }
         return t
     }
 
@@ -170,14 +173,19 @@ public struct RoundEngine: Sendable {
         var step = try accumulator.delta()
         var next: [String: Tensor]?
         if plan.serverMomentum > 0 || plan.serverLearningRate != 1 {
+            // The server optimizer steps the parameters only: running statistics are estimates, not descent
+            // directions; extrapolating a variance's delta (or carrying momentum on it) can drive it negative.
+            let statistics = Self.runningStatistics(model)
             var v: [String: Tensor] = [:]
             let beta = Float(plan.serverMomentum), eta = Float(plan.serverLearningRate)
-            for (name, d) in step {
+            for (name, d) in step where !statistics.contains(name) {
                 let previous = velocity?[name].flatMap { $0.shape == d.shape ? $0 : nil }
                 v[name] = Tensor(shape: d.shape, floats: previous.map { zip($0.floats, d.floats).map { beta * $0 + $1 } } ?? d.floats)
             }
             next = plan.serverMomentum > 0 ? v : nil
-            step = v.mapValues { Tensor(shape: $0.shape, floats: $0.floats.map { eta * $0 }) }
+            for (name, velocity) in v {
+                step[name] = Tensor(shape: velocity.shape, floats: velocity.floats.map { eta * $0 })
+            }
         }
         let out = try applying(step, to: model)
         let losses = accumulator.losses
@@ -186,6 +194,11 @@ public struct RoundEngine: Sendable {
             progress.pruning = section
         }
         return (out, next)
+    }
+
+    /// The running mean and variance initializers of every BatchNormalization.
+    public static func runningStatistics(_ model: Model) -> Set<String> {
+        Set(model.graph.nodes.filter { $0.opType == "BatchNormalization" && $0.inputs.count == 5 }.flatMap { $0.inputs[3...4] })
     }
 
     /// Each BatchNormalization input and its channel count.

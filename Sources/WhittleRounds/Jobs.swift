@@ -92,6 +92,12 @@ public enum WorkerJobs {
             }
             configuration.optimizer = optimizer.kind
         }
+        if !task.augmentation.isEmpty {
+            guard let augmentation = Augmentation(rawValue: task.augmentation) else {
+                throw CompressionError(.invalidArgument, "the task asks for augmentation '\(task.augmentation)', which this worker does not know")
+            }
+            configuration.augmentation = augmentation
+        }
         let teacherSession = try (task.distill ? teacher : nil).map { try InferenceSession(model: $0) }
         if teacherSession != nil { configuration.distillation = (4, data.labels == nil ? 1 : 0.5) }
         guard data.labels != nil || teacherSession != nil else {

@@ -123,6 +123,8 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public var qatLearningRate: Float?
     /// Distill from the base model: workers without labels can fine-tune.
     public var distill = false
+    /// Random transforms of local training samples (nil: none).
+    public var augmentation: Augmentation?
     /// EWC penalty towards the starting model during fine-tuning (needs a Fisher phase first).
     public var ewcLambda: Float?
     public var quantize: QuantizationMode = .int8

@@ -107,6 +107,7 @@ public struct RoundCommand: ParsableCommand {
         @Option(name: .long, help: "Local optimizer: sgd (momentum 0.9), adam or adamw; fresh every round.") var optimizer: String = "sgd"
         @Option(name: .long, help: "Batch size on the workers (a worker with --memory-limit may use less).") var batchSize: Int = 32
         @Flag(name: .long, help: "Fine-tune by distillation from the base model (workers without labels take part).") var distill = false
+        @Option(name: .long, help: "Random transforms of local training images: none, flips or dihedral (flips and 90° rotations).") var augment: String = "none"
         @Option(name: .long, help: "EWC penalty weight towards the starting model (adds a Fisher phase).") var ewc: Float?
         @Option(name: .long, help: "none, int8, int4-weights or mixed.") var quantize: String = "int8"
         @Option(name: .long, help: "minmax, percentile, entropy or mse.") var calibration: String = "minmax"
@@ -158,6 +159,7 @@ public struct RoundCommand: ParsableCommand {
             p.optimizer = try choice(optimizer, "--optimizer")
             p.batchSize = batchSize
             p.distill = distill
+            p.augmentation = try choice(augment, "--augment")
             p.ewcLambda = ewc
             p.quantize = try choice(quantize, "--quantize")
             p.calibration = try choice(calibration, "--calibration")

@@ -180,6 +180,28 @@ let gradientSumTolerance: Float = 1e-4
         }
     }
 
+    @Test func theServerOptimizerStepsParametersAndAveragesRunningStatistics() throws {
+        let (parts, _) = try Self.shards()
+        let progress = RoundProgress(plan: Self.plan(), baseModel: "b", startModel: "c")
+        let plan = Self.plan { $0.finetuneRounds = 1; $0.learningRate = 0.05; $0.serverLearningRate = 2; $0.serverMomentum = 0.5 }
+        let accumulator = try Self.federated(.finetune, plan: plan, model: Self.model, progress: progress, parts: parts)
+        let delta = try accumulator.delta()
+        var record = progress
+        let engine = RoundEngine(plan: plan)
+        let previous = delta.mapValues { Tensor(shape: $0.shape, floats: [Float](repeating: 1, count: $0.count)) }
+        let (tuned, velocity) = try engine.finetuned(Self.model, accumulator, velocity: previous, progress: &record)
+        let statistics = RoundEngine.runningStatistics(Self.model)
+        #expect(statistics.count == 10)
+        #expect(velocity.map { Set($0.keys).isDisjoint(with: statistics) } == true)
+        for (name, d) in delta {
+            let before = Self.model.graph.initializer(named: name)!.tensor!.floats, after = tuned.graph.initializer(named: name)!.tensor!.floats
+            // Statistics: the plain weighted mean; parameters: eta * (beta * v + delta).
+            let expected = statistics.contains(name) ? zip(before, d.floats).map { $0 + $1 }
+                                                     : zip(before, d.floats).map { $0 + 2 * (0.5 * 1 + $1) }
+            #expect(zip(expected, after).allSatisfy { abs($0 - $1) <= 1e-5 * max(1, abs($0)) }, "\(name)")
+        }
+    }
+
     @Test func badReportsAreRefusedAndChangeNothing() throws {
         let (parts, _) = try Self.shards()
         let plan = Self.plan()

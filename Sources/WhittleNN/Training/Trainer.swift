@@ -34,8 +34,49 @@ public struct TrainingConfiguration: Sendable {
     public var masks: [String: Tensor] = [:]
     /// Use oneDNN/GEMM kernels (true) or the reference loops.
     public var fast = true
+    /// Random transforms of each training sample (the teacher sees the transformed sample too).
+    public var augmentation: Augmentation = .none
 
     public init() {}
+}
+
+/// Label-preserving random transforms of training images (`N×C×H×W`), drawn per sample from the trainer's seeded
+/// generator.
+public enum Augmentation: String, Sendable, Codable, CaseIterable {
+    case none
+    /// Horizontal and vertical flips.
+    case flips
+    /// One of the eight symmetries of the square (flips, 90° rotations and transposes), uniformly: for images with
+    /// no orientation, such as surface defects. Needs square images.
+    case dihedral
+
+    /// Checks that samples of `shape` (with the batch axis) can be transformed.
+    public func check(_ shape: [Int]) throws {
+        guard self != .none else { return }
+        guard shape.count == 4 else {
+            throw ONNXError(.invalidInput, "'\(rawValue)' augmentation needs N×C×H×W images; the data has shape \(shape)")
+        }
+        if self == .dihedral, shape[2] != shape[3] {
+            throw ONNXError(.invalidInput, "'dihedral' augmentation needs square images; the data is \(shape[2])×\(shape[3]) (use 'flips')")
+        }
+    }
+
+    /// Appends `sample` (`C×H×W` values) transformed by symmetry `k` (bit 0: flip columns, bit 1: flip rows,
+    /// bit 2: transpose first) to `out`.
+    static func append(_ sample: ArraySlice<Float>, channels: Int, height: Int, width: Int, symmetry k: Int,
+                       to out: inout [Float]) {
+        let transpose = k & 4 != 0, flipColumns = k & 1 != 0, flipRows = k & 2 != 0
+        let base = sample.startIndex, plane = height * width
+        for c in 0..<channels {
+            let origin = base + c * plane
+            for i in 0..<height {
+                for j in 0..<width {
+                    let r = flipRows ? height - 1 - i : i, q = flipColumns ? width - 1 - j : j
+                    out.append(sample[origin + (transpose ? q * width + r : r * width + q)])
+                }
+            }
+        }
+    }
 }
 
 /// What the teacher model gives for a batch: its logits and the feature maps hints are taken at.
@@ -292,14 +333,25 @@ public final class Trainer: @unchecked Sendable {
             throw ONNXError(.invalidInput, "\(labels.count) labels for \(n) samples")
         }
         let lr = configuration.schedule.rate(base: configuration.learningRate, epoch: epoch)
+        try configuration.augmentation.check(data.shape)
         let order = rng.permutation(n)
         let steps = (n + configuration.batchSize - 1) / configuration.batchSize
+        let symmetries = [Augmentation.none: 1, .flips: 4, .dihedral: 8][configuration.augmentation]!
         var lossSum = 0.0, correct = 0
         for s in 0..<steps {
             let indices = order[(s * configuration.batchSize)..<min((s + 1) * configuration.batchSize, n)]
             var values: [Float] = []
             values.reserveCapacity(indices.count * sampleSize)
-            for i in indices { values += data.floats[(i * sampleSize)..<((i + 1) * sampleSize)] }
+            for i in indices {
+                let sample = data.floats[(i * sampleSize)..<((i + 1) * sampleSize)]
+                let k = symmetries > 1 ? Int(rng.next() % UInt64(symmetries)) : 0
+                if k == 0 {
+                    values += sample
+                } else {
+                    Augmentation.append(sample, channels: data.shape[1], height: data.shape[2], width: data.shape[3],
+                                        symmetry: k, to: &values)
+                }
+            }
             let x = Tensor(shape: [indices.count] + Array(data.shape.dropFirst()), floats: values)
             let y = labels.map { l in ArraySlice(indices.map { l.ints[$0] }) }
             let result = try step(x, labels: y, teacher: try teacher?(x), learningRate: lr, epoch: epoch)

@@ -400,6 +400,12 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._reduceRange = newValue}
   }
 
+  /// finetune, qat: random label-preserving transforms of each local sample, none | flips | dihedral.
+  public var augmentation: String {
+    get {_storage._augmentation}
+    set {_uniqueStorage()._augmentation = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1098,7 +1104,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Task"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0")
 
   fileprivate class _StorageClass {
     var _roundID: String = String()
@@ -1126,6 +1132,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
     var _activationMax: Dictionary<String,Float> = [:]
     var _perChannel: Bool = false
     var _reduceRange: Bool = false
+    var _augmentation: String = String()
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -1161,6 +1168,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       _activationMax = source._activationMax
       _perChannel = source._perChannel
       _reduceRange = source._reduceRange
+      _augmentation = source._augmentation
     }
   }
 
@@ -1204,6 +1212,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         case 23: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufFloat>.self, value: &_storage._activationMax) }()
         case 24: try { try decoder.decodeSingularBoolField(value: &_storage._perChannel) }()
         case 25: try { try decoder.decodeSingularBoolField(value: &_storage._reduceRange) }()
+        case 26: try { try decoder.decodeSingularStringField(value: &_storage._augmentation) }()
         default: break
         }
       }
@@ -1287,6 +1296,9 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       if _storage._reduceRange != false {
         try visitor.visitSingularBoolField(value: _storage._reduceRange, fieldNumber: 25)
       }
+      if !_storage._augmentation.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._augmentation, fieldNumber: 26)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1321,6 +1333,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         if _storage._activationMax != rhs_storage._activationMax {return false}
         if _storage._perChannel != rhs_storage._perChannel {return false}
         if _storage._reduceRange != rhs_storage._reduceRange {return false}
+        if _storage._augmentation != rhs_storage._augmentation {return false}
         return true
       }
       if !storagesAreEqual {return false}
