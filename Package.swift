@@ -22,6 +22,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-asn1", exact: "1.7.4"),
         .package(url: "https://github.com/groue/GRDB.swift", exact: "7.10.0"),
         .package(url: "https://github.com/apple/swift-log", exact: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", exact: "2.4.1"),
     ],
     targets: [
         // C adaptors: oneDNN plans and OpenBLAS's CBLAS.
@@ -72,6 +73,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ]
         ),
         // The worker's agent: enrollment, heartbeats, jobs (libcurl; never NIO).
@@ -90,6 +92,7 @@ let package = Package(
             dependencies: [
                 "WhittleNN", "WhittleONNX", "WhittleTensor", "WhittleCompression", "CWhittleDNNL",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
 
@@ -120,7 +123,7 @@ let package = Package(
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
         .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "SwiftASN1", package: "swift-asn1")]),
         .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
-        .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport"]),
+        .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport", "WhittleCLI", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "WhittleRoundsTests", dependencies: ["WhittleRounds", "WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol", "WhittleTestSupport"]),
     ]
 )

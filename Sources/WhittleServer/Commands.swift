@@ -85,16 +85,25 @@ public struct InitCommand: ParsableCommand {
 }
 
 /// Loads the configuration of a data directory.
-func loadConfig(_ dir: String) throws -> (CoordinatorLayout, CoordinatorConfig) {
+/// The data directory's settings, overridden by `WHITTLE_KEY` environment variables and then `settings`
+/// (`KEY=VALUE`, from `--set`).
+func loadConfig(_ dir: String, settings: [String] = []) throws -> (CoordinatorLayout, CoordinatorConfig) {
     let layout = CoordinatorLayout(dir)
     guard FileManager.default.fileExists(atPath: layout.config) else {
         throw CLIError("\(dir) is not a coordinator data directory (no coordinator.conf); create one with coordinator init --dir \(dir)")
     }
+    var config: CoordinatorConfig
     do {
-        return (layout, try CoordinatorConfig.parse(try String(contentsOfFile: layout.config, encoding: .utf8)))
+        config = try CoordinatorConfig.parse(try String(contentsOfFile: layout.config, encoding: .utf8))
     } catch let error as ConfigError {
         throw CLIError("\(layout.config): \(error.description)")
     }
+    do {
+        try config.override(environment: ProcessInfo.processInfo.environment, settings: settings)
+    } catch let error as ConfigError {
+        throw CLIError(error.description)
+    }
+    return (layout, config)
 }
 
 /// `coordinator serve`.
@@ -105,13 +114,19 @@ public struct ServeCommand: AsyncParsableCommand {
 
     @Option(name: .long, help: "The data directory made by coordinator init.") var dir: String
     @Option(name: .long, help: "HOST:PORT to listen on (port 0: any free port, written to DIR/listening).") var listen: String?
+    @Option(name: .long, parsing: .singleValue,
+            help: "Override a coordinator.conf setting, KEY=VALUE (repeatable; also WHITTLE_KEY in the environment, e.g. WHITTLE_HEARTBEAT_SECONDS).")
+    var set: [String] = []
+    @Option(name: .long, help: "Log lines as text or json (default: WHITTLE_LOG_FORMAT, else text).") var logFormat: String?
+    @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical (default: WHITTLE_LOG_LEVEL, else info).") var logLevel: String?
 
     public init() {}
 
     public func run() async throws {
-        let (layout, config) = try loadConfig(dir)
+        let (layout, config) = try loadConfig(dir, settings: set)
+        try LogFormat.resolve(logFormat).bootstrap()
         var logger = Logger(label: "whittle.coordinator")
-        logger.logLevel = ProcessInfo.processInfo.environment["LOG_LEVEL"].flatMap { Logger.Level(rawValue: $0) } ?? .info
+        logger.logLevel = try LogFormat.level(logLevel)
         do {
             try await CoordinatorServer.serve(layout: layout, config: config, listen: listen ?? config.listen, logger: logger)
         } catch let error as ConfigError {

@@ -24,6 +24,8 @@ public struct CoordinatorConfig: Sendable, Equatable {
     public var enrollBurst = 20
     /// The serial (hex) of the admin client certificate; admin routes accept only it.
     public var adminSerial = ""
+    /// A bearer token `/metrics` also accepts (empty: the admin certificate only).
+    public var metricsToken = ""
 
     public init() {}
 
@@ -40,6 +42,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
         ("enroll_rate_per_second", "Enrollment requests per second allowed per client address (beyond the burst: 429)."),
         ("enroll_burst", "Enrollment requests a client address may send at once."),
         ("admin_serial", "Serial of the admin client certificate (admin.pem); set by coordinator init."),
+        ("metrics_token", "Bearer token GET /metrics also accepts, for a Prometheus server without the admin certificate; empty: admin certificate only."),
     ]
 
     var values: [String: String] {
@@ -47,7 +50,8 @@ public struct CoordinatorConfig: Sendable, Equatable {
          "worker_certificate_days": "\(workerCertificateDays)", "enroll_body_limit": "\(enrollBodyLimit)",
          "heartbeat_body_limit": "\(heartbeatBodyLimit)", "admin_body_limit": "\(adminBodyLimit)",
          "report_body_limit": "\(reportBodyLimit)", "model_body_limit": "\(modelBodyLimit)",
-         "enroll_rate_per_second": "\(enrollRatePerSecond)", "enroll_burst": "\(enrollBurst)", "admin_serial": adminSerial]
+         "enroll_rate_per_second": "\(enrollRatePerSecond)", "enroll_burst": "\(enrollBurst)", "admin_serial": adminSerial,
+         "metrics_token": metricsToken]
     }
 
     /// The file's text, every key with its comment.
@@ -66,30 +70,61 @@ public struct CoordinatorConfig: Sendable, Equatable {
             if line.isEmpty || line.hasPrefix("#") { continue }
             let parts = line.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
             guard parts.count == 2 else { throw ConfigError("line \(number + 1): expected key = value, got '\(line)'") }
-            let (key, value) = (parts[0], parts[1])
-            func int() throws -> Int {
-                guard let v = Int(value), v > 0 else { throw ConfigError("line \(number + 1): \(key) must be a positive integer") }
-                return v
-            }
-            switch key {
-            case "listen": c.listen = value
-            case "url": c.url = value
-            case "heartbeat_seconds": c.heartbeatSeconds = try int()
-            case "worker_certificate_days": c.workerCertificateDays = try int()
-            case "enroll_body_limit": c.enrollBodyLimit = try int()
-            case "heartbeat_body_limit": c.heartbeatBodyLimit = try int()
-            case "admin_body_limit": c.adminBodyLimit = try int()
-            case "report_body_limit": c.reportBodyLimit = try int()
-            case "model_body_limit": c.modelBodyLimit = try int()
-            case "enroll_rate_per_second":
-                guard let v = Double(value), v > 0 else { throw ConfigError("line \(number + 1): enroll_rate_per_second must be positive") }
-                c.enrollRatePerSecond = v
-            case "enroll_burst": c.enrollBurst = try int()
-            case "admin_serial": c.adminSerial = value
-            default: throw ConfigError("line \(number + 1): unknown setting '\(key)'")
+            do {
+                try c.set(parts[0], parts[1])
+            } catch let error as ConfigError {
+                throw ConfigError("line \(number + 1): \(error.description)")
             }
         }
         return c
+    }
+
+    /// Sets one setting from its text.
+    public mutating func set(_ key: String, _ value: String) throws {
+        func int() throws -> Int {
+            guard let v = Int(value), v > 0 else { throw ConfigError("\(key) must be a positive integer, not '\(value)'") }
+            return v
+        }
+        switch key {
+        case "listen": listen = value
+        case "url": url = value
+        case "heartbeat_seconds": heartbeatSeconds = try int()
+        case "worker_certificate_days": workerCertificateDays = try int()
+        case "enroll_body_limit": enrollBodyLimit = try int()
+        case "heartbeat_body_limit": heartbeatBodyLimit = try int()
+        case "admin_body_limit": adminBodyLimit = try int()
+        case "report_body_limit": reportBodyLimit = try int()
+        case "model_body_limit": modelBodyLimit = try int()
+        case "enroll_rate_per_second":
+            guard let v = Double(value), v > 0 else { throw ConfigError("enroll_rate_per_second must be positive, not '\(value)'") }
+            enrollRatePerSecond = v
+        case "enroll_burst": enrollBurst = try int()
+        case "admin_serial": adminSerial = value
+        case "metrics_token": metricsToken = value
+        default:
+            throw ConfigError("unknown setting '\(key)' (known: \(Self.documentation.map(\.key).joined(separator: ", ")))")
+        }
+    }
+
+    /// The environment variable that overrides `key`: `WHITTLE_` and the key in capitals (`WHITTLE_HEARTBEAT_SECONDS`).
+    public static func environmentName(_ key: String) -> String { "WHITTLE_" + key.uppercased() }
+
+    /// The file's settings overridden by the environment (`WHITTLE_KEY=value`), then by `KEY=VALUE` flags.
+    public mutating func override(environment: [String: String], settings: [String]) throws {
+        for (key, _) in Self.documentation {
+            if let value = environment[Self.environmentName(key)] {
+                do { try set(key, value) } catch let error as ConfigError {
+                    throw ConfigError("\(Self.environmentName(key)): \(error.description)")
+                }
+            }
+        }
+        for setting in settings {
+            let parts = setting.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+            guard parts.count == 2 else { throw ConfigError("--set '\(setting)' must be KEY=VALUE") }
+            do { try set(parts[0].trimmingCharacters(in: .whitespaces), parts[1].trimmingCharacters(in: .whitespaces)) } catch let error as ConfigError {
+                throw ConfigError("--set \(setting): \(error.description)")
+            }
+        }
     }
 
     /// `host:port` split; IPv6 in brackets.

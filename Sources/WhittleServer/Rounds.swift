@@ -23,6 +23,7 @@ actor RoundService {
     let reportsDirectory: URL
     let pollSeconds: Int
     let logger: Logger
+    let metrics: CoordinatorMetrics?
 
     /// The open worker phase of each running round: its accumulator (rebuilt from durable reports after a
     /// restart), task and limits.
@@ -43,7 +44,9 @@ actor RoundService {
     var locked = false
     var waiters: [CheckedContinuation<Void, Never>] = []
 
-    init(store: any CoordinatorStore, directory: URL, artifacts: URL, pollSeconds: Int, logger: Logger) throws {
+    init(store: any CoordinatorStore, directory: URL, artifacts: URL, pollSeconds: Int, logger: Logger,
+         metrics: CoordinatorMetrics? = nil) throws {
+        self.metrics = metrics
         self.store = store
         self.directory = directory
         self.artifacts = artifacts
@@ -176,6 +179,7 @@ actor RoundService {
         try await store.updateRound(round)
         open[id] = nil
         running = nil
+        metrics?.roundEnded(state: "cancelled")
         logger.info("round cancelled", metadata: ["round.id": "\(id)"])
         return round
     }
@@ -242,6 +246,7 @@ actor RoundService {
         if phase.kind.overSelected, let m = plan.workersPerPhase, assignments.filter({ $0.droppedAt == nil }).count >= m { return nil }
         guard Date().timeIntervalSince1970 < o.task.deadline else { return nil }
         _ = try await store.assign(AssignmentRecord(round: round.id, phase: round.phase, worker: worker.name, assignedAt: Date()))
+        metrics?.taskAssigned(kind: plan.phases[round.phase].kind.rawValue)
         logger.info("task assigned", metadata: ["round.id": "\(round.id)", "phase": "\(phase.label)", "worker.name": "\(worker.name)"])
         return o.task
     }
@@ -333,6 +338,7 @@ actor RoundService {
                     try await store.updateRound(round)
                     open[round.id] = nil
                     running = nil
+                    metrics?.roundEnded(state: "failed")
                     logger.error("round failed", metadata: ["round.id": "\(round.id)", "reason": "\(message)"])
                 }
             }
@@ -406,6 +412,7 @@ actor RoundService {
         let engine = RoundEngine(plan: plan)
         let phases = plan.phases
         var index = round.phase
+        let first = index
         let now = Date().timeIntervalSince1970
         let clock = ContinuousClock()
         if let o = closing {
@@ -487,6 +494,11 @@ actor RoundService {
         }
         round.progress = try Self.text(progress)
         try await store.updateRound(round)
+        for closed in progress.phases[first..<min(index, progress.phases.count)] {
+            metrics?.phaseClosed(kind: closed.kind, seconds: max(0, (closed.endedAt ?? now) - (closed.startedAt ?? now)),
+                                 aggregationSeconds: closed.aggregationSeconds)
+        }
+        if round.ended { metrics?.roundEnded(state: round.state) }
         logger.info(round.ended ? "round succeeded" : "phase opened", metadata: [
             "round.id": "\(round.id)", "phase": "\(round.ended ? "-" : phases[index].label)"])
     }

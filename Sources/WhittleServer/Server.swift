@@ -67,11 +67,14 @@ final class ServerState: Sendable {
     /// Files workers download (compressed models), named by their SHA-256.
     let artifacts: URL
     let rounds: RoundService
+    let metrics: CoordinatorMetrics
 
     init(store: any CoordinatorStore, ca: Identity, config: CoordinatorConfig, directory: URL, artifacts: URL, logger: Logger) throws {
         self.artifacts = artifacts
+        let metrics = CoordinatorMetrics()
+        self.metrics = metrics
         rounds = try RoundService(store: store, directory: directory, artifacts: artifacts, pollSeconds: config.heartbeatSeconds,
-                                  logger: logger)
+                                  logger: logger, metrics: metrics)
         self.store = store
         self.ca = ca
         self.config = config
@@ -158,6 +161,7 @@ struct ClientCertificateMiddleware: RouterMiddleware {
 public enum CoordinatorServer {
     static func router(state: ServerState) -> Router<WhittleContext> {
         let router = Router(context: WhittleContext.self)
+        router.add(middleware: MetricsMiddleware(metrics: state.metrics))
         router.add(middleware: JSONErrorsMiddleware())
         router.get("/healthz") { _, _ in "ok\n" }
         router.get("/readyz") { _, _ -> Response in
@@ -171,6 +175,12 @@ public enum CoordinatorServer {
         router.get("/v1/ca") { _, _ -> Response in
             Response(status: .ok, headers: [.contentType: "application/x-pem-file"],
                      body: .init(byteBuffer: ByteBuffer(string: state.ca.certificatePEM)))
+        }
+        router.get("/metrics") { request, context -> Response in
+            try await metricsAuthorized(request, context, state)
+            let text = try await state.metrics.render(store: state.store)
+            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                            body: .init(byteBuffer: ByteBuffer(string: text)))
         }
         router.post("/v1/enroll") { request, context in try await enroll(request, context, state) }
 
@@ -240,18 +250,51 @@ public enum CoordinatorServer {
         return router
     }
 
+    /// `/metrics` admits the admin certificate, or `Authorization: Bearer METRICS_TOKEN` when `metrics_token` is
+    /// set (for a Prometheus server that scrapes without a client certificate).
+    static func metricsAuthorized(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws {
+        if !state.config.metricsToken.isEmpty, let header = request.headers[.authorization] {
+            let expected = Array("Bearer \(state.config.metricsToken)".utf8), given = Array(header.utf8)
+            // Constant time in the token's length.
+            guard given.count == expected.count, zip(given, expected).reduce(0, { $0 | ($1.0 ^ $1.1) }) == 0 else {
+                throw APIError(.unauthorized, "bad_metrics_token", "the bearer token does not match metrics_token")
+            }
+            return
+        }
+        if let peer = try await context.channel.nioSSL_peerCertificate().get(),
+            !state.config.adminSerial.isEmpty,
+            PKI.serial(try Certificate(derEncoded: try peer.toDERBytes())) == state.config.adminSerial {
+            return
+        }
+        throw APIError(.unauthorized, "metrics_unauthorized",
+                       "/metrics needs the admin certificate\(state.config.metricsToken.isEmpty ? "" : " or the bearer token metrics_token")")
+    }
+
     /// `POST /v1/worker/reports`: a task's result (TaskReport). Durable before the 200; a retried upload id is
     /// answered `duplicate` and not counted again.
     static func taskReport(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Response {
-        let bytes = try await body(request, limit: state.config.reportBodyLimit)
-        let message = try decode(Whittle_TaskReport.self, bytes)
+        let bytes: [UInt8], message: Whittle_TaskReport
+        do {
+            bytes = try await body(request, limit: state.config.reportBodyLimit)
+            message = try decode(Whittle_TaskReport.self, bytes)
+        } catch let error as APIError {
+            state.metrics.report(result: "refused", reason: error.code)
+            throw error
+        }
         guard message.protocolVersion == protocolVersion else {
             throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
         }
         guard let worker = try await state.store.worker(named: context.workerName!) else {
             throw APIError(.forbidden, "worker_certificate_required", "unknown worker")
         }
-        let duplicate = try await state.rounds.accept(message, bytes: bytes, worker: worker)
+        let duplicate: Bool
+        do {
+            duplicate = try await state.rounds.accept(message, bytes: bytes, worker: worker)
+        } catch let error as APIError {
+            state.metrics.report(result: "refused", reason: error.code)
+            throw error
+        }
+        state.metrics.report(result: duplicate ? "duplicate" : "accepted", bytes: bytes.count)
         Task { await state.rounds.tick() }
         var response = Whittle_TaskReportResponse()
         response.duplicate = duplicate
@@ -290,6 +333,17 @@ public enum CoordinatorServer {
     }
 
     static func enroll(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Response {
+        do {
+            let response = try await enrolled(request, context, state)
+            state.metrics.enrollment("enrolled")
+            return response
+        } catch let error as APIError {
+            state.metrics.enrollment(error.code)
+            throw error
+        }
+    }
+
+    static func enrolled(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Response {
         if let wait = await state.limiter.take(context.remoteAddress ?? "unknown") {
             throw APIError(.tooManyRequests, "rate_limited", "too many enrollment requests; retry in \(wait) s", retryAfter: wait)
         }
@@ -339,6 +393,7 @@ public enum CoordinatorServer {
                                             evaluationSamples: Int(clamping: c.evaluationSamples))
         let text = String(decoding: try JSONEncoder().encode(capabilities), as: UTF8.self)
         try await state.store.recordContact(name: context.workerName!, at: Date(), address: context.remoteAddress, capabilities: text)
+        state.metrics.heartbeat()
         var response = Whittle_HeartbeatResponse()
         response.pollSeconds = UInt32(state.config.heartbeatSeconds)
         if message.workingOn.isEmpty, let task = try await state.rounds.task(forWorkerNamed: context.workerName!) {
@@ -380,6 +435,7 @@ public enum CoordinatorServer {
         let bytes = try handle.read(upToCount: end - start + 1) ?? Data()
         var headers: HTTPFields = [.contentType: "application/octet-stream", .acceptRanges: "bytes"]
         if partial { headers[.contentRange] = "bytes \(start)-\(end)/\(total)" }
+        state.metrics.artifactSent(bytes: bytes.count)
         return Response(status: partial ? .partialContent : .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
     }
 

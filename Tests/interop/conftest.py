@@ -161,7 +161,8 @@ class CoordinatorServer:
     def port(self):
         return int(self.url.rsplit(":", 1)[1])
 
-    def start(self, listen="127.0.0.1:0", timeout=30):
+    def start(self, listen="127.0.0.1:0", timeout=30, args=(), env=None):
+        """`args`: more `serve` flags; `env`: variables added to the environment."""
         assert not self.running, "already running"
         listening = self.dir / "listening"
         listening.unlink(missing_ok=True)
@@ -169,8 +170,9 @@ class CoordinatorServer:
         with open(self.log_path, "ab") as log:
             log.write(f"---- serve #{self.starts} --listen {listen}\n".encode())
             log.flush()
-            self.process = launch([self.binary, "serve", "--dir", self.dir, "--listen", listen],
-                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.process = launch([self.binary, "serve", "--dir", self.dir, "--listen", listen, *args],
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  env={**os.environ, **(env or {})})
         deadline = time.monotonic() + timeout
         while not listening.exists():
             if self.process.poll() is not None:

@@ -814,3 +814,65 @@ def test_worker_binary_links_no_nio_or_hummingbird(worker_path, coordinator_path
     for module in ("NIOCore", "NIOPosix", "NIOSSL", "Hummingbird"):
         assert module not in worker_symbols, f"the worker links {module}"
     assert "Hummingbird" in symbols(coordinator_path)
+
+
+def metric_samples(text):
+    """Prometheus text exposition → {'name{labels}': value} (labels as printed)."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def test_metrics_count_requests_enrollments_heartbeats_and_refused_reports(coordinator_server, tmp_path):
+    server = coordinator_server("coord", start=False, heartbeat_seconds=1)
+    # Settings from the environment and from --set override the file; JSON log lines.
+    server.start(args=["--set", "metrics_token=scrape-secret", "--log-format", "json"], env={"WHITTLE_ENROLL_BURST": "3"})
+    token = server.token(uses=1)["token"]
+    cert, key, _, _ = enrolled_identity(server, token, "w1", tmp_path)
+    assert enroll_by_hand(server, "no-such-token", "w2")[0].status == 401
+    assert heartbeat_by_hand(server, cert, key).status == 200
+    refused = server.request("POST", "/v1/worker/reports", body=b"\xff\xff\xff", certificate=cert, key=key,
+                             headers={"Content-Type": "application/x-protobuf"})
+    assert_error(refused, 400, "malformed_message")
+
+    assert_error(server.request("GET", "/metrics"), 401, "metrics_unauthorized")
+    assert_error(server.request("GET", "/metrics", headers={"Authorization": "Bearer wrong-secret!"}), 401, "bad_metrics_token")
+    assert_error(server.request("GET", "/metrics", certificate=cert, key=key), 401, "metrics_unauthorized")
+    by_token = server.request("GET", "/metrics", headers={"Authorization": "Bearer scrape-secret"})
+    assert by_token.status == 200 and by_token.headers["content-type"].startswith("text/plain"), by_token
+    by_admin = server.request("GET", "/metrics", client_certificate="admin")
+    assert by_admin.status == 200, by_admin
+    samples = metric_samples(by_admin.body.decode())
+    expected = {
+        'whittle_enrollments_total{result="enrolled"}': 1,
+        'whittle_enrollments_total{result="unknown_token"}': 1,
+        'whittle_heartbeats_total': 1,
+        'whittle_reports_total{result="refused",reason="malformed_message"}': 1,
+        'whittle_workers{state="online"}': 1,
+        'whittle_workers{state="revoked"}': 0,
+        'whittle_rounds{state="running"}': 0,
+        'whittle_http_requests_total{route="/v1/enroll",method="POST",status="200"}': 1,
+        'whittle_http_requests_total{route="/v1/enroll",method="POST",status="401"}': 1,
+        'whittle_http_requests_total{route="/v1/worker/heartbeat",method="POST",status="200"}': 1,
+        'whittle_http_requests_total{route="/metrics",method="GET",status="401"}': 3,
+    }
+    for name, value in expected.items():
+        assert samples.get(name) == value, (name, samples.get(name), sorted(samples))
+    assert samples['whittle_http_request_duration_seconds_count{route="/v1/enroll"}'] == 2
+    assert samples['whittle_http_received_bytes_total{route="/v1/enroll"}'] > 0
+
+    server.stop()
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    enrolled = [entry for entry in lines if entry["message"] == "enrolled"]
+    assert enrolled and enrolled[0]["worker.name"] == "w1" and enrolled[0]["level"] == "info", lines
+    assert all({"ts", "level", "logger", "message"} <= set(entry) for entry in lines)
+
+    # A bad override stops serve with the variable's name and the reason.
+    bad = execute([server.binary, "serve", "--dir", server.dir], timeout=30,
+                  env={**os.environ, "WHITTLE_HEARTBEAT_SECONDS": "soon"})
+    assert bad.returncode != 0 and "WHITTLE_HEARTBEAT_SECONDS: heartbeat_seconds must be a positive integer" in bad.stderr, bad
+    bad = execute([server.binary, "serve", "--dir", server.dir, "--set", "no_such_key=1"], timeout=30)
+    assert bad.returncode != 0 and "unknown setting 'no_such_key'" in bad.stderr, bad

@@ -1,0 +1,47 @@
+import Foundation
+import Logging
+import Testing
+import WhittleCLI
+@testable import WhittleServer
+
+/// Settings: file, then environment, then flags; log lines as text and JSON.
+@Suite struct ConfigTests {
+    @Test func theEnvironmentOverridesTheFileAndFlagsOverrideBoth() throws {
+        var config = try CoordinatorConfig.parse("heartbeat_seconds = 7\nenroll_burst = 4\nlisten = 0.0.0.0:9000\n")
+        try config.override(environment: ["WHITTLE_HEARTBEAT_SECONDS": "5", "WHITTLE_LISTEN": "10.0.0.1:8443", "HOME": "/root"],
+                            settings: ["heartbeat_seconds=3", "metrics_token = s3cret"])
+        #expect(config.heartbeatSeconds == 3)
+        #expect(config.listen == "10.0.0.1:8443")
+        #expect(config.enrollBurst == 4)
+        #expect(config.metricsToken == "s3cret")
+        // Every documented key can be set from the environment, under WHITTLE_ and its name in capitals.
+        #expect(CoordinatorConfig.environmentName("report_body_limit") == "WHITTLE_REPORT_BODY_LIMIT")
+        #expect(CoordinatorConfig.documentation.count == CoordinatorConfig().values.count)
+    }
+
+    @Test func badOverridesNameTheirSource() throws {
+        var config = CoordinatorConfig()
+        #expect { try config.override(environment: ["WHITTLE_HEARTBEAT_SECONDS": "0"], settings: []) } throws: {
+            "\($0)" == "WHITTLE_HEARTBEAT_SECONDS: heartbeat_seconds must be a positive integer, not '0'"
+        }
+        #expect { try config.override(environment: [:], settings: ["enroll_burst"]) } throws: { "\($0)".contains("must be KEY=VALUE") }
+        #expect { try config.override(environment: [:], settings: ["nope=1"]) } throws: { "\($0)".contains("unknown setting 'nope'") }
+        #expect { try CoordinatorConfig.parse("# c\n\nenroll_rate_per_second = -1\n") } throws: { "\($0)".hasPrefix("line 3: ") }
+    }
+
+    @Test func logLinesCarryTheirMetadataAsTextOrJSON() throws {
+        let at = Date(timeIntervalSince1970: 1_800_000_000)
+        let metadata: Logger.Metadata = ["worker.name": "cam-1", "round.id": "r1", "phase": "finetune 2/10"]
+        let text = LineLogHandler.line(label: "whittle.coordinator", level: .info, message: "report accepted", metadata: metadata,
+                                       json: false, at: at)
+        #expect(text == "2027-01-15T08:00:00Z info whittle.coordinator: report accepted phase=finetune 2/10 round.id=r1 worker.name=cam-1")
+        let json = LineLogHandler.line(label: "whittle.coordinator", level: .warning, message: "report \"refused\"", metadata: metadata,
+                                       json: true, at: at)
+        let object = try JSONSerialization.jsonObject(with: Data(json.utf8)) as! [String: String]
+        #expect(object == ["ts": "2027-01-15T08:00:00Z", "level": "warning", "logger": "whittle.coordinator",
+                           "message": "report \"refused\"", "worker.name": "cam-1", "round.id": "r1", "phase": "finetune 2/10"])
+        #expect(try LogFormat.resolve(nil, environment: ["WHITTLE_LOG_FORMAT": "json"]) == .json)
+        #expect(try LogFormat.level(nil, environment: [:]) == .info)
+        #expect { try LogFormat.resolve("xml", environment: [:]) } throws: { "\($0)".contains("text or json") }
+    }
+}
