@@ -83,6 +83,7 @@ let package = Package(
                 "WhittlePKI", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI", "WhittleRounds", "WhittleCompression",
                 "WhittleONNX", "WhittleNN", "WhittleTensor",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
 

@@ -24,6 +24,7 @@ struct WorkerLayout {
     var certificate: String { file("worker.pem") }
     var ca: String { file("ca.pem") }
     var state: String { file("worker.json") }
+    var settings: String { file("worker.conf") }
 }
 
 /// What a worker remembers between runs (worker.json).
@@ -153,6 +154,7 @@ public struct EnrollCommand: ParsableCommand {
         try Files.writeNew(try certificate.serializeAsPEM().pemString, to: layout.certificate, mode: 0o644)
         try Files.writeNew(caPEM, to: layout.ca, mode: 0o644)
         try WorkerState(name: answer.name, coordinator: coordinator, caFingerprint: fingerprint, enrolledAt: Date()).save(layout)
+        if !fm.fileExists(atPath: layout.settings) { try Files.writeNew(WorkerSettings.template, to: layout.settings, mode: 0o600) }
         if json {
             try printJSON(["name": answer.name, "coordinator": coordinator, "certificateSerial": PKI.serial(certificate)])
         } else {
@@ -167,14 +169,16 @@ public struct RunCommand: ParsableCommand {
         commandName: "run",
         abstract: "Run the worker agent: heartbeat with capabilities, poll for tasks, stay connected across restarts.")
 
-    @Option(name: .long, help: "This worker's directory (from worker enroll).") var dir: String
-    @Option(name: .long, help: "The board's local samples (.npy).") var data: String
+    @Option(name: .long, help: "This worker's directory (from worker enroll; default: WHITTLE_WORKER_DIR).") var dir: String?
+    @Option(name: .long, help: "The board's local samples (.npy).") var data: String?
     @Option(name: .long, help: "Labels of the samples (.npy).") var labels: String?
     @Option(name: .long, help: "Held-out local samples (.npy) for the evaluation phase (default: --data).") var evalData: String?
     @Option(name: .long, help: "Labels of --eval-data (.npy).") var evalLabels: String?
     @Option(name: .long, help: "Memory budget for jobs, e.g. 1GB (the batch size shrinks to fit, by the engine's estimate).") var memoryLimit: String?
     @Option(name: .long, help: "Compute threads for jobs (default: all cores).") var threads: Int?
     @Option(name: .long, help: "Stop after this many successful heartbeats (for tests and scripts).") var heartbeats: Int?
+    @Option(name: .long, help: "Log lines as text or json (JSON objects on standard error).") var logFormat: String?
+    @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
 
     public init() {}
 
@@ -186,9 +190,28 @@ public struct RunCommand: ParsableCommand {
     }
 
     public func run() throws {
+        let environment = ProcessInfo.processInfo.environment
+        guard let dir = dir ?? environment["WHITTLE_WORKER_DIR"] else {
+            throw CLIError("worker run needs --dir (or WHITTLE_WORKER_DIR): the directory worker enroll made")
+        }
         let layout = WorkerLayout(dir)
         var state = try WorkerState.load(layout)
-        if let threads { ComputeThreads.set(threads) }
+        // Flags override DIR/worker.conf and WHITTLE_WORKER_* variables.
+        var settings = try WorkerSettings.load(file: layout.settings, environment: environment)
+        for (key, value) in [("data", data), ("labels", labels), ("eval_data", evalData), ("eval_labels", evalLabels),
+                             ("memory_limit", memoryLimit), ("threads", threads.map(String.init)), ("log_format", logFormat),
+                             ("log_level", logLevel)] {
+            if let value { try settings.set(key, value) }
+        }
+        guard let data = settings.data else {
+            throw CLIError("worker run needs the board's samples: --data X.npy, data = X.npy in \(layout.settings), or WHITTLE_WORKER_DATA")
+        }
+        if settings.evalLabels != nil, settings.evalData == nil { throw CLIError("eval_labels needs eval_data") }
+        let (labels, evalData, evalLabels, memoryLimit) = (settings.labels, settings.evalData, settings.evalLabels, settings.memoryLimit)
+        let format = try LogFormat.resolve(settings.logFormat, environment: [:])
+        format.bootstrap()
+        let log = AgentLog(format: format, level: try LogFormat.level(settings.logLevel, environment: environment), worker: state.name)
+        if let threads = settings.threads { ComputeThreads.set(threads) }
         let read = { (path: String) throws -> String in
             do { return try String(contentsOfFile: path, encoding: .utf8) } catch { throw CLIError("cannot read \(path)") }
         }
@@ -233,9 +256,11 @@ public struct RunCommand: ParsableCommand {
             }
         }
         try checkValidity()
-        let runner = TaskRunner(client: client, layout: layout, data: dataset, evaluation: evaluation, memoryLimit: memoryLimit.flatMap(parseByteSize))
+        let runner = TaskRunner(client: client, layout: layout, data: dataset, evaluation: evaluation, memoryLimit: memoryLimit.flatMap(parseByteSize),
+                                log: log)
         var failures = 0, sent = 0
-        print("worker '\(state.name)' running against \(state.coordinator) with \(capabilities.samples) samples")
+        log.info("worker '\(state.name)' running against \(state.coordinator) with \(capabilities.samples) samples",
+                 ["coordinator": "\(state.coordinator)", "samples": "\(capabilities.samples)"])
         while heartbeats.map({ sent < $0 }) ?? true {
             var wait: Double
             do {
@@ -253,7 +278,8 @@ public struct RunCommand: ParsableCommand {
                         busy.workingOn = TaskRunner.key(answer.task)
                         let beat = BusyHeartbeat(client: HTTPClient(baseURL: client.baseURL, credentials: client.credentials),
                                                  body: try busy.serializedBytes(), seconds: wait)
-                        print("task \(answer.task.kind): round \(answer.task.roundID), phase \(answer.task.phase)")
+                        log.info("task \(answer.task.kind): round \(answer.task.roundID), phase \(answer.task.phase)",
+                                 ["round.id": "\(answer.task.roundID)", "phase": "\(answer.task.phase)", "task.kind": "\(answer.task.kind)"])
                         runner.run(answer.task)
                         beat.stop()
                         wait = 0.2
@@ -272,7 +298,8 @@ public struct RunCommand: ParsableCommand {
                 failures += 1
                 state.lastError = error.description
                 wait = backoff.delay(attempt: failures, retryAfter: nil)
-                FileHandle.standardError.write(Data("coordinator unreachable (\(error.description)); retrying in \(String(format: "%.1f", wait)) s\n".utf8))
+                log.warning("coordinator unreachable (\(error.description)); retrying in \(String(format: "%.1f", wait)) s",
+                            ["error": "\(error.description)", "retry.seconds": "\(String(format: "%.1f", wait))"])
             }
             try? state.save(layout)
             if heartbeats.map({ sent >= $0 }) ?? false { break }

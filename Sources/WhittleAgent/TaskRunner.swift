@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import WhittleCLI
 import WhittleCompression
 import WhittleHTTPClient
@@ -21,7 +22,12 @@ final class TaskRunner {
     /// Tasks ("round/phase") finished or given up, so a re-sent task is not computed twice.
     var finished: Set<String> = []
 
-    init(client: HTTPClient, layout: WorkerLayout, data: Dataset, evaluation: Dataset?, memoryLimit: Int?) {
+    let agentLog: AgentLog
+    /// The running task's log metadata.
+    var context: Logger.Metadata = [:]
+
+    init(client: HTTPClient, layout: WorkerLayout, data: Dataset, evaluation: Dataset?, memoryLimit: Int?, log: AgentLog) {
+        agentLog = log
         self.client = client
         self.layout = layout
         self.data = data
@@ -31,9 +37,7 @@ final class TaskRunner {
 
     static func key(_ task: Whittle_Task) -> String { "\(task.roundID)/\(task.phase)" }
 
-    func log(_ message: String) {
-        FileHandle.standardError.write(Data("\(message)\n".utf8))
-    }
+    func log(_ message: String) { agentLog.warning(message, context) }
 
     /// The artifact's local copy (downloaded once, verified), and the bytes downloaded for it now.
     func artifact(_ sha: String, folder: String = "artifacts") throws -> (path: String, downloaded: Int) {
@@ -118,6 +122,7 @@ final class TaskRunner {
         guard !finished.contains(key) else { return }
         defer { finished.insert(key) }
         let label = "task \(task.kind) (round \(task.roundID), phase \(task.phase))"
+        context = ["round.id": "\(task.roundID)", "phase": "\(task.phase)", "task.kind": "\(task.kind)"]
         var body: [UInt8]
         do {
             try FileManager.default.createDirectory(atPath: layout.file("pending"), withIntermediateDirectories: true)
@@ -152,7 +157,8 @@ final class TaskRunner {
                 let response = try client.request("POST", "/v1/worker/reports", body: body, contentType: "application/x-protobuf")
                 if response.status == 200 {
                     let duplicate = (try? Whittle_TaskReportResponse(serializedBytes: response.body))?.duplicate ?? false
-                    print("\(label): report accepted (\(body.count) bytes\(duplicate ? ", already counted" : ""))")
+                    agentLog.info("\(label): report accepted (\(body.count) bytes\(duplicate ? ", already counted" : ""))",
+                                  context.merging(["bytes": "\(body.count)", "duplicate": "\(duplicate)"]) { $1 })
                     break
                 }
                 if RetryPolicy.isRetryable(status: response.status) {

@@ -79,7 +79,7 @@ public struct ImportanceStatistics: Sendable {
                 out.gradientSums[name] = g
             }
         }
-        out.samples += other.samples
+        out.samples = try checkedSum(samples, other.samples)
         return out
     }
 }

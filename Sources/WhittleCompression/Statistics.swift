@@ -53,8 +53,9 @@ public struct RangeStatistics: Sendable, Equatable, Codable {
         count += values.count
     }
 
-    public func merged(with other: RangeStatistics) -> RangeStatistics {
-        RangeStatistics(min: Swift.min(min, other.min), max: Swift.max(max, other.max), count: count + other.count)
+    /// Throws if the counts overflow (only forged counts can).
+    public func merged(with other: RangeStatistics) throws -> RangeStatistics {
+        RangeStatistics(min: Swift.min(min, other.min), max: Swift.max(max, other.max), count: try checkedSum(count, other.count))
     }
 }
 
@@ -87,7 +88,10 @@ public struct Histogram: Sendable, Equatable, Codable {
     }
 
     public var binCount: Int { counts.count }
-    public var total: UInt64 { counts.reduce(0, +) }
+    /// The number of values counted (saturating: only forged counts reach 2⁶⁴, and `checkedTotal` refuses them).
+    public var total: UInt64 { counts.reduce(0) { $0.addingReportingOverflow($1).overflow ? .max : $0 + $1 } }
+    /// The number of values counted; throws if the counts overflow.
+    public func checkedTotal() throws -> UInt64 { try counts.reduce(0) { try checkedSum($0, $1) } }
 
     /// The `binCount + 1` edges, `lower + (upper − lower) · k / binCount` (computed as numpy's linspace does).
     public var edges: [Double] {
@@ -126,7 +130,8 @@ public struct Histogram: Sendable, Equatable, Codable {
                 "histograms over [\(lower), \(upper)]×\(binCount) and [\(other.lower), \(other.upper)]×\(other.binCount) have different edges and cannot be merged")
         }
         var out = self
-        for i in counts.indices { out.counts[i] += other.counts[i] }
+        for i in counts.indices { out.counts[i] = try checkedSum(counts[i], other.counts[i]) }
+        _ = try out.checkedTotal()
         return out
     }
 }
@@ -207,9 +212,9 @@ public struct ChannelStatistics: Sendable, Equatable, Codable {
             out.sums[c] += other.sums[c]
             out.absoluteSums[c] += other.absoluteSums[c]
             out.squaredSums[c] += other.squaredSums[c]
-            out.zeroCounts[c] += other.zeroCounts[c]
+            out.zeroCounts[c] = try checkedSum(zeroCounts[c], other.zeroCounts[c])
         }
-        out.valuesPerChannel += other.valuesPerChannel
+        out.valuesPerChannel = try checkedSum(valuesPerChannel, other.valuesPerChannel)
         return out
     }
 
@@ -217,4 +222,12 @@ public struct ChannelStatistics: Sendable, Equatable, Codable {
     public var meanMagnitude: [Double] { absoluteSums.map { valuesPerChannel == 0 ? 0 : $0 / Double(valuesPerChannel) } }
     /// Average percentage of zeros per channel (APoZ), as a fraction.
     public var zeroFraction: [Double] { zeroCounts.map { valuesPerChannel == 0 ? 0 : Double($0) / Double(valuesPerChannel) } }
+}
+
+/// `a + b`, or an `invalidStatistics` error when the sum overflows: merged counts come from other machines, and a
+/// forged count must be refused, never trap.
+func checkedSum<T: FixedWidthInteger>(_ a: T, _ b: T) throws -> T {
+    let (sum, overflow) = a.addingReportingOverflow(b)
+    guard !overflow else { throw CompressionError(.invalidStatistics, "merged counts overflow (\(a) + \(b)); the statistics are not plausible") }
+    return sum
 }

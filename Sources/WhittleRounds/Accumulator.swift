@@ -60,8 +60,12 @@ public struct PhaseAccumulator: Sendable {
 
     func refuse(_ message: String) -> AggregationError { AggregationError(.invalidUpdate, message) }
 
+    /// The most samples one report may claim, whatever the worker declared: sums over any plausible fleet stay far
+    /// from overflowing.
+    public static let maximumReportSamples: UInt64 = 1 << 40
+
     func checkSamples(_ n: UInt64, _ maximum: Int) throws -> Int {
-        guard n >= 1, n <= UInt64(maximum) else {
+        guard n >= 1, n <= UInt64(max(maximum, 0)), n <= Self.maximumReportSamples else {
             throw refuse("the report claims \(n) samples; this worker declared \(maximum)")
         }
         return Int(n)
@@ -148,7 +152,7 @@ public struct PhaseAccumulator: Sendable {
             for (name, r) in message.ranges {
                 let decoded = try r.decoded()
                 guard decoded.count > 0 else { throw refuse("the range of '\(name)' covers no values") }
-                next[name] = (next[name] ?? RangeStatistics()).merged(with: decoded)
+                next[name] = try (next[name] ?? RangeStatistics()).merged(with: decoded)
             }
             ranges = next
             samples += n
@@ -160,6 +164,7 @@ public struct PhaseAccumulator: Sendable {
             var next = histograms
             for (name, h) in message.histograms {
                 let decoded = try h.decoded()
+                _ = try decoded.checkedTotal()
                 guard decoded.lower == 0, decoded.upper == e.histogramUpper[name]!, decoded.binCount == e.histogramBins, decoded.magnitudes else {
                     throw refuse("the histogram of '\(name)' has edges [\(decoded.lower), \(decoded.upper)] × \(decoded.binCount); the phase broadcast [0, \(e.histogramUpper[name]!)] × \(e.histogramBins)")
                 }

@@ -300,3 +300,25 @@ public func applying(_ delta: [String: Tensor], to model: Model) throws -> Model
     }
     return out
 }
+
+/// Decodes JSON that an earlier version stored (a round's plan or progress): top-level keys it lacks take their
+/// values from `defaults`, so a field added later does not make older rounds unreadable.
+public func decodeStored<T: Codable>(_ type: T.Type, from data: Data, defaults: T) throws -> T {
+    guard let stored = try JSONSerialization.jsonObject(with: data) as? [String: Any],
+        let base = try JSONSerialization.jsonObject(with: JSONEncoder().encode(defaults)) as? [String: Any] else {
+        return try JSONDecoder().decode(T.self, from: data)
+    }
+    return try JSONDecoder().decode(T.self, from: JSONSerialization.data(withJSONObject: base.merging(stored) { $1 }))
+}
+
+extension RoundPlan {
+    /// A stored plan (see `decodeStored`).
+    public static func stored(_ data: Data) throws -> RoundPlan { try decodeStored(RoundPlan.self, from: data, defaults: RoundPlan()) }
+}
+
+extension RoundProgress {
+    /// A stored progress record (see `decodeStored`).
+    public static func stored(_ data: Data) throws -> RoundProgress {
+        try decodeStored(RoundProgress.self, from: data, defaults: RoundProgress(plan: RoundPlan(), baseModel: "", startModel: ""))
+    }
+}

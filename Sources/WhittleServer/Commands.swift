@@ -144,7 +144,10 @@ func adminClient(_ dir: String, server: String?) throws -> HTTPClient {
     } else if !config.url.isEmpty {
         url = config.url
     } else if let listening = try? String(contentsOfFile: layout.listening, encoding: .utf8) {
+        // A server listening on every address is reached on loopback from its own host.
         url = listening.trimmingCharacters(in: .whitespacesAndNewlines)
+            .replacingOccurrences(of: "https://0.0.0.0:", with: "https://127.0.0.1:")
+            .replacingOccurrences(of: "https://[::]:", with: "https://[::1]:")
     } else {
         url = "https://" + config.listen
     }

@@ -31,7 +31,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
 
     static let documentation: [(key: String, comment: String)] = [
         ("listen", "Address and port the HTTPS server listens on (coordinator serve --listen overrides)."),
-        ("url", "URL admin commands use to reach the server; empty: https://<listen>."),
+        ("url", "URL admin commands use to reach the server; empty: the address serve wrote to DIR/listening (a wildcard listen becomes loopback), else https://<listen>."),
         ("heartbeat_seconds", "Seconds between a worker's heartbeats."),
         ("worker_certificate_days", "Validity of the certificates issued to enrolled workers, in days."),
         ("enroll_body_limit", "Largest enrollment request body, in bytes (larger: 413)."),

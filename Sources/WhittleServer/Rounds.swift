@@ -121,9 +121,9 @@ actor RoundService {
 
     static func text(_ value: some Encodable) throws -> String { String(decoding: try encoder.encode(value), as: UTF8.self) }
 
-    static func plan(_ r: RoundRecord) throws -> RoundPlan { try JSONDecoder().decode(RoundPlan.self, from: Data(r.plan.utf8)) }
+    static func plan(_ r: RoundRecord) throws -> RoundPlan { try RoundPlan.stored(Data(r.plan.utf8)) }
     static func progress(_ r: RoundRecord) throws -> RoundProgress {
-        try JSONDecoder().decode(RoundProgress.self, from: Data(r.progress.utf8))
+        try RoundProgress.stored(Data(r.progress.utf8))
     }
 
     // MARK: operator

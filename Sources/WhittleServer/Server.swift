@@ -220,7 +220,7 @@ public enum CoordinatorServer {
             let bytes = try await body(request, limit: state.config.adminBodyLimit)
             let plan: RoundPlan
             do {
-                plan = try JSONDecoder().decode(RoundPlan.self, from: Data(bytes))
+                plan = try RoundPlan.stored(Data(bytes))
             } catch {
                 throw APIError(.badRequest, "malformed_json", "the body is not a round plan: \(error)")
             }

@@ -26,7 +26,7 @@ import WhittleTestSupport
         try b.collectRanges(second)
         #expect(whole.ranges.count > 50)
         var merged: [String: RangeStatistics] = [:]
-        for (name, r) in a.ranges { merged[name] = r.merged(with: b.ranges[name]!) }
+        for (name, r) in a.ranges { merged[name] = try r.merged(with: b.ranges[name]!) }
         #expect(merged == whole.ranges)
 
         let uppers = merged.mapValues { $0.absMax }

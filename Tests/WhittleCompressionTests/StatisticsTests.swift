@@ -16,8 +16,8 @@ import WhittleTestSupport
         var whole = RangeStatistics()
         try whole.add(Self.data)
         let ranges = try parts.map { part -> RangeStatistics in var r = RangeStatistics(); try r.add(part); return r }
-        #expect(ranges.reduce(RangeStatistics()) { $0.merged(with: $1) } == whole)
-        #expect(ranges.reversed().reduce(RangeStatistics()) { $0.merged(with: $1) } == whole)
+        #expect(try ranges.reduce(RangeStatistics()) { try $0.merged(with: $1) } == whole)
+        #expect(try ranges.reversed().reduce(RangeStatistics()) { try $0.merged(with: $1) } == whole)
 
         let t = whole.absMax
         var wholeHistogram = try Histogram(lower: 0, upper: t, magnitudes: true)
@@ -97,5 +97,17 @@ import WhittleTestSupport
         try tiny.add([0.1, 0.2, 0.3])
         let (_, t) = try Calibrators.mse(tiny)
         #expect(t == 0.5)
+    }
+
+    @Test func forgedCountsThatWouldOverflowAreRefusedNotTrapped() throws {
+        let big = try Histogram(lower: 0, upper: 1, counts: [UInt64.max, 1], magnitudes: true)
+        #expect(big.total == .max)
+        #expect(throws: CompressionError.self) { _ = try big.checkedTotal() }
+        let one = try Histogram(lower: 0, upper: 1, counts: [1, 0], magnitudes: true)
+        #expect { try big.merged(with: one) } throws: { "\($0)".contains("overflow") }
+        let range = RangeStatistics(min: 0, max: 1, count: Int.max)
+        #expect { try range.merged(with: RangeStatistics(min: 0, max: 2, count: 1)) } throws: { "\($0)".contains("overflow") }
+        #expect(try RangeStatistics(min: 0, max: 1, count: 2).merged(with: RangeStatistics(min: -1, max: 0, count: 3))
+                == RangeStatistics(min: -1, max: 1, count: 5))
     }
 }

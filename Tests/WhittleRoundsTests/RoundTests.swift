@@ -202,6 +202,21 @@ let gradientSumTolerance: Float = 1e-4
         }
     }
 
+    @Test func plansAndProgressStoredBeforeAFieldExistedStillDecode() throws {
+        let plan = Self.plan { $0.pruneRatio = 0.5; $0.finetuneRounds = 3; $0.optimizer = .adamw; $0.augmentation = .dihedral }
+        var object = try JSONSerialization.jsonObject(with: JSONEncoder().encode(plan)) as! [String: Any]
+        for key in ["optimizer", "augmentation", "qatRounds", "serverMomentum", "batchSize"] { object[key] = nil }
+        let old = try RoundPlan.stored(JSONSerialization.data(withJSONObject: object))
+        #expect(old.pruneRatio == 0.5 && old.finetuneRounds == 3)
+        #expect(old.optimizer == .sgd && old.augmentation == nil && old.qatRounds == 0 && old.batchSize == 32)
+        var progress = try JSONSerialization.jsonObject(with: JSONEncoder().encode(
+            RoundProgress(plan: plan, baseModel: "b", startModel: "c"))) as! [String: Any]
+        for key in ["sites", "originalChannels", "originalIndex"] { progress[key] = nil }
+        let decoded = try RoundProgress.stored(JSONSerialization.data(withJSONObject: progress))
+        #expect(decoded.baseModel == "b" && decoded.sites.isEmpty && decoded.phases.count == plan.phases.count)
+        #expect(throws: (any Error).self) { try RoundPlan.stored(Data("[1]".utf8)) }
+    }
+
     @Test func badReportsAreRefusedAndChangeNothing() throws {
         let (parts, _) = try Self.shards()
         let plan = Self.plan()
@@ -224,9 +239,15 @@ let gradientSumTolerance: Float = 1e-4
         inverted.calibration.ranges[name]!.max = -5
         var wrongKind = Whittle_TaskReport()
         wrongKind.evaluation = Whittle_EvaluationReport()
+        // Forged counts: merged with w0's they would overflow; refused, never a trap.
+        var overflowing = good
+        overflowing.calibration.ranges[name]!.count = UInt64(Int.max)
+        var huge = good
+        huge.calibration.samples = 1 << 50
         let cases: [(Whittle_TaskReport, String, Int, String)] = [
             (nan, "w1", 100, "finite"), (missing, "w1", 100, "tensors"), (inverted, "w1", 100, "interval"),
             (good, "w1", 3, "declared"), (good, "w0", 100, "already reported"), (wrongKind, "w1", 100, "ranges phase"),
+            (overflowing, "w1", 100, "overflow"), (huge, "w1", Int.max, "declared"),
         ]
         for (report, worker, maximum, needle) in cases {
             do {

@@ -876,3 +876,35 @@ def test_metrics_count_requests_enrollments_heartbeats_and_refused_reports(coord
     assert bad.returncode != 0 and "WHITTLE_HEARTBEAT_SECONDS: heartbeat_seconds must be a positive integer" in bad.stderr, bad
     bad = execute([server.binary, "serve", "--dir", server.dir, "--set", "no_such_key=1"], timeout=30)
     assert bad.returncode != 0 and "unknown setting 'no_such_key'" in bad.stderr, bad
+
+
+def test_worker_settings_come_from_worker_conf_the_environment_and_flags(fleet, worker_path, tmp_path):
+    """`worker enroll` writes a documented worker.conf; `worker run` reads it, WHITTLE_WORKER_* variables override
+    it and flags override both; JSON log lines carry worker.name."""
+    server = fleet()
+    token = server.token()
+    worker_enroll(worker_path, server, token, tmp_path / "w1", "w1")
+    conf = tmp_path / "w1" / "worker.conf"
+    template = conf.read_text()
+    keys = re.findall(r"(?m)^# (\w+) =$", template)
+    assert keys == ["data", "labels", "eval_data", "eval_labels", "memory_limit", "threads", "log_format", "log_level"]
+    x, y = save_data(tmp_path / "x.npy", 9, labels=True)
+    conf.write_text(template + f"\ndata = {tmp_path / 'missing.npy'}\nthreads = 1\n")
+    env = {**os.environ, "WHITTLE_WORKER_DATA": str(x), "WHITTLE_WORKER_LABELS": str(y), "WHITTLE_WORKER_LOG_FORMAT": "json"}
+    result = execute([worker_path, "run", "--dir", tmp_path / "w1", "--heartbeats", 1], env=env, timeout=60)
+    assert result.returncode == 0, result
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(e["message"].startswith("worker 'w1' running") and e["worker.name"] == "w1" and e["samples"] == "9"
+               for e in lines), result.stderr
+    (w,) = server.workers()
+    assert w["capabilities"]["samples"] == 9 and w["capabilities"]["labels"] is True, w
+    # A flag beats the environment; a bad value names where it came from.
+    bad = execute([worker_path, "run", "--dir", tmp_path / "w1", "--heartbeats", 1, "--data", tmp_path / "missing.npy"],
+                  env=env, timeout=60)
+    assert bad.returncode != 0 and "missing.npy" in bad.stderr, bad
+    bad = execute([worker_path, "run", "--dir", tmp_path / "w1", "--heartbeats", 1],
+                  env={**env, "WHITTLE_WORKER_THREADS": "many"}, timeout=60)
+    assert bad.returncode != 0 and "WHITTLE_WORKER_THREADS: threads must be a positive integer" in bad.stderr, bad
+    conf.write_text("memory_limit = lots\n")
+    bad = execute([worker_path, "run", "--dir", tmp_path / "w1", "--heartbeats", 1, "--data", x], timeout=60)
+    assert bad.returncode != 0 and "worker.conf: line 1: memory_limit 'lots' is not a size" in bad.stderr, bad

@@ -1,0 +1,124 @@
+import Foundation
+import Logging
+import WhittleCLI
+
+/// `worker run`'s settings: `DIR/worker.conf` (`key = value` lines, `#` comments; optional), overridden by
+/// `WHITTLE_WORKER_KEY` environment variables, overridden by the command's flags.
+public struct WorkerSettings: Equatable, Sendable {
+    public var data: String?
+    public var labels: String?
+    public var evalData: String?
+    public var evalLabels: String?
+    public var memoryLimit: String?
+    public var threads: Int?
+    public var logFormat: String?
+    public var logLevel: String?
+
+    public init() {}
+
+    static let documentation: [(key: String, comment: String)] = [
+        ("data", "The board's local samples, NCHW float32 .npy (required here, in the environment or as --data)."),
+        ("labels", "Labels of the samples, int .npy; without them the board takes part through distillation and statistics."),
+        ("eval_data", "Held-out samples (.npy) for the evaluation phase; default: data."),
+        ("eval_labels", "Labels of eval_data (.npy)."),
+        ("memory_limit", "Memory budget for jobs, e.g. 1GB (the batch size shrinks to fit); default: none."),
+        ("threads", "Compute threads for jobs; default: all cores."),
+        ("log_format", "text or json (one JSON object per line on standard error); default: text."),
+        ("log_level", "trace, debug, info, notice, warning, error or critical; default: info."),
+    ]
+
+    /// The environment variable for `key`: `WHITTLE_WORKER_` and the key in capitals.
+    public static func environmentName(_ key: String) -> String { "WHITTLE_WORKER_" + key.uppercased() }
+
+    public mutating func set(_ key: String, _ value: String) throws {
+        switch key {
+        case "data": data = value
+        case "labels": labels = value
+        case "eval_data": evalData = value
+        case "eval_labels": evalLabels = value
+        case "memory_limit":
+            guard parseByteSize(value) != nil else { throw CLIError("memory_limit '\(value)' is not a size like 1GB") }
+            memoryLimit = value
+        case "threads":
+            guard let n = Int(value), n >= 1 else { throw CLIError("threads must be a positive integer, not '\(value)'") }
+            threads = n
+        case "log_format":
+            guard LogFormat(rawValue: value) != nil else { throw CLIError("log_format must be text or json, not '\(value)'") }
+            logFormat = value
+        case "log_level":
+            guard Logger.Level(rawValue: value) != nil else { throw CLIError("log_level '\(value)' is not a log level") }
+            logLevel = value
+        default:
+            throw CLIError("unknown setting '\(key)' (known: \(Self.documentation.map(\.key).joined(separator: ", ")))")
+        }
+    }
+
+    public static func parse(_ text: String) throws -> WorkerSettings {
+        var settings = WorkerSettings()
+        for (number, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.trimmingCharacters(in: .whitespaces)
+            if line.isEmpty || line.hasPrefix("#") { continue }
+            let parts = line.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
+            guard parts.count == 2 else { throw CLIError("line \(number + 1): expected key = value, got '\(line)'") }
+            do { try settings.set(parts[0], parts[1]) } catch let error as CLIError {
+                throw CLIError("line \(number + 1): \(error.description)")
+            }
+        }
+        return settings
+    }
+
+    /// `DIR/worker.conf` if it exists, then the environment.
+    public static func load(file: String, environment: [String: String]) throws -> WorkerSettings {
+        var settings = WorkerSettings()
+        if FileManager.default.fileExists(atPath: file) {
+            do {
+                settings = try parse(try String(contentsOfFile: file, encoding: .utf8))
+            } catch let error as CLIError {
+                throw CLIError("\(file): \(error.description)")
+            }
+        }
+        for (key, _) in documentation {
+            if let value = environment[environmentName(key)] {
+                do { try settings.set(key, value) } catch let error as CLIError {
+                    throw CLIError("\(environmentName(key)): \(error.description)")
+                }
+            }
+        }
+        return settings
+    }
+
+    /// The file `worker enroll` writes: every setting documented and commented out.
+    public static var template: String {
+        var out = "# Whittle worker settings for `worker run` (flags override these, and WHITTLE_WORKER_KEY environment\n"
+        out += "# variables override this file). Uncomment to set.\n"
+        for (key, comment) in documentation { out += "\n# \(comment)\n# \(key) =\n" }
+        return out
+    }
+}
+
+/// The agent's messages: in text form as before (progress on standard output, problems on standard error), or
+/// as JSON lines through swift-log with dotted metadata (`worker.name`, `round.id`, `phase`, `task.kind`).
+struct AgentLog: Sendable {
+    let json: Bool
+    let logger: Logger
+
+    init(format: LogFormat, level: Logger.Level, worker: String) {
+        json = format == .json
+        var logger = Logger(label: "whittle.worker")
+        logger.logLevel = level
+        logger[metadataKey: "worker.name"] = "\(worker)"
+        self.logger = logger
+    }
+
+    func info(_ message: String, _ metadata: Logger.Metadata = [:]) {
+        if json { logger.info("\(message)", metadata: metadata) } else { print(message) }
+    }
+
+    func warning(_ message: String, _ metadata: Logger.Metadata = [:]) {
+        if json {
+            logger.warning("\(message)", metadata: metadata)
+        } else {
+            FileHandle.standardError.write(Data("\(message)\n".utf8))
+        }
+    }
+}
