@@ -98,7 +98,10 @@ public struct RoundEngine: Sendable {
         t.teacherBytes = UInt64(artifactBytes(progress.baseModel))
         t.criterion = plan.importance.rawValue
         t.localEpochs = UInt32(plan.localEpochs)
-        t.learningRate = phase.kind == .qat ? plan.qatLearningRate(iteration: phase.iteration) : plan.learningRate(iteration: phase.iteration)
+        if phase.kind == .finetune || phase.kind == .qat {
+            t.epochLearningRates = plan.epochLearningRates(phase.kind, iteration: phase.iteration)
+            t.learningRate = t.epochLearningRates[0]
+        }
         if phase.kind == .qat, let calibrated = progress.calibrated {
             t.activationMin = calibrated.mapValues { $0[0] }
             t.activationMax = calibrated.mapValues { $0[1] }

@@ -85,6 +85,13 @@ public enum WorkerJobs {
         configuration.epochs = Int(task.localEpochs)
         configuration.batchSize = batchSize
         configuration.learningRate = task.learningRate
+        if !task.epochLearningRates.isEmpty {
+            guard task.epochLearningRates.count == max(1, Int(task.localEpochs)),
+                task.epochLearningRates.allSatisfy({ $0.isFinite && $0 >= 0 }) else {
+                throw CompressionError(.invalidArgument, "the task gives \(task.epochLearningRates.count) epoch learning rates for \(task.localEpochs) local epochs, or rates that are not finite and non-negative")
+            }
+            configuration.schedule = .perEpoch(task.epochLearningRates)
+        }
         configuration.seed = task.seed
         if !task.optimizer.isEmpty {
             guard let optimizer = LocalOptimizer(rawValue: task.optimizer) else {

@@ -203,20 +203,28 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         return out
     }
 
-    /// The learning rate of fine-tuning round `iteration` of a step: cosine from `learningRate` towards 0 over
-    /// the step's rounds (each worker's optimizer starts afresh every round, as in FedAvg).
+    /// The learning rate of fine-tuning round `iteration` of a step at its first local epoch (see
+    /// `epochLearningRates`).
     public func learningRate(iteration: Int) -> Float {
-        Self.cosine(learningRate, iteration, finetuneRounds)
+        epochLearningRates(.finetune, iteration: iteration)[0]
     }
 
-    /// The learning rate of QAT round `iteration`: cosine from `qatLearningRate` (default a tenth of `learningRate`).
+    /// The learning rate of QAT round `iteration` at its first local epoch; QAT starts from `qatLearningRate`
+    /// (default a tenth of `learningRate`).
     public func qatLearningRate(iteration: Int) -> Float {
-        Self.cosine(qatLearningRate ?? learningRate / 10, iteration, qatRounds)
+        epochLearningRates(.qat, iteration: iteration)[0]
     }
 
-    static func cosine(_ base: Float, _ iteration: Int, _ rounds: Int) -> Float {
-        guard rounds > 1 else { return base }
-        return Float(Double(base) * 0.5 * (1 + cos(Double.pi * Double(iteration) / Double(rounds))))
+    /// The learning rate of each local epoch of round `iteration` (fine-tuning within a step, or QAT): one cosine
+    /// from the base rate towards 0 over all `rounds × localEpochs` local epochs, as a centralised run of that many
+    /// epochs would anneal (each worker's optimizer still starts afresh every round, as in FedAvg).
+    public func epochLearningRates(_ kind: PhaseKind, iteration: Int) -> [Float] {
+        let (base, rounds) = kind == .qat ? (qatLearningRate ?? learningRate / 10, qatRounds) : (learningRate, finetuneRounds)
+        let epochs = max(localEpochs, 1), total = max(rounds, 1) * epochs
+        guard total > 1 else { return [base] }
+        return (0..<epochs).map { e in
+            Float(Double(base) * 0.5 * (1 + cos(Double.pi * Double(iteration * epochs + e) / Double(total))))
+        }
     }
 
     /// Checks the values on their own.

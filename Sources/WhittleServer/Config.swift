@@ -57,6 +57,8 @@ public struct CoordinatorConfig: Sendable, Equatable {
     /// The file's text, every key with its comment.
     public var text: String {
         var out = "# Whittle coordinator configuration. Each setting shows its default unless changed.\n"
+        out += "# The environment variable WHITTLE_<KEY> (e.g. WHITTLE_HEARTBEAT_SECONDS=5) overrides a setting, and\n"
+        out += "# `coordinator serve --set KEY=VALUE` overrides both.\n"
         for (key, comment) in Self.documentation {
             out += "\n# \(comment)\n\(key) = \(values[key] ?? "")\n"
         }

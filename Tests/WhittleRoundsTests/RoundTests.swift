@@ -76,6 +76,12 @@ let gradientSumTolerance: Float = 1e-4
         let lr = Self.plan { $0.finetuneRounds = 4; $0.learningRate = 0.1 }
         #expect(lr.learningRate(iteration: 0) == 0.1)
         #expect(abs(lr.learningRate(iteration: 2) - 0.05) < 1e-7)
+        // ... over every local epoch of them: 4 rounds × 2 epochs anneal as 8 central epochs would.
+        let epochs = Self.plan { $0.finetuneRounds = 4; $0.localEpochs = 2; $0.learningRate = 0.1 }
+        let all = (0..<4).flatMap { epochs.epochLearningRates(.finetune, iteration: $0) }
+        let central = (0..<8).map { LearningRateSchedule.cosine(epochs: 8, minimum: 0).rate(base: 0.1, epoch: $0) }
+        #expect(all.count == 8 && zip(all, central).allSatisfy { abs($0 - $1) < 1e-7 })
+        #expect(Self.plan { $0.finetuneRounds = 1; $0.localEpochs = 1 }.epochLearningRates(.finetune, iteration: 0) == [0.01])
     }
 
     @Test func badPlansAreRefusedWithReasons() throws {

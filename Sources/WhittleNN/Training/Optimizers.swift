@@ -74,6 +74,8 @@ public enum LearningRateSchedule: Sendable, Equatable {
     case step(every: Int, gamma: Float)
     /// Cosine annealing from the base rate to `minimum` over `epochs` (PyTorch CosineAnnealingLR).
     case cosine(epochs: Int, minimum: Float)
+    /// Given rates, one per epoch (the last one past the end); the base rate is not used.
+    case perEpoch([Float])
 
     public func rate(base: Float, epoch: Int) -> Float {
         switch self {
@@ -82,6 +84,8 @@ public enum LearningRateSchedule: Sendable, Equatable {
         case .cosine(let epochs, let minimum):
             let progress = Double(min(epoch, epochs)) / Double(max(epochs, 1))
             return minimum + (base - minimum) * Float((1 + cos(Double.pi * progress)) / 2)
+        case .perEpoch(let rates):
+            return rates.isEmpty ? base : rates[min(max(epoch, 0), rates.count - 1)]
         }
     }
 }

@@ -406,6 +406,13 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._augmentation = newValue}
   }
 
+  /// finetune, qat: the learning rate of each local epoch (one per local epoch; learning_rate is the first). The
+  /// coordinator anneals over every local epoch of the step's rounds, as one centralised run would.
+  public var epochLearningRates: [Float] {
+    get {_storage._epochLearningRates}
+    set {_uniqueStorage()._epochLearningRates = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1104,7 +1111,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Task"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0\u{3}epoch_learning_rates\0")
 
   fileprivate class _StorageClass {
     var _roundID: String = String()
@@ -1133,6 +1140,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
     var _perChannel: Bool = false
     var _reduceRange: Bool = false
     var _augmentation: String = String()
+    var _epochLearningRates: [Float] = []
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -1169,6 +1177,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       _perChannel = source._perChannel
       _reduceRange = source._reduceRange
       _augmentation = source._augmentation
+      _epochLearningRates = source._epochLearningRates
     }
   }
 
@@ -1213,6 +1222,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         case 24: try { try decoder.decodeSingularBoolField(value: &_storage._perChannel) }()
         case 25: try { try decoder.decodeSingularBoolField(value: &_storage._reduceRange) }()
         case 26: try { try decoder.decodeSingularStringField(value: &_storage._augmentation) }()
+        case 27: try { try decoder.decodeRepeatedFloatField(value: &_storage._epochLearningRates) }()
         default: break
         }
       }
@@ -1299,6 +1309,9 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       if !_storage._augmentation.isEmpty {
         try visitor.visitSingularStringField(value: _storage._augmentation, fieldNumber: 26)
       }
+      if !_storage._epochLearningRates.isEmpty {
+        try visitor.visitPackedFloatField(value: _storage._epochLearningRates, fieldNumber: 27)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1334,6 +1347,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         if _storage._perChannel != rhs_storage._perChannel {return false}
         if _storage._reduceRange != rhs_storage._reduceRange {return false}
         if _storage._augmentation != rhs_storage._augmentation {return false}
+        if _storage._epochLearningRates != rhs_storage._epochLearningRates {return false}
         return true
       }
       if !storagesAreEqual {return false}
