@@ -68,6 +68,7 @@ final class ServerState: Sendable {
     let artifacts: URL
     let rounds: RoundService
     let metrics: CoordinatorMetrics
+    let dashboard = DashboardSessions()
 
     init(store: any CoordinatorStore, ca: Identity, config: CoordinatorConfig, directory: URL, artifacts: URL, logger: Logger) throws {
         self.artifacts = artifacts
@@ -191,10 +192,7 @@ public enum CoordinatorServer {
 
         let admin = router.group("/admin/v1").add(middleware: ClientCertificateMiddleware(role: .admin, state: state))
         admin.post("/tokens") { request, context in try await createToken(request, context, state) }
-        admin.get("/workers") { _, _ -> Response in
-            let now = Date()
-            return try json(try await state.store.workers().map { WorkerView($0, now: now) })
-        }
+        admin.get("/workers") { _, _ -> Response in try json(try await workerViews(state)) }
         admin.get("/workers/:name") { _, context -> Response in
             let name = context.parameters.get("name") ?? ""
             guard let w = try await state.store.worker(named: name) else {
@@ -227,11 +225,7 @@ public enum CoordinatorServer {
             let round = try await state.rounds.start(plan)
             return try json(try await state.rounds.view(round))
         }
-        admin.get("/rounds") { _, _ -> Response in
-            var views: [RoundView] = []
-            for r in try await state.store.rounds() { views.append(try await state.rounds.view(r)) }
-            return try json(views)
-        }
+        admin.get("/rounds") { _, _ -> Response in try json(try await roundViews(state)) }
         admin.get("/rounds/:id") { _, context -> Response in
             let id = context.parameters.get("id") ?? ""
             guard let r = try await state.store.round(id: id) else { throw APIError(.notFound, "unknown_round", "no round '\(id)'") }
@@ -247,7 +241,19 @@ public enum CoordinatorServer {
         admin.get("/rounds/:id/model") { request, context -> Response in
             try artifact(request, name: try await state.rounds.finalModel(context.parameters.get("id") ?? ""), state)
         }
+        DashboardRoutes.add(to: router, admin: admin, state: state)
         return router
+    }
+
+    static func workerViews(_ state: ServerState) async throws -> [WorkerView] {
+        let now = Date()
+        return try await state.store.workers().map { WorkerView($0, now: now) }
+    }
+
+    static func roundViews(_ state: ServerState) async throws -> [RoundView] {
+        var views: [RoundView] = []
+        for r in try await state.store.rounds() { views.append(try await state.rounds.view(r)) }
+        return views
     }
 
     /// `/metrics` admits the admin certificate, or `Authorization: Bearer METRICS_TOKEN` when `metrics_token` is

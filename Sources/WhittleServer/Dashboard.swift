@@ -1,0 +1,176 @@
+import ArgumentParser
+import Crypto
+import Foundation
+import Hummingbird
+import NIOCore
+import NIOSSL
+import WhittleCLI
+import WhittlePKI
+import X509
+
+/// Browser sessions for the dashboard. An admin (holding the admin certificate) asks for a one-time login link;
+/// opening it within `linkLifetime` trades it for a session cookie valid `sessionLifetime`. Only hashes are kept,
+/// in memory: a restart logs every browser out.
+actor DashboardSessions {
+    static let linkLifetime: TimeInterval = 600
+    static let sessionLifetime: TimeInterval = 12 * 3600
+    static let cookie = "whittle_session"
+
+    var links: [String: Date] = [:]
+    var sessions: [String: Date] = [:]
+
+    static func secret() -> String {
+        var bytes = [UInt8](repeating: 0, count: 32)
+        var generator = SystemRandomNumberGenerator()
+        for i in bytes.indices { bytes[i] = generator.next() }
+        return PKI.hex(bytes)
+    }
+
+    static func hash(_ secret: String) -> String { PKI.hex(SHA256.hash(data: Data(secret.utf8))) }
+
+    func newLink(now: Date = Date()) -> (token: String, expiresAt: Date) {
+        purge(now)
+        let token = Self.secret()
+        links[Self.hash(token)] = now.addingTimeInterval(Self.linkLifetime)
+        return (token, now.addingTimeInterval(Self.linkLifetime))
+    }
+
+    /// A session for a valid, unused link token (the link is spent), else nil.
+    func redeem(_ token: String, now: Date = Date()) -> String? {
+        purge(now)
+        guard links.removeValue(forKey: Self.hash(token)) != nil else { return nil }
+        let session = Self.secret()
+        sessions[Self.hash(session)] = now.addingTimeInterval(Self.sessionLifetime)
+        return session
+    }
+
+    func isValid(_ session: String, now: Date = Date()) -> Bool {
+        guard let expiry = sessions[Self.hash(session)] else { return false }
+        return expiry > now
+    }
+
+    func purge(_ now: Date) {
+        links = links.filter { $0.value > now }
+        sessions = sessions.filter { $0.value > now }
+    }
+}
+
+/// Admits the admin certificate or a dashboard session cookie; read-only routes only.
+struct DashboardAuthMiddleware: RouterMiddleware {
+    let state: ServerState
+
+    func handle(_ request: Request, context: WhittleContext,
+                next: (Request, WhittleContext) async throws -> Response) async throws -> Response {
+        if let session = DashboardRoutes.cookie(request, DashboardSessions.cookie), await state.dashboard.isValid(session) {
+            return try await next(request, context)
+        }
+        if let peer = try await context.channel.nioSSL_peerCertificate().get(), !state.config.adminSerial.isEmpty,
+            PKI.serial(try Certificate(derEncoded: try peer.toDERBytes())) == state.config.adminSerial {
+            return try await next(request, context)
+        }
+        if request.uri.path.hasPrefix("/dashboard/api/") {
+            throw APIError(.unauthorized, "dashboard_login_required",
+                           "the dashboard needs a session: run `coordinator dashboard --dir DIR` and open the link it prints")
+        }
+        return DashboardRoutes.page(status: .unauthorized, DashboardAssets.loginPage)
+    }
+}
+
+enum DashboardRoutes {
+    /// Every dashboard answer: no caching, no framing, no referrer (a login link carries its token), scripts and
+    /// styles from this origin only.
+    static var securityHeaders: HTTPFields {
+        var h = HTTPFields()
+        h[.cacheControl] = "no-store"
+        h[.init("Content-Security-Policy")!] = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+        h[.init("X-Content-Type-Options")!] = "nosniff"
+        h[.init("Referrer-Policy")!] = "no-referrer"
+        h[.init("X-Frame-Options")!] = "DENY"
+        return h
+    }
+
+    static func page(status: HTTPResponse.Status = .ok, _ text: String, type: String = "text/html; charset=utf-8") -> Response {
+        var headers = securityHeaders
+        headers[.contentType] = type
+        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(string: text)))
+    }
+
+    static func cookie(_ request: Request, _ name: String) -> String? {
+        for header in request.headers[values: .cookie] {
+            for pair in header.split(separator: ";") {
+                let parts = pair.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
+                if parts.count == 2, parts[0] == name { return parts[1] }
+            }
+        }
+        return nil
+    }
+
+    static func add(to router: Router<WhittleContext>, admin: RouterGroup<WhittleContext>, state: ServerState) {
+        // The login link: spent on first use, answered with the session cookie and a redirect to the dashboard.
+        router.get("/dashboard/login") { request, _ -> Response in
+            guard let token = request.uri.queryParameters.get("token"), let session = await state.dashboard.redeem(token) else {
+                return page(status: .unauthorized, DashboardAssets.loginPage)
+            }
+            var headers = securityHeaders
+            headers[.location] = "/dashboard"
+            headers[.setCookie] = "\(DashboardSessions.cookie)=\(session); Path=/dashboard; Max-Age=\(Int(DashboardSessions.sessionLifetime)); Secure; HttpOnly; SameSite=Strict"
+            state.logger.info("dashboard session opened", metadata: ["http.authority": "\(request.head.authority ?? "?")"])
+            return Response(status: .seeOther, headers: headers)
+        }
+        let dashboard = router.group("/dashboard").add(middleware: DashboardAuthMiddleware(state: state))
+        dashboard.get("/") { _, _ in page(DashboardAssets.html) }
+        dashboard.get("/app.js") { _, _ in page(DashboardAssets.script, type: "text/javascript; charset=utf-8") }
+        dashboard.get("/app.css") { _, _ in page(DashboardAssets.style, type: "text/css; charset=utf-8") }
+        dashboard.get("/api/workers") { _, _ in try CoordinatorServer.json(try await CoordinatorServer.workerViews(state)) }
+        dashboard.get("/api/rounds") { _, _ in try CoordinatorServer.json(try await CoordinatorServer.roundViews(state)) }
+        dashboard.get("/api/rounds/:id/report") { _, context in
+            try CoordinatorServer.json(try await state.rounds.report(context.parameters.get("id") ?? ""))
+        }
+        admin.post("/dashboard/links") { _, _ -> Response in
+            let (token, expiresAt) = await state.dashboard.newLink()
+            return try CoordinatorServer.json(DashboardLink(path: "/dashboard/login?token=\(token)", expiresAt: expiresAt))
+        }
+    }
+}
+
+struct DashboardLink: Codable {
+    var path: String
+    var expiresAt: Date
+}
+
+/// `coordinator dashboard`: a one-time login link for a browser.
+public struct DashboardCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "dashboard",
+        abstract: "Print a one-time login link to the web dashboard (valid 10 minutes; the session lasts 12 hours).",
+        discussion: """
+            The dashboard shows the workers, the rounds with their phases, and per round the accuracy-versus-size \
+            picture and the per-site before/after table. Browsers holding the admin certificate need no link.
+            """)
+
+    @Option(name: .long, help: "The coordinator's data directory (for its admin certificate).") var dir: String
+    @Option(name: .long, help: "The server's URL (default: from the data directory).") var server: String?
+    @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+    public init() {}
+
+    public func run() throws {
+        let client = try adminClient(dir, server: server)
+        let response = try adminRequest(client, "POST", "/admin/v1/dashboard/links", body: Array("{}".utf8))
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        guard let link = try? decoder.decode(DashboardLink.self, from: Data(response.body)) else {
+            throw CLIError("the coordinator's answer is not a dashboard link")
+        }
+        let url = client.baseURL.trimmingCharacters(in: CharacterSet(charactersIn: "/")) + link.path
+        if json {
+            let encoder = JSONEncoder()
+            encoder.dateEncodingStrategy = .iso8601
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            print(String(decoding: try encoder.encode(["url": url, "expiresAt": ISO8601DateFormatter().string(from: link.expiresAt)]), as: UTF8.self))
+        } else {
+            print(url)
+            print("one-time link, valid until \(ISO8601DateFormatter().string(from: link.expiresAt)); open it in a browser that trusts the coordinator's CA (\(dir)/ca.pem)")
+        }
+    }
+}
