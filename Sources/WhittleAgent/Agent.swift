@@ -208,7 +208,7 @@ public struct RunCommand: ParsableCommand {
         }
         if settings.evalLabels != nil, settings.evalData == nil { throw CLIError("eval_labels needs eval_data") }
         let (labels, evalData, evalLabels, memoryLimit) = (settings.labels, settings.evalData, settings.evalLabels, settings.memoryLimit)
-        let format = try LogFormat.resolve(settings.logFormat, environment: [:])
+        let format = try LogFormat.resolve(settings.logFormat, environment: environment)
         format.bootstrap()
         let log = AgentLog(format: format, level: try LogFormat.level(settings.logLevel, environment: environment), worker: state.name)
         if let threads = settings.threads { ComputeThreads.set(threads) }
@@ -374,10 +374,15 @@ public struct FetchCommand: ParsableCommand {
         }
         let client = HTTPClient(baseURL: state.coordinator, credentials: TLSCredentials(
             caPEM: try read(layout.ca), certificatePEM: try read(layout.certificate), privateKeyPEM: try read(layout.key)))
+        let bar = ProgressBar()
         do {
             try client.download("/v1/worker/artifacts/" + sha256.lowercased(), to: out, sha256: sha256,
-                                retry: RetryPolicy(attempts: 5, baseDelay: 0.5, maximumDelay: 10))
+                                retry: RetryPolicy(attempts: 5, baseDelay: 0.5, maximumDelay: 10)) { have, total in
+                bar.bytes("download", have, total)
+            }
+            bar.finish()
         } catch let error as HTTPClientError {
+            bar.finish()
             throw CLIError(error.description)
         }
         print("fetched \(out) (SHA-256 verified)")

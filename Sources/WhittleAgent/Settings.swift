@@ -111,13 +111,13 @@ struct AgentLog: Sendable {
     }
 
     func info(_ message: String, _ metadata: Logger.Metadata = [:]) {
-        if json { logger.info("\(message)", metadata: metadata) } else { print(message) }
+        if json { logger.info("\(message)", metadata: metadata) } else if logger.logLevel <= .info { print(message) }
     }
 
     func warning(_ message: String, _ metadata: Logger.Metadata = [:]) {
         if json {
             logger.warning("\(message)", metadata: metadata)
-        } else {
+        } else if logger.logLevel <= .warning {
             FileHandle.standardError.write(Data("\(message)\n".utf8))
         }
     }

@@ -3,6 +3,7 @@ import Logging
 import WhittleCLI
 import WhittleCompression
 import WhittleHTTPClient
+import WhittleNN
 import WhittleONNX
 import WhittleProtocol
 import WhittleRounds
@@ -19,6 +20,9 @@ final class TaskRunner {
     let evaluation: Dataset?
     let memoryLimit: Int?
     var compressor = DeltaCompressor()
+    /// The local optimizer's state at the end of the last fine-tuning task, by round and kind (in memory: a
+    /// restarted worker starts afresh).
+    var optimizerStates: [String: Optimizer.State] = [:]
     /// Tasks ("round/phase") finished or given up, so a re-sent task is not computed twice.
     var finished: Set<String> = []
 
@@ -48,9 +52,13 @@ final class TaskRunner {
         if FileManager.default.fileExists(atPath: path) { return (path, 0) }
         let partial = path + ".part"
         let had = ((try? FileManager.default.attributesOfItem(atPath: partial))?[.size] as? NSNumber)?.intValue ?? 0
+        let bar = ProgressBar(enabled: !agentLog.json)
+        defer { bar.finish() }
         do {
             try client.download("/v1/worker/artifacts/" + sha, to: partial, sha256: sha,
-                                retry: RetryPolicy(attempts: 8, baseDelay: 0.5, maximumDelay: 10))
+                                retry: RetryPolicy(attempts: 8, baseDelay: 0.5, maximumDelay: 10)) { have, total in
+                bar.bytes("download \(sha.prefix(12))…", have, total)
+            }
         } catch let error as HTTPClientError {
             throw CLIError("downloading artifact \(sha.prefix(12))…: \(error.description)")
         }
@@ -98,8 +106,13 @@ final class TaskRunner {
             let batch = try WorkerJobs.batchSize(model: model, planned: Int(max(task.batchSize, 1)), memoryLimit: memoryLimit,
                                                  training: training)
             let local = task.kind == PhaseKind.evaluate.rawValue ? (evaluation ?? data) : data
+            let stateKey = "\(task.roundID)/\(task.kind)"
+            var optimizerState = optimizerStates[stateKey]
             report = try WorkerJobs.run(task, model: model, teacher: teacher, ewc: ewc, data: local, batchSize: batch,
-                                        compressor: &compressor)
+                                        compressor: &compressor, optimizerState: &optimizerState)
+            if task.kind == PhaseKind.finetune.rawValue || task.kind == PhaseKind.qat.rawValue {
+                optimizerStates = optimizerState.map { [stateKey: $0] } ?? [:]  // only the latest round's
+            }
         }
         report.protocolVersion = protocolVersion
         report.roundID = task.roundID

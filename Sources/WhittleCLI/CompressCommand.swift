@@ -158,12 +158,19 @@ extension ModelCommand {
             job.compactNames = compactNames
 
             let quiet = json || isatty(STDERR_FILENO) == 0
+            let bar = ProgressBar(enabled: !quiet)
+            job.trainingProgress = { epoch, epochs, step, steps, loss in
+                bar.update(String(format: "fine-tune epoch %d/%d", epoch + 1, epochs), step, steps,
+                           String(format: "%d/%d loss %.4f", step, steps, loss))
+            }
             let (compressed, result): (Model, CompressionReport)
             do {
                 (compressed, result) = try job.run(model: base, modelName: model, outputName: out, calibration: calibrationSet,
                                                    evaluation: evaluation, training: training) { message in
+                    bar.finish()
                     if !quiet { FileHandle.standardError.write(Data("… \(message)\n".utf8)) }
                 }
+                bar.finish()
             } catch let error as CompressionError {
                 throw CLIError("\(model): \(error.message)")
             } catch let error as ONNXError {

@@ -64,3 +64,37 @@ public func parseByteSize(_ text: String) -> Int? {
     guard let multiplier = multipliers[unit] else { return nil }
     return Int(value * multiplier)
 }
+
+/// A one-line progress bar on standard error, drawn only when standard error is a terminal (so logs, pipes and CI
+/// stay quiet), redrawn at most ten times a second.
+public final class ProgressBar: @unchecked Sendable {
+    public let enabled: Bool
+    var drawn = false
+    var last = ContinuousClock.now - .seconds(1)
+
+    public init(enabled: Bool = true) { self.enabled = enabled && isatty(STDERR_FILENO) != 0 }
+
+    public func update(_ label: String, _ done: Int, _ total: Int, _ detail: String = "", force: Bool = false) {
+        guard enabled else { return }
+        let now = ContinuousClock.now
+        guard force || done >= total || now - last >= .milliseconds(100) else { return }
+        last = now
+        let width = 30
+        let filled = total > 0 ? min(width, width * max(done, 0) / total) : 0
+        let bar = String(repeating: "█", count: filled) + String(repeating: "·", count: width - filled)
+        FileHandle.standardError.write(Data("\r\u{1B}[2K\(label) \(bar) \(detail)".utf8))
+        drawn = true
+    }
+
+    /// Bytes: "3.1/12.0 MiB".
+    public func bytes(_ label: String, _ done: Int, _ total: Int?) {
+        let mib = { (n: Int) in String(format: "%.1f", Double(n) / 1_048_576) }
+        update(label, done, total ?? 0, total.map { "\(mib(done))/\(mib($0)) MiB" } ?? "\(mib(done)) MiB")
+    }
+
+    public func finish() {
+        guard enabled, drawn else { return }
+        FileHandle.standardError.write(Data("\r\u{1B}[2K".utf8))
+        drawn = false
+    }
+}

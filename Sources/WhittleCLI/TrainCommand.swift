@@ -150,7 +150,7 @@ extension ModelCommand {
                         }
                     }) { step, steps, loss in
                         progress.update(String(format: "epoch %d/%d", epoch + 1, epochs), step, steps,
-                                        String(format: "loss %.4f", loss))
+                                        String(format: "%d/%d loss %.4f", step, steps, loss))
                     }
                     if let (vx, vy) = validation {
                         let session = try InferenceSession(model: trainer.exportModel())
@@ -195,28 +195,5 @@ extension ModelCommand {
             }
             return Tensor(shape: t.shape, floats: values)
         }
-    }
-}
-
-/// A one-line progress bar on standard error, drawn only when standard error is a terminal.
-final class ProgressBar {
-    let enabled: Bool
-    var drawn = false
-
-    init(enabled: Bool) { self.enabled = enabled && isatty(STDERR_FILENO) != 0 }
-
-    func update(_ label: String, _ done: Int, _ total: Int, _ detail: String) {
-        guard enabled else { return }
-        let width = 30
-        let filled = total > 0 ? width * done / total : 0
-        let bar = String(repeating: "█", count: filled) + String(repeating: "·", count: width - filled)
-        FileHandle.standardError.write(Data("\r\(label) \(bar) \(done)/\(total) \(detail)  ".utf8))
-        drawn = true
-    }
-
-    func finish() {
-        guard enabled, drawn else { return }
-        FileHandle.standardError.write(Data("\r\u{1B}[2K".utf8))
-        drawn = false
     }
 }

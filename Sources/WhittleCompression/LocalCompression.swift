@@ -57,6 +57,8 @@ public struct LocalCompression {
     public var distill = false
     /// Random transforms of the fine-tuning samples.
     public var augmentation: Augmentation = .none
+    /// Called during fine-tuning: epoch (from 0), epochs, step (from 1), steps, running mean loss.
+    public var trainingProgress: (@Sendable (Int, Int, Int, Int, Double) -> Void)?
     public var quantization = QuantizationPolicy(mode: .none)
     public var sensitivity = false
     /// Rename every internal value and node to a short name in the output (`GraphEditing.compactNames`).
@@ -308,7 +310,7 @@ public struct LocalCompression {
         for epoch in 0..<epochs {
             let report = try trainer.trainEpoch(epoch, data: data.x, labels: data.labels, teacher: teacher.map { session in
                 { batch in TeacherOutputs(logits: try session.run(batch)) }
-            })
+            }) { [trainingProgress] step, steps, loss in trainingProgress?(epoch, epochs, step, steps, loss) }
             losses.append(report.loss)
         }
         return (trainer.exportModel(), losses)

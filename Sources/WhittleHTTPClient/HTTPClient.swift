@@ -179,14 +179,15 @@ public final class HTTPClient: @unchecked Sendable {
     /// Downloads `path` into the file at `destination`, resuming a partial file with an HTTP Range request, and
     /// verifies the whole file's SHA-256 (lowercase hex) before returning; a mismatch deletes the file and throws.
     /// The body is written to disk as it arrives, never held whole in memory.
+    /// `progress` is called as bytes arrive with the file's bytes so far and its full size once known.
     public func download(_ path: String, to destination: String, sha256 expected: String,
-                         retry: RetryPolicy = RetryPolicy()) throws {
+                         retry: RetryPolicy = RetryPolicy(), progress: ((_ have: Int, _ total: Int?) -> Void)? = nil) throws {
         let fm = FileManager.default
         var attempt = 1
         while true {
             let have = ((try? fm.attributesOfItem(atPath: destination))?[.size] as? NSNumber)?.intValue ?? 0
             do {
-                let status = try fetch(path, to: destination, from: have)
+                let status = try fetch(path, to: destination, from: have, progress: progress)
                 if status == 416, have > 0 {
                     // Asked past the end: the partial file was complete (or stale); check it below.
                 } else if status != 200 && status != 206 {
@@ -214,13 +215,15 @@ public final class HTTPClient: @unchecked Sendable {
     }
 
     /// One GET appending to `destination` from byte `offset` (206) or rewriting it (200); returns the status.
-    func fetch(_ path: String, to destination: String, from offset: Int) throws -> Int {
+    func fetch(_ path: String, to destination: String, from offset: Int,
+               progress: ((_ have: Int, _ total: Int?) -> Void)? = nil) throws -> Int {
         lock.lock()
         defer { lock.unlock() }
         if handle == nil { handle = wk_curl_easy_init() }
         guard let h = handle else { throw HTTPClientError(curlCode: -1, description: "libcurl could not create a handle") }
         wk_curl_easy_reset(h)
         let sink = FileSink(path: destination, offset: offset)
+        sink.progress = progress
         defer { sink.close() }
         var codes: [Int32] = []
         func check(_ code: Int32) { codes.append(code) }
@@ -236,6 +239,9 @@ public final class HTTPClient: @unchecked Sendable {
             if let data {
                 let line = String(decoding: UnsafeRawBufferPointer(start: data, count: n), as: UTF8.self)
                 if line.hasPrefix("HTTP/") { sink.status = Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0 }
+                if line.lowercased().hasPrefix("content-length:"), let n = Int(line.dropFirst(15).trimmingCharacters(in: .whitespacesAndNewlines)) {
+                    sink.total = (sink.status == 206 ? sink.offset : 0) + n
+                }
             }
             return n
         }, pointer))
@@ -315,6 +321,10 @@ final class FileSink {
     let path: String
     let offset: Int
     var status = 0
+    /// The whole file's size, from Content-Length (plus the offset of a 206).
+    var total: Int?
+    var written = 0
+    var progress: ((Int, Int?) -> Void)?
     var handle: FileHandle?
     var opened = false
 
@@ -336,6 +346,8 @@ final class FileSink {
         guard let handle else { return false }
         do {
             try handle.write(contentsOf: Data(bytes))
+            written += bytes.count
+            progress?((status == 206 ? offset : 0) + written, total)
             return true
         } catch {
             return false

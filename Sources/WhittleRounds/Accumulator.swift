@@ -65,7 +65,10 @@ public struct PhaseAccumulator: Sendable {
     public static let maximumReportSamples: UInt64 = 1 << 40
 
     func checkSamples(_ n: UInt64, _ maximum: Int) throws -> Int {
-        guard n >= 1, n <= UInt64(max(maximum, 0)), n <= Self.maximumReportSamples else {
+        guard n <= Self.maximumReportSamples else {
+            throw refuse("the report claims \(n) samples, more than any report may (\(Self.maximumReportSamples)); this worker declared \(maximum)")
+        }
+        guard n >= 1, n <= UInt64(max(maximum, 0)) else {
             throw refuse("the report claims \(n) samples; this worker declared \(maximum)")
         }
         return Int(n)

@@ -121,6 +121,7 @@ public struct RoundEngine: Sendable {
         t.deadline = deadline
         t.batchSize = UInt32(plan.batchSize)
         t.optimizer = plan.optimizer.rawValue
+        if phase.kind == .finetune || phase.kind == .qat { t.keepOptimizerState = plan.keepOptimizerState ?? false }
         if let augmentation = plan.augmentation, augmentation != .none, phase.kind == .finetune || phase.kind == .qat {
             t.augmentation = augmentation.rawValue
         }

@@ -25,6 +25,16 @@ public enum WorkerJobs {
     /// `model` is the task's model, `teacher` the round's base model.
     public static func run(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC? = nil, data: Dataset,
                            batchSize: Int, compressor: inout DeltaCompressor) throws -> Whittle_TaskReport {
+        var fresh: Optimizer.State?
+        return try run(task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize, compressor: &compressor,
+                       optimizerState: &fresh)
+    }
+
+    /// As above; `optimizerState` is the local optimizer's state from this worker's previous fine-tuning round of the
+    /// round, continued when the task asks for it, and replaced by the state this task ends with.
+    public static func run(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC? = nil, data: Dataset,
+                           batchSize: Int, compressor: inout DeltaCompressor,
+                           optimizerState: inout Optimizer.State?) throws -> Whittle_TaskReport {
         var report = Whittle_TaskReport()
         switch PhaseKind(rawValue: task.kind) {
         case .importance:
@@ -38,7 +48,7 @@ public enum WorkerJobs {
             report.importance = Whittle_ImportanceReport(collector.statistics)
         case .finetune, .qat:
             report.update = try finetune(task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize,
-                                         compressor: &compressor)
+                                         compressor: &compressor, optimizerState: &optimizerState)
         case .fisher:
             let trainer = try Trainer(model: model, configuration: TrainingConfiguration())
             let labels = try data.labels ?? pseudoLabels(model: teacher ?? model, data: data, batchSize: batchSize)
@@ -80,7 +90,7 @@ public enum WorkerJobs {
     /// Local epochs from the task's model; the delta of every float initializer (parameters and running
     /// statistics), float or int8 with error feedback.
     static func finetune(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC?, data: Dataset, batchSize: Int,
-                         compressor: inout DeltaCompressor) throws -> Whittle_WeightUpdate {
+                         compressor: inout DeltaCompressor, optimizerState: inout Optimizer.State?) throws -> Whittle_WeightUpdate {
         var configuration = TrainingConfiguration()
         configuration.epochs = Int(task.localEpochs)
         configuration.batchSize = batchSize
@@ -125,6 +135,7 @@ public enum WorkerJobs {
             }
         }
         let trainer = try Trainer(model: model, configuration: configuration)
+        if task.keepOptimizerState, let state = optimizerState { trainer.restoreOptimizer(state, kind: configuration.optimizer) }
         var loss = 0.0
         for epoch in 0..<max(1, Int(task.localEpochs)) {
             let epochReport = try trainer.trainEpoch(epoch, data: data.x, labels: data.labels, teacher: teacherSession.map { session in
@@ -136,6 +147,7 @@ public enum WorkerJobs {
             loss = epochReport.loss
         }
         let tuned = trainer.exportModel()
+        optimizerState = task.keepOptimizerState ? trainer.optimizerState : nil
         var deltas: [String: Tensor] = [:]
         for (name, _) in updateShapes(model) {
             guard let old = model.graph.initializer(named: name)?.tensor, let new = tuned.graph.initializer(named: name)?.tensor else {

@@ -13,8 +13,7 @@ public enum AggregationMethod: String, Codable, Sendable, CaseIterable {
     case median
 }
 
-/// How workers send deltas.
-/// The workers' local optimizer for fine-tuning (a fresh one every round, as in FedAvg).
+/// The workers' local optimizer for fine-tuning (fresh every round, as in FedAvg, unless the plan keeps its state).
 public enum LocalOptimizer: String, Codable, Sendable, CaseIterable {
     case sgd, adam, adamw
 
@@ -125,6 +124,8 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public var distill = false
     /// Random transforms of local training samples (nil: none).
     public var augmentation: Augmentation?
+    /// Workers continue their local optimizer's state from one fine-tuning round to the next (nil: fresh each round).
+    public var keepOptimizerState: Bool?
     /// EWC penalty towards the starting model during fine-tuning (needs a Fisher phase first).
     public var ewcLambda: Float?
     public var quantize: QuantizationMode = .int8
@@ -139,14 +140,15 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public var phaseDeadlineSeconds = 600.0
     public var aggregation: AggregationMethod = .fedavg
     public var trimFraction = 0.2
-    /// Server momentum for fine-tuning rounds (FedAvgM, Hsu et al. 2019): `v ← β·v + Δ`, `θ ← θ + η·v`, with β this
-    /// value (0: plain FedAvg) and η `serverLearningRate`; reset at each pruning step.
     /// Passes of the batch-norm statistics phase after each step's fine-tuning (0: keep FedAvg's averaged running
     /// statistics). Each pass makes at least one more layer exact (a layer's inputs depend on the statistics of the
     /// layers before it), so one pass per BatchNormalization node gives the population statistics under the
     /// averaged weights. Measured on the demo CNN it did not beat the averaged statistics (benchmarks/README.md),
     /// so it is off unless asked for; nil: 0.
     public var normalizationPasses: Int?
+    /// Server momentum for fine-tuning rounds (FedAvgM, Hsu et al. 2019): `v ← β·v + Δ`, `θ ← θ + η·v` on the
+    /// parameters (running statistics are averaged plainly), with β this value (0: plain FedAvg) and η
+    /// `serverLearningRate`; reset at each pruning step.
     public var serverMomentum = 0.0
     public var serverLearningRate = 1.0
     public var clipNorm: Double?
@@ -269,6 +271,15 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         let session = try InferenceSession(model: model)
         guard session.primaryInput.name.isEmpty == false else {
             throw CompressionError(.invalidArgument, "the model has no input")
+        }
+        if let augmentation, augmentation != .none, case .tensor(_, let shape?) = session.primaryInput.type {
+            let input = "the model's input '\(session.primaryInput.name)' is \(shape.map(\.description).joined(separator: "×"))"
+            guard shape.count == 4 else {
+                throw CompressionError(.invalidArgument, "--augment \(augmentation.rawValue) needs N×C×H×W images; \(input)")
+            }
+            if augmentation == .dihedral, case .value(let h) = shape[2], case .value(let w) = shape[3], h != w {
+                throw CompressionError(.invalidArgument, "--augment dihedral needs square images; \(input) (use flips)")
+            }
         }
         if !steps.isEmpty {
             let groups = try ChannelGroups(model: model)

@@ -61,12 +61,18 @@ struct DashboardAuthMiddleware: RouterMiddleware {
 
     func handle(_ request: Request, context: WhittleContext,
                 next: (Request, WhittleContext) async throws -> Response) async throws -> Response {
+        var admitted = false
         if let session = DashboardRoutes.cookie(request, DashboardSessions.cookie), await state.dashboard.isValid(session) {
-            return try await next(request, context)
-        }
-        if let peer = try await context.channel.nioSSL_peerCertificate().get(), !state.config.adminSerial.isEmpty,
+            admitted = true
+        } else if let peer = try await context.channel.nioSSL_peerCertificate().get(), !state.config.adminSerial.isEmpty,
             PKI.serial(try Certificate(derEncoded: try peer.toDERBytes())) == state.config.adminSerial {
-            return try await next(request, context)
+            admitted = true
+        }
+        if admitted {
+            // The API's JSON answers too: never cached, never framed.
+            var response = try await next(request, context)
+            for field in DashboardRoutes.securityHeaders where response.headers[field.name] == nil { response.headers.append(field) }
+            return response
         }
         if request.uri.path.hasPrefix("/dashboard/api/") {
             throw APIError(.unauthorized, "dashboard_login_required",
@@ -117,10 +123,11 @@ enum DashboardRoutes {
             state.logger.info("dashboard session opened", metadata: ["http.authority": "\(request.head.authority ?? "?")"])
             return Response(status: .seeOther, headers: headers)
         }
+        // The style sheet holds nothing private, and the login page uses it too.
+        router.get("/dashboard/app.css") { _, _ in page(DashboardAssets.style, type: "text/css; charset=utf-8") }
         let dashboard = router.group("/dashboard").add(middleware: DashboardAuthMiddleware(state: state))
         dashboard.get("/") { _, _ in page(DashboardAssets.html) }
         dashboard.get("/app.js") { _, _ in page(DashboardAssets.script, type: "text/javascript; charset=utf-8") }
-        dashboard.get("/app.css") { _, _ in page(DashboardAssets.style, type: "text/css; charset=utf-8") }
         dashboard.get("/api/workers") { _, _ in try CoordinatorServer.json(try await CoordinatorServer.workerViews(state)) }
         dashboard.get("/api/rounds") { _, _ in try CoordinatorServer.json(try await CoordinatorServer.roundViews(state)) }
         dashboard.get("/api/rounds/:id/report") { _, context in

@@ -62,22 +62,26 @@ public struct RoundCommand: ParsableCommand {
     /// Follows a round until it ends: a line per phase change (a live line on a terminal). Exits non-zero when the
     /// round did not succeed.
     static func follow(_ client: HTTPClient, _ id: String, json: Bool) throws {
-        let terminal = isatty(STDOUT_FILENO) == 1 && !json
+        // On a terminal: a progress bar on standard error (phases done of all, and the open phase's reports);
+        // otherwise a line per change on standard output.
+        let bar = ProgressBar(enabled: !json)
         var last = ""
         while true {
             let v = try view(client, id)
             let p = v.phases[min(v.phase, v.phases.count - 1)]
             let line = "[\(v.phase + 1)/\(v.phaseCount)] \(v.phaseLabel): \(p.reports)/\(max(v.assigned, p.reports)) reports"
             if v.state != "running" {
-                if terminal { FileHandle.standardOutput.write(Data("\r\u{1B}[K".utf8)) }
+                bar.finish()
                 if json { try printJSON(v) } else { print(summary(v)) }
                 guard v.state == "succeeded" else { throw ExitCode(1) }
                 return
             }
-            if line != last {
-                if terminal { FileHandle.standardOutput.write(Data(("\r\u{1B}[K" + line).utf8)) } else if !json { print(line) }
-                last = line
+            if bar.enabled {
+                bar.update("round", v.phase, v.phaseCount, line, force: true)
+            } else if line != last, !json {
+                print(line)
             }
+            last = line
             Thread.sleep(forTimeInterval: 0.5)
         }
     }
@@ -87,8 +91,8 @@ public struct RoundCommand: ParsableCommand {
             abstract: "Start a federated compression round on the enrolled workers.",
             discussion: """
                 The plan is checked against the model first (prunable groups, quantization policy, trainability). \
-                Phases: [fisher] → per pruning step: [importance] → prune → fine-tune rounds → [fold → ranges → \
-                histograms] → export → evaluate → distribute.
+                Phases: [fisher] → per pruning step: [importance] → prune → fine-tune rounds → [normalization passes] → \
+                [fold → ranges → histograms → QAT rounds] → export → evaluate → distribute.
                 """)
 
         @OptionGroup var common: Common
@@ -103,11 +107,12 @@ public struct RoundCommand: ParsableCommand {
         @Option(name: .long, help: "Remove at most this fraction of any group.") var maxLayerRatio: Double = 0.9
         @Option(name: .long, help: "FedAvg rounds after each pruning step.") var finetuneRounds: Int = 0
         @Option(name: .long, help: "Local epochs per fine-tune round.") var localEpochs: Int = 1
-        @Option(name: .long, help: "Learning rate of local fine-tuning (cosine over the rounds of a step).") var lr: Float = 0.01
-        @Option(name: .long, help: "Local optimizer: sgd (momentum 0.9), adam or adamw; fresh every round.") var optimizer: String = "sgd"
+        @Option(name: .long, help: "Learning rate of local fine-tuning (one cosine over every local epoch of a step's rounds).") var lr: Float = 0.01
+        @Option(name: .long, help: "Local optimizer: sgd (momentum 0.9), adam or adamw; fresh every round unless --keep-optimizer-state.") var optimizer: String = "sgd"
         @Option(name: .long, help: "Batch size on the workers (a worker with --memory-limit may use less).") var batchSize: Int = 32
         @Flag(name: .long, help: "Fine-tune by distillation from the base model (workers without labels take part).") var distill = false
         @Option(name: .long, help: "Random transforms of local training images: none, flips or dihedral (flips and 90° rotations).") var augment: String = "none"
+        @Flag(name: .long, help: "Workers continue their local optimizer's state (momentum, moments) from round to round instead of starting afresh.") var keepOptimizerState = false
         @Option(name: .long, help: "EWC penalty weight towards the starting model (adds a Fisher phase).") var ewc: Float?
         @Option(name: .long, help: "none, int8, int4-weights or mixed.") var quantize: String = "int8"
         @Option(name: .long, help: "minmax, percentile, entropy or mse.") var calibration: String = "minmax"
@@ -160,6 +165,7 @@ public struct RoundCommand: ParsableCommand {
             p.batchSize = batchSize
             p.distill = distill
             p.augmentation = try choice(augment, "--augment")
+            p.keepOptimizerState = keepOptimizerState ? true : nil
             p.ewcLambda = ewc
             p.quantize = try choice(quantize, "--quantize")
             p.calibration = try choice(calibration, "--calibration")

@@ -259,17 +259,18 @@ public enum CoordinatorServer {
     /// `/metrics` admits the admin certificate, or `Authorization: Bearer METRICS_TOKEN` when `metrics_token` is
     /// set (for a Prometheus server that scrapes without a client certificate).
     static func metricsAuthorized(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws {
-        if !state.config.metricsToken.isEmpty, let header = request.headers[.authorization] {
-            let expected = Array("Bearer \(state.config.metricsToken)".utf8), given = Array(header.utf8)
-            // Constant time in the token's length.
-            guard given.count == expected.count, zip(given, expected).reduce(0, { $0 | ($1.0 ^ $1.1) }) == 0 else {
-                throw APIError(.unauthorized, "bad_metrics_token", "the bearer token does not match metrics_token")
-            }
-            return
-        }
         if let peer = try await context.channel.nioSSL_peerCertificate().get(),
             !state.config.adminSerial.isEmpty,
             PKI.serial(try Certificate(derEncoded: try peer.toDERBytes())) == state.config.adminSerial {
+            return
+        }
+        if !state.config.metricsToken.isEmpty, let header = request.headers[.authorization] {
+            // Compared as SHA-256 digests, in constant time: neither the token nor its length leaks through timing.
+            let expected = Array(SHA256.hash(data: Data("Bearer \(state.config.metricsToken)".utf8)))
+            let given = Array(SHA256.hash(data: Data(header.utf8)))
+            guard zip(given, expected).reduce(0, { $0 | ($1.0 ^ $1.1) }) == 0 else {
+                throw APIError(.unauthorized, "bad_metrics_token", "the bearer token does not match metrics_token")
+            }
             return
         }
         throw APIError(.unauthorized, "metrics_unauthorized",
@@ -283,12 +284,12 @@ public enum CoordinatorServer {
         do {
             bytes = try await body(request, limit: state.config.reportBodyLimit)
             message = try decode(Whittle_TaskReport.self, bytes)
+            guard message.protocolVersion == protocolVersion else {
+                throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
+            }
         } catch let error as APIError {
             state.metrics.report(result: "refused", reason: error.code)
             throw error
-        }
-        guard message.protocolVersion == protocolVersion else {
-            throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
         }
         guard let worker = try await state.store.worker(named: context.workerName!) else {
             throw APIError(.forbidden, "worker_certificate_required", "unknown worker")

@@ -186,6 +186,43 @@ let gradientSumTolerance: Float = 1e-4
         }
     }
 
+    @Test func aKeptOptimizerStateContinuesFromRoundToRound() throws {
+        let (parts, _) = try Self.shards()
+        let progress = RoundProgress(plan: Self.plan(), baseModel: "b", startModel: "c")
+        let plan = Self.plan { $0.finetuneRounds = 2; $0.optimizer = .adamw; $0.learningRate = 0.001; $0.keepOptimizerState = true }
+        let engine = RoundEngine(plan: plan)
+        let expectation = try engine.expectation(Phase(.finetune), model: Self.model, progress: progress)
+        let task = engine.task(Phase(.finetune), index: 0, round: "r", progress: progress, expectation: expectation, deadline: 0,
+                               artifactBytes: { _ in 0 })
+        #expect(task.keepOptimizerState)
+        var compressor = DeltaCompressor()
+        var state: Optimizer.State?
+        let first = try WorkerJobs.run(task, model: Self.model, teacher: nil, data: parts[2], batchSize: 4, compressor: &compressor,
+                                       optimizerState: &state)
+        let steps = (parts[2].count + 3) / 4
+        #expect(state?.step == steps && state?.second.isEmpty == false)
+        let carried = try WorkerJobs.run(task, model: Self.model, teacher: nil, data: parts[2], batchSize: 4, compressor: &compressor,
+                                         optimizerState: &state)
+        #expect(state?.step == 2 * steps)
+        // The same task from a fresh state gives the first round's update again; from the carried state, another.
+        var fresh: Optimizer.State?
+        let again = try WorkerJobs.run(task, model: Self.model, teacher: nil, data: parts[2], batchSize: 4, compressor: &compressor,
+                                       optimizerState: &fresh)
+        #expect(again.update.deltas == first.update.deltas)
+        #expect(carried.update.deltas != first.update.deltas)
+        // A state for other shapes (after pruning) is dropped whole.
+        var optimizer = Optimizer(.adamW(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0))
+        optimizer.restore(state!, sizes: ["fc.weight": 3])
+        #expect(optimizer.state.first.isEmpty && optimizer.state.step == 0)
+        // Without the option, nothing is carried.
+        var none: Optimizer.State?
+        var plain = task
+        plain.keepOptimizerState = false
+        _ = try WorkerJobs.run(plain, model: Self.model, teacher: nil, data: parts[2], batchSize: 4, compressor: &compressor,
+                               optimizerState: &none)
+        #expect(none == nil)
+    }
+
     @Test func theServerOptimizerStepsParametersAndAveragesRunningStatistics() throws {
         let (parts, _) = try Self.shards()
         let progress = RoundProgress(plan: Self.plan(), baseModel: "b", startModel: "c")

@@ -21,6 +21,26 @@ public struct Optimizer: Sendable {
 
     public init(_ kind: OptimizerKind) { self.kind = kind }
 
+    /// The per-parameter state (step count, momentum buffers or moments), to carry over to a later run.
+    public struct State: Sendable, Equatable {
+        public var step: Int
+        public var first: [String: [Float]]
+        public var second: [String: [Float]]
+    }
+
+    public var state: State { State(step: step, first: first, second: second) }
+
+    /// Continues from `state` when every buffer in it still fits `sizes` (parameter element counts); a state from
+    /// before a change of shapes (pruning) is dropped whole, so bias correction and buffers stay consistent.
+    public mutating func restore(_ state: State, sizes: [String: Int]) {
+        let fits = state.first.allSatisfy { sizes[$0.key] == $0.value.count } && state.second.allSatisfy { sizes[$0.key] == $0.value.count }
+        guard fits else {
+            (step, first, second) = (0, [:], [:])
+            return
+        }
+        (step, first, second) = (state.step, state.first, state.second)
+    }
+
     /// Applies one update to `parameters` with `gradients` at learning rate `lr`.
     public mutating func update(_ parameters: inout [String: Tensor], gradients: [String: Tensor], lr: Float) {
         step += 1

@@ -152,6 +152,16 @@ public final class Trainer: @unchecked Sendable {
 
     public var parameterNames: [String] { graphs[configuration.batchSize]!.parameterNames }
 
+    /// The optimizer's state, to continue from in a later trainer (`restoreOptimizer`).
+    public var optimizerState: Optimizer.State { optimizer.state }
+
+    /// Continues the optimizer from `state` (buffers of parameters whose sizes changed are dropped). Only for the
+    /// same optimizer kind: a state from another kind is ignored.
+    public func restoreOptimizer(_ state: Optimizer.State, kind: OptimizerKind) {
+        guard kind == configuration.optimizer else { return }
+        optimizer.restore(state, sizes: parameters.mapValues(\.count))
+    }
+
     func graph(_ batch: Int) throws -> TrainingGraph {
         if let g = graphs[batch] { return g }
         let g = try TrainingGraph(model: model, batchSize: batch, fast: configuration.fast,

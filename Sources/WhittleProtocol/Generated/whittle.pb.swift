@@ -270,7 +270,7 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._phase = newValue}
   }
 
-  /// importance | finetune | fisher | ranges | histograms | evaluate | distribute
+  /// importance | finetune | fisher | normalization | ranges | histograms | qat | evaluate | distribute
   public var kind: String {
     get {_storage._kind}
     set {_uniqueStorage()._kind = newValue}
@@ -372,7 +372,8 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._batchSize = newValue}
   }
 
-  /// finetune: the local optimizer, sgd (momentum 0.9) | adam | adamw (fresh every round, as in FedAvg).
+  /// finetune: the local optimizer, sgd (momentum 0.9) | adam | adamw (fresh every round, as in FedAvg, unless
+  /// keep_optimizer_state).
   public var optimizer: String {
     get {_storage._optimizer}
     set {_uniqueStorage()._optimizer = newValue}
@@ -411,6 +412,13 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
   public var epochLearningRates: [Float] {
     get {_storage._epochLearningRates}
     set {_uniqueStorage()._epochLearningRates = newValue}
+  }
+
+  /// finetune, qat: continue the local optimizer's state (momentum, moments) from this worker's previous round of
+  /// the same round and kind, instead of starting afresh.
+  public var keepOptimizerState: Bool {
+    get {_storage._keepOptimizerState}
+    set {_uniqueStorage()._keepOptimizerState = newValue}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1111,7 +1119,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Task"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0\u{3}epoch_learning_rates\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0\u{3}epoch_learning_rates\0\u{3}keep_optimizer_state\0")
 
   fileprivate class _StorageClass {
     var _roundID: String = String()
@@ -1141,6 +1149,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
     var _reduceRange: Bool = false
     var _augmentation: String = String()
     var _epochLearningRates: [Float] = []
+    var _keepOptimizerState: Bool = false
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -1178,6 +1187,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       _reduceRange = source._reduceRange
       _augmentation = source._augmentation
       _epochLearningRates = source._epochLearningRates
+      _keepOptimizerState = source._keepOptimizerState
     }
   }
 
@@ -1223,6 +1233,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         case 25: try { try decoder.decodeSingularBoolField(value: &_storage._reduceRange) }()
         case 26: try { try decoder.decodeSingularStringField(value: &_storage._augmentation) }()
         case 27: try { try decoder.decodeRepeatedFloatField(value: &_storage._epochLearningRates) }()
+        case 28: try { try decoder.decodeSingularBoolField(value: &_storage._keepOptimizerState) }()
         default: break
         }
       }
@@ -1312,6 +1323,9 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       if !_storage._epochLearningRates.isEmpty {
         try visitor.visitPackedFloatField(value: _storage._epochLearningRates, fieldNumber: 27)
       }
+      if _storage._keepOptimizerState != false {
+        try visitor.visitSingularBoolField(value: _storage._keepOptimizerState, fieldNumber: 28)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1348,6 +1362,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         if _storage._reduceRange != rhs_storage._reduceRange {return false}
         if _storage._augmentation != rhs_storage._augmentation {return false}
         if _storage._epochLearningRates != rhs_storage._epochLearningRates {return false}
+        if _storage._keepOptimizerState != rhs_storage._keepOptimizerState {return false}
         return true
       }
       if !storagesAreEqual {return false}
