@@ -15,14 +15,16 @@ from rounds_support import MODEL, Fleet, non_iid_shards, load_test_split, load_t
 # Quality goals of issue 6, in accuracy points against the base model.
 INT8_LOSS_POINTS = 0.3
 PRUNED_SHRINK_FACTOR = 10
-# The goal for 50 % pruning + federated fine-tuning + int8 is 1.5 points; measured with this recipe on 4 non-IID
-# workers (half without labels): 2.7 points (87.30 % against 90.04 %). Not met; the test holds the measured level so a
+# The goal for 50 % pruning + federated fine-tuning + int8 is 1.5 points. Measured with this recipe (L1 channel
+# pruning, 10 FedAvg rounds x 2 local epochs of AdamW at 5e-4 annealed per epoch, dihedral augmentation,
+# distillation) on 4 non-IID workers (half without labels): 1.56 points (88.48 % against 90.04 %) with seed 0, 2.34
+# with seed 1; recipes tried are in benchmarks/README.md. Not met reliably; the test holds the measured level so a
 # regression shows.
 PRUNED_INT8_GOAL_POINTS = 1.5
 PRUNED_INT8_HELD_POINTS = 3.0
 # Federated fine-tuning after pruning: rounds and local epochs.
 ROUNDS = "10"
-LOCAL_EPOCHS = "10"
+LOCAL_EPOCHS = "2"
 # A continual round (no pruning) must keep the model near the base model's 90 %.
 CONTINUAL_MINIMUM_ACCURACY = 0.85
 
@@ -132,7 +134,8 @@ def test_pruning_distillation_int8_round_shrinks_10x_and_holds_accuracy(coordina
             fleet.workers[name].pop("y")
         fleet.start_worker(name)
     started = fleet.round("start", "--model", MODEL, "--prune-ratio", "0.5", "--prune-scope", "local",
-                          "--importance", "taylor", "--finetune-rounds", ROUNDS, "--local-epochs", LOCAL_EPOCHS, "--lr", "0.005",
+                          "--importance", "l1", "--finetune-rounds", ROUNDS, "--local-epochs", LOCAL_EPOCHS,
+                          "--optimizer", "adamw", "--lr", "0.0005", "--augment", "dihedral",
                           "--distill", "--quantize", "int8", "--calibration", "entropy", "--reduce-range", "--compact-names",
                           "--min-workers", "4", "--phase-deadline", "5m", "--json")
     round_id = json.loads(started.stdout)["id"]
@@ -153,7 +156,7 @@ def test_pruning_distillation_int8_round_shrinks_10x_and_holds_accuracy(coordina
     assert (base - compressed) * 100 <= PRUNED_INT8_HELD_POINTS, (base, compressed)
     assert shrink >= PRUNED_SHRINK_FACTOR, shrink
     kinds = [p["kind"] for p in report["phases"]]
-    assert kinds == ["importance", "prune"] + ["finetune"] * int(ROUNDS) + [
+    assert kinds == ["prune"] + ["finetune"] * int(ROUNDS) + [
         "fold", "ranges", "histograms", "export", "evaluate", "distribute"]
     sites = {s["worker"]: s for s in report["sites"]}
     assert sorted(sites) == names and all(s["received"] for s in sites.values())
