@@ -55,15 +55,11 @@ public struct WorkerSettings: Equatable, Sendable {
 
     public static func parse(_ text: String) throws -> WorkerSettings {
         var settings = WorkerSettings()
-        for (number, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-            let line = raw.trimmingCharacters(in: .whitespaces)
-            if line.isEmpty || line.hasPrefix("#") { continue }
-            let parts = line.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
-            guard parts.count == 2 else { throw CLIError("line \(number + 1): expected key = value, got '\(line)'") }
-            do { try settings.set(parts[0], parts[1]) } catch let error as CLIError {
-                throw CLIError("line \(number + 1): \(error.description)")
-            }
+        let (lines, bad) = settingLines(text)
+        for (number, key, value) in lines {
+            do { try settings.set(key, value) } catch let error as CLIError { throw CLIError("line \(number): \(error.description)") }
         }
+        if let bad { throw CLIError("line \(bad.number): expected key = value, got '\(bad.text)'") }
         return settings
     }
 

@@ -98,3 +98,17 @@ public final class ProgressBar: @unchecked Sendable {
         drawn = false
     }
 }
+
+/// A settings file's `key = value` lines (blank lines and `#` comments skipped), each with its 1-based line number;
+/// `bad` is the first line that is neither (reading stops there).
+public func settingLines(_ text: String) -> (lines: [(number: Int, key: String, value: String)], bad: (number: Int, text: String)?) {
+    var out: [(number: Int, key: String, value: String)] = []
+    for (index, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        let line = raw.trimmingCharacters(in: .whitespaces)
+        if line.isEmpty || line.hasPrefix("#") { continue }
+        let parts = line.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
+        guard parts.count == 2 else { return (out, (index + 1, line)) }
+        out.append((index + 1, parts[0], parts[1]))
+    }
+    return (out, nil)
+}

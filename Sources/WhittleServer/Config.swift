@@ -1,4 +1,5 @@
 import Foundation
+import WhittleCLI
 
 /// The coordinator's settings, read from `DIR/coordinator.conf` (`key = value` lines, `#` comments). Every key has
 /// a documented default; `coordinator init` writes the file with all of them.
@@ -67,17 +68,11 @@ public struct CoordinatorConfig: Sendable, Equatable {
 
     public static func parse(_ text: String) throws -> CoordinatorConfig {
         var c = CoordinatorConfig()
-        for (number, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-            let line = raw.trimmingCharacters(in: .whitespaces)
-            if line.isEmpty || line.hasPrefix("#") { continue }
-            let parts = line.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
-            guard parts.count == 2 else { throw ConfigError("line \(number + 1): expected key = value, got '\(line)'") }
-            do {
-                try c.set(parts[0], parts[1])
-            } catch let error as ConfigError {
-                throw ConfigError("line \(number + 1): \(error.description)")
-            }
+        let (lines, bad) = settingLines(text)
+        for (number, key, value) in lines {
+            do { try c.set(key, value) } catch let error as ConfigError { throw ConfigError("line \(number): \(error.description)") }
         }
+        if let bad { throw ConfigError("line \(bad.number): expected key = value, got '\(bad.text)'") }
         return c
     }
 
