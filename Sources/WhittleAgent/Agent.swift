@@ -376,13 +376,12 @@ public struct FetchCommand: ParsableCommand {
             caPEM: try read(layout.ca), certificatePEM: try read(layout.certificate), privateKeyPEM: try read(layout.key)))
         let bar = ProgressBar()
         do {
+            defer { bar.finish() }
             try client.download("/v1/worker/artifacts/" + sha256.lowercased(), to: out, sha256: sha256,
                                 retry: RetryPolicy(attempts: 5, baseDelay: 0.5, maximumDelay: 10)) { have, total in
                 bar.bytes("download", have, total)
             }
-            bar.finish()
         } catch let error as HTTPClientError {
-            bar.finish()
             throw CLIError(error.description)
         }
         print("fetched \(out) (SHA-256 verified)")

@@ -5,6 +5,7 @@ import WhittleCompression
 import WhittleHTTPClient
 import WhittleNN
 import WhittleONNX
+import WhittlePKI
 import WhittleProtocol
 import WhittleRounds
 import WhittleTensor
@@ -20,9 +21,9 @@ final class TaskRunner {
     let evaluation: Dataset?
     let memoryLimit: Int?
     var compressor = DeltaCompressor()
-    /// The local optimizer's state at the end of the last fine-tuning task, by round and kind (in memory: a
+    /// The local optimizer's state at the end of the last fine-tuning task, with its round and kind (in memory: a
     /// restarted worker starts afresh).
-    var optimizerStates: [String: Optimizer.State] = [:]
+    var optimizerState: (key: String, state: Optimizer.State)?
     /// Tasks ("round/phase") finished or given up, so a re-sent task is not computed twice.
     var finished: Set<String> = []
 
@@ -107,11 +108,11 @@ final class TaskRunner {
                                                  training: training)
             let local = task.kind == PhaseKind.evaluate.rawValue ? (evaluation ?? data) : data
             let stateKey = "\(task.roundID)/\(task.kind)"
-            var optimizerState = optimizerStates[stateKey]
+            var state = optimizerState?.key == stateKey ? optimizerState?.state : nil
             report = try WorkerJobs.run(task, model: model, teacher: teacher, ewc: ewc, data: local, batchSize: batch,
-                                        compressor: &compressor, optimizerState: &optimizerState)
+                                        compressor: &compressor, optimizerState: &state)
             if task.kind == PhaseKind.finetune.rawValue || task.kind == PhaseKind.qat.rawValue {
-                optimizerStates = optimizerState.map { [stateKey: $0] } ?? [:]  // only the latest round's
+                optimizerState = state.map { (stateKey, $0) }
             }
         }
         report.protocolVersion = protocolVersion
@@ -143,10 +144,7 @@ final class TaskRunner {
                 body = pending
             } else {
                 var report = try compute(task)
-                var id = [UInt8](repeating: 0, count: 12)
-                var generator = SystemRandomNumberGenerator()
-                for i in id.indices { id[i] = generator.next() }
-                report.uploadID = id.map { String(format: "%02x", $0) }.joined()
+                report.uploadID = PKI.randomHex(12)
                 body = try report.serializedBytes()
                 try Files.writeDurably(body, to: pendingPath(task))
             }

@@ -10,10 +10,8 @@ public enum LogFormat: String, CaseIterable, Sendable {
 
     /// Installs the format for the process's loggers (once per process, before the first logger is made).
     public func bootstrap() {
-        switch self {
-        case .text: LoggingSystem.bootstrap { label in LineLogHandler(label: label, json: false) }
-        case .json: LoggingSystem.bootstrap { label in LineLogHandler(label: label, json: true) }
-        }
+        let json = self == .json
+        LoggingSystem.bootstrap { label in LineLogHandler(label: label, json: json) }
     }
 
     /// From `--log-format`, else `WHITTLE_LOG_FORMAT`, else text.

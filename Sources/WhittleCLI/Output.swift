@@ -77,7 +77,8 @@ public final class ProgressBar: @unchecked Sendable {
     public func update(_ label: String, _ done: Int, _ total: Int, _ detail: String = "", force: Bool = false) {
         guard enabled else { return }
         let now = ContinuousClock.now
-        guard force || done >= total || now - last >= .milliseconds(100) else { return }
+        // The last step of a known total is always drawn; anything else at most every 100 ms.
+        guard force || (total > 0 && done >= total) || now - last >= .milliseconds(100) else { return }
         last = now
         let width = 30
         let filled = total > 0 ? min(width, width * max(done, 0) / total) : 0

@@ -159,9 +159,7 @@ public enum PKI {
     /// A random positive serial of at most 20 octets (RFC 5280 §4.1.2.2): 20 random bytes with the top bit clear,
     /// so the DER integer needs no leading zero byte.
     public static func newSerial() -> Certificate.SerialNumber {
-        var bytes = [UInt8](repeating: 0, count: 20)
-        var generator = SystemRandomNumberGenerator()
-        for i in bytes.indices { bytes[i] = generator.next() }
+        var bytes = randomBytes(20)
         bytes[0] = (bytes[0] & 0x7F) | 0x01 << 6  // positive, and never shorter than 20 octets
         return Certificate.SerialNumber(bytes: bytes)
     }
@@ -188,6 +186,16 @@ public enum PKI {
     public static func hex<S: Sequence>(_ bytes: S) -> String where S.Element == UInt8 {
         bytes.map { String(format: "%02x", $0) }.joined()
     }
+
+    /// `count` bytes from the system's cryptographic random source.
+    public static func randomBytes(_ count: Int) -> [UInt8] {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<count).map { _ in generator.next() }
+    }
+
+    /// `count` random bytes as lowercase hex (tokens, session secrets, ids): nothing a shell or an argument parser
+    /// reads specially.
+    public static func randomHex(_ count: Int) -> String { hex(randomBytes(count)) }
 
     /// Normalises a fingerprint as people paste it ("AB:CD…", "sha256:abcd…") to lowercase hex.
     public static func normalizedFingerprint(_ text: String) -> String {

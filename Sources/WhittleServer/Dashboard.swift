@@ -3,10 +3,8 @@ import Crypto
 import Foundation
 import Hummingbird
 import NIOCore
-import NIOSSL
 import WhittleCLI
 import WhittlePKI
-import X509
 
 /// Browser sessions for the dashboard. An admin (holding the admin certificate) asks for a one-time login link;
 /// opening it within `linkLifetime` trades it for a session cookie valid `sessionLifetime`. Only hashes are kept,
@@ -19,12 +17,7 @@ actor DashboardSessions {
     var links: [String: Date] = [:]
     var sessions: [String: Date] = [:]
 
-    static func secret() -> String {
-        var bytes = [UInt8](repeating: 0, count: 32)
-        var generator = SystemRandomNumberGenerator()
-        for i in bytes.indices { bytes[i] = generator.next() }
-        return PKI.hex(bytes)
-    }
+    static func secret() -> String { PKI.randomHex(32) }
 
     static func hash(_ secret: String) -> String { PKI.hex(SHA256.hash(data: Data(secret.utf8))) }
 
@@ -62,12 +55,8 @@ struct DashboardAuthMiddleware: RouterMiddleware {
     func handle(_ request: Request, context: WhittleContext,
                 next: (Request, WhittleContext) async throws -> Response) async throws -> Response {
         var admitted = false
-        if let session = DashboardRoutes.cookie(request, DashboardSessions.cookie), await state.dashboard.isValid(session) {
-            admitted = true
-        } else if let peer = try await context.channel.nioSSL_peerCertificate().get(), !state.config.adminSerial.isEmpty,
-            PKI.serial(try Certificate(derEncoded: try peer.toDERBytes())) == state.config.adminSerial {
-            admitted = true
-        }
+        if let session = DashboardRoutes.cookie(request, DashboardSessions.cookie) { admitted = await state.dashboard.isValid(session) }
+        if !admitted { admitted = try await CoordinatorServer.presentsAdminCertificate(context, state) }
         if admitted {
             // The API's JSON answers too: never cached, never framed.
             var response = try await next(request, context)

@@ -152,12 +152,9 @@ actor RoundService {
         } catch let error as ONNXError {
             throw APIError(.badRequest, "bad_plan", error.message)
         }
-        var bytes = [UInt8](repeating: 0, count: 4)
-        var generator = SystemRandomNumberGenerator()
-        for i in bytes.indices { bytes[i] = generator.next() }
         let stamp = ISO8601DateFormatter.string(from: Date(), timeZone: TimeZone(identifier: "UTC")!,
                                                 formatOptions: [.withYear, .withMonth, .withDay, .withTime])
-        let id = "r" + stamp.replacingOccurrences(of: ":", with: "") + "-" + bytes.map { String(format: "%02x", $0) }.joined()
+        let id = "r" + stamp.replacingOccurrences(of: ":", with: "") + "-" + PKI.randomHex(4)
         if RoundEngine.normalizationInputs(model).isEmpty { plan.normalizationPasses = 0 }
         var progress = RoundProgress(plan: plan, baseModel: startModel, startModel: startModel)
         var record = RoundRecord(id: id, createdAt: Date(), plan: try Self.text(plan), progress: try Self.text(progress))

@@ -256,14 +256,17 @@ public enum CoordinatorServer {
         return views
     }
 
+    /// Whether the client presented the admin certificate (the TLS layer already checked that it chains to the CA
+    /// and has not expired).
+    static func presentsAdminCertificate(_ context: WhittleContext, _ state: ServerState) async throws -> Bool {
+        guard !state.config.adminSerial.isEmpty, let peer = try await context.channel.nioSSL_peerCertificate().get() else { return false }
+        return PKI.serial(try Certificate(derEncoded: try peer.toDERBytes())) == state.config.adminSerial
+    }
+
     /// `/metrics` admits the admin certificate, or `Authorization: Bearer METRICS_TOKEN` when `metrics_token` is
     /// set (for a Prometheus server that scrapes without a client certificate).
     static func metricsAuthorized(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws {
-        if let peer = try await context.channel.nioSSL_peerCertificate().get(),
-            !state.config.adminSerial.isEmpty,
-            PKI.serial(try Certificate(derEncoded: try peer.toDERBytes())) == state.config.adminSerial {
-            return
-        }
+        if try await presentsAdminCertificate(context, state) { return }
         if !state.config.metricsToken.isEmpty, let header = request.headers[.authorization] {
             // Compared as SHA-256 digests, in constant time: neither the token nor its length leaks through timing.
             let expected = Array(SHA256.hash(data: Data("Bearer \(state.config.metricsToken)".utf8)))
@@ -280,32 +283,31 @@ public enum CoordinatorServer {
     /// `POST /v1/worker/reports`: a task's result (TaskReport). Durable before the 200; a retried upload id is
     /// answered `duplicate` and not counted again.
     static func taskReport(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Response {
-        let bytes: [UInt8], message: Whittle_TaskReport
+        let duplicate: Bool, size: Int
         do {
-            bytes = try await body(request, limit: state.config.reportBodyLimit)
-            message = try decode(Whittle_TaskReport.self, bytes)
-            guard message.protocolVersion == protocolVersion else {
-                throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
-            }
+            (duplicate, size) = try await acceptReport(request, context, state)
         } catch let error as APIError {
             state.metrics.report(result: "refused", reason: error.code)
             throw error
         }
-        guard let worker = try await state.store.worker(named: context.workerName!) else {
-            throw APIError(.forbidden, "worker_certificate_required", "unknown worker")
-        }
-        let duplicate: Bool
-        do {
-            duplicate = try await state.rounds.accept(message, bytes: bytes, worker: worker)
-        } catch let error as APIError {
-            state.metrics.report(result: "refused", reason: error.code)
-            throw error
-        }
-        state.metrics.report(result: duplicate ? "duplicate" : "accepted", bytes: bytes.count)
+        state.metrics.report(result: duplicate ? "duplicate" : "accepted", bytes: size)
         Task { await state.rounds.tick() }
         var response = Whittle_TaskReportResponse()
         response.duplicate = duplicate
         return try protobuf(response)
+    }
+
+    /// Reads, checks and hands a report to the round service: whether it was a duplicate, and its size.
+    static func acceptReport(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> (Bool, Int) {
+        let bytes = try await body(request, limit: state.config.reportBodyLimit)
+        let message = try decode(Whittle_TaskReport.self, bytes)
+        guard message.protocolVersion == protocolVersion else {
+            throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
+        }
+        guard let worker = try await state.store.worker(named: context.workerName!) else {
+            throw APIError(.forbidden, "worker_certificate_required", "unknown worker")
+        }
+        return (try await state.rounds.accept(message, bytes: bytes, worker: worker), bytes.count)
     }
 
     static func body(_ request: Request, limit: Int) async throws -> [UInt8] {
@@ -472,10 +474,7 @@ public enum CoordinatorServer {
         }
         // 256 random bits as 64 hex digits: nothing a shell or an argument parser reads specially (a base64url
         // token may start with '-').
-        var secret = [UInt8](repeating: 0, count: 32)
-        var generator = SystemRandomNumberGenerator()
-        for i in secret.indices { secret[i] = generator.next() }
-        let token = PKI.hex(secret)
+        let token = PKI.randomHex(32)
         let now = Date()
         try await state.store.addToken(TokenRecord(hash: tokenHash(token), createdAt: now, expiresAt: now.addingTimeInterval(ttl), uses: uses))
         state.logger.info("token created", metadata: ["token.uses": "\(uses)", "token.ttl": "\(ttl)"])
