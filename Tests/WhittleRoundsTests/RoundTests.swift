@@ -223,6 +223,28 @@ let gradientSumTolerance: Float = 1e-4
         #expect(none == nil)
     }
 
+    @Test func malformedTrainingParametersInATaskAreRefused() throws {
+        let (parts, _) = try Self.shards()
+        let progress = RoundProgress(plan: Self.plan(), baseModel: "b", startModel: "c")
+        let plan = Self.plan { $0.finetuneRounds = 2; $0.localEpochs = 2 }
+        let engine = RoundEngine(plan: plan)
+        let expectation = try engine.expectation(Phase(.finetune), model: Self.model, progress: progress)
+        let task = engine.task(Phase(.finetune), index: 0, round: "r", progress: progress, expectation: expectation, deadline: 0,
+                               artifactBytes: { _ in 0 })
+        #expect(task.epochLearningRates.count == 2)
+        var compressor = DeltaCompressor()
+        var shortRates = task
+        shortRates.epochLearningRates = [0.01]
+        var negative = task
+        negative.epochLearningRates = [0.01, -1]
+        var unknown = task
+        unknown.augmentation = "mirror"
+        for (bad, needle) in [(shortRates, "epoch learning rates"), (negative, "non-negative"), (unknown, "augmentation 'mirror'")] {
+            #expect { try WorkerJobs.run(bad, model: Self.model, teacher: nil, data: parts[0], batchSize: 4, compressor: &compressor) }
+                throws: { "\($0)".contains(needle) }
+        }
+    }
+
     @Test func theServerOptimizerStepsParametersAndAveragesRunningStatistics() throws {
         let (parts, _) = try Self.shards()
         let progress = RoundProgress(plan: Self.plan(), baseModel: "b", startModel: "c")
