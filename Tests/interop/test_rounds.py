@@ -10,20 +10,22 @@ import onnxruntime as ort
 import pytest
 
 from conftest import launch, _binary
-from rounds_support import MODEL, Fleet, non_iid_shards, load_test_split, load_train_split
+from rounds_support import MODEL, Fleet, non_iid_shards, load_holdout_split, load_test_split, load_train_split
 
 # Quality goals of issue 6, in accuracy points against the base model.
 INT8_LOSS_POINTS = 0.3
 PRUNED_SHRINK_FACTOR = 10
-# The goal for 50 % pruning + federated fine-tuning + int8 is 1.5 points. Measured with this recipe (L1 channel
-# pruning, 10 FedAvg rounds x 2 local epochs of AdamW at 5e-4 annealed per epoch, dihedral augmentation,
-# distillation) on 4 non-IID workers (half without labels): 1.56 points (88.48 % against 90.04 %) with seed 0, 2.34
-# with seed 1; recipes tried are in benchmarks/README.md. Not met reliably; the test holds the measured level so a
+# The goal for 50 % pruning + federated fine-tuning + int8 is 1.5 points, judged on the 16,384 holdout images (on
+# the 512 test images two models of equal accuracy differ by about a point, which had made earlier recipes look
+# better than they were). Measured with this recipe (L1 channel pruning, 20 FedAvg rounds x 2 local epochs of SGD at
+# 0.01 annealed per epoch, dihedral augmentation, distillation) on 4 non-IID workers (half without labels): 2.03
+# points lost with seed 0 (89.92 % -> 87.90 %); 40 rounds lose 1.84; `model compress` on one machine with the same
+# pruning and 20 epochs loses 1.01 (benchmarks/README.md). Not met; the test holds the measured level so a
 # regression shows.
 PRUNED_INT8_GOAL_POINTS = 1.5
 PRUNED_INT8_HELD_POINTS = 3.0
 # Federated fine-tuning after pruning: rounds and local epochs.
-ROUNDS = "10"
+ROUNDS = "20"
 LOCAL_EPOCHS = "2"
 # A continual round (no pruning) must keep the model near the base model's 90 %.
 CONTINUAL_MINIMUM_ACCURACY = 0.85
@@ -115,6 +117,11 @@ def test_minmax_round_ranges_equal_local_compress_on_the_union(coordinator_serve
           f"(federated evaluation {report['before']['accuracy']:.4f} -> {report['after']['accuracy']:.4f}), "
           f"agreement {(base_top1 == compressed_top1).mean():.4f}, {report['before']['bytes']} -> {report['after']['bytes']} bytes")
     assert (base - compressed) * 100 <= INT8_LOSS_POINTS, (base, compressed)
+    hx, hy = load_holdout_split()
+    hold_base, _ = onnx_accuracy(MODEL, hx, hy)
+    hold_compressed, _ = onnx_accuracy(out, hx, hy)
+    print(f"int8 round on the {len(hy)} holdout images: {hold_base:.4f} -> {hold_compressed:.4f}")
+    assert (hold_base - hold_compressed) * 100 <= INT8_LOSS_POINTS, (hold_base, hold_compressed)
     # The federated evaluation (each site on its held-out shard) equals onnxruntime on the union of those shards.
     ex = np.concatenate([np.load(fleet.workers[n]["eval_x"]) for n in names])
     ey = np.concatenate([np.load(fleet.workers[n]["eval_y"]) for n in names])
@@ -126,7 +133,7 @@ def test_minmax_round_ranges_equal_local_compress_on_the_union(coordinator_serve
 
 def test_pruning_distillation_int8_round_shrinks_10x_and_holds_accuracy(coordinator_server, release_worker_path, tmp_path,
                                                                 spawn_any):
-    """50 % of channels pruned on Taylor importance gathered from the fleet, federated distillation fine-tuning
+    """50 % of channels pruned (L1 importance, every layer), federated distillation fine-tuning
     (half the workers have no labels), int8: at least 10x smaller, accuracy held (see PRUNED_INT8_*)."""
     fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any)
     for k, name in enumerate(names):
@@ -135,7 +142,7 @@ def test_pruning_distillation_int8_round_shrinks_10x_and_holds_accuracy(coordina
         fleet.start_worker(name)
     started = fleet.round("start", "--model", MODEL, "--prune-ratio", "0.5", "--prune-scope", "local",
                           "--importance", "l1", "--finetune-rounds", ROUNDS, "--local-epochs", LOCAL_EPOCHS,
-                          "--optimizer", "adamw", "--lr", "0.0005", "--augment", "dihedral",
+                          "--lr", "0.01", "--augment", "dihedral",
                           "--distill", "--quantize", "int8", "--calibration", "entropy", "--reduce-range", "--compact-names",
                           "--min-workers", "4", "--phase-deadline", "5m", "--json")
     round_id = json.loads(started.stdout)["id"]
@@ -147,13 +154,18 @@ def test_pruning_distillation_int8_round_shrinks_10x_and_holds_accuracy(coordina
     tx, ty = load_test_split()
     base, _ = onnx_accuracy(MODEL, tx, ty)
     compressed, _ = onnx_accuracy(out, tx, ty)
+    hx, hy = load_holdout_split()
+    hold_base, _ = onnx_accuracy(MODEL, hx, hy)
+    hold_compressed, _ = onnx_accuracy(out, hx, hy)
+    lost = 100 * (hold_base - hold_compressed)
     shrink = MODEL.stat().st_size / out.stat().st_size
     timings = {p["label"]: round(p["endedAt"] - p["startedAt"], 1) for p in report["phases"]}
-    print(f"\npruned int8 round: onnxruntime accuracy {base:.4f} -> {compressed:.4f}, {shrink:.1f}x smaller, "
-          f"MACs {report['before']['macs']} -> {report['after']['macs']}; phases {timings}")
-    if (base - compressed) * 100 > PRUNED_INT8_GOAL_POINTS:
-        print(f"goal not met: {100 * (base - compressed):.2f} points lost, the goal is {PRUNED_INT8_GOAL_POINTS}")
-    assert (base - compressed) * 100 <= PRUNED_INT8_HELD_POINTS, (base, compressed)
+    print(f"\npruned int8 round: onnxruntime accuracy on the {len(hy)} holdout images {hold_base:.4f} -> "
+          f"{hold_compressed:.4f} ({lost:.2f} points lost; on the {len(ty)} test images {base:.4f} -> {compressed:.4f}), "
+          f"{shrink:.1f}x smaller, MACs {report['before']['macs']} -> {report['after']['macs']}; phases {timings}")
+    if lost > PRUNED_INT8_GOAL_POINTS:
+        print(f"goal not met: {lost:.2f} points lost on the holdout images, the goal is {PRUNED_INT8_GOAL_POINTS}")
+    assert lost <= PRUNED_INT8_HELD_POINTS, (hold_base, hold_compressed)
     assert shrink >= PRUNED_SHRINK_FACTOR, shrink
     kinds = [p["kind"] for p in report["phases"]]
     assert kinds == ["prune"] + ["finetune"] * int(ROUNDS) + [
