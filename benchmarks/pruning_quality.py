@@ -15,19 +15,14 @@ Prints one line per run and the verdict against the goal.
 import argparse
 import json
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
 
-import numpy as np
-import onnxruntime as ort
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "interop"))
-from conftest import CoordinatorServer, launch  # noqa: E402
-from rounds_support import (MODEL, Fleet, load_holdout_split, load_test_split, load_train_split,  # noqa: E402
-                            non_iid_shards)
+from rounds_support import (MODEL, load_holdout_split, load_test_split, load_train_split, loopback_fleet,  # noqa: E402
+                            non_iid_shards, onnx_accuracy)
 
 RELEASE = ROOT / ".build" / "release"
 GOAL_POINTS = 1.5
@@ -35,65 +30,35 @@ GOAL_SHRINK = 10
 WORKERS = 4
 
 
-def accuracy(path, x, y):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits = np.concatenate([session.run(None, {"input": x[i:i + 512]})[0] for i in range(0, len(x), 512)])
-    return float((logits.argmax(1) == y).mean())
-
-
 def run(rounds, seed):
-    processes = []
-
-    def spawn(*command, **kwargs):
-        process = launch(command, **kwargs)
-        processes.append(process)
-        return process
-
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, loopback_fleet(RELEASE, tmp, heartbeat_seconds=1) as fleet:
         d = pathlib.Path(tmp)
-        server = CoordinatorServer(RELEASE / "coordinator", d / "coord", d / "coord.log")
-        server.init()
-        server.configure(heartbeat_seconds=1)
-        server.start()
-        try:
-            fleet = Fleet(server, RELEASE / "worker", d, spawn)
-            names = [f"camera-{k}" for k in range(WORKERS)]
-            fleet.enroll(names)
-            x, y = load_train_split()
-            tx, ty = load_test_split()
-            for k, (part, test) in enumerate(zip(non_iid_shards(y, WORKERS), non_iid_shards(ty, WORKERS, seed=1))):
-                fleet.write_shard(names[k], x[part], y[part], tx[test], ty[test])
-                if k % 2 == 1:
-                    fleet.workers[names[k]].pop("y")
-                fleet.start_worker(names[k])
-            began = time.monotonic()
-            started = fleet.round("start", "--model", MODEL, "--prune-ratio", "0.5", "--prune-scope", "local",
-                                  "--importance", "l1", "--finetune-rounds", str(rounds), "--local-epochs", "2",
-                                  "--lr", "0.01", "--augment", "dihedral", "--distill", "--quantize", "int8",
-                                  "--calibration", "entropy", "--reduce-range", "--compact-names",
-                                  "--min-workers", str(WORKERS), "--phase-deadline", "10m", "--seed", str(seed),
-                                  "--json", timeout=120)
-            round_id = json.loads(started.stdout)["id"]
-            status = fleet.wait(round_id, timeout=7200)
-            if status["state"] != "succeeded":
-                raise SystemExit(f"the round ended {status['state']}: {json.dumps(status)[:2000]}")
-            out = d / "round.onnx"
-            fleet.round("fetch", round_id, "--out", out, timeout=120)
-            seconds = time.monotonic() - began
-            hx, hy = load_holdout_split()
-            base, compressed = accuracy(MODEL, hx, hy), accuracy(out, hx, hy)
-            return base, compressed, MODEL.stat().st_size / out.stat().st_size, seconds
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.terminate()
-            for process in processes:
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-            if server.running:
-                server.stop(stop_timeout=30)
+        names = [f"camera-{k}" for k in range(WORKERS)]
+        fleet.enroll(names)
+        x, y = load_train_split()
+        tx, ty = load_test_split()
+        for k, (part, test) in enumerate(zip(non_iid_shards(y, WORKERS), non_iid_shards(ty, WORKERS, seed=1))):
+            fleet.write_shard(names[k], x[part], y[part], tx[test], ty[test])
+            if k % 2 == 1:
+                fleet.workers[names[k]].pop("y")
+            fleet.start_worker(names[k])
+        began = time.monotonic()
+        started = fleet.round("start", "--model", MODEL, "--prune-ratio", "0.5", "--prune-scope", "local",
+                              "--importance", "l1", "--finetune-rounds", str(rounds), "--local-epochs", "2",
+                              "--lr", "0.01", "--augment", "dihedral", "--distill", "--quantize", "int8",
+                              "--calibration", "entropy", "--reduce-range", "--compact-names",
+                              "--min-workers", str(WORKERS), "--phase-deadline", "10m", "--seed", str(seed),
+                              "--json", timeout=120)
+        round_id = json.loads(started.stdout)["id"]
+        status = fleet.wait(round_id, timeout=7200)
+        if status["state"] != "succeeded":
+            raise SystemExit(f"the round ended {status['state']}: {json.dumps(status)[:2000]}")
+        out = d / "round.onnx"
+        fleet.round("fetch", round_id, "--out", out, timeout=120)
+        seconds = time.monotonic() - began
+        hx, hy = load_holdout_split()
+        base, compressed = onnx_accuracy(MODEL, hx, hy), onnx_accuracy(out, hx, hy)
+        return base, compressed, MODEL.stat().st_size / out.stat().st_size, seconds
 
 
 def main():

@@ -14,18 +14,15 @@ Prints tables and writes benchmarks/last-rounds.json.
 """
 import json
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
 
-import numpy as np
-import onnxruntime as ort
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "interop"))
-from conftest import CoordinatorServer, launch  # noqa: E402
-from rounds_support import MODEL, Fleet, load_test_split, load_train_split, non_iid_shards  # noqa: E402
+from rounds_support import (MODEL, load_test_split, load_train_split, loopback_fleet, non_iid_shards,  # noqa: E402
+                            onnx_accuracy)
 
 RELEASE = ROOT / ".build" / "release"
 
@@ -42,27 +39,11 @@ def peak_rss_mib(pid):
     return 0.0
 
 
-def accuracy(path, x, y):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits = np.concatenate([session.run(None, {"input": x[i:i + 128]})[0] for i in range(0, len(x), 128)])
-    return float((logits.argmax(1) == y).mean())
-
-
 def run(name, workers, per_worker, plan, directory):
     directory = pathlib.Path(directory)
-    processes = []
-
-    def spawn(*command, **kwargs):
-        process = launch(command, **kwargs)
-        processes.append(process)
-        return process
-
-    server = CoordinatorServer(RELEASE / "coordinator", directory / "coord", directory / "coord.log")
-    server.init()
-    server.configure(heartbeat_seconds=1, enroll_rate_per_second=1000.0, enroll_burst=1000)
-    server.start()
-    try:
-        fleet = Fleet(server, RELEASE / "worker", directory, spawn)
+    with loopback_fleet(RELEASE, directory, heartbeat_seconds=1, enroll_rate_per_second=1000.0,
+                        enroll_burst=1000) as fleet:
+        server = fleet.server
         names = [f"board-{k:02d}" for k in range(workers)]
         fleet.enroll(names)
         x, y = load_train_split()
@@ -98,21 +79,10 @@ def run(name, workers, per_worker, plan, directory):
             "bytesUpPerWorker": sum(s["bytesUp"] for s in sites) / len(sites),
             "bytesDownPerWorker": sum(s["bytesDown"] for s in sites) / len(sites),
             "finetuneBytesUp": sum(p["bytesUp"] for p in report["phases"] if p["kind"] == "finetune"),
-            "accuracyBefore": accuracy(MODEL, tx, ty), "accuracyAfter": accuracy(out, tx, ty),
+            "accuracyBefore": onnx_accuracy(MODEL, tx, ty), "accuracyAfter": onnx_accuracy(out, tx, ty),
             "bytesBefore": report["before"]["bytes"], "bytesAfter": report["after"]["bytes"],
         }
         return result
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        if server.running:
-            server.stop(stop_timeout=30)
 
 
 def main():

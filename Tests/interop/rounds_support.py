@@ -1,5 +1,6 @@
 """A federated fleet on loopback for round tests and benchmarks: a real `coordinator serve` (mutual TLS) and real
 `worker run` processes, each with its own non-IID shard of the shipped defect-inspection images."""
+import contextlib
 import json
 import pathlib
 import subprocess
@@ -12,16 +13,23 @@ DATA = ROOT / "examples" / "data"
 MODEL = ROOT / "examples" / "models" / "defect_cnn.onnx"
 
 
-def load_train_split():
-    """The training images: examples/data if generated, else made (deterministically) into a cache folder."""
-    x, y = DATA / "defects_train_x.npy", DATA / "defects_train_y.npy"
+def generated_split(split, sizes):
+    """A git-ignored split of the demo images: from examples/data if generated there, else made (deterministically,
+    by scripts/make_demo_data.py with `sizes`, the other splits' sizes 0) into a cache folder."""
+    x, y = DATA / f"defects_{split}_x.npy", DATA / f"defects_{split}_y.npy"
     if not x.exists():
         cache = ROOT / ".build" / "demo-data"
-        x, y = cache / "defects_train_x.npy", cache / "defects_train_y.npy"
+        x, y = cache / f"defects_{split}_x.npy", cache / f"defects_{split}_y.npy"
         if not x.exists():
-            subprocess.run(["python3", str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(cache)], check=True,
-                           capture_output=True)
+            counts = {"--train": "0", "--test": "0", "--holdout": "0", **sizes}
+            subprocess.run(["python3", str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(cache),
+                            *[a for pair in counts.items() for a in pair]], check=True, capture_output=True)
     return np.load(x), np.load(y)
+
+
+def load_train_split():
+    """The 4,000 training images."""
+    return generated_split("train", {"--train": "4000"})
 
 
 def load_test_split():
@@ -34,14 +42,48 @@ HOLDOUT_SIZE = 16384
 def load_holdout_split():
     """16,384 further images from the generator (seed 20240603), never trained or calibrated on: the quality goals
     are judged on them, as the 512 test images measure a difference between two models only to about a point."""
-    x, y = DATA / "defects_holdout_x.npy", DATA / "defects_holdout_y.npy"
-    if not x.exists():
-        cache = ROOT / ".build" / "demo-data"
-        x, y = cache / "defects_holdout_x.npy", cache / "defects_holdout_y.npy"
-        if not x.exists():
-            subprocess.run(["python3", str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(cache), "--train", "0",
-                            "--test", "0", "--holdout", str(HOLDOUT_SIZE)], check=True, capture_output=True)
-    return np.load(x), np.load(y)
+    return generated_split("holdout", {"--holdout": str(HOLDOUT_SIZE)})
+
+
+def onnx_accuracy(path, x, y):
+    """Top-1 accuracy of the ONNX model at `path` in onnxruntime (CPU) on images `x` with labels `y`."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    logits = np.concatenate([session.run(None, {name: x[i:i + 512]})[0] for i in range(0, len(x), 512)])
+    return float((logits.argmax(1) == y).mean())
+
+
+@contextlib.contextmanager
+def loopback_fleet(binaries, directory, **settings):
+    """A `coordinator serve` from `binaries` in `directory` with `settings` in its coordinator.conf, and a Fleet of
+    its workers; every process started through the fleet is stopped, and the coordinator too, on leaving."""
+    from conftest import CoordinatorServer, launch
+    directory = pathlib.Path(directory)
+    processes = []
+
+    def spawn(*command, **kwargs):
+        process = launch(command, **kwargs)
+        processes.append(process)
+        return process
+
+    server = CoordinatorServer(pathlib.Path(binaries) / "coordinator", directory / "coord", directory / "coord.log")
+    server.init()
+    server.configure(**settings)
+    server.start()
+    try:
+        yield Fleet(server, pathlib.Path(binaries) / "worker", directory, spawn)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if server.running:
+            server.stop(stop_timeout=30)
 
 
 def non_iid_shards(labels, workers, dominant=0.6, seed=0):

@@ -13,12 +13,11 @@ import subprocess
 import time
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from cryptography import x509
 
 from conftest import ROOT, _binary
-from rounds_support import MODEL, load_test_split, load_train_split, non_iid_shards
+from rounds_support import MODEL, load_test_split, load_train_split, non_iid_shards, onnx_accuracy
 
 SCRIPT = ROOT / "deploy" / "netns-fleet.sh"
 WORKERS = 3
@@ -107,13 +106,6 @@ def write_shards(directory):
         np.save(folder / "eval_y.npy", ty[test].astype(np.int64))
         shards[name] = (len(part), len(test))
     return shards
-
-
-def onnx_accuracy(path, x, y):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    logits = np.concatenate([session.run(None, {name: x[i:i + 128]})[0] for i in range(0, len(x), 128)])
-    return float((logits.argmax(1) == y).mean())
 
 
 def test_fleet_across_network_namespaces(prefix, tmp_path):
