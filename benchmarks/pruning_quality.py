@@ -66,6 +66,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=80)
     parser.add_argument("--seed", type=int, nargs="+", default=[0])
     args = parser.parse_args()
+    if not 1 <= args.rounds <= 1000:
+        parser.error(f"--rounds must be in 1…1000 (the coordinator's bound on --finetune-rounds); got {args.rounds}")
     met = True
     for seed in args.seed:
         base, compressed, shrink, seconds = run(args.rounds, seed)

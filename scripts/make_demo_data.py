@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=512)
     parser.add_argument("--holdout", type=int, default=16384)
     args = parser.parse_args()
+    for option in ("train", "test", "holdout"):
+        if getattr(args, option) < 0:
+            parser.error(f"--{option} must be a number of images, 0 or more; got {getattr(args, option)}")
 
     os.makedirs(args.out, exist_ok=True)
     for split, n, seed in (("train", args.train, TRAIN_SEED), ("test", args.test, TEST_SEED),

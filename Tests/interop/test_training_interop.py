@@ -59,3 +59,19 @@ def test_train_refuses_bad_input(coordinator, tmp_path):
                          "--epochs", "1", "--out", tmp_path / "o.onnx", check=False)
     assert result.returncode == 1 and "non-finite" in result.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_demo_data_generator_refuses_negative_sizes_and_skips_empty_splits(tmp_path):
+    """A negative split size is refused with a clear message; a size of 0 writes nothing for that split."""
+    import subprocess
+    import sys
+    script = ROOT / "scripts" / "make_demo_data.py"
+    bad = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "bad"), "--holdout", "-1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--holdout must be a number of images, 0 or more; got -1" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
+    ok = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "small"), "--train", "0", "--test", "8",
+                         "--holdout", "0"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert sorted(p.name for p in (tmp_path / "small").iterdir()) == ["defects_test_x.npy", "defects_test_y.npy"]
+    assert np.load(tmp_path / "small" / "defects_test_x.npy").shape == (8, 3, 32, 32)
