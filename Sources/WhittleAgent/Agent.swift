@@ -244,7 +244,9 @@ public struct RunCommand: ParsableCommand {
         var heartbeat = Whittle_Heartbeat()
         heartbeat.protocolVersion = protocolVersion
         heartbeat.capabilities = capabilities
-        let body: [UInt8] = try heartbeat.serializedBytes()
+        // Idle heartbeats ask the coordinator to hold them until a task is ready (long polling), for at most the
+        // poll interval it last answered (0 before the first answer) and well within the client's timeout.
+        var longPoll: UInt32 = 0
         let client = HTTPClient(baseURL: state.coordinator, credentials: TLSCredentials(
             caPEM: try read(layout.ca), certificatePEM: try read(layout.certificate), privateKeyPEM: try read(layout.key)))
         client.timeout = 30
@@ -264,14 +266,21 @@ public struct RunCommand: ParsableCommand {
         while heartbeats.map({ sent < $0 }) ?? true {
             var wait: Double
             do {
-                let response = try client.request("POST", "/v1/worker/heartbeat", body: body, contentType: "application/x-protobuf")
+                var idle = heartbeat
+                idle.waitSeconds = longPoll
+                let asked = Date()
+                let response = try client.request("POST", "/v1/worker/heartbeat", body: try idle.serializedBytes(),
+                                                  contentType: "application/x-protobuf")
                 if response.status == 200, let answer = try? Whittle_HeartbeatResponse(serializedBytes: response.body) {
                     failures = 0
                     sent += 1
                     state.lastHeartbeatAt = Date()
                     state.lastError = nil
                     state.heartbeats += 1
-                    wait = Double(max(answer.pollSeconds, 1))
+                    let poll = max(answer.pollSeconds, 1)
+                    longPoll = min(poll, UInt32(client.timeout * 2 / 3))
+                    // A held heartbeat has already spent (part of) the interval.
+                    wait = max(0.05, Double(poll) - Date().timeIntervalSince(asked))
                     if answer.hasTask, !runner.finished.contains(TaskRunner.key(answer.task)) {
                         try? state.save(layout)
                         var busy = heartbeat
@@ -282,7 +291,7 @@ public struct RunCommand: ParsableCommand {
                                  ["round.id": "\(answer.task.roundID)", "phase": "\(answer.task.phase)", "task.kind": "\(answer.task.kind)"])
                         runner.run(answer.task)
                         beat.stop()
-                        wait = 0.2
+                        wait = 0
                     }
                 } else if response.status == 403 || response.status == 401 {
                     state.lastError = errorMessage(response)

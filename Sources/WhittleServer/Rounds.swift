@@ -44,6 +44,13 @@ actor RoundService {
     var locked = false
     var waiters: [CheckedContinuation<Void, Never>] = []
 
+    /// Long polling: bumped whenever a worker phase opens or a round ends, waking the idle heartbeats held in
+    /// `waitForWork` so their workers get the new phase's task at once.
+    var workGeneration = 0
+    var workWaiters: [Int: CheckedContinuation<Void, Never>] = [:]
+    var nextWaiter = 0
+    var closing = false
+
     init(store: any CoordinatorStore, directory: URL, artifacts: URL, pollSeconds: Int, logger: Logger,
          metrics: CoordinatorMetrics? = nil) throws {
         self.metrics = metrics
@@ -176,9 +183,49 @@ actor RoundService {
         try await store.updateRound(round)
         open[id] = nil
         running = nil
+        workChanged()
         metrics?.roundEnded(state: "cancelled")
         logger.info("round cancelled", metadata: ["round.id": "\(id)"])
         return round
+    }
+
+    // MARK: long polling
+
+    /// Returns when the work generation has moved past `generation` (a phase opened or a round ended since the
+    /// caller looked for a task), after `seconds`, when the calling task is cancelled, or when the server shuts down.
+    func waitForWork(after generation: Int, seconds: Double) async {
+        guard !closing, generation == workGeneration, seconds > 0 else { return }
+        let id = nextWaiter
+        nextWaiter += 1
+        let timer = Task { [weak self] in
+            try? await Task.sleep(for: .seconds(seconds))
+            await self?.wake(id)
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { workWaiters[id] = $0 }
+        } onCancel: {
+            Task { [weak self] in await self?.wake(id) }
+        }
+        timer.cancel()
+    }
+
+    /// Held heartbeats right now (a Prometheus gauge).
+    var heldHeartbeats: Int { workWaiters.count }
+
+    func wake(_ id: Int) { workWaiters.removeValue(forKey: id)?.resume() }
+
+    /// A worker phase opened or a round ended: every held heartbeat looks for its task again.
+    func workChanged() {
+        workGeneration += 1
+        let held = workWaiters
+        workWaiters = [:]
+        for continuation in held.values { continuation.resume() }
+    }
+
+    /// Graceful shutdown: answers held heartbeats now and holds no more.
+    func stopHolding() {
+        closing = true
+        workChanged()
     }
 
     // MARK: workers
@@ -335,6 +382,7 @@ actor RoundService {
                     try await store.updateRound(round)
                     open[round.id] = nil
                     running = nil
+                    workChanged()
                     metrics?.roundEnded(state: "failed")
                     logger.error("round failed", metadata: ["round.id": "\(round.id)", "reason": "\(message)"])
                 }
@@ -496,6 +544,7 @@ actor RoundService {
                                  aggregationSeconds: closed.aggregationSeconds)
         }
         if round.ended { metrics?.roundEnded(state: round.state) }
+        workChanged()
         logger.info(round.ended ? "round succeeded" : "phase opened", metadata: [
             "round.id": "\(round.id)", "phase": "\(round.ended ? "-" : phases[index].label)"])
     }

@@ -5,6 +5,7 @@ import HummingbirdTLS
 import Logging
 import NIOCore
 import NIOSSL
+import ServiceLifecycle
 import SwiftProtobuf
 import WhittlePKI
 import WhittleCompression
@@ -405,8 +406,22 @@ public enum CoordinatorServer {
         state.metrics.heartbeat()
         var response = Whittle_HeartbeatResponse()
         response.pollSeconds = UInt32(state.config.heartbeatSeconds)
-        if message.workingOn.isEmpty, let task = try await state.rounds.task(forWorkerNamed: context.workerName!) {
-            response.task = task
+        if message.workingOn.isEmpty {
+            // Long polling: an idle worker that asks for it waits here (at most one heartbeat interval) until a
+            // phase opens, and gets its task then instead of at its next heartbeat.
+            let generation = await state.rounds.workGeneration
+            if let task = try await state.rounds.task(forWorkerNamed: context.workerName!) {
+                response.task = task
+            } else if message.waitSeconds > 0 {
+                let seconds = Double(min(Int(message.waitSeconds), state.config.heartbeatSeconds))
+                // SIGTERM answers held heartbeats at once, so a graceful shutdown does not wait for them.
+                await withGracefulShutdownHandler {
+                    await state.rounds.waitForWork(after: generation, seconds: seconds)
+                } onGracefulShutdown: {
+                    Task { await state.rounds.stopHolding() }
+                }
+                if let task = try await state.rounds.task(forWorkerNamed: context.workerName!) { response.task = task }
+            }
         }
         return try protobuf(response)
     }

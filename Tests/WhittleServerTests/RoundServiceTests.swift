@@ -128,6 +128,59 @@ import WhittleTestSupport
         #expect(progress.sites["a"]?.accuracyAfter == 30.0 / 40)
     }
 
+    /// Long polling: a held heartbeat wakes when a worker phase opens (round start, a phase closing) instead of
+    /// waiting out its hold; a stale generation returns at once; shutdown answers held heartbeats and holds no more.
+    @Test func heldHeartbeatsWakeWhenAWorkerPhaseOpens() async throws {
+        let f = try Fixture()
+        try await f.enroll(["a", "b"])
+        let service = try f.service()
+        let clock = ContinuousClock()
+        func heldUntilWoken(after generation: Int, by change: () async throws -> Void) async throws -> Duration {
+            let t0 = clock.now
+            async let woken: Void = service.waitForWork(after: generation, seconds: Self.longHold)
+            while await service.heldHeartbeats == 0 { try await Task.sleep(for: .milliseconds(5)) }
+            try await change()
+            await woken
+            return clock.now - t0
+        }
+        let idle = await service.workGeneration
+        var round: RoundRecord?
+        #expect(try await heldUntilWoken(after: idle) { round = try await f.start(service) } < .seconds(Self.longHold / 2))
+        let id = try #require(round?.id)
+        let started = await service.workGeneration
+        #expect(started > idle)
+        let taskA = try #require(try await service.task(forWorkerNamed: "a"))
+        let taskB = try #require(try await service.task(forWorkerNamed: "b"))
+        // A worker that has reported holds its heartbeat until the phase closes and the next one (distribute) opens.
+        let (reportA, bytesA) = Self.evaluation(taskA, correct: 30, upload: "upload-a-1")
+        #expect(try await service.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!) == false)
+        #expect(try await service.task(forWorkerNamed: "a") == nil)
+        let waited = try await heldUntilWoken(after: started) { () async throws -> Void in
+            let (reportB, bytesB) = Self.evaluation(taskB, correct: 34, upload: "upload-b-1")
+            #expect(try await service.accept(reportB, bytes: bytesB, worker: try await f.store.worker(named: "b")!) == false)
+            await service.tick()
+        }
+        #expect(waited < .seconds(Self.longHold / 2))
+        #expect(try await Self.phase(f.store, id).phase == 2)
+        #expect(try await service.task(forWorkerNamed: "a")?.kind == "distribute")
+
+        // Nothing changes: the hold times out. A generation already passed: no hold at all.
+        let now = await service.workGeneration
+        let t0 = clock.now
+        await service.waitForWork(after: now, seconds: 0.2)
+        #expect(clock.now - t0 >= .seconds(0.2))
+        await service.waitForWork(after: idle, seconds: Self.longHold)
+        #expect(await service.heldHeartbeats == 0)
+        // Shutdown answers a held heartbeat, and later ones are not held.
+        #expect(try await heldUntilWoken(after: now) { await service.stopHolding() } < .seconds(Self.longHold / 2))
+        let t1 = clock.now
+        await service.waitForWork(after: await service.workGeneration, seconds: Self.longHold)
+        #expect(clock.now - t1 < .seconds(Self.longHold / 2))
+    }
+
+    /// A hold long enough that returning within half of it can only mean the heartbeat was woken.
+    static let longHold = 60.0
+
     @Test func aRestartedCoordinatorRefoldsAcceptedReports() async throws {
         let f = try Fixture()
         try await f.enroll(["a", "b"])

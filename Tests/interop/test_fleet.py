@@ -11,6 +11,7 @@ import shutil
 import ssl
 import stat
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -80,10 +81,11 @@ def enroll_request(token, csr_der, version=PROTOCOL_VERSION, extra=b""):
     return pb_varint(1, version) + pb_bytes(2, token) + pb_bytes(3, csr_der) + extra
 
 
-def heartbeat_message(samples=3, version=PROTOCOL_VERSION):
-    """whittle.Heartbeat{protocol_version=1, capabilities=2{cores=1, memory_bytes=2, samples=3, labels=4, version=5}}."""
+def heartbeat_message(samples=3, version=PROTOCOL_VERSION, wait_seconds=0):
+    """whittle.Heartbeat{protocol_version=1, capabilities=2{cores=1, memory_bytes=2, samples=3, labels=4, version=5},
+    wait_seconds=4}."""
     capabilities = pb_varint(1, 2) + pb_varint(2, 1 << 30) + pb_varint(3, samples) + pb_varint(4, 0) + pb_bytes(5, "hand-made")
-    return pb_varint(1, version) + pb_bytes(2, capabilities)
+    return pb_varint(1, version) + pb_bytes(2, capabilities) + (pb_varint(4, wait_seconds) if wait_seconds else b"")
 
 
 # ---- keys, CSRs and certificates ----------------------------------------------------------------------------------
@@ -442,6 +444,39 @@ def test_health_endpoints_answer_without_client_certificate_and_reveal_nothing(f
         answer = server.request(method, path, body=b"" if method == "POST" else None)
         assert_error(answer, 401, "client_certificate_required")
         assert b"secret-board" not in answer.body
+
+
+def test_idle_heartbeat_is_held_and_a_graceful_shutdown_answers_it(fleet, tmp_path):
+    """Long polling: a heartbeat with wait_seconds is held while there is no task for the worker (at most one
+    heartbeat interval, here 30 s); one without is answered at once; SIGTERM answers a held one at once, so a
+    shutdown does not wait out the hold."""
+    server = fleet(heartbeat_seconds=HOLD_SECONDS)
+    cert, key, _, _ = enrolled_identity(server, server.token()["token"], "w1", tmp_path)
+    began = time.monotonic()
+    assert heartbeat_by_hand(server, cert, key).status == 200
+    assert time.monotonic() - began < HOLD_SECONDS / 3, "a heartbeat without wait_seconds is not held"
+
+    held = {}
+
+    def poll():
+        began = time.monotonic()
+        held["answer"] = heartbeat_by_hand(server, cert, key, body=heartbeat_message(wait_seconds=HOLD_SECONDS))
+        held["seconds"] = time.monotonic() - began
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    time.sleep(2)
+    assert thread.is_alive(), "a heartbeat with wait_seconds and no task is held"
+    took = server.stop()
+    thread.join(HOLD_SECONDS)
+    assert took < HOLD_SECONDS / 3 and held["seconds"] < HOLD_SECONDS / 2, (took, held)
+    answer = held["answer"]
+    assert answer.status == 200, answer
+    fields = pb_decode(answer.body)
+    assert fields[1] == [HOLD_SECONDS] and 3 not in fields, "the poll interval, and no task"
+
+
+HOLD_SECONDS = 30
 
 
 # ---- 3. refusals --------------------------------------------------------------------------------------------------

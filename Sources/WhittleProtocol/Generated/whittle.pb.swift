@@ -221,6 +221,11 @@ public nonisolated struct Whittle_Heartbeat: Sendable {
   /// "ROUND/PHASE" while the worker computes a task (its heartbeats go on meanwhile); empty when idle.
   public var workingOn: String = String()
 
+  /// An idle worker may ask the coordinator to hold this request for up to this many seconds until a task is ready
+  /// for it (long polling), so a phase that opens reaches it at once instead of at its next heartbeat. The coordinator
+  /// holds it for at most its own heartbeat interval, and never while the worker is working on a task. 0: answer at once.
+  public var waitSeconds: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1036,7 +1041,7 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Whittle_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Heartbeat"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{1}capabilities\0\u{3}working_on\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{1}capabilities\0\u{3}working_on\0\u{3}wait_seconds\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1047,6 +1052,7 @@ nonisolated extension Whittle_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._M
       case 1: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
       case 2: try { try decoder.decodeSingularMessageField(value: &self._capabilities) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.workingOn) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.waitSeconds) }()
       default: break
       }
     }
@@ -1066,6 +1072,9 @@ nonisolated extension Whittle_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._M
     if !self.workingOn.isEmpty {
       try visitor.visitSingularStringField(value: self.workingOn, fieldNumber: 3)
     }
+    if self.waitSeconds != 0 {
+      try visitor.visitSingularUInt32Field(value: self.waitSeconds, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1073,6 +1082,7 @@ nonisolated extension Whittle_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._M
     if lhs.protocolVersion != rhs.protocolVersion {return false}
     if lhs._capabilities != rhs._capabilities {return false}
     if lhs.workingOn != rhs.workingOn {return false}
+    if lhs.waitSeconds != rhs.waitSeconds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
