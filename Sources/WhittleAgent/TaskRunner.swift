@@ -24,6 +24,9 @@ final class TaskRunner {
     /// The local optimizer's state at the end of the last fine-tuning task, with its round and kind (in memory: a
     /// restarted worker starts afresh).
     var optimizerState: (key: String, state: Optimizer.State)?
+    /// The teacher's logits of this worker's training data, kept across the fine-tuning tasks of rounds that share a
+    /// teacher (the base model, named by its SHA-256).
+    var teacherCache: (sha: String, cache: TeacherLogitsCache)?
     /// Tasks ("round/phase") finished or given up, so a re-sent task is not computed twice.
     var finished: Set<String> = []
 
@@ -109,8 +112,10 @@ final class TaskRunner {
             let local = task.kind == PhaseKind.evaluate.rawValue ? (evaluation ?? data) : data
             let stateKey = "\(task.roundID)/\(task.kind)"
             var state = optimizerState?.key == stateKey ? optimizerState?.state : nil
+            let teacherSHA = task.teacherSha256.isEmpty ? task.modelSha256 : task.teacherSha256
+            if teacherCache?.sha != teacherSHA { teacherCache = (teacherSHA, TeacherLogitsCache()) }
             report = try WorkerJobs.run(task, model: model, teacher: teacher, ewc: ewc, data: local, batchSize: batch,
-                                        compressor: &compressor, optimizerState: &state)
+                                        compressor: &compressor, optimizerState: &state, teacherCache: teacherCache?.cache)
             if task.kind == PhaseKind.finetune.rawValue || task.kind == PhaseKind.qat.rawValue {
                 optimizerState = state.map { (stateKey, $0) }
             }

@@ -307,10 +307,11 @@ public struct LocalCompression {
         }
         let trainer = try Trainer(model: model, configuration: configuration)
         var losses: [Double] = []
+        let cache = TeacherLogitsCache()
         for epoch in 0..<epochs {
             let report = try trainer.trainEpoch(epoch, data: data.x, labels: data.labels, teacher: teacher.map { session in
                 { batch in TeacherOutputs(logits: try session.run(batch)) }
-            }) { [trainingProgress] step, steps, loss in trainingProgress?(epoch, epochs, step, steps, loss) }
+            }, teacherCache: cache) { [trainingProgress] step, steps, loss in trainingProgress?(epoch, epochs, step, steps, loss) }
             losses.append(report.loss)
         }
         return (trainer.exportModel(), losses)

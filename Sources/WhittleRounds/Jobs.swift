@@ -31,10 +31,12 @@ public enum WorkerJobs {
     }
 
     /// As above; `optimizerState` is the local optimizer's state from this worker's previous fine-tuning round of the
-    /// round, continued when the task asks for it, and replaced by the state this task ends with.
+    /// round, continued when the task asks for it, and replaced by the state this task ends with. `teacherCache`
+    /// keeps the teacher's logits of `data` across distillation tasks; the caller keeps one per teacher and data set.
     public static func run(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC? = nil, data: Dataset,
                            batchSize: Int, compressor: inout DeltaCompressor,
-                           optimizerState: inout Optimizer.State?) throws -> Whittle_TaskReport {
+                           optimizerState: inout Optimizer.State?,
+                           teacherCache: TeacherLogitsCache? = nil) throws -> Whittle_TaskReport {
         var report = Whittle_TaskReport()
         switch PhaseKind(rawValue: task.kind) {
         case .importance:
@@ -48,7 +50,7 @@ public enum WorkerJobs {
             report.importance = Whittle_ImportanceReport(collector.statistics)
         case .finetune, .qat:
             report.update = try finetune(task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize,
-                                         compressor: &compressor, optimizerState: &optimizerState)
+                                         compressor: &compressor, optimizerState: &optimizerState, teacherCache: teacherCache)
         case .fisher:
             let trainer = try Trainer(model: model, configuration: TrainingConfiguration())
             let labels = try data.labels ?? pseudoLabels(model: teacher ?? model, data: data, batchSize: batchSize)
@@ -90,7 +92,8 @@ public enum WorkerJobs {
     /// Local epochs from the task's model; the delta of every float initializer (parameters and running
     /// statistics), float or int8 with error feedback.
     static func finetune(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC?, data: Dataset, batchSize: Int,
-                         compressor: inout DeltaCompressor, optimizerState: inout Optimizer.State?) throws -> Whittle_WeightUpdate {
+                         compressor: inout DeltaCompressor, optimizerState: inout Optimizer.State?,
+                         teacherCache: TeacherLogitsCache? = nil) throws -> Whittle_WeightUpdate {
         var configuration = TrainingConfiguration()
         configuration.epochs = Int(task.localEpochs)
         configuration.batchSize = batchSize
@@ -140,7 +143,7 @@ public enum WorkerJobs {
         for epoch in 0..<max(1, Int(task.localEpochs)) {
             let epochReport = try trainer.trainEpoch(epoch, data: data.x, labels: data.labels, teacher: teacherSession.map { session in
                 { batch in TeacherOutputs(logits: try session.run(batch)) }
-            })
+            }, teacherCache: teacherCache ?? TeacherLogitsCache())
             guard epochReport.loss.isFinite else {
                 throw CompressionError(.invalidStatistics, "the training loss became non-finite in local epoch \(epoch + 1)")
             }

@@ -224,6 +224,46 @@ import WhittleTestSupport
         #expect(student.exportModel().graph.initializers.count == model.graph.initializers.count)
     }
 
+    /// The teacher's logits of a sample do not depend on the rest of its batch except through summation order.
+    static let teacherCacheTolerance = 1e-4
+
+    /// With a teacher-logits cache, distillation trains as without it, and the teacher runs once per (sample,
+    /// symmetry) for the cache's lifetime: a second trainer drawing the same symmetries runs it not at all.
+    @Test func teacherLogitsCacheRunsEachSampleOnceAndTrainsAlike() throws {
+        let (model, x, y) = try Self.fixture()
+        let session = try InferenceSession(model: model)
+        var configuration = TrainingConfiguration()
+        configuration.batchSize = 3
+        configuration.seed = 5
+        configuration.learningRate = 0.02
+        configuration.distillation = (temperature: 4, alpha: 0.5)
+        configuration.augmentation = .dihedral
+        var teacherRuns = 0
+        let teacher: (Tensor) throws -> TeacherOutputs = { batch in
+            teacherRuns += batch.shape[0]
+            return TeacherOutputs(logits: try session.run(batch))
+        }
+        let student = try Initialization.heInitialized(model, seed: 3)
+        let plain = try Trainer(model: student, configuration: configuration)
+        let cached = try Trainer(model: student, configuration: configuration)
+        let cache = TeacherLogitsCache()
+        let epochs = 4, n = x.shape[0]
+        for epoch in 0..<epochs {
+            let a = try plain.trainEpoch(epoch, data: x, labels: y, teacher: teacher)
+            let b = try cached.trainEpoch(epoch, data: x, labels: y, teacher: teacher, teacherCache: cache)
+            #expect(abs(a.loss - b.loss) <= Self.teacherCacheTolerance * abs(a.loss), "epoch \(epoch)")
+        }
+        #expect(teacherRuns == epochs * n + cache.computed)
+        #expect(cache.computed < epochs * n, "some (sample, symmetry) pairs came again and were not recomputed")
+        for (name, value) in plain.parameters {
+            #expect(TestSupport.relativeError(value.floats, cached.parameters[name]!.floats) < Float(Self.teacherCacheTolerance), "\(name)")
+        }
+        let computed = cache.computed
+        let again = try Trainer(model: student, configuration: configuration)
+        for epoch in 0..<epochs { _ = try again.trainEpoch(epoch, data: x, labels: y, teacher: teacher, teacherCache: cache) }
+        #expect(cache.computed == computed && teacherRuns == epochs * n + computed)
+    }
+
     @Test func optimizersFollowPyTorchRules() {
         var p = ["w": Tensor(shape: [2], floats: [1, -2])]
         let g = ["w": Tensor(shape: [2], floats: [0.5, -0.25])]

@@ -89,6 +89,45 @@ public struct TeacherOutputs: Sendable {
     }
 }
 
+/// The teacher's logits for training samples, each under each augmentation symmetry, kept across epochs and across
+/// trainers: a fixed teacher gives a (sample, symmetry) the same logits every time, so it runs once per pair instead
+/// of once per step. Valid for one teacher and one data set; the owner drops it when either changes.
+public final class TeacherLogitsCache: @unchecked Sendable {
+    var rows: [Int: [Float]] = [:]
+    var classes: [Int]?
+    /// Samples the teacher has been run on (for tests and logs).
+    public private(set) var computed = 0
+
+    public init() {}
+
+    /// Logits for the batch `x`, whose row r is sample `keys[r]` (index × 8 + symmetry): cached rows are copied,
+    /// the others run through `teacher` as one smaller batch and are kept.
+    func logits(keys: [Int], batch x: Tensor, teacher: (Tensor) throws -> Tensor) throws -> Tensor {
+        let rowSize = x.count / max(keys.count, 1)
+        let missing = keys.indices.filter { rows[keys[$0]] == nil }
+        if !missing.isEmpty {
+            var values: [Float] = []
+            values.reserveCapacity(missing.count * rowSize)
+            for r in missing { values += x.floats[(r * rowSize)..<((r + 1) * rowSize)] }
+            let out = try teacher(Tensor(shape: [missing.count] + Array(x.shape.dropFirst()), floats: values))
+            guard out.shape.first == missing.count, out.count % max(missing.count, 1) == 0 else {
+                throw ONNXError(.invalidInput, "the teacher gave logits of shape \(out.shape) for \(missing.count) samples")
+            }
+            let tail = Array(out.shape.dropFirst())
+            guard classes == nil || classes == tail else {
+                throw ONNXError(.invalidInput, "the teacher gave logits of shape \(tail) per sample, earlier \(classes!)")
+            }
+            classes = tail
+            let width = out.count / missing.count
+            for (k, r) in missing.enumerated() { rows[keys[r]] = Array(out.floats[(k * width)..<((k + 1) * width)]) }
+            computed += missing.count
+        }
+        var values: [Float] = []
+        for key in keys { values += rows[key]! }
+        return Tensor(shape: [keys.count] + (classes ?? []), floats: values)
+    }
+}
+
 /// Per-epoch figures.
 public struct EpochReport: Codable, Sendable {
     public var epoch: Int
@@ -336,7 +375,11 @@ public final class Trainer: @unchecked Sendable {
 
     /// One epoch over `data` in an order drawn from the seed. `teacher` gives teacher logits per batch;
     /// `progress(step, steps, runningLoss)` is called after each step.
+    /// One pass over `data` in a random order, each sample under a random augmentation symmetry. With
+    /// `teacherCache`, only the teacher's logits are used (no feature hints), and each (sample, symmetry) runs
+    /// through the teacher once for the cache's lifetime.
     public func trainEpoch(_ epoch: Int, data: Tensor, labels: Tensor?, teacher: ((Tensor) throws -> TeacherOutputs)? = nil,
+                           teacherCache: TeacherLogitsCache? = nil,
                            progress: ((Int, Int, Double) -> Void)? = nil) throws -> EpochReport {
         let n = data.shape[0], sampleSize = data.count / max(n, 1)
         if let labels, labels.count != n {
@@ -352,9 +395,12 @@ public final class Trainer: @unchecked Sendable {
             let indices = order[(s * configuration.batchSize)..<min((s + 1) * configuration.batchSize, n)]
             var values: [Float] = []
             values.reserveCapacity(indices.count * sampleSize)
+            var keys: [Int] = []
+            keys.reserveCapacity(indices.count)
             for i in indices {
                 let sample = data.floats[(i * sampleSize)..<((i + 1) * sampleSize)]
                 let k = symmetries > 1 ? Int(rng.next() % UInt64(symmetries)) : 0
+                keys.append(i * 8 + k)
                 if k == 0 {
                     values += sample
                 } else {
@@ -364,7 +410,13 @@ public final class Trainer: @unchecked Sendable {
             }
             let x = Tensor(shape: [indices.count] + Array(data.shape.dropFirst()), floats: values)
             let y = labels.map { l in ArraySlice(indices.map { l.ints[$0] }) }
-            let result = try step(x, labels: y, teacher: try teacher?(x), learningRate: lr, epoch: epoch)
+            var teacherOutputs: TeacherOutputs?
+            if let teacher {
+                teacherOutputs = try teacherCache.map { cache in
+                    TeacherOutputs(logits: try cache.logits(keys: keys, batch: x) { try teacher($0).logits })
+                } ?? teacher(x)
+            }
+            let result = try step(x, labels: y, teacher: teacherOutputs, learningRate: lr, epoch: epoch)
             lossSum += result.loss * Double(indices.count)
             correct += result.correct
             progress?(s + 1, steps, lossSum / Double(min((s + 1) * configuration.batchSize, n)))
