@@ -12,6 +12,8 @@ public final class CompiledGraph: @unchecked Sendable {
     public let inputNames: [String]
     public let outputNames: [String]
     let steps: [PlannedStep]
+    /// Convolution steps that hand their output to the next step in oneDNN's blocked layout (for tests).
+    package var blockedConvolutionSteps: Int { steps.filter { ($0.kernel as? ConvKernel)?.keepDestinationBlocked == true }.count }
     let inputSlots: [[Int]]
     let outputSlots: [[Int]]
     let freeAfter: [[Int]]

@@ -30,7 +30,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
 
     public init() {}
 
-    static let documentation: [(key: String, comment: String)] = [
+    package static let documentation: [(key: String, comment: String)] = [
         ("listen", "Address and port the HTTPS server listens on (coordinator serve --listen overrides)."),
         ("url", "URL admin commands use to reach the server; empty: the address serve wrote to DIR/listening (a wildcard listen becomes loopback), else https://<listen>."),
         ("heartbeat_seconds", "Seconds between a worker's heartbeats."),
@@ -46,7 +46,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
         ("metrics_token", "Bearer token GET /metrics also accepts, for a Prometheus server without the admin certificate; empty: admin certificate only."),
     ]
 
-    var values: [String: String] {
+    package var values: [String: String] {
         ["listen": listen, "url": url, "heartbeat_seconds": "\(heartbeatSeconds)",
          "worker_certificate_days": "\(workerCertificateDays)", "enroll_body_limit": "\(enrollBodyLimit)",
          "heartbeat_body_limit": "\(heartbeatBodyLimit)", "admin_body_limit": "\(adminBodyLimit)",

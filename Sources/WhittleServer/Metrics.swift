@@ -7,7 +7,7 @@ import WhittleStore
 ///
 /// Counters and histograms are updated where things happen (requests, enrollments, reports, closed phases);
 /// the fleet gauges (workers by state, rounds by state) are read from the store at each scrape.
-final class CoordinatorMetrics: Sendable {
+package final class CoordinatorMetrics: Sendable {
     let registry = PrometheusCollectorRegistry()
 
     static let requestBuckets: [Duration] = [.milliseconds(1), .milliseconds(5), .milliseconds(10), .milliseconds(25),

@@ -16,7 +16,7 @@ import WhittleTensor
 ///
 /// Mutations (start, task, accept, tick, cancel) are serialized by an async lock: the store's calls suspend the
 /// actor, and a report must never be folded into an accumulator that another call is replacing.
-actor RoundService {
+package actor RoundService {
     let store: any CoordinatorStore
     let directory: URL
     let artifacts: URL
@@ -46,12 +46,12 @@ actor RoundService {
 
     /// Long polling: bumped whenever a worker phase opens or a round ends, waking the idle heartbeats held in
     /// `waitForWork` so their workers get the new phase's task at once.
-    var workGeneration = 0
+    package private(set) var workGeneration = 0
     var workWaiters: [Int: CheckedContinuation<Void, Never>] = [:]
     var nextWaiter = 0
     var closing = false
 
-    init(store: any CoordinatorStore, directory: URL, artifacts: URL, pollSeconds: Int, logger: Logger,
+    package init(store: any CoordinatorStore, directory: URL, artifacts: URL, pollSeconds: Int, logger: Logger,
          metrics: CoordinatorMetrics? = nil) throws {
         self.metrics = metrics
         self.store = store
@@ -79,7 +79,7 @@ actor RoundService {
     // MARK: artifacts
 
     /// Stores bytes as a content-addressed artifact (durably) and returns its SHA-256.
-    func storeArtifact(_ bytes: [UInt8]) throws -> String {
+    package func storeArtifact(_ bytes: [UInt8]) throws -> String {
         let sha = PKI.hex(SHA256.hash(data: bytes))
         let path = artifacts.appendingPathComponent(sha).path
         if !FileManager.default.fileExists(atPath: path) { try Files.writeDurably(bytes, to: path, mode: 0o644) }
@@ -129,14 +129,14 @@ actor RoundService {
     static func text(_ value: some Encodable) throws -> String { String(decoding: try encoder.encode(value), as: UTF8.self) }
 
     static func plan(_ r: RoundRecord) throws -> RoundPlan { try RoundPlan.stored(Data(r.plan.utf8)) }
-    static func progress(_ r: RoundRecord) throws -> RoundProgress {
+    package static func progress(_ r: RoundRecord) throws -> RoundProgress {
         try RoundProgress.stored(Data(r.progress.utf8))
     }
 
     // MARK: operator
 
     /// Validates a plan against its model, stores the round and runs its leading coordinator phases.
-    func start(_ requested: RoundPlan) async throws -> RoundRecord {
+    package func start(_ requested: RoundPlan) async throws -> RoundRecord {
         await lock()
         defer { unlock() }
         var plan = requested
@@ -172,7 +172,7 @@ actor RoundService {
         return record
     }
 
-    func cancel(_ id: String) async throws -> RoundRecord {
+    package func cancel(_ id: String) async throws -> RoundRecord {
         await lock()
         defer { unlock() }
         guard var round = try await store.round(id: id) else { throw APIError(.notFound, "unknown_round", "no round '\(id)'") }
@@ -193,7 +193,7 @@ actor RoundService {
 
     /// Returns when the work generation has moved past `generation` (a phase opened or a round ended since the
     /// caller looked for a task), after `seconds`, when the calling task is cancelled, or when the server shuts down.
-    func waitForWork(after generation: Int, seconds: Double) async {
+    package func waitForWork(after generation: Int, seconds: Double) async {
         guard !closing, generation == workGeneration, seconds > 0 else { return }
         let id = nextWaiter
         nextWaiter += 1
@@ -210,7 +210,7 @@ actor RoundService {
     }
 
     /// Held heartbeats right now (a Prometheus gauge).
-    var heldHeartbeats: Int { workWaiters.count }
+    package var heldHeartbeats: Int { workWaiters.count }
 
     func wake(_ id: Int) { workWaiters.removeValue(forKey: id)?.resume() }
 
@@ -223,7 +223,7 @@ actor RoundService {
     }
 
     /// Graceful shutdown: answers held heartbeats now and holds no more.
-    func stopHolding() {
+    package func stopHolding() {
         closing = true
         workChanged()
     }
@@ -272,7 +272,7 @@ actor RoundService {
 
     /// The task for this worker, if a running round has one for it: its assignment, or a new one while the phase
     /// has room (over-selection cap) and the worker can do the work.
-    func task(forWorkerNamed name: String) async throws -> Whittle_Task? {
+    package func task(forWorkerNamed name: String) async throws -> Whittle_Task? {
         if let running, running.isEmpty { return nil }
         await lock()
         defer { unlock() }
@@ -298,7 +298,7 @@ actor RoundService {
     /// Accepts one report: checks it belongs to the open phase and to an assigned worker, validates and folds it
     /// in, and makes it durable (blob fsynced, row committed) before returning. A retry of an accepted upload
     /// returns true (duplicate) and counts nothing.
-    func accept(_ report: Whittle_TaskReport, bytes: [UInt8], worker: WorkerRecord) async throws -> Bool {
+    package func accept(_ report: Whittle_TaskReport, bytes: [UInt8], worker: WorkerRecord) async throws -> Bool {
         await lock()
         defer { unlock() }
         guard let round = try await store.round(id: report.roundID) else {
@@ -367,7 +367,7 @@ actor RoundService {
     /// Checks every running round's open phase: drops assigned workers that went silent, closes the phase when
     /// its assigned workers have all reported (after the selection window) or at its deadline with a quorum,
     /// fails the round when the quorum cannot be reached.
-    func tick() async {
+    package func tick() async {
         await lock()
         defer { unlock() }
         do {
@@ -580,7 +580,7 @@ actor RoundService {
 
     // MARK: views
 
-    func view(_ round: RoundRecord) async throws -> RoundView {
+    package func view(_ round: RoundRecord) async throws -> RoundView {
         let plan = try Self.plan(round), progress = try Self.progress(round)
         var phases = progress.phases
         if !round.ended, round.phase < phases.count, let o = open[round.id], o.phase == round.phase {

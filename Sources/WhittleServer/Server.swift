@@ -33,10 +33,10 @@ public struct WhittleContext: RequestContext {
 }
 
 /// An error answered as `{"error": code, "message": …}` with a status.
-struct APIError: HTTPResponseError {
-    let status: HTTPResponse.Status
-    let code: String
-    let message: String
+package struct APIError: HTTPResponseError {
+    package let status: HTTPResponse.Status
+    package let code: String
+    package let message: String
     var retryAfter: Int?
 
     init(_ status: HTTPResponse.Status, _ code: String, _ message: String, retryAfter: Int? = nil) {
@@ -52,7 +52,7 @@ struct APIError: HTTPResponseError {
         return h
     }
 
-    func response(from request: Request, context: some RequestContext) throws -> Response {
+    package func response(from request: Request, context: some RequestContext) throws -> Response {
         let body = (try? JSONEncoder().encode(["error": code, "message": message])) ?? Data()
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: body)))
     }
@@ -581,4 +581,15 @@ public struct CapabilitiesView: Codable, Sendable {
     public var memoryLimitBytes: Int
     /// Held-out samples for evaluation (absent from workers before it existed).
     public var evaluationSamples: Int?
+
+    package init(cores: Int, memoryBytes: Int, samples: Int, labels: Bool, version: String, memoryLimitBytes: Int,
+                 evaluationSamples: Int?) {
+        self.cores = cores
+        self.memoryBytes = memoryBytes
+        self.samples = samples
+        self.labels = labels
+        self.version = version
+        self.memoryLimitBytes = memoryLimitBytes
+        self.evaluationSamples = evaluationSamples
+    }
 }

@@ -1,5 +1,5 @@
 import Testing
-@testable import WhittleNN
+import WhittleNN
 import WhittleONNX
 
 /// The training augmentations: hand-checked symmetries of small images.

@@ -2,7 +2,7 @@ import Foundation
 import Logging
 import Testing
 import WhittleCLI
-@testable import WhittleServer
+import WhittleServer
 
 /// Settings: file, then environment, then flags; log lines as text and JSON.
 @Suite struct ConfigTests {

@@ -4,7 +4,7 @@ import Testing
 import WhittleCompression
 import WhittleProtocol
 import WhittleRounds
-@testable import WhittleServer
+import WhittleServer
 import WhittleStore
 import WhittleTestSupport
 

@@ -17,8 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "Tests" / "Fixtures" / "models"
 
 
-def _binary(name, configs=("debug", "release"), patience=0.0):
-    """The first build of `name` that exists; with `patience`, waits that many seconds for one (a concurrent
+def _binary(name, configs=("release",), patience=0.0):
+    """The first build of `name` that exists (the release build `scripts/test` makes: the tests run what ships); with `patience`, waits that many seconds for one (a concurrent
     `swift build` may be relinking it)."""
     deadline = time.monotonic() + patience
     while True:
@@ -29,7 +29,7 @@ def _binary(name, configs=("debug", "release"), patience=0.0):
         if time.monotonic() >= deadline:
             break
         time.sleep(2)
-    pytest.fail(f"{name} is not built ({'/'.join(configs)}); run `swift build` first")
+    pytest.fail(f"{name} is not built ({'/'.join(configs)}); run `swift build -c release` first")
 
 
 def _runner(path):
@@ -44,34 +44,33 @@ def _runner(path):
 
 @pytest.fixture(scope="session")
 def coordinator():
-    """The debug build (what `swift build` makes)."""
+    """The coordinator binary (release build), as a runner."""
     return _runner(_binary("coordinator"))
 
 
 @pytest.fixture(scope="session")
 def release_models():
-    """The model tools (`model train|compress|…`) of a release build, for tests that train or calibrate (debug code
-    is 10-50x slower in those loops). Both executables carry the same model commands; the worker's release build is
-    the cheaper one (no NIO or Hummingbird), so it is the one `scripts/test` makes."""
-    return _runner(_binary("worker", ("release",)))
+    """The model tools (`model train|compress|…`), for tests that train or calibrate. Both executables carry the
+    same model commands; these tests use the worker's."""
+    return _runner(_binary("worker"))
 
 
 @pytest.fixture(scope="session")
 def worker():
-    """The worker binary (debug build), as a runner like `coordinator`."""
+    """The worker binary (release build), as a runner like `coordinator`."""
     return _runner(_binary("worker"))
 
 
 @pytest.fixture(scope="session")
 def coordinator_path():
-    """The debug coordinator binary's path, for tests that start long-running or concurrent processes."""
-    return _binary("coordinator", ("debug",), patience=60)
+    """The coordinator binary's path, for tests that start long-running or concurrent processes."""
+    return _binary("coordinator", patience=60)
 
 
 @pytest.fixture(scope="session")
 def worker_path():
-    """The debug worker binary's path, for tests that start long-running or concurrent processes."""
-    return _binary("worker", ("debug",), patience=60)
+    """The worker binary's path, for tests that start long-running or concurrent processes."""
+    return _binary("worker", patience=60)
 
 
 def launch(command, patience=60, **kwargs):

@@ -110,8 +110,8 @@ def write_shards(directory):
 
 def test_fleet_across_network_namespaces(prefix, tmp_path):
     began = time.monotonic()
-    coordinator_bin = _binary("coordinator", ("release", "debug"), patience=60)
-    worker_bin = _binary("worker", ("release", "debug"), patience=60)
+    coordinator_bin = _binary("coordinator", patience=60)
+    worker_bin = _binary("worker", patience=60)
     shards = write_shards(tmp_path / "shards")
     workdir = tmp_path / "fleet"
     names = [f"board-{k}" for k in range(1, WORKERS + 1)]

@@ -63,7 +63,7 @@ public enum Augmentation: String, Sendable, Codable, CaseIterable {
 
     /// Appends `sample` (`C×H×W` values) transformed by symmetry `k` (bit 0: flip columns, bit 1: flip rows,
     /// bit 2: transpose first) to `out`.
-    static func append(_ sample: ArraySlice<Float>, channels: Int, height: Int, width: Int, symmetry k: Int,
+    package static func append(_ sample: ArraySlice<Float>, channels: Int, height: Int, width: Int, symmetry k: Int,
                        to out: inout [Float]) {
         let transpose = k & 4 != 0, flipColumns = k & 1 != 0, flipRows = k & 2 != 0
         let base = sample.startIndex, plane = height * width
