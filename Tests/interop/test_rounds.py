@@ -17,16 +17,14 @@ INT8_LOSS_POINTS = 0.3
 PRUNED_SHRINK_FACTOR = 10
 # The goal for 50 % pruning + federated fine-tuning + int8 is 1.5 points, judged on the 16,384 holdout images (on
 # the 512 test images two models of equal accuracy differ by about a point, which had made earlier recipes look
-# better than they were). Measured with this recipe (L1 channel pruning, 20 FedAvg rounds x 2 local epochs of SGD at
-# 0.01 annealed per epoch, dihedral augmentation, distillation) on 4 non-IID workers (half without labels): 2.03
-# points lost with seed 0 (89.92 % -> 87.90 %): not met at 20 rounds. 40 rounds lose 1.84 / 1.73 and 80 rounds 1.47
-# / 1.39 (seeds 0 / 1: met; benchmarks/pruning_quality.py), too long for CI; `model compress` on one machine with the
-# same pruning and 20 epochs loses 1.01 (benchmarks/README.md). The test holds the measured level so a regression
-# shows.
+# better than they were). Recipe: L1 channel pruning, 150 FedAvg rounds x 2 local epochs of SGD at 0.01 annealed per
+# epoch, dihedral augmentation, distillation; 4 non-IID workers, half without labels; about 330 s of round on 2
+# cores. Measured with benchmarks/pruning_quality.py (seeds 0 / 1): 150 rounds lose 1.10 / 0.87; 100 rounds
+# 1.32 / 1.48; 80 rounds 1.41 / 1.35; 20 rounds 2.03 / 2.31. Two runs of one recipe differ by about 0.1 point, so
+# 150 rounds leave the test a margin. It asserts the goal itself.
 PRUNED_INT8_GOAL_POINTS = 1.5
-PRUNED_INT8_HELD_POINTS = 3.0
 # Federated fine-tuning after pruning: rounds and local epochs.
-ROUNDS = "20"
+ROUNDS = "150"
 LOCAL_EPOCHS = "2"
 # A continual round (no pruning) must keep the model near the base model's 90 %.
 CONTINUAL_MINIMUM_ACCURACY = 0.85
@@ -135,7 +133,7 @@ def test_minmax_round_ranges_equal_local_compress_on_the_union(coordinator_serve
 def test_pruning_distillation_int8_round_shrinks_10x_and_holds_accuracy(coordinator_server, release_worker_path, tmp_path,
                                                                 spawn_any):
     """50 % of channels pruned (L1 importance, every layer), federated distillation fine-tuning
-    (half the workers have no labels), int8: at least 10x smaller, accuracy held (see PRUNED_INT8_*)."""
+    (half the workers have no labels), int8: at least 10x smaller, at most 1.5 points lost on the holdout images."""
     fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any)
     for k, name in enumerate(names):
         if k % 2 == 1:  # unlabeled boards take part through the teacher
@@ -164,9 +162,7 @@ def test_pruning_distillation_int8_round_shrinks_10x_and_holds_accuracy(coordina
     print(f"\npruned int8 round: onnxruntime accuracy on the {len(hy)} holdout images {hold_base:.4f} -> "
           f"{hold_compressed:.4f} ({lost:.2f} points lost; on the {len(ty)} test images {base:.4f} -> {compressed:.4f}), "
           f"{shrink:.1f}x smaller, MACs {report['before']['macs']} -> {report['after']['macs']}; phases {timings}")
-    if lost > PRUNED_INT8_GOAL_POINTS:
-        print(f"goal not met: {lost:.2f} points lost on the holdout images, the goal is {PRUNED_INT8_GOAL_POINTS}")
-    assert lost <= PRUNED_INT8_HELD_POINTS, (hold_base, hold_compressed)
+    assert lost <= PRUNED_INT8_GOAL_POINTS, (hold_base, hold_compressed)
     assert shrink >= PRUNED_SHRINK_FACTOR, shrink
     kinds = [p["kind"] for p in report["phases"]]
     assert kinds == ["prune"] + ["finetune"] * int(ROUNDS) + [
