@@ -209,7 +209,7 @@ package actor RoundService {
         timer.cancel()
     }
 
-    /// Held heartbeats right now (a Prometheus gauge).
+    /// Heartbeats held right now.
     package var heldHeartbeats: Int { workWaiters.count }
 
     func wake(_ id: Int) { workWaiters.removeValue(forKey: id)?.resume() }

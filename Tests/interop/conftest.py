@@ -18,8 +18,8 @@ FIXTURES = ROOT / "Tests" / "Fixtures" / "models"
 
 
 def _binary(name, configs=("release",), patience=0.0):
-    """The first build of `name` that exists (the release build `scripts/test` makes: the tests run what ships); with `patience`, waits that many seconds for one (a concurrent
-    `swift build` may be relinking it)."""
+    """The first build of `name` that exists (the release build `scripts/test` makes: the tests run what ships);
+    with `patience`, waits that many seconds for one (a concurrent `swift build` may be relinking it)."""
     deadline = time.monotonic() + patience
     while True:
         for config in configs:

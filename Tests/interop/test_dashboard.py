@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from rounds_support import MODEL, ROOT
-from test_rounds import make_fleet, release_worker_path, spawn_any  # noqa: F401 (fixtures)
+from test_rounds import make_fleet, spawn_any  # noqa: F401 (fixtures)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/install-deps installs it)")
@@ -82,9 +82,9 @@ def count_color(rows, channels, rgb, tolerance=12):
     return total
 
 
-def test_dashboard_shows_workers_rounds_and_plots_with_real_data(coordinator_server, release_worker_path, tmp_path,
+def test_dashboard_shows_workers_rounds_and_plots_with_real_data(coordinator_server, worker_path, tmp_path,
                                                                   spawn_any):
-    fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any, workers=3, samples=300)
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=3, samples=300)
     for name in names:
         fleet.start_worker(name)
     started = fleet.round("start", "--model", MODEL, "--prune-ratio", "0.5", "--prune-scope", "local", "--importance", "l1",

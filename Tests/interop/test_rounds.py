@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import launch, _binary
+from conftest import launch
 from rounds_support import MODEL, Fleet, non_iid_shards, load_holdout_split, load_test_split, load_train_split
 
 # Quality goals of issue 6, in accuracy points against the base model.
@@ -46,15 +46,10 @@ def spawn_any():
             process.wait()
 
 
-@pytest.fixture(scope="session")
-def release_worker_path():
-    return _binary("worker", ("release",), patience=60)
-
-
-def make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any, workers=4, labels=True, samples=None,
+def make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=4, labels=True, samples=None,
                **settings):
     server = coordinator_server("coord", **{"heartbeat_seconds": 1, **settings})
-    fleet = Fleet(server, release_worker_path, tmp_path, spawn_any)
+    fleet = Fleet(server, worker_path, tmp_path, spawn_any)
     names = [f"camera-{k}" for k in range(workers)]
     fleet.enroll(names)
     x, y = load_train_split()
@@ -74,11 +69,11 @@ def onnx_accuracy(path, x, y):
     return float((logits.argmax(1) == y).mean()), logits.argmax(1)
 
 
-def test_minmax_round_ranges_equal_local_compress_on_the_union(coordinator_server, release_worker_path, tmp_path,
+def test_minmax_round_ranges_equal_local_compress_on_the_union(coordinator_server, worker_path, tmp_path,
                                                               spawn_any, release_models):
     """Exactness: with no pruning, the federated calibration equals `model compress` on the union of the shards,
     range for range and byte for byte; onnxruntime runs the fetched model within the int8 quality goal."""
-    fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any)
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any)
     for name in names:
         fleet.start_worker(name)
     started = fleet.round("start", "--model", MODEL, "--quantize", "int8", "--calibration", "entropy", "--reduce-range",
@@ -130,11 +125,11 @@ def test_minmax_round_ranges_equal_local_compress_on_the_union(coordinator_serve
     fleet.stop_workers()
 
 
-def test_pruning_distillation_int8_round_shrinks_10x_and_holds_accuracy(coordinator_server, release_worker_path, tmp_path,
+def test_pruning_distillation_int8_round_shrinks_10x_and_holds_accuracy(coordinator_server, worker_path, tmp_path,
                                                                 spawn_any):
     """50 % of channels pruned (L1 importance, every layer), federated distillation fine-tuning
     (half the workers have no labels), int8: at least 10x smaller, at most 1.5 points lost on the holdout images."""
-    fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any)
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any)
     for k, name in enumerate(names):
         if k % 2 == 1:  # unlabeled boards take part through the teacher
             fleet.workers[name].pop("y")
@@ -172,12 +167,12 @@ def test_pruning_distillation_int8_round_shrinks_10x_and_holds_accuracy(coordina
     fleet.stop_workers()
 
 
-def test_kill_9_mid_round_loses_nothing_and_counts_nothing_twice(coordinator_server, release_worker_path, tmp_path,
+def test_kill_9_mid_round_loses_nothing_and_counts_nothing_twice(coordinator_server, worker_path, tmp_path,
                                                                   spawn_any):
     """The coordinator is killed with SIGKILL twice while a round runs (during fine-tuning and during the histogram
     pass) and restarted on the same address: the round finishes, every phase counted each worker exactly once, and
     the workers rode out the downtime."""
-    fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any, samples=250)
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, samples=250)
     for name in names:
         fleet.start_worker(name)
     started = fleet.round("start", "--model", MODEL, "--prune-ratio", "0.3", "--importance", "activation",
@@ -214,11 +209,11 @@ def test_kill_9_mid_round_loses_nothing_and_counts_nothing_twice(coordinator_ser
     fleet.stop_workers()
 
 
-def test_continual_round_from_an_earlier_one_with_ewc_int8_deltas_and_qat(coordinator_server, release_worker_path,
+def test_continual_round_from_an_earlier_one_with_ewc_int8_deltas_and_qat(coordinator_server, worker_path,
                                                                        tmp_path, spawn_any):
     """A round re-tunes an earlier round's model (--from-round) with EWC (a federated Fisher phase first), int8
     deltas and a quantization-aware round after calibration. A bad plan is refused before anything starts."""
-    fleet, names = make_fleet(coordinator_server, release_worker_path, tmp_path, spawn_any, samples=120)
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, samples=120)
     for name in names:
         fleet.start_worker(name)
     first = json.loads(fleet.round("start", "--model", MODEL, "--finetune-rounds", "1", "--lr", "0.001",

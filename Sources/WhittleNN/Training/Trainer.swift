@@ -376,8 +376,8 @@ public final class Trainer: @unchecked Sendable {
     /// One epoch over `data` in an order drawn from the seed. `teacher` gives teacher logits per batch;
     /// `progress(step, steps, runningLoss)` is called after each step.
     /// One pass over `data` in a random order, each sample under a random augmentation symmetry. With
-    /// `teacherCache`, only the teacher's logits are used (no feature hints), and each (sample, symmetry) runs
-    /// through the teacher once for the cache's lifetime.
+    /// `teacherCache`, each (sample, symmetry) runs through the teacher once for the cache's lifetime; the cache
+    /// keeps logits only, so it is not used when the configuration takes feature hints from the teacher.
     public func trainEpoch(_ epoch: Int, data: Tensor, labels: Tensor?, teacher: ((Tensor) throws -> TeacherOutputs)? = nil,
                            teacherCache: TeacherLogitsCache? = nil,
                            progress: ((Int, Int, Double) -> Void)? = nil) throws -> EpochReport {
@@ -412,7 +412,7 @@ public final class Trainer: @unchecked Sendable {
             let y = labels.map { l in ArraySlice(indices.map { l.ints[$0] }) }
             var teacherOutputs: TeacherOutputs?
             if let teacher {
-                teacherOutputs = try teacherCache.map { cache in
+                teacherOutputs = try (configuration.hints.isEmpty ? teacherCache : nil).map { cache in
                     TeacherOutputs(logits: try cache.logits(keys: keys, batch: x) { try teacher($0).logits })
                 } ?? teacher(x)
             }
