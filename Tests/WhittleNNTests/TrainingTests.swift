@@ -264,6 +264,28 @@ import WhittleTestSupport
         #expect(cache.computed == computed && teacherRuns == epochs * n + computed)
     }
 
+    /// A teacher whose logits do not match the batch (rows or classes) is refused with a clear error.
+    @Test func teacherLogitsCacheRefusesMisshapenLogits() throws {
+        let (model, x, y) = try Self.fixture()
+        var configuration = TrainingConfiguration()
+        configuration.batchSize = 4
+        configuration.distillation = (temperature: 4, alpha: 0.5)
+        let trainer = try Trainer(model: model, configuration: configuration)
+        let oneRow: (Tensor) throws -> TeacherOutputs = { _ in TeacherOutputs(logits: Tensor(shape: [1, 5], floats: [Float](repeating: 0, count: 5))) }
+        #expect { _ = try trainer.trainEpoch(0, data: x, labels: y, teacher: oneRow, teacherCache: TeacherLogitsCache()) } throws: {
+            "\($0)".contains("the teacher gave logits of shape [1, 5] for 4 samples")
+        }
+        var calls = 0
+        let drifting: (Tensor) throws -> TeacherOutputs = { batch in
+            calls += 1
+            let classes = calls == 1 ? 5 : 3
+            return TeacherOutputs(logits: Tensor(shape: [batch.shape[0], classes], floats: [Float](repeating: 0, count: batch.shape[0] * classes)))
+        }
+        #expect { _ = try trainer.trainEpoch(0, data: x, labels: y, teacher: drifting, teacherCache: TeacherLogitsCache()) } throws: {
+            "\($0)".contains("the teacher gave logits of shape [3] per sample, earlier [5]")
+        }
+    }
+
     @Test func optimizersFollowPyTorchRules() {
         var p = ["w": Tensor(shape: [2], floats: [1, -2])]
         let g = ["w": Tensor(shape: [2], floats: [0.5, -0.25])]

@@ -479,6 +479,17 @@ def test_idle_heartbeat_is_held_and_a_graceful_shutdown_answers_it(fleet, tmp_pa
 HOLD_SECONDS = 30
 
 
+def test_a_hostile_wait_is_cut_to_the_heartbeat_interval(fleet, tmp_path):
+    """wait_seconds at its largest (2^32 - 1) holds the heartbeat for the coordinator's interval (2 s here), no longer."""
+    server = fleet(heartbeat_seconds=2)
+    cert, key, _, _ = enrolled_identity(server, server.token()["token"], "w1", tmp_path)
+    began = time.monotonic()
+    answer = heartbeat_by_hand(server, cert, key, body=heartbeat_message(wait_seconds=2**32 - 1))
+    took = time.monotonic() - began
+    assert answer.status == 200 and pb_decode(answer.body)[1] == [2], answer
+    assert 1.5 <= took < HOLD_SECONDS / 3, took
+
+
 # ---- 3. refusals --------------------------------------------------------------------------------------------------
 
 def test_heartbeat_without_client_certificate(fleet, tmp_path):
