@@ -69,6 +69,7 @@ let package = Package(
                 "WhittlePKI", "WhittleStore", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI", "WhittleRounds", "WhittleTensor",
                 "WhittleCompression", "WhittleONNX",
                 .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -117,7 +118,7 @@ let package = Package(
         ),
 
         // Tests.
-        .target(name: "WhittleTestSupport", dependencies: ["WhittleTensor"], path: "Tests/WhittleTestSupport"),
+        .target(name: "WhittleTestSupport", dependencies: ["WhittleTensor", "WhittleONNX"], path: "Tests/WhittleTestSupport"),
         .testTarget(name: "WhittleTensorTests", dependencies: ["WhittleTensor", "WhittleTestSupport"]),
         .testTarget(name: "WhittleONNXTests", dependencies: ["WhittleONNX", "WhittleNN", "WhittleTestSupport"]),
         .testTarget(name: "WhittleNNTests", dependencies: ["WhittleNN", "WhittleONNX", "WhittleTestSupport"]),

@@ -49,7 +49,7 @@ final class TaskRunner {
 
     /// The artifact's local copy (downloaded once, verified), and the bytes downloaded for it now.
     func artifact(_ sha: String, folder: String = "artifacts") throws -> (path: String, downloaded: Int) {
-        guard sha.count == 64, sha.allSatisfy({ $0.isHexDigit }) else { throw CLIError("the task names a malformed artifact '\(sha)'") }
+        guard Identifiers.isSHA256(sha) else { throw CLIError("the task names a malformed artifact (not 64 lowercase hex digits)") }
         let directory = layout.file(folder)
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let path = directory + "/" + sha + ".onnx"
@@ -129,17 +129,24 @@ final class TaskRunner {
     }
 
     /// Where a computed report waits until the coordinator has acknowledged it (a restarted worker uploads it
-    /// again under the same upload id instead of computing anew).
+    /// again under the same upload id instead of computing anew). Only for tasks whose round id passed
+    /// `Identifiers.isRoundID` (checked in `run`): the name can never leave the pending folder.
     func pendingPath(_ task: Whittle_Task) -> String {
-        layout.file("pending") + "/\(task.roundID)-\(task.phase).pb"
+        precondition(Identifiers.isRoundID(task.roundID), "pendingPath of an unchecked task")
+        return layout.file("pending") + "/\(task.roundID)-\(task.phase).pb"
     }
 
     /// Computes (or takes the pending result of) a task and uploads it. Never throws: a task that cannot be done
-    /// is reported on stderr and not tried again.
+    /// is reported on stderr and not tried again. A task with a malformed identifier is refused before anything
+    /// touches a file.
     func run(_ task: Whittle_Task) {
         let key = Self.key(task)
         guard !finished.contains(key) else { return }
         defer { finished.insert(key) }
+        if let problem = Identifiers.problem(in: task) {
+            agentLog.warning("refused a task from the coordinator: \(problem)", ["task.kind": "\(task.kind.prefix(32))"])
+            return
+        }
         let label = "task \(task.kind) (round \(task.roundID), phase \(task.phase))"
         context = ["round.id": "\(task.roundID)", "phase": "\(task.phase)", "task.kind": "\(task.kind)"]
         var body: [UInt8]
@@ -201,13 +208,17 @@ final class TaskRunner {
 }
 
 /// Heartbeats on their own thread (and connection) while a task computes, so the coordinator knows the worker
-/// is alive and busy.
+/// is alive and busy. `stop` returns once the thread has finished (a request in flight completes first), so the
+/// process never exits under a running heartbeat.
 final class BusyHeartbeat: @unchecked Sendable {
     let box = StopBox()
+    let finished = DispatchSemaphore(value: 0)
+    var stopped = false
 
     init(client: HTTPClient, body: [UInt8], seconds: Double) {
-        let box = self.box
+        let box = self.box, finished = self.finished
         let thread = Thread {
+            defer { finished.signal() }
             while !box.isStopped {
                 _ = try? client.request("POST", "/v1/worker/heartbeat", body: body, contentType: "application/x-protobuf")
                 var waited = 0.0
@@ -220,7 +231,13 @@ final class BusyHeartbeat: @unchecked Sendable {
         thread.start()
     }
 
-    func stop() { box.stop() }
+    /// Stops the heartbeats and waits for the thread to end (idempotent).
+    func stop() {
+        guard !stopped else { return }
+        stopped = true
+        box.stop()
+        finished.wait()
+    }
 
     final class StopBox: @unchecked Sendable {
         let lock = NSLock()

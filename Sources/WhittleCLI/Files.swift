@@ -10,15 +10,20 @@ public enum Files {
     /// Largest model or data file read, in bytes (a guard against reading a wrong multi-gigabyte path).
     public static let maximumFileSize = 4 << 30
 
+    /// The whole of a regular file of at most `maximumFileSize` bytes (a FIFO, device or directory is refused
+    /// before it is opened, so a path like /dev/zero cannot block or exhaust memory).
     public static func readBytes(_ path: String) throws -> [UInt8] {
-        var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
-            throw CLIError("file not found: \(path)")
+        var info = stat()
+        guard stat(path, &info) == 0 else { throw CLIError("file not found: \(path)") }
+        switch info.st_mode & S_IFMT {
+        case S_IFREG: break
+        case S_IFDIR: throw CLIError("\(path) is a directory, not a file")
+        default: throw CLIError("\(path) is not a regular file (a device, FIFO or socket); refused")
         }
-        guard !isDirectory.boolValue else { throw CLIError("\(path) is a directory, not a file") }
+        guard Int(info.st_size) <= maximumFileSize else { throw CLIError("\(path) is larger than \(maximumFileSize) bytes") }
         guard let handle = FileHandle(forReadingAtPath: path) else { throw CLIError("cannot open \(path) for reading") }
         defer { try? handle.close() }
-        let data = try handle.readToEnd() ?? Data()
+        let data = try handle.read(upToCount: maximumFileSize + 1) ?? Data()
         guard data.count <= maximumFileSize else { throw CLIError("\(path) is larger than \(maximumFileSize) bytes") }
         return [UInt8](data)
     }
@@ -36,11 +41,26 @@ public enum Files {
     public static func readModel(_ path: String) throws -> Model {
         let bytes = try readBytes(path)
         let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
-        let loader: ExternalDataLoader = { location in try readBytes(folder + "/" + location) }
+        let loader: ExternalDataLoader = { location in try readExternalData(folder: folder, location: location) }
         do {
             return try ModelCoding.read(bytes, externalData: loader)
         } catch let error as ONNXError {
             throw CLIError("\(path): \(error.message)")
+        }
+    }
+
+    /// An external-data file named by a model: a regular file inside the model's folder once symbolic links are
+    /// resolved (a link to /etc/passwd, a FIFO or a device is refused, never read).
+    static func readExternalData(folder: String, location: String) throws -> [UInt8] {
+        let root = URL(fileURLWithPath: folder).resolvingSymlinksInPath().standardizedFileURL.path
+        let target = URL(fileURLWithPath: folder + "/" + location).resolvingSymlinksInPath().standardizedFileURL.path
+        guard target.hasPrefix(root.hasSuffix("/") ? root : root + "/") else {
+            throw ONNXError(.externalData, "external data '\(location)' resolves outside the model's folder; refused")
+        }
+        do {
+            return try readBytes(target)
+        } catch let error as CLIError {
+            throw ONNXError(.externalData, "external data '\(location)': \(error.description)")
         }
     }
 

@@ -103,6 +103,28 @@ public struct NodeContext: Sendable {
         return normalized
     }
 
+    // MARK: Sizes
+
+    /// `shape` when every dimension is non-negative and its element count is within `TensorLimits`; otherwise an
+    /// error naming the node and `what` (an output, a target shape).
+    @discardableResult
+    public func checkedShape(_ shape: [Int], _ what: String) throws -> [Int] {
+        guard TensorLimits.elementCount(shape) != nil else {
+            throw error(.tooLarge, TensorLimits.limitMessage(shape, what))
+        }
+        return shape
+    }
+
+    /// Integer attribute values used as sizes (pads, strides, kernel extents), each within ±`TensorLimits.maximumElements`
+    /// so that sums and products of a few of them cannot overflow.
+    @discardableResult
+    public func checkedSizes(_ values: [Int], _ what: String) throws -> [Int] {
+        guard values.allSatisfy({ $0 >= -TensorLimits.maximumElements && $0 <= TensorLimits.maximumElements }) else {
+            throw error(.tooLarge, "\(what) \(values) exceed the largest size Whittle accepts (\(TensorLimits.maximumElements))")
+        }
+        return values
+    }
+
     // MARK: Errors
 
     /// An error whose message starts with the node's op type and name.

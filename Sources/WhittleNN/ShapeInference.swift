@@ -50,6 +50,9 @@ public enum ShapeInference {
                     shape.append(batchSize)
                 }
             }
+            guard TensorLimits.elementCount(shape) != nil else {
+                throw ONNXError(.tooLarge, TensorLimits.limitMessage(shape, "graph input '\(input.name)'"))
+            }
             shapes[input.name] = (elementType, shape)
         }
         return shapes
@@ -69,6 +72,9 @@ public enum ShapeInference {
             guard let (dtype, shape) = inputs[input.name] else {
                 throw ONNXError(.invalidInput, "no shape given for graph input '\(input.name)'")
             }
+            guard TensorLimits.elementCount(shape) != nil else {
+                throw ONNXError(.tooLarge, TensorLimits.limitMessage(shape, "graph input '\(input.name)'"))
+            }
             values[input.name] = ValueMeta(dtype: dtype, shape: shape)
         }
         var result = InferredGraph(values: [:], contexts: [], outputs: [], definitions: [], folded: [], macs: [])
@@ -86,6 +92,8 @@ public enum ShapeInference {
             guard outs.count >= node.outputs.filter({ !$0.isEmpty }).count else {
                 throw ctx.error(.invalidGraph, "has \(node.outputs.count) outputs, Whittle produces \(outs.count)")
             }
+            // Every shape below this point (kernels, memory plans, MACs) is bounded: products cannot overflow.
+            for (i, out) in outs.enumerated() { try ctx.checkedShape(out.shape, "output \(i)") }
             var folded = outs.allSatisfy { $0.constant != nil }
             let present = metas.compactMap { $0 }
             if !folded, !heavyOps.contains(node.opType), present.allSatisfy({ $0.constant != nil }),

@@ -25,8 +25,27 @@ public enum ModelCoding {
             throw ONNXError(.malformedModel, "not a valid ONNX model: IR version \(proto.irVersion) is missing or too old")
         }
         let graph = try readGraph(proto.graph, externalData: externalData)
+        try checkStructure(graph)
         let model = Model(proto: proto, graph: graph)
         return model
+    }
+
+    /// The main graph's structure: at least one output, and each value produced once (a graph input may also be an
+    /// initializer, as IR versions before 4 require; a node output may be neither, nor another node's output).
+    static func checkStructure(_ graph: Graph) throws {
+        guard !graph.outputs.isEmpty else { throw ONNXError(.invalidGraph, "the graph declares no outputs") }
+        var produced = Set(graph.inputs.map(\.name)).union(graph.initializers.map(\.name))
+        for node in graph.nodes {
+            for output in node.outputs where !output.isEmpty {
+                guard produced.insert(output).inserted else {
+                    throw ONNXError(.invalidGraph, "\(node.label) produces '\(output)', which another node, input or initializer already provides")
+                }
+            }
+        }
+        var seen = Set<String>()
+        for output in graph.outputs where !seen.insert(output.name).inserted {
+            throw ONNXError(.invalidGraph, "the graph lists output '\(output.name)' twice")
+        }
     }
 
     /// Checks that the model imports a default-domain opset Whittle supports.

@@ -20,6 +20,8 @@ public struct ONNXError: Error, CustomStringConvertible, Sendable {
         case invalidAttribute
         /// A caller-provided input is wrong (rank, type, shape, NaN).
         case invalidInput
+        /// A shape, size or offset overflows or exceeds `TensorLimits` (a hostile or corrupt file).
+        case tooLarge
     }
 
     public let code: Code

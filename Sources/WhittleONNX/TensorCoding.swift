@@ -7,23 +7,14 @@ import WhittleTensor
 /// repeated fields (`float_data`, `int32_data` — which also carries int8/uint8/int16/uint16/bool/float16/bfloat16
 /// and packed 4-bit values — `int64_data`, `double_data`, `uint64_data`). Encoding always writes `raw_data`.
 public enum TensorCoding {
-    /// Largest element count accepted for one tensor: a guard against hostile files declaring huge shapes.
-    public static let maximumElementCount = 1 << 31
-
-    /// The declared shape, checked for negative dimensions and overflow.
+    /// The declared shape, checked for negative dimensions, overflow and `TensorLimits`.
     static func shape(of proto: Onnx_TensorProto) throws -> [Int] {
-        var count = 1
-        var shape: [Int] = []
-        for dim in proto.dims {
-            guard dim >= 0 else {
-                throw ONNXError(.malformedTensor, "tensor '\(proto.name)' has a negative dimension \(dim)")
-            }
-            let (product, overflow) = count.multipliedReportingOverflow(by: Int(dim))
-            guard !overflow, product <= maximumElementCount else {
-                throw ONNXError(.malformedTensor, "tensor '\(proto.name)' has too many elements (dims \(proto.dims))")
-            }
-            count = product
-            shape.append(Int(dim))
+        let shape = proto.dims.map { Int($0) }
+        if let dim = shape.first(where: { $0 < 0 }) {
+            throw ONNXError(.malformedTensor, "tensor '\(proto.name)' has a negative dimension \(dim)")
+        }
+        guard TensorLimits.elementCount(shape) != nil else {
+            throw ONNXError(.tooLarge, TensorLimits.limitMessage(shape, "tensor '\(proto.name)'"))
         }
         return shape
     }
@@ -182,7 +173,7 @@ public enum TensorCoding {
             throw ONNXError(.externalData, "tensor '\(proto.name)' is external but names no location")
         }
         let components = location.split(separator: "/", omittingEmptySubsequences: false)
-        guard !location.hasPrefix("/"), !components.contains(".."), !location.contains("\\") else {
+        guard !location.hasPrefix("/"), !components.contains(".."), !location.contains("\\"), !location.contains("\0") else {
             throw ONNXError(.externalData,
                 "tensor '\(proto.name)' points outside the model's folder (location '\(location)'); refused")
         }
@@ -195,10 +186,10 @@ public enum TensorCoding {
             throw ONNXError(.externalData, "tensor '\(proto.name)' has a malformed external offset or length")
         }
         let file = try loader(location)
-        let end = length.map { offset + $0 } ?? file.count
-        guard offset <= file.count, end <= file.count else {
+        let end = length.map { TensorLimits.sum(offset, $0) ?? Int.max } ?? file.count
+        guard offset <= file.count, end <= file.count, offset <= end else {
             throw ONNXError(.externalData,
-                "tensor '\(proto.name)' reads bytes \(offset)..<\(end) of '\(location)', which has \(file.count) bytes")
+                "tensor '\(proto.name)' reads \(entries["length"].map { "\($0) bytes" } ?? "to the end") from offset \(offset) of '\(location)', which has \(file.count) bytes")
         }
         var inline = proto
         inline.externalData = []

@@ -43,6 +43,8 @@ public struct PhaseAccumulator: Sendable {
     public private(set) var histograms: [String: Histogram] = [:]
     public private(set) var evaluations: [String: Whittle_EvaluationReport] = [:]
     public private(set) var losses: [Double] = []
+    /// The L2 norm of each accepted training update, before clipping.
+    public private(set) var updateNorms: [Double] = []
     public private(set) var workers: Set<String> = []
     public private(set) var samples = 0
 
@@ -117,7 +119,11 @@ public struct PhaseAccumulator: Sendable {
             for (name, q) in message.compressedDeltas {
                 guard deltas[name] == nil else { throw refuse("parameter '\(name)' is sent both as float and as int8") }
                 let shape = q.shape.map { Int($0) }
-                guard q.shape.allSatisfy({ $0 >= 0 }), shape.reduce(1, *) == q.values.count, q.scale.isFinite, q.scale > 0 else {
+                // The shape is checked against the model's before anything multiplies its dimensions.
+                guard e.shapes.isEmpty || e.shapes[name] == shape else {
+                    throw refuse("the int8 delta of '\(name)' has shape \(q.shape); the model's parameter is \(e.shapes[name].map { "\($0)" } ?? "unknown")")
+                }
+                guard TensorLimits.elementCount(shape) == q.values.count, q.scale.isFinite, q.scale > 0 else {
                     throw refuse("the int8 delta of '\(name)' is malformed (shape \(q.shape), \(q.values.count) values, scale \(q.scale))")
                 }
                 deltas[name] = Tensor(shape: shape, floats: q.values.map { Float(Int8(bitPattern: $0)) * q.scale })
@@ -132,6 +138,7 @@ public struct PhaseAccumulator: Sendable {
                 updates.append(update)
             }
             losses.append(message.loss)
+            updateNorms.append(update.norm)
             samples += update.samples
         case (.fisher, .fisher(let message)):
             let n = try checkSamples(message.samples, maximumSamples)
@@ -192,6 +199,13 @@ public struct PhaseAccumulator: Sendable {
         default:
             throw refuse("a \(e.kind.rawValue) phase takes \(e.kind.rawValue) reports; this one carries \(report.result.map { "\($0)".split(separator: "(").first.map(String.init) ?? "?" } ?? "nothing")")
         }
+    }
+
+    /// The median of `updateNorms` (the mean of the middle two for an even count); nil when there is none.
+    public var medianUpdateNorm: Double? {
+        guard !updateNorms.isEmpty else { return nil }
+        let sorted = updateNorms.sorted(), m = sorted.count / 2
+        return sorted.count % 2 == 1 ? sorted[m] : (sorted[m - 1] + sorted[m]) / 2
     }
 
     /// The phase's aggregated weight delta (fine-tuning).

@@ -36,6 +36,9 @@ public struct RoundProgress: Codable, Sendable {
     public var after: CompressionReport.Figures?
     public var agreement: Double?
     public var renamedValues: [String: String]?
+    /// The median L2 norm of the updates of the last training phase closed (the next phase's clipping bound is a
+    /// multiple of it).
+    public var updateNormMedian: Double?
 
     public init(plan: RoundPlan, baseModel: String, startModel: String) {
         self.baseModel = baseModel
@@ -192,6 +195,13 @@ public struct RoundEngine: Sendable {
             }
         }
         let out = try applying(step, to: model)
+        for initializer in out.graph.initializers {
+            if let t = initializer.tensor, t.dtype.isFloatingPoint, !t.floats.allSatisfy(\.isFinite) {
+                throw CompressionError(.invalidStatistics,
+                    "the aggregated update makes parameter '\(initializer.name)' non-finite; the model was not changed")
+            }
+        }
+        progress.updateNormMedian = accumulator.medianUpdateNorm
         let losses = accumulator.losses
         if !losses.isEmpty, var section = progress.pruning, !section.steps.isEmpty {
             section.steps[section.steps.count - 1].finetuneLoss.append(losses.reduce(0, +) / Double(losses.count))
@@ -304,6 +314,37 @@ public struct RoundEngine: Sendable {
                                                    accuracy: labelled > 0 ? Double(finalCorrect) / Double(labelled) : nil,
                                                    samples: labelled > 0 ? labelled : samples)
         progress.agreement = samples > 0 ? Double(agree) / Double(samples) : nil
+        try checkQuality(progress)
+    }
+
+    /// The quality gate before distribution: throws (so the round fails, saying why, and nothing is distributed)
+    /// when the compressed model's fleet agreement with the base model is below `minAgreement` or its labelled
+    /// accuracy fell by more than `maxAccuracyDrop`.
+    public func checkQuality(_ progress: RoundProgress) throws {
+        if let agreement = progress.agreement, agreement < plan.minAgreement {
+            throw CompressionError(.invalidStatistics, String(format:
+                "quality gate: the compressed model agrees with the base model on %.1f %% of the fleet's evaluation samples (--min-agreement %.1f %%); it was not distributed",
+                100 * agreement, 100 * plan.minAgreement))
+        }
+        if let before = progress.before?.accuracy, let after = progress.after?.accuracy, before - after > plan.maxAccuracyDrop {
+            throw CompressionError(.invalidStatistics, String(format:
+                "quality gate: labelled accuracy fell from %.2f %% to %.2f %% (more than --max-accuracy-drop %.1f points); the model was not distributed",
+                100 * before, 100 * after, 100 * plan.maxAccuracyDrop))
+        }
+    }
+
+    /// The clipping bound of a training phase: `--clip-norm` when given; else `clipMultiple` times the median
+    /// update norm of the previous training phase, or for the first one the norm of `model`'s trainable parameters
+    /// (`trainable`); nil when clipping is off.
+    public func clipBound(model: Model, trainable: Set<String>, progress: RoundProgress) -> Double? {
+        if let fixed = plan.clipNorm { return fixed }
+        guard plan.clipMultiple > 0 else { return nil }
+        if let median = progress.updateNormMedian, median > 0 { return plan.clipMultiple * median }
+        var squares = 0.0
+        for initializer in model.graph.initializers where trainable.contains(initializer.name) {
+            for v in initializer.tensor?.floats ?? [] { squares += Double(v) * Double(v) }
+        }
+        return squares > 0 ? squares.squareRoot() : nil
     }
 
     /// The round's report, in `coordinator model compress`'s schema plus phases and sites.

@@ -151,7 +151,17 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     /// `serverLearningRate`; reset at each pruning step.
     public var serverMomentum = 0.0
     public var serverLearningRate = 1.0
+    /// A fixed bound on each update's L2 norm (`--clip-norm`); nil: the adaptive bound below.
     public var clipNorm: Double?
+    /// Without `--clip-norm`, each training update is clipped to this multiple of the median update norm of the
+    /// round's previous training phase; the first training phase clips to the norm of the model's trainable
+    /// parameters. 0 turns the default clipping off.
+    public var clipMultiple = 3.0
+    /// The quality gate before distribution: the compressed model is not distributed (the round fails and says
+    /// why) when its agreement with the base model over the fleet's evaluation samples is below this fraction…
+    public var minAgreement = 0.3
+    /// …or when the labelled accuracy falls by more than this fraction (0.25: 25 points) below the base model's.
+    public var maxAccuracyDrop = 0.25
     public var deltaCompression: DeltaCompression = .none
     public var seed: UInt64 = 0
 
@@ -258,6 +268,9 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         guard serverMomentum >= 0, serverMomentum < 1 else { throw fail("--server-momentum must be in [0, 1)") }
         guard serverLearningRate > 0, serverLearningRate <= 10 else { throw fail("--server-lr must be in (0, 10]") }
         if let c = clipNorm, !(c > 0 && c.isFinite) { throw fail("--clip-norm must be positive") }
+        guard clipMultiple >= 0, clipMultiple <= 1000 else { throw fail("--clip-multiple must be in 0…1000") }
+        guard minAgreement >= 0, minAgreement <= 1 else { throw fail("--min-agreement must be in 0…1") }
+        guard maxAccuracyDrop >= 0, maxAccuracyDrop <= 1 else { throw fail("--max-accuracy-drop must be in 0…1") }
         if let l = ewcLambda {
             guard l > 0, l.isFinite else { throw fail("--ewc must be positive") }
             guard finetuneRounds > 0 else { throw fail("--ewc regularises fine-tuning: give --finetune-rounds") }

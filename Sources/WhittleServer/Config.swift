@@ -27,6 +27,16 @@ public struct CoordinatorConfig: Sendable, Equatable {
     public var adminSerial = ""
     /// A bearer token `/metrics` also accepts (empty: the admin certificate only).
     public var metricsToken = ""
+    /// Seconds a connection may stay idle (no request in progress), counted from the TCP accept: covers the TLS
+    /// handshake and a request head that never completes.
+    public var idleTimeoutSeconds = 60
+    /// Seconds a request body may take to arrive.
+    public var bodyTimeoutSeconds = 600
+    /// Connections held at once; beyond it new connections wait in the listen backlog.
+    public var maxConnections = 4096
+    /// Bytes of report bodies in flight at once (one larger report is admitted alone); beyond it uploads are
+    /// answered 503 with Retry-After.
+    public var uploadMemoryLimit = 256 << 20
 
     public init() {}
 
@@ -44,6 +54,10 @@ public struct CoordinatorConfig: Sendable, Equatable {
         ("enroll_burst", "Enrollment requests a client address may send at once."),
         ("admin_serial", "Serial of the admin client certificate (admin.pem); set by coordinator init."),
         ("metrics_token", "Bearer token GET /metrics also accepts, for a Prometheus server without the admin certificate; empty: admin certificate only."),
+        ("idle_timeout_seconds", "Seconds a connection may stay idle before it is closed, counted from the TCP accept (covers unfinished TLS handshakes and request heads)."),
+        ("body_timeout_seconds", "Seconds a request body may take to arrive (slower: 408)."),
+        ("max_connections", "Connections held at once; further connections wait in the listen backlog until one closes."),
+        ("upload_memory_limit", "Bytes of report bodies held in flight at once (a single larger report is admitted alone); beyond it: 503 with Retry-After."),
     ]
 
     package var values: [String: String] {
@@ -52,7 +66,9 @@ public struct CoordinatorConfig: Sendable, Equatable {
          "heartbeat_body_limit": "\(heartbeatBodyLimit)", "admin_body_limit": "\(adminBodyLimit)",
          "report_body_limit": "\(reportBodyLimit)", "model_body_limit": "\(modelBodyLimit)",
          "enroll_rate_per_second": "\(enrollRatePerSecond)", "enroll_burst": "\(enrollBurst)", "admin_serial": adminSerial,
-         "metrics_token": metricsToken]
+         "metrics_token": metricsToken, "idle_timeout_seconds": "\(idleTimeoutSeconds)",
+         "body_timeout_seconds": "\(bodyTimeoutSeconds)", "max_connections": "\(maxConnections)",
+         "upload_memory_limit": "\(uploadMemoryLimit)"]
     }
 
     /// The file's text, every key with its comment.
@@ -98,6 +114,10 @@ public struct CoordinatorConfig: Sendable, Equatable {
         case "enroll_burst": enrollBurst = try int()
         case "admin_serial": adminSerial = value
         case "metrics_token": metricsToken = value
+        case "idle_timeout_seconds": idleTimeoutSeconds = try int()
+        case "body_timeout_seconds": bodyTimeoutSeconds = try int()
+        case "max_connections": maxConnections = try int()
+        case "upload_memory_limit": uploadMemoryLimit = try int()
         default:
             throw ConfigError("unknown setting '\(key)' (known: \(Self.documentation.map(\.key).joined(separator: ", ")))")
         }

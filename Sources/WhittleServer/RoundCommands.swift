@@ -127,7 +127,10 @@ public struct RoundCommand: ParsableCommand {
         @Option(name: .long, help: "Tasks handed out per training/statistics phase (over-selection; default: all eligible).") var workersPerPhase: Int?
         @Option(name: .long, help: "Deadline per phase: 90s, 10m, 1h.") var phaseDeadline: String = "10m"
         @Option(name: .long, help: "fedavg, trimmed-mean or median.") var aggregation: String = "fedavg"
-        @Option(name: .long, help: "Clip each worker's delta to this L2 norm.") var clipNorm: Double?
+        @Option(name: .long, help: "Clip each worker's delta to this L2 norm (default: --clip-multiple).") var clipNorm: Double?
+        @Option(name: .long, help: "Without --clip-norm: clip each delta to this multiple of the previous training phase's median update norm (the first phase: the model's parameter norm); 0: no clipping.") var clipMultiple: Double = 3
+        @Option(name: .long, help: "Quality gate: distribute only if the compressed model agrees with the base on at least this fraction of the fleet's evaluation samples.") var minAgreement: Double = 0.3
+        @Option(name: .long, help: "Quality gate: distribute only if labelled accuracy falls by at most this fraction (0.25: 25 points).") var maxAccuracyDrop: Double = 0.25
         @Option(name: .long, help: "Server momentum β for fine-tuning rounds (FedAvgM; 0: plain FedAvg).") var serverMomentum: Double = 0
         @Option(name: .long, help: "Server learning rate η applied to the averaged delta (or velocity).") var serverLr: Double = 1
         @Option(name: .long, help: "none or int8 (per tensor, error feedback on the worker).") var deltaCompression: String = "none"
@@ -184,6 +187,9 @@ public struct RoundCommand: ParsableCommand {
             p.phaseDeadlineSeconds = deadline
             p.aggregation = try choice(aggregation, "--aggregation")
             p.clipNorm = clipNorm
+            p.clipMultiple = clipMultiple
+            p.minAgreement = minAgreement
+            p.maxAccuracyDrop = maxAccuracyDrop
             p.serverMomentum = serverMomentum
             p.serverLearningRate = serverLr
             p.deltaCompression = try choice(deltaCompression, "--delta-compression")

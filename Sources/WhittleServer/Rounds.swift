@@ -249,10 +249,15 @@ package actor RoundService {
         let task = engine.task(phase, index: round.phase, round: round.id, progress: progress, expectation: expectation,
                                deadline: round.phaseStartedAt.timeIntervalSince1970 + plan.phaseDeadlineSeconds,
                                artifactBytes: { self.artifactBytes($0) })
+        // Training updates are clipped by default (a bound derived from the round's own updates): the same bound
+        // after a restart, since it comes from durable progress.
+        let clip = phase.kind.trains
+            ? engine.clipBound(model: try model(modelSHA), trainable: Set(expectation.shapes.keys), progress: progress) : plan.clipNorm
         var o = OpenPhase(phase: round.phase,
                           accumulator: PhaseAccumulator(expectation: expectation, aggregation: plan.aggregation,
-                                                        clipNorm: plan.clipNorm, trimFraction: plan.trimFraction),
-                          task: task, bodyLimit: 2 * artifactBytes(modelSHA) + (16 << 20))
+                                                        clipNorm: clip, trimFraction: plan.trimFraction),
+                          task: task, bodyLimit: 2 * artifactBytes(modelSHA) + (16 << 20),
+                          refused: progress.phases[round.phase].refused)
         for r in try await store.reports(round: round.id, phase: round.phase) {
             do {
                 let message = try Whittle_TaskReport(serializedBytes: try Files.readBytes(directory.appendingPathComponent(r.blob).path))
@@ -293,6 +298,21 @@ package actor RoundService {
         metrics?.taskAssigned(kind: plan.phases[round.phase].kind.rawValue)
         logger.info("task assigned", metadata: ["round.id": "\(round.id)", "phase": "\(phase.label)", "worker.name": "\(worker.name)"])
         return o.task
+    }
+
+    /// The largest report `name` may upload now: the open phase's body limit when the worker holds that phase's
+    /// task (and was not dropped), nil when it holds none. Checked before a body is read, so a worker without a
+    /// task cannot make the coordinator buffer anything.
+    package func uploadLimit(forWorkerNamed name: String) async throws -> Int? {
+        if let running, running.isEmpty { return nil }
+        await lock()
+        defer { unlock() }
+        guard let round = try await runningRounds().first else { return nil }
+        let plan = try Self.plan(round)
+        guard plan.phases[round.phase].kind.onWorkers else { return nil }
+        let assignments = try await store.assignments(round: round.id, phase: round.phase)
+        guard let mine = assignments.first(where: { $0.worker == name }), mine.droppedAt == nil else { return nil }
+        return try await openPhase(round).bodyLimit
     }
 
     /// Accepts one report: checks it belongs to the open phase and to an assigned worker, validates and folds it
@@ -343,6 +363,12 @@ package actor RoundService {
             try accumulator.add(report, worker: worker.name, maximumSamples: maximum)
         } catch let error as AggregationError {
             open[round.id]?.refused += 1
+            // Durable, so a restart does not forget the refusals (the phase table shows them).
+            var record = round
+            var progress = try Self.progress(record)
+            progress.phases[round.phase].refused = open[round.id]?.refused ?? progress.phases[round.phase].refused + 1
+            record.progress = try Self.text(progress)
+            try await store.updateRound(record)
             logger.warning("report refused", metadata: ["round.id": "\(round.id)", "worker.name": "\(worker.name)", "reason": "\(error.description)"])
             throw APIError(.unprocessableContent, "invalid_report", error.description)
         }

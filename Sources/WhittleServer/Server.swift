@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Hummingbird
+import HummingbirdCore
 import HummingbirdTLS
 import Logging
 import NIOCore
@@ -70,6 +71,7 @@ final class ServerState: Sendable {
     let rounds: RoundService
     let metrics: CoordinatorMetrics
     let dashboard = DashboardSessions()
+    let uploads: UploadGate
 
     init(store: any CoordinatorStore, ca: Identity, config: CoordinatorConfig, directory: URL, artifacts: URL, logger: Logger) throws {
         self.artifacts = artifacts
@@ -82,26 +84,67 @@ final class ServerState: Sendable {
         self.config = config
         self.limiter = RateLimiter(rate: config.enrollRatePerSecond, burst: Double(config.enrollBurst))
         self.logger = logger
+        uploads = UploadGate(budget: config.uploadMemoryLimit)
     }
 }
 
-/// A token bucket per client address.
-actor RateLimiter {
+/// Admission for report bodies: one upload in flight per worker, and the bytes of all uploads in flight within a
+/// budget (a single upload larger than the budget is admitted alone), so concurrent uploads cannot exhaust memory.
+actor UploadGate {
+    let budget: Int
+    var inFlight: [String: Int] = [:]
+    var total = 0
+
+    init(budget: Int) { self.budget = budget }
+
+    /// Reserves `bytes` for `worker`'s upload or throws 429 (the worker is already uploading) or 503 (the budget
+    /// is spent; Retry-After tells when to try again).
+    func enter(worker: String, bytes: Int) throws {
+        guard inFlight[worker] == nil else {
+            throw APIError(.tooManyRequests, "upload_in_progress", "worker '\(worker)' already has an upload in flight", retryAfter: 1)
+        }
+        guard total == 0 || total + bytes <= budget else {
+            throw APIError(.serviceUnavailable, "uploads_busy",
+                "\(inFlight.count) uploads (\(total) bytes) are in flight; this one (\(bytes) bytes) waits for room", retryAfter: 2)
+        }
+        inFlight[worker] = bytes
+        total += bytes
+    }
+
+    func leave(worker: String) {
+        total -= inFlight.removeValue(forKey: worker) ?? 0
+    }
+}
+
+/// A token bucket per client address. Buckets that have refilled are forgotten (a full bucket and no bucket
+/// behave alike), so memory follows the addresses active in the last `burst / rate` seconds, not every address
+/// ever seen.
+package actor RateLimiter {
     let rate: Double
     let burst: Double
     var buckets: [String: (tokens: Double, at: ContinuousClock.Instant)] = [:]
+    /// Bucket count that triggers the next sweep of refilled buckets (doubles with the live count).
+    var sweepAt = 1024
 
-    init(rate: Double, burst: Double) {
+    package init(rate: Double, burst: Double) {
         self.rate = rate
         self.burst = burst
     }
 
+    package var bucketCount: Int { buckets.count }
+
+    static func seconds(_ d: Duration) -> Double {
+        Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
+    }
+
     /// Nil when allowed; otherwise the seconds to wait.
-    func take(_ key: String) -> Int? {
-        let now = ContinuousClock.now
+    package func take(_ key: String, now: ContinuousClock.Instant = .now) -> Int? {
+        if buckets.count >= sweepAt {
+            buckets = buckets.filter { $0.value.tokens + Self.seconds(now - $0.value.at) * rate < burst }
+            sweepAt = max(1024, 2 * buckets.count)
+        }
         var bucket = buckets[key] ?? (burst, now)
-        let elapsed = now - bucket.at
-        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+        let seconds = Self.seconds(now - bucket.at)
         bucket.tokens = min(burst, bucket.tokens + seconds * rate)
         bucket.at = now
         defer { buckets[key] = bucket }
@@ -188,7 +231,9 @@ public enum CoordinatorServer {
 
         let worker = router.group("/v1/worker").add(middleware: ClientCertificateMiddleware(role: .worker, state: state))
         worker.post("/heartbeat") { request, context in try await heartbeat(request, context, state) }
-        worker.get("/artifacts/:sha256") { request, context in try artifact(request, name: context.parameters.get("sha256") ?? "", state) }
+        worker.get("/artifacts/:sha256") { request, context in
+            try await artifact(request, context, name: context.parameters.get("sha256") ?? "", state)
+        }
         worker.post("/reports") { request, context in try await taskReport(request, context, state) }
 
         let admin = router.group("/admin/v1").add(middleware: ClientCertificateMiddleware(role: .admin, state: state))
@@ -240,7 +285,7 @@ public enum CoordinatorServer {
             try json(try await state.rounds.report(context.parameters.get("id") ?? ""))
         }
         admin.get("/rounds/:id/model") { request, context -> Response in
-            try artifact(request, name: try await state.rounds.finalModel(context.parameters.get("id") ?? ""), state)
+            try await artifact(request, context, name: try await state.rounds.finalModel(context.parameters.get("id") ?? ""), state)
         }
         DashboardRoutes.add(to: router, admin: admin, state: state)
         return router
@@ -298,9 +343,27 @@ public enum CoordinatorServer {
         return try protobuf(response)
     }
 
-    /// Reads, checks and hands a report to the round service: whether it was a duplicate, and its size.
+    /// Reads, checks and hands a report to the round service: whether it was a duplicate, and its size. Before a
+    /// byte of the body is read: the worker must hold the open phase's task, the declared length must fit the
+    /// phase's limit, the worker may have one upload in flight, and all uploads together must fit the memory
+    /// budget (else 503 with Retry-After, which workers honour).
     static func acceptReport(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> (Bool, Int) {
-        let bytes = try await body(request, limit: state.config.reportBodyLimit)
+        let worker = context.workerName!
+        let declared = request.headers[.contentLength].flatMap { Int($0) }
+        if let declared, declared > state.config.reportBodyLimit {
+            throw APIError(.contentTooLarge, "body_too_large", "the report is \(declared) bytes; reports are at most \(state.config.reportBodyLimit)")
+        }
+        guard let limit = try await state.rounds.uploadLimit(forWorkerNamed: worker) else {
+            throw APIError(.conflict, "stale_report",
+                "worker '\(worker)' holds no task of an open phase (a report it sent before the phase closed was counted); this report was not read")
+        }
+        let reserved = min(declared ?? limit, limit)
+        if let declared, declared > limit {
+            throw APIError(.contentTooLarge, "body_too_large", "the report is \(declared) bytes; this phase takes at most \(limit)")
+        }
+        try await state.uploads.enter(worker: worker, bytes: reserved)
+        defer { Task { await state.uploads.leave(worker: worker) } }
+        let bytes = try await body(request, limit: limit, seconds: state.config.bodyTimeoutSeconds)
         let message = try decode(Whittle_TaskReport.self, bytes)
         guard message.protocolVersion == protocolVersion else {
             throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
@@ -311,13 +374,37 @@ public enum CoordinatorServer {
         return (try await state.rounds.accept(message, bytes: bytes, worker: worker), bytes.count)
     }
 
-    static func body(_ request: Request, limit: Int) async throws -> [UInt8] {
-        var request = request
+    /// The request body, at most `limit` bytes, read within `seconds` (a client that trickles its body is cut off).
+    static func body(_ request: Request, limit: Int, seconds: Int = 60) async throws -> [UInt8] {
+        if let declared = request.headers[.contentLength].flatMap({ Int($0) }), declared > limit {
+            throw APIError(.contentTooLarge, "body_too_large", "the request body (\(declared) bytes) exceeds \(limit) bytes for this route")
+        }
         do {
-            let buffer = try await request.collectBody(upTo: limit)
+            let buffer = try await withDeadline(seconds: seconds) {
+                var request = request
+                return try await request.collectBody(upTo: limit)
+            }
             return Array(buffer.readableBytesView)
         } catch is NIOTooManyBytesError {
             throw APIError(.contentTooLarge, "body_too_large", "the request body exceeds \(limit) bytes for this route")
+        } catch is DeadlineExceeded {
+            throw APIError(.requestTimeout, "body_timeout", "the request body did not arrive within \(seconds) s")
+        }
+    }
+
+    struct DeadlineExceeded: Error {}
+
+    /// `operation`'s result, or `DeadlineExceeded` after `seconds` (the operation is cancelled).
+    static func withDeadline<T: Sendable>(seconds: Int, _ operation: @escaping @Sendable () async throws -> T) async throws -> T {
+        try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask { try await operation() }
+            group.addTask {
+                try await Task.sleep(for: .seconds(seconds))
+                return nil
+            }
+            defer { group.cancelAll() }
+            guard let first = try await group.next(), let value = first else { throw DeadlineExceeded() }
+            return value
         }
     }
 
@@ -427,40 +514,44 @@ public enum CoordinatorServer {
     }
 
     /// `GET /v1/worker/artifacts/SHA256`: a file of `DIR/artifacts` named by its SHA-256, whole or from a byte
-    /// offset (`Range: bytes=N-` or `bytes=N-M`, answered 206 with Content-Range; past the end 416).
-    static func artifact(_ request: Request, name: String, _ state: ServerState) throws -> Response {
-        guard name.count == 64, name.allSatisfy({ $0.isHexDigit && !$0.isUppercase }) else {
+    /// offset (`Range: bytes=N-` or `bytes=N-M`, answered 206 with Content-Range; past the end, or M < N, 416).
+    /// The body is streamed from the file in chunks: memory per download does not grow with the artifact.
+    static func artifact(_ request: Request, _ context: WhittleContext, name: String, _ state: ServerState) async throws -> Response {
+        guard Identifiers.isSHA256(name) else {
             throw APIError(.badRequest, "bad_artifact", "artifacts are named by their SHA-256 in lowercase hex")
         }
         let path = state.artifacts.appendingPathComponent(name).path
-        guard let handle = FileHandle(forReadingAtPath: path),
-            let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? NSNumber else {
+        guard let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? NSNumber else {
             throw APIError(.notFound, "unknown_artifact", "no artifact \(name)")
         }
-        defer { try? handle.close() }
         let total = size.intValue
         var start = 0, end = total - 1, partial = false
+        func unsatisfiable() -> Response {
+            var headers: HTTPFields = [.contentType: "application/json"]
+            headers[.contentRange] = "bytes */\(total)"
+            return Response(status: .rangeNotSatisfiable, headers: headers)
+        }
         if let range = request.headers[.range] {
             let spec = range.trimmingCharacters(in: .whitespaces)
             let parts = spec.hasPrefix("bytes=") ? spec.dropFirst(6).split(separator: "-", omittingEmptySubsequences: false) : []
             guard parts.count == 2, let first = Int(parts[0]), first >= 0 else {
                 throw APIError(.badRequest, "bad_range", "only single ranges 'bytes=N-' or 'bytes=N-M' are served")
             }
-            guard first < total else {
-                var headers: HTTPFields = [.contentType: "application/json"]
-                headers[.contentRange] = "bytes */\(total)"
-                return Response(status: .rangeNotSatisfiable, headers: headers)
-            }
+            guard first < total else { return unsatisfiable() }
             start = first
-            if let last = Int(parts[1]) { end = min(last, total - 1) }
+            if !parts[1].isEmpty {
+                guard let last = Int(parts[1]), last >= first else { return unsatisfiable() }
+                end = min(last, total - 1)
+            }
             partial = true
         }
-        try handle.seek(toOffset: UInt64(start))
-        let bytes = try handle.read(upToCount: end - start + 1) ?? Data()
         var headers: HTTPFields = [.contentType: "application/octet-stream", .acceptRanges: "bytes"]
         if partial { headers[.contentRange] = "bytes \(start)-\(end)/\(total)" }
-        state.metrics.artifactSent(bytes: bytes.count)
-        return Response(status: partial ? .partialContent : .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
+        let count = max(0, end - start + 1)
+        headers[.contentLength] = "\(count)"
+        let body = count == 0 ? ResponseBody() : try await FileIO().loadFile(path: path, range: start...end, context: context)
+        state.metrics.artifactSent(bytes: count)
+        return Response(status: partial ? .partialContent : .ok, headers: headers, body: body)
     }
 
     struct TokenRequest: Decodable {
@@ -530,10 +621,15 @@ public enum CoordinatorServer {
         }
         defer { ticker.cancel() }
         let (host, port) = try CoordinatorConfig.hostPort(listen)
+        raiseOpenFileLimit(to: config.maxConnections + 256)
         let app = Application(
             router: router(state: state),
-            server: try .tls(.http1(), tlsConfiguration: try tlsConfiguration(layout: layout)),
-            configuration: .init(address: .hostname(host, port: port), serverName: "whittle"),
+            // The idle timeout runs from the TCP accept: it also closes connections that never finish their TLS
+            // handshake or their request head. Bodies have their own deadline (body_timeout_seconds).
+            server: try .tls(.http1(configuration: .init(idleTimeout: .seconds(Int64(config.idleTimeoutSeconds)))),
+                             tlsConfiguration: try tlsConfiguration(layout: layout)),
+            configuration: .init(address: .hostname(host, port: port), serverName: "whittle",
+                                 availableConnectionsDelegate: MaximumAvailableConnections(config.maxConnections, logger: logger)),
             onServerRunning: { channel in
                 let bound = channel.localAddress?.port ?? port
                 let url = "https://\(host.contains(":") ? "[\(host)]" : host):\(bound)"
@@ -544,6 +640,18 @@ public enum CoordinatorServer {
             logger: logger)
         try await app.runService()
         try? FileManager.default.removeItem(atPath: layout.listening)
+    }
+}
+
+/// Raises the soft limit on open files towards `wanted` (at most the hard limit), so the connection cap, not the
+/// descriptor limit, is what refuses connections; a descriptor-starved process cannot answer /healthz.
+func raiseOpenFileLimit(to wanted: Int) {
+    var limit = rlimit()
+    guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
+    let target = min(rlim_t(wanted), limit.rlim_max)
+    if limit.rlim_cur < target {
+        limit.rlim_cur = target
+        _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
     }
 }
 

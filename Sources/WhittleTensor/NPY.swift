@@ -136,11 +136,8 @@ public enum NPY {
     }
 
     static func decodePayload(descr: String, shape: [Int], payload: ArraySlice<UInt8>) throws -> Tensor {
-        var count = 1
-        for dim in shape {
-            let (product, overflow) = count.multipliedReportingOverflow(by: dim)
-            guard !overflow else { throw TensorError(.malformedNPY, ".npy shape \(shape) is too large") }
-            count = product
+        guard let count = TensorLimits.elementCount(shape) else {
+            throw TensorError(.tooLarge, TensorLimits.limitMessage(shape, "the .npy array"))
         }
         let itemSize: Int
         switch descr {
@@ -153,10 +150,10 @@ public enum NPY {
             throw TensorError(.unsupportedDataType,
                 ".npy element type '\(descr)' is not supported (float32, float64, uint8, int8, int32, int64, bool)")
         }
-        let (needed, overflow) = count.multipliedReportingOverflow(by: itemSize)
-        guard !overflow, payload.count >= needed else {
+        let needed = count * itemSize  // count ≤ TensorLimits.maximumElements: cannot overflow
+        guard payload.count >= needed else {
             throw TensorError(.malformedNPY,
-                ".npy data is truncated: shape \(shape) needs \(count * itemSize) bytes, file has \(payload.count)")
+                ".npy data is truncated: shape \(shape) needs \(needed) bytes, file has \(payload.count)")
         }
         let base = payload.startIndex
         switch descr {

@@ -42,11 +42,20 @@ public struct Tensor: Sendable, Equatable {
     public var asFloats: [Float] { dtype.isInteger ? ints.map { Float($0) } : floats }
 
     /// The values as Int64, truncating floating-point tensors toward zero.
-    public var asInts: [Int64] { dtype.isInteger ? ints : floats.map { Int64($0) } }
+    /// NaN becomes 0 and values beyond Int64's range saturate (a hostile file's float shape must not trap).
+    public var asInts: [Int64] { dtype.isInteger ? ints : floats.map(Self.saturatingInt64) }
+
+    /// `value` truncated toward zero; NaN is 0, values beyond Int64's range saturate.
+    public static func saturatingInt64(_ value: Float) -> Int64 {
+        if value.isNaN { return 0 }
+        if value >= 9.223372e18 { return .max }
+        if value <= -9.223372e18 { return .min }
+        return Int64(value)
+    }
 
     /// The same data under another shape with the same element count.
     public func reshaped(_ newShape: [Int]) throws -> Tensor {
-        guard newShape.reduce(1, *) == count else {
+        guard TensorLimits.elementCount(newShape) == count else {
             throw TensorError(.shapeMismatch, "cannot reshape \(shape) (\(count) elements) to \(newShape)")
         }
         var copy = self

@@ -6,6 +6,8 @@ public struct TensorError: Error, CustomStringConvertible, Sendable {
         case malformedNPY
         case kernelFailure
         case invalidArgument
+        /// A shape or size is negative, overflows, or exceeds `TensorLimits`.
+        case tooLarge
     }
 
     public let code: Code

@@ -11,51 +11,6 @@ let surgeryTolerance: Float = 1e-4
 /// Double sums added in another order (per batch, then merged) agree to a few ulps.
 let doubleSumTolerance = 1e-12
 
-/// Small graphs built in code, for cases the PyTorch fixtures lack.
-enum Graphs {
-    static func weight(_ name: String, _ shape: [Int], seed: UInt64) -> Initializer {
-        Initializer(name: name, tensor: Tensor(shape: shape, floats: TestSupport.randomFloats(shape.reduce(1, *), seed: seed)))
-    }
-
-    static func conv(_ name: String, _ input: String, _ output: String, weight: String, bias: String? = nil,
-                     kernel: Int = 1, group: Int = 1) -> Node {
-        var attributes = [Attribute("kernel_shape", .ints([Int64(kernel), Int64(kernel)]))]
-        if kernel > 1 { attributes.append(Attribute("pads", .ints([Int64(kernel / 2), Int64(kernel / 2), Int64(kernel / 2), Int64(kernel / 2)]))) }
-        if group > 1 { attributes.append(Attribute("group", .int(Int64(group)))) }
-        return Node(opType: "Conv", name: name, inputs: [input, weight] + (bias.map { [$0] } ?? []), outputs: [output],
-                    attributes: attributes)
-    }
-
-    static func model(_ nodes: [Node], _ initializers: [Initializer], input: [Int] = [3, 8, 8], classes: Int = 3) -> Model {
-        let graph = Graph(name: "handbuilt", nodes: nodes,
-                          inputs: [ValueInfo(name: "x", elementType: .float, shape: [.symbol("N")] + input.map { .value($0) })],
-                          outputs: [ValueInfo(name: "logits", elementType: .float, shape: [.symbol("N"), .value(classes)])],
-                          initializers: initializers)
-        return Model(graph: graph, opset: 13, irVersion: 7)
-    }
-
-    /// conv A (3→4, 3×3) → Relu ┐
-    ///                           Concat (10) → depthwise 3×3 → conv C (10→5) → GlobalAveragePool → Flatten → Gemm
-    /// conv B (3→6, 1×1) ───────┘
-    static func concat() -> Model {
-        model([
-            conv("convA", "x", "a0", weight: "wA", bias: "bA", kernel: 3),
-            Node(opType: "Relu", name: "reluA", inputs: ["a0"], outputs: ["a"]),
-            conv("convB", "x", "b", weight: "wB", bias: "bB"),
-            Node(opType: "Concat", name: "cat", inputs: ["a", "b"], outputs: ["c"], attributes: [Attribute("axis", .int(1))]),
-            conv("dw", "c", "c2", weight: "wD", bias: "bD", kernel: 3, group: 10),
-            conv("convC", "c2", "d", weight: "wC", bias: "bC"),
-            Node(opType: "GlobalAveragePool", name: "gap", inputs: ["d"], outputs: ["e"]),
-            Node(opType: "Flatten", name: "flat", inputs: ["e"], outputs: ["f"]),
-            Node(opType: "Gemm", name: "fc", inputs: ["f", "wF", "bF"], outputs: ["logits"], attributes: [Attribute("transB", .int(1))]),
-        ], [
-            weight("wA", [4, 3, 3, 3], seed: 1), weight("bA", [4], seed: 2), weight("wB", [6, 3, 1, 1], seed: 3),
-            weight("bB", [6], seed: 4), weight("wD", [10, 1, 3, 3], seed: 5), weight("bD", [10], seed: 6),
-            weight("wC", [5, 10, 1, 1], seed: 7), weight("bC", [5], seed: 8), weight("wF", [3, 5], seed: 9), weight("bF", [3], seed: 10),
-        ])
-    }
-}
-
 @Suite struct PruningTests {
     static func input(_ model: Model, batch: Int = 2, seed: UInt64 = 11) throws -> Tensor {
         let shape = try ShapeInference.inputShapes(model, batchSize: batch)[model.graph.runtimeInputs[0].name]!.1

@@ -327,6 +327,93 @@ let gradientSumTolerance: Float = 1e-4
         #expect(accumulator.reports == 2)
     }
 
+    /// A forged int8 delta whose shape overflows when multiplied out is refused (never a trap); a finite but huge
+    /// update is clipped by the default bound, and without any bound the aggregated model is refused as non-finite.
+    @Test func hostileTrainingUpdatesNeitherTrapNorPoison() throws {
+        let plan = Self.plan { $0.finetuneRounds = 1 }
+        var progress = RoundProgress(plan: plan, baseModel: "b", startModel: "c")
+        let engine = RoundEngine(plan: plan)
+        let expectation = try engine.expectation(Phase(.finetune), model: Self.model, progress: progress)
+        var forged = Whittle_TaskReport()
+        var update = Whittle_WeightUpdate()
+        var q = Whittle_QuantizedTensor()
+        q.shape = [1 << 32, 1 << 32]
+        q.values = Data([1, 2, 3, 4])
+        q.scale = 1
+        update.compressedDeltas["fc.weight"] = q
+        update.samples = 1
+        forged.update = update
+        var accumulator = PhaseAccumulator(expectation: expectation)
+        #expect { try accumulator.add(forged, worker: "w", maximumSamples: 10) } throws: { "\($0)".contains("shape") }
+        #expect(accumulator.reports == 0)
+
+        // The default bound: the parameters' norm for the first training phase, then a multiple of the median.
+        let trainable = Set(expectation.shapes.keys)
+        var squares = 0.0
+        for initializer in Self.model.graph.initializers where trainable.contains(initializer.name) {
+            for v in initializer.tensor?.floats ?? [] { squares += Double(v) * Double(v) }
+        }
+        let parameterNorm = squares.squareRoot()
+        let first = try #require(engine.clipBound(model: Self.model, trainable: trainable, progress: progress))
+        #expect(abs(first - parameterNorm) <= 1e-9 * parameterNorm)
+        progress.updateNormMedian = 2
+        #expect(engine.clipBound(model: Self.model, trainable: trainable, progress: progress) == 6)
+        #expect(RoundEngine(plan: Self.plan { $0.clipNorm = 0.5 }).clipBound(model: Self.model, trainable: trainable, progress: progress) == 0.5)
+        #expect(RoundEngine(plan: Self.plan { $0.clipMultiple = 0 }).clipBound(model: Self.model, trainable: trainable, progress: progress) == nil)
+
+        // A finite update of 1e30 in every entry: clipped to the bound it leaves the model finite; unclipped, the
+        // round refuses the aggregate.
+        var poison = Whittle_WeightUpdate()
+        for (name, shape) in expectation.shapes {
+            poison.deltas[name] = Whittle_FloatTensor(Tensor(shape: shape, floats: [Float](repeating: 1e30, count: shape.reduce(1, *))))
+        }
+        poison.samples = 5
+        poison.loss = 1
+        var poisoned = Whittle_TaskReport()
+        poisoned.update = poison
+        var clipped = PhaseAccumulator(expectation: expectation, clipNorm: 6)
+        try clipped.add(poisoned, worker: "w", maximumSamples: 10)
+        #expect(try #require(clipped.medianUpdateNorm) > 1e30)  // recorded before clipping
+        let step = try clipped.delta()
+        var stepSquares = 0.0
+        for t in step.values { for v in t.floats { stepSquares += Double(v) * Double(v) } }
+        let stepNorm = stepSquares.squareRoot()
+        #expect(stepNorm <= 6 * (1 + 1e-6))
+        var p2 = progress
+        _ = try engine.finetuned(Self.model, clipped, velocity: nil, progress: &p2)
+        #expect(p2.updateNormMedian == clipped.medianUpdateNorm)
+        // Unclipped, with a server learning rate that overflows float32, the aggregate is refused.
+        var huge = Whittle_WeightUpdate()
+        for (name, shape) in expectation.shapes {
+            huge.deltas[name] = Whittle_FloatTensor(Tensor(shape: shape, floats: [Float](repeating: 1e38, count: shape.reduce(1, *))))
+        }
+        huge.samples = 5
+        var overflowing = Whittle_TaskReport()
+        overflowing.update = huge
+        var unclipped = PhaseAccumulator(expectation: expectation, clipNorm: nil)
+        try unclipped.add(overflowing, worker: "w", maximumSamples: 10)
+        let amplifying = RoundEngine(plan: Self.plan { $0.finetuneRounds = 1; $0.serverLearningRate = 10 })
+        #expect { try amplifying.finetuned(Self.model, unclipped, velocity: nil, progress: &p2) } throws: { "\($0)".contains("non-finite") }
+    }
+
+    /// The quality gate before distribution refuses a model that disagrees with the base model or lost accuracy
+    /// beyond the plan's bounds, and lets a good one through.
+    @Test func theQualityGateStopsABrokenModel() throws {
+        let engine = RoundEngine(plan: Self.plan())
+        var progress = RoundProgress(plan: Self.plan(), baseModel: "b", startModel: "c")
+        progress.agreement = 0.95
+        progress.before = CompressionReport.Figures(bytes: 1, parameters: 1, macs: 1, accuracy: 0.9, samples: 100)
+        progress.after = CompressionReport.Figures(bytes: 1, parameters: 1, macs: 1, accuracy: 0.88, samples: 100)
+        try engine.checkQuality(progress)
+        var broken = progress
+        broken.agreement = 0.1
+        #expect { try engine.checkQuality(broken) } throws: { "\($0)".contains("--min-agreement") }
+        var worse = progress
+        worse.after?.accuracy = 0.5
+        #expect { try engine.checkQuality(worse) } throws: { "\($0)".contains("--max-accuracy-drop") }
+        try RoundEngine(plan: Self.plan { $0.maxAccuracyDrop = 0.5 }).checkQuality(worse)
+    }
+
     @Test func theBatchSizeShrinksToTheMemoryLimit() throws {
         #expect(try WorkerJobs.batchSize(model: Self.model, planned: 32, memoryLimit: nil, training: true) == 32)
         #expect(try WorkerJobs.batchSize(model: Self.model, planned: 32, memoryLimit: 1 << 34, training: true) == 32)

@@ -45,3 +45,24 @@ import WhittleServer
         #expect { try LogFormat.resolve("xml", environment: [:]) } throws: { "\($0)".contains("text or json") }
     }
 }
+
+/// The enrollment rate limiter, driven with an explicit clock.
+@Suite struct RateLimiterTests {
+    @Test func bucketsLimitAnAddressAndRefilledOnesAreForgotten() async {
+        let limiter = RateLimiter(rate: 5, burst: 3)
+        let t0 = ContinuousClock.now
+        for _ in 0..<3 { #expect(await limiter.take("a", now: t0) == nil) }
+        #expect(await limiter.take("a", now: t0) == 1, "the burst is spent: wait a second")
+        #expect(await limiter.take("a", now: t0 + .milliseconds(250)) == nil, "refilled by rate × elapsed")
+        // Thousands of addresses seen once: still draining, they are kept (sweeps double the threshold) ...
+        for i in 0..<3000 { _ = await limiter.take("10.0.\(i / 256).\(i % 256)", now: t0) }
+        #expect(await limiter.bucketCount == 3001)
+        // ... and once they have refilled, the next sweep (at 4,096 buckets) forgets them: only the new remain.
+        for i in 0..<1200 { _ = await limiter.take("later-\(i)", now: t0 + .seconds(2)) }
+        #expect(await limiter.bucketCount <= 1200)
+        // An address still draining keeps its bucket through a sweep.
+        for _ in 0..<3 { _ = await limiter.take("busy", now: t0 + .seconds(10)) }
+        for i in 0..<2000 { _ = await limiter.take("x\(i)", now: t0 + .seconds(10)) }
+        #expect(await limiter.take("busy", now: t0 + .seconds(10)) != nil)
+    }
+}

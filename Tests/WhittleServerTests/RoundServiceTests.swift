@@ -188,21 +188,40 @@ import WhittleTestSupport
         let round = try await f.start(before)
         let taskA = try #require(try await before.task(forWorkerNamed: "a"))
         _ = try #require(try await before.task(forWorkerNamed: "b"))
-        let (reportA, bytesA) = Self.evaluation(taskA, correct: 20, upload: "upload-a-1")
+        let (reportA, bytesA) = Self.evaluation(taskA, correct: 33, upload: "upload-a-1")
         #expect(try await before.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!) == false)
 
         // The coordinator dies (its memory is gone); a new one serves the same directory.
         let after = try f.service()
         #expect(try await after.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!) == true,
                 "the acknowledged report is known after the restart")
-        let (reportB, bytesB) = Self.evaluation(taskA, correct: 28, upload: "upload-b-1")
+        let (reportB, bytesB) = Self.evaluation(taskA, correct: 34, upload: "upload-b-1")
         #expect(try await after.accept(reportB, bytes: bytesB, worker: try await f.store.worker(named: "b")!) == false)
         try await Task.sleep(for: .seconds(3.2))
         for name in ["a", "b"] { try await f.touch(name) }
         await after.tick()
         let progress = try RoundService.progress(try await Self.phase(f.store, round.id))
         #expect(progress.phases[1].reports == 2)
-        #expect(progress.after?.accuracy == Double(20 + 28) / 80, "both reports, each once")
+        #expect(progress.after?.accuracy == Double(33 + 34) / 80, "both reports, each once")
+    }
+
+    /// A compressed model whose fleet accuracy fell beyond --max-accuracy-drop fails the round at the evaluation
+    /// phase, with the reason, and no worker is asked to take it.
+    @Test func aModelFailingTheQualityGateIsNotDistributed() async throws {
+        let f = try Fixture()
+        try await f.enroll(["a", "b"])
+        let service = try f.service()
+        let round = try await f.start(service)
+        for (name, correct) in [("a", UInt64(20)), ("b", UInt64(28))] {
+            let task = try #require(try await service.task(forWorkerNamed: name))
+            let (report, bytes) = Self.evaluation(task, correct: correct, upload: "upload-\(name)-1")
+            #expect(try await service.accept(report, bytes: bytes, worker: try await f.store.worker(named: name)!) == false)
+        }
+        await service.tick()
+        let ended = try #require(try await f.store.round(id: round.id))
+        #expect(ended.state == "failed")
+        #expect(ended.message?.contains("quality gate") == true, "\(ended.message ?? "")")
+        #expect(try await service.task(forWorkerNamed: "a") == nil)
     }
 
     @Test func aPhaseWithoutQuorumFailsTheRoundAtItsDeadline() async throws {
@@ -263,6 +282,12 @@ import WhittleTestSupport
         #expect(try await f.store.reports(round: round.id, phase: 1).isEmpty)
         let view = try await service.view(try await Self.phase(f.store, round.id))
         #expect(view.phases[1].refused == 2)
+        // The refusals are durable: a restarted coordinator still counts them, and counts on from there.
+        let restarted = try f.service()
+        #expect(try await restarted.view(try await Self.phase(f.store, round.id)).phases[1].refused == 2)
+        report.uploadID = "upload-a-2"
+        #expect(await Self.code { _ = try await restarted.accept(report, bytes: try report.serializedBytes(), worker: try await f.store.worker(named: "a")!) } == "invalid_report")
+        #expect(try await restarted.view(try await Self.phase(f.store, round.id)).phases[1].refused == 3)
     }
 
     @Test func aQuorumOutOfReachFailsAtOnce() async throws {

@@ -22,58 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import execute, launch
+from wire import _varint, pb_bytes, pb_decode, pb_varint
 
 PROTOCOL_VERSION = 1
 SECRET_FILES = ("ca.key", "server.key", "admin.key")
-
-
-# ---- protobuf by hand (proto/whittle.proto) -----------------------------------------------------------------------
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def pb_varint(field, value):
-    return _varint(field << 3) + _varint(value)
-
-
-def pb_bytes(field, data):
-    data = data.encode() if isinstance(data, str) else data
-    return _varint(field << 3 | 2) + _varint(len(data)) + data
-
-
-def pb_decode(data):
-    """Field number → list of values (ints for varints, bytes for length-delimited)."""
-    fields, i = {}, 0
-
-    def varint():
-        nonlocal i
-        value = shift = 0
-        while True:
-            byte = data[i]
-            i += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
-
-    while i < len(data):
-        key = varint()
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value = varint()
-        elif wire == 2:
-            length = varint()
-            value, i = data[i:i + length], i + length
-        else:
-            raise ValueError(f"wire type {wire} not expected")
-        fields.setdefault(field, []).append(value)
-    return fields
 
 
 def enroll_request(token, csr_der, version=PROTOCOL_VERSION, extra=b""):
@@ -880,9 +832,10 @@ def test_metrics_count_requests_enrollments_heartbeats_and_refused_reports(coord
     cert, key, _, _ = enrolled_identity(server, token, "w1", tmp_path)
     assert enroll_by_hand(server, "no-such-token", "w2")[0].status == 401
     assert heartbeat_by_hand(server, cert, key).status == 200
+    # A worker holding no task is refused before its body is read, whatever the body holds.
     refused = server.request("POST", "/v1/worker/reports", body=b"\xff\xff\xff", certificate=cert, key=key,
                              headers={"Content-Type": "application/x-protobuf"})
-    assert_error(refused, 400, "malformed_message")
+    assert_error(refused, 409, "stale_report")
 
     assert_error(server.request("GET", "/metrics"), 401, "metrics_unauthorized")
     assert_error(server.request("GET", "/metrics", headers={"Authorization": "Bearer wrong-secret!"}), 401, "bad_metrics_token")
@@ -896,7 +849,7 @@ def test_metrics_count_requests_enrollments_heartbeats_and_refused_reports(coord
         'whittle_enrollments_total{result="enrolled"}': 1,
         'whittle_enrollments_total{result="unknown_token"}': 1,
         'whittle_heartbeats_total': 1,
-        'whittle_reports_total{result="refused",reason="malformed_message"}': 1,
+        'whittle_reports_total{result="refused",reason="stale_report"}': 1,
         'whittle_workers{state="online"}': 1,
         'whittle_workers{state="revoked"}': 0,
         'whittle_rounds{state="running"}': 0,

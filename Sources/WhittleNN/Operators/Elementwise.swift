@@ -26,7 +26,7 @@ extension Operators {
                         failed = true
                         return 0
                     }
-                    if failed { throw ctx.error(.invalidInput, "integer \(name) failed (division by zero)") }
+                    if failed { throw ctx.error(.invalidInput, "integer \(name) failed (division by zero, or the quotient overflows)") }
                     return [Tensor(shape: shape, ints: values, dtype: a.dtype)]
                 }
                 let (values, shape) = try Kernels.broadcastFloat(a.floats, a.shape, b.floats, b.shape, f)
@@ -36,7 +36,10 @@ extension Operators {
         r["Add"] = binary("Add", { $0 + $1 }, { $0 &+ $1 })
         r["Sub"] = binary("Sub", { $0 - $1 }, { $0 &- $1 })
         r["Mul"] = binary("Mul", { $0 * $1 }, { $0 &* $1 })
-        r["Div"] = binary("Div", { $0 / $1 }, { $1 == 0 ? nil : $0 / $1 })
+        r["Div"] = binary("Div", { $0 / $1 }, { a, b in
+            let (q, overflow) = a.dividedReportingOverflow(by: b)  // b = 0 also reports overflow
+            return overflow ? nil : q
+        })
     }
 }
 
@@ -87,7 +90,11 @@ extension Operators {
             }
             return [Tensor(shape: shape, floats: values)]
         }
-        r["Softmax"] = OperatorDefinition(infer: sameAsInput, compile: { ctx, outputs, options in
+        r["Softmax"] = OperatorDefinition(infer: { ctx in
+            let outs = try sameAsInput(ctx)
+            _ = try ctx.axis(Int(try ctx.int("axis", default: ctx.opset >= 13 ? -1 : 1)), rank: outs[0].rank)
+            return outs
+        }, compile: { ctx, outputs, options in
             let shape = outputs[0].shape
             let defaultAxis: Int64 = ctx.opset >= 13 ? -1 : 1
             let axis = try ctx.axis(Int(try ctx.int("axis", default: defaultAxis)), rank: shape.count)

@@ -105,6 +105,11 @@ extension Operators {
             throw ctx.error(.invalidInput, "scales must be positive and finite")
         }
         let zeros = inputs.count > 2 ? inputs[2]?.ints ?? [Int64](repeating: 0, count: scales.count) : [Int64](repeating: 0, count: scales.count)
+        // The zero point lies in the quantized type's range (the quantized input's for DequantizeLinear).
+        let quantized = ctx.node.opType == "DequantizeLinear" ? inputs[0]!.dtype : try quantizedType(ctx)
+        if let range = quantized.integerRange, let bad = zeros.first(where: { !range.contains($0) }) {
+            throw ctx.error(.invalidInput, "zero point \(bad) is outside the range of \(quantized) (\(range.lowerBound)…\(range.upperBound))")
+        }
         return (scales, zeros, axisInfo)
     }
 }

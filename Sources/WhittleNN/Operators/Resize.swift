@@ -64,7 +64,9 @@ extension Operators {
         if let sizes = try value(3) {
             guard sizes.count == axes.count else { throw ctx.error(.shapeMismatch, "sizes has \(sizes.count) values for \(axes.count) axes") }
             for (k, axis) in axes.enumerated() {
+                guard shape[axis] > 0 else { throw ctx.error(.shapeMismatch, "cannot resize axis \(axis) of shape \(shape): it is empty") }
                 out[axis] = Int(sizes.asInts[k])
+                try ctx.checkedShape(out, "the output")
                 scales[axis] = Float(out[axis]) / Float(shape[axis])
             }
         } else if let given = try value(2) {
@@ -73,7 +75,10 @@ extension Operators {
                 let s = given.asFloats[k]
                 guard s > 0, s.isFinite else { throw ctx.error(.invalidInput, "scale \(s) must be positive") }
                 scales[axis] = s
-                out[axis] = Int((Float(shape[axis]) * s).rounded(.down))
+                guard let size = TensorLimits.integer(Double((Float(shape[axis]) * s).rounded(.down))) else {
+                    throw ctx.error(.tooLarge, "scale \(s) makes axis \(axis) of shape \(shape) larger than the \(TensorLimits.maximumElements) elements one tensor may hold")
+                }
+                out[axis] = size
             }
         } else {
             throw ctx.error(.invalidGraph, "Resize needs scales or sizes")

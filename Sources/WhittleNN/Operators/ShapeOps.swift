@@ -93,15 +93,17 @@ extension Operators {
                 out.append(Int(d))
             }
         }
-        let total = shape.reduce(1, *)
+        guard let total = TensorLimits.elementCount(shape) else { throw ctx.error(.tooLarge, TensorLimits.limitMessage(shape, "the input")) }
+        guard let known = TensorLimits.elementCount(out) else {
+            throw ctx.error(.tooLarge, TensorLimits.limitMessage(out, "the target shape \(target)"))
+        }
         if let inferred {
-            let known = out.reduce(1, *)
             guard known > 0, total % known == 0 else {
                 throw ctx.error(.shapeMismatch, "cannot reshape \(shape) to \(target)")
             }
             out[inferred] = total / known
         }
-        guard out.reduce(1, *) == total else { throw ctx.error(.shapeMismatch, "cannot reshape \(shape) (\(total) elements) to \(target)") }
+        guard TensorLimits.elementCount(out) == total else { throw ctx.error(.shapeMismatch, "cannot reshape \(shape) (\(total) elements) to \(target)") }
         return out
     }
 
@@ -180,7 +182,9 @@ extension Operators {
         }
         let shape = shapeTensor.asInts.map { Int($0) }
         guard shape.allSatisfy({ $0 >= 0 }) else { throw ctx.error(.invalidInput, "shape \(shape) has a negative dimension") }
-        let count = shape.reduce(1, *)
+        guard let count = TensorLimits.elementCount(shape) else {
+            throw ctx.error(.tooLarge, TensorLimits.limitMessage(shape, "the output"))
+        }
         let fill = ctx.node.attribute("value")?.value.tensor ?? Tensor(shape: [1], floats: [0])
         guard fill.count == 1 else { throw ctx.error(.invalidAttribute, "value must hold one element") }
         if fill.dtype.isInteger {

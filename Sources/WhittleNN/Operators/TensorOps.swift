@@ -150,6 +150,9 @@ extension Operators {
                 }
             }
             let fill = ctx.optionalInput(2) != nil ? inputs[2]!.asFloats.first ?? 0 : 0
+            guard !data.dtype.isInteger || fill.isFinite else {
+                throw ctx.error(.invalidInput, "constant_value \(fill) is not an integer of the data's type")
+            }
             return [data.gathered(shape: shape, sources: sources, fill: fill)]
         }
     }
@@ -164,7 +167,7 @@ extension Operators {
     static func castTarget(_ ctx: NodeContext) throws -> DataType {
         guard let raw = try ctx.int("to"), let to = DataType(rawValue: Int32(truncatingIfNeeded: raw)),
             to.isInteger || to.isFloatingPoint
-        else { throw ctx.error(.unsupportedDataType, "Cast target type \(String(describing: try? ctx.int("to"))) is not supported") }
+        else { throw ctx.error(.unsupportedDataType, "Cast target type \((try? ctx.int("to")).map { "\($0)" } ?? "(missing)") is not supported") }
         return to
     }
 
@@ -204,10 +207,12 @@ extension Operators {
         var plan = SlicePlan(shape: shape, inShape: shape, starts: [Int](repeating: 0, count: shape.count),
                              steps: [Int](repeating: 1, count: shape.count))
         for (k, axis) in axes.enumerated() {
-            let n = Int64(shape[axis]), step = steps[k]
-            guard step != 0 else { throw ctx.error(.invalidAttribute, "slice step 0") }
+            let n = Int64(shape[axis])
+            guard steps[k] != 0 else { throw ctx.error(.invalidAttribute, "slice step 0") }
             var s = starts[k] < 0 ? starts[k] + n : starts[k]
             var e = ends[k] < 0 ? ends[k] + n : ends[k]
+            // A step longer than the axis takes at most one element: clamping it keeps the arithmetic in range.
+            let step = min(max(steps[k], -(n + 1)), n + 1)
             if step > 0 {
                 s = min(max(s, 0), n)
                 e = min(max(e, 0), n)
@@ -224,9 +229,10 @@ extension Operators {
     }
 
     static func padAmounts(_ ctx: NodeContext, rank: Int, _ inputs: [Tensor?]?) throws -> ([Int], [Int]) {
-        guard let pads = (inputs?[1] ?? ctx.inputs[1]?.constant)?.asInts.map({ Int($0) }) else {
+        guard let raw = (inputs?[1] ?? ctx.inputs[1]?.constant)?.asInts.map({ Int($0) }) else {
             throw ctx.error(.invalidGraph, "pads (input 1) must be a constant or computable from shapes")
         }
+        let pads = try ctx.checkedSizes(raw, "pads")
         let axes: [Int]
         if ctx.optionalInput(3) != nil {
             guard let a = (inputs?[3] ?? ctx.inputs[3]?.constant)?.asInts else {

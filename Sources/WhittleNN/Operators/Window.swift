@@ -26,8 +26,10 @@ struct Window {
         guard dilations.count == n, dilations.allSatisfy({ $0 >= 1 }) else {
             throw ctx.error(.invalidAttribute, "dilations \(dilations) must be \(n) positive values")
         }
+        // Bounded so that the sums and products below cannot overflow (kernel sizes come from a checked weight shape).
+        try ctx.checkedSizes(kernel + strides + dilations, "kernel_shape, strides and dilations")
         let autoPad = try ctx.string("auto_pad", default: "NOTSET")
-        var pads = try ctx.ints("pads") ?? [Int](repeating: 0, count: 2 * n)
+        var pads = try ctx.checkedSizes(try ctx.ints("pads") ?? [Int](repeating: 0, count: 2 * n), "pads")
         guard pads.count == 2 * n, pads.allSatisfy({ $0 >= 0 }) else {
             throw ctx.error(.invalidAttribute, "pads \(pads) must be \(2 * n) non-negative values")
         }
