@@ -247,10 +247,11 @@ public struct RunCommand: ParsableCommand {
         // Idle heartbeats ask the coordinator to hold them until a task is ready (long polling), for at most the
         // poll interval it last answered (0 before the first answer) and well within the client's timeout.
         var longPoll: UInt32 = 0
+        try CertificateRenewal.recover(layout)
         let client = HTTPClient(baseURL: state.coordinator, credentials: TLSCredentials(
             caPEM: try read(layout.ca), certificatePEM: try read(layout.certificate), privateKeyPEM: try read(layout.key)))
         client.timeout = 30
-        let certificate = try Certificate(pemEncoded: try read(layout.certificate))
+        var certificate = try Certificate(pemEncoded: try read(layout.certificate))
         let backoff = RetryPolicy(attempts: Int.max, baseDelay: 1, maximumDelay: 60)
         func checkValidity() throws {
             guard certificate.notValidAfter > Date() else {
@@ -281,6 +282,17 @@ public struct RunCommand: ParsableCommand {
                     longPoll = min(poll, UInt32(client.timeout * 2 / 3))
                     // A held heartbeat has already spent (part of) the interval.
                     wait = max(0.05, Double(poll) - Date().timeIntervalSince(asked))
+                    if answer.renewCertificate || CertificateRenewal.isDue(certificate, now: Date()) {
+                        do {
+                            certificate = try CertificateRenewal.renew(client: client, layout: layout, name: state.name,
+                                                                      caPEM: try read(layout.ca))
+                            log.info("certificate renewed: serial \(PKI.serial(certificate)), valid until \(ISO8601DateFormatter().string(from: certificate.notValidAfter))",
+                                     ["certificate.serial": "\(PKI.serial(certificate))"])
+                        } catch {
+                            log.warning("certificate renewal failed (the current certificate stays in use; retried at the next heartbeat): \(error)",
+                                        ["error": "\(error)"])
+                        }
+                    }
                     if answer.hasTask, !runner.finished.contains(TaskRunner.key(answer.task)) {
                         try? state.save(layout)
                         var busy = heartbeat
@@ -314,6 +326,65 @@ public struct RunCommand: ParsableCommand {
             if heartbeats.map({ sent >= $0 }) ?? false { break }
             Thread.sleep(forTimeInterval: wait)
         }
+    }
+}
+
+/// Renewing the worker's certificate over its current mutual-TLS identity: a new key made on the board, a CSR
+/// naming the worker, the coordinator's new certificate, and both written so that a crash at any point leaves a
+/// matching key and certificate (the coordinator keeps accepting the old certificate until the new one is used).
+enum CertificateRenewal {
+    /// A third of the certificate's lifetime or less is left (the lifetime it was issued for: the coordinator
+    /// backdates the start by `PKI.clockSkewAllowance`).
+    static func isDue(_ certificate: Certificate, now: Date) -> Bool {
+        let lifetime = certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore) - PKI.clockSkewAllowance
+        return certificate.notValidAfter.timeIntervalSince(now) < lifetime / 3
+    }
+
+    static func pending(_ path: String) -> String { path + ".renewed" }
+
+    /// Finishes or abandons a renewal a crash interrupted: both new files were written durably before either was
+    /// moved into place, so a new certificate on disk means the swap is completed; a new key alone is dropped.
+    static func recover(_ layout: WorkerLayout) throws {
+        let fm = FileManager.default
+        if fm.fileExists(atPath: pending(layout.certificate)) {
+            if fm.fileExists(atPath: pending(layout.key)) { try move(pending(layout.key), layout.key) }
+            try move(pending(layout.certificate), layout.certificate)
+        } else if fm.fileExists(atPath: pending(layout.key)) {
+            try fm.removeItem(atPath: pending(layout.key))
+        } else {
+            return
+        }
+        let directory = open(layout.directory.path, O_RDONLY | O_DIRECTORY)
+        guard directory >= 0 else { throw CLIError("cannot open \(layout.directory.path) to sync it") }
+        defer { close(directory) }
+        guard fsync(directory) == 0 else { throw CLIError("cannot sync \(layout.directory.path)") }
+    }
+
+    static func move(_ from: String, _ to: String) throws {
+        guard rename(from, to) == 0 else { throw CLIError("cannot move \(from) to \(to): \(String(cString: strerror(errno)))") }
+    }
+
+    /// Asks for a new certificate, keeps it with its key, and switches `client` to it; returns the certificate.
+    static func renew(client: HTTPClient, layout: WorkerLayout, name: String, caPEM: String) throws -> Certificate {
+        let key = P256.Signing.PrivateKey()
+        var request = Whittle_EnrollRequest()
+        request.protocolVersion = protocolVersion
+        request.csrDer = Data(try PKI.makeCSR(name: name, key: key))
+        let response = try client.request("POST", "/v1/worker/renew", body: try request.serializedBytes(),
+                                          contentType: "application/x-protobuf")
+        guard response.status == 200, let answer = try? Whittle_EnrollResponse(serializedBytes: response.body) else {
+            throw CLIError("the coordinator refused the renewal (\(errorMessage(response)))")
+        }
+        let certificate = try Certificate(derEncoded: Array(answer.certificateDer))
+        guard certificate.publicKey == Certificate.PublicKey(key.publicKey), answer.name == name else {
+            throw CLIError("the coordinator's renewed certificate is not for this board's new key and name")
+        }
+        let certificatePEM = try certificate.serializeAsPEM().pemString
+        try Files.writeDurably(Array(key.pemRepresentation.utf8), to: pending(layout.key), mode: 0o600)
+        try Files.writeDurably(Array(certificatePEM.utf8), to: pending(layout.certificate), mode: 0o644)
+        try recover(layout)
+        client.replaceCredentials(TLSCredentials(caPEM: caPEM, certificatePEM: certificatePEM, privateKeyPEM: key.pemRepresentation))
+        return certificate
     }
 }
 

@@ -66,7 +66,13 @@ public struct RetryPolicy: Sendable {
 /// thread of your own (the worker agent's loop), never from Swift's cooperative pool.
 public final class HTTPClient: @unchecked Sendable {
     public let baseURL: String
-    public let credentials: TLSCredentials
+    /// The TLS identity and trust (read and replaced under `lock`).
+    var currentCredentials: TLSCredentials
+    public var credentials: TLSCredentials {
+        lock.lock()
+        defer { lock.unlock() }
+        return currentCredentials
+    }
     public var connectTimeout: Double = 10
     public var timeout: Double = 60
     public var userAgent = "whittle"
@@ -77,7 +83,7 @@ public final class HTTPClient: @unchecked Sendable {
     public init(baseURL: String, credentials: TLSCredentials = TLSCredentials()) {
         _ = Self.globalInit
         self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
-        self.credentials = credentials
+        currentCredentials = credentials
         errorBuffer.initialize(repeating: 0, count: WK_CURL_ERROR_SIZE + 1)
     }
 
@@ -87,6 +93,16 @@ public final class HTTPClient: @unchecked Sendable {
     }
 
     static let globalInit: Void = { _ = wk_curl_global_init() }()
+
+    /// Uses `credentials` from the next request on (a renewed certificate): the cached connection, made with the
+    /// old identity, is closed.
+    public func replaceCredentials(_ credentials: TLSCredentials) {
+        lock.lock()
+        defer { lock.unlock() }
+        currentCredentials = credentials
+        if let handle { wk_curl_easy_cleanup(handle) }
+        handle = nil
+    }
 
     /// One request, no retries.
     public func request(_ method: String, _ path: String, body: [UInt8]? = nil, contentType: String? = nil,
@@ -275,7 +291,7 @@ public final class HTTPClient: @unchecked Sendable {
     }
 
     func configureTLS(_ h: UnsafeMutableRawPointer, _ check: (Int32) -> Void) throws {
-        if !credentials.verifyPeer {
+        if !currentCredentials.verifyPeer {
             check(wk_curl_set_long(h, option(WK_CURLOPT_SSL_VERIFYPEER), 0))
             check(wk_curl_set_long(h, option(WK_CURLOPT_SSL_VERIFYHOST), 0))
         }
@@ -283,8 +299,8 @@ public final class HTTPClient: @unchecked Sendable {
             let bytes = Array(text.utf8)
             check(bytes.withUnsafeBytes { wk_curl_set_blob(h, option(o), $0.baseAddress, $0.count) })
         }
-        if let ca = credentials.caPEM { blob(WK_CURLOPT_CAINFO_BLOB, ca) }
-        if let certificate = credentials.certificatePEM, let key = credentials.privateKeyPEM {
+        if let ca = currentCredentials.caPEM { blob(WK_CURLOPT_CAINFO_BLOB, ca) }
+        if let certificate = currentCredentials.certificatePEM, let key = currentCredentials.privateKeyPEM {
             check(wk_curl_set_string(h, option(WK_CURLOPT_SSLCERTTYPE), "PEM"))
             check(wk_curl_set_string(h, option(WK_CURLOPT_SSLKEYTYPE), "PEM"))
             blob(WK_CURLOPT_SSLCERT_BLOB, certificate)

@@ -42,6 +42,10 @@ public struct Identity: Sendable {
 }
 
 public enum PKI {
+    /// Certificates are valid from this many seconds before they are issued, so a board whose clock runs a little
+    /// behind accepts them at once.
+    public static let clockSkewAllowance: TimeInterval = 300
+
     /// Common name prefixes: the role of a client certificate is fixed when it is issued.
     public static let adminCommonName = "whittle-admin"
     public static let caCommonName = "Whittle coordinator CA"
@@ -103,7 +107,7 @@ public enum PKI {
                                              notBefore: Date? = nil) throws -> Certificate {
         try Certificate(
             version: .v3, serialNumber: newSerial(), publicKey: publicKey,
-            notValidBefore: notBefore ?? now.addingTimeInterval(-300), notValidAfter: now.addingTimeInterval(validity),
+            notValidBefore: notBefore ?? now.addingTimeInterval(-clockSkewAllowance), notValidAfter: now.addingTimeInterval(validity),
             issuer: ca.certificate.subject,
             subject: try DistinguishedName {
                 OrganizationName("Whittle")

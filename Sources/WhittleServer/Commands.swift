@@ -84,6 +84,47 @@ public struct InitCommand: ParsableCommand {
     }
 }
 
+/// `coordinator server-certificate`: a new server certificate (and key) from the data directory's CA, for new host
+/// names or before the old one expires. Workers trust the CA, not the certificate, so nothing changes for them;
+/// `serve` reads the files when it starts: restart it.
+public struct ServerCertificateCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "server-certificate",
+        abstract: "Issue a new server certificate from the coordinator's CA (restart serve to use it).")
+
+    @Option(name: .long, help: "The coordinator's data directory.") var dir: String
+    @Option(name: .long, parsing: .upToNextOption, help: "Host names and IP addresses the server certificate is valid for.")
+    var hostname: [String] = ["localhost", "127.0.0.1", "::1"]
+    @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+    public init() {}
+
+    public func validate() throws {
+        guard !hostname.isEmpty else { throw ValidationError("give at least one --hostname") }
+    }
+
+    public func run() throws {
+        let (layout, _) = try loadConfig(dir)
+        let read = { (path: String) throws -> String in
+            do { return try String(contentsOfFile: path, encoding: .utf8) } catch { throw CLIError("cannot read \(path)") }
+        }
+        let ca = try Identity(certificatePEM: try read(layout.caCertificate), privateKeyPEM: try read(layout.caKey))
+        let server = try PKI.makeServerCertificate(ca: ca, hosts: hostname)
+        // Key first: a crash between the two writes leaves the old certificate with a key it does not match, which
+        // serve refuses at start; running the command again repairs it.
+        try Files.writeDurably(Array(server.privateKeyPEM.utf8), to: layout.serverKey, mode: 0o600)
+        try Files.writeDurably(Array(server.certificatePEM.utf8), to: layout.serverCertificate, mode: 0o644)
+        let report = ["serial": PKI.serial(server.certificate), "expiresAt": ISO8601DateFormatter().string(from: server.certificate.notValidAfter),
+                      "names": hostname.joined(separator: ",")]
+        if json {
+            try printJSON(report)
+        } else {
+            print("new server certificate \(report["serial"]!) for \(hostname.joined(separator: ", ")), valid until \(report["expiresAt"]!)")
+            print("restart coordinator serve to use it; workers keep trusting the same CA")
+        }
+    }
+}
+
 /// Loads the configuration of a data directory.
 /// The data directory's settings, overridden by `WHITTLE_KEY` environment variables and then `settings`
 /// (`KEY=VALUE`, from `--set`).
@@ -178,10 +219,10 @@ func adminRequest(_ client: HTTPClient, _ method: String, _ path: String, body: 
     return response
 }
 
-/// `coordinator token create`.
+/// `coordinator token create|list|revoke`.
 public struct TokenCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
-        commandName: "token", abstract: "Enrollment tokens.", subcommands: [Create.self])
+        commandName: "token", abstract: "Enrollment tokens.", subcommands: [Create.self, List.self, Revoke.self])
 
     public init() {}
 
@@ -225,10 +266,67 @@ public struct TokenCommand: ParsableCommand {
     }
 }
 
-/// `coordinator workers list|show|revoke`.
+extension TokenCommand {
+    public struct List: ParsableCommand {
+        public static let configuration = CommandConfiguration(
+            abstract: "List enrollment tokens: id (the start of the token's hash; the secret is never stored), state, uses, expiry.")
+        @OptionGroup var common: WorkersCommand.Common
+        public init() {}
+
+        public func run() throws {
+            let response = try adminRequest(try adminClient(common.dir, server: common.server), "GET", "/admin/v1/tokens")
+            if common.json { print(response.text); return }
+            let decoder = JSONDecoder()
+            decoder.dateDecodingStrategy = .iso8601
+            let tokens = try decoder.decode([TokenView].self, from: Data(response.body))
+            guard !tokens.isEmpty else { print("no tokens"); return }
+            let f = ISO8601DateFormatter()
+            print(table(["id", "state", "uses left", "created", "expires"], tokens.map {
+                [$0.id, $0.state, "\($0.usesRemaining) of \($0.usesAllowed)", f.string(from: $0.createdAt), f.string(from: $0.expiresAt)]
+            }))
+        }
+    }
+
+    public struct Revoke: ParsableCommand {
+        public static let configuration = CommandConfiguration(
+            abstract: "Revoke an enrollment token: it enrolls nobody from now on (workers it enrolled stay enrolled).")
+        @Argument(help: "The token's id as `token list` shows it (at least 8 hex digits).") var id: String
+        @OptionGroup var common: WorkersCommand.Common
+        public init() {}
+
+        public func validate() throws {
+            guard id.count >= 8, id.count <= 64, id.allSatisfy(\.isHexDigit) else {
+                throw ValidationError("the token id is 8 to 64 hex digits, as `coordinator token list` shows")
+            }
+        }
+
+        public func run() throws {
+            let response = try adminRequest(try adminClient(common.dir, server: common.server), "POST", "/admin/v1/tokens/\(id)/revoke")
+            if common.json { print(response.text) } else { print("revoked token \(id)") }
+        }
+    }
+}
+
+/// `coordinator gc`.
+public struct GCCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "gc",
+        abstract: "Delete what no round needs any more: closed phases' report blobs, and models of rounds ended more than retention_days ago (serve also does this hourly).")
+    @OptionGroup var common: WorkersCommand.Common
+    public init() {}
+
+    public func run() throws {
+        let response = try adminRequest(try adminClient(common.dir, server: common.server), "POST", "/admin/v1/gc")
+        if common.json { print(response.text); return }
+        let c = try JSONDecoder().decode(RoundService.Collected.self, from: Data(response.body))
+        print("deleted \(c.artifacts) artifacts (\(byteSize(c.artifactBytes))) and \(c.reports) report blobs (\(byteSize(c.reportBytes)))")
+    }
+}
+
+/// `coordinator workers list|show|revoke|renew`.
 public struct WorkersCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
-        commandName: "workers", abstract: "Enrolled workers.", subcommands: [List.self, Show.self, Revoke.self])
+        commandName: "workers", abstract: "Enrolled workers.", subcommands: [List.self, Show.self, Revoke.self, Renew.self])
 
     public init() {}
 
@@ -290,6 +388,20 @@ public struct WorkersCommand: ParsableCommand {
             let path = "/admin/v1/workers/" + (name.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? name) + "/revoke"
             let response = try adminRequest(try adminClient(common.dir, server: common.server), "POST", path)
             if common.json { print(response.text) } else { print("revoked \(name)") }
+        }
+    }
+
+    public struct Renew: ParsableCommand {
+        public static let configuration = CommandConfiguration(
+            abstract: "Ask a worker to renew its certificate at its next heartbeat (workers also renew by themselves when a third of the lifetime is left).")
+        @Argument(help: "The worker's name.") var name: String
+        @OptionGroup var common: Common
+        public init() {}
+
+        public func run() throws {
+            let path = "/admin/v1/workers/" + (name.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? name) + "/renew"
+            let response = try adminRequest(try adminClient(common.dir, server: common.server), "POST", path)
+            if common.json { print(response.text) } else { print("\(name) renews its certificate at its next heartbeat") }
         }
     }
 }

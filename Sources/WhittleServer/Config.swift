@@ -10,8 +10,9 @@ public struct CoordinatorConfig: Sendable, Equatable {
     public var url = ""
     /// Seconds between a worker's heartbeats.
     public var heartbeatSeconds = 10
-    /// Validity of issued worker certificates, in days.
-    public var workerCertificateDays = 365
+    /// Validity of issued worker certificates, in days (fractions allowed: 0.01 is 14.4 minutes). Workers renew
+    /// theirs when a third of it is left.
+    public var workerCertificateDays = 365.0
     /// Body limits per route, in bytes.
     public var enrollBodyLimit = 64 << 10
     public var heartbeatBodyLimit = 16 << 10
@@ -37,6 +38,9 @@ public struct CoordinatorConfig: Sendable, Equatable {
     /// Bytes of report bodies in flight at once (one larger report is admitted alone); beyond it uploads are
     /// answered 503 with Retry-After.
     public var uploadMemoryLimit = 256 << 20
+    /// Days the artifacts of an ended round are kept (the latest succeeded round's are kept regardless); report
+    /// blobs of closed phases are deleted at the next collection. Collected hourly and by `coordinator gc`.
+    public var retentionDays = 30.0
 
     public init() {}
 
@@ -44,7 +48,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
         ("listen", "Address and port the HTTPS server listens on (coordinator serve --listen overrides)."),
         ("url", "URL admin commands use to reach the server; empty: the address serve wrote to DIR/listening (a wildcard listen becomes loopback), else https://<listen>."),
         ("heartbeat_seconds", "Seconds between a worker's heartbeats."),
-        ("worker_certificate_days", "Validity of the certificates issued to enrolled workers, in days."),
+        ("worker_certificate_days", "Validity of the certificates issued to enrolled workers, in days (fractions allowed); workers renew theirs when a third of it is left."),
         ("enroll_body_limit", "Largest enrollment request body, in bytes (larger: 413)."),
         ("heartbeat_body_limit", "Largest heartbeat body, in bytes."),
         ("admin_body_limit", "Largest admin request body, in bytes."),
@@ -58,17 +62,18 @@ public struct CoordinatorConfig: Sendable, Equatable {
         ("body_timeout_seconds", "Seconds a request body may take to arrive (slower: 408)."),
         ("max_connections", "Connections held at once; further connections wait in the listen backlog until one closes."),
         ("upload_memory_limit", "Bytes of report bodies held in flight at once (a single larger report is admitted alone); beyond it: 503 with Retry-After."),
+        ("retention_days", "Days an ended round's models stay in artifacts/ (the latest succeeded round's are always kept); report blobs of closed phases are deleted. Collected hourly and by coordinator gc."),
     ]
 
     package var values: [String: String] {
         ["listen": listen, "url": url, "heartbeat_seconds": "\(heartbeatSeconds)",
-         "worker_certificate_days": "\(workerCertificateDays)", "enroll_body_limit": "\(enrollBodyLimit)",
+         "worker_certificate_days": Self.number(workerCertificateDays), "enroll_body_limit": "\(enrollBodyLimit)",
          "heartbeat_body_limit": "\(heartbeatBodyLimit)", "admin_body_limit": "\(adminBodyLimit)",
          "report_body_limit": "\(reportBodyLimit)", "model_body_limit": "\(modelBodyLimit)",
          "enroll_rate_per_second": "\(enrollRatePerSecond)", "enroll_burst": "\(enrollBurst)", "admin_serial": adminSerial,
          "metrics_token": metricsToken, "idle_timeout_seconds": "\(idleTimeoutSeconds)",
          "body_timeout_seconds": "\(bodyTimeoutSeconds)", "max_connections": "\(maxConnections)",
-         "upload_memory_limit": "\(uploadMemoryLimit)"]
+         "upload_memory_limit": "\(uploadMemoryLimit)", "retention_days": Self.number(retentionDays)]
     }
 
     /// The file's text, every key with its comment.
@@ -102,7 +107,11 @@ public struct CoordinatorConfig: Sendable, Equatable {
         case "listen": listen = value
         case "url": url = value
         case "heartbeat_seconds": heartbeatSeconds = try int()
-        case "worker_certificate_days": workerCertificateDays = try int()
+        case "worker_certificate_days":
+            guard let v = Double(value), v > 0, v <= 36500 else {
+                throw ConfigError("worker_certificate_days must be a positive number of days (at most 36500), not '\(value)'")
+            }
+            workerCertificateDays = v
         case "enroll_body_limit": enrollBodyLimit = try int()
         case "heartbeat_body_limit": heartbeatBodyLimit = try int()
         case "admin_body_limit": adminBodyLimit = try int()
@@ -118,9 +127,19 @@ public struct CoordinatorConfig: Sendable, Equatable {
         case "body_timeout_seconds": bodyTimeoutSeconds = try int()
         case "max_connections": maxConnections = try int()
         case "upload_memory_limit": uploadMemoryLimit = try int()
+        case "retention_days":
+            guard let v = Double(value), v >= 0, v <= 36500 else {
+                throw ConfigError("retention_days must be a number of days from 0 to 36500, not '\(value)'")
+            }
+            retentionDays = v
         default:
             throw ConfigError("unknown setting '\(key)' (known: \(Self.documentation.map(\.key).joined(separator: ", ")))")
         }
+    }
+
+    /// `value` without a fraction when it is whole (365, not 365.0).
+    static func number(_ value: Double) -> String {
+        value == value.rounded() && abs(value) < 1e15 ? "\(Int(value))" : "\(value)"
     }
 
     /// The environment variable that overrides `key`: `WHITTLE_` and the key in capitals (`WHITTLE_HEARTBEAT_SECONDS`).

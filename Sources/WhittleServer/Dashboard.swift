@@ -5,46 +5,49 @@ import Hummingbird
 import NIOCore
 import WhittleCLI
 import WhittlePKI
+import WhittleStore
 
 /// Browser sessions for the dashboard. An admin (holding the admin certificate) asks for a one-time login link;
-/// opening it within `linkLifetime` trades it for a session cookie valid `sessionLifetime`. Only hashes are kept,
-/// in memory: a restart logs every browser out.
+/// opening it within `linkLifetime` trades it for a session cookie valid `sessionLifetime`. Only hashes are kept:
+/// links in memory (a restart spends them), sessions in the store (a restart of `serve` keeps browsers logged in).
 actor DashboardSessions {
     static let linkLifetime: TimeInterval = 600
     static let sessionLifetime: TimeInterval = 12 * 3600
     static let cookie = "whittle_session"
 
+    let store: any CoordinatorStore
     var links: [String: Date] = [:]
-    var sessions: [String: Date] = [:]
+
+    init(store: any CoordinatorStore) { self.store = store }
 
     static func secret() -> String { PKI.randomHex(32) }
 
     static func hash(_ secret: String) -> String { PKI.hex(SHA256.hash(data: Data(secret.utf8))) }
 
-    func newLink(now: Date = Date()) -> (token: String, expiresAt: Date) {
-        purge(now)
+    func newLink(now: Date = Date()) async throws -> (token: String, expiresAt: Date) {
+        try await purge(now)
         let token = Self.secret()
         links[Self.hash(token)] = now.addingTimeInterval(Self.linkLifetime)
         return (token, now.addingTimeInterval(Self.linkLifetime))
     }
 
     /// A session for a valid, unused link token (the link is spent), else nil.
-    func redeem(_ token: String, now: Date = Date()) -> String? {
-        purge(now)
+    func redeem(_ token: String, now: Date = Date()) async throws -> String? {
+        try await purge(now)
         guard links.removeValue(forKey: Self.hash(token)) != nil else { return nil }
         let session = Self.secret()
-        sessions[Self.hash(session)] = now.addingTimeInterval(Self.sessionLifetime)
+        try await store.addDashboardSession(hash: Self.hash(session), expiresAt: now.addingTimeInterval(Self.sessionLifetime))
         return session
     }
 
-    func isValid(_ session: String, now: Date = Date()) -> Bool {
-        guard let expiry = sessions[Self.hash(session)] else { return false }
+    func isValid(_ session: String, now: Date = Date()) async throws -> Bool {
+        guard let expiry = try await store.dashboardSession(hash: Self.hash(session)) else { return false }
         return expiry > now
     }
 
-    func purge(_ now: Date) {
+    func purge(_ now: Date) async throws {
         links = links.filter { $0.value > now }
-        sessions = sessions.filter { $0.value > now }
+        try await store.removeDashboardSessions(expiredBefore: now)
     }
 }
 
@@ -55,7 +58,7 @@ struct DashboardAuthMiddleware: RouterMiddleware {
     func handle(_ request: Request, context: WhittleContext,
                 next: (Request, WhittleContext) async throws -> Response) async throws -> Response {
         var admitted = false
-        if let session = DashboardRoutes.cookie(request, DashboardSessions.cookie) { admitted = await state.dashboard.isValid(session) }
+        if let session = DashboardRoutes.cookie(request, DashboardSessions.cookie) { admitted = try await state.dashboard.isValid(session) }
         if !admitted { admitted = try await CoordinatorServer.presentsAdminCertificate(context, state) }
         if admitted {
             // The API's JSON answers too: never cached, never framed.
@@ -103,7 +106,7 @@ enum DashboardRoutes {
     static func add(to router: Router<WhittleContext>, admin: RouterGroup<WhittleContext>, state: ServerState) {
         // The login link: spent on first use, answered with the session cookie and a redirect to the dashboard.
         router.get("/dashboard/login") { request, _ -> Response in
-            guard let token = request.uri.queryParameters.get("token"), let session = await state.dashboard.redeem(token) else {
+            guard let token = request.uri.queryParameters.get("token"), let session = try await state.dashboard.redeem(token) else {
                 return page(status: .unauthorized, DashboardAssets.loginPage)
             }
             var headers = securityHeaders
@@ -123,7 +126,7 @@ enum DashboardRoutes {
             try CoordinatorServer.json(try await state.rounds.report(context.parameters.get("id") ?? ""))
         }
         admin.post("/dashboard/links") { _, _ -> Response in
-            let (token, expiresAt) = await state.dashboard.newLink()
+            let (token, expiresAt) = try await state.dashboard.newLink()
             return try CoordinatorServer.json(DashboardLink(path: "/dashboard/login?token=\(token)", expiresAt: expiresAt))
         }
     }

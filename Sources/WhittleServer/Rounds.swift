@@ -82,7 +82,11 @@ package actor RoundService {
     package func storeArtifact(_ bytes: [UInt8]) throws -> String {
         let sha = PKI.hex(SHA256.hash(data: bytes))
         let path = artifacts.appendingPathComponent(sha).path
-        if !FileManager.default.fileExists(atPath: path) { try Files.writeDurably(bytes, to: path, mode: 0o644) }
+        if FileManager.default.fileExists(atPath: path) {
+            utimes(path, nil)  // fresh again: garbage collection spares artifacts younger than its grace period
+        } else {
+            try Files.writeDurably(bytes, to: path, mode: 0o644)
+        }
         return sha
     }
 
@@ -602,6 +606,66 @@ package actor RoundService {
             progress.phases[index].aggregationSeconds = seconds(clock.now - t0)
             index += 1
         }
+    }
+
+    // MARK: garbage collection
+
+    /// What a collection removed.
+    package struct Collected: Codable, Sendable, Equatable {
+        package var artifacts = 0
+        package var artifactBytes = 0
+        package var reports = 0
+        package var reportBytes = 0
+    }
+
+    /// Artifacts younger than this (or than the retention, if shorter) are never collected: a model uploaded for a
+    /// round that has not started yet.
+    static let artifactGrace: TimeInterval = 3600
+
+    /// Deletes what no round can need any more: report blobs of closed phases (only the open phase's are read
+    /// again, to rebuild its accumulator after a restart), and artifacts that no running round, no round ended
+    /// within `retentionDays`, and not the latest succeeded round (a continual round's starting point) refer to.
+    /// Database rows are kept (the round tables and figures stay). Runs under the round lock, so it cannot race a
+    /// phase transition.
+    package func collectGarbage(retentionDays: Double, now: Date = Date()) async throws -> Collected {
+        await lock()
+        defer { unlock() }
+        var out = Collected()
+        let rounds = try await store.rounds()
+        let latestSucceeded = rounds.first { $0.state == "succeeded" }?.id
+        var keep = Set<String>()
+        for round in rounds {
+            let recent = !round.ended || round.id == latestSucceeded
+                || (round.endedAt.map { now.timeIntervalSince($0) < retentionDays * 86400 } ?? true)
+            guard recent, let plan = try? Self.plan(round), let progress = try? Self.progress(round) else { continue }
+            keep.formUnion([plan.modelSHA256, progress.baseModel, progress.floatModel, progress.finalModel, progress.ewcState]
+                .compactMap { $0 })
+            if !round.ended {
+                keep.formUnion([progress.currentModel, progress.serverVelocity].compactMap { $0 })
+            }
+            for report in try await store.reports(round: round.id) where round.ended || report.phase < round.phase {
+                let path = directory.appendingPathComponent(report.blob).path
+                guard let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? NSNumber else { continue }
+                try FileManager.default.removeItem(atPath: path)
+                out.reports += 1
+                out.reportBytes += size.intValue
+            }
+        }
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: artifacts.path)) ?? [] where Identifiers.isSHA256(name) && !keep.contains(name) {
+            let path = artifacts.appendingPathComponent(name).path
+            guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
+                let modified = attributes[.modificationDate] as? Date,
+                now.timeIntervalSince(modified) >= min(Self.artifactGrace, retentionDays * 86400) else { continue }
+            try FileManager.default.removeItem(atPath: path)
+            models[name] = nil
+            out.artifacts += 1
+            out.artifactBytes += (attributes[.size] as? NSNumber)?.intValue ?? 0
+        }
+        if out != Collected() {
+            logger.info("garbage collected", metadata: ["artifacts": "\(out.artifacts)", "artifact.bytes": "\(out.artifactBytes)",
+                                                        "reports": "\(out.reports)", "report.bytes": "\(out.reportBytes)"])
+        }
+        return out
     }
 
     // MARK: views

@@ -24,6 +24,8 @@ public struct WhittleContext: RequestContext {
     public var coreContext: CoreRequestContextStorage
     let channel: any Channel
     var workerName: String?
+    /// The serial of the client certificate the request came with (worker routes).
+    var certificateSerial: String?
 
     public init(source: ApplicationRequestContextSource) {
         coreContext = .init(source: source)
@@ -70,7 +72,7 @@ final class ServerState: Sendable {
     let artifacts: URL
     let rounds: RoundService
     let metrics: CoordinatorMetrics
-    let dashboard = DashboardSessions()
+    let dashboard: DashboardSessions
     let uploads: UploadGate
 
     init(store: any CoordinatorStore, ca: Identity, config: CoordinatorConfig, directory: URL, artifacts: URL, logger: Logger) throws {
@@ -85,6 +87,7 @@ final class ServerState: Sendable {
         self.limiter = RateLimiter(rate: config.enrollRatePerSecond, burst: Double(config.enrollBurst))
         self.logger = logger
         uploads = UploadGate(budget: config.uploadMemoryLimit)
+        dashboard = DashboardSessions(store: store)
     }
 }
 
@@ -196,7 +199,13 @@ struct ClientCertificateMiddleware: RouterMiddleware {
             guard worker.revokedAt == nil else {
                 throw APIError(.forbidden, "revoked", "worker '\(worker.name)' has been revoked")
             }
+            // The first request with a renewed certificate retires the one it replaced.
+            if worker.previousSerial != nil, serial == worker.certificateSerial {
+                try await state.store.confirmRenewal(name: worker.name)
+                state.logger.info("renewed certificate in use", metadata: ["worker.name": "\(worker.name)", "certificate.serial": "\(serial)"])
+            }
             context.workerName = worker.name
+            context.certificateSerial = serial
         }
         return try await next(request, context)
     }
@@ -235,15 +244,43 @@ public enum CoordinatorServer {
             try await artifact(request, context, name: context.parameters.get("sha256") ?? "", state)
         }
         worker.post("/reports") { request, context in try await taskReport(request, context, state) }
+        worker.post("/renew") { request, context in try await renew(request, context, state) }
 
         let admin = router.group("/admin/v1").add(middleware: ClientCertificateMiddleware(role: .admin, state: state))
         admin.post("/tokens") { request, context in try await createToken(request, context, state) }
+        admin.get("/tokens") { _, _ -> Response in
+            let now = Date()
+            return try json(try await state.store.tokens().map { TokenView($0, now: now) })
+        }
+        admin.post("/tokens/:id/revoke") { _, context -> Response in
+            let id = (context.parameters.get("id") ?? "").lowercased()
+            guard id.count >= 8, id.count <= 64, id.allSatisfy(\.isHexDigit) else {
+                throw APIError(.badRequest, "bad_token_id", "a token id is 8 to 64 hex digits of its hash, as `token list` shows")
+            }
+            let matches = try await state.store.tokens().filter { $0.hash.hasPrefix(id) }
+            guard let token = matches.first else { throw APIError(.notFound, "unknown_token", "no token with id \(id)") }
+            guard matches.count == 1 else { throw APIError(.conflict, "ambiguous_token_id", "\(matches.count) tokens start with \(id); give more digits") }
+            _ = try await state.store.revokeToken(hash: token.hash, at: Date())
+            state.logger.info("token revoked", metadata: ["token.id": "\(token.hash.prefix(16))"])
+            return try json(TokenView(try await state.store.token(hash: token.hash)!, now: Date()))
+        }
         admin.get("/workers") { _, _ -> Response in try json(try await workerViews(state)) }
         admin.get("/workers/:name") { _, context -> Response in
             let name = context.parameters.get("name") ?? ""
             guard let w = try await state.store.worker(named: name) else {
                 throw APIError(.notFound, "unknown_worker", "no worker is called '\(name)'")
             }
+            return try json(WorkerView(w, now: Date()))
+        }
+        admin.post("/gc") { _, _ -> Response in
+            try json(try await state.rounds.collectGarbage(retentionDays: state.config.retentionDays))
+        }
+        admin.post("/workers/:name/renew") { _, context -> Response in
+            let name = context.parameters.get("name") ?? ""
+            guard try await state.store.requestRenewal(name: name, at: Date()), let w = try await state.store.worker(named: name) else {
+                throw APIError(.notFound, "unknown_worker", "no worker '\(name)'")
+            }
+            state.logger.info("certificate renewal requested", metadata: ["worker.name": "\(name)"])
             return try json(WorkerView(w, now: Date()))
         }
         admin.post("/workers/:name/revoke") { _, context -> Response in
@@ -460,7 +497,7 @@ public enum CoordinatorServer {
         let now = Date()
         let certificate = try PKI.makeClientCertificate(
             ca: state.ca, commonName: name, publicKey: csr.publicKey, now: now,
-            validity: Double(state.config.workerCertificateDays) * 86400)
+            validity: state.config.workerCertificateDays * 86400)
         let record = WorkerRecord(name: name, certificateSerial: PKI.serial(certificate),
                                   certificateExpiresAt: certificate.notValidAfter, enrolledAt: now)
         switch try await state.store.enroll(tokenHash: tokenHash(message.token), worker: record, now: now) {
@@ -474,8 +511,43 @@ public enum CoordinatorServer {
         case .unknownToken: throw APIError(.unauthorized, "unknown_token", "the enrollment token is not known")
         case .expiredToken: throw APIError(.unauthorized, "expired_token", "the enrollment token has expired")
         case .exhaustedToken: throw APIError(.unauthorized, "exhausted_token", "the enrollment token has no uses left")
+        case .revokedToken: throw APIError(.unauthorized, "revoked_token", "the enrollment token has been revoked")
         case .nameTaken: throw APIError(.conflict, "name_taken", "a worker called '\(name)' is already enrolled; choose another --name")
         }
+    }
+
+    /// `POST /v1/worker/renew`: a new certificate for the worker's new key, over its current mutual-TLS identity.
+    /// The CSR must name the worker itself; the certificate the request came with stays accepted until the new one
+    /// is first used, so a renewal whose answer is lost locks nobody out.
+    static func renew(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Response {
+        let message = try decode(Whittle_EnrollRequest.self, try await body(request, limit: state.config.enrollBodyLimit))
+        guard message.protocolVersion == protocolVersion else {
+            throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
+        }
+        let name = context.workerName!
+        let csr: (publicKey: Certificate.PublicKey, commonName: String?)
+        do {
+            csr = try PKI.verifyCSR(Array(message.csrDer))
+        } catch let error as PKIError {
+            throw APIError(.badRequest, "bad_csr", error.description)
+        }
+        guard csr.commonName == name else {
+            throw APIError(.badRequest, "bad_name", "a renewal's CSR must name the worker itself ('\(name)')")
+        }
+        let certificate = try PKI.makeClientCertificate(ca: state.ca, commonName: name, publicKey: csr.publicKey, now: Date(),
+                                                        validity: state.config.workerCertificateDays * 86400)
+        guard try await state.store.renewCertificate(name: name, presentedSerial: context.certificateSerial ?? "",
+                                                     newSerial: PKI.serial(certificate),
+                                                     expiresAt: certificate.notValidAfter) != nil else {
+            throw APIError(.forbidden, "worker_certificate_required", "unknown worker")
+        }
+        state.logger.info("certificate renewed", metadata: ["worker.name": "\(name)", "certificate.serial": "\(PKI.serial(certificate))",
+                                                            "certificate.expires": "\(certificate.notValidAfter)"])
+        var response = Whittle_EnrollResponse()
+        response.name = name
+        response.certificateDer = Data(try PKI.der(certificate))
+        response.caCertificateDer = Data(try PKI.der(state.ca.certificate))
+        return try protobuf(response)
     }
 
     static func heartbeat(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Response {
@@ -493,6 +565,7 @@ public enum CoordinatorServer {
         state.metrics.heartbeat()
         var response = Whittle_HeartbeatResponse()
         response.pollSeconds = UInt32(state.config.heartbeatSeconds)
+        response.renewCertificate = try await state.store.worker(named: context.workerName!)?.renewRequestedAt != nil
         if message.workingOn.isEmpty {
             // Long polling: an idle worker that asks for it waits here (at most one heartbeat interval) until a
             // phase opens, and gets its task then instead of at its next heartbeat.
@@ -620,6 +693,18 @@ public enum CoordinatorServer {
             }
         }
         defer { ticker.cancel() }
+        // What no round needs any more is deleted at start and hourly (retention_days).
+        let collector = Task {
+            while !Task.isCancelled {
+                do {
+                    _ = try await state.rounds.collectGarbage(retentionDays: config.retentionDays)
+                } catch {
+                    logger.error("garbage collection failed", metadata: ["error": "\(error)"])
+                }
+                try? await Task.sleep(for: .seconds(3600))
+            }
+        }
+        defer { collector.cancel() }
         let (host, port) = try CoordinatorConfig.hostPort(listen)
         raiseOpenFileLimit(to: config.maxConnections + 256)
         let app = Application(
@@ -652,6 +737,28 @@ func raiseOpenFileLimit(to wanted: Int) {
     if limit.rlim_cur < target {
         limit.rlim_cur = target
         _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+    }
+}
+
+/// An enrollment token as `token list` shows it: an id (the first 16 hex digits of its hash; the secret itself is
+/// never stored), its lifetime, uses and state.
+public struct TokenView: Codable, Sendable {
+    public var id: String
+    public var state: String
+    public var createdAt: Date
+    public var expiresAt: Date
+    public var usesAllowed: Int
+    public var usesRemaining: Int
+    public var revokedAt: Date?
+
+    init(_ t: TokenRecord, now: Date) {
+        id = String(t.hash.prefix(16))
+        state = t.state(now: now)
+        createdAt = t.createdAt
+        expiresAt = t.expiresAt
+        usesAllowed = t.usesAllowed
+        usesRemaining = t.usesRemaining
+        revokedAt = t.revokedAt
     }
 }
 

@@ -78,6 +78,18 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
                 t.primaryKey(["round", "phase", "worker"])
             }
         }
+        m.registerMigration("v3: token revocation, certificate renewal, dashboard sessions") { db in
+            try db.alter(table: "token") { t in t.add(column: "revokedAt", .datetime) }
+            try db.alter(table: "worker") { t in
+                t.add(column: "previousSerial", .text)
+                t.add(column: "renewRequestedAt", .datetime)
+            }
+            try db.create(index: "worker_previous_serial", on: "worker", columns: ["previousSerial"])
+            try db.create(table: "dashboardSession") { t in
+                t.primaryKey("hash", .text)
+                t.column("expiresAt", .datetime).notNull()
+            }
+        }
         return m
     }
 
@@ -146,6 +158,7 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
         try await pool.write { db -> EnrollmentOutcome in
             guard var token = try TokenRecord.fetchOne(db, key: tokenHash) else { return .unknownToken }
             guard token.expiresAt > now else { return .expiredToken }
+            guard token.revokedAt == nil else { return .revokedToken }
             guard token.usesRemaining > 0 else { return .exhaustedToken }
             guard try WorkerRecord.fetchOne(db, key: worker.name) == nil else { return .nameTaken }
             token.usesRemaining -= 1
@@ -162,7 +175,9 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
     }
 
     public func worker(serial: String) async throws -> WorkerRecord? {
-        try await pool.read { db in try WorkerRecord.filter(Column("certificateSerial") == serial).fetchOne(db) }
+        try await pool.read { db in
+            try WorkerRecord.filter(Column("certificateSerial") == serial || Column("previousSerial") == serial).fetchOne(db)
+        }
     }
 
     public func workers() async throws -> [WorkerRecord] {
@@ -192,6 +207,60 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
 
     public func ping() async throws {
         _ = try await pool.read { db in try Int.fetchOne(db, sql: "SELECT 1") }
+    }
+
+    public func tokens() async throws -> [TokenRecord] {
+        try await pool.read { db in try TokenRecord.order(Column("createdAt").desc, Column("hash").desc).fetchAll(db) }
+    }
+
+    public func revokeToken(hash: String, at: Date) async throws -> Bool {
+        try await pool.write { db in
+            guard var t = try TokenRecord.fetchOne(db, key: hash) else { return false }
+            if t.revokedAt == nil {
+                t.revokedAt = at
+                try t.update(db)
+            }
+            return true
+        }
+    }
+
+    public func renewCertificate(name: String, presentedSerial: String, newSerial: String, expiresAt: Date) async throws -> WorkerRecord? {
+        try await pool.write { db in
+            guard var w = try WorkerRecord.fetchOne(db, key: name) else { return nil }
+            w.previousSerial = presentedSerial == newSerial ? nil : presentedSerial
+            w.certificateSerial = newSerial
+            w.certificateExpiresAt = expiresAt
+            w.renewRequestedAt = nil
+            try w.update(db)
+            return w
+        }
+    }
+
+    public func confirmRenewal(name: String) async throws {
+        try await pool.write { db in
+            try db.execute(sql: "UPDATE worker SET previousSerial = NULL WHERE name = ?", arguments: [name])
+        }
+    }
+
+    public func requestRenewal(name: String, at: Date) async throws -> Bool {
+        try await pool.write { db in
+            try db.execute(sql: "UPDATE worker SET renewRequestedAt = ? WHERE name = ?", arguments: [at, name])
+            return db.changesCount > 0
+        }
+    }
+
+    public func addDashboardSession(hash: String, expiresAt: Date) async throws {
+        try await pool.write { db in
+            try db.execute(sql: "INSERT OR REPLACE INTO dashboardSession (hash, expiresAt) VALUES (?, ?)", arguments: [hash, expiresAt])
+        }
+    }
+
+    public func dashboardSession(hash: String) async throws -> Date? {
+        try await pool.read { db in try Date.fetchOne(db, sql: "SELECT expiresAt FROM dashboardSession WHERE hash = ?", arguments: [hash]) }
+    }
+
+    public func removeDashboardSessions(expiredBefore now: Date) async throws {
+        try await pool.write { db in try db.execute(sql: "DELETE FROM dashboardSession WHERE expiresAt < ?", arguments: [now]) }
     }
 }
 

@@ -12,6 +12,11 @@ public struct WorkerRecord: Codable, Sendable, Equatable {
     public var revokedAt: Date?
     /// The capabilities the worker last reported, as JSON.
     public var capabilities: String?
+    /// During a certificate renewal: the serial of the certificate the worker renewed with, still accepted until
+    /// the worker first presents the new one (so a renewal whose answer is lost locks nobody out).
+    public var previousSerial: String?
+    /// When an admin asked for the worker's certificate to be renewed (`workers renew`); cleared by the renewal.
+    public var renewRequestedAt: Date?
 
     public init(name: String, certificateSerial: String, certificateExpiresAt: Date, enrolledAt: Date) {
         self.name = name
@@ -36,6 +41,15 @@ public struct TokenRecord: Codable, Sendable, Equatable {
     public var expiresAt: Date
     public var usesAllowed: Int
     public var usesRemaining: Int
+    /// When an admin cancelled the token (`token revoke`); a revoked token enrolls nobody.
+    public var revokedAt: Date?
+
+    /// active, revoked, expired or exhausted.
+    public func state(now: Date) -> String {
+        if revokedAt != nil { return "revoked" }
+        if expiresAt <= now { return "expired" }
+        return usesRemaining > 0 ? "active" : "exhausted"
+    }
 
     public init(hash: String, createdAt: Date, expiresAt: Date, uses: Int) {
         self.hash = hash
@@ -123,6 +137,7 @@ public enum EnrollmentOutcome: Sendable, Equatable {
     case unknownToken
     case expiredToken
     case exhaustedToken
+    case revokedToken
     case nameTaken
 }
 
@@ -143,6 +158,25 @@ public protocol CoordinatorStore: AnyObject, Sendable {
     /// A cheap query proving the store answers (readiness).
     func ping() async throws
 
+    /// Every token, newest first.
+    func tokens() async throws -> [TokenRecord]
+    /// Marks a token revoked; false when there is no such token.
+    func revokeToken(hash: String, at: Date) async throws -> Bool
+    /// Records a renewed certificate: `newSerial` becomes the worker's, and `presentedSerial` (the certificate the
+    /// renewal came with) stays accepted until the new one is used; any earlier pending serial is forgotten, and a
+    /// renewal request is cleared. Nil when there is no such worker.
+    func renewCertificate(name: String, presentedSerial: String, newSerial: String, expiresAt: Date) async throws -> WorkerRecord?
+    /// The worker has presented its current certificate: its previous serial is no longer accepted.
+    func confirmRenewal(name: String) async throws
+    /// Asks the worker to renew at its next heartbeat; false when there is no such worker.
+    func requestRenewal(name: String, at: Date) async throws -> Bool
+
+    /// Dashboard sessions, by the SHA-256 of their secret: they survive a restart of `serve`.
+    func addDashboardSession(hash: String, expiresAt: Date) async throws
+    func dashboardSession(hash: String) async throws -> Date?
+    /// Forgets sessions that expired before `now`.
+    func removeDashboardSessions(expiredBefore now: Date) async throws
+
     func addRound(_ round: RoundRecord) async throws
     func round(id: String) async throws -> RoundRecord?
     /// Every round, newest first.
@@ -160,27 +194,30 @@ public protocol CoordinatorStore: AnyObject, Sendable {
 
 /// The store in memory: for tests and for trying things out; nothing survives the process.
 public actor MemoryStore: CoordinatorStore {
-    var tokens: [String: TokenRecord] = [:]
+    var tokensByHash: [String: TokenRecord] = [:]
     var byName: [String: WorkerRecord] = [:]
 
     public init() {}
 
-    public func addToken(_ token: TokenRecord) throws { tokens[token.hash] = token }
-    public func token(hash: String) throws -> TokenRecord? { tokens[hash] }
+    public func addToken(_ token: TokenRecord) throws { tokensByHash[token.hash] = token }
+    public func token(hash: String) throws -> TokenRecord? { tokensByHash[hash] }
 
     public func enroll(tokenHash: String, worker: WorkerRecord, now: Date) throws -> EnrollmentOutcome {
-        guard var token = tokens[tokenHash] else { return .unknownToken }
+        guard var token = tokensByHash[tokenHash] else { return .unknownToken }
         guard token.expiresAt > now else { return .expiredToken }
+        guard token.revokedAt == nil else { return .revokedToken }
         guard token.usesRemaining > 0 else { return .exhaustedToken }
         guard byName[worker.name] == nil else { return .nameTaken }
         token.usesRemaining -= 1
-        tokens[tokenHash] = token
+        tokensByHash[tokenHash] = token
         byName[worker.name] = worker
         return .enrolled(worker)
     }
 
     public func worker(named name: String) throws -> WorkerRecord? { byName[name] }
-    public func worker(serial: String) throws -> WorkerRecord? { byName.values.first { $0.certificateSerial == serial } }
+    public func worker(serial: String) throws -> WorkerRecord? {
+        byName.values.first { $0.certificateSerial == serial || $0.previousSerial == serial }
+    }
     public func workers() throws -> [WorkerRecord] { byName.values.sorted { $0.name < $1.name } }
 
     public func revoke(name: String, at: Date) throws -> Bool {
@@ -199,6 +236,38 @@ public actor MemoryStore: CoordinatorStore {
     }
 
     public func ping() throws {}
+
+    public func tokens() throws -> [TokenRecord] { tokensByHash.values.sorted { ($0.createdAt, $0.hash) > ($1.createdAt, $1.hash) } }
+
+    public func revokeToken(hash: String, at: Date) throws -> Bool {
+        guard var t = tokensByHash[hash] else { return false }
+        if t.revokedAt == nil { t.revokedAt = at }
+        tokensByHash[hash] = t
+        return true
+    }
+
+    public func renewCertificate(name: String, presentedSerial: String, newSerial: String, expiresAt: Date) throws -> WorkerRecord? {
+        guard var w = byName[name] else { return nil }
+        w.previousSerial = presentedSerial == newSerial ? nil : presentedSerial
+        w.certificateSerial = newSerial
+        w.certificateExpiresAt = expiresAt
+        w.renewRequestedAt = nil
+        byName[name] = w
+        return w
+    }
+
+    public func confirmRenewal(name: String) throws { byName[name]?.previousSerial = nil }
+
+    public func requestRenewal(name: String, at: Date) throws -> Bool {
+        guard byName[name] != nil else { return false }
+        byName[name]!.renewRequestedAt = at
+        return true
+    }
+
+    var sessions: [String: Date] = [:]
+    public func addDashboardSession(hash: String, expiresAt: Date) throws { sessions[hash] = expiresAt }
+    public func dashboardSession(hash: String) throws -> Date? { sessions[hash] }
+    public func removeDashboardSessions(expiredBefore now: Date) throws { sessions = sessions.filter { $0.value >= now } }
 
     var roundsByID: [String: RoundRecord] = [:]
     var assignmentRows: [AssignmentRecord] = []

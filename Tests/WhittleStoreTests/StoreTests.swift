@@ -79,6 +79,59 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
         #expect(try await store.token(hash: "t")?.usesRemaining == 0)
     }
 
+    @Test(arguments: StoreKind.allCases)
+    func tokensAreListedAndRevoked(_ kind: StoreKind) async throws {
+        let (store, _) = try kind.make()
+        try await store.addToken(TokenRecord(hash: "t1", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 2))
+        try await store.addToken(TokenRecord(hash: "t2", createdAt: Self.now.addingTimeInterval(1), expiresAt: Self.now.addingTimeInterval(60), uses: 1))
+        #expect(try await store.tokens().map(\.hash) == ["t2", "t1"], "newest first")
+        #expect(try await store.revokeToken(hash: "t1", at: Self.now.addingTimeInterval(2)))
+        #expect(try await !store.revokeToken(hash: "ghost", at: Self.now))
+        let t1 = try #require(try await store.token(hash: "t1"))
+        #expect(t1.revokedAt == Self.now.addingTimeInterval(2) && t1.state(now: Self.now) == "revoked")
+        #expect(try await store.enroll(tokenHash: "t1", worker: Self.worker("a"), now: Self.now) == .revokedToken)
+        #expect(try await store.token(hash: "t1")?.usesRemaining == 2, "a refused enrollment takes no use")
+        #expect(try await store.enroll(tokenHash: "t2", worker: Self.worker("a"), now: Self.now) == .enrolled(Self.worker("a")))
+        #expect(try await store.token(hash: "t2")?.state(now: Self.now) == "exhausted")
+        #expect(try await store.token(hash: "t2")?.state(now: Self.now.addingTimeInterval(61)) == "expired")
+    }
+
+    /// A renewal keeps the certificate it came with usable until the new one is presented; a second renewal made
+    /// with the old certificate (the first answer was lost) keeps the old one, not the unused first renewal.
+    @Test(arguments: StoreKind.allCases)
+    func certificateRenewalKeepsThePresentedSerialUntilTheNewOneIsUsed(_ kind: StoreKind) async throws {
+        let (store, _) = try kind.make()
+        try await store.addToken(TokenRecord(hash: "t", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 1))
+        _ = try await store.enroll(tokenHash: "t", worker: Self.worker("a", serial: "s1"), now: Self.now)
+        #expect(try await store.requestRenewal(name: "a", at: Self.now))
+        #expect(try await !store.requestRenewal(name: "ghost", at: Self.now))
+        #expect(try await store.worker(named: "a")?.renewRequestedAt == Self.now)
+        let later = Self.now.addingTimeInterval(86400 * 2)
+        var a = try #require(try await store.renewCertificate(name: "a", presentedSerial: "s1", newSerial: "s2", expiresAt: later))
+        #expect(a.certificateSerial == "s2" && a.previousSerial == "s1" && a.certificateExpiresAt == later && a.renewRequestedAt == nil)
+        #expect(try await store.worker(serial: "s1")?.name == "a")
+        #expect(try await store.worker(serial: "s2")?.name == "a")
+        // The answer was lost: the worker renews again with s1.
+        a = try #require(try await store.renewCertificate(name: "a", presentedSerial: "s1", newSerial: "s3", expiresAt: later))
+        #expect(try await store.worker(serial: "s2") == nil)
+        #expect(try await store.worker(serial: "s1")?.name == "a")
+        try await store.confirmRenewal(name: "a")
+        #expect(try await store.worker(serial: "s1") == nil)
+        #expect(try await store.worker(serial: "s3")?.previousSerial == nil)
+        #expect(try await store.renewCertificate(name: "ghost", presentedSerial: "x", newSerial: "y", expiresAt: later) == nil)
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func dashboardSessionsAreKeptUntilTheyExpire(_ kind: StoreKind) async throws {
+        let (store, _) = try kind.make()
+        try await store.addDashboardSession(hash: "s", expiresAt: Self.now.addingTimeInterval(60))
+        try await store.addDashboardSession(hash: "old", expiresAt: Self.now.addingTimeInterval(-1))
+        #expect(try await store.dashboardSession(hash: "s") == Self.now.addingTimeInterval(60))
+        try await store.removeDashboardSessions(expiredBefore: Self.now)
+        #expect(try await store.dashboardSession(hash: "old") == nil)
+        #expect(try await store.dashboardSession(hash: "s") != nil)
+    }
+
     @Test func sqliteStateSurvivesReopening() async throws {
         let (first, dir) = try StoreKind.sqlite.make()
         let path = dir!.appendingPathComponent("whittle.sqlite").path
@@ -87,5 +140,7 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
         let reopened = try SQLiteStore(path: path)
         #expect(try await reopened.worker(named: "a") == Self.worker("a"))
         #expect(try await reopened.token(hash: "t")?.usesRemaining == 2)
+        try await first.addDashboardSession(hash: "s", expiresAt: Self.now)
+        #expect(try await SQLiteStore(path: path).dashboardSession(hash: "s") == Self.now)
     }
 }

@@ -137,7 +137,8 @@ public nonisolated struct Whittle_ImportanceReport: Sendable {
 }
 
 /// POST /v1/enroll, without a client certificate. The worker's name is the CSR's common name; nothing else in the
-/// CSR (extensions, attributes) is used.
+/// CSR (extensions, attributes) is used. Also POST /v1/worker/renew, over the worker's current certificate, with
+/// the token empty and a CSR for a new key naming the worker itself; answered with an EnrollResponse.
 public nonisolated struct Whittle_EnrollRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -250,6 +251,10 @@ public nonisolated struct Whittle_HeartbeatResponse: Sendable {
   public var hasTask: Bool {self._task != nil}
   /// Clears the value of `task`. Subsequent reads from it will return its default value.
   public mutating func clearTask() {self._task = nil}
+
+  /// An admin asked for this worker's certificate to be renewed (`coordinator workers renew`): the worker renews
+  /// it now (POST /v1/worker/renew) instead of when a third of its lifetime is left.
+  public var renewCertificate: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1090,7 +1095,7 @@ nonisolated extension Whittle_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._M
 
 nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".HeartbeatResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}poll_seconds\0\u{2}\u{2}task\0\u{c}\u{2}\u{1}")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}poll_seconds\0\u{2}\u{2}task\0\u{3}renew_certificate\0\u{c}\u{2}\u{1}")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1100,6 +1105,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt32Field(value: &self.pollSeconds) }()
       case 3: try { try decoder.decodeSingularMessageField(value: &self._task) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.renewCertificate) }()
       default: break
       }
     }
@@ -1116,12 +1122,16 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
     try { if let v = self._task {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
     } }()
+    if self.renewCertificate != false {
+      try visitor.visitSingularBoolField(value: self.renewCertificate, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Whittle_HeartbeatResponse, rhs: Whittle_HeartbeatResponse) -> Bool {
     if lhs.pollSeconds != rhs.pollSeconds {return false}
     if lhs._task != rhs._task {return false}
+    if lhs.renewCertificate != rhs.renewCertificate {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,152 @@
+"""Lifetimes: enrollment tokens listed and revoked, worker certificates renewed over mutual TLS (by themselves and on
+request) across the expiry of the certificate they enrolled with, the server certificate replaced, dashboard
+sessions kept across a restart, and garbage collection of what no round needs. Real processes on loopback."""
+import json
+import re
+import time
+
+from cryptography import x509
+
+from rounds_support import MODEL
+from test_rounds import make_fleet, spawn_any  # noqa: F401 (fixtures)
+
+
+def test_tokens_are_listed_and_revoked(coordinator_server, worker_path, tmp_path):
+    server = coordinator_server()
+    first = server.token(uses=2)
+    second = server.token()
+    tokens = json.loads(server.cli("token", "list", "--dir", server.dir, "--json").stdout)
+    assert [t["state"] for t in tokens] == ["active", "active"]
+    assert all(first["token"] not in json.dumps(t) for t in tokens), "the secret is never shown again"
+    ids = [t["id"] for t in tokens]
+    # Revoke the first token by a prefix of its id (the table lists newest first).
+    victim = ids[1]
+    result = server.cli("token", "revoke", victim[:10], "--dir", server.dir)
+    assert "revoked token" in result.stdout
+    refused = server.cli("token", "revoke", "zz", "--dir", server.dir, check=False)
+    assert refused.returncode != 0 and "hex digits" in refused.stderr
+    unknown = server.cli("token", "revoke", "0123456789abcdef", "--dir", server.dir, check=False)
+    assert unknown.returncode != 0 and "no token" in unknown.stderr
+
+    def enroll(token, name):
+        return subprocess_run([worker_path, "enroll", "--coordinator", server.url, f"--token={token['token']}",
+                               "--ca-fingerprint", token["caFingerprint"], "--dir", tmp_path / name, "--name", name])
+
+    revoked = enroll(first, "w1")
+    assert revoked.returncode != 0 and "revoked" in revoked.stderr, revoked.stderr
+    assert enroll(second, "w2").returncode == 0
+    states = {t["id"]: t["state"] for t in json.loads(server.cli("token", "list", "--dir", server.dir, "--json").stdout)}
+    assert states == {ids[1]: "revoked", ids[0]: "exhausted"}
+    table = server.cli("token", "list", "--dir", server.dir).stdout
+    assert "revoked" in table and "exhausted" in table and "2 of 2" in table
+
+
+def subprocess_run(command):
+    from conftest import execute
+    return execute(command, timeout=60)
+
+
+def serial_of(path):
+    return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
+
+
+def test_the_fleet_runs_across_certificate_expiry(coordinator_server, worker_path, tmp_path, spawn_any):
+    """Certificates of 40 seconds: the workers renew theirs when a third is left, again and again, over mutual
+    TLS; well after the enrollment certificates have expired they are online and a round completes."""
+    lifetime = 40.0
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=2, samples=100,
+                              worker_certificate_days=lifetime / 86400)
+    enrolled = {name: serial_of(tmp_path / name / "worker.pem") for name in names}
+    began = time.monotonic()
+    for name in names:
+        fleet.start_worker(name)
+    time.sleep(max(0.0, began + 1.6 * lifetime - time.monotonic()))  # past the enrollment certificates' expiry
+    workers = {w["name"]: w for w in json.loads(fleet.server.cli("workers", "list", "--dir", fleet.server.dir, "--json").stdout)}
+
+    def renewals(name):
+        return len(re.findall(rf"certificate renewed .*worker.name={name}\b", fleet.server.log_path.read_text(errors="replace")))
+
+    for name in names:
+        assert renewals(name) >= 2, fleet.server.log()
+        assert workers[name]["state"] == "online", workers[name]
+        current = serial_of(tmp_path / name / "worker.pem")
+        assert current != enrolled[name] and workers[name]["certificateSerial"].lower().lstrip("0") == current.lstrip("0")
+        assert not (tmp_path / name / "worker.pem.renewed").exists() and not (tmp_path / name / "worker.key.renewed").exists()
+    # The fleet still works: a float round (evaluate, distribute) with both workers.
+    started = fleet.round("start", "--model", MODEL, "--quantize", "none", "--min-workers", "2", "--phase-deadline", "2m", "--json")
+    round_id = json.loads(started.stdout)["id"]
+    ended = fleet.wait(round_id, timeout=180)
+    assert ended["state"] == "succeeded", ended.get("message")
+
+
+def test_dashboard_sessions_survive_a_restart(coordinator_server):
+    server = coordinator_server()
+    link = json.loads(server.cli("dashboard", "--dir", server.dir, "--json").stdout)["url"]
+    path = link[len(server.url):]
+    login = server.request("GET", path)
+    assert login.status in (302, 303), login
+    cookie = login.headers["set-cookie"].split(";")[0]
+    assert server.request("GET", "/dashboard/api/workers", headers={"Cookie": cookie}).status == 200
+    server.stop()
+    server.start()
+    assert server.request("GET", "/dashboard/api/workers", headers={"Cookie": cookie}).status == 200
+    assert server.request("GET", "/dashboard/api/workers", headers={"Cookie": "whittle_session=" + "0" * 64}).status == 401
+
+
+def test_garbage_collection_keeps_what_rounds_need(coordinator_server, worker_path, tmp_path, spawn_any):
+    """With retention_days = 0, `coordinator gc` deletes the closed phases' report blobs and the intermediate models
+    of a finished round, and keeps its base, float and final models (the latest succeeded round)."""
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=2, samples=200, retention_days=0)
+    for name in names:
+        fleet.start_worker(name)
+    started = fleet.round("start", "--model", MODEL, "--prune-ratio", "0.25", "--finetune-rounds", "2", "--local-epochs", "1",
+                          "--quantize", "int8", "--min-workers", "2", "--max-accuracy-drop", "1", "--json")
+    round_id = json.loads(started.stdout)["id"]
+    ended = fleet.wait(round_id, timeout=300)
+    assert ended["state"] == "succeeded", ended.get("message")
+    artifacts = fleet.server.dir / "artifacts"
+    reports = list((fleet.server.dir / "reports").rglob("*.pb"))
+    models_before = {p.name for p in artifacts.iterdir()}
+    assert len(reports) >= 2 * 4 and len(models_before) >= 5
+    result = json.loads(fleet.server.cli("gc", "--dir", fleet.server.dir, "--json").stdout)
+    assert result["reports"] == len(reports) and not list((fleet.server.dir / "reports").rglob("*.pb"))
+    assert result["artifacts"] >= 2, result  # at least the two intermediate fine-tuned models
+    kept = {p.name for p in artifacts.iterdir()}
+    assert len(kept) == len(models_before) - result["artifacts"]
+    # What the round's report and a continual round need is still there.
+    out = tmp_path / "final.onnx"
+    fleet.round("fetch", round_id, "--out", out)
+    assert out.stat().st_size > 0
+    again = json.loads(fleet.server.cli("gc", "--dir", fleet.server.dir, "--json").stdout)
+    assert again == {"artifacts": 0, "artifactBytes": 0, "reports": 0, "reportBytes": 0}
+
+
+def test_a_new_server_certificate_keeps_the_fleet(coordinator_server, worker_path, tmp_path, spawn_any):
+    """`coordinator server-certificate` issues a new server certificate from the same CA; after a restart of serve
+    the running workers reconnect (they trust the CA, not the certificate) and a round completes."""
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=2, samples=100)
+    for name in names:
+        fleet.start_worker(name)
+    server = fleet.server
+    old = serial_of(server.dir / "server.pem")
+    issued = json.loads(server.cli("server-certificate", "--dir", server.dir, "--hostname", "127.0.0.1", "localhost",
+                                   "--json").stdout)
+    assert serial_of(server.dir / "server.pem") != old and issued["serial"].lower().lstrip("0") == serial_of(server.dir / "server.pem").lstrip("0")
+    port = server.port
+    server.stop()
+    server.start(listen=f"127.0.0.1:{port}")
+    # An admin's `workers renew` makes a worker renew at its next heartbeat (a year-long certificate would not
+    # renew by itself).
+    enrolled = serial_of(tmp_path / names[0] / "worker.pem")
+    other = serial_of(tmp_path / names[1] / "worker.pem")
+    shown = fleet.server.cli("workers", "renew", names[0], "--dir", server.dir)
+    assert "renews its certificate at its next heartbeat" in shown.stdout
+    deadline = time.monotonic() + 15
+    while serial_of(tmp_path / names[0] / "worker.pem") == enrolled and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert serial_of(tmp_path / names[0] / "worker.pem") != enrolled, server.log()
+    assert serial_of(tmp_path / names[1] / "worker.pem") == other, "only the worker asked renews"
+    assert server.cli("workers", "renew", "no-such-board", "--dir", server.dir, check=False).returncode != 0
+    started = fleet.round("start", "--model", MODEL, "--quantize", "none", "--min-workers", "2", "--phase-deadline", "2m", "--json")
+    ended = fleet.wait(json.loads(started.stdout)["id"], timeout=180)
+    assert ended["state"] == "succeeded", ended.get("message")
