@@ -111,6 +111,12 @@ let package = Package(
         ),
 
         // Load generator for benchmarks/heartbeats.py (not shipped).
+        // Fuzz targets (libFuzzer with scripts/fuzz; a corpus replayer when built normally).
+        .executableTarget(
+            name: "whittle-fuzz",
+            dependencies: ["WhittleONNX", "WhittleNN", "WhittleTensor", "WhittleProtocol", "WhittleRounds", "WhittleCompression",
+                           "WhittlePKI", .product(name: "X509", package: "swift-certificates")]
+        ),
         .executableTarget(
             name: "whittle-loadgen",
             dependencies: ["WhittleHTTPClient", "WhittlePKI", "WhittleProtocol",

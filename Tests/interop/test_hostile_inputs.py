@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import hostile_models
-from conftest import ROOT, launch
+from conftest import ROOT, _binary, launch
 
 TIMEOUT = 60  # seconds per command
 MEMORY_LIMIT = 4 << 30  # RLIMIT_AS, bytes
@@ -176,3 +176,16 @@ def test_case_files_are_small():
         assert size < 256 << 10, f"{case.name} is {size} bytes"
         if isinstance(case.input, (bytes, bytearray)):
             assert len(case.input) < 1 << 20, f"{case.name}: input is {len(case.input)} bytes"
+
+
+@pytest.mark.parametrize("target", ["onnx", "npy", "coordinator", "worker"])
+def test_fuzz_corpus_replays(target):
+    """The fuzz targets' seed corpus (Tests/Fixtures/fuzz, made by scripts/make_fuzz_corpus.py, and any input a fuzzing
+    run found that once crashed, added there) runs through the normal release build of each target without a
+    crash: the regression half of scripts/fuzz."""
+    binary = _binary("whittle-fuzz", patience=60)
+    files = sorted((ROOT / "Tests" / "Fixtures" / "fuzz" / target).iterdir())
+    assert len(files) >= 5, f"the {target} corpus is missing: run scripts/make_fuzz_corpus.py"
+    result = subprocess.run([str(binary), target, *map(str, files)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{target}: {len(files)} inputs, none crashed" in result.stdout
