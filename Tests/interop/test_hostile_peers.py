@@ -182,3 +182,49 @@ def test_inverted_and_malformed_ranges_are_refused(coordinator_server, tmp_path)
         assert answer.status == 416, (spec, answer)
         assert answer.headers.get("content-range") == "bytes */1000", (spec, answer)
     assert ranged("bytes=-5").status == 400
+
+
+def test_a_forged_report_is_refused_and_the_coordinator_lives(coordinator_server, tmp_path):
+    """A worker holding a fine-tuning task sends int8 deltas of shape [2^32, 2^32] (whose element count overflows
+    when multiplied out), again and again: each is refused 422 naming the shape, the coordinator keeps serving, and
+    the phase still takes the worker's honest report afterwards (nothing was counted)."""
+    from test_fleet import enrolled_identity, heartbeat_message
+    from rounds_support import MODEL
+    server = coordinator_server(heartbeat_seconds=1)
+    token = server.token()["token"]
+    cert, key, _, _ = enrolled_identity(server, token, "forger", tmp_path)
+    assert server.request("POST", "/v1/worker/heartbeat", body=heartbeat_message(samples=50),
+                          headers={"Content-Type": "application/x-protobuf"}, certificate=cert, key=key).status == 200
+    started = server.cli("round", "start", "--dir", server.dir, "--model", MODEL, "--finetune-rounds", "1", "--distill",
+                         "--quantize", "none", "--phase-deadline", "2m", "--json")
+    round_id = __import__("json").loads(started.stdout)["id"]
+    task = None
+    for _ in range(20):
+        answer = server.request("POST", "/v1/worker/heartbeat", body=heartbeat_message(samples=50),
+                                headers={"Content-Type": "application/x-protobuf"}, certificate=cert, key=key)
+        fields = pb_decode(answer.body)
+        if 3 in fields:
+            task = pb_decode(fields[3][0])
+            break
+        time.sleep(0.5)
+    assert task is not None and task[3] == [b"finetune"], task
+    phase = task.get(2, [0])[0]
+    quantized = pb_bytes(1, b"".join(_varint_bytes(d) for d in (1 << 32, 1 << 32))) + b"\x15" + b"\x00\x00\x80\x3f" \
+        + pb_bytes(3, b"\x01\x02\x03\x04")
+    update = pb_bytes(2, pb_bytes(1, "fc.weight") + pb_bytes(2, quantized)) + pb_varint(3, 1)
+    for attempt in range(3):
+        report = pb_varint(1, 1) + pb_bytes(2, round_id) + pb_varint(3, phase) + pb_bytes(4, f"forged-{attempt:04d}") \
+            + pb_bytes(12, update)
+        answer = server.request("POST", "/v1/worker/reports", body=report, headers={"Content-Type": "application/x-protobuf"},
+                                certificate=cert, key=key)
+        assert answer.status == 422, answer
+        assert answer.json()["error"] == "invalid_report" and "shape" in answer.json()["message"], answer
+        assert server.request("GET", "/healthz", client_certificate=False).status == 200
+    assert server.running
+    status = __import__("json").loads(server.cli("round", "status", round_id, "--dir", server.dir, "--json").stdout)
+    assert status["state"] == "running" and status["phases"][0]["refused"] == 3, status
+
+
+def _varint_bytes(n):
+    from wire import _varint
+    return _varint(n)

@@ -42,6 +42,10 @@ def pb_decode(data):
         elif wire == 2:
             length = varint()
             value, i = data[i:i + length], i + length
+        elif wire == 5:  # fixed32 (float): the raw little-endian bytes
+            value, i = data[i:i + 4], i + 4
+        elif wire == 1:  # fixed64 (double)
+            value, i = data[i:i + 8], i + 8
         else:
             raise ValueError(f"wire type {wire} not expected")
         fields.setdefault(field, []).append(value)
