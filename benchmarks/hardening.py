@@ -35,11 +35,8 @@ from test_fleet import enrolled_identity  # noqa: E402
 RELEASE = ROOT / ".build" / "release"
 
 
-def cpu_name():
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import machine  # noqa: E402
 
 
 def peak_rss_mib(pid):
@@ -191,7 +188,8 @@ def main():
     parser.add_argument("--uploads", type=int, default=16)
     parser.add_argument("--upload-mib", type=int, default=200)
     args = parser.parse_args()
-    out = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d")}
+    print(machine.banner())
+    out = {"machine": machine.describe(), "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
         out["slow_connections"] = slow_connections(work, args.connections, args.idle)
@@ -199,7 +197,7 @@ def main():
         out["upload_flood"] = upload_flood(work, args.uploads, args.upload_mib)
         print(json.dumps(out["upload_flood"], indent=1))
     s, u = out["slow_connections"], out["upload_flood"]
-    print(f"\n{out['cpu']}, {out['date']}")
+    print(f"\n{machine.banner()}, {out['date']}")
     print(f"{s['connections']} slow connections: /healthz p50 {s['healthz_ms']['p50']} ms, p99 {s['healthz_ms']['p99']} ms, "
           f"max {s['healthz_ms']['max']} ms (goal: within 100 ms); a round {s['round']} in {s['round_seconds']} s; "
           f"{s['held_after_idle_timeout']} still held {s['idle_timeout_seconds']} s later")

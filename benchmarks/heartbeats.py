@@ -21,6 +21,10 @@ import tempfile
 import time
 import urllib.request
 import ssl
+import sys
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import machine  # noqa: E402
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RELEASE = ROOT / ".build" / "release"
@@ -68,6 +72,7 @@ def loadgen(directory, url, workers, concurrency, seconds, period=None):
 
 
 def main():
+    print(machine.banner())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5, help="duration of each throughput phase")
     parser.add_argument("--fleet", type=int, default=1000, help="workers enrolled and polling for the memory phase")
@@ -76,7 +81,7 @@ def main():
     for binary in ("coordinator", "whittle-loadgen"):
         if not (RELEASE / binary).exists():
             raise SystemExit(f"build first: swift build -c release --product coordinator --product whittle-loadgen")
-    results = {"rows": [], "fleet": None}
+    results = {"machine": machine.describe(), "rows": [], "fleet": None}
     with tempfile.TemporaryDirectory() as tmp:
         process, url = start_coordinator(tmp)
         try:

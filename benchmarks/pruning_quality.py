@@ -62,6 +62,9 @@ def run(rounds, seed, epochs):
 
 
 def main():
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import machine
+    print(machine.banner())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--seed", type=int, nargs="+", default=[0])

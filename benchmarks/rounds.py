@@ -23,6 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "interop"))
 from rounds_support import (MODEL, load_test_split, load_train_split, loopback_fleet, non_iid_shards,  # noqa: E402
                             onnx_accuracy)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
 RELEASE = ROOT / ".build" / "release"
 
@@ -86,6 +88,7 @@ def run(name, workers, per_worker, plan, directory):
 
 
 def main():
+    print(machine.banner())
     pruned = ["--prune-ratio", "0.5", "--prune-scope", "local", "--importance", "taylor", "--finetune-rounds", "3",
               "--local-epochs", "1", "--lr", "0.005", "--distill", "--quantize", "int8", "--calibration", "entropy",
               "--reduce-range", "--compact-names"]

@@ -24,6 +24,9 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import machine  # noqa: E402
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ROOT / "benchmarks" / "models"
@@ -60,6 +63,7 @@ def whittle_images_per_second(binary, path, batch, threads, iterations, warmup, 
 
 
 def main():
+    print(machine.banner())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=30)

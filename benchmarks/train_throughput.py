@@ -37,6 +37,9 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import machine  # noqa: E402
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ROOT / "benchmarks" / "models"
@@ -208,6 +211,7 @@ def whittle_images_per_second(binary, path, batch, threads, iterations, warmup, 
 
 
 def main():
+    print(machine.banner())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=10)
