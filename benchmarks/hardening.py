@@ -181,6 +181,92 @@ def upload_flood(work, uploads, mib):
         server.stop(stop_timeout=30)
 
 
+def big_model(path, width):
+    """A classifier of about width² parameters (input [N, width] → Gemm width×width → Relu → Gemm width×4), so that a
+    phase takes reports of twice its size: the uploads of a ResNet-50-size fleet."""
+    from onnx import TensorProto, helper, numpy_helper, save
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array((rng.standard_normal((width, width), dtype=np.float32) * 0.01), "w1")
+    w2 = numpy_helper.from_array((rng.standard_normal((4, width), dtype=np.float32) * 0.01), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1"], ["h0"], transB=1), helper.make_node("Relu", ["h0"], ["h"]),
+         helper.make_node("Gemm", ["h", "w2"], ["logits"], transB=1)], "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [w1, w2])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def upload_flood_with_tasks(work, uploads, mib):
+    """`uploads` workers that each hold the fine-tuning task of a model large enough for `mib` MiB reports upload
+    at once; the upload budget admits what fits, the rest wait (503 with Retry-After)."""
+    from test_fleet import heartbeat_message
+    from wire import pb_decode
+    width = int(((mib << 20) / 2 / 4) ** 0.5) + 64
+    model = work / "big.onnx"
+    big_model(model, width)
+    server = CoordinatorServer(RELEASE / "coordinator", work / "tasks", work / "tasks.log")
+    server.init()
+    server.configure(enroll_rate_per_second=100000.0, enroll_burst=1000, heartbeat_seconds=2)
+    server.start()
+    try:
+        token = server.token(uses=uploads)["token"]
+        identities = [enrolled_identity(server, token, f"w{i}", work) for i in range(uploads)]
+        for cert, key, _, _ in identities:
+            server.request("POST", "/v1/worker/heartbeat", body=heartbeat_message(samples=100),
+                           headers={"Content-Type": "application/x-protobuf"}, certificate=cert, key=key)
+        started = server.cli("round", "start", "--dir", server.dir, "--model", model, "--finetune-rounds", "1", "--distill",
+                             "--quantize", "none", "--phase-deadline", "10m", "--json", timeout=600)
+        assert started.returncode == 0, started.stderr
+        holding = 0
+        for cert, key, _, _ in identities:
+            answer = server.request("POST", "/v1/worker/heartbeat", body=heartbeat_message(samples=100),
+                                    headers={"Content-Type": "application/x-protobuf"}, certificate=cert, key=key, timeout=120)
+            holding += 3 in pb_decode(answer.body)
+        before = rss_mib(server.process.pid)
+        size = mib << 20
+        results = [None] * uploads
+        chunk = np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+
+        def upload(i):
+            cert, key = identities[i][0], identities[i][1]
+            context = server.tls_context(cert, key)
+            s = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port)), server_hostname="127.0.0.1")
+            s.sendall(f"POST /v1/worker/reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                      f"Content-Length: {size}\r\n\r\n".encode())
+            sent = 0
+            s.settimeout(60)
+            try:
+                while sent < size:
+                    s.sendall(chunk)
+                    sent += len(chunk)
+            except OSError:
+                pass
+            try:
+                head = s.recv(200).split(b"\r\n")[0].decode(errors="replace")
+            except OSError as error:
+                head = f"closed ({error.__class__.__name__})"
+            results[i] = head
+            s.close()
+
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(uploads)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        answers = {}
+        for r in results:
+            answers[r] = answers.get(r, 0) + 1
+        return {
+            "uploads": uploads, "workers_holding_the_task": holding, "declared_mib_each": mib,
+            "model_mib": round(model.stat().st_size / (1 << 20), 1), "seconds": round(time.monotonic() - t0, 1),
+            "answers": answers, "coordinator_rss_before_mib": round(before, 1),
+            "coordinator_peak_rss_mib": round(peak_rss_mib(server.process.pid), 1),
+        }
+    finally:
+        server.stop(stop_timeout=30)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=2000)
@@ -196,6 +282,8 @@ def main():
         print(json.dumps(out["slow_connections"], indent=1))
         out["upload_flood"] = upload_flood(work, args.uploads, args.upload_mib)
         print(json.dumps(out["upload_flood"], indent=1))
+        out["upload_flood_with_tasks"] = upload_flood_with_tasks(work, args.uploads, args.upload_mib)
+        print(json.dumps(out["upload_flood_with_tasks"], indent=1))
     s, u = out["slow_connections"], out["upload_flood"]
     print(f"\n{machine.banner()}, {out['date']}")
     print(f"{s['connections']} slow connections: /healthz p50 {s['healthz_ms']['p50']} ms, p99 {s['healthz_ms']['p99']} ms, "
@@ -203,6 +291,10 @@ def main():
           f"{s['held_after_idle_timeout']} still held {s['idle_timeout_seconds']} s later")
     print(f"{u['uploads']} concurrent {u['declared_mib_each']} MiB uploads from workers without a task: answers {u['answers']}, "
           f"coordinator peak {u['coordinator_peak_rss_mib']} MiB (goal: under 512 MiB)")
+    t = out["upload_flood_with_tasks"]
+    print(f"{t['uploads']} concurrent {t['declared_mib_each']} MiB uploads from workers holding the task of a {t['model_mib']} MiB "
+          f"model: answers {t['answers']}, coordinator {t['coordinator_rss_before_mib']} MiB before, peak "
+          f"{t['coordinator_peak_rss_mib']} MiB (goal: under 512 MiB)")
     (ROOT / "benchmarks" / "last-hardening.json").write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -252,6 +252,7 @@ public struct RunCommand: ParsableCommand {
             caPEM: try read(layout.ca), certificatePEM: try read(layout.certificate), privateKeyPEM: try read(layout.key)))
         client.timeout = 30
         var certificate = try Certificate(pemEncoded: try read(layout.certificate))
+        var nextRenewal = Date.distantPast
         let backoff = RetryPolicy(attempts: Int.max, baseDelay: 1, maximumDelay: 60)
         func checkValidity() throws {
             guard certificate.notValidAfter > Date() else {
@@ -282,14 +283,16 @@ public struct RunCommand: ParsableCommand {
                     longPoll = min(poll, UInt32(client.timeout * 2 / 3))
                     // A held heartbeat has already spent (part of) the interval.
                     wait = max(0.05, Double(poll) - Date().timeIntervalSince(asked))
-                    if answer.renewCertificate || CertificateRenewal.isDue(certificate, now: Date()) {
+                    if answer.renewCertificate || CertificateRenewal.isDue(certificate, now: Date()), Date() >= nextRenewal {
                         do {
                             certificate = try CertificateRenewal.renew(client: client, layout: layout, name: state.name,
                                                                       caPEM: try read(layout.ca))
                             log.info("certificate renewed: serial \(PKI.serial(certificate)), valid until \(ISO8601DateFormatter().string(from: certificate.notValidAfter))",
                                      ["certificate.serial": "\(PKI.serial(certificate))"])
                         } catch {
-                            log.warning("certificate renewal failed (the current certificate stays in use; retried at the next heartbeat): \(error)",
+                            // Retried a little later, not at every heartbeat (a coordinator that cannot renew yet).
+                            nextRenewal = Date().addingTimeInterval(min(3600, max(60, certificate.notValidAfter.timeIntervalSinceNow / 20)))
+                            log.warning("certificate renewal failed (the current certificate stays in use; retried after \(ISO8601DateFormatter().string(from: nextRenewal))): \(error)",
                                         ["error": "\(error)"])
                         }
                     }
