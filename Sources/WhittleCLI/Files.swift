@@ -96,6 +96,11 @@ public enum Files {
     /// `bytes`: a synced temporary file renamed over it, then the directory synced. When this returns, the file
     /// is on disk (an acknowledgement sent after it cannot be lost).
     public static func writeDurably(_ bytes: [UInt8], to path: String, mode: mode_t = 0o600) throws {
+        try bytes.withUnsafeBytes { try writeDurably($0, to: path, mode: mode) }
+    }
+
+    /// `writeDurably` of bytes held elsewhere (a network buffer), without copying them into an array first.
+    public static func writeDurably(_ bytes: UnsafeRawBufferPointer, to path: String, mode: mode_t = 0o600) throws {
         let temporary = path + ".tmp-\(getpid())"
         try write(bytes, to: temporary, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: mode)
         guard rename(temporary, path) == 0 else {
@@ -110,12 +115,16 @@ public enum Files {
     }
 
     static func write(_ bytes: [UInt8], to path: String, flags: Int32, mode: mode_t) throws {
+        try bytes.withUnsafeBytes { try write($0, to: path, flags: flags, mode: mode) }
+    }
+
+    static func write(_ bytes: UnsafeRawBufferPointer, to path: String, flags: Int32, mode: mode_t) throws {
         let fd = open(path, flags, mode)
         guard fd >= 0 else { throw CLIError("cannot create \(path): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         var written = 0
         while written < bytes.count {
-            let n = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            let n = Glibc.write(fd, bytes.baseAddress! + written, bytes.count - written)
             guard n > 0 else { throw CLIError("cannot write \(path): \(String(cString: strerror(errno)))") }
             written += n
         }

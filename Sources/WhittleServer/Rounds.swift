@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Logging
+import NIOCore
 import WhittleCLI
 import WhittleCompression
 import WhittleONNX
@@ -323,6 +324,11 @@ package actor RoundService {
     /// in, and makes it durable (blob fsynced, row committed) before returning. A retry of an accepted upload
     /// returns true (duplicate) and counts nothing.
     package func accept(_ report: Whittle_TaskReport, bytes: [UInt8], worker: WorkerRecord) async throws -> Bool {
+        try await accept(report, bytes: ByteBuffer(bytes: bytes), worker: worker)
+    }
+
+    /// `accept` with the report's bytes in the buffer they arrived in (written to disk from there).
+    package func accept(_ report: Whittle_TaskReport, bytes: ByteBuffer, worker: WorkerRecord) async throws -> Bool {
         await lock()
         defer { unlock() }
         guard let round = try await store.round(id: report.roundID) else {
@@ -354,8 +360,8 @@ package actor RoundService {
             throw APIError(.badRequest, "bad_report", "a report needs an upload id of 8–64 characters")
         }
         var o = try await openPhase(round)
-        guard bytes.count <= o.bodyLimit else {
-            throw APIError(.contentTooLarge, "body_too_large", "the report is \(bytes.count) bytes; this phase takes at most \(o.bodyLimit)")
+        guard bytes.readableBytes <= o.bodyLimit else {
+            throw APIError(.contentTooLarge, "body_too_large", "the report is \(bytes.readableBytes) bytes; this phase takes at most \(o.bodyLimit)")
         }
         let clock = ContinuousClock()
         let t0 = clock.now
@@ -378,9 +384,9 @@ package actor RoundService {
         }
         let relative = "reports/\(round.id)/\(round.phase)-\(worker.name).pb"
         try FileManager.default.createDirectory(at: reportsDirectory.appendingPathComponent(round.id), withIntermediateDirectories: true)
-        try Files.writeDurably(bytes, to: directory.appendingPathComponent(relative).path)
+        try bytes.withUnsafeReadableBytes { try Files.writeDurably($0, to: directory.appendingPathComponent(relative).path) }
         let record = ReportRecord(round: round.id, phase: round.phase, worker: worker.name, uploadID: report.uploadID,
-                                  blob: relative, bytes: bytes.count, bytesDown: Int(clamping: report.bytesDown),
+                                  blob: relative, bytes: bytes.readableBytes, bytesDown: Int(clamping: report.bytesDown),
                                   samples: accumulator.samples - samplesBefore, acceptedAt: Date())
         guard try await store.addReport(record) else { return true }
         o.accumulator = accumulator
@@ -388,7 +394,7 @@ package actor RoundService {
         o.aggregationSeconds = (open[round.id]?.aggregationSeconds ?? 0) + seconds(clock.now - t0)
         open[round.id] = o
         logger.info("report accepted", metadata: ["round.id": "\(round.id)", "phase": "\(plan.phases[round.phase].label)",
-                                                  "worker.name": "\(worker.name)", "bytes": "\(bytes.count)"])
+                                                  "worker.name": "\(worker.name)", "bytes": "\(bytes.readableBytes)"])
         return false
     }
 

@@ -400,28 +400,38 @@ public enum CoordinatorServer {
         }
         try await state.uploads.enter(worker: worker, bytes: reserved)
         defer { Task { await state.uploads.leave(worker: worker) } }
-        let bytes = try await body(request, limit: limit, seconds: state.config.bodyTimeoutSeconds)
-        let message = try decode(Whittle_TaskReport.self, bytes)
+        // The body stays in the network buffer it arrived in: decoded and written to disk from there, never copied.
+        let bytes = try await bodyBuffer(request, limit: limit, seconds: state.config.bodyTimeoutSeconds)
+        let message: Whittle_TaskReport
+        do {
+            message = try bytes.withUnsafeReadableBytes { try Whittle_TaskReport(serializedBytes: $0) }
+        } catch {
+            throw APIError(.badRequest, "malformed_message", "the body is not a valid \(Whittle_TaskReport.protoMessageName) message")
+        }
         guard message.protocolVersion == protocolVersion else {
             throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
         }
         guard let worker = try await state.store.worker(named: context.workerName!) else {
             throw APIError(.forbidden, "worker_certificate_required", "unknown worker")
         }
-        return (try await state.rounds.accept(message, bytes: bytes, worker: worker), bytes.count)
+        return (try await state.rounds.accept(message, bytes: bytes, worker: worker), bytes.readableBytes)
     }
 
     /// The request body, at most `limit` bytes, read within `seconds` (a client that trickles its body is cut off).
     static func body(_ request: Request, limit: Int, seconds: Int = 60) async throws -> [UInt8] {
+        Array(try await bodyBuffer(request, limit: limit, seconds: seconds).readableBytesView)
+    }
+
+    /// `body`, as the buffer it arrived in.
+    static func bodyBuffer(_ request: Request, limit: Int, seconds: Int = 60) async throws -> ByteBuffer {
         if let declared = request.headers[.contentLength].flatMap({ Int($0) }), declared > limit {
             throw APIError(.contentTooLarge, "body_too_large", "the request body (\(declared) bytes) exceeds \(limit) bytes for this route")
         }
         do {
-            let buffer = try await withDeadline(seconds: seconds) {
+            return try await withDeadline(seconds: seconds) {
                 var request = request
                 return try await request.collectBody(upTo: limit)
             }
-            return Array(buffer.readableBytesView)
         } catch is NIOTooManyBytesError {
             throw APIError(.contentTooLarge, "body_too_large", "the request body exceeds \(limit) bytes for this route")
         } catch is DeadlineExceeded {

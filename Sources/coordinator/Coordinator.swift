@@ -12,9 +12,11 @@ struct Coordinator: AsyncParsableCommand {
         subcommands: [InitCommand.self, ServeCommand.self, TokenCommand.self, WorkersCommand.self, RoundCommand.self, DashboardCommand.self, GCCommand.self, ServerCertificateCommand.self, ModelCommand.self])
 
     static func main() async {
-        ProcessSetup.tuneAllocator()
         do {
             var command = try parseAsRoot()
+            // Training-speed allocator tuning keeps up to 1 GiB of freed buffers: right for the model commands,
+            // wrong for a long-running server whose memory must follow its load.
+            if !(command is ServeCommand) { ProcessSetup.tuneAllocator() }
             if var asyncCommand = command as? AsyncParsableCommand {
                 try await asyncCommand.run()
             } else {
