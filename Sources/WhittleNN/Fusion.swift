@@ -123,7 +123,7 @@ enum StepPlanner {
     static func fuseConvolution(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
                                 producer: [String: Int]) throws -> PlannedStep? {
         let ctx = inferred.contexts[i]
-        guard let w = ctx.inputs[1]?.constant, ctx.optionalInput(2).map({ $0.constant != nil }) ?? true else { return nil }
+        guard let w = ctx.optionalInput(1)?.constant, ctx.optionalInput(2).map({ $0.constant != nil }) ?? true else { return nil }
         let (x, window, outShape) = try Operators.convSetup(ctx)
         var weights = w.asFloats
         let channels = w.shape[0]

@@ -22,7 +22,7 @@ extension Operators {
                                       fast: options.fast, outShape: [x.shape[0], w.shape[0]] + window.output, ctx: ctx)
             },
             macs: { ctx, outputs in
-                guard let w = ctx.inputs[1], let y = outputs.first else { return 0 }
+                guard let w = ctx.optionalInput(1), let y = outputs.first else { return 0 }
                 return y.count * w.shape.dropFirst().reduce(1, *)
             })
     }

@@ -125,7 +125,7 @@ extension Operators {
         }
         func bound(_ i: Int, _ fallback: Float) throws -> Float? {
             guard i < ctx.node.inputs.count, !ctx.node.inputs[i].isEmpty else { return fallback }
-            if let value = inputs?[i] ?? ctx.inputs[i]?.constant {
+            if let value = inputs?[i] ?? ctx.optionalInput(i)?.constant {
                 guard value.count == 1 else { throw ctx.error(.shapeMismatch, "clip bound input \(i) must be a scalar") }
                 return value.asFloats[0]
             }

@@ -12,7 +12,7 @@ extension Operators {
             },
             compile: { ctx, outputs, options in try GemmKernel(ctx, options: options) },
             macs: { ctx, outputs in
-                guard let a = ctx.inputs[0], let y = outputs.first else { return 0 }
+                guard let a = ctx.optionalInput(0), let y = outputs.first else { return 0 }
                 let transA = (try? ctx.int("transA", default: 0)) ?? 0
                 return y.count * (transA != 0 ? a.shape[0] : a.shape[1])
             })
@@ -21,13 +21,13 @@ extension Operators {
             infer: { ctx in [ValueMeta(dtype: .float, shape: try matMulShapes(ctx).output)] },
             compile: { ctx, outputs, options in
                 let shapes = try matMulShapes(ctx)
-                let b = ctx.inputs[1]?.constant?.asFloats
+                let b = ctx.optionalInput(1)?.constant?.asFloats
                 return ClosureKernel { inputs in
                     [try matMul(inputs[0]!.asFloats, inputs[1].map(\.asFloats) ?? b!, shapes, options: options, ctx: ctx)]
                 }
             },
             macs: { ctx, outputs in
-                guard let a = ctx.inputs[0], let y = outputs.first else { return 0 }
+                guard let a = ctx.optionalInput(0), let y = outputs.first else { return 0 }
                 return y.count * (a.shape.last ?? 1)
             })
     }
@@ -140,7 +140,7 @@ final class GemmKernel: NodeKernel, @unchecked Sendable {
         self.options = options
         cShape = ctx.optionalInput(2)?.shape
         let c = ctx.optionalInput(2)
-        if options.fast, !transA, alpha == 1, let b = ctx.inputs[1]?.constant,
+        if options.fast, !transA, alpha == 1, let b = ctx.optionalInput(1)?.constant,
             c == nil || (c?.constant != nil && c!.count == n && beta == 1) {
             let weights = transB ? b.asFloats : Kernels.transpose(b.asFloats, shape: b.shape, perm: [1, 0])
             plan = try InnerProductPlan(m: m, k: k, n: n, weights: weights, bias: c?.constant?.asFloats)

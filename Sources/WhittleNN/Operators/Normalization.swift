@@ -26,7 +26,7 @@ extension Operators {
             compile: { ctx, outputs, options in
                 let shape = outputs[0].shape
                 let epsilon = try ctx.float("epsilon", default: 1e-5)
-                let params = (1...4).map { ctx.inputs[$0]?.constant?.asFloats }
+                let params = (1...4).map { ctx.optionalInput($0)?.constant?.asFloats }
                 let batch = shape[0], channels = shape[1], spatial = shape[2...].reduce(1, *)
                 var plan: BatchNormPlan?
                 if options.fast, params.allSatisfy({ $0 != nil }), shape.reduce(1, *) > 0 {

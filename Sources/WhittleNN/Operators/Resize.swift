@@ -54,7 +54,7 @@ extension Operators {
         let axes = try ctx.ints("axes")?.map { try ctx.axis($0, rank: shape.count) } ?? Array(0..<shape.count)
         func value(_ i: Int) throws -> Tensor? {
             guard ctx.optionalInput(i) != nil else { return nil }
-            guard let v = inputs?[i] ?? ctx.inputs[i]?.constant else {
+            guard let v = inputs?[i] ?? ctx.optionalInput(i)?.constant else {
                 throw ctx.error(.invalidGraph, "input \(i) of Resize must be a constant or computable from shapes")
             }
             return v.count == 0 ? nil : v

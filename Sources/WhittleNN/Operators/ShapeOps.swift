@@ -70,7 +70,12 @@ extension Operators {
 
         r["Constant"] = .simple(infer: { ctx in [ValueMeta(try constantValue(ctx))] }) { ctx, _ in [try constantValue(ctx)] }
 
-        r["ConstantOfShape"] = .simple(infer: { ctx in [ValueMeta(try constantOfShape(ctx, nil))] }) { ctx, inputs in
+        r["ConstantOfShape"] = .simple(infer: { ctx in
+            // Folded only when small: a large constant is made when the graph runs, not by shape inference.
+            let (shape, fill, count) = try constantOfShapeTarget(ctx, nil)
+            if count <= ShapeInference.foldingLimit { return [ValueMeta(try constantOfShape(ctx, nil))] }
+            return [ValueMeta(dtype: fill.dtype, shape: shape)]
+        }) { ctx, inputs in
             [try constantOfShape(ctx, inputs[0])]
         }
     }
@@ -126,7 +131,7 @@ extension Operators {
     static func axesArgument(_ ctx: NodeContext, _ inputs: [Tensor?]?) throws -> [Int]? {
         if ctx.opset >= 13 {
             guard ctx.optionalInput(1) != nil else { return nil }
-            let value = inputs?[1] ?? ctx.inputs[1]?.constant
+            let value = inputs?[1] ?? ctx.optionalInput(1)?.constant
             guard let value else { throw ctx.error(.invalidGraph, "axes (input 1) must be a constant") }
             return value.asInts.map { Int($0) }
         }
@@ -176,7 +181,8 @@ extension Operators {
         }
     }
 
-    static func constantOfShape(_ ctx: NodeContext, _ input: Tensor?) throws -> Tensor {
+    /// The output shape, the fill value and the element count, checked.
+    static func constantOfShapeTarget(_ ctx: NodeContext, _ input: Tensor?) throws -> ([Int], Tensor, Int) {
         guard let shapeTensor = input ?? ctx.inputs.first??.constant else {
             throw ctx.error(.invalidGraph, "the shape input must be a constant or computable from shapes")
         }
@@ -187,6 +193,11 @@ extension Operators {
         }
         let fill = ctx.node.attribute("value")?.value.tensor ?? Tensor(shape: [1], floats: [0])
         guard fill.count == 1 else { throw ctx.error(.invalidAttribute, "value must hold one element") }
+        return (shape, fill, count)
+    }
+
+    static func constantOfShape(_ ctx: NodeContext, _ input: Tensor?) throws -> Tensor {
+        let (shape, fill, count) = try constantOfShapeTarget(ctx, input)
         if fill.dtype.isInteger {
             return Tensor(shape: shape, ints: [Int64](repeating: fill.ints[0], count: count), dtype: fill.dtype)
         }

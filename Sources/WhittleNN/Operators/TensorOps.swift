@@ -191,7 +191,7 @@ extension Operators {
     static func slicePlan(_ ctx: NodeContext, _ shape: [Int], _ inputs: [Tensor?]?) throws -> SlicePlan {
         func arg(_ i: Int, _ what: String) throws -> [Int64]? {
             guard ctx.optionalInput(i) != nil else { return nil }
-            guard let v = inputs?[i] ?? ctx.inputs[i]?.constant else {
+            guard let v = inputs?[i] ?? ctx.optionalInput(i)?.constant else {
                 throw ctx.error(.invalidGraph, "\(what) (input \(i)) must be a constant or computable from shapes")
             }
             return v.asInts
@@ -229,13 +229,13 @@ extension Operators {
     }
 
     static func padAmounts(_ ctx: NodeContext, rank: Int, _ inputs: [Tensor?]?) throws -> ([Int], [Int]) {
-        guard let raw = (inputs?[1] ?? ctx.inputs[1]?.constant)?.asInts.map({ Int($0) }) else {
+        guard let raw = (inputs?[1] ?? ctx.optionalInput(1)?.constant)?.asInts.map({ Int($0) }) else {
             throw ctx.error(.invalidGraph, "pads (input 1) must be a constant or computable from shapes")
         }
         let pads = try ctx.checkedSizes(raw, "pads")
         let axes: [Int]
         if ctx.optionalInput(3) != nil {
-            guard let a = (inputs?[3] ?? ctx.inputs[3]?.constant)?.asInts else {
+            guard let a = (inputs?[3] ?? ctx.optionalInput(3)?.constant)?.asInts else {
                 throw ctx.error(.invalidGraph, "axes (input 3) must be a constant")
             }
             axes = try a.map { try ctx.axis(Int($0), rank: rank) }

@@ -96,7 +96,7 @@ public final class TrainingGraph: @unchecked Sendable {
             ? Self.planLayouts(inferred, plans: plans, keepPlain: plainValues.union(model.graph.outputs.map(\.name)),
                                batchNormTies: batchNorm == .train) : [:]
         for (i, ctx) in inferred.contexts.enumerated() where fast && !inferred.folded[i] && ctx.node.opType == "BatchNormalization" {
-            guard let x = ctx.inputs[0], x.rank >= 2, x.count > 0 else { continue }
+            guard let x = ctx.optionalInput(0), x.rank >= 2, x.count > 0 else { continue }
             bnPlans[i] = try BatchNormTrainingPlan(batch: x.shape[0], channels: x.shape[1], spatial: x.shape[2...].reduce(1, *),
                                                    epsilon: try ctx.float("epsilon", default: 1e-5),
                                                    block: blocked[ctx.node.inputs[0]] ?? 0)
