@@ -150,3 +150,36 @@ def test_a_new_server_certificate_keeps_the_fleet(coordinator_server, worker_pat
     started = fleet.round("start", "--model", MODEL, "--quantize", "none", "--min-workers", "2", "--phase-deadline", "2m", "--json")
     ended = fleet.wait(json.loads(started.stdout)["id"], timeout=180)
     assert ended["state"] == "succeeded", ended.get("message")
+
+
+def test_the_renewal_route_checks_the_csr_and_retires_the_old_certificate(coordinator_server, tmp_path):
+    """POST /v1/worker/renew by hand: no client certificate, a malformed CSR and a CSR naming another worker are
+    refused; a good one is answered with a certificate for the new key; the old certificate keeps working until the
+    new one is presented, then it is refused."""
+    from cryptography.hazmat.primitives import serialization
+    from test_fleet import assert_error, enroll_request, enrolled_identity, heartbeat_by_hand, make_csr, new_key, write_identity
+    from wire import pb_decode
+    server = coordinator_server()
+    token = server.token(uses=2)["token"]
+    cert, key, certificate, _ = enrolled_identity(server, token, "board-a", tmp_path)
+    enrolled_identity(server, token, "board-b", tmp_path)
+
+    def renew(body, **identity):
+        return server.request("POST", "/v1/worker/renew", body=body, headers={"Content-Type": "application/x-protobuf"}, **identity)
+
+    fresh = new_key()
+    assert_error(renew(enroll_request("", make_csr("board-a", fresh))), 401, "client_certificate_required")
+    assert_error(renew(enroll_request("", b"not a csr"), certificate=cert, key=key), 400, "bad_csr")
+    assert_error(renew(enroll_request("", make_csr("board-b", fresh)), certificate=cert, key=key), 400, "bad_name")
+    answer = renew(enroll_request("", make_csr("board-a", fresh)), certificate=cert, key=key)
+    assert answer.status == 200, answer
+    fields = pb_decode(answer.body)
+    renewed = x509.load_der_x509_certificate(fields[2][0])
+    assert fields[1] == [b"board-a"] and renewed.serial_number != certificate.serial_number
+    assert renewed.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == \
+        fresh.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    new_cert, new_key_path = write_identity(tmp_path, "board-a-renewed", renewed, fresh)
+    assert heartbeat_by_hand(server, cert, key).status == 200, "the old certificate works until the new one is used"
+    assert heartbeat_by_hand(server, new_cert, new_key_path).status == 200
+    assert_error(heartbeat_by_hand(server, cert, key), 403, "worker_certificate_required")
+    assert heartbeat_by_hand(server, new_cert, new_key_path).status == 200
