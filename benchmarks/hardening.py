@@ -131,6 +131,41 @@ def slow_connections(work, connections, idle):
         server.stop(stop_timeout=30)
 
 
+def concurrent_uploads(server, identities, size, chunk, timeout):
+    """Every identity starts a report upload declaring `size` bytes at once and sends `chunk` repeatedly until the
+    coordinator answers or closes; returns each upload's (status line, bytes sent) and the seconds it all took."""
+    results = [None] * len(identities)
+
+    def upload(i):
+        cert, key = identities[i][0], identities[i][1]
+        context = server.tls_context(cert, key)
+        s = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port)), server_hostname="127.0.0.1")
+        s.sendall(f"POST /v1/worker/reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                  f"Content-Length: {size}\r\n\r\n".encode())
+        sent = 0
+        s.settimeout(timeout)
+        try:
+            while sent < size:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+        try:
+            head = s.recv(200).split(b"\r\n")[0].decode(errors="replace")
+        except OSError as error:
+            head = f"closed ({error.__class__.__name__})"
+        results[i] = (head, sent)
+        s.close()
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(len(identities))]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.monotonic() - t0
+
+
 def upload_flood(work, uploads, mib):
     server = CoordinatorServer(RELEASE / "coordinator", work / "flood", work / "flood.log")
     server.init()
@@ -140,39 +175,9 @@ def upload_flood(work, uploads, mib):
         token = server.token(uses=uploads)["token"]
         identities = [enrolled_identity(server, token, f"w{i}", work) for i in range(uploads)]
         before = rss_mib(server.process.pid)
-        size = mib << 20
-        results = [None] * uploads
-        chunk = b"\0" * (1 << 20)
-
-        def upload(i):
-            cert, key = identities[i][0], identities[i][1]
-            context = server.tls_context(cert, key)
-            s = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port)), server_hostname="127.0.0.1")
-            s.sendall(f"POST /v1/worker/reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
-                      f"Content-Length: {size}\r\n\r\n".encode())
-            sent = 0
-            s.settimeout(30)
-            try:
-                while sent < size:
-                    s.sendall(chunk)
-                    sent += len(chunk)
-            except OSError:
-                pass
-            try:
-                head = s.recv(200).split(b"\r\n")[0].decode(errors="replace")
-            except OSError as error:
-                head = f"closed ({error.__class__.__name__})"
-            results[i] = (head, sent)
-            s.close()
-
-        threads = [threading.Thread(target=upload, args=(i,)) for i in range(uploads)]
-        t0 = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results, seconds = concurrent_uploads(server, identities, mib << 20, b"\0" * (1 << 20), timeout=30)
         return {
-            "uploads": uploads, "declared_mib_each": mib, "seconds": round(time.monotonic() - t0, 1),
+            "uploads": uploads, "declared_mib_each": mib, "seconds": round(seconds, 1),
             "answers": sorted({r[0] for r in results}),
             "mib_sent_before_answer": round(sum(r[1] for r in results) / (1 << 20), 1),
             "coordinator_rss_before_mib": round(before, 1), "coordinator_peak_rss_mib": round(peak_rss_mib(server.process.pid), 1),
@@ -223,43 +228,14 @@ def upload_flood_with_tasks(work, uploads, mib):
                                     headers={"Content-Type": "application/x-protobuf"}, certificate=cert, key=key, timeout=120)
             holding += 3 in pb_decode(answer.body)
         before = rss_mib(server.process.pid)
-        size = mib << 20
-        results = [None] * uploads
         chunk = np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
-
-        def upload(i):
-            cert, key = identities[i][0], identities[i][1]
-            context = server.tls_context(cert, key)
-            s = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port)), server_hostname="127.0.0.1")
-            s.sendall(f"POST /v1/worker/reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
-                      f"Content-Length: {size}\r\n\r\n".encode())
-            sent = 0
-            s.settimeout(60)
-            try:
-                while sent < size:
-                    s.sendall(chunk)
-                    sent += len(chunk)
-            except OSError:
-                pass
-            try:
-                head = s.recv(200).split(b"\r\n")[0].decode(errors="replace")
-            except OSError as error:
-                head = f"closed ({error.__class__.__name__})"
-            results[i] = head
-            s.close()
-
-        threads = [threading.Thread(target=upload, args=(i,)) for i in range(uploads)]
-        t0 = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results, seconds = concurrent_uploads(server, identities, mib << 20, chunk, timeout=60)
         answers = {}
-        for r in results:
-            answers[r] = answers.get(r, 0) + 1
+        for head, _ in results:
+            answers[head] = answers.get(head, 0) + 1
         return {
             "uploads": uploads, "workers_holding_the_task": holding, "declared_mib_each": mib,
-            "model_mib": round(model.stat().st_size / (1 << 20), 1), "seconds": round(time.monotonic() - t0, 1),
+            "model_mib": round(model.stat().st_size / (1 << 20), 1), "seconds": round(seconds, 1),
             "answers": answers, "coordinator_rss_before_mib": round(before, 1),
             "coordinator_peak_rss_mib": round(peak_rss_mib(server.process.pid), 1),
         }

@@ -491,33 +491,18 @@ public enum CoordinatorServer {
         if let wait = await state.limiter.take(context.remoteAddress ?? "unknown") {
             throw APIError(.tooManyRequests, "rate_limited", "too many enrollment requests; retry in \(wait) s", retryAfter: wait)
         }
-        let message = try decode(Whittle_EnrollRequest.self, try await body(request, limit: state.config.enrollBodyLimit))
-        guard message.protocolVersion == protocolVersion else {
-            throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported (this coordinator speaks \(protocolVersion))")
-        }
-        let csr: (publicKey: Certificate.PublicKey, commonName: String?)
-        do {
-            csr = try PKI.verifyCSR(Array(message.csrDer))
-        } catch let error as PKIError {
-            throw APIError(.badRequest, "bad_csr", error.description)
-        }
+        let (message, csr) = try await signingRequest(request, state)
         guard let name = csr.commonName, PKI.isValidWorkerName(name) else {
             throw APIError(.badRequest, "bad_name", "the CSR's common name must be a worker name: 1–64 letters, digits, '.', '-' or '_'")
         }
         let now = Date()
-        let certificate = try PKI.makeClientCertificate(
-            ca: state.ca, commonName: name, publicKey: csr.publicKey, now: now,
-            validity: state.config.workerCertificateDays * 86400)
+        let certificate = try workerCertificate(name: name, publicKey: csr.publicKey, now: now, state)
         let record = WorkerRecord(name: name, certificateSerial: PKI.serial(certificate),
                                   certificateExpiresAt: certificate.notValidAfter, enrolledAt: now)
         switch try await state.store.enroll(tokenHash: tokenHash(message.token), worker: record, now: now) {
         case .enrolled:
             state.logger.info("enrolled", metadata: ["worker.name": "\(name)", "worker.address": "\(context.remoteAddress ?? "?")"])
-            var response = Whittle_EnrollResponse()
-            response.name = name
-            response.certificateDer = Data(try PKI.der(certificate))
-            response.caCertificateDer = Data(try PKI.der(state.ca.certificate))
-            return try protobuf(response)
+            return try certificateResponse(name: name, certificate, state)
         case .unknownToken: throw APIError(.unauthorized, "unknown_token", "the enrollment token is not known")
         case .expiredToken: throw APIError(.unauthorized, "expired_token", "the enrollment token has expired")
         case .exhaustedToken: throw APIError(.unauthorized, "exhausted_token", "the enrollment token has no uses left")
@@ -530,22 +515,12 @@ public enum CoordinatorServer {
     /// The CSR must name the worker itself; the certificate the request came with stays accepted until the new one
     /// is first used, so a renewal whose answer is lost locks nobody out.
     static func renew(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Response {
-        let message = try decode(Whittle_EnrollRequest.self, try await body(request, limit: state.config.enrollBodyLimit))
-        guard message.protocolVersion == protocolVersion else {
-            throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
-        }
+        let (_, csr) = try await signingRequest(request, state)
         let name = context.workerName!
-        let csr: (publicKey: Certificate.PublicKey, commonName: String?)
-        do {
-            csr = try PKI.verifyCSR(Array(message.csrDer))
-        } catch let error as PKIError {
-            throw APIError(.badRequest, "bad_csr", error.description)
-        }
         guard csr.commonName == name else {
             throw APIError(.badRequest, "bad_name", "a renewal's CSR must name the worker itself ('\(name)')")
         }
-        let certificate = try PKI.makeClientCertificate(ca: state.ca, commonName: name, publicKey: csr.publicKey, now: Date(),
-                                                        validity: state.config.workerCertificateDays * 86400)
+        let certificate = try workerCertificate(name: name, publicKey: csr.publicKey, now: Date(), state)
         guard try await state.store.renewCertificate(name: name, presentedSerial: context.certificateSerial ?? "",
                                                      newSerial: PKI.serial(certificate),
                                                      expiresAt: certificate.notValidAfter) != nil else {
@@ -553,6 +528,32 @@ public enum CoordinatorServer {
         }
         state.logger.info("certificate renewed", metadata: ["worker.name": "\(name)", "certificate.serial": "\(PKI.serial(certificate))",
                                                             "certificate.expires": "\(certificate.notValidAfter)"])
+        return try certificateResponse(name: name, certificate, state)
+    }
+
+    /// The EnrollRequest of an enrollment or a renewal: its body within the enrollment limit, its protocol version,
+    /// and its CSR with the signature verified (only the public key and common name are used).
+    static func signingRequest(_ request: Request, _ state: ServerState) async throws
+        -> (Whittle_EnrollRequest, (publicKey: Certificate.PublicKey, commonName: String?)) {
+        let message = try decode(Whittle_EnrollRequest.self, try await body(request, limit: state.config.enrollBodyLimit))
+        guard message.protocolVersion == protocolVersion else {
+            throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported (this coordinator speaks \(protocolVersion))")
+        }
+        do {
+            return (message, try PKI.verifyCSR(Array(message.csrDer)))
+        } catch let error as PKIError {
+            throw APIError(.badRequest, "bad_csr", error.description)
+        }
+    }
+
+    /// A worker's client certificate for `publicKey`, valid `worker_certificate_days`.
+    static func workerCertificate(name: String, publicKey: Certificate.PublicKey, now: Date, _ state: ServerState) throws -> Certificate {
+        try PKI.makeClientCertificate(ca: state.ca, commonName: name, publicKey: publicKey, now: now,
+                                      validity: state.config.workerCertificateDays * 86400)
+    }
+
+    /// The EnrollResponse carrying a worker's certificate and the CA's.
+    static func certificateResponse(name: String, _ certificate: Certificate, _ state: ServerState) throws -> Response {
         var response = Whittle_EnrollResponse()
         response.name = name
         response.certificateDer = Data(try PKI.der(certificate))
