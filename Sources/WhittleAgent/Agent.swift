@@ -152,7 +152,10 @@ public struct EnrollCommand: ParsableCommand {
         guard chmod(dir, 0o700) == 0 else { throw CLIError("cannot restrict \(dir) to its owner (chmod 0700)") }
         try Files.writeNew(key.pemRepresentation, to: layout.key, mode: 0o600)
         try Files.writeNew(try certificate.serializeAsPEM().pemString, to: layout.certificate, mode: 0o644)
-        try Files.writeNew(caPEM, to: layout.ca, mode: 0o644)
+        // The CAs to trust from now on, as the coordinator (verified with the pinned CA) lists them: during a CA
+        // rotation the next CA too.
+        let trustedPEM = answer.trustedCaDer.isEmpty ? caPEM : try CertificateRenewal.bundle(answer.trustedCaDer)
+        try Files.writeNew(trustedPEM, to: layout.ca, mode: 0o644)
         try WorkerState(name: answer.name, coordinator: coordinator, caFingerprint: fingerprint, enrolledAt: Date()).save(layout)
         if !fm.fileExists(atPath: layout.settings) { try Files.writeNew(WorkerSettings.template, to: layout.settings, mode: 0o600) }
         if json {
@@ -252,6 +255,7 @@ public struct RunCommand: ParsableCommand {
             caPEM: try read(layout.ca), certificatePEM: try read(layout.certificate), privateKeyPEM: try read(layout.key)))
         client.timeout = 30
         var certificate = try Certificate(pemEncoded: try read(layout.certificate))
+        var trusted = try PKI.trustFingerprint(try PKI.certificates(pem: try read(layout.ca)))
         var nextRenewal = Date.distantPast
         let backoff = RetryPolicy(attempts: Int.max, baseDelay: 1, maximumDelay: 60)
         func checkValidity() throws {
@@ -283,12 +287,23 @@ public struct RunCommand: ParsableCommand {
                     longPoll = min(poll, UInt32(client.timeout * 2 / 3))
                     // A held heartbeat has already spent (part of) the interval.
                     wait = max(0.05, Double(poll) - Date().timeIntervalSince(asked))
-                    if answer.renewCertificate || CertificateRenewal.isDue(certificate, now: Date()), Date() >= nextRenewal {
+                    // The coordinator asked, a third of the lifetime is left, or the coordinator trusts other CAs
+                    // than this board does (a CA rotation): the renewal brings a new certificate and the CAs.
+                    let trustChanged = !answer.trustFingerprint.isEmpty && answer.trustFingerprint != trusted
+                    if answer.renewCertificate || trustChanged || CertificateRenewal.isDue(certificate, now: Date()), Date() >= nextRenewal {
                         do {
-                            certificate = try CertificateRenewal.renew(client: client, layout: layout, name: state.name,
-                                                                      caPEM: try read(layout.ca))
+                            certificate = try CertificateRenewal.renew(client: client, layout: layout, name: state.name)
+                            trusted = try PKI.trustFingerprint(try PKI.certificates(pem: try read(layout.ca)))
                             log.info("certificate renewed: serial \(PKI.serial(certificate)), valid until \(ISO8601DateFormatter().string(from: certificate.notValidAfter))",
                                      ["certificate.serial": "\(PKI.serial(certificate))"])
+                            if trustChanged {
+                                log.info("trusted CAs updated: \(try PKI.certificates(pem: try read(layout.ca)).compactMap(PKI.commonName).joined(separator: ", "))",
+                                         ["trust.fingerprint": "\(trusted)"])
+                            }
+                            if !answer.trustFingerprint.isEmpty && answer.trustFingerprint != trusted {
+                                // The renewal did not bring the announced set (a coordinator mid-restart): later.
+                                nextRenewal = Date().addingTimeInterval(60)
+                            }
                         } catch {
                             // Retried a little later, not at every heartbeat (a coordinator that cannot renew yet).
                             nextRenewal = Date().addingTimeInterval(min(3600, max(60, certificate.notValidAfter.timeIntervalSinceNow / 20)))
@@ -345,15 +360,17 @@ enum CertificateRenewal {
 
     static func pending(_ path: String) -> String { path + ".renewed" }
 
-    /// Finishes or abandons a renewal a crash interrupted: both new files were written durably before either was
-    /// moved into place, so a new certificate on disk means the swap is completed; a new key alone is dropped.
+    /// Finishes or abandons a renewal a crash interrupted: every new file was written durably before any was
+    /// moved into place, the certificate last, so a new certificate on disk means the swap is completed (key and
+    /// trusted CAs moved first); a new key or CA bundle alone is dropped.
     static func recover(_ layout: WorkerLayout) throws {
         let fm = FileManager.default
         if fm.fileExists(atPath: pending(layout.certificate)) {
             if fm.fileExists(atPath: pending(layout.key)) { try move(pending(layout.key), layout.key) }
+            if fm.fileExists(atPath: pending(layout.ca)) { try move(pending(layout.ca), layout.ca) }
             try move(pending(layout.certificate), layout.certificate)
-        } else if fm.fileExists(atPath: pending(layout.key)) {
-            try fm.removeItem(atPath: pending(layout.key))
+        } else if fm.fileExists(atPath: pending(layout.key)) || fm.fileExists(atPath: pending(layout.ca)) {
+            for path in [pending(layout.key), pending(layout.ca)] where fm.fileExists(atPath: path) { try fm.removeItem(atPath: path) }
         } else {
             return
         }
@@ -367,8 +384,18 @@ enum CertificateRenewal {
         guard rename(from, to) == 0 else { throw CLIError("cannot move \(from) to \(to): \(String(cString: strerror(errno)))") }
     }
 
-    /// Asks for a new certificate, keeps it with its key, and switches `client` to it; returns the certificate.
-    static func renew(client: HTTPClient, layout: WorkerLayout, name: String, caPEM: String) throws -> Certificate {
+    /// A PEM bundle of DER certificates, each checked to parse.
+    static func bundle(_ ders: [Data]) throws -> String {
+        do {
+            return try PKI.pemBundle(try ders.map { try Certificate(derEncoded: Array($0)) })
+        } catch {
+            throw CLIError("the coordinator sent a CA certificate that does not parse")
+        }
+    }
+
+    /// Asks for a new certificate, keeps it with its key (and the CAs to trust, when the coordinator lists them),
+    /// and switches `client` to them; returns the certificate.
+    static func renew(client: HTTPClient, layout: WorkerLayout, name: String) throws -> Certificate {
         let key = P256.Signing.PrivateKey()
         var request = Whittle_EnrollRequest()
         request.protocolVersion = protocolVersion
@@ -383,10 +410,14 @@ enum CertificateRenewal {
             throw CLIError("the coordinator's renewed certificate is not for this board's new key and name")
         }
         let certificatePEM = try certificate.serializeAsPEM().pemString
+        let caPEM: String
+        do { caPEM = try String(contentsOfFile: layout.ca, encoding: .utf8) } catch { throw CLIError("cannot read \(layout.ca)") }
+        let trustedPEM = answer.trustedCaDer.isEmpty ? caPEM : try bundle(answer.trustedCaDer)
         try Files.writeDurably(Array(key.pemRepresentation.utf8), to: pending(layout.key), mode: 0o600)
+        if trustedPEM != caPEM { try Files.writeDurably(Array(trustedPEM.utf8), to: pending(layout.ca), mode: 0o644) }
         try Files.writeDurably(Array(certificatePEM.utf8), to: pending(layout.certificate), mode: 0o644)
         try recover(layout)
-        client.replaceCredentials(TLSCredentials(caPEM: caPEM, certificatePEM: certificatePEM, privateKeyPEM: key.pemRepresentation))
+        client.replaceCredentials(TLSCredentials(caPEM: trustedPEM, certificatePEM: certificatePEM, privateKeyPEM: key.pemRepresentation))
         return certificate
     }
 }

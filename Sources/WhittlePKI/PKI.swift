@@ -55,12 +55,13 @@ public enum PKI {
             && name != adminCommonName
     }
 
-    /// A new self-signed CA, valid for `years`.
-    public static func makeCA(now: Date = Date(), years: Int = 10) throws -> Identity {
+    /// A new self-signed CA, valid for `years`. A CA made to replace another (`coordinator ca begin`) carries its
+    /// date in its common name, so that the two are told apart in logs and by people.
+    public static func makeCA(now: Date = Date(), years: Int = 10, commonName: String = caCommonName) throws -> Identity {
         let key = P256.Signing.PrivateKey()
         let name = try DistinguishedName {
             OrganizationName("Whittle")
-            CommonName(caCommonName)
+            CommonName(commonName)
         }
         let certificate = try Certificate(
             version: .v3, serialNumber: newSerial(), publicKey: .init(key.publicKey),
@@ -177,6 +178,55 @@ public enum PKI {
         var serializer = DER.Serializer()
         try serializer.serialize(certificate)
         return serializer.serializedBytes
+    }
+
+    /// Every certificate of a PEM bundle (one or more `CERTIFICATE` blocks), in order.
+    public static func certificates(pem: String) throws -> [Certificate] {
+        let documents: [PEMDocument]
+        do {
+            documents = try PEMDocument.parseMultiple(pemString: pem)
+        } catch {
+            throw PKIError("not a PEM certificate bundle: \(error)")
+        }
+        guard !documents.isEmpty else { throw PKIError("the PEM bundle holds no certificate") }
+        return try documents.map { document in
+            do { return try Certificate(pemDocument: document) } catch { throw PKIError("a certificate of the bundle is not valid: \(error)") }
+        }
+    }
+
+    /// A PEM bundle of `certificates`, in order.
+    public static func pemBundle(_ certificates: [Certificate]) throws -> String {
+        try certificates.map { try $0.serializeAsPEM().pemString + "\n" }.joined()
+    }
+
+    /// One fingerprint for a set of trusted CAs, whatever their order: the SHA-256 of their sorted fingerprints.
+    /// The coordinator sends it with every heartbeat; a worker whose own set differs renews and receives the set.
+    public static func trustFingerprint(_ certificates: [Certificate]) throws -> String {
+        let fingerprints = Set(try certificates.map(fingerprint)).sorted()
+        return hex(SHA256.hash(data: Data(fingerprints.joined(separator: "\n").utf8)))
+    }
+
+    /// The DNS names and IP addresses a server certificate is valid for, as `makeServerCertificate` takes them.
+    public static func hostNames(of certificate: Certificate) throws -> [String] {
+        guard let names = try certificate.extensions.subjectAlternativeNames else { return [] }
+        return names.compactMap { name -> String? in
+            switch name {
+            case .dnsName(let host): return host
+            case .ipAddress(let octets):
+                let bytes = Array(octets.bytes)
+                let family: Int32
+                switch bytes.count {
+                case 4: family = AF_INET
+                case 16: family = AF_INET6
+                default: return nil
+                }
+                var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+                let ok = bytes.withUnsafeBytes { source in inet_ntop(family, source.baseAddress, &text, socklen_t(text.count)) != nil }
+                guard ok else { return nil }
+                return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            default: return nil
+            }
+        }
     }
 
     /// A stable serial-number string: the serial's bytes in hex, zero-padded.

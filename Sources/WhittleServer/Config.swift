@@ -87,6 +87,27 @@ public struct CoordinatorConfig: Sendable, Equatable {
         return out
     }
 
+    /// `text` (a coordinator.conf) with `key`'s setting line set to `value`, or the line added; comments, order
+    /// and every other line are kept.
+    public static func replacing(_ key: String, with value: String, in text: String) -> String {
+        var lines = text.components(separatedBy: "\n")
+        let setting = "\(key) = \(value)"
+        var found = false
+        for (i, line) in lines.enumerated() {
+            let trimmed = line.trimmingCharacters(in: .whitespaces)
+            let parts = trimmed.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            if !trimmed.hasPrefix("#"), parts.count == 2, parts[0].trimmingCharacters(in: .whitespaces) == key {
+                lines[i] = setting
+                found = true
+            }
+        }
+        if !found {
+            if lines.last == "" { lines.removeLast() }
+            lines += [setting, ""]
+        }
+        return lines.joined(separator: "\n")
+    }
+
     public static func parse(_ text: String) throws -> CoordinatorConfig {
         var c = CoordinatorConfig()
         let (lines, bad) = settingLines(text)
@@ -190,6 +211,13 @@ public struct CoordinatorLayout: Sendable {
     public var serverKey: String { file("server.key") }
     public var adminCertificate: String { file("admin.pem") }
     public var adminKey: String { file("admin.key") }
+    /// During a CA rotation (`coordinator ca begin`): the CA that replaces `ca.pem` at `coordinator ca finish`.
+    public var nextCACertificate: String { file("ca-next.pem") }
+    public var nextCAKey: String { file("ca-next.key") }
+    /// Written by `coordinator ca finish` once every new file is staged: the rotation is committed.
+    package var rotationCommit: String { file("ca-rotation.commit") }
+    /// A CA replaced by a rotation, kept for audit (its key is deleted).
+    func retiredCACertificate(fingerprint: String) -> String { file("ca-retired-\(fingerprint.prefix(16)).pem") }
     public var config: String { file("coordinator.conf") }
     public var database: String { file("whittle.sqlite") }
     /// Files served to workers, named by their SHA-256.

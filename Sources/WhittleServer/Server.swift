@@ -64,7 +64,10 @@ package struct APIError: HTTPResponseError {
 /// Everything the handlers share.
 final class ServerState: Sendable {
     let store: any CoordinatorStore
-    let ca: Identity
+    /// The current CA (it signs the server certificate; enrolling workers pin it) and, during a CA rotation, the
+    /// next one (it issues worker certificates).
+    let trust: CARotation.Trust
+    var ca: Identity { trust.current }
     let config: CoordinatorConfig
     let limiter: RateLimiter
     let logger: Logger
@@ -75,14 +78,14 @@ final class ServerState: Sendable {
     let dashboard: DashboardSessions
     let uploads: UploadGate
 
-    init(store: any CoordinatorStore, ca: Identity, config: CoordinatorConfig, directory: URL, artifacts: URL, logger: Logger) throws {
+    init(store: any CoordinatorStore, trust: CARotation.Trust, config: CoordinatorConfig, directory: URL, artifacts: URL, logger: Logger) throws {
         self.artifacts = artifacts
         let metrics = CoordinatorMetrics()
         self.metrics = metrics
         rounds = try RoundService(store: store, directory: directory, artifacts: artifacts, pollSeconds: config.heartbeatSeconds,
                                   logger: logger, metrics: metrics)
         self.store = store
-        self.ca = ca
+        self.trust = trust
         self.config = config
         self.limiter = RateLimiter(rate: config.enrollRatePerSecond, burst: Double(config.enrollBurst))
         self.logger = logger
@@ -498,7 +501,8 @@ public enum CoordinatorServer {
         let now = Date()
         let certificate = try workerCertificate(name: name, publicKey: csr.publicKey, now: now, state)
         let record = WorkerRecord(name: name, certificateSerial: PKI.serial(certificate),
-                                  certificateExpiresAt: certificate.notValidAfter, enrolledAt: now)
+                                  certificateExpiresAt: certificate.notValidAfter, enrolledAt: now,
+                                  certificateIssuer: try PKI.fingerprint(state.trust.issuer.certificate))
         switch try await state.store.enroll(tokenHash: tokenHash(message.token), worker: record, now: now) {
         case .enrolled:
             state.logger.info("enrolled", metadata: ["worker.name": "\(name)", "worker.address": "\(context.remoteAddress ?? "?")"])
@@ -523,7 +527,8 @@ public enum CoordinatorServer {
         let certificate = try workerCertificate(name: name, publicKey: csr.publicKey, now: Date(), state)
         guard try await state.store.renewCertificate(name: name, presentedSerial: context.certificateSerial ?? "",
                                                      newSerial: PKI.serial(certificate),
-                                                     expiresAt: certificate.notValidAfter) != nil else {
+                                                     expiresAt: certificate.notValidAfter,
+                                                     issuer: try PKI.fingerprint(state.trust.issuer.certificate)) != nil else {
             throw APIError(.forbidden, "worker_certificate_required", "unknown worker")
         }
         state.logger.info("certificate renewed", metadata: ["worker.name": "\(name)", "certificate.serial": "\(PKI.serial(certificate))",
@@ -546,18 +551,20 @@ public enum CoordinatorServer {
         }
     }
 
-    /// A worker's client certificate for `publicKey`, valid `worker_certificate_days`.
+    /// A worker's client certificate for `publicKey`, valid `worker_certificate_days`, from the issuing CA (the
+    /// next one during a CA rotation).
     static func workerCertificate(name: String, publicKey: Certificate.PublicKey, now: Date, _ state: ServerState) throws -> Certificate {
-        try PKI.makeClientCertificate(ca: state.ca, commonName: name, publicKey: publicKey, now: now,
+        try PKI.makeClientCertificate(ca: state.trust.issuer, commonName: name, publicKey: publicKey, now: now,
                                       validity: state.config.workerCertificateDays * 86400)
     }
 
-    /// The EnrollResponse carrying a worker's certificate and the CA's.
+    /// The EnrollResponse carrying a worker's certificate, the CA's, and every CA the worker must trust.
     static func certificateResponse(name: String, _ certificate: Certificate, _ state: ServerState) throws -> Response {
         var response = Whittle_EnrollResponse()
         response.name = name
         response.certificateDer = Data(try PKI.der(certificate))
         response.caCertificateDer = Data(try PKI.der(state.ca.certificate))
+        response.trustedCaDer = try state.trust.certificates.map { Data(try PKI.der($0)) }
         return try protobuf(response)
     }
 
@@ -577,6 +584,7 @@ public enum CoordinatorServer {
         var response = Whittle_HeartbeatResponse()
         response.pollSeconds = UInt32(state.config.heartbeatSeconds)
         response.renewCertificate = try await state.store.worker(named: context.workerName!)?.renewRequestedAt != nil
+        response.trustFingerprint = state.trust.fingerprint
         if message.workingOn.isEmpty {
             // Long polling: an idle worker that asks for it waits here (at most one heartbeat interval) until a
             // phase opens, and gets its task then instead of at its next heartbeat.
@@ -677,24 +685,24 @@ public enum CoordinatorServer {
     /// The TLS configuration: TLS 1.2+, the server certificate, and optional client certificates that must chain to
     /// the CA (a foreign or expired certificate is refused at the handshake; none at all is allowed, for
     /// enrollment and health).
-    static func tlsConfiguration(layout: CoordinatorLayout) throws -> TLSConfiguration {
+    static func tlsConfiguration(layout: CoordinatorLayout, trust: CARotation.Trust) throws -> TLSConfiguration {
         let certificate = try NIOSSLCertificate(file: layout.serverCertificate, format: .pem)
         let key = try NIOSSLPrivateKey(file: layout.serverKey, format: .pem)
-        let ca = try NIOSSLCertificate(file: layout.caCertificate, format: .pem)
+        let roots = try trust.certificates.map { try NIOSSLCertificate(bytes: try PKI.der($0), format: .der) }
         var tls = TLSConfiguration.makeServerConfiguration(certificateChain: [.certificate(certificate)], privateKey: .privateKey(key))
         tls.minimumTLSVersion = .tlsv12
         tls.certificateVerification = .optionalVerification
-        tls.trustRoots = .certificates([ca])
+        tls.trustRoots = .certificates(roots)
         tls.applicationProtocols = ["http/1.1"]
         return tls
     }
 
     /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
     public static func serve(layout: CoordinatorLayout, config: CoordinatorConfig, listen: String, logger: Logger) async throws {
-        let ca = try Identity(certificatePEM: try String(contentsOfFile: layout.caCertificate, encoding: .utf8),
-                              privateKeyPEM: try String(contentsOfFile: layout.caKey, encoding: .utf8))
+        // A CA rotation's finish that a crash interrupted is completed (or discarded) before anything is read.
+        let trust = try CARotation.trust(layout)
         let store = try SQLiteStore(path: layout.database)
-        let state = try ServerState(store: store, ca: ca, config: config, directory: layout.directory, artifacts: layout.artifacts,
+        let state = try ServerState(store: store, trust: trust, config: config, directory: layout.directory, artifacts: layout.artifacts,
                                     logger: logger)
         // Phases close on time (deadlines, silent workers) even when no report arrives.
         let ticker = Task {
@@ -723,7 +731,7 @@ public enum CoordinatorServer {
             // The idle timeout runs from the TCP accept: it also closes connections that never finish their TLS
             // handshake or their request head. Bodies have their own deadline (body_timeout_seconds).
             server: try .tls(.http1(configuration: .init(idleTimeout: .seconds(Int64(config.idleTimeoutSeconds)))),
-                             tlsConfiguration: try tlsConfiguration(layout: layout)),
+                             tlsConfiguration: try tlsConfiguration(layout: layout, trust: trust)),
             configuration: .init(address: .hostname(host, port: port), serverName: "whittle",
                                  availableConnectionsDelegate: MaximumAvailableConnections(config.maxConnections, logger: logger)),
             onServerRunning: { channel in
@@ -731,6 +739,10 @@ public enum CoordinatorServer {
                 let url = "https://\(host.contains(":") ? "[\(host)]" : host):\(bound)"
                 try? Data((url + "\n").utf8).write(to: URL(fileURLWithPath: layout.listening), options: .atomic)
                 logger.info("listening", metadata: ["url": "\(url)"])
+                if let next = trust.next {
+                    logger.info("CA rotation under way: worker certificates come from the next CA; coordinator ca finish once every worker renewed",
+                                metadata: ["ca.next": "\((try? PKI.fingerprint(next.certificate)) ?? "?")"])
+                }
                 FileHandle.standardOutput.write(Data("listening on \(url)\n".utf8))  // unbuffered, also into a pipe
             },
             logger: logger)

@@ -90,6 +90,9 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
                 t.column("expiresAt", .datetime).notNull()
             }
         }
+        m.registerMigration("v4: the CA that issued each worker certificate (CA rotation)") { db in
+            try db.alter(table: "worker") { t in t.add(column: "certificateIssuer", .text) }
+        }
         return m
     }
 
@@ -224,12 +227,13 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
         }
     }
 
-    public func renewCertificate(name: String, presentedSerial: String, newSerial: String, expiresAt: Date) async throws -> WorkerRecord? {
+    public func renewCertificate(name: String, presentedSerial: String, newSerial: String, expiresAt: Date, issuer: String?) async throws -> WorkerRecord? {
         try await pool.write { db in
             guard var w = try WorkerRecord.fetchOne(db, key: name) else { return nil }
             w.previousSerial = presentedSerial == newSerial ? nil : presentedSerial
             w.certificateSerial = newSerial
             w.certificateExpiresAt = expiresAt
+            w.certificateIssuer = issuer
             w.renewRequestedAt = nil
             try w.update(db)
             return w

@@ -17,12 +17,17 @@ public struct WorkerRecord: Codable, Sendable, Equatable {
     public var previousSerial: String?
     /// When an admin asked for the worker's certificate to be renewed (`workers renew`); cleared by the renewal.
     public var renewRequestedAt: Date?
+    /// The SHA-256 fingerprint of the CA that issued the current certificate; nil for a certificate issued before
+    /// the coordinator recorded it, which is always the data directory's first CA.
+    public var certificateIssuer: String?
 
-    public init(name: String, certificateSerial: String, certificateExpiresAt: Date, enrolledAt: Date) {
+    public init(name: String, certificateSerial: String, certificateExpiresAt: Date, enrolledAt: Date,
+                certificateIssuer: String? = nil) {
         self.name = name
         self.certificateSerial = certificateSerial
         self.certificateExpiresAt = certificateExpiresAt
         self.enrolledAt = enrolledAt
+        self.certificateIssuer = certificateIssuer
     }
 
     /// revoked, expired, online (contact within `onlineWindow`), offline, or enrolled (never seen since).
@@ -164,8 +169,9 @@ public protocol CoordinatorStore: AnyObject, Sendable {
     func revokeToken(hash: String, at: Date) async throws -> Bool
     /// Records a renewed certificate: `newSerial` becomes the worker's, and `presentedSerial` (the certificate the
     /// renewal came with) stays accepted until the new one is used; any earlier pending serial is forgotten, and a
-    /// renewal request is cleared. Nil when there is no such worker.
-    func renewCertificate(name: String, presentedSerial: String, newSerial: String, expiresAt: Date) async throws -> WorkerRecord?
+    /// renewal request is cleared; `issuer` is the fingerprint of the CA that signed it. Nil when there is no such
+    /// worker.
+    func renewCertificate(name: String, presentedSerial: String, newSerial: String, expiresAt: Date, issuer: String?) async throws -> WorkerRecord?
     /// The worker has presented its current certificate: its previous serial is no longer accepted.
     func confirmRenewal(name: String) async throws
     /// Asks the worker to renew at its next heartbeat; false when there is no such worker.
@@ -246,11 +252,12 @@ public actor MemoryStore: CoordinatorStore {
         return true
     }
 
-    public func renewCertificate(name: String, presentedSerial: String, newSerial: String, expiresAt: Date) throws -> WorkerRecord? {
+    public func renewCertificate(name: String, presentedSerial: String, newSerial: String, expiresAt: Date, issuer: String?) throws -> WorkerRecord? {
         guard var w = byName[name] else { return nil }
         w.previousSerial = presentedSerial == newSerial ? nil : presentedSerial
         w.certificateSerial = newSerial
         w.certificateExpiresAt = expiresAt
+        w.certificateIssuer = issuer
         w.renewRequestedAt = nil
         byName[name] = w
         return w

@@ -27,6 +27,26 @@ import X509
         #expect(throws: PKIError.self) { try Identity(certificatePEM: admin.certificatePEM, privateKeyPEM: server.privateKeyPEM) }
     }
 
+    /// A bundle of CAs parses back in order; its trust fingerprint ignores order and duplicates and changes with the
+    /// set; a server certificate's names come back as they were given.
+    @Test func bundlesTrustFingerprintsAndHostNames() throws {
+        let a = try PKI.makeCA(), b = try PKI.makeCA(commonName: "\(PKI.caCommonName) (from 2026-12-06)")
+        let bundle = try PKI.pemBundle([a.certificate, b.certificate])
+        #expect(try PKI.certificates(pem: bundle) == [a.certificate, b.certificate])
+        #expect(try PKI.certificates(pem: a.certificatePEM) == [a.certificate])
+        #expect(throws: PKIError.self) { try PKI.certificates(pem: "no certificate here") }
+        let ab = try PKI.trustFingerprint([a.certificate, b.certificate])
+        #expect(try PKI.trustFingerprint([b.certificate, a.certificate, b.certificate]) == ab)
+        #expect(try PKI.trustFingerprint([a.certificate]) != ab && ab.count == 64)
+        // Hand-computed: SHA-256 over the one fingerprint (no separator for a single CA).
+        let single = try PKI.fingerprint(a.certificate)
+        #expect(try PKI.trustFingerprint([a.certificate]) == PKI.hex(SHA256.hash(data: Data(single.utf8))))
+        let hosts = ["coordinator.local", "10.0.0.5", "::1", "fd00::17"]
+        let server = try PKI.makeServerCertificate(ca: a, hosts: hosts)
+        #expect(try PKI.hostNames(of: server.certificate) == hosts)
+        #expect(try PKI.hostNames(of: a.certificate) == [])
+    }
+
     @Test func csrsAreVerifiedAndOnlyTheNameIsTaken() throws {
         let key = P256.Signing.PrivateKey()
         let der = try PKI.makeCSR(name: "board-7", key: key)

@@ -102,23 +102,28 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
     func certificateRenewalKeepsThePresentedSerialUntilTheNewOneIsUsed(_ kind: StoreKind) async throws {
         let (store, _) = try kind.make()
         try await store.addToken(TokenRecord(hash: "t", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 1))
-        _ = try await store.enroll(tokenHash: "t", worker: Self.worker("a", serial: "s1"), now: Self.now)
+        var enrolled = Self.worker("a", serial: "s1")
+        enrolled.certificateIssuer = "ca1"
+        _ = try await store.enroll(tokenHash: "t", worker: enrolled, now: Self.now)
+        #expect(try await store.worker(named: "a")?.certificateIssuer == "ca1")
         #expect(try await store.requestRenewal(name: "a", at: Self.now))
         #expect(try await !store.requestRenewal(name: "ghost", at: Self.now))
         #expect(try await store.worker(named: "a")?.renewRequestedAt == Self.now)
         let later = Self.now.addingTimeInterval(86400 * 2)
-        var a = try #require(try await store.renewCertificate(name: "a", presentedSerial: "s1", newSerial: "s2", expiresAt: later))
+        var a = try #require(try await store.renewCertificate(name: "a", presentedSerial: "s1", newSerial: "s2", expiresAt: later, issuer: "ca1"))
         #expect(a.certificateSerial == "s2" && a.previousSerial == "s1" && a.certificateExpiresAt == later && a.renewRequestedAt == nil)
         #expect(try await store.worker(serial: "s1")?.name == "a")
         #expect(try await store.worker(serial: "s2")?.name == "a")
         // The answer was lost: the worker renews again with s1.
-        a = try #require(try await store.renewCertificate(name: "a", presentedSerial: "s1", newSerial: "s3", expiresAt: later))
+        a = try #require(try await store.renewCertificate(name: "a", presentedSerial: "s1", newSerial: "s3", expiresAt: later, issuer: "ca2"))
+        // A renewal during a CA rotation records the new CA as the issuer.
+        #expect(try await store.worker(named: "a")?.certificateIssuer == "ca2")
         #expect(try await store.worker(serial: "s2") == nil)
         #expect(try await store.worker(serial: "s1")?.name == "a")
         try await store.confirmRenewal(name: "a")
         #expect(try await store.worker(serial: "s1") == nil)
         #expect(try await store.worker(serial: "s3")?.previousSerial == nil)
-        #expect(try await store.renewCertificate(name: "ghost", presentedSerial: "x", newSerial: "y", expiresAt: later) == nil)
+        #expect(try await store.renewCertificate(name: "ghost", presentedSerial: "x", newSerial: "y", expiresAt: later, issuer: nil) == nil)
     }
 
     @Test(arguments: StoreKind.allCases)

@@ -1,11 +1,15 @@
 """Lifetimes: enrollment tokens listed and revoked, worker certificates renewed over mutual TLS (by themselves and on
 request) across the expiry of the certificate they enrolled with, the server certificate replaced, dashboard
-sessions kept across a restart, and garbage collection of what no round needs. Real processes on loopback."""
+sessions kept across a restart, the CA rotated under a running fleet, and garbage collection of what no round needs.
+Real processes on loopback."""
 import json
+import pathlib
 import re
 import time
 
+import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from rounds_support import MODEL
 from test_rounds import make_fleet, spawn_any  # noqa: F401 (fixtures)
@@ -183,3 +187,79 @@ def test_the_renewal_route_checks_the_csr_and_retires_the_old_certificate(coordi
     assert heartbeat_by_hand(server, new_cert, new_key_path).status == 200
     assert_error(heartbeat_by_hand(server, cert, key), 403, "worker_certificate_required")
     assert heartbeat_by_hand(server, new_cert, new_key_path).status == 200
+
+
+def certificates_in(path):
+    return x509.load_pem_x509_certificates(path.read_bytes())
+
+
+def test_a_ca_rotation_keeps_the_fleet(coordinator_server, worker_path, tmp_path, spawn_any):
+    """`coordinator ca begin` and a restart: the running workers renew from the next CA and trust both; a board
+    enrolled during the rotation pins the current CA and gets a certificate from the next one. `ca finish` is refused
+    while a board kept offline still holds a certificate from the old CA, and goes through once it is revoked. After
+    a restart only the new CA is trusted: the workers renew once more and drop the old CA, a certificate from the old
+    CA is refused at the handshake, admin commands work with the new admin certificate, and a round completes."""
+    import ssl
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=3, samples=100)
+    offline = names[2]
+    for name in names[:2]:
+        fleet.start_worker(name)
+    server = fleet.server
+    old_ca = certificates_in(server.dir / "ca.pem")
+    status = json.loads(server.cli("ca", "status", "--dir", server.dir, "--json").stdout)
+    assert "next" not in status or status["next"] is None
+    begun = json.loads(server.cli("ca", "begin", "--dir", server.dir, "--json").stdout)
+    refused = server.cli("ca", "begin", "--dir", server.dir, check=False)
+    assert refused.returncode != 0 and "already under way" in refused.stderr
+    next_ca = certificates_in(server.dir / "ca-next.pem")
+    assert begun["fingerprint"] == next_ca[0].fingerprint(hashes.SHA256()).hex()
+    port = server.port
+    server.stop()
+    server.start(listen=f"127.0.0.1:{port}")
+
+    def issued_by(name, ca):
+        return certificates_in(tmp_path / name / "worker.pem")[0].issuer == ca[0].subject
+
+    def wait_for(condition, what, timeout=20):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"{what}:\n{server.log()}\n{fleet.worker_log(names[0])}"
+            time.sleep(0.2)
+
+    for name in names[:2]:
+        wait_for(lambda: issued_by(name, next_ca) and len(certificates_in(tmp_path / name / "ca.pem")) == 2,
+                 f"{name} did not renew from the next CA")
+    # A board enrolled now pins the current CA (the server certificate is still its) and trusts both at once.
+    token = server.token()
+    assert token["caFingerprint"] == old_ca[0].fingerprint(hashes.SHA256()).hex()
+    fleet.enroll(["late-board"])
+    assert issued_by("late-board", next_ca) and len(certificates_in(tmp_path / "late-board" / "ca.pem")) == 2
+    status = json.loads(server.cli("ca", "status", "--dir", server.dir, "--json").stdout)
+    assert status["renewed"] == sorted([*names[:2], "late-board"]) and status["pending"] == [offline], status
+    shown = server.cli("ca", "status", "--dir", server.dir).stdout
+    assert "rotation under way" in shown and offline in shown
+
+    # The offline board would be cut off: finish refuses, naming it.
+    blocked = server.cli("ca", "finish", "--dir", server.dir, check=False)
+    assert blocked.returncode != 0 and offline in blocked.stderr and "--force" in blocked.stderr, blocked.stderr
+    assert (server.dir / "ca-next.pem").exists()
+    server.cli("workers", "revoke", offline, "--dir", server.dir)
+    finished = json.loads(server.cli("ca", "finish", "--dir", server.dir, "--json").stdout)
+    assert finished["caFingerprint"] == begun["fingerprint"] and finished["abandoned"] == []
+    assert certificates_in(server.dir / "ca.pem") == next_ca and not (server.dir / "ca-next.pem").exists()
+    assert certificates_in(pathlib.Path(finished["retiredCertificate"])) == old_ca
+    server.stop()
+    server.start(listen=f"127.0.0.1:{port}")
+
+    # The running workers renew once more and trust the new CA alone.
+    for name in names[:2]:
+        wait_for(lambda: certificates_in(tmp_path / name / "ca.pem") == next_ca, f"{name} still trusts the old CA")
+    # A certificate from the old CA (the offline board's) is refused at the handshake.
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        server.request("GET", "/v1/worker/artifacts/" + "0" * 64, certificate=tmp_path / offline / "worker.pem",
+                       key=tmp_path / offline / "worker.key")
+    states = {w["name"]: w["state"] for w in server.workers()}  # the new admin certificate works
+    assert states[names[0]] == "online" and states[names[1]] == "online" and states[offline] == "revoked", states
+    started = fleet.round("start", "--model", MODEL, "--quantize", "none", "--min-workers", "2", "--phase-deadline", "2m", "--json")
+    ended = fleet.wait(json.loads(started.stdout)["id"], timeout=180)
+    assert ended["state"] == "succeeded", ended.get("message")

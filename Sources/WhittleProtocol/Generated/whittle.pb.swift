@@ -169,6 +169,10 @@ public nonisolated struct Whittle_EnrollResponse: Sendable {
 
   public var caCertificateDer: Data = Data()
 
+  /// Every CA the worker must trust for the coordinator (DER), which replace the ones it trusts: the current CA,
+  /// and during a CA rotation the next one too (`coordinator ca begin`). Empty from coordinators before rotation.
+  public var trustedCaDer: [Data] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -255,6 +259,10 @@ public nonisolated struct Whittle_HeartbeatResponse: Sendable {
   /// An admin asked for this worker's certificate to be renewed (`coordinator workers renew`): the worker renews
   /// it now (POST /v1/worker/renew) instead of when a third of its lifetime is left.
   public var renewCertificate: Bool = false
+
+  /// The SHA-256 of the sorted SHA-256 fingerprints of the CAs a worker must trust (lowercase hex). A worker whose
+  /// own set gives another value renews its certificate, which brings the set (EnrollResponse.trusted_ca_der).
+  public var trustFingerprint: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -946,7 +954,7 @@ nonisolated extension Whittle_EnrollRequest: SwiftProtobuf.Message, SwiftProtobu
 
 nonisolated extension Whittle_EnrollResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".EnrollResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}certificate_der\0\u{3}ca_certificate_der\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}certificate_der\0\u{3}ca_certificate_der\0\u{3}trusted_ca_der\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -957,6 +965,7 @@ nonisolated extension Whittle_EnrollResponse: SwiftProtobuf.Message, SwiftProtob
       case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
       case 2: try { try decoder.decodeSingularBytesField(value: &self.certificateDer) }()
       case 3: try { try decoder.decodeSingularBytesField(value: &self.caCertificateDer) }()
+      case 4: try { try decoder.decodeRepeatedBytesField(value: &self.trustedCaDer) }()
       default: break
       }
     }
@@ -972,6 +981,9 @@ nonisolated extension Whittle_EnrollResponse: SwiftProtobuf.Message, SwiftProtob
     if !self.caCertificateDer.isEmpty {
       try visitor.visitSingularBytesField(value: self.caCertificateDer, fieldNumber: 3)
     }
+    if !self.trustedCaDer.isEmpty {
+      try visitor.visitRepeatedBytesField(value: self.trustedCaDer, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -979,6 +991,7 @@ nonisolated extension Whittle_EnrollResponse: SwiftProtobuf.Message, SwiftProtob
     if lhs.name != rhs.name {return false}
     if lhs.certificateDer != rhs.certificateDer {return false}
     if lhs.caCertificateDer != rhs.caCertificateDer {return false}
+    if lhs.trustedCaDer != rhs.trustedCaDer {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1095,7 +1108,7 @@ nonisolated extension Whittle_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._M
 
 nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".HeartbeatResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}poll_seconds\0\u{2}\u{2}task\0\u{3}renew_certificate\0\u{c}\u{2}\u{1}")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}poll_seconds\0\u{2}\u{2}task\0\u{3}renew_certificate\0\u{3}trust_fingerprint\0\u{c}\u{2}\u{1}")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1106,6 +1119,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
       case 1: try { try decoder.decodeSingularUInt32Field(value: &self.pollSeconds) }()
       case 3: try { try decoder.decodeSingularMessageField(value: &self._task) }()
       case 4: try { try decoder.decodeSingularBoolField(value: &self.renewCertificate) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.trustFingerprint) }()
       default: break
       }
     }
@@ -1125,6 +1139,9 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
     if self.renewCertificate != false {
       try visitor.visitSingularBoolField(value: self.renewCertificate, fieldNumber: 4)
     }
+    if !self.trustFingerprint.isEmpty {
+      try visitor.visitSingularStringField(value: self.trustFingerprint, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1132,6 +1149,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
     if lhs.pollSeconds != rhs.pollSeconds {return false}
     if lhs._task != rhs._task {return false}
     if lhs.renewCertificate != rhs.renewCertificate {return false}
+    if lhs.trustFingerprint != rhs.trustFingerprint {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
