@@ -32,9 +32,10 @@ let package = Package(
             linkerSettings: [.linkedLibrary("dnnl"), .linkedLibrary("gomp")]
         ),
         .systemLibrary(name: "COpenBLAS", pkgConfig: "openblas", providers: [.apt(["libopenblas-dev"])]),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
 
         // Pure core.
-        .target(name: "WhittleTensor", dependencies: ["CWhittleDNNL", "COpenBLAS"]),
+        .target(name: "WhittleTensor", dependencies: ["CWhittleDNNL", "COpenBLAS", "CZlib"]),
         .target(
             name: "WhittleONNX",
             dependencies: ["WhittleTensor", .product(name: "SwiftProtobuf", package: "swift-protobuf")]

@@ -72,6 +72,14 @@ static dnnl_alg_kind_t eltwise_alg(wk_eltwise_t kind) {
     case WK_ELTWISE_TANH: return dnnl_eltwise_tanh;
     case WK_ELTWISE_HARDSWISH: return dnnl_eltwise_hardswish;
     case WK_ELTWISE_LINEAR: return dnnl_eltwise_linear;
+    case WK_ELTWISE_GELU_ERF: return dnnl_eltwise_gelu_erf;
+    case WK_ELTWISE_GELU_TANH: return dnnl_eltwise_gelu_tanh;
+    case WK_ELTWISE_EXP: return dnnl_eltwise_exp;
+    case WK_ELTWISE_LOG: return dnnl_eltwise_log;
+    case WK_ELTWISE_SQRT: return dnnl_eltwise_sqrt;
+    case WK_ELTWISE_ABS: return dnnl_eltwise_abs;
+    case WK_ELTWISE_SQUARE: return dnnl_eltwise_square;
+    case WK_ELTWISE_SWISH: return dnnl_eltwise_swish;
     default: return dnnl_alg_kind_undef;
     }
 }
@@ -430,6 +438,74 @@ fail:
 }
 
 int wk_bnorm_run(wk_bnorm *p, const float *src, float *dst, char *err, size_t errlen) {
+    CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+    CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    dnnl_exec_arg_t args[6] = {{DNNL_ARG_SRC, p->src},     {DNNL_ARG_DST, p->dst},   {DNNL_ARG_SCALE, p->scale},
+                               {DNNL_ARG_SHIFT, p->shift}, {DNNL_ARG_MEAN, p->mean}, {DNNL_ARG_VARIANCE, p->var}};
+    CHECK(dnnl_primitive_execute(p->prim, g_stream, 6, args));
+    CHECK(dnnl_stream_wait(g_stream));
+    return 0;
+fail:
+    return 1;
+}
+
+// MARK: Layer normalization
+
+struct wk_lnorm {
+    dnnl_primitive_t prim;
+    dnnl_memory_t src, dst, scale, shift, mean, var;
+    float *params; // scale, shift: 2 · INNER floats
+    float *stats;  // mean, variance: 2 · OUTER floats (outputs of inference without global statistics)
+};
+
+void wk_lnorm_destroy(wk_lnorm *p) {
+    if (!p) return;
+    if (p->prim) dnnl_primitive_destroy(p->prim);
+    dnnl_memory_t mems[6] = {p->src, p->dst, p->scale, p->shift, p->mean, p->var};
+    for (int i = 0; i < 6; i++) if (mems[i]) dnnl_memory_destroy(mems[i]);
+    free(p->params);
+    free(p->stats);
+    free(p);
+}
+
+wk_lnorm *wk_lnorm_create(int64_t outer, int64_t inner, float epsilon, const float *scale, const float *shift,
+                          char *err, size_t errlen) {
+    if (!engine_ready(err, errlen)) return NULL;
+    wk_lnorm *p = calloc(1, sizeof *p);
+    dnnl_primitive_desc_t pd = NULL;
+    if (!p) return NULL;
+    p->params = malloc(sizeof(float) * 2 * (size_t)inner);
+    p->stats = malloc(sizeof(float) * 2 * (size_t)outer);
+    if (!p->params || !p->stats) goto fail;
+    for (int64_t i = 0; i < inner; i++) {
+        p->params[i] = scale ? scale[i] : 1.0f;
+        p->params[inner + i] = shift ? shift[i] : 0.0f;
+    }
+    dnnl_memory_desc_t data_md, c_md, stat_md;
+    dnnl_dims_t dims = {outer, inner}, cdims = {inner}, sdims = {outer};
+    CHECK(dnnl_memory_desc_init_by_tag(&data_md, 2, dims, dnnl_f32, dnnl_ab));
+    CHECK(dnnl_memory_desc_init_by_tag(&c_md, 1, cdims, dnnl_f32, dnnl_x));
+    CHECK(dnnl_memory_desc_init_by_tag(&stat_md, 1, sdims, dnnl_f32, dnnl_x));
+    dnnl_layer_normalization_desc_t desc;
+    CHECK(dnnl_layer_normalization_forward_desc_init(&desc, dnnl_forward_inference, &data_md, &stat_md, epsilon,
+                                                     dnnl_use_scale | dnnl_use_shift));
+    CHECK(dnnl_primitive_desc_create(&pd, &desc, NULL, g_engine, NULL));
+    CHECK(dnnl_primitive_create(&p->prim, pd));
+    CHECK(dnnl_memory_create(&p->src, &data_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->dst, &data_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->scale, &c_md, g_engine, p->params));
+    CHECK(dnnl_memory_create(&p->shift, &c_md, g_engine, p->params + inner));
+    CHECK(dnnl_memory_create(&p->mean, &stat_md, g_engine, p->stats));
+    CHECK(dnnl_memory_create(&p->var, &stat_md, g_engine, p->stats + outer));
+    dnnl_primitive_desc_destroy(pd);
+    return p;
+fail:
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    wk_lnorm_destroy(p);
+    return NULL;
+}
+
+int wk_lnorm_run(wk_lnorm *p, const float *src, float *dst, char *err, size_t errlen) {
     CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
     CHECK(dnnl_memory_set_data_handle(p->dst, dst));
     dnnl_exec_arg_t args[6] = {{DNNL_ARG_SRC, p->src},     {DNNL_ARG_DST, p->dst},   {DNNL_ARG_SCALE, p->scale},

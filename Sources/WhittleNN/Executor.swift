@@ -150,7 +150,11 @@ public final class InferenceSession: @unchecked Sendable {
     /// every node runs on its own, so an observer sees every node's outputs; with `observable` values, fusion stays
     /// on but never hides those values.
     public func compiled(batchSize: Int, fused: Bool = true, observable: Set<String> = []) throws -> CompiledGraph {
-        let shapes = try ShapeInference.inputShapes(model, batchSize: batchSize)
+        try compiled(shapes: try ShapeInference.inputShapes(model, batchSize: batchSize), fused: fused, observable: observable)
+    }
+
+    /// The compiled graph for given shapes of every runtime input (free dimensions such as a sequence length set).
+    public func compiled(shapes: [String: (DataType, [Int])], fused: Bool = true, observable: Set<String> = []) throws -> CompiledGraph {
         let key = CacheKey(shapes: model.graph.runtimeInputs.map { shapes[$0.name]!.1 }, fused: fused, observable: observable)
         if let graph = cache[key] { return graph }
         var options = self.options
@@ -181,13 +185,39 @@ public final class InferenceSession: @unchecked Sendable {
         return outputs[primaryOutput]!
     }
 
+    /// Runs one batch given as named tensors, one per runtime input (several inputs, such as a transformer's
+    /// `input_ids` and `attention_mask`, or one); returns every graph output by name. Free dimensions of the
+    /// declared shapes (batch, sequence length) take the given tensors' sizes.
+    public func run(inputs: [String: Tensor], observe: ((Node, [Tensor]) throws -> Void)? = nil) throws -> [String: Tensor] {
+        let expected = model.graph.runtimeInputs.map(\.name)
+        for name in inputs.keys where !expected.contains(name) {
+            throw ONNXError(.invalidInput, "the model has no input '\(name)'; its inputs are \(expected.joined(separator: ", "))")
+        }
+        var shapes: [String: (DataType, [Int])] = [:]
+        var fed: [String: Tensor] = [:]
+        for info in model.graph.runtimeInputs {
+            guard var tensor = inputs[info.name] else {
+                throw ONNXError(.invalidInput, "the model's input '\(info.name)' is missing (it needs \(expected.joined(separator: ", ")))")
+            }
+            try validate(tensor, for: info)
+            if let (elementType, _) = info.tensorType, elementType.isInteger { tensor.dtype = elementType }
+            shapes[info.name] = (tensor.dtype, tensor.shape)
+            fed[info.name] = tensor
+        }
+        let graph = try compiled(shapes: shapes, fused: observe == nil)
+        return try graph.run(fed, observe: observe)
+    }
+
     /// Checks a batch for the primary input.
-    public func validate(_ input: Tensor) throws {
-        let info = primaryInput
+    public func validate(_ input: Tensor) throws { try validate(input, for: primaryInput) }
+
+    /// Checks a batch for one runtime input: element type (float data for float inputs, integers for integer ones),
+    /// rank, every fixed dimension of the declaration, a batch of at least one, and finite values.
+    public func validate(_ input: Tensor, for info: ValueInfo) throws {
         guard let (elementType, declared) = info.tensorType else {
             throw ONNXError(.invalidInput, "input '\(info.name)' is not a tensor")
         }
-        guard elementType.isFloatingPoint == input.dtype.isFloatingPoint else {
+        guard elementType.isFloatingPoint == input.dtype.isFloatingPoint, elementType.isInteger == input.dtype.isInteger else {
             throw ONNXError(.invalidInput, "input '\(info.name)' expects \(elementType) data, got \(input.dtype)")
         }
         if let declared {

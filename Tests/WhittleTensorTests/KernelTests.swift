@@ -162,9 +162,12 @@ import WhittleTestSupport
     }
 
     @Test(arguments: [PostOp.relu(alpha: 0), .relu(alpha: 0.1), .clip(low: -0.5, high: 0.25), .sigmoid, .tanh,
-                      .hardSwish, .linear(alpha: 2, beta: -1)])
+                      .hardSwish, .linear(alpha: 2, beta: -1), .geluErf, .geluTanh, .exp, .log, .sqrt, .abs, .square,
+                      .swish(alpha: 1), .swish(alpha: 1.702)])
     func eltwiseMatchesReference(_ op: PostOp) throws {
-        let x = TestSupport.randomFloats(1000, seed: 19).map { $0 * 5 }
+        // log and sqrt are checked on their domain (positive inputs); the others on both signs.
+        let positive = op == .log || op == .sqrt
+        let x = TestSupport.randomFloats(1000, seed: 19).map { positive ? abs($0) * 5 + 0.01 : $0 * 5 }
         let plan = try EltwisePlan(op, count: x.count)
         let y = try TestSupport.apply(x, count: x.count) { try plan.run($0, $1) }
         #expect(TestSupport.relativeError(y, Kernels.eltwiseReference(op, x)) < Self.kernelTolerance)

@@ -8,6 +8,25 @@ public enum TestSupport {
         .deletingLastPathComponent().deletingLastPathComponent()
 
     public static let fixtures: URL = root.appendingPathComponent("Tests/Fixtures/models")
+    /// The model-family zoo (scripts/make_zoo.py).
+    public static let zoo: URL = root.appendingPathComponent("Tests/Fixtures/zoo")
+
+    /// The zoo's model names (without `.onnx`), in MANIFEST.json order.
+    public static let zooModels: [String] = {
+        guard let data = try? Data(contentsOf: zoo.appendingPathComponent("MANIFEST.json")),
+              let manifest = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+              let models = manifest["models"] as? [[String: Any]] else { return [] }
+        return models.compactMap { ($0["file"] as? String).map { String($0.dropLast(5)) } }
+    }()
+
+    /// A zoo model's inputs by name: NAME.input.npy for the single input, or NAME.inputs.npz.
+    public static func zooInputs(_ name: String, model: [String]) throws -> [String: Tensor] {
+        let npz = zoo.appendingPathComponent("\(name).inputs.npz")
+        if FileManager.default.fileExists(atPath: npz.path) {
+            return Dictionary(uniqueKeysWithValues: try NPZ.decode(try bytes(npz)).map { ($0.name, $0.tensor) })
+        }
+        return [model[0]: try NPY.decode(try bytes(zoo.appendingPathComponent("\(name).input.npy")))]
+    }
 
     /// The directory holding the built products (`coordinator`, `worker`), next to the test bundle.
     public static var productsDirectory: URL {

@@ -23,6 +23,14 @@ typedef enum {
     WK_ELTWISE_TANH = 4,
     WK_ELTWISE_HARDSWISH = 5, ///< x · min(max(x + 3, 0), 6) / 6
     WK_ELTWISE_LINEAR = 6,    ///< alpha · x + beta
+    WK_ELTWISE_GELU_ERF = 7,  ///< x · (1 + erf(x / √2)) / 2
+    WK_ELTWISE_GELU_TANH = 8, ///< x · (1 + tanh(√(2/π) · (x + 0.044715 x³))) / 2
+    WK_ELTWISE_EXP = 9,
+    WK_ELTWISE_LOG = 10,      ///< natural logarithm
+    WK_ELTWISE_SQRT = 11,
+    WK_ELTWISE_ABS = 12,
+    WK_ELTWISE_SQUARE = 13,
+    WK_ELTWISE_SWISH = 14,    ///< x · sigmoid(alpha · x) (SiLU with alpha 1)
 } wk_eltwise_t;
 
 typedef struct {
@@ -120,6 +128,14 @@ int wk_pool_run(wk_pool *plan, const float *src, float *dst, char *err, size_t e
 void wk_pool_destroy(wk_pool *plan);
 
 // MARK: Batch normalization (inference, global statistics)
+
+/// Layer normalization over the last axis of data [OUTER, INNER] (inference): y = γ·(x − μ)/√(σ² + ε) + β with
+/// the mean and biased variance of each row; scale and shift [INNER], each optional (NULL).
+typedef struct wk_lnorm wk_lnorm;
+wk_lnorm *wk_lnorm_create(int64_t outer, int64_t inner, float epsilon, const float *scale, const float *shift,
+                          char *err, size_t errlen);
+int wk_lnorm_run(wk_lnorm *plan, const float *src, float *dst, char *err, size_t errlen);
+void wk_lnorm_destroy(wk_lnorm *plan);
 
 typedef struct wk_bnorm wk_bnorm;
 /// data [N, C, spatial...] flattened to [N, C, S]; y = scale · (x − mean) / sqrt(var + eps) + shift.

@@ -42,6 +42,18 @@ public enum PostOp: Sendable, Equatable {
     case hardSwish
     /// `alpha · x + beta`.
     case linear(alpha: Float, beta: Float)
+    /// `x · (1 + erf(x / √2)) / 2` (GELU, exact form).
+    case geluErf
+    /// `x · (1 + tanh(√(2/π) · (x + 0.044715 x³))) / 2` (GELU, tanh approximation).
+    case geluTanh
+    case exp
+    /// Natural logarithm.
+    case log
+    case sqrt
+    case abs
+    case square
+    /// `x · sigmoid(alpha · x)` (SiLU / Swish-1 with alpha 1).
+    case swish(alpha: Float)
 
     var c: wk_postop_t {
         switch self {
@@ -52,6 +64,14 @@ public enum PostOp: Sendable, Equatable {
         case .tanh: wk_postop_t(kind: WK_ELTWISE_TANH, alpha: 0, beta: 0)
         case .hardSwish: wk_postop_t(kind: WK_ELTWISE_HARDSWISH, alpha: 0, beta: 0)
         case .linear(let alpha, let beta): wk_postop_t(kind: WK_ELTWISE_LINEAR, alpha: alpha, beta: beta)
+        case .geluErf: wk_postop_t(kind: WK_ELTWISE_GELU_ERF, alpha: 0, beta: 0)
+        case .geluTanh: wk_postop_t(kind: WK_ELTWISE_GELU_TANH, alpha: 0, beta: 0)
+        case .exp: wk_postop_t(kind: WK_ELTWISE_EXP, alpha: 0, beta: 0)
+        case .log: wk_postop_t(kind: WK_ELTWISE_LOG, alpha: 0, beta: 0)
+        case .sqrt: wk_postop_t(kind: WK_ELTWISE_SQRT, alpha: 0, beta: 0)
+        case .abs: wk_postop_t(kind: WK_ELTWISE_ABS, alpha: 0, beta: 0)
+        case .square: wk_postop_t(kind: WK_ELTWISE_SQUARE, alpha: 0, beta: 0)
+        case .swish(let alpha): wk_postop_t(kind: WK_ELTWISE_SWISH, alpha: alpha, beta: 0)
         }
     }
 
@@ -66,6 +86,15 @@ public enum PostOp: Sendable, Equatable {
         case .tanh: return tanhf(x)
         case .hardSwish: return x * Swift.min(Swift.max(x + 3, 0), 6) / 6
         case .linear(let alpha, let beta): return alpha * x + beta
+        case .geluErf: return 0.5 * x * (1 + erff(x * 0.70710678118654752))
+        case .geluTanh:
+            return 0.5 * x * (1 + tanhf(0.79788456080286536 * (x + 0.044715 * x * x * x)))
+        case .exp: return expf(x)
+        case .log: return logf(x)
+        case .sqrt: return sqrtf(x)
+        case .abs: return Swift.abs(x)
+        case .square: return x * x
+        case .swish(let alpha): return x / (1 + expf(-alpha * x))
         }
     }
 }
