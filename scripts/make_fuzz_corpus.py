@@ -7,7 +7,6 @@ starts every run from them, and the Swift suites' normal build replays them (tes
 """
 import hashlib
 import pathlib
-import shutil
 import struct
 import sys
 
@@ -73,6 +72,11 @@ def npy_seeds():
     for case in hostile_models.npy_cases():
         if isinstance(case.input, bytes):
             write("npy", case.input, limit=4096)
+    # .npz archives (the same target reads them): stored and deflated, as NumPy writes them.
+    for compress in (np.savez, np.savez_compressed):
+        buffer = io.BytesIO()
+        compress(buffer, ids=np.arange(6, dtype=np.int64).reshape(2, 3), mask=np.ones((2, 3), np.bool_))
+        write("npy", buffer.getvalue(), limit=4096)
 
 
 def coordinator_seeds():
@@ -143,8 +147,11 @@ def worker_seeds():
 
 
 if __name__ == "__main__":
-    if OUT.exists():
-        shutil.rmtree(OUT)
+    # Generated seeds are named by their hash and replaced; inputs kept by name (regressions the fuzzer found,
+    # such as onnx/crash-pad-missing-input) stay.
+    for seed in OUT.glob("*/*"):
+        if len(seed.name) == 16 and all(c in "0123456789abcdef" for c in seed.name):
+            seed.unlink()
     onnx_seeds()
     npy_seeds()
     coordinator_seeds()

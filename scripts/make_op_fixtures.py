@@ -160,6 +160,9 @@ def main():
          initializers={"g": f32(60, 3), "b": f32(61, 3)}, check=False)
     case("group_norm_op21", "GroupNormalization", {"x": f32(62, 2, 6, 3, 3)}, {"num_groups": 2}, opset=21,
          initializers={"g": f32(63, 6), "b": f32(64, 6)})
+    # An archive as np.savez_compressed writes it (deflated members), for the .npz reader's tests.
+    np.savez_compressed(os.path.join(OUT, "compressed.npz"), ids=i64(65, 3, 7, low=0, high=100),
+                        mask=rng(66).integers(0, 2, size=(3, 7)).astype(np.bool_), x=f32(67, 2, 5))
     manifest = {"generated_by": "scripts/make_op_fixtures.py", "onnx_version": onnx.__version__,
                 "onnxruntime_version": ort.__version__, "numpy_version": np.__version__, "cases": CASES}
     with open(os.path.join(OUT, "MANIFEST.json"), "w") as f:

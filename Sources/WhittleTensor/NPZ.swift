@@ -162,6 +162,10 @@ public enum NPZ {
             guard entry.compressedSize == entry.size else { throw malformed("stored member '\(entry.name)' has two sizes") }
             out = Array(b[start..<(start + entry.size)])
         case 8:
+            // Deflate expands at most 1032:1; a larger claim is a damaged or hostile archive (nothing is allocated).
+            guard entry.size <= entry.compressedSize * 1032 + 64 else {
+                throw malformed("member '\(entry.name)' claims \(entry.size) bytes from \(entry.compressedSize) compressed ones")
+            }
             out = [UInt8](repeating: 0, count: entry.size)
             var stream = z_stream()
             guard inflateInit2_(&stream, -MAX_WBITS, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else {

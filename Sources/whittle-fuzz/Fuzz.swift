@@ -1,5 +1,5 @@
 // Coverage-guided fuzz targets for everything Whittle decodes from outside: the ONNX reader with shape inference,
-// the .npy reader, every message the coordinator decodes (and folds), every message the worker decodes.
+// the .npy and .npz readers, every message the coordinator decodes (and folds), every message the worker decodes.
 //
 // Built with libFuzzer (`scripts/fuzz`: `swift build --sanitize=fuzzer --sanitize=address -Xswiftc -DWHITTLE_FUZZING`),
 // the target is chosen by the environment variable WHITTLE_FUZZ_TARGET (onnx, npy, coordinator, worker). Built
@@ -21,7 +21,9 @@ enum FuzzTarget: String, CaseIterable {
     func run(_ bytes: [UInt8]) {
         switch self {
         case .onnx: Self.onnx(bytes)
-        case .npy: _ = try? NPY.decode(bytes)
+        case .npy:
+            _ = try? NPY.decode(bytes)
+            _ = try? NPZ.decode(bytes)
         case .coordinator: Self.coordinator(bytes)
         case .worker: Self.worker(bytes)
         }
