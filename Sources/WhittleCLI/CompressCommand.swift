@@ -26,7 +26,7 @@ extension ModelCommand {
         @Option(name: .long, help: "Progressive pruning ratios, e.g. 0.2,0.25,0.3 (fine-tuning after each).") var schedule: String?
         @Option(name: .long, help: "local (each layer) or global (ranked across layers).") var pruneScope: String = "local"
         @Option(name: .long, help: "l1, l2, bn-scale, activation, apoz or taylor.") var importance: String = "l1"
-        @Option(name: .long, help: "Round kept channel counts down to a multiple of this (8 or 16 for hardware).") var roundTo: Int = 1
+        @Option(name: .long, help: "Round kept channel counts up to a multiple of this (8 or 16 for hardware); a layer is never pruned harder than asked.") var roundTo: Int = 1
         @Option(name: .long, help: "Keep at least this many channels per group.") var minChannels: Int = 1
         @Option(name: .long, help: "Remove at most this fraction of any group.") var maxLayerRatio: Double = 0.9
         @Option(name: .long, help: "Fine-tuning epochs after each pruning step (needs --train-data).") var finetuneEpochs: Int = 0

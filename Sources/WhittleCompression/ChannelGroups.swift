@@ -47,20 +47,30 @@ public struct ChannelGroup: Sendable {
     public var statisticsTensor: String?
     /// Why the group cannot be pruned (nil when it can).
     public var frozenReason: String?
+    /// Channels are removed in aligned blocks of this many (the group width of a grouped convolution they pass
+    /// through, whose groups must stay equal); 1 otherwise.
+    public var unit: Int = 1
 
     public var name: String { producers.first ?? "group \(id)" }
     public var prunable: Bool { frozenReason == nil }
 }
 
-/// The dependency analysis of a graph: every channel group, and the depthwise convolutions whose `group`
-/// attribute follows their channel count.
+/// The dependency analysis of a graph: every channel group, and the depthwise and grouped convolutions whose
+/// `group` attribute follows their channel count.
 public struct ChannelGroups: Sendable {
     public var groups: [ChannelGroup]
-    public var depthwiseNodes: Set<String>
+    /// Depthwise (width 1) and grouped convolutions passing channels through, with their group width: after
+    /// pruning, `group` = output channels / width.
+    public var groupedNodes: [String: Int]
+    public var depthwiseNodes: Set<String> { Set(groupedNodes.filter { $0.value == 1 }.keys) }
 
     static let passThrough: Set<String> = ["Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
         "Elu", "Selu", "Softplus", "Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool",
-        "GlobalMaxPool", "Resize", "Upsample", "Neg", "Abs", "Erf", "Gelu", "Mish", "PRelu", "Cast"]
+        "GlobalMaxPool", "Resize", "Upsample", "Neg", "Abs", "Erf", "Gelu", "Mish", "PRelu", "Cast", "Sqrt", "Exp",
+        "Log", "Reciprocal", "Floor", "Ceil", "Softsign", "ThresholdedRelu"]
+    /// Reductions that keep the channel axis when it is not among their axes (squeeze-and-excitation's pooling as
+    /// the dynamo exporter writes it).
+    static let reductions: Set<String> = ["ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceSumSquare"]
     static let activations: Set<String> = ["Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
                                            "Elu", "Selu", "Softplus", "Gelu", "Mish", "PRelu"]
     static let elementwise: Set<String> = ["Add", "Sub", "Mul", "Div", "Max", "Min", "Sum"]
@@ -81,11 +91,12 @@ public struct ChannelGroups: Sendable {
         func shape(_ name: String) -> [Int]? { inferred.values[name]?.shape }
 
         // Spaces: union-find over channel index spaces.
-        var parent: [Int] = [], sizes: [Int] = [], frozen: [String?] = [], producers: [[String]] = []
+        var parent: [Int] = [], sizes: [Int] = [], frozen: [String?] = [], producers: [[String]] = [], units: [Int] = []
         var members: [[ChannelMember]] = [], tensors: [[String]] = [], activationTensors: [[String]] = []
         func newSpace(_ size: Int, producer: String, frozenBecause reason: String? = nil) -> Int {
             parent.append(parent.count)
             sizes.append(size)
+            units.append(1)
             frozen.append(reason)
             producers.append([producer])
             members.append([])
@@ -107,13 +118,19 @@ public struct ChannelGroups: Sendable {
             guard ra != rb else { return }
             parent[rb] = ra
             frozen[ra] = frozen[ra] ?? frozen[rb]
+            units[ra] = lcm(units[ra], units[rb])
             producers[ra] += producers[rb]
             members[ra] += members[rb]
             tensors[ra] += tensors[rb]
             activationTensors[ra] += activationTensors[rb]
         }
         var segments: [String: [Segment]] = [:]
-        var depthwise = Set<String>()
+        var grouped: [String: Int] = [:]
+        func lcm(_ a: Int, _ b: Int) -> Int {
+            var (x, y) = (a, b)
+            while y != 0 { (x, y) = (y, x % y) }
+            return a / x * b
+        }
         func attach(_ segs: [Segment], node: Node, tensor: String, axis: Int, role: ChannelMember.Role, factor extra: Int = 1) {
             var offset = 0
             for seg in segs {
@@ -160,6 +177,11 @@ public struct ChannelGroups: Sendable {
                 }
                 let inSegs = inputSegs[0] ?? []
                 let cin = shape(node.inputs[0])?[1] ?? 0
+                if node.inputs.count > 2, !node.inputs[2].isEmpty, constant(2) == nil {
+                    unsupported("has a bias that is not an initializer, so its channels cannot be edited")
+                    output([Segment(space: newSpace(out[1], producer: node.name, frozenBecause: "\(label) has a bias that is not an initializer"), count: out[1], factor: 1)])
+                    continue
+                }
                 if group == 1 {
                     attach(inSegs, node: node, tensor: node.inputs[1], axis: 1, role: .inputWeights)
                     let s = newSpace(out[1], producer: node.name)
@@ -168,11 +190,19 @@ public struct ChannelGroups: Sendable {
                         members[s].append(ChannelMember(node: node.name, tensor: node.inputs[2], axis: 0, offset: 0, factor: 1, role: .bias))
                     }
                     output([Segment(space: s, count: out[1], factor: 1)])
-                } else if group == cin && w.shape[0] == cin && w.shape[1] == 1 {
+                } else if group > 1, cin % group == 0, w.shape[0] == cin, w.shape[1] == cin / group,
+                          inSegs.allSatisfy({ $0.factor == 1 }), inSegs.allSatisfy({ $0.count % (cin / group) == 0 }) {
+                    // Depthwise (width 1) or grouped with as many outputs as inputs per group: output channel i
+                    // belongs with input channel i, and whole groups go together (the groups stay equal).
+                    let width = cin / group
                     attach(inSegs, node: node, tensor: node.inputs[1], axis: 0, role: .depthwiseWeights)
-                    depthwise.insert(node.name)
+                    grouped[node.name] = width
                     if constant(2) != nil { attach(inSegs, node: node, tensor: node.inputs[2], axis: 0, role: .bias) }
-                    for seg in inSegs { producers[find(seg.space)].append(node.name) }
+                    for seg in inSegs {
+                        producers[find(seg.space)].append(node.name)
+                        let r = find(seg.space)
+                        units[r] = lcm(units[r], width)
+                    }
                     output(inSegs)
                 } else {
                     unsupported("is a grouped convolution (group \(group)) whose groups tie channels together")
@@ -207,6 +237,24 @@ public struct ChannelGroups: Sendable {
                     }
                 }
                 output([Segment(space: s, count: out[1], factor: 1)])
+            case _ where Self.reductions.contains(op):
+                guard let inSegs = inputSegs[0] else { continue }
+                guard let x = shape(node.inputs[0]), let out = shape(node.outputs[0]), x.count >= 2 else { continue }
+                let keep = (node.attribute("keepdims")?.value.int ?? 1) != 0
+                let axes: [Int]?
+                if let a = node.attribute("axes")?.value.ints {
+                    axes = a.map { Int($0) < 0 ? Int($0) + x.count : Int($0) }
+                } else if node.inputs.count > 1, !node.inputs[1].isEmpty {
+                    axes = constant(1)?.asInts.map { Int($0) < 0 ? Int($0) + x.count : Int($0) }
+                } else {
+                    axes = nil  // every axis
+                }
+                // The channel axis stays axis 1 when it is not reduced and nothing before it is dropped.
+                guard let axes, !axes.contains(1), !axes.contains(0) || keep, out.count >= 2, out[1] == x[1] else {
+                    unsupported("reduces over the channel axis")
+                    continue
+                }
+                output(inSegs)
             case "BatchNormalization":
                 guard let inSegs = inputSegs[0] else { continue }
                 guard (1...4).allSatisfy({ constant($0) != nil }) else {
@@ -322,14 +370,19 @@ public struct ChannelGroups: Sendable {
             var frozenReason = frozen[s]
             if frozenReason == "" { frozenReason = "the channels cannot be mapped" }
             let statistics = activationTensors[s].last ?? tensors[s].last
-            groups.append(ChannelGroup(id: groups.count, channels: sizes[s], producers: names, members: members[s],
-                                       tensors: tensors[s], statisticsTensor: statistics, frozenReason: frozenReason))
+            var group = ChannelGroup(id: groups.count, channels: sizes[s], producers: names, members: members[s],
+                                     tensors: tensors[s], statisticsTensor: statistics, frozenReason: frozenReason)
+            group.unit = units[s]
+            if frozenReason == nil, sizes[s] % units[s] != 0 || sizes[s] / units[s] < 2 {
+                group.frozenReason = "its \(sizes[s]) channels pass through grouped convolutions in groups of \(units[s]), which cannot be removed whole"
+            }
+            groups.append(group)
         }
         // Graph-input spaces carry no parameters of their own; keep them out of reports unless something else joined.
         let inputs = Set(graph.runtimeInputs.map(\.name))
         self.groups = groups.filter { !($0.members.isEmpty && inputs.contains($0.name)) }
         for i in self.groups.indices { self.groups[i].id = i }
-        self.depthwiseNodes = depthwise
+        self.groupedNodes = grouped
     }
 
     public var prunable: [ChannelGroup] { groups.filter(\.prunable) }

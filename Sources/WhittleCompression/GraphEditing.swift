@@ -83,6 +83,46 @@ public enum GraphEditing {
         return out
     }
 
+    /// Turns constant-producing nodes into initializers: every Identity of an initializer (PyTorch's exporter
+    /// shares one initializer among layers whose folded constants are equal, such as the zero biases of folded
+    /// BatchNorms, through Identity nodes) becomes its own copy named by the Identity's output, and every Constant
+    /// node holding a tensor becomes an initializer. Each layer then owns its parameters, so pruning can edit them.
+    /// Values that are graph outputs keep their nodes. Returns the model and whether anything changed.
+    public static func materializeConstants(_ model: Model) -> (Model, changed: Bool) {
+        var graph = model.graph
+        let outputs = Set(graph.outputs.map(\.name))
+        var tensors: [String: Tensor] = [:]
+        for initializer in graph.initializers { if let t = initializer.tensor { tensors[initializer.name] = t } }
+        var added: [Initializer] = []
+        var kept: [Node] = []
+        for node in graph.nodes {
+            guard node.outputs.count == 1, !outputs.contains(node.outputs[0]), node.domain.isEmpty || node.domain == "ai.onnx" else {
+                kept.append(node)
+                continue
+            }
+            var value: Tensor?
+            switch node.opType {
+            case "Identity" where node.inputs.count == 1: value = tensors[node.inputs[0]]
+            case "Constant":
+                if node.attributes.count == 1, node.attributes[0].name == "value", case .tensor(let t) = node.attributes[0].value { value = t }
+            default: break
+            }
+            guard let value else {
+                kept.append(node)
+                continue
+            }
+            tensors[node.outputs[0]] = value
+            added.append(Initializer(name: node.outputs[0], tensor: value))
+        }
+        guard !added.isEmpty else { return (model, false) }
+        graph.nodes = kept
+        graph.initializers += added
+        graph.removeUnusedInitializers()
+        var out = model
+        out.graph = graph
+        return (out, true)
+    }
+
     static func uniqueName(_ base: String, _ used: inout Set<String>) -> String {
         var name = base, k = 1
         while used.contains(name) {

@@ -91,14 +91,15 @@ public struct LocalCompression {
         let baseLogits = try timed("evaluation") { try logits(baseSession, evaluationData) }
         let before = try figures(base, logits: baseLogits, data: evaluationData)
 
-        var model = base
+        // Every layer owns its parameters (exporters share equal constants through Identity nodes).
+        var model = GraphEditing.materializeConstants(base).0
         var pruningSection: CompressionReport.PruningSection?
         if let pruning, pruning.ratio > 0 || !schedule.isEmpty {
             let steps = schedule.isEmpty ? [pruning.ratio] : schedule
             guard steps.allSatisfy({ $0 >= 0 && $0 < 1 }), zip(steps, steps.dropFirst()).allSatisfy({ $0 <= $1 }) else {
                 throw CompressionError(.invalidArgument, "a schedule's ratios must be in [0, 1) and non-decreasing, got \(steps)")
             }
-            let initialGroups = try ChannelGroups(model: base)
+            let initialGroups = try ChannelGroups(model: model)
             guard !initialGroups.prunable.isEmpty else {
                 let reasons = initialGroups.groups.compactMap { g in g.frozenReason.map { "\(g.name): \($0)" } }
                 throw CompressionError(.invalidArgument,

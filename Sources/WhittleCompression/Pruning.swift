@@ -224,12 +224,21 @@ public enum Pruning {
         }
         var out: [Int: [Int]] = [:]
         for g in prunable {
+            // Kept counts round up, to a multiple of --round-to and of the group's unit: never pruned harder than
+            // asked (a count already off the grid keeps all of its channels rather than dropping below target).
             var k = keep[g.id]!
-            if options.roundTo > 1 && k < g.channels {
-                k = k / options.roundTo * options.roundTo
-                if k == 0 { k = min(options.roundTo, g.channels) }
+            for multiple in [options.roundTo, g.unit] where multiple > 1 && k < g.channels {
+                k = min(g.channels, (k + multiple - 1) / multiple * multiple)
             }
             let s = scores[g.id]!
+            if g.unit > 1 {
+                // Whole aligned blocks, ranked by their summed scores.
+                let blocks = g.channels / g.unit
+                let total = (0..<blocks).map { b in (0..<g.unit).reduce(0.0) { $0 + s[b * g.unit + $1] } }
+                let order = (0..<blocks).sorted { total[$0] != total[$1] ? total[$0] > total[$1] : $0 < $1 }
+                out[g.id] = order.prefix(k / g.unit).sorted().flatMap { b in (b * g.unit)..<((b + 1) * g.unit) }
+                continue
+            }
             let order = (0..<g.channels).sorted { s[$0] != s[$1] ? s[$0] > s[$1] : $0 < $1 }
             out[g.id] = Array(order.prefix(k)).sorted()
         }
@@ -279,9 +288,10 @@ public enum Pruning {
             out.graph.initializers[i].setTensor(t)
         }
         let shapes = Dictionary(uniqueKeysWithValues: out.graph.initializers.map { ($0.name, $0.shape) })
-        for (n, node) in out.graph.nodes.enumerated() where groups.depthwiseNodes.contains(node.name) {
-            guard let w = shapes[node.inputs[1]], let a = node.attributes.firstIndex(where: { $0.name == "group" }) else { continue }
-            out.graph.nodes[n].attributes[a] = Attribute("group", .int(Int64(w[0])))
+        for (n, node) in out.graph.nodes.enumerated() {
+            guard let width = groups.groupedNodes[node.name], let w = shapes[node.inputs[1]],
+                  let a = node.attributes.firstIndex(where: { $0.name == "group" }) else { continue }
+            out.graph.nodes[n].attributes[a] = Attribute("group", .int(Int64(w[0] / width)))
         }
         out.graph.valueInfo = []
         do {

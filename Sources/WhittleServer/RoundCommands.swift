@@ -102,7 +102,7 @@ public struct RoundCommand: ParsableCommand {
         @Option(name: .long, help: "Progressive pruning ratios, e.g. 0.2,0.25,0.3 (fine-tune rounds after each).") var schedule: String?
         @Option(name: .long, help: "local (each layer) or global (ranked across layers).") var pruneScope: String = "global"
         @Option(name: .long, help: "l1, l2, bn-scale (computed here), or activation, apoz, taylor (computed by the workers).") var importance: String = "l1"
-        @Option(name: .long, help: "Round kept channel counts down to a multiple of this.") var roundTo: Int = 1
+        @Option(name: .long, help: "Round kept channel counts up to a multiple of this; a layer is never pruned harder than asked.") var roundTo: Int = 1
         @Option(name: .long, help: "Keep at least this many channels per group.") var minChannels: Int = 1
         @Option(name: .long, help: "Remove at most this fraction of any group.") var maxLayerRatio: Double = 0.9
         @Option(name: .long, help: "FedAvg rounds after each pruning step.") var finetuneRounds: Int = 0

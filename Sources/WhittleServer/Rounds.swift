@@ -156,7 +156,10 @@ package actor RoundService {
             startModel = float
             plan.modelSHA256 = float
         }
-        let model = try model(startModel)
+        // Every layer owns its parameters before anything is pruned (exporters share equal constants through
+        // Identity nodes); the rewritten model is equivalent, and every phase of the round uses it.
+        let (model, changed) = GraphEditing.materializeConstants(try model(startModel))
+        if changed { startModel = try storeModel(model) }
         do {
             try plan.validate(model: model)
         } catch let error as CompressionError {

@@ -34,7 +34,8 @@ let doubleSumTolerance = 1e-12
         for g in groups.prunable {
             let k = kept[g.id]!.count
             #expect(k >= 1 && k <= g.channels)
-            if options.roundTo > 1 && k < g.channels { #expect(k % options.roundTo == 0 || k == min(options.roundTo, g.channels)) }
+            if options.roundTo > 1 && k < g.channels { #expect(k % options.roundTo == 0) }
+            if g.unit > 1 { #expect(k % g.unit == 0) }
             #expect(Double(g.channels - k) <= Double(g.channels) * options.maxLayerRatio + Double(options.roundTo))
         }
         return (pruned, groups, kept)
@@ -166,7 +167,8 @@ let doubleSumTolerance = 1e-12
         #expect(kept[byName["convA"]!]! == Array(top))
         options.roundTo = 4
         kept = try Pruning.select(groups, scores: scores, options: options)
-        #expect(kept[byName["convB"]!]!.count == 4, "3 rounds down to 0, so one multiple is kept")
+        #expect(kept[byName["convB"]!]!.count == 4, "3 rounds up to 4: never pruned harder than asked")
+        #expect(kept[byName["convA"]!]!.count == 4, "2 rounds up to 4, all of convA")
         options = PruningOptions(ratio: 0.9)
         options.maxLayerRatio = 0.5
         options.minChannels = 3
@@ -261,5 +263,71 @@ let doubleSumTolerance = 1e-12
         let mean = expected.reduce(0, +) / 4
         expected = expected.map { $0 / mean }
         for k in 0..<4 { #expect(abs(scores[k] - expected[k]) < 1e-9) }
+    }
+
+    /// The case: `--schedule 0.2,0.25 --round-to 16` keeps all 32 channels of a layer at both steps (24
+    /// would round down to 16, harder than asked); with `--round-to 8` the second step keeps 24.
+    @Test func roundingNeverPrunesHarderThanAsked() throws {
+        let model = Graphs.wideConvNet()
+        let groups = try ChannelGroups(model: model)
+        let scores = try Pruning.scores(groups, model: model, criterion: .l1)
+        #expect(Set(groups.prunable.map(\.channels)) == [16, 32])
+        for (roundTo, ratio, expected16, expected32) in [(16, 0.2, 16, 32), (16, 0.25, 16, 32), (8, 0.25, 16, 24), (1, 0.25, 12, 24)] {
+            var options = PruningOptions(ratio: ratio)
+            options.roundTo = roundTo
+            let kept = try Pruning.select(groups, scores: scores, options: options)
+            for g in groups.prunable {
+                let k = kept[g.id]!.count
+                #expect(k == (g.channels == 16 ? expected16 : expected32), "\(g.name): round-to \(roundTo) at \(ratio)")
+                #expect(k >= Int((Double(g.channels) * (1 - ratio)).rounded(.down)), "never harder than asked")
+            }
+        }
+    }
+
+    /// PyTorch's exporter shares one initializer among layers whose folded constants are equal (zero biases),
+    /// through Identity nodes: pruning gives each layer its own copy instead of producing an inconsistent graph.
+    @Test func biasesSharedThroughIdentityArePrunedPerLayer() throws {
+        var model = Graphs.concat()
+        // convA and convB read their biases through Identity nodes of one shared zero initializer... of the same
+        // length only for convC's 5 channels, so share convC's with a second 5-channel conv's.
+        model.graph.initializers.append(Initializer(name: "zeros5", tensor: Tensor(shape: [5], floats: [Float](repeating: 0, count: 5))))
+        let c = model.graph.nodes.firstIndex { $0.name == "convC" }!
+        model.graph.nodes[c].inputs[2] = "bC_shared"
+        model.graph.nodes.insert(Node(opType: "Identity", name: "Identity_1", inputs: ["zeros5"], outputs: ["bC_shared"]), at: 0)
+        let (owned, changed) = GraphEditing.materializeConstants(model)
+        #expect(changed && owned.graph.nodes.allSatisfy { $0.opType != "Identity" })
+        #expect(owned.graph.initializer(named: "bC_shared") != nil && owned.graph.initializer(named: "zeros5") == nil)
+        // Without the rewrite the group is left whole with its reason, never cut inconsistently.
+        let raw = try ChannelGroups(model: model)
+        let convC = try #require(raw.groups.first { $0.producers.first == "convC" })
+        #expect(!convC.prunable && convC.frozenReason!.contains("bias that is not an initializer"))
+        let x = try Self.input(owned)
+        let (_, groups, kept) = try checkSurgery(owned, PruningOptions(ratio: 0.4), input: x)
+        let pruned = try #require(groups.groups.first { $0.producers.first == "convC" })
+        #expect(pruned.prunable && kept[pruned.id]!.count == 3)
+    }
+
+    /// Channels that pass through a grouped convolution are removed in whole groups (the groups stay equal), and
+    /// the convolution's `group` follows.
+    @Test func groupedConvolutionsLoseWholeGroups() throws {
+        var model = Graphs.concat()
+        // The depthwise conv over the 10 concatenated channels becomes grouped with width 2 (5 groups).
+        model.graph.nodes[model.graph.nodes.firstIndex { $0.name == "dw" }!].attributes = [
+            Attribute("kernel_shape", .ints([3, 3])), Attribute("pads", .ints([1, 1, 1, 1])), Attribute("group", .int(5))]
+        let w = model.graph.initializers.firstIndex { $0.name == "wD" }!
+        model.graph.initializers[w] = Graphs.weight("wD", [10, 2, 3, 3], seed: 5)
+        let groups = try ChannelGroups(model: model)
+        #expect(groups.groupedNodes["dw"] == 2)
+        let x = try Self.input(model)
+        let (pruned, after, kept) = try checkSurgery(model, PruningOptions(ratio: 0.5), input: x)
+        for g in after.prunable where g.unit > 1 {
+            let k = kept[g.id]!
+            #expect(k.count % g.unit == 0)
+            // Aligned blocks: channel 2b is kept exactly when 2b + 1 is.
+            for c in k where c % 2 == 0 { #expect(k.contains(c + 1)) }
+        }
+        let dw = pruned.graph.nodes.first { $0.name == "dw" }!
+        let rows = pruned.graph.initializer(named: "wD")!.tensor!.shape[0]
+        #expect(dw.attribute("group")?.value.int == Int64(rows / 2))
     }
 }
