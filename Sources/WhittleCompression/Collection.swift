@@ -97,14 +97,17 @@ public final class CalibrationCollector {
 extension ChannelStatistics {
     /// Runs `batch` and adds each observed tensor's per-channel statistics (axis 1) to `channels`: activation
     /// importance, and the batch-norm statistics passes of rounds.
-    public static func collect(_ session: InferenceSession, _ batch: Tensor, tensors: Set<String>,
+    /// Tensors in `lastAxis` carry their channels on the last axis (`[N, S, D]` features): each position counts as
+    /// a sample.
+    public static func collect(_ session: InferenceSession, _ batch: Tensor, tensors: Set<String>, lastAxis: Set<String> = [],
                                into channels: inout [String: ChannelStatistics]) throws {
         var gathered = channels
         _ = try session.run(batch, observing: tensors) { node, outputs in
             for (name, value) in zip(node.outputs, outputs) where tensors.contains(name) {
-                var s = gathered[name] ?? ChannelStatistics(channels: value.shape[1])
+                let shape = lastAxis.contains(name) && value.rank >= 2 ? [value.count / value.shape.last!, value.shape.last!] : value.shape
+                var s = gathered[name] ?? ChannelStatistics(channels: shape[1])
                 do {
-                    try s.add(value.floats, shape: value.shape)
+                    try s.add(value.floats, shape: shape)
                 } catch let error as CompressionError {
                     throw CompressionError(error.code, "\(node.label), output '\(name)': \(error.message)")
                 }
@@ -150,6 +153,7 @@ public final class ImportanceCollector {
         switch criterion {
         case .activation, .apoz:
             try ChannelStatistics.collect(session, batch, tensors: Set(groups.prunable.compactMap(\.statisticsTensor)),
+                                          lastAxis: Set(groups.prunable.filter(\.statisticsOnLastAxis).compactMap(\.statisticsTensor)),
                                           into: &statistics.channels)
         case .taylor:
             var y = labels

@@ -135,6 +135,20 @@ public enum GraphEditing {
 }
 
 extension Graph {
+    /// Drops nodes whose outputs nothing reads (a shape computation a rewrite left behind), then the initializers
+    /// only they read. Graphs with subgraphs (If, Loop) are left alone.
+    mutating func removeDeadNodes() {
+        guard !nodes.contains(where: { $0.attributes.contains { if case .graph = $0.value { true } else { false } } }) else { return }
+        let outputNames = Set(outputs.map(\.name))
+        while true {
+            let read = Set(nodes.flatMap(\.inputs)).union(outputNames)
+            let before = nodes.count
+            nodes.removeAll { node in node.outputs.allSatisfy { $0.isEmpty || !read.contains($0) } }
+            if nodes.count == before { break }
+        }
+        removeUnusedInitializers()
+    }
+
     /// Drops initializers no node reads and no graph output names (and their graph-input declarations).
     mutating func removeUnusedInitializers() {
         var read = Set(nodes.flatMap(\.inputs)).union(outputs.map(\.name))

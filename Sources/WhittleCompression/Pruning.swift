@@ -293,10 +293,22 @@ public enum Pruning {
                   let a = node.attributes.firstIndex(where: { $0.name == "group" }) else { continue }
             out.graph.nodes[n].attributes[a] = Attribute("group", .int(Int64(w[0] / width)))
         }
+        // Reshapes that channels pass through (attention heads split or merged, [N, C, 1, 1] → [N, C]) take targets
+        // that follow the kept counts: leading sizes copied (0), the channels' axis inferred (-1).
+        var used = Set(out.graph.initializers.map(\.name))
+        for r in groups.reshapeRewrites {
+            guard let n = out.graph.nodes.firstIndex(where: { $0.name == r.node }) else { continue }
+            let name = GraphEditing.uniqueName(r.node + "_pruned_shape", &used)
+            out.graph.initializers.append(Initializer(name: name, tensor: Tensor(shape: [r.target.count], ints: r.target, dtype: .int64)))
+            out.graph.nodes[n].inputs[1] = name
+            // 0 copies the input's size only without allowzero.
+            out.graph.nodes[n].attributes.removeAll { $0.name == "allowzero" }
+        }
+        out.graph.removeDeadNodes()
         out.graph.valueInfo = []
         do {
             _ = try ShapeInference.infer(out.graph, opset: out.defaultOpset ?? 13,
-                                         inputs: try ShapeInference.inputShapes(out, batchSize: 1))
+                                         inputs: try ChannelGroups.analysisShapes(out))
         } catch {
             throw CompressionError(.invalidArgument, "pruning produced an inconsistent graph (a Whittle bug, please report): \(error)")
         }

@@ -27,12 +27,14 @@ public struct ModelSummary: Codable, Sendable {
     public var opCounts: [String: Int]
     public var parameters: Int
     public var parameterBytes: Int
-    /// MACs for one sample (batch size 1).
+    /// MACs for one sample (batch size 1), or for the given input shapes.
     public var macs: Int
     /// Layers that carry weights or MACs (Conv, Gemm, MatMul, BatchNormalization), in execution order.
     public var layers: [Layer]
 
-    public init(model: Model) throws {
+    /// `inputShapes`: every runtime input's type and shape (for inputs with free dimensions besides the batch, such
+    /// as a sequence length); the declared shapes at batch size 1 otherwise.
+    public init(model: Model, inputShapes given: [String: (DataType, [Int])]? = nil) throws {
         try ModelCoding.checkOpset(model)
         let opset = model.defaultOpset!
         irVersion = model.irVersion
@@ -47,7 +49,7 @@ public struct ModelSummary: Codable, Sendable {
         nodeCount = model.graph.nodes.count
         opCounts = model.graph.nodes.reduce(into: [:]) { $0[$1.opType, default: 0] += 1 }
         let inferred = try ShapeInference.infer(model.graph, opset: opset,
-                                                inputs: try ShapeInference.inputShapes(model, batchSize: 1))
+                                                inputs: try given ?? ShapeInference.inputShapes(model, batchSize: 1))
         let initializers = model.graph.initializerIndex
         var total = 0, bytes = 0
         for initializer in model.graph.initializers {

@@ -127,7 +127,8 @@ let doubleSumTolerance = 1e-12
     }
 
     @Test func patternsWhittleCannotMapAreFrozenNamingTheNode() throws {
-        // Transpose reads the conv's channels: the group is kept whole, and the reason names the node.
+        // Transpose moves the conv's channels to axis 2, where GlobalAveragePool pools over them: the group is kept
+        // whole, and the reason names the node.
         let model = Graphs.model([
             Graphs.conv("conv", "x", "a", weight: "w"),
             Node(opType: "Transpose", name: "swap", inputs: ["a"], outputs: ["t"], attributes: [Attribute("perm", .ints([0, 2, 1, 3]))]),
@@ -138,7 +139,7 @@ let doubleSumTolerance = 1e-12
         let groups = try ChannelGroups(model: model)
         let g = groups.groups.first { $0.producers.first == "conv" }!
         #expect(!g.prunable)
-        #expect(g.frozenReason?.contains("Transpose node 'swap'") == true, "\(g.frozenReason ?? "")")
+        #expect(g.frozenReason?.contains("GlobalAveragePool node 'gap' pools over the channels' axis") == true, "\(g.frozenReason ?? "")")
 
         // Weights fed at run time: nothing can be pruned, and compress says why.
         var dynamic = Graphs.model([Graphs.conv("conv", "x", "a", weight: "w"),
