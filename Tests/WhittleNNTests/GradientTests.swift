@@ -89,8 +89,68 @@ import WhittleTestSupport
         c.append(Case(name: "Softmax", node: node("Softmax", ["x"], [Attribute("axis", .int(1))]), x: x2, initializers: []))
         c.append(Case(name: "Identity", node: node("Identity", ["x"]), x: x2, initializers: []))
         c.append(Case(name: "Dropout training", node: node("Dropout", ["x", "ratio"]), x: x4, initializers: [("ratio", .scalar(0.3))]))
+        c += transformerCases()
         return c
     }()
+
+    /// The ops on the gradient's path in transformers, detectors and segmenters.
+    static func transformerCases() -> [Case] {
+        var c: [Case] = []
+        let x3 = random([2, 3, 6], seed: 31, scale: 2)
+        let positive = Tensor(shape: [2, 3, 6], floats: random([2, 3, 6], seed: 32).floats.map { abs($0) + 0.5 })
+        let ints = { (shape: [Int], values: [Int64]) in Tensor(shape: shape, ints: values, dtype: .int64) }
+        for op in ["Erf", "Exp", "Neg"] { c.append(Case(name: op, node: node(op, ["x"]), x: x3, initializers: [])) }
+        for op in ["Sqrt", "Log", "Reciprocal"] { c.append(Case(name: op, node: node(op, ["x"]), x: positive, initializers: [])) }
+        c.append(Case(name: "Abs", node: node("Abs", ["x"]), x: random([2, 3, 6], seed: 33, kinks: [0]), initializers: []))
+        c.append(Case(name: "Gelu erf", node: node("Gelu", ["x"]), x: x3, initializers: [], opset: 20))
+        c.append(Case(name: "Gelu tanh", node: node("Gelu", ["x"], [Attribute("approximate", .string(Array("tanh".utf8)))]), x: x3,
+                      initializers: [], opset: 20))
+        c.append(Case(name: "Pow square", node: node("Pow", ["x", "p"]), x: x3, initializers: [("p", .scalar(2))]))
+        c.append(Case(name: "Pow per feature", node: node("Pow", ["x", "p"]), x: positive,
+                      initializers: [("p", Tensor(shape: [6], floats: [0.5, 1.5, 2, 3, -1, 1]))]))
+        for op in ["Max", "Min", "Sum"] {
+            c.append(Case(name: "\(op) broadcast", node: node(op, ["x", "k"]), x: x3, initializers: [("k", random([3, 1], seed: 34))]))
+        }
+        c.append(Case(name: "Where", node: node("Where", ["c", "x", "k"]), x: x3,
+                      initializers: [("c", Tensor(shape: [1, 6], ints: [1, 0, 1, 1, 0, 0], dtype: .bool)), ("k", random([3, 1], seed: 35))]))
+        c.append(Case(name: "ReduceSum axes input", node: node("ReduceSum", ["x", "axes"], [Attribute("keepdims", .int(0))]),
+                      x: x3, initializers: [("axes", ints([1], [1]))]))
+        c.append(Case(name: "ReduceMax", node: node("ReduceMax", ["x"], [Attribute("axes", .ints([2]))]), x: x3, initializers: []))
+        c.append(Case(name: "ReduceL2", node: node("ReduceL2", ["x"], [Attribute("axes", .ints([1, 2]))]), x: x3, initializers: []))
+        c.append(Case(name: "ReduceSumSquare", node: node("ReduceSumSquare", ["x"], [Attribute("axes", .ints([0]))]), x: x3, initializers: []))
+        c.append(Case(name: "LayerNormalization", node: node("LayerNormalization", ["x", "g", "b"], [Attribute("epsilon", .float(1e-5))]),
+                      x: x3, initializers: [("g", random([6], seed: 36)), ("b", random([6], seed: 37))], opset: 17))
+        c.append(Case(name: "LayerNormalization axis 1", node: node("LayerNormalization", ["x", "g"], [Attribute("axis", .int(1))]),
+                      x: x3, initializers: [("g", random([3, 6], seed: 38))], opset: 17))
+        let x4 = random([2, 4, 3, 3], seed: 39, scale: 2)
+        c.append(Case(name: "InstanceNormalization", node: node("InstanceNormalization", ["x", "g", "b"]), x: x4,
+                      initializers: [("g", random([4], seed: 40)), ("b", random([4], seed: 41))]))
+        c.append(Case(name: "GroupNormalization opset 18", node: node("GroupNormalization", ["x", "g", "b"], [Attribute("num_groups", .int(2))]),
+                      x: x4, initializers: [("g", random([2], seed: 42)), ("b", random([2], seed: 43))], opset: 18))
+        c.append(Case(name: "GroupNormalization opset 21", node: node("GroupNormalization", ["x", "g", "b"], [Attribute("num_groups", .int(2))]),
+                      x: x4, initializers: [("g", random([4], seed: 44)), ("b", random([4], seed: 45))], opset: 21))
+        c.append(Case(name: "Slice", node: node("Slice", ["x", "s", "e", "a", "st"]), x: x3,
+                      initializers: [("s", ints([2], [0, 5])), ("e", ints([2], [2, 0])), ("a", ints([2], [1, 2])), ("st", ints([2], [1, -2]))]))
+        c.append(Case(name: "Pad reflect", node: node("Pad", ["x", "pads"], [Attribute("mode", .string(Array("reflect".utf8)))]), x: x3,
+                      initializers: [("pads", ints([6], [0, 1, 2, 0, 1, 1]))]))
+        c.append(Case(name: "Gather (embedding rows)", node: node("Gather", ["x", "i"], [Attribute("axis", .int(1))]), x: x3,
+                      initializers: [("i", ints([2, 2], [2, 0, 2, -1]))]))
+        c.append(Case(name: "GatherElements", node: node("GatherElements", ["x", "i"], [Attribute("axis", .int(2))]), x: x3,
+                      initializers: [("i", ints([2, 3, 2], [0, 5, 1, 1, 2, 3, 4, 0, 0, 0, 5, 4]))]))
+        c.append(Case(name: "Expand", node: node("Expand", ["x", "shape"]), x: random([2, 1, 6], seed: 46),
+                      initializers: [("shape", ints([3], [2, 4, 6]))]))
+        c.append(Case(name: "Tile", node: node("Tile", ["x", "r"]), x: x3, initializers: [("r", ints([3], [1, 2, 1]))]))
+        c.append(Case(name: "Split (one output used)", node: Node(opType: "Split", name: "split", inputs: ["x", "sizes"],
+                                                                 outputs: ["y", "unused"], attributes: [Attribute("axis", .int(2))]),
+                      x: x3, initializers: [("sizes", ints([2], [4, 2]))]))
+        c.append(Case(name: "Resize nearest", node: node("Resize", ["x", "", "scales"], [Attribute("mode", .string(Array("nearest".utf8))),
+            Attribute("coordinate_transformation_mode", .string(Array("asymmetric".utf8))), Attribute("nearest_mode", .string(Array("floor".utf8)))]),
+                      x: x4, initializers: [("scales", Tensor(shape: [4], floats: [1, 1, 2, 2]))]))
+        c.append(Case(name: "Resize linear", node: node("Resize", ["x", "", "", "sizes"], [Attribute("mode", .string(Array("linear".utf8)))]),
+                      x: x4, initializers: [("sizes", ints([4], [2, 4, 5, 7]))]))
+        c.append(Case(name: "Cast float", node: node("Cast", ["x"], [Attribute("to", .int(1))]), x: x3, initializers: []))
+        return c
+    }
 
     func model(_ c: Case) -> Model {
         var x = ValueInfo(name: "x", elementType: .float, shape: [.symbol("N")] + c.x.shape.dropFirst().map { .value($0) })

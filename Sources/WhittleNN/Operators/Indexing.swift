@@ -21,25 +21,7 @@ extension Operators {
             return [ValueMeta(dtype: x.dtype, shape: try ctx.checkedShape(zip(x.shape, repeats).map { $0 * $1 }, "output"))]
         }) { ctx, inputs in
             let x = inputs[0]!
-            let repeats = try tileRepeats(ctx, inputs[1]!, rank: x.rank)
-            let shape = zip(x.shape, repeats).map { $0 * $1 }
-            // Output index (i₀ … iₙ) reads input (i₀ mod d₀ … iₙ mod dₙ).
-            let strides = stridesOf(x.shape)
-            var sources: [Int] = []
-            sources.reserveCapacity(shape.reduce(1, *))
-            var index = [Int](repeating: 0, count: shape.count)
-            for _ in 0..<shape.reduce(1, *) {
-                var offset = 0
-                for axis in 0..<shape.count { offset += (index[axis] % x.shape[axis]) * strides[axis] }
-                sources.append(offset)
-                var axis = shape.count - 1
-                while axis >= 0 {
-                    index[axis] += 1
-                    if index[axis] < shape[axis] { break }
-                    index[axis] = 0
-                    axis -= 1
-                }
-            }
+            let (shape, sources) = tileSources(x.shape, try tileRepeats(ctx, inputs[1]!, rank: x.rank))
             return [x.gathered(shape: shape, sources: sources)]
         }
 
@@ -82,32 +64,7 @@ extension Operators {
             return [ValueMeta(dtype: data.dtype, shape: indices.shape)]
         }) { ctx, inputs in
             let data = inputs[0]!, indices = inputs[1]!
-            let axis = try ctx.axis(Int(try ctx.int("axis", default: 0)), rank: data.rank)
-            for (a, (d, i)) in zip(data.shape, indices.shape).enumerated() where a != axis && i > d {
-                throw ctx.error(.shapeMismatch, "indices \(indices.shape) exceed data \(data.shape) along axis \(a)")
-            }
-            let dataStrides = stridesOf(data.shape), size = data.shape[axis]
-            // Every index position reads data at the same position with its axis coordinate replaced.
-            var sources: [Int] = []
-            sources.reserveCapacity(indices.count)
-            var index = [Int](repeating: 0, count: indices.rank)
-            for raw in indices.ints {
-                let i = raw < 0 ? Int(raw) + size : Int(raw)
-                guard i >= 0, i < size else {
-                    throw ctx.error(.invalidInput, "index \(raw) is out of range for axis \(axis) of size \(size)")
-                }
-                var offset = 0
-                for a in 0..<index.count { offset += (a == axis ? i : index[a]) * dataStrides[a] }
-                sources.append(offset)
-                var a = index.count - 1
-                while a >= 0 {
-                    index[a] += 1
-                    if index[a] < indices.shape[a] { break }
-                    index[a] = 0
-                    a -= 1
-                }
-            }
-            return [data.gathered(shape: indices.shape, sources: sources)]
+            return [data.gathered(shape: indices.shape, sources: try gatherElementsSources(ctx, data.shape, indices))]
         }
 
         r["Range"] = .simple(minimumOpset: 11, infer: { ctx in
@@ -131,6 +88,59 @@ extension Operators {
             t.dtype = start.dtype
             return [t]
         }
+    }
+
+    /// Tile's output shape and, per output element, the input element it copies: (i₀ … iₙ) reads
+    /// (i₀ mod d₀ … iₙ mod dₙ).
+    static func tileSources(_ shape: [Int], _ repeats: [Int]) -> ([Int], [Int]) {
+        let out = zip(shape, repeats).map { $0 * $1 }
+        let strides = stridesOf(shape)
+        var sources: [Int] = []
+        sources.reserveCapacity(out.reduce(1, *))
+        var index = [Int](repeating: 0, count: out.count)
+        for _ in 0..<out.reduce(1, *) {
+            var offset = 0
+            for axis in 0..<out.count { offset += (index[axis] % shape[axis]) * strides[axis] }
+            sources.append(offset)
+            var axis = out.count - 1
+            while axis >= 0 {
+                index[axis] += 1
+                if index[axis] < out[axis] { break }
+                index[axis] = 0
+                axis -= 1
+            }
+        }
+        return (out, sources)
+    }
+
+    /// GatherElements: per index position, the flat index of the data element it reads (its axis coordinate
+    /// replaced by the index).
+    static func gatherElementsSources(_ ctx: NodeContext, _ dataShape: [Int], _ indices: Tensor) throws -> [Int] {
+        let axis = try ctx.axis(Int(try ctx.int("axis", default: 0)), rank: dataShape.count)
+        for (a, (d, i)) in zip(dataShape, indices.shape).enumerated() where a != axis && i > d {
+            throw ctx.error(.shapeMismatch, "indices \(indices.shape) exceed data \(dataShape) along axis \(a)")
+        }
+        let dataStrides = stridesOf(dataShape), size = dataShape[axis]
+        var sources: [Int] = []
+        sources.reserveCapacity(indices.count)
+        var index = [Int](repeating: 0, count: indices.rank)
+        for raw in indices.ints {
+            let i = raw < 0 ? Int(raw) + size : Int(raw)
+            guard i >= 0, i < size else {
+                throw ctx.error(.invalidInput, "index \(raw) is out of range for axis \(axis) of size \(size)")
+            }
+            var offset = 0
+            for a in 0..<index.count { offset += (a == axis ? i : index[a]) * dataStrides[a] }
+            sources.append(offset)
+            var a = index.count - 1
+            while a >= 0 {
+                index[a] += 1
+                if index[a] < indices.shape[a] { break }
+                index[a] = 0
+                a -= 1
+            }
+        }
+        return sources
     }
 
     /// Expand's output: the input and the requested shape broadcast together (either may hold the 1s).

@@ -12,30 +12,56 @@ extension Operators {
             return [ValueMeta(dtype: x.dtype, shape: shape)]
         }) { ctx, inputs in
             let x = inputs[0]!
-            let (shape, scales) = try resizeTarget(ctx, x.shape, inputs)
-            let mode = try ctx.string("mode", default: "nearest")
-            let transform = try ctx.string("coordinate_transformation_mode", default: "half_pixel")
-            let nearestMode = try ctx.string("nearest_mode", default: "round_prefer_floor")
             var values = x.floats
             var current = x.shape
-            for axis in 0..<x.rank where shape[axis] != current[axis] || scales[axis] != 1 {
-                let n = current[axis], m = shape[axis]
-                let taps = try (0..<m).map { i -> (Int, Int, Float) in
-                    let source = try sourceCoordinate(ctx, Float(i), scale: scales[axis], inSize: n, outSize: m, transform)
-                    if mode == "nearest" {
-                        let index = try nearestIndex(ctx, source, nearestMode)
-                        let clamped = min(max(index, 0), n - 1)
-                        return (clamped, clamped, 0)
-                    }
-                    let s = min(max(source, 0), Float(n - 1))
-                    let lo = Int(s.rounded(.down))
-                    return (lo, min(lo + 1, n - 1), s - Float(lo))
-                }
+            for (axis, taps) in try resizeTaps(ctx, x.shape, inputs) {
                 values = resample(values, shape: current, axis: axis, taps: taps)
-                current[axis] = m
+                current[axis] = taps.count
             }
-            return [Tensor(shape: shape, floats: values)]
+            return [Tensor(shape: current, floats: values)]
         }
+    }
+
+    /// The separable resampling Resize does: per resized axis (in order), output index i mixes input indices
+    /// taps[i].0 and taps[i].1 with weight taps[i].2.
+    static func resizeTaps(_ ctx: NodeContext, _ inShape: [Int], _ inputs: [Tensor?]?) throws -> [(Int, [(Int, Int, Float)])] {
+        let (shape, scales) = try resizeTarget(ctx, inShape, inputs)
+        let mode = try ctx.string("mode", default: "nearest")
+        let transform = try ctx.string("coordinate_transformation_mode", default: "half_pixel")
+        let nearestMode = try ctx.string("nearest_mode", default: "round_prefer_floor")
+        var out: [(Int, [(Int, Int, Float)])] = []
+        for axis in 0..<inShape.count where shape[axis] != inShape[axis] || scales[axis] != 1 {
+            let n = inShape[axis], m = shape[axis]
+            out.append((axis, try (0..<m).map { i -> (Int, Int, Float) in
+                let source = try sourceCoordinate(ctx, Float(i), scale: scales[axis], inSize: n, outSize: m, transform)
+                if mode == "nearest" {
+                    let index = try nearestIndex(ctx, source, nearestMode)
+                    let clamped = min(max(index, 0), n - 1)
+                    return (clamped, clamped, 0)
+                }
+                let s = min(max(source, 0), Float(n - 1))
+                let lo = Int(s.rounded(.down))
+                return (lo, min(lo + 1, n - 1), s - Float(lo))
+            }))
+        }
+        return out
+    }
+
+    /// The adjoint of `resample`: spreads a gradient of the resampled axis back onto the `n` input indices.
+    static func resampleBackward(_ dy: [Float], shape: [Int], axis: Int, inSize n: Int, taps: [(Int, Int, Float)]) -> [Float] {
+        let outer = shape[..<axis].reduce(1, *), m = shape[axis], inner = shape[(axis + 1)...].reduce(1, *)
+        var dx = [Float](repeating: 0, count: outer * n * inner)
+        for o in 0..<outer {
+            for (i, tap) in taps.enumerated() {
+                let a = (o * n + tap.0) * inner, b = (o * n + tap.1) * inner, src = (o * m + i) * inner
+                let w = tap.2
+                for j in 0..<inner {
+                    dx[a + j] += (1 - w) * dy[src + j]
+                    dx[b + j] += w * dy[src + j]
+                }
+            }
+        }
+        return dx
     }
 
     /// Output shape and per-axis scales from `sizes` or `scales` (and opset-18 `axes`).

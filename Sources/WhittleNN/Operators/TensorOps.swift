@@ -50,23 +50,8 @@ extension Operators {
             let axis = try ctx.axis(Int(try ctx.int("axis", default: 0)), rank: data.rank)
             return [ValueMeta(dtype: data.dtype, shape: Array(data.shape[..<axis]) + indices.shape + Array(data.shape[(axis + 1)...]))]
         }) { ctx, inputs in
-            let data = inputs[0]!, indices = inputs[1]!
-            let axis = try ctx.axis(Int(try ctx.int("axis", default: 0)), rank: data.rank)
-            let outer = data.shape[..<axis].reduce(1, *), size = data.shape[axis]
-            let inner = data.shape[(axis + 1)...].reduce(1, *)
-            let shape = Array(data.shape[..<axis]) + indices.shape + Array(data.shape[(axis + 1)...])
-            var sources: [Int] = []
-            sources.reserveCapacity(shape.reduce(1, *))
-            for o in 0..<outer {
-                for raw in indices.ints {
-                    let i = raw < 0 ? Int(raw) + size : Int(raw)
-                    guard i >= 0, i < size else {
-                        throw ctx.error(.invalidInput, "index \(raw) is out of range for axis \(axis) of size \(size)")
-                    }
-                    for j in 0..<inner { sources.append((o * size + i) * inner + j) }
-                }
-            }
-            return [data.gathered(shape: shape, sources: sources)]
+            let (shape, sources) = try gatherSources(ctx, inputs[0]!.shape, inputs[1]!)
+            return [inputs[0]!.gathered(shape: shape, sources: sources)]
         }
 
         r["Cast"] = .simple(infer: { ctx in
@@ -106,55 +91,81 @@ extension Operators {
             return [ValueMeta(dtype: data.dtype, shape: shape)]
         }) { ctx, inputs in
             let data = inputs[0]!
-            let (begin, end) = try padAmounts(ctx, rank: data.rank, inputs)
-            let mode = try ctx.string("mode", default: "constant")
-            let shape = (0..<data.rank).map { data.shape[$0] + begin[$0] + end[$0] }
-            let inStrides = stridesOf(data.shape)
-            var sources: [Int] = []
-            sources.reserveCapacity(shape.reduce(1, *))
-            if mode == "reflect" {
-                for (i, d) in data.shape.enumerated() where (begin[i] > 0 || end[i] > 0) && d < 2 {
-                    throw ctx.error(.invalidInput, "reflect padding needs at least 2 elements along axis \(i)")
-                }
-            }
-            guard ["constant", "reflect", "edge"].contains(mode) else {
-                throw ctx.error(.invalidAttribute, "mode '\(mode)' is not supported (constant, reflect, edge)")
-            }
-            var index = [Int](repeating: 0, count: shape.count)
-            let total = shape.reduce(1, *)
-            for _ in 0..<total {
-                var offset = 0
-                var outside = false
-                for axis in 0..<shape.count {
-                    var s = index[axis] - begin[axis]
-                    let n = data.shape[axis]
-                    if s < 0 || s >= n {
-                        switch mode {
-                        case "edge": s = min(max(s, 0), n - 1)
-                        case "reflect":
-                            let period = 2 * (n - 1)
-                            s = ((s % period) + period) % period
-                            if s >= n { s = period - s }
-                        default: outside = true
-                        }
-                    }
-                    offset += s * inStrides[axis]
-                }
-                sources.append(outside ? -1 : offset)
-                var axis = shape.count - 1
-                while axis >= 0 {
-                    index[axis] += 1
-                    if index[axis] < shape[axis] { break }
-                    index[axis] = 0
-                    axis -= 1
-                }
-            }
+            let (shape, sources) = try padSources(ctx, data.shape, inputs)
             let fill = ctx.optionalInput(2) != nil ? inputs[2]!.asFloats.first ?? 0 : 0
             guard !data.dtype.isInteger || fill.isFinite else {
                 throw ctx.error(.invalidInput, "constant_value \(fill) is not an integer of the data's type")
             }
             return [data.gathered(shape: shape, sources: sources, fill: fill)]
         }
+    }
+
+    /// Gather's output shape and, per output element, the flat index of the data element it copies.
+    static func gatherSources(_ ctx: NodeContext, _ dataShape: [Int], _ indices: Tensor) throws -> ([Int], [Int]) {
+        let axis = try ctx.axis(Int(try ctx.int("axis", default: 0)), rank: dataShape.count)
+        let outer = dataShape[..<axis].reduce(1, *), size = dataShape[axis]
+        let inner = dataShape[(axis + 1)...].reduce(1, *)
+        let shape = Array(dataShape[..<axis]) + indices.shape + Array(dataShape[(axis + 1)...])
+        var sources: [Int] = []
+        sources.reserveCapacity(shape.reduce(1, *))
+        for o in 0..<outer {
+            for raw in indices.ints {
+                let i = raw < 0 ? Int(raw) + size : Int(raw)
+                guard i >= 0, i < size else {
+                    throw ctx.error(.invalidInput, "index \(raw) is out of range for axis \(axis) of size \(size)")
+                }
+                for j in 0..<inner { sources.append((o * size + i) * inner + j) }
+            }
+        }
+        return (shape, sources)
+    }
+
+    /// Pad's output shape and, per output element, the flat index of the input element it copies (-1: the fill).
+    static func padSources(_ ctx: NodeContext, _ dataShape: [Int], _ inputs: [Tensor?]?) throws -> ([Int], [Int]) {
+        let (begin, end) = try padAmounts(ctx, rank: dataShape.count, inputs)
+        let mode = try ctx.string("mode", default: "constant")
+        let shape = (0..<dataShape.count).map { dataShape[$0] + begin[$0] + end[$0] }
+        let inStrides = stridesOf(dataShape)
+        var sources: [Int] = []
+        sources.reserveCapacity(shape.reduce(1, *))
+        if mode == "reflect" {
+            for (i, d) in dataShape.enumerated() where (begin[i] > 0 || end[i] > 0) && d < 2 {
+                throw ctx.error(.invalidInput, "reflect padding needs at least 2 elements along axis \(i)")
+            }
+        }
+        guard ["constant", "reflect", "edge"].contains(mode) else {
+            throw ctx.error(.invalidAttribute, "mode '\(mode)' is not supported (constant, reflect, edge)")
+        }
+        var index = [Int](repeating: 0, count: shape.count)
+        let total = shape.reduce(1, *)
+        for _ in 0..<total {
+            var offset = 0
+            var outside = false
+            for axis in 0..<shape.count {
+                var s = index[axis] - begin[axis]
+                let n = dataShape[axis]
+                if s < 0 || s >= n {
+                    switch mode {
+                    case "edge": s = min(max(s, 0), n - 1)
+                    case "reflect":
+                        let period = 2 * (n - 1)
+                        s = ((s % period) + period) % period
+                        if s >= n { s = period - s }
+                    default: outside = true
+                    }
+                }
+                offset += s * inStrides[axis]
+            }
+            sources.append(outside ? -1 : offset)
+            var axis = shape.count - 1
+            while axis >= 0 {
+                index[axis] += 1
+                if index[axis] < shape[axis] { break }
+                index[axis] = 0
+                axis -= 1
+            }
+        }
+        return (shape, sources)
     }
 
     static func wrap(_ v: Int64, to range: ClosedRange<Int64>) -> Int64 {

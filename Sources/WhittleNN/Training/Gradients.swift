@@ -137,6 +137,8 @@ public enum Gradients {
             let dy = g.dy
             return [Tensor(shape: mask.shape, floats: (0..<dy.count).map { dy[$0] * mask.floats[$0] })]
         }
+        registerMath(&r)
+        registerIndexing(&r)
         return r
     }()
 

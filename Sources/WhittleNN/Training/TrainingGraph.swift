@@ -13,7 +13,8 @@ public enum BatchNormMode: String, Sendable, CaseIterable {
 /// and backward passes that return ∂L/∂value for every value (parameters, activations, node outputs).
 ///
 /// Parameters are the float initializers that feed a differentiable input of an op with a gradient definition
-/// (Conv W and B, Gemm B and C, BatchNormalization scale and B, PRelu slope, constant operands of MatMul/Add/Mul…);
+/// (Conv W and B, Gemm B and C, BatchNormalization scale and B, PRelu slope, constant operands of MatMul/Add/Mul…
+/// other than scalars, embedding tables read by Gather, LayerNorm scale and B);
 /// BatchNormalization's mean and variance are running statistics, updated by training-mode forward passes.
 public final class TrainingGraph: @unchecked Sendable {
     public let model: Model
@@ -36,6 +37,8 @@ public final class TrainingGraph: @unchecked Sendable {
     /// Activations (and their gradients) kept in oneDNN's blocked layout, with the block size. They have the same
     /// logical shape and element count as in NCHW — only the order differs; `plain(_:_:)` converts one back.
     public let blocked: [String: Int]
+
+    static let elementwiseOps: Set<String> = ["Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Sum"]
 
     /// `plainValues` names values that must stay in NCHW order (tensors a caller reads during training, such as hint
     /// points or fake-quantized activations); `blockedLayouts` false keeps every value in NCHW.
@@ -62,6 +65,9 @@ public final class TrainingGraph: @unchecked Sendable {
                 guard let index = initializers[name], let tensor = model.graph.initializers[index].tensor,
                     tensor.dtype == .float, tensor.count > 0, !seen.contains(name) else { continue }
                 if node.opType == "BatchNormalization" && position > 2 { continue }
+                // A scalar operand of an element-wise op is a constant of the formula (GELU's ½ and √2, an attention
+                // scale, a mask's fill value), not a weight.
+                if tensor.count == 1, Self.elementwiseOps.contains(node.opType) { continue }
                 seen.insert(name)
                 parameters.append(name)
             }
