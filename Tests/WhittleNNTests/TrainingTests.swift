@@ -185,6 +185,42 @@ import WhittleTestSupport
             throws: { "\($0)".contains("alpha 1") }
     }
 
+    /// The task losses (per-pixel distillation and cross-entropy, relative mean squared error, cosine distance)
+    /// against central finite differences, and their fixed points.
+    @Test func taskLossGradientsMatchFiniteDifferences() throws {
+        let student = Tensor(shape: [2, 3, 2, 2], floats: TestSupport.randomFloats(24, seed: 71).map { $0 * 2 })
+        let teacher = Tensor(shape: [2, 3, 2, 2], floats: TestSupport.randomFloats(24, seed: 72).map { $0 * 2 })
+        let pixels: [Int64] = [0, 1, 2, 1, 2, 2, 0, 1]
+        let losses: [(String, (Tensor) throws -> LossResult)] = [
+            ("pixel distillation", { try Losses.pixelDistillation(student: $0, teacher: teacher, labels: pixels[...], temperature: 2, alpha: 0.6) }),
+            ("pixel cross-entropy", { try Losses.pixelDistillation(student: $0, teacher: nil, labels: pixels[...], temperature: 1, alpha: 0) }),
+            ("relative mean squared error", { try Losses.meanSquared(student: $0, target: teacher) }),
+            ("cosine distance", { try Losses.cosineDistance(student: try $0.reshaped([2, 12]), teacher: try teacher.reshaped([2, 12])) }),
+        ]
+        for (name, loss) in losses {
+            let r = try loss(student)
+            for i in 0..<24 {
+                var plus = student, minus = student
+                plus.floats[i] += 1e-3
+                minus.floats[i] -= 1e-3
+                let numeric = (try loss(plus).loss - loss(minus).loss) / 2e-3
+                #expect(abs(Double(r.dLogits.floats[i]) - numeric) < 1e-4, "\(name) [\(i)]: \(r.dLogits.floats[i]) vs \(numeric)")
+            }
+        }
+        #expect(try Losses.pixelDistillation(student: teacher, teacher: teacher, labels: nil, temperature: 2, alpha: 1).loss < 1e-12)
+        let agreed = try Losses.pixelDistillation(student: teacher, teacher: teacher, labels: nil, temperature: 2, alpha: 1)
+        #expect(agreed.correct == 8 && agreed.counted == 8, "every pixel agrees with itself")
+        #expect(try Losses.meanSquared(student: teacher, target: teacher).loss == 0)
+        let flat = try teacher.reshaped([2, 12])
+        let scaled = Tensor(shape: [2, 12], floats: flat.floats.map { $0 * 3 })
+        #expect(abs(try Losses.cosineDistance(student: flat, teacher: scaled).loss) < 1e-12, "cosine ignores scale")
+        #expect(TaskKind.inferred(outputShape: [4, 10]) == .classification)
+        #expect(TaskKind.inferred(outputShape: [4, 21, 64, 64]) == .segmentation)
+        #expect(TaskKind.inferred(outputShape: [4, 252, 8]) == .detection)
+        #expect { try Losses.pixelDistillation(student: student, teacher: nil, labels: [0, 1], temperature: 1, alpha: 0) }
+            throws: { "\($0)".contains("pixel labels") }
+    }
+
     @Test func hintLossGradientsMatchFiniteDifferences() {
         let s = Tensor(shape: [2, 3, 2, 2], floats: TestSupport.randomFloats(24, seed: 50))
         let t = Tensor(shape: [2, 2, 2, 2], floats: TestSupport.randomFloats(16, seed: 51))

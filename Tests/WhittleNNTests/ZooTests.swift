@@ -26,6 +26,9 @@ import WhittleTestSupport
         #expect(error < Self.onnxruntimeTolerance, "\(name): relative error \(error)")
     }
 
+    /// The zoo's manifest lists every family (a missing manifest would make the tests below vacuous).
+    @Test func theZooIsComplete() { #expect(TestSupport.zooModels.count >= 26) }
+
     @Test(arguments: TestSupport.zooModels)
     func matchesOnnxRuntime(_ name: String) throws { try Self.check(name, fast: true) }
 

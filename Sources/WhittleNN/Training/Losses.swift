@@ -12,6 +12,8 @@ public struct LossResult: Sendable {
     public var loss: Double
     public var dLogits: Tensor
     public var correct: Int
+    /// What `correct` counts out of, when not the samples (pixels, for segmentation).
+    public var counted: Int?
 }
 
 /// Losses over logits `[N, C]`, mean-reduced over the batch (PyTorch's default), computed in Double.

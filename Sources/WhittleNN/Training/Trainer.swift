@@ -16,6 +16,8 @@ public struct TrainingConfiguration: Sendable {
     public var batchNorm: BatchNormMode = .train
     /// Distillation temperature and weight; the caller provides teacher logits per batch.
     public var distillation: (temperature: Float, alpha: Float)?
+    /// What the first output means (its loss); nil: inferred from its shape (`TaskKind.inferred`).
+    public var task: TaskKind?
     /// FitNets hints: MSE between a teacher feature map and a 1×1 projection of the student's, per pair
     /// (teacher tensor, student tensor), weighted by `hintWeight`. The projections train with the student and are
     /// not exported.
@@ -222,13 +224,28 @@ public final class Trainer: @unchecked Sendable {
                                      fakeQuantization: try fakeQuantizers(), rng: &rng)
         guard let logits = tape.value(graph.outputName) else { throw ONNXError(.invalidGraph, "the model produced no output") }
         var result: LossResult
+        let task = configuration.task ?? TaskKind.inferred(outputShape: logits.shape)
         if let distillation = configuration.distillation {
             guard let teacherLogits else { throw ONNXError(.invalidInput, "distillation needs teacher logits") }
-            result = try Losses.distillation(student: logits, teacher: teacherLogits, labels: labels,
-                                             temperature: distillation.temperature, alpha: distillation.alpha)
+            switch task {
+            case .classification:
+                result = try Losses.distillation(student: logits, teacher: teacherLogits, labels: labels,
+                                                 temperature: distillation.temperature, alpha: distillation.alpha)
+            case .segmentation:
+                result = try Losses.pixelDistillation(student: logits, teacher: teacherLogits, labels: labels,
+                                                      temperature: distillation.temperature, alpha: distillation.alpha)
+            case .detection, .regression: result = try Losses.meanSquared(student: logits, target: teacherLogits)
+            case .embedding: result = try Losses.cosineDistance(student: logits, teacher: teacherLogits)
+            }
         } else {
             guard let labels else { throw ONNXError(.invalidInput, "training without a teacher needs labels") }
-            result = try Losses.softmaxCrossEntropy(logits: logits, labels: labels)
+            switch task {
+            case .classification: result = try Losses.softmaxCrossEntropy(logits: logits, labels: labels)
+            case .segmentation:
+                result = try Losses.pixelDistillation(student: logits, teacher: nil, labels: labels, temperature: 1, alpha: 0)
+            case .detection, .regression, .embedding:
+                throw ONNXError(.invalidInput, "training a \(task.rawValue) model needs a teacher (distillation); class labels do not apply to its output \(logits.shape)")
+            }
         }
         var seeds = [graph.outputName: result.dLogits]
         var hintGradients: [String: Tensor] = [:]
@@ -382,15 +399,20 @@ public final class Trainer: @unchecked Sendable {
                            teacherCache: TeacherLogitsCache? = nil,
                            progress: ((Int, Int, Double) -> Void)? = nil) throws -> EpochReport {
         let n = data.shape[0], sampleSize = data.count / max(n, 1)
-        if let labels, labels.count != n {
+        // One label per sample, or one per pixel ([N, H, W] for segmentation).
+        let perSample = labels.map { $0.count / max(n, 1) } ?? 1
+        if let labels, labels.count != n * perSample || perSample < 1 {
             throw ONNXError(.invalidInput, "\(labels.count) labels for \(n) samples")
+        }
+        if perSample > 1 && configuration.augmentation != .none {
+            throw ONNXError(.invalidInput, "--augment transforms images but not per-pixel labels; train segmentation without it")
         }
         let lr = configuration.schedule.rate(base: configuration.learningRate, epoch: epoch)
         try configuration.augmentation.check(data.shape)
         let order = rng.permutation(n)
         let steps = (n + configuration.batchSize - 1) / configuration.batchSize
         let symmetries = [Augmentation.none: 1, .flips: 4, .dihedral: 8][configuration.augmentation]!
-        var lossSum = 0.0, correct = 0
+        var lossSum = 0.0, correct = 0, counted = 0
         for s in 0..<steps {
             let indices = order[(s * configuration.batchSize)..<min((s + 1) * configuration.batchSize, n)]
             var values: [Float] = []
@@ -409,7 +431,7 @@ public final class Trainer: @unchecked Sendable {
                 }
             }
             let x = Tensor(shape: [indices.count] + Array(data.shape.dropFirst()), floats: values)
-            let y = labels.map { l in ArraySlice(indices.map { l.ints[$0] }) }
+            let y = labels.map { l in ArraySlice(indices.flatMap { l.ints[($0 * perSample)..<(($0 + 1) * perSample)] }) }
             var teacherOutputs: TeacherOutputs?
             if let teacher {
                 teacherOutputs = try (configuration.hints.isEmpty ? teacherCache : nil).map { cache in
@@ -419,9 +441,10 @@ public final class Trainer: @unchecked Sendable {
             let result = try step(x, labels: y, teacher: teacherOutputs, learningRate: lr, epoch: epoch)
             lossSum += result.loss * Double(indices.count)
             correct += result.correct
+            counted += result.counted ?? indices.count
             progress?(s + 1, steps, lossSum / Double(min((s + 1) * configuration.batchSize, n)))
         }
-        return EpochReport(epoch: epoch + 1, loss: lossSum / Double(n), accuracy: Double(correct) / Double(n),
+        return EpochReport(epoch: epoch + 1, loss: lossSum / Double(n), accuracy: Double(correct) / Double(max(counted, 1)),
                            learningRate: lr, samples: n)
     }
 

@@ -65,9 +65,11 @@ public final class TrainingGraph: @unchecked Sendable {
                 guard let index = initializers[name], let tensor = model.graph.initializers[index].tensor,
                     tensor.dtype == .float, tensor.count > 0, !seen.contains(name) else { continue }
                 if node.opType == "BatchNormalization" && position > 2 { continue }
-                // A scalar operand of an element-wise op is a constant of the formula (GELU's ½ and √2, an attention
-                // scale, a mask's fill value), not a weight.
-                if tensor.count == 1, Self.elementwiseOps.contains(node.opType) { continue }
+                // An element-wise op's constant operand is a weight when it varies along one axis (a bias, a per-channel
+                // scale such as ConvNeXt's layer scale). A scalar is a constant of the formula (GELU's ½ and √2, an
+                // attention scale, a mask's fill value) and a table varying along several axes is a fixed buffer (a
+                // detector's anchor grid, a sinusoidal position code): neither is trained, as PyTorch does not.
+                if Self.elementwiseOps.contains(node.opType), tensor.count == 1 || tensor.shape.filter({ $0 > 1 }).count > 1 { continue }
                 seen.insert(name)
                 parameters.append(name)
             }
