@@ -32,7 +32,8 @@ extension ModelCommand {
         @Option(name: .long, help: "Fine-tuning epochs after each pruning step (needs --train-data).") var finetuneEpochs: Int = 0
         @Option(name: .long, help: "Fine-tuning samples (.npy).") var trainData: String?
         @Option(name: .long, help: "Fine-tuning labels (.npy).") var trainLabels: String?
-        @Option(name: .long, help: "Fine-tuning learning rate (SGD, momentum 0.9, cosine schedule).") var lr: Float = 0.01
+        @Option(name: .long, help: "Fine-tuning learning rate (cosine schedule).") var lr: Float = 0.01
+        @Option(name: .long, help: "Fine-tuning optimizer: sgd (momentum 0.9), adam or adamw.") var optimizer: String = "sgd"
         @Option(name: .long, help: "Random transforms of fine-tuning images: none, flips or dihedral (flips and 90° rotations).") var augment: String = "none"
         @Flag(name: .long, help: "Fine-tune by distillation from the original model (no labels needed).") var distill = false
 
@@ -140,6 +141,12 @@ extension ModelCommand {
             }
             job.finetuneEpochs = finetuneEpochs
             job.finetuneLearningRate = lr
+            switch optimizer {
+            case "sgd": break
+            case "adam": job.finetuneOptimizer = .adam(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0)
+            case "adamw": job.finetuneOptimizer = .adamW(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0.01)
+            default: throw ValidationError("--optimizer must be sgd, adam or adamw")
+            }
             job.distill = distill
             job.augmentation = Augmentation(rawValue: augment)!
             job.batchSize = batchSize

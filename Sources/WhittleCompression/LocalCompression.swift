@@ -54,6 +54,7 @@ public struct LocalCompression {
     public var schedule: [Double] = []
     public var finetuneEpochs = 0
     public var finetuneLearningRate: Float = 0.01
+    public var finetuneOptimizer: OptimizerKind = .sgd(momentum: 0.9, nesterov: false, weightDecay: 0)
     public var distill = false
     /// Random transforms of the fine-tuning samples.
     public var augmentation: Augmentation = .none
@@ -299,10 +300,19 @@ public struct LocalCompression {
         configuration.epochs = epochs
         configuration.batchSize = batchSize
         configuration.learningRate = finetuneLearningRate
+        configuration.optimizer = finetuneOptimizer
         configuration.seed = seed
         configuration.schedule = .cosine(epochs: epochs, minimum: 0)
         configuration.augmentation = augmentation
-        if teacher != nil { configuration.distillation = (4, data.labels == nil ? 1 : 0.5) }
+        if let teacher {
+            // Softened classes (T = 4, Hinton's) for classifiers; per-pixel distributions as they are (T = 1) for
+            // segmenters, whose pixels are often confident in one class and carry their information in the argmax.
+            let output = try ShapeInference.infer(model.graph, opset: model.defaultOpset ?? 13,
+                inputs: try ShapeInference.inputShapes(model, batchSize: 1)).values[teacher.primaryOutput]?.shape ?? []
+            let task = TaskKind.inferred(outputShape: output)
+            configuration.task = task
+            configuration.distillation = (task == .segmentation ? 1 : 4, data.labels == nil ? 1 : 0.5)
+        }
         guard data.labels != nil || teacher != nil else {
             throw CompressionError(.invalidArgument, "fine-tuning needs training labels, or distillation from the original model")
         }

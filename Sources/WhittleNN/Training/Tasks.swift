@@ -10,7 +10,7 @@ public enum TaskKind: String, Sendable, Codable, CaseIterable {
     /// per-pixel softened KL; pixel accuracy, mean IoU and pixel agreement with the base model.
     case segmentation
     /// Raw detection heads (any shape, e.g. YOLO's `[N, anchors, 5 + classes]`): distillation by mean squared error
-    /// against the teacher's heads; relative error against the base model.
+    /// against the teacher's heads, relative per field; relative error against the base model.
     case detection
     /// Any real-valued output: mean squared error; relative error.
     case regression
@@ -86,22 +86,26 @@ extension Losses {
         return LossResult(loss: loss, dLogits: Tensor(shape: student.shape, floats: d), correct: correct, counted: n * hw)
     }
 
-    /// `L = mean((s − t)²) / mean(t²)` over every element (raw detection heads, regression): the squared error
-    /// relative to the target's power, so that heads decoded to pixels (hundreds) and to probabilities train at
-    /// the same learning rates; `∂L/∂s = 2(s − t)/(M·mean(t²))`. `correct` counts samples whose output is within
-    /// 10 % (relative to the target's largest magnitude) of the target.
+    /// Mean squared error relative to the target's power per field of the last axis (raw detection heads,
+    /// regression): `L = (1/K) Σ_k mean_k((s − t)²) / mean_k(t²)` over the K fields of the last axis. Detection heads
+    /// mix boxes in pixels (hundreds), objectness and class scores (below one): each field weighs the same, and
+    /// heads at every scale train at the same learning rates. `correct` counts samples whose output is within 10 %
+    /// (relative to the target's largest magnitude) of the target.
     public static func meanSquared(student: Tensor, target: Tensor) throws -> LossResult {
         guard student.shape == target.shape else {
             throw ONNXError(.shapeMismatch, "the target \(target.shape) and the model output \(student.shape) differ")
         }
-        let power = max(target.floats.reduce(0.0) { $0 + Double($1) * Double($1) } / Double(max(target.count, 1)), 1e-12)
-        let m = Double(max(student.count, 1)) * power
+        let fields = max(student.shape.last ?? 1, 1), rows = student.count / fields
+        var power = [Double](repeating: 0, count: fields)
+        for i in 0..<target.count { power[i % fields] += Double(target.floats[i]) * Double(target.floats[i]) }
+        power = power.map { max($0 / Double(max(rows, 1)), 1e-12) }
         var loss = 0.0
         var d = [Float](repeating: 0, count: student.count)
         for i in 0..<student.count {
+            let k = i % fields, scale = Double(fields) * Double(max(rows, 1)) * power[k]
             let diff = Double(student.floats[i]) - Double(target.floats[i])
-            loss += diff * diff / m
-            d[i] = Float(2 * diff / m)
+            loss += diff * diff / scale
+            d[i] = Float(2 * diff / scale)
         }
         let n = student.shape.first ?? 1, per = student.count / max(n, 1)
         var correct = 0

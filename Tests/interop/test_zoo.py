@@ -1,0 +1,75 @@
+"""Real model families end to end with the release binaries and onnxruntime: every single-input model of the zoo
+(scripts/make_zoo.py) pruned at 0.3 runs in onnxruntime with its output shape; int8 QDQ export runs in
+onnxruntime with an error as small as onnxruntime's own quantizer gives on the same data (recorded in the zoo's
+manifest); a pruned transformer (ViT) and segmenter (LR-ASPP) recover by label-free distillation, their error
+against the base model falling by at least half."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import ROOT
+
+ZOO = ROOT / "Tests" / "Fixtures" / "zoo"
+MANIFEST = json.loads((ZOO / "MANIFEST.json").read_text())
+SINGLE = [m for m in MANIFEST["models"] if len(m["inputs"]) == 1]
+# Whittle's QDQ export places quantizers as onnxruntime's quantizer does: its error may exceed onnxruntime's by this
+# factor plus this margin (calibration sums differ in the last bits).
+INT8_FACTOR, INT8_MARGIN = 1.25, 0.005
+
+
+def relative_rmse(a, b):
+    return float(np.sqrt(((a - b) ** 2).mean()) / np.sqrt((b ** 2).mean()))
+
+
+def run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def images(model, count, seed):
+    shape = np.load(ZOO / model["input_file"]).shape[1:] if "input_file" in model else \
+        np.load(ZOO / model["file"].replace(".onnx", ".input.npy")).shape[1:]
+    return np.random.default_rng(seed).standard_normal((count,) + shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("model", SINGLE, ids=[m["file"][:-5] for m in SINGLE])
+def test_pruned_and_quantized_models_run_in_onnxruntime(model, release_models, tmp_path):
+    source = ZOO / model["file"]
+    calibration, test = images(model, 16, 1), images(model, 8, 2)
+    np.save(tmp_path / "cal.npy", calibration)
+    expected = run(source, test)
+    pruned = tmp_path / "pruned.onnx"
+    release_models("model", "compress", source, "--calibration-data", tmp_path / "cal.npy", "--prune-ratio", "0.3",
+                   "--out", pruned)
+    assert run(pruned, test).shape == expected.shape
+    quantized = tmp_path / "int8.onnx"
+    release_models("model", "compress", source, "--calibration-data", tmp_path / "cal.npy", "--quantize", "int8",
+                   "--out", quantized)
+    error = relative_rmse(run(quantized, test), expected)
+    reference = model["ort_int8_rel_rmse"]
+    assert error <= INT8_FACTOR * reference + INT8_MARGIN, f"int8 error {error:.4f}, onnxruntime's quantizer {reference:.4f}"
+
+
+@pytest.mark.parametrize("name,epochs,lr,metric", [("vit_op17", 6, "0.05", "logits"), ("lraspp_op17", 8, "0.1", "pixels")])
+def test_pruned_models_recover_by_label_free_distillation(name, epochs, lr, metric, release_models, tmp_path):
+    model = next(m for m in MANIFEST["models"] if m["file"] == f"{name}.onnx")
+    source = ZOO / model["file"]
+    np.save(tmp_path / "train.npy", images(model, 128, 7))
+    test = images(model, 16, 6)
+    expected = run(source, test)
+
+    def error(path):
+        y = run(path, test)
+        if metric == "pixels":  # segmentation: the share of pixels whose class differs from the base model's
+            return float((y.argmax(1) != expected.argmax(1)).mean())
+        return relative_rmse(y, expected)
+
+    results = {}
+    for e in (0, epochs):
+        out = tmp_path / f"recovered{e}.onnx"
+        release_models("model", "compress", source, "--calibration-data", tmp_path / "train.npy", "--prune-ratio", "0.3",
+                       "--finetune-epochs", e, "--train-data", tmp_path / "train.npy", "--distill", "--lr", lr, "--out", out)
+        results[e] = error(out)
+    assert results[epochs] <= 0.5 * results[0], f"{name}: error {results[0]:.3f} before fine-tuning, {results[epochs]:.3f} after"
