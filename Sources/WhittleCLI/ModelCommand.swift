@@ -243,8 +243,18 @@ extension ModelCommand {
             guard let (_, shape) = shapes[session.primaryInput.name] else { throw CLIError("the model has no input") }
             var generator = WhittleNN.SplitMix64(seed: 42)
             let input = Tensor(shape: shape, floats: (0..<shape.reduce(1, *)).map { _ in generator.nextFloat() * 2 - 1 })
-            var pass: () throws -> Void = { _ = try session.run(input) }
+            // Several inputs, or integer ones (token ids and masks, all 1: a valid id and no padding).
+            var feeds: [String: Tensor] = [:]
+            for info in session.model.graph.runtimeInputs {
+                guard let (dtype, s) = shapes[info.name] else { continue }
+                feeds[info.name] = dtype.isInteger ? Tensor(shape: s, ints: [Int64](repeating: 1, count: s.reduce(1, *)), dtype: dtype)
+                    : info.name == session.primaryInput.name ? input
+                    : Tensor(shape: s, floats: (0..<s.reduce(1, *)).map { _ in generator.nextFloat() * 2 - 1 })
+            }
+            let plain = feeds.count == 1 && !(shapes[session.primaryInput.name]?.0.isInteger ?? false)
+            var pass: () throws -> Void = plain ? { _ = try session.run(input) } : { _ = try session.run(inputs: feeds) }
             if train {
+                guard plain else { throw CLIError("--train times models with one float input") }
                 let graph = try TrainingGraph(model: session.model, batchSize: batchSize)
                 var parameters: [String: Tensor] = [:]
                 for initializer in session.model.graph.initializers where initializer.tensor != nil {
@@ -271,7 +281,7 @@ extension ModelCommand {
                                 millisecondsPerBatch: seconds * 1000 / Double(iterations),
                                 peakActivationBytes: try session.compiled(batchSize: batchSize).peakActivationBytes)
             if profile {
-                let rows = try session.compiled(batchSize: batchSize).profile([session.primaryInput.name: input])
+                let rows = try session.compiled(batchSize: batchSize).profile(feeds)
                 let total = rows.reduce(0) { $0 + $1.seconds }
                 for row in rows.sorted(by: { $0.seconds > $1.seconds }) {
                     print(String(format: "%8.3f ms %5.1f %%  %@  %@", row.seconds * 1000, row.seconds / total * 100,

@@ -489,7 +489,8 @@ def bad_inputs(tmp_path_factory):
     # graph output: no channel group can be pruned.
     z = helper.make_tensor_value_info("Z", TensorProto.FLOAT, ["N", 4, 4, 4])
     save_model("weight_computed",
-               [helper.make_node("Identity", ["W0"], ["W"], name="identity"),
+               # Neg, not Identity: an Identity (or Constant) of an initializer becomes an initializer itself.
+               [helper.make_node("Neg", ["W0"], ["W"], name="negate"),
                 helper.make_node("Conv", ["X", "W"], ["Y"], name="conv"),
                 helper.make_node("Conv", ["Y", "W2"], ["Z"], name="conv2")],
                [x], [z], [numpy_helper.from_array(w_value, "W0"),
@@ -521,10 +522,10 @@ BAD_INPUT_CASES = [
     ("keep_float_unknown_node", "demo", "good", ("--quantize", "int8", "--keep-float", "NO_SUCH_NODE"),
      ("no node is called 'NO_SUCH_NODE'",)),
     ("malformed_model", "random_bytes", "good", ("--quantize", "int8"), ("not a valid ONNX model",)),
-    # A single Conv whose weight comes from a Constant node: its group has no initializer members, and the message
-    # must still give its reason rather than end at the colon.
+    # A single Conv whose weight comes from a Constant node: the Constant becomes an initializer, and the message
+    # still gives the reason its only group stays (rather than end at the colon).
     ("weight_constant_node", "weight_constant", "small", ("--prune-ratio", "0.5"),
-     ("no channel group of this model can be pruned", "'conv' has weights that are not an initializer")),
+     ("no channel group of this model can be pruned", "conv: they reach graph output 'Y'")),
 ]
 
 
