@@ -56,7 +56,8 @@ class Builder:
 
     def const(self, array, prefix="c"):
         name = self.fresh(prefix)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # (np.ascontiguousarray would turn a scalar into a 1-element vector.)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array) if np.ndim(array) == 0 else np.ascontiguousarray(array), name))
         return name
 
     def op(self, op, inputs, outputs=1, **attrs):

@@ -592,6 +592,70 @@ fail:
 
 // MARK: Element-wise
 
+struct wk_binary {
+    dnnl_primitive_t prim;
+    dnnl_memory_t src0, src1, dst;
+};
+
+void wk_binary_destroy(wk_binary *p) {
+    if (!p) return;
+    if (p->prim) dnnl_primitive_destroy(p->prim);
+    dnnl_memory_t mems[3] = {p->src0, p->src1, p->dst};
+    for (int i = 0; i < 3; i++) if (mems[i]) dnnl_memory_destroy(mems[i]);
+    free(p);
+}
+
+static dnnl_format_tag_t plain_tag(int ndims) {
+    switch (ndims) {
+    case 1: return dnnl_a;
+    case 2: return dnnl_ab;
+    case 3: return dnnl_abc;
+    case 4: return dnnl_abcd;
+    case 5: return dnnl_abcde;
+    case 6: return dnnl_abcdef;
+    default: return dnnl_format_tag_undef;
+    }
+}
+
+wk_binary *wk_binary_create(int kind, int ndims, const int64_t *dims, const int64_t *dims1, char *err, size_t errlen) {
+    if (!engine_ready(err, errlen)) return NULL;
+    if (ndims < 1 || ndims > 6) { snprintf(err, errlen, "binary: rank %d is not supported", ndims); return NULL; }
+    wk_binary *p = calloc(1, sizeof *p);
+    dnnl_primitive_desc_t pd = NULL;
+    if (!p) return NULL;
+    dnnl_alg_kind_t alg = kind == 0 ? dnnl_binary_add : kind == 1 ? dnnl_binary_sub : kind == 2 ? dnnl_binary_mul : dnnl_binary_div;
+    dnnl_memory_desc_t md0, md1;
+    dnnl_dims_t d0, d1;
+    for (int i = 0; i < ndims; i++) { d0[i] = dims[i]; d1[i] = dims1[i]; }
+    CHECK(dnnl_memory_desc_init_by_tag(&md0, ndims, d0, dnnl_f32, plain_tag(ndims)));
+    CHECK(dnnl_memory_desc_init_by_tag(&md1, ndims, d1, dnnl_f32, plain_tag(ndims)));
+    dnnl_binary_desc_t desc;
+    CHECK(dnnl_binary_desc_init(&desc, alg, &md0, &md1, &md0));
+    CHECK(dnnl_primitive_desc_create(&pd, &desc, NULL, g_engine, NULL));
+    CHECK(dnnl_primitive_create(&p->prim, pd));
+    CHECK(dnnl_memory_create(&p->src0, &md0, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->src1, &md1, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->dst, &md0, g_engine, DNNL_MEMORY_NONE));
+    dnnl_primitive_desc_destroy(pd);
+    return p;
+fail:
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    wk_binary_destroy(p);
+    return NULL;
+}
+
+int wk_binary_run(wk_binary *p, const float *src0, const float *src1, float *dst, char *err, size_t errlen) {
+    CHECK(dnnl_memory_set_data_handle(p->src0, (void *)src0));
+    CHECK(dnnl_memory_set_data_handle(p->src1, (void *)src1));
+    CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC_0, p->src0}, {DNNL_ARG_SRC_1, p->src1}, {DNNL_ARG_DST, p->dst}};
+    CHECK(dnnl_primitive_execute(p->prim, g_stream, 3, args));
+    CHECK(dnnl_stream_wait(g_stream));
+    return 0;
+fail:
+    return 1;
+}
+
 struct wk_eltwise {
     dnnl_primitive_t prim;
     dnnl_memory_t src, dst;

@@ -18,7 +18,8 @@ struct PlannedStep {
 /// - Conv → BatchNormalization: the normalization is folded into the convolution's weights and bias,
 ///   `W' = W · γ/√(σ²+ε)`, `b' = (b − μ) · γ/√(σ²+ε) + β`, per output channel;
 /// - Conv → Add(residual): oneDNN's sum post-op accumulates into the residual;
-/// - … → Relu / LeakyRelu / Clip (constant bounds) / HardSwish / Sigmoid / Tanh: an eltwise post-op.
+/// - … → Relu / LeakyRelu / Clip (constant bounds) / HardSwish / Sigmoid / Tanh: an eltwise post-op;
+/// - the TorchScript exporter's erf GELU (Div, Erf, Add, Mul, Mul): one oneDNN gelu_erf pass.
 /// A value is fused away only when its one reader is the next op of the pattern and it is not a graph output.
 enum StepPlanner {
     static func plan(_ inferred: InferredGraph, graphOutputs: Set<String>, options: KernelOptions) throws -> [PlannedStep] {
@@ -46,12 +47,52 @@ enum StepPlanner {
                 steps.append(fused)
                 continue
             }
+            if options.fuse && options.fast && ctx.node.opType == "Div",
+               let fused = try fuseGelu(i, inferred, soleReader: { name in soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 } }) {
+                absorbed.formUnion(fused.nodes)
+                steps.append(fused)
+                continue
+            }
             steps.append(PlannedStep(position: i, nodes: [i], inputs: ctx.node.inputs, outputs: ctx.node.outputs,
                                      kernel: try inferred.definitions[i].compile(ctx, inferred.outputs[i], options)))
         }
         let ordered = steps.sorted { $0.position < $1.position }
         if options.fuse && options.fast { propagateLayouts(ordered, graphOutputs: graphOutputs) }
         return ordered
+    }
+
+    /// GELU as PyTorch's TorchScript exporter writes it, `x · ½ · (1 + erf(x / √2))`: Div(x, √2) → Erf → Add(1) →
+    /// Mul(x, ·) → Mul(½) (either operand order) becomes one oneDNN gelu_erf pass, as onnxruntime's GeluFusion does.
+    static func fuseGelu(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?) throws -> PlannedStep? {
+        let contexts = inferred.contexts
+        func node(_ k: Int) -> Node { contexts[k].node }
+        /// The scalar constant among a binary node's inputs, and the other input's name.
+        func scalarOperand(_ k: Int) -> (Float, String)? {
+            let n = node(k)
+            guard n.inputs.count == 2 else { return nil }
+            for (c, other) in [(1, 0), (0, 1)] {
+                if let t = contexts[k].inputs[c]?.constant, t.count == 1, t.dtype.isFloatingPoint, contexts[k].inputs[other]?.constant == nil {
+                    return (t.asFloats[0], n.inputs[other])
+                }
+            }
+            return nil
+        }
+        func near(_ a: Float, _ b: Float) -> Bool { abs(a - b) <= 1e-4 * abs(b) }
+        let div = node(i)
+        guard div.inputs.count == 2, let c = contexts[i].inputs[1]?.constant, c.count == 1, near(c.asFloats[0], 1.4142135),
+              let x = contexts[i].inputs[0], x.dtype == .float, x.count > 0 else { return nil }
+        let h = div.inputs[0]
+        guard let erf = soleReader(div.outputs[0]), node(erf).opType == "Erf",
+              let add = soleReader(node(erf).outputs[0]), node(add).opType == "Add",
+              let (one, _) = scalarOperand(add), near(one, 1),
+              let mul = soleReader(node(add).outputs[0]), node(mul).opType == "Mul",
+              Set(node(mul).inputs) == [h, node(add).outputs[0]],
+              let half = soleReader(node(mul).outputs[0]), node(half).opType == "Mul",
+              let (scale, _) = scalarOperand(half), near(scale, 0.5) else { return nil }
+        let out = inferred.outputs[half][0]
+        guard out.shape == x.shape else { return nil }
+        let kernel = try EltwiseKernel(op: .geluErf, count: out.count, shape: out.shape, fast: true)
+        return PlannedStep(position: i, nodes: [i, erf, add, mul, half], inputs: [h], outputs: node(half).outputs, kernel: kernel)
     }
 
     /// Lets convolution outputs stay in oneDNN's blocked layout (nChw8c, nChw16c…) when every reader is a

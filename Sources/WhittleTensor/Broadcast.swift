@@ -95,6 +95,19 @@ extension Kernels {
         let outShape = perm.map { shape[$0] }
         let inStrides = stridesOf(shape)
         let strides = perm.map { inStrides[$0] }
+        // The last axis stays last (heads split or merged: [N, S, H, D] ↔ [N, H, S, D]): copy contiguous runs.
+        if shape.count >= 2, perm.last == shape.count - 1, let inner = shape.last, inner > 1 {
+            let bases = broadcastLoop(count: values.count / inner, shape: Array(outShape.dropLast()), aStrides: Array(strides.dropLast()),
+                                      bStrides: [Int](repeating: 0, count: perm.count - 1)) { ia, _ in ia }
+            return [T](unsafeUninitializedCapacity: values.count) { buffer, initialized in
+                values.withUnsafeBufferPointer { source in
+                    for (k, base) in bases.enumerated() {
+                        (buffer.baseAddress! + k * inner).initialize(from: source.baseAddress! + base, count: inner)
+                    }
+                }
+                initialized = values.count
+            }
+        }
         return broadcastLoop(count: values.count, shape: outShape, aStrides: strides,
                              bStrides: [Int](repeating: 0, count: perm.count)) { ia, _ in values[ia] }
     }

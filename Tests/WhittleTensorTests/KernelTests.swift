@@ -173,6 +173,31 @@ import WhittleTestSupport
         #expect(TestSupport.relativeError(y, Kernels.eltwiseReference(op, x)) < Self.kernelTolerance)
     }
 
+    /// oneDNN's binary primitive against the broadcasting reference, for the shapes models use: same shape, a bias
+    /// along the last axis, an attention mask [N, 1, 1, S] over [N, H, S, S], a per-channel scale.
+    @Test(arguments: [([2, 3, 4, 5], [2, 3, 4, 5]), ([2, 128, 64], [1, 1, 64]), ([2, 4, 16, 16], [2, 1, 1, 16]), ([2, 8, 6, 6], [1, 8, 1, 1])])
+    func binaryMatchesReference(_ shape: [Int], _ operand: [Int]) throws {
+        let a = TestSupport.randomFloats(shape.reduce(1, *), seed: 41), b = TestSupport.randomFloats(operand.reduce(1, *), seed: 42).map { $0 + 2 }
+        for (kind, f) in [(BinaryPlan.Kind.add, { (x: Float, y: Float) in x + y }), (.sub, { $0 - $1 }), (.mul, { $0 * $1 }), (.div, { $0 / $1 })] {
+            let plan = try BinaryPlan(kind, shape: shape, operandShape: operand)
+            let y = try b.withUnsafeBufferPointer { pb in
+                try TestSupport.apply(a, count: a.count) { try plan.run($0, pb.baseAddress!, $1) }
+            }
+            let expected = try Kernels.broadcastFloat(a, shape, b, operand, f).0
+            #expect(TestSupport.relativeError(y, expected) < Self.kernelTolerance, "\(kind) \(shape) ∘ \(operand)")
+        }
+        #expect(throws: TensorError.self) { try BinaryPlan(.add, shape: [2, 3], operandShape: [3, 2]) }
+    }
+
+    /// The transpose fast path (last axis kept) against the general one.
+    @Test func transposeKeepingTheLastAxisCopiesRuns() {
+        let x = (0..<(2 * 3 * 4 * 5)).map(Float.init)
+        let fast = Kernels.transpose(x, shape: [2, 3, 4, 5], perm: [0, 2, 1, 3])
+        var expected = [Float]()
+        for n in 0..<2 { for h in 0..<4 { for s in 0..<3 { for d in 0..<5 { expected.append(x[((n * 3 + s) * 4 + h) * 5 + d]) } } } }
+        #expect(fast == expected)
+    }
+
     @Test func softmaxMatchesReferenceAndSumsToOne() throws {
         let (outer, axis, inner) = (3, 10, 4)
         let x = TestSupport.randomFloats(outer * axis * inner, seed: 20).map { $0 * 20 }

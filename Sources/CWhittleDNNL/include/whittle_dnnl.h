@@ -156,6 +156,13 @@ void wk_inner_destroy(wk_inner *plan);
 
 // MARK: Element-wise
 
+/// Element-wise binary operation with NumPy broadcasting: dst[dims] = src0[dims] op src1[dims1], where dims1 has
+/// the rank of dims and each of its sizes equals dims' or is 1. kind: 0 add, 1 sub, 2 mul, 3 div.
+typedef struct wk_binary wk_binary;
+wk_binary *wk_binary_create(int kind, int ndims, const int64_t *dims, const int64_t *dims1, char *err, size_t errlen);
+int wk_binary_run(wk_binary *plan, const float *src0, const float *src1, float *dst, char *err, size_t errlen);
+void wk_binary_destroy(wk_binary *plan);
+
 typedef struct wk_eltwise wk_eltwise;
 /// y = f(x) over `count` contiguous floats; in-place allowed.
 wk_eltwise *wk_eltwise_create(wk_postop_t op, int64_t count, char *err, size_t errlen);

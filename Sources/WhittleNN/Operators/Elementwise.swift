@@ -2,22 +2,15 @@ import WhittleONNX
 import WhittleTensor
 
 /// Add, Sub, Mul, Div with NumPy broadcasting, on float tensors and (for shape arithmetic) integer tensors.
-/// Integer division truncates toward zero, as onnxruntime does.
+/// Integer division truncates toward zero, as onnxruntime does. Float operations of at least `binaryPlanMinimum`
+/// elements run on oneDNN's binary primitive when `fast` is set.
 extension Operators {
+    static let binaryPlanMinimum = 4096
+
     static func registerElementwise(_ r: inout [String: OperatorDefinition]) {
         func binary(_ name: String, _ f: @escaping @Sendable (Float, Float) -> Float,
-                    _ g: @escaping @Sendable (Int64, Int64) -> Int64?) -> OperatorDefinition {
-            .simple(infer: { ctx in
-                let a = try ctx.input(0), b = try ctx.input(1)
-                guard a.dtype.isFloatingPoint == b.dtype.isFloatingPoint else {
-                    throw ctx.error(.unsupportedDataType, "operands have element types \(a.dtype) and \(b.dtype)")
-                }
-                do {
-                    return [ValueMeta(dtype: a.dtype, shape: try broadcastShape(a.shape, b.shape))]
-                } catch {
-                    throw ctx.error(.shapeMismatch, "shapes \(a.shape) and \(b.shape) cannot be broadcast together")
-                }
-            }, run: { ctx, inputs in
+                    _ g: @escaping @Sendable (Int64, Int64) -> Int64?, kind: BinaryPlan.Kind) -> OperatorDefinition {
+            @Sendable func run(_ ctx: NodeContext, _ inputs: [Tensor?]) throws -> [Tensor] {
                 let a = inputs[0]!, b = inputs[1]!
                 if a.dtype.isInteger {
                     var failed = false
@@ -31,15 +24,47 @@ extension Operators {
                 }
                 let (values, shape) = try Kernels.broadcastFloat(a.floats, a.shape, b.floats, b.shape, f)
                 return [Tensor(shape: shape, floats: values)]
+            }
+            return OperatorDefinition(infer: { ctx in
+                let a = try ctx.input(0), b = try ctx.input(1)
+                guard a.dtype.isFloatingPoint == b.dtype.isFloatingPoint else {
+                    throw ctx.error(.unsupportedDataType, "operands have element types \(a.dtype) and \(b.dtype)")
+                }
+                do {
+                    return [ValueMeta(dtype: a.dtype, shape: try broadcastShape(a.shape, b.shape))]
+                } catch {
+                    throw ctx.error(.shapeMismatch, "shapes \(a.shape) and \(b.shape) cannot be broadcast together")
+                }
+            }, compile: { ctx, outputs, options in
+                // Large float operations on oneDNN's binary primitive: the output-shaped operand first (either one
+                // for Add and Mul), the other broadcast.
+                let out = outputs[0]
+                if options.fast, out.dtype.isFloatingPoint, out.count >= Self.binaryPlanMinimum, out.rank <= 6,
+                   let a = ctx.optionalInput(0), let b = ctx.optionalInput(1) {
+                    func aligned(_ s: [Int]) -> [Int] { [Int](repeating: 1, count: out.rank - s.count) + s }
+                    let swap = a.shape != out.shape && b.shape == out.shape && (kind == .add || kind == .mul)
+                    if a.shape == out.shape || swap, let plan = try? BinaryPlan(kind, shape: out.shape, operandShape: aligned(swap ? a.shape : b.shape)) {
+                        return ClosureKernel { inputs in
+                            let (x, y) = swap ? (inputs[1]!, inputs[0]!) : (inputs[0]!, inputs[1]!)
+                            let values = try x.floats.withUnsafeBufferPointer { px in
+                                try y.floats.withUnsafeBufferPointer { py in
+                                    try makeFloats(out.count) { try plan.run(px.baseAddress!, py.baseAddress!, $0) }
+                                }
+                            }
+                            return [Tensor(shape: out.shape, floats: values)]
+                        }
+                    }
+                }
+                return ClosureKernel { inputs in try run(ctx, inputs) }
             })
         }
-        r["Add"] = binary("Add", { $0 + $1 }, { $0 &+ $1 })
-        r["Sub"] = binary("Sub", { $0 - $1 }, { $0 &- $1 })
-        r["Mul"] = binary("Mul", { $0 * $1 }, { $0 &* $1 })
+        r["Add"] = binary("Add", { $0 + $1 }, { $0 &+ $1 }, kind: .add)
+        r["Sub"] = binary("Sub", { $0 - $1 }, { $0 &- $1 }, kind: .sub)
+        r["Mul"] = binary("Mul", { $0 * $1 }, { $0 &* $1 }, kind: .mul)
         r["Div"] = binary("Div", { $0 / $1 }, { a, b in
             let (q, overflow) = a.dividedReportingOverflow(by: b)  // b = 0 also reports overflow
             return overflow ? nil : q
-        })
+        }, kind: .div)
     }
 }
 
