@@ -68,6 +68,41 @@ public enum Files {
         try writeBytes(try ModelCoding.write(model), to: path)
     }
 
+    /// The named arrays of an `.npz` archive (`np.savez` / `np.savez_compressed`), in archive order.
+    public static func readNPZ(_ path: String) throws -> [(name: String, tensor: Tensor)] {
+        do {
+            return try NPZ.decode(try readBytes(path))
+        } catch let error as TensorError {
+            throw CLIError("\(path): \(error.message)")
+        }
+    }
+
+    /// Inputs for a model whose runtime inputs are `names`: an `.npz` gives them by name (every one must be there,
+    /// nothing else), a `.npy` feeds a model with a single input.
+    public static func readInputs(_ path: String, names: [String]) throws -> [String: Tensor] {
+        let bytes = try readBytes(path)
+        guard bytes.starts(with: [0x50, 0x4B]) else {  // "PK": a ZIP archive
+            guard names.count == 1 else {
+                throw CLIError("the model has \(names.count) inputs (\(names.joined(separator: ", "))) and \(path) holds one array; give every input by name in an .npz, e.g. numpy.savez(\"inputs.npz\", \(names.map { "\($0)=…" }.joined(separator: ", ")))")
+            }
+            return [names[0]: try readNPY(path)]
+        }
+        let arrays = try readNPZ(path)
+        let given = Dictionary(arrays.map { ($0.name, $0.tensor) }, uniquingKeysWith: { a, _ in a })
+        let missing = names.filter { given[$0] == nil }
+        guard missing.isEmpty else {
+            throw CLIError("\(path) has no array for the model's input\(missing.count > 1 ? "s" : "") \(missing.map { "'\($0)'" }.joined(separator: ", ")) (it holds \(arrays.map(\.name).joined(separator: ", ")))")
+        }
+        if let extra = given.keys.sorted().first(where: { !names.contains($0) }) {
+            throw CLIError("\(path) holds '\(extra)', which is not an input of the model (its inputs are \(names.joined(separator: ", ")))")
+        }
+        let batch = given[names[0]]!.shape.first
+        for name in names where given[name]!.shape.first != batch {
+            throw CLIError("\(path): '\(name)' has \(given[name]!.shape.first ?? 0) samples and '\(names[0])' \(batch ?? 0); every input needs one row per sample")
+        }
+        return given
+    }
+
     public static func readNPY(_ path: String) throws -> Tensor {
         do {
             return try NPY.decode(try readBytes(path))

@@ -58,6 +58,33 @@ struct RunOptions: ParsableArguments {
     }
 }
 
+/// Runs `session` over named inputs (one row per sample in each) in batches, calling `body` with each batch's first
+/// output and its sample range.
+func forEachBatch(_ session: InferenceSession, inputs: [String: Tensor], batchSize: Int,
+                  _ body: (Tensor, Range<Int>) throws -> Void) throws {
+    guard let n = inputs.values.first?.shape.first, n >= 1 else { throw CLIError("the inputs have no samples") }
+    var start = 0
+    while start < n {
+        let end = min(start + batchSize, n)
+        var batch: [String: Tensor] = [:]
+        for (name, t) in inputs {
+            let per = t.count / n
+            let shape = [end - start] + Array(t.shape.dropFirst())
+            batch[name] = t.dtype.isInteger ? Tensor(shape: shape, ints: Array(t.ints[(start * per)..<(end * per)]), dtype: t.dtype)
+                : Tensor(shape: shape, floats: Array(t.asFloats[(start * per)..<(end * per)]))
+        }
+        do {
+            guard let output = try session.run(inputs: batch)[session.primaryOutput] else { throw CLIError("the model produced no output") }
+            try body(output, start..<end)
+        } catch let error as ONNXError {
+            throw CLIError(error.message)
+        } catch let error as TensorError {
+            throw CLIError(error.message)
+        }
+        start = end
+    }
+}
+
 /// Runs `session` over `data` in batches, calling `body` with each batch's first output and its sample range.
 func forEachBatch(_ session: InferenceSession, _ data: Tensor, batchSize: Int,
                   _ body: (Tensor, Range<Int>) throws -> Void) throws {
@@ -132,17 +159,25 @@ extension ModelCommand {
             abstract: "Run a forward pass; the first graph output is written as a float32 .npy file.")
 
         @Argument(help: "The ONNX model file.") var model: String
-        @Option(name: .long, help: "Input samples, NCHW float32 .npy (batch first).") var input: String
+        @Option(name: .long, help: "Input samples, batch first: a .npy for a model with one input (NCHW float32 images), or an .npz with one array per input by name (e.g. int64 input_ids and attention_mask).") var input: String
         @Option(name: .long, help: "Where to write the first output (.npy).") var output: String
         @OptionGroup var options: RunOptions
         @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
 
         func run() throws {
             let session = try options.session(model)
-            let data = try Files.readNPY(input)
+            let names = session.model.graph.runtimeInputs.map(\.name)
+            let inputs = try Files.readInputs(input, names: names)
             var outputs: [Float] = []
             var outShape: [Int] = []
-            try forEachBatch(session, data, batchSize: try options.batchSize(for: session)) { batch, range in
+            let each = { (body: (Tensor, Range<Int>) throws -> Void) throws in
+                if names.count == 1, let data = inputs[names[0]], !data.dtype.isInteger {
+                    try forEachBatch(session, data, batchSize: try options.batchSize(for: session), body)
+                } else {
+                    try forEachBatch(session, inputs: inputs, batchSize: options.batchSize ?? 32, body)
+                }
+            }
+            try each { batch, range in
                 guard batch.rank >= 1, batch.shape[0] == range.count else {
                     throw CLIError("the first output '\(session.primaryOutput)' has shape \(batch.shape), which has no batch axis of size \(range.count)")
                 }

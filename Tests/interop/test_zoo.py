@@ -73,3 +73,25 @@ def test_pruned_models_recover_by_label_free_distillation(name, epochs, lr, metr
                        "--finetune-epochs", e, "--train-data", tmp_path / "train.npy", "--distill", "--lr", lr, "--out", out)
         results[e] = error(out)
     assert results[epochs] <= 0.5 * results[0], f"{name}: error {results[0]:.3f} before fine-tuning, {results[epochs]:.3f} after"
+
+
+MULTI = [m for m in MANIFEST["models"] if len(m["inputs"]) > 1]
+
+
+@pytest.mark.parametrize("model", MULTI, ids=[m["file"][:-5] for m in MULTI])
+def test_models_with_several_inputs_run_from_an_npz(model, coordinator, tmp_path):
+    """`model run --input X.npz` feeds every input by name (BERT's int64 input_ids and attention_mask) and matches
+    onnxruntime; one .npy, or an .npz missing an input, is refused naming what is missing."""
+    name = model["file"][:-5]
+    out = tmp_path / "out.npy"
+    coordinator("model", "run", ZOO / model["file"], "--input", ZOO / f"{name}.inputs.npz", "--output", out)
+    expected = np.load(ZOO / f"{name}.ort_output.npy")
+    got = np.load(out)
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    arrays = dict(np.load(ZOO / f"{name}.inputs.npz"))
+    np.save(tmp_path / "ids.npy", arrays["input_ids"])
+    refused = coordinator("model", "run", ZOO / model["file"], "--input", tmp_path / "ids.npy", "--output", out, check=False)
+    assert refused.returncode == 1 and "input_ids=…, attention_mask=…" in refused.stderr, refused.stderr
+    np.savez(tmp_path / "partial.npz", input_ids=arrays["input_ids"])
+    refused = coordinator("model", "run", ZOO / model["file"], "--input", tmp_path / "partial.npz", "--output", out, check=False)
+    assert refused.returncode == 1 and "no array for the model's input 'attention_mask'" in refused.stderr, refused.stderr
