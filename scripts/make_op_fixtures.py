@@ -160,6 +160,18 @@ def main():
          initializers={"g": f32(60, 3), "b": f32(61, 3)}, check=False)
     case("group_norm_op21", "GroupNormalization", {"x": f32(62, 2, 6, 3, 3)}, {"num_groups": 2}, opset=21,
          initializers={"g": f32(63, 6), "b": f32(64, 6)})
+    # Transposed convolutions (segmentation decoders, upsampling heads).
+    case("conv_transpose_stride2", "ConvTranspose", {"x": f32(68, 2, 4, 5, 6)}, {"strides": [2, 2], "pads": [1, 1, 1, 1]},
+         initializers={"w": f32(69, 4, 3, 3, 3), "b": f32(70, 3)})
+    case("conv_transpose_output_padding", "ConvTranspose", {"x": f32(71, 1, 4, 5, 5)},
+         {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1], "dilations": [1, 1]},
+         initializers={"w": f32(72, 4, 2, 3, 3)})
+    case("conv_transpose_grouped_dilated", "ConvTranspose", {"x": f32(73, 2, 4, 6, 4)},
+         {"group": 2, "dilations": [2, 1], "strides": [1, 2]}, initializers={"w": f32(74, 4, 3, 2, 3), "b": f32(75, 6)})
+    case("conv_transpose_output_shape", "ConvTranspose", {"x": f32(76, 1, 3, 4, 4)},
+         {"strides": [2, 2], "output_shape": [8, 8]}, initializers={"w": f32(77, 3, 2, 3, 3)})
+    case("conv_transpose_1d", "ConvTranspose", {"x": f32(78, 2, 3, 7)}, {"strides": [3], "pads": [1, 2]},
+         initializers={"w": f32(79, 3, 2, 4)})
     # An archive as np.savez_compressed writes it (deflated members), for the .npz reader's tests.
     np.savez_compressed(os.path.join(OUT, "compressed.npz"), ids=i64(65, 3, 7, low=0, high=100),
                         mask=rng(66).integers(0, 2, size=(3, 7)).astype(np.bool_), x=f32(67, 2, 5))

@@ -66,6 +66,7 @@ public enum Operators {
     public static let registry: [String: OperatorDefinition] = {
         var r: [String: OperatorDefinition] = [:]
         registerConvolution(&r)
+        registerConvTranspose(&r)
         registerGemm(&r)
         registerElementwise(&r)
         registerMath(&r)

@@ -149,6 +149,9 @@ import WhittleTestSupport
         c.append(Case(name: "Resize linear", node: node("Resize", ["x", "", "", "sizes"], [Attribute("mode", .string(Array("linear".utf8)))]),
                       x: x4, initializers: [("sizes", ints([4], [2, 4, 5, 7]))]))
         c.append(Case(name: "Cast float", node: node("Cast", ["x"], [Attribute("to", .int(1))]), x: x3, initializers: []))
+        c.append(Case(name: "ConvTranspose strided grouped", node: node("ConvTranspose", ["x", "w", "b"], [
+            Attribute("strides", .ints([2, 1])), Attribute("pads", .ints([1, 0, 0, 1])), Attribute("group", .int(2))]),
+                      x: random([2, 4, 3, 4], seed: 47), initializers: [("w", random([4, 2, 3, 2], seed: 48)), ("b", random([4], seed: 49))]))
         return c
     }
 

@@ -50,6 +50,23 @@ extension Gradients {
             }
             return [Tensor(shape: x.shape, floats: dx)]
         }
+        define("ConvTranspose", [0, 1, 2]) { g in
+            let x = try g.x(0), w = try g.x(1), dy = g.dy
+            let geometry = try Operators.convTransposeGeometry(g.ctx)
+            var dx = [Float](repeating: 0, count: x.count), dw = [Float](repeating: 0, count: w.count)
+            Kernels.forEachTransposedTap(geometry, batch: x.shape[0]) { xi, wi, yi in
+                dx[xi] += dy[yi] * w.floats[wi]
+                dw[wi] += dy[yi] * x.floats[xi]
+            }
+            var db: Tensor?
+            if g.needs.count > 2, g.needs[2] {
+                let spatial = geometry.output.reduce(1, *), c = geometry.outChannels
+                var sums = [Float](repeating: 0, count: c)
+                for i in 0..<dy.count { sums[(i / spatial) % c] += dy[i] }
+                db = Tensor(shape: [c], floats: sums)
+            }
+            return [Tensor(shape: x.shape, floats: dx), Tensor(shape: w.shape, floats: dw), db]
+        }
         define("Resize", [0]) { g in
             let x = try g.x(0)
             let taps = try Operators.resizeTaps(g.ctx, x.shape, g.inputs)
