@@ -172,6 +172,15 @@ def main():
          {"strides": [2, 2], "output_shape": [8, 8]}, initializers={"w": f32(77, 3, 2, 3, 3)})
     case("conv_transpose_1d", "ConvTranspose", {"x": f32(78, 2, 3, 7)}, {"strides": [3], "pads": [1, 2]},
          initializers={"w": f32(79, 3, 2, 4)})
+    # Einsum: attention's forms, a batched transpose-contract, a reduction, an ellipsis, three operands.
+    case("einsum_scores", "Einsum", {"q": f32(80, 2, 3, 5, 4), "k": f32(81, 2, 3, 6, 4)}, {"equation": "bhid,bhjd->bhij"})
+    case("einsum_context", "Einsum", {"p": f32(82, 2, 3, 5, 6), "v": f32(83, 2, 3, 6, 4)}, {"equation": "bhij,bhjd->bhid"})
+    case("einsum_batched", "Einsum", {"a": f32(84, 3, 5, 4), "b": f32(85, 3, 6, 4)}, {"equation": "bid,bjd->bij"})
+    case("einsum_transposed_output", "Einsum", {"a": f32(86, 4, 5), "b": f32(87, 5, 3)}, {"equation": "ij,jk->ki"})
+    case("einsum_reduce", "Einsum", {"a": f32(88, 3, 4, 5)}, {"equation": "ijk->ik"})
+    case("einsum_ellipsis", "Einsum", {"a": f32(89, 2, 3, 4, 5), "b": f32(90, 5, 6)}, {"equation": "...ij,jk->...ik"})
+    case("einsum_three", "Einsum", {"a": f32(91, 3, 4), "b": f32(92, 4, 5), "c": f32(93, 5, 2)}, {"equation": "ij,jk,kl->il"})
+    case("einsum_implicit", "Einsum", {"a": f32(94, 3, 4), "b": f32(95, 4, 5)}, {"equation": "ij,jk"})
     # An archive as np.savez_compressed writes it (deflated members), for the .npz reader's tests.
     np.savez_compressed(os.path.join(OUT, "compressed.npz"), ids=i64(65, 3, 7, low=0, high=100),
                         mask=rng(66).integers(0, 2, size=(3, 7)).astype(np.bool_), x=f32(67, 2, 5))

@@ -67,6 +67,7 @@ public enum Operators {
         var r: [String: OperatorDefinition] = [:]
         registerConvolution(&r)
         registerConvTranspose(&r)
+        registerEinsum(&r)
         registerGemm(&r)
         registerElementwise(&r)
         registerMath(&r)
