@@ -71,6 +71,37 @@ let foldingTolerance: Float = 1e-4
 
     /// With symmetric activations onnxruntime keeps Relu with quantized input and output (the input taking the
     /// output's range), and zero points are the middle of the type.
+    /// Transformers (the zoo's ViT): attention MatMuls of two activations are quantized, while Softmax and the erf
+    /// GELU compute in float: nothing quantizes a Softmax's input (where attention adds its mask), no element-wise op
+    /// of a GELU is quantized on its own account, and the quantized model stays close to the float one.
+    @Test func transformersKeepSoftmaxAndGeluInFloat() throws {
+        let model = try ModelCoding.read(try TestSupport.bytes(TestSupport.zoo.appendingPathComponent("vit_op17.onnx")))
+        let input = try NPY.decode(try TestSupport.bytes(TestSupport.zoo.appendingPathComponent("vit_op17.input.npy")))
+        let x = Tensor(shape: [8] + Array(input.shape.dropFirst()), floats: TestSupport.randomFloats(8 * input.count / input.shape[0], seed: 3))
+        var job = LocalCompression()
+        job.quantization = QuantizationPolicy(mode: .int8)
+        let ranges = try job.calibrate(model, try Dataset(x: x, labels: nil))
+        let (q, summary) = try QDQExport.export(model, ranges: ranges, policy: QuantizationPolicy(mode: .int8))
+        let producers = Dictionary(q.graph.nodes.flatMap { n in n.outputs.map { ($0, n.opType) } }, uniquingKeysWith: { a, _ in a })
+        let quantizedTensors = Set(q.graph.nodes.filter { $0.opType == "QuantizeLinear" }.map { $0.inputs[0] })
+        let softmaxes = q.graph.nodes.filter { $0.opType == "Softmax" }
+        #expect(!softmaxes.isEmpty)
+        for node in softmaxes {
+            #expect(!quantizedTensors.contains(node.inputs[0]) && producers[node.inputs[0]] != "DequantizeLinear",
+                    "\(node.label): its input is quantized")
+        }
+        // Every GELU's Erf → Add → Mul → Mul: none of their outputs is quantized except for a quantized reader.
+        for erf in model.graph.nodes where erf.opType == "Erf" {
+            #expect(!quantizedTensors.contains(erf.outputs[0]))
+        }
+        let attention = q.graph.nodes.filter { $0.opType == "MatMul" && producers[$0.inputs[0]] == "DequantizeLinear"
+                                                && producers[$0.inputs[1]] == "DequantizeLinear" }
+        #expect(attention.count >= 4, "the scores and context MatMuls of both layers read quantized activations")
+        #expect(summary.tensors.contains { $0.role == .weight })
+        let y = try InferenceSession(model: model).run(x), yq = try InferenceSession(model: q).run(x)
+        #expect(TestSupport.relativeError(yq.floats, y.floats) < 0.2)
+    }
+
     @Test func symmetricActivationsKeepRelu() throws {
         var policy = QuantizationPolicy(mode: .int8)
         policy.symmetricActivations = true
