@@ -117,6 +117,9 @@ extension ModelCommand {
             abstract: "Show inputs, outputs, op counts, parameters and MACs per layer of an ONNX model.")
 
         @Argument(help: "The ONNX model file.") var model: String
+        @Option(name: .long, parsing: .singleValue,
+                help: "A free input dimension's size for the MAC count, NAME=DIMS with x between sizes (e.g. input_ids=1x128; repeatable). The batch is 1 otherwise.")
+        var shape: [String] = []
         @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
 
         struct Report: Encodable {
@@ -125,12 +128,46 @@ extension ModelCommand {
             var summary: ModelSummary
         }
 
+        /// Every runtime input's shape: --shape where given, else the declaration with the batch at 1.
+        static func inputShapes(_ model: Model, _ given: [String]) throws -> [String: (DataType, [Int])]? {
+            guard !given.isEmpty else { return nil }
+            var sizes: [String: [Int]] = [:]
+            for item in given {
+                let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+                let dims = parts.count == 2 ? parts[1].split(separator: "x").map { Int($0) } : []
+                guard parts.count == 2, !dims.isEmpty, dims.allSatisfy({ ($0 ?? 0) >= 1 }) else {
+                    throw CLIError("--shape '\(item)' is not NAME=DIMS, e.g. input_ids=1x128")
+                }
+                sizes[parts[0]] = dims.map { $0! }
+            }
+            var out: [String: (DataType, [Int])] = [:]
+            for input in model.graph.runtimeInputs {
+                guard let (dtype, declared) = input.tensorType, let declared else { continue }
+                if let dims = sizes.removeValue(forKey: input.name) {
+                    guard dims.count == declared.count else {
+                        throw CLIError("--shape \(input.name) has \(dims.count) sizes; the input has rank \(declared.count)")
+                    }
+                    out[input.name] = (dtype, dims)
+                } else {
+                    out[input.name] = (dtype, try declared.enumerated().map { axis, dim in
+                        if case .value(let v) = dim, v > 0 { return axis == 0 ? 1 : v }
+                        guard axis == 0 else { throw CLIError("input '\(input.name)' has a free dimension at axis \(axis): give its size with --shape \(input.name)=…") }
+                        return 1
+                    })
+                }
+            }
+            if let unknown = sizes.keys.sorted().first { throw CLIError("--shape names '\(unknown)', which is not an input of the model") }
+            return out
+        }
+
         func run() throws {
             let bytes = try Files.readBytes(model).count
             let parsed = try Files.readModel(model)
             let summary: ModelSummary
             do {
-                summary = try ModelSummary(model: parsed)
+                summary = try ModelSummary(model: parsed, inputShapes: try Self.inputShapes(parsed, shape))
+            } catch let error as ONNXError where error.message.contains("free dimension") {
+                throw CLIError("\(model): \(error.message); give its size with --shape NAME=DIMS (e.g. --shape input_ids=1x128)")
             } catch let error as ONNXError {
                 throw CLIError("\(model): \(error.message)")
             }

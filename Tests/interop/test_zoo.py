@@ -92,6 +92,13 @@ def test_models_with_several_inputs_run_from_an_npz(model, coordinator, tmp_path
     np.save(tmp_path / "ids.npy", arrays["input_ids"])
     refused = coordinator("model", "run", ZOO / model["file"], "--input", tmp_path / "ids.npy", "--output", out, check=False)
     assert refused.returncode == 1 and "input_ids=…, attention_mask=…" in refused.stderr, refused.stderr
+    # `model inspect` counts MACs at a given sequence length, and says how to give one.
+    seq = arrays["input_ids"].shape[1]
+    shown = coordinator("model", "inspect", ZOO / model["file"], "--shape", f"input_ids=1x{seq}", "--shape",
+                        f"attention_mask=1x{seq}", "--json")
+    assert json.loads(shown.stdout)["summary"]["macs"] > 0
+    refused = coordinator("model", "inspect", ZOO / model["file"], check=False)
+    assert refused.returncode == 1 and "--shape" in refused.stderr, refused.stderr
     np.savez(tmp_path / "partial.npz", input_ids=arrays["input_ids"])
     refused = coordinator("model", "run", ZOO / model["file"], "--input", tmp_path / "partial.npz", "--output", out, check=False)
     assert refused.returncode == 1 and "no array for the model's input 'attention_mask'" in refused.stderr, refused.stderr
