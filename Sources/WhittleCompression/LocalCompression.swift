@@ -304,14 +304,10 @@ public struct LocalCompression {
         configuration.seed = seed
         configuration.schedule = .cosine(epochs: epochs, minimum: 0)
         configuration.augmentation = augmentation
-        if let teacher {
-            // Softened classes (T = 4, Hinton's) for classifiers; per-pixel distributions as they are (T = 1) for
-            // segmenters, whose pixels are often confident in one class and carry their information in the argmax.
-            let output = try ShapeInference.infer(model.graph, opset: model.defaultOpset ?? 13,
-                inputs: try ShapeInference.inputShapes(model, batchSize: 1)).values[teacher.primaryOutput]?.shape ?? []
-            let task = TaskKind.inferred(outputShape: output)
+        if teacher != nil {
+            let task = TaskKind.inferred(model: model)
             configuration.task = task
-            configuration.distillation = (task == .segmentation ? 1 : 4, data.labels == nil ? 1 : 0.5)
+            configuration.distillation = (task.distillationTemperature, data.labels == nil ? 1 : 0.5)
         }
         guard data.labels != nil || teacher != nil else {
             throw CompressionError(.invalidArgument, "fine-tuning needs training labels, or distillation from the original model")

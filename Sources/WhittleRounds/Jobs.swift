@@ -119,7 +119,12 @@ public enum WorkerJobs {
             configuration.augmentation = augmentation
         }
         let teacherSession = try (task.distill ? teacher : nil).map { try InferenceSession(model: $0) }
-        if teacherSession != nil { configuration.distillation = (4, data.labels == nil ? 1 : 0.5) }
+        if teacherSession != nil {
+            // The loss follows the model's output (per-pixel for segmenters, relative MSE for detection heads…).
+            let kind = TaskKind.inferred(model: model)
+            configuration.task = kind
+            configuration.distillation = (kind.distillationTemperature, data.labels == nil ? 1 : 0.5)
+        }
         guard data.labels != nil || teacherSession != nil else {
             throw CompressionError(.invalidArgument, "fine-tuning needs labels on this worker, or a round with --distill")
         }

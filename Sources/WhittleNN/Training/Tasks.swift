@@ -19,6 +19,21 @@ public enum TaskKind: String, Sendable, Codable, CaseIterable {
 
     /// The kind an output shape suggests when the plan does not say: `[N, K]` classification, `[N, C, H, W]` (C ≥ 2)
     /// segmentation, rank 3 detection heads, anything else regression.
+    /// The kind a model's first output suggests (its shape at batch size 1); classification when it cannot be
+    /// inferred.
+    public static func inferred(model: Model) -> TaskKind {
+        guard let opset = model.defaultOpset, let output = model.graph.outputs.first?.name,
+              let shapes = try? ShapeInference.inputShapes(model, batchSize: 1),
+              let shape = (try? ShapeInference.infer(model.graph, opset: opset, inputs: shapes))?.values[output]?.shape
+        else { return .classification }
+        return inferred(outputShape: shape)
+    }
+
+    /// The distillation temperature: softened classes (T = 4, Hinton's) for classifiers; per-pixel distributions as
+    /// they are (T = 1) for segmenters, whose pixels are often confident in one class and carry their information
+    /// in the argmax. (Mean squared error and cosine distance take none.)
+    public var distillationTemperature: Float { self == .segmentation ? 1 : 4 }
+
     public static func inferred(outputShape shape: [Int]) -> TaskKind {
         switch shape.count {
         case 2: .classification
