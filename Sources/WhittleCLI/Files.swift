@@ -70,8 +70,20 @@ public enum Files {
 
     /// The named arrays of an `.npz` archive (`np.savez` / `np.savez_compressed`), in archive order.
     public static func readNPZ(_ path: String) throws -> [(name: String, tensor: Tensor)] {
+        try decodeNPZ(try readBytes(path), path)
+    }
+
+    static func decodeNPZ(_ bytes: [UInt8], _ path: String) throws -> [(name: String, tensor: Tensor)] {
         do {
-            return try NPZ.decode(try readBytes(path))
+            return try NPZ.decode(bytes)
+        } catch let error as TensorError {
+            throw CLIError("\(path): \(error.message)")
+        }
+    }
+
+    static func decodeNPY(_ bytes: [UInt8], _ path: String) throws -> Tensor {
+        do {
+            return try NPY.decode(bytes)
         } catch let error as TensorError {
             throw CLIError("\(path): \(error.message)")
         }
@@ -85,9 +97,9 @@ public enum Files {
             guard names.count == 1 else {
                 throw CLIError("the model has \(names.count) inputs (\(names.joined(separator: ", "))) and \(path) holds one array; give every input by name in an .npz, e.g. numpy.savez(\"inputs.npz\", \(names.map { "\($0)=…" }.joined(separator: ", ")))")
             }
-            return [names[0]: try readNPY(path)]
+            return [names[0]: try decodeNPY(bytes, path)]
         }
-        let arrays = try readNPZ(path)
+        let arrays = try decodeNPZ(bytes, path)
         let given = Dictionary(arrays.map { ($0.name, $0.tensor) }, uniquingKeysWith: { a, _ in a })
         let missing = names.filter { given[$0] == nil }
         guard missing.isEmpty else {
@@ -103,13 +115,7 @@ public enum Files {
         return given
     }
 
-    public static func readNPY(_ path: String) throws -> Tensor {
-        do {
-            return try NPY.decode(try readBytes(path))
-        } catch let error as TensorError {
-            throw CLIError("\(path): \(error.message)")
-        }
-    }
+    public static func readNPY(_ path: String) throws -> Tensor { try decodeNPY(try readBytes(path), path) }
 
     /// Reads class labels: an integer .npy of shape [count], one label per sample.
     public static func readLabels(_ path: String, count: Int) throws -> Tensor {

@@ -55,6 +55,18 @@ extension Kernels {
         return (out, shape)
     }
 
+    /// Steps a multi-index to the next position of `shape` in row-major order (the last axis fastest), wrapping to
+    /// all zeros after the last position.
+    public static func advance(_ index: inout [Int], in shape: [Int]) {
+        var axis = shape.count - 1
+        while axis >= 0 {
+            index[axis] += 1
+            if index[axis] < shape[axis] { return }
+            index[axis] = 0
+            axis -= 1
+        }
+    }
+
     /// Walks every index of `shape` in row-major order, passing the matching offsets into both operands.
     public static func broadcastLoop<T>(count: Int, shape: [Int], aStrides: [Int], bStrides: [Int],
                                  _ body: (Int, Int) -> T) -> [T] {

@@ -46,6 +46,23 @@ import WhittleTestSupport
         }
     }
 
+    /// An Einsum whose work (the product of every index's size) is unbounded by its operands is refused, naming it.
+    @Test func hostileEinsumIsRefused() throws {
+        // Shapes only: shape inference refuses the node before anything is allocated.
+        func infer(_ equation: String, _ a: [Int], _ b: [Int]) throws -> InferredGraph {
+            let graph = Graph(name: "einsum", nodes: [Node(opType: "Einsum", name: "e", inputs: ["a", "b"], outputs: ["y"],
+                                                           attributes: [Attribute("equation", .string(Array(equation.utf8)))])],
+                              inputs: [ValueInfo(name: "a", elementType: .float, shape: a.map { .value($0) }),
+                                       ValueInfo(name: "b", elementType: .float, shape: b.map { .value($0) })],
+                              outputs: [ValueInfo(name: "y", elementType: .float, shape: nil)], initializers: [])
+            return try ShapeInference.infer(graph, opset: 17, inputs: ["a": (.float, a), "b": (.float, b)])
+        }
+        #expect { _ = try infer("ik,jk->ij", [1 << 15, 1 << 15], [1 << 15, 1 << 15]) }
+            throws: { "\($0)".contains("multiply-adds") && "\($0)".contains("Einsum") }
+        #expect { _ = try infer("ij,jk", [3, 4], [5, 6]) } throws: { "\($0)".contains("index 'j' has sizes 4 and 5") }
+        #expect(try infer("ij,jk->ik", [2, 3], [3, 4]).values["y"]?.shape == [2, 4])
+    }
+
     /// Range's length must be known before running, so it is folded from constants: hand-computed cases.
     @Test func rangeIsFoldedFromConstants() throws {
         func range(_ start: Tensor, _ limit: Tensor, _ delta: Tensor) throws -> Tensor? {

@@ -76,8 +76,21 @@ extension Operators {
             output = Array(ellipsisLetters.prefix(ellipsisRank).reversed())
                 + counts.filter { $0.value == 1 && $0.key.isLowercase }.keys.sorted()
         }
+        // The work is the product of every index's size, which the operands' and output's sizes do not bound
+        // ("ik,jk->ij" with three sizes of 2¹⁵): a hostile equation is refused instead of running for days.
+        var work = 1
+        for d in sizes.values {
+            let (product, overflow) = work.multipliedReportingOverflow(by: d)
+            guard !overflow, product <= Self.einsumWorkLimit else {
+                throw ctx.error(.tooLarge, "equation '\(equation)' needs more than \(Self.einsumWorkLimit) multiply-adds")
+            }
+            work = product
+        }
         return EinsumPlan(inputs: inputs, output: output, sizes: sizes)
     }
+
+    /// Most multiply-adds one Einsum may take (2³⁶: attention of BERT-large at sequence 512 and batch 32 is 2³³).
+    static let einsumWorkLimit = 1 << 36
 
     static func registerEinsum(_ r: inout [String: OperatorDefinition]) {
         r["Einsum"] = .simple(minimumOpset: 12, infer: { ctx in
@@ -153,13 +166,7 @@ extension Kernels {
             var o = 0
             for (i, s) in outStrides.enumerated() { o += index[i] * s }
             out[o] += product
-            var axis = letters.count - 1
-            while axis >= 0 {
-                index[axis] += 1
-                if index[axis] < dims[axis] { break }
-                index[axis] = 0
-                axis -= 1
-            }
+            advance(&index, in: dims)
         }
         return Tensor(shape: outShape, floats: out.map(Float.init))
     }

@@ -102,13 +102,7 @@ extension Operators {
             var offset = 0
             for axis in 0..<out.count { offset += (index[axis] % shape[axis]) * strides[axis] }
             sources.append(offset)
-            var axis = out.count - 1
-            while axis >= 0 {
-                index[axis] += 1
-                if index[axis] < out[axis] { break }
-                index[axis] = 0
-                axis -= 1
-            }
+            Kernels.advance(&index, in: out)
         }
         return (out, sources)
     }
@@ -132,13 +126,7 @@ extension Operators {
             var offset = 0
             for a in 0..<index.count { offset += (a == axis ? i : index[a]) * dataStrides[a] }
             sources.append(offset)
-            var a = index.count - 1
-            while a >= 0 {
-                index[a] += 1
-                if index[a] < indices.shape[a] { break }
-                index[a] = 0
-                a -= 1
-            }
+            Kernels.advance(&index, in: indices.shape)
         }
         return sources
     }

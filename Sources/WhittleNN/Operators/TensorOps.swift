@@ -157,13 +157,7 @@ extension Operators {
                 offset += s * inStrides[axis]
             }
             sources.append(outside ? -1 : offset)
-            var axis = shape.count - 1
-            while axis >= 0 {
-                index[axis] += 1
-                if index[axis] < shape[axis] { break }
-                index[axis] = 0
-                axis -= 1
-            }
+            Kernels.advance(&index, in: shape)
         }
         return (shape, sources)
     }
