@@ -128,6 +128,9 @@ from torchvision.models.segmentation import deeplabv3 as tv_deeplab
 from torchvision.models.segmentation import fcn as tv_fcn
 from torchvision.models.segmentation import lraspp as tv_lraspp
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import he_init  # noqa: E402  (the same He initialisation as the model fixtures)
+
 OUT_DIR = os.path.join("Tests", "Fixtures", "zoo")
 BATCH = 2          # batch of the stored fixture inputs
 TRACE_BATCH = 3    # batch used while exporting, so the fixtures exercise the dynamic axis
@@ -169,20 +172,6 @@ def randomize_bn(model: nn.Module, seed: int) -> None:
                 m.weight.copy_(torch.rand(shape, generator=g) * 1.0 + 0.5)
                 if m.bias is not None:
                     m.bias.copy_(torch.randn(shape, generator=g) * 0.2)
-
-
-def he_init(model: nn.Module) -> None:
-    """He (Kaiming) normal init for Conv/Linear weights and small random biases.
-
-    PyTorch's default init shrinks activations layer by layer, which would
-    leave the fixtures with tiny outputs; this keeps them of order one.
-    """
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                if m.bias is not None:
-                    m.bias.normal_(0.0, 0.1)
 
 
 def make_input(seed: int, shape) -> np.ndarray:
