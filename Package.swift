@@ -44,7 +44,7 @@ let package = Package(
         .target(name: "WhittleCompression", dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN"]),
         .target(
             name: "WhittleProtocol",
-            dependencies: ["WhittleCompression", "WhittleTensor", .product(name: "SwiftProtobuf", package: "swift-protobuf")]
+            dependencies: ["WhittleCompression", "WhittleNN", "WhittleTensor", .product(name: "SwiftProtobuf", package: "swift-protobuf")]
         ),
 
         // Federated rounds: aggregation of workers' reports (pure).

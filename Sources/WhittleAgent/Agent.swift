@@ -173,9 +173,9 @@ public struct RunCommand: ParsableCommand {
         abstract: "Run the worker agent: heartbeat with capabilities, poll for tasks, stay connected across restarts.")
 
     @Option(name: .long, help: "This worker's directory (from worker enroll; default: WHITTLE_WORKER_DIR).") var dir: String?
-    @Option(name: .long, help: "The board's local samples (.npy).") var data: String?
-    @Option(name: .long, help: "Labels of the samples (.npy).") var labels: String?
-    @Option(name: .long, help: "Held-out local samples (.npy) for the evaluation phase (default: --data).") var evalData: String?
+    @Option(name: .long, help: "The board's local samples: .npy (one input) or .npz (one array per model input, by name).") var data: String?
+    @Option(name: .long, help: "Labels of the samples (.npy): one per sample [N], or per pixel [N, H, W].") var labels: String?
+    @Option(name: .long, help: "Held-out local samples (.npy or .npz) for the evaluation phase (default: --data).") var evalData: String?
     @Option(name: .long, help: "Labels of --eval-data (.npy).") var evalLabels: String?
     @Option(name: .long, help: "Memory budget for jobs, e.g. 1GB (the batch size shrinks to fit, by the engine's estimate).") var memoryLimit: String?
     @Option(name: .long, help: "Compute threads for jobs (default: all cores).") var threads: Int?
@@ -218,29 +218,13 @@ public struct RunCommand: ParsableCommand {
         let read = { (path: String) throws -> String in
             do { return try String(contentsOfFile: path, encoding: .utf8) } catch { throw CLIError("cannot read \(path)") }
         }
-        let samples = try Files.readNPY(data)
-        let labelTensor = try labels.map { try Files.readLabels($0, count: samples.shape.first ?? 0) }
-        let labelCount = labelTensor?.count
-        let dataset: Dataset
-        do {
-            dataset = try Dataset(x: samples, labels: labelTensor)
-        } catch let error as CompressionError {
-            throw CLIError("\(data): \(error.message)")
-        }
-        var evaluation: Dataset?
-        if let evalData {
-            let x = try Files.readNPY(evalData)
-            do {
-                evaluation = try Dataset(x: x, labels: try evalLabels.map { try Files.readLabels($0, count: x.shape.first ?? 0) })
-            } catch let error as CompressionError {
-                throw CLIError("\(evalData): \(error.message)")
-            }
-        }
+        let dataset = try Files.readDataset(data, labels: labels)
+        let evaluation = try evalData.map { try Files.readDataset($0, labels: evalLabels) }
         var capabilities = Whittle_Capabilities()
         capabilities.cores = UInt32(ProcessInfo.processInfo.activeProcessorCount)
         capabilities.memoryBytes = ProcessInfo.processInfo.physicalMemory
-        capabilities.samples = UInt64(samples.shape.first ?? 0)
-        capabilities.labels = labelCount != nil
+        capabilities.samples = UInt64(dataset.count)
+        capabilities.labels = dataset.labels != nil
         capabilities.version = WhittleVersion.string
         capabilities.memoryLimitBytes = UInt64(memoryLimit.flatMap(parseByteSize) ?? 0)
         capabilities.evaluationSamples = UInt64(evaluation?.count ?? 0)

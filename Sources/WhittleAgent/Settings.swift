@@ -17,9 +17,9 @@ public struct WorkerSettings: Equatable, Sendable {
     public init() {}
 
     static let documentation: [(key: String, comment: String)] = [
-        ("data", "The board's local samples, NCHW float32 .npy (required here, in the environment or as --data)."),
-        ("labels", "Labels of the samples, int .npy; without them the board takes part through distillation and statistics."),
-        ("eval_data", "Held-out samples (.npy) for the evaluation phase; default: data."),
+        ("data", "The board's local samples: NCHW float32 .npy, or .npz with one array per model input (required here, in the environment or as --data)."),
+        ("labels", "Labels of the samples, int .npy ([N], or per pixel [N, H, W]); without them the board takes part through distillation and statistics."),
+        ("eval_data", "Held-out samples (.npy or .npz) for the evaluation phase; default: data."),
         ("eval_labels", "Labels of eval_data (.npy)."),
         ("memory_limit", "Memory budget for jobs, e.g. 1GB (the batch size shrinks to fit); default: none."),
         ("threads", "Compute threads for jobs; default: all cores."),

@@ -18,8 +18,9 @@ extension ModelCommand {
                 """)
 
         @Argument(help: "The ONNX model to compress.") var model: String
-        @Option(name: .long, help: "Calibration (and importance) samples, NCHW float32 .npy.") var calibrationData: String
-        @Option(name: .long, help: "Labels of the calibration samples (int .npy): accuracy, Taylor importance.") var labels: String?
+        @Option(name: .long, help: "Calibration (and importance) samples: .npy (NCHW float32, one input) or .npz (one array per model input, by name, e.g. input_ids and attention_mask).") var calibrationData: String
+        @Option(name: .long, help: "Labels of the calibration samples (int .npy, [N] or per pixel [N, H, W]): accuracy, Taylor importance.") var labels: String?
+        @Option(name: .long, help: "What the model's output means: classification, segmentation, detection, regression or embedding (losses and metrics; default: inferred from its shape).") var task: String?
         @Option(name: .long, help: "Where to write the compressed model.") var out: String
 
         @Option(name: .long, help: "Fraction of channels to remove, in [0, 1).") var pruneRatio: Double = 0
@@ -30,7 +31,7 @@ extension ModelCommand {
         @Option(name: .long, help: "Keep at least this many channels per group.") var minChannels: Int = 1
         @Option(name: .long, help: "Remove at most this fraction of any group.") var maxLayerRatio: Double = 0.9
         @Option(name: .long, help: "Fine-tuning epochs after each pruning step (needs --train-data).") var finetuneEpochs: Int = 0
-        @Option(name: .long, help: "Fine-tuning samples (.npy).") var trainData: String?
+        @Option(name: .long, help: "Fine-tuning samples (.npy or .npz).") var trainData: String?
         @Option(name: .long, help: "Fine-tuning labels (.npy).") var trainLabels: String?
         @Option(name: .long, help: "Fine-tuning learning rate (cosine schedule).") var lr: Float = 0.01
         @Option(name: .long, help: "Fine-tuning optimizer: sgd (momentum 0.9), adam or adamw.") var optimizer: String = "sgd"
@@ -51,7 +52,7 @@ extension ModelCommand {
         @Flag(name: .long, help: "Report each quantized layer's effect alone (accuracy or output KL divergence).") var sensitivity = false
         @Flag(name: .long, help: "Short names for every internal value and node in the output (smaller file; the report maps them).") var compactNames = false
 
-        @Option(name: .long, help: "Evaluation samples (.npy); default: the calibration data.") var valData: String?
+        @Option(name: .long, help: "Evaluation samples (.npy or .npz); default: the calibration data.") var valData: String?
         @Option(name: .long, help: "Evaluation labels (.npy).") var valLabels: String?
         @Option(name: .long, help: "Samples per batch.") var batchSize: Int = 32
         @Option(name: .long, help: "Seed for fine-tuning.") var seed: UInt64 = 0
@@ -73,6 +74,9 @@ extension ModelCommand {
             guard ["uint8", "int8"].contains(activationType) else { throw ValidationError("--activation-type must be uint8 or int8") }
             guard roundTo >= 1, minChannels >= 1, batchSize >= 1 else {
                 throw ValidationError("--round-to, --min-channels and --batch-size must be at least 1")
+            }
+            if let task, TaskKind(rawValue: task) == nil {
+                throw ValidationError("--task must be one of \(TaskKind.allCases.map(\.rawValue).joined(separator: ", "))")
             }
             guard Augmentation(rawValue: augment) != nil else { throw ValidationError("--augment must be none, flips or dihedral") }
             guard finetuneEpochs >= 0 else { throw ValidationError("--finetune-epochs must not be negative") }
@@ -106,26 +110,12 @@ extension ModelCommand {
             return out
         }
 
-        func dataset(_ path: String, labels: String?) throws -> Dataset {
-            let t = try Files.readNPY(path)
-            guard t.dtype.isFloatingPoint, t.rank >= 2, t.shape[0] >= 1 else {
-                throw CLIError("\(path) has shape \(t.shape) (\(t.dtype)); expected float samples [N, …] with N ≥ 1")
-            }
-            let x = Tensor(shape: t.shape, floats: t.floats)
-            let y = try labels.map { try Files.readLabels($0, count: x.shape[0]) }
-            do {
-                return try Dataset(x: x, labels: y)
-            } catch let error as CompressionError {
-                throw CLIError("\(path): \(error.message)")
-            }
-        }
-
         func run() throws {
             if let threads { ComputeThreads.set(threads) }
             let base = try Files.readModel(model)
-            let calibrationSet = try dataset(calibrationData, labels: labels)
-            let evaluation = try valData.map { try dataset($0, labels: valLabels) }
-            let training = try trainData.map { try dataset($0, labels: trainLabels) }
+            let calibrationSet = try Files.readDataset(calibrationData, labels: labels, for: base)
+            let evaluation = try valData.map { try Files.readDataset($0, labels: valLabels, for: base) }
+            let training = try trainData.map { try Files.readDataset($0, labels: trainLabels, for: base) }
 
             var job = LocalCompression()
             let schedule = try parsedSchedule()
@@ -163,6 +153,7 @@ extension ModelCommand {
             job.quantization = policy
             job.sensitivity = sensitivity
             job.compactNames = compactNames
+            job.task = task.flatMap(TaskKind.init(rawValue:))
 
             let quiet = json || isatty(STDERR_FILENO) == 0
             let bar = ProgressBar(enabled: !quiet)
@@ -195,13 +186,27 @@ extension ModelCommand {
         }
 
         func printSummary(_ r: CompressionReport) {
-            func accuracy(_ f: CompressionReport.Figures) -> String { f.accuracy.map { String(format: "%.2f %%", $0 * 100) } ?? "–" }
+            func percent(_ v: Double?) -> String { v.map { String(format: "%.2f %%", $0 * 100) } ?? "–" }
             print(table(["", "before", "after", "ratio"],
                         [["size", byteSize(r.before.bytes), byteSize(r.after.bytes), String(format: "%.2fx", Double(r.before.bytes) / Double(max(r.after.bytes, 1)))],
                          ["parameters", "\(r.before.parameters)", "\(r.after.parameters)", String(format: "%.2fx", Double(r.before.parameters) / Double(max(r.after.parameters, 1)))],
                          ["MACs", "\(r.before.macs)", "\(r.after.macs)", String(format: "%.2fx", Double(r.before.macs) / Double(max(r.after.macs, 1)))],
-                         ["accuracy", accuracy(r.before), accuracy(r.after), ""]], numeric: [1, 2, 3]))
-            if let a = r.agreement { print(String(format: "top-1 agreement with the original: %.2f %%", a * 100)) }
+                         [r.task == .segmentation ? "pixel accuracy" : "accuracy", percent(r.before.accuracy), percent(r.after.accuracy), ""]]
+                        + (r.after.meanIoU == nil ? [] : [["mean IoU", percent(r.before.meanIoU), percent(r.after.meanIoU), ""]]),
+                        numeric: [1, 2, 3]))
+            var against: [String] = []
+            if let a = r.agreement {
+                let what = switch r.task ?? .classification {
+                case .classification: "top-1 agreement"
+                case .segmentation: "pixel agreement"
+                case .detection, .regression: "outputs within 10 %"
+                case .embedding: "embeddings with cosine ≥ 0.9"
+                }
+                against.append(String(format: "%@ %.2f %%", what, a * 100))
+            }
+            if let e = r.relativeError { against.append(String(format: "relative error %.4f", e)) }
+            if let c = r.meanCosine { against.append(String(format: "mean cosine %.4f", c)) }
+            if !against.isEmpty { print("against the original (\((r.task ?? .classification).rawValue)): " + against.joined(separator: ", ")) }
             if let p = r.pruning {
                 print("pruning (\(p.criterion.rawValue), \(p.scope.rawValue)): " + p.steps.map { step in
                     var s = String(format: "%.0f %% → %d/%d channels", step.ratio * 100, step.channelsKept, step.channelsBefore)
@@ -219,10 +224,11 @@ extension ModelCommand {
                       + ", \(q.tensors.filter { $0.role == .activation }.count) activations quantized")
             }
             if let rows = r.sensitivity, !rows.isEmpty {
-                print(table(["layer", "op", "accuracy", "KL", "agreement"], rows.map {
+                print(table(["layer", "op", "accuracy", "KL", "agreement", "rel. error"], rows.map {
                     [$0.node, $0.opType, $0.accuracy.map { String(format: "%.2f %%", $0 * 100) } ?? "–",
-                     String(format: "%.5f", $0.klDivergence), String(format: "%.2f %%", $0.agreement * 100)]
-                }, numeric: [2, 3, 4]))
+                     $0.klDivergence.map { String(format: "%.5f", $0) } ?? "–", String(format: "%.2f %%", $0.agreement * 100),
+                     $0.relativeError.map { String(format: "%.4f", $0) } ?? "–"]
+                }, numeric: [2, 3, 4, 5]))
             }
             print(String(format: "wrote %@ (%.1f s)", out, r.timings["total"] ?? 0))
         }

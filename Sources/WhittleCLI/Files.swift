@@ -2,6 +2,8 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
+import WhittleCompression
+import WhittleNN
 import WhittleONNX
 import WhittleTensor
 
@@ -117,14 +119,47 @@ public enum Files {
 
     public static func readNPY(_ path: String) throws -> Tensor { try decodeNPY(try readBytes(path), path) }
 
-    /// Reads class labels: an integer .npy of shape [count], one label per sample.
+    /// Reads labels: an integer .npy with one label per sample (`[count]`), or one per pixel (`[count, H, W]`, for
+    /// segmentation).
     public static func readLabels(_ path: String, count: Int) throws -> Tensor {
         let t = try readNPY(path)
         guard t.dtype.isInteger else { throw CLIError("\(path): labels must be integers, got \(t.dtype)") }
-        guard t.rank == 1, t.shape[0] == count else {
-            throw CLIError("\(path) has shape \(t.shape); expected [\(count)], one label per sample")
+        guard t.rank >= 1, t.shape[0] == count else {
+            throw CLIError("\(path) has shape \(t.shape); expected [\(count)], one label per sample (or [\(count), H, W], one per pixel)")
         }
         return t
+    }
+
+    /// Samples from a `.npy` file (one unnamed array, for a single-input model) or a `.npz` archive (one array per
+    /// model input, by name, each with the samples on its first axis).
+    public static func readSamples(_ path: String) throws -> Samples {
+        let bytes = try readBytes(path)
+        do {
+            guard bytes.starts(with: [0x50, 0x4B]) else { return Samples(try decodeNPY(bytes, path)) }
+            return try Samples(try decodeNPZ(bytes, path).map { ($0.name, $0.tensor) })
+        } catch let error as ONNXError {
+            throw CLIError("\(path): \(error.message)")
+        }
+    }
+
+    /// A data set: samples (`readSamples`) and optional labels (`readLabels`). Float data is checked finite. With
+    /// `model`, integer arrays for float inputs are converted and the arrays are checked against the model's inputs.
+    public static func readDataset(_ path: String, labels: String?, for model: Model? = nil) throws -> Dataset {
+        var samples = try readSamples(path)
+        if let model {
+            samples = samples.conformed(to: model.graph)
+            do {
+                _ = try samples.feed(model.graph)
+            } catch let error as ONNXError {
+                throw CLIError("\(path): \(error.message)")
+            }
+        }
+        let y = try labels.map { try readLabels($0, count: samples.count) }
+        do {
+            return try Dataset(samples: samples, labels: y)
+        } catch let error as CompressionError {
+            throw CLIError("\(path): \(error.message)")
+        }
     }
 
     /// Creates a file that must not exist yet, with `mode` set by the creating `open` itself (a key is never

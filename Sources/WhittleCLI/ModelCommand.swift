@@ -58,56 +58,34 @@ struct RunOptions: ParsableArguments {
     }
 }
 
-/// Runs `session` over named inputs (one row per sample in each) in batches, calling `body` with each batch's first
-/// output and its sample range.
-func forEachBatch(_ session: InferenceSession, inputs: [String: Tensor], batchSize: Int,
-                  _ body: (Tensor, Range<Int>) throws -> Void) throws {
-    guard let n = inputs.values.first?.shape.first, n >= 1 else { throw CLIError("the inputs have no samples") }
-    var start = 0
-    while start < n {
-        let end = min(start + batchSize, n)
-        var batch: [String: Tensor] = [:]
-        for (name, t) in inputs {
-            let per = t.count / n
-            let shape = [end - start] + Array(t.shape.dropFirst())
-            batch[name] = t.dtype.isInteger ? Tensor(shape: shape, ints: Array(t.ints[(start * per)..<(end * per)]), dtype: t.dtype)
-                : Tensor(shape: shape, floats: Array(t.asFloats[(start * per)..<(end * per)]))
+/// `--shape NAME=DIMS` options (e.g. `input_ids=1x128`) as sizes by input name.
+public func parseShapeSizes(_ items: [String]) throws -> [String: [Int]] {
+    var sizes: [String: [Int]] = [:]
+    for item in items {
+        let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+        let dims = parts.count == 2 ? parts[1].split(separator: "x").map { Int($0) } : []
+        guard parts.count == 2, !dims.isEmpty, dims.allSatisfy({ ($0 ?? 0) >= 1 }) else {
+            throw CLIError("--shape '\(item)' is not NAME=DIMS, e.g. input_ids=1x128")
         }
-        do {
-            guard let output = try session.run(inputs: batch)[session.primaryOutput] else { throw CLIError("the model produced no output") }
-            try body(output, start..<end)
-        } catch let error as ONNXError {
-            throw CLIError(error.message)
-        } catch let error as TensorError {
-            throw CLIError(error.message)
-        }
-        start = end
+        sizes[parts[0]] = dims.map { $0! }
     }
+    return sizes
 }
 
 /// Runs `session` over `data` in batches, calling `body` with each batch's first output and its sample range.
-func forEachBatch(_ session: InferenceSession, _ data: Tensor, batchSize: Int,
+func forEachBatch(_ session: InferenceSession, _ data: Samples, batchSize: Int,
                   _ body: (Tensor, Range<Int>) throws -> Void) throws {
-    guard data.rank >= 1, data.shape[0] >= 1 else { throw CLIError("the data has no samples (shape \(data.shape))") }
-    var input = data
-    if data.dtype != .float {
-        input = Tensor(shape: data.shape, floats: data.asFloats)
-    }
-    try session.validate(input)
-    let n = data.shape[0], sampleSize = data.count / n
-    var start = 0
-    while start < n {
-        let end = min(start + batchSize, n)
-        let batch = Tensor(shape: [end - start] + Array(data.shape.dropFirst()),
-                           floats: Array(input.floats[(start * sampleSize)..<(end * sampleSize)]))
-        do {
-            try body(try session.run(batch), start..<end)
-        } catch let error as ONNXError {
-            throw CLIError(error.message)
-        } catch let error as TensorError {
-            throw CLIError(error.message)
+    do {
+        let data = data.conformed(to: session.model.graph)
+        try session.validate(data)
+        for start in stride(from: 0, to: data.count, by: batchSize) {
+            let range = start..<min(start + batchSize, data.count)
+            try body(try session.firstOutput(data.rows(range)), range)
         }
-        start = end
+    } catch let error as ONNXError {
+        throw CLIError(error.message)
+    } catch let error as TensorError {
+        throw CLIError(error.message)
     }
 }
 
@@ -131,33 +109,11 @@ extension ModelCommand {
         /// Every runtime input's shape: --shape where given, else the declaration with the batch at 1.
         static func inputShapes(_ model: Model, _ given: [String]) throws -> [String: (DataType, [Int])]? {
             guard !given.isEmpty else { return nil }
-            var sizes: [String: [Int]] = [:]
-            for item in given {
-                let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
-                let dims = parts.count == 2 ? parts[1].split(separator: "x").map { Int($0) } : []
-                guard parts.count == 2, !dims.isEmpty, dims.allSatisfy({ ($0 ?? 0) >= 1 }) else {
-                    throw CLIError("--shape '\(item)' is not NAME=DIMS, e.g. input_ids=1x128")
-                }
-                sizes[parts[0]] = dims.map { $0! }
+            do {
+                return try ShapeInference.sampleShapes(model, sizes: try parseShapeSizes(given))
+            } catch let error as ONNXError {
+                throw CLIError(error.message)
             }
-            var out: [String: (DataType, [Int])] = [:]
-            for input in model.graph.runtimeInputs {
-                guard let (dtype, declared) = input.tensorType, let declared else { continue }
-                if let dims = sizes.removeValue(forKey: input.name) {
-                    guard dims.count == declared.count else {
-                        throw CLIError("--shape \(input.name) has \(dims.count) sizes; the input has rank \(declared.count)")
-                    }
-                    out[input.name] = (dtype, dims)
-                } else {
-                    out[input.name] = (dtype, try declared.enumerated().map { axis, dim in
-                        if case .value(let v) = dim, v > 0 { return axis == 0 ? 1 : v }
-                        guard axis == 0 else { throw CLIError("input '\(input.name)' has a free dimension at axis \(axis): give its size with --shape \(input.name)=…") }
-                        return 1
-                    })
-                }
-            }
-            if let unknown = sizes.keys.sorted().first { throw CLIError("--shape names '\(unknown)', which is not an input of the model") }
-            return out
         }
 
         func run() throws {
@@ -207,14 +163,8 @@ extension ModelCommand {
             let inputs = try Files.readInputs(input, names: names)
             var outputs: [Float] = []
             var outShape: [Int] = []
-            let each = { (body: (Tensor, Range<Int>) throws -> Void) throws in
-                if names.count == 1, let data = inputs[names[0]], !data.dtype.isInteger {
-                    try forEachBatch(session, data, batchSize: try options.batchSize(for: session), body)
-                } else {
-                    try forEachBatch(session, inputs: inputs, batchSize: options.batchSize ?? 32, body)
-                }
-            }
-            try each { batch, range in
+            let data = try Samples(names.map { ($0, inputs[$0]!) })
+            try forEachBatch(session, data, batchSize: try options.batchSize(for: session)) { batch, range in
                 guard batch.rank >= 1, batch.shape[0] == range.count else {
                     throw CLIError("the first output '\(session.primaryOutput)' has shape \(batch.shape), which has no batch axis of size \(range.count)")
                 }
@@ -232,19 +182,23 @@ extension ModelCommand {
 
     struct Eval: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Top-1 accuracy, mean cross-entropy and throughput of a classifier on labelled data.")
+            abstract: "Accuracy and throughput of a model on labelled data: top-1 and cross-entropy (classifiers), pixel accuracy and mean IoU (segmenters).")
 
         @Argument(help: "The ONNX model file.") var model: String
-        @Option(name: .long, help: "Samples, NCHW float32 .npy.") var data: String
-        @Option(name: .long, help: "Labels, int64 or int32 .npy with one class index per sample.") var labels: String
+        @Option(name: .long, help: "Samples: .npy (NCHW float32, one input) or .npz (one array per model input, by name).") var data: String
+        @Option(name: .long, help: "Labels, int64 or int32 .npy: one class index per sample [N], or per pixel [N, H, W].") var labels: String
+        @Option(name: .long, help: "classification or segmentation (default: inferred from the output's shape).") var task: String?
         @OptionGroup var options: RunOptions
         @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
 
         struct Report: Encodable {
             var model: String
+            var task: TaskKind
             var samples: Int
+            /// Top-1 accuracy (classification) or pixel accuracy (segmentation).
             var accuracy: Double
-            var meanCrossEntropy: Double
+            var meanCrossEntropy: Double?
+            var meanIoU: Double?
             var samplesPerSecond: Double
             var batchSize: Int
             var threads: Int
@@ -252,32 +206,57 @@ extension ModelCommand {
 
         func run() throws {
             let session = try options.session(model)
-            let x = try Files.readNPY(data)
-            let y = try Files.readLabels(labels, count: x.shape.first ?? 0)
+            let data = try Files.readDataset(data, labels: labels, for: session.model)
+            var kind = TaskKind.inferred(model: session.model, samples: data.samples)
+            if let task {
+                guard let k = TaskKind(rawValue: task), k == .classification || k == .segmentation else {
+                    throw ValidationError("--task must be classification or segmentation (labels are classes), not '\(task)'")
+                }
+                kind = k
+            }
+            guard kind == .classification || kind == .segmentation else {
+                throw CLIError("\(model): the output looks like \(kind.rawValue) (not class scores), and labels are classes; pass --task if it is a classifier or segmenter, or compare with the original by `model compress`'s report")
+            }
+            let y = data.labels!
             var metrics = ClassificationMetrics()
+            var evaluation = TaskEvaluation(task: kind)
             let batchSize = try options.batchSize(for: session)
             let clock = ContinuousClock()
             let start = clock.now
-            try forEachBatch(session, x, batchSize: batchSize) { logits, range in
+            try forEachBatch(session, data.samples, batchSize: batchSize) { logits, range in
                 do {
-                    try metrics.add(logits: logits, labels: y.ints[range])
+                    if kind == .classification {
+                        try metrics.add(logits: logits, labels: y.ints[range])
+                    } else {
+                        try evaluation.add(base: logits, compressed: logits, labels: data.labels(range))
+                    }
                 } catch let error as ONNXError {
                     throw CLIError(error.message)
                 }
             }
             let elapsed = clock.now - start
             let seconds = WhittleCompression.seconds(elapsed)
-            let report = Report(model: model, samples: metrics.samples, accuracy: metrics.accuracy,
-                                meanCrossEntropy: metrics.meanCrossEntropy,
-                                samplesPerSecond: Double(metrics.samples) / max(seconds, 1e-9),
-                                batchSize: batchSize, threads: ComputeThreads.current)
+            let report = kind == .classification
+                ? Report(model: model, task: kind, samples: metrics.samples, accuracy: metrics.accuracy,
+                         meanCrossEntropy: metrics.meanCrossEntropy, meanIoU: nil,
+                         samplesPerSecond: Double(metrics.samples) / max(seconds, 1e-9), batchSize: batchSize,
+                         threads: ComputeThreads.current)
+                : Report(model: model, task: kind, samples: evaluation.samples, accuracy: evaluation.baseAccuracy ?? 0,
+                         meanCrossEntropy: nil, meanIoU: evaluation.baseMeanIoU,
+                         samplesPerSecond: Double(evaluation.samples) / max(seconds, 1e-9), batchSize: batchSize,
+                         threads: ComputeThreads.current)
             if json {
                 try printJSON(report)
             } else {
                 print("model          \(model)")
                 print("samples        \(report.samples)")
-                print(String(format: "top-1 accuracy %.2f %%", report.accuracy * 100))
-                print(String(format: "cross-entropy  %.4f", report.meanCrossEntropy))
+                if kind == .classification {
+                    print(String(format: "top-1 accuracy %.2f %%", report.accuracy * 100))
+                    print(String(format: "cross-entropy  %.4f", report.meanCrossEntropy ?? 0))
+                } else {
+                    print(String(format: "pixel accuracy %.2f %%", report.accuracy * 100))
+                    print(String(format: "mean IoU       %.2f %%", (report.meanIoU ?? 0) * 100))
+                }
                 print(String(format: "throughput     %.1f samples/s (batch %d, %d threads)", report.samplesPerSecond,
                              report.batchSize, report.threads))
             }

@@ -12,13 +12,17 @@ extension ModelCommand {
             discussion: """
                 Loss: softmax cross-entropy with --labels; with --teacher, knowledge distillation \
                 (1 − α)·CE + α·T²·KL(teacher ‖ student), which needs no labels when --distill-alpha is 1. \
+                Segmenters (per-pixel logits) take per-pixel labels [N, H, W] and distil per pixel; detection heads, \
+                regression outputs and embeddings distil from --teacher by relative MSE or cosine distance (--task). \
+                Several inputs (token ids and an attention mask) come as one .npz with an array per input. \
                 Batch normalization trains with batch statistics and updates its running statistics \
                 (--freeze-bn keeps them). Runs are deterministic for a given --seed.
                 """)
 
         @Argument(help: "The ONNX model to train.") var model: String
-        @Option(name: .long, help: "Training samples, NCHW float32 .npy.") var data: String
-        @Option(name: .long, help: "Labels, int64/int32 .npy (one class index per sample).") var labels: String?
+        @Option(name: .long, help: "Training samples: .npy (NCHW float32, one input) or .npz (one array per model input, by name).") var data: String
+        @Option(name: .long, help: "Labels, int64/int32 .npy: one class index per sample [N], or per pixel [N, H, W].") var labels: String?
+        @Option(name: .long, help: "What the output means: classification, segmentation, detection, regression or embedding (default: inferred from its shape).") var task: String?
         @Option(name: .long, help: "Passes over the data.") var epochs: Int
         @Option(name: .long, help: "Where to write the trained model.") var out: String
         @Option(name: .long, help: "Samples per step.") var batchSize: Int = 32
@@ -38,7 +42,7 @@ extension ModelCommand {
                 help: "Feature hints TEACHER_TENSOR:STUDENT_TENSOR (MSE to a trained 1x1 projection of the student's map; needs --teacher).")
         var hint: [String] = []
         @Option(name: .long, help: "Weight of the hint losses.") var hintWeight: Float = 1
-        @Option(name: .long, help: "Validation samples (.npy).") var valData: String?
+        @Option(name: .long, help: "Validation samples (.npy or .npz).") var valData: String?
         @Option(name: .long, help: "Validation labels (.npy).") var valLabels: String?
         @Option(name: .long, help: "Seed for data order, dropout and --reinitialize.") var seed: UInt64 = 0
         @Flag(name: .long, help: "Start from fresh random weights (He initialisation) instead of the model's own.")
@@ -62,6 +66,9 @@ extension ModelCommand {
             guard lr > 0, lr.isFinite else { throw ValidationError("--lr must be positive") }
             guard Augmentation(rawValue: augment) != nil else { throw ValidationError("--augment must be none, flips or dihedral") }
             guard ["sgd", "adam", "adamw"].contains(optimizer) else { throw ValidationError("--optimizer must be sgd, adam or adamw") }
+            if let task, TaskKind(rawValue: task) == nil {
+                throw ValidationError("--task must be one of \(TaskKind.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
             guard labels != nil || teacher != nil else { throw ValidationError("give --labels, or --teacher to distill without labels") }
             guard (valData == nil) == (valLabels == nil) else { throw ValidationError("--val-data and --val-labels go together") }
             _ = try parsedSchedule()
@@ -96,8 +103,8 @@ extension ModelCommand {
             if let threads { ComputeThreads.set(threads) }
             var base = try Files.readModel(model)
             if reinitialize { base = try Initialization.heInitialized(base, seed: seed) }
-            let x = try floatData(try Files.readNPY(data), data)
-            let y = try labels.map { try Files.readLabels($0, count: x.shape[0]) }
+            let training = try Files.readDataset(data, labels: labels, for: base)
+            let y = training.labels
             var configuration = TrainingConfiguration()
             configuration.epochs = epochs
             configuration.batchSize = batchSize
@@ -107,6 +114,8 @@ extension ModelCommand {
             configuration.clipNorm = clipNorm
             configuration.augmentation = Augmentation(rawValue: augment)!
             configuration.batchNorm = freezeBn ? .frozen : .train
+            let kind = task.flatMap(TaskKind.init(rawValue:)) ?? TaskKind.inferred(model: base, samples: training.samples)
+            configuration.task = kind
             switch optimizer {
             case "adam": configuration.optimizer = .adam(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: weightDecay)
             case "adamw": configuration.optimizer = .adamW(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: weightDecay)
@@ -126,9 +135,9 @@ extension ModelCommand {
             } catch let error as ONNXError {
                 throw CLIError("\(model): \(error.message)")
             }
-            let validation = try valData.map { path -> (Tensor, Tensor) in
-                let vx = try floatData(try Files.readNPY(path), path)
-                return (vx, try Files.readLabels(valLabels!, count: vx.shape[0]))
+            let validation = try valData.map { try Files.readDataset($0, labels: valLabels, for: base) }
+            if validation != nil, kind != .classification, kind != .segmentation {
+                throw CLIError("--val-labels are classes, and this \(kind.rawValue) model's output has none")
             }
             let progress = ProgressBar(enabled: !json)
             let clock = ContinuousClock()
@@ -137,7 +146,7 @@ extension ModelCommand {
             for epoch in 0..<epochs {
                 var report: EpochReport
                 do {
-                    report = try trainer.trainEpoch(epoch, data: x, labels: y, teacher: teacherSession.map { session in
+                    report = try trainer.trainEpoch(epoch, data: training.samples, labels: y, teacher: teacherSession.map { session in
                         { batch in
                             var features: [String: Tensor] = [:]
                             let observe: ((Node, [Tensor]) throws -> Void)? = hintTensors.isEmpty ? nil : { node, outputs in
@@ -145,21 +154,26 @@ extension ModelCommand {
                                     features[name] = value
                                 }
                             }
-                            let logits = try session.run(batch, observe: observe)
+                            let logits = try session.run(batch, observe: observe)[session.primaryOutput]!
                             return TeacherOutputs(logits: logits, features: features)
                         }
                     }) { step, steps, loss in
                         progress.update(String(format: "epoch %d/%d", epoch + 1, epochs), step, steps,
                                         String(format: "%d/%d loss %.4f", step, steps, loss))
                     }
-                    if let (vx, vy) = validation {
+                    if let validation {
                         let session = try InferenceSession(model: trainer.exportModel())
                         var metrics = ClassificationMetrics()
-                        try forEachBatch(session, vx, batchSize: 256) { logits, range in
-                            try metrics.add(logits: logits, labels: vy.ints[range])
+                        var pixels = TaskEvaluation(task: .segmentation)
+                        try forEachBatch(session, validation.samples, batchSize: 256) { logits, range in
+                            if kind == .classification {
+                                try metrics.add(logits: logits, labels: validation.labels!.ints[range])
+                            } else {
+                                try pixels.add(base: logits, compressed: logits, labels: validation.labels(range))
+                            }
                         }
-                        report.validationAccuracy = metrics.accuracy
-                        report.validationLoss = metrics.meanCrossEntropy
+                        report.validationAccuracy = kind == .classification ? metrics.accuracy : pixels.baseAccuracy
+                        report.validationLoss = kind == .classification ? metrics.meanCrossEntropy : nil
                     }
                 } catch let error as ONNXError {
                     progress.finish()
@@ -170,9 +184,8 @@ extension ModelCommand {
                 if !json {
                     var line = String(format: "epoch %d/%d  loss %.4f  accuracy %.2f %%  lr %.5g", report.epoch, epochs,
                                       report.loss, report.accuracy * 100, report.learningRate)
-                    if let va = report.validationAccuracy, let vl = report.validationLoss {
-                        line += String(format: "  val loss %.4f  val accuracy %.2f %%", vl, va * 100)
-                    }
+                    if let vl = report.validationLoss { line += String(format: "  val loss %.4f", vl) }
+                    if let va = report.validationAccuracy { line += String(format: "  val accuracy %.2f %%", va * 100) }
                     print(line)
                 }
             }
@@ -185,15 +198,6 @@ extension ModelCommand {
             } else {
                 print(String(format: "wrote %@ (%d trained parameters, %.1f s)", out, parameterCount, seconds))
             }
-        }
-
-        func floatData(_ t: Tensor, _ path: String) throws -> Tensor {
-            guard t.rank >= 2, t.shape[0] >= 1 else { throw CLIError("\(path) has shape \(t.shape); expected samples [N, …]") }
-            let values = t.asFloats
-            if let bad = values.firstIndex(where: { !$0.isFinite }) {
-                throw CLIError("\(path) contains a non-finite value at flat index \(bad)")
-            }
-            return Tensor(shape: t.shape, floats: values)
         }
     }
 }

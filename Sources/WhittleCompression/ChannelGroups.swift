@@ -573,19 +573,9 @@ public struct ChannelGroups: Sendable {
         self.reshapeRewrites = rewrites
     }
 
-    /// Shapes for the analysis: batch 1, and every other free dimension (a sequence length) at 8.
+    /// Shapes for the analysis (`ShapeInference.analysisShapes`).
     public static func analysisShapes(_ model: Model) throws -> [String: (DataType, [Int])] {
-        var shapes: [String: (DataType, [Int])] = [:]
-        for input in model.graph.runtimeInputs {
-            guard let (dtype, declared) = input.tensorType, let declared else {
-                return try ShapeInference.inputShapes(model, batchSize: 1)
-            }
-            shapes[input.name] = (dtype, declared.enumerated().map { axis, dim in
-                if case .value(let v) = dim, v > 0 { return axis == 0 ? 1 : v }
-                return axis == 0 ? 1 : 8
-            })
-        }
-        return shapes
+        try ShapeInference.analysisShapes(model)
     }
 
     public var prunable: [ChannelGroup] { groups.filter(\.prunable) }

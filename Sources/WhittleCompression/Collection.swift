@@ -27,14 +27,17 @@ public final class CalibrationCollector {
         if let tensors {
             self.tensors = tensors
         } else {
-            var names = Set([session.primaryInput.name])
+            var names = Set(session.model.graph.runtimeInputs.filter { $0.tensorType?.0.isFloatingPoint == true }.map(\.name))
             for node in session.model.graph.nodes { names.formUnion(node.outputs.filter { !$0.isEmpty }) }
             self.tensors = names
         }
     }
 
     /// Pass 1: adds a batch to the per-tensor ranges.
-    public func collectRanges(_ batch: Tensor) throws {
+    public func collectRanges(_ batch: Tensor) throws { try collectRanges(Samples(batch)) }
+
+    /// Pass 1 for a batch of samples of every input.
+    public func collectRanges(_ batch: Samples) throws {
         try observe(batch) { name, value in
             var r = self.ranges[name] ?? RangeStatistics()
             try r.add(value.floats)
@@ -44,7 +47,7 @@ public final class CalibrationCollector {
                 if self.retainedBytes <= self.retainBytes { self.retained!.append((name, value.floats)) } else { self.retained = nil }
             }
         }
-        samples += batch.shape[0]
+        samples += batch.count
     }
 
     /// True when pass 1 kept every observed value (see `retainBytes`): `collectRetainedHistograms` then replaces
@@ -71,7 +74,10 @@ public final class CalibrationCollector {
     }
 
     /// Pass 2: adds a batch to the histograms started by `beginHistograms`.
-    public func collectHistograms(_ batch: Tensor) throws {
+    public func collectHistograms(_ batch: Tensor) throws { try collectHistograms(Samples(batch)) }
+
+    /// Pass 2 for a batch of samples of every input.
+    public func collectHistograms(_ batch: Samples) throws {
         try observe(batch) { name, value in
             guard var h = self.histograms[name] else { return }
             try h.add(value.floats)
@@ -79,8 +85,10 @@ public final class CalibrationCollector {
         }
     }
 
-    func observe(_ batch: Tensor, _ body: @escaping (String, Tensor) throws -> Void) throws {
-        if tensors.contains(session.primaryInput.name) { try body(session.primaryInput.name, batch) }
+    func observe(_ batch: Samples, _ body: @escaping (String, Tensor) throws -> Void) throws {
+        for (name, value) in try batch.feed(session.model.graph) where tensors.contains(name) && value.dtype.isFloatingPoint {
+            try body(name, value)
+        }
         let wanted = tensors
         _ = try session.run(batch, observing: restricted ? wanted : nil) { node, outputs in
             for (name, value) in zip(node.outputs, outputs) where wanted.contains(name) && value.dtype == .float {
@@ -99,7 +107,7 @@ extension ChannelStatistics {
     /// importance, and the batch-norm statistics passes of rounds.
     /// Tensors in `lastAxis` carry their channels on the last axis (`[N, S, D]` features): each position counts as
     /// a sample.
-    public static func collect(_ session: InferenceSession, _ batch: Tensor, tensors: Set<String>, lastAxis: Set<String> = [],
+    public static func collect(_ session: InferenceSession, _ batch: Samples, tensors: Set<String>, lastAxis: Set<String> = [],
                                into channels: inout [String: ChannelStatistics]) throws {
         var gathered = channels
         _ = try session.run(batch, observing: tensors) { node, outputs in
@@ -149,7 +157,7 @@ public final class ImportanceCollector {
     }
 
     /// Adds a batch (`labels` optional).
-    public func collect(_ batch: Tensor, labels: ArraySlice<Int64>? = nil) throws {
+    public func collect(_ batch: Samples, labels: ArraySlice<Int64>? = nil) throws {
         switch criterion {
         case .activation, .apoz:
             try ChannelStatistics.collect(session, batch, tensors: Set(groups.prunable.compactMap(\.statisticsTensor)),
@@ -157,14 +165,7 @@ public final class ImportanceCollector {
                                           into: &statistics.channels)
         case .taylor:
             var y = labels
-            if y == nil {
-                let logits = try (teacher ?? session).run(batch)
-                let classes = logits.count / batch.shape[0]
-                y = ArraySlice((0..<batch.shape[0]).map { row in
-                    let z = logits.floats[(row * classes)..<((row + 1) * classes)]
-                    return Int64(z.firstIndex(of: z.max()!)! - z.startIndex)
-                })
-            }
+            if y == nil { y = try Self.pseudoLabels(try (teacher ?? session).firstOutput(batch)) }
             let (loss, _) = try trainer!.gradients(batch, labels: y, accumulate: true, nodeOutputs: false)
             guard loss.loss.isFinite else {
                 throw CompressionError(.invalidStatistics, "the loss is not finite on this batch; the data or model is broken")
@@ -173,19 +174,40 @@ public final class ImportanceCollector {
         default:
             break
         }
-        statistics.samples += batch.shape[0]
+        statistics.samples += batch.count
+    }
+
+    /// The unpruned model's top class per sample (classifier logits `[N, K]`) or per pixel (segmentation logits
+    /// `[N, K, H, W]`): the targets of label-free Taylor importance. Other outputs (detection heads, embeddings,
+    /// regression) have no class to take, and their distillation loss and its gradient are zero while the student
+    /// equals its teacher.
+    static func pseudoLabels(_ z: Tensor) throws -> ArraySlice<Int64> {
+        switch TaskKind.inferred(outputShape: z.shape) {
+        case .classification:
+            let n = z.shape[0], classes = z.count / max(n, 1)
+            return ArraySlice((0..<n).map { row in
+                let r = z.floats[(row * classes)..<((row + 1) * classes)]
+                return Int64(r.firstIndex(of: r.max()!)! - r.startIndex)
+            })
+        case .segmentation:
+            let (n, c, hw) = (z.shape[0], z.shape[1], z.shape[2] * z.shape[3])
+            var out = [Int64](repeating: 0, count: n * hw)
+            for b in 0..<n {
+                for p in 0..<hw {
+                    var best = 0
+                    for k in 1..<c where z.floats[(b * c + k) * hw + p] > z.floats[(b * c + best) * hw + p] { best = k }
+                    out[b * hw + p] = Int64(best)
+                }
+            }
+            return out[...]
+        case let task:
+            throw CompressionError(.invalidArgument,
+                "Taylor importance without labels needs a classifier or a segmenter; this model's output \(z.shape) looks like \(task.rawValue): use --importance activation or magnitude")
+        }
     }
 
     /// Adds all of `data` in batches.
-    public func collect(data: Tensor, labels: Tensor?) throws {
-        let n = data.shape[0], sampleSize = data.count / max(n, 1)
-        var start = 0
-        while start < n {
-            let end = min(start + batchSize, n)
-            let x = Tensor(shape: [end - start] + Array(data.shape.dropFirst()),
-                           floats: Array(data.floats[(start * sampleSize)..<(end * sampleSize)]))
-            try collect(x, labels: labels.map { $0.ints[start..<end] })
-            start = end
-        }
+    public func collect(data: Dataset) throws {
+        for (batch, range) in data.batches(batchSize) { try collect(batch, labels: data.labels(range)) }
     }
 }

@@ -8,36 +8,54 @@ import Glibc
 import Darwin
 #endif
 
-/// Samples (and optional labels) held in memory.
+/// Samples of every model input (and optional labels) held in memory.
 public struct Dataset: Sendable {
-    public var x: Tensor
+    public var samples: Samples
+    /// One label per sample `[N]`, or per pixel `[N, H, W]` (segmentation).
     public var labels: Tensor?
 
+    /// The unnamed samples of a single-input model.
     public init(x: Tensor, labels: Tensor?) throws {
-        guard x.rank >= 2, x.shape[0] >= 1 else {
-            throw CompressionError(.invalidArgument, "the data has shape \(x.shape); expected at least one sample [N, …]")
+        try self.init(samples: Samples(x), labels: labels)
+    }
+
+    /// Samples of one or several named inputs; float inputs must be finite.
+    public init(samples: Samples, labels: Tensor?) throws {
+        for (name, t) in samples.named {
+            let label = name.isEmpty ? "the data" : "input '\(name)'"
+            guard t.rank >= 1, t.shape[0] >= 1 else {
+                throw CompressionError(.invalidArgument, "\(label) has shape \(t.shape); expected at least one sample [N, …]")
+            }
+            if t.dtype.isFloatingPoint, let bad = t.floats.firstIndex(where: { !$0.isFinite }) {
+                throw CompressionError(.invalidStatistics, "\(label) contains a non-finite value at flat index \(bad)")
+            }
         }
-        if let labels, labels.count != x.shape[0] {
-            throw CompressionError(.invalidArgument, "\(labels.count) labels for \(x.shape[0]) samples")
+        let n = samples.count
+        if let labels, labels.rank < 1 || labels.shape[0] != n || labels.count % n != 0 {
+            throw CompressionError(.invalidArgument, "\(labels.count) labels (shape \(labels.shape)) for \(n) samples")
         }
-        if let bad = x.floats.firstIndex(where: { !$0.isFinite }) {
-            throw CompressionError(.invalidStatistics, "the data contains a non-finite value at flat index \(bad)")
-        }
-        self.x = x
+        self.samples = samples
         self.labels = labels
     }
 
-    public var count: Int { x.shape[0] }
+    /// The first input's samples (the only input of a single-input model).
+    public var x: Tensor { samples.first }
+
+    public var count: Int { samples.count }
 
     /// The samples in `range` as one batch.
-    public func slice(_ range: Range<Int>) -> Tensor {
-        let sampleSize = x.count / count
-        return Tensor(shape: [range.count] + Array(x.shape.dropFirst()),
-                      floats: Array(x.floats[(range.lowerBound * sampleSize)..<(range.upperBound * sampleSize)]))
+    public func slice(_ range: Range<Int>) -> Samples { samples.rows(range) }
+
+    /// Labels of the samples in `range`.
+    public func labels(_ range: Range<Int>) -> ArraySlice<Int64>? {
+        labels.map { l in
+            let per = l.count / max(count, 1)
+            return l.ints[(range.lowerBound * per)..<(range.upperBound * per)]
+        }
     }
 
     /// Batches of at most `size` samples, in order: `(batch, range of sample indices)`, made as they are consumed.
-    public func batches(_ size: Int) -> LazyMapSequence<StrideTo<Int>, (Tensor, Range<Int>)> {
+    public func batches(_ size: Int) -> LazyMapSequence<StrideTo<Int>, (Samples, Range<Int>)> {
         stride(from: 0, to: count, by: size).lazy.map { start in
             let range = start..<min(start + size, self.count)
             return (self.slice(range), range)
@@ -64,6 +82,8 @@ public struct LocalCompression {
     public var sensitivity = false
     /// Rename every internal value and node to a short name in the output (`GraphEditing.compactNames`).
     public var compactNames = false
+    /// What the model's first output means (its losses and metrics); nil: inferred from the output's shape.
+    public var task: TaskKind?
     public var batchSize = 32
     public var seed: UInt64 = 0
 
@@ -86,11 +106,22 @@ public struct LocalCompression {
         if let pruning { try pruning.check() }
         let evaluationData = evaluation ?? calibration
         let baseSession = try InferenceSession(model: base)
-        try baseSession.validate(calibration.x)
-        if let training { try baseSession.validate(training.x) }
-        if let evaluation { try baseSession.validate(evaluation.x) }
+        try baseSession.validate(calibration.samples)
+        if let training { try baseSession.validate(training.samples) }
+        if let evaluation { try baseSession.validate(evaluation.samples) }
+        let task = self.task ?? TaskKind.inferred(model: base, samples: calibration.samples)
         let baseLogits = try timed("evaluation") { try logits(baseSession, evaluationData) }
-        let before = try figures(base, logits: baseLogits, data: evaluationData)
+        // The base model against itself: its accuracy and mean IoU with labels.
+        let baseEvaluation = try evaluate(task, base: baseLogits, compressed: baseLogits, data: evaluationData)
+        let shapes = try calibration.samples.sampleShapes(for: base.graph)
+        func figures(_ model: Model, evaluation: TaskEvaluation, compressed: Bool) throws -> CompressionReport.Figures {
+            try self.figures(model, evaluation: evaluation, compressed: compressed, inputShapes: shapes)
+        }
+        let before = try figures(base, evaluation: baseEvaluation, compressed: false)
+        func evaluated(_ model: Model) throws -> TaskEvaluation {
+            try evaluate(task, base: baseLogits, compressed: try logits(try InferenceSession(model: model), evaluationData),
+                         data: evaluationData)
+        }
 
         // Every layer owns its parameters (exporters share equal constants through Identity nodes).
         var model = GraphEditing.materializeConstants(base).0
@@ -129,7 +160,7 @@ public struct LocalCompression {
                     statistics = try timed("importance") {
                         let collector = try ImportanceCollector(model: model, groups: groups, criterion: pruning.criterion,
                                                                 teacher: base, batchSize: batchSize)
-                        try collector.collect(data: calibration.x, labels: calibration.labels)
+                        try collector.collect(data: calibration)
                         return collector.statistics
                     }
                 }
@@ -148,22 +179,18 @@ public struct LocalCompression {
                     ratio: ratio, channelsKept: kept.values.reduce(0) { $0 + $1.count }, channelsBefore: channelsBefore,
                     accuracyPruned: nil, accuracyFinetuned: nil, finetuneLoss: [])
                 if evaluationData.labels != nil {
-                    step.accuracyPruned = try timed("evaluation") {
-                        try accuracy(logits(try InferenceSession(model: model), evaluationData), evaluationData)
-                    }
+                    step.accuracyPruned = try timed("evaluation") { try evaluated(model).compressedAccuracy }
                 }
                 if finetuneEpochs > 0, let training {
                     progress(String(format: "fine-tuning step %d/%d: %d epochs on %d samples", k + 1, steps.count,
                                     finetuneEpochs, training.count))
                     let (tuned, losses) = try timed("finetune") {
-                        try finetune(model, teacher: distill ? baseSession : nil, data: training, epochs: finetuneEpochs)
+                        try finetune(model, teacher: distill ? baseSession : nil, data: training, epochs: finetuneEpochs, task: task)
                     }
                     model = tuned
                     step.finetuneLoss = losses
                     if evaluationData.labels != nil {
-                        step.accuracyFinetuned = try timed("evaluation") {
-                            try accuracy(logits(try InferenceSession(model: model), evaluationData), evaluationData)
-                        }
+                        step.accuracyFinetuned = try timed("evaluation") { try evaluated(model).compressedAccuracy }
                     }
                 }
                 section.steps.append(step)
@@ -197,10 +224,11 @@ public struct LocalCompression {
                     let row = try timed("sensitivity") { () throws -> CompressionReport.Sensitivity in
                         let (m, _) = try QDQExport.export(folded, ranges: ranges, policy: single)
                         let z = try logits(try InferenceSession(model: m), evaluationData)
+                        let e = try evaluate(task, base: floatLogits, compressed: z, data: evaluationData)
                         return CompressionReport.Sensitivity(
-                            node: layer.node, opType: layer.opType,
-                            accuracy: evaluationData.labels != nil ? try accuracy(z, evaluationData) : nil,
-                            klDivergence: Self.klDivergence(floatLogits, z), agreement: Self.agreement(floatLogits, z))
+                            node: layer.node, opType: layer.opType, accuracy: e.compressedAccuracy,
+                            klDivergence: task == .classification ? Self.klDivergence(floatLogits, z) : nil,
+                            agreement: e.agreementRate ?? 0, relativeError: e.relativeError)
                     }
                     sensitivityRows!.append(row)
                 }
@@ -209,10 +237,13 @@ public struct LocalCompression {
         }
         var renamed: [String: String]?
         if compactNames { (model, renamed) = GraphEditing.compactNames(model) }
-        let afterLogits = try timed("evaluation") { try logits(try InferenceSession(model: model), evaluationData) }
+        let afterEvaluation = try timed("evaluation") { try evaluated(model) }
         var report = CompressionReport(model: modelName, output: outputName, before: before,
-                                       after: try figures(model, logits: afterLogits, data: evaluationData))
-        report.agreement = Self.agreement(baseLogits, afterLogits)
+                                       after: try figures(model, evaluation: afterEvaluation, compressed: true))
+        report.task = task
+        report.agreement = afterEvaluation.agreementRate
+        report.relativeError = afterEvaluation.relativeError
+        report.meanCosine = afterEvaluation.meanCosine
         report.pruning = pruningSection
         report.calibration = calibrationSection
         report.quantization = summary
@@ -295,7 +326,8 @@ public struct LocalCompression {
         return out
     }
 
-    public func finetune(_ model: Model, teacher: InferenceSession?, data: Dataset, epochs: Int) throws -> (Model, [Double]) {
+    public func finetune(_ model: Model, teacher: InferenceSession?, data: Dataset, epochs: Int,
+                         task: TaskKind? = nil) throws -> (Model, [Double]) {
         var configuration = TrainingConfiguration()
         configuration.epochs = epochs
         configuration.batchSize = batchSize
@@ -304,9 +336,9 @@ public struct LocalCompression {
         configuration.seed = seed
         configuration.schedule = .cosine(epochs: epochs, minimum: 0)
         configuration.augmentation = augmentation
+        let task = task ?? TaskKind.inferred(model: model, samples: data.samples)
+        configuration.task = task
         if teacher != nil {
-            let task = TaskKind.inferred(model: model)
-            configuration.task = task
             configuration.distillation = (task.distillationTemperature, data.labels == nil ? 1 : 0.5)
         }
         guard data.labels != nil || teacher != nil else {
@@ -316,37 +348,44 @@ public struct LocalCompression {
         var losses: [Double] = []
         let cache = TeacherLogitsCache()
         for epoch in 0..<epochs {
-            let report = try trainer.trainEpoch(epoch, data: data.x, labels: data.labels, teacher: teacher.map { session in
-                { batch in TeacherOutputs(logits: try session.run(batch)) }
+            let report = try trainer.trainEpoch(epoch, data: data.samples, labels: data.labels, teacher: teacher.map { session in
+                { batch in TeacherOutputs(logits: try session.firstOutput(batch)) }
             }, teacherCache: cache) { [trainingProgress] step, steps, loss in trainingProgress?(epoch, epochs, step, steps, loss) }
             losses.append(report.loss)
         }
         return (trainer.exportModel(), losses)
     }
 
+    /// The first output of the model for every sample, in order (`[N, …]`).
     public func logits(_ session: InferenceSession, _ data: Dataset) throws -> Tensor {
         var values: [Float] = []
-        var classes = 0
+        var tail: [Int] = []
         for (batch, _) in data.batches(max(batchSize, 64)) {
-            let z = try session.run(batch)
-            classes = z.count / batch.shape[0]
+            let z = try session.firstOutput(batch)
+            tail = Array(z.shape.dropFirst())
             values += z.asFloats
         }
-        return Tensor(shape: [data.count, classes], floats: values)
+        return Tensor(shape: [data.count] + tail, floats: values)
     }
 
-    func accuracy(_ logits: Tensor, _ data: Dataset) throws -> Double {
-        var metrics = ClassificationMetrics()
-        try metrics.add(logits: logits, labels: data.labels!.ints[...])
-        return metrics.accuracy
+    /// Compares outputs of a compressed model with the base model's on `data` (with its labels, if any).
+    public func evaluate(_ task: TaskKind, base: Tensor, compressed: Tensor, data: Dataset) throws -> TaskEvaluation {
+        var e = TaskEvaluation(task: task)
+        try e.add(base: base, compressed: compressed, labels: data.labels.map { $0.ints[...] })
+        return e
     }
 
-    public func figures(_ model: Model, logits: Tensor, data: Dataset) throws -> CompressionReport.Figures {
-        let summary = try ModelSummary(model: model)
+    /// Size, parameters and MACs (for one sample of `inputShapes`), and the task's figures from `evaluation`: of the
+    /// compressed model, or with `compressed` false of the base model.
+    public func figures(_ model: Model, evaluation: TaskEvaluation, compressed: Bool,
+                        inputShapes: [String: (DataType, [Int])]? = nil) throws -> CompressionReport.Figures {
+        let summary = try ModelSummary(model: model, inputShapes: inputShapes)
         let bytes = try ModelCoding.write(model).count
-        return CompressionReport.Figures(bytes: bytes, parameters: summary.parameters, macs: summary.macs,
-                                         accuracy: data.labels == nil ? nil : try accuracy(logits, data),
-                                         samples: data.count)
+        var f = CompressionReport.Figures(bytes: bytes, parameters: summary.parameters, macs: summary.macs,
+                                          accuracy: compressed ? evaluation.compressedAccuracy : evaluation.baseAccuracy,
+                                          samples: evaluation.samples)
+        f.meanIoU = compressed ? evaluation.compressedMeanIoU : evaluation.baseMeanIoU
+        return f
     }
 
     public static func top1(_ z: Tensor) -> [Int] {

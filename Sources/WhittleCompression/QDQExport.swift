@@ -114,7 +114,7 @@ public enum QDQExport {
         try policy.check()
         guard var opset = model.defaultOpset else { throw CompressionError(.invalidArgument, "the model imports no default opset") }
         var graph = model.graph
-        let inferred = try ShapeInference.infer(graph, opset: opset, inputs: try ShapeInference.inputShapes(model, batchSize: 1))
+        let inferred = try ShapeInference.infer(graph, opset: opset, inputs: try ShapeInference.analysisShapes(model))
         func isFloat(_ name: String) -> Bool { inferred.values[name]?.dtype == .float }
         let layerPrecision = try precisions(graph, policy: policy)
         let quantizesActivations = policy.mode == .int8 || policy.mode == .mixed || layerPrecision.values.contains(.int8)
@@ -156,9 +156,30 @@ public enum QDQExport {
                 current = graph.nodes[readers[0]].outputs[0]
             }
         }
+        // A LayerNorm that opsets before 17 spell out (ReduceMean → Sub → Pow → ReduceMean → Add(ε) → Sqrt → Div,
+        // then Mul(γ)) stays in float up to its scale, as LayerNormalization does; its output (after β) is quantized
+        // like LayerNormalization's.
+        var layerNormParts = Set<String>()
+        func only(_ value: String, _ op: String) -> Node? {
+            guard let readers = index.readers[value], readers.count == 1, graph.nodes[readers[0]].opType == op else { return nil }
+            return graph.nodes[readers[0]]
+        }
+        for mean in graph.nodes where mean.opType == "ReduceMean" {
+            guard let readers = index.readers[mean.outputs[0]], readers.count == 1 else { continue }
+            let sub = graph.nodes[readers[0]]
+            guard sub.opType == "Sub", sub.inputs.count == 2, sub.inputs[0] == mean.inputs[0], sub.inputs[1] == mean.outputs[0],
+                  let centredReaders = index.readers[sub.outputs[0]], centredReaders.count == 2 else { continue }
+            let centredOps = centredReaders.map { graph.nodes[$0] }
+            guard let pow = centredOps.first(where: { $0.opType == "Pow" }), let div = centredOps.first(where: { $0.opType == "Div" }),
+                  let variance = only(pow.outputs[0], "ReduceMean"), let epsilon = only(variance.outputs[0], "Add"),
+                  let sqrt = only(epsilon.outputs[0], "Sqrt"), div.inputs.count == 2, div.inputs[1] == sqrt.outputs[0] else { continue }
+            layerNormParts.formUnion([mean, sub, pow, variance, epsilon, sqrt, div].map(\.name))
+            if let scale = only(div.outputs[0], "Mul") { layerNormParts.insert(scale.name) }
+        }
         func shouldQuantize(_ node: Node) -> Bool {
             if let p = layerPrecision[node.name] { return p != .float }
-            if node.opType == "Softmax" || feedsOnlySoftmax(node) || geluParts.contains(node.name) { return false }
+            if node.opType == "Softmax" || feedsOnlySoftmax(node) || geluParts.contains(node.name)
+                || layerNormParts.contains(node.name) { return false }
             return quantizesActivations && !keepFloat.contains(node.name)
         }
         // onnxruntime's adjust_tensor_ranges: a Relu/Clip input read only by it takes the output's range; Softmax
@@ -402,7 +423,7 @@ public enum QDQExport {
     /// excluded): found by planning the export with placeholder ranges, so calibration observes only those.
     public static func calibrationTensors(_ model: Model, policy: QuantizationPolicy) throws -> Set<String> {
         guard let opset = model.defaultOpset else { return [] }
-        let inferred = try ShapeInference.infer(model.graph, opset: opset, inputs: try ShapeInference.inputShapes(model, batchSize: 1))
+        let inferred = try ShapeInference.infer(model.graph, opset: opset, inputs: try ShapeInference.analysisShapes(model))
         var placeholder: [String: (min: Float, max: Float)] = [:]
         for (name, meta) in inferred.values where meta.dtype == .float && meta.constant == nil { placeholder[name] = (0, 1) }
         let (_, summary) = try export(model, ranges: placeholder, policy: policy)

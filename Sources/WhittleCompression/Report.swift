@@ -1,3 +1,5 @@
+import WhittleNN
+
 /// The report of a compression, the same whether it ran on one machine (`coordinator model compress`) or as a
 /// federated round (which adds per-worker rows).
 public struct CompressionReport: Sendable, Codable {
@@ -7,10 +9,12 @@ public struct CompressionReport: Sendable, Codable {
         public var parameters: Int
         /// Multiply-accumulates for one sample.
         public var macs: Int
-        /// Top-1 accuracy on the evaluation data, when labels were given.
+        /// With labels: top-1 accuracy (classification) or pixel accuracy (segmentation) on the evaluation data.
         public var accuracy: Double?
-        /// Samples the accuracy was measured on.
+        /// Samples the figures were measured on.
         public var samples: Int?
+        /// Segmentation with per-pixel labels: mean intersection over union of the classes present.
+        public var meanIoU: Double?
 
         public init(bytes: Int, parameters: Int, macs: Int, accuracy: Double?, samples: Int?) {
             self.bytes = bytes
@@ -87,9 +91,13 @@ public struct CompressionReport: Sendable, Codable {
         public var opType: String
         /// Accuracy with only this layer quantized (with labels).
         public var accuracy: Double?
-        /// Mean KL divergence of the output distribution from the float model's, with only this layer quantized.
-        public var klDivergence: Double
+        /// Classifiers: mean KL divergence of the output distribution from the float model's, with only this layer
+        /// quantized.
+        public var klDivergence: Double?
+        /// Agreement with the float model (see `TaskEvaluation`).
         public var agreement: Double
+        /// ‖output − float output‖ / ‖float output‖.
+        public var relativeError: Double?
     }
 
     public struct CalibrationSection: Sendable, Codable {
@@ -118,8 +126,15 @@ public struct CompressionReport: Sendable, Codable {
         /// With labels: top-1 accuracy of the base and the compressed model on this worker's data.
         public var accuracyBefore: Double?
         public var accuracyAfter: Double?
-        /// Top-1 agreement of the compressed model with the base model (with or without labels).
+        /// Agreement of the compressed model with the base model (with or without labels; see `TaskEvaluation`).
         public var agreement: Double?
+        /// Segmentation with per-pixel labels: mean IoU of the base and the compressed model.
+        public var meanIoUBefore: Double?
+        public var meanIoUAfter: Double?
+        /// ‖compressed output − base output‖ / ‖base output‖ on this worker's data.
+        public var relativeError: Double?
+        /// Embeddings: mean cosine similarity of the compressed model's with the base model's.
+        public var meanCosine: Double?
         /// Median single-sample latency on the board, milliseconds.
         public var latencyBeforeMs: Double?
         public var latencyAfterMs: Double?
@@ -167,8 +182,16 @@ public struct CompressionReport: Sendable, Codable {
     public var output: String
     public var before: Figures
     public var after: Figures
-    /// Top-1 agreement of the compressed model with the original on the evaluation data.
+    /// What the model's first output means; its metrics follow.
+    public var task: TaskKind?
+    /// Agreement of the compressed model with the original on the evaluation data: the same top class per sample
+    /// (classification) or per pixel (segmentation), outputs within 10 % (detection, regression), cosine ≥ 0.9
+    /// (embedding).
     public var agreement: Double?
+    /// ‖compressed output − original output‖ / ‖original output‖ on the evaluation data.
+    public var relativeError: Double?
+    /// Embeddings: mean cosine similarity with the original's.
+    public var meanCosine: Double?
     public var pruning: PruningSection?
     public var calibration: CalibrationSection?
     public var quantization: QuantizationSummary?

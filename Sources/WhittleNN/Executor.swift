@@ -193,18 +193,43 @@ public final class InferenceSession: @unchecked Sendable {
         for name in inputs.keys where !expected.contains(name) {
             throw ONNXError(.invalidInput, "the model has no input '\(name)'; its inputs are \(expected.joined(separator: ", "))")
         }
+        for name in expected where inputs[name] == nil {
+            throw ONNXError(.invalidInput, "the model's input '\(name)' is missing (it needs \(expected.joined(separator: ", ")))")
+        }
+        return try run(fed: inputs, observing: nil, observe: observe)
+    }
+
+    /// Runs a batch of samples (see `Samples.feed` for how tensors meet inputs); returns every graph output by name.
+    /// With `observing`, the run stays fused and the observer sees at least those values; without, an observer makes
+    /// the run unfused so that it sees every node's outputs.
+    public func run(_ samples: Samples, observing: Set<String>? = nil,
+                    observe: ((Node, [Tensor]) throws -> Void)? = nil) throws -> [String: Tensor] {
+        try run(fed: try samples.feed(model.graph), observing: observing, observe: observe)
+    }
+
+    /// The first graph output for a batch of samples.
+    public func firstOutput(_ samples: Samples) throws -> Tensor {
+        try run(samples)[primaryOutput]!
+    }
+
+    /// Checks every input of a batch of samples (see `validate(_:for:)`) and that each is fed.
+    public func validate(_ samples: Samples) throws {
+        let fed = try samples.feed(model.graph)
+        for info in model.graph.runtimeInputs { try validate(fed[info.name]!, for: info) }
+    }
+
+    func run(fed inputs: [String: Tensor], observing: Set<String>?, observe: ((Node, [Tensor]) throws -> Void)?) throws -> [String: Tensor] {
         var shapes: [String: (DataType, [Int])] = [:]
         var fed: [String: Tensor] = [:]
         for info in model.graph.runtimeInputs {
-            guard var tensor = inputs[info.name] else {
-                throw ONNXError(.invalidInput, "the model's input '\(info.name)' is missing (it needs \(expected.joined(separator: ", ")))")
-            }
+            var tensor = inputs[info.name]!
             try validate(tensor, for: info)
             if let (elementType, _) = info.tensorType, elementType.isInteger { tensor.dtype = elementType }
             shapes[info.name] = (tensor.dtype, tensor.shape)
             fed[info.name] = tensor
         }
-        let graph = try compiled(shapes: shapes, fused: observe == nil)
+        let graph = try observing.map { try compiled(shapes: shapes, observable: $0) }
+            ?? compiled(shapes: shapes, fused: observe == nil)
         return try graph.run(fed, observe: observe)
     }
 

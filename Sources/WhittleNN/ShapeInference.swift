@@ -28,6 +28,52 @@ public enum ShapeInference {
                                         "GlobalAveragePool", "Resize"]
 
     /// Input shapes of `model` with every leading symbolic or unknown dimension set to `batchSize`.
+    /// Shapes for analyses that hold at any size (which values are float, how channels flow, which nodes an export
+    /// touches): batch 1, and every other free dimension (a sequence length) at 8.
+    public static func analysisShapes(_ model: Model) throws -> [String: (DataType, [Int])] {
+        var shapes: [String: (DataType, [Int])] = [:]
+        for input in model.graph.runtimeInputs {
+            guard let (dtype, declared) = input.tensorType, let declared else {
+                return try inputShapes(model, batchSize: 1)
+            }
+            shapes[input.name] = (dtype, declared.enumerated().map { axis, dim in
+                if case .value(let v) = dim, v > 0 { return axis == 0 ? 1 : v }
+                return axis == 0 ? 1 : 8
+            })
+        }
+        return shapes
+    }
+
+    /// Shapes of one sample for counting MACs: each input's size from `sizes` (all its dimensions, batch first) or,
+    /// without, its declared shape at batch size 1. A free dimension besides the batch must be given (a sequence
+    /// length); the error names the input and `flag`, the option that gives sizes.
+    public static func sampleShapes(_ model: Model, sizes: [String: [Int]], flag: String = "--shape") throws -> [String: (DataType, [Int])] {
+        var sizes = sizes
+        var out: [String: (DataType, [Int])] = [:]
+        for input in model.graph.runtimeInputs {
+            guard let (dtype, declared) = input.tensorType, let declared else { continue }
+            if let dims = sizes.removeValue(forKey: input.name) {
+                guard dims.count == declared.count, dims.allSatisfy({ $0 >= 1 }) else {
+                    throw ONNXError(.invalidInput, "\(flag) \(input.name) has \(dims.count) sizes; the input has rank \(declared.count)")
+                }
+                out[input.name] = (dtype, dims)
+            } else {
+                out[input.name] = (dtype, try declared.enumerated().map { axis, dim in
+                    if case .value(let v) = dim, v > 0 { return axis == 0 ? 1 : v }
+                    guard axis == 0 else {
+                        throw ONNXError(.invalidInput, "input '\(input.name)' has a free dimension at axis \(axis): give its size with \(flag) \(input.name)=…")
+                    }
+                    return 1
+                })
+            }
+            guard TensorLimits.elementCount(out[input.name]!.1) != nil else {
+                throw ONNXError(.tooLarge, TensorLimits.limitMessage(out[input.name]!.1, "input '\(input.name)'"))
+            }
+        }
+        if let unknown = sizes.keys.sorted().first { throw ONNXError(.invalidInput, "\(flag) names '\(unknown)', which is not an input of the model") }
+        return out
+    }
+
     public static func inputShapes(_ model: Model, batchSize: Int) throws -> [String: (DataType, [Int])] {
         var shapes: [String: (DataType, [Int])] = [:]
         for input in model.graph.runtimeInputs {

@@ -1,6 +1,7 @@
 import Foundation
 import SwiftProtobuf
 import WhittleCompression
+import WhittleNN
 import WhittleTensor
 
 /// Wire encodings of the mergeable statistics (proto/whittle.proto). Decoding validates: what a worker sends is
@@ -131,5 +132,71 @@ extension Whittle_ImportanceReport {
         out.gradientSums = try report.gradientSums.mapValues { try $0.decoded() }
         out.samples = Int(clamping: report.samples)
         return out
+    }
+}
+
+extension Whittle_EvaluationReport {
+    /// The task's sums (latencies are set by the caller).
+    public init(_ e: TaskEvaluation) {
+        self.init()
+        samples = UInt64(e.samples)
+        taskKind = e.task.rawValue
+        units = UInt64(e.units)
+        agreement = UInt64(e.agreement)
+        labels = e.labelled
+        baseCorrect = UInt64(e.baseCorrect)
+        compressedCorrect = UInt64(e.compressedCorrect)
+        baseIntersection = e.baseIntersection.map { UInt64($0) }
+        baseUnion = e.baseUnion.map { UInt64($0) }
+        compressedIntersection = e.compressedIntersection.map { UInt64($0) }
+        compressedUnion = e.compressedUnion.map { UInt64($0) }
+        squaredError = e.squaredError
+        squaredReference = e.squaredReference
+        cosineSum = e.cosineSum
+    }
+
+    /// The sums, checked: counts within the units (samples, or for segmentation at most `maximumPixels` per
+    /// sample), per-class counts consistent, sums finite and non-negative. A report from an older worker (no task)
+    /// is classification counted in samples.
+    public func decoded(maximumUnitsPerSample: UInt64 = 1 << 24) throws -> TaskEvaluation {
+        func refuse(_ why: String) -> CompressionError { CompressionError(.invalidStatistics, "evaluation report: \(why)") }
+        guard let task = taskKind.isEmpty ? .classification : TaskKind(rawValue: taskKind) else {
+            throw refuse("unknown task '\(taskKind)'")
+        }
+        let units = taskKind.isEmpty ? samples : self.units
+        guard samples <= UInt64(Int.max), units <= samples.multipliedReportingOverflow(by: maximumUnitsPerSample).partialValue,
+              task == .segmentation || units == samples else {
+            throw refuse("\(units) units for \(samples) samples")
+        }
+        guard agreement <= units, baseCorrect <= units, compressedCorrect <= units,
+              labels || (baseCorrect == 0 && compressedCorrect == 0) else {
+            throw refuse("counts exceed the \(units) units compared")
+        }
+        let perClass = [baseIntersection, baseUnion, compressedIntersection, compressedUnion]
+        guard perClass.allSatisfy({ $0.count == baseIntersection.count }), baseIntersection.count <= 1 << 16,
+              baseIntersection.isEmpty || (task == .segmentation && labels),
+              zip(baseIntersection, baseUnion).allSatisfy({ $0 <= $1 && $1 <= units }),
+              zip(compressedIntersection, compressedUnion).allSatisfy({ $0 <= $1 && $1 <= units }) else {
+            throw refuse("per-class intersections and unions are inconsistent")
+        }
+        guard squaredError.isFinite, squaredError >= 0, squaredReference.isFinite, squaredReference >= 0,
+              cosineSum.isFinite, abs(cosineSum) <= Double(samples) * (1 + 1e-6) else {
+            throw refuse("error sums are not finite or out of range")
+        }
+        var e = TaskEvaluation(task: task)
+        e.samples = Int(samples)
+        e.units = Int(units)
+        e.agreement = Int(agreement)
+        e.labelled = labels
+        e.baseCorrect = Int(baseCorrect)
+        e.compressedCorrect = Int(compressedCorrect)
+        e.baseIntersection = baseIntersection.map { Int($0) }
+        e.baseUnion = baseUnion.map { Int($0) }
+        e.compressedIntersection = compressedIntersection.map { Int($0) }
+        e.compressedUnion = compressedUnion.map { Int($0) }
+        e.squaredError = squaredError
+        e.squaredReference = squaredReference
+        e.cosineSum = cosineSum
+        return e
     }
 }

@@ -184,11 +184,14 @@ public struct PhaseAccumulator: Sendable {
             samples += n
         case (.evaluate, .evaluation(let message)):
             let n = try checkSamples(message.samples, maximumSamples)
-            guard message.agreement <= message.samples, message.baseCorrect <= message.samples,
-                message.compressedCorrect <= message.samples, message.labels || (message.baseCorrect == 0 && message.compressedCorrect == 0),
-                message.baseLatencyMs.isFinite, message.baseLatencyMs >= 0,
+            do {
+                _ = try message.decoded()
+            } catch let error as CompressionError {
+                throw refuse(error.message)
+            }
+            guard message.baseLatencyMs.isFinite, message.baseLatencyMs >= 0,
                 message.compressedLatencyMs.isFinite, message.compressedLatencyMs >= 0 else {
-                throw refuse("the evaluation's counts or latencies are out of range")
+                throw refuse("the evaluation's latencies are out of range")
             }
             evaluations[worker] = message
             samples += n

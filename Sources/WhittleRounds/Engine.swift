@@ -35,6 +35,10 @@ public struct RoundProgress: Codable, Sendable {
     public var before: CompressionReport.Figures?
     public var after: CompressionReport.Figures?
     public var agreement: Double?
+    /// The evaluation's task (as the workers reported it), relative error and mean cosine (embeddings).
+    public var task: TaskKind?
+    public var relativeError: Double?
+    public var meanCosine: Double?
     public var renamedValues: [String: String]?
     /// The median L2 norm of the updates of the last training phase closed (the next phase's clipping bound is a
     /// multiple of it).
@@ -113,6 +117,7 @@ public struct RoundEngine: Sendable {
         }
         t.seed = plan.seed &+ UInt64(index)
         t.distill = plan.distill
+        t.taskKind = plan.task?.rawValue ?? ""
         t.compressDeltas = plan.deltaCompression == .int8
         if let lambda = plan.ewcLambda, let state = progress.ewcState, phase.kind == .finetune {
             t.ewcLambda = lambda
@@ -283,37 +288,44 @@ public struct RoundEngine: Sendable {
         return out
     }
 
-    /// Closes the evaluation: per-site rows and fleet-wide figures (accuracy over the labelled sites' samples).
+    /// Closes the evaluation: per-site rows and fleet-wide figures, the task's sums added over the sites (accuracy
+    /// and mean IoU over the labelled sites' samples, agreement and relative error over every site's).
     public func evaluated(base: Model, final: Model, _ accumulator: PhaseAccumulator, baseBytes: Int, finalBytes: Int,
                           progress: inout RoundProgress) throws {
-        var samples = 0, labelled = 0, baseCorrect = 0, finalCorrect = 0, agree = 0
-        for (worker, e) in accumulator.evaluations {
-            var site = progress.sites[worker] ?? CompressionReport.Site(worker: worker, samples: Int(e.samples), labels: e.labels)
-            site.samples = Int(e.samples)
-            site.labels = e.labels
-            let n = Double(max(e.samples, 1))
-            site.agreement = Double(e.agreement) / n
-            if e.labels {
-                site.accuracyBefore = Double(e.baseCorrect) / n
-                site.accuracyAfter = Double(e.compressedCorrect) / n
-                labelled += Int(e.samples)
-                baseCorrect += Int(e.baseCorrect)
-                finalCorrect += Int(e.compressedCorrect)
-            }
-            site.latencyBeforeMs = e.baseLatencyMs
-            site.latencyAfterMs = e.compressedLatencyMs
+        var fleet: TaskEvaluation?, labelled: TaskEvaluation?
+        for (worker, message) in accumulator.evaluations.sorted(by: { $0.key < $1.key }) {
+            let e = try message.decoded()
+            var site = progress.sites[worker] ?? CompressionReport.Site(worker: worker, samples: e.samples, labels: e.labelled)
+            site.samples = e.samples
+            site.labels = e.labelled
+            site.agreement = e.agreementRate
+            site.accuracyBefore = e.baseAccuracy
+            site.accuracyAfter = e.compressedAccuracy
+            site.meanIoUBefore = e.baseMeanIoU
+            site.meanIoUAfter = e.compressedMeanIoU
+            site.relativeError = e.relativeError
+            site.meanCosine = e.meanCosine
+            site.latencyBeforeMs = message.baseLatencyMs
+            site.latencyAfterMs = message.compressedLatencyMs
             progress.sites[worker] = site
-            samples += Int(e.samples)
-            agree += Int(e.agreement)
+            if fleet == nil { fleet = e } else { try fleet!.merge(e) }
+            if e.labelled {
+                if labelled == nil { labelled = e } else { try labelled!.merge(e) }
+            }
         }
-        let baseSummary = try ModelSummary(model: base), finalSummary = try ModelSummary(model: final)
+        let shapes = try ShapeInference.sampleShapes(base, sizes: plan.inputSizes ?? [:])
+        let baseSummary = try ModelSummary(model: base, inputShapes: shapes), finalSummary = try ModelSummary(model: final, inputShapes: shapes)
+        let samples = labelled?.samples ?? fleet?.samples ?? 0
         progress.before = CompressionReport.Figures(bytes: baseBytes, parameters: baseSummary.parameters, macs: baseSummary.macs,
-                                                    accuracy: labelled > 0 ? Double(baseCorrect) / Double(labelled) : nil,
-                                                    samples: labelled > 0 ? labelled : samples)
+                                                    accuracy: labelled?.baseAccuracy, samples: samples)
+        progress.before?.meanIoU = labelled?.baseMeanIoU
         progress.after = CompressionReport.Figures(bytes: finalBytes, parameters: finalSummary.parameters, macs: finalSummary.macs,
-                                                   accuracy: labelled > 0 ? Double(finalCorrect) / Double(labelled) : nil,
-                                                   samples: labelled > 0 ? labelled : samples)
-        progress.agreement = samples > 0 ? Double(agree) / Double(samples) : nil
+                                                   accuracy: labelled?.compressedAccuracy, samples: samples)
+        progress.after?.meanIoU = labelled?.compressedMeanIoU
+        progress.task = fleet?.task
+        progress.agreement = fleet?.agreementRate
+        progress.relativeError = fleet?.relativeError
+        progress.meanCosine = fleet?.meanCosine
         try checkQuality(progress)
     }
 
@@ -351,7 +363,10 @@ public struct RoundEngine: Sendable {
     public func report(round: String, progress: RoundProgress, output: String) -> CompressionReport? {
         guard let before = progress.before, let after = progress.after else { return nil }
         var r = CompressionReport(model: plan.modelName, output: output, before: before, after: after)
+        r.task = progress.task
         r.agreement = progress.agreement
+        r.relativeError = progress.relativeError
+        r.meanCosine = progress.meanCosine
         r.pruning = progress.pruning
         r.calibration = progress.calibration
         r.quantization = progress.quantization

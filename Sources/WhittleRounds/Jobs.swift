@@ -46,7 +46,7 @@ public enum WorkerJobs {
             let groups = try ChannelGroups(model: model)
             let collector = try ImportanceCollector(model: model, groups: groups, criterion: criterion, teacher: teacher,
                                                     batchSize: batchSize)
-            try collector.collect(data: data.x, labels: data.labels)
+            try collector.collect(data: data)
             report.importance = Whittle_ImportanceReport(collector.statistics)
         case .finetune, .qat:
             report.update = try finetune(task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize,
@@ -54,7 +54,7 @@ public enum WorkerJobs {
         case .fisher:
             let trainer = try Trainer(model: model, configuration: TrainingConfiguration())
             let labels = try data.labels ?? pseudoLabels(model: teacher ?? model, data: data, batchSize: batchSize)
-            let (sums, samples) = try trainer.fisherSums(data: data.x, labels: labels)
+            let (sums, samples) = try trainer.fisherSums(data: data.samples, labels: labels)
             var fisher = Whittle_FisherReport()
             fisher.sums = sums.mapValues(Whittle_FloatTensor.init)
             fisher.samples = UInt64(samples)
@@ -65,7 +65,7 @@ public enum WorkerJobs {
             var statistics = ImportanceStatistics()
             for (batch, _) in data.batches(batchSize) {
                 try ChannelStatistics.collect(session, batch, tensors: Set(wanted.keys), into: &statistics.channels)
-                statistics.samples += batch.shape[0]
+                statistics.samples += batch.count
             }
             report.importance = Whittle_ImportanceReport(statistics)
         case .ranges:
@@ -82,7 +82,8 @@ public enum WorkerJobs {
             report.calibration = calibration
         case .evaluate:
             guard let teacher else { throw CompressionError(.invalidArgument, "evaluation needs the base model") }
-            report.evaluation = try evaluate(base: teacher, compressed: model, data: data, batchSize: batchSize)
+            report.evaluation = try evaluate(base: teacher, compressed: model, data: data, batchSize: batchSize,
+                                             task: try taskKind(task, model: teacher, data: data))
         default:
             throw CompressionError(.invalidArgument, "task kind '\(task.kind)' is not computed by WorkerJobs")
         }
@@ -119,10 +120,10 @@ public enum WorkerJobs {
             configuration.augmentation = augmentation
         }
         let teacherSession = try (task.distill ? teacher : nil).map { try InferenceSession(model: $0) }
+        // The loss follows the model's output (per-pixel for segmenters, relative MSE for detection heads…).
+        let kind = try taskKind(task, model: model, data: data)
+        configuration.task = kind
         if teacherSession != nil {
-            // The loss follows the model's output (per-pixel for segmenters, relative MSE for detection heads…).
-            let kind = TaskKind.inferred(model: model)
-            configuration.task = kind
             configuration.distillation = (kind.distillationTemperature, data.labels == nil ? 1 : 0.5)
         }
         guard data.labels != nil || teacherSession != nil else {
@@ -146,8 +147,8 @@ public enum WorkerJobs {
         if task.keepOptimizerState, let state = optimizerState { trainer.restoreOptimizer(state, kind: configuration.optimizer) }
         var loss = 0.0
         for epoch in 0..<max(1, Int(task.localEpochs)) {
-            let epochReport = try trainer.trainEpoch(epoch, data: data.x, labels: data.labels, teacher: teacherSession.map { session in
-                { batch in TeacherOutputs(logits: try session.run(batch)) }
+            let epochReport = try trainer.trainEpoch(epoch, data: data.samples, labels: data.labels, teacher: teacherSession.map { session in
+                { batch in TeacherOutputs(logits: try session.firstOutput(batch)) }
             }, teacherCache: teacherCache ?? TeacherLogitsCache())
             guard epochReport.loss.isFinite else {
                 throw CompressionError(.invalidStatistics, "the training loss became non-finite in local epoch \(epoch + 1)")
@@ -180,30 +181,39 @@ public enum WorkerJobs {
         return update
     }
 
+    /// The task's kind: the plan's, or inferred from the model's output for this data's shapes.
+    static func taskKind(_ task: Whittle_Task, model: Model, data: Dataset) throws -> TaskKind {
+        guard !task.taskKind.isEmpty else { return TaskKind.inferred(model: model, samples: data.samples) }
+        guard let kind = TaskKind(rawValue: task.taskKind) else {
+            throw CompressionError(.invalidArgument, "the task names task kind '\(task.taskKind)', which this worker does not know")
+        }
+        return kind
+    }
+
+    /// Top-1 classes of the model's outputs (classifiers), for label-free Fisher sums.
     static func pseudoLabels(model: Model, data: Dataset, batchSize: Int) throws -> Tensor {
         let session = try InferenceSession(model: model)
         var labels: [Int64] = []
-        for (batch, _) in data.batches(batchSize) { labels += LocalCompression.top1(try session.run(batch)).map { Int64($0) } }
+        for (batch, _) in data.batches(batchSize) {
+            let z = try session.firstOutput(batch)
+            guard z.rank == 2 else {
+                throw CompressionError(.invalidArgument, "EWC's Fisher information without labels takes the model's top class, and this model's output \(z.shape) is not classifier logits [N, classes]; give the workers labels")
+            }
+            labels += LocalCompression.top1(z).map { Int64($0) }
+        }
         return Tensor(shape: [labels.count], ints: labels)
     }
 
     /// Samples timed for latency (single-sample inference, after two warm-up runs).
     public static let latencySamples = 20
 
-    static func evaluate(base: Model, compressed: Model, data: Dataset, batchSize: Int) throws -> Whittle_EvaluationReport {
+    static func evaluate(base: Model, compressed: Model, data: Dataset, batchSize: Int, task: TaskKind) throws -> Whittle_EvaluationReport {
         var local = LocalCompression()
         local.batchSize = batchSize
         let baseSession = try InferenceSession(model: base), compressedSession = try InferenceSession(model: compressed)
-        let before = LocalCompression.top1(try local.logits(baseSession, data))
-        let after = LocalCompression.top1(try local.logits(compressedSession, data))
-        var out = Whittle_EvaluationReport()
-        out.samples = UInt64(data.count)
-        out.agreement = UInt64(zip(before, after).filter { $0 == $1 }.count)
-        if let labels = data.labels?.ints {
-            out.labels = true
-            out.baseCorrect = UInt64(zip(before, labels).filter { Int64($0) == $1 }.count)
-            out.compressedCorrect = UInt64(zip(after, labels).filter { Int64($0) == $1 }.count)
-        }
+        let evaluation = try local.evaluate(task, base: try local.logits(baseSession, data),
+                                            compressed: try local.logits(compressedSession, data), data: data)
+        var out = Whittle_EvaluationReport(evaluation)
         out.baseLatencyMs = try medianLatency(baseSession, data)
         out.compressedLatencyMs = try medianLatency(compressedSession, data)
         return out

@@ -122,6 +122,11 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public var qatLearningRate: Float?
     /// Distill from the base model: workers without labels can fine-tune.
     public var distill = false
+    /// What the model's first output means (losses and metrics on the workers); nil: inferred from its shape.
+    public var task: TaskKind?
+    /// Sizes of one sample of inputs with free dimensions besides the batch (a sequence length), for the report's
+    /// MACs (`--shape input_ids=1x128`).
+    public var inputSizes: [String: [Int]]?
     /// Random transforms of local training samples (nil: none).
     public var augmentation: Augmentation?
     /// Workers continue their local optimizer's state from one fine-tuning round to the next (nil: fresh each round).
@@ -293,6 +298,11 @@ public struct RoundPlan: Codable, Sendable, Equatable {
             if augmentation == .dihedral, case .value(let h) = shape[2], case .value(let w) = shape[3], h != w {
                 throw CompressionError(.invalidArgument, "--augment dihedral needs square images; \(input) (use flips)")
             }
+        }
+        do {
+            _ = try ModelSummary(model: model, inputShapes: try ShapeInference.sampleShapes(model, sizes: inputSizes ?? [:]))
+        } catch let error as ONNXError {
+            throw CompressionError(.invalidArgument, error.message)
         }
         if !steps.isEmpty {
             let groups = try ChannelGroups(model: model)

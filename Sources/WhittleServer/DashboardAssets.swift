@@ -46,7 +46,7 @@ enum DashboardAssets {
             <h3>Per-site before / after</h3>
             <table id="sites"><thead><tr>
               <th>site</th><th>samples</th><th>labels</th><th>phases</th><th>accuracy before</th><th>accuracy after</th>
-              <th>agreement</th><th>latency before</th><th>latency after</th><th>up</th><th>down</th><th>received</th>
+              <th>agreement</th><th>task figure</th><th>latency before</th><th>latency after</th><th>up</th><th>down</th><th>received</th>
             </tr></thead><tbody></tbody></table>
             <h3>Model</h3>
             <table id="figures"><thead><tr><th></th><th>before</th><th>after</th><th>ratio</th></tr></thead><tbody></tbody></table>
@@ -282,6 +282,10 @@ enum DashboardAssets {
             const after = cell(row, pct(s.accuracyAfter), "num");
             if (s.accuracyBefore != null && s.accuracyAfter != null) after.classList.add(s.accuracyAfter >= s.accuracyBefore ? "better" : "worse");
             cell(row, pct(s.agreement), "num");
+            // The task's own figure: mean IoU for segmenters, cosine for embeddings, relative error otherwise.
+            cell(row, s.meanIoUAfter != null ? "mIoU " + pct(s.meanIoUBefore) + " → " + pct(s.meanIoUAfter)
+                    : s.meanCosine != null ? "cosine " + s.meanCosine.toFixed(4)
+                    : s.relativeError != null ? "rel. error " + s.relativeError.toFixed(4) : "–", "num");
             cell(row, ms(s.latencyBeforeMs), "num");
             cell(row, ms(s.latencyAfterMs), "num");
             cell(row, bytes(s.bytesUp), "num");
@@ -292,10 +296,22 @@ enum DashboardAssets {
           const figures = document.querySelector("#figures tbody");
           figures.replaceChildren();
           if (!report) return;
-          for (const [label, key, format] of [["file size", "bytes", bytes], ["parameters", "parameters", String], ["MACs", "macs", String], ["accuracy", "accuracy", pct]]) {
+          const rows = [["file size", "bytes", bytes], ["parameters", "parameters", String], ["MACs", "macs", String],
+                        [report.task === "segmentation" ? "pixel accuracy" : "accuracy", "accuracy", pct]];
+          if (report.after.meanIoU != null) rows.push(["mean IoU", "meanIoU", pct]);
+          for (const [label, key, format] of rows) {
             const row = el("tr"), b = report.before[key], a = report.after[key];
             cell(row, label); cell(row, format(b), "num"); cell(row, format(a), "num");
-            cell(row, key === "accuracy" ? (b != null && a != null ? (100 * (a - b)).toFixed(2) + " pts" : "–") : (a ? (b / a).toFixed(2) + "×" : "–"), "num");
+            cell(row, format === pct ? (b != null && a != null ? (100 * (a - b)).toFixed(2) + " pts" : "–") : (a ? (b / a).toFixed(2) + "×" : "–"), "num");
+            figures.appendChild(row);
+          }
+          const against = [];
+          if (report.agreement != null) against.push("agreement " + pct(report.agreement));
+          if (report.relativeError != null) against.push("relative error " + report.relativeError.toFixed(4));
+          if (report.meanCosine != null) against.push("mean cosine " + report.meanCosine.toFixed(4));
+          if (against.length) {
+            const row = el("tr");
+            cell(row, "vs base (" + (report.task || "classification") + ")"); cell(row, ""); cell(row, against.join(", "), "num"); cell(row, "");
             figures.appendChild(row);
           }
         }

@@ -35,13 +35,29 @@ public struct RoundCommand: ParsableCommand {
     static func percent(_ v: Double?) -> String { v.map { String(format: "%.2f %%", $0 * 100) } ?? "–" }
     static func ms(_ v: Double?) -> String { v.map { String(format: "%.2f ms", $0) } ?? "–" }
 
-    /// The per-site before/after table.
+    /// The per-site before/after table, with the columns of the task's metrics that some site has.
     static func sitesTable(_ sites: [CompressionReport.Site]) -> String {
-        table(["worker", "samples", "accuracy before", "accuracy after", "agreement", "latency before", "latency after", "up", "down", "model"],
-              sites.map { s in
-                  [s.worker, "\(s.samples)", percent(s.accuracyBefore), percent(s.accuracyAfter), percent(s.agreement),
-                   ms(s.latencyBeforeMs), ms(s.latencyAfterMs), byteSize(s.bytesUp), byteSize(s.bytesDown), s.received ? "received" : "–"]
-              }, numeric: [1, 2, 3, 4, 5, 6, 7, 8])
+        var headers = ["worker", "samples", "accuracy before", "accuracy after"]
+        var columns: [(CompressionReport.Site) -> String] = [{ percent($0.accuracyBefore) }, { percent($0.accuracyAfter) }]
+        if sites.contains(where: { $0.meanIoUAfter != nil }) {
+            headers += ["mIoU before", "mIoU after"]
+            columns += [{ percent($0.meanIoUBefore) }, { percent($0.meanIoUAfter) }]
+        }
+        headers.append("agreement")
+        columns.append { percent($0.agreement) }
+        if sites.contains(where: { $0.relativeError != nil }) {
+            headers.append("rel. error")
+            columns.append { $0.relativeError.map { String(format: "%.4f", $0) } ?? "–" }
+        }
+        if sites.contains(where: { $0.meanCosine != nil }) {
+            headers.append("cosine")
+            columns.append { $0.meanCosine.map { String(format: "%.4f", $0) } ?? "–" }
+        }
+        headers += ["latency before", "latency after", "up", "down", "model"]
+        return table(headers, sites.map { s in
+            [s.worker, "\(s.samples)"] + columns.map { $0(s) }
+                + [ms(s.latencyBeforeMs), ms(s.latencyAfterMs), byteSize(s.bytesUp), byteSize(s.bytesDown), s.received ? "received" : "–"]
+        }, numeric: Set(1..<(headers.count - 1)))
     }
 
     static func phasesTable(_ v: RoundView) -> String {
@@ -112,6 +128,8 @@ public struct RoundCommand: ParsableCommand {
         @Option(name: .long, help: "Batch size on the workers (a worker with --memory-limit may use less).") var batchSize: Int = 32
         @Flag(name: .long, help: "Fine-tune by distillation from the base model (workers without labels take part).") var distill = false
         @Option(name: .long, help: "Random transforms of local training images: none, flips or dihedral (flips and 90° rotations).") var augment: String = "none"
+        @Option(name: .long, help: "What the model's output means: classification, segmentation, detection, regression or embedding (losses and metrics; default: inferred from the output's shape).") var task: String?
+        @Option(name: .long, parsing: .singleValue, help: "Size of one sample of an input with a free dimension besides the batch, NAME=DIMS (e.g. input_ids=1x128), for the report's MACs.") var shape: [String] = []
         @Flag(name: .long, help: "Workers continue their local optimizer's state (momentum, moments) from round to round instead of starting afresh.") var keepOptimizerState = false
         @Option(name: .long, help: "EWC penalty weight towards the starting model (adds a Fisher phase).") var ewc: Float?
         @Option(name: .long, help: "none, int8, int4-weights or mixed.") var quantize: String = "int8"
@@ -168,6 +186,8 @@ public struct RoundCommand: ParsableCommand {
             p.batchSize = batchSize
             p.distill = distill
             p.augmentation = try choice(augment, "--augment")
+            p.task = try task.map { try choice($0, "--task") }
+            p.inputSizes = shape.isEmpty ? nil : try parseShapeSizes(shape)
             p.keepOptimizerState = keepOptimizerState ? true : nil
             p.ewcLambda = ewc
             p.quantize = try choice(quantize, "--quantize")

@@ -221,12 +221,12 @@ let doubleSumTolerance = 1e-12
         let labels: [Int64] = [1, 3, 5, 7]
         for criterion in [ImportanceCriterion.activation, .taylor] {
             let whole = try ImportanceCollector(model: model, groups: groups, criterion: criterion, batchSize: 2)
-            try whole.collect(first, labels: labels[0..<2])
-            try whole.collect(second, labels: labels[2..<4])
+            try whole.collect(Samples(first), labels: labels[0..<2])
+            try whole.collect(Samples(second), labels: labels[2..<4])
             let a = try ImportanceCollector(model: model, groups: groups, criterion: criterion, batchSize: 2)
             let b = try ImportanceCollector(model: model, groups: groups, criterion: criterion, batchSize: 2)
-            try a.collect(first, labels: labels[0..<2])
-            try b.collect(second, labels: labels[2..<4])
+            try a.collect(Samples(first), labels: labels[0..<2])
+            try b.collect(Samples(second), labels: labels[2..<4])
             let merged = try a.statistics.merged(with: b.statistics)
             #expect(merged.samples == 4)
             // Sums are Double: adding per-batch partial sums in another order moves the last bits.

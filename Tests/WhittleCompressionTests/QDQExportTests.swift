@@ -65,7 +65,7 @@ let foldingTolerance: Float = 1e-4
         // The QDQ model is a valid model Whittle can run, and close to the float model.
         let (_, data) = try Self.demo()
         let batch = data.slice(0..<8)
-        let zq = try InferenceSession(model: q).run(batch), zf = try InferenceSession(model: folded).run(batch)
+        let zq = try InferenceSession(model: q).firstOutput(batch), zf = try InferenceSession(model: folded).firstOutput(batch)
         #expect(LocalCompression.agreement(zq, zf) >= 0.75)
     }
 
@@ -123,7 +123,7 @@ let foldingTolerance: Float = 1e-4
         #expect(q4.graph.initializers.contains { $0.elementType == .int4 })
         #expect(!q4.graph.nodes.contains { $0.opType == "QuantizeLinear" }, "weight-only: activations stay float")
         let (_, data) = try Self.demo()
-        _ = try InferenceSession(model: q4).run(data.slice(0..<4))
+        _ = try InferenceSession(model: q4).firstOutput(data.slice(0..<4))
 
         let (_, mixed, _, _) = try Self.quantize(QuantizationPolicy(mode: .mixed))
         #expect(mixed.layers.first!.precision == .float)

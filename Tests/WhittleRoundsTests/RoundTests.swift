@@ -152,7 +152,7 @@ let gradientSumTolerance: Float = 1e-4
             let federated = try Self.federated(.importance, plan: plan, model: Self.model, progress: progress, parts: parts)
             let groups = try ChannelGroups(model: Self.model)
             let collector = try ImportanceCollector(model: Self.model, groups: groups, criterion: criterion, teacher: Self.model, batchSize: 4)
-            try collector.collect(data: union.x, labels: union.labels)
+            try collector.collect(data: union)
             let central = collector.statistics
             #expect(federated.importance.samples == central.samples)
             for (name, c) in central.channels {

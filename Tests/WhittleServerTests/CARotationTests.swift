@@ -12,7 +12,7 @@ import X509
     static func dataDirectory() throws -> (CoordinatorLayout, URL) {
         let root = FileManager.default.temporaryDirectory.appendingPathComponent("whittle-ca-\(UUID().uuidString)")
         let dir = root.appendingPathComponent("coordinator")
-        var command = try InitCommand.parse(["--dir", dir.path, "--hostname", "coord.example.com", "10.0.0.5", "::1"])
+        let command = try InitCommand.parse(["--dir", dir.path, "--hostname", "coord.example.com", "10.0.0.5", "::1"])
         try command.run()
         return (CoordinatorLayout(dir.path), root)
     }

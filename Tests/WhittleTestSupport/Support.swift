@@ -1,5 +1,6 @@
 import Foundation
 import WhittleTensor
+import WhittleONNX
 
 /// Shared test helpers: repository paths, fixture loading and closeness checks.
 public enum TestSupport {
@@ -18,6 +19,11 @@ public enum TestSupport {
               let models = manifest["models"] as? [[String: Any]] else { return [] }
         return models.compactMap { ($0["file"] as? String).map { String($0.dropLast(5)) } }
     }()
+
+    /// A zoo model by name (without `.onnx`).
+    public static func zooModel(_ name: String) throws -> Model {
+        try ModelCoding.read(try bytes(zoo.appendingPathComponent("\(name).onnx")))
+    }
 
     /// A zoo model's inputs by name: NAME.input.npy for the single input, or NAME.inputs.npz.
     public static func zooInputs(_ name: String, model: [String]) throws -> [String: Tensor] {

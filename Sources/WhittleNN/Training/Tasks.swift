@@ -155,3 +155,190 @@ extension Losses {
         return LossResult(loss: loss, dLogits: Tensor(shape: student.shape, floats: d), correct: correct)
     }
 }
+
+/// How a compressed model compares with its base model on some samples, for the model's task, as sums that merge
+/// across batches and across workers by addition (a worker reports these; the coordinator adds them up).
+///
+/// Units are samples, or pixels for segmentation. Agreement counts units where the compressed model gives the base
+/// model's answer: the same top class (classification), the same class at the pixel (segmentation), an output within
+/// `toleranceRelative` of the base output's largest magnitude at every element (detection, regression), a cosine
+/// similarity of at least `toleranceCosine` (embedding). With labels, `baseCorrect` and `compressedCorrect` count
+/// correct units and, for segmentation, per-class intersections and unions give the mean IoU.
+public struct TaskEvaluation: Codable, Sendable, Equatable {
+    public var task: TaskKind
+    public var samples = 0
+    public var units = 0
+    public var agreement = 0
+    public var labelled = false
+    public var baseCorrect = 0
+    public var compressedCorrect = 0
+    /// Per class: pixels labelled and predicted as the class (intersection), labelled or predicted (union).
+    public var baseIntersection: [Int] = []
+    public var baseUnion: [Int] = []
+    public var compressedIntersection: [Int] = []
+    public var compressedUnion: [Int] = []
+    /// Σ (compressed − base)² and Σ base² over every output element.
+    public var squaredError = 0.0
+    public var squaredReference = 0.0
+    /// Σ over samples of cos(compressed, base).
+    public var cosineSum = 0.0
+
+    /// A detection or regression output agrees when every element is within this fraction of the base output's
+    /// largest magnitude (the same test as the training loss's `correct`).
+    public static let toleranceRelative: Float = 0.1
+    /// An embedding agrees when its cosine similarity with the base embedding is at least this.
+    public static let toleranceCosine = 0.9
+
+    public init(task: TaskKind) { self.task = task }
+
+    /// Adds a batch: the base and compressed models' first outputs, and labels `[N]` (classification) or `[N·H·W]`
+    /// (segmentation) when the data has them.
+    public mutating func add(base: Tensor, compressed: Tensor, labels: ArraySlice<Int64>?) throws {
+        guard base.shape == compressed.shape, let n = base.shape.first, n >= 1 else {
+            throw ONNXError(.shapeMismatch, "the base model's output \(base.shape) and the compressed model's \(compressed.shape) differ")
+        }
+        let per = base.count / n
+        for i in 0..<base.count {
+            let d = Double(compressed.floats[i]) - Double(base.floats[i])
+            squaredError += d * d
+            squaredReference += Double(base.floats[i]) * Double(base.floats[i])
+        }
+        samples += n
+        if labels != nil { labelled = true }
+        switch task {
+        case .classification:
+            if let labels, labels.count != n { throw ONNXError(.invalidInput, "\(labels.count) labels for \(n) samples") }
+            for b in 0..<n {
+                let zb = Self.argmax(base.floats[(b * per)..<((b + 1) * per)])
+                let zc = Self.argmax(compressed.floats[(b * per)..<((b + 1) * per)])
+                units += 1
+                if zb == zc { agreement += 1 }
+                if let labels {
+                    let y = Int(labels[labels.startIndex + b])
+                    if zb == y { baseCorrect += 1 }
+                    if zc == y { compressedCorrect += 1 }
+                }
+            }
+        case .segmentation:
+            guard base.rank == 4 else {
+                throw ONNXError(.shapeMismatch, "segmentation needs per-pixel logits [N, classes, H, W], the model gives \(base.shape)")
+            }
+            let (c, hw) = (base.shape[1], base.shape[2] * base.shape[3])
+            if let labels {
+                guard labels.count == n * hw else { throw ONNXError(.invalidInput, "\(labels.count) pixel labels for \(n) images of \(hw) pixels") }
+                if baseIntersection.isEmpty {
+                    baseIntersection = [Int](repeating: 0, count: c)
+                    baseUnion = baseIntersection
+                    compressedIntersection = baseIntersection
+                    compressedUnion = baseIntersection
+                }
+                guard baseIntersection.count == c else {
+                    throw ONNXError(.shapeMismatch, "the output has \(c) classes, earlier batches \(baseIntersection.count)")
+                }
+            }
+            for b in 0..<n {
+                for p in 0..<hw {
+                    var zb = 0, zc = 0
+                    for k in 1..<c {
+                        if base.floats[(b * c + k) * hw + p] > base.floats[(b * c + zb) * hw + p] { zb = k }
+                        if compressed.floats[(b * c + k) * hw + p] > compressed.floats[(b * c + zc) * hw + p] { zc = k }
+                    }
+                    units += 1
+                    if zb == zc { agreement += 1 }
+                    guard let labels else { continue }
+                    let y = Int(labels[labels.startIndex + b * hw + p])
+                    guard y >= 0, y < c else { throw ONNXError(.invalidInput, "pixel label \(y) is out of range for \(c) classes") }
+                    if zb == y { baseCorrect += 1; baseIntersection[y] += 1; baseUnion[y] += 1 } else {
+                        baseUnion[y] += 1; baseUnion[zb] += 1
+                    }
+                    if zc == y { compressedCorrect += 1; compressedIntersection[y] += 1; compressedUnion[y] += 1 } else {
+                        compressedUnion[y] += 1; compressedUnion[zc] += 1
+                    }
+                }
+            }
+        case .detection, .regression:
+            for b in 0..<n {
+                let zb = base.floats[(b * per)..<((b + 1) * per)], zc = compressed.floats[(b * per)..<((b + 1) * per)]
+                let scale = max(zb.map(abs).max() ?? 0, 1e-6)
+                units += 1
+                if zip(zb, zc).allSatisfy({ abs($0 - $1) <= Self.toleranceRelative * scale }) { agreement += 1 }
+            }
+        case .embedding:
+            for b in 0..<n {
+                var dot = 0.0, nb = 0.0, nc = 0.0
+                for i in (b * per)..<((b + 1) * per) {
+                    let x = Double(base.floats[i]), y = Double(compressed.floats[i])
+                    dot += x * y; nb += x * x; nc += y * y
+                }
+                let cosine = dot / max((nb * nc).squareRoot(), 1e-24)
+                cosineSum += cosine
+                units += 1
+                if cosine >= Self.toleranceCosine { agreement += 1 }
+            }
+        }
+    }
+
+    /// Adds another part's sums (another batch, another worker).
+    public mutating func merge(_ other: TaskEvaluation) throws {
+        guard other.task == task else { throw ONNXError(.invalidInput, "cannot merge a \(other.task.rawValue) evaluation into a \(task.rawValue) one") }
+        func add(_ a: [Int], _ b: [Int]) throws -> [Int] {
+            if a.isEmpty { return b }
+            if b.isEmpty { return a }
+            guard a.count == b.count else { throw ONNXError(.shapeMismatch, "per-class counts for \(a.count) and \(b.count) classes") }
+            return zip(a, b).map(+)
+        }
+        samples += other.samples
+        units += other.units
+        agreement += other.agreement
+        labelled = labelled || other.labelled
+        baseCorrect += other.baseCorrect
+        compressedCorrect += other.compressedCorrect
+        baseIntersection = try add(baseIntersection, other.baseIntersection)
+        baseUnion = try add(baseUnion, other.baseUnion)
+        compressedIntersection = try add(compressedIntersection, other.compressedIntersection)
+        compressedUnion = try add(compressedUnion, other.compressedUnion)
+        squaredError += other.squaredError
+        squaredReference += other.squaredReference
+        cosineSum += other.cosineSum
+    }
+
+    /// The fraction of units where the compressed model agrees with the base model.
+    public var agreementRate: Double? { units > 0 ? Double(agreement) / Double(units) : nil }
+    /// With labels: top-1 accuracy (classification) or pixel accuracy (segmentation).
+    public var baseAccuracy: Double? { labelled && units > 0 && hasClasses ? Double(baseCorrect) / Double(units) : nil }
+    public var compressedAccuracy: Double? { labelled && units > 0 && hasClasses ? Double(compressedCorrect) / Double(units) : nil }
+    /// With per-pixel labels: the mean over classes present (labelled or predicted) of intersection / union.
+    public var baseMeanIoU: Double? { Self.meanIoU(baseIntersection, baseUnion) }
+    public var compressedMeanIoU: Double? { Self.meanIoU(compressedIntersection, compressedUnion) }
+    /// ‖compressed − base‖ / ‖base‖ over every output element.
+    public var relativeError: Double? { squaredReference > 0 ? (squaredError / squaredReference).squareRoot() : nil }
+    /// Mean cosine similarity with the base model's embeddings.
+    public var meanCosine: Double? { task == .embedding && samples > 0 ? cosineSum / Double(samples) : nil }
+
+    var hasClasses: Bool { task == .classification || task == .segmentation }
+
+    static func meanIoU(_ intersection: [Int], _ union: [Int]) -> Double? {
+        let present = zip(intersection, union).filter { $0.1 > 0 }
+        guard !present.isEmpty else { return nil }
+        return present.reduce(0.0) { $0 + Double($1.0) / Double($1.1) } / Double(present.count)
+    }
+
+    static func argmax(_ z: ArraySlice<Float>) -> Int {
+        var best = z.startIndex
+        for i in z.indices where z[i] > z[best] { best = i }
+        return best - z.startIndex
+    }
+}
+
+extension TaskKind {
+    /// The kind a model's first output suggests for the shapes of `samples` (which may set free dimensions such as
+    /// a sequence length); classification when it cannot be inferred.
+    public static func inferred(model: Model, samples: Samples) -> TaskKind {
+        guard samples.count > 0, let opset = model.defaultOpset, let output = model.graph.outputs.first?.name,
+              let shapes = try? samples.sampleShapes(for: model.graph) else { return inferred(model: model) }
+        guard let shape = (try? ShapeInference.infer(model.graph, opset: opset, inputs: shapes))?.values[output]?.shape else {
+            return .classification
+        }
+        return inferred(outputShape: shape)
+    }
+}

@@ -104,14 +104,10 @@ public final class TeacherLogitsCache: @unchecked Sendable {
 
     /// Logits for the batch `x`, whose row r is sample `keys[r]` (index × 8 + symmetry): cached rows are copied,
     /// the others run through `teacher` as one smaller batch and are kept.
-    func logits(keys: [Int], batch x: Tensor, teacher: (Tensor) throws -> Tensor) throws -> Tensor {
-        let rowSize = x.count / max(keys.count, 1)
+    func logits(keys: [Int], batch x: Samples, teacher: (Samples) throws -> Tensor) throws -> Tensor {
         let missing = keys.indices.filter { rows[keys[$0]] == nil }
         if !missing.isEmpty {
-            var values: [Float] = []
-            values.reserveCapacity(missing.count * rowSize)
-            for r in missing { values += x.floats[(r * rowSize)..<((r + 1) * rowSize)] }
-            let out = try teacher(Tensor(shape: [missing.count] + Array(x.shape.dropFirst()), floats: values))
+            let out = try teacher(x.rows(missing))
             guard out.shape.first == missing.count, out.count % max(missing.count, 1) == 0 else {
                 throw ONNXError(.invalidInput, "the teacher gave logits of shape \(out.shape) for \(missing.count) samples")
             }
@@ -155,8 +151,10 @@ public final class Trainer: @unchecked Sendable {
     /// Hint projections `[C_teacher, C_student]` by student tensor name.
     public private(set) var hintProjections: [String: Tensor] = [:]
     public private(set) var stepsTaken = 0
+    public let parameterNames: [String]
     var optimizer: Optimizer
-    var graphs: [Int: TrainingGraph] = [:]
+    /// Training graphs by the shapes of the runtime inputs (in the model's input order).
+    var graphs: [[[Int]]: TrainingGraph] = [:]
     var rng: SplitMix64
 
     public init(model: Model, configuration: TrainingConfiguration) throws {
@@ -167,17 +165,23 @@ public final class Trainer: @unchecked Sendable {
         self.configuration = configuration
         optimizer = Optimizer(configuration.optimizer)
         rng = SplitMix64(seed: configuration.seed)
-        let graph = try TrainingGraph(model: model, batchSize: configuration.batchSize, fast: configuration.fast,
-                                      plainValues: Self.plainValues(configuration), batchNorm: configuration.batchNorm)
-        guard !graph.parameterNames.isEmpty else {
+        let (parameterNames, statistics) = TrainingGraph.trainables(model)
+        guard !parameterNames.isEmpty else {
             throw ONNXError(.invalidGraph, "the model has no trainable parameters (no float initializers feed Conv, Gemm, MatMul, BatchNormalization…)")
         }
-        graphs[configuration.batchSize] = graph
+        self.parameterNames = parameterNames
+        // Models whose inputs have only a free batch axis are prepared (and checked) now; others (a free sequence
+        // length) at the first batch.
+        if let shapes = try? ShapeInference.inputShapes(model, batchSize: configuration.batchSize) {
+            let graph = try TrainingGraph(model: model, inputs: shapes, fast: configuration.fast,
+                                          plainValues: Self.plainValues(configuration), batchNorm: configuration.batchNorm)
+            graphs[model.graph.runtimeInputs.map { shapes[$0.name]!.1 }] = graph
+        }
         var parameters: [String: Tensor] = [:]
         let index = model.graph.initializerIndex
-        for name in graph.parameterNames { parameters[name] = model.graph.initializers[index[name]!].tensor! }
-        for (_, stats) in graph.runningStatistics {
-            for name in [stats.mean, stats.variance] {
+        for name in parameterNames { parameters[name] = model.graph.initializers[index[name]!].tensor! }
+        for (_, stats) in statistics {
+            for name in [stats.0, stats.1] {
                 if let i = index[name], let t = model.graph.initializers[i].tensor { runningStatistics[name] = t }
             }
         }
@@ -191,8 +195,6 @@ public final class Trainer: @unchecked Sendable {
         self.parameters = parameters
     }
 
-    public var parameterNames: [String] { graphs[configuration.batchSize]!.parameterNames }
-
     /// The optimizer's state, to continue from in a later trainer (`restoreOptimizer`).
     public var optimizerState: Optimizer.State { optimizer.state }
 
@@ -203,24 +205,45 @@ public final class Trainer: @unchecked Sendable {
         optimizer.restore(state, sizes: parameters.mapValues(\.count))
     }
 
-    func graph(_ batch: Int) throws -> TrainingGraph {
-        if let g = graphs[batch] { return g }
-        let g = try TrainingGraph(model: model, batchSize: batch, fast: configuration.fast,
+    /// The training graph for a batch fed to the model's inputs (built on first use for its shapes).
+    func graph(_ fed: [String: Tensor]) throws -> TrainingGraph {
+        let key = model.graph.runtimeInputs.map { fed[$0.name]!.shape }
+        if let g = graphs[key] { return g }
+        var shapes: [String: (DataType, [Int])] = [:]
+        for info in model.graph.runtimeInputs {
+            let t = fed[info.name]!
+            let declared = info.tensorType?.0
+            shapes[info.name] = (t.dtype.isInteger ? (declared?.isInteger == true ? declared! : t.dtype) : .float, t.shape)
+            if let declared, declared.isFloatingPoint != t.dtype.isFloatingPoint {
+                throw ONNXError(.invalidInput, "input '\(info.name)' expects \(declared) data, got \(t.dtype)")
+            }
+        }
+        let g = try TrainingGraph(model: model, inputs: shapes, fast: configuration.fast,
                                   plainValues: Self.plainValues(configuration), batchNorm: configuration.batchNorm)
-        graphs[batch] = g
+        graphs[key] = g
         return g
     }
+
+    /// The samples of a single-input model given as one tensor.
+    func samples(_ x: Tensor) -> Samples { Samples(x) }
 
     /// Forward and backward on one batch without updating: returns the loss and the gradients of every parameter
     /// and, with `nodeOutputs`, of every node output (in NCHW order, converted from blocked layouts), and adds the
     /// parameter gradients to `gradientSums`.
     public func gradients(_ x: Tensor, labels: ArraySlice<Int64>?, teacher: TeacherOutputs? = nil,
                           accumulate: Bool = true, nodeOutputs: Bool = true) throws -> (LossResult, [String: Tensor]) {
+        try gradients(samples(x), labels: labels, teacher: teacher, accumulate: accumulate, nodeOutputs: nodeOutputs)
+    }
+
+    /// `gradients` for a batch of samples of every input (token ids and attention masks, or images).
+    public func gradients(_ batch: Samples, labels: ArraySlice<Int64>?, teacher: TeacherOutputs? = nil,
+                          accumulate: Bool = true, nodeOutputs: Bool = true) throws -> (LossResult, [String: Tensor]) {
         let teacherLogits = teacher?.logits
-        let graph = try graph(x.shape[0])
+        let fed = try batch.feed(model.graph)
+        let graph = try graph(fed)
         var inputs = parameters
         for (name, value) in runningStatistics { inputs[name] = value }
-        let tape = try graph.forward(x, parameters: inputs, training: true, batchNorm: configuration.batchNorm,
+        let tape = try graph.forward(inputs: fed, parameters: inputs, training: true, batchNorm: configuration.batchNorm,
                                      fakeQuantization: try fakeQuantizers(), rng: &rng)
         guard let logits = tape.value(graph.outputName) else { throw ONNXError(.invalidGraph, "the model produced no output") }
         var result: LossResult
@@ -295,7 +318,7 @@ public final class Trainer: @unchecked Sendable {
             }
         }
         if accumulate {
-            let n = Float(x.shape[0])
+            let n = Float(batch.count)
             for name in graph.parameterNames {
                 guard let g = grads[name] else { continue }
                 let scaled = g.floats.map { $0 * n }
@@ -305,7 +328,7 @@ public final class Trainer: @unchecked Sendable {
                     gradientSums[name] = Tensor(shape: g.shape, floats: scaled)
                 }
             }
-            samplesSeen += x.shape[0]
+            samplesSeen += batch.count
         }
         if nodeOutputs {
             for name in graph.blocked.keys { if let g = grads[name] { grads[name] = graph.plain(name, g) } }
@@ -370,6 +393,12 @@ public final class Trainer: @unchecked Sendable {
     /// One optimizer step on a batch; returns its loss. Throws (naming `epoch` and the step) when the loss is not finite.
     public func step(_ x: Tensor, labels: ArraySlice<Int64>?, teacher: TeacherOutputs? = nil, learningRate: Float,
                      epoch: Int = 0) throws -> LossResult {
+        try step(samples(x), labels: labels, teacher: teacher, learningRate: learningRate, epoch: epoch)
+    }
+
+    /// `step` on a batch of samples of every input.
+    public func step(_ x: Samples, labels: ArraySlice<Int64>?, teacher: TeacherOutputs? = nil, learningRate: Float,
+                     epoch: Int = 0) throws -> LossResult {
         let (result, all) = try gradients(x, labels: labels, teacher: teacher, nodeOutputs: false)
         guard result.loss.isFinite else {
             throw ONNXError(.invalidInput, "the loss became \(result.loss) at epoch \(epoch + 1), step \(stepsTaken + 1); lower the learning rate or check the data")
@@ -398,7 +427,15 @@ public final class Trainer: @unchecked Sendable {
     public func trainEpoch(_ epoch: Int, data: Tensor, labels: Tensor?, teacher: ((Tensor) throws -> TeacherOutputs)? = nil,
                            teacherCache: TeacherLogitsCache? = nil,
                            progress: ((Int, Int, Double) -> Void)? = nil) throws -> EpochReport {
-        let n = data.shape[0], sampleSize = data.count / max(n, 1)
+        try trainEpoch(epoch, data: samples(data), labels: labels, teacher: teacher.map { t in { try t($0.first) } },
+                       teacherCache: teacherCache, progress: progress)
+    }
+
+    /// `trainEpoch` over samples of every input (augmentation applies to a single image input).
+    public func trainEpoch(_ epoch: Int, data: Samples, labels: Tensor?, teacher: ((Samples) throws -> TeacherOutputs)? = nil,
+                           teacherCache: TeacherLogitsCache? = nil,
+                           progress: ((Int, Int, Double) -> Void)? = nil) throws -> EpochReport {
+        let n = data.count
         // One label per sample, or one per pixel ([N, H, W] for segmentation).
         let perSample = labels.map { $0.count / max(n, 1) } ?? 1
         if let labels, labels.count != n * perSample || perSample < 1 {
@@ -407,30 +444,37 @@ public final class Trainer: @unchecked Sendable {
         if perSample > 1 && configuration.augmentation != .none {
             throw ONNXError(.invalidInput, "--augment transforms images but not per-pixel labels; train segmentation without it")
         }
+        if configuration.augmentation != .none, data.names.count > 1 {
+            throw ONNXError(.invalidInput, "--augment transforms a single image input; this data has \(data.names.count) inputs")
+        }
         let lr = configuration.schedule.rate(base: configuration.learningRate, epoch: epoch)
-        try configuration.augmentation.check(data.shape)
+        try configuration.augmentation.check(data.first.shape)
         let order = rng.permutation(n)
         let steps = (n + configuration.batchSize - 1) / configuration.batchSize
         let symmetries = [Augmentation.none: 1, .flips: 4, .dihedral: 8][configuration.augmentation]!
         var lossSum = 0.0, correct = 0, counted = 0
         for s in 0..<steps {
-            let indices = order[(s * configuration.batchSize)..<min((s + 1) * configuration.batchSize, n)]
-            var values: [Float] = []
-            values.reserveCapacity(indices.count * sampleSize)
+            let indices = Array(order[(s * configuration.batchSize)..<min((s + 1) * configuration.batchSize, n)])
             var keys: [Int] = []
             keys.reserveCapacity(indices.count)
-            for i in indices {
-                let sample = data.floats[(i * sampleSize)..<((i + 1) * sampleSize)]
-                let k = symmetries > 1 ? Int(rng.next() % UInt64(symmetries)) : 0
-                keys.append(i * 8 + k)
-                if k == 0 {
-                    values += sample
-                } else {
-                    Augmentation.append(sample, channels: data.shape[1], height: data.shape[2], width: data.shape[3],
-                                        symmetry: k, to: &values)
+            let ks = indices.map { _ in symmetries > 1 ? Int(rng.next() % UInt64(symmetries)) : 0 }
+            for (i, k) in zip(indices, ks) { keys.append(i * 8 + k) }
+            var x = data.rows(indices)
+            if symmetries > 1 {
+                let images = data.first, sampleSize = images.count / max(n, 1)
+                var values: [Float] = []
+                values.reserveCapacity(indices.count * sampleSize)
+                for (i, k) in zip(indices, ks) {
+                    let sample = images.floats[(i * sampleSize)..<((i + 1) * sampleSize)]
+                    if k == 0 {
+                        values += sample
+                    } else {
+                        Augmentation.append(sample, channels: images.shape[1], height: images.shape[2], width: images.shape[3],
+                                            symmetry: k, to: &values)
+                    }
                 }
+                x = try Samples([(data.names[0], Tensor(shape: [indices.count] + Array(images.shape.dropFirst()), floats: values))])
             }
-            let x = Tensor(shape: [indices.count] + Array(data.shape.dropFirst()), floats: values)
             let y = labels.map { l in ArraySlice(indices.flatMap { l.ints[($0 * perSample)..<(($0 + 1) * perSample)] }) }
             var teacherOutputs: TeacherOutputs?
             if let teacher {
@@ -454,15 +498,25 @@ public final class Trainer: @unchecked Sendable {
     /// sample count, which merge across workers by addition. Parameters are not changed.
     public func fisherSums(data: Tensor, labels: Tensor?, teacher: ((Tensor) throws -> TeacherOutputs)? = nil,
                            limit: Int? = nil) throws -> (sums: [String: Tensor], samples: Int) {
-        let n = min(data.shape[0], limit ?? data.shape[0]), sampleSize = data.count / max(data.shape[0], 1)
+        try fisherSums(data: samples(data), labels: labels, teacher: teacher.map { t in { try t($0.first) } }, limit: limit)
+    }
+
+    /// `fisherSums` over samples of every input.
+    public func fisherSums(data: Samples, labels: Tensor?, teacher: ((Samples) throws -> TeacherOutputs)? = nil,
+                           limit: Int? = nil) throws -> (sums: [String: Tensor], samples: Int) {
+        let n = min(data.count, limit ?? data.count)
         var sums: [String: [Float]] = [:]
         var frozen = configuration
         frozen.batchNorm = .frozen
         frozen.batchSize = 1
         let single = try Trainer(model: exportModel(), configuration: frozen)
         for i in 0..<n {
-            let x = Tensor(shape: [1] + Array(data.shape.dropFirst()), floats: Array(data.floats[(i * sampleSize)..<((i + 1) * sampleSize)]))
-            let label = labels.map { ArraySlice([$0.ints[i]]) }
+            let x = data.rows(i..<(i + 1))
+            // One label per sample, or one per pixel.
+            let label = labels.map { l in
+                let per = l.count / max(data.count, 1)
+                return l.ints[(i * per)..<((i + 1) * per)]
+            }
             let (_, grads) = try single.gradients(x, labels: label, teacher: try teacher?(x), accumulate: false)
             for name in single.parameterNames {
                 guard let g = grads[name] else { continue }

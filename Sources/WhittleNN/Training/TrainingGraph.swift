@@ -23,7 +23,9 @@ public final class TrainingGraph: @unchecked Sendable {
     public let parameterNames: [String]
     /// Per BatchNormalization node index: its running mean and variance initializers and ONNX momentum.
     public let runningStatistics: [Int: (mean: String, variance: String, momentum: Float)]
-    public let inputName: String
+    /// The runtime inputs (images; token ids and attention masks), and the first of them.
+    public let inputNames: [String]
+    public var inputName: String { inputNames[0] }
     public let outputName: String
     let kernels: [(any NodeKernel)?]
     /// oneDNN training primitives per Conv node index (fast mode).
@@ -43,46 +45,33 @@ public final class TrainingGraph: @unchecked Sendable {
     /// `plainValues` names values that must stay in NCHW order (tensors a caller reads during training, such as hint
     /// points or fake-quantized activations); `blockedLayouts` false keeps every value in NCHW.
     /// `batchNorm` is the mode forward passes will use: only training-mode batch norm runs on blocked data.
-    public init(model: Model, batchSize: Int, fast: Bool = true, blockedLayouts: Bool = true,
+    public convenience init(model: Model, batchSize: Int, fast: Bool = true, blockedLayouts: Bool = true,
+                            plainValues: Set<String> = [], batchNorm: BatchNormMode = .train) throws {
+        try self.init(model: model, inputs: try ShapeInference.inputShapes(model, batchSize: batchSize), fast: fast,
+                      blockedLayouts: blockedLayouts, plainValues: plainValues, batchNorm: batchNorm)
+    }
+
+    /// The graph for given element types and shapes of every runtime input (free dimensions such as a sequence
+    /// length set).
+    public init(model: Model, inputs shapes: [String: (DataType, [Int])], fast: Bool = true, blockedLayouts: Bool = true,
                 plainValues: Set<String> = [], batchNorm: BatchNormMode = .train) throws {
         try ModelCoding.checkOpset(model)
         let opset = model.defaultOpset!
         self.model = model
         self.opset = opset
         self.fast = fast
-        guard let input = model.graph.runtimeInputs.first, model.graph.runtimeInputs.count == 1 else {
-            throw ONNXError(.invalidGraph, "training needs a model with exactly one runtime input")
+        guard !model.graph.runtimeInputs.isEmpty else { throw ONNXError(.invalidGraph, "the model has no runtime inputs") }
+        for input in model.graph.runtimeInputs where shapes[input.name] == nil {
+            throw ONNXError(.invalidInput, "no shape for the model's input '\(input.name)'")
         }
-        inputName = input.name
+        inputNames = model.graph.runtimeInputs.map(\.name)
         outputName = model.graph.outputs[0].name
-        let initializers = model.graph.initializerIndex
-        var parameters: [String] = []
-        var seen = Set<String>()
-        var stats: [String: (String, String, Float)] = [:]
-        for node in model.graph.nodes {
-            guard let definition = Gradients.registry[node.opType] else { continue }
-            for (position, name) in node.inputs.enumerated() where definition.differentiable.contains(position) {
-                guard let index = initializers[name], let tensor = model.graph.initializers[index].tensor,
-                    tensor.dtype == .float, tensor.count > 0, !seen.contains(name) else { continue }
-                if node.opType == "BatchNormalization" && position > 2 { continue }
-                // An element-wise op's constant operand is a weight when it varies along one axis (a bias, a per-channel
-                // scale such as ConvNeXt's layer scale). A scalar is a constant of the formula (GELU's ½ and √2, an
-                // attention scale, a mask's fill value) and a table varying along several axes is a fixed buffer (a
-                // detector's anchor grid, a sinusoidal position code): neither is trained, as PyTorch does not.
-                if Self.elementwiseOps.contains(node.opType), tensor.count == 1 || tensor.shape.filter({ $0 > 1 }).count > 1 { continue }
-                seen.insert(name)
-                parameters.append(name)
-            }
-            if node.opType == "BatchNormalization", node.inputs.count == 5 {
-                let momentum = node.attribute("momentum")?.value.float ?? 0.9
-                stats[node.outputs[0]] = (node.inputs[3], node.inputs[4], momentum)
-            }
-        }
+        let (parameters, stats) = Self.trainables(model)
         parameterNames = parameters
-        let shapes = try ShapeInference.inputShapes(model, batchSize: batchSize)
         inferred = try ShapeInference.infer(model.graph, opset: opset, inputs: shapes, variables: Set(parameters))
         var running: [Int: (String, String, Float)] = [:]
-        var variable = Set(parameters).union([input.name])
+        // Integer inputs (token ids, masks) carry no gradient.
+        var variable = Set(parameters).union(inputNames.filter { shapes[$0]!.0.isFloatingPoint })
         var kernels: [(any NodeKernel)?] = []
         var plans: [Int: ConvTrainingPlan] = [:]
         var bnPlans: [Int: BatchNormTrainingPlan] = [:]
@@ -115,6 +104,35 @@ public final class TrainingGraph: @unchecked Sendable {
         self.kernels = kernels
     }
 
+    /// The model's parameters in graph order (see the type's comment) and, per BatchNormalization output, its
+    /// running mean and variance initializers and ONNX momentum: what training changes, independent of input shapes.
+    public static func trainables(_ model: Model) -> (parameters: [String], statistics: [String: (String, String, Float)]) {
+        let initializers = model.graph.initializerIndex
+        var parameters: [String] = []
+        var seen = Set<String>()
+        var stats: [String: (String, String, Float)] = [:]
+        for node in model.graph.nodes {
+            guard let definition = Gradients.registry[node.opType] else { continue }
+            for (position, name) in node.inputs.enumerated() where definition.differentiable.contains(position) {
+                guard let index = initializers[name], let tensor = model.graph.initializers[index].tensor,
+                    tensor.dtype == .float, tensor.count > 0, !seen.contains(name) else { continue }
+                if node.opType == "BatchNormalization" && position > 2 { continue }
+                // An element-wise op's constant operand is a weight when it varies along one axis (a bias, a per-channel
+                // scale such as ConvNeXt's layer scale). A scalar is a constant of the formula (GELU's ½ and √2, an
+                // attention scale, a mask's fill value) and a table varying along several axes is a fixed buffer (a
+                // detector's anchor grid, a sinusoidal position code): neither is trained, as PyTorch does not.
+                if Self.elementwiseOps.contains(node.opType), tensor.count == 1 || tensor.shape.filter({ $0 > 1 }).count > 1 { continue }
+                seen.insert(name)
+                parameters.append(name)
+            }
+            if node.opType == "BatchNormalization", node.inputs.count == 5 {
+                let momentum = node.attribute("momentum")?.value.float ?? 0.9
+                stats[node.outputs[0]] = (node.inputs[3], node.inputs[4], momentum)
+            }
+        }
+        return (parameters, stats)
+    }
+
     /// The values of one forward pass, kept for the backward pass.
     public struct Tape: Sendable {
         public var values: [String: Tensor]
@@ -135,10 +153,26 @@ public final class TrainingGraph: @unchecked Sendable {
     /// readers see the quantize–dequantize result, and backward passes apply the straight-through estimator.
     public func forward(_ input: Tensor, parameters: [String: Tensor], training: Bool, batchNorm: BatchNormMode = .train,
                         fakeQuantization: [String: FakeQuantization] = [:], rng: inout SplitMix64) throws -> Tape {
+        try forward(inputs: [inputName: input], parameters: parameters, training: training, batchNorm: batchNorm,
+                    fakeQuantization: fakeQuantization, rng: &rng)
+    }
+
+    /// Runs forward on a batch given for every runtime input by name (see the single-input `forward`).
+    public func forward(inputs: [String: Tensor], parameters: [String: Tensor], training: Bool, batchNorm: BatchNormMode = .train,
+                        fakeQuantization: [String: FakeQuantization] = [:], rng: inout SplitMix64) throws -> Tape {
         var values: [String: Tensor] = [:]
         for (name, meta) in inferred.values { if let c = meta.constant { values[name] = c } }
         for (name, value) in parameters { values[name] = value }
-        values[inputName] = input
+        for name in inputNames {
+            guard var input = inputs[name] else { throw ONNXError(.invalidInput, "the model's input '\(name)' was not given") }
+            if let meta = inferred.values[name] {
+                guard input.shape == meta.shape else {
+                    throw ONNXError(.shapeMismatch, "input '\(name)' has shape \(input.shape); this training graph was built for \(meta.shape)")
+                }
+                if meta.dtype.isInteger, input.dtype.isInteger { input.dtype = meta.dtype }
+            }
+            values[name] = input
+        }
         var tape = Tape(values: [:])
         for (name, quantizer) in fakeQuantization {
             guard let value = values[name] else { continue }

@@ -439,6 +439,13 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._keepOptimizerState = newValue}
   }
 
+  /// What the model's first output means (classification, segmentation, detection, regression, embedding): the
+  /// losses of fine-tuning and Taylor importance and the metrics of evaluation. Empty: inferred from its shape.
+  public var taskKind: String {
+    get {_storage._taskKind}
+    set {_uniqueStorage()._taskKind = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -538,6 +545,28 @@ public nonisolated struct Whittle_EvaluationReport: Sendable {
 
   public var compressedLatencyMs: Double = 0
 
+  /// The task the figures are for. With it, `agreement`, `base_correct` and `compressed_correct` count `units`:
+  /// samples, or pixels for segmentation (see TaskEvaluation). Empty (older workers): classification by samples.
+  public var taskKind: String = String()
+
+  public var units: UInt64 = 0
+
+  /// Segmentation with per-pixel labels: per class, pixels labelled and predicted as it, and labelled or predicted.
+  public var baseIntersection: [UInt64] = []
+
+  public var baseUnion: [UInt64] = []
+
+  public var compressedIntersection: [UInt64] = []
+
+  public var compressedUnion: [UInt64] = []
+
+  /// Σ (compressed − base)² and Σ base² over every output element; Σ over samples of cos(compressed, base).
+  public var squaredError: Double = 0
+
+  public var squaredReference: Double = 0
+
+  public var cosineSum: Double = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -561,73 +590,94 @@ public nonisolated struct Whittle_DistributionReport: Sendable {
 }
 
 /// POST /v1/worker/reports: a task's result.
-public nonisolated struct Whittle_TaskReport: Sendable {
+public nonisolated struct Whittle_TaskReport: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var protocolVersion: UInt32 = 0
+  public var protocolVersion: UInt32 {
+    get {_storage._protocolVersion}
+    set {_uniqueStorage()._protocolVersion = newValue}
+  }
 
-  public var roundID: String = String()
+  public var roundID: String {
+    get {_storage._roundID}
+    set {_uniqueStorage()._roundID = newValue}
+  }
 
-  public var phase: UInt32 = 0
+  public var phase: UInt32 {
+    get {_storage._phase}
+    set {_uniqueStorage()._phase = newValue}
+  }
 
   /// Random, chosen once per result: a retried upload carries the same id and is recognised, never counted twice.
-  public var uploadID: String = String()
+  public var uploadID: String {
+    get {_storage._uploadID}
+    set {_uniqueStorage()._uploadID = newValue}
+  }
 
   /// Bytes the worker downloaded for this task, and seconds it computed.
-  public var bytesDown: UInt64 = 0
+  public var bytesDown: UInt64 {
+    get {_storage._bytesDown}
+    set {_uniqueStorage()._bytesDown = newValue}
+  }
 
-  public var computeSeconds: Double = 0
+  public var computeSeconds: Double {
+    get {_storage._computeSeconds}
+    set {_uniqueStorage()._computeSeconds = newValue}
+  }
 
-  public var result: Whittle_TaskReport.OneOf_Result? = nil
+  public var result: OneOf_Result? {
+    get {return _storage._result}
+    set {_uniqueStorage()._result = newValue}
+  }
 
   public var importance: Whittle_ImportanceReport {
     get {
-      if case .importance(let v)? = result {return v}
+      if case .importance(let v)? = _storage._result {return v}
       return Whittle_ImportanceReport()
     }
-    set {result = .importance(newValue)}
+    set {_uniqueStorage()._result = .importance(newValue)}
   }
 
   public var calibration: Whittle_CalibrationReport {
     get {
-      if case .calibration(let v)? = result {return v}
+      if case .calibration(let v)? = _storage._result {return v}
       return Whittle_CalibrationReport()
     }
-    set {result = .calibration(newValue)}
+    set {_uniqueStorage()._result = .calibration(newValue)}
   }
 
   public var update: Whittle_WeightUpdate {
     get {
-      if case .update(let v)? = result {return v}
+      if case .update(let v)? = _storage._result {return v}
       return Whittle_WeightUpdate()
     }
-    set {result = .update(newValue)}
+    set {_uniqueStorage()._result = .update(newValue)}
   }
 
   public var fisher: Whittle_FisherReport {
     get {
-      if case .fisher(let v)? = result {return v}
+      if case .fisher(let v)? = _storage._result {return v}
       return Whittle_FisherReport()
     }
-    set {result = .fisher(newValue)}
+    set {_uniqueStorage()._result = .fisher(newValue)}
   }
 
   public var evaluation: Whittle_EvaluationReport {
     get {
-      if case .evaluation(let v)? = result {return v}
+      if case .evaluation(let v)? = _storage._result {return v}
       return Whittle_EvaluationReport()
     }
-    set {result = .evaluation(newValue)}
+    set {_uniqueStorage()._result = .evaluation(newValue)}
   }
 
   public var distribution: Whittle_DistributionReport {
     get {
-      if case .distribution(let v)? = result {return v}
+      if case .distribution(let v)? = _storage._result {return v}
       return Whittle_DistributionReport()
     }
-    set {result = .distribution(newValue)}
+    set {_uniqueStorage()._result = .distribution(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -643,6 +693,8 @@ public nonisolated struct Whittle_TaskReport: Sendable {
   }
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 public nonisolated struct Whittle_TaskReportResponse: Sendable {
@@ -1157,7 +1209,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Task"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0\u{3}epoch_learning_rates\0\u{3}keep_optimizer_state\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0\u{3}epoch_learning_rates\0\u{3}keep_optimizer_state\0\u{3}task_kind\0")
 
   fileprivate class _StorageClass {
     var _roundID: String = String()
@@ -1188,6 +1240,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
     var _augmentation: String = String()
     var _epochLearningRates: [Float] = []
     var _keepOptimizerState: Bool = false
+    var _taskKind: String = String()
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -1226,6 +1279,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       _augmentation = source._augmentation
       _epochLearningRates = source._epochLearningRates
       _keepOptimizerState = source._keepOptimizerState
+      _taskKind = source._taskKind
     }
   }
 
@@ -1272,6 +1326,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         case 26: try { try decoder.decodeSingularStringField(value: &_storage._augmentation) }()
         case 27: try { try decoder.decodeRepeatedFloatField(value: &_storage._epochLearningRates) }()
         case 28: try { try decoder.decodeSingularBoolField(value: &_storage._keepOptimizerState) }()
+        case 29: try { try decoder.decodeSingularStringField(value: &_storage._taskKind) }()
         default: break
         }
       }
@@ -1364,6 +1419,9 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       if _storage._keepOptimizerState != false {
         try visitor.visitSingularBoolField(value: _storage._keepOptimizerState, fieldNumber: 28)
       }
+      if !_storage._taskKind.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._taskKind, fieldNumber: 29)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1401,6 +1459,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         if _storage._augmentation != rhs_storage._augmentation {return false}
         if _storage._epochLearningRates != rhs_storage._epochLearningRates {return false}
         if _storage._keepOptimizerState != rhs_storage._keepOptimizerState {return false}
+        if _storage._taskKind != rhs_storage._taskKind {return false}
         return true
       }
       if !storagesAreEqual {return false}
@@ -1567,7 +1626,7 @@ nonisolated extension Whittle_FisherReport: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Whittle_EvaluationReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".EvaluationReport"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}samples\0\u{1}labels\0\u{3}base_correct\0\u{3}compressed_correct\0\u{1}agreement\0\u{3}base_latency_ms\0\u{3}compressed_latency_ms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}samples\0\u{1}labels\0\u{3}base_correct\0\u{3}compressed_correct\0\u{1}agreement\0\u{3}base_latency_ms\0\u{3}compressed_latency_ms\0\u{3}task_kind\0\u{1}units\0\u{3}base_intersection\0\u{3}base_union\0\u{3}compressed_intersection\0\u{3}compressed_union\0\u{3}squared_error\0\u{3}squared_reference\0\u{3}cosine_sum\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1582,6 +1641,15 @@ nonisolated extension Whittle_EvaluationReport: SwiftProtobuf.Message, SwiftProt
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.agreement) }()
       case 6: try { try decoder.decodeSingularDoubleField(value: &self.baseLatencyMs) }()
       case 7: try { try decoder.decodeSingularDoubleField(value: &self.compressedLatencyMs) }()
+      case 8: try { try decoder.decodeSingularStringField(value: &self.taskKind) }()
+      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.units) }()
+      case 10: try { try decoder.decodeRepeatedUInt64Field(value: &self.baseIntersection) }()
+      case 11: try { try decoder.decodeRepeatedUInt64Field(value: &self.baseUnion) }()
+      case 12: try { try decoder.decodeRepeatedUInt64Field(value: &self.compressedIntersection) }()
+      case 13: try { try decoder.decodeRepeatedUInt64Field(value: &self.compressedUnion) }()
+      case 14: try { try decoder.decodeSingularDoubleField(value: &self.squaredError) }()
+      case 15: try { try decoder.decodeSingularDoubleField(value: &self.squaredReference) }()
+      case 16: try { try decoder.decodeSingularDoubleField(value: &self.cosineSum) }()
       default: break
       }
     }
@@ -1609,6 +1677,33 @@ nonisolated extension Whittle_EvaluationReport: SwiftProtobuf.Message, SwiftProt
     if self.compressedLatencyMs.bitPattern != 0 {
       try visitor.visitSingularDoubleField(value: self.compressedLatencyMs, fieldNumber: 7)
     }
+    if !self.taskKind.isEmpty {
+      try visitor.visitSingularStringField(value: self.taskKind, fieldNumber: 8)
+    }
+    if self.units != 0 {
+      try visitor.visitSingularUInt64Field(value: self.units, fieldNumber: 9)
+    }
+    if !self.baseIntersection.isEmpty {
+      try visitor.visitPackedUInt64Field(value: self.baseIntersection, fieldNumber: 10)
+    }
+    if !self.baseUnion.isEmpty {
+      try visitor.visitPackedUInt64Field(value: self.baseUnion, fieldNumber: 11)
+    }
+    if !self.compressedIntersection.isEmpty {
+      try visitor.visitPackedUInt64Field(value: self.compressedIntersection, fieldNumber: 12)
+    }
+    if !self.compressedUnion.isEmpty {
+      try visitor.visitPackedUInt64Field(value: self.compressedUnion, fieldNumber: 13)
+    }
+    if self.squaredError.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.squaredError, fieldNumber: 14)
+    }
+    if self.squaredReference.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.squaredReference, fieldNumber: 15)
+    }
+    if self.cosineSum.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.cosineSum, fieldNumber: 16)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1620,6 +1715,15 @@ nonisolated extension Whittle_EvaluationReport: SwiftProtobuf.Message, SwiftProt
     if lhs.agreement != rhs.agreement {return false}
     if lhs.baseLatencyMs != rhs.baseLatencyMs {return false}
     if lhs.compressedLatencyMs != rhs.compressedLatencyMs {return false}
+    if lhs.taskKind != rhs.taskKind {return false}
+    if lhs.units != rhs.units {return false}
+    if lhs.baseIntersection != rhs.baseIntersection {return false}
+    if lhs.baseUnion != rhs.baseUnion {return false}
+    if lhs.compressedIntersection != rhs.compressedIntersection {return false}
+    if lhs.compressedUnion != rhs.compressedUnion {return false}
+    if lhs.squaredError != rhs.squaredError {return false}
+    if lhs.squaredReference != rhs.squaredReference {return false}
+    if lhs.cosineSum != rhs.cosineSum {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1669,162 +1773,210 @@ nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._
   public static let protoMessageName: String = _protobuf_package + ".TaskReport"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}round_id\0\u{1}phase\0\u{3}upload_id\0\u{3}bytes_down\0\u{3}compute_seconds\0\u{2}\u{4}importance\0\u{1}calibration\0\u{1}update\0\u{1}fisher\0\u{1}evaluation\0\u{1}distribution\0")
 
+  fileprivate class _StorageClass {
+    var _protocolVersion: UInt32 = 0
+    var _roundID: String = String()
+    var _phase: UInt32 = 0
+    var _uploadID: String = String()
+    var _bytesDown: UInt64 = 0
+    var _computeSeconds: Double = 0
+    var _result: Whittle_TaskReport.OneOf_Result?
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _protocolVersion = source._protocolVersion
+      _roundID = source._roundID
+      _phase = source._phase
+      _uploadID = source._uploadID
+      _bytesDown = source._bytesDown
+      _computeSeconds = source._computeSeconds
+      _result = source._result
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.roundID) }()
-      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.phase) }()
-      case 4: try { try decoder.decodeSingularStringField(value: &self.uploadID) }()
-      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.bytesDown) }()
-      case 6: try { try decoder.decodeSingularDoubleField(value: &self.computeSeconds) }()
-      case 10: try {
-        var v: Whittle_ImportanceReport?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .importance(let m) = current {v = m}
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularUInt32Field(value: &_storage._protocolVersion) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._roundID) }()
+        case 3: try { try decoder.decodeSingularUInt32Field(value: &_storage._phase) }()
+        case 4: try { try decoder.decodeSingularStringField(value: &_storage._uploadID) }()
+        case 5: try { try decoder.decodeSingularUInt64Field(value: &_storage._bytesDown) }()
+        case 6: try { try decoder.decodeSingularDoubleField(value: &_storage._computeSeconds) }()
+        case 10: try {
+          var v: Whittle_ImportanceReport?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .importance(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .importance(v)
+          }
+        }()
+        case 11: try {
+          var v: Whittle_CalibrationReport?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .calibration(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .calibration(v)
+          }
+        }()
+        case 12: try {
+          var v: Whittle_WeightUpdate?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .update(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .update(v)
+          }
+        }()
+        case 13: try {
+          var v: Whittle_FisherReport?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .fisher(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .fisher(v)
+          }
+        }()
+        case 14: try {
+          var v: Whittle_EvaluationReport?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .evaluation(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .evaluation(v)
+          }
+        }()
+        case 15: try {
+          var v: Whittle_DistributionReport?
+          var hadOneofValue = false
+          if let current = _storage._result {
+            hadOneofValue = true
+            if case .distribution(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._result = .distribution(v)
+          }
+        }()
+        default: break
         }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .importance(v)
-        }
-      }()
-      case 11: try {
-        var v: Whittle_CalibrationReport?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .calibration(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .calibration(v)
-        }
-      }()
-      case 12: try {
-        var v: Whittle_WeightUpdate?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .update(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .update(v)
-        }
-      }()
-      case 13: try {
-        var v: Whittle_FisherReport?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .fisher(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .fisher(v)
-        }
-      }()
-      case 14: try {
-        var v: Whittle_EvaluationReport?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .evaluation(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .evaluation(v)
-        }
-      }()
-      case 15: try {
-        var v: Whittle_DistributionReport?
-        var hadOneofValue = false
-        if let current = self.result {
-          hadOneofValue = true
-          if case .distribution(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.result = .distribution(v)
-        }
-      }()
-      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if self.protocolVersion != 0 {
-      try visitor.visitSingularUInt32Field(value: self.protocolVersion, fieldNumber: 1)
-    }
-    if !self.roundID.isEmpty {
-      try visitor.visitSingularStringField(value: self.roundID, fieldNumber: 2)
-    }
-    if self.phase != 0 {
-      try visitor.visitSingularUInt32Field(value: self.phase, fieldNumber: 3)
-    }
-    if !self.uploadID.isEmpty {
-      try visitor.visitSingularStringField(value: self.uploadID, fieldNumber: 4)
-    }
-    if self.bytesDown != 0 {
-      try visitor.visitSingularUInt64Field(value: self.bytesDown, fieldNumber: 5)
-    }
-    if self.computeSeconds.bitPattern != 0 {
-      try visitor.visitSingularDoubleField(value: self.computeSeconds, fieldNumber: 6)
-    }
-    switch self.result {
-    case .importance?: try {
-      guard case .importance(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-    }()
-    case .calibration?: try {
-      guard case .calibration(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-    }()
-    case .update?: try {
-      guard case .update(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
-    }()
-    case .fisher?: try {
-      guard case .fisher(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
-    }()
-    case .evaluation?: try {
-      guard case .evaluation(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
-    }()
-    case .distribution?: try {
-      guard case .distribution(let v)? = self.result else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
-    }()
-    case nil: break
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if _storage._protocolVersion != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._protocolVersion, fieldNumber: 1)
+      }
+      if !_storage._roundID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._roundID, fieldNumber: 2)
+      }
+      if _storage._phase != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._phase, fieldNumber: 3)
+      }
+      if !_storage._uploadID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._uploadID, fieldNumber: 4)
+      }
+      if _storage._bytesDown != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._bytesDown, fieldNumber: 5)
+      }
+      if _storage._computeSeconds.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._computeSeconds, fieldNumber: 6)
+      }
+      switch _storage._result {
+      case .importance?: try {
+        guard case .importance(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+      }()
+      case .calibration?: try {
+        guard case .calibration(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+      }()
+      case .update?: try {
+        guard case .update(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+      }()
+      case .fisher?: try {
+        guard case .fisher(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
+      }()
+      case .evaluation?: try {
+        guard case .evaluation(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
+      }()
+      case .distribution?: try {
+        guard case .distribution(let v)? = _storage._result else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+      }()
+      case nil: break
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Whittle_TaskReport, rhs: Whittle_TaskReport) -> Bool {
-    if lhs.protocolVersion != rhs.protocolVersion {return false}
-    if lhs.roundID != rhs.roundID {return false}
-    if lhs.phase != rhs.phase {return false}
-    if lhs.uploadID != rhs.uploadID {return false}
-    if lhs.bytesDown != rhs.bytesDown {return false}
-    if lhs.computeSeconds != rhs.computeSeconds {return false}
-    if lhs.result != rhs.result {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._protocolVersion != rhs_storage._protocolVersion {return false}
+        if _storage._roundID != rhs_storage._roundID {return false}
+        if _storage._phase != rhs_storage._phase {return false}
+        if _storage._uploadID != rhs_storage._uploadID {return false}
+        if _storage._bytesDown != rhs_storage._bytesDown {return false}
+        if _storage._computeSeconds != rhs_storage._computeSeconds {return false}
+        if _storage._result != rhs_storage._result {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
