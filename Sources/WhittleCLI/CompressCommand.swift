@@ -47,6 +47,8 @@ extension ModelCommand {
         @Flag(name: .long, help: "Symmetric activation ranges.") var symmetricActivations = false
         @Flag(name: .long, help: "7-bit weights (onnxruntime's reduce_range): for x86 CPUs without AVX-VNNI, whose u8×s8 kernels saturate.")
         var reduceRange = false
+        @Option(name: .long, help: "int4 weights in blocks of this many along the reduction axis (16, 32, 64, 128 or 256), each with its own scale; default: one scale per output channel (qdq), 32 (matmulnbits).") var int4BlockSize: Int?
+        @Option(name: .long, help: "How int4 weights are written: qdq (DequantizeLinear, opset 21) or matmulnbits (onnxruntime's MatMulNBits, com.microsoft).") var int4Format: String = "qdq"
         @Option(name: .long, parsing: .upToNextOption, help: "Nodes to keep in float, by name.") var keepFloat: [String] = []
         @Option(name: .long, parsing: .upToNextOption, help: "Per-node precision, NODE=float|int8|int4-weights.") var override: [String] = []
         @Flag(name: .long, help: "Report each quantized layer's effect alone (accuracy or output KL divergence).") var sensitivity = false
@@ -71,6 +73,10 @@ extension ModelCommand {
                 throw ValidationError("--calibration must be minmax, percentile, entropy or mse")
             }
             guard !(perChannel && perTensor) else { throw ValidationError("--per-channel and --per-tensor exclude each other") }
+            guard Int4Format(rawValue: int4Format) != nil else { throw ValidationError("--int4-format must be qdq or matmulnbits") }
+            if let b = int4BlockSize, !BlockwiseInt4.blockSizes.contains(b) {
+                throw ValidationError("--int4-block-size must be one of \(BlockwiseInt4.blockSizes.map(String.init).joined(separator: ", "))")
+            }
             guard ["uint8", "int8"].contains(activationType) else { throw ValidationError("--activation-type must be uint8 or int8") }
             guard roundTo >= 1, minChannels >= 1, batchSize >= 1 else {
                 throw ValidationError("--round-to, --min-channels and --batch-size must be at least 1")
@@ -150,6 +156,8 @@ extension ModelCommand {
             policy.reduceRange = reduceRange
             policy.keepFloat = Set(keepFloat)
             policy.overrides = try parsedOverrides()
+            policy.int4BlockSize = int4BlockSize
+            policy.int4Format = Int4Format(rawValue: int4Format)!
             job.quantization = policy
             job.sensitivity = sensitivity
             job.compactNames = compactNames

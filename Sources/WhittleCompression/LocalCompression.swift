@@ -24,7 +24,7 @@ public struct Dataset: Sendable {
         for (name, t) in samples.named {
             let label = name.isEmpty ? "the data" : "input '\(name)'"
             guard t.rank >= 1, t.shape[0] >= 1 else {
-                throw CompressionError(.invalidArgument, "\(label) has shape \(t.shape); expected at least one sample [N, …]")
+                throw CompressionError(.invalidArgument, "\(label) has shape \(t.shape); expected samples [N, …] with N ≥ 1")
             }
             if t.dtype.isFloatingPoint, let bad = t.floats.firstIndex(where: { !$0.isFinite }) {
                 throw CompressionError(.invalidStatistics, "\(label) contains a non-finite value at flat index \(bad)")

@@ -13,8 +13,10 @@ public struct QuantizedTensor: Sendable, Codable, Equatable {
     public var max: Float?
     public var scales: [Float]
     public var zeroPoints: [Int64]
-    /// The per-channel axis, nil for per-tensor.
+    /// The per-channel axis, nil for per-tensor; for blocked int4 weights the axis the blocks run along.
     public var axis: Int?
+    /// Blocked int4 weights: the block size (their scales, one per block, are not listed).
+    public var blockSize: Int?
     /// For activations whose parameters are shared with another tensor (outputs of Reshape, MaxPool…).
     public var sharedWith: String?
 }
@@ -42,6 +44,9 @@ public struct QuantizationSummary: Sendable, Codable {
     public var removedNodes: [String]
     /// Biases whose int32 values were clipped (the bias is too large for s_input · s_weight).
     public var clippedBiases: [String]
+    /// int4 weights: `qdq` or `matmulnbits`, and the block size (nil: per output channel).
+    public var int4Format: Int4Format?
+    public var int4BlockSize: Int?
 }
 
 /// Writes a quantized model in ONNX's QDQ format, with QuantizeLinear/DequantizeLinear placed as onnxruntime's
@@ -116,7 +121,17 @@ public enum QDQExport {
         var graph = model.graph
         let inferred = try ShapeInference.infer(graph, opset: opset, inputs: try ShapeInference.analysisShapes(model))
         func isFloat(_ name: String) -> Bool { inferred.values[name]?.dtype == .float }
-        let layerPrecision = try precisions(graph, policy: policy)
+        let declaredPrecision = try precisions(graph, policy: policy)
+        var layerPrecision = declaredPrecision
+        var used = Set(graph.initializers.map(\.name)).union(graph.nodes.flatMap { $0.inputs + $0.outputs })
+            .union(graph.nodes.map(\.name)).union(graph.inputs.map(\.name))
+        var nBitsTensors: [QuantizedTensor] = []
+        if policy.int4Format == .matMulNBits {
+            // Those layers leave the QDQ pass as float nodes of the rewritten graph.
+            let layers = layerPrecision.filter { $0.value == .int4Weights }.map(\.key).sorted()
+            nBitsTensors = try rewriteAsMatMulNBits(&graph, layers: Set(layers), blockSize: policy.int4BlockSize ?? 32, used: &used)
+            for name in layers { layerPrecision[name] = .float }
+        }
         let quantizesActivations = policy.mode == .int8 || policy.mode == .mixed || layerPrecision.values.contains(.int8)
         let usesInt4 = layerPrecision.values.contains(.int4Weights)
         let anyPerChannel = policy.perChannel && layerPrecision.values.contains { $0 != .float }
@@ -193,7 +208,7 @@ public enum QDQExport {
             }
         }
 
-        struct WeightPlan { var axis: Int?; var type: DataType; var symmetric: Bool }
+        struct WeightPlan { var axis: Int?; var type: DataType; var symmetric: Bool; var block: (size: Int, axis: Int)? = nil }
         var marked: [String: String?] = [:]  // activation → the tensor it shares parameters with
         var markOrder: [String] = []
         var weights: [String: WeightPlan] = [:]
@@ -218,10 +233,12 @@ public enum QDQExport {
             if marked[t] == nil { markOrder.append(t) }
             marked[t] = .some(source)
         }
-        func markWeight(_ t: String, axis: Int, precision: LayerPrecision) {
+        /// `axis` is the output-channel axis; `reduction` the axis blocks run along (int4 with a block size).
+        func markWeight(_ t: String, axis: Int, reduction: Int, precision: LayerPrecision) {
             guard let i = index.initializers[t], let w = graph.initializers[i].tensor, w.dtype == .float else { return }
             weights[t] = WeightPlan(axis: policy.perChannel && w.rank > axis ? axis : nil,
                                     type: precision == .int4Weights ? .int4 : .int8, symmetric: true)
+            if precision == .int4Weights, let size = policy.int4BlockSize, w.rank == 2 { weights[t]!.block = (size, reduction) }
         }
 
         for (i, node) in graph.nodes.enumerated() where shouldQuantize(node) {
@@ -234,13 +251,14 @@ public enum QDQExport {
                         markActivation(node.inputs[0])
                         markActivation(node.outputs[0])
                     }
-                    markWeight(node.inputs[1], axis: op == "Conv" || transB != 0 ? 0 : 1, precision: precision)
+                    markWeight(node.inputs[1], axis: op == "Conv" || transB != 0 ? 0 : 1, reduction: transB != 0 ? 1 : 0,
+                               precision: precision)
                     if precision == .int8, node.inputs.count > 2, !node.inputs[2].isEmpty, index.initializers[node.inputs[2]] != nil {
                         biases.append((i, node.inputs[2], node.inputs[1], node.attribute("beta")?.value.float ?? 1))
                     }
                 default:  // MatMul
                     for t in node.inputs {
-                        if index.initializers[t] != nil { markWeight(t, axis: 1, precision: precision) }
+                        if index.initializers[t] != nil { markWeight(t, axis: 1, reduction: 0, precision: precision) }
                         else if precision == .int8 { markActivation(t) }
                     }
                     if precision == .int8 { markActivation(node.outputs[0]) }
@@ -283,10 +301,13 @@ public enum QDQExport {
             percentile: policy.calibration == .percentile ? policy.percentile : nil, perChannel: policy.perChannel,
             activationType: policy.activationType.description, symmetricActivations: policy.symmetricActivations,
             reduceRange: policy.reduceRange, opset: opset,
-            layers: weightedNodes(model.graph).map { QuantizedLayer(node: $0.name, opType: $0.opType, precision: layerPrecision[$0.name] ?? .float) },
-            tensors: [], removedNodes: removedNames, clippedBiases: [])
-        var used = Set(graph.initializers.map(\.name)).union(graph.nodes.flatMap { $0.inputs + $0.outputs })
-            .union(graph.nodes.map(\.name)).union(graph.inputs.map(\.name))
+            layers: weightedNodes(model.graph).map { QuantizedLayer(node: $0.name, opType: $0.opType, precision: declaredPrecision[$0.name] ?? .float) },
+            tensors: nBitsTensors, removedNodes: removedNames, clippedBiases: [])
+        if declaredPrecision.values.contains(.int4Weights) {
+            summary.int4Format = policy.int4Format
+            summary.int4BlockSize = policy.int4Format == .matMulNBits ? policy.int4BlockSize ?? 32 : policy.int4BlockSize
+        }
+        used.formUnion(graph.nodes.flatMap { $0.inputs + $0.outputs })
         var newInitializers: [Initializer] = []
         var activationParameters: [String: (QuantizationParameters, scale: String, zero: String)] = [:]
         func root(_ t: String) -> String {
@@ -322,6 +343,23 @@ public enum QDQExport {
         var replacement: [String: String] = [:]
         for (name, plan) in weights.sorted(by: { $0.key < $1.key }) {
             let w = graph.initializers[index.initializers[name]!].tensor!
+            if let block = plan.block {
+                // Blocked int4 (opset 21): scales and zero points of the weight's rank, ceil(K / block) along K.
+                let (codes, scales, shape) = try blockedInt4(w, blockSize: block.size, reductionAxis: block.axis)
+                let qName = GraphEditing.uniqueName(name + "_quantized", &used)
+                let scale = GraphEditing.uniqueName(name + "_scale", &used), zero = GraphEditing.uniqueName(name + "_zero_point", &used)
+                let dqOut = GraphEditing.uniqueName(name + "_DequantizeLinear_Output", &used)
+                newInitializers.append(Initializer(name: qName, tensor: Tensor(shape: w.shape, ints: codes, dtype: .int4)))
+                newInitializers.append(Initializer(name: scale, tensor: Tensor(shape: shape, floats: scales)))
+                newInitializers.append(Initializer(name: zero, tensor: Tensor(shape: shape, ints: [Int64](repeating: 0, count: scales.count), dtype: .int4)))
+                prefix.append(Node(opType: "DequantizeLinear", name: GraphEditing.uniqueName(name + "_DequantizeLinear", &used),
+                                   inputs: [qName, scale, zero], outputs: [dqOut],
+                                   attributes: [Attribute("axis", .int(Int64(block.axis))), Attribute("block_size", .int(Int64(block.size)))]))
+                replacement[name] = dqOut
+                summary.tensors.append(QuantizedTensor(name: name, role: .weight, type: "int4", min: w.floats.min(), max: w.floats.max(),
+                                                       scales: [], zeroPoints: [], axis: block.axis, blockSize: block.size))
+                continue
+            }
             let fake = try FakeQuantization.fromRange(of: w, type: plan.type, symmetric: plan.symmetric, axis: plan.axis,
                                                       reduceRange: policy.reduceRange && plan.type == .int8 && plan.symmetric)
             let parameters = fake.parameters, range = fake.range
@@ -416,7 +454,78 @@ public enum QDQExport {
         }
         if out.irVersion < 7 { out.irVersion = 7 }
         if usesInt4 && out.irVersion < 10 { out.irVersion = 10 }
+        if !nBitsTensors.isEmpty, !out.opsetImports.contains(where: { $0.domain == "com.microsoft" }) {
+            out.opsetImports.append(OpsetImport(domain: "com.microsoft", version: 1))
+        }
         return (out, summary)
+    }
+
+    /// Blocked int4 codes of a rank-2 weight in its own layout, and the scales in DequantizeLinear's blocked layout
+    /// (the weight's rank, `ceil(K / blockSize)` along the reduction axis); see `BlockwiseInt4`.
+    static func blockedInt4(_ w: Tensor, blockSize: Int, reductionAxis: Int) throws -> (codes: [Int64], scales: [Float], shape: [Int]) {
+        let (k, n) = reductionAxis == 0 ? (w.shape[0], w.shape[1]) : (w.shape[1], w.shape[0])
+        let blocks = BlockwiseInt4.blocks(k: k, blockSize: blockSize)
+        let rows = reductionAxis == 1 ? w.floats : transposed(w.floats, rows: k, columns: n)
+        let (codes, scales) = try BlockwiseInt4.quantize(rows: rows, n: n, k: k, blockSize: blockSize)
+        if reductionAxis == 1 { return (codes, scales, [n, blocks]) }
+        return (transposed(codes, rows: n, columns: k), transposed(scales, rows: n, columns: blocks), [blocks, n])
+    }
+
+    static func transposed<T>(_ values: [T], rows: Int, columns: Int) -> [T] {
+        (0..<(rows * columns)).map { i in values[(i % rows) * columns + i / rows] }
+    }
+
+    /// Rewrites the int4 `layers` (MatMul with a constant right operand `[K, N]`; Gemm without transA, with a constant
+    /// B) as onnxruntime's MatMulNBits, weights in blocks of `blockSize` along K (`BlockwiseInt4`); a Gemm's alpha is
+    /// folded into the weights and its `beta · C` becomes an Add. Layers of another form stay float.
+    static func rewriteAsMatMulNBits(_ graph: inout Graph, layers: Set<String>, blockSize: Int, used: inout Set<String>) throws -> [QuantizedTensor] {
+        let initializers = Dictionary(graph.initializers.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        var rows: [QuantizedTensor] = []
+        var nodes: [Node] = []
+        for node in graph.nodes {
+            guard layers.contains(node.name), node.inputs.count >= 2, initializers[node.inputs[0]] == nil,
+                  let w = initializers[node.inputs[1]]?.tensor, w.dtype == .float, w.rank == 2,
+                  node.opType == "MatMul" || (node.opType == "Gemm" && (node.attribute("transA")?.value.int ?? 0) == 0) else {
+                nodes.append(node)
+                continue
+            }
+            let transB = node.opType == "Gemm" && (node.attribute("transB")?.value.int ?? 0) != 0
+            let alpha = node.opType == "Gemm" ? node.attribute("alpha")?.value.float ?? 1 : 1
+            let (k, n) = transB ? (w.shape[1], w.shape[0]) : (w.shape[0], w.shape[1])
+            var weights = transB ? w.floats : transposed(w.floats, rows: k, columns: n)
+            if alpha != 1 { weights = weights.map { $0 * alpha } }
+            let (codes, scales) = try BlockwiseInt4.quantize(rows: weights, n: n, k: k, blockSize: blockSize)
+            let packed = BlockwiseInt4.pack(codes: codes, n: n, k: k, blockSize: blockSize)
+            let bName = GraphEditing.uniqueName(node.inputs[1] + "_int4_blocks", &used)
+            let sName = GraphEditing.uniqueName(node.inputs[1] + "_int4_scales", &used)
+            graph.initializers.append(Initializer(name: bName, tensor: Tensor(shape: [n, BlockwiseInt4.blocks(k: k, blockSize: blockSize), blockSize / 2],
+                                                                             ints: packed.map { Int64($0) }, dtype: .uint8)))
+            graph.initializers.append(Initializer(name: sName, tensor: Tensor(shape: [scales.count], floats: scales)))
+            var output = node.outputs[0]
+            let bias = node.opType == "Gemm" && node.inputs.count > 2 && !node.inputs[2].isEmpty ? node.inputs[2] : nil
+            if bias != nil { output = GraphEditing.uniqueName(node.outputs[0] + "_nbits", &used) }
+            nodes.append(Node(opType: "MatMulNBits", name: node.name, inputs: [node.inputs[0], bName, sName], outputs: [output],
+                              attributes: [Attribute("K", .int(Int64(k))), Attribute("N", .int(Int64(n))), Attribute("bits", .int(4)),
+                                           Attribute("block_size", .int(Int64(blockSize)))],
+                              domain: "com.microsoft"))
+            if var c = bias {
+                let beta = node.attribute("beta")?.value.float ?? 1
+                if beta != 1, let t = initializers[c]?.tensor, t.dtype == .float {
+                    c = GraphEditing.uniqueName(c + "_beta", &used)
+                    graph.initializers.append(Initializer(name: c, tensor: Tensor(shape: t.shape, floats: t.floats.map { $0 * beta })))
+                } else if beta != 1 {
+                    let scaled = GraphEditing.uniqueName(c + "_beta", &used), betaName = GraphEditing.uniqueName(c + "_beta_value", &used)
+                    graph.initializers.append(Initializer(name: betaName, tensor: .scalar(beta)))
+                    nodes.append(Node(opType: "Mul", name: GraphEditing.uniqueName(node.name + "_beta", &used), inputs: [c, betaName], outputs: [scaled]))
+                    c = scaled
+                }
+                nodes.append(Node(opType: "Add", name: GraphEditing.uniqueName(node.name + "_bias", &used), inputs: [output, c], outputs: [node.outputs[0]]))
+            }
+            rows.append(QuantizedTensor(name: node.inputs[1], role: .weight, type: "int4", min: w.floats.min(), max: w.floats.max(),
+                                        scales: [], zeroPoints: [], axis: transB ? 1 : 0, blockSize: blockSize))
+        }
+        graph.nodes = nodes
+        return rows
     }
 
     /// The activations whose calibrated ranges `export` reads under `policy` (shared parameters and constants

@@ -28,6 +28,15 @@ public enum QuantizationMode: String, Sendable, Codable, CaseIterable {
     case mixed
 }
 
+/// How int4 weights are written.
+public enum Int4Format: String, Sendable, Codable, CaseIterable {
+    /// DequantizeLinear (opset 21) of int4 weights: per output channel, or blocked along K with `int4BlockSize`.
+    case qdq
+    /// onnxruntime's `MatMulNBits` (domain com.microsoft): MatMul and Gemm weights in 4-bit blocks along K
+    /// (`int4BlockSize`, 32 by default), packed as its kernels read them.
+    case matMulNBits = "matmulnbits"
+}
+
 /// Everything that decides how a model is quantized.
 public struct QuantizationPolicy: Sendable {
     public var mode: QuantizationMode
@@ -48,6 +57,10 @@ public struct QuantizationPolicy: Sendable {
     public var keepFloat: Set<String> = []
     /// Per-node precision by name, overriding the mode.
     public var overrides: [String: LayerPrecision] = [:]
+    /// int4 weights in blocks of this many along the reduction axis, each with its own scale (nil: one scale per
+    /// output channel in `.qdq`, 32 in `.matMulNBits`).
+    public var int4BlockSize: Int?
+    public var int4Format: Int4Format = .qdq
 
     public init(mode: QuantizationMode) {
         self.mode = mode
@@ -59,6 +72,9 @@ public struct QuantizationPolicy: Sendable {
         }
         guard percentile > 0, percentile <= 100 else {
             throw CompressionError(.invalidArgument, "percentile \(percentile) must be in (0, 100]")
+        }
+        if let b = int4BlockSize, !BlockwiseInt4.blockSizes.contains(b) {
+            throw CompressionError(.invalidArgument, "the int4 block size must be one of \(BlockwiseInt4.blockSizes.map(String.init).joined(separator: ", ")), got \(b)")
         }
         guard histogramBins >= 128 else {
             throw CompressionError(.invalidArgument, "histograms need at least 128 bins, got \(histogramBins)")

@@ -84,14 +84,28 @@ public enum Operators {
         return r
     }()
 
+    /// onnxruntime's contrib operators Whittle runs (domain `com.microsoft`).
+    public static let microsoftRegistry: [String: OperatorDefinition] = {
+        var r: [String: OperatorDefinition] = [:]
+        registerContrib(&r)
+        return r
+    }()
+
     /// Op types Whittle runs, sorted.
     public static var supported: [String] { registry.keys.sorted() }
 
     /// The definition for `node`, or an error naming the op type, node and opset.
     public static func definition(for node: Node, opset: Int64) throws -> OperatorDefinition {
+        if node.domain == "com.microsoft" {
+            guard let definition = microsoftRegistry[node.opType] else {
+                throw ONNXError(.unsupportedOperator,
+                    "unsupported operator \(node.opType) (domain 'com.microsoft') at node '\(node.name)'; of onnxruntime's contrib operators Whittle runs \(microsoftRegistry.keys.sorted().joined(separator: ", "))")
+            }
+            return definition
+        }
         guard node.domain.isEmpty || node.domain == "ai.onnx" else {
             throw ONNXError(.unsupportedOperator,
-                "unsupported operator \(node.opType) (domain '\(node.domain)') at node '\(node.name)': Whittle runs only the default ONNX domain")
+                "unsupported operator \(node.opType) (domain '\(node.domain)') at node '\(node.name)': Whittle runs the default ONNX domain and onnxruntime's MatMulNBits")
         }
         guard let definition = registry[node.opType] else {
             throw ONNXError(.unsupportedOperator,

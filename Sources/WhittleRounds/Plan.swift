@@ -137,6 +137,9 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public var calibration: CalibrationMethod = .minmax
     public var perChannel = true
     public var reduceRange = false
+    /// int4 weights in blocks along K (nil: per output channel, or 32 for MatMulNBits), and how they are written.
+    public var int4BlockSize: Int?
+    public var int4Format: Int4Format?
     /// Short internal names in the exported file (`GraphEditing.compactNames`).
     public var compactNames = false
     public var minWorkers = 1
@@ -193,6 +196,8 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         p.perChannel = perChannel
         p.reduceRange = reduceRange
         p.calibration = calibration
+        p.int4BlockSize = int4BlockSize
+        p.int4Format = int4Format ?? .qdq
         return p
     }
 

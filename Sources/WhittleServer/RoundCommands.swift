@@ -137,6 +137,8 @@ public struct RoundCommand: ParsableCommand {
         @Flag(name: .long, help: "Per-output-channel weight scales (the default).") var perChannel = false
         @Flag(name: .long, help: "One weight scale per tensor.") var perTensor = false
         @Flag(name: .long, help: "7-bit weights (onnxruntime's reduce_range).") var reduceRange = false
+        @Option(name: .long, help: "int4 weights in blocks of this many along the reduction axis (16–256); default: per output channel (qdq), 32 (matmulnbits).") var int4BlockSize: Int?
+        @Option(name: .long, help: "How int4 weights are written: qdq (DequantizeLinear, opset 21) or matmulnbits (onnxruntime's MatMulNBits).") var int4Format: String = "qdq"
         @Flag(name: .long, help: "Short names for every internal value and node in the exported file (smaller; the report maps them).") var compactNames = false
         @Option(name: .long, help: "Batch-norm statistics passes after fine-tuning (0: FedAvg's averaged statistics; one per BatchNormalization node: exact population statistics).") var bnPasses: Int?
         @Option(name: .long, help: "Quantization-aware FedAvg rounds after calibration (int8).") var qatRounds: Int = 0
@@ -195,6 +197,8 @@ public struct RoundCommand: ParsableCommand {
             guard !(perChannel && perTensor) else { throw ValidationError("--per-channel and --per-tensor exclude each other") }
             p.perChannel = !perTensor
             p.reduceRange = reduceRange
+            p.int4BlockSize = int4BlockSize
+            p.int4Format = try choice(int4Format, "--int4-format")
             p.compactNames = compactNames
             p.normalizationPasses = bnPasses
             p.qatRounds = qatRounds

@@ -115,3 +115,76 @@ public struct FakeQuantization: Sendable, Equatable {
         return (out, mask)
     }
 }
+
+/// 4-bit block-wise weights: each run of `blockSize` consecutive weights along the reduction axis K of one output
+/// has its own scale, chosen as onnxruntime's block-wise quantizer (MLAS `MlasQuantizeBlockwise`, symmetric) chooses
+/// it: the block's value of largest magnitude `m` maps exactly to code −8, `scale = m / −8` (negative when `m` is
+/// positive), and the other values round to `clamp(round(v / scale), −8, 7)`. All 16 levels are used and the largest
+/// weight of every block is exact; a symmetric ±7 scheme would clamp it (systematically shrinking the block's most
+/// important weight) or waste a level. Stored the way onnxruntime's `MatMulNBits` reads them: rows of the transposed
+/// weight `[N, K]`, K split into `ceil(K / blockSize)` blocks of `blockSize / 2` bytes, two codes per byte low
+/// nibble first, each code plus 8 (unsigned, the operator's default zero point); a last partial block is padded with
+/// zeros.
+public enum BlockwiseInt4 {
+    /// Block sizes Whittle writes (powers of two, onnxruntime's MatMulNBits needs at least 16).
+    public static let blockSizes = [16, 32, 64, 128, 256]
+
+    public static func blocks(k: Int, blockSize: Int) -> Int { (k + blockSize - 1) / blockSize }
+
+    /// The signed codes `[N, K]` and one scale per (row, block) `[N, blocks]` of `rows` (`[N, K]`, row-major).
+    public static func quantize(rows: [Float], n: Int, k: Int, blockSize: Int) throws -> (codes: [Int64], scales: [Float]) {
+        precondition(rows.count == n * k && blockSize > 0)
+        guard rows.allSatisfy(\.isFinite) else { throw TensorError(.invalidArgument, "int4 blocks of non-finite weights") }
+        let kBlocks = blocks(k: k, blockSize: blockSize)
+        var codes = [Int64](repeating: 0, count: n * k), scales = [Float](repeating: 1, count: n * kBlocks)
+        for row in 0..<n {
+            for b in 0..<kBlocks {
+                let span = (row * k + b * blockSize)..<(row * k + Swift.min((b + 1) * blockSize, k))
+                var largest: Float = 0
+                for i in span where abs(rows[i]) > abs(largest) { largest = rows[i] }
+                guard largest != 0 else { continue }  // all zero: scale 1, codes 0
+                let scale = largest / -8
+                scales[row * kBlocks + b] = scale
+                for i in span { codes[i] = Int64(Swift.min(Swift.max((rows[i] / scale).rounded(.toNearestOrEven), -8), 7)) }
+            }
+        }
+        return (codes, scales)
+    }
+
+    /// Signed codes `[N, K]` packed as MatMulNBits' `B` `[N, blocks, blockSize / 2]` bytes.
+    public static func pack(codes: [Int64], n: Int, k: Int, blockSize: Int) -> [UInt8] {
+        let kBlocks = blocks(k: k, blockSize: blockSize), blob = blockSize / 2
+        var packed = [UInt8](repeating: 0x88, count: n * kBlocks * blob)  // padding: code 0 (+8) in both nibbles
+        for row in 0..<n {
+            for j in 0..<k {
+                let byte = row * kBlocks * blob + j / 2
+                let nibble = UInt8(codes[row * k + j] + 8)
+                packed[byte] = j % 2 == 0 ? (packed[byte] & 0xF0) | nibble : (packed[byte] & 0x0F) | (nibble << 4)
+            }
+        }
+        return packed
+    }
+
+    /// The dequantized transposed weight `[N, K]` from MatMulNBits' packed bytes, scales `[N · blocks]` and optional
+    /// packed zero points (two per byte per row, low nibble first; 8 when absent).
+    public static func dequantize(packed: [Int64], scales: [Float], zeroPoints: [Int64]?, n: Int, k: Int, blockSize: Int) -> [Float] {
+        let kBlocks = blocks(k: k, blockSize: blockSize), blob = blockSize / 2, zpBytes = (kBlocks + 1) / 2
+        var out = [Float](repeating: 0, count: n * k)
+        for row in 0..<n {
+            for b in 0..<kBlocks {
+                let scale = scales[row * kBlocks + b]
+                var zero: Int64 = 8
+                if let zeroPoints {
+                    let byte = zeroPoints[row * zpBytes + b / 2]
+                    zero = b % 2 == 0 ? byte & 0x0F : (byte >> 4) & 0x0F
+                }
+                for j in (b * blockSize)..<Swift.min((b + 1) * blockSize, k) {
+                    let byte = packed[(row * kBlocks + b) * blob + (j - b * blockSize) / 2]
+                    let code = j % 2 == 0 ? byte & 0x0F : (byte >> 4) & 0x0F
+                    out[row * k + j] = Float(code - zero) * scale
+                }
+            }
+        }
+        return out
+    }
+}

@@ -1,5 +1,6 @@
 import Testing
 import WhittleTensor
+import WhittleTestSupport
 
 /// onnxruntime's conventions, checked on hand-computed cases.
 @Suite struct QuantizationTests {
@@ -47,5 +48,40 @@ import WhittleTensor
         let (clipped, m) = fixed.apply(Tensor(shape: [3], floats: [0.26, 1.0, -5]))
         #expect(clipped.floats.map { ($0 * 100).rounded() / 100 } == [0.3, 1.0, -1.0])
         #expect(m == [1, 1, 0])
+    }
+
+    /// One output, K = 5 in blocks of 4 (the second padded). Block 0 [1, −2, 0.5, 4]: its largest value 4 maps to −8,
+    /// scale −0.5, codes −2, 4, −1, −8; block 1 [1]: scale −0.125, code −8. Packed low nibble first, each code + 8:
+    /// 0xC6 0x07 | 0x80 0x88 (padding is code 0). These weights dequantize exactly.
+    @Test func blockwiseInt4QuantizesPacksAndDequantizesHandComputedValues() throws {
+        let (codes, scales) = try BlockwiseInt4.quantize(rows: [1, -2, 0.5, 4, 1], n: 1, k: 5, blockSize: 4)
+        #expect(codes == [-2, 4, -1, -8, -8])
+        #expect(scales == [-0.5, -0.125])
+        let packed = BlockwiseInt4.pack(codes: codes, n: 1, k: 5, blockSize: 4)
+        #expect(packed == [0xC6, 0x07, 0x80, 0x88])
+        let w = BlockwiseInt4.dequantize(packed: packed.map { Int64($0) }, scales: scales, zeroPoints: nil, n: 1, k: 5, blockSize: 4)
+        #expect(w == [1, -2, 0.5, 4, 1])
+        // Packed zero points (low nibble: block 0, high: block 1) replace the default 8.
+        let shifted = BlockwiseInt4.dequantize(packed: packed.map { Int64($0) }, scales: scales, zeroPoints: [0x79], n: 1, k: 5, blockSize: 4)
+        #expect(shifted[0] == Float(6 - 9) * scales[0] && shifted[4] == Float(0 - 7) * scales[1])
+        // A negative largest value gives a positive scale; an all-zero block scale 1 and codes 0.
+        let (c2, s2) = try BlockwiseInt4.quantize(rows: [-4, 2, 0, 0], n: 1, k: 4, blockSize: 2)
+        #expect(c2 == [-8, 4, 0, 0] && s2 == [0.5, 1])
+    }
+
+    /// Smaller blocks follow the weights more closely: each run of 32 weights along K has its own magnitude, so
+    /// blocks of 32 fit each run, blocks of 64 mix two, one block of the whole row mixes all.
+    @Test func smallerBlocksReconstructBetter() throws {
+        let (n, k) = (8, 256)
+        var w = TestSupport.randomFloats(n * k, seed: 5)
+        for i in w.indices { w[i] *= Float(1 << ((i % k) / 32 % 4)) }
+        func error(_ block: Int) throws -> Double {
+            let (codes, scales) = try BlockwiseInt4.quantize(rows: w, n: n, k: k, blockSize: block)
+            let back = BlockwiseInt4.dequantize(packed: BlockwiseInt4.pack(codes: codes, n: n, k: k, blockSize: block).map { Int64($0) },
+                                                scales: scales, zeroPoints: nil, n: n, k: k, blockSize: block)
+            return zip(w, back).reduce(0.0) { $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1) }
+        }
+        let e32 = try error(32), e64 = try error(64), e256 = try error(256)
+        #expect(e32 < e64 && e64 < e256, "\(e32) \(e64) \(e256)")
     }
 }

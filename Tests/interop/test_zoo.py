@@ -119,8 +119,11 @@ def token_batch(count, seed, seq=16, vocab=100):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def run_named(path, inputs):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+def run_named(path, inputs, optimized=True):
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, inputs)[0]
 
 
 # Whittle keeps the attention mask's Add and its Softmax in float: onnxruntime's quantizer, with the same two nodes
@@ -167,3 +170,82 @@ def test_encoders_compress_from_npz_token_data(name, task, release_models, tmp_p
         assert errors[1] <= 0.5 * errors[0], f"{name}: error {errors}"
         assert after[0]["meanCosine"] > before[0]["meanCosine"]
         assert after[0]["relativeError"] == pytest.approx(errors[1], rel=1e-3)
+
+
+# Whittle's output of a QDQ or MatMulNBits file agrees with onnxruntime's reference semantics (graph optimizations
+# off) on the same file to this, relative to the output's largest magnitude: both dequantize the same codes exactly,
+# only float summation order differs. (Optimized, onnxruntime fuses int4 DequantizeLinear → MatMul into MatMulNBits
+# at accuracy level 4, which quantizes the activations to int8 on the fly: the errors below are measured that way,
+# as the deployed model runs.)
+SAME_FILE_TOLERANCE = 1e-4
+
+
+def dequantized_weights(path):
+    """Each int4 weight of a QDQ file dequantized by numpy from its codes, scales and zero points (per channel, or
+    blocked along an axis), by the float weight's name."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(path))
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or not node.input[0].endswith("_quantized") or init[node.input[0]].dtype == np.int32:
+            continue
+        q, s, z = (init[node.input[k]].astype(np.float32) for k in range(3))
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
+        if block:
+            s, z = (np.take(np.repeat(t, block, axis=axis), range(q.shape[axis]), axis=axis) for t in (s, z))
+        else:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+        out[node.input[0][:-len("_quantized")]] = (q - z) * s
+    return out
+
+
+@pytest.mark.parametrize("name", ["bert_embed_op17", "vit_op17"])
+def test_blockwise_int4_side_by_side_with_per_channel(name, release_models, tmp_path):
+    """int4 weight-only quantization per output channel, and in blocks along K written as opset-21 blocked
+    DequantizeLinear and as onnxruntime's MatMulNBits: each file runs in onnxruntime, Whittle runs it with the same
+    output, smaller blocks reconstruct the weights more closely (measured by numpy from the files' codes and
+    scales), and MatMulNBits holds exactly the blocked QDQ file's weights. Output errors against the float model are
+    printed side by side: on these random-weight models they are dominated by how errors propagate, not by the
+    weights' reconstruction."""
+    import onnx
+    from onnx import numpy_helper
+    source = ZOO / f"{name}.onnx"
+    if name.startswith("bert"):
+        np.savez(tmp_path / "cal.npz", **token_batch(8, 1))
+        calibration, test = tmp_path / "cal.npz", token_batch(16, 2)
+    else:
+        model = next(m for m in MANIFEST["models"] if m["file"] == f"{name}.onnx")
+        np.save(tmp_path / "cal.npy", images(model, 8, 1))
+        calibration, test = tmp_path / "cal.npy", {"input": images(model, 16, 2)}
+    np.savez(tmp_path / "test.npz", **test)
+    expected = run_named(source, test)
+    floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(source)).graph.initializer}
+    errors, deployed, weights = {}, {}, {}
+    for label, args in [("per-channel", ()), ("qdq-32", ("--int4-block-size", "32")), ("qdq-16", ("--int4-block-size", "16")),
+                        ("matmulnbits-32", ("--int4-format", "matmulnbits", "--int4-block-size", "32"))]:
+        out = tmp_path / f"{label}.onnx"
+        release_models("model", "compress", source, "--calibration-data", calibration, "--quantize", "int4-weights",
+                       *args, "--out", out)
+        ours = tmp_path / f"{label}.npy"
+        release_models("model", "run", out, "--input", tmp_path / "test.npz", "--output", ours)
+        reference = run_named(out, test, optimized=False)
+        assert np.abs(np.load(ours) - reference).max() <= SAME_FILE_TOLERANCE * np.abs(reference).max(), label
+        errors[label] = relative_rmse(reference, expected)
+        deployed[label] = relative_rmse(run_named(out, test), expected)
+        if label.startswith("matmulnbits"):
+            ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+            assert "MatMulNBits" in ops and "DequantizeLinear" not in ops, ops
+        else:
+            d = dequantized_weights(out)
+            assert d, label
+            weights[label] = float(np.sqrt(sum(((d[k] - floats[k]) ** 2).sum() for k in d) / sum((floats[k] ** 2).sum() for k in d)))
+    print(f"\n{name} int4, weight reconstruction error: " + ", ".join(f"{k} {v:.4f}" for k, v in weights.items())
+          + "; output relative RMSE against float (onnxruntime reference): " + ", ".join(f"{k} {v:.4f}" for k, v in errors.items())
+          + "; optimized, as deployed: " + ", ".join(f"{k} {v:.4f}" for k, v in deployed.items()))
+    assert weights["qdq-16"] < weights["qdq-32"] <= weights["per-channel"] * 1.0001
+    assert errors["matmulnbits-32"] == pytest.approx(errors["qdq-32"], rel=1e-3)

@@ -33,10 +33,32 @@ extension Operators {
             guard [.int8, .uint8, .int32, .int4, .uint4, .int16, .uint16].contains(x.dtype) else {
                 throw ctx.error(.unsupportedDataType, "input x has element type \(x.dtype); an integer type is required")
             }
-            _ = try quantAxis(ctx, x.shape)
+            if try blockLayout(ctx, x.shape) == nil { _ = try quantAxis(ctx, x.shape) }
             return [ValueMeta(dtype: .float, shape: x.shape)]
         }) { ctx, inputs in
             let x = inputs[0]!
+            if let blocks = try blockLayout(ctx, x.shape) {
+                // Opset 21 blocked quantization: element (o, i, r) of [outer, axis, inner] reads parameter
+                // (o, i / block, r) of [outer, ceil(axis / block), inner].
+                // Block-wise quantizers (onnxruntime's among them) map each block's largest value to −8, so a scale
+                // is negative when that value is positive: any finite non-zero scale is valid here.
+                let scales = inputs[1]!.floats
+                guard scales.allSatisfy({ $0.isFinite && $0 != 0 }) else { throw ctx.error(.invalidInput, "scales must be finite and non-zero") }
+                let zeros = (inputs.count > 2 ? inputs[2]?.ints : nil) ?? [Int64](repeating: 0, count: scales.count)
+                if let range = x.dtype.integerRange, let bad = zeros.first(where: { !range.contains($0) }) {
+                    throw ctx.error(.invalidInput, "zero point \(bad) is outside the range of \(x.dtype)")
+                }
+                var y = [Float](repeating: 0, count: x.count)
+                let (outer, dim, inner, block) = blocks
+                let counted = (dim + block - 1) / block
+                for o in 0..<outer {
+                    for i in 0..<dim {
+                        let base = (o * dim + i) * inner, parameters = (o * counted + i / block) * inner
+                        for r in 0..<inner { y[base + r] = Float(x.ints[base + r] - zeros[parameters + r]) * scales[parameters + r] }
+                    }
+                }
+                return [Tensor(shape: x.shape, floats: y)]
+            }
             let (scales, zeros, axisInfo) = try quantParameters(ctx, x.shape, inputs)
             var y = [Float](repeating: 0, count: x.count)
             forEachChannelRun(x.count, axisInfo) { c, run in
@@ -79,11 +101,34 @@ extension Operators {
         return type
     }
 
+    /// Blocked layout (opset 21 `block_size` of DequantizeLinear): the sizes before, along and after the axis, and
+    /// the block size, with the scale (and zero point) of the input's rank, `ceil(size / block)` along the axis and
+    /// equal elsewhere. Nil when the node is not blocked.
+    static func blockLayout(_ ctx: NodeContext, _ shape: [Int]) throws -> (outer: Int, dim: Int, inner: Int, block: Int)? {
+        let block = Int(try ctx.int("block_size", default: 0))
+        guard block != 0 else { return nil }
+        guard ctx.node.opType == "DequantizeLinear" else {
+            throw ctx.error(.unsupportedOperator, "blocked quantization (block_size) is supported for DequantizeLinear only")
+        }
+        guard block > 0, ctx.opset >= 21 else { throw ctx.error(.invalidInput, "block_size \(block) needs opset 21 and a positive size") }
+        let scale = try ctx.floatInput(1)
+        let axis = try ctx.axis(Int(try ctx.int("axis", default: 1)), rank: shape.count)
+        var expected = shape
+        expected[axis] = (shape[axis] + block - 1) / block
+        guard scale.shape == expected else {
+            throw ctx.error(.shapeMismatch, "blocked scale has shape \(scale.shape); input \(shape) in blocks of \(block) along axis \(axis) needs \(expected)")
+        }
+        if let zp = ctx.optionalInput(2), zp.shape != scale.shape {
+            throw ctx.error(.shapeMismatch, "zero point shape \(zp.shape) differs from scale shape \(scale.shape)")
+        }
+        return (shape[..<axis].reduce(1, *), shape[axis], shape[(axis + 1)...].reduce(1, *), block)
+    }
+
     /// Per-axis layout (axis size and the stride of the axis) when the scale is a vector, nil for per-tensor.
     static func quantAxis(_ ctx: NodeContext, _ shape: [Int]) throws -> (size: Int, inner: Int)? {
         let scale = try ctx.floatInput(1)
         if try ctx.int("block_size", default: 0) != 0 {
-            throw ctx.error(.unsupportedOperator, "blocked quantization (block_size) is not supported")
+            throw ctx.error(.unsupportedOperator, "blocked quantization (block_size) is supported for DequantizeLinear only")
         }
         if let zp = ctx.optionalInput(2), zp.count != scale.count || (zp.rank > 1) != (scale.rank > 1) {
             throw ctx.error(.shapeMismatch, "zero point shape \(zp.shape) differs from scale shape \(scale.shape)")
