@@ -39,8 +39,8 @@ let gradientSumTolerance: Float = 1e-4
     }
 
     /// Runs a worker phase on each shard, through the wire encoding, into an accumulator.
-    static func federated(_ kind: PhaseKind, plan: RoundPlan, model: Model, progress: RoundProgress, parts: [Dataset],
-                          batchSize: Int = 4) throws -> PhaseAccumulator {
+    static func federated(_ kind: PhaseKind, plan: RoundPlan, model: Model, teacher: Model? = nil, progress: RoundProgress,
+                          parts: [Dataset], batchSize: Int = 4) throws -> PhaseAccumulator {
         let engine = RoundEngine(plan: plan)
         let expectation = try engine.expectation(Phase(kind), model: model, progress: progress)
         let task = engine.task(Phase(kind), index: 0, round: "r", progress: progress, expectation: expectation, deadline: 0,
@@ -48,7 +48,8 @@ let gradientSumTolerance: Float = 1e-4
         var accumulator = PhaseAccumulator(expectation: expectation, aggregation: plan.aggregation)
         for (k, part) in parts.enumerated() {
             var compressor = DeltaCompressor()
-            let report = try WorkerJobs.run(task, model: model, teacher: model, data: part, batchSize: batchSize, compressor: &compressor)
+            let report = try WorkerJobs.run(task, model: model, teacher: teacher ?? model, data: part, batchSize: batchSize,
+                                            compressor: &compressor)
             let wire = try Whittle_TaskReport(serializedBytes: try report.serializedBytes() as [UInt8])
             try accumulator.add(wire, worker: "w\(k)", maximumSamples: part.count)
         }

@@ -35,18 +35,7 @@ import WhittleTestSupport
 
     static func run(_ kind: PhaseKind, plan: RoundPlan, model: Model, teacher: Model, progress: RoundProgress,
                     parts: [Dataset]) throws -> PhaseAccumulator {
-        let engine = RoundEngine(plan: plan)
-        let expectation = try engine.expectation(Phase(kind), model: model, progress: progress)
-        let task = engine.task(Phase(kind), index: 0, round: "r", progress: progress, expectation: expectation, deadline: 0,
-                               artifactBytes: { _ in 0 })
-        var accumulator = PhaseAccumulator(expectation: expectation, aggregation: plan.aggregation)
-        for (k, part) in parts.enumerated() {
-            var compressor = DeltaCompressor()
-            let report = try WorkerJobs.run(task, model: model, teacher: teacher, data: part, batchSize: 4, compressor: &compressor)
-            let wire = try Whittle_TaskReport(serializedBytes: try report.serializedBytes() as [UInt8])
-            try accumulator.add(wire, worker: "w\(k)", maximumSamples: part.count)
-        }
-        return accumulator
+        try RoundTests.federated(kind, plan: plan, model: model, teacher: teacher, progress: progress, parts: parts)
     }
 
     @Test func anEncoderTakesEveryWorkerPhaseFromTokenData() throws {

@@ -259,6 +259,23 @@ class CoordinatorServer:
 
 
 @pytest.fixture
+def spawn_any():
+    """Starts a process (`launch`'s arguments) that is killed at teardown if a failed test left it running."""
+    started = []
+
+    def start(*command, **kwargs):
+        process = launch(command, **kwargs)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
 def coordinator_server(tmp_path, coordinator_path):
     """A factory of coordinators: `coordinator_server(name="coord", start=True, **settings)` runs `coordinator init`
     in tmp_path/name, writes `settings` into coordinator.conf and (by default) starts `serve` on a free loopback

@@ -9,7 +9,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import launch
 from rounds_support import MODEL, Fleet, non_iid_shards, load_holdout_split, load_test_split, load_train_split
 
 # Quality goals of issue 6, in accuracy points against the base model.
@@ -30,20 +29,6 @@ LOCAL_EPOCHS = "2"
 CONTINUAL_MINIMUM_ACCURACY = 0.85
 
 
-@pytest.fixture
-def spawn_any():
-    started = []
-
-    def start(*command, **kwargs):
-        process = launch(command, **kwargs)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=4, labels=True, samples=None,

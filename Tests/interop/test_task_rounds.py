@@ -7,25 +7,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import launch
 from rounds_support import Fleet
 from test_zoo import ZOO, relative_rmse, run_named, token_batch
 
 
-@pytest.fixture
-def spawn_any():
-    started = []
-
-    def start(*command, **kwargs):
-        process = launch(command, **kwargs)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def start_workers(fleet, names, data, labels=None):
@@ -38,6 +23,17 @@ def start_workers(fleet, names, data, labels=None):
             np.save(files["y"], labels(k))
         fleet.workers[name] = files
         fleet.start_worker(name)
+
+
+def finished_report(fleet, tmp_path, *args):
+    """Starts a round with `args`, waits for it to succeed, fetches its model and report: (model path, report)."""
+    started = fleet.round("start", *args, "--phase-deadline", "2m", "--json")
+    round_id = json.loads(started.stdout)["id"]
+    status = fleet.wait(round_id, timeout=300)
+    assert status["state"] == "succeeded", status
+    out, report_path = tmp_path / "round.onnx", tmp_path / "round.json"
+    fleet.round("fetch", round_id, "--out", out, "--report", report_path)
+    return round_id, out, json.loads(report_path.read_text())
 
 
 def test_an_encoder_round_runs_on_token_data_from_npz(coordinator_server, worker_path, tmp_path, spawn_any):
@@ -58,16 +54,10 @@ def test_an_encoder_round_runs_on_token_data_from_npz(coordinator_server, worker
     start_workers(fleet, names, data)
     refused = fleet.round("start", "--model", source, "--prune-ratio", "0.5", check=False)
     assert refused.returncode != 0 and "--shape input_ids" in refused.stderr, refused.stderr
-    started = fleet.round("start", "--model", source, "--shape", "input_ids=1x16", "--shape", "attention_mask=1x16",
-                          "--prune-ratio", "0.5", "--importance", "activation", "--finetune-rounds", "3",
-                          "--local-epochs", "2", "--optimizer", "adam", "--lr", "0.003", "--distill", "--quantize", "int8",
-                          "--min-workers", "2", "--phase-deadline", "2m", "--json")
-    round_id = json.loads(started.stdout)["id"]
-    status = fleet.wait(round_id, timeout=300)
-    assert status["state"] == "succeeded", status
-    out, report_path = tmp_path / "round.onnx", tmp_path / "round.json"
-    fleet.round("fetch", round_id, "--out", out, "--report", report_path)
-    report = json.loads(report_path.read_text())
+    _, out, report = finished_report(fleet, tmp_path, "--model", source, "--shape", "input_ids=1x16", "--shape",
+                                     "attention_mask=1x16", "--prune-ratio", "0.5", "--importance", "activation",
+                                     "--finetune-rounds", "3", "--local-epochs", "2", "--optimizer", "adam", "--lr", "0.003",
+                                     "--distill", "--quantize", "int8", "--min-workers", "2")
     test = token_batch(16, 2)
     expected = run_named(source, test)
     got = run_named(out, test)
@@ -104,14 +94,7 @@ def test_a_segmentation_round_reports_pixel_accuracy_and_mean_iou(coordinator_se
         return path
 
     start_workers(fleet, names, data, labels=lambda k: pixels[k] if k < 2 else None)
-    started = fleet.round("start", "--model", source, "--quantize", "int8", "--min-workers", "3",
-                          "--phase-deadline", "2m", "--json")
-    round_id = json.loads(started.stdout)["id"]
-    status = fleet.wait(round_id, timeout=300)
-    assert status["state"] == "succeeded", status
-    out, report_path = tmp_path / "round.onnx", tmp_path / "round.json"
-    fleet.round("fetch", round_id, "--out", out, "--report", report_path)
-    report = json.loads(report_path.read_text())
+    round_id, out, report = finished_report(fleet, tmp_path, "--model", source, "--quantize", "int8", "--min-workers", "3")
     assert report["task"] == "segmentation"
     sites = {s["worker"]: s for s in report["sites"]}
     for k, name in enumerate(names):
