@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from rounds_support import MODEL, ROOT
-from test_rounds import make_fleet, spawn_any  # noqa: F401 (fixtures)
+from test_rounds import make_fleet
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/install-deps installs it)")

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from rounds_support import MODEL
-from test_rounds import make_fleet, spawn_any  # noqa: F401 (fixtures)
+from test_rounds import make_fleet
 
 
 def test_tokens_are_listed_and_revoked(coordinator_server, worker_path, tmp_path):
