@@ -140,9 +140,14 @@ public final class ImportanceCollector {
     var trainer: Trainer?
     let batchSize: Int
 
+    /// What the model's output means (nil: inferred from its shape): Taylor importance without labels needs class
+    /// scores or per-pixel class scores.
+    let task: TaskKind?
+
     public init(model: Model, groups: ChannelGroups, criterion: ImportanceCriterion, teacher: Model? = nil,
-                batchSize: Int = 32) throws {
+                batchSize: Int = 32, task: TaskKind? = nil) throws {
         self.criterion = criterion
+        self.task = task
         self.groups = groups
         self.batchSize = batchSize
         session = try InferenceSession(model: model)
@@ -152,6 +157,7 @@ public final class ImportanceCollector {
             configuration.batchSize = batchSize
             configuration.batchNorm = .frozen
             configuration.learningRate = 0
+            configuration.task = task
             trainer = try Trainer(model: model, configuration: configuration)
         }
     }
@@ -165,7 +171,7 @@ public final class ImportanceCollector {
                                           into: &statistics.channels)
         case .taylor:
             var y = labels
-            if y == nil { y = try Self.pseudoLabels(try (teacher ?? session).firstOutput(batch)) }
+            if y == nil { y = try Self.pseudoLabels(try (teacher ?? session).firstOutput(batch), task: task) }
             let (loss, _) = try trainer!.gradients(batch, labels: y, accumulate: true, nodeOutputs: false)
             guard loss.loss.isFinite else {
                 throw CompressionError(.invalidStatistics, "the loss is not finite on this batch; the data or model is broken")
@@ -181,15 +187,19 @@ public final class ImportanceCollector {
     /// `[N, K, H, W]`): the targets of label-free Taylor importance. Other outputs (detection heads, embeddings,
     /// regression) have no class to take, and their distillation loss and its gradient are zero while the student
     /// equals its teacher.
-    static func pseudoLabels(_ z: Tensor) throws -> ArraySlice<Int64> {
-        switch TaskKind.inferred(outputShape: z.shape) {
+    static func pseudoLabels(_ z: Tensor, task: TaskKind? = nil) throws -> ArraySlice<Int64> {
+        switch task ?? TaskKind.inferred(outputShape: z.shape) {
         case .classification:
+            guard z.rank >= 1, z.count > 0 else { throw CompressionError(.invalidArgument, "the model's output \(z.shape) holds no class scores") }
             let n = z.shape[0], classes = z.count / max(n, 1)
             return ArraySlice((0..<n).map { row in
                 let r = z.floats[(row * classes)..<((row + 1) * classes)]
                 return Int64(r.firstIndex(of: r.max()!)! - r.startIndex)
             })
         case .segmentation:
+            guard z.rank == 4, z.shape[1] >= 2 else {
+                throw CompressionError(.invalidArgument, "segmentation needs per-pixel class scores [N, classes, H, W]; the model gives \(z.shape)")
+            }
             let (n, c, hw) = (z.shape[0], z.shape[1], z.shape[2] * z.shape[3])
             var out = [Int64](repeating: 0, count: n * hw)
             for b in 0..<n {
@@ -202,7 +212,7 @@ public final class ImportanceCollector {
             return out[...]
         case let task:
             throw CompressionError(.invalidArgument,
-                "Taylor importance without labels needs a classifier or a segmenter; this model's output \(z.shape) looks like \(task.rawValue): use --importance activation or magnitude")
+                "Taylor importance without labels needs a classifier or a segmenter; this model's output \(z.shape) is taken as \(task.rawValue): use --importance activation, l1 or l2")
         }
     }
 

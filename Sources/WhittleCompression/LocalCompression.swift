@@ -159,7 +159,7 @@ public struct LocalCompression {
                 if pruning.criterion.needsData {
                     statistics = try timed("importance") {
                         let collector = try ImportanceCollector(model: model, groups: groups, criterion: pruning.criterion,
-                                                                teacher: base, batchSize: batchSize)
+                                                                teacher: base, batchSize: batchSize, task: task)
                         try collector.collect(data: calibration)
                         return collector.statistics
                     }

@@ -45,7 +45,7 @@ public enum WorkerJobs {
             }
             let groups = try ChannelGroups(model: model)
             let collector = try ImportanceCollector(model: model, groups: groups, criterion: criterion, teacher: teacher,
-                                                    batchSize: batchSize)
+                                                    batchSize: batchSize, task: try taskKind(task, model: model, data: data))
             try collector.collect(data: data)
             report.importance = Whittle_ImportanceReport(collector.statistics)
         case .finetune, .qat:

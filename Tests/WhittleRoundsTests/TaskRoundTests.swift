@@ -144,4 +144,19 @@ import WhittleTestSupport
         forged.evaluation.taskKind = "telepathy"
         #expect { try fresh.add(forged, worker: "w0", maximumSamples: 2) } throws: { "\($0)".contains("unknown task") }
     }
+
+    /// Label-free Taylor importance takes the base model's top class: a classifier's per sample, a segmenter's per
+    /// pixel. An embedding has no class to take, and says so instead of ranking channels by a meaningless loss.
+    @Test func labelFreeTaylorImportanceFollowsTheTask() throws {
+        let (_, union) = try Self.tokenShards()
+        let classifier = GraphEditing.materializeConstants(try TestSupport.zooModel("bert_cls_op17")).0
+        let collector = try ImportanceCollector(model: classifier, groups: try ChannelGroups(model: classifier), criterion: .taylor,
+                                                batchSize: 8, task: .classification)
+        try collector.collect(data: union)
+        #expect(!collector.statistics.gradientSums.isEmpty && collector.statistics.samples == union.count)
+        let encoder = GraphEditing.materializeConstants(try TestSupport.zooModel("bert_embed_op17")).0
+        let embedding = try ImportanceCollector(model: encoder, groups: try ChannelGroups(model: encoder), criterion: .taylor,
+                                                batchSize: 8, task: .embedding)
+        #expect { try embedding.collect(data: union) } throws: { "\($0)".contains("needs a classifier or a segmenter") }
+    }
 }

@@ -50,7 +50,7 @@ extension Losses {
     /// whose top class matches the labels (or the teacher's).
     public static func pixelDistillation(student: Tensor, teacher: Tensor?, labels: ArraySlice<Int64>?, temperature: Float,
                                          alpha: Float) throws -> LossResult {
-        guard student.rank == 4 else {
+        guard student.rank == 4, student.shape[1] >= 1 else {
             throw ONNXError(.shapeMismatch, "segmentation needs per-pixel logits [N, classes, H, W], the model gives \(student.shape)")
         }
         if let teacher, teacher.shape != student.shape {
@@ -198,6 +198,7 @@ public struct TaskEvaluation: Codable, Sendable, Equatable {
             throw ONNXError(.shapeMismatch, "the base model's output \(base.shape) and the compressed model's \(compressed.shape) differ")
         }
         let per = base.count / n
+        guard per >= 1 else { throw ONNXError(.shapeMismatch, "the models' output \(base.shape) holds no values per sample") }
         for i in 0..<base.count {
             let d = Double(compressed.floats[i]) - Double(base.floats[i])
             squaredError += d * d
@@ -220,7 +221,7 @@ public struct TaskEvaluation: Codable, Sendable, Equatable {
                 }
             }
         case .segmentation:
-            guard base.rank == 4 else {
+            guard base.rank == 4, base.shape[1] >= 1 else {
                 throw ONNXError(.shapeMismatch, "segmentation needs per-pixel logits [N, classes, H, W], the model gives \(base.shape)")
             }
             let (c, hw) = (base.shape[1], base.shape[2] * base.shape[3])
