@@ -107,9 +107,9 @@ final class TaskRunner {
             let training = task.kind == PhaseKind.finetune.rawValue || task.kind == PhaseKind.qat.rawValue
                 || task.kind == PhaseKind.fisher.rawValue
                 || (task.kind == PhaseKind.importance.rawValue && task.criterion == ImportanceCriterion.taylor.rawValue)
-            let batch = try WorkerJobs.batchSize(model: model, planned: Int(max(task.batchSize, 1)), memoryLimit: memoryLimit,
-                                                 training: training)
             let local = task.kind == PhaseKind.evaluate.rawValue ? (evaluation ?? data) : data
+            let batch = try WorkerJobs.batchSize(model: model, planned: Int(max(task.batchSize, 1)), memoryLimit: memoryLimit,
+                                                 training: training, data: local)
             let stateKey = "\(task.roundID)/\(task.kind)"
             var state = optimizerState?.key == stateKey ? optimizerState?.state : nil
             let teacherSHA = task.teacherSha256.isEmpty ? task.modelSha256 : task.teacherSha256

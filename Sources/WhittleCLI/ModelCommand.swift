@@ -38,9 +38,16 @@ struct RunOptions: ParsableArguments {
     }
 
     /// The batch size to use: --batch-size, capped by what fits in --memory-limit.
-    func batchSize(for session: InferenceSession) throws -> Int {
+    /// `data`: the samples to be run, whose sizes fill free dimensions (a sequence length).
+    func batchSize(for session: InferenceSession, data: Samples? = nil) throws -> Int {
         guard let memoryLimit, let bytes = parseByteSize(memoryLimit) else { return batchSize ?? 32 }
-        guard let fitting = try session.largestBatch(fittingIn: bytes, limit: batchSize ?? 4096) else {
+        let shapes: [String: (DataType, [Int])]?
+        do {
+            shapes = try data.map { try $0.conformed(to: session.model.graph).sampleShapes(for: session.model.graph) }
+        } catch let error as ONNXError {
+            throw CLIError(error.message)
+        }
+        guard let fitting = try session.largestBatch(fittingIn: bytes, limit: batchSize ?? 4096, sampleShapes: shapes) else {
             throw CLIError("even one sample does not fit in --memory-limit \(memoryLimit)")
         }
         return fitting
@@ -164,7 +171,7 @@ extension ModelCommand {
             var outputs: [Float] = []
             var outShape: [Int] = []
             let data = try Samples(names.map { ($0, inputs[$0]!) })
-            try forEachBatch(session, data, batchSize: try options.batchSize(for: session)) { batch, range in
+            try forEachBatch(session, data, batchSize: try options.batchSize(for: session, data: data)) { batch, range in
                 guard batch.rank >= 1, batch.shape[0] == range.count else {
                     throw CLIError("the first output '\(session.primaryOutput)' has shape \(batch.shape), which has no batch axis of size \(range.count)")
                 }
@@ -220,7 +227,7 @@ extension ModelCommand {
             let y = data.labels!
             var metrics = ClassificationMetrics()
             var evaluation = TaskEvaluation(task: kind)
-            let batchSize = try options.batchSize(for: session)
+            let batchSize = try options.batchSize(for: session, data: data.samples)
             let clock = ContinuousClock()
             let start = clock.now
             try forEachBatch(session, data.samples, batchSize: batchSize) { logits, range in

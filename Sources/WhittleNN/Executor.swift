@@ -268,13 +268,16 @@ public final class InferenceSession: @unchecked Sendable {
 
     /// The largest batch size whose peak activation memory plus the model's weights fits in `bytes`
     /// (searched up to `limit`). Returns nil when even batch size 1 does not fit.
-    public func largestBatch(fittingIn bytes: Int, limit: Int = 4096) throws -> Int? {
+    /// `sampleShapes` gives one sample of each input (batch 1) where the declared shapes have free dimensions
+    /// besides the batch (a sequence length); the batch axis is scaled from it.
+    public func largestBatch(fittingIn bytes: Int, limit: Int = 4096,
+                             sampleShapes: [String: (DataType, [Int])]? = nil) throws -> Int? {
         let weights = model.graph.initializers.reduce(0) { $0 + ($1.tensor?.count ?? 0) * 4 }
         func fits(_ batch: Int) throws -> Bool {
+            let shapes = try sampleShapes.map { $0.mapValues { ($0.0, [batch] + Array($0.1.dropFirst())) } }
+                ?? ShapeInference.inputShapes(model, batchSize: batch)
             // Planned with the reference kernels (nothing fused, no oneDNN plans created): a slight over-estimate.
-            let graph = try CompiledGraph(graph: model.graph, opset: opset,
-                                          inputs: try ShapeInference.inputShapes(model, batchSize: batch),
-                                          options: KernelOptions(fast: false))
+            let graph = try CompiledGraph(graph: model.graph, opset: opset, inputs: shapes, options: KernelOptions(fast: false))
             // oneDNN kernels hold a second copy of the weights (reordered into their layout).
             return graph.peakActivationBytes + 2 * weights <= bytes
         }

@@ -236,10 +236,12 @@ public enum WorkerJobs {
 
     /// The batch size for a job: the plan's, or less when the worker's memory budget (the engine's estimate of
     /// peak activations plus weights; training takes about three times inference) does not hold it.
-    public static func batchSize(model: Model, planned: Int, memoryLimit: Int?, training: Bool) throws -> Int {
+    /// `data` gives the inputs' sizes (a sequence length) where the model leaves them free.
+    public static func batchSize(model: Model, planned: Int, memoryLimit: Int?, training: Bool, data: Dataset? = nil) throws -> Int {
         guard let memoryLimit, memoryLimit > 0 else { return planned }
         let session = try InferenceSession(model: model)
-        guard let fitting = try session.largestBatch(fittingIn: training ? memoryLimit / 3 : memoryLimit, limit: max(planned, 1)) else {
+        guard let fitting = try session.largestBatch(fittingIn: training ? memoryLimit / 3 : memoryLimit, limit: max(planned, 1),
+                                                     sampleShapes: try data.map { try $0.samples.sampleShapes(for: model.graph) }) else {
             throw CompressionError(.invalidArgument, "the memory limit (\(memoryLimit) bytes) does not hold even one sample of this model")
         }
         return min(planned, fitting)

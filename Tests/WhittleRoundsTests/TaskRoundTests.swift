@@ -159,4 +159,17 @@ import WhittleTestSupport
                                                 batchSize: 8, task: .embedding)
         #expect { try embedding.collect(data: union) } throws: { "\($0)".contains("needs a classifier or a segmenter") }
     }
+
+    /// A worker with a memory limit sizes its batches for a sequence model from its own data's sequence length (the
+    /// model leaves it free): more memory, larger batches, never more than planned.
+    @Test func memoryLimitedBatchesFollowTheDataSequenceLength() throws {
+        let model = try TestSupport.zooModel("bert_cls_op17")
+        let (_, union) = try Self.tokenShards()
+        let small = try WorkerJobs.batchSize(model: model, planned: 64, memoryLimit: 700_000, training: false, data: union)
+        let large = try WorkerJobs.batchSize(model: model, planned: 64, memoryLimit: 8_000_000, training: false, data: union)
+        #expect(small >= 1 && small < large && large <= 64, "\(small) \(large)")
+        #expect { try WorkerJobs.batchSize(model: model, planned: 64, memoryLimit: 700_000, training: false) } throws: {
+            "\($0)".contains("free dimension")
+        }
+    }
 }
