@@ -38,12 +38,14 @@ struct RunOptions: ParsableArguments {
     }
 
     /// The batch size to use: --batch-size, capped by what fits in --memory-limit.
-    /// `data`: the samples to be run, whose sizes fill free dimensions (a sequence length).
-    func batchSize(for session: InferenceSession, data: Samples? = nil) throws -> Int {
+    /// `data`: the samples to be run, whose sizes fill free dimensions (a sequence length); or `sampleShapes`, one
+    /// sample of each input.
+    func batchSize(for session: InferenceSession, data: Samples? = nil,
+                   sampleShapes: [String: (DataType, [Int])]? = nil) throws -> Int {
         guard let memoryLimit, let bytes = parseByteSize(memoryLimit) else { return batchSize ?? 32 }
         let shapes: [String: (DataType, [Int])]?
         do {
-            shapes = try data.map { try $0.conformed(to: session.model.graph).sampleShapes(for: session.model.graph) }
+            shapes = try sampleShapes ?? data.map { try $0.conformed(to: session.model.graph).sampleShapes(for: session.model.graph) }
         } catch let error as ONNXError {
             throw CLIError(error.message)
         }
@@ -278,8 +280,9 @@ extension ModelCommand {
         @OptionGroup var options: RunOptions
         @Option(name: .long, help: "Timed forward passes.") var iterations: Int = 20
         @Option(name: .long, help: "Untimed warm-up passes.") var warmup: Int = 3
+        @Option(name: .long, parsing: .singleValue, help: "Size of an input with a free dimension besides the batch, NAME=DIMS for one sample (e.g. input_ids=1x128); the batch comes from --batch-size.") var shape: [String] = []
         @Flag(name: .long, help: "Also print the time of each step (fused kernel) of one pass.") var profile = false
-        @Flag(name: .long, help: "Time training passes (forward in training mode, cross-entropy, backward; no optimizer step).")
+        @Flag(name: .long, help: "Time training passes (forward in training mode, cross-entropy or a squared-error loss, backward; no optimizer step), with every input fed.")
         var train = false
         @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
 
@@ -296,8 +299,14 @@ extension ModelCommand {
         func run() throws {
             guard iterations >= 1, warmup >= 0 else { throw ValidationError("--iterations must be ≥ 1 and --warmup ≥ 0") }
             let session = try options.session(model)
-            let batchSize = try options.batchSize(for: session)
-            let shapes = try ShapeInference.inputShapes(session.model, batchSize: batchSize)
+            let one: [String: (DataType, [Int])]
+            do {
+                one = try Inspect.inputShapes(session.model, shape) ?? ShapeInference.sampleShapes(session.model, sizes: [:])
+            } catch let error as ONNXError {
+                throw CLIError(error.message)
+            }
+            let batchSize = try options.batchSize(for: session, sampleShapes: one)
+            let shapes = one.mapValues { ($0.0, [batchSize] + Array($0.1.dropFirst())) }
             guard let (_, shape) = shapes[session.primaryInput.name] else { throw CLIError("the model has no input") }
             var generator = WhittleNN.SplitMix64(seed: 42)
             let input = Tensor(shape: shape, floats: (0..<shape.reduce(1, *)).map { _ in generator.nextFloat() * 2 - 1 })
@@ -312,19 +321,25 @@ extension ModelCommand {
             let plain = feeds.count == 1 && !(shapes[session.primaryInput.name]?.0.isInteger ?? false)
             var pass: () throws -> Void = plain ? { _ = try session.run(input) } : { _ = try session.run(inputs: feeds) }
             if train {
-                guard plain else { throw CLIError("--train times models with one float input") }
-                let graph = try TrainingGraph(model: session.model, batchSize: batchSize)
+                // Every input fed (token ids and masks too); the loss is cross-entropy for [N, classes] logits, and
+                // half the mean square of any other output (the same backward work).
+                let graph = try TrainingGraph(model: session.model, inputs: feeds.mapValues { ($0.dtype, $0.shape) })
                 var parameters: [String: Tensor] = [:]
                 for initializer in session.model.graph.initializers where initializer.tensor != nil {
                     parameters[initializer.name] = initializer.tensor!
                 }
                 var rng = WhittleNN.SplitMix64(seed: 1)
                 pass = {
-                    let tape = try graph.forward(input, parameters: parameters, training: true, rng: &rng)
-                    let logits = tape.value(graph.outputName)!
-                    let labels = (0..<batchSize).map { Int64($0 % logits.shape[1]) }
-                    let loss = try Losses.softmaxCrossEntropy(logits: logits, labels: labels[...])
-                    _ = try graph.backward(tape, seeds: [graph.outputName: loss.dLogits])
+                    let tape = try graph.forward(inputs: feeds, parameters: parameters, training: true, rng: &rng)
+                    let y = tape.value(graph.outputName)!
+                    let seed: Tensor
+                    if y.rank == 2 {
+                        let labels = (0..<batchSize).map { Int64($0 % y.shape[1]) }
+                        seed = try Losses.softmaxCrossEntropy(logits: y, labels: labels[...]).dLogits
+                    } else {
+                        seed = Tensor(shape: y.shape, floats: y.floats.map { $0 / Float(max(y.count, 1)) })
+                    }
+                    _ = try graph.backward(tape, seeds: [graph.outputName: seed])
                 }
             }
             for _ in 0..<warmup { try pass() }
@@ -337,9 +352,9 @@ extension ModelCommand {
                                 iterations: iterations,
                                 imagesPerSecond: Double(iterations * batchSize) / seconds,
                                 millisecondsPerBatch: seconds * 1000 / Double(iterations),
-                                peakActivationBytes: try session.compiled(batchSize: batchSize).peakActivationBytes)
+                                peakActivationBytes: try session.compiled(shapes: shapes).peakActivationBytes)
             if profile {
-                let rows = try session.compiled(batchSize: batchSize).profile(feeds)
+                let rows = try session.compiled(shapes: shapes).profile(feeds)
                 let total = rows.reduce(0) { $0 + $1.seconds }
                 for row in rows.sorted(by: { $0.seconds > $1.seconds }) {
                     print(String(format: "%8.3f ms %5.1f %%  %@  %@", row.seconds * 1000, row.seconds / total * 100,

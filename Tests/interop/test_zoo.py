@@ -99,6 +99,13 @@ def test_models_with_several_inputs_run_from_an_npz(model, coordinator, tmp_path
     assert json.loads(shown.stdout)["summary"]["macs"] > 0
     refused = coordinator("model", "inspect", ZOO / model["file"], check=False)
     assert refused.returncode == 1 and "--shape" in refused.stderr, refused.stderr
+    # `model bench` (forward and --train) feeds every input at a given sequence length, and says how to give one.
+    for extra in ((), ("--train",)):
+        timed = coordinator("model", "bench", ZOO / model["file"], "--batch-size", "4", "--iterations", "2", "--shape",
+                            f"input_ids=1x{seq}", "--shape", f"attention_mask=1x{seq}", *extra, "--json")
+        assert json.loads(timed.stdout)["imagesPerSecond"] > 0
+    refused = coordinator("model", "bench", ZOO / model["file"], check=False)
+    assert refused.returncode == 1 and "--shape input_ids" in refused.stderr, refused.stderr
     np.savez(tmp_path / "partial.npz", input_ids=arrays["input_ids"])
     refused = coordinator("model", "run", ZOO / model["file"], "--input", tmp_path / "partial.npz", "--output", out, check=False)
     assert refused.returncode == 1 and "no array for the model's input 'attention_mask'" in refused.stderr, refused.stderr
