@@ -149,6 +149,17 @@ import WhittleTestSupport
         c.append(Case(name: "Resize linear", node: node("Resize", ["x", "", "", "sizes"], [Attribute("mode", .string(Array("linear".utf8)))]),
                       x: x4, initializers: [("sizes", ints([4], [2, 4, 5, 7]))]))
         c.append(Case(name: "Cast float", node: node("Cast", ["x"], [Attribute("to", .int(1))]), x: x3, initializers: []))
+        func einsum(_ equation: String) -> [Attribute] { [Attribute("equation", .string(Array(equation.utf8)))] }
+        c.append(Case(name: "Einsum attention scores", node: node("Einsum", ["x", "w"], einsum("bhid,bhjd->bhij")),
+                      x: random([2, 2, 3, 4], seed: 60), initializers: [("w", random([2, 2, 5, 4], seed: 61))]))
+        c.append(Case(name: "Einsum projection with ellipsis", node: node("Einsum", ["x", "w"], einsum("...d,de->...e")),
+                      x: random([2, 3, 4], seed: 62), initializers: [("w", random([4, 5], seed: 63))]))
+        c.append(Case(name: "Einsum broadcast batch", node: node("Einsum", ["x", "w"], einsum("bij,bjk->bik")),
+                      x: random([2, 3, 4], seed: 64), initializers: [("w", random([1, 4, 5], seed: 65))]))
+        c.append(Case(name: "Einsum index only in one operand", node: node("Einsum", ["x", "w"], einsum("ij,k->ik")),
+                      x: random([3, 4], seed: 66), initializers: [("w", random([5], seed: 67))]))
+        c.append(Case(name: "Einsum reduction", node: node("Einsum", ["x"], einsum("ij->i")), x: random([4, 5], seed: 68), initializers: []))
+        c.append(Case(name: "Einsum diagonal", node: node("Einsum", ["x"], einsum("bii->bi")), x: random([2, 4, 4], seed: 69), initializers: []))
         c.append(Case(name: "ConvTranspose strided grouped", node: node("ConvTranspose", ["x", "w", "b"], [
             Attribute("strides", .ints([2, 1])), Attribute("pads", .ints([1, 0, 0, 1])), Attribute("group", .int(2))]),
                       x: random([2, 4, 3, 4], seed: 47), initializers: [("w", random([4, 2, 3, 2], seed: 48)), ("b", random([4], seed: 49))]))

@@ -170,4 +170,43 @@ extension Kernels {
         }
         return Tensor(shape: outShape, floats: out.map(Float.init))
     }
+
+    /// ∂L/∂operand k of an einsum, given ∂L/∂Y. With two operands whose indices all appear in the other operand or
+    /// the output (attention's forms, projections) it is one batched GEMM, `einsum(dY, other → k)`; otherwise the
+    /// reference loop adds dY times the other operands into every element of operand k (repeated and broadcast
+    /// indices included).
+    static func einsumGradient(_ plan: Operators.EinsumPlan, _ operands: [Tensor], _ dy: Tensor, _ k: Int) throws -> Tensor {
+        let target = plan.inputs[k], shape = operands[k].shape
+        if operands.count == 2, Set(target).count == target.count, shape == target.map({ plan.sizes[$0]! }) {
+            let other = 1 - k
+            if target.allSatisfy({ plan.output.contains($0) || plan.inputs[other].contains($0) }) {
+                let gradient = Operators.EinsumPlan(inputs: [plan.output, plan.inputs[other]], output: target, sizes: plan.sizes)
+                if let d = try einsumByGemm(gradient, dy, operands[other]) { return d }
+            }
+        }
+        let letters = Array(Set(plan.inputs.flatMap { $0 } + plan.output)).sorted()
+        let dims = letters.map { plan.sizes[$0]! }
+        func strides(_ own: [Character], _ shape: [Int]) -> [Int] {
+            let s = stridesOf(shape)
+            return letters.map { c in own.indices.filter { own[$0] == c }.reduce(0) { $0 + (shape[$1] == 1 ? 0 : s[$1]) } }
+        }
+        let operandStrides = zip(plan.inputs, operands).map { strides($0, $1.shape) }
+        let outStrides = strides(plan.output, dy.shape)
+        var d = [Double](repeating: 0, count: operands[k].count)
+        var index = [Int](repeating: 0, count: letters.count)
+        for _ in 0..<max(dims.reduce(1, *), 0) {
+            var o = 0
+            for (i, s) in outStrides.enumerated() { o += index[i] * s }
+            var product = Double(dy.floats[o])
+            var target = 0
+            for (j, t) in operands.enumerated() {
+                var offset = 0
+                for (i, s) in operandStrides[j].enumerated() { offset += index[i] * s }
+                if j == k { target = offset } else { product *= Double(t.floats[offset]) }
+            }
+            d[target] += product
+            advance(&index, in: dims)
+        }
+        return Tensor(shape: shape, floats: d.map(Float.init))
+    }
 }

@@ -10,6 +10,14 @@ extension Gradients {
         func define(_ op: String, _ inputs: Set<Int>, _ f: @escaping @Sendable (GradientContext) throws -> [Tensor?]) {
             r[op] = GradientDefinition(differentiable: inputs, backward: f)
         }
+        // ∂L/∂X_k: the einsum of ∂L/∂Y with every other operand, onto X_k's indices (summed over the indices X_k lacks,
+        // and over the axes it broadcasts).
+        define("Einsum", Set(0..<64)) { g in
+            let operands = try (0..<g.ctx.node.inputs.count).map { try g.x($0) }
+            let plan = try Operators.einsumPlan(g.ctx, shapes: operands.map(\.shape))
+            let dy = Tensor(shape: plan.output.map { plan.sizes[$0]! }, floats: g.dy)
+            return try operands.indices.map { k in k < g.needs.count && g.needs[k] ? try Kernels.einsumGradient(plan, operands, dy, k) : nil }
+        }
         let twoOverRootPi: Float = 1.1283791670955126
         define("Erf", [0]) { g in [unary(g) { x, _, d in d * twoOverRootPi * expf(-x * x) }] }
         define("Gelu", [0]) { g in
