@@ -259,6 +259,31 @@ public struct ChannelGroups: Sendable {
                     unsupported("is a grouped convolution (group \(group)) whose groups tie channels together")
                     fresh(axis: 1, "\(label) is a grouped convolution")
                 }
+            case "ConvTranspose":
+                // Weights [C_in, C_out / group, k…]: input channels on axis 0, output channels on axis 1.
+                let group = Int(node.attribute("group")?.value.int ?? 1)
+                guard let w = constant(1), w.rank >= 3, let out = shape(node.outputs[0]), group == 1 else {
+                    unsupported(group != 1 ? "is a grouped transposed convolution" : "has weights that are not an initializer")
+                    fresh(axis: 1, "\(label) " + (group != 1 ? "is a grouped transposed convolution" : "has weights that are not an initializer"))
+                    continue
+                }
+                if let first, first.axis != 1 || !first.segments.allSatisfy({ $0.block == 1 }) {
+                    unsupported("reads channels that are not on axis 1")
+                    fresh(axis: 1, "\(label) reads channels that are not on axis 1")
+                    continue
+                }
+                if node.inputs.count > 2, !node.inputs[2].isEmpty, constant(2) == nil {
+                    unsupported("has a bias that is not an initializer, so its channels cannot be edited")
+                    fresh(axis: 1, "\(label) has a bias that is not an initializer")
+                    continue
+                }
+                attach(first?.segments ?? [], node: node, tensor: node.inputs[1], axis: 0, role: .inputWeights)
+                let s = newSpace(out[1], producer: node.name)
+                members[s].append(ChannelMember(node: node.name, tensor: node.inputs[1], axis: 1, offset: 0, factor: 1, role: .outputWeights))
+                if let b = constant(2), b.count == out[1] {
+                    members[s].append(ChannelMember(node: node.name, tensor: node.inputs[2], axis: 0, offset: 0, factor: 1, role: .bias))
+                }
+                output(Channels(axis: 1, segments: [Segment(space: s, count: out[1], factor: 1)]))
             case "Gemm", "MatMul":
                 guard let out = shape(node.outputs[0]), let a = shape(node.inputs[0]), a.count >= 2, out.count >= 2 else {
                     unsupported("is a matrix product Whittle cannot follow")

@@ -67,7 +67,7 @@ public struct QuantizationSummary: Sendable, Codable {
 /// Each tensor is quantized once; all its readers read the DequantizeLinear output. The model must have its
 /// BatchNormalizations folded (`GraphEditing.foldBatchNormalization`) and `ranges` must cover its activations.
 public enum QDQExport {
-    static let weightedOps: Set<String> = ["Conv", "Gemm", "MatMul"]
+    static let weightedOps: Set<String> = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
     static let removableActivations: Set<String> = ["Relu", "Clip"]
     static let directOps: Set<String> = ["Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool",
                                          "AveragePool", "Slice", "Resize", "Gather", "Split"]
@@ -99,12 +99,15 @@ public enum QDQExport {
             switch policy.mode {
             case .none: p = .float
             case .int8: p = .int8
-            case .int4Weights: p = node.opType == "Conv" ? .float : .int4Weights
-            case .mixed: p = i == 0 || i == weighted.count - 1 ? .float : node.opType == "Conv" ? .int8 : .int4Weights
+            case .int4Weights: p = node.opType.hasPrefix("Conv") ? .float : .int4Weights
+            case .mixed: p = i == 0 || i == weighted.count - 1 ? .float : node.opType.hasPrefix("Conv") ? .int8 : .int4Weights
             }
             if let o = policy.overrides[node.name] { p = o }
             if policy.keepFloat.contains(node.name) { p = .float }
-            if p == .int4Weights && node.opType == "Conv" {
+            // A grouped transposed convolution's weight axis 1 holds C_out / group channels while its bias holds
+            // C_out: per-channel scales would not line up with the bias, so it stays float.
+            if node.opType == "ConvTranspose", (node.attribute("group")?.value.int ?? 1) != 1 { p = .float }
+            if p == .int4Weights && node.opType.hasPrefix("Conv") {
                 throw CompressionError(.invalidArgument, "\(node.label): int4 weight-only quantization is for Gemm and MatMul")
             }
             out[node.name] = p
@@ -246,13 +249,14 @@ public enum QDQExport {
             if let precision = layerPrecision[node.name] {
                 let transB = node.attribute("transB")?.value.int ?? 0
                 switch op {
-                case "Conv", "Gemm":
+                case "Conv", "ConvTranspose", "Gemm":
                     if precision == .int8 {
                         markActivation(node.inputs[0])
                         markActivation(node.outputs[0])
                     }
-                    markWeight(node.inputs[1], axis: op == "Conv" || transB != 0 ? 0 : 1, reduction: transB != 0 ? 1 : 0,
-                               precision: precision)
+                    // Output channels: Conv's weight axis 0, ConvTranspose's axis 1 ([C_in, C_out / group, k…]).
+                    markWeight(node.inputs[1], axis: op == "ConvTranspose" ? 1 : op == "Conv" || transB != 0 ? 0 : 1,
+                               reduction: transB != 0 ? 1 : 0, precision: precision)
                     if precision == .int8, node.inputs.count > 2, !node.inputs[2].isEmpty, index.initializers[node.inputs[2]] != nil {
                         biases.append((i, node.inputs[2], node.inputs[1], node.attribute("beta")?.value.float ?? 1))
                     }
