@@ -21,6 +21,34 @@ import WhittleTestSupport
         return node.outputs.prefix(outputs).map { result[$0]! }
     }
 
+    /// The GEMM + col2im transposed convolution against its reference twin (the scatter loop), over 1-D and 2-D
+    /// geometries with groups, strides, dilations, asymmetric pads and output padding.
+    @Test func transposedConvolutionGemmMatchesItsReference() throws {
+        let cases: [(x: [Int], w: [Int], attributes: [Attribute])] = [
+            ([2, 4, 5, 6], [4, 3, 3, 3], [Attribute("strides", .ints([2, 2])), Attribute("pads", .ints([1, 0, 0, 1]))]),
+            ([1, 6, 4, 4], [6, 2, 3, 2], [Attribute("group", .int(3)), Attribute("strides", .ints([3, 2])),
+                                          Attribute("dilations", .ints([2, 1])), Attribute("output_padding", .ints([1, 1]))]),
+            ([2, 3, 7], [3, 5, 4], [Attribute("strides", .ints([2])), Attribute("pads", .ints([1, 2]))]),
+        ]
+        for (k, c) in cases.enumerated() {
+            let x = Tensor(shape: c.x, floats: TestSupport.randomFloats(c.x.reduce(1, *), seed: UInt64(80 + k)))
+            let w = Tensor(shape: c.w, floats: TestSupport.randomFloats(c.w.reduce(1, *), seed: UInt64(90 + k)))
+            let outChannels = c.w[1] * Int((c.attributes.first { $0.name == "group" }?.value.int) ?? 1)
+            let b = Tensor(shape: [outChannels], floats: TestSupport.randomFloats(outChannels, seed: UInt64(100 + k)))
+            let node = Node(opType: "ConvTranspose", name: "t", inputs: ["x", "w", "b"], outputs: ["y"], attributes: c.attributes)
+            var outputs: [Tensor] = []
+            for fast in [true, false] {
+                let graph = Graph(name: "t", nodes: [node], inputs: [ValueInfo(name: "x", elementType: .float, shape: c.x.map { .value($0) })],
+                                  outputs: [ValueInfo(name: "y", elementType: .float, shape: nil)],
+                                  initializers: [Initializer(name: "w", tensor: w), Initializer(name: "b", tensor: b)])
+                let compiled = try CompiledGraph(graph: graph, opset: 17, inputs: ["x": (.float, c.x)], options: KernelOptions(fast: fast))
+                outputs.append(try compiled.run(["x": x])["y"]!)
+            }
+            #expect(outputs[0].shape == outputs[1].shape)
+            #expect(TestSupport.relativeError(outputs[0].floats, outputs[1].floats) < 1e-5, "case \(k)")
+        }
+    }
+
     @Test func quantizeRoundsHalfToEvenAndSaturates() throws {
         let x = Tensor(shape: [6], floats: [0.5, 1.5, 2.5, -0.5, 1000, -1000])
         let node = Node(opType: "QuantizeLinear", name: "q", inputs: ["x", "s", "z"], outputs: ["y"])

@@ -94,12 +94,12 @@ extension Operators {
         r["ConvTranspose"] = OperatorDefinition(infer: { ctx in
             let g = try convTransposeGeometry(ctx)
             return [ValueMeta(dtype: try ctx.input(0).dtype, shape: [try ctx.input(0).shape[0], g.outChannels] + g.output)]
-        }, compile: { ctx, outputs, _ in
+        }, compile: { ctx, outputs, options in
             let g = try convTransposeGeometry(ctx)
             return ClosureKernel { inputs in
-                let x = inputs[0]!, w = inputs[1]!
-                let y = Kernels.convTransposeReference(g, batch: x.shape[0], x: x.floats, w: w.floats,
-                                                       bias: inputs.count > 2 ? inputs[2]?.floats : nil)
+                let x = inputs[0]!, w = inputs[1]!, bias = inputs.count > 2 ? inputs[2]?.floats : nil
+                let y = options.fast ? try Kernels.convTransposeGemm(g, batch: x.shape[0], x: x.floats, w: w.floats, bias: bias)
+                    : Kernels.convTransposeReference(g, batch: x.shape[0], x: x.floats, w: w.floats, bias: bias)
                 return [Tensor(shape: outputs[0].shape, floats: y)]
             }
         }, macs: { ctx, outputs in
@@ -153,6 +153,65 @@ extension Kernels {
             for n in 0..<batch { for c in 0..<g.outChannels { for s in 0..<spatial { y[(n * g.outChannels + c) * spatial + s] = bias[c] } } }
         }
         forEachTransposedTap(g, batch: batch) { xi, wi, yi in y[yi] += x[xi] * w[wi] }
+        return y
+    }
+
+    /// The fast twin of `convTransposeReference`: per image and group one GEMM (oneDNN's sgemm),
+    /// `cols[C_out/g · kH · kW, H · W] = W_gᵀ[C_out/g · k, C_in/g] · X_g[C_in/g, H · W]`, then each column's kernel
+    /// window added into the output (col2im).
+    static func convTransposeGemm(_ g: Operators.TransposedGeometry, batch: Int, x: [Float], w: [Float], bias: [Float]?) throws -> [Float] {
+        let twoD = g.input.count == 2
+        let (ih, iw) = twoD ? (g.input[0], g.input[1]) : (1, g.input[0])
+        let (oh, ow) = twoD ? (g.output[0], g.output[1]) : (1, g.output[0])
+        let (kh, kw) = twoD ? (g.kernel[0], g.kernel[1]) : (1, g.kernel[0])
+        let (sh, sw) = twoD ? (g.strides[0], g.strides[1]) : (1, g.strides[0])
+        let (dh, dw) = twoD ? (g.dilations[0], g.dilations[1]) : (1, g.dilations[0])
+        let (ph, pw) = twoD ? (g.pads[0], g.pads[1]) : (0, g.pads[0])
+        let perGroupIn = g.inChannels / g.groups, perGroupOut = g.outChannels / g.groups
+        let rows = perGroupOut * kh * kw, pixels = ih * iw, outPlane = oh * ow
+        var y = [Float](repeating: 0, count: batch * g.outChannels * outPlane)
+        var cols = [Float](repeating: 0, count: rows * pixels)
+        for n in 0..<batch {
+            for group in 0..<g.groups {
+                try w.withUnsafeBufferPointer { pw in
+                    try x.withUnsafeBufferPointer { px in
+                        try cols.withUnsafeMutableBufferPointer { pc in
+                            // W_g is [C_in/g, rows] (stored as A transposed), X_g is [C_in/g, pixels].
+                            try gemm(transA: true, transB: false, m: rows, n: pixels, k: perGroupIn,
+                                     a: pw.baseAddress! + group * perGroupIn * rows,
+                                     b: px.baseAddress! + (n * g.inChannels + group * perGroupIn) * pixels,
+                                     c: pc.baseAddress!)
+                        }
+                    }
+                }
+                y.withUnsafeMutableBufferPointer { py in
+                    cols.withUnsafeBufferPointer { pc in
+                        for o in 0..<perGroupOut {
+                            let plane = (n * g.outChannels + group * perGroupOut + o) * outPlane
+                            for a in 0..<kh {
+                                for b in 0..<kw {
+                                    let row = ((o * kh + a) * kw + b) * pixels
+                                    // Input columns j whose output column j·sw + b·dw − pw lies in [0, ow).
+                                    let offset = b * dw - pw
+                                    let jFirst = offset >= 0 ? 0 : (-offset + sw - 1) / sw
+                                    let jEnd = min(iw, ow - offset <= 0 ? 0 : (ow - offset - 1) / sw + 1)
+                                    guard jFirst < jEnd else { continue }
+                                    for i in 0..<ih {
+                                        let oy = i * sh + a * dh - ph
+                                        guard oy >= 0 && oy < oh else { continue }
+                                        let src = row + i * iw, dst = plane + oy * ow + offset
+                                        for j in jFirst..<jEnd { py[dst + j * sw] += pc[src + j] }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let bias {
+            for n in 0..<batch { for c in 0..<g.outChannels { for s in 0..<outPlane { y[(n * g.outChannels + c) * outPlane + s] += bias[c] } } }
+        }
         return y
     }
 }
