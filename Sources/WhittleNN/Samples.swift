@@ -79,11 +79,9 @@ public struct Samples: Sendable {
 
     /// Every tensor transformed, names kept.
     public func map(_ transform: (Tensor) throws -> Tensor) rethrows -> Samples {
-        var out = self
         var tensors: [String: Tensor] = [:]
         for name in names { tensors[name] = try transform(self.tensors[name]!) }
-        out = Samples(names: names, tensors: tensors)
-        return out
+        return Samples(names: names, tensors: tensors)
     }
 
     init(names: [String], tensors: [String: Tensor]) {

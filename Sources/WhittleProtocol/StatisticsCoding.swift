@@ -164,7 +164,8 @@ extension Whittle_EvaluationReport {
             throw refuse("unknown task '\(taskKind)'")
         }
         let units = taskKind.isEmpty ? samples : self.units
-        guard samples <= UInt64(Int.max), units <= samples.multipliedReportingOverflow(by: maximumUnitsPerSample).partialValue,
+        let (most, overflow) = samples.multipliedReportingOverflow(by: maximumUnitsPerSample)
+        guard samples <= UInt64(Int.max), units <= UInt64(Int.max), overflow || units <= most,
               task == .segmentation || units == samples else {
             throw refuse("\(units) units for \(samples) samples")
         }

@@ -1,5 +1,6 @@
 import Testing
 import WhittleCompression
+import WhittleNN
 import WhittleProtocol
 import WhittleTensor
 import WhittleTestSupport
@@ -69,5 +70,27 @@ import WhittleTestSupport
         enormous.shape = [1 << 20, 1 << 20]
         #expect(throws: CompressionError.self) { try enormous.decoded() }
         #expect(throws: CompressionError.self) { try Whittle_ImportanceReport.decode([0xFF, 0xFF, 0xFF]) }
+    }
+
+    /// Evaluation reports round-trip through the wire, and forged counts are refused without a trap: units beyond
+    /// what `Int` holds, per-class counts beyond the units, a task no one knows.
+    @Test func evaluationReportsDecodeOrAreRefused() throws {
+        var e = TaskEvaluation(task: .segmentation)
+        e.samples = 2; e.units = 8; e.agreement = 6; e.labelled = true; e.baseCorrect = 7; e.compressedCorrect = 5
+        e.baseIntersection = [3, 4]; e.baseUnion = [4, 5]; e.compressedIntersection = [2, 3]; e.compressedUnion = [5, 6]
+        e.squaredError = 0.5; e.squaredReference = 8
+        let message = Whittle_EvaluationReport(e)
+        let decoded = try Whittle_EvaluationReport(serializedBytes: try message.serializedBytes() as [UInt8]).decoded()
+        #expect(decoded == e)
+        var huge = message
+        huge.samples = 1 << 39
+        huge.units = 1 << 63
+        #expect { try huge.decoded() } throws: { "\($0)".contains("units") }
+        var union = message
+        union.compressedUnion = [1 << 40, 1]
+        #expect { try union.decoded() } throws: { "\($0)".contains("intersections and unions") }
+        var unknown = message
+        unknown.taskKind = "telepathy"
+        #expect { try unknown.decoded() } throws: { "\($0)".contains("unknown task") }
     }
 }
