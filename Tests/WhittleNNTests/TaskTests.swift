@@ -45,6 +45,17 @@ import WhittleTestSupport
         #expect(try conformed.feed(cnn.graph).count == 1)
     }
 
+    /// The task each zoo family's output suggests: class logits, per-pixel logits, raw detection heads, and a
+    /// sentence embedding by its output's name (its shape alone reads as classification).
+    @Test func tasksAreInferredFromTheOutput() throws {
+        let expected: [(String, TaskKind)] = [("resnet50_op17", .classification), ("lraspp_op17", .segmentation),
+                                              ("yolov5_op17", .detection), ("bert_cls_op17", .classification),
+                                              ("bert_embed_op17", .embedding), ("bert_embed_dynamo", .embedding)]
+        for (name, task) in expected {
+            #expect(TaskKind.inferred(model: try TestSupport.zooModel(name)) == task, "\(name)")
+        }
+    }
+
     // MARK: Task metrics, hand-computed
 
     @Test func classificationCountsTopOneAgreementAndAccuracy() throws {

@@ -23,9 +23,17 @@ public enum TaskKind: String, Sendable, Codable, CaseIterable {
     /// inferred.
     public static func inferred(model: Model) -> TaskKind {
         guard let opset = model.defaultOpset, let output = model.graph.outputs.first?.name,
-              let shapes = try? ShapeInference.inputShapes(model, batchSize: 1),
+              let shapes = try? ShapeInference.analysisShapes(model),
               let shape = (try? ShapeInference.infer(model.graph, opset: opset, inputs: shapes))?.values[output]?.shape
         else { return .classification }
+        return inferred(outputShape: shape, outputName: output)
+    }
+
+    /// As `inferred(outputShape:)`, except that a `[N, D]` output named as an embedding (`sentence_embedding`,
+    /// `embeddings`, `pooler_output`…) is one: its values are features, not class scores.
+    public static func inferred(outputShape shape: [Int], outputName: String) -> TaskKind {
+        let name = outputName.lowercased()
+        if shape.count == 2, ["embed", "pooler", "pooled", "features"].contains(where: name.contains) { return .embedding }
         return inferred(outputShape: shape)
     }
 
@@ -340,6 +348,6 @@ extension TaskKind {
         guard let shape = (try? ShapeInference.infer(model.graph, opset: opset, inputs: shapes))?.values[output]?.shape else {
             return .classification
         }
-        return inferred(outputShape: shape)
+        return inferred(outputShape: shape, outputName: output)
     }
 }
