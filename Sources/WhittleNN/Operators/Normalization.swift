@@ -100,23 +100,18 @@ extension Operators {
             }
         })
 
-        r["InstanceNormalization"] = .simple(minimumOpset: 6, infer: { ctx in
+        r["InstanceNormalization"] = OperatorDefinition(minimumOpset: 6, infer: { ctx in
             let x = try ctx.floatInput(0)
             guard x.rank >= 3 else { throw ctx.error(.shapeMismatch, "input has shape \(x.shape); rank ≥ 3 is required") }
             for i in 1...2 where try ctx.floatInput(i).shape != [x.shape[1]] {
                 throw ctx.error(.shapeMismatch, "input \(i) has shape \(try ctx.input(i).shape), expected [\(x.shape[1])]")
             }
             return [ValueMeta(dtype: x.dtype, shape: x.shape)]
-        }) { ctx, inputs in
-            let x = inputs[0]!
-            let channels = x.shape[1], spatial = x.shape[2...].reduce(1, *)
-            return [Tensor(shape: x.shape, floats: Kernels.groupNormReference(
-                batch: x.shape[0], channels: channels, groups: channels, spatial: spatial,
-                epsilon: try ctx.float("epsilon", default: 1e-5), scale: inputs[1]!.asFloats, bias: inputs[2]!.asFloats,
-                perChannel: true, input: x.floats))]
-        }
+        }, compile: { ctx, _, options in
+            try groupNormKernel(ctx, groups: { $0[1] }, perChannel: true, fast: options.fast)
+        })
 
-        r["GroupNormalization"] = .simple(minimumOpset: 18, infer: { ctx in
+        r["GroupNormalization"] = OperatorDefinition(minimumOpset: 18, infer: { ctx in
             let x = try ctx.floatInput(0)
             let groups = try groupCount(ctx, x.shape)
             let expected = ctx.opset >= 21 ? x.shape[1] : groups
@@ -124,13 +119,21 @@ extension Operators {
                 throw ctx.error(.shapeMismatch, "input \(i) has shape \(try ctx.input(i).shape), expected [\(expected)] (per \(ctx.opset >= 21 ? "channel" : "group") at opset \(ctx.opset))")
             }
             return [ValueMeta(dtype: x.dtype, shape: x.shape)]
-        }) { ctx, inputs in
+        }, compile: { ctx, _, options in
+            try groupNormKernel(ctx, groups: { try groupCount(ctx, $0) }, perChannel: ctx.opset >= 21, fast: options.fast)
+        })
+    }
+
+    /// Group (G = C: instance) normalization, by `Kernels.groupNorm` or, without `fast`, its reference twin.
+    static func groupNormKernel(_ ctx: NodeContext, groups: @escaping @Sendable ([Int]) throws -> Int, perChannel: Bool,
+                                fast: Bool) throws -> any NodeKernel {
+        let epsilon = try ctx.float("epsilon", default: 1e-5)
+        return ClosureKernel { inputs in
             let x = inputs[0]!
-            let groups = try groupCount(ctx, x.shape)
-            return [Tensor(shape: x.shape, floats: Kernels.groupNormReference(
-                batch: x.shape[0], channels: x.shape[1], groups: groups, spatial: x.shape[2...].reduce(1, *),
-                epsilon: try ctx.float("epsilon", default: 1e-5), scale: inputs[1]!.asFloats, bias: inputs[2]!.asFloats,
-                perChannel: ctx.opset >= 21, input: x.floats))]
+            let g = try groups(x.shape)
+            let run = fast ? Kernels.groupNorm : Kernels.groupNormReference
+            return [Tensor(shape: x.shape, floats: run(x.shape[0], x.shape[1], g, x.shape[2...].reduce(1, *), epsilon,
+                                                       inputs[1]!.asFloats, inputs[2]!.asFloats, perChannel, x.floats))]
         }
     }
 
@@ -165,6 +168,36 @@ extension Kernels {
                 let k = perChannel ? c : c / per
                 let base = (n * channels + c) * spatial
                 for s in 0..<spatial { y[base + s] = scale[k] * y[base + s] + bias[k] }
+            }
+        }
+        return y
+    }
+
+    /// The fast twin of `groupNormReference`: each sample's group is one contiguous run of (C/G)·S values in NCHW,
+    /// summed in Double through unsafe pointers (mean, then the biased variance about it), normalized, scaled and
+    /// shifted in one pass.
+    public static func groupNorm(batch: Int, channels: Int, groups: Int, spatial: Int, epsilon: Float,
+                                 scale: [Float], bias: [Float], perChannel: Bool, input x: [Float]) -> [Float] {
+        let per = channels / groups, run = per * spatial
+        var y = [Float](repeating: 0, count: x.count)
+        x.withUnsafeBufferPointer { px in
+            y.withUnsafeMutableBufferPointer { py in
+                for chunk in 0..<(batch * groups) {
+                    let start = chunk * run
+                    var sum = 0.0
+                    for i in start..<(start + run) { sum += Double(px[i]) }
+                    let mean = sum / Double(max(run, 1))
+                    var squares = 0.0
+                    for i in start..<(start + run) { let d = Double(px[i]) - mean; squares += d * d }
+                    let inverse = Float(1 / (squares / Double(max(run, 1)) + Double(epsilon)).squareRoot())
+                    let m = Float(mean), group = chunk % groups
+                    for c in 0..<per {
+                        let k = perChannel ? group * per + c : group
+                        let a = scale[k] * inverse, b = bias[k] - m * scale[k] * inverse
+                        let base = start + c * spatial
+                        for i in base..<(base + spatial) { py[i] = px[i] * a + b }
+                    }
+                }
             }
         }
         return y
