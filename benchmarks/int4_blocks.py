@@ -36,6 +36,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import families  # noqa: E402
 import machine  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "Tests" / "interop"))
+from test_zoo import dequantized_weights  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -82,28 +85,11 @@ def latency_ms(path, inputs, iterations=20):
 
 
 def weight_error(path, floats):
-    """Relative reconstruction error of the int4 weights of a QDQ file, dequantized by numpy."""
-    model = onnx.load(str(path))
-    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    err = total = 0.0
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or init.get(node.input[0]) is None or init[node.input[0]].dtype == np.int32:
-            continue
-        name = node.input[0][:-len("_quantized")] if node.input[0].endswith("_quantized") else None
-        if name not in floats:
-            continue
-        q, s, z = (init[node.input[k]].astype(np.float32) for k in range(3))
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
-        if block:
-            s, z = (np.take(np.repeat(t, block, axis=axis), range(q.shape[axis]), axis=axis) for t in (s, z))
-        else:
-            shape = [1] * q.ndim
-            shape[axis] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
-        w = (q - z) * s
-        err += float(((w - floats[name]) ** 2).sum())
-        total += float((floats[name] ** 2).sum())
+    """Relative reconstruction error of the int4 weights of a QDQ file, dequantized by numpy (the interop tests'
+    `dequantized_weights`)."""
+    weights = dequantized_weights(path)
+    err = sum(float(((w - floats[name]) ** 2).sum()) for name, w in weights.items() if name in floats)
+    total = sum(float((floats[name] ** 2).sum()) for name in weights if name in floats)
     return (err / total) ** 0.5 if total else None
 
 

@@ -115,9 +115,9 @@ extension ModelCommand {
             var summary: ModelSummary
         }
 
-        /// Every runtime input's shape: --shape where given, else the declaration with the batch at 1.
-        static func inputShapes(_ model: Model, _ given: [String]) throws -> [String: (DataType, [Int])]? {
-            guard !given.isEmpty else { return nil }
+        /// One sample of every runtime input: --shape where given, else the declaration with the batch at 1 (for
+        /// `model bench`).
+        static func inputShapes(_ model: Model, _ given: [String]) throws -> [String: (DataType, [Int])] {
             do {
                 return try ShapeInference.sampleShapes(model, sizes: try parseShapeSizes(given))
             } catch let error as ONNXError {
@@ -130,9 +130,7 @@ extension ModelCommand {
             let parsed = try Files.readModel(model)
             let summary: ModelSummary
             do {
-                summary = try ModelSummary(model: parsed, inputShapes: try Self.inputShapes(parsed, shape))
-            } catch let error as ONNXError where error.message.contains("free dimension") {
-                throw CLIError("\(model): \(error.message); give its size with --shape NAME=DIMS (e.g. --shape input_ids=1x128)")
+                summary = try ModelSummary(model: parsed, inputShapes: try ShapeInference.sampleShapes(parsed, sizes: try parseShapeSizes(shape)))
             } catch let error as ONNXError {
                 throw CLIError("\(model): \(error.message)")
             }
@@ -299,12 +297,7 @@ extension ModelCommand {
         func run() throws {
             guard iterations >= 1, warmup >= 0 else { throw ValidationError("--iterations must be ≥ 1 and --warmup ≥ 0") }
             let session = try options.session(model)
-            let one: [String: (DataType, [Int])]
-            do {
-                one = try Inspect.inputShapes(session.model, shape) ?? ShapeInference.sampleShapes(session.model, sizes: [:])
-            } catch let error as ONNXError {
-                throw CLIError(error.message)
-            }
+            let one = try Inspect.inputShapes(session.model, shape)
             let batchSize = try options.batchSize(for: session, sampleShapes: one)
             let shapes = one.mapValues { ($0.0, [batchSize] + Array($0.1.dropFirst())) }
             guard let (_, shape) = shapes[session.primaryInput.name] else { throw CLIError("the model has no input") }

@@ -191,11 +191,7 @@ public final class ImportanceCollector {
         switch task ?? TaskKind.inferred(outputShape: z.shape) {
         case .classification:
             guard z.rank >= 1, z.count > 0 else { throw CompressionError(.invalidArgument, "the model's output \(z.shape) holds no class scores") }
-            let n = z.shape[0], classes = z.count / max(n, 1)
-            return ArraySlice((0..<n).map { row in
-                let r = z.floats[(row * classes)..<((row + 1) * classes)]
-                return Int64(r.firstIndex(of: r.max()!)! - r.startIndex)
-            })
+            return ArraySlice(LocalCompression.top1(z).map { Int64($0) })
         case .segmentation:
             guard z.rank == 4, z.shape[1] >= 2 else {
                 throw CompressionError(.invalidArgument, "segmentation needs per-pixel class scores [N, classes, H, W]; the model gives \(z.shape)")

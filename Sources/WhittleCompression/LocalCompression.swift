@@ -396,12 +396,6 @@ public struct LocalCompression {
         }
     }
 
-    /// Fraction of samples whose top-1 class agrees.
-    public static func agreement(_ a: Tensor, _ b: Tensor) -> Double {
-        let ta = top1(a), tb = top1(b)
-        return Double(zip(ta, tb).filter { $0 == $1 }.count) / Double(max(ta.count, 1))
-    }
-
     /// Mean over samples of KL(softmax(p) ‖ softmax(q)).
     public static func klDivergence(_ p: Tensor, _ q: Tensor) -> Double {
         let n = p.shape[0], c = p.count / max(n, 1)

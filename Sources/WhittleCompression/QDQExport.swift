@@ -476,7 +476,7 @@ public enum QDQExport {
     }
 
     static func transposed<T>(_ values: [T], rows: Int, columns: Int) -> [T] {
-        (0..<(rows * columns)).map { i in values[(i % rows) * columns + i / rows] }
+        Kernels.transpose(values, shape: [rows, columns], perm: [1, 0])
     }
 
     /// Rewrites the int4 `layers` (MatMul with a constant right operand `[K, N]`; Gemm without transA, with a constant

@@ -44,22 +44,7 @@ public struct Samples: Sendable {
     /// The tensors in the order given.
     public var named: [(name: String, tensor: Tensor)] { names.map { ($0, tensors[$0]!) } }
 
-    /// Samples `range` of every input.
-    public func rows(_ range: Range<Int>) -> Samples {
-        map { t in
-            let size = t.count / max(t.shape[0], 1)
-            var out = t
-            out.shape = [range.count] + Array(t.shape.dropFirst())
-            if t.dtype.isInteger {
-                out.ints = Array(t.ints[(range.lowerBound * size)..<(range.upperBound * size)])
-            } else {
-                out.floats = Array(t.floats[(range.lowerBound * size)..<(range.upperBound * size)])
-            }
-            return out
-        }
-    }
-
-    /// Samples at `indices`, in that order, of every input.
+    /// Samples at `indices` (a range or any list), in that order, of every input.
     public func rows(_ indices: some Collection<Int>) -> Samples {
         map { t in
             let size = t.count / max(t.shape[0], 1)
@@ -104,10 +89,15 @@ public struct Samples: Sendable {
     /// Element types and shapes of the graph's inputs that these samples feed, for one sample (integer inputs take
     /// the declared integer type).
     public func sampleShapes(for graph: Graph) throws -> [String: (DataType, [Int])] {
-        let fed = try rows(0..<1).feed(graph)
+        Self.shapes(try rows(0..<1).feed(graph), for: graph)
+    }
+
+    /// Element types and shapes of tensors fed to the graph's inputs (`feed`): integer data takes the input's
+    /// declared integer type.
+    public static func shapes(_ fed: [String: Tensor], for graph: Graph) -> [String: (DataType, [Int])] {
         var shapes: [String: (DataType, [Int])] = [:]
         for info in graph.runtimeInputs {
-            let t = fed[info.name]!
+            guard let t = fed[info.name] else { continue }
             let declared = info.tensorType?.0
             shapes[info.name] = (t.dtype.isInteger && declared?.isInteger == true ? declared! : t.dtype, t.shape)
         }

@@ -51,23 +51,19 @@ public enum ShapeInference {
         var sizes = sizes
         var out: [String: (DataType, [Int])] = [:]
         for input in model.graph.runtimeInputs {
-            guard let (dtype, declared) = input.tensorType, let declared else { continue }
             if let dims = sizes.removeValue(forKey: input.name) {
+                guard let (dtype, declared) = input.tensorType, let declared else {
+                    throw ONNXError(.invalidInput, "graph input '\(input.name)' declares no shape; Whittle needs ranked inputs")
+                }
                 guard dims.count == declared.count, dims.allSatisfy({ $0 >= 1 }) else {
                     throw ONNXError(.invalidInput, "\(flag) \(input.name) has \(dims.count) sizes; the input has rank \(declared.count)")
                 }
+                guard TensorLimits.elementCount(dims) != nil else {
+                    throw ONNXError(.tooLarge, TensorLimits.limitMessage(dims, "graph input '\(input.name)'"))
+                }
                 out[input.name] = (dtype, dims)
             } else {
-                out[input.name] = (dtype, try declared.enumerated().map { axis, dim in
-                    if case .value(let v) = dim, v > 0 { return axis == 0 ? 1 : v }
-                    guard axis == 0 else {
-                        throw ONNXError(.invalidInput, "input '\(input.name)' has a free dimension at axis \(axis): give its size with \(flag) \(input.name)=…")
-                    }
-                    return 1
-                })
-            }
-            guard TensorLimits.elementCount(out[input.name]!.1) != nil else {
-                throw ONNXError(.tooLarge, TensorLimits.limitMessage(out[input.name]!.1, "input '\(input.name)'"))
+                out[input.name] = try declaredShape(input, batchSize: 1, flag: flag)
             }
         }
         if let unknown = sizes.keys.sorted().first { throw ONNXError(.invalidInput, "\(flag) names '\(unknown)', which is not an input of the model") }
@@ -76,32 +72,35 @@ public enum ShapeInference {
 
     public static func inputShapes(_ model: Model, batchSize: Int) throws -> [String: (DataType, [Int])] {
         var shapes: [String: (DataType, [Int])] = [:]
-        for input in model.graph.runtimeInputs {
-            guard let (elementType, declared) = input.tensorType else {
-                throw ONNXError(.unsupportedDataType, "graph input '\(input.name)' is not a tensor")
-            }
-            guard let declared else {
-                throw ONNXError(.invalidInput, "graph input '\(input.name)' declares no shape; Whittle needs ranked inputs")
-            }
-            var shape: [Int] = []
-            for (axis, dim) in declared.enumerated() {
-                switch dim {
-                case .value(let v) where v > 0 && !(axis == 0 && v == batchSize): shape.append(axis == 0 ? batchSize : v)
-                case .value(let v) where v > 0: shape.append(v)
-                default:
-                    guard axis == 0 else {
-                        throw ONNXError(.invalidInput,
-                            "graph input '\(input.name)' has a free dimension '\(dim)' at axis \(axis); only the batch axis may be free")
-                    }
-                    shape.append(batchSize)
-                }
-            }
-            guard TensorLimits.elementCount(shape) != nil else {
-                throw ONNXError(.tooLarge, TensorLimits.limitMessage(shape, "graph input '\(input.name)'"))
-            }
-            shapes[input.name] = (elementType, shape)
-        }
+        for input in model.graph.runtimeInputs { shapes[input.name] = try declaredShape(input, batchSize: batchSize, flag: nil) }
         return shapes
+    }
+
+    /// An input's declared shape with the batch axis at `batchSize`. Any other free dimension is refused; with
+    /// `flag`, the error says how to give its size.
+    static func declaredShape(_ input: ValueInfo, batchSize: Int, flag: String?) throws -> (DataType, [Int]) {
+        guard let (elementType, declared) = input.tensorType else {
+            throw ONNXError(.unsupportedDataType, "graph input '\(input.name)' is not a tensor")
+        }
+        guard let declared else {
+            throw ONNXError(.invalidInput, "graph input '\(input.name)' declares no shape; Whittle needs ranked inputs")
+        }
+        var shape: [Int] = []
+        for (axis, dim) in declared.enumerated() {
+            switch dim {
+            case .value(let v) where v > 0: shape.append(axis == 0 ? batchSize : v)
+            default:
+                guard axis == 0 else {
+                    throw ONNXError(.invalidInput, "graph input '\(input.name)' has a free dimension '\(dim)' at axis \(axis); "
+                        + (flag.map { "give its size with \($0) \(input.name)=…" } ?? "only the batch axis may be free"))
+                }
+                shape.append(batchSize)
+            }
+        }
+        guard TensorLimits.elementCount(shape) != nil else {
+            throw ONNXError(.tooLarge, TensorLimits.limitMessage(shape, "graph input '\(input.name)'"))
+        }
+        return (elementType, shape)
     }
 
     /// Infers every value of `graph` given the runtime inputs' element types and shapes. Initializers named in

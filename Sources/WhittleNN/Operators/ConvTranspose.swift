@@ -14,6 +14,15 @@ extension Operators {
         var pads: [Int]
         var input: [Int], output: [Int]
         var inChannels: Int, outChannels: Int
+
+        /// Input, output, kernel, stride, dilation and begin-pad sizes as height and width (1-D: height 1, no pad).
+        var planar: (ih: Int, iw: Int, oh: Int, ow: Int, kh: Int, kw: Int, sh: Int, sw: Int, dh: Int, dw: Int, ph: Int, pw: Int) {
+            guard input.count == 2 else {
+                return (1, input[0], 1, output[0], 1, kernel[0], 1, strides[0], 1, dilations[0], 0, pads[0])
+            }
+            return (input[0], input[1], output[0], output[1], kernel[0], kernel[1], strides[0], strides[1],
+                    dilations[0], dilations[1], pads[0], pads[1])
+        }
     }
 
     static func convTransposeGeometry(_ ctx: NodeContext) throws -> TransposedGeometry {
@@ -113,13 +122,7 @@ extension Kernels {
     /// Visits every (input element, weight element, output element) triple of a transposed convolution over
     /// 1-D or 2-D spatial axes (1-D as height 1): `body(xIndex, wIndex, yIndex)`.
     static func forEachTransposedTap(_ g: Operators.TransposedGeometry, batch: Int, _ body: (Int, Int, Int) -> Void) {
-        let twoD = g.input.count == 2
-        let (ih, iw) = twoD ? (g.input[0], g.input[1]) : (1, g.input[0])
-        let (oh, ow) = twoD ? (g.output[0], g.output[1]) : (1, g.output[0])
-        let (kh, kw) = twoD ? (g.kernel[0], g.kernel[1]) : (1, g.kernel[0])
-        let (sh, sw) = twoD ? (g.strides[0], g.strides[1]) : (1, g.strides[0])
-        let (dh, dw) = twoD ? (g.dilations[0], g.dilations[1]) : (1, g.dilations[0])
-        let (ph, pw) = twoD ? (g.pads[0], g.pads[1]) : (0, g.pads[0])
+        let (ih, iw, oh, ow, kh, kw, sh, sw, dh, dw, ph, pw) = g.planar
         let perGroupIn = g.inChannels / g.groups, perGroupOut = g.outChannels / g.groups
         for n in 0..<batch {
             for ic in 0..<g.inChannels {
@@ -160,13 +163,7 @@ extension Kernels {
     /// `cols[C_out/g · kH · kW, H · W] = W_gᵀ[C_out/g · k, C_in/g] · X_g[C_in/g, H · W]`, then each column's kernel
     /// window added into the output (col2im).
     static func convTransposeGemm(_ g: Operators.TransposedGeometry, batch: Int, x: [Float], w: [Float], bias: [Float]?) throws -> [Float] {
-        let twoD = g.input.count == 2
-        let (ih, iw) = twoD ? (g.input[0], g.input[1]) : (1, g.input[0])
-        let (oh, ow) = twoD ? (g.output[0], g.output[1]) : (1, g.output[0])
-        let (kh, kw) = twoD ? (g.kernel[0], g.kernel[1]) : (1, g.kernel[0])
-        let (sh, sw) = twoD ? (g.strides[0], g.strides[1]) : (1, g.strides[0])
-        let (dh, dw) = twoD ? (g.dilations[0], g.dilations[1]) : (1, g.dilations[0])
-        let (ph, pw) = twoD ? (g.pads[0], g.pads[1]) : (0, g.pads[0])
+        let (ih, iw, oh, ow, kh, kw, sh, sw, dh, dw, ph, pw) = g.planar
         let perGroupIn = g.inChannels / g.groups, perGroupOut = g.outChannels / g.groups
         let rows = perGroupOut * kh * kw, pixels = ih * iw, outPlane = oh * ow
         var y = [Float](repeating: 0, count: batch * g.outChannels * outPlane)

@@ -144,31 +144,41 @@ extension Kernels {
 
     /// Every index combination, summed in Double: the reference twin (and the path for one or three operands).
     static func einsumReference(_ plan: Operators.EinsumPlan, _ operands: [Tensor]) -> Tensor {
-        let letters = Array(Set(plan.inputs.flatMap { $0 } + plan.output)).sorted()
-        let dims = letters.map { plan.sizes[$0]! }
         let outShape = plan.output.map { plan.sizes[$0]! }
         var out = [Double](repeating: 0, count: outShape.reduce(1, *))
-        // Strides of each operand (and the output) over the letters; broadcast size-1 axes read index 0.
+        forEachEinsumTerm(plan, operands.map(\.shape), output: outShape) { offsets, o in
+            var product = 1.0
+            for (k, t) in operands.enumerated() { product *= Double(t.floats[offsets[k]]) }
+            out[o] += product
+        }
+        return Tensor(shape: outShape, floats: out.map(Float.init))
+    }
+
+    /// Visits every combination of an einsum's indices: `body(offset in each operand, offset in the output)`.
+    /// Size-1 axes an index broadcasts over read offset 0; a letter repeated in one operand reads its diagonal.
+    static func forEachEinsumTerm(_ plan: Operators.EinsumPlan, _ shapes: [[Int]], output outShape: [Int],
+                                  _ body: ([Int], Int) -> Void) {
+        let letters = Array(Set(plan.inputs.flatMap { $0 } + plan.output)).sorted()
+        let dims = letters.map { plan.sizes[$0]! }
         func strides(_ own: [Character], _ shape: [Int]) -> [Int] {
             let s = stridesOf(shape)
             return letters.map { c in own.indices.filter { own[$0] == c }.reduce(0) { $0 + (shape[$1] == 1 ? 0 : s[$1]) } }
         }
-        let operandStrides = zip(plan.inputs, operands).map { strides($0, $1.shape) }
+        let operandStrides = zip(plan.inputs, shapes).map { strides($0, $1) }
         let outStrides = strides(plan.output, outShape)
         var index = [Int](repeating: 0, count: letters.count)
+        var offsets = [Int](repeating: 0, count: shapes.count)
         for _ in 0..<max(dims.reduce(1, *), 0) {
-            var product = 1.0
-            for (k, t) in operands.enumerated() {
+            for k in offsets.indices {
                 var offset = 0
                 for (i, s) in operandStrides[k].enumerated() { offset += index[i] * s }
-                product *= Double(t.floats[offset])
+                offsets[k] = offset
             }
             var o = 0
             for (i, s) in outStrides.enumerated() { o += index[i] * s }
-            out[o] += product
+            body(offsets, o)
             advance(&index, in: dims)
         }
-        return Tensor(shape: outShape, floats: out.map(Float.init))
     }
 
     /// ∂L/∂operand k of an einsum, given ∂L/∂Y. With two operands whose indices all appear in the other operand or
@@ -184,28 +194,11 @@ extension Kernels {
                 if let d = try einsumByGemm(gradient, dy, operands[other]) { return d }
             }
         }
-        let letters = Array(Set(plan.inputs.flatMap { $0 } + plan.output)).sorted()
-        let dims = letters.map { plan.sizes[$0]! }
-        func strides(_ own: [Character], _ shape: [Int]) -> [Int] {
-            let s = stridesOf(shape)
-            return letters.map { c in own.indices.filter { own[$0] == c }.reduce(0) { $0 + (shape[$1] == 1 ? 0 : s[$1]) } }
-        }
-        let operandStrides = zip(plan.inputs, operands).map { strides($0, $1.shape) }
-        let outStrides = strides(plan.output, dy.shape)
         var d = [Double](repeating: 0, count: operands[k].count)
-        var index = [Int](repeating: 0, count: letters.count)
-        for _ in 0..<max(dims.reduce(1, *), 0) {
-            var o = 0
-            for (i, s) in outStrides.enumerated() { o += index[i] * s }
+        forEachEinsumTerm(plan, operands.map(\.shape), output: dy.shape) { offsets, o in
             var product = Double(dy.floats[o])
-            var target = 0
-            for (j, t) in operands.enumerated() {
-                var offset = 0
-                for (i, s) in operandStrides[j].enumerated() { offset += index[i] * s }
-                if j == k { target = offset } else { product *= Double(t.floats[offset]) }
-            }
-            d[target] += product
-            advance(&index, in: dims)
+            for (j, t) in operands.enumerated() where j != k { product *= Double(t.floats[offsets[j]]) }
+            d[offsets[k]] += product
         }
         return Tensor(shape: shape, floats: d.map(Float.init))
     }

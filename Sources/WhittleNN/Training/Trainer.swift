@@ -209,30 +209,24 @@ public final class Trainer: @unchecked Sendable {
     func graph(_ fed: [String: Tensor]) throws -> TrainingGraph {
         let key = model.graph.runtimeInputs.map { fed[$0.name]!.shape }
         if let g = graphs[key] { return g }
-        var shapes: [String: (DataType, [Int])] = [:]
         for info in model.graph.runtimeInputs {
             let t = fed[info.name]!
-            let declared = info.tensorType?.0
-            shapes[info.name] = (t.dtype.isInteger ? (declared?.isInteger == true ? declared! : t.dtype) : .float, t.shape)
-            if let declared, declared.isFloatingPoint != t.dtype.isFloatingPoint {
+            if let declared = info.tensorType?.0, declared.isFloatingPoint != t.dtype.isFloatingPoint {
                 throw ONNXError(.invalidInput, "input '\(info.name)' expects \(declared) data, got \(t.dtype)")
             }
         }
-        let g = try TrainingGraph(model: model, inputs: shapes, fast: configuration.fast,
+        let g = try TrainingGraph(model: model, inputs: Samples.shapes(fed, for: model.graph), fast: configuration.fast,
                                   plainValues: Self.plainValues(configuration), batchNorm: configuration.batchNorm)
         graphs[key] = g
         return g
     }
-
-    /// The samples of a single-input model given as one tensor.
-    func samples(_ x: Tensor) -> Samples { Samples(x) }
 
     /// Forward and backward on one batch without updating: returns the loss and the gradients of every parameter
     /// and, with `nodeOutputs`, of every node output (in NCHW order, converted from blocked layouts), and adds the
     /// parameter gradients to `gradientSums`.
     public func gradients(_ x: Tensor, labels: ArraySlice<Int64>?, teacher: TeacherOutputs? = nil,
                           accumulate: Bool = true, nodeOutputs: Bool = true) throws -> (LossResult, [String: Tensor]) {
-        try gradients(samples(x), labels: labels, teacher: teacher, accumulate: accumulate, nodeOutputs: nodeOutputs)
+        try gradients(Samples(x), labels: labels, teacher: teacher, accumulate: accumulate, nodeOutputs: nodeOutputs)
     }
 
     /// `gradients` for a batch of samples of every input (token ids and attention masks, or images).
@@ -393,7 +387,7 @@ public final class Trainer: @unchecked Sendable {
     /// One optimizer step on a batch; returns its loss. Throws (naming `epoch` and the step) when the loss is not finite.
     public func step(_ x: Tensor, labels: ArraySlice<Int64>?, teacher: TeacherOutputs? = nil, learningRate: Float,
                      epoch: Int = 0) throws -> LossResult {
-        try step(samples(x), labels: labels, teacher: teacher, learningRate: learningRate, epoch: epoch)
+        try step(Samples(x), labels: labels, teacher: teacher, learningRate: learningRate, epoch: epoch)
     }
 
     /// `step` on a batch of samples of every input.
@@ -427,7 +421,7 @@ public final class Trainer: @unchecked Sendable {
     public func trainEpoch(_ epoch: Int, data: Tensor, labels: Tensor?, teacher: ((Tensor) throws -> TeacherOutputs)? = nil,
                            teacherCache: TeacherLogitsCache? = nil,
                            progress: ((Int, Int, Double) -> Void)? = nil) throws -> EpochReport {
-        try trainEpoch(epoch, data: samples(data), labels: labels, teacher: teacher.map { t in { try t($0.first) } },
+        try trainEpoch(epoch, data: Samples(data), labels: labels, teacher: teacher.map { t in { try t($0.first) } },
                        teacherCache: teacherCache, progress: progress)
     }
 
@@ -498,7 +492,7 @@ public final class Trainer: @unchecked Sendable {
     /// sample count, which merge across workers by addition. Parameters are not changed.
     public func fisherSums(data: Tensor, labels: Tensor?, teacher: ((Tensor) throws -> TeacherOutputs)? = nil,
                            limit: Int? = nil) throws -> (sums: [String: Tensor], samples: Int) {
-        try fisherSums(data: samples(data), labels: labels, teacher: teacher.map { t in { try t($0.first) } }, limit: limit)
+        try fisherSums(data: Samples(data), labels: labels, teacher: teacher.map { t in { try t($0.first) } }, limit: limit)
     }
 
     /// `fisherSums` over samples of every input.
