@@ -49,6 +49,45 @@ import WhittleTestSupport
         }
     }
 
+    /// Malformed 4-bit weights are refused with what is wrong: MatMulNBits with other bit widths, block sizes that
+    /// are not powers of two, a packed B of the wrong shape, too few scales; blocked DequantizeLinear with scales of
+    /// the wrong shape or below opset 21. A well-formed MatMulNBits equals A · dequantize(B)ᵀ.
+    @Test func malformedFourBitWeightsAreRefused() throws {
+        let a = Tensor(shape: [2, 32], floats: TestSupport.randomFloats(64, seed: 3))
+        let (codes, scales) = try BlockwiseInt4.quantize(rows: TestSupport.randomFloats(3 * 32, seed: 4), n: 3, k: 32, blockSize: 16)
+        let packed = Tensor(shape: [3, 2, 8], ints: BlockwiseInt4.pack(codes: codes, n: 3, k: 32, blockSize: 16).map { Int64($0) }, dtype: .uint8)
+        func nbits(_ attributes: [Attribute], b: Tensor = packed, s: Tensor = Tensor(shape: [6], floats: scales)) throws -> Tensor {
+            var node = Node(opType: "MatMulNBits", name: "q", inputs: ["a", "b", "s"], outputs: ["y"], attributes: attributes)
+            node.domain = "com.microsoft"
+            return try run(node, inputs: [("a", a)], initializers: [("b", b), ("s", s)], opset: 17)[0]
+        }
+        let good: [Attribute] = [Attribute("K", .int(32)), Attribute("N", .int(3)), Attribute("bits", .int(4)), Attribute("block_size", .int(16))]
+        let y = try nbits(good)
+        let w = BlockwiseInt4.dequantize(packed: packed.ints, scales: scales, zeroPoints: nil, n: 3, k: 32, blockSize: 16)
+        let expected = Kernels.gemmReference(transA: false, transB: true, m: 2, n: 3, k: 32, a: a.floats, b: w, c: [Float](repeating: 0, count: 6))
+        #expect(y.shape == [2, 3] && TestSupport.relativeError(y.floats, expected) < 1e-5)
+        let bad: [([Attribute], Tensor?, Tensor?, String)] = [
+            ([Attribute("K", .int(32)), Attribute("N", .int(3)), Attribute("bits", .int(8)), Attribute("block_size", .int(16))], nil, nil, "4-bit"),
+            ([Attribute("K", .int(32)), Attribute("N", .int(3)), Attribute("block_size", .int(24))], nil, nil, "power of two"),
+            (good, Tensor(shape: [3, 4, 4], ints: [Int64](repeating: 0, count: 48), dtype: .uint8), nil, "B must be uint8"),
+            (good, nil, Tensor(shape: [5], floats: Array(scales.prefix(5))), "scales must hold"),
+            ([Attribute("K", .int(16)), Attribute("N", .int(3)), Attribute("block_size", .int(16))], nil, nil, "must end in K"),
+        ]
+        for (attributes, b, s, needle) in bad {
+            #expect { _ = try nbits(attributes, b: b ?? packed, s: s ?? Tensor(shape: [6], floats: scales)) } throws: { "\($0)".contains(needle) }
+        }
+        let q = Tensor(shape: [4, 2], ints: [1, -2, 3, -4, 5, -6, 7, -8], dtype: .int4)
+        func blocked(_ scale: Tensor, opset: Int64) throws -> Tensor {
+            try run(Node(opType: "DequantizeLinear", name: "dq", inputs: ["q", "s"], outputs: ["y"],
+                         attributes: [Attribute("axis", .int(0)), Attribute("block_size", .int(2))]),
+                    inputs: [("q", q)], initializers: [("s", scale)], opset: opset)[0]
+        }
+        #expect(try blocked(Tensor(shape: [2, 2], floats: [1, 2, -1, 0.5]), opset: 21).floats == [1, -4, 3, -8, -5, -3, -7, -4])
+        #expect { _ = try blocked(Tensor(shape: [4, 1], floats: [1, 1, 1, 1]), opset: 21) } throws: { "\($0)".contains("blocked scale has shape") }
+        #expect { _ = try blocked(Tensor(shape: [2, 2], floats: [1, 2, 1, 2]), opset: 13) } throws: { "\($0)".contains("opset 21") }
+        #expect { _ = try blocked(Tensor(shape: [2, 2], floats: [1, 0, 1, 2]), opset: 21) } throws: { "\($0)".contains("non-zero") }
+    }
+
     @Test func quantizeRoundsHalfToEvenAndSaturates() throws {
         let x = Tensor(shape: [6], floats: [0.5, 1.5, 2.5, -0.5, 1000, -1000])
         let node = Node(opType: "QuantizeLinear", name: "q", inputs: ["x", "s", "z"], outputs: ["y"])
