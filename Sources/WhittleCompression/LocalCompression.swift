@@ -123,10 +123,12 @@ public struct LocalCompression {
                          data: evaluationData)
         }
 
-        // Every layer owns its parameters (exporters share equal constants through Identity nodes).
-        var model = GraphEditing.materializeConstants(base).0
+        // Every layer owns its parameters (exporters share equal constants through Identity nodes); a model to prune
+        // has its attention spelled head by head.
+        let prunes = pruning.map { $0.ratio > 0 || !schedule.isEmpty } ?? false
+        var model = prunes ? try GraphEditing.prepareForPruning(base).0 : GraphEditing.materializeConstants(base).0
         var pruningSection: CompressionReport.PruningSection?
-        if let pruning, pruning.ratio > 0 || !schedule.isEmpty {
+        if let pruning, prunes {
             let steps = schedule.isEmpty ? [pruning.ratio] : schedule
             guard steps.allSatisfy({ $0 >= 0 && $0 < 1 }), zip(steps, steps.dropFirst()).allSatisfy({ $0 <= $1 }) else {
                 throw CompressionError(.invalidArgument, "a schedule's ratios must be in [0, 1) and non-decreasing, got \(steps)")

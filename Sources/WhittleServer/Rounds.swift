@@ -157,8 +157,10 @@ package actor RoundService {
             plan.modelSHA256 = float
         }
         // Every layer owns its parameters before anything is pruned (exporters share equal constants through
-        // Identity nodes); the rewritten model is equivalent, and every phase of the round uses it.
-        let (model, changed) = GraphEditing.materializeConstants(try model(startModel))
+        // Identity nodes), and a round that prunes has its attention spelled head by head; the rewritten model is
+        // equivalent, and every phase of the round uses it.
+        let loaded = try model(startModel)
+        let (model, changed) = plan.steps.isEmpty ? GraphEditing.materializeConstants(loaded) : try GraphEditing.prepareForPruning(loaded)
         if changed { startModel = try storeModel(model) }
         do {
             try plan.validate(model: model)
