@@ -52,6 +52,26 @@ def test_pruned_and_quantized_models_run_in_onnxruntime(model, release_models, t
     assert error <= INT8_FACTOR * reference + INT8_MARGIN, f"int8 error {error:.4f}, onnxruntime's quantizer {reference:.4f}"
 
 
+@pytest.mark.parametrize("name", ["vit_op17", "vit_dynamo"])
+def test_vision_transformer_loses_whole_heads(name, release_models, tmp_path):
+    """torchvision's nn.MultiheadAttention (fused in-projection, heads merged with the batch) pruned at 0.5: each
+    layer keeps one of its two heads (Q, K and V thirds of 16 features, an output projection reading 16), and
+    onnxruntime runs the result at batch 3 with the base model's output shape."""
+    import onnx
+    model = next(m for m in MANIFEST["models"] if m["file"] == f"{name}.onnx")
+    np.save(tmp_path / "cal.npy", images(model, 8, 1))
+    pruned = tmp_path / "pruned.onnx"
+    release_models("model", "compress", ZOO / model["file"], "--calibration-data", tmp_path / "cal.npy",
+                   "--prune-ratio", "0.5", "--out", pruned)
+    test = images(model, 3, 2)
+    assert run(pruned, test).shape == run(ZOO / model["file"], test).shape
+    graph = onnx.load(str(pruned)).graph
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    projections = [shapes[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in shapes]
+    # Per layer: three thirds [32, 16], the output projection [16, 32], the MLP [32, 32] and [32, 32].
+    assert projections.count([32, 16]) == 6 and projections.count([16, 32]) == 2, projections
+
+
 @pytest.mark.parametrize("name,epochs,lr,metric", [("vit_op17", 6, "0.05", "logits"), ("lraspp_op17", 8, "0.1", "pixels")])
 def test_pruned_models_recover_by_label_free_distillation(name, epochs, lr, metric, release_models, tmp_path):
     model = next(m for m in MANIFEST["models"] if m["file"] == f"{name}.onnx")
