@@ -185,6 +185,21 @@ import WhittleTestSupport
             throws: { "\($0)".contains("alpha 1") }
     }
 
+    /// Relative mean squared error by hand: fields on axis 1 of `[1, 2, 3]` (YOLOv8's layout) weigh each row of
+    /// three by its own power; on the last axis each column of two.
+    @Test func relativeMeanSquaredErrorWeighsEachFieldByItsPower() throws {
+        let target = Tensor(shape: [1, 2, 3], floats: [100, 200, 300, 1, 2, 3])
+        let student = Tensor(shape: [1, 2, 3], floats: [110, 200, 300, 1, 2, 4])
+        // Axis 1: field 0 (100, 200, 300): mean square 140000/3, error 100/3 → 100/140000;
+        //         field 1 (1, 2, 3): mean square 14/3, error 1/3 → 1/14. L = (1/2)(100/140000 + 1/14).
+        let rows = try Losses.meanSquared(student: student, target: target, fieldAxis: 1).loss
+        #expect(abs(rows - 0.5 * (100.0 / 140000 + 1.0 / 14)) < 1e-12)
+        // Last axis: field 0 (100, 1): error 100/2 over 10001/2; field 2 (300, 3): error 1/2 over 90009/2; field 1: 0.
+        let columns = try Losses.meanSquared(student: student, target: target).loss
+        #expect(abs(columns - (100.0 / 10001 + 1.0 / 90009) / 3) < 1e-12)
+        #expect(throws: ONNXError.self) { try Losses.meanSquared(student: student, target: target, fieldAxis: 3) }
+    }
+
     /// The task losses (per-pixel distillation and cross-entropy, relative mean squared error, cosine distance)
     /// against central finite differences, and their fixed points.
     @Test func taskLossGradientsMatchFiniteDifferences() throws {
@@ -195,6 +210,7 @@ import WhittleTestSupport
             ("pixel distillation", { try Losses.pixelDistillation(student: $0, teacher: teacher, labels: pixels[...], temperature: 2, alpha: 0.6) }),
             ("pixel cross-entropy", { try Losses.pixelDistillation(student: $0, teacher: nil, labels: pixels[...], temperature: 1, alpha: 0) }),
             ("relative mean squared error", { try Losses.meanSquared(student: $0, target: teacher) }),
+            ("relative mean squared error over axis 1", { try Losses.meanSquared(student: $0, target: teacher, fieldAxis: 1) }),
             ("cosine distance", { try Losses.cosineDistance(student: try $0.reshaped([2, 12]), teacher: try teacher.reshaped([2, 12])) }),
         ]
         for (name, loss) in losses {
@@ -217,6 +233,9 @@ import WhittleTestSupport
         #expect(TaskKind.inferred(outputShape: [4, 10]) == .classification)
         #expect(TaskKind.inferred(outputShape: [4, 21, 64, 64]) == .segmentation)
         #expect(TaskKind.inferred(outputShape: [4, 252, 8]) == .detection)
+        #expect(TaskKind.detection.fieldAxis(outputShape: [4, 252, 8]) == 2, "YOLOv5: [N, anchors, 5 + classes]")
+        #expect(TaskKind.detection.fieldAxis(outputShape: [4, 84, 8400]) == 1, "YOLOv8: [N, 4 + classes, anchors]")
+        #expect(TaskKind.regression.fieldAxis(outputShape: [4, 3]) == 1)
         #expect { try Losses.pixelDistillation(student: student, teacher: nil, labels: [0, 1], temperature: 1, alpha: 0) }
             throws: { "\($0)".contains("pixel labels") }
     }

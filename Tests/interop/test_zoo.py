@@ -72,8 +72,16 @@ def test_vision_transformer_loses_whole_heads(name, release_models, tmp_path):
     assert projections.count([32, 16]) == 6 and projections.count([16, 32]) == 2, projections
 
 
-@pytest.mark.parametrize("name,epochs,lr,metric", [("vit_op17", 6, "0.05", "logits"), ("lraspp_op17", 8, "0.1", "pixels")])
-def test_pruned_models_recover_by_label_free_distillation(name, epochs, lr, metric, release_models, tmp_path):
+# The goal is that the error at least halves. YOLO-style detectors fall short on these random-weight models
+# fed noise: their error is dominated by rare images with extreme heads, which distillation on a few hundred images
+# does not carry over to new ones (docs/architecture.md, "Recovery"); their floors guard the measured figures
+# (YOLOv8 0.140 -> 0.091 relative RMSE, 0.65x, AMD EPYC 2026-12-06).
+RECOVERY = [("vit_op17", 6, ("--lr", "0.05"), "logits", 0.5), ("lraspp_op17", 8, ("--lr", "0.1"), "pixels", 0.5),
+            ("yolov8_op17", 20, ("--lr", "0.003", "--optimizer", "adam", "--batch-size", "16"), "logits", 0.75)]
+
+
+@pytest.mark.parametrize("name,epochs,options,metric,goal", RECOVERY, ids=[r[0] for r in RECOVERY])
+def test_pruned_models_recover_by_label_free_distillation(name, epochs, options, metric, goal, release_models, tmp_path):
     model = next(m for m in MANIFEST["models"] if m["file"] == f"{name}.onnx")
     source = ZOO / model["file"]
     np.save(tmp_path / "train.npy", images(model, 128, 7))
@@ -90,9 +98,9 @@ def test_pruned_models_recover_by_label_free_distillation(name, epochs, lr, metr
     for e in (0, epochs):
         out = tmp_path / f"recovered{e}.onnx"
         release_models("model", "compress", source, "--calibration-data", tmp_path / "train.npy", "--prune-ratio", "0.3",
-                       "--finetune-epochs", e, "--train-data", tmp_path / "train.npy", "--distill", "--lr", lr, "--out", out)
+                       "--finetune-epochs", e, "--train-data", tmp_path / "train.npy", "--distill", *options, "--out", out)
         results[e] = error(out)
-    assert results[epochs] <= 0.5 * results[0], f"{name}: error {results[0]:.3f} before fine-tuning, {results[epochs]:.3f} after"
+    assert results[epochs] <= goal * results[0], f"{name}: error {results[0]:.3f} before fine-tuning, {results[epochs]:.3f} after"
 
 
 MULTI = [m for m in MANIFEST["models"] if len(m["inputs"]) > 1]

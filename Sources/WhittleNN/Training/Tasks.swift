@@ -9,8 +9,9 @@ public enum TaskKind: String, Sendable, Codable, CaseIterable {
     /// Per-pixel logits `[N, classes, H, W]`: per-pixel cross-entropy against labels `[N, H, W]`; distillation by
     /// per-pixel softened KL; pixel accuracy, mean IoU and pixel agreement with the base model.
     case segmentation
-    /// Raw detection heads (any shape, e.g. YOLO's `[N, anchors, 5 + classes]`): distillation by mean squared error
-    /// against the teacher's heads, relative per field; relative error against the base model.
+    /// Raw detection heads (any shape, e.g. YOLOv5's `[N, anchors, 5 + classes]`, YOLOv8's `[N, 4 + classes,
+    /// anchors]`): distillation by mean squared error against the teacher's heads, relative per field
+    /// (`fieldAxis`); relative error against the base model.
     case detection
     /// Any real-valued output: mean squared error; relative error.
     case regression
@@ -41,6 +42,14 @@ public enum TaskKind: String, Sendable, Codable, CaseIterable {
     /// they are (T = 1) for segmenters, whose pixels are often confident in one class and carry their information
     /// in the argmax. (Mean squared error and cosine distance take none.)
     public var distillationTemperature: Float { self == .segmentation ? 1 : 4 }
+
+    /// The axis of an output's fields (box coordinates, objectness, class scores) that relative mean squared error
+    /// weighs equally: for rank-3 detection heads the shorter of the last two axes (YOLOv5 writes
+    /// `[N, anchors, 5 + classes]`, YOLOv8 `[N, 4 + classes, anchors]`), else the last axis.
+    public func fieldAxis(outputShape shape: [Int]) -> Int {
+        if self == .detection, shape.count == 3, shape[1] < shape[2] { return 1 }
+        return max(shape.count - 1, 0)
+    }
 
     public static func inferred(outputShape shape: [Int]) -> TaskKind {
         switch shape.count {
@@ -109,23 +118,29 @@ extension Losses {
         return LossResult(loss: loss, dLogits: Tensor(shape: student.shape, floats: d), correct: correct, counted: n * hw)
     }
 
-    /// Mean squared error relative to the target's power per field of the last axis (raw detection heads,
-    /// regression): `L = (1/K) Σ_k mean_k((s − t)²) / mean_k(t²)` over the K fields of the last axis. Detection heads
-    /// mix boxes in pixels (hundreds), objectness and class scores (below one): each field weighs the same, and
-    /// heads at every scale train at the same learning rates. `correct` counts samples whose output is within 10 %
-    /// (relative to the target's largest magnitude) of the target.
-    public static func meanSquared(student: Tensor, target: Tensor) throws -> LossResult {
+    /// Mean squared error relative to the target's power per field (raw detection heads, regression):
+    /// `L = (1/K) Σ_k mean_k((s − t)²) / mean_k(t²)` over the K fields of `fieldAxis` (default: the last axis).
+    /// Detection heads mix boxes in pixels (hundreds), objectness and class scores (below one): each field weighs the
+    /// same, and heads at every scale train at the same learning rates. `correct` counts samples whose output is
+    /// within 10 % (relative to the target's largest magnitude) of the target.
+    public static func meanSquared(student: Tensor, target: Tensor, fieldAxis: Int? = nil) throws -> LossResult {
         guard student.shape == target.shape else {
             throw ONNXError(.shapeMismatch, "the target \(target.shape) and the model output \(student.shape) differ")
         }
-        let fields = max(student.shape.last ?? 1, 1), rows = student.count / fields
+        let axis = fieldAxis ?? max(student.rank - 1, 0)
+        guard student.rank == 0 || (0..<student.rank).contains(axis) else {
+            throw ONNXError(.invalidInput, "field axis \(axis) of an output of rank \(student.rank)")
+        }
+        let fields = max(student.rank == 0 ? 1 : student.shape[axis], 1), rows = student.count / fields
+        let inner = student.rank == 0 ? 1 : student.shape[(axis + 1)...].reduce(1, *)
+        func field(_ i: Int) -> Int { (i / inner) % fields }
         var power = [Double](repeating: 0, count: fields)
-        for i in 0..<target.count { power[i % fields] += Double(target.floats[i]) * Double(target.floats[i]) }
+        for i in 0..<target.count { power[field(i)] += Double(target.floats[i]) * Double(target.floats[i]) }
         power = power.map { max($0 / Double(max(rows, 1)), 1e-12) }
         var loss = 0.0
         var d = [Float](repeating: 0, count: student.count)
         for i in 0..<student.count {
-            let k = i % fields, scale = Double(fields) * Double(max(rows, 1)) * power[k]
+            let k = field(i), scale = Double(fields) * Double(max(rows, 1)) * power[k]
             let diff = Double(student.floats[i]) - Double(target.floats[i])
             loss += diff * diff / scale
             d[i] = Float(2 * diff / scale)

@@ -251,7 +251,8 @@ public final class Trainer: @unchecked Sendable {
             case .segmentation:
                 result = try Losses.pixelDistillation(student: logits, teacher: teacherLogits, labels: labels,
                                                       temperature: distillation.temperature, alpha: distillation.alpha)
-            case .detection, .regression: result = try Losses.meanSquared(student: logits, target: teacherLogits)
+            case .detection, .regression:
+                result = try Losses.meanSquared(student: logits, target: teacherLogits, fieldAxis: task.fieldAxis(outputShape: logits.shape))
             case .embedding: result = try Losses.cosineDistance(student: logits, teacher: teacherLogits)
             }
         } else {
