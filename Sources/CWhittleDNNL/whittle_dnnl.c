@@ -323,6 +323,184 @@ fail:
     return 1;
 }
 
+// MARK: Integer convolution
+
+static dnnl_data_type_t qtype(wk_qtype_t t) { return t == WK_U8 ? dnnl_u8 : t == WK_S8 ? dnnl_s8 : dnnl_f32; }
+
+struct wk_qconv {
+    dnnl_primitive_t prim, src_in, dst_out;
+    dnnl_memory_t src, weights, bias, dst, user_src, user_dst;
+    void *weights_buf;
+    int32_t *bias_buf;
+    size_t src_size, dst_size;  // bytes of oneDNN's layouts when they differ from plain NCHW (0 otherwise)
+    char impl[64];
+};
+
+void wk_qconv_destroy(wk_qconv *p) {
+    if (!p) return;
+    if (p->prim) dnnl_primitive_destroy(p->prim);
+    if (p->src_in) dnnl_primitive_destroy(p->src_in);
+    if (p->dst_out) dnnl_primitive_destroy(p->dst_out);
+    dnnl_memory_t ms[6] = {p->src, p->weights, p->bias, p->dst, p->user_src, p->user_dst};
+    for (int i = 0; i < 6; i++) if (ms[i]) dnnl_memory_destroy(ms[i]);
+    free(p->weights_buf);
+    free(p->bias_buf);
+    free(p);
+}
+
+static dnnl_status_t reorder_plan(dnnl_primitive_t *r, const dnnl_memory_desc_t *from, const dnnl_memory_desc_t *to) {
+    dnnl_primitive_desc_t rpd = NULL;
+    dnnl_status_t st = dnnl_reorder_primitive_desc_create(&rpd, from, g_engine, to, g_engine, NULL);
+    if (st != dnnl_success) return st;
+    st = dnnl_primitive_create(r, rpd);
+    dnnl_primitive_desc_destroy(rpd);
+    return st;
+}
+
+wk_qconv *wk_qconv_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc, int64_t oh, int64_t ow,
+                          int64_t kh, int64_t kw, int64_t groups, int64_t stride_h, int64_t stride_w,
+                          int64_t dil_h, int64_t dil_w, int64_t pad_t, int64_t pad_l, int64_t pad_b, int64_t pad_r,
+                          wk_qtype_t src_type, wk_qtype_t dst_type, const int8_t *weights, const int32_t *bias,
+                          const float *scales, int64_t scale_count, int32_t src_zero, int32_t dst_zero,
+                          wk_postop_t post, char *err, size_t errlen) {
+    if (!engine_ready(err, errlen)) return NULL;
+    if (src_type == WK_F32 || (scale_count != 1 && scale_count != oc) || groups < 1 || c % groups || oc % groups) {
+        if (err && errlen) snprintf(err, errlen, "integer convolution: bad arguments (source type, %lld scales for %lld outputs, %lld groups)",
+                                    (long long)scale_count, (long long)oc, (long long)groups);
+        return NULL;
+    }
+    wk_qconv *p = calloc(1, sizeof *p);
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    if (!p) return NULL;
+    dnnl_dims_t src_dims = {n, c, h, w}, dst_dims = {n, oc, oh, ow}, b_dims = {oc};
+    dnnl_memory_desc_t src_md, dst_md, src_any, dst_any, w_plain, w_any, b_md;
+    CHECK(dnnl_memory_desc_init_by_tag(&src_md, 4, src_dims, qtype(src_type), dnnl_nchw));
+    CHECK(dnnl_memory_desc_init_by_tag(&dst_md, 4, dst_dims, qtype(dst_type), dnnl_nchw));
+    CHECK(dnnl_memory_desc_init_by_tag(&src_any, 4, src_dims, qtype(src_type), dnnl_format_tag_any));
+    CHECK(dnnl_memory_desc_init_by_tag(&dst_any, 4, dst_dims, qtype(dst_type), dnnl_format_tag_any));
+    CHECK(dnnl_memory_desc_init_by_tag(&b_md, 1, b_dims, dnnl_s32, dnnl_x));
+    if (groups > 1) {
+        dnnl_dims_t wd = {groups, oc / groups, c / groups, kh, kw};
+        CHECK(dnnl_memory_desc_init_by_tag(&w_plain, 5, wd, dnnl_s8, dnnl_goihw));
+        CHECK(dnnl_memory_desc_init_by_tag(&w_any, 5, wd, dnnl_s8, dnnl_format_tag_any));
+    } else {
+        dnnl_dims_t wd = {oc, c, kh, kw};
+        CHECK(dnnl_memory_desc_init_by_tag(&w_plain, 4, wd, dnnl_s8, dnnl_oihw));
+        CHECK(dnnl_memory_desc_init_by_tag(&w_any, 4, wd, dnnl_s8, dnnl_format_tag_any));
+    }
+    dnnl_dims_t strides = {stride_h, stride_w}, dil = {dil_h - 1, dil_w - 1}, pl = {pad_t, pad_l}, pr = {pad_b, pad_r};
+    dnnl_convolution_desc_t desc;
+    CHECK(dnnl_dilated_convolution_forward_desc_init(&desc, dnnl_forward_inference, dnnl_convolution_direct, &src_any,
+                                                      &w_any, bias ? &b_md : NULL, &dst_any, strides, dil, pl, pr));
+    CHECK(make_attr(&attr, post, 0));
+    CHECK(dnnl_primitive_attr_set_output_scales(attr, scale_count, scale_count == 1 ? 0 : 1 << 1, scales));
+    if (src_zero != 0) CHECK(dnnl_primitive_attr_set_zero_points(attr, DNNL_ARG_SRC, 1, 0, &src_zero));
+    if (dst_zero != 0) CHECK(dnnl_primitive_attr_set_zero_points(attr, DNNL_ARG_DST, 1, 0, &dst_zero));
+    CHECK(dnnl_primitive_desc_create(&pd, &desc, attr, g_engine, NULL));
+    const dnnl_memory_desc_t *w_chosen = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+    const dnnl_memory_desc_t *src_chosen = dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0);
+    const dnnl_memory_desc_t *dst_chosen = dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0);
+    if (!dnnl_memory_desc_equal(src_chosen, &src_md)) {
+        CHECK(reorder_plan(&p->src_in, &src_md, src_chosen));
+        p->src_size = dnnl_memory_desc_get_size(src_chosen);
+    }
+    if (!dnnl_memory_desc_equal(dst_chosen, &dst_md)) {
+        CHECK(reorder_plan(&p->dst_out, dst_chosen, &dst_md));
+        p->dst_size = dnnl_memory_desc_get_size(dst_chosen);
+    }
+    // s8 weights with u8 or s8 sources may carry a compensation oneDNN appends to the weights' buffer (the
+    // reorder computes it); the reorder target is the chosen descriptor, extra included.
+    p->weights_buf = reorder_copy(&w_plain, w_chosen, weights, err, errlen);
+    if (!p->weights_buf) goto fail;
+    const char *impl = NULL;
+    if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) == dnnl_success && impl)
+        snprintf(p->impl, sizeof p->impl, "%s", impl);
+    CHECK(dnnl_primitive_create(&p->prim, pd));
+    CHECK(dnnl_memory_create(&p->src, src_chosen, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->dst, dst_chosen, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->user_src, &src_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->user_dst, &dst_md, g_engine, DNNL_MEMORY_NONE));
+    CHECK(dnnl_memory_create(&p->weights, w_chosen, g_engine, p->weights_buf));
+    if (bias) {
+        p->bias_buf = malloc(sizeof(int32_t) * (size_t)oc);
+        if (!p->bias_buf) goto fail;
+        memcpy(p->bias_buf, bias, sizeof(int32_t) * (size_t)oc);
+        CHECK(dnnl_memory_create(&p->bias, &b_md, g_engine, p->bias_buf));
+    }
+    dnnl_primitive_desc_destroy(pd);
+    dnnl_primitive_attr_destroy(attr);
+    return p;
+fail:
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    wk_qconv_destroy(p);
+    return NULL;
+}
+
+const char *wk_qconv_impl(wk_qconv *p) { return p->impl; }
+
+int wk_qconv_run(wk_qconv *p, const void *src, void *dst, char *err, size_t errlen) {
+    void *src_buf = NULL, *dst_buf = NULL;
+    if (p->src_in) {
+        src_buf = aligned_alloc(64, (p->src_size + 63) / 64 * 64);
+        if (!src_buf) goto oom;
+        CHECK(dnnl_memory_set_data_handle(p->user_src, (void *)src));
+        CHECK(dnnl_memory_set_data_handle(p->src, src_buf));
+        dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p->user_src}, {DNNL_ARG_TO, p->src}};
+        CHECK(dnnl_primitive_execute(p->src_in, g_stream, 2, r));
+    } else {
+        CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+    }
+    if (p->dst_out) {
+        dst_buf = aligned_alloc(64, (p->dst_size + 63) / 64 * 64);
+        if (!dst_buf) goto oom;
+        CHECK(dnnl_memory_set_data_handle(p->user_dst, dst));
+        CHECK(dnnl_memory_set_data_handle(p->dst, dst_buf));
+    } else {
+        CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+    }
+    dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, p->src}, {DNNL_ARG_WEIGHTS, p->weights}, {DNNL_ARG_DST, p->dst},
+                               {DNNL_ARG_BIAS, p->bias}};
+    CHECK(dnnl_primitive_execute(p->prim, g_stream, p->bias ? 4 : 3, args));
+    if (p->dst_out) {
+        dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p->dst}, {DNNL_ARG_TO, p->user_dst}};
+        CHECK(dnnl_primitive_execute(p->dst_out, g_stream, 2, r));
+    }
+    CHECK(dnnl_stream_wait(g_stream));
+    free(src_buf);
+    free(dst_buf);
+    return 0;
+oom:
+    if (err && errlen) snprintf(err, errlen, "out of memory for integer convolution staging buffers");
+fail:
+    free(src_buf);
+    free(dst_buf);
+    return 1;
+}
+
+int wk_cpu_has_vnni(void) {
+    dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+    return isa == dnnl_cpu_isa_avx512_core_vnni || isa == dnnl_cpu_isa_avx512_core_bf16 || isa == dnnl_cpu_isa_avx512_core_amx
+        || isa == dnnl_cpu_isa_avx2_vnni;
+}
+
+const char *wk_cpu_isa_name(void) {
+    switch (dnnl_get_effective_cpu_isa()) {
+    case dnnl_cpu_isa_sse41: return "sse41";
+    case dnnl_cpu_isa_avx: return "avx";
+    case dnnl_cpu_isa_avx2: return "avx2";
+    case dnnl_cpu_isa_avx2_vnni: return "avx2_vnni";
+    case dnnl_cpu_isa_avx512_mic: return "avx512_mic";
+    case dnnl_cpu_isa_avx512_mic_4ops: return "avx512_mic_4ops";
+    case dnnl_cpu_isa_avx512_core: return "avx512_core";
+    case dnnl_cpu_isa_avx512_core_vnni: return "avx512_core_vnni";
+    case dnnl_cpu_isa_avx512_core_bf16: return "avx512_core_bf16";
+    case dnnl_cpu_isa_avx512_core_amx: return "avx512_core_amx";
+    default: return "other";
+    }
+}
+
 // MARK: Pooling
 
 struct wk_pool {

@@ -14,6 +14,8 @@ public final class CompiledGraph: @unchecked Sendable {
     let steps: [PlannedStep]
     /// Convolution steps that hand their output to the next step in oneDNN's blocked layout (for tests).
     package var blockedConvolutionSteps: Int { steps.filter { ($0.kernel as? ConvKernel)?.keepDestinationBlocked == true }.count }
+    /// QDQ groups running as integer convolutions.
+    public var integerSteps: Int { steps.filter { $0.kernel is QuantizedConvKernel }.count }
     let inputSlots: [[Int]]
     let outputSlots: [[Int]]
     let freeAfter: [[Int]]
@@ -97,7 +99,8 @@ public final class CompiledGraph: @unchecked Sendable {
             for s in freeAfter[i] { slots[s] = nil }
             let label = step.nodes.map { inferred.contexts[$0].node.opType }.joined(separator: "+") + " "
                 + (inferred.contexts[step.nodes[0]].node.name)
-            let implementation = (step.kernel as? ConvKernel)?.plan?.implementation ?? ""
+            let implementation = (step.kernel as? ConvKernel)?.plan?.implementation
+                ?? (step.kernel as? QuantizedConvKernel).map { "int8 " + $0.implementation } ?? ""
             rows.append((label, implementation,
                          Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18))
         }

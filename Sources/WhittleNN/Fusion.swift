@@ -26,6 +26,9 @@ enum StepPlanner {
         let contexts = inferred.contexts
         var readers: [String: [Int]] = [:]
         var producer: [String: Int] = [:]
+        // Folded nodes too (the DequantizeLinear of a constant weight).
+        var anyProducer: [String: Int] = [:]
+        for (i, ctx) in contexts.enumerated() { for name in ctx.node.outputs where !name.isEmpty { anyProducer[name] = i } }
         for (i, ctx) in contexts.enumerated() where !inferred.folded[i] {
             for name in ctx.node.inputs where !name.isEmpty { readers[name, default: []].append(i) }
             for name in ctx.node.outputs where !name.isEmpty { producer[name] = i }
@@ -39,6 +42,14 @@ enum StepPlanner {
         var steps: [PlannedStep] = []
         var absorbed = Set<Int>()
         for (i, ctx) in contexts.enumerated() where !inferred.folded[i] && !absorbed.contains(i) {
+            if options.fuse && options.fast && options.integer && ctx.node.opType == "Conv",
+               let fused = try fuseQuantizedConvolution(i, inferred, soleReader: { name in
+                   soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 }
+               }, producer: anyProducer) {
+                absorbed.formUnion(fused.nodes)
+                steps.append(fused)
+                continue
+            }
             if options.fuse && options.fast && ctx.node.opType == "Conv",
                 let fused = try fuseConvolution(i, inferred, soleReader: { name in
                     soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 }
@@ -56,9 +67,22 @@ enum StepPlanner {
             steps.append(PlannedStep(position: i, nodes: [i], inputs: ctx.node.inputs, outputs: ctx.node.outputs,
                                      kernel: try inferred.definitions[i].compile(ctx, inferred.outputs[i], options)))
         }
-        let ordered = steps.sorted { $0.position < $1.position }
+        var ordered = steps.sorted { $0.position < $1.position }
+        if options.fuse && options.fast && options.integer { ordered = withoutUnreadSteps(ordered, graphOutputs: graphOutputs) }
         if options.fuse && options.fast { propagateLayouts(ordered, graphOutputs: graphOutputs) }
         return ordered
+    }
+
+    /// Drops steps whose outputs no step reads and that are not graph outputs (a DequantizeLinear whose only reader
+    /// became an integer step), repeatedly.
+    static func withoutUnreadSteps(_ steps: [PlannedStep], graphOutputs: Set<String>) -> [PlannedStep] {
+        var kept = steps
+        while true {
+            let read = Set(kept.flatMap(\.inputs)).union(graphOutputs)
+            let before = kept.count
+            kept.removeAll { step in step.outputs.allSatisfy { $0.isEmpty || !read.contains($0) } }
+            if kept.count == before { return kept }
+        }
     }
 
     /// GELU as PyTorch's TorchScript exporter writes it, `x · ½ · (1 + erf(x / √2))`: Div(x, √2) → Erf → Add(1) →

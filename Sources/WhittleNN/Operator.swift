@@ -54,10 +54,14 @@ public struct KernelOptions: Sendable {
     /// Fuse Conv with the BatchNormalization, residual Add and activation after it (fast kernels only). Fused
     /// nodes' intermediate outputs are never materialized, so observers need `fuse` off.
     public var fuse: Bool = true
-    public init(fast: Bool = true, gemmBackend: GemmBackend = .oneDNN, fuse: Bool = true) {
+    /// Run QDQ groups as integer kernels (fast, fused kernels only); off, every QuantizeLinear, DequantizeLinear and
+    /// float op runs on its own (the float-simulation reference).
+    public var integer: Bool = true
+    public init(fast: Bool = true, gemmBackend: GemmBackend = .oneDNN, fuse: Bool = true, integer: Bool = true) {
         self.fast = fast
         self.gemmBackend = gemmBackend
         self.fuse = fuse
+        self.integer = integer
     }
 }
 

@@ -177,6 +177,34 @@ wk_softmax *wk_softmax_create(int64_t outer, int64_t axis, int64_t inner, char *
 int wk_softmax_run(wk_softmax *plan, const float *src, float *dst, char *err, size_t errlen);
 void wk_softmax_destroy(wk_softmax *plan);
 
+// MARK: Integer convolution (QDQ groups, as onnxruntime's QLinearConv)
+
+/// Element types of integer plans' activations.
+typedef enum { WK_U8 = 0, WK_S8 = 1, WK_F32 = 2 } wk_qtype_t;
+
+/// src [N, C, H, W] u8 or s8 (plain NCHW), weights [OC, C/groups, KH, KW] s8, bias [OC] s32 or NULL, dst
+/// [N, OC, OH, OW] u8, s8 or f32 (plain NCHW). With a = bias[oc] + Σ (src − src_zero) · w (int32, padding
+/// contributes nothing), dst = saturate(round_half_even(post(scales[oc] · a)) + dst_zero); scale_count is 1 or OC.
+/// For a QDQ group: scales[oc] = s_x · s_w[oc] / s_y and the bias is the int32 bias of scale s_x · s_w[oc].
+/// Weights are reordered once, at creation; activations are converted to and from oneDNN's layouts per call.
+typedef struct wk_qconv wk_qconv;
+wk_qconv *wk_qconv_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc, int64_t oh, int64_t ow,
+                          int64_t kh, int64_t kw, int64_t groups, int64_t stride_h, int64_t stride_w,
+                          int64_t dil_h, int64_t dil_w, int64_t pad_t, int64_t pad_l, int64_t pad_b, int64_t pad_r,
+                          wk_qtype_t src_type, wk_qtype_t dst_type, const int8_t *weights, const int32_t *bias,
+                          const float *scales, int64_t scale_count, int32_t src_zero, int32_t dst_zero,
+                          wk_postop_t post, char *err, size_t errlen);
+int wk_qconv_run(wk_qconv *plan, const void *src, void *dst, char *err, size_t errlen);
+const char *wk_qconv_impl(wk_qconv *plan);
+void wk_qconv_destroy(wk_qconv *plan);
+
+/// 1 when the CPU (as oneDNN sees it, honouring DNNL_MAX_CPU_ISA) multiplies u8 × s8 with VNNI (AVX-512 VNNI,
+/// AVX-VNNI or AMX), whose dot products accumulate in int32; without it, pairs of u8 · s8 products are summed in
+/// saturating int16 first, which is exact only for weights within ±63 (7 bits, what --reduce-range writes).
+int wk_cpu_has_vnni(void);
+/// oneDNN's name of the instruction set it dispatches to.
+const char *wk_cpu_isa_name(void);
+
 // MARK: GEMM
 
 /// Row-major C[M, N] = alpha · op(A) · op(B) + beta · C, op = transpose when trans is 'T' ('N' otherwise).
