@@ -50,6 +50,14 @@ enum StepPlanner {
                 steps.append(fused)
                 continue
             }
+            if options.fuse && options.fast && options.integer && ctx.node.opType == "Add",
+               let fused = fuseQuantizedAdd(i, inferred, soleReader: { name in
+                   soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 }
+               }, producer: anyProducer) {
+                absorbed.formUnion(fused.nodes)
+                steps.append(fused)
+                continue
+            }
             if options.fuse && options.fast && ctx.node.opType == "Conv",
                 let fused = try fuseConvolution(i, inferred, soleReader: { name in
                     soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 }

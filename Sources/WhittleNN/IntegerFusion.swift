@@ -169,3 +169,63 @@ final class QuantizedConvKernel: NodeKernel, @unchecked Sendable {
         return [Tensor(shape: outShape, ints: values, dtype: outputType)]
     }
 }
+
+extension StepPlanner {
+    /// `DequantizeLinear(a_q) + DequantizeLinear(b_q) → QuantizeLinear → y_q` (per-tensor, same shapes) as one
+    /// integer step, computed as onnxruntime's QLinearAdd does: `y = saturate(round_half_even((a − z_a) · s_a/s_y +
+    /// (b − z_b) · s_b/s_y + z_y))`, in float, element by element.
+    static func fuseQuantizedAdd(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
+                                 producer: [String: Int]) -> PlannedStep? {
+        let contexts = inferred.contexts
+        let add = contexts[i]
+        guard add.node.inputs.count == 2, let out = inferred.outputs[i].first,
+              let pa = producer[add.node.inputs[0]], let pb = producer[add.node.inputs[1]],
+              contexts[pa].node.opType == "DequantizeLinear", contexts[pb].node.opType == "DequantizeLinear",
+              !inferred.folded[pa], !inferred.folded[pb],
+              let a = scalarQuantization(contexts[pa]), let b = scalarQuantization(contexts[pb]),
+              contexts[pa].optionalInput(0)?.shape == out.shape, contexts[pb].optionalInput(0)?.shape == out.shape,
+              let q = soleReader(add.node.outputs[0]), contexts[q].node.opType == "QuantizeLinear",
+              let y = scalarQuantization(contexts[q]) else { return nil }
+        let kernel = QuantizedAddKernel(a: a, b: b, y: y, shape: out.shape)
+        return PlannedStep(position: q, nodes: [i, q], inputs: [contexts[pa].node.inputs[0], contexts[pb].node.inputs[0]],
+                           outputs: contexts[q].node.outputs, kernel: kernel)
+    }
+}
+
+/// The integer residual sum (`StepPlanner.fuseQuantizedAdd`).
+final class QuantizedAddKernel: NodeKernel, @unchecked Sendable {
+    let ratioA: Float, ratioB: Float, zeroA: Float, zeroB: Float, zeroY: Float
+    let low: Float, high: Float
+    let type: DataType
+    let shape: [Int]
+
+    init(a: (scale: Float, zero: Int32, type: QuantizedType), b: (scale: Float, zero: Int32, type: QuantizedType),
+         y: (scale: Float, zero: Int32, type: QuantizedType), shape: [Int]) {
+        ratioA = a.scale / y.scale
+        ratioB = b.scale / y.scale
+        zeroA = Float(a.zero)
+        zeroB = Float(b.zero)
+        zeroY = Float(y.zero)
+        (low, high) = (y.type.range!.lowerBound, y.type.range!.upperBound)
+        type = y.type == .uint8 ? .uint8 : .int8
+        self.shape = shape
+    }
+
+    func run(_ inputs: [Tensor?]) throws -> [Tensor] {
+        guard let a = inputs[0], let b = inputs[1], a.dtype.isInteger, b.dtype.isInteger, a.count == b.count else {
+            throw ONNXError(.invalidInput, "integer Add: the operands must be quantized tensors of one shape")
+        }
+        let values = a.ints.withUnsafeBufferPointer { pa in
+            b.ints.withUnsafeBufferPointer { pb in
+                [Int64](unsafeUninitializedCapacity: pa.count) { buffer, initialized in
+                    for k in 0..<pa.count {
+                        let v = (Float(pa[k]) - zeroA) * ratioA + (Float(pb[k]) - zeroB) * ratioB + zeroY
+                        buffer[k] = Int64(min(max(v.rounded(.toNearestOrEven), low), high))
+                    }
+                    initialized = pa.count
+                }
+            }
+        }
+        return [Tensor(shape: shape, ints: values, dtype: type)]
+    }
+}

@@ -18,12 +18,16 @@ extension Operators {
             let range = type.integerRange!
             let low = Float(range.lowerBound), high = Float(range.upperBound)
             var q = [Int64](repeating: 0, count: x.count)
-            forEachChannelRun(x.count, axisInfo) { c, run in
-                let scale = scales[c], zero = Float(zeros[c])
-                for i in run {
-                    let v = (x.floats[i] / scale).rounded(.toNearestOrEven)
-                    let shifted = v.isNaN ? zero : v + zero
-                    q[i] = Int64(min(max(shifted, low), high))
+            x.floats.withUnsafeBufferPointer { xs in
+                q.withUnsafeMutableBufferPointer { qs in
+                    forEachChannelRun(x.count, axisInfo) { c, run in
+                        let scale = scales[c], zero = Float(zeros[c])
+                        for i in run {
+                            let v = (xs[i] / scale).rounded(.toNearestOrEven)
+                            let shifted = v.isNaN ? zero : v + zero
+                            qs[i] = Int64(min(max(shifted, low), high))
+                        }
+                    }
                 }
             }
             return [Tensor(shape: x.shape, ints: q, dtype: type)]
@@ -61,9 +65,13 @@ extension Operators {
             }
             let (scales, zeros, axisInfo) = try quantParameters(ctx, x.shape, inputs)
             var y = [Float](repeating: 0, count: x.count)
-            forEachChannelRun(x.count, axisInfo) { c, run in
-                let scale = scales[c], zero = zeros[c]
-                for i in run { y[i] = Float(x.ints[i] - zero) * scale }
+            x.ints.withUnsafeBufferPointer { xs in
+                y.withUnsafeMutableBufferPointer { ys in
+                    forEachChannelRun(x.count, axisInfo) { c, run in
+                        let scale = scales[c], zero = zeros[c]
+                        for i in run { ys[i] = Float(xs[i] - zero) * scale }
+                    }
+                }
             }
             return [Tensor(shape: x.shape, floats: y)]
         }
