@@ -333,6 +333,7 @@ struct wk_qconv {
     void *weights_buf;
     int32_t *bias_buf;
     size_t src_size, dst_size;  // bytes of oneDNN's layouts when they differ from plain NCHW (0 otherwise)
+    int nhwc;                   // bit 0: the source layout is plain NHWC; bit 1: the destination's
     char impl[64];
 };
 
@@ -409,6 +410,12 @@ wk_qconv *wk_qconv_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc
         CHECK(reorder_plan(&p->dst_out, dst_chosen, &dst_md));
         p->dst_size = dnnl_memory_desc_get_size(dst_chosen);
     }
+    {
+        dnnl_memory_desc_t src_nhwc, dst_nhwc;
+        CHECK(dnnl_memory_desc_init_by_tag(&src_nhwc, 4, src_dims, qtype(src_type), dnnl_nhwc));
+        CHECK(dnnl_memory_desc_init_by_tag(&dst_nhwc, 4, dst_dims, qtype(dst_type), dnnl_nhwc));
+        p->nhwc = (dnnl_memory_desc_equal(src_chosen, &src_nhwc) ? 1 : 0) | (dnnl_memory_desc_equal(dst_chosen, &dst_nhwc) ? 2 : 0);
+    }
     // s8 weights with u8 or s8 sources may carry a compensation oneDNN appends to the weights' buffer (the
     // reorder computes it); the reorder target is the chosen descriptor, extra included.
     p->weights_buf = reorder_copy(&w_plain, w_chosen, weights, err, errlen);
@@ -440,9 +447,20 @@ fail:
 
 const char *wk_qconv_impl(wk_qconv *p) { return p->impl; }
 
+int wk_qconv_nhwc(const wk_qconv *p) { return p->nhwc; }
+
 int wk_qconv_run(wk_qconv *p, const void *src, void *dst, char *err, size_t errlen) {
+    return wk_qconv_run_layout(p, src, dst, 0, 0, err, errlen);
+}
+
+int wk_qconv_run_layout(wk_qconv *p, const void *src, void *dst, int src_nhwc, int dst_nhwc, char *err, size_t errlen) {
     void *src_buf = NULL, *dst_buf = NULL;
-    if (p->src_in) {
+    if ((src_nhwc && !(p->nhwc & 1)) || (dst_nhwc && !(p->nhwc & 2))) {
+        if (err && errlen) snprintf(err, errlen, "integer convolution: channels-last data for a plan that does not compute in it");
+        return 1;
+    }
+    int stage_src = p->src_in && !src_nhwc, stage_dst = p->dst_out && !dst_nhwc;
+    if (stage_src) {
         src_buf = aligned_alloc(64, (p->src_size + 63) / 64 * 64);
         if (!src_buf) goto oom;
         CHECK(dnnl_memory_set_data_handle(p->user_src, (void *)src));
@@ -452,7 +470,7 @@ int wk_qconv_run(wk_qconv *p, const void *src, void *dst, char *err, size_t errl
     } else {
         CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
     }
-    if (p->dst_out) {
+    if (stage_dst) {
         dst_buf = aligned_alloc(64, (p->dst_size + 63) / 64 * 64);
         if (!dst_buf) goto oom;
         CHECK(dnnl_memory_set_data_handle(p->user_dst, dst));
@@ -463,7 +481,7 @@ int wk_qconv_run(wk_qconv *p, const void *src, void *dst, char *err, size_t errl
     dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, p->src}, {DNNL_ARG_WEIGHTS, p->weights}, {DNNL_ARG_DST, p->dst},
                                {DNNL_ARG_BIAS, p->bias}};
     CHECK(dnnl_primitive_execute(p->prim, g_stream, p->bias ? 4 : 3, args));
-    if (p->dst_out) {
+    if (stage_dst) {
         dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p->dst}, {DNNL_ARG_TO, p->user_dst}};
         CHECK(dnnl_primitive_execute(p->dst_out, g_stream, 2, r));
     }

@@ -58,6 +58,11 @@ enum StepPlanner {
                 steps.append(fused)
                 continue
             }
+            if options.fuse && options.fast && options.integer && ctx.node.opType == "QuantizeLinear",
+               let step = quantizeStep(i, inferred) {
+                steps.append(step)
+                continue
+            }
             if options.fuse && options.fast && ctx.node.opType == "Conv",
                 let fused = try fuseConvolution(i, inferred, soleReader: { name in
                     soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 }
@@ -76,7 +81,10 @@ enum StepPlanner {
                                      kernel: try inferred.definitions[i].compile(ctx, inferred.outputs[i], options)))
         }
         var ordered = steps.sorted { $0.position < $1.position }
-        if options.fuse && options.fast && options.integer { ordered = withoutUnreadSteps(ordered, graphOutputs: graphOutputs) }
+        if options.fuse && options.fast && options.integer {
+            ordered = withoutUnreadSteps(ordered, graphOutputs: graphOutputs)
+            packIntegerValues(ordered, graphOutputs: graphOutputs)
+        }
         if options.fuse && options.fast { propagateLayouts(ordered, graphOutputs: graphOutputs) }
         return ordered
     }

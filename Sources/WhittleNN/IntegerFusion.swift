@@ -135,30 +135,69 @@ final class QuantizedConvKernel: NodeKernel, @unchecked Sendable {
 
     var implementation: String { plan.implementation }
 
+    /// Set by the step planner (`StepPlanner.packIntegerValues`): the input arrives as packed bytes.
+    var sourcePacked = false
+    /// Set by the step planner: every reader of the output is an integer step, which takes packed bytes.
+    var destinationPacked = false
+    /// Set by the step planner: packed bytes in NHWC order (the plan's own layout), on the source side / the output.
+    var sourceChannelsLast = false
+    var destinationChannelsLast = false
+
     func run(_ inputs: [Tensor?]) throws -> [Tensor] {
-        guard let x = inputs[0], x.dtype == .uint8 || x.dtype == .int8 else {
-            throw ONNXError(.invalidInput, "integer convolution: the input must be uint8 or int8")
+        guard let x = inputs[0] else { throw ONNXError(.invalidInput, "integer convolution: missing input") }
+        let count = outShape.reduce(1, *)
+        let (inNHWC, outNHWC) = (sourceChannelsLast, destinationChannelsLast)
+        return try PackedBytes.reading(x, packed: sourcePacked, count: plan.geometry.inputShape.reduce(1, *)) { src in
+            if outputType == .float {
+                return [Tensor(shape: outShape, floats: try makeFloats(count) {
+                    try plan.run(src, $0, sourceChannelsLast: inNHWC)
+                })]
+            }
+            return [try PackedBytes.writing(count: count, shape: outShape, type: outputType, packed: destinationPacked) {
+                try plan.run(src, $0, sourceChannelsLast: inNHWC, destinationChannelsLast: outNHWC)
+            }]
         }
-        let source = x.ints.withUnsafeBufferPointer { values in
+    }
+}
+
+/// Quantized activations passed between integer steps as bytes (uint8, or int8 bit patterns) in plain NCHW order,
+/// held in an opaque float array of ⌈count / 4⌉ words that only integer steps read (as the blocked float buffers
+/// between convolutions, `StepPlanner.propagateLayouts`); anything else reads quantized tensors (`Tensor.ints`).
+enum PackedBytes {
+    /// Calls `body` with the bytes of `x`: its packed words, or its integer values narrowed to bytes.
+    static func reading<R>(_ x: Tensor, packed: Bool, count: Int, _ body: (UnsafeRawPointer) throws -> R) throws -> R {
+        if packed {
+            guard x.dtype == .float, x.count * 4 >= count else {
+                throw ONNXError(.invalidInput, "integer step: the packed input holds \(x.count * 4) bytes, expected \(count)")
+            }
+            return try x.floats.withUnsafeBytes { try body($0.baseAddress!) }
+        }
+        guard x.dtype == .uint8 || x.dtype == .int8, x.count == count else {
+            throw ONNXError(.invalidInput, "integer step: the input must be \(count) uint8 or int8 values, got \(x.count) of \(x.dtype)")
+        }
+        let bytes = x.ints.withUnsafeBufferPointer { values in
             [UInt8](unsafeUninitializedCapacity: values.count) { buffer, initialized in
                 for k in 0..<values.count { buffer[k] = UInt8(truncatingIfNeeded: values[k]) }
                 initialized = values.count
             }
         }
-        let count = outShape.reduce(1, *)
-        if outputType == .float {
-            let y = try source.withUnsafeBytes { src in try makeFloats(count) { try plan.run(src.baseAddress!, $0) } }
-            return [Tensor(shape: outShape, floats: y)]
+        return try bytes.withUnsafeBytes { try body($0.baseAddress!) }
+    }
+
+    /// A tensor of `count` bytes written by `fill`: packed words, or the quantized tensor of `type` and `shape`.
+    static func writing(count: Int, shape: [Int], type: DataType, packed: Bool,
+                        _ fill: (UnsafeMutableRawPointer) throws -> Void) throws -> Tensor {
+        if packed {
+            let words = try makeFloats((count + 3) / 4) { try fill(UnsafeMutableRawPointer($0)) }
+            return Tensor(shape: [words.count], floats: words)
         }
-        let bytes = try source.withUnsafeBytes { src in
-            try [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
-                try plan.run(src.baseAddress!, buffer.baseAddress!)
-                initialized = count
-            }
+        let bytes = try [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+            try fill(buffer.baseAddress!)
+            initialized = count
         }
         let values = bytes.withUnsafeBufferPointer { b in
             [Int64](unsafeUninitializedCapacity: b.count) { buffer, initialized in
-                if outputType == .uint8 {
+                if type == .uint8 {
                     for k in 0..<b.count { buffer[k] = Int64(b[k]) }
                 } else {
                     for k in 0..<b.count { buffer[k] = Int64(Int8(bitPattern: b[k])) }
@@ -166,7 +205,7 @@ final class QuantizedConvKernel: NodeKernel, @unchecked Sendable {
                 initialized = b.count
             }
         }
-        return [Tensor(shape: outShape, ints: values, dtype: outputType)]
+        return Tensor(shape: shape, ints: values, dtype: type)
     }
 }
 
@@ -208,24 +247,179 @@ final class QuantizedAddKernel: NodeKernel, @unchecked Sendable {
         zeroY = Float(y.zero)
         (low, high) = (y.type.range!.lowerBound, y.type.range!.upperBound)
         type = y.type == .uint8 ? .uint8 : .int8
+        inputTypes = [a.type, b.type]
+        self.shape = shape
+    }
+
+    let inputTypes: [QuantizedType]
+
+    /// The loops on their own, over raw pointers and scalar constants, so that they vectorize.
+    @inline(never)
+    static func addUnsigned(_ a: UnsafePointer<UInt8>, _ b: UnsafePointer<UInt8>, _ y: UnsafeMutablePointer<UInt8>, _ count: Int,
+                            _ ra: Float, _ rb: Float, _ za: Float, _ zb: Float, _ zy: Float, _ low: Float, _ high: Float) {
+        for k in 0..<count {
+            y[k] = RoundToEven.byte((Float(a[k]) - za) * ra + (Float(b[k]) - zb) * rb + zy, low: low, high: high)
+        }
+    }
+
+    @inline(never)
+    static func addSigned(_ a: UnsafePointer<UInt8>, _ b: UnsafePointer<UInt8>, _ y: UnsafeMutablePointer<UInt8>, _ count: Int,
+                          _ signedA: Bool, _ signedB: Bool, _ ra: Float, _ rb: Float, _ za: Float, _ zb: Float, _ zy: Float,
+                          _ low: Float, _ high: Float) {
+        for k in 0..<count {
+            let x = signedA ? Float(Int8(bitPattern: a[k])) : Float(a[k])
+            let v = signedB ? Float(Int8(bitPattern: b[k])) : Float(b[k])
+            y[k] = RoundToEven.byte((x - za) * ra + (v - zb) * rb + zy, low: low, high: high)
+        }
+    }
+
+    /// Set by the step planner: which operands arrive as packed bytes, and whether the output is written packed.
+    var sourcePacked = [false, false]
+    var destinationPacked = false
+
+    func run(_ inputs: [Tensor?]) throws -> [Tensor] {
+        guard let a = inputs[0], let b = inputs[1] else { throw ONNXError(.invalidInput, "integer Add: missing operand") }
+        let count = shape.reduce(1, *)
+        let signedA = inputTypes[0] == .int8, signedB = inputTypes[1] == .int8, signedY = type == .int8
+        return try PackedBytes.reading(a, packed: sourcePacked[0], count: count) { pa in
+            try PackedBytes.reading(b, packed: sourcePacked[1], count: count) { pb in
+                [try PackedBytes.writing(count: count, shape: shape, type: type, packed: destinationPacked) { py in
+                    let (ua, ub, uy) = (pa.assumingMemoryBound(to: UInt8.self), pb.assumingMemoryBound(to: UInt8.self),
+                                        py.assumingMemoryBound(to: UInt8.self))
+                    if !signedA && !signedB {
+                        Self.addUnsigned(ua, ub, uy, count, ratioA, ratioB, zeroA, zeroB, zeroY, low, high)
+                    } else {
+                        Self.addSigned(ua, ub, uy, count, signedA, signedB, ratioA, ratioB, zeroA, zeroB, zeroY, low, high)
+                    }
+                }]
+            }
+        }
+    }
+}
+
+extension StepPlanner {
+    /// Lets quantized values pass between integer steps as packed bytes (`PackedBytes`) when every reader is an
+    /// integer step and the value is not a graph output, so no step widens them to Int64 and back.
+    static func packIntegerValues(_ steps: [PlannedStep], graphOutputs: Set<String>) {
+        var readers: [String: [(step: Int, position: Int)]] = [:]
+        for (i, step) in steps.enumerated() {
+            for (position, name) in step.inputs.enumerated() where !name.isEmpty {
+                readers[name, default: []].append((i, position))
+            }
+        }
+        func integer(_ i: Int) -> Bool { steps[i].kernel is QuantizedConvKernel || steps[i].kernel is QuantizedAddKernel }
+        var producer: [String: Int] = [:]
+        var packed = Set<String>()
+        for (i, step) in steps.enumerated() where integer(i) || step.kernel is QuantizeKernel {
+            let name = step.outputs[0]
+            if let conv = step.kernel as? QuantizedConvKernel, conv.outputType == .float { continue }
+            guard !graphOutputs.contains(name), let uses = readers[name], !uses.isEmpty, uses.allSatisfy({ integer($0.step) }) else { continue }
+            packed.insert(name)
+            producer[name] = i
+            (step.kernel as? QuantizedConvKernel)?.destinationPacked = true
+            (step.kernel as? QuantizedAddKernel)?.destinationPacked = true
+            (step.kernel as? QuantizeKernel)?.destinationPacked = true
+            for use in uses {
+                (steps[use.step].kernel as? QuantizedConvKernel)?.sourcePacked = true
+                (steps[use.step].kernel as? QuantizedAddKernel)?.sourcePacked[use.position] = true
+            }
+        }
+        // Packed values stay in NHWC order (what oneDNN's integer convolutions compute in) when their producer and
+        // every reader work in it; an Add works in any order, the same for its operands and its sum.
+        var channelsLast = packed.filter { name in
+            let p = steps[producer[name]!].kernel
+            if p is QuantizeKernel { return false }  // written in NCHW order
+            if let conv = p as? QuantizedConvKernel, !conv.plan.computesDestinationChannelsLast { return false }
+            return readers[name]!.allSatisfy { use in
+                (steps[use.step].kernel as? QuantizedConvKernel).map { $0.plan.computesSourceChannelsLast } ?? true
+            }
+        }
+        var changed = true
+        while changed {
+            changed = false
+            for step in steps where step.kernel is QuantizedAddKernel {
+                let values = step.inputs + step.outputs
+                let inLayout = values.map { channelsLast.contains($0) }
+                if inLayout.contains(true) && inLayout.contains(false) {
+                    for v in values where channelsLast.remove(v) != nil { changed = true }
+                }
+            }
+        }
+        for name in channelsLast {
+            (steps[producer[name]!].kernel as? QuantizedConvKernel)?.destinationChannelsLast = true
+            for use in readers[name]! { (steps[use.step].kernel as? QuantizedConvKernel)?.sourceChannelsLast = true }
+        }
+    }
+}
+
+/// Rounding half to even without a libm call per element (Swift's baseline x86-64 code has no vector rounding
+/// instruction, so `rounded(.toNearestOrEven)` calls `rintf`): adding 1.5 · 2²³ leaves the rounded integer in the
+/// low mantissa bits, exactly, for |v| < 2²². Loops built on it vectorize.
+enum RoundToEven {
+    static let magic: Float = 12_582_912  // 1.5 · 2²³, bit pattern 0x4B40_0000
+
+    /// `clamp(round_half_even(v), low, high)` as a byte (int8 as its bit pattern); NaN gives `low`'s side of 0
+    /// clamped, as `QuantizeLinear` maps NaN to the zero point before this is called.
+    @inline(__always) static func byte(_ v: Float, low: Float, high: Float) -> UInt8 {
+        byte(v, plus: 0, low: low, high: high)
+    }
+
+    /// `clamp(round_half_even(v) + zero, low, high)`: the zero point added after rounding, as `QuantizeLinear` does.
+    @inline(__always) static func byte(_ v: Float, plus zero: Int32, low: Float, high: Float) -> UInt8 {
+        let (lo, hi) = (low - Float(zero) - 1, high - Float(zero) + 1)
+        let c = v < lo ? lo : (v > hi ? hi : v)
+        let n = (Int32(bitPattern: (c + magic).bitPattern) &- 0x4B40_0000) &+ zero
+        let clamped = n < Int32(low) ? Int32(low) : (n > Int32(high) ? Int32(high) : n)
+        return UInt8(truncatingIfNeeded: clamped)
+    }
+}
+
+extension StepPlanner {
+    /// A per-tensor `QuantizeLinear` to uint8 or int8 of a float tensor, as a step that can hand packed bytes to
+    /// integer steps (`packIntegerValues`).
+    static func quantizeStep(_ i: Int, _ inferred: InferredGraph) -> PlannedStep? {
+        let ctx = inferred.contexts[i]
+        guard ctx.node.opType == "QuantizeLinear", ctx.optionalInput(0)?.dtype == .float,
+              let q = scalarQuantization(ctx), let out = inferred.outputs[i].first else { return nil }
+        return PlannedStep(position: i, nodes: [i], inputs: [ctx.node.inputs[0]], outputs: ctx.node.outputs,
+                           kernel: QuantizeKernel(scale: q.scale, zero: q.zero, type: q.type, shape: out.shape))
+    }
+}
+
+/// `QuantizeLinear` per tensor: `clamp(round_half_even(x / s) + z)`, NaN to the zero point.
+final class QuantizeKernel: NodeKernel, @unchecked Sendable {
+    let scale: Float, zero: Int32, low: Float, high: Float
+    let type: DataType
+    let shape: [Int]
+    var destinationPacked = false
+
+    @inline(never)
+    static func quantize(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<UInt8>, _ count: Int, _ scale: Float, _ zero: Int32,
+                         _ low: Float, _ high: Float) {
+        // RoundToEven.byte with its bounds hoisted out of the loop.
+        let lo = low - Float(zero) - 1, hi = high - Float(zero) + 1, smallest = Int32(low), largest = Int32(high)
+        for k in 0..<count {
+            let v = x[k] / scale
+            let c = v.isNaN ? 0 : (v < lo ? lo : (v > hi ? hi : v))
+            let n = (Int32(bitPattern: (c + RoundToEven.magic).bitPattern) &- 0x4B40_0000) &+ zero
+            y[k] = UInt8(truncatingIfNeeded: n < smallest ? smallest : (n > largest ? largest : n))
+        }
+    }
+
+    init(scale: Float, zero: Int32, type: QuantizedType, shape: [Int]) {
+        self.scale = scale
+        self.zero = zero
+        (low, high) = (type.range!.lowerBound, type.range!.upperBound)
+        self.type = type == .uint8 ? .uint8 : .int8
         self.shape = shape
     }
 
     func run(_ inputs: [Tensor?]) throws -> [Tensor] {
-        guard let a = inputs[0], let b = inputs[1], a.dtype.isInteger, b.dtype.isInteger, a.count == b.count else {
-            throw ONNXError(.invalidInput, "integer Add: the operands must be quantized tensors of one shape")
-        }
-        let values = a.ints.withUnsafeBufferPointer { pa in
-            b.ints.withUnsafeBufferPointer { pb in
-                [Int64](unsafeUninitializedCapacity: pa.count) { buffer, initialized in
-                    for k in 0..<pa.count {
-                        let v = (Float(pa[k]) - zeroA) * ratioA + (Float(pb[k]) - zeroB) * ratioB + zeroY
-                        buffer[k] = Int64(min(max(v.rounded(.toNearestOrEven), low), high))
-                    }
-                    initialized = pa.count
-                }
-            }
-        }
-        return [Tensor(shape: shape, ints: values, dtype: type)]
+        guard let x = inputs[0], x.dtype == .float else { throw ONNXError(.invalidInput, "QuantizeLinear: missing float input") }
+        let (s, z, lo, hi) = (scale, zero, low, high)
+        return [try PackedBytes.writing(count: x.count, shape: shape, type: type, packed: destinationPacked) { py in
+            let out = py.assumingMemoryBound(to: UInt8.self)
+            x.floats.withUnsafeBufferPointer { xs in Self.quantize(xs.baseAddress!, out, xs.count, s, z, lo, hi) }
+        }]
     }
 }

@@ -195,6 +195,11 @@ wk_qconv *wk_qconv_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc
                           const float *scales, int64_t scale_count, int32_t src_zero, int32_t dst_zero,
                           wk_postop_t post, char *err, size_t errlen);
 int wk_qconv_run(wk_qconv *plan, const void *src, void *dst, char *err, size_t errlen);
+/// Like wk_qconv_run, with `src` (when src_nhwc) and/or `dst` (when dst_nhwc) in channels-last order (NHWC), the
+/// layout the plan computes in when wk_qconv_nhwc says so: no conversion on that side.
+int wk_qconv_run_layout(wk_qconv *plan, const void *src, void *dst, int src_nhwc, int dst_nhwc, char *err, size_t errlen);
+/// Bit 0: the plan computes its source in NHWC; bit 1: its destination.
+int wk_qconv_nhwc(const wk_qconv *plan);
 const char *wk_qconv_impl(wk_qconv *plan);
 void wk_qconv_destroy(wk_qconv *plan);
 

@@ -91,10 +91,20 @@ public final class QuantizedConvPlan: @unchecked Sendable {
     /// oneDNN's name for the implementation it chose (for example `brgconv:avx512_core_vnni`).
     public var implementation: String { String(cString: wk_qconv_impl(handle)) }
 
-    /// Runs on `src` (`[N, C, H, W]` of `source`) into `dst` (`[N, OC, OH, OW]` of `destination`).
-    public func run(_ src: UnsafeRawPointer, _ dst: UnsafeMutableRawPointer) throws {
-        try runChecked { err, len in wk_qconv_run(handle, src, dst, err, len) }
+    /// Runs on `src` (`[N, C, H, W]` of `source`) into `dst` (`[N, OC, OH, OW]` of `destination`); with
+    /// `sourceChannelsLast` / `destinationChannelsLast`, that side is in NHWC order, which the plan must compute in
+    /// (`computesSourceChannelsLast`, `computesDestinationChannelsLast`), and is not converted.
+    public func run(_ src: UnsafeRawPointer, _ dst: UnsafeMutableRawPointer, sourceChannelsLast: Bool = false,
+                    destinationChannelsLast: Bool = false) throws {
+        try runChecked { err, len in
+            wk_qconv_run_layout(handle, src, dst, sourceChannelsLast ? 1 : 0, destinationChannelsLast ? 1 : 0, err, len)
+        }
     }
+
+    /// oneDNN computes the source in NHWC order (integer kernels usually do).
+    public var computesSourceChannelsLast: Bool { wk_qconv_nhwc(handle) & 1 != 0 }
+    /// oneDNN computes the destination in NHWC order.
+    public var computesDestinationChannelsLast: Bool { wk_qconv_nhwc(handle) & 2 != 0 }
 }
 
 /// Calls `body` with a pointer to the array's storage, or with nil.
