@@ -101,7 +101,8 @@ public final class CompiledGraph: @unchecked Sendable {
                 + (inferred.contexts[step.nodes[0]].node.name)
             let implementation = (step.kernel as? ConvKernel)?.plan?.implementation
                 ?? (step.kernel as? QuantizedConvKernel).map { "int8 " + $0.implementation }
-                ?? (step.kernel is QuantizedAddKernel ? "int8 add" : step.kernel is QuantizeKernel ? "int8 quantize" : "")
+                ?? (step.kernel as? QuantizedAddKernel).map { "int8 add" + ($0.sourcePacked.allSatisfy { $0 } ? "" : " (unpacked operand)") }
+                ?? (step.kernel is QuantizeKernel ? "int8 quantize" : "")
             rows.append((label, implementation,
                          Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18))
         }

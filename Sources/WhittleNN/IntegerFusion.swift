@@ -257,8 +257,13 @@ final class QuantizedAddKernel: NodeKernel, @unchecked Sendable {
     @inline(never)
     static func addUnsigned(_ a: UnsafePointer<UInt8>, _ b: UnsafePointer<UInt8>, _ y: UnsafeMutablePointer<UInt8>, _ count: Int,
                             _ ra: Float, _ rb: Float, _ za: Float, _ zb: Float, _ zy: Float, _ low: Float, _ high: Float) {
+        // Bounds hoisted out of the loop (see RoundToEven).
+        let lo = low - 1, hi = high + 1, smallest = Int32(low), largest = Int32(high)
         for k in 0..<count {
-            y[k] = RoundToEven.byte((Float(a[k]) - za) * ra + (Float(b[k]) - zb) * rb + zy, low: low, high: high)
+            let v = (Float(a[k]) - za) * ra + (Float(b[k]) - zb) * rb + zy
+            let c = v < lo ? lo : (v > hi ? hi : v)
+            let n = Int32(bitPattern: (c + RoundToEven.magic).bitPattern) &- 0x4B40_0000
+            y[k] = UInt8(truncatingIfNeeded: n < smallest ? smallest : (n > largest ? largest : n))
         }
     }
 
@@ -266,10 +271,14 @@ final class QuantizedAddKernel: NodeKernel, @unchecked Sendable {
     static func addSigned(_ a: UnsafePointer<UInt8>, _ b: UnsafePointer<UInt8>, _ y: UnsafeMutablePointer<UInt8>, _ count: Int,
                           _ signedA: Bool, _ signedB: Bool, _ ra: Float, _ rb: Float, _ za: Float, _ zb: Float, _ zy: Float,
                           _ low: Float, _ high: Float) {
+        let lo = low - 1, hi = high + 1, smallest = Int32(low), largest = Int32(high)
         for k in 0..<count {
             let x = signedA ? Float(Int8(bitPattern: a[k])) : Float(a[k])
-            let v = signedB ? Float(Int8(bitPattern: b[k])) : Float(b[k])
-            y[k] = RoundToEven.byte((x - za) * ra + (v - zb) * rb + zy, low: low, high: high)
+            let w = signedB ? Float(Int8(bitPattern: b[k])) : Float(b[k])
+            let v = (x - za) * ra + (w - zb) * rb + zy
+            let c = v < lo ? lo : (v > hi ? hi : v)
+            let n = Int32(bitPattern: (c + RoundToEven.magic).bitPattern) &- 0x4B40_0000
+            y[k] = UInt8(truncatingIfNeeded: n < smallest ? smallest : (n > largest ? largest : n))
         }
     }
 
@@ -353,25 +362,11 @@ extension StepPlanner {
 }
 
 /// Rounding half to even without a libm call per element (Swift's baseline x86-64 code has no vector rounding
-/// instruction, so `rounded(.toNearestOrEven)` calls `rintf`): adding 1.5 · 2²³ leaves the rounded integer in the
-/// low mantissa bits, exactly, for |v| < 2²². Loops built on it vectorize.
+/// instruction, so `rounded(.toNearestOrEven)` calls `rintf`): for |v| < 2²², adding 1.5 · 2²³ leaves
+/// round_half_even(v) in the low mantissa bits, exactly (the bit pattern minus 0x4B40_0000). The loops using it clamp
+/// v first, hoist their bounds (a checked Float → Int32 conversion inside keeps a loop scalar) and vectorize.
 enum RoundToEven {
     static let magic: Float = 12_582_912  // 1.5 · 2²³, bit pattern 0x4B40_0000
-
-    /// `clamp(round_half_even(v), low, high)` as a byte (int8 as its bit pattern); NaN gives `low`'s side of 0
-    /// clamped, as `QuantizeLinear` maps NaN to the zero point before this is called.
-    @inline(__always) static func byte(_ v: Float, low: Float, high: Float) -> UInt8 {
-        byte(v, plus: 0, low: low, high: high)
-    }
-
-    /// `clamp(round_half_even(v) + zero, low, high)`: the zero point added after rounding, as `QuantizeLinear` does.
-    @inline(__always) static func byte(_ v: Float, plus zero: Int32, low: Float, high: Float) -> UInt8 {
-        let (lo, hi) = (low - Float(zero) - 1, high - Float(zero) + 1)
-        let c = v < lo ? lo : (v > hi ? hi : v)
-        let n = (Int32(bitPattern: (c + magic).bitPattern) &- 0x4B40_0000) &+ zero
-        let clamped = n < Int32(low) ? Int32(low) : (n > Int32(high) ? Int32(high) : n)
-        return UInt8(truncatingIfNeeded: clamped)
-    }
 }
 
 extension StepPlanner {
@@ -396,7 +391,7 @@ final class QuantizeKernel: NodeKernel, @unchecked Sendable {
     @inline(never)
     static func quantize(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<UInt8>, _ count: Int, _ scale: Float, _ zero: Int32,
                          _ low: Float, _ high: Float) {
-        // RoundToEven.byte with its bounds hoisted out of the loop.
+        // Bounds hoisted out of the loop (see RoundToEven).
         let lo = low - Float(zero) - 1, hi = high - Float(zero) + 1, smallest = Int32(low), largest = Int32(high)
         for k in 0..<count {
             let v = x[k] / scale
