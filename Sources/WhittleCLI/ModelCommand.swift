@@ -292,6 +292,8 @@ extension ModelCommand {
             var imagesPerSecond: Double
             var millisecondsPerBatch: Double
             var peakActivationBytes: Int
+            /// QDQ groups run on integer kernels (0 for float models, and with --train).
+            var integerSteps: Int
         }
 
         func run() throws {
@@ -345,7 +347,8 @@ extension ModelCommand {
                                 iterations: iterations,
                                 imagesPerSecond: Double(iterations * batchSize) / seconds,
                                 millisecondsPerBatch: seconds * 1000 / Double(iterations),
-                                peakActivationBytes: try session.compiled(shapes: shapes).peakActivationBytes)
+                                peakActivationBytes: try session.compiled(shapes: shapes).peakActivationBytes,
+                                integerSteps: train ? 0 : try session.compiled(shapes: shapes).integerSteps)
             if profile {
                 let rows = try session.compiled(shapes: shapes).profile(feeds)
                 let total = rows.reduce(0) { $0 + $1.seconds }
@@ -358,7 +361,8 @@ extension ModelCommand {
                 try printJSON(report)
             } else {
                 print(String(format: "%@: %.1f images/s (%.2f ms per batch of %d, %d threads)", model,
-                             report.imagesPerSecond, report.millisecondsPerBatch, report.batchSize, report.threads))
+                             report.imagesPerSecond, report.millisecondsPerBatch, report.batchSize, report.threads)
+                      + (report.integerSteps > 0 ? ", \(report.integerSteps) QDQ groups on integer kernels" : ""))
             }
         }
     }
