@@ -277,39 +277,49 @@ int wk_conv_layouts_match(const wk_conv *producer, const wk_conv *consumer, int 
     return dnnl_memory_desc_equal(&producer->dst_md, as_summand ? &consumer->dst_md : &consumer->src_md);
 }
 
-int wk_conv_run_layout(wk_conv *p, const float *src, float *dst, int src_blocked, int dst_blocked,
-                       char *err, size_t errlen) {
-    // Blocked staging buffers live only for the call, so a graph of many plans holds no idle activation copies.
+/// The buffers and reorders of a convolution plan that computes in its own layouts: `src_in` converts the caller's
+/// plain source into the computed one, `dst_out` the computed destination back, and `dst_in` (when accumulating
+/// into the destination) the caller's plain destination in first; `user_src` / `user_dst` view the caller's buffers.
+typedef struct {
+    dnnl_primitive_t prim, src_in, dst_in, dst_out;
+    dnnl_memory_t src, weights, bias, dst, user_src, user_dst;
+    size_t src_size, dst_size;
+} staged_conv;
+
+/// Runs a staged convolution on `src` into `dst`, converting each side unless the caller's data is already in the
+/// computed layout (`src_native`, `dst_native`). Staging buffers live only for the call, so a graph of many plans
+/// holds no idle activation copies.
+static int staged_conv_run(staged_conv p, const void *src, void *dst, int src_native, int dst_native, char *err, size_t errlen) {
     void *src_buf = NULL, *dst_buf = NULL;
-    int stage_src = p->src_in && !src_blocked, stage_dst = p->dst_out && !dst_blocked;
+    int stage_src = p.src_in && !src_native, stage_dst = p.dst_out && !dst_native;
     if (stage_src) {
-        src_buf = aligned_alloc(64, (p->src_size + 63) / 64 * 64);
+        src_buf = aligned_alloc(64, (p.src_size + 63) / 64 * 64);
         if (!src_buf) goto oom;
-        CHECK(dnnl_memory_set_data_handle(p->user_src, (void *)src));
-        CHECK(dnnl_memory_set_data_handle(p->src, src_buf));
-        dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p->user_src}, {DNNL_ARG_TO, p->src}};
-        CHECK(dnnl_primitive_execute(p->src_in, g_stream, 2, r));
+        CHECK(dnnl_memory_set_data_handle(p.user_src, (void *)src));
+        CHECK(dnnl_memory_set_data_handle(p.src, src_buf));
+        dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p.user_src}, {DNNL_ARG_TO, p.src}};
+        CHECK(dnnl_primitive_execute(p.src_in, g_stream, 2, r));
     } else {
-        CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
+        CHECK(dnnl_memory_set_data_handle(p.src, (void *)src));
     }
     if (stage_dst) {
-        dst_buf = aligned_alloc(64, (p->dst_size + 63) / 64 * 64);
+        dst_buf = aligned_alloc(64, (p.dst_size + 63) / 64 * 64);
         if (!dst_buf) goto oom;
-        CHECK(dnnl_memory_set_data_handle(p->user_dst, dst));
-        CHECK(dnnl_memory_set_data_handle(p->dst, dst_buf));
-        if (p->dst_in) {
-            dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p->user_dst}, {DNNL_ARG_TO, p->dst}};
-            CHECK(dnnl_primitive_execute(p->dst_in, g_stream, 2, r));
+        CHECK(dnnl_memory_set_data_handle(p.user_dst, dst));
+        CHECK(dnnl_memory_set_data_handle(p.dst, dst_buf));
+        if (p.dst_in) {
+            dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p.user_dst}, {DNNL_ARG_TO, p.dst}};
+            CHECK(dnnl_primitive_execute(p.dst_in, g_stream, 2, r));
         }
     } else {
-        CHECK(dnnl_memory_set_data_handle(p->dst, dst));
+        CHECK(dnnl_memory_set_data_handle(p.dst, dst));
     }
-    dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, p->src}, {DNNL_ARG_WEIGHTS, p->weights}, {DNNL_ARG_DST, p->dst},
-                               {DNNL_ARG_BIAS, p->bias}};
-    CHECK(dnnl_primitive_execute(p->prim, g_stream, p->bias ? 4 : 3, args));
+    dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, p.src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_DST, p.dst},
+                               {DNNL_ARG_BIAS, p.bias}};
+    CHECK(dnnl_primitive_execute(p.prim, g_stream, p.bias ? 4 : 3, args));
     if (stage_dst) {
-        dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p->dst}, {DNNL_ARG_TO, p->user_dst}};
-        CHECK(dnnl_primitive_execute(p->dst_out, g_stream, 2, r));
+        dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p.dst}, {DNNL_ARG_TO, p.user_dst}};
+        CHECK(dnnl_primitive_execute(p.dst_out, g_stream, 2, r));
     }
     CHECK(dnnl_stream_wait(g_stream));
     free(src_buf);
@@ -321,6 +331,13 @@ fail:
     free(src_buf);
     free(dst_buf);
     return 1;
+}
+
+int wk_conv_run_layout(wk_conv *p, const float *src, float *dst, int src_blocked, int dst_blocked,
+                       char *err, size_t errlen) {
+    staged_conv s = {p->prim, p->src_in, p->dst_in, p->dst_out, p->src, p->weights, p->bias, p->dst, p->user_src,
+                     p->user_dst, p->src_size, p->dst_size};
+    return staged_conv_run(s, src, dst, src_blocked, dst_blocked, err, errlen);
 }
 
 // MARK: Integer convolution
@@ -454,47 +471,13 @@ int wk_qconv_run(wk_qconv *p, const void *src, void *dst, char *err, size_t errl
 }
 
 int wk_qconv_run_layout(wk_qconv *p, const void *src, void *dst, int src_nhwc, int dst_nhwc, char *err, size_t errlen) {
-    void *src_buf = NULL, *dst_buf = NULL;
     if ((src_nhwc && !(p->nhwc & 1)) || (dst_nhwc && !(p->nhwc & 2))) {
         if (err && errlen) snprintf(err, errlen, "integer convolution: channels-last data for a plan that does not compute in it");
         return 1;
     }
-    int stage_src = p->src_in && !src_nhwc, stage_dst = p->dst_out && !dst_nhwc;
-    if (stage_src) {
-        src_buf = aligned_alloc(64, (p->src_size + 63) / 64 * 64);
-        if (!src_buf) goto oom;
-        CHECK(dnnl_memory_set_data_handle(p->user_src, (void *)src));
-        CHECK(dnnl_memory_set_data_handle(p->src, src_buf));
-        dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p->user_src}, {DNNL_ARG_TO, p->src}};
-        CHECK(dnnl_primitive_execute(p->src_in, g_stream, 2, r));
-    } else {
-        CHECK(dnnl_memory_set_data_handle(p->src, (void *)src));
-    }
-    if (stage_dst) {
-        dst_buf = aligned_alloc(64, (p->dst_size + 63) / 64 * 64);
-        if (!dst_buf) goto oom;
-        CHECK(dnnl_memory_set_data_handle(p->user_dst, dst));
-        CHECK(dnnl_memory_set_data_handle(p->dst, dst_buf));
-    } else {
-        CHECK(dnnl_memory_set_data_handle(p->dst, dst));
-    }
-    dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, p->src}, {DNNL_ARG_WEIGHTS, p->weights}, {DNNL_ARG_DST, p->dst},
-                               {DNNL_ARG_BIAS, p->bias}};
-    CHECK(dnnl_primitive_execute(p->prim, g_stream, p->bias ? 4 : 3, args));
-    if (stage_dst) {
-        dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, p->dst}, {DNNL_ARG_TO, p->user_dst}};
-        CHECK(dnnl_primitive_execute(p->dst_out, g_stream, 2, r));
-    }
-    CHECK(dnnl_stream_wait(g_stream));
-    free(src_buf);
-    free(dst_buf);
-    return 0;
-oom:
-    if (err && errlen) snprintf(err, errlen, "out of memory for integer convolution staging buffers");
-fail:
-    free(src_buf);
-    free(dst_buf);
-    return 1;
+    staged_conv s = {p->prim, p->src_in, NULL, p->dst_out, p->src, p->weights, p->bias, p->dst, p->user_src, p->user_dst,
+                     p->src_size, p->dst_size};
+    return staged_conv_run(s, src, dst, src_nhwc, dst_nhwc, err, errlen);
 }
 
 int wk_cpu_has_vnni(void) {
