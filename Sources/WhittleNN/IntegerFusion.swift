@@ -19,7 +19,8 @@ extension StepPlanner {
         if zeroPoint != nil, zeroPoint?.constant == nil { return nil }
         let z = zeroPoint?.constant.flatMap { $0.count == 1 ? $0.asInts.first : nil }
         guard zeroPoint == nil || z != nil else { return nil }
-        let dtype = ctx.node.opType == "DequantizeLinear" ? ctx.optionalInput(0)?.dtype : (zeroPoint?.dtype ?? .uint8)
+        // QuantizeLinear's type: its zero point's, else opset 21's output_dtype, else uint8.
+        let dtype = ctx.node.opType == "DequantizeLinear" ? ctx.optionalInput(0)?.dtype : try? Operators.quantizedType(ctx)
         let type: QuantizedType
         switch dtype {
         case .uint8?: type = .uint8

@@ -29,6 +29,19 @@ import WhittleTensor
         #expect(a == b)
     }
 
+    /// Opset 21's `output_dtype` without a zero point: int8, zero point 0 (−1.5 and −0.5 round to −2 and −0).
+    @Test func quantizeFollowsOutputDataType() throws {
+        let graph = Graph(name: "q", nodes: [Node(opType: "QuantizeLinear", name: "q", inputs: ["x", "s"], outputs: ["y"],
+                                                  attributes: [Attribute("output_dtype", .int(Int64(DataType.int8.rawValue)))])],
+                          inputs: [ValueInfo(name: "x", elementType: .float, shape: [.value(1), .value(4)])],
+                          outputs: [ValueInfo(name: "y", elementType: .int8, shape: nil)],
+                          initializers: [Self.scalar("s", 0.5)])
+        let x = Tensor(shape: [1, 4], floats: [-0.75, -0.25, 100, -100])
+        let (a, b) = try Self.both(Model(graph: graph, opset: 21), ["x": x])
+        #expect(a.dtype == .int8 && a.ints == [-2, 0, 127, -128])
+        #expect(a == b)
+    }
+
     /// (a − 10) · 0.1 + b · 0.2 requantized at scale 0.25, zero point 5: sums 4, 25, 50, 24.5 → 21, 105, 205, 103.
     @Test func residualSumRequantizes() throws {
         let nodes = [
