@@ -41,19 +41,17 @@ enum StepPlanner {
 
         var steps: [PlannedStep] = []
         var absorbed = Set<Int>()
+        /// `soleReader`, unless a fused step already took that node.
+        func freeReader(_ name: String) -> Int? { soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 } }
         for (i, ctx) in contexts.enumerated() where !inferred.folded[i] && !absorbed.contains(i) {
             if options.fuse && options.fast && options.integer && ctx.node.opType == "Conv",
-               let fused = try fuseQuantizedConvolution(i, inferred, soleReader: { name in
-                   soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 }
-               }, producer: anyProducer) {
+               let fused = try fuseQuantizedConvolution(i, inferred, soleReader: freeReader, producer: anyProducer) {
                 absorbed.formUnion(fused.nodes)
                 steps.append(fused)
                 continue
             }
             if options.fuse && options.fast && options.integer && ctx.node.opType == "Add",
-               let fused = fuseQuantizedAdd(i, inferred, soleReader: { name in
-                   soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 }
-               }, producer: anyProducer) {
+               let fused = fuseQuantizedAdd(i, inferred, soleReader: freeReader, producer: anyProducer) {
                 absorbed.formUnion(fused.nodes)
                 steps.append(fused)
                 continue
@@ -64,15 +62,13 @@ enum StepPlanner {
                 continue
             }
             if options.fuse && options.fast && ctx.node.opType == "Conv",
-                let fused = try fuseConvolution(i, inferred, soleReader: { name in
-                    soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 }
-                }, producer: producer) {
+                let fused = try fuseConvolution(i, inferred, soleReader: freeReader, producer: producer) {
                 absorbed.formUnion(fused.nodes)
                 steps.append(fused)
                 continue
             }
             if options.fuse && options.fast && ctx.node.opType == "Div",
-               let fused = try fuseGelu(i, inferred, soleReader: { name in soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 } }) {
+               let fused = try fuseGelu(i, inferred, soleReader: freeReader) {
                 absorbed.formUnion(fused.nodes)
                 steps.append(fused)
                 continue

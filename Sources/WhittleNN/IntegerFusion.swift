@@ -15,18 +15,13 @@ extension StepPlanner {
     static func scalarQuantization(_ ctx: NodeContext) -> (scale: Float, zero: Int32, type: QuantizedType)? {
         guard let scale = ctx.optionalInput(1)?.constant, scale.count == 1, let s = scale.asFloats.first, s.isFinite, s > 0
         else { return nil }
+        // A zero point, when given, must be a constant scalar.
         let zeroPoint = ctx.optionalInput(2)
-        if zeroPoint != nil, zeroPoint?.constant == nil { return nil }
         let z = zeroPoint?.constant.flatMap { $0.count == 1 ? $0.asInts.first : nil }
         guard zeroPoint == nil || z != nil else { return nil }
         // QuantizeLinear's type: its zero point's, else opset 21's output_dtype, else uint8.
         let dtype = ctx.node.opType == "DequantizeLinear" ? ctx.optionalInput(0)?.dtype : try? Operators.quantizedType(ctx)
-        let type: QuantizedType
-        switch dtype {
-        case .uint8?: type = .uint8
-        case .int8?: type = .int8
-        default: return nil
-        }
+        guard let type = dtype.flatMap(QuantizedType.init) else { return nil }
         return (s, Int32(z ?? 0), type)
     }
 
@@ -115,9 +110,8 @@ extension StepPlanner {
         } catch {
             return nil  // a geometry or type oneDNN has no integer kernel for: the float path runs it
         }
-        let outputType: DataType = destination == .uint8 ? .uint8 : destination == .int8 ? .int8 : .float
         return PlannedStep(position: position, nodes: nodes, inputs: [contexts[d].node.inputs[0]], outputs: [output],
-                           kernel: QuantizedConvKernel(plan: plan, outShape: outShape, outputType: outputType))
+                           kernel: QuantizedConvKernel(plan: plan, outShape: outShape))
     }
 }
 
@@ -126,12 +120,11 @@ extension StepPlanner {
 final class QuantizedConvKernel: NodeKernel, @unchecked Sendable {
     let plan: QuantizedConvPlan
     let outShape: [Int]
-    let outputType: DataType
+    var outputType: DataType { plan.destination.dataType }
 
-    init(plan: QuantizedConvPlan, outShape: [Int], outputType: DataType) {
+    init(plan: QuantizedConvPlan, outShape: [Int]) {
         self.plan = plan
         self.outShape = outShape
-        self.outputType = outputType
     }
 
     var implementation: String { plan.implementation }
@@ -247,7 +240,7 @@ final class QuantizedAddKernel: NodeKernel, @unchecked Sendable {
         zeroB = Float(b.zero)
         zeroY = Float(y.zero)
         (low, high) = (y.type.range!.lowerBound, y.type.range!.upperBound)
-        type = y.type == .uint8 ? .uint8 : .int8
+        type = y.type.dataType
         inputTypes = [a.type, b.type]
         self.shape = shape
     }
@@ -406,7 +399,7 @@ final class QuantizeKernel: NodeKernel, @unchecked Sendable {
         self.scale = scale
         self.zero = zero
         (low, high) = (type.range!.lowerBound, type.range!.upperBound)
-        self.type = type == .uint8 ? .uint8 : .int8
+        self.type = type.dataType
         self.shape = shape
     }
 

@@ -12,6 +12,24 @@ public enum QuantizedType: Sendable, Equatable {
         }
     }
 
+    /// The quantized type of a tensor element type (uint8 or int8), nil for any other.
+    public init?(_ dtype: DataType) {
+        switch dtype {
+        case .uint8: self = .uint8
+        case .int8: self = .int8
+        default: return nil
+        }
+    }
+
+    /// The tensor element type that holds this type's values.
+    public var dataType: DataType {
+        switch self {
+        case .uint8: .uint8
+        case .int8: .int8
+        case .float: .float
+        }
+    }
+
     /// The saturation range of an integer type.
     public var range: ClosedRange<Float>? {
         switch self {
