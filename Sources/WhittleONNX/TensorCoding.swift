@@ -61,6 +61,15 @@ public enum TensorCoding {
             guard proto.int32Data.count == count else { throw mismatch(proto.int32Data.count, "int32_data values") }
             return proto.int32Data
         }
+        /// int32_data narrowed to a smaller integer type, refusing a value the type cannot hold (a writer that
+        /// truncates would silently change it, a zero point 300 of a uint8 becoming 44).
+        func narrowed<T: FixedWidthInteger>(_: T.Type) throws -> [Int64] {
+            let values = try int32Field()
+            if let bad = values.first(where: { T(exactly: $0) == nil }) {
+                throw ONNXError(.malformedTensor, "tensor '\(proto.name)' (\(dtype)) holds \(bad) in int32_data, outside the range of \(dtype) (\(T.min)…\(T.max))")
+            }
+            return values.map { Int64($0) }
+        }
 
         switch dtype {
         case .float:
@@ -80,16 +89,16 @@ public enum TensorCoding {
             let bits = raw != nil ? try rawWords(UInt16.self) : try int32Field().map { UInt16(truncatingIfNeeded: $0) }
             return floatTensor(shape, dtype, bits.map { Float(bitPattern: UInt32($0) << 16) })
         case .int8:
-            let v = raw != nil ? try rawWords(UInt8.self).map { Int64(Int8(bitPattern: $0)) } : try int32Field().map { Int64(Int8(truncatingIfNeeded: $0)) }
+            let v = raw != nil ? try rawWords(UInt8.self).map { Int64(Int8(bitPattern: $0)) } : try narrowed(Int8.self)
             return Tensor(shape: shape, ints: v, dtype: dtype)
         case .uint8, .bool:
-            let v = raw != nil ? try rawWords(UInt8.self).map { Int64($0) } : try int32Field().map { Int64(UInt8(truncatingIfNeeded: $0)) }
+            let v = raw != nil ? try rawWords(UInt8.self).map { Int64($0) } : try narrowed(UInt8.self)
             return Tensor(shape: shape, ints: v, dtype: dtype)
         case .int16:
-            let v = raw != nil ? try rawWords(UInt16.self).map { Int64(Int16(bitPattern: $0)) } : try int32Field().map { Int64(Int16(truncatingIfNeeded: $0)) }
+            let v = raw != nil ? try rawWords(UInt16.self).map { Int64(Int16(bitPattern: $0)) } : try narrowed(Int16.self)
             return Tensor(shape: shape, ints: v, dtype: dtype)
         case .uint16:
-            let v = raw != nil ? try rawWords(UInt16.self).map { Int64($0) } : try int32Field().map { Int64(UInt16(truncatingIfNeeded: $0)) }
+            let v = raw != nil ? try rawWords(UInt16.self).map { Int64($0) } : try narrowed(UInt16.self)
             return Tensor(shape: shape, ints: v, dtype: dtype)
         case .int32:
             let v = raw != nil ? try rawWords(UInt32.self).map { Int64(Int32(bitPattern: $0)) } : try int32Field().map { Int64($0) }

@@ -64,4 +64,21 @@ import WhittleTensor
         #expect(a.ints == [21, 105, 205, 103])
         #expect(a == b)
     }
+
+    /// Constant scales that are zero, negative or not finite, and zero points outside the type, are refused with
+    /// the node and the value named, on the integer path and the float simulation alike.
+    @Test(arguments: [(Float(0), Int64(3), "scale 0.0"), (-0.5, 3, "scale -0.5"), (.nan, 3, "scale nan"),
+                      (.infinity, 3, "scale inf"), (0.5, 256, "zero point 256")])
+    func refusesInvalidQuantizationParameters(_ scale: Float, _ zero: Int64, _ named: String) {
+        let graph = Graph(name: "q", nodes: [Node(opType: "QuantizeLinear", name: "q", inputs: ["x", "s", "z"], outputs: ["y"])],
+                          inputs: [ValueInfo(name: "x", elementType: .float, shape: [.value(1), .value(2)])],
+                          outputs: [ValueInfo(name: "y", elementType: .uint8, shape: nil)],
+                          initializers: [Self.scalar("s", scale), Self.zero("z", zero)])
+        for integer in [true, false] {
+            #expect { try InferenceSession(model: Model(graph: graph, opset: 13), options: KernelOptions(integer: integer))
+                .run(inputs: ["x": Tensor(shape: [1, 2], floats: [1, 2])]) } throws: { error in
+                "\(error)".contains(named) && "\(error)".contains("'q'")
+            }
+        }
+    }
 }

@@ -107,6 +107,21 @@ import WhittleTestSupport
         #expect(throws: ONNXError.self) { try TensorCoding.decode(t) }
     }
 
+    /// int32_data carries int8, uint8, int16 and uint16 values; one the element type cannot hold is refused, not
+    /// truncated (a uint8 zero point 300 would otherwise read as 44).
+    @Test(arguments: [(DataType.uint8, Int32(300)), (.uint8, -1), (.int8, 128), (.int8, -129), (.int16, 40_000), (.uint16, 70_000)])
+    func refusesInt32DataOutsideTheElementType(_ type: DataType, _ value: Int32) {
+        var t = Onnx_TensorProto()
+        t.name = "zero_point"
+        t.dataType = type.rawValue
+        t.int32Data = [value]
+        #expect { try TensorCoding.decode(t) } throws: { error in
+            (error as? ONNXError)?.code == .malformedTensor && "\(error)".contains("\(value)") && "\(error)".contains("'zero_point'")
+        }
+        t.int32Data = [type == .int8 || type == .int16 ? -5 : 5]
+        #expect((try? TensorCoding.decode(t).ints) == [Int64(t.int32Data[0])])
+    }
+
     @Test(arguments: [
         ("empty", [UInt8]()),
         ("garbage", Array("this is not a protobuf at all, just text".utf8)),

@@ -765,11 +765,47 @@ def raw_byte_cases():
     ]
 
 
+def qdq_conv(x_scale=0.05, x_zero=None, w_scales=(0.02, 0.03), w_zero=None):
+    """Y = Conv(DQ(Q(X)), DQ(W int8)): a QDQ convolution as Whittle and onnxruntime export it, with the given scales
+    and zero points (zero points as raw TensorProtos, so a value outside the type's range can be written)."""
+    x_zero = raw_tensor("x_zero", TensorProto.UINT8, [], raw=None, int32_data=[128]) if x_zero is None else x_zero
+    w_zero = raw_tensor("w_zero", INT8, [2], raw=None, int32_data=[0, 0]) if w_zero is None else w_zero
+    nodes = [helper.make_node("QuantizeLinear", ["X", "x_scale", "x_zero"], ["Xq"], name="hostile_quantize"),
+             helper.make_node("DequantizeLinear", ["Xq", "x_scale", "x_zero"], ["Xf"], name="hostile_dequantize"),
+             helper.make_node("DequantizeLinear", ["Wq", "w_scales", "w_zero"], ["Wf"], name="hostile_weights", axis=0),
+             helper.make_node("Conv", ["Xf", "Wf"], ["Y"], name="conv")]
+    weights = raw_tensor("Wq", INT8, [2, 1, 3, 3], raw=None, int32_data=[(i % 7) - 3 for i in range(18)])
+    return build(nodes, [floats("x_scale", [x_scale], dims=[]), x_zero, weights, floats("w_scales", list(w_scales)),
+                         w_zero])
+
+
+def quantization_cases():
+    uint8_zero = lambda v: raw_tensor("x_zero", TensorProto.UINT8, [], raw=None, int32_data=[v])
+    return [
+        Case(f"qdq_activation_scale_{label}", qdq_conv(x_scale=value),
+             f"QuantizeLinear/DequantizeLinear of the input with scale {value}", expect=("scale", "hostile_quantize"))
+        for label, value in [("zero", 0.0), ("negative", -0.05), ("nan", float("nan")), ("inf", float("inf"))]
+    ] + [
+        Case(f"qdq_weight_scale_{label}", qdq_conv(w_scales=(0.02, value)),
+             f"per-channel weight scales (0.02, {value})", expect=("scale", "hostile_weights"))
+        for label, value in [("zero", 0.0), ("negative", -0.03), ("nan", float("nan"))]
+    ] + [
+        Case("qdq_uint8_zero_point_300", qdq_conv(x_zero=uint8_zero(300)),
+             "uint8 zero point 300 written in int32_data (a truncating reader would take 44)", expect=("300", "uint8")),
+        Case("qdq_int8_weight_zero_point_200",
+             qdq_conv(w_zero=raw_tensor("w_zero", INT8, [2], raw=None, int32_data=[0, 200])),
+             "int8 weight zero point 200 written in int32_data", expect=("200", "int8")),
+        Case("qdq_int32_zero_point_of_uint8_input",
+             qdq_conv(x_zero=raw_tensor("x_zero", TensorProto.INT32, [], raw=None, int32_data=[300])),
+             "an int32 zero point for the input's codes: QuantizeLinear would write int32", expect=("int32",)),
+    ]
+
+
 def model_cases():
     return (reshape_cases() + constant_of_shape_cases() + expand_tile_split_cases() + conv_cases() + pool_cases()
             + pad_slice_gather_cases() + layout_cases() + resize_cases() + linear_algebra_cases()
             + arithmetic_cases() + graph_structure_cases() + external_data_cases() + opset_cases()
-            + raw_byte_cases())
+            + quantization_cases() + raw_byte_cases())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -862,6 +898,7 @@ def baseline_cases():
         Case("baseline_transpose", single("Transpose", perm=[0, 1, 3, 2]), "Transpose"),
         Case("baseline_external_data", external({"location": "w.bin", "offset": 0, "length": 16}),
              "external data w.bin bytes 0..<16", setup=data_file()),
+        Case("baseline_qdq_conv", qdq_conv(), "a QDQ convolution with valid scales and zero points"),
         Case("baseline_smallcnn", SMALLCNN, "the fixture with its input", commands=RUN,
              input=SMALLCNN_INPUT.read_bytes()),
     ]

@@ -10,6 +10,7 @@ extension Operators {
             let x = try ctx.floatInput(0)
             let type = try quantizedType(ctx)
             _ = try quantAxis(ctx, x.shape)
+            try checkConstantParameters(ctx, quantized: type, blocked: false)
             return [ValueMeta(dtype: type, shape: x.shape)]
         }) { ctx, inputs in
             let x = inputs[0]!
@@ -37,7 +38,9 @@ extension Operators {
             guard [.int8, .uint8, .int32, .int4, .uint4, .int16, .uint16].contains(x.dtype) else {
                 throw ctx.error(.unsupportedDataType, "input x has element type \(x.dtype); an integer type is required")
             }
-            if try blockLayout(ctx, x.shape) == nil { _ = try quantAxis(ctx, x.shape) }
+            let blocked = try blockLayout(ctx, x.shape) != nil
+            if !blocked { _ = try quantAxis(ctx, x.shape) }
+            try checkConstantParameters(ctx, quantized: x.dtype, blocked: blocked)
             return [ValueMeta(dtype: .float, shape: x.shape)]
         }) { ctx, inputs in
             let x = inputs[0]!
@@ -74,6 +77,21 @@ extension Operators {
                 }
             }
             return [Tensor(shape: x.shape, floats: y)]
+        }
+    }
+
+    /// Refuses, when the model is loaded, constant scales that are zero, negative (except in blocked
+    /// DequantizeLinear, whose quantizers write negative scales) or not finite, and constant zero points outside the
+    /// quantized type's range: the same checks the kernels make on computed parameters.
+    static func checkConstantParameters(_ ctx: NodeContext, quantized: DataType, blocked: Bool) throws {
+        if let scales = ctx.optionalInput(1)?.constant?.asFloats,
+           let bad = scales.firstIndex(where: { !$0.isFinite || $0 == 0 || (!blocked && $0 < 0) }) {
+            let requirement = blocked ? "finite and non-zero" : "positive and finite"
+            throw ctx.error(.invalidInput, "scale \(scales[bad])\(scales.count > 1 ? " (element \(bad))" : "") of input '\(ctx.node.inputs[1])' is invalid: scales must be \(requirement)")
+        }
+        if let zeros = ctx.optionalInput(2)?.constant?.asInts, let range = quantized.integerRange,
+           let bad = zeros.firstIndex(where: { !range.contains($0) }) {
+            throw ctx.error(.invalidInput, "zero point \(zeros[bad]) of input '\(ctx.node.inputs[2])' is outside the range of \(quantized) (\(range.lowerBound)…\(range.upperBound))")
         }
     }
 
