@@ -1,8 +1,10 @@
 // Implementation of the plan API declared in include/whittle_dnnl.h on oneDNN 2.6's C API.
+#define _GNU_SOURCE  // pthread_setaffinity_np, CPU_SET
 #include "whittle_dnnl.h"
 
 #include <oneapi/dnnl/dnnl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,6 +65,55 @@ void wk_tune_allocator(void) {
 
 void wk_set_num_threads(int n) { if (n > 0) omp_set_num_threads(n); }
 int wk_get_max_threads(void) { return omp_get_max_threads(); }
+
+// libgomp's entry point for `#pragma omp parallel` (this file is compiled without -fopenmp): runs fn(data) on a
+// team of num_threads (0: the default), the caller being thread 0. The team's threads are the pool oneDNN's
+// parallel regions reuse, so an affinity set here holds for them.
+extern void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+extern int omp_get_thread_num(void);
+
+typedef struct {
+    int pin;            // 1: thread i to the i-th allowed CPU; 0: every thread back to `allowed`
+    int count;          // CPUs in `allowed`
+    int cpus[CPU_SETSIZE];
+    cpu_set_t allowed;  // the CPUs the caller could run on when pinning began
+    int failures;
+} pin_job;
+
+static pin_job g_pin;
+static pthread_mutex_t g_pin_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void pin_thread(void *data) {
+    pin_job *job = data;
+    cpu_set_t set;
+    if (job->pin) {
+        CPU_ZERO(&set);
+        CPU_SET(job->cpus[omp_get_thread_num() % job->count], &set);
+    } else {
+        set = job->allowed;
+    }
+    if (pthread_setaffinity_np(pthread_self(), sizeof set, &set) != 0) __atomic_add_fetch(&job->failures, 1, __ATOMIC_RELAXED);
+}
+
+int wk_pin_threads(int pin) {
+    pthread_mutex_lock(&g_pin_lock);
+    int result = -1;
+    if (pin) {
+        if (sched_getaffinity(0, sizeof g_pin.allowed, &g_pin.allowed) == 0) {
+            g_pin.count = 0;
+            for (int c = 0; c < CPU_SETSIZE; c++)
+                if (CPU_ISSET(c, &g_pin.allowed)) g_pin.cpus[g_pin.count++] = c;
+        }
+    }
+    if (g_pin.count > 0) {
+        g_pin.pin = pin;
+        g_pin.failures = 0;
+        GOMP_parallel(pin_thread, &g_pin, 0, 0);
+        result = g_pin.failures == 0 ? (pin ? omp_get_max_threads() : 0) : -1;
+    }
+    pthread_mutex_unlock(&g_pin_lock);
+    return result;
+}
 
 static dnnl_alg_kind_t eltwise_alg(wk_eltwise_t kind) {
     switch (kind) {

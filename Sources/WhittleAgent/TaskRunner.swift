@@ -77,6 +77,20 @@ final class TaskRunner {
         return try Files.readModel(path)
     }
 
+    /// The lock file the evaluate job holds, shared by every worker process of this machine's user.
+    static var evaluationLock: String { (NSTemporaryDirectory() as NSString).appendingPathComponent("whittle-evaluate.lock") }
+
+    /// Runs `body` holding an exclusive advisory lock (flock) on `path`, waiting for it; without a path, or when the
+    /// file cannot be opened, without a lock.
+    static func exclusive<R>(on path: String?, _ body: () throws -> R) rethrows -> R {
+        guard let path else { return try body() }
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o666)
+        guard fd >= 0 else { return try body() }
+        defer { close(fd) }  // closing releases the lock
+        while flock(fd, LOCK_EX) != 0 && errno == EINTR {}
+        return try body()
+    }
+
     /// Computes a task's report.
     func compute(_ task: Whittle_Task) throws -> Whittle_TaskReport {
         let clock = ContinuousClock()
@@ -114,8 +128,13 @@ final class TaskRunner {
             var state = optimizerState?.key == stateKey ? optimizerState?.state : nil
             let teacherSHA = task.teacherSha256.isEmpty ? task.modelSha256 : task.teacherSha256
             if teacherCache?.sha != teacherSHA { teacherCache = (teacherSHA, TeacherLogitsCache()) }
-            report = try WorkerJobs.run(task, model: model, teacher: teacher, ewc: ewc, data: local, batchSize: batch,
-                                        compressor: &compressor, optimizerState: &state, teacherCache: teacherCache?.cache)
+            let origin = ContinuousClock.now
+            // Workers sharing a machine evaluate one at a time, so each times its models without the others' load.
+            report = try Self.exclusive(on: task.kind == PhaseKind.evaluate.rawValue ? Self.evaluationLock : nil) {
+                try WorkerJobs.run(task, model: model, teacher: teacher, ewc: ewc, data: local, batchSize: batch,
+                                   compressor: &compressor, optimizerState: &state, teacherCache: teacherCache?.cache,
+                                   latency: LatencyProbe(now: { ContinuousClock.now - origin }))
+            }
             if task.kind == PhaseKind.finetune.rawValue || task.kind == PhaseKind.qat.rawValue {
                 optimizerState = state.map { (stateKey, $0) }
             }

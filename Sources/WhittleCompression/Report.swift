@@ -1,4 +1,9 @@
 import WhittleNN
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// The report of a compression, the same whether it ran on one machine (`coordinator model compress`) or as a
 /// federated round (which adds per-worker rows).
@@ -135,9 +140,22 @@ public struct CompressionReport: Sendable, Codable {
         public var relativeError: Double?
         /// Embeddings: mean cosine similarity of the compressed model's with the base model's.
         public var meanCosine: Double?
-        /// Median single-sample latency on the board, milliseconds.
+        /// Median single-sample latency on the board, milliseconds (the batch-1 entry of `latency`).
         public var latencyBeforeMs: Double?
         public var latencyAfterMs: Double?
+        /// Both models timed on the board the same way: at batch 1, then at the working batch when larger.
+        public var latency: [LatencyComparison]?
+        /// Compute threads (pinned to cores) and the instruction set the latency was measured with.
+        public var threads: Int?
+        public var cpu: String?
+
+        /// Median speed-up at batch 1 (base ÷ compressed latency).
+        public var speedup: Double? { latency?.first.map(\.speedup) ?? latencyBeforeMs.flatMap { b in latencyAfterMs.map { b / max($0, 1e-9) } } }
+        /// Median speed-up at the working batch (the largest batch timed).
+        public var workingSpeedup: (batch: Int, speedup: Double)? {
+            guard let last = latency?.max(by: { $0.batch < $1.batch }), last.batch > 1 else { return nil }
+            return (last.batch, last.speedup)
+        }
         /// True once the worker holds the final model, SHA-256 verified.
         public var received: Bool
 
@@ -149,6 +167,25 @@ public struct CompressionReport: Sendable, Codable {
             bytesUp = 0
             bytesDown = 0
             received = false
+        }
+    }
+
+    /// The fleet's speed-up: the geometric mean over the sites that timed both models of each site's median
+    /// speed-up, at batch 1 and at the site's working batch.
+    public struct FleetSpeedup: Sendable, Codable, Equatable {
+        public var batchOne: Double
+        /// Over the sites that timed a working batch larger than 1.
+        public var workingBatch: Double?
+        public var sites: Int
+
+        public init?(_ sites: [Site]) {
+            let single = sites.compactMap(\.speedup).filter { $0.isFinite && $0 > 0 }
+            guard !single.isEmpty else { return nil }
+            func geometricMean(_ v: [Double]) -> Double { exp(v.map { log($0) }.reduce(0, +) / Double(v.count)) }
+            batchOne = geometricMean(single)
+            let working = sites.compactMap { $0.workingSpeedup?.speedup }.filter { $0.isFinite && $0 > 0 }
+            workingBatch = working.isEmpty ? nil : geometricMean(working)
+            self.sites = single.count
         }
     }
 
@@ -204,6 +241,8 @@ public struct CompressionReport: Sendable, Codable {
     public var round: String?
     public var phases: [PhaseRow]?
     public var sites: [Site]?
+    /// Federated rounds: the fleet's speed-up from the sites' latencies.
+    public var speedup: FleetSpeedup?
 
     public init(model: String, output: String, before: Figures, after: Figures) {
         self.model = model

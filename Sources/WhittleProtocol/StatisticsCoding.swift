@@ -135,7 +135,48 @@ extension Whittle_ImportanceReport {
     }
 }
 
+extension Whittle_LatencyFigures {
+    public init(_ c: LatencyComparison) {
+        self.init()
+        batch = UInt32(clamping: c.batch)
+        runs = UInt32(clamping: c.runs)
+        baseP50Ms = c.base.p50Ms
+        baseP90Ms = c.base.p90Ms
+        compressedP50Ms = c.compressed.p50Ms
+        compressedP90Ms = c.compressed.p90Ms
+    }
+
+    /// The figures, checked: a batch and runs, latencies finite, positive and each median at most its 90th
+    /// percentile.
+    public func decoded() throws -> LatencyComparison {
+        let values = [baseP50Ms, baseP90Ms, compressedP50Ms, compressedP90Ms]
+        guard batch >= 1, runs >= 1, values.allSatisfy({ $0.isFinite && $0 > 0 }),
+              baseP50Ms <= baseP90Ms, compressedP50Ms <= compressedP90Ms else {
+            throw CompressionError(.invalidStatistics, "latency figures are out of range (batch \(batch), \(runs) runs, \(values) ms)")
+        }
+        return LatencyComparison(batch: Int(batch), runs: Int(runs), base: LatencyPercentiles(p50Ms: baseP50Ms, p90Ms: baseP90Ms),
+                                 compressed: LatencyPercentiles(p50Ms: compressedP50Ms, p90Ms: compressedP90Ms))
+    }
+}
+
 extension Whittle_EvaluationReport {
+    /// Latency entries a report may carry (batch 1 and the working batch, with room for more batch sizes).
+    public static let maximumLatencyEntries = 8
+    /// Longest instruction-set name kept.
+    public static let maximumCPUNameLength = 64
+
+    /// The latency figures, checked (see `Whittle_LatencyFigures.decoded`), at most `maximumLatencyEntries`, with
+    /// distinct batch sizes.
+    public func decodedLatency() throws -> [LatencyComparison] {
+        guard latency.count <= Self.maximumLatencyEntries, Set(latency.map(\.batch)).count == latency.count else {
+            throw CompressionError(.invalidStatistics, "evaluation report: \(latency.count) latency entries (at most \(Self.maximumLatencyEntries), one per batch size)")
+        }
+        guard cpu.utf8.count <= Self.maximumCPUNameLength, threads <= 1 << 16 else {
+            throw CompressionError(.invalidStatistics, "evaluation report: the CPU name or thread count is out of range")
+        }
+        return try latency.map { try $0.decoded() }
+    }
+
     /// The task's sums (latencies are set by the caller).
     public init(_ e: TaskEvaluation) {
         self.init()

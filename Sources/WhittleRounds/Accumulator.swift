@@ -186,6 +186,7 @@ public struct PhaseAccumulator: Sendable {
             let n = try checkSamples(message.samples, maximumSamples)
             do {
                 _ = try message.decoded()
+                _ = try message.decodedLatency()
             } catch let error as CompressionError {
                 throw refuse(error.message)
             }

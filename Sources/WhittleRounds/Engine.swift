@@ -307,6 +307,10 @@ public struct RoundEngine: Sendable {
             site.meanCosine = e.meanCosine
             site.latencyBeforeMs = message.baseLatencyMs
             site.latencyAfterMs = message.compressedLatencyMs
+            let latency = try message.decodedLatency()
+            site.latency = latency.isEmpty ? nil : latency
+            site.threads = message.threads > 0 ? Int(message.threads) : nil
+            site.cpu = message.cpu.isEmpty ? nil : message.cpu
             progress.sites[worker] = site
             if fleet == nil { fleet = e } else { try fleet!.merge(e) }
             if e.labelled {
@@ -374,6 +378,7 @@ public struct RoundEngine: Sendable {
         r.round = round
         r.phases = progress.phases
         r.sites = progress.sites.values.sorted { $0.worker < $1.worker }
+        r.speedup = CompressionReport.FleetSpeedup(r.sites ?? [])
         for p in progress.phases {
             if let s = p.startedAt, let e = p.endedAt { r.timings[p.label] = e - s }
         }

@@ -24,19 +24,21 @@ public enum WorkerJobs {
     /// Runs `task` (any worker kind but distribution, which is the agent's download) and returns its result.
     /// `model` is the task's model, `teacher` the round's base model.
     public static func run(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC? = nil, data: Dataset,
-                           batchSize: Int, compressor: inout DeltaCompressor) throws -> Whittle_TaskReport {
+                           batchSize: Int, compressor: inout DeltaCompressor, latency: LatencyProbe? = nil) throws -> Whittle_TaskReport {
         var fresh: Optimizer.State?
         return try run(task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize, compressor: &compressor,
-                       optimizerState: &fresh)
+                       optimizerState: &fresh, latency: latency)
     }
 
     /// As above; `optimizerState` is the local optimizer's state from this worker's previous fine-tuning round of the
     /// round, continued when the task asks for it, and replaced by the state this task ends with. `teacherCache`
     /// keeps the teacher's logits of `data` across distillation tasks; the caller keeps one per teacher and data set.
+    /// `latency` times the base and the compressed model in evaluation (the agent's clock); without it the report
+    /// has no latency.
     public static func run(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC? = nil, data: Dataset,
                            batchSize: Int, compressor: inout DeltaCompressor,
                            optimizerState: inout Optimizer.State?,
-                           teacherCache: TeacherLogitsCache? = nil) throws -> Whittle_TaskReport {
+                           teacherCache: TeacherLogitsCache? = nil, latency: LatencyProbe? = nil) throws -> Whittle_TaskReport {
         var report = Whittle_TaskReport()
         switch PhaseKind(rawValue: task.kind) {
         case .importance:
@@ -83,7 +85,7 @@ public enum WorkerJobs {
         case .evaluate:
             guard let teacher else { throw CompressionError(.invalidArgument, "evaluation needs the base model") }
             report.evaluation = try evaluate(base: teacher, compressed: model, data: data, batchSize: batchSize,
-                                             task: try taskKind(task, model: teacher, data: data))
+                                             task: try taskKind(task, model: teacher, data: data), latency: latency)
         default:
             throw CompressionError(.invalidArgument, "task kind '\(task.kind)' is not computed by WorkerJobs")
         }
@@ -204,34 +206,27 @@ public enum WorkerJobs {
         return Tensor(shape: [labels.count], ints: labels)
     }
 
-    /// Samples timed for latency (single-sample inference, after two warm-up runs).
-    public static let latencySamples = 20
-
-    static func evaluate(base: Model, compressed: Model, data: Dataset, batchSize: Int, task: TaskKind) throws -> Whittle_EvaluationReport {
+    /// Accuracy or agreement of both models on the worker's data; with a probe, their latency at batch 1 and at the
+    /// working batch (when larger), with the threads and instruction set it was measured on.
+    static func evaluate(base: Model, compressed: Model, data: Dataset, batchSize: Int, task: TaskKind,
+                         latency: LatencyProbe?) throws -> Whittle_EvaluationReport {
         var local = LocalCompression()
         local.batchSize = batchSize
         let baseSession = try InferenceSession(model: base), compressedSession = try InferenceSession(model: compressed)
         let evaluation = try local.evaluate(task, base: try local.logits(baseSession, data),
                                             compressed: try local.logits(compressedSession, data), data: data)
         var out = Whittle_EvaluationReport(evaluation)
-        out.baseLatencyMs = try medianLatency(baseSession, data)
-        out.compressedLatencyMs = try medianLatency(compressedSession, data)
-        return out
-    }
-
-    static func medianLatency(_ session: InferenceSession, _ data: Dataset) throws -> Double {
-        let clock = ContinuousClock()
-        let n = min(latencySamples, data.count)
-        for i in 0..<min(2, n) { _ = try session.run(data.slice(i..<(i + 1))) }
-        var times: [Double] = []
-        for i in 0..<n {
-            let x = data.slice(i..<(i + 1))
-            let t0 = clock.now
-            _ = try session.run(x)
-            times.append(seconds(clock.now - t0) * 1000)
+        guard let latency, data.count > 0 else { return out }
+        let batches = Set([1, min(batchSize, data.count)]).sorted()
+        for batch in batches {
+            let measured = try latency.compare(baseSession, compressedSession, samples: data.samples, batch: batch)
+            out.latency.append(Whittle_LatencyFigures(measured))
         }
-        times.sort()
-        return times.isEmpty ? 0 : times[times.count / 2]
+        out.baseLatencyMs = out.latency[0].baseP50Ms
+        out.compressedLatencyMs = out.latency[0].compressedP50Ms
+        out.threads = UInt32(ComputeThreads.current)
+        out.cpu = Kernels.cpuInstructionSet
+        return out
     }
 
     /// The batch size for a job: the plan's, or less when the worker's memory budget (the engine's estimate of

@@ -46,7 +46,7 @@ enum DashboardAssets {
             <h3>Per-site before / after</h3>
             <table id="sites"><thead><tr>
               <th>site</th><th>samples</th><th>labels</th><th>phases</th><th>accuracy before</th><th>accuracy after</th>
-              <th>agreement</th><th>task figure</th><th>latency before</th><th>latency after</th><th>up</th><th>down</th><th>received</th>
+              <th>agreement</th><th>task figure</th><th>latency before</th><th>latency after</th><th>speed-up</th><th>up</th><th>down</th><th>received</th>
             </tr></thead><tbody></tbody></table>
             <h3>Model</h3>
             <table id="figures"><thead><tr><th></th><th>before</th><th>after</th><th>ratio</th></tr></thead><tbody></tbody></table>
@@ -288,6 +288,14 @@ enum DashboardAssets {
                     : s.relativeError != null ? "rel. error " + s.relativeError.toFixed(4) : "–", "num");
             cell(row, ms(s.latencyBeforeMs), "num");
             cell(row, ms(s.latencyAfterMs), "num");
+            // Median speed-up at batch 1 and at the working batch; medians and 90th percentiles in the tooltip.
+            const timed = s.latency || [];
+            const speedup = timed.map(l => (l.base.p50Ms / l.compressed.p50Ms).toFixed(2) + "×" + (l.batch > 1 ? " @" + l.batch : "")).join(" · ");
+            const up = cell(row, speedup || "–", "num");
+            up.title = timed.map(l => "batch " + l.batch + ", " + l.runs + " runs: before " + l.base.p50Ms.toFixed(3) + " ms (p90 "
+                + l.base.p90Ms.toFixed(3) + "), after " + l.compressed.p50Ms.toFixed(3) + " ms (p90 " + l.compressed.p90Ms.toFixed(3) + ")").join("\n")
+                + (s.cpu ? "\n" + s.cpu + ", " + s.threads + " threads pinned" : "");
+            if (timed.length) up.classList.add(timed[0].base.p50Ms >= timed[0].compressed.p50Ms ? "better" : "worse");
             cell(row, bytes(s.bytesUp), "num");
             cell(row, bytes(s.bytesDown), "num");
             cell(row, s.received ? "yes" : "no");
@@ -303,6 +311,13 @@ enum DashboardAssets {
             const row = el("tr"), b = report.before[key], a = report.after[key];
             cell(row, label); cell(row, format(b), "num"); cell(row, format(a), "num");
             cell(row, format === pct ? (b != null && a != null ? (100 * (a - b)).toFixed(2) + " pts" : "–") : (a ? (b / a).toFixed(2) + "×" : "–"), "num");
+            figures.appendChild(row);
+          }
+          if (report.speedup) {
+            const row = el("tr"), f = report.speedup;
+            cell(row, "speed-up on the boards"); cell(row, ""); cell(row, f.batchOne.toFixed(2) + "× at batch 1"
+                + (f.workingBatch != null ? ", " + f.workingBatch.toFixed(2) + "× at the working batch" : ""), "num");
+            cell(row, "geometric mean of " + f.sites + " site" + (f.sites === 1 ? "" : "s"), "num");
             figures.appendChild(row);
           }
           const against = [];

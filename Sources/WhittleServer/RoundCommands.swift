@@ -53,11 +53,30 @@ public struct RoundCommand: ParsableCommand {
             headers.append("cosine")
             columns.append { $0.meanCosine.map { String(format: "%.4f", $0) } ?? "–" }
         }
-        headers += ["latency before", "latency after", "up", "down", "model"]
+        headers += ["latency before", "latency after", "speed-up"]
+        columns += [{ ms($0.latencyBeforeMs) }, { ms($0.latencyAfterMs) }, { times($0.speedup) }]
+        if sites.contains(where: { $0.workingSpeedup != nil }) {
+            headers.append("at working batch")
+            columns.append { s in s.workingSpeedup.map { times($0.speedup) + " @\($0.batch)" } ?? "–" }
+        }
+        headers += ["up", "down", "model"]
         return table(headers, sites.map { s in
             [s.worker, "\(s.samples)"] + columns.map { $0(s) }
-                + [ms(s.latencyBeforeMs), ms(s.latencyAfterMs), byteSize(s.bytesUp), byteSize(s.bytesDown), s.received ? "received" : "–"]
+                + [byteSize(s.bytesUp), byteSize(s.bytesDown), s.received ? "received" : "–"]
         }, numeric: Set(1..<(headers.count - 1)))
+    }
+
+    static func times(_ v: Double?) -> String { v.map { String(format: "%.2f×", $0) } ?? "–" }
+
+    /// The fleet's speed-up under the sites table, with where the latencies were measured.
+    static func fleetLine(_ sites: [CompressionReport.Site]) -> String? {
+        guard let fleet = CompressionReport.FleetSpeedup(sites) else { return nil }
+        var line = "fleet speed-up \(times(fleet.batchOne)) at batch 1"
+        if let working = fleet.workingBatch { line += ", \(times(working)) at the working batch" }
+        line += " (geometric mean of \(fleet.sites) site\(fleet.sites == 1 ? "" : "s"); medians"
+        let machines = Set(sites.compactMap { s in s.cpu.map { cpu in "\(cpu), \(s.threads ?? 0) thread\(s.threads == 1 ? "" : "s")" } })
+        if !machines.isEmpty { line += " on " + machines.sorted().joined(separator: "; ") }
+        return line + "; p90 in --json)"
     }
 
     static func phasesTable(_ v: RoundView) -> String {
@@ -71,7 +90,11 @@ public struct RoundCommand: ParsableCommand {
         var lines = ["round \(v.id): \(v.state)" + (v.message.map { " — \($0)" } ?? "")]
         if !["succeeded"].contains(v.state) { lines.append("at phase \(v.phase + 1)/\(v.phaseCount): \(v.phaseLabel), \(v.assigned) workers assigned") }
         lines.append(phasesTable(v))
-        if !v.sites.isEmpty { lines.append(""); lines.append(sitesTable(v.sites)) }
+        if !v.sites.isEmpty {
+            lines.append("")
+            lines.append(sitesTable(v.sites))
+            if let fleet = fleetLine(v.sites) { lines.append(fleet) }
+        }
         return lines.joined(separator: "\n")
     }
 

@@ -116,6 +116,14 @@ def test_dashboard_shows_workers_rounds_and_plots_with_real_data(coordinator_ser
     assert len(re.findall(r'<circle[^>]*class="fleet"', html)) == 2
     assert len(re.findall(r'<rect[^>]*class="phase"', html)) == len(report["phases"])
     assert "× smaller" in html and "pts" in html
+    # Latency per site, timed on the worker at batch 1 and at its working batch: the speed-up column, its tooltip
+    # with medians and 90th percentiles, and the fleet's speed-up among the model's figures.
+    for site in report["sites"]:
+        assert [t["batch"] for t in site["latency"]][0] == 1 and len(site["latency"]) == 2, site
+        assert all(t["base"]["p50Ms"] <= t["base"]["p90Ms"] for t in site["latency"]), site
+    assert len(re.findall(r"\d+\.\d\d× · \d+\.\d\d× @\d+", html)) == len(names), html[:3000]
+    assert len(re.findall(r'title="batch 1, \d+ runs: before [\d.]+ ms \(p90 [\d.]+\)', html)) == len(names)
+    assert "speed-up on the boards" in html and "at the working batch" in html
 
     # The same link again is spent: a second browser gets the login page.
     spent = chromium(link, server, tmp_path / "profile-spent", "--dump-dom")

@@ -210,6 +210,11 @@ int wk_cpu_has_vnni(void);
 /// oneDNN's name of the instruction set it dispatches to.
 const char *wk_cpu_isa_name(void);
 
+/// pin 1: pins OpenMP's compute threads (the caller is thread 0) one to each CPU the caller may run on, in order,
+/// and returns how many threads were pinned; pin 0: lets every one of them run on those CPUs again and returns 0.
+/// -1 when an affinity could not be set.
+int wk_pin_threads(int pin);
+
 // MARK: GEMM
 
 /// Row-major C[M, N] = alpha · op(A) · op(B) + beta · C, op = transpose when trans is 'T' ('N' otherwise).

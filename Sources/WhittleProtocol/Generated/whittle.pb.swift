@@ -523,49 +523,142 @@ public nonisolated struct Whittle_FisherReport: Sendable {
 }
 
 /// Federated evaluation of the base and the compressed model on a worker's data.
-public nonisolated struct Whittle_EvaluationReport: Sendable {
+public nonisolated struct Whittle_EvaluationReport: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var samples: UInt64 = 0
+  public var samples: UInt64 {
+    get {_storage._samples}
+    set {_uniqueStorage()._samples = newValue}
+  }
 
   /// With labels: correct top-1 predictions of each model. Without: zero, and `labels` false.
-  public var labels: Bool = false
+  public var labels: Bool {
+    get {_storage._labels}
+    set {_uniqueStorage()._labels = newValue}
+  }
 
-  public var baseCorrect: UInt64 = 0
+  public var baseCorrect: UInt64 {
+    get {_storage._baseCorrect}
+    set {_uniqueStorage()._baseCorrect = newValue}
+  }
 
-  public var compressedCorrect: UInt64 = 0
+  public var compressedCorrect: UInt64 {
+    get {_storage._compressedCorrect}
+    set {_uniqueStorage()._compressedCorrect = newValue}
+  }
 
   /// Samples whose top-1 class is the same under both models.
-  public var agreement: UInt64 = 0
+  public var agreement: UInt64 {
+    get {_storage._agreement}
+    set {_uniqueStorage()._agreement = newValue}
+  }
 
-  /// Median latency of one single-sample inference on the board, milliseconds.
-  public var baseLatencyMs: Double = 0
+  /// Median latency of one single-sample inference on the board, milliseconds (also the first entry of `latency`;
+  /// kept for coordinators that read only these).
+  public var baseLatencyMs: Double {
+    get {_storage._baseLatencyMs}
+    set {_uniqueStorage()._baseLatencyMs = newValue}
+  }
 
-  public var compressedLatencyMs: Double = 0
+  public var compressedLatencyMs: Double {
+    get {_storage._compressedLatencyMs}
+    set {_uniqueStorage()._compressedLatencyMs = newValue}
+  }
 
   /// The task the figures are for. With it, `agreement`, `base_correct` and `compressed_correct` count `units`:
   /// samples, or pixels for segmentation (see TaskEvaluation). Empty (older workers): classification by samples.
-  public var taskKind: String = String()
+  public var taskKind: String {
+    get {_storage._taskKind}
+    set {_uniqueStorage()._taskKind = newValue}
+  }
 
-  public var units: UInt64 = 0
+  public var units: UInt64 {
+    get {_storage._units}
+    set {_uniqueStorage()._units = newValue}
+  }
 
   /// Segmentation with per-pixel labels: per class, pixels labelled and predicted as it, and labelled or predicted.
-  public var baseIntersection: [UInt64] = []
+  public var baseIntersection: [UInt64] {
+    get {_storage._baseIntersection}
+    set {_uniqueStorage()._baseIntersection = newValue}
+  }
 
-  public var baseUnion: [UInt64] = []
+  public var baseUnion: [UInt64] {
+    get {_storage._baseUnion}
+    set {_uniqueStorage()._baseUnion = newValue}
+  }
 
-  public var compressedIntersection: [UInt64] = []
+  public var compressedIntersection: [UInt64] {
+    get {_storage._compressedIntersection}
+    set {_uniqueStorage()._compressedIntersection = newValue}
+  }
 
-  public var compressedUnion: [UInt64] = []
+  public var compressedUnion: [UInt64] {
+    get {_storage._compressedUnion}
+    set {_uniqueStorage()._compressedUnion = newValue}
+  }
 
   /// Σ (compressed − base)² and Σ base² over every output element; Σ over samples of cos(compressed, base).
-  public var squaredError: Double = 0
+  public var squaredError: Double {
+    get {_storage._squaredError}
+    set {_uniqueStorage()._squaredError = newValue}
+  }
 
-  public var squaredReference: Double = 0
+  public var squaredReference: Double {
+    get {_storage._squaredReference}
+    set {_uniqueStorage()._squaredReference = newValue}
+  }
 
-  public var cosineSum: Double = 0
+  public var cosineSum: Double {
+    get {_storage._cosineSum}
+    set {_uniqueStorage()._cosineSum = newValue}
+  }
+
+  /// Latency of both models on the board, the same way: at batch 1, then at the job's working batch when it is
+  /// larger, with the compute threads pinned to cores.
+  public var latency: [Whittle_LatencyFigures] {
+    get {_storage._latency}
+    set {_uniqueStorage()._latency = newValue}
+  }
+
+  public var threads: UInt32 {
+    get {_storage._threads}
+    set {_uniqueStorage()._threads = newValue}
+  }
+
+  /// The instruction set the kernels ran on ("avx512_core_vnni", "avx2", ...).
+  public var cpu: String {
+    get {_storage._cpu}
+    set {_uniqueStorage()._cpu = newValue}
+  }
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// Median and 90th percentile of repeated timed inferences (after warm-up) of the base and the compressed model,
+/// the runs of the two interleaved, milliseconds per batch.
+public nonisolated struct Whittle_LatencyFigures: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var batch: UInt32 = 0
+
+  public var runs: UInt32 = 0
+
+  public var baseP50Ms: Double = 0
+
+  public var baseP90Ms: Double = 0
+
+  public var compressedP50Ms: Double = 0
+
+  public var compressedP90Ms: Double = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -590,94 +683,73 @@ public nonisolated struct Whittle_DistributionReport: Sendable {
 }
 
 /// POST /v1/worker/reports: a task's result.
-public nonisolated struct Whittle_TaskReport: @unchecked Sendable {
+public nonisolated struct Whittle_TaskReport: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var protocolVersion: UInt32 {
-    get {_storage._protocolVersion}
-    set {_uniqueStorage()._protocolVersion = newValue}
-  }
+  public var protocolVersion: UInt32 = 0
 
-  public var roundID: String {
-    get {_storage._roundID}
-    set {_uniqueStorage()._roundID = newValue}
-  }
+  public var roundID: String = String()
 
-  public var phase: UInt32 {
-    get {_storage._phase}
-    set {_uniqueStorage()._phase = newValue}
-  }
+  public var phase: UInt32 = 0
 
   /// Random, chosen once per result: a retried upload carries the same id and is recognised, never counted twice.
-  public var uploadID: String {
-    get {_storage._uploadID}
-    set {_uniqueStorage()._uploadID = newValue}
-  }
+  public var uploadID: String = String()
 
   /// Bytes the worker downloaded for this task, and seconds it computed.
-  public var bytesDown: UInt64 {
-    get {_storage._bytesDown}
-    set {_uniqueStorage()._bytesDown = newValue}
-  }
+  public var bytesDown: UInt64 = 0
 
-  public var computeSeconds: Double {
-    get {_storage._computeSeconds}
-    set {_uniqueStorage()._computeSeconds = newValue}
-  }
+  public var computeSeconds: Double = 0
 
-  public var result: OneOf_Result? {
-    get {return _storage._result}
-    set {_uniqueStorage()._result = newValue}
-  }
+  public var result: Whittle_TaskReport.OneOf_Result? = nil
 
   public var importance: Whittle_ImportanceReport {
     get {
-      if case .importance(let v)? = _storage._result {return v}
+      if case .importance(let v)? = result {return v}
       return Whittle_ImportanceReport()
     }
-    set {_uniqueStorage()._result = .importance(newValue)}
+    set {result = .importance(newValue)}
   }
 
   public var calibration: Whittle_CalibrationReport {
     get {
-      if case .calibration(let v)? = _storage._result {return v}
+      if case .calibration(let v)? = result {return v}
       return Whittle_CalibrationReport()
     }
-    set {_uniqueStorage()._result = .calibration(newValue)}
+    set {result = .calibration(newValue)}
   }
 
   public var update: Whittle_WeightUpdate {
     get {
-      if case .update(let v)? = _storage._result {return v}
+      if case .update(let v)? = result {return v}
       return Whittle_WeightUpdate()
     }
-    set {_uniqueStorage()._result = .update(newValue)}
+    set {result = .update(newValue)}
   }
 
   public var fisher: Whittle_FisherReport {
     get {
-      if case .fisher(let v)? = _storage._result {return v}
+      if case .fisher(let v)? = result {return v}
       return Whittle_FisherReport()
     }
-    set {_uniqueStorage()._result = .fisher(newValue)}
+    set {result = .fisher(newValue)}
   }
 
   public var evaluation: Whittle_EvaluationReport {
     get {
-      if case .evaluation(let v)? = _storage._result {return v}
+      if case .evaluation(let v)? = result {return v}
       return Whittle_EvaluationReport()
     }
-    set {_uniqueStorage()._result = .evaluation(newValue)}
+    set {result = .evaluation(newValue)}
   }
 
   public var distribution: Whittle_DistributionReport {
     get {
-      if case .distribution(let v)? = _storage._result {return v}
+      if case .distribution(let v)? = result {return v}
       return Whittle_DistributionReport()
     }
-    set {_uniqueStorage()._result = .distribution(newValue)}
+    set {result = .distribution(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -693,8 +765,6 @@ public nonisolated struct Whittle_TaskReport: @unchecked Sendable {
   }
 
   public init() {}
-
-  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 public nonisolated struct Whittle_TaskReportResponse: Sendable {
@@ -1626,7 +1696,199 @@ nonisolated extension Whittle_FisherReport: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Whittle_EvaluationReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".EvaluationReport"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}samples\0\u{1}labels\0\u{3}base_correct\0\u{3}compressed_correct\0\u{1}agreement\0\u{3}base_latency_ms\0\u{3}compressed_latency_ms\0\u{3}task_kind\0\u{1}units\0\u{3}base_intersection\0\u{3}base_union\0\u{3}compressed_intersection\0\u{3}compressed_union\0\u{3}squared_error\0\u{3}squared_reference\0\u{3}cosine_sum\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}samples\0\u{1}labels\0\u{3}base_correct\0\u{3}compressed_correct\0\u{1}agreement\0\u{3}base_latency_ms\0\u{3}compressed_latency_ms\0\u{3}task_kind\0\u{1}units\0\u{3}base_intersection\0\u{3}base_union\0\u{3}compressed_intersection\0\u{3}compressed_union\0\u{3}squared_error\0\u{3}squared_reference\0\u{3}cosine_sum\0\u{1}latency\0\u{1}threads\0\u{1}cpu\0")
+
+  fileprivate class _StorageClass {
+    var _samples: UInt64 = 0
+    var _labels: Bool = false
+    var _baseCorrect: UInt64 = 0
+    var _compressedCorrect: UInt64 = 0
+    var _agreement: UInt64 = 0
+    var _baseLatencyMs: Double = 0
+    var _compressedLatencyMs: Double = 0
+    var _taskKind: String = String()
+    var _units: UInt64 = 0
+    var _baseIntersection: [UInt64] = []
+    var _baseUnion: [UInt64] = []
+    var _compressedIntersection: [UInt64] = []
+    var _compressedUnion: [UInt64] = []
+    var _squaredError: Double = 0
+    var _squaredReference: Double = 0
+    var _cosineSum: Double = 0
+    var _latency: [Whittle_LatencyFigures] = []
+    var _threads: UInt32 = 0
+    var _cpu: String = String()
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _samples = source._samples
+      _labels = source._labels
+      _baseCorrect = source._baseCorrect
+      _compressedCorrect = source._compressedCorrect
+      _agreement = source._agreement
+      _baseLatencyMs = source._baseLatencyMs
+      _compressedLatencyMs = source._compressedLatencyMs
+      _taskKind = source._taskKind
+      _units = source._units
+      _baseIntersection = source._baseIntersection
+      _baseUnion = source._baseUnion
+      _compressedIntersection = source._compressedIntersection
+      _compressedUnion = source._compressedUnion
+      _squaredError = source._squaredError
+      _squaredReference = source._squaredReference
+      _cosineSum = source._cosineSum
+      _latency = source._latency
+      _threads = source._threads
+      _cpu = source._cpu
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularUInt64Field(value: &_storage._samples) }()
+        case 2: try { try decoder.decodeSingularBoolField(value: &_storage._labels) }()
+        case 3: try { try decoder.decodeSingularUInt64Field(value: &_storage._baseCorrect) }()
+        case 4: try { try decoder.decodeSingularUInt64Field(value: &_storage._compressedCorrect) }()
+        case 5: try { try decoder.decodeSingularUInt64Field(value: &_storage._agreement) }()
+        case 6: try { try decoder.decodeSingularDoubleField(value: &_storage._baseLatencyMs) }()
+        case 7: try { try decoder.decodeSingularDoubleField(value: &_storage._compressedLatencyMs) }()
+        case 8: try { try decoder.decodeSingularStringField(value: &_storage._taskKind) }()
+        case 9: try { try decoder.decodeSingularUInt64Field(value: &_storage._units) }()
+        case 10: try { try decoder.decodeRepeatedUInt64Field(value: &_storage._baseIntersection) }()
+        case 11: try { try decoder.decodeRepeatedUInt64Field(value: &_storage._baseUnion) }()
+        case 12: try { try decoder.decodeRepeatedUInt64Field(value: &_storage._compressedIntersection) }()
+        case 13: try { try decoder.decodeRepeatedUInt64Field(value: &_storage._compressedUnion) }()
+        case 14: try { try decoder.decodeSingularDoubleField(value: &_storage._squaredError) }()
+        case 15: try { try decoder.decodeSingularDoubleField(value: &_storage._squaredReference) }()
+        case 16: try { try decoder.decodeSingularDoubleField(value: &_storage._cosineSum) }()
+        case 17: try { try decoder.decodeRepeatedMessageField(value: &_storage._latency) }()
+        case 18: try { try decoder.decodeSingularUInt32Field(value: &_storage._threads) }()
+        case 19: try { try decoder.decodeSingularStringField(value: &_storage._cpu) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      if _storage._samples != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._samples, fieldNumber: 1)
+      }
+      if _storage._labels != false {
+        try visitor.visitSingularBoolField(value: _storage._labels, fieldNumber: 2)
+      }
+      if _storage._baseCorrect != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._baseCorrect, fieldNumber: 3)
+      }
+      if _storage._compressedCorrect != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._compressedCorrect, fieldNumber: 4)
+      }
+      if _storage._agreement != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._agreement, fieldNumber: 5)
+      }
+      if _storage._baseLatencyMs.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._baseLatencyMs, fieldNumber: 6)
+      }
+      if _storage._compressedLatencyMs.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._compressedLatencyMs, fieldNumber: 7)
+      }
+      if !_storage._taskKind.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._taskKind, fieldNumber: 8)
+      }
+      if _storage._units != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._units, fieldNumber: 9)
+      }
+      if !_storage._baseIntersection.isEmpty {
+        try visitor.visitPackedUInt64Field(value: _storage._baseIntersection, fieldNumber: 10)
+      }
+      if !_storage._baseUnion.isEmpty {
+        try visitor.visitPackedUInt64Field(value: _storage._baseUnion, fieldNumber: 11)
+      }
+      if !_storage._compressedIntersection.isEmpty {
+        try visitor.visitPackedUInt64Field(value: _storage._compressedIntersection, fieldNumber: 12)
+      }
+      if !_storage._compressedUnion.isEmpty {
+        try visitor.visitPackedUInt64Field(value: _storage._compressedUnion, fieldNumber: 13)
+      }
+      if _storage._squaredError.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._squaredError, fieldNumber: 14)
+      }
+      if _storage._squaredReference.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._squaredReference, fieldNumber: 15)
+      }
+      if _storage._cosineSum.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._cosineSum, fieldNumber: 16)
+      }
+      if !_storage._latency.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._latency, fieldNumber: 17)
+      }
+      if _storage._threads != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._threads, fieldNumber: 18)
+      }
+      if !_storage._cpu.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._cpu, fieldNumber: 19)
+      }
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_EvaluationReport, rhs: Whittle_EvaluationReport) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._samples != rhs_storage._samples {return false}
+        if _storage._labels != rhs_storage._labels {return false}
+        if _storage._baseCorrect != rhs_storage._baseCorrect {return false}
+        if _storage._compressedCorrect != rhs_storage._compressedCorrect {return false}
+        if _storage._agreement != rhs_storage._agreement {return false}
+        if _storage._baseLatencyMs != rhs_storage._baseLatencyMs {return false}
+        if _storage._compressedLatencyMs != rhs_storage._compressedLatencyMs {return false}
+        if _storage._taskKind != rhs_storage._taskKind {return false}
+        if _storage._units != rhs_storage._units {return false}
+        if _storage._baseIntersection != rhs_storage._baseIntersection {return false}
+        if _storage._baseUnion != rhs_storage._baseUnion {return false}
+        if _storage._compressedIntersection != rhs_storage._compressedIntersection {return false}
+        if _storage._compressedUnion != rhs_storage._compressedUnion {return false}
+        if _storage._squaredError != rhs_storage._squaredError {return false}
+        if _storage._squaredReference != rhs_storage._squaredReference {return false}
+        if _storage._cosineSum != rhs_storage._cosineSum {return false}
+        if _storage._latency != rhs_storage._latency {return false}
+        if _storage._threads != rhs_storage._threads {return false}
+        if _storage._cpu != rhs_storage._cpu {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_LatencyFigures: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".LatencyFigures"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}batch\0\u{1}runs\0\u{3}base_p50_ms\0\u{3}base_p90_ms\0\u{3}compressed_p50_ms\0\u{3}compressed_p90_ms\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1634,96 +1896,46 @@ nonisolated extension Whittle_EvaluationReport: SwiftProtobuf.Message, SwiftProt
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.samples) }()
-      case 2: try { try decoder.decodeSingularBoolField(value: &self.labels) }()
-      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.baseCorrect) }()
-      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.compressedCorrect) }()
-      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.agreement) }()
-      case 6: try { try decoder.decodeSingularDoubleField(value: &self.baseLatencyMs) }()
-      case 7: try { try decoder.decodeSingularDoubleField(value: &self.compressedLatencyMs) }()
-      case 8: try { try decoder.decodeSingularStringField(value: &self.taskKind) }()
-      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.units) }()
-      case 10: try { try decoder.decodeRepeatedUInt64Field(value: &self.baseIntersection) }()
-      case 11: try { try decoder.decodeRepeatedUInt64Field(value: &self.baseUnion) }()
-      case 12: try { try decoder.decodeRepeatedUInt64Field(value: &self.compressedIntersection) }()
-      case 13: try { try decoder.decodeRepeatedUInt64Field(value: &self.compressedUnion) }()
-      case 14: try { try decoder.decodeSingularDoubleField(value: &self.squaredError) }()
-      case 15: try { try decoder.decodeSingularDoubleField(value: &self.squaredReference) }()
-      case 16: try { try decoder.decodeSingularDoubleField(value: &self.cosineSum) }()
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.batch) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.runs) }()
+      case 3: try { try decoder.decodeSingularDoubleField(value: &self.baseP50Ms) }()
+      case 4: try { try decoder.decodeSingularDoubleField(value: &self.baseP90Ms) }()
+      case 5: try { try decoder.decodeSingularDoubleField(value: &self.compressedP50Ms) }()
+      case 6: try { try decoder.decodeSingularDoubleField(value: &self.compressedP90Ms) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if self.samples != 0 {
-      try visitor.visitSingularUInt64Field(value: self.samples, fieldNumber: 1)
+    if self.batch != 0 {
+      try visitor.visitSingularUInt32Field(value: self.batch, fieldNumber: 1)
     }
-    if self.labels != false {
-      try visitor.visitSingularBoolField(value: self.labels, fieldNumber: 2)
+    if self.runs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.runs, fieldNumber: 2)
     }
-    if self.baseCorrect != 0 {
-      try visitor.visitSingularUInt64Field(value: self.baseCorrect, fieldNumber: 3)
+    if self.baseP50Ms.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.baseP50Ms, fieldNumber: 3)
     }
-    if self.compressedCorrect != 0 {
-      try visitor.visitSingularUInt64Field(value: self.compressedCorrect, fieldNumber: 4)
+    if self.baseP90Ms.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.baseP90Ms, fieldNumber: 4)
     }
-    if self.agreement != 0 {
-      try visitor.visitSingularUInt64Field(value: self.agreement, fieldNumber: 5)
+    if self.compressedP50Ms.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.compressedP50Ms, fieldNumber: 5)
     }
-    if self.baseLatencyMs.bitPattern != 0 {
-      try visitor.visitSingularDoubleField(value: self.baseLatencyMs, fieldNumber: 6)
-    }
-    if self.compressedLatencyMs.bitPattern != 0 {
-      try visitor.visitSingularDoubleField(value: self.compressedLatencyMs, fieldNumber: 7)
-    }
-    if !self.taskKind.isEmpty {
-      try visitor.visitSingularStringField(value: self.taskKind, fieldNumber: 8)
-    }
-    if self.units != 0 {
-      try visitor.visitSingularUInt64Field(value: self.units, fieldNumber: 9)
-    }
-    if !self.baseIntersection.isEmpty {
-      try visitor.visitPackedUInt64Field(value: self.baseIntersection, fieldNumber: 10)
-    }
-    if !self.baseUnion.isEmpty {
-      try visitor.visitPackedUInt64Field(value: self.baseUnion, fieldNumber: 11)
-    }
-    if !self.compressedIntersection.isEmpty {
-      try visitor.visitPackedUInt64Field(value: self.compressedIntersection, fieldNumber: 12)
-    }
-    if !self.compressedUnion.isEmpty {
-      try visitor.visitPackedUInt64Field(value: self.compressedUnion, fieldNumber: 13)
-    }
-    if self.squaredError.bitPattern != 0 {
-      try visitor.visitSingularDoubleField(value: self.squaredError, fieldNumber: 14)
-    }
-    if self.squaredReference.bitPattern != 0 {
-      try visitor.visitSingularDoubleField(value: self.squaredReference, fieldNumber: 15)
-    }
-    if self.cosineSum.bitPattern != 0 {
-      try visitor.visitSingularDoubleField(value: self.cosineSum, fieldNumber: 16)
+    if self.compressedP90Ms.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.compressedP90Ms, fieldNumber: 6)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  public static func ==(lhs: Whittle_EvaluationReport, rhs: Whittle_EvaluationReport) -> Bool {
-    if lhs.samples != rhs.samples {return false}
-    if lhs.labels != rhs.labels {return false}
-    if lhs.baseCorrect != rhs.baseCorrect {return false}
-    if lhs.compressedCorrect != rhs.compressedCorrect {return false}
-    if lhs.agreement != rhs.agreement {return false}
-    if lhs.baseLatencyMs != rhs.baseLatencyMs {return false}
-    if lhs.compressedLatencyMs != rhs.compressedLatencyMs {return false}
-    if lhs.taskKind != rhs.taskKind {return false}
-    if lhs.units != rhs.units {return false}
-    if lhs.baseIntersection != rhs.baseIntersection {return false}
-    if lhs.baseUnion != rhs.baseUnion {return false}
-    if lhs.compressedIntersection != rhs.compressedIntersection {return false}
-    if lhs.compressedUnion != rhs.compressedUnion {return false}
-    if lhs.squaredError != rhs.squaredError {return false}
-    if lhs.squaredReference != rhs.squaredReference {return false}
-    if lhs.cosineSum != rhs.cosineSum {return false}
+  public static func ==(lhs: Whittle_LatencyFigures, rhs: Whittle_LatencyFigures) -> Bool {
+    if lhs.batch != rhs.batch {return false}
+    if lhs.runs != rhs.runs {return false}
+    if lhs.baseP50Ms != rhs.baseP50Ms {return false}
+    if lhs.baseP90Ms != rhs.baseP90Ms {return false}
+    if lhs.compressedP50Ms != rhs.compressedP50Ms {return false}
+    if lhs.compressedP90Ms != rhs.compressedP90Ms {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1773,210 +1985,162 @@ nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._
   public static let protoMessageName: String = _protobuf_package + ".TaskReport"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}round_id\0\u{1}phase\0\u{3}upload_id\0\u{3}bytes_down\0\u{3}compute_seconds\0\u{2}\u{4}importance\0\u{1}calibration\0\u{1}update\0\u{1}fisher\0\u{1}evaluation\0\u{1}distribution\0")
 
-  fileprivate class _StorageClass {
-    var _protocolVersion: UInt32 = 0
-    var _roundID: String = String()
-    var _phase: UInt32 = 0
-    var _uploadID: String = String()
-    var _bytesDown: UInt64 = 0
-    var _computeSeconds: Double = 0
-    var _result: Whittle_TaskReport.OneOf_Result?
-
-      // This property is used as the initial default value for new instances of the type.
-      // The type itself is protecting the reference to its storage via CoW semantics.
-      // This will force a copy to be made of this reference when the first mutation occurs;
-      // hence, it is safe to mark this as `nonisolated(unsafe)`.
-      static nonisolated(unsafe) let defaultInstance = _StorageClass()
-
-    private init() {}
-
-    init(copying source: _StorageClass) {
-      _protocolVersion = source._protocolVersion
-      _roundID = source._roundID
-      _phase = source._phase
-      _uploadID = source._uploadID
-      _bytesDown = source._bytesDown
-      _computeSeconds = source._computeSeconds
-      _result = source._result
-    }
-  }
-
-  fileprivate mutating func _uniqueStorage() -> _StorageClass {
-    if !isKnownUniquelyReferenced(&_storage) {
-      _storage = _StorageClass(copying: _storage)
-    }
-    return _storage
-  }
-
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    _ = _uniqueStorage()
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      while let fieldNumber = try decoder.nextFieldNumber() {
-        // The use of inline closures is to circumvent an issue where the compiler
-        // allocates stack space for every case branch when no optimizations are
-        // enabled. https://github.com/apple/swift-protobuf/issues/1034
-        switch fieldNumber {
-        case 1: try { try decoder.decodeSingularUInt32Field(value: &_storage._protocolVersion) }()
-        case 2: try { try decoder.decodeSingularStringField(value: &_storage._roundID) }()
-        case 3: try { try decoder.decodeSingularUInt32Field(value: &_storage._phase) }()
-        case 4: try { try decoder.decodeSingularStringField(value: &_storage._uploadID) }()
-        case 5: try { try decoder.decodeSingularUInt64Field(value: &_storage._bytesDown) }()
-        case 6: try { try decoder.decodeSingularDoubleField(value: &_storage._computeSeconds) }()
-        case 10: try {
-          var v: Whittle_ImportanceReport?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .importance(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .importance(v)
-          }
-        }()
-        case 11: try {
-          var v: Whittle_CalibrationReport?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .calibration(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .calibration(v)
-          }
-        }()
-        case 12: try {
-          var v: Whittle_WeightUpdate?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .update(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .update(v)
-          }
-        }()
-        case 13: try {
-          var v: Whittle_FisherReport?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .fisher(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .fisher(v)
-          }
-        }()
-        case 14: try {
-          var v: Whittle_EvaluationReport?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .evaluation(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .evaluation(v)
-          }
-        }()
-        case 15: try {
-          var v: Whittle_DistributionReport?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .distribution(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .distribution(v)
-          }
-        }()
-        default: break
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.roundID) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.phase) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.uploadID) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.bytesDown) }()
+      case 6: try { try decoder.decodeSingularDoubleField(value: &self.computeSeconds) }()
+      case 10: try {
+        var v: Whittle_ImportanceReport?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .importance(let m) = current {v = m}
         }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .importance(v)
+        }
+      }()
+      case 11: try {
+        var v: Whittle_CalibrationReport?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .calibration(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .calibration(v)
+        }
+      }()
+      case 12: try {
+        var v: Whittle_WeightUpdate?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .update(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .update(v)
+        }
+      }()
+      case 13: try {
+        var v: Whittle_FisherReport?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .fisher(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .fisher(v)
+        }
+      }()
+      case 14: try {
+        var v: Whittle_EvaluationReport?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .evaluation(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .evaluation(v)
+        }
+      }()
+      case 15: try {
+        var v: Whittle_DistributionReport?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .distribution(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .distribution(v)
+        }
+      }()
+      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every if/case branch local when no optimizations
-      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-      // https://github.com/apple/swift-protobuf/issues/1182
-      if _storage._protocolVersion != 0 {
-        try visitor.visitSingularUInt32Field(value: _storage._protocolVersion, fieldNumber: 1)
-      }
-      if !_storage._roundID.isEmpty {
-        try visitor.visitSingularStringField(value: _storage._roundID, fieldNumber: 2)
-      }
-      if _storage._phase != 0 {
-        try visitor.visitSingularUInt32Field(value: _storage._phase, fieldNumber: 3)
-      }
-      if !_storage._uploadID.isEmpty {
-        try visitor.visitSingularStringField(value: _storage._uploadID, fieldNumber: 4)
-      }
-      if _storage._bytesDown != 0 {
-        try visitor.visitSingularUInt64Field(value: _storage._bytesDown, fieldNumber: 5)
-      }
-      if _storage._computeSeconds.bitPattern != 0 {
-        try visitor.visitSingularDoubleField(value: _storage._computeSeconds, fieldNumber: 6)
-      }
-      switch _storage._result {
-      case .importance?: try {
-        guard case .importance(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-      }()
-      case .calibration?: try {
-        guard case .calibration(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-      }()
-      case .update?: try {
-        guard case .update(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
-      }()
-      case .fisher?: try {
-        guard case .fisher(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
-      }()
-      case .evaluation?: try {
-        guard case .evaluation(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
-      }()
-      case .distribution?: try {
-        guard case .distribution(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
-      }()
-      case nil: break
-      }
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.protocolVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.protocolVersion, fieldNumber: 1)
+    }
+    if !self.roundID.isEmpty {
+      try visitor.visitSingularStringField(value: self.roundID, fieldNumber: 2)
+    }
+    if self.phase != 0 {
+      try visitor.visitSingularUInt32Field(value: self.phase, fieldNumber: 3)
+    }
+    if !self.uploadID.isEmpty {
+      try visitor.visitSingularStringField(value: self.uploadID, fieldNumber: 4)
+    }
+    if self.bytesDown != 0 {
+      try visitor.visitSingularUInt64Field(value: self.bytesDown, fieldNumber: 5)
+    }
+    if self.computeSeconds.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.computeSeconds, fieldNumber: 6)
+    }
+    switch self.result {
+    case .importance?: try {
+      guard case .importance(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+    }()
+    case .calibration?: try {
+      guard case .calibration(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+    }()
+    case .update?: try {
+      guard case .update(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+    }()
+    case .fisher?: try {
+      guard case .fisher(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
+    }()
+    case .evaluation?: try {
+      guard case .evaluation(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
+    }()
+    case .distribution?: try {
+      guard case .distribution(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+    }()
+    case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Whittle_TaskReport, rhs: Whittle_TaskReport) -> Bool {
-    if lhs._storage !== rhs._storage {
-      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
-        let _storage = _args.0
-        let rhs_storage = _args.1
-        if _storage._protocolVersion != rhs_storage._protocolVersion {return false}
-        if _storage._roundID != rhs_storage._roundID {return false}
-        if _storage._phase != rhs_storage._phase {return false}
-        if _storage._uploadID != rhs_storage._uploadID {return false}
-        if _storage._bytesDown != rhs_storage._bytesDown {return false}
-        if _storage._computeSeconds != rhs_storage._computeSeconds {return false}
-        if _storage._result != rhs_storage._result {return false}
-        return true
-      }
-      if !storagesAreEqual {return false}
-    }
+    if lhs.protocolVersion != rhs.protocolVersion {return false}
+    if lhs.roundID != rhs.roundID {return false}
+    if lhs.phase != rhs.phase {return false}
+    if lhs.uploadID != rhs.uploadID {return false}
+    if lhs.bytesDown != rhs.bytesDown {return false}
+    if lhs.computeSeconds != rhs.computeSeconds {return false}
+    if lhs.result != rhs.result {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

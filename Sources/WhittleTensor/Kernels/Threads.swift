@@ -12,6 +12,15 @@ public enum ComputeThreads {
 
     /// The number of threads OpenMP (and so oneDNN) will use.
     public static var current: Int { Int(wk_get_max_threads()) }
+
+    /// Runs `body` with the compute threads pinned one to a core (thread i on the i-th CPU this process may use), so
+    /// the operating system does not move them between cores while it is timed; afterwards they run anywhere again.
+    /// `pinned` tells `body` whether pinning took (it does not where affinities cannot be set).
+    public static func pinned<R>(_ body: (_ pinned: Bool) throws -> R) rethrows -> R {
+        let pinned = wk_pin_threads(1) > 0
+        defer { if pinned { _ = wk_pin_threads(0) } }
+        return try body(pinned)
+    }
 }
 
 /// Calls a oneDNN plan function that writes an error message into a buffer, and turns a failure into a TensorError.
