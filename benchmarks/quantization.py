@@ -29,7 +29,7 @@ full-range weights: the ENABLE_ALL accuracy of models quantized without reduce_r
 Each quantization runs --repeats times and the fastest run is kept (every run writes the same model), to damp noise
 from other work on the machine. The script prints a timing table (with the ratio onnxruntime seconds / Whittle
 seconds: above 1, Whittle is faster) and an accuracy table (with Whittle − onnxruntime in percentage points), and
-writes benchmarks/last-quantization.json.
+writes benchmarks/last-quantization.json (last-quantization-MODEL.json for another --model).
 """
 
 from __future__ import annotations
@@ -251,7 +251,9 @@ def main():
     summary = {"onnxruntime_version": ort.__version__, "cpu": cpu, "model": str(args.model),
                "calibration_samples": args.calibration_samples, "histogram_bins": HISTOGRAM_BINS,
                "whittle_threads": WHITTLE_THREADS, "repeats": args.repeats, **result}
-    (ROOT / "benchmarks" / "last-quantization.json").write_text(json.dumps(summary, indent=2) + "\n")
+    default_model = args.model.resolve() == (ROOT / "examples" / "models" / "defect_cnn.onnx").resolve()
+    out = ROOT / "benchmarks" / ("last-quantization.json" if default_model else f"last-quantization-{args.model.stem}.json")
+    out.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

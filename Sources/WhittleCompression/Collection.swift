@@ -19,6 +19,9 @@ public final class CalibrationCollector {
     public let retainBytes: Int
     var retained: [(String, [Float])]? = []
     var retainedBytes = 0
+    /// The samples pass 1 will see, when known: once the first batch shows the bytes per sample, values that will
+    /// not fit in `retainBytes` are not kept at all (instead of being copied until the limit is passed).
+    public var expectedSamples: Int?
 
     public init(session: InferenceSession, tensors: Set<String>? = nil, retainBytes: Int = 0) {
         self.session = session
@@ -48,6 +51,10 @@ public final class CalibrationCollector {
             }
         }
         samples += batch.count
+        if let expected = expectedSamples, retained != nil, samples > 0,
+           retainedBytes.multipliedReportingOverflow(by: expected).partialValue / samples > retainBytes || retainedBytes > retainBytes {
+            retained = nil
+        }
     }
 
     /// True when pass 1 kept every observed value (see `retainBytes`): `collectRetainedHistograms` then replaces

@@ -270,6 +270,7 @@ public struct LocalCompression {
         }
         let collector = CalibrationCollector(session: try InferenceSession(model: model), tensors: tensors,
                                              retainBytes: quantization.calibration.needsHistograms ? Self.retainedCalibrationBytes : 0)
+        collector.expectedSamples = data.count
         for (batch, _) in data.batches(batchSize) { try collector.collectRanges(batch) }
         return try Self.ranges(collector: collector, data: data, policy: quantization, batchSize: batchSize)
     }

@@ -119,6 +119,13 @@ public enum QDQExport {
     /// [min, max].
     public static func export(_ model: Model, ranges: [String: (min: Float, max: Float)], policy: QuantizationPolicy)
         throws -> (Model, QuantizationSummary) {
+        try export(model, ranges: ranges, policy: policy, activationsOnly: false)
+    }
+
+    /// With `activationsOnly`, stops once the activations to quantize are chosen (the summary lists them; the model
+    /// is returned unchanged), without quantizing a weight: what `calibrationTensors` needs, at a fraction of the cost.
+    static func export(_ model: Model, ranges: [String: (min: Float, max: Float)], policy: QuantizationPolicy,
+                       activationsOnly: Bool) throws -> (Model, QuantizationSummary) {
         try policy.check()
         guard var opset = model.defaultOpset else { throw CompressionError(.invalidArgument, "the model imports no default opset") }
         var graph = model.graph
@@ -342,6 +349,8 @@ public enum QDQExport {
                                                    scales: [shared.0.scale], zeroPoints: [shared.0.zeroPoint], sharedWith: root(source)))
         }
 
+        if activationsOnly { return (model, summary) }
+
         var prefix: [Node] = []
         var weightScales: [String: [Float]] = [:]
         var replacement: [String: String] = [:]
@@ -539,7 +548,7 @@ public enum QDQExport {
         let inferred = try ShapeInference.infer(model.graph, opset: opset, inputs: try ShapeInference.analysisShapes(model))
         var placeholder: [String: (min: Float, max: Float)] = [:]
         for (name, meta) in inferred.values where meta.dtype == .float && meta.constant == nil { placeholder[name] = (0, 1) }
-        let (_, summary) = try export(model, ranges: placeholder, policy: policy)
+        let (_, summary) = try export(model, ranges: placeholder, policy: policy, activationsOnly: true)
         return Set(summary.tensors.filter { $0.role == .activation && $0.sharedWith == nil }.map(\.name))
     }
 

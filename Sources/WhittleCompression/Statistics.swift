@@ -103,25 +103,29 @@ public struct Histogram: Sendable, Equatable, Codable {
         let width = Double(upper) - Double(lower)
         let n = counts.count, last = Double(n - 1), lower = Double(self.lower), magnitudes = self.magnitudes
         let scale = width > 0 ? Double(n) / width : 0
-        var bad: Int?
+        let before = counts
+        var poison: Float = 0
         counts.withUnsafeMutableBufferPointer { counts in
             values.withUnsafeBufferPointer { values in
                 // ⌊(v − lower) · (n / width)⌋ in Double, clamped to the end bins: clamping to [0, n − 1] first makes
                 // the conversion's truncation the floor. Every worker runs this same arithmetic, so equal values land
-                // in equal bins everywhere.
-                func bin(_ raw: Float) -> Int {
-                    let v = Double(magnitudes ? abs(raw) : raw)
-                    return Int(Swift.min(Swift.max((v - lower) * scale, 0), last))
+                // in equal bins everywhere. `v − v` is 0 for finite values and NaN otherwise; a NaN is binned at 0
+                // (its batch is refused below), so the loop has no exit.
+                func fill(_ magnitude: (Float) -> Float) {
+                    for raw in values {
+                        poison += raw - raw
+                        let t = (Double(magnitude(raw)) - lower) * scale
+                        counts[Int(Swift.min(t >= 0 ? t : 0, last))] += 1
+                    }
                 }
-                for (i, raw) in values.enumerated() {
-                    guard raw.isFinite else { bad = i; break }
-                    counts[bin(raw)] += 1
-                }
-                // A refused batch leaves the histogram as it was.
-                if let bad { for raw in values[..<bad] { counts[bin(raw)] -= 1 } }
+                if magnitudes { fill { abs($0) } } else { fill { $0 } }
             }
         }
-        if let bad { throw CompressionError(.invalidStatistics, "a non-finite value (\(values[bad])) reached the histogram") }
+        guard poison == 0 else {
+            counts = before  // a refused batch leaves the histogram as it was
+            let bad = values.first { !$0.isFinite } ?? .nan
+            throw CompressionError(.invalidStatistics, "a non-finite value (\(bad)) reached the histogram")
+        }
     }
 
     public func merged(with other: Histogram) throws -> Histogram {

@@ -56,6 +56,14 @@ import WhittleTestSupport
         var r = RangeStatistics()
         #expect { try r.add([1, .nan]) } throws: { ($0 as? CompressionError)?.code == .invalidStatistics }
         #expect(r.count == 0)  // nothing was half-added
+        // A batch with a NaN or an infinity anywhere (before, among or after the others) is refused whole.
+        var h = try Histogram(lower: 0, upper: 4, binCount: 4, magnitudes: true)
+        try h.add([0.5, -1.5, 3.999, 4, 9, -0])
+        #expect(h.counts == [2, 1, 0, 3])  // |−1.5| in bin 1; 4 and 9 in the last bin; −0 in bin 0
+        for poisoned: [Float] in [[.nan, 1], [1, 2, .infinity], [-.infinity] + [Float](repeating: 1, count: 20)] {
+            #expect { try h.add(poisoned) } throws: { ($0 as? CompressionError)?.code == .invalidStatistics }
+            #expect(h.counts == [2, 1, 0, 3])
+        }
         var c = ChannelStatistics(channels: 2)
         #expect(throws: CompressionError.self) { try c.add([1, 2, 3], shape: [1, 3, 1]) }
         #expect(throws: CompressionError.self) { try Calibrators.minMax(RangeStatistics(), symmetric: true) }
