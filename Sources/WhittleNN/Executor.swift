@@ -15,7 +15,7 @@ public final class CompiledGraph: @unchecked Sendable {
     /// Convolution steps that hand their output to the next step in oneDNN's blocked layout (for tests).
     package var blockedConvolutionSteps: Int { steps.filter { ($0.kernel as? ConvKernel)?.keepDestinationBlocked == true }.count }
     /// QDQ groups running as integer convolutions.
-    public var integerSteps: Int { steps.filter { $0.kernel is QuantizedConvKernel || $0.kernel is QuantizedAddKernel }.count }
+    public var integerSteps: Int { steps.filter { $0.kernel is IntegerStepKernel }.count }
     let inputSlots: [[Int]]
     let outputSlots: [[Int]]
     let freeAfter: [[Int]]
@@ -100,8 +100,7 @@ public final class CompiledGraph: @unchecked Sendable {
             let label = step.nodes.map { inferred.contexts[$0].node.opType }.joined(separator: "+") + " "
                 + (inferred.contexts[step.nodes[0]].node.name)
             let implementation = (step.kernel as? ConvKernel)?.plan?.implementation
-                ?? (step.kernel as? QuantizedConvKernel).map { "int8 " + $0.implementation }
-                ?? (step.kernel as? QuantizedAddKernel).map { "int8 add" + ($0.sourcePacked.allSatisfy { $0 } ? "" : " (unpacked operand)") }
+                ?? (step.kernel as? IntegerStepKernel).map { "int8 " + $0.integerImplementation }
                 ?? (step.kernel is QuantizeKernel ? "int8 quantize" : "")
             rows.append((label, implementation,
                          Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18))

@@ -44,7 +44,7 @@ enum StepPlanner {
         /// `soleReader`, unless a fused step already took that node.
         func freeReader(_ name: String) -> Int? { soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 } }
         for (i, ctx) in contexts.enumerated() where !inferred.folded[i] && !absorbed.contains(i) {
-            if options.fuse && options.fast && options.integer && ctx.node.opType == "Conv",
+            if options.fuse && options.fast && options.integer && (ctx.node.opType == "Conv" || ctx.node.opType == "Gemm"),
                let fused = try fuseQuantizedConvolution(i, inferred, soleReader: freeReader, producer: anyProducer) {
                 absorbed.formUnion(fused.nodes)
                 steps.append(fused)
@@ -52,6 +52,18 @@ enum StepPlanner {
             }
             if options.fuse && options.fast && options.integer && ctx.node.opType == "Add",
                let fused = fuseQuantizedAdd(i, inferred, soleReader: freeReader, producer: anyProducer) {
+                absorbed.formUnion(fused.nodes)
+                steps.append(fused)
+                continue
+            }
+            if options.fuse && options.fast && options.integer && ctx.node.opType == "GlobalAveragePool",
+               let fused = fuseQuantizedGlobalAveragePool(i, inferred, soleReader: freeReader, producer: anyProducer) {
+                absorbed.formUnion(fused.nodes)
+                steps.append(fused)
+                continue
+            }
+            if options.fuse && options.fast && options.integer && ctx.node.opType == "AveragePool",
+               let fused = try fuseQuantizedAveragePool(i, inferred, soleReader: freeReader, producer: anyProducer) {
                 absorbed.formUnion(fused.nodes)
                 steps.append(fused)
                 continue

@@ -25,9 +25,9 @@ extension StepPlanner {
         return (s, Int32(z ?? 0), type)
     }
 
-    /// The integer step for the Conv at `i`, or nil when the node is not the core of a QDQ group the integer path
-    /// runs exactly (2-D, int8 weights per tensor or per output channel with zero points 0, a per-tensor uint8 or
-    /// int8 input; on CPUs without VNNI, weights within 7 bits).
+    /// The integer step for the Conv or Gemm at `i`, or nil when the node is not the core of a QDQ group the integer
+    /// path runs exactly (2-D convolutions; Gemm without transA, alpha or beta; int8 weights per tensor or per output
+    /// channel with zero points 0, a per-tensor uint8 or int8 input; on CPUs without VNNI, weights within 7 bits).
     static func fuseQuantizedConvolution(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
                                          producer: [String: Int]) throws -> PlannedStep? {
         let contexts = inferred.contexts
@@ -42,14 +42,37 @@ extension StepPlanner {
               contexts[wq].optionalInput(2)?.constant.map({ $0.ints.allSatisfy { $0 == 0 } }) ?? true,
               ctx.optionalInput(2).map({ $0.constant != nil }) ?? true
         else { return nil }
-        let (x, window, outShape) = try Operators.convSetup(ctx)
-        guard x.rank == 4, codes.rank == 4 else { return nil }
-        let channels = codes.shape[0]
-        // Per tensor, or per output channel along axis 0.
-        if weightScales.count != 1 {
-            guard weightScales.count == channels, (try contexts[wq].int("axis", default: 1)) == 0 else { return nil }
+        // The convolution's geometry and its weights in OIHW order; a Gemm is a 1 × 1 convolution of [N, K, 1, 1]
+        // (onnxruntime's QGemm), its weights [M, K] (transB) or [K, M] transposed.
+        let g: Conv2DGeometry, outShape: [Int], weights: [Int8], channelAxis: Int
+        if ctx.node.opType == "Gemm" {
+            guard let x = ctx.optionalInput(0), x.rank == 2, codes.rank == 2,
+                  try ctx.float("alpha", default: 1) == 1, try ctx.float("beta", default: 1) == 1,
+                  try ctx.int("transA", default: 0) == 0 else { return nil }
+            let transposed = try ctx.int("transB", default: 0) != 0
+            let (k, m) = transposed ? (codes.shape[1], codes.shape[0]) : (codes.shape[0], codes.shape[1])
+            guard x.shape[1] == k else { return nil }
+            g = Conv2DGeometry(batch: x.shape[0], inChannels: k, height: 1, width: 1, outChannels: m, kernelH: 1, kernelW: 1,
+                               groups: 1, strides: (1, 1), dilations: (1, 1), pads: (0, 0, 0, 0))
+            outShape = [x.shape[0], m]
+            let values = codes.ints
+            weights = transposed ? values.map { Int8(truncatingIfNeeded: $0) }
+                : (0..<(m * k)).map { i in Int8(truncatingIfNeeded: values[(i % k) * m + i / k]) }
+            channelAxis = transposed ? 0 : 1
+        } else {
+            let (x, window, convOut) = try Operators.convSetup(ctx)
+            guard x.rank == 4, codes.rank == 4 else { return nil }
+            g = window.geometry(batch: x.shape[0], channels: x.shape[1], spatial: Array(x.shape[2...]),
+                                outChannels: codes.shape[0], groups: Int(try ctx.int("group", default: 1)))
+            outShape = convOut
+            weights = codes.ints.map { Int8(truncatingIfNeeded: $0) }
+            channelAxis = 0
         }
-        let weights = codes.ints.map { Int8(truncatingIfNeeded: $0) }
+        let channels = g.outChannels
+        // Per tensor, or per output channel.
+        if weightScales.count != 1 {
+            guard weightScales.count == channels, (try contexts[wq].int("axis", default: 1)) == channelAxis else { return nil }
+        }
         if !Kernels.integerDotProductsAreExact, weights.contains(where: { abs(Int($0)) > Int(Kernels.sevenBitWeightLimit) }) {
             return nil  // u8 × s8 pairs would saturate in int16 without VNNI: the float path is exact
         }
@@ -98,9 +121,6 @@ extension StepPlanner {
         case let op?: post = op
         case nil: post = .none
         }
-        let groups = Int(try ctx.int("group", default: 1))
-        let g = window.geometry(batch: x.shape[0], channels: x.shape[1], spatial: Array(x.shape[2...]),
-                                outChannels: channels, groups: groups)
         let requantization = Requantization(scales: productScales.map { $0 / outputScale }, sourceZero: input.zero,
                                             destinationZero: outputZero, post: post)
         let plan: QuantizedConvPlan
@@ -115,9 +135,22 @@ extension StepPlanner {
     }
 }
 
+/// A kernel of the integer path: it reads quantized bytes, packed (`PackedBytes`) when their producer is an integer
+/// step too, and writes them packed when every reader is one (`StepPlanner.packIntegerValues`).
+protocol IntegerStepKernel: NodeKernel {
+    /// What `CompiledGraph.profile` shows after "int8 ".
+    var integerImplementation: String { get }
+    /// Operand `position` arrives as packed bytes.
+    func setSourcePacked(_ position: Int)
+    /// Every reader takes packed bytes (not called for a step that writes float).
+    func setDestinationPacked()
+    /// Reads operand `position` in NHWC order (its producer computes in it): true when the step can.
+    func readsChannelsLast(_ position: Int) -> Bool
+}
+
 /// A QDQ group as one integer convolution (`StepPlanner.fuseQuantizedConvolution`): reads the quantized input,
 /// writes the quantized output (or float).
-final class QuantizedConvKernel: NodeKernel, @unchecked Sendable {
+final class QuantizedConvKernel: IntegerStepKernel, @unchecked Sendable {
     let plan: QuantizedConvPlan
     let outShape: [Int]
     var outputType: DataType { plan.destination.dataType }
@@ -128,6 +161,10 @@ final class QuantizedConvKernel: NodeKernel, @unchecked Sendable {
     }
 
     var implementation: String { plan.implementation }
+    var integerImplementation: String { plan.implementation }
+    func setSourcePacked(_ position: Int) { sourcePacked = true }
+    func setDestinationPacked() { destinationPacked = true }
+    func readsChannelsLast(_ position: Int) -> Bool { plan.computesSourceChannelsLast }
 
     /// Set by the step planner (`StepPlanner.packIntegerValues`): the input arrives as packed bytes.
     var sourcePacked = false
@@ -226,7 +263,7 @@ extension StepPlanner {
 }
 
 /// The integer residual sum (`StepPlanner.fuseQuantizedAdd`).
-final class QuantizedAddKernel: NodeKernel, @unchecked Sendable {
+final class QuantizedAddKernel: IntegerStepKernel, @unchecked Sendable {
     let ratioA: Float, ratioB: Float, zeroA: Float, zeroB: Float, zeroY: Float
     let low: Float, high: Float
     let type: DataType
@@ -279,6 +316,11 @@ final class QuantizedAddKernel: NodeKernel, @unchecked Sendable {
     /// Set by the step planner: which operands arrive as packed bytes, and whether the output is written packed.
     var sourcePacked = [false, false]
     var destinationPacked = false
+    var integerImplementation: String { "add" + (sourcePacked.allSatisfy { $0 } ? "" : " (unpacked operand)") }
+    func setSourcePacked(_ position: Int) { sourcePacked[position] = true }
+    func setDestinationPacked() { destinationPacked = true }
+    /// Element by element, in any order: the same for its operands and its sum (`packIntegerValues`).
+    func readsChannelsLast(_ position: Int) -> Bool { true }
 
     func run(_ inputs: [Tensor?]) throws -> [Tensor] {
         guard let a = inputs[0], let b = inputs[1] else { throw ONNXError(.invalidInput, "integer Add: missing operand") }
@@ -310,32 +352,27 @@ extension StepPlanner {
                 readers[name, default: []].append((i, position))
             }
         }
-        func integer(_ i: Int) -> Bool { steps[i].kernel is QuantizedConvKernel || steps[i].kernel is QuantizedAddKernel }
+        func integer(_ i: Int) -> IntegerStepKernel? { steps[i].kernel as? IntegerStepKernel }
         var producer: [String: Int] = [:]
         var packed = Set<String>()
-        for (i, step) in steps.enumerated() where integer(i) || step.kernel is QuantizeKernel {
+        for (i, step) in steps.enumerated() where integer(i) != nil || step.kernel is QuantizeKernel {
             let name = step.outputs[0]
             if let conv = step.kernel as? QuantizedConvKernel, conv.outputType == .float { continue }
-            guard !graphOutputs.contains(name), let uses = readers[name], !uses.isEmpty, uses.allSatisfy({ integer($0.step) }) else { continue }
+            guard !graphOutputs.contains(name), let uses = readers[name], !uses.isEmpty,
+                  uses.allSatisfy({ integer($0.step) != nil }) else { continue }
             packed.insert(name)
             producer[name] = i
-            (step.kernel as? QuantizedConvKernel)?.destinationPacked = true
-            (step.kernel as? QuantizedAddKernel)?.destinationPacked = true
+            integer(i)?.setDestinationPacked()
             (step.kernel as? QuantizeKernel)?.destinationPacked = true
-            for use in uses {
-                (steps[use.step].kernel as? QuantizedConvKernel)?.sourcePacked = true
-                (steps[use.step].kernel as? QuantizedAddKernel)?.sourcePacked[use.position] = true
-            }
+            for use in uses { integer(use.step)?.setSourcePacked(use.position) }
         }
-        // Packed values stay in NHWC order (what oneDNN's integer convolutions compute in) when their producer and
-        // every reader work in it; an Add works in any order, the same for its operands and its sum.
+        // Packed values stay in NHWC order (what oneDNN's integer convolutions compute in) when their producer
+        // computes in it and every reader can read it; an Add works in any order, the same for its operands and its
+        // sum.
         var channelsLast = packed.filter { name in
-            let p = steps[producer[name]!].kernel
-            if p is QuantizeKernel { return false }  // written in NCHW order
-            if let conv = p as? QuantizedConvKernel, !conv.plan.computesDestinationChannelsLast { return false }
-            return readers[name]!.allSatisfy { use in
-                (steps[use.step].kernel as? QuantizedConvKernel).map { $0.plan.computesSourceChannelsLast } ?? true
-            }
+            guard let conv = steps[producer[name]!].kernel as? QuantizedConvKernel, conv.plan.computesDestinationChannelsLast
+            else { return false }  // a quantize or a pooling step writes NCHW order
+            return readers[name]!.allSatisfy { integer($0.step)!.readsChannelsLast($0.position) }
         }
         var changed = true
         while changed {
@@ -350,7 +387,10 @@ extension StepPlanner {
         }
         for name in channelsLast {
             (steps[producer[name]!].kernel as? QuantizedConvKernel)?.destinationChannelsLast = true
-            for use in readers[name]! { (steps[use.step].kernel as? QuantizedConvKernel)?.sourceChannelsLast = true }
+            for use in readers[name]! {
+                (steps[use.step].kernel as? QuantizedConvKernel)?.sourceChannelsLast = true
+                (steps[use.step].kernel as? QuantizedGlobalAveragePoolKernel)?.sourceChannelsLast = true
+            }
         }
     }
 }
@@ -410,5 +450,171 @@ final class QuantizeKernel: NodeKernel, @unchecked Sendable {
             let out = py.assumingMemoryBound(to: UInt8.self)
             x.floats.withUnsafeBufferPointer { xs in Self.quantize(xs.baseAddress!, out, xs.count, s, z, lo, hi) }
         }]
+    }
+}
+
+extension StepPlanner {
+    /// `DequantizeLinear(x_q) → GlobalAveragePool → QuantizeLinear → y_q` (per tensor, uint8 or int8) as one integer
+    /// step (onnxruntime's QLinearGlobalAveragePool).
+    static func fuseQuantizedGlobalAveragePool(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
+                                               producer: [String: Int]) -> PlannedStep? {
+        let contexts = inferred.contexts
+        let pool = contexts[i]
+        guard let d = producer[pool.node.inputs[0]], contexts[d].node.opType == "DequantizeLinear", !inferred.folded[d],
+              let x = scalarQuantization(contexts[d]), let shape = contexts[d].optionalInput(0)?.shape, shape.count >= 3,
+              let q = soleReader(pool.node.outputs[0]), contexts[q].node.opType == "QuantizeLinear",
+              let y = scalarQuantization(contexts[q]), let out = inferred.outputs[q].first else { return nil }
+        let size = shape[2...].reduce(1, *)
+        guard size > 0, size < 1 << 24 else { return nil }
+        let kernel = QuantizedGlobalAveragePoolKernel(x: x, y: y, batch: shape[0], channels: shape[1], size: size, outShape: out.shape)
+        return PlannedStep(position: q, nodes: [i, q], inputs: [contexts[d].node.inputs[0]], outputs: contexts[q].node.outputs,
+                           kernel: kernel)
+    }
+}
+
+/// The integer global average pool (`StepPlanner.fuseQuantizedGlobalAveragePool`), as onnxruntime's MLAS computes
+/// it: per image and channel the int32 sum of the codes, then `y = round_half_even(clamp((Σx − z_x · HW) · m,
+/// qmin − z_y, qmax − z_y)) + z_y` in float with `m = s_x / (s_y · HW)`.
+final class QuantizedGlobalAveragePoolKernel: IntegerStepKernel, @unchecked Sendable {
+    let batch: Int, channels: Int, size: Int
+    let multiplier: Float
+    let bias: Int32
+    let zero: Int32, low: Float, high: Float
+    let sourceSigned: Bool
+    let type: DataType
+    let outShape: [Int]
+    var sourcePacked = false, destinationPacked = false
+    /// Set by the step planner: the packed input is in NHWC order.
+    var sourceChannelsLast = false
+
+    init(x: (scale: Float, zero: Int32, type: QuantizedType), y: (scale: Float, zero: Int32, type: QuantizedType),
+         batch: Int, channels: Int, size: Int, outShape: [Int]) {
+        (self.batch, self.channels, self.size, self.outShape) = (batch, channels, size, outShape)
+        multiplier = x.scale / (y.scale * Float(size))
+        bias = -x.zero * Int32(size)
+        zero = y.zero
+        (low, high) = (y.type.range!.lowerBound - Float(y.zero), y.type.range!.upperBound - Float(y.zero))
+        sourceSigned = x.type == .int8
+        type = y.type.dataType
+    }
+
+    var integerImplementation: String { "global average pool" + (sourceChannelsLast ? " (nhwc)" : "") }
+    func setSourcePacked(_ position: Int) { sourcePacked = true }
+    func setDestinationPacked() { destinationPacked = true }
+    func readsChannelsLast(_ position: Int) -> Bool { true }
+
+    func run(_ inputs: [Tensor?]) throws -> [Tensor] {
+        guard let x = inputs[0] else { throw ONNXError(.invalidInput, "integer GlobalAveragePool: missing input") }
+        let (n, c, hw) = (batch, channels, size)
+        return try PackedBytes.reading(x, packed: sourcePacked, count: n * c * hw) { source in
+            let bytes = source.assumingMemoryBound(to: UInt8.self)
+            // Σ per (image, channel), in NCHW or NHWC order.
+            var sums = [Int32](repeating: bias, count: n * c)
+            for b in 0..<n {
+                for ch in 0..<c {
+                    var sum: Int32 = 0
+                    for p in 0..<hw {
+                        let k = sourceChannelsLast ? (b * hw + p) * c + ch : (b * c + ch) * hw + p
+                        sum &+= sourceSigned ? Int32(Int8(bitPattern: bytes[k])) : Int32(bytes[k])
+                    }
+                    sums[b * c + ch] &+= sum
+                }
+            }
+            return [try PackedBytes.writing(count: n * c, shape: outShape, type: type, packed: destinationPacked) { out in
+                let y = out.assumingMemoryBound(to: UInt8.self)
+                for k in 0..<(n * c) {
+                    let v = Swift.min(Swift.max(Float(sums[k]) * multiplier, low), high)
+                    y[k] = UInt8(truncatingIfNeeded: Int32(v.rounded(.toNearestOrEven)) + zero)
+                }
+            }]
+        }
+    }
+}
+
+extension StepPlanner {
+    /// `DequantizeLinear(x_q) → AveragePool → QuantizeLinear → y_q` (per tensor, 2-D, explicit pads) as one integer
+    /// step (onnxruntime's QLinearAveragePool).
+    static func fuseQuantizedAveragePool(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
+                                         producer: [String: Int]) throws -> PlannedStep? {
+        let contexts = inferred.contexts
+        let pool = contexts[i]
+        guard let d = producer[pool.node.inputs[0]], contexts[d].node.opType == "DequantizeLinear", !inferred.folded[d],
+              let x = scalarQuantization(contexts[d]), let shape = contexts[d].optionalInput(0)?.shape, shape.count == 4,
+              let q = soleReader(pool.node.outputs[0]), contexts[q].node.opType == "QuantizeLinear",
+              let y = scalarQuantization(contexts[q]), let out = inferred.outputs[q].first, out.shape.count == 4,
+              try pool.string("auto_pad", default: "NOTSET") == "NOTSET",
+              let kernel = try pool.ints("kernel_shape"), kernel.count == 2,
+              (try pool.ints("dilations")).map({ $0.allSatisfy { $0 == 1 } }) ?? true else { return nil }
+        let strides = try pool.ints("strides") ?? [1, 1], pads = try pool.ints("pads") ?? [0, 0, 0, 0]
+        guard strides.count == 2, pads.count == 4, strides.allSatisfy({ $0 > 0 }), pads.allSatisfy({ $0 >= 0 }) else { return nil }
+        let kernelStep = QuantizedAveragePoolKernel(x: x, y: y, inShape: shape, outShape: out.shape, kernel: (kernel[0], kernel[1]),
+                                                    strides: (strides[0], strides[1]), pads: (pads[0], pads[1]),
+                                                    countIncludePad: try pool.int("count_include_pad", default: 0) != 0)
+        return PlannedStep(position: q, nodes: [i, q], inputs: [contexts[d].node.inputs[0]], outputs: contexts[q].node.outputs,
+                           kernel: kernelStep)
+    }
+}
+
+/// The integer average pool (`StepPlanner.fuseQuantizedAveragePool`), computed as onnxruntime's QLinearAveragePool:
+/// each code dequantized (`s_x · (x − z_x)`), summed in float in window order, divided by the window's count (the
+/// kernel's size with `count_include_pad`, else the in-image part), then `y = nearbyint(v / s_y + z_y)` saturated:
+/// the zero point added before rounding, unlike QuantizeLinear.
+final class QuantizedAveragePoolKernel: IntegerStepKernel, @unchecked Sendable {
+    let inShape: [Int], outShape: [Int]
+    let kernel: (h: Int, w: Int), strides: (h: Int, w: Int), pads: (top: Int, left: Int)
+    let countIncludePad: Bool
+    let sourceScale: Float, sourceZero: Int32, sourceSigned: Bool
+    let outputScale: Float, outputZero: Float, low: Float, high: Float
+    let type: DataType
+    var sourcePacked = false, destinationPacked = false
+
+    init(x: (scale: Float, zero: Int32, type: QuantizedType), y: (scale: Float, zero: Int32, type: QuantizedType),
+         inShape: [Int], outShape: [Int], kernel: (Int, Int), strides: (Int, Int), pads: (Int, Int), countIncludePad: Bool) {
+        (self.inShape, self.outShape, self.kernel, self.strides, self.pads) = (inShape, outShape, kernel, strides, pads)
+        self.countIncludePad = countIncludePad
+        (sourceScale, sourceZero, sourceSigned) = (x.scale, x.zero, x.type == .int8)
+        (outputScale, outputZero) = (y.scale, Float(y.zero))
+        (low, high) = (y.type.range!.lowerBound, y.type.range!.upperBound)
+        type = y.type.dataType
+    }
+
+    var integerImplementation: String { "average pool" }
+    func setSourcePacked(_ position: Int) { sourcePacked = true }
+    func setDestinationPacked() { destinationPacked = true }
+    func readsChannelsLast(_ position: Int) -> Bool { false }
+
+    func run(_ inputs: [Tensor?]) throws -> [Tensor] {
+        guard let x = inputs[0] else { throw ONNXError(.invalidInput, "integer AveragePool: missing input") }
+        let (planes, height, width) = (inShape[0] * inShape[1], inShape[2], inShape[3])
+        let (outH, outW) = (outShape[2], outShape[3])
+        return try PackedBytes.reading(x, packed: sourcePacked, count: inShape.reduce(1, *)) { source in
+            let bytes = source.assumingMemoryBound(to: UInt8.self)
+            // The 256 dequantized values a code can take, as onnxruntime computes each.
+            let table = (0..<256).map { b -> Float in
+                let code = sourceSigned ? Int32(Int8(bitPattern: UInt8(b))) : Int32(b)
+                return sourceScale * Float(code - sourceZero)
+            }
+            return [try PackedBytes.writing(count: planes * outH * outW, shape: outShape, type: type, packed: destinationPacked) { out in
+                let y = out.assumingMemoryBound(to: UInt8.self)
+                for p in 0..<planes {
+                    let plane = bytes + p * height * width
+                    for oh in 0..<outH {
+                        let hStart = oh * strides.h - pads.top, hEnd = min(hStart + kernel.h, height)
+                        for ow in 0..<outW {
+                            let wStart = ow * strides.w - pads.left, wEnd = min(wStart + kernel.w, width)
+                            var sum: Float = 0
+                            for h in max(hStart, 0)..<max(hEnd, max(hStart, 0)) {
+                                for w in max(wStart, 0)..<max(wEnd, max(wStart, 0)) { sum += table[Int(plane[h * width + w])] }
+                            }
+                            let count = countIncludePad ? kernel.h * kernel.w
+                                : max(hEnd - max(hStart, 0), 0) * max(wEnd - max(wStart, 0), 0)
+                            let v = (sum / Float(max(count, 1)) / outputScale + outputZero).rounded(.toNearestOrEven)
+                            let c = v.isNaN ? outputZero : Swift.min(Swift.max(v, low), high)
+                            y[(p * outH + oh) * outW + ow] = UInt8(truncatingIfNeeded: Int32(c))
+                        }
+                    }
+                }
+            }]
+        }
     }
 }

@@ -5,7 +5,7 @@ import WhittleONNX
 import WhittleTensor
 import WhittleTestSupport
 
-/// QDQ models exported by Whittle run their convolutions as integer kernels (`KernelOptions.integer`), and agree
+/// QDQ models exported by Whittle run their convolutions, Gemm and pooling as integer kernels (`KernelOptions.integer`), and agree
 /// with the float simulation of the same file (every QuantizeLinear, DequantizeLinear and float op on its own).
 @Suite struct IntegerExecutionTests {
     /// Against the float simulation the integer path differs where a requantized value rounds the other way (one
@@ -31,8 +31,9 @@ import WhittleTestSupport
         let (q, _, _, data) = try QDQExportTests.quantize(policy)
         let integer = try InferenceSession(model: q)
         let simulated = try InferenceSession(model: q, options: KernelOptions(integer: false))
-        let convolutions = q.graph.nodes.filter { $0.opType == "Conv" }.count
-        #expect(try integer.compiled(batchSize: data.count).integerSteps == convolutions, "\(label): every Conv")
+        // Every Conv, the Gemm head and the global average pool before it.
+        let groups = q.graph.nodes.filter { ["Conv", "Gemm", "GlobalAveragePool"].contains($0.opType) }.count
+        #expect(try integer.compiled(batchSize: data.count).integerSteps == groups, "\(label): every Conv, Gemm and pool")
         #expect(try simulated.compiled(batchSize: data.count).integerSteps == 0)
         let a = try integer.firstOutput(data.samples), b = try simulated.firstOutput(data.samples)
         #expect(a.shape == b.shape)

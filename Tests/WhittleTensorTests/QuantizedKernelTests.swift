@@ -82,16 +82,18 @@ import WhittleTestSupport
 
     /// A hand-computed case: one 2×2 window over a 2×2 u8 image with zero point 10, weights (1, −2, 3, −4), bias 5:
     /// a = 5 + (12−10)·1 + (10−10)·(−2) + (14−10)·3 + (6−10)·(−4) = 35; scale 0.4 → 14, plus zero point 3 → 17.
-    /// At a tie (scale 0.5: 17.5) ONNX rounds before adding the zero point (18 + 3 = 21), oneDNN after (20.5 → 20):
-    /// one step, on exact halves only.
+    /// At a tie (scale 0.5: 17.5) ONNX and onnxruntime round before adding the zero point (18 + 3 = 21); oneDNN adds
+    /// it first (20.5 → 20), and in float32 a value just below a half can become one (−17.499994 + 146 = 128.5), so a
+    /// plan with a zero point requantizes itself: every case gives the formula's value.
     @Test func integerConvolutionHandComputed() throws {
         let g = Conv2DGeometry(batch: 1, inChannels: 1, height: 2, width: 2, outChannels: 1, kernelH: 2, kernelW: 2)
         let x: [Int32] = [12, 10, 14, 6], w: [Int8] = [1, -2, 3, -4]
-        for (scale, expected, onednn) in [(Float(0.4), Float(17), Float(17)), (0.5, 21, 20)] {
-            let r = Requantization(scales: [scale], sourceZero: 10, destinationZero: 3)
-            #expect(Kernels.quantizedConv2dReference(g, input: x, weights: w, bias: [5], requantization: r, destination: .uint8) == [expected])
-            let plan = try QuantizedConvPlan(g, source: .uint8, destination: .uint8, weights: w, bias: [5], requantization: r)
-            #expect(try Self.run(plan, x) == [onednn])
+        for (scale, zero, expected) in [(Float(0.4), Int32(3), Float(17)), (0.5, 3, 21), (0.5, 4, 22), (0.5, -3, 15)] {
+            let r = Requantization(scales: [scale], sourceZero: 10, destinationZero: zero)
+            let type: QuantizedType = zero < 0 ? .int8 : .uint8
+            #expect(Kernels.quantizedConv2dReference(g, input: x, weights: w, bias: [5], requantization: r, destination: type) == [expected])
+            let plan = try QuantizedConvPlan(g, source: .uint8, destination: type, weights: w, bias: [5], requantization: r)
+            #expect(try Self.run(plan, x) == [expected], "scale \(scale), zero point \(zero)")
         }
     }
 

@@ -56,9 +56,11 @@ def test_demo_qdq_runs_as_onnxruntime_does(policy, coordinator, tmp_path):
     profile = coordinator("model", "bench", quantized, "--batch-size", "4", "--iterations", "1", "--profile").stdout
     convolutions = [line for line in profile.splitlines() if "Conv" in line]
     assert len(convolutions) == 5 and all(" int8 " in line for line in convolutions), profile  # all on integer kernels
-    assert "5 QDQ groups on integer kernels" in profile, profile
+    assert any("Gemm" in line and " int8 " in line for line in profile.splitlines()), profile
+    assert any("GlobalAveragePool" in line and " int8 global average pool" in line for line in profile.splitlines()), profile
+    assert "7 QDQ groups on integer kernels" in profile, profile  # 5 Conv, the pool and the Gemm head
     timed = json.loads(coordinator("model", "bench", quantized, "--batch-size", "2", "--iterations", "1", "--json").stdout)
-    assert timed["integerSteps"] == 5
+    assert timed["integerSteps"] == 7
     assert json.loads(coordinator("model", "bench", DEMO, "--batch-size", "2", "--iterations", "1", "--json").stdout)["integerSteps"] == 0
 
 
