@@ -12,6 +12,7 @@ extension Operators {
             return [ValueMeta(dtype: x.dtype, shape: shape)]
         }) { ctx, inputs in
             let x = inputs[0]!
+            if let y = try bilinearImage(ctx, x, inputs) { return [y] }
             var values = x.floats
             var current = x.shape
             for (axis, taps) in try resizeTaps(ctx, x.shape, inputs) {
@@ -136,6 +137,48 @@ extension Operators {
             return x - x.rounded(.down) == 0.5 ? Int(x.rounded(.down)) : Int(x.rounded(.toNearestOrAwayFromZero))
         default: throw ctx.error(.invalidAttribute, "nearest_mode '\(mode)' is not supported")
         }
+    }
+
+    /// Linear resizing of the last two axes of an `[N, C, H, W]` tensor, in onnxruntime's arithmetic (its
+    /// UpsampleBilinear): per output row and column the source coordinate clamped to the image, the two neighbours and
+    /// their distances d1 = |s − lo|, d2 = |s − hi| (½ each at the last row or column), and
+    /// `y = dx2·dy2·X[lo, lo] + dx1·dy2·X[lo, hi] + dx2·dy1·X[hi, lo] + dx1·dy1·X[hi, hi]` evaluated in that order, so
+    /// a quantized model's values round as they do there. Nil for other resizes (the separable path runs them).
+    static func bilinearImage(_ ctx: NodeContext, _ x: Tensor, _ inputs: [Tensor?]) throws -> Tensor? {
+        guard x.rank == 4, try ctx.string("mode", default: "nearest") == "linear" else { return nil }
+        let (shape, scales) = try resizeTarget(ctx, x.shape, inputs)
+        guard shape[0] == x.shape[0], shape[1] == x.shape[1], scales[0] == 1, scales[1] == 1 else { return nil }
+        let transform = try ctx.string("coordinate_transformation_mode", default: "half_pixel")
+        func neighbours(_ axis: Int) throws -> [(lo: Int, hi: Int, d1: Float, d2: Float)] {
+            let n = x.shape[axis], m = shape[axis]
+            return try (0..<m).map { i in
+                var s = scales[axis] == 1 ? Float(i)
+                    : try sourceCoordinate(ctx, Float(i), scale: scales[axis], inSize: n, outSize: m, transform)
+                s = Swift.max(0, Swift.min(s, Float(n - 1)))
+                let lo = Swift.min(Int(s), n - 1), hi = Swift.min(lo + 1, n - 1)
+                return lo == hi ? (lo, hi, 0.5, 0.5) : (lo, hi, abs(s - Float(lo)), abs(s - Float(hi)))
+            }
+        }
+        let rows = try neighbours(2), columns = try neighbours(3)
+        let (planes, h, w) = (x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+        let (outH, outW) = (shape[2], shape[3])
+        let values = makeFloats(planes * outH * outW) { y in
+            x.floats.withUnsafeBufferPointer { xs in
+                for p in 0..<planes {
+                    let plane = p * h * w
+                    for (r, row) in rows.enumerated() {
+                        let top = plane + row.lo * w, bottom = plane + row.hi * w
+                        for (c, column) in columns.enumerated() {
+                            y[(p * outH + r) * outW + c] = column.d2 * row.d2 * xs[top + column.lo]
+                                + column.d1 * row.d2 * xs[top + column.hi]
+                                + column.d2 * row.d1 * xs[bottom + column.lo]
+                                + column.d1 * row.d1 * xs[bottom + column.hi]
+                        }
+                    }
+                }
+            }
+        }
+        return Tensor(shape: shape, floats: values)
     }
 
     /// Resamples along `axis`: output index i mixes input indices taps[i].0 and taps[i].1 with weight taps[i].2.
