@@ -465,7 +465,20 @@ wk_qconv *wk_qconv_create(int64_t n, int64_t c, int64_t h, int64_t w, int64_t oc
     CHECK(make_attr(&attr, post, 0));
     CHECK(dnnl_primitive_attr_set_output_scales(attr, scale_count, scale_count == 1 ? 0 : 1 << 1, scales));
     if (src_zero != 0) CHECK(dnnl_primitive_attr_set_zero_points(attr, DNNL_ARG_SRC, 1, 0, &src_zero));
-    if (dst_zero != 0) CHECK(dnnl_primitive_attr_set_zero_points(attr, DNNL_ARG_DST, 1, 0, &dst_zero));
+    if (dst_zero != 0 && dst_type != WK_F32) {
+        // oneDNN's destination zero point is added in float before rounding, which moves values near a half across
+        // it (-17.499994 + 146 is 128.5 in float32). Rounding first (eltwise round: half to even) and adding the
+        // zero point to the integer after (exact) gives ONNX's round(v) + z.
+        dnnl_post_ops_t ops = NULL;
+        CHECK(dnnl_post_ops_create(&ops));
+        dnnl_status_t st = dnnl_success;
+        if (post.kind != WK_ELTWISE_NONE) st = dnnl_post_ops_append_eltwise(ops, 1.0f, eltwise_alg(post.kind), post.alpha, post.beta);
+        if (st == dnnl_success) st = dnnl_post_ops_append_eltwise(ops, 1.0f, dnnl_eltwise_round, 0.0f, 0.0f);
+        if (st == dnnl_success) st = dnnl_post_ops_append_eltwise(ops, 1.0f, dnnl_eltwise_linear, 1.0f, (float)dst_zero);
+        if (st == dnnl_success) st = dnnl_primitive_attr_set_post_ops(attr, ops);
+        dnnl_post_ops_destroy(ops);
+        CHECK(st);
+    }
     CHECK(dnnl_primitive_desc_create(&pd, &desc, attr, g_engine, NULL));
     const dnnl_memory_desc_t *w_chosen = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
     const dnnl_memory_desc_t *src_chosen = dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0);

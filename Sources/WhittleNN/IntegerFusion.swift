@@ -508,16 +508,33 @@ final class QuantizedGlobalAveragePoolKernel: IntegerStepKernel, @unchecked Send
         let (n, c, hw) = (batch, channels, size)
         return try PackedBytes.reading(x, packed: sourcePacked, count: n * c * hw) { source in
             let bytes = source.assumingMemoryBound(to: UInt8.self)
-            // Σ per (image, channel), in NCHW or NHWC order.
+            // Σ per (image, channel): along each channel's run in NCHW order, or pixel by pixel over the channels'
+            // row in NHWC order (contiguous either way, so the loops vectorize).
             var sums = [Int32](repeating: bias, count: n * c)
-            for b in 0..<n {
-                for ch in 0..<c {
-                    var sum: Int32 = 0
-                    for p in 0..<hw {
-                        let k = sourceChannelsLast ? (b * hw + p) * c + ch : (b * c + ch) * hw + p
-                        sum &+= sourceSigned ? Int32(Int8(bitPattern: bytes[k])) : Int32(bytes[k])
+            sums.withUnsafeMutableBufferPointer { sums in
+                for b in 0..<n {
+                    if sourceChannelsLast {
+                        let row = sums.baseAddress! + b * c
+                        for p in 0..<hw {
+                            let pixel = bytes + (b * hw + p) * c
+                            if sourceSigned {
+                                for ch in 0..<c { row[ch] &+= Int32(Int8(bitPattern: pixel[ch])) }
+                            } else {
+                                for ch in 0..<c { row[ch] &+= Int32(pixel[ch]) }
+                            }
+                        }
+                    } else {
+                        for ch in 0..<c {
+                            let run = bytes + (b * c + ch) * hw
+                            var sum: Int32 = 0
+                            if sourceSigned {
+                                for p in 0..<hw { sum &+= Int32(Int8(bitPattern: run[p])) }
+                            } else {
+                                for p in 0..<hw { sum &+= Int32(run[p]) }
+                            }
+                            sums[b * c + ch] &+= sum
+                        }
                     }
-                    sums[b * c + ch] &+= sum
                 }
             }
             return [try PackedBytes.writing(count: n * c, shape: outShape, type: type, packed: destinationPacked) { out in

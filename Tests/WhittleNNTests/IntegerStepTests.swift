@@ -81,4 +81,68 @@ import WhittleTensor
             }
         }
     }
+
+    static func tensor(_ name: String, _ shape: [Int], floats: [Float]) -> Initializer { Initializer(name: name, tensor: Tensor(shape: shape, floats: floats)) }
+    static func codes(_ name: String, _ shape: [Int], _ values: [Int64], _ type: DataType) -> Initializer {
+        Initializer(name: name, tensor: Tensor(shape: shape, ints: values, dtype: type))
+    }
+    static func pooled(_ op: Node, zeros: (Int64, Int64), scales: (Float, Float), x: [Int64], shape: [Int]) throws -> (Tensor, Tensor, Int) {
+        let nodes = [Node(opType: "DequantizeLinear", name: "dx", inputs: ["x", "sx", "zx"], outputs: ["fx"]), op,
+                     Node(opType: "QuantizeLinear", name: "q", inputs: ["pooled", "sy", "zy"], outputs: ["y"])]
+        let graph = Graph(name: "pool", nodes: nodes, inputs: [ValueInfo(name: "x", elementType: .uint8, shape: shape.map { .value($0) })],
+                          outputs: [ValueInfo(name: "y", elementType: .uint8, shape: nil)],
+                          initializers: [Self.scalar("sx", scales.0), Self.zero("zx", zeros.0), Self.scalar("sy", scales.1), Self.zero("zy", zeros.1)])
+        let model = Model(graph: graph, opset: 13)
+        let steps = try InferenceSession(model: model).compiled(shapes: ["x": (.uint8, shape)]).integerSteps
+        let (a, b) = try Self.both(model, ["x": Tensor(shape: shape, ints: x, dtype: .uint8)])
+        return (a, b, steps)
+    }
+
+    /// QLinearGlobalAveragePool's arithmetic: s_x 0.5, z_x 10, s_y 0.25, z_y 3. Channel 0: Σ(10, 12, 14, 17) − 4·10 = 13,
+    /// 13 · 0.5 / (0.25 · 4) = 6.5 → 6 (half to even) + 3 = 9; channel 1: (1 − 40) · 0.5 = −19.5 → clamped to −3 → 0.
+    /// The float simulation agrees.
+    @Test func globalAveragePoolSumsCodes() throws {
+        let (a, b, steps) = try Self.pooled(Node(opType: "GlobalAveragePool", name: "gap", inputs: ["fx"], outputs: ["pooled"]),
+                                            zeros: (10, 3), scales: (0.5, 0.25), x: [10, 12, 14, 17, 0, 0, 0, 1], shape: [1, 2, 2, 2])
+        #expect(steps == 1)
+        #expect(a.ints == [9, 0] && a.shape == [1, 2, 1, 1])
+        #expect(a == b)
+    }
+
+    /// QLinearAveragePool adds the output zero point before rounding: codes (10, 11, 12, 12), s_x 1, z_x 10 dequantize
+    /// to (0, 1, 2, 2); their mean 1.25 / s_y 0.5 = 2.5, + z_y 3 = 5.5 → 6 as onnxruntime computes it, where the float
+    /// simulation's QuantizeLinear rounds 2.5 to 2 first: 5.
+    @Test func averagePoolRoundsAsOnnxRuntime() throws {
+        let pool = Node(opType: "AveragePool", name: "pool", inputs: ["fx"], outputs: ["pooled"],
+                        attributes: [Attribute("kernel_shape", .ints([2, 2])), Attribute("strides", .ints([2, 2]))])
+        let (a, b, steps) = try Self.pooled(pool, zeros: (10, 3), scales: (1, 0.5), x: [10, 11, 12, 12], shape: [1, 1, 2, 2])
+        #expect(steps == 1)
+        #expect(a.ints == [6] && b.ints == [5])
+    }
+
+    /// A QDQ Gemm as a 1 × 1 integer convolution: x codes (12, 8) with z_x 10 and s_x 0.5, W (1, 2; 3, −1; 0, 4) with
+    /// per-row scales (0.1, 0.2, 0.05), int32 bias (6, −3, 0) of scale s_x · s_w: accumulators (4, 5, −8), times
+    /// (0.05, 0.1, 0.025) / s_y 0.1 = (2, 5, −2), + z_y 128 = (130, 133, 126), as the float simulation computes.
+    @Test func gemmRunsAsAnIntegerConvolution() throws {
+        let nodes = [
+            Node(opType: "DequantizeLinear", name: "dx", inputs: ["x", "sx", "zx"], outputs: ["fx"]),
+            Node(opType: "DequantizeLinear", name: "dw", inputs: ["w", "sw", "zw"], outputs: ["fw"], attributes: [Attribute("axis", .int(0))]),
+            Node(opType: "DequantizeLinear", name: "db", inputs: ["b", "sb", "zb"], outputs: ["fb"], attributes: [Attribute("axis", .int(0))]),
+            Node(opType: "Gemm", name: "gemm", inputs: ["fx", "fw", "fb"], outputs: ["z"], attributes: [Attribute("transB", .int(1))]),
+            Node(opType: "QuantizeLinear", name: "q", inputs: ["z", "sy", "zy"], outputs: ["y"]),
+        ]
+        let graph = Graph(name: "gemm", nodes: nodes, inputs: [ValueInfo(name: "x", elementType: .uint8, shape: [.value(1), .value(2)])],
+                          outputs: [ValueInfo(name: "y", elementType: .uint8, shape: nil)],
+                          initializers: [Self.scalar("sx", 0.5), Self.zero("zx", 10),
+                                         Self.codes("w", [3, 2], [1, 2, 3, -1, 0, 4], .int8), Self.tensor("sw", [3], floats: [0.1, 0.2, 0.05]),
+                                         Self.codes("zw", [3], [0, 0, 0], .int8),
+                                         Self.codes("b", [3], [6, -3, 0], .int32), Self.tensor("sb", [3], floats: [0.5 * 0.1, 0.5 * 0.2, 0.5 * 0.05]),
+                                         Self.codes("zb", [3], [0, 0, 0], .int32),
+                                         Self.scalar("sy", 0.1), Self.zero("zy", 128)])
+        let model = Model(graph: graph, opset: 13)
+        #expect(try InferenceSession(model: model).compiled(shapes: ["x": (.uint8, [1, 2])]).integerSteps == 1)
+        let (a, b) = try Self.both(model, ["x": Tensor(shape: [1, 2], ints: [12, 8], dtype: .uint8)])
+        #expect(a.ints == [130, 133, 126])
+        #expect(a == b)
+    }
 }

@@ -84,7 +84,7 @@ import WhittleTestSupport
     /// a = 5 + (12−10)·1 + (10−10)·(−2) + (14−10)·3 + (6−10)·(−4) = 35; scale 0.4 → 14, plus zero point 3 → 17.
     /// At a tie (scale 0.5: 17.5) ONNX and onnxruntime round before adding the zero point (18 + 3 = 21); oneDNN adds
     /// it first (20.5 → 20), and in float32 a value just below a half can become one (−17.499994 + 146 = 128.5), so a
-    /// plan with a zero point requantizes itself: every case gives the formula's value.
+    /// plan with a zero point rounds in a post-op and adds the zero point after: every case gives the formula's value.
     @Test func integerConvolutionHandComputed() throws {
         let g = Conv2DGeometry(batch: 1, inChannels: 1, height: 2, width: 2, outChannels: 1, kernelH: 2, kernelW: 2)
         let x: [Int32] = [12, 10, 14, 6], w: [Int8] = [1, -2, 3, -4]

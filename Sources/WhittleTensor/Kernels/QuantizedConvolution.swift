@@ -69,11 +69,6 @@ public final class QuantizedConvPlan: @unchecked Sendable {
     public let source: QuantizedType
     public let destination: QuantizedType
     private let handle: OpaquePointer
-    /// oneDNN adds the destination zero point before rounding (in float, with the scaling: `fma(a, scale, zero)`),
-    /// which differs from rounding first (the formula, and onnxruntime's MLAS) at ties when the zero point is odd, and
-    /// near them for any zero point (−17.499994 + 146 is 128.5 in float32): a plan with a zero point computes float
-    /// and requantizes itself.
-    private let requantizesAfterwards: (zero: Int32, low: Float, high: Float)?
 
     /// `weights` as `[OC, C/groups, KH, KW]`, `bias` `[OC]` or nil.
     public init(_ g: Conv2DGeometry, source: QuantizedType, destination: QuantizedType, weights: [Int8], bias: [Int32]?,
@@ -92,10 +87,6 @@ public final class QuantizedConvPlan: @unchecked Sendable {
         geometry = g
         self.source = source
         self.destination = destination
-        let shifted = destination != .float && r.destinationZero != 0
-        requantizesAfterwards = shifted ? (r.destinationZero, destination.range!.lowerBound - Float(r.destinationZero),
-                                           destination.range!.upperBound - Float(r.destinationZero)) : nil
-        let computed = shifted ? QuantizedType.float : destination
         handle = try withErrorBuffer { err, len in
             weights.withUnsafeBufferPointer { w in
                 r.scales.withUnsafeBufferPointer { s in
@@ -105,8 +96,8 @@ public final class QuantizedConvPlan: @unchecked Sendable {
                             Int64(g.outHeight), Int64(g.outWidth), Int64(g.kernelH), Int64(g.kernelW), Int64(g.groups),
                             Int64(g.strideH), Int64(g.strideW), Int64(g.dilationH), Int64(g.dilationW),
                             Int64(g.padTop), Int64(g.padLeft), Int64(g.padBottom), Int64(g.padRight),
-                            source.c, computed.c, w.baseAddress, b, s.baseAddress, Int64(s.count),
-                            r.sourceZero, computed == .float ? 0 : r.destinationZero, r.post.c, err, len)
+                            source.c, destination.c, w.baseAddress, b, s.baseAddress, Int64(s.count),
+                            r.sourceZero, destination == .float ? 0 : r.destinationZero, r.post.c, err, len)
                     }
                 }
             }
@@ -123,27 +114,8 @@ public final class QuantizedConvPlan: @unchecked Sendable {
     /// (`computesSourceChannelsLast`, `computesDestinationChannelsLast`), and is not converted.
     public func run(_ src: UnsafeRawPointer, _ dst: UnsafeMutableRawPointer, sourceChannelsLast: Bool = false,
                     destinationChannelsLast: Bool = false) throws {
-        let layout = (sourceChannelsLast ? Int32(1) : 0, destinationChannelsLast ? Int32(1) : 0)
-        guard let (zero, low, high) = requantizesAfterwards else {
-            return try runChecked { err, len in wk_qconv_run_layout(handle, src, dst, layout.0, layout.1, err, len) }
-        }
-        let count = geometry.outputShape.reduce(1, *)
-        let scaled = UnsafeMutablePointer<Float>.allocate(capacity: count)
-        defer { scaled.deallocate() }
-        try runChecked { err, len in wk_qconv_run_layout(handle, src, scaled, layout.0, layout.1, err, len) }
-        Self.roundThenShift(scaled, dst.assumingMemoryBound(to: UInt8.self), count, zero, low, high)
-    }
-
-    /// `y = round_half_even(clamp(v, low, high)) + zero` as bytes (low and high already shifted by the zero point).
-    /// Rounding by the 1.5 · 2²³ addition (exact for |v| < 2²²) and bounds hoisted, so the loop vectorizes.
-    @inline(never)
-    static func roundThenShift(_ v: UnsafePointer<Float>, _ y: UnsafeMutablePointer<UInt8>, _ count: Int, _ zero: Int32,
-                               _ low: Float, _ high: Float) {
-        let magic: Float = 12_582_912
-        for k in 0..<count {
-            let c = v[k] < low ? low : (v[k] > high ? high : v[k])
-            let n = (Int32(bitPattern: (c + magic).bitPattern) &- 0x4B40_0000) &+ zero
-            y[k] = UInt8(truncatingIfNeeded: n)
+        try runChecked { err, len in
+            wk_qconv_run_layout(handle, src, dst, sourceChannelsLast ? 1 : 0, destinationChannelsLast ? 1 : 0, err, len)
         }
     }
 
