@@ -62,6 +62,12 @@ enum StepPlanner {
                 steps.append(fused)
                 continue
             }
+            if options.fuse && options.fast && options.integer && ctx.node.opType == "MaxPool",
+               let fused = try fuseQuantizedMaxPool(i, inferred, soleReader: freeReader, producer: anyProducer) {
+                absorbed.formUnion(fused.nodes)
+                steps.append(fused)
+                continue
+            }
             if options.fuse && options.fast && options.integer && ctx.node.opType == "AveragePool",
                let fused = try fuseQuantizedAveragePool(i, inferred, soleReader: freeReader, producer: anyProducer) {
                 absorbed.formUnion(fused.nodes)

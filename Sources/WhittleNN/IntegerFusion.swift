@@ -635,3 +635,79 @@ final class QuantizedAveragePoolKernel: IntegerStepKernel, @unchecked Sendable {
         }
     }
 }
+
+extension StepPlanner {
+    /// `DequantizeLinear(x_q) → MaxPool → QuantizeLinear → y_q` with the same scale, zero point and type on both sides
+    /// (as QDQ export writes it): the maximum of the codes, exactly (quantization is monotonic), as onnxruntime's
+    /// integer MaxPool computes it. 2-D, explicit pads, no dilation, one output.
+    static func fuseQuantizedMaxPool(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
+                                     producer: [String: Int]) throws -> PlannedStep? {
+        let contexts = inferred.contexts
+        let pool = contexts[i]
+        guard pool.node.outputs.count == 1 || pool.node.outputs.dropFirst().allSatisfy(\.isEmpty),
+              let d = producer[pool.node.inputs[0]], contexts[d].node.opType == "DequantizeLinear", !inferred.folded[d],
+              let x = scalarQuantization(contexts[d]), let shape = contexts[d].optionalInput(0)?.shape, shape.count == 4,
+              let q = soleReader(pool.node.outputs[0]), contexts[q].node.opType == "QuantizeLinear",
+              let y = scalarQuantization(contexts[q]), x.scale == y.scale, x.zero == y.zero, x.type == y.type,
+              let out = inferred.outputs[q].first, out.shape.count == 4,
+              try pool.string("auto_pad", default: "NOTSET") == "NOTSET",
+              let kernel = try pool.ints("kernel_shape"), kernel.count == 2,
+              (try pool.ints("dilations")).map({ $0.allSatisfy { $0 == 1 } }) ?? true else { return nil }
+        let strides = try pool.ints("strides") ?? [1, 1], pads = try pool.ints("pads") ?? [0, 0, 0, 0]
+        guard strides.count == 2, pads.count == 4, strides.allSatisfy({ $0 > 0 }), pads.allSatisfy({ $0 >= 0 }) else { return nil }
+        let step = QuantizedMaxPoolKernel(type: x.type, inShape: shape, outShape: out.shape, kernel: (kernel[0], kernel[1]),
+                                          strides: (strides[0], strides[1]), pads: (pads[0], pads[1]))
+        return PlannedStep(position: q, nodes: [i, q], inputs: [contexts[d].node.inputs[0]], outputs: contexts[q].node.outputs,
+                           kernel: step)
+    }
+}
+
+/// The integer max pool (`StepPlanner.fuseQuantizedMaxPool`): per window the largest code (as int8 or uint8).
+final class QuantizedMaxPoolKernel: IntegerStepKernel, @unchecked Sendable {
+    let inShape: [Int], outShape: [Int]
+    let kernel: (h: Int, w: Int), strides: (h: Int, w: Int), pads: (top: Int, left: Int)
+    let signed: Bool
+    let type: DataType
+    var sourcePacked = false, destinationPacked = false
+
+    init(type: QuantizedType, inShape: [Int], outShape: [Int], kernel: (Int, Int), strides: (Int, Int), pads: (Int, Int)) {
+        (self.inShape, self.outShape, self.kernel, self.strides, self.pads) = (inShape, outShape, kernel, strides, pads)
+        signed = type == .int8
+        self.type = type.dataType
+    }
+
+    var integerImplementation: String { "max pool" }
+    func setSourcePacked(_ position: Int) { sourcePacked = true }
+    func setDestinationPacked() { destinationPacked = true }
+    func readsChannelsLast(_ position: Int) -> Bool { false }
+
+    func run(_ inputs: [Tensor?]) throws -> [Tensor] {
+        guard let x = inputs[0] else { throw ONNXError(.invalidInput, "integer MaxPool: missing input") }
+        let (planes, height, width) = (inShape[0] * inShape[1], inShape[2], inShape[3])
+        let (outH, outW) = (outShape[2], outShape[3])
+        // Signed codes compare as unsigned after flipping the sign bit (−128…127 → 0…255).
+        let flip: UInt8 = signed ? 0x80 : 0
+        return try PackedBytes.reading(x, packed: sourcePacked, count: inShape.reduce(1, *)) { source in
+            let bytes = source.assumingMemoryBound(to: UInt8.self)
+            return [try PackedBytes.writing(count: planes * outH * outW, shape: outShape, type: type, packed: destinationPacked) { out in
+                let y = out.assumingMemoryBound(to: UInt8.self)
+                for p in 0..<planes {
+                    let plane = bytes + p * height * width
+                    for oh in 0..<outH {
+                        let hStart = Swift.max(oh * strides.h - pads.top, 0), hEnd = Swift.min(oh * strides.h - pads.top + kernel.h, height)
+                        for ow in 0..<outW {
+                            let wStart = Swift.max(ow * strides.w - pads.left, 0), wEnd = Swift.min(ow * strides.w - pads.left + kernel.w, width)
+                            var best: UInt8 = 0
+                            if hStart < hEnd && wStart < wEnd {
+                                for h in hStart..<hEnd {
+                                    for w in wStart..<wEnd { best = Swift.max(best, plane[h * width + w] ^ flip) }
+                                }
+                            }
+                            y[(p * outH + oh) * outW + ow] = best ^ flip
+                        }
+                    }
+                }
+            }]
+        }
+    }
+}

@@ -145,4 +145,15 @@ import WhittleTensor
         #expect(a.ints == [130, 133, 126])
         #expect(a == b)
     }
+
+    /// MaxPool between QDQ pairs of the same parameters takes the largest code: 2 × 2 windows, stride 1, padded at the
+    /// bottom and right, over codes (10, 250; 3, 7) give (250, 250; 7, 7), as the float simulation does.
+    @Test func maxPoolTakesTheLargestCode() throws {
+        let pool = Node(opType: "MaxPool", name: "pool", inputs: ["fx"], outputs: ["pooled"],
+                        attributes: [Attribute("kernel_shape", .ints([2, 2])), Attribute("pads", .ints([0, 0, 1, 1]))])
+        let (a, b, steps) = try Self.pooled(pool, zeros: (3, 3), scales: (0.5, 0.5), x: [10, 250, 3, 7], shape: [1, 1, 2, 2])
+        #expect(steps == 1)
+        #expect(a.ints == [250, 250, 7, 7])
+        #expect(a == b)
+    }
 }
