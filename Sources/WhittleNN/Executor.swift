@@ -27,11 +27,14 @@ public final class CompiledGraph: @unchecked Sendable {
     /// observer of a fused run sees them.
     public init(graph: Graph, opset: Int64, inputs: [String: (DataType, [Int])], options: KernelOptions = KernelOptions(),
                 observable: Set<String> = []) throws {
-        let inferred = try ShapeInference.infer(graph, opset: opset, inputs: inputs)
-        self.inferred = inferred
+        let planned = try ShapeInference.infer(graph, opset: opset, inputs: inputs)
         inputNames = graph.runtimeInputs.map(\.name)
         outputNames = graph.outputs.map(\.name)
-        steps = try StepPlanner.plan(inferred, graphOutputs: Set(outputNames).union(observable), options: options)
+        steps = try StepPlanner.plan(planned, graphOutputs: Set(outputNames).union(observable), options: options)
+        // Constants no step reads (weights a kernel holds in its own layout, the float copies of quantized weights
+        // folded from their DequantizeLinear) are not kept: a quantized model's float weights do not stay resident.
+        let inferred = planned.keepingConstants(Set(steps.flatMap(\.inputs)).union(outputNames))
+        self.inferred = inferred
         var slotOf: [String: Int] = [:]
         func slot(_ name: String) -> Int {
             if let s = slotOf[name] { return s }

@@ -19,6 +19,28 @@ public struct InferredGraph: Sendable {
     public var macs: [Int]
 }
 
+extension InferredGraph {
+    /// The same graph with constant values only for `names` (every other value keeps its type and shape).
+    func keepingConstants(_ names: Set<String>) -> InferredGraph {
+        func kept(_ name: String, _ meta: ValueMeta?) -> ValueMeta? {
+            guard var meta, meta.constant != nil, !names.contains(name) else { return meta }
+            meta.constant = nil
+            return meta
+        }
+        var out = self
+        out.values = Dictionary(uniqueKeysWithValues: values.map { ($0.key, kept($0.key, $0.value)!) })
+        out.contexts = contexts.map { ctx in
+            NodeContext(node: ctx.node, inputs: ctx.inputs.enumerated().map { k, meta in
+                k < ctx.node.inputs.count ? kept(ctx.node.inputs[k], meta) : meta
+            }, opset: ctx.opset)
+        }
+        out.outputs = zip(contexts, outputs).map { ctx, metas in
+            metas.enumerated().map { k, meta in k < ctx.node.outputs.count ? kept(ctx.node.outputs[k], meta)! : meta }
+        }
+        return out
+    }
+}
+
 public enum ShapeInference {
     /// Largest output (in elements) folded into a constant; bigger values are computed at run time. A
     /// DequantizeLinear of constants (a QDQ model's weights) is always folded, so quantized weights are expanded once.
