@@ -12,7 +12,8 @@ weights, uint8 activations, minmax on 64 images: the demo's test images, random 
 also pruned at 0.5 and quantized, for the combined speed-up. For every file, batch and thread count it times
 `coordinator model bench` and onnxruntime (CPUExecutionProvider, all optimizations), best of three, and prints
 images/s, Whittle's speed-up of each compressed file over its float base, and Whittle / onnxruntime on the same
-file. Writes benchmarks/last-integer.json. Goals: the demo's QDQ file at least 2x its float base at batch 1 and 32
+file. Then the resident memory (VmRSS) of a `model bench` process holding each float and compressed file. Writes
+benchmarks/last-integer.json. Goals: the demo's QDQ file at least 2x its float base at batch 1 and 32
 on 1 thread; Whittle at least 1.0x onnxruntime on the QDQ files; pruned + quantized ResNet-18 at least 4x its float
 base at batch 1 on 1 thread.
 """
@@ -45,6 +46,21 @@ def whittle(binary, path, batch, threads, iterations, repeats):
                               "--json"], capture_output=True, text=True, check=True)
         best = max(best, json.loads(out.stdout)["imagesPerSecond"])
     return best
+
+
+def resident_kib(binary, path, seconds=4.0):
+    """Resident memory of a `model bench` process holding the model (batch 1, 1 thread), read from /proc after it
+    has compiled and run for a few seconds: what a worker holding that model keeps."""
+    import time
+    process = subprocess.Popen([str(binary), "model", "bench", str(path), "--batch-size", "1", "--threads", "1",
+                                "--iterations", "100000000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(seconds)
+        status = pathlib.Path(f"/proc/{process.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+    finally:
+        process.kill()
+        process.wait()
 
 
 def main():
@@ -94,8 +110,14 @@ def main():
                     rows.append(row)
                     print(f"{label:<30}{batch:>6}{threads:>4}{floats:>13.0f}{ours:>12.0f}{ours / floats:>8.2f}x"
                           f"{theirs:>16.0f}{ours / theirs:>7.2f}x")
+        print(f"\n{'model':<30}{'float MiB':>11}{'int8 MiB':>10}{'ratio':>8}   (resident memory while running, batch 1)")
+        memory = []
+        for label, base, compressed in variants:
+            floats, ours = resident_kib(binary, base), resident_kib(binary, compressed)
+            memory.append({"model": label, "floatKiB": floats, "compressedKiB": ours})
+            print(f"{label:<30}{floats / 1024:>11.1f}{ours / 1024:>10.1f}{floats / ours:>7.2f}x")
     (ROOT / "benchmarks" / "last-integer.json").write_text(
-        json.dumps({"machine": machine.describe(), "rows": rows}, indent=2) + "\n")
+        json.dumps({"machine": machine.describe(), "rows": rows, "residentMemory": memory}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,12 @@ void wk_tune_allocator(void) {
 #endif
 }
 
+void wk_release_free_memory(void) {
+#if defined(__GLIBC__)
+    malloc_trim(0);
+#endif
+}
+
 void wk_set_num_threads(int n) { if (n > 0) omp_set_num_threads(n); }
 int wk_get_max_threads(void) { return omp_get_max_threads(); }
 

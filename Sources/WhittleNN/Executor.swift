@@ -168,6 +168,9 @@ public final class InferenceSession: @unchecked Sendable {
         options.fuse = options.fuse && fused
         let graph = try CompiledGraph(graph: model.graph, opset: opset, inputs: shapes, options: options, observable: observable)
         cache[key] = graph
+        // Planning decoded and folded every weight (a quantized model's codes widened, their float copies); what the
+        // compiled graph does not keep goes back to the system rather than staying in the heap.
+        ComputeThreads.releaseFreeMemory()
         return graph
     }
 

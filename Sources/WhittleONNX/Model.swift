@@ -282,20 +282,38 @@ public enum AttributeValue: Sendable {
 /// such initializers are still written back exactly as read.
 public struct Initializer: Sendable {
     public let name: String
-    public private(set) var tensor: Tensor?
+    /// The decoded value (nil for element types Whittle does not decode). Quantized codes (int8, uint8, int4, uint4)
+    /// are kept only as their stored bytes and decoded on each access (`Tensor` holds integers as Int64, eight times
+    /// an int8 weight), so a quantized model stays resident at a byte, or half of one, per weight.
+    public var tensor: Tensor? {
+        if let decoded { return decoded }
+        return Self.keptAsBytes(elementType) ? try? TensorCoding.decodeIfSupported(proto) : nil
+    }
+    private var decoded: Tensor?
     /// The declared element type (also for tensors Whittle does not decode).
     public private(set) var elementType: DataType
     /// The declared shape.
     public private(set) var shape: [Int]
     var proto: Onnx_TensorProto
 
+    /// Element types kept as stored bytes and decoded on access (see `tensor`).
+    static func keptAsBytes(_ type: DataType) -> Bool { [.int8, .uint8, .int4, .uint4].contains(type) }
+
+    /// Whether `tensor` is kept only as its encoded bytes: a quantized type whose values all fit it (an in-memory
+    /// tensor may hold a value its type cannot, which encoding would truncate; it is kept decoded, so the value
+    /// stays what it was and the operators refuse it).
+    static func keptAsBytes(_ tensor: Tensor) -> Bool {
+        guard keptAsBytes(tensor.dtype), let range = tensor.dtype.integerRange else { return false }
+        return tensor.ints.allSatisfy { range.contains($0) }
+    }
+
     /// A new initializer holding `tensor`.
     public init(name: String, tensor: Tensor) {
         self.name = name
-        self.tensor = tensor
         self.elementType = tensor.dtype
         self.shape = tensor.shape
         self.proto = TensorCoding.encode(tensor, name: name)
+        self.decoded = Self.keptAsBytes(tensor) ? nil : tensor
     }
 
     init(proto: Onnx_TensorProto, externalData: ExternalDataLoader?) throws {
@@ -307,7 +325,9 @@ public struct Initializer: Sendable {
         self.proto = proto
         self.elementType = DataType(rawValue: proto.dataType) ?? .undefined
         self.shape = try TensorCoding.shape(of: proto)
-        self.tensor = try TensorCoding.decodeIfSupported(proto)
+        // Decoded once here either way, so malformed data is refused when the model is read.
+        let value = try TensorCoding.decodeIfSupported(proto)
+        self.decoded = Self.keptAsBytes(elementType) ? nil : value
     }
 
     /// The same initializer under another name.
@@ -319,7 +339,7 @@ public struct Initializer: Sendable {
 
     init(name: String, tensor: Tensor?, elementType: DataType, shape: [Int], proto: Onnx_TensorProto) {
         self.name = name
-        self.tensor = tensor
+        self.decoded = tensor.map { Self.keptAsBytes($0) } ?? false ? nil : tensor
         self.elementType = elementType
         self.shape = shape
         self.proto = proto
@@ -328,7 +348,7 @@ public struct Initializer: Sendable {
     /// Replaces the value (for example after pruning); the proto written back is re-encoded from it.
     public mutating func setTensor(_ newValue: Tensor) {
         let docString = proto.docString
-        tensor = newValue
+        decoded = Self.keptAsBytes(newValue) ? nil : newValue
         elementType = newValue.dtype
         shape = newValue.shape
         proto = TensorCoding.encode(newValue, name: name)

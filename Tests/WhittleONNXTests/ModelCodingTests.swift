@@ -93,6 +93,17 @@ import WhittleTestSupport
         #expect(try TensorCoding.decode(h).floats == [1, -2])
     }
 
+    /// Quantized codes are kept as their encoded bytes and decoded on access, unchanged; a value its type cannot hold
+    /// keeps the initializer decoded, so it is not silently truncated.
+    @Test func quantizedInitializersRoundTripThroughTheirBytes() throws {
+        for (type, values) in [(DataType.int8, [Int64(-128), -1, 0, 127]), (.uint8, [0, 1, 200, 255]), (.int4, [-8, -1, 0, 7]), (.uint4, [0, 3, 9, 15])] {
+            let i = Initializer(name: "w", tensor: Tensor(shape: [2, 2], ints: values, dtype: type))
+            #expect(i.tensor?.ints == values && i.tensor?.dtype == type && i.tensor?.shape == [2, 2], "\(type)")
+        }
+        let wide = Initializer(name: "z", tensor: Tensor(shape: [], ints: [256], dtype: .uint8))
+        #expect(wide.tensor?.ints == [256])
+    }
+
     @Test func refusesTensorsWhoseDataDoesNotMatchTheirShape() {
         var t = Onnx_TensorProto()
         t.name = "w"

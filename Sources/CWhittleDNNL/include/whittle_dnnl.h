@@ -43,6 +43,9 @@ typedef struct {
 /// activation-sized arrays each training step allocates are reused instead of mapped, faulted and zeroed again.
 void wk_tune_allocator(void);
 
+/// Returns the heap's free memory to the system (glibc malloc_trim), for after a one-off peak such as compiling a model.
+void wk_release_free_memory(void);
+
 /// Sets the OpenMP thread count used by oneDNN (and, through the same runtime, by later calls).
 void wk_set_num_threads(int n);
 int wk_get_max_threads(void);

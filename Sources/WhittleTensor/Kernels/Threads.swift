@@ -13,6 +13,10 @@ public enum ComputeThreads {
     /// The number of threads OpenMP (and so oneDNN) will use.
     public static var current: Int { Int(wk_get_max_threads()) }
 
+    /// Returns the heap's free memory to the system (glibc's malloc_trim; `wk_tune_allocator` keeps freed buffers
+    /// for reuse otherwise).
+    public static func releaseFreeMemory() { wk_release_free_memory() }
+
     /// Runs `body` with the compute threads pinned one to a core (thread i on the i-th CPU this process may use), so
     /// the operating system does not move them between cores while it is timed; afterwards they run anywhere again.
     /// `pinned` tells `body` whether pinning took (it does not where affinities cannot be set).
