@@ -146,6 +146,13 @@ protocol IntegerStepKernel: NodeKernel {
     func setDestinationPacked()
     /// Reads operand `position` in NHWC order (its producer computes in it): true when the step can.
     func readsChannelsLast(_ position: Int) -> Bool
+    /// Operand `position` arrives in NHWC order (only called where `readsChannelsLast` said it can).
+    func setSourceChannelsLast(_ position: Int)
+}
+
+extension IntegerStepKernel {
+    /// Nothing to set for a step that reads any order alike (an Add) or never NHWC.
+    func setSourceChannelsLast(_ position: Int) {}
 }
 
 /// A QDQ group as one integer convolution (`StepPlanner.fuseQuantizedConvolution`): reads the quantized input,
@@ -165,6 +172,7 @@ final class QuantizedConvKernel: IntegerStepKernel, @unchecked Sendable {
     func setSourcePacked(_ position: Int) { sourcePacked = true }
     func setDestinationPacked() { destinationPacked = true }
     func readsChannelsLast(_ position: Int) -> Bool { plan.computesSourceChannelsLast }
+    func setSourceChannelsLast(_ position: Int) { sourceChannelsLast = true }
 
     /// Set by the step planner (`StepPlanner.packIntegerValues`): the input arrives as packed bytes.
     var sourcePacked = false
@@ -387,10 +395,7 @@ extension StepPlanner {
         }
         for name in channelsLast {
             (steps[producer[name]!].kernel as? QuantizedConvKernel)?.destinationChannelsLast = true
-            for use in readers[name]! {
-                (steps[use.step].kernel as? QuantizedConvKernel)?.sourceChannelsLast = true
-                (steps[use.step].kernel as? QuantizedGlobalAveragePoolKernel)?.sourceChannelsLast = true
-            }
+            for use in readers[name]! { integer(use.step)!.setSourceChannelsLast(use.position) }
         }
     }
 }
@@ -454,21 +459,66 @@ final class QuantizeKernel: NodeKernel, @unchecked Sendable {
 }
 
 extension StepPlanner {
+    /// The per-tensor quantization around node `i`: `DequantizeLinear(x_q) → node → QuantizeLinear → y_q`, with the
+    /// QuantizeLinear the node's sole reader. The DequantizeLinear and QuantizeLinear nodes, their parameters, the
+    /// quantized input's shape and the output's.
+    typealias Sandwich = (dequantize: Int, x: (scale: Float, zero: Int32, type: QuantizedType), inShape: [Int],
+                          quantize: Int, y: (scale: Float, zero: Int32, type: QuantizedType), outShape: [Int])
+    static func quantizedSandwich(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
+                                  producer: [String: Int]) -> Sandwich? {
+        let contexts = inferred.contexts
+        let node = contexts[i].node
+        guard let d = producer[node.inputs[0]], contexts[d].node.opType == "DequantizeLinear", !inferred.folded[d],
+              let x = scalarQuantization(contexts[d]), let inShape = contexts[d].optionalInput(0)?.shape,
+              let q = soleReader(node.outputs[0]), contexts[q].node.opType == "QuantizeLinear",
+              let y = scalarQuantization(contexts[q]), let out = inferred.outputs[q].first else { return nil }
+        return (d, x, inShape, q, y, out.shape)
+    }
+
+    /// The step of a sandwich around node `i` (reading the quantized input, writing the quantized output).
+    static func step(_ i: Int, _ sandwich: Sandwich, _ inferred: InferredGraph, kernel: any NodeKernel) -> PlannedStep {
+        PlannedStep(position: sandwich.quantize, nodes: [i, sandwich.quantize],
+                    inputs: [inferred.contexts[sandwich.dequantize].node.inputs[0]],
+                    outputs: inferred.contexts[sandwich.quantize].node.outputs, kernel: kernel)
+    }
+
     /// `DequantizeLinear(x_q) → GlobalAveragePool → QuantizeLinear → y_q` (per tensor, uint8 or int8) as one integer
     /// step (onnxruntime's QLinearGlobalAveragePool).
     static func fuseQuantizedGlobalAveragePool(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
                                                producer: [String: Int]) -> PlannedStep? {
-        let contexts = inferred.contexts
-        let pool = contexts[i]
-        guard let d = producer[pool.node.inputs[0]], contexts[d].node.opType == "DequantizeLinear", !inferred.folded[d],
-              let x = scalarQuantization(contexts[d]), let shape = contexts[d].optionalInput(0)?.shape, shape.count >= 3,
-              let q = soleReader(pool.node.outputs[0]), contexts[q].node.opType == "QuantizeLinear",
-              let y = scalarQuantization(contexts[q]), let out = inferred.outputs[q].first else { return nil }
-        let size = shape[2...].reduce(1, *)
+        guard let s = quantizedSandwich(i, inferred, soleReader: soleReader, producer: producer), s.inShape.count >= 3
+        else { return nil }
+        let size = s.inShape[2...].reduce(1, *)
         guard size > 0, size < 1 << 24 else { return nil }
-        let kernel = QuantizedGlobalAveragePoolKernel(x: x, y: y, batch: shape[0], channels: shape[1], size: size, outShape: out.shape)
-        return PlannedStep(position: q, nodes: [i, q], inputs: [contexts[d].node.inputs[0]], outputs: contexts[q].node.outputs,
-                           kernel: kernel)
+        return step(i, s, inferred, kernel: QuantizedGlobalAveragePoolKernel(x: s.x, y: s.y, batch: s.inShape[0], channels: s.inShape[1],
+                                                                            size: size, outShape: s.outShape))
+    }
+
+    /// The 2-D window of a MaxPool or AveragePool the integer pools run (explicit pads, no dilation), or nil.
+    static func integerPoolWindow(_ ctx: NodeContext, _ s: Sandwich) throws -> Window? {
+        guard s.inShape.count == 4, s.outShape.count == 4, try ctx.string("auto_pad", default: "NOTSET") == "NOTSET"
+        else { return nil }
+        let (_, window) = try Operators.poolSetup(ctx)
+        guard window.kernel.count == 2, window.dilations.allSatisfy({ $0 == 1 }),
+              window.output == Array(s.outShape[2...]) else { return nil }
+        return window
+    }
+}
+
+extension Window {
+    /// Calls `body(output index, rows, columns)` for each window over one `height × width` plane (2-D windows): the
+    /// rows and columns of the image it covers, empty where it lies in the padding.
+    func forEachWindow(height: Int, width: Int, _ body: (Int, Range<Int>, Range<Int>) -> Void) {
+        let (outH, outW) = (output[0], output[1])
+        for oh in 0..<outH {
+            let top = oh * strides[0] - pads[0]
+            let rows = Swift.max(top, 0)..<Swift.max(Swift.min(top + kernel[0], height), Swift.max(top, 0))
+            for ow in 0..<outW {
+                let left = ow * strides[1] - pads[1]
+                let columns = Swift.max(left, 0)..<Swift.max(Swift.min(left + kernel[1], width), Swift.max(left, 0))
+                body(oh * outW + ow, rows, columns)
+            }
+        }
     }
 }
 
@@ -502,6 +552,7 @@ final class QuantizedGlobalAveragePoolKernel: IntegerStepKernel, @unchecked Send
     func setSourcePacked(_ position: Int) { sourcePacked = true }
     func setDestinationPacked() { destinationPacked = true }
     func readsChannelsLast(_ position: Int) -> Bool { true }
+    func setSourceChannelsLast(_ position: Int) { sourceChannelsLast = true }
 
     func run(_ inputs: [Tensor?]) throws -> [Tensor] {
         guard let x = inputs[0] else { throw ONNXError(.invalidInput, "integer GlobalAveragePool: missing input") }
@@ -549,26 +600,16 @@ final class QuantizedGlobalAveragePoolKernel: IntegerStepKernel, @unchecked Send
 }
 
 extension StepPlanner {
-    /// `DequantizeLinear(x_q) → AveragePool → QuantizeLinear → y_q` (per tensor, 2-D, explicit pads) as one integer
-    /// step (onnxruntime's QLinearAveragePool).
+    /// `DequantizeLinear(x_q) → AveragePool → QuantizeLinear → y_q` (per tensor, 2-D) as one integer step
+    /// (onnxruntime's QLinearAveragePool).
     static func fuseQuantizedAveragePool(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
                                          producer: [String: Int]) throws -> PlannedStep? {
-        let contexts = inferred.contexts
-        let pool = contexts[i]
-        guard let d = producer[pool.node.inputs[0]], contexts[d].node.opType == "DequantizeLinear", !inferred.folded[d],
-              let x = scalarQuantization(contexts[d]), let shape = contexts[d].optionalInput(0)?.shape, shape.count == 4,
-              let q = soleReader(pool.node.outputs[0]), contexts[q].node.opType == "QuantizeLinear",
-              let y = scalarQuantization(contexts[q]), let out = inferred.outputs[q].first, out.shape.count == 4,
-              try pool.string("auto_pad", default: "NOTSET") == "NOTSET",
-              let kernel = try pool.ints("kernel_shape"), kernel.count == 2,
-              (try pool.ints("dilations")).map({ $0.allSatisfy { $0 == 1 } }) ?? true else { return nil }
-        let strides = try pool.ints("strides") ?? [1, 1], pads = try pool.ints("pads") ?? [0, 0, 0, 0]
-        guard strides.count == 2, pads.count == 4, strides.allSatisfy({ $0 > 0 }), pads.allSatisfy({ $0 >= 0 }) else { return nil }
-        let kernelStep = QuantizedAveragePoolKernel(x: x, y: y, inShape: shape, outShape: out.shape, kernel: (kernel[0], kernel[1]),
-                                                    strides: (strides[0], strides[1]), pads: (pads[0], pads[1]),
-                                                    countIncludePad: try pool.int("count_include_pad", default: 0) != 0)
-        return PlannedStep(position: q, nodes: [i, q], inputs: [contexts[d].node.inputs[0]], outputs: contexts[q].node.outputs,
-                           kernel: kernelStep)
+        let pool = inferred.contexts[i]
+        guard let s = quantizedSandwich(i, inferred, soleReader: soleReader, producer: producer),
+              let window = try integerPoolWindow(pool, s) else { return nil }
+        return step(i, s, inferred, kernel: QuantizedAveragePoolKernel(
+            x: s.x, y: s.y, inShape: s.inShape, outShape: s.outShape, window: window,
+            countIncludePad: try pool.int("count_include_pad", default: 0) != 0))
     }
 }
 
@@ -578,18 +619,21 @@ extension StepPlanner {
 /// the zero point added before rounding, unlike QuantizeLinear.
 final class QuantizedAveragePoolKernel: IntegerStepKernel, @unchecked Sendable {
     let inShape: [Int], outShape: [Int]
-    let kernel: (h: Int, w: Int), strides: (h: Int, w: Int), pads: (top: Int, left: Int)
+    let window: Window
     let countIncludePad: Bool
-    let sourceScale: Float, sourceZero: Int32, sourceSigned: Bool
+    /// The 256 dequantized values a code can take, as onnxruntime computes each (`s_x · (x − z_x)`).
+    let dequantized: [Float]
     let outputScale: Float, outputZero: Float, low: Float, high: Float
     let type: DataType
     var sourcePacked = false, destinationPacked = false
 
     init(x: (scale: Float, zero: Int32, type: QuantizedType), y: (scale: Float, zero: Int32, type: QuantizedType),
-         inShape: [Int], outShape: [Int], kernel: (Int, Int), strides: (Int, Int), pads: (Int, Int), countIncludePad: Bool) {
-        (self.inShape, self.outShape, self.kernel, self.strides, self.pads) = (inShape, outShape, kernel, strides, pads)
-        self.countIncludePad = countIncludePad
-        (sourceScale, sourceZero, sourceSigned) = (x.scale, x.zero, x.type == .int8)
+         inShape: [Int], outShape: [Int], window: Window, countIncludePad: Bool) {
+        (self.inShape, self.outShape, self.window, self.countIncludePad) = (inShape, outShape, window, countIncludePad)
+        dequantized = (0..<256).map { b in
+            let code = x.type == .int8 ? Int32(Int8(bitPattern: UInt8(b))) : Int32(b)
+            return x.scale * Float(code - x.zero)
+        }
         (outputScale, outputZero) = (y.scale, Float(y.zero))
         (low, high) = (y.type.range!.lowerBound, y.type.range!.upperBound)
         type = y.type.dataType
@@ -603,32 +647,22 @@ final class QuantizedAveragePoolKernel: IntegerStepKernel, @unchecked Sendable {
     func run(_ inputs: [Tensor?]) throws -> [Tensor] {
         guard let x = inputs[0] else { throw ONNXError(.invalidInput, "integer AveragePool: missing input") }
         let (planes, height, width) = (inShape[0] * inShape[1], inShape[2], inShape[3])
-        let (outH, outW) = (outShape[2], outShape[3])
+        let outputs = outShape[2] * outShape[3], kernelSize = window.kernel[0] * window.kernel[1]
         return try PackedBytes.reading(x, packed: sourcePacked, count: inShape.reduce(1, *)) { source in
             let bytes = source.assumingMemoryBound(to: UInt8.self)
-            // The 256 dequantized values a code can take, as onnxruntime computes each.
-            let table = (0..<256).map { b -> Float in
-                let code = sourceSigned ? Int32(Int8(bitPattern: UInt8(b))) : Int32(b)
-                return sourceScale * Float(code - sourceZero)
-            }
-            return [try PackedBytes.writing(count: planes * outH * outW, shape: outShape, type: type, packed: destinationPacked) { out in
+            return [try PackedBytes.writing(count: planes * outputs, shape: outShape, type: type, packed: destinationPacked) { out in
                 let y = out.assumingMemoryBound(to: UInt8.self)
                 for p in 0..<planes {
                     let plane = bytes + p * height * width
-                    for oh in 0..<outH {
-                        let hStart = oh * strides.h - pads.top, hEnd = min(hStart + kernel.h, height)
-                        for ow in 0..<outW {
-                            let wStart = ow * strides.w - pads.left, wEnd = min(wStart + kernel.w, width)
-                            var sum: Float = 0
-                            for h in max(hStart, 0)..<max(hEnd, max(hStart, 0)) {
-                                for w in max(wStart, 0)..<max(wEnd, max(wStart, 0)) { sum += table[Int(plane[h * width + w])] }
-                            }
-                            let count = countIncludePad ? kernel.h * kernel.w
-                                : max(hEnd - max(hStart, 0), 0) * max(wEnd - max(wStart, 0), 0)
-                            let v = (sum / Float(max(count, 1)) / outputScale + outputZero).rounded(.toNearestOrEven)
-                            let c = v.isNaN ? outputZero : Swift.min(Swift.max(v, low), high)
-                            y[(p * outH + oh) * outW + ow] = UInt8(truncatingIfNeeded: Int32(c))
+                    window.forEachWindow(height: height, width: width) { k, rows, columns in
+                        var sum: Float = 0
+                        for h in rows {
+                            for w in columns { sum += dequantized[Int(plane[h * width + w])] }
                         }
+                        let count = countIncludePad ? kernelSize : rows.count * columns.count
+                        let v = (sum / Float(max(count, 1)) / outputScale + outputZero).rounded(.toNearestOrEven)
+                        let c = v.isNaN ? outputZero : Swift.min(Swift.max(v, low), high)
+                        y[p * outputs + k] = UInt8(truncatingIfNeeded: Int32(c))
                     }
                 }
             }]
@@ -639,39 +673,29 @@ final class QuantizedAveragePoolKernel: IntegerStepKernel, @unchecked Sendable {
 extension StepPlanner {
     /// `DequantizeLinear(x_q) → MaxPool → QuantizeLinear → y_q` with the same scale, zero point and type on both sides
     /// (as QDQ export writes it): the maximum of the codes, exactly (quantization is monotonic), as onnxruntime's
-    /// integer MaxPool computes it. 2-D, explicit pads, no dilation, one output.
+    /// integer MaxPool computes it. 2-D, no dilation, one output.
     static func fuseQuantizedMaxPool(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
                                      producer: [String: Int]) throws -> PlannedStep? {
-        let contexts = inferred.contexts
-        let pool = contexts[i]
-        guard pool.node.outputs.count == 1 || pool.node.outputs.dropFirst().allSatisfy(\.isEmpty),
-              let d = producer[pool.node.inputs[0]], contexts[d].node.opType == "DequantizeLinear", !inferred.folded[d],
-              let x = scalarQuantization(contexts[d]), let shape = contexts[d].optionalInput(0)?.shape, shape.count == 4,
-              let q = soleReader(pool.node.outputs[0]), contexts[q].node.opType == "QuantizeLinear",
-              let y = scalarQuantization(contexts[q]), x.scale == y.scale, x.zero == y.zero, x.type == y.type,
-              let out = inferred.outputs[q].first, out.shape.count == 4,
-              try pool.string("auto_pad", default: "NOTSET") == "NOTSET",
-              let kernel = try pool.ints("kernel_shape"), kernel.count == 2,
-              (try pool.ints("dilations")).map({ $0.allSatisfy { $0 == 1 } }) ?? true else { return nil }
-        let strides = try pool.ints("strides") ?? [1, 1], pads = try pool.ints("pads") ?? [0, 0, 0, 0]
-        guard strides.count == 2, pads.count == 4, strides.allSatisfy({ $0 > 0 }), pads.allSatisfy({ $0 >= 0 }) else { return nil }
-        let step = QuantizedMaxPoolKernel(type: x.type, inShape: shape, outShape: out.shape, kernel: (kernel[0], kernel[1]),
-                                          strides: (strides[0], strides[1]), pads: (pads[0], pads[1]))
-        return PlannedStep(position: q, nodes: [i, q], inputs: [contexts[d].node.inputs[0]], outputs: contexts[q].node.outputs,
-                           kernel: step)
+        let pool = inferred.contexts[i]
+        guard pool.node.outputs.dropFirst().allSatisfy(\.isEmpty),
+              let s = quantizedSandwich(i, inferred, soleReader: soleReader, producer: producer),
+              s.x.scale == s.y.scale, s.x.zero == s.y.zero, s.x.type == s.y.type,
+              let window = try integerPoolWindow(pool, s) else { return nil }
+        return step(i, s, inferred, kernel: QuantizedMaxPoolKernel(type: s.x.type, inShape: s.inShape, outShape: s.outShape,
+                                                                   window: window))
     }
 }
 
 /// The integer max pool (`StepPlanner.fuseQuantizedMaxPool`): per window the largest code (as int8 or uint8).
 final class QuantizedMaxPoolKernel: IntegerStepKernel, @unchecked Sendable {
     let inShape: [Int], outShape: [Int]
-    let kernel: (h: Int, w: Int), strides: (h: Int, w: Int), pads: (top: Int, left: Int)
+    let window: Window
     let signed: Bool
     let type: DataType
     var sourcePacked = false, destinationPacked = false
 
-    init(type: QuantizedType, inShape: [Int], outShape: [Int], kernel: (Int, Int), strides: (Int, Int), pads: (Int, Int)) {
-        (self.inShape, self.outShape, self.kernel, self.strides, self.pads) = (inShape, outShape, kernel, strides, pads)
+    init(type: QuantizedType, inShape: [Int], outShape: [Int], window: Window) {
+        (self.inShape, self.outShape, self.window) = (inShape, outShape, window)
         signed = type == .int8
         self.type = type.dataType
     }
@@ -684,27 +708,22 @@ final class QuantizedMaxPoolKernel: IntegerStepKernel, @unchecked Sendable {
     func run(_ inputs: [Tensor?]) throws -> [Tensor] {
         guard let x = inputs[0] else { throw ONNXError(.invalidInput, "integer MaxPool: missing input") }
         let (planes, height, width) = (inShape[0] * inShape[1], inShape[2], inShape[3])
-        let (outH, outW) = (outShape[2], outShape[3])
-        // Signed codes compare as unsigned after flipping the sign bit (−128…127 → 0…255).
+        let outputs = outShape[2] * outShape[3]
+        // Signed codes compare as unsigned after flipping the sign bit (−128…127 → 0…255); a window entirely in the
+        // padding gives the type's least value.
         let flip: UInt8 = signed ? 0x80 : 0
         return try PackedBytes.reading(x, packed: sourcePacked, count: inShape.reduce(1, *)) { source in
             let bytes = source.assumingMemoryBound(to: UInt8.self)
-            return [try PackedBytes.writing(count: planes * outH * outW, shape: outShape, type: type, packed: destinationPacked) { out in
+            return [try PackedBytes.writing(count: planes * outputs, shape: outShape, type: type, packed: destinationPacked) { out in
                 let y = out.assumingMemoryBound(to: UInt8.self)
                 for p in 0..<planes {
                     let plane = bytes + p * height * width
-                    for oh in 0..<outH {
-                        let hStart = Swift.max(oh * strides.h - pads.top, 0), hEnd = Swift.min(oh * strides.h - pads.top + kernel.h, height)
-                        for ow in 0..<outW {
-                            let wStart = Swift.max(ow * strides.w - pads.left, 0), wEnd = Swift.min(ow * strides.w - pads.left + kernel.w, width)
-                            var best: UInt8 = 0
-                            if hStart < hEnd && wStart < wEnd {
-                                for h in hStart..<hEnd {
-                                    for w in wStart..<wEnd { best = Swift.max(best, plane[h * width + w] ^ flip) }
-                                }
-                            }
-                            y[(p * outH + oh) * outW + ow] = best ^ flip
+                    window.forEachWindow(height: height, width: width) { k, rows, columns in
+                        var best: UInt8 = 0
+                        for h in rows {
+                            for w in columns { best = Swift.max(best, plane[h * width + w] ^ flip) }
                         }
+                        y[p * outputs + k] = best ^ flip
                     }
                 }
             }]

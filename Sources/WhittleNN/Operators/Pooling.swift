@@ -4,29 +4,31 @@ import WhittleTensor
 /// MaxPool, AveragePool (auto_pad, ceil_mode, count_include_pad, dilations, kernel_shape, pads, strides) and
 /// GlobalAveragePool, for 1-D and 2-D inputs X `[N, C, (H,) W]`.
 extension Operators {
-    static func registerPooling(_ r: inout [String: OperatorDefinition]) {
-        @Sendable func setup(_ ctx: NodeContext) throws -> (ValueMeta, Window) {
-            let x = try ctx.floatInput(0)
-            guard x.rank == 3 || x.rank == 4 else {
-                throw ctx.error(.shapeMismatch, "input X has shape \(x.shape); Whittle pools 1-D and 2-D inputs (rank 3 or 4)")
-            }
-            guard let kernel = try ctx.ints("kernel_shape") else {
-                throw ctx.error(.invalidAttribute, "attribute 'kernel_shape' is required")
-            }
-            if ctx.node.outputs.count > 1, !ctx.node.outputs[1].isEmpty {
-                throw ctx.error(.unsupportedOperator, "the Indices output of MaxPool is not supported")
-            }
-            let ceil = try ctx.int("ceil_mode", default: 0) != 0
-            return (x, try Window.resolve(ctx, spatial: Array(x.shape[2...]), kernel: kernel, ceilMode: ceil))
+    /// The input and the resolved window of a MaxPool or AveragePool (1-D or 2-D; no Indices output).
+    static func poolSetup(_ ctx: NodeContext) throws -> (ValueMeta, Window) {
+        let x = try ctx.floatInput(0)
+        guard x.rank == 3 || x.rank == 4 else {
+            throw ctx.error(.shapeMismatch, "input X has shape \(x.shape); Whittle pools 1-D and 2-D inputs (rank 3 or 4)")
         }
+        guard let kernel = try ctx.ints("kernel_shape") else {
+            throw ctx.error(.invalidAttribute, "attribute 'kernel_shape' is required")
+        }
+        if ctx.node.outputs.count > 1, !ctx.node.outputs[1].isEmpty {
+            throw ctx.error(.unsupportedOperator, "the Indices output of MaxPool is not supported")
+        }
+        let ceil = try ctx.int("ceil_mode", default: 0) != 0
+        return (x, try Window.resolve(ctx, spatial: Array(x.shape[2...]), kernel: kernel, ceilMode: ceil))
+    }
+
+    static func registerPooling(_ r: inout [String: OperatorDefinition]) {
         func pool(_ kindOf: @escaping @Sendable (NodeContext) throws -> PoolKind) -> OperatorDefinition {
             OperatorDefinition(
                 infer: { ctx in
-                    let (x, window) = try setup(ctx)
+                    let (x, window) = try poolSetup(ctx)
                     return [ValueMeta(dtype: x.dtype, shape: Array(x.shape[0...1]) + window.output)]
                 },
                 compile: { ctx, outputs, options in
-                    let (x, window) = try setup(ctx)
+                    let (x, window) = try poolSetup(ctx)
                     let g = window.geometry(batch: x.shape[0], channels: x.shape[1], spatial: Array(x.shape[2...]),
                                             outChannels: x.shape[1], groups: 1)
                     let (oh, ow) = window.output2D
