@@ -103,26 +103,30 @@ public struct Histogram: Sendable, Equatable, Codable {
         let width = Double(upper) - Double(lower)
         let n = counts.count, last = Double(n - 1), lower = Double(self.lower), magnitudes = self.magnitudes
         let scale = width > 0 ? Double(n) / width : 0
-        let before = counts
         var poison: Float = 0
-        counts.withUnsafeMutableBufferPointer { counts in
-            values.withUnsafeBufferPointer { values in
-                // ⌊(v − lower) · (n / width)⌋ in Double, clamped to the end bins: clamping to [0, n − 1] first makes
-                // the conversion's truncation the floor. Every worker runs this same arithmetic, so equal values land
-                // in equal bins everywhere. `v − v` is 0 for finite values and NaN otherwise; a NaN is binned at 0
-                // (its batch is refused below), so the loop has no exit.
-                func fill(_ magnitude: (Float) -> Float) {
-                    for raw in values {
-                        poison += raw - raw
-                        let t = (Double(magnitude(raw)) - lower) * scale
-                        counts[Int(Swift.min(t >= 0 ? t : 0, last))] += 1
+        /// Adds every value to its bin (or, undoing, takes it away again).
+        func pass(undo: Bool) {
+            counts.withUnsafeMutableBufferPointer { counts in
+                values.withUnsafeBufferPointer { values in
+                    // ⌊(v − lower) · (n / width)⌋ in Double, clamped to the end bins: clamping to [0, n − 1] first makes
+                    // the conversion's truncation the floor. Every worker runs this same arithmetic, so equal values land
+                    // in equal bins everywhere. `v − v` is 0 for finite values and NaN otherwise; a NaN is binned at 0
+                    // (its batch is refused below), so the loop has no exit.
+                    func fill(_ magnitude: (Float) -> Float) {
+                        for raw in values {
+                            poison += raw - raw
+                            let t = (Double(magnitude(raw)) - lower) * scale
+                            let bin = Int(Swift.min(t >= 0 ? t : 0, last))
+                            if undo { counts[bin] -= 1 } else { counts[bin] += 1 }
+                        }
                     }
+                    if magnitudes { fill { abs($0) } } else { fill { $0 } }
                 }
-                if magnitudes { fill { abs($0) } } else { fill { $0 } }
             }
         }
+        pass(undo: false)
         guard poison == 0 else {
-            counts = before  // a refused batch leaves the histogram as it was
+            pass(undo: true)  // a refused batch leaves the histogram as it was
             let bad = values.first { !$0.isFinite } ?? .nan
             throw CompressionError(.invalidStatistics, "a non-finite value (\(bad)) reached the histogram")
         }
