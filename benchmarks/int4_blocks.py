@@ -13,7 +13,8 @@ is missing. For each variant it prints the file size, the output's relative RMSE
 `--samples` random token sequences with random lengths (onnxruntime with graph optimizations off, the file's exact
 semantics, and optimized, as it is deployed: onnxruntime turns int4 DequantizeLinear -> MatMul into MatMulNBits,
 whose default accuracy level 4 quantizes activations to int8), the weights' reconstruction error (numpy, from the
-QDQ files' codes and scales), and onnxruntime's latency at batch 1, 1 thread. Writes benchmarks/last-int4.json.
+QDQ files' codes and scales), onnxruntime's latency at batch 1, 1 thread, and the resident memory (VmRSS) of a
+Whittle `model bench` process holding the file (int4 weights stay packed in it). Writes benchmarks/last-int4.json.
 onnxruntime's quantizer needs the onnx-ir package (`python3 -m pip install onnx-ir`).
 """
 
@@ -35,6 +36,7 @@ from onnx import numpy_helper
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import families  # noqa: E402
 import machine  # noqa: E402
+from integer import resident_kib  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "Tests" / "interop"))
 from test_zoo import dequantized_weights  # noqa: E402
@@ -110,17 +112,19 @@ def main():
     except ImportError as error:
         sys.exit(f"onnxruntime's block-wise quantizer is not importable ({error}): python3 -m pip install onnx-ir")
     print(machine.banner())
-    print(f"{'variant':44s} {'size MB':>8s} {'error (exact)':>14s} {'error (deployed)':>17s} {'weights':>8s} {'ms (ORT, 1 thr)':>16s}")
+    print(f"{'variant':44s} {'size MB':>8s} {'error (exact)':>14s} {'error (deployed)':>17s} {'weights':>8s} {'ms (ORT, 1 thr)':>16s}"
+          f" {'Whittle MiB':>12s}")
 
     def show(r):
         def f(key, fmt):
             return format(r[key], fmt) if r.get(key) is not None else "–"
         print(f"{r['variant']:44s} {r['bytes'] / 1e6:8.1f} {f('error_reference', '14.4f')} {f('error_deployed', '17.4f')} "
-              f"{f('weight_error', '8.4f')} {r['latency_ms']:16.2f}", flush=True)
+              f"{f('weight_error', '8.4f')} {r['latency_ms']:16.2f} {f('whittle_resident_mib', '12.0f')}", flush=True)
     floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(source)).graph.initializer}
     test = tokens(args.samples, 2)
     expected = outputs(source, test, optimized=True)
-    rows = [{"variant": "float", "bytes": source.stat().st_size, "latency_ms": latency_ms(source, test)}]
+    rows = [{"variant": "float", "bytes": source.stat().st_size, "latency_ms": latency_ms(source, test),
+             "whittle_resident_mib": resident_kib(binary, source, 8.0) / 1024}]
     show(rows[0])
     with tempfile.TemporaryDirectory() as folder:
         folder = pathlib.Path(folder)
@@ -139,7 +143,7 @@ def main():
                          "error_reference": relative_rmse(outputs(out, test, optimized=False), expected),
                          "error_deployed": relative_rmse(outputs(out, test, optimized=True), expected),
                          "weight_error": weight_error(out, floats) if "qdq" in label else None,
-                         "latency_ms": latency_ms(out, test)})
+                         "latency_ms": latency_ms(out, test), "whittle_resident_mib": resident_kib(binary, out, 8.0) / 1024})
             show(rows[-1])
         # onnxruntime's own block-wise quantizer on the same model.
         out = folder / "ort.onnx"

@@ -104,6 +104,7 @@ public final class CompiledGraph: @unchecked Sendable {
                 + (inferred.contexts[step.nodes[0]].node.name)
             let implementation = (step.kernel as? ConvKernel)?.plan?.implementation
                 ?? (step.kernel as? IntegerStepKernel).map { "int8 " + $0.integerImplementation }
+                ?? (step.kernel as? Int4MatMulKernel)?.implementation
                 ?? (step.kernel is QuantizeKernel ? "int8 quantize" : "")
             rows.append((label, implementation,
                          Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18))

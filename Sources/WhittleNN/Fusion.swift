@@ -44,10 +44,15 @@ enum StepPlanner {
         /// `soleReader`, unless a fused step already took that node.
         func freeReader(_ name: String) -> Int? { soleReader(name).flatMap { absorbed.contains($0) ? nil : $0 } }
         for (i, ctx) in contexts.enumerated() where !inferred.folded[i] && !absorbed.contains(i) {
-            if options.fuse && options.fast && options.integer && (ctx.node.opType == "Conv" || ctx.node.opType == "Gemm"),
+            if options.fuse && options.fast && options.integer && ["Conv", "Gemm", "MatMul"].contains(ctx.node.opType),
                let fused = try fuseQuantizedConvolution(i, inferred, soleReader: freeReader, producer: anyProducer) {
                 absorbed.formUnion(fused.nodes)
                 steps.append(fused)
+                continue
+            }
+            if options.integer && (ctx.node.opType == "MatMul" || ctx.node.opType == "Gemm"),
+               let step = try fuseInt4MatMul(i, inferred, producer: anyProducer, options: options) {
+                steps.append(step)
                 continue
             }
             if options.fuse && options.fast && options.integer && ctx.node.opType == "Add",
@@ -91,8 +96,10 @@ enum StepPlanner {
                 steps.append(fused)
                 continue
             }
-            steps.append(PlannedStep(position: i, nodes: [i], inputs: ctx.node.inputs, outputs: ctx.node.outputs,
-                                     kernel: try inferred.definitions[i].compile(ctx, inferred.outputs[i], options)))
+            let kernel = try inferred.definitions[i].compile(ctx, inferred.outputs[i], options)
+            // A kernel holding its packed int4 weight reads only the activation: the weight's tensors are not kept.
+            let inputs = kernel is Int4MatMulKernel ? [ctx.node.inputs[0]] : ctx.node.inputs
+            steps.append(PlannedStep(position: i, nodes: [i], inputs: inputs, outputs: ctx.node.outputs, kernel: kernel))
         }
         var ordered = steps.sorted { $0.position < $1.position }
         if options.fuse && options.fast && options.integer {

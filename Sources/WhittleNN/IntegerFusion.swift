@@ -25,9 +25,10 @@ extension StepPlanner {
         return (s, Int32(z ?? 0), type)
     }
 
-    /// The integer step for the Conv or Gemm at `i`, or nil when the node is not the core of a QDQ group the integer
-    /// path runs exactly (2-D convolutions; Gemm without transA, alpha or beta; int8 weights per tensor or per output
-    /// channel with zero points 0, a per-tensor uint8 or int8 input; on CPUs without VNNI, weights within 7 bits).
+    /// The integer step for the Conv, Gemm or MatMul at `i`, or nil when the node is not the core of a QDQ group the
+    /// integer path runs exactly (2-D convolutions; Gemm without transA, alpha or beta; MatMul with a constant right
+    /// operand; int8 weights per tensor or per output channel with zero points 0, a per-tensor uint8 or int8 input;
+    /// on CPUs without VNNI, weights within 7 bits).
     static func fuseQuantizedConvolution(_ i: Int, _ inferred: InferredGraph, soleReader: (String) -> Int?,
                                          producer: [String: Int]) throws -> PlannedStep? {
         let contexts = inferred.contexts
@@ -45,7 +46,19 @@ extension StepPlanner {
         // The convolution's geometry and its weights in OIHW order; a Gemm is a 1 × 1 convolution of [N, K, 1, 1]
         // (onnxruntime's QGemm), its weights [M, K] (transB) or [K, M] transposed.
         let g: Conv2DGeometry, outShape: [Int], weights: [Int8], channelAxis: Int
-        if ctx.node.opType == "Gemm" {
+        if ctx.node.opType == "MatMul" {
+            // [… , K] · [K, N]: the leading dimensions are the batch of a 1 × 1 convolution (onnxruntime's
+            // QLinearMatMul / MatMulIntegerToFloat with a constant right operand).
+            guard let x = ctx.optionalInput(0), x.rank >= 2, codes.rank == 2, x.shape.last == codes.shape[0] else { return nil }
+            let (k, m) = (codes.shape[0], codes.shape[1])
+            let rows = x.shape.dropLast().reduce(1, *)
+            g = Conv2DGeometry(batch: rows, inChannels: k, height: 1, width: 1, outChannels: m, kernelH: 1, kernelW: 1,
+                               groups: 1, strides: (1, 1), dilations: (1, 1), pads: (0, 0, 0, 0))
+            outShape = Array(x.shape.dropLast()) + [m]
+            let values = codes.ints
+            weights = (0..<(m * k)).map { i in Int8(truncatingIfNeeded: values[(i % k) * m + i / k]) }
+            channelAxis = 1
+        } else if ctx.node.opType == "Gemm" {
             guard let x = ctx.optionalInput(0), x.rank == 2, codes.rank == 2,
                   try ctx.float("alpha", default: 1) == 1, try ctx.float("beta", default: 1) == 1,
                   try ctx.int("transA", default: 0) == 0 else { return nil }

@@ -188,3 +188,81 @@ public enum BlockwiseInt4 {
         return out
     }
 }
+
+/// 4-bit weights kept packed in memory, as MatMulNBits stores them: the transposed weight `[N, K]` in blocks of
+/// `blockSize` along K, two unsigned codes per byte (low nibble first, `BlockwiseInt4`'s layout), one scale and one
+/// zero point (0…15) per (row, block). A weight is `(code − zero) · scale`. The resident size is K · N / 2 bytes
+/// plus the block parameters; `Kernels.matMulInt4` unpacks a few rows at a time while it multiplies.
+public struct PackedInt4Weights: Sendable {
+    public let n: Int, k: Int, blockSize: Int
+    /// `[N, blocks, blockSize / 2]` bytes.
+    public let bytes: [UInt8]
+    /// `[N, blocks]`, finite.
+    public let scales: [Float]
+    /// `[N, blocks]`, each 0…15.
+    public let zeroPoints: [UInt8]
+
+    public var blocks: Int { BlockwiseInt4.blocks(k: k, blockSize: blockSize) }
+    /// Bytes held: the codes, the scales and the zero points.
+    public var residentBytes: Int { bytes.count + scales.count * 4 + zeroPoints.count }
+
+    public init(n: Int, k: Int, blockSize: Int, bytes: [UInt8], scales: [Float], zeroPoints: [UInt8]) throws {
+        guard n > 0, k > 0, blockSize >= 2, blockSize % 2 == 0 else {
+            throw TensorError(.invalidArgument, "int4 weights need positive N and K and an even block size, got N \(n), K \(k), block \(blockSize)")
+        }
+        let blocks = BlockwiseInt4.blocks(k: k, blockSize: blockSize)
+        guard bytes.count == n * blocks * blockSize / 2, scales.count == n * blocks, zeroPoints.count == n * blocks else {
+            throw TensorError(.shapeMismatch, "int4 weights [\(n), \(k)] in blocks of \(blockSize) need \(n * blocks * blockSize / 2) bytes and \(n * blocks) scales and zero points, got \(bytes.count), \(scales.count) and \(zeroPoints.count)")
+        }
+        guard scales.allSatisfy(\.isFinite) else { throw TensorError(.invalidArgument, "int4 weight scales must be finite") }
+        guard zeroPoints.allSatisfy({ $0 < 16 }) else { throw TensorError(.invalidArgument, "int4 zero points must lie in 0…15") }
+        (self.n, self.k, self.blockSize, self.bytes, self.scales, self.zeroPoints) = (n, k, blockSize, bytes, scales, zeroPoints)
+    }
+
+    /// From one code per weight (`codes[row · K + j]` of the transposed weight `[N, K]`, each 0…15), packed here.
+    public init(n: Int, k: Int, blockSize: Int, codes: [UInt8], scales: [Float], zeroPoints: [UInt8]) throws {
+        guard n > 0, k > 0, blockSize >= 2, blockSize % 2 == 0 else {
+            throw TensorError(.invalidArgument, "int4 weights need positive N and K and an even block size, got N \(n), K \(k), block \(blockSize)")
+        }
+        guard codes.count == n * k, codes.allSatisfy({ $0 < 16 }) else {
+            throw TensorError(.invalidArgument, "int4 weights [\(n), \(k)] need \(n * k) codes in 0…15, got \(codes.count)")
+        }
+        let blocks = BlockwiseInt4.blocks(k: k, blockSize: blockSize), blob = blockSize / 2
+        var packed = [UInt8](repeating: 0, count: n * blocks * blob)
+        for row in 0..<n {
+            for j in 0..<k {
+                let byte = (row * blocks + j / blockSize) * blob + (j % blockSize) / 2
+                packed[byte] |= j % 2 == 0 ? codes[row * k + j] : codes[row * k + j] << 4
+            }
+        }
+        try self.init(n: n, k: k, blockSize: blockSize, bytes: packed, scales: scales, zeroPoints: zeroPoints)
+    }
+
+    /// Rows `rows` of the dequantized transposed weight, `[rows.count, K]` row-major, into `out`.
+    public func dequantize(rows: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        let blocks = self.blocks, blob = blockSize / 2
+        bytes.withUnsafeBufferPointer { packed in
+            for (r, row) in rows.enumerated() {
+                let target = out + r * k
+                for b in 0..<blocks {
+                    let scale = scales[row * blocks + b], zero = Int32(zeroPoints[row * blocks + b])
+                    let source = packed.baseAddress! + (row * blocks + b) * blob
+                    let first = b * blockSize, count = Swift.min(blockSize, k - first)
+                    for j in 0..<count {
+                        let byte = source[j >> 1]
+                        let code = Int32(j & 1 == 0 ? byte & 0x0F : byte >> 4)
+                        target[first + j] = Float(code - zero) * scale
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole dequantized transposed weight `[N, K]`.
+    public func dequantized() -> [Float] {
+        [Float](unsafeUninitializedCapacity: n * k) { buffer, initialized in
+            dequantize(rows: 0..<n, into: buffer.baseAddress!)
+            initialized = n * k
+        }
+    }
+}

@@ -2,6 +2,7 @@ import Testing
 import WhittleNN
 import WhittleONNX
 import WhittleTensor
+import WhittleTestSupport
 
 /// The integer steps other than convolutions, by hand: QuantizeLinear (rounding half to even before the zero point,
 /// saturation) and the integer residual sum, each equal on the integer path and the float simulation.
@@ -145,6 +146,70 @@ import WhittleTensor
         #expect(a.ints == [130, 133, 126])
         #expect(a == b)
     }
+
+    /// A QDQ MatMul with a constant right operand as a 1 × 1 integer convolution over the leading dimensions: x codes
+    /// ((12, 8), (10, 14)) with z_x 10 and s_x 0.5, W [K 2, N 3] = (1, 3, 0; 2, −1, 4) with per-column scales
+    /// (0.1, 0.2, 0.05): accumulators (−2, 8, −8; 8, −4, 16), times (0.05, 0.1, 0.025) / s_y 0.1 = (−1, 8, −2; 4, −4,
+    /// 4), + z_y 128.
+    @Test func matMulRunsAsAnIntegerConvolution() throws {
+        let nodes = [
+            Node(opType: "DequantizeLinear", name: "dx", inputs: ["x", "sx", "zx"], outputs: ["fx"]),
+            Node(opType: "DequantizeLinear", name: "dw", inputs: ["w", "sw", "zw"], outputs: ["fw"], attributes: [Attribute("axis", .int(1))]),
+            Node(opType: "MatMul", name: "matmul", inputs: ["fx", "fw"], outputs: ["z"]),
+            Node(opType: "QuantizeLinear", name: "q", inputs: ["z", "sy", "zy"], outputs: ["y"]),
+        ]
+        let graph = Graph(name: "matmul", nodes: nodes, inputs: [ValueInfo(name: "x", elementType: .uint8, shape: [.value(1), .value(2), .value(2)])],
+                          outputs: [ValueInfo(name: "y", elementType: .uint8, shape: nil)],
+                          initializers: [Self.scalar("sx", 0.5), Self.zero("zx", 10),
+                                         Self.codes("w", [2, 3], [1, 3, 0, 2, -1, 4], .int8), Self.tensor("sw", [3], floats: [0.1, 0.2, 0.05]),
+                                         Self.codes("zw", [3], [0, 0, 0], .int8), Self.scalar("sy", 0.1), Self.zero("zy", 128)])
+        let model = Model(graph: graph, opset: 13)
+        #expect(try InferenceSession(model: model).compiled(shapes: ["x": (.uint8, [1, 2, 2])]).integerSteps == 1)
+        let (a, b) = try Self.both(model, ["x": Tensor(shape: [1, 2, 2], ints: [12, 8, 10, 14], dtype: .uint8)])
+        #expect(a.shape == [1, 2, 3])
+        #expect(a.ints == [127, 136, 126, 132, 124, 132])
+        #expect(a == b)
+    }
+
+    /// An int4 weight through an opset-21 DequantizeLinear (blocks of 2 along K, zero points) stays packed: MatMul
+    /// and Gemm (transB, bias) run from the 4-bit codes, the folded float weight is not kept, and the outputs equal
+    /// the float simulation's. W [K 4, N 3] codes (1, −2, 3; −4, 5, −6; 7, −8, 0; 2, 2, −1), block scales
+    /// (0.5, 0.25, 1; 2, 0.5, 0.125), zero points (1, 0, −1; 0, 2, 0): x (1, 0, 0, 0) picks (1 − 1) · 0.5 = 0,
+    /// −2 · 0.25 = −0.5 and (3 + 1) · 1 = 4.
+    @Test(arguments: ["MatMul", "Gemm"])
+    func int4WeightsStayPacked(_ op: String) throws {
+        let kn: [Int64] = [1, -2, 3, -4, 5, -6, 7, -8, 0, 2, 2, -1]
+        let transposed = op == "Gemm"  // Gemm's B as [N, K], blocks along axis 1
+        let codes = transposed ? (0..<12).map { kn[($0 % 4) * 3 + $0 / 4] } : kn
+        let scales: [Float] = [0.5, 0.25, 1, 2, 0.5, 0.125], zeros: [Int64] = [1, 0, -1, 0, 2, 0]
+        let blockScales = transposed ? [0, 3, 1, 4, 2, 5].map { scales[$0] } : scales
+        let blockZeros = transposed ? [0, 3, 1, 4, 2, 5].map { zeros[$0] } : zeros
+        var nodes = [Node(opType: "DequantizeLinear", name: "dw", inputs: ["w", "sw", "zw"], outputs: ["fw"],
+                          attributes: [Attribute("axis", .int(transposed ? 1 : 0)), Attribute("block_size", .int(2))])]
+        var initializers = [Self.codes("w", transposed ? [3, 4] : [4, 3], codes, .int4),
+                            Self.tensor("sw", transposed ? [3, 2] : [2, 3], floats: blockScales),
+                            Self.codes("zw", transposed ? [3, 2] : [2, 3], blockZeros, .int4)]
+        if transposed {
+            nodes.append(Node(opType: "Gemm", name: "gemm", inputs: ["x", "fw", "c"], outputs: ["y"], attributes: [Attribute("transB", .int(1))]))
+            initializers.append(Self.tensor("c", [3], floats: [0.5, 0, -1]))
+        } else {
+            nodes.append(Node(opType: "MatMul", name: "matmul", inputs: ["x", "fw"], outputs: ["y"]))
+        }
+        let graph = Graph(name: "int4", nodes: nodes, inputs: [ValueInfo(name: "x", elementType: .float, shape: [.value(2), .value(4)])],
+                          outputs: [ValueInfo(name: "y", elementType: .float, shape: nil)], initializers: initializers)
+        let model = Model(graph: graph, opset: 21)
+        let compiled = try InferenceSession(model: model).compiled(shapes: ["x": (.float, [2, 4])])
+        #expect(compiled.inferred.values["fw"]?.constant == nil)  // the float copy is gone
+        let x = Tensor(shape: [2, 4], floats: [1, 0, 0, 0, 0.5, -1, 2, 0.25])
+        #expect(try compiled.profile(["x": x]).contains { $0.implementation == "int4 packed, blocks of 2" })
+        let (a, b) = try Self.both(model, ["x": x])
+        let bias: [Float] = transposed ? [0.5, 0, -1] : [0, 0, 0]
+        #expect(Array(a.floats.prefix(3)) == zip([0, -0.5, 4], bias).map { $0 + $1 })
+        #expect(TestSupport.relativeError(a.floats, b.floats) < Self.int4Tolerance)
+    }
+
+    /// Float sums in another order (sgemm against the simulation's one node at a time).
+    static let int4Tolerance: Float = 1e-6
 
     /// MaxPool between QDQ pairs of the same parameters takes the largest code: 2 × 2 windows, stride 1, padded at the
     /// bottom and right, over codes (10, 250; 3, 7) give (250, 250; 7, 7), as the float simulation does.

@@ -149,6 +149,31 @@ import WhittleTestSupport
         }
     }
 
+    /// int4 weights unpacked a panel at a time: panels of 4 rows over N = 10 (a short last panel), K = 37 in blocks of
+    /// 8 (a short last block), zero points 0…15, equal to the whole weight dequantized and multiplied in Double.
+    @Test(arguments: [4, 64])
+    func matMulInt4MatchesReference(_ panelRows: Int) throws {
+        let (m, n, k, block) = (5, 10, 37, 8)
+        let blocks = BlockwiseInt4.blocks(k: k, blockSize: block)
+        let codes = (0..<(n * k)).map { UInt8(($0 * 7 + 3) % 16) }
+        let zeros = (0..<(n * blocks)).map { UInt8(($0 * 5) % 16) }
+        let scales = TestSupport.randomFloats(n * blocks, seed: 21)
+        let w = try PackedInt4Weights(n: n, k: k, blockSize: block, codes: codes, scales: scales, zeroPoints: zeros)
+        #expect(w.bytes.count == n * blocks * block / 2)
+        let dense = w.dequantized()
+        #expect(dense[0] == Float(Int(codes[0]) - Int(zeros[0])) * scales[0])
+        #expect(dense[k + 36] == Float(Int(codes[k + 36]) - Int(zeros[blocks + 4])) * scales[blocks + 4])
+        let a = TestSupport.randomFloats(m * k, seed: 22)
+        let y = try TestSupport.apply(a, count: m * n) { try Kernels.matMulInt4(m: m, a: $0, weights: w, y: $1, panelRows: panelRows) }
+        #expect(TestSupport.relativeError(y, Kernels.matMulInt4Reference(m: m, a: a, weights: w)) < Self.kernelTolerance)
+        #expect(throws: TensorError.self) {
+            _ = try PackedInt4Weights(n: n, k: k, blockSize: block, codes: codes, scales: scales, zeroPoints: zeros.map { $0 | 16 })
+        }
+        #expect(throws: TensorError.self) {
+            _ = try PackedInt4Weights(n: n, k: k, blockSize: 7, codes: codes, scales: scales, zeroPoints: zeros)
+        }
+    }
+
     @Test func innerProductMatchesReference() throws {
         let (m, k, n) = (4, 20, 6)
         let x = TestSupport.randomFloats(m * k, seed: 16), w = TestSupport.randomFloats(n * k, seed: 17)

@@ -17,11 +17,16 @@ extension Operators {
             compile: { ctx, _, options in
                 let s = try matMulNBitsSizes(ctx)
                 let bias = ctx.optionalInput(5)?.constant?.floats
-                // Constant weights are dequantized once, here; others at every run.
-                let constant = try ctx.optionalInput(1)?.constant.map { b in try dequantizeNBits(ctx, s, b, ctx.optionalInput(2)?.constant,
-                                                                                                  ctx.optionalInput(3)?.constant) }
+                // A constant weight stays packed, unpacked a panel at a time as it multiplies (`Kernels.matMulInt4`);
+                // others are dequantized at every run.
+                if let b = ctx.optionalInput(1)?.constant, let scales = ctx.optionalInput(2)?.constant,
+                   ctx.node.inputs.count <= 3 || ctx.node.inputs[3].isEmpty || ctx.optionalInput(3)?.constant != nil,
+                   ctx.node.inputs.count <= 5 || ctx.node.inputs[5].isEmpty || bias != nil {
+                    let weights = try packedNBits(ctx, s, b, scales, ctx.optionalInput(3)?.constant)
+                    return Int4MatMulKernel(weights: weights, bias: bias, reference: !options.fast)
+                }
                 return ClosureKernel { inputs in
-                    let w = try constant ?? dequantizeNBits(ctx, s, inputs[1]!, inputs[2]!, inputs.count > 3 ? inputs[3] : nil)
+                    let w = try dequantizeNBits(ctx, s, inputs[1]!, inputs[2]!, inputs.count > 3 ? inputs[3] : nil)
                     let a = inputs[0]!.floats
                     let m = a.count / s.k
                     var y = [Float](repeating: 0, count: m * s.n)

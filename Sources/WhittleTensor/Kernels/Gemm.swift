@@ -14,18 +14,45 @@ extension Kernels {
     /// `transA`) and `op(B)` is `[K, N]` (B stored `[N, K]` when `transB`).
     public static func gemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float = 1,
                             a: UnsafePointer<Float>, b: UnsafePointer<Float>, beta: Float = 0,
-                            c: UnsafeMutablePointer<Float>, backend: GemmBackend = .oneDNN) throws {
-        let lda = transA ? m : k, ldb = transB ? k : n
+                            c: UnsafeMutablePointer<Float>, ldc: Int? = nil, backend: GemmBackend = .oneDNN) throws {
+        let lda = transA ? m : k, ldb = transB ? k : n, ldc = ldc ?? n
         switch backend {
         case .oneDNN:
             let status = wk_sgemm(transA ? 84 : 78, transB ? 84 : 78, Int64(m), Int64(n), Int64(k), alpha, a,
-                                  Int64(lda), b, Int64(ldb), beta, c, Int64(n))
+                                  Int64(lda), b, Int64(ldb), beta, c, Int64(ldc))
             if status != 0 { throw TensorError(.kernelFailure, "oneDNN sgemm failed for \(m)x\(n)x\(k)") }
         case .openBLAS:
             cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
                         blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta, c,
-                        blasint(n))
+                        blasint(ldc))
         }
+    }
+
+    /// Output columns of `matMulInt4` per unpacked panel: 64 rows of the weight, 64 · K floats of scratch.
+    public static let int4PanelRows = 64
+
+    /// `y[M, N] = a[M, K] · Wᵀ` with `W` the packed int4 weight `[N, K]`, unpacked `panelRows` rows at a time into
+    /// a scratch of `panelRows · K` floats and multiplied by sgemm into the panel's columns of `y`: the weight
+    /// stays 4-bit in memory.
+    public static func matMulInt4(m: Int, a: UnsafePointer<Float>, weights w: PackedInt4Weights, y: UnsafeMutablePointer<Float>,
+                                  panelRows: Int = int4PanelRows) throws {
+        guard m > 0 else { return }
+        let rows = Swift.max(1, Swift.min(panelRows, w.n))
+        var panel = [Float](repeating: 0, count: rows * w.k)
+        try panel.withUnsafeMutableBufferPointer { scratch in
+            for first in stride(from: 0, to: w.n, by: rows) {
+                let span = first..<Swift.min(first + rows, w.n)
+                w.dequantize(rows: span, into: scratch.baseAddress!)
+                try gemm(transA: false, transB: true, m: m, n: span.count, k: w.k, a: a, b: scratch.baseAddress!,
+                         c: y + first, ldc: w.n)
+            }
+        }
+    }
+
+    /// Reference twin of `matMulInt4`: the whole weight dequantized, multiplied in Double.
+    public static func matMulInt4Reference(m: Int, a: [Float], weights w: PackedInt4Weights) -> [Float] {
+        gemmReference(transA: false, transB: true, m: m, n: w.n, k: w.k, a: a, b: w.dequantized(),
+                      c: [Float](repeating: 0, count: m * w.n))
     }
 
     /// Reference twin of `gemm`, accumulating in Double.
