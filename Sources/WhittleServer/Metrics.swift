@@ -1,6 +1,7 @@
 import Foundation
 import Hummingbird
 import Prometheus
+import WhittleRounds
 import WhittleStore
 
 /// The coordinator's Prometheus metrics, in one registry per server (text exposition at `GET /metrics`).
@@ -82,8 +83,8 @@ package final class CoordinatorMetrics: Sendable {
         for (state, count) in workers {
             registry.makeGauge(descriptor: Self.workers, labels: [("state", state)]).set(Double(count))
         }
-        var rounds = ["running": 0, "succeeded": 0, "failed": 0, "cancelled": 0]
-        for r in try await store.rounds() { rounds[r.state, default: 0] += 1 }
+        var rounds = Dictionary(uniqueKeysWithValues: RoundState.allCases.map { ($0.rawValue, 0) })
+        for r in try await store.rounds() { rounds[r.roundState.rawValue, default: 0] += 1 }
         for (state, count) in rounds {
             registry.makeGauge(descriptor: Self.rounds, labels: [("state", state)]).set(Double(count))
         }

@@ -87,8 +87,8 @@ public struct RoundCommand: ParsableCommand {
     }
 
     static func summary(_ v: RoundView) -> String {
-        var lines = ["round \(v.id): \(v.state)" + (v.message.map { " — \($0)" } ?? "")]
-        if !["succeeded"].contains(v.state) { lines.append("at phase \(v.phase + 1)/\(v.phaseCount): \(v.phaseLabel), \(v.assigned) workers assigned") }
+        var lines = ["round \(v.id): \(v.state.rawValue)" + (v.message.map { " — \($0)" } ?? "")]
+        if v.state != .succeeded { lines.append("at phase \(v.phase + 1)/\(v.phaseCount): \(v.phaseLabel), \(v.assigned) workers assigned") }
         lines.append(phasesTable(v))
         if !v.sites.isEmpty {
             lines.append("")
@@ -109,10 +109,10 @@ public struct RoundCommand: ParsableCommand {
             let v = try view(client, id)
             let p = v.phases[min(v.phase, v.phases.count - 1)]
             let line = "[\(v.phase + 1)/\(v.phaseCount)] \(v.phaseLabel): \(p.reports)/\(max(v.assigned, p.reports)) reports"
-            if v.state != "running" {
+            if v.state.ended {
                 bar.finish()
                 if json { try printJSON(v) } else { print(summary(v)) }
-                guard v.state == "succeeded" else { throw ExitCode(1) }
+                guard v.state == .succeeded else { throw ExitCode(1) }
                 return
             }
             if bar.enabled {
@@ -311,7 +311,7 @@ public struct RoundCommand: ParsableCommand {
             guard !views.isEmpty else { print("no rounds yet"); return }
             let f = ISO8601DateFormatter()
             print(table(["id", "state", "phase", "model", "started", "ended"], views.map { v in
-                [v.id, v.state, "\(v.phase + 1)/\(v.phaseCount) \(v.phaseLabel)", v.plan.modelName, f.string(from: v.createdAt),
+                [v.id, v.state.rawValue, "\(v.phase + 1)/\(v.phaseCount) \(v.phaseLabel)", v.plan.modelName, f.string(from: v.createdAt),
                  v.endedAt.map { f.string(from: $0) } ?? "–"]
             }))
         }
@@ -341,8 +341,8 @@ public struct RoundCommand: ParsableCommand {
             let client = try adminClient(common.dir, server: common.server)
             client.timeout = 600
             let v = try RoundCommand.view(client, id)
-            guard v.state == "succeeded", let sha = v.finalModel else {
-                throw CLIError("round \(id) is \(v.state)\(v.message.map { " (\($0))" } ?? ""); only a succeeded round has a model to fetch")
+            guard v.state == .succeeded, let sha = v.finalModel else {
+                throw CLIError("round \(id) is \(v.state.rawValue)\(v.message.map { " (\($0))" } ?? ""); only a succeeded round has a model to fetch")
             }
             do {
                 try client.download("/admin/v1/rounds/" + RoundCommand.escaped(id) + "/model", to: out + ".part", sha256: sha)

@@ -11,20 +11,22 @@ import WhittleRounds
 import WhittleStore
 import WhittleTensor
 
-/// Drives federated rounds: hands out tasks, validates and folds reports in as they arrive (after making them
-/// durable), closes phases on quorum, deadline or completion, runs the coordinator's own phases, and keeps every
-/// transition durable so a restarted coordinator continues where it stopped.
+/// Drives federated rounds: performs what each round's `RoundMachine` decides (tasks handed out, reports admitted,
+/// workers given up, phases closed, rounds ended), folds reports in as they arrive (after making them durable), runs
+/// the coordinator's own phases, and keeps every transition durable so a restarted coordinator continues where it
+/// stopped. The machine is built from durable state for every event; the time comes from the injected `now`.
 ///
 /// Mutations (start, task, accept, tick, cancel) are serialized by an async lock: the store's calls suspend the
 /// actor, and a report must never be folded into an accumulator that another call is replacing.
 package actor RoundService {
     let store: any CoordinatorStore
     let directory: URL
-    let artifacts: URL
     let reportsDirectory: URL
     let pollSeconds: Int
     let logger: Logger
     let metrics: CoordinatorMetrics?
+    /// The time (the system clock; tests script it).
+    let now: @Sendable () -> Date
 
     /// The open worker phase of each running round: its accumulator (rebuilt from durable reports after a
     /// restart), task and limits.
@@ -37,31 +39,28 @@ package actor RoundService {
         var aggregationSeconds = 0.0
     }
     var open: [String: OpenPhase] = [:]
-    var models: [String: Model] = [:]
-    var modelOrder: [String] = []
+    var artifactStore: ArtifactStore
     /// Rounds in state running, so idle heartbeats answer without touching the database.
     var running: Set<String>?
 
     var locked = false
     var waiters: [CheckedContinuation<Void, Never>] = []
 
-    /// Long polling: bumped whenever a worker phase opens or a round ends, waking the idle heartbeats held in
-    /// `waitForWork` so their workers get the new phase's task at once.
-    package private(set) var workGeneration = 0
-    var workWaiters: [Int: CheckedContinuation<Void, Never>] = [:]
-    var nextWaiter = 0
-    var closing = false
+    /// Idle heartbeats held until a worker phase opens or a round ends.
+    nonisolated let longPoll: LongPoll
 
     package init(store: any CoordinatorStore, directory: URL, artifacts: URL, pollSeconds: Int, logger: Logger,
-         metrics: CoordinatorMetrics? = nil) throws {
+         metrics: CoordinatorMetrics? = nil, now: @escaping @Sendable () -> Date = Date.init,
+         holdTimer: @escaping @Sendable (Double) async -> Void = { try? await Task.sleep(for: .seconds($0)) }) throws {
+        artifactStore = try ArtifactStore(directory: artifacts)
+        longPoll = LongPoll(timer: holdTimer)
         self.metrics = metrics
+        self.now = now
         self.store = store
         self.directory = directory
-        self.artifacts = artifacts
         reportsDirectory = directory.appendingPathComponent("reports")
         self.pollSeconds = pollSeconds
         self.logger = logger
-        try FileManager.default.createDirectory(at: artifacts, withIntermediateDirectories: true)
         try FileManager.default.createDirectory(at: reportsDirectory, withIntermediateDirectories: true)
     }
 
@@ -80,48 +79,13 @@ package actor RoundService {
     // MARK: artifacts
 
     /// Stores bytes as a content-addressed artifact (durably) and returns its SHA-256.
-    package func storeArtifact(_ bytes: [UInt8]) throws -> String {
-        let sha = PKI.hex(SHA256.hash(data: bytes))
-        let path = artifacts.appendingPathComponent(sha).path
-        if FileManager.default.fileExists(atPath: path) {
-            utimes(path, nil)  // fresh again: garbage collection spares artifacts younger than its grace period
-        } else {
-            try Files.writeDurably(bytes, to: path, mode: 0o644)
-        }
-        return sha
-    }
+    package func storeArtifact(_ bytes: [UInt8]) throws -> String { try artifactStore.store(bytes) }
 
-    func storeModel(_ model: Model) throws -> String {
-        let sha = try storeArtifact(try ModelCoding.write(model))
-        remember(sha, model)
-        return sha
-    }
+    func storeModel(_ model: Model) throws -> String { try artifactStore.store(model) }
 
-    func artifactBytes(_ sha: String) -> Int {
-        ((try? FileManager.default.attributesOfItem(atPath: artifacts.appendingPathComponent(sha).path))?[.size] as? NSNumber)?.intValue ?? 0
-    }
+    func artifactBytes(_ sha: String) -> Int { artifactStore.size(sha) }
 
-    func remember(_ sha: String, _ model: Model) {
-        if models[sha] == nil { modelOrder.append(sha) }
-        models[sha] = model
-        while modelOrder.count > 6 { models[modelOrder.removeFirst()] = nil }
-    }
-
-    func model(_ sha: String) throws -> Model {
-        if let m = models[sha] { return m }
-        let path = artifacts.appendingPathComponent(sha).path
-        guard FileManager.default.fileExists(atPath: path) else {
-            throw APIError(.notFound, "unknown_artifact", "no artifact \(sha)")
-        }
-        let m: Model
-        do {
-            m = try ModelCoding.read(try Files.readBytes(path))
-        } catch let error as ONNXError {
-            throw APIError(.badRequest, "bad_model", "artifact \(sha.prefix(12))… is not a usable ONNX model: \(error.message)")
-        }
-        remember(sha, m)
-        return m
-    }
+    func model(_ sha: String) throws -> Model { try artifactStore.model(sha) }
 
     // MARK: JSON
 
@@ -148,10 +112,10 @@ package actor RoundService {
         var startModel = plan.modelSHA256
         if let from = plan.fromRound {
             guard let earlier = try await store.round(id: from) else {
-                throw APIError(.badRequest, "bad_plan", "--from-round: no round '\(from)'")
+                throw RoundError(.badPlan, "--from-round: no round '\(from)'")
             }
-            guard earlier.state == "succeeded", let float = try Self.progress(earlier).floatModel else {
-                throw APIError(.badRequest, "bad_plan", "--from-round: round '\(from)' is \(earlier.state); only a succeeded round can be continued")
+            guard earlier.roundState == .succeeded, let float = try Self.progress(earlier).floatModel else {
+                throw RoundError(.badPlan, "--from-round: round '\(from)' is \(earlier.state); only a succeeded round can be continued")
             }
             startModel = float
             plan.modelSHA256 = float
@@ -165,16 +129,17 @@ package actor RoundService {
         do {
             try plan.validate(model: model)
         } catch let error as CompressionError {
-            throw APIError(.badRequest, "bad_plan", error.message)
+            throw RoundError(.badPlan, error.message)
         } catch let error as ONNXError {
-            throw APIError(.badRequest, "bad_plan", error.message)
+            throw RoundError(.badPlan, error.message)
         }
-        let stamp = ISO8601DateFormatter.string(from: Date(), timeZone: TimeZone(identifier: "UTC")!,
+        let started = now()
+        let stamp = ISO8601DateFormatter.string(from: started, timeZone: TimeZone(identifier: "UTC")!,
                                                 formatOptions: [.withYear, .withMonth, .withDay, .withTime])
         let id = "r" + stamp.replacingOccurrences(of: ":", with: "") + "-" + PKI.randomHex(4)
         if RoundEngine.normalizationInputs(model).isEmpty { plan.normalizationPasses = 0 }
         var progress = RoundProgress(plan: plan, baseModel: startModel, startModel: startModel)
-        var record = RoundRecord(id: id, createdAt: Date(), plan: try Self.text(plan), progress: try Self.text(progress))
+        var record = RoundRecord(id: id, createdAt: started, plan: try Self.text(plan), progress: try Self.text(progress))
         try await store.addRound(record)
         try await transition(&record, plan: plan, progress: &progress, closing: nil)
         running = nil
@@ -185,58 +150,94 @@ package actor RoundService {
     package func cancel(_ id: String) async throws -> RoundRecord {
         await lock()
         defer { unlock() }
-        guard var round = try await store.round(id: id) else { throw APIError(.notFound, "unknown_round", "no round '\(id)'") }
-        guard !round.ended else { throw APIError(.conflict, "round_ended", "round '\(id)' has already \(round.state)") }
-        round.state = "cancelled"
-        round.message = "cancelled by the operator"
-        round.endedAt = Date()
-        try await store.updateRound(round)
-        open[id] = nil
-        running = nil
-        workChanged()
-        metrics?.roundEnded(state: "cancelled")
-        logger.info("round cancelled", metadata: ["round.id": "\(id)"])
+        guard var round = try await store.round(id: id) else { throw RoundError(.unknownRound, "no round '\(id)'") }
+        var machine = try await self.machine(round)
+        try await perform(try machine.cancel(), on: &round)
         return round
+    }
+
+    // MARK: the lifecycle
+
+    /// The round's lifecycle at its open phase, from durable state (and the open phase's accumulator when it is
+    /// held: the workers whose reports are in).
+    func machine(_ round: RoundRecord) async throws -> RoundMachine {
+        let plan = try Self.plan(round)
+        let assignments = try await store.assignments(round: round.id, phase: round.phase)
+        let reported: Set<String>
+        if let o = open[round.id], o.phase == round.phase {
+            reported = Set(o.accumulator.workers)
+        } else {
+            reported = Set(try await store.reports(round: round.id, phase: round.phase).map(\.worker))
+        }
+        return RoundMachine(id: round.id, plan: plan, state: round.roundState, phase: round.phase,
+                            phaseStartedAt: round.phaseStartedAt,
+                            assignments: assignments.map { PhaseAssignment(worker: $0.worker, assignedAt: $0.assignedAt, droppedAt: $0.droppedAt) },
+                            reported: reported, pollSeconds: pollSeconds)
+    }
+
+    static func status(_ w: WorkerRecord) -> WorkerStatus {
+        let c = capabilities(w)
+        return WorkerStatus(name: w.name, lastContact: w.lastContactAt, revoked: w.revokedAt != nil,
+                            certificateExpiresAt: w.certificateExpiresAt, samples: c?.samples ?? 0, labels: c?.labels ?? false)
+    }
+
+    /// Performs the machine's actions on the round, durably: assignments made or dropped, the phase closed (with
+    /// the coordinator phases after it), the round ended.
+    func perform(_ actions: [RoundAction], on round: inout RoundRecord) async throws {
+        guard !actions.isEmpty else { return }
+        let plan = try Self.plan(round)
+        for action in actions {
+            let phase = plan.phases[min(round.phase, plan.phases.count - 1)]
+            switch action {
+            case .assign(let worker, let at):
+                _ = try await store.assign(AssignmentRecord(round: round.id, phase: round.phase, worker: worker, assignedAt: at))
+                metrics?.taskAssigned(kind: phase.kind.rawValue)
+                logger.info("task assigned", metadata: ["round.id": "\(round.id)", "phase": "\(phase.label)", "worker.name": "\(worker)"])
+            case .drop(let worker, let at):
+                try await store.dropAssignment(round: round.id, phase: round.phase, worker: worker, at: at)
+                logger.warning("worker dropped from phase", metadata: ["round.id": "\(round.id)", "worker.name": "\(worker)",
+                                                                       "phase": "\(phase.label)"])
+            case .closePhase:
+                guard let o = open[round.id], o.phase == round.phase else { continue }
+                var progress = try Self.progress(round)
+                try await transition(&round, plan: plan, progress: &progress, closing: o)
+            case .end(let state, let message):
+                round.state = state.rawValue
+                round.message = message
+                round.endedAt = now()
+                try await store.updateRound(round)
+                open[round.id] = nil
+                running = nil
+                workChanged()
+                metrics?.roundEnded(state: state.rawValue)
+                if state == .failed {
+                    logger.error("round failed", metadata: ["round.id": "\(round.id)", "reason": "\(message)"])
+                } else {
+                    logger.info("round \(state.rawValue)", metadata: ["round.id": "\(round.id)"])
+                }
+            }
+        }
     }
 
     // MARK: long polling
 
-    /// Returns when the work generation has moved past `generation` (a phase opened or a round ended since the
-    /// caller looked for a task), after `seconds`, when the calling task is cancelled, or when the server shuts down.
-    package func waitForWork(after generation: Int, seconds: Double) async {
-        guard !closing, generation == workGeneration, seconds > 0 else { return }
-        let id = nextWaiter
-        nextWaiter += 1
-        let timer = Task { [weak self] in
-            try? await Task.sleep(for: .seconds(seconds))
-            await self?.wake(id)
-        }
-        await withTaskCancellationHandler {
-            await withCheckedContinuation { workWaiters[id] = $0 }
-        } onCancel: {
-            Task { [weak self] in await self?.wake(id) }
-        }
-        timer.cancel()
+    /// The work generation heartbeats hold on (`LongPoll`).
+    nonisolated package var workGeneration: Int { longPoll.generation }
+
+    /// Holds an idle heartbeat until a worker phase opens or a round ends after `generation`, for at most `seconds`.
+    @discardableResult
+    nonisolated package func waitForWork(after generation: Int, seconds: Double) async -> LongPoll.Return {
+        await longPoll.wait(after: generation, seconds: seconds)
     }
 
     /// Heartbeats held right now.
-    package var heldHeartbeats: Int { workWaiters.count }
-
-    func wake(_ id: Int) { workWaiters.removeValue(forKey: id)?.resume() }
+    nonisolated package var heldHeartbeats: Int { longPoll.held }
 
     /// A worker phase opened or a round ended: every held heartbeat looks for its task again.
-    func workChanged() {
-        workGeneration += 1
-        let held = workWaiters
-        workWaiters = [:]
-        for continuation in held.values { continuation.resume() }
-    }
+    func workChanged() { longPoll.changed() }
 
     /// Graceful shutdown: answers held heartbeats now and holds no more.
-    package func stopHolding() {
-        closing = true
-        workChanged()
-    }
+    nonisolated package func stopHolding() { longPoll.stopHolding() }
 
     // MARK: workers
 
@@ -286,28 +287,19 @@ package actor RoundService {
     }
 
     /// The task for this worker, if a running round has one for it: its assignment, or a new one while the phase
-    /// has room (over-selection cap) and the worker can do the work.
+    /// has room (over-selection cap) and the worker can do the work (`RoundMachine.taskRequested`).
     package func task(forWorkerNamed name: String) async throws -> Whittle_Task? {
         if let running, running.isEmpty { return nil }
         await lock()
         defer { unlock() }
         guard let worker = try await store.worker(named: name) else { return nil }
-        guard let round = try await runningRounds().first else { return nil }
-        let plan = try Self.plan(round)
-        let phase = plan.phases[round.phase]
-        guard phase.kind.onWorkers else { return nil }
+        guard var round = try await runningRounds().first else { return nil }
+        guard try Self.plan(round).phases[round.phase].kind.onWorkers else { return nil }
         let o = try await openPhase(round)
-        if o.accumulator.workers.contains(worker.name) { return nil }
-        let assignments = try await store.assignments(round: round.id, phase: round.phase)
-        if let mine = assignments.first(where: { $0.worker == worker.name }) { return mine.droppedAt == nil ? o.task : nil }
-        guard let c = Self.capabilities(worker), c.samples > 0 else { return nil }
-        if phase.kind.trains, !c.labels, !plan.distill { return nil }
-        if phase.kind.overSelected, let m = plan.workersPerPhase, assignments.filter({ $0.droppedAt == nil }).count >= m { return nil }
-        guard Date().timeIntervalSince1970 < o.task.deadline else { return nil }
-        _ = try await store.assign(AssignmentRecord(round: round.id, phase: round.phase, worker: worker.name, assignedAt: Date()))
-        metrics?.taskAssigned(kind: plan.phases[round.phase].kind.rawValue)
-        logger.info("task assigned", metadata: ["round.id": "\(round.id)", "phase": "\(phase.label)", "worker.name": "\(worker.name)"])
-        return o.task
+        var machine = try await self.machine(round)
+        let (handOut, actions) = machine.taskRequested(by: Self.status(worker), now: now())
+        try await perform(actions, on: &round)
+        return handOut ? o.task : nil
     }
 
     /// The largest report `name` may upload now: the open phase's body limit when the worker holds that phase's
@@ -318,16 +310,13 @@ package actor RoundService {
         await lock()
         defer { unlock() }
         guard let round = try await runningRounds().first else { return nil }
-        let plan = try Self.plan(round)
-        guard plan.phases[round.phase].kind.onWorkers else { return nil }
-        let assignments = try await store.assignments(round: round.id, phase: round.phase)
-        guard let mine = assignments.first(where: { $0.worker == name }), mine.droppedAt == nil else { return nil }
+        guard try await machine(round).mayUpload(name) else { return nil }
         return try await openPhase(round).bodyLimit
     }
 
-    /// Accepts one report: checks it belongs to the open phase and to an assigned worker, validates and folds it
-    /// in, and makes it durable (blob fsynced, row committed) before returning. A retry of an accepted upload
-    /// returns true (duplicate) and counts nothing.
+    /// Accepts one report: checks it belongs to the open phase and to an assigned worker
+    /// (`RoundMachine.reportArrived`), validates and folds it in, and makes it durable (blob fsynced, row committed)
+    /// before returning. A retry of an accepted upload returns true (duplicate) and counts nothing.
     package func accept(_ report: Whittle_TaskReport, bytes: [UInt8], worker: WorkerRecord) async throws -> Bool {
         try await accept(report, bytes: ByteBuffer(bytes: bytes), worker: worker)
     }
@@ -337,37 +326,17 @@ package actor RoundService {
         await lock()
         defer { unlock() }
         guard let round = try await store.round(id: report.roundID) else {
-            throw APIError(.notFound, "unknown_round", "no round '\(report.roundID)'")
+            throw RoundError(.unknownRound, "no round '\(report.roundID)'")
         }
-        let existing = try await store.reports(round: round.id, phase: Int(report.phase)).first { $0.worker == worker.name }
-        if let existing {
-            guard existing.uploadID == report.uploadID else {
-                throw APIError(.conflict, "already_reported", "worker '\(worker.name)' already reported for phase \(report.phase) of round \(round.id) (upload \(existing.uploadID)); a phase takes one report per worker")
-            }
-            return true
-        }
-        guard !round.ended else {
-            throw APIError(.conflict, "stale_report", "round \(round.id) has \(round.state); this report was not counted")
-        }
-        let plan = try Self.plan(round)
-        guard Int(report.phase) == round.phase else {
-            let label = Int(report.phase) < plan.phases.count ? plan.phases[Int(report.phase)].label : "\(report.phase)"
-            throw APIError(.conflict, "stale_report", "phase \(label) of round \(round.id) has closed (the round is at \(plan.phases[min(round.phase, plan.phases.count - 1)].label)); this report was not counted")
-        }
-        let assignment = try await store.assignments(round: round.id, phase: round.phase).first { $0.worker == worker.name }
-        guard let assignment else {
-            throw APIError(.conflict, "stale_report", "worker '\(worker.name)' was not given phase \(plan.phases[round.phase].label) of round \(round.id)")
-        }
-        guard assignment.droppedAt == nil else {
-            throw APIError(.conflict, "stale_report", "worker '\(worker.name)' was dropped from phase \(plan.phases[round.phase].label) (it missed the deadline or went silent); this report was not counted")
-        }
-        guard report.uploadID.count >= 8, report.uploadID.count <= 64 else {
-            throw APIError(.badRequest, "bad_report", "a report needs an upload id of 8–64 characters")
-        }
-        var o = try await openPhase(round)
-        guard bytes.readableBytes <= o.bodyLimit else {
-            throw APIError(.contentTooLarge, "body_too_large", "the report is \(bytes.readableBytes) bytes; this phase takes at most \(o.bodyLimit)")
-        }
+        let accepted = try await store.reports(round: round.id, phase: Int(report.phase)).first { $0.worker == worker.name }
+        var machine = try await self.machine(round)
+        // The body limit is the open phase's; only a report that passes the other checks reaches the size check.
+        let holder = machine.mayUpload(worker.name) && Int(report.phase) == round.phase
+        let o = holder ? try await openPhase(round) : nil
+        let admission = try machine.reportArrived(phase: Int(report.phase), worker: worker.name, uploadID: report.uploadID,
+                                                  bytes: bytes.readableBytes, bodyLimit: o?.bodyLimit ?? 0, accepted: accepted?.uploadID)
+        guard admission == .admit, var o else { return true }
+        let plan = machine.plan
         let clock = ContinuousClock()
         let t0 = clock.now
         var accumulator = o.accumulator
@@ -385,15 +354,16 @@ package actor RoundService {
             record.progress = try Self.text(progress)
             try await store.updateRound(record)
             logger.warning("report refused", metadata: ["round.id": "\(round.id)", "worker.name": "\(worker.name)", "reason": "\(error.description)"])
-            throw APIError(.unprocessableContent, "invalid_report", error.description)
+            throw RoundError(.invalidReport, error.description)
         }
         let relative = "reports/\(round.id)/\(round.phase)-\(worker.name).pb"
         try FileManager.default.createDirectory(at: reportsDirectory.appendingPathComponent(round.id), withIntermediateDirectories: true)
         try bytes.withUnsafeReadableBytes { try Files.writeDurably($0, to: directory.appendingPathComponent(relative).path) }
         let record = ReportRecord(round: round.id, phase: round.phase, worker: worker.name, uploadID: report.uploadID,
                                   blob: relative, bytes: bytes.readableBytes, bytesDown: Int(clamping: report.bytesDown),
-                                  samples: accumulator.samples - samplesBefore, acceptedAt: Date())
+                                  samples: accumulator.samples - samplesBefore, acceptedAt: now())
         guard try await store.addReport(record) else { return true }
+        machine.reportAccepted(from: worker.name)
         o.accumulator = accumulator
         o.refused = open[round.id]?.refused ?? o.refused
         o.aggregationSeconds = (open[round.id]?.aggregationSeconds ?? 0) + seconds(clock.now - t0)
@@ -405,90 +375,27 @@ package actor RoundService {
 
     // MARK: phases
 
-    /// Checks every running round's open phase: drops assigned workers that went silent, closes the phase when
-    /// its assigned workers have all reported (after the selection window) or at its deadline with a quorum,
-    /// fails the round when the quorum cannot be reached.
+    /// Lets time pass for every running round (`RoundMachine.tick`): silent or revoked workers are given up, a
+    /// phase whose reports are in closes, a round whose quorum is missed or out of reach fails, and so does a round
+    /// whose transition fails.
     package func tick() async {
         await lock()
         defer { unlock() }
         do {
+            let workers = try await store.workers().map(Self.status)
             for var round in try await runningRounds() {
                 do {
-                    try await check(&round)
+                    _ = try await openPhase(round)
+                    var machine = try await self.machine(round)
+                    try await perform(machine.tick(now: now(), workers: workers), on: &round)
                 } catch {
-                    let message = (error as? APIError)?.message ?? (error as? CompressionError)?.message ?? "\(error)"
-                    round.state = "failed"
-                    round.message = "phase \(round.phase): \(message)"
-                    round.endedAt = Date()
-                    try await store.updateRound(round)
-                    open[round.id] = nil
-                    running = nil
-                    workChanged()
-                    metrics?.roundEnded(state: "failed")
-                    logger.error("round failed", metadata: ["round.id": "\(round.id)", "reason": "\(message)"])
+                    let message = (error as? RoundError)?.message ?? (error as? CompressionError)?.message ?? "\(error)"
+                    var machine = try await self.machine(round)
+                    try await perform(machine.fail(message), on: &round)
                 }
             }
         } catch {
             logger.error("round check failed", metadata: ["error": "\(error)"])
-        }
-    }
-
-    func check(_ round: inout RoundRecord) async throws {
-        let plan = try Self.plan(round)
-        let phase = plan.phases[round.phase]
-        let o = try await openPhase(round)
-        let now = Date()
-        let opened = round.phaseStartedAt.timeIntervalSince1970
-        let deadlinePassed = now.timeIntervalSince1970 >= opened + plan.phaseDeadlineSeconds
-        let reported = o.accumulator.workers
-        var active = try await store.assignments(round: round.id, phase: round.phase).filter { $0.droppedAt == nil }
-        // Workers that went silent (no heartbeat for three poll intervals since they took the task, and since the
-        // phase opened: a long transition holds heartbeats back) or were revoked are given up.
-        for a in active where !reported.contains(a.worker) {
-            let w = try await store.worker(named: a.worker)
-            let since = max(w?.lastContactAt ?? .distantPast, a.assignedAt, round.phaseStartedAt)
-            if w?.revokedAt != nil || now.timeIntervalSince(since) > Double(3 * pollSeconds) {
-                try await store.dropAssignment(round: round.id, phase: round.phase, worker: a.worker, at: now)
-                logger.warning("worker dropped from phase", metadata: ["round.id": "\(round.id)", "worker.name": "\(a.worker)",
-                                                                       "phase": "\(phase.label)"])
-            }
-        }
-        let assignments = try await store.assignments(round: round.id, phase: round.phase)
-        active = assignments.filter { $0.droppedAt == nil }
-        let workers = try await store.workers()
-        // The selection window: long enough for every online worker to poll once, unless every worker that could
-        // take the task already has it, or the over-selection cap is reached.
-        let full = phase.kind.overSelected && plan.workersPerPhase.map { active.count >= $0 } == true
-        let assigned = Set(active.map(\.worker))
-        var waitingFor = 0
-        for w in workers where !assigned.contains(w.name) && !reported.contains(w.name) && w.revokedAt == nil {
-            guard let seen = w.lastContactAt, now.timeIntervalSince(seen) <= Double(3 * pollSeconds),
-                let c = Self.capabilities(w), c.samples > 0 else { continue }
-            if phase.kind.trains, !c.labels, !plan.distill { continue }
-            waitingFor += 1
-        }
-        let windowOver = full || waitingFor == 0 || now.timeIntervalSince1970 >= opened + Double(2 * pollSeconds) + 1
-        let allIn = active.allSatisfy { reported.contains($0.worker) }
-        if reported.count >= plan.minWorkers, (windowOver && allIn) || deadlinePassed {
-            for a in active where !reported.contains(a.worker) {
-                try await store.dropAssignment(round: round.id, phase: round.phase, worker: a.worker, at: now)
-            }
-            var progress = try Self.progress(round)
-            try await transition(&round, plan: plan, progress: &progress, closing: o)
-            return
-        }
-        if deadlinePassed {
-            throw APIError(.conflict, "quorum", "\(phase.label) got \(reported.count) of the \(plan.minWorkers) reports it needs (--min-workers) by its deadline (\(Int(plan.phaseDeadlineSeconds)) s)")
-        }
-        // Fail now when the quorum is out of reach: reports in, assigned workers still working, and workers not yet
-        // given the task who could still take it (a dropped worker cannot come back to the phase).
-        let everAssigned = Set(assignments.map(\.worker))
-        let couldJoin = workers.filter {
-            $0.revokedAt == nil && $0.certificateExpiresAt > now && !everAssigned.contains($0.name)
-        }.count
-        let usable = reported.count + active.filter { !reported.contains($0.worker) }.count + couldJoin
-        if usable < plan.minWorkers {
-            throw APIError(.conflict, "quorum", "\(phase.label) can reach at most \(usable) reports (\(reported.count) in, the other workers dropped, revoked or missing); the round needs \(plan.minWorkers) (--min-workers)")
         }
     }
 
@@ -499,7 +406,7 @@ package actor RoundService {
         let phases = plan.phases
         var index = round.phase
         let first = index
-        let now = Date().timeIntervalSince1970
+        let closedAt = now().timeIntervalSince1970
         let clock = ContinuousClock()
         if let o = closing {
             let t0 = clock.now
@@ -512,7 +419,7 @@ package actor RoundService {
                 // Server momentum runs within one sequence of training rounds (a step's fine-tuning, or QAT).
                 let continuing = phase.iteration > 0
                 let velocity = try continuing ? progress.serverVelocity.map { sha -> [String: Tensor] in
-                    try Whittle_WeightUpdate(serializedBytes: try Files.readBytes(artifacts.appendingPathComponent(sha).path))
+                    try Whittle_WeightUpdate(serializedBytes: try artifactStore.bytes(sha))
                         .deltas.mapValues { try $0.decoded() }
                 } : nil
                 let (tuned, next) = try engine.finetuned(try model(progress.currentModel), acc, velocity: velocity, progress: &progress)
@@ -555,7 +462,7 @@ package actor RoundService {
                 bytesUp += r.bytes
             }
             progress.phases[index].state = "done"
-            progress.phases[index].endedAt = now
+            progress.phases[index].endedAt = closedAt
             progress.phases[index].reports = acc.reports
             progress.phases[index].refused = o.refused
             progress.phases[index].bytesUp = bytesUp
@@ -568,20 +475,20 @@ package actor RoundService {
             try runCoordinatorPhases(&index, plan: plan, engine: engine, progress: &progress, previous: nil)
         }
         round.phase = index
-        round.phaseStartedAt = Date()
+        round.phaseStartedAt = now()
         if index >= phases.count {
-            round.state = "succeeded"
-            round.endedAt = Date()
+            round.state = RoundState.succeeded.rawValue
+            round.endedAt = round.phaseStartedAt
             round.phase = phases.count - 1
             running = nil
         } else {
             progress.phases[index].state = "running"
-            progress.phases[index].startedAt = Date().timeIntervalSince1970
+            progress.phases[index].startedAt = now().timeIntervalSince1970
         }
         round.progress = try Self.text(progress)
         try await store.updateRound(round)
         for closed in progress.phases[first..<min(index, progress.phases.count)] {
-            metrics?.phaseClosed(kind: closed.kind, seconds: max(0, (closed.endedAt ?? now) - (closed.startedAt ?? now)),
+            metrics?.phaseClosed(kind: closed.kind, seconds: max(0, (closed.endedAt ?? closedAt) - (closed.startedAt ?? closedAt)),
                                  aggregationSeconds: closed.aggregationSeconds)
         }
         if round.ended { metrics?.roundEnded(state: round.state) }
@@ -596,7 +503,7 @@ package actor RoundService {
         let clock = ContinuousClock()
         while index < phases.count, !phases[index].kind.onWorkers {
             let t0 = clock.now
-            progress.phases[index].startedAt = Date().timeIntervalSince1970
+            progress.phases[index].startedAt = now().timeIntervalSince1970
             let phase = phases[index]
             switch phase.kind {
             case .prune:
@@ -613,7 +520,7 @@ package actor RoundService {
                 break
             }
             progress.phases[index].state = "done"
-            progress.phases[index].endedAt = Date().timeIntervalSince1970
+            progress.phases[index].endedAt = now().timeIntervalSince1970
             progress.phases[index].aggregationSeconds = seconds(clock.now - t0)
             index += 1
         }
@@ -638,12 +545,13 @@ package actor RoundService {
     /// within `retentionDays`, and not the latest succeeded round (a continual round's starting point) refer to.
     /// Database rows are kept (the round tables and figures stay). Runs under the round lock, so it cannot race a
     /// phase transition.
-    package func collectGarbage(retentionDays: Double, now: Date = Date()) async throws -> Collected {
+    package func collectGarbage(retentionDays: Double, now: Date? = nil) async throws -> Collected {
+        let now = now ?? self.now()
         await lock()
         defer { unlock() }
         var out = Collected()
         let rounds = try await store.rounds()
-        let latestSucceeded = rounds.first { $0.state == "succeeded" }?.id
+        let latestSucceeded = rounds.first { $0.roundState == .succeeded }?.id
         var keep = Set<String>()
         for round in rounds {
             let recent = !round.ended || round.id == latestSucceeded
@@ -662,16 +570,9 @@ package actor RoundService {
                 out.reportBytes += size.intValue
             }
         }
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: artifacts.path)) ?? [] where Identifiers.isSHA256(name) && !keep.contains(name) {
-            let path = artifacts.appendingPathComponent(name).path
-            guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
-                let modified = attributes[.modificationDate] as? Date,
-                now.timeIntervalSince(modified) >= min(Self.artifactGrace, retentionDays * 86400) else { continue }
-            try FileManager.default.removeItem(atPath: path)
-            models[name] = nil
-            out.artifacts += 1
-            out.artifactBytes += (attributes[.size] as? NSNumber)?.intValue ?? 0
-        }
+        let removed = try artifactStore.remove(except: keep, olderThan: min(Self.artifactGrace, retentionDays * 86400), now: now)
+        out.artifacts = removed.count
+        out.artifactBytes = removed.bytes
         if out != Collected() {
             logger.info("garbage collected", metadata: ["artifacts": "\(out.artifacts)", "artifact.bytes": "\(out.artifactBytes)",
                                                         "reports": "\(out.reports)", "report.bytes": "\(out.reportBytes)"])
@@ -692,36 +593,41 @@ package actor RoundService {
         if !round.ended {
             assigned = try await store.assignments(round: round.id, phase: round.phase).filter { $0.droppedAt == nil }.count
         }
-        return RoundView(id: round.id, state: round.state, createdAt: round.createdAt, endedAt: round.endedAt,
+        return RoundView(id: round.id, state: round.roundState, createdAt: round.createdAt, endedAt: round.endedAt,
                          message: round.message, phase: round.phase, phaseLabel: plan.phases[min(round.phase, plan.phases.count - 1)].label,
                          phaseCount: plan.phases.count, assigned: assigned, phases: phases, plan: plan,
-                         finalModel: round.state == "succeeded" ? progress.finalModel : nil,
+                         finalModel: round.roundState == .succeeded ? progress.finalModel : nil,
                          sites: progress.sites.values.sorted { $0.worker < $1.worker })
     }
 
     func report(_ id: String) async throws -> CompressionReport {
-        guard let round = try await store.round(id: id) else { throw APIError(.notFound, "unknown_round", "no round '\(id)'") }
+        guard let round = try await store.round(id: id) else { throw RoundError(.unknownRound, "no round '\(id)'") }
         let plan = try Self.plan(round), progress = try Self.progress(round)
         guard let r = RoundEngine(plan: plan).report(round: id, progress: progress,
                                                      output: (plan.modelName as NSString).deletingPathExtension + ".compressed.onnx") else {
-            throw APIError(.conflict, "not_ready", "round \(id) has no report yet (it is at \(plan.phases[min(round.phase, plan.phases.count - 1)].label), \(round.state))")
+            throw RoundError(.notReady, "round \(id) has no report yet (it is at \(plan.phases[min(round.phase, plan.phases.count - 1)].label), \(round.state))")
         }
         return r
     }
 
     func finalModel(_ id: String) async throws -> String {
-        guard let round = try await store.round(id: id) else { throw APIError(.notFound, "unknown_round", "no round '\(id)'") }
+        guard let round = try await store.round(id: id) else { throw RoundError(.unknownRound, "no round '\(id)'") }
         guard let sha = try Self.progress(round).finalModel else {
-            throw APIError(.conflict, "not_ready", "round \(id) has not exported its model yet (\(round.state))")
+            throw RoundError(.notReady, "round \(id) has not exported its model yet (\(round.state))")
         }
         return sha
     }
 }
 
+extension RoundRecord {
+    /// The stored state as the lifecycle's enum (a state this binary does not know reads as failed).
+    var roundState: RoundState { RoundState(rawValue: state) ?? .failed }
+}
+
 /// A round as admin commands show it.
 public struct RoundView: Codable, Sendable {
     public var id: String
-    public var state: String
+    public var state: RoundState
     public var createdAt: Date
     public var endedAt: Date?
     public var message: String?

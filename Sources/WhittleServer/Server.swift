@@ -61,6 +61,33 @@ package struct APIError: HTTPResponseError {
     }
 }
 
+extension APIError {
+    /// A round's refusal as the routes answer it: its code, and the HTTP status that code maps to.
+    init(_ error: RoundError) {
+        let status: HTTPResponse.Status = switch error.code {
+        case .unknownRound, .unknownArtifact: .notFound
+        case .roundEnded, .alreadyReported, .staleReport, .quorum, .notReady: .conflict
+        case .badReport, .badPlan, .badModel: .badRequest
+        case .tooLarge: .contentTooLarge
+        case .invalidReport: .unprocessableContent
+        }
+        self.init(status, error.code.rawValue, error.message)
+    }
+
+    /// The code of an error a route answers with, if it is one of Whittle's refusals.
+    static func code(of error: any Error) -> String? {
+        (error as? APIError)?.code ?? (error as? RoundError)?.code.rawValue
+    }
+}
+
+/// The round service's refusals reach HTTP only here, in the routes' error handling.
+extension RoundError: HTTPResponseError {
+    public var status: HTTPResponse.Status { APIError(self).status }
+    public func response(from request: Request, context: some RequestContext) throws -> Response {
+        try APIError(self).response(from: request, context: context)
+    }
+}
+
 /// Everything the handlers share.
 final class ServerState: Sendable {
     let store: any CoordinatorStore
@@ -372,8 +399,8 @@ public enum CoordinatorServer {
         let duplicate: Bool, size: Int
         do {
             (duplicate, size) = try await acceptReport(request, context, state)
-        } catch let error as APIError {
-            state.metrics.report(result: "refused", reason: error.code)
+        } catch {
+            if let code = APIError.code(of: error) { state.metrics.report(result: "refused", reason: code) }
             throw error
         }
         state.metrics.report(result: duplicate ? "duplicate" : "accepted", bytes: size)
@@ -588,16 +615,16 @@ public enum CoordinatorServer {
         if message.workingOn.isEmpty {
             // Long polling: an idle worker that asks for it waits here (at most one heartbeat interval) until a
             // phase opens, and gets its task then instead of at its next heartbeat.
-            let generation = await state.rounds.workGeneration
+            let generation = state.rounds.workGeneration
             if let task = try await state.rounds.task(forWorkerNamed: context.workerName!) {
                 response.task = task
             } else if message.waitSeconds > 0 {
                 let seconds = Double(min(Int(message.waitSeconds), state.config.heartbeatSeconds))
                 // SIGTERM answers held heartbeats at once, so a graceful shutdown does not wait for them.
-                await withGracefulShutdownHandler {
+                _ = await withGracefulShutdownHandler {
                     await state.rounds.waitForWork(after: generation, seconds: seconds)
                 } onGracefulShutdown: {
-                    Task { await state.rounds.stopHolding() }
+                    state.rounds.stopHolding()
                 }
                 if let task = try await state.rounds.task(forWorkerNamed: context.workerName!) { response.task = task }
             }

@@ -16,6 +16,8 @@ import WhittleTestSupport
     struct Fixture {
         let directory: URL
         let store: SQLiteStore
+        /// The service's time: phases' deadlines, selection windows and silences pass when a test advances it.
+        let clock = ScriptedClock(Date())
 
         init() throws {
             directory = FileManager.default.temporaryDirectory.appendingPathComponent("whittle-rounds-\(UUID().uuidString)")
@@ -24,22 +26,26 @@ import WhittleTestSupport
         }
 
         /// A new service over the same store and directory: what `coordinator serve` has after a restart.
-        func service() throws -> RoundService {
+        func service(holds gate: Gate? = nil) throws -> RoundService {
             try RoundService(store: store, directory: directory, artifacts: directory.appendingPathComponent("artifacts"),
-                             pollSeconds: 1, logger: Logger(label: "test"))
+                             pollSeconds: 1, logger: Logger(label: "test"), now: clock.read,
+                             holdTimer: { _ in await gate?.wait() })
         }
 
-        func enroll(_ names: [String], samples: Int = 50, contact: Date = Date()) async throws {
-            try await store.addToken(TokenRecord(hash: "t", createdAt: Date(), expiresAt: Date().addingTimeInterval(3600), uses: 100))
+        func enroll(_ names: [String], samples: Int = 50) async throws {
+            let now = clock.now
+            try await store.addToken(TokenRecord(hash: "t", createdAt: now, expiresAt: now.addingTimeInterval(3600), uses: 100))
             for (k, name) in names.enumerated() {
                 _ = try await store.enroll(tokenHash: "t", worker: WorkerRecord(
-                    name: name, certificateSerial: "s\(k)", certificateExpiresAt: Date().addingTimeInterval(86400), enrolledAt: Date()),
-                    now: Date())
-                try await touch(name, samples: samples, at: contact)
+                    name: name, certificateSerial: "s\(k)", certificateExpiresAt: now.addingTimeInterval(86400), enrolledAt: now),
+                    now: now)
+                try await touch(name, samples: samples)
             }
         }
 
-        func touch(_ name: String, samples: Int = 50, at: Date = Date()) async throws {
+        /// A heartbeat from the worker now (or at `at`).
+        func touch(_ name: String, samples: Int = 50, at: Date? = nil) async throws {
+            let at = at ?? clock.now
             let capabilities = CapabilitiesView(cores: 1, memoryBytes: 1 << 30, samples: samples, labels: true, version: "t",
                                                 memoryLimitBytes: 0, evaluationSamples: nil)
             try await store.recordContact(name: name, at: at, address: "127.0.0.1",
@@ -79,8 +85,8 @@ import WhittleTestSupport
         do {
             try await body()
             return nil
-        } catch let error as APIError {
-            return error.code
+        } catch let error as RoundError {
+            return error.code.rawValue
         } catch {
             return "\(error)"
         }
@@ -114,7 +120,7 @@ import WhittleTestSupport
         #expect(try await service.accept(reportB, bytes: bytesB, worker: try await f.store.worker(named: "b")!) == false)
         let (reportC, bytesC) = Self.evaluation(taskC, correct: 35, upload: "upload-c-1")
         #expect(try await service.accept(reportC, bytes: bytesC, worker: try await f.store.worker(named: "c")!) == false)
-        try await Task.sleep(for: .seconds(3.2))
+        f.clock.advance(3.2)
         for name in ["a", "b", "c"] { try await f.touch(name) }
         await service.tick()
         let closed = try await Self.phase(f.store, round.id)
@@ -128,26 +134,38 @@ import WhittleTestSupport
         #expect(progress.sites["a"]?.accuracyAfter == 30.0 / 40)
     }
 
+    /// Holds' timeouts in tests: a held heartbeat times out when the test releases the gate, never by the clock.
+    actor Gate {
+        var waiting: [CheckedContinuation<Void, Never>] = []
+        func wait() async { await withCheckedContinuation { waiting.append($0) } }
+        /// Every hold waiting on the gate times out now.
+        func release() {
+            for c in waiting { c.resume() }
+            waiting = []
+        }
+    }
+
     /// Long polling: a held heartbeat wakes when a worker phase opens (round start, a phase closing) instead of
-    /// waiting out its hold; a stale generation returns at once; shutdown answers held heartbeats and holds no more.
+    /// waiting out its hold; an unchanged generation times out; a stale generation is not held; shutdown answers
+    /// held heartbeats and holds no more. A hold ends only by a wake or by the test releasing its timer, so a wake
+    /// that does not come shows as `.timedOut`.
     @Test func heldHeartbeatsWakeWhenAWorkerPhaseOpens() async throws {
         let f = try Fixture()
         try await f.enroll(["a", "b"])
-        let service = try f.service()
-        let clock = ContinuousClock()
-        func heldUntilWoken(after generation: Int, by change: () async throws -> Void) async throws -> Duration {
-            let t0 = clock.now
-            async let woken: Void = service.waitForWork(after: generation, seconds: Self.longHold)
-            while await service.heldHeartbeats == 0 { try await Task.sleep(for: .milliseconds(5)) }
+        let gate = Gate()
+        let service = try f.service(holds: gate)
+        func held(after generation: Int, by change: () async throws -> Void) async throws -> LongPoll.Return {
+            async let returned = service.waitForWork(after: generation, seconds: 60)
+            while service.heldHeartbeats == 0 { await Task.yield() }
             try await change()
-            await woken
-            return clock.now - t0
+            await gate.release()  // a hold the change did not wake times out now
+            return await returned
         }
-        let idle = await service.workGeneration
+        let idle = service.workGeneration
         var round: RoundRecord?
-        #expect(try await heldUntilWoken(after: idle) { round = try await f.start(service) } < .seconds(Self.longHold / 2))
+        #expect(try await held(after: idle) { round = try await f.start(service) } == .woken)
         let id = try #require(round?.id)
-        let started = await service.workGeneration
+        let started = service.workGeneration
         #expect(started > idle)
         let taskA = try #require(try await service.task(forWorkerNamed: "a"))
         let taskB = try #require(try await service.task(forWorkerNamed: "b"))
@@ -155,31 +173,25 @@ import WhittleTestSupport
         let (reportA, bytesA) = Self.evaluation(taskA, correct: 30, upload: "upload-a-1")
         #expect(try await service.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!) == false)
         #expect(try await service.task(forWorkerNamed: "a") == nil)
-        let waited = try await heldUntilWoken(after: started) { () async throws -> Void in
+        var acceptedB: Bool?
+        let closing = try await held(after: started) { () async throws -> Void in
             let (reportB, bytesB) = Self.evaluation(taskB, correct: 34, upload: "upload-b-1")
-            #expect(try await service.accept(reportB, bytes: bytesB, worker: try await f.store.worker(named: "b")!) == false)
+            acceptedB = try await service.accept(reportB, bytes: bytesB, worker: try await f.store.worker(named: "b")!)
             await service.tick()
         }
-        #expect(waited < .seconds(Self.longHold / 2))
+        #expect(closing == .woken && acceptedB == false)
         #expect(try await Self.phase(f.store, id).phase == 2)
         #expect(try await service.task(forWorkerNamed: "a")?.kind == "distribute")
 
         // Nothing changes: the hold times out. A generation already passed: no hold at all.
-        let now = await service.workGeneration
-        let t0 = clock.now
-        await service.waitForWork(after: now, seconds: 0.2)
-        #expect(clock.now - t0 >= .seconds(0.2))
-        await service.waitForWork(after: idle, seconds: Self.longHold)
-        #expect(await service.heldHeartbeats == 0)
+        let now = service.workGeneration
+        #expect(try await held(after: now) {} == .timedOut)
+        #expect(await service.waitForWork(after: idle, seconds: 60) == .notHeld)
+        #expect(service.heldHeartbeats == 0)
         // Shutdown answers a held heartbeat, and later ones are not held.
-        #expect(try await heldUntilWoken(after: now) { await service.stopHolding() } < .seconds(Self.longHold / 2))
-        let t1 = clock.now
-        await service.waitForWork(after: await service.workGeneration, seconds: Self.longHold)
-        #expect(clock.now - t1 < .seconds(Self.longHold / 2))
+        #expect(try await held(after: now) { service.stopHolding() } == .woken)
+        #expect(await service.waitForWork(after: service.workGeneration, seconds: 60) == .notHeld)
     }
-
-    /// A hold long enough that returning within half of it can only mean the heartbeat was woken.
-    static let longHold = 60.0
 
     @Test func aRestartedCoordinatorRefoldsAcceptedReports() async throws {
         let f = try Fixture()
@@ -197,7 +209,7 @@ import WhittleTestSupport
                 "the acknowledged report is known after the restart")
         let (reportB, bytesB) = Self.evaluation(taskA, correct: 34, upload: "upload-b-1")
         #expect(try await after.accept(reportB, bytes: bytesB, worker: try await f.store.worker(named: "b")!) == false)
-        try await Task.sleep(for: .seconds(3.2))
+        f.clock.advance(3.2)
         for name in ["a", "b"] { try await f.touch(name) }
         await after.tick()
         let progress = try RoundService.progress(try await Self.phase(f.store, round.id))
@@ -232,7 +244,7 @@ import WhittleTestSupport
         let taskA = try #require(try await service.task(forWorkerNamed: "a"))
         let (reportA, bytesA) = Self.evaluation(taskA, correct: 20, upload: "upload-a-1")
         _ = try await service.accept(reportA, bytes: bytesA, worker: try await f.store.worker(named: "a")!)
-        try await Task.sleep(for: .seconds(2.2))
+        f.clock.advance(2.2)
         try await f.touch("a")
         await service.tick()
         let failed = try await Self.phase(f.store, round.id)
@@ -254,9 +266,9 @@ import WhittleTestSupport
             _ = try await service.accept(r, bytes: bytes, worker: try await f.store.worker(named: name)!)
         }
         // c goes silent (no heartbeat for more than three poll intervals): the phase closes without it.
-        try await Task.sleep(for: .seconds(3.6))
+        f.clock.advance(3.6)
         for name in ["a", "b"] { try await f.touch(name) }
-        try await f.touch("c", at: Date().addingTimeInterval(-10))
+        try await f.touch("c", at: f.clock.now.addingTimeInterval(-10))
         await service.tick()
         #expect(try await Self.phase(f.store, round.id).phase == 2)
         let (late, lateBytes) = Self.evaluation(task, correct: 10, upload: "upload-c-1")
@@ -296,7 +308,7 @@ import WhittleTestSupport
         let service = try f.service()
         let round = try await f.start(service, minWorkers: 2)
         _ = try #require(try await service.task(forWorkerNamed: "a"))
-        _ = try await f.store.revoke(name: "b", at: Date())
+        _ = try await f.store.revoke(name: "b", at: f.clock.now)
         await service.tick()
         let failed = try await Self.phase(f.store, round.id)
         #expect(failed.state == "failed")

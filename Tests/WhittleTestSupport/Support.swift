@@ -100,3 +100,18 @@ extension TestSupport {
         return out
     }
 }
+
+/// A clock tests move by hand, for code that takes the time as an injected `() -> Date`.
+public final class ScriptedClock: @unchecked Sendable {
+    private let lock = NSLock()
+    private var current: Date
+
+    public init(_ start: Date = Date(timeIntervalSince1970: 1_800_000_000)) { current = start }
+
+    public var now: Date { lock.withLock { current } }
+
+    public func advance(_ seconds: TimeInterval) { lock.withLock { current = current.addingTimeInterval(seconds) } }
+
+    /// The clock as the closure services take.
+    public var read: @Sendable () -> Date { { [self] in now } }
+}
