@@ -78,6 +78,9 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]
         ),
         // The worker's agent: enrollment, heartbeats, jobs (libcurl; never NIO).
@@ -88,6 +91,8 @@ let package = Package(
                 "WhittleONNX", "WhittleNN", "WhittleTensor",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
             ]
         ),
 
@@ -136,5 +141,6 @@ let package = Package(
         .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
         .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport", "WhittleCLI", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "WhittleRoundsTests", dependencies: ["WhittleRounds", "WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol", "WhittleTestSupport"]),
+        .testTarget(name: "WhittleAgentTests", dependencies: ["WhittleAgent", "WhittleProtocol", "WhittleHTTPClient", "WhittleTestSupport"]),
     ]
 )

@@ -231,102 +231,85 @@ public struct RunCommand: ParsableCommand {
         var heartbeat = Whittle_Heartbeat()
         heartbeat.protocolVersion = protocolVersion
         heartbeat.capabilities = capabilities
-        // Idle heartbeats ask the coordinator to hold them until a task is ready (long polling), for at most the
-        // poll interval it last answered (0 before the first answer) and well within the client's timeout.
-        var longPoll: UInt32 = 0
         try CertificateRenewal.recover(layout)
         let client = HTTPClient(baseURL: state.coordinator, credentials: TLSCredentials(
             caPEM: try read(layout.ca), certificatePEM: try read(layout.certificate), privateKeyPEM: try read(layout.key)))
         client.timeout = 30
-        var certificate = try Certificate(pemEncoded: try read(layout.certificate))
-        var trusted = try PKI.trustFingerprint(try PKI.certificates(pem: try read(layout.ca)))
-        var nextRenewal = Date.distantPast
-        let backoff = RetryPolicy(attempts: Int.max, baseDelay: 1, maximumDelay: 60)
-        func checkValidity() throws {
-            guard certificate.notValidAfter > Date() else {
-                throw CLIError("this worker's certificate expired at \(ISO8601DateFormatter().string(from: certificate.notValidAfter)); the coordinator refuses it at the TLS handshake. Enroll again with a new token.")
-            }
+        let coordinator = CurlCoordinator(client: client)
+        func presented(_ certificate: Certificate) throws -> AgentMachine.Certificate {
+            AgentMachine.Certificate(notValidBefore: certificate.notValidBefore, notValidAfter: certificate.notValidAfter,
+                                     trust: try PKI.trustFingerprint(try PKI.certificates(pem: try read(layout.ca))))
         }
-        try checkValidity()
+        let current = try Certificate(pemEncoded: try read(layout.certificate))
+        guard current.notValidAfter > Date() else {
+            throw CLIError("this worker's certificate expired at \(ISO8601DateFormatter().string(from: current.notValidAfter)); the coordinator refuses it at the TLS handshake. Enroll again with a new token.")
+        }
+        // Idle heartbeats ask the coordinator to hold them until a task is ready (long polling), for at most the
+        // poll interval it last answered and well within the client's timeout (`AgentMachine`).
+        var machine = AgentMachine(certificate: try presented(current), heartbeats: heartbeats, clientTimeout: client.timeout,
+                                   clockSkewAllowance: PKI.clockSkewAllowance)
         let runner = TaskRunner(client: client, layout: layout, data: dataset, evaluation: evaluation, memoryLimit: memoryLimit.flatMap(parseByteSize),
                                 log: log)
-        var failures = 0, sent = 0
         log.info("worker '\(state.name)' running against \(state.coordinator) with \(capabilities.samples) samples",
                  ["coordinator": "\(state.coordinator)", "samples": "\(capabilities.samples)"])
-        while heartbeats.map({ sent < $0 }) ?? true {
-            var wait: Double
-            do {
-                var idle = heartbeat
-                idle.waitSeconds = longPoll
-                let asked = Date()
-                let response = try client.request("POST", "/v1/worker/heartbeat", body: try idle.serializedBytes(),
-                                                  contentType: "application/x-protobuf")
-                if response.status == 200, let answer = try? Whittle_HeartbeatResponse(serializedBytes: response.body) {
-                    failures = 0
-                    sent += 1
-                    state.lastHeartbeatAt = Date()
-                    state.lastError = nil
-                    state.heartbeats += 1
-                    let poll = max(answer.pollSeconds, 1)
-                    longPoll = min(poll, UInt32(client.timeout * 2 / 3))
-                    // A held heartbeat has already spent (part of) the interval.
-                    wait = max(0.05, Double(poll) - Date().timeIntervalSince(asked))
-                    // The coordinator asked, a third of the lifetime is left, or the coordinator trusts other CAs
-                    // than this board does (a CA rotation): the renewal brings a new certificate and the CAs.
-                    let trustChanged = !answer.trustFingerprint.isEmpty && answer.trustFingerprint != trusted
-                    if answer.renewCertificate || trustChanged || CertificateRenewal.isDue(certificate, now: Date()), Date() >= nextRenewal {
-                        do {
-                            certificate = try CertificateRenewal.renew(client: client, layout: layout, name: state.name)
-                            trusted = try PKI.trustFingerprint(try PKI.certificates(pem: try read(layout.ca)))
-                            log.info("certificate renewed: serial \(PKI.serial(certificate)), valid until \(ISO8601DateFormatter().string(from: certificate.notValidAfter))",
-                                     ["certificate.serial": "\(PKI.serial(certificate))"])
-                            if trustChanged {
-                                log.info("trusted CAs updated: \(try PKI.certificates(pem: try read(layout.ca)).compactMap(PKI.commonName).joined(separator: ", "))",
-                                         ["trust.fingerprint": "\(trusted)"])
-                            }
-                            if !answer.trustFingerprint.isEmpty && answer.trustFingerprint != trusted {
-                                // The renewal did not bring the announced set (a coordinator mid-restart): later.
-                                nextRenewal = Date().addingTimeInterval(60)
-                            }
-                        } catch {
-                            // Retried a little later, not at every heartbeat (a coordinator that cannot renew yet).
-                            nextRenewal = Date().addingTimeInterval(min(3600, max(60, certificate.notValidAfter.timeIntervalSinceNow / 20)))
-                            log.warning("certificate renewal failed (the current certificate stays in use; retried after \(ISO8601DateFormatter().string(from: nextRenewal))): \(error)",
-                                        ["error": "\(error)"])
-                        }
-                    }
-                    if answer.hasTask, !runner.finished.contains(TaskRunner.key(answer.task)) {
-                        try? state.save(layout)
-                        var busy = heartbeat
-                        busy.workingOn = TaskRunner.key(answer.task)
-                        let beat = BusyHeartbeat(client: HTTPClient(baseURL: client.baseURL, credentials: client.credentials),
-                                                 body: try busy.serializedBytes(), seconds: wait)
-                        log.info("task \(answer.task.kind): round \(answer.task.roundID), phase \(answer.task.phase)",
-                                 ["round.id": "\(answer.task.roundID)", "phase": "\(answer.task.phase)", "task.kind": "\(answer.task.kind)"])
-                        runner.run(answer.task)
-                        beat.stop()
-                        wait = 0
-                    }
-                } else if response.status == 403 || response.status == 401 {
-                    state.lastError = errorMessage(response)
-                    try? state.save(layout)
-                    throw CLIError("the coordinator refuses this worker: \(errorMessage(response))")
-                } else {
-                    failures += 1
-                    state.lastError = errorMessage(response)
-                    wait = backoff.delay(attempt: failures, retryAfter: response.retryAfter)
-                }
-            } catch let error as HTTPClientError {
-                try checkValidity()
-                failures += 1
-                state.lastError = error.description
-                wait = backoff.delay(attempt: failures, retryAfter: nil)
-                log.warning("coordinator unreachable (\(error.description)); retrying in \(String(format: "%.1f", wait)) s",
-                            ["error": "\(error.description)", "retry.seconds": "\(String(format: "%.1f", wait))"])
+        while true {
+            let asked = Date()
+            let outcome = coordinator.heartbeat(machine.idleHeartbeat(heartbeat))
+            var actions = machine.heartbeatReturned(outcome, askedAt: asked, now: Date()) { runner.finished.contains(TaskRunner.key($0)) }
+            if case .answered = outcome {
+                state.lastHeartbeatAt = Date()
+                state.heartbeats += 1
             }
-            try? state.save(layout)
-            if heartbeats.map({ sent >= $0 }) ?? false { break }
-            Thread.sleep(forTimeInterval: wait)
+            state.lastError = machine.lastError
+            if case .unreachable(let message) = outcome, case .sleep(let wait)? = actions.first {
+                log.warning("coordinator unreachable (\(message)); retrying in \(String(format: "%.1f", wait)) s",
+                            ["error": "\(message)", "retry.seconds": "\(String(format: "%.1f", wait))"])
+            }
+            // Perform the machine's actions until it says to sleep or stop.
+            performing: while let action = actions.first {
+                actions.removeFirst()
+                switch action {
+                case .renewCertificate:
+                    do {
+                        let renewed = try CertificateRenewal.renew(client: client, layout: layout, name: state.name)
+                        let before = machine.certificate.trust
+                        actions += machine.renewed(try presented(renewed), now: Date())
+                        log.info("certificate renewed: serial \(PKI.serial(renewed)), valid until \(ISO8601DateFormatter().string(from: renewed.notValidAfter))",
+                                 ["certificate.serial": "\(PKI.serial(renewed))"])
+                        if machine.certificate.trust != before {
+                            log.info("trusted CAs updated: \(try PKI.certificates(pem: try read(layout.ca)).compactMap(PKI.commonName).joined(separator: ", "))",
+                                     ["trust.fingerprint": "\(machine.certificate.trust)"])
+                        }
+                    } catch {
+                        actions += machine.renewalFailed("\(error)", now: Date())
+                        log.warning("certificate renewal failed (the current certificate stays in use; retried after \(ISO8601DateFormatter().string(from: machine.nextRenewal))): \(error)",
+                                    ["error": "\(error)"])
+                    }
+                case .run(let task):
+                    try? state.save(layout)
+                    var busy = heartbeat
+                    busy.workingOn = TaskRunner.key(task)
+                    let beat = BusyHeartbeat(client: HTTPClient(baseURL: client.baseURL, credentials: client.credentials),
+                                             body: try busy.serializedBytes(), seconds: machine.pollSeconds)
+                    log.info("task \(task.kind): round \(task.roundID), phase \(task.phase)",
+                             ["round.id": "\(task.roundID)", "phase": "\(task.phase)", "task.kind": "\(task.kind)"])
+                    runner.run(task)
+                    beat.stop()
+                    actions += machine.taskFinished()
+                case .sleep(let seconds):
+                    try? state.save(layout)
+                    Thread.sleep(forTimeInterval: seconds)
+                    break performing
+                case .stop(let reason):
+                    try? state.save(layout)
+                    switch reason {
+                    case .heartbeatsDone: return
+                    case .refused(let message): throw CLIError("the coordinator refuses this worker: \(message)")
+                    case .certificateExpired(let at):
+                        throw CLIError("this worker's certificate expired at \(ISO8601DateFormatter().string(from: at)); the coordinator refuses it at the TLS handshake. Enroll again with a new token.")
+                    }
+                }
+            }
         }
     }
 }

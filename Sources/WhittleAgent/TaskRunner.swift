@@ -97,7 +97,10 @@ final class TaskRunner {
         let t0 = clock.now
         var bytesDown = 0
         var report: Whittle_TaskReport
-        if task.kind == PhaseKind.distribute.rawValue {
+        guard let handler = PhaseKind(rawValue: task.kind)?.handler else {
+            throw CompressionError(.invalidArgument, "task kind '\(task.kind)' is not one this worker knows")
+        }
+        if handler.downloadsModel {
             let (path, downloaded) = try artifact(task.modelSha256, folder: "models")
             bytesDown += downloaded
             var d = Whittle_DistributionReport()
@@ -118,24 +121,21 @@ final class TaskRunner {
                 ewc = WorkerJobs.EWC(lambda: task.ewcLambda, fisher: try state.fisher.mapValues { try $0.decoded() },
                                      reference: try state.reference.mapValues { try $0.decoded() })
             }
-            let training = task.kind == PhaseKind.finetune.rawValue || task.kind == PhaseKind.qat.rawValue
-                || task.kind == PhaseKind.fisher.rawValue
-                || (task.kind == PhaseKind.importance.rawValue && task.criterion == ImportanceCriterion.taylor.rawValue)
-            let local = task.kind == PhaseKind.evaluate.rawValue ? (evaluation ?? data) : data
+            let local = handler.timesModels ? (evaluation ?? data) : data
             let batch = try WorkerJobs.batchSize(model: model, planned: Int(max(task.batchSize, 1)), memoryLimit: memoryLimit,
-                                                 training: training, data: local)
+                                                 training: handler.backpropagates(task), data: local)
             let stateKey = "\(task.roundID)/\(task.kind)"
             var state = optimizerState?.key == stateKey ? optimizerState?.state : nil
             let teacherSHA = task.teacherSha256.isEmpty ? task.modelSha256 : task.teacherSha256
             if teacherCache?.sha != teacherSHA { teacherCache = (teacherSHA, TeacherLogitsCache()) }
             let origin = ContinuousClock.now
             // Workers sharing a machine evaluate one at a time, so each times its models without the others' load.
-            report = try Self.exclusive(on: task.kind == PhaseKind.evaluate.rawValue ? Self.evaluationLock : nil) {
+            report = try Self.exclusive(on: handler.timesModels ? Self.evaluationLock : nil) {
                 try WorkerJobs.run(task, model: model, teacher: teacher, ewc: ewc, data: local, batchSize: batch,
                                    compressor: &compressor, optimizerState: &state, teacherCache: teacherCache?.cache,
                                    latency: LatencyProbe(now: { ContinuousClock.now - origin }))
             }
-            if task.kind == PhaseKind.finetune.rawValue || task.kind == PhaseKind.qat.rawValue {
+            if handler.trains {
                 optimizerState = state.map { (stateKey, $0) }
             }
         }

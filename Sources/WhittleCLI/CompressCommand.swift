@@ -23,13 +23,7 @@ extension ModelCommand {
         @Option(name: .long, help: "What the model's output means: classification, segmentation, detection, regression or embedding (losses and metrics; default: inferred from its shape).") var task: String?
         @Option(name: .long, help: "Where to write the compressed model.") var out: String
 
-        @Option(name: .long, help: "Fraction of channels to remove, in [0, 1).") var pruneRatio: Double = 0
-        @Option(name: .long, help: "Progressive pruning ratios, e.g. 0.2,0.25,0.3 (fine-tuning after each).") var schedule: String?
-        @Option(name: .long, help: "local (each layer) or global (ranked across layers).") var pruneScope: String = "local"
-        @Option(name: .long, help: "l1, l2, bn-scale, activation, apoz or taylor.") var importance: String = "l1"
-        @Option(name: .long, help: "Round kept channel counts up to a multiple of this (8 or 16 for hardware); a layer is never pruned harder than asked.") var roundTo: Int = 1
-        @Option(name: .long, help: "Keep at least this many channels per group.") var minChannels: Int = 1
-        @Option(name: .long, help: "Remove at most this fraction of any group.") var maxLayerRatio: Double = 0.9
+        @OptionGroup var pruning: PruningFlags
         @Option(name: .long, help: "Fine-tuning epochs after each pruning step (needs --train-data).") var finetuneEpochs: Int = 0
         @Option(name: .long, help: "Fine-tuning samples (.npy or .npz).") var trainData: String?
         @Option(name: .long, help: "Fine-tuning labels (.npy).") var trainLabels: String?
@@ -63,11 +57,6 @@ extension ModelCommand {
         @Flag(name: .long, help: "Print the report as JSON.") var json = false
 
         func validate() throws {
-            guard pruneRatio >= 0, pruneRatio < 1 else { throw ValidationError("--prune-ratio must be in [0, 1), got \(pruneRatio)") }
-            guard PruningScope(rawValue: pruneScope) != nil else { throw ValidationError("--prune-scope must be local or global") }
-            guard ImportanceCriterion(rawValue: importance) != nil else {
-                throw ValidationError("--importance must be one of \(ImportanceCriterion.allCases.map(\.rawValue).joined(separator: ", "))")
-            }
             guard QuantizationMode(rawValue: quantize) != nil else { throw ValidationError("--quantize must be none, int8, int4-weights or mixed") }
             guard CalibrationMethod(rawValue: calibration) != nil else {
                 throw ValidationError("--calibration must be minmax, percentile, entropy or mse")
@@ -78,9 +67,7 @@ extension ModelCommand {
                 throw ValidationError("--int4-block-size must be one of \(BlockwiseInt4.blockSizes.map(String.init).joined(separator: ", "))")
             }
             guard ["uint8", "int8"].contains(activationType) else { throw ValidationError("--activation-type must be uint8 or int8") }
-            guard roundTo >= 1, minChannels >= 1, batchSize >= 1 else {
-                throw ValidationError("--round-to, --min-channels and --batch-size must be at least 1")
-            }
+            guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
             if let task, TaskKind(rawValue: task) == nil {
                 throw ValidationError("--task must be one of \(TaskKind.allCases.map(\.rawValue).joined(separator: ", "))")
             }
@@ -91,17 +78,7 @@ extension ModelCommand {
                 throw ValidationError("fine-tuning needs --train-labels, or --distill to learn from the original model")
             }
             guard (valData == nil) == (valLabels == nil) || valLabels == nil else { throw ValidationError("--val-labels needs --val-data") }
-            _ = try parsedSchedule()
             _ = try parsedOverrides()
-        }
-
-        func parsedSchedule() throws -> [Double] {
-            guard let schedule else { return [] }
-            let values = schedule.split(separator: ",").map { Double($0.trimmingCharacters(in: .whitespaces)) }
-            guard !values.isEmpty, values.allSatisfy({ $0 != nil && $0! >= 0 && $0! < 1 }) else {
-                throw ValidationError("--schedule must be ratios in [0, 1) separated by commas, e.g. 0.2,0.25,0.3")
-            }
-            return values.map { $0! }
         }
 
         func parsedOverrides() throws -> [String: LayerPrecision] {
@@ -124,16 +101,9 @@ extension ModelCommand {
             let training = try trainData.map { try Files.readDataset($0, labels: trainLabels, for: base) }
 
             var job = LocalCompression()
-            let schedule = try parsedSchedule()
-            if pruneRatio > 0 || !schedule.isEmpty {
-                var options = PruningOptions(ratio: schedule.last ?? pruneRatio)
-                options.scope = PruningScope(rawValue: pruneScope)!
-                options.criterion = ImportanceCriterion(rawValue: importance)!
-                options.roundTo = roundTo
-                options.minChannels = minChannels
-                options.maxLayerRatio = maxLayerRatio
-                job.pruning = options
-                job.schedule = schedule
+            if pruning.prunes {
+                job.pruning = try pruning.options()
+                job.schedule = try pruning.steps()
             }
             job.finetuneEpochs = finetuneEpochs
             job.finetuneLearningRate = lr

@@ -27,24 +27,22 @@ public struct PhaseExpectation: Sendable {
     }
 }
 
+/// What one report adds to a phase, by kind: each phase kind's handler (`PhaseHandler.aggregate`) gives its own.
+/// `fold` validates the whole report before it changes anything, and returns the samples it counts.
+public protocol PhaseAggregate: Sendable {
+    mutating func fold(_ report: Whittle_TaskReport, worker: String, maximumSamples: Int, expectation: PhaseExpectation) throws -> Int
+}
+
 /// One phase's aggregate, folded report by report as they are accepted (streaming: memory grows with the model,
 /// not with the number of workers, except for the robust aggregators, which need every update at once). `add`
-/// validates first and changes nothing when it refuses.
+/// validates first and changes nothing when it refuses. What is folded, and how, is the phase kind's
+/// (`PhaseHandler.aggregate`); the accessors below read the kinds' aggregates.
 public struct PhaseAccumulator: Sendable {
     public let expectation: PhaseExpectation
     public let aggregation: AggregationMethod
     public let clipNorm: Double?
     public let trimFraction: Double
-    public private(set) var importance = ImportanceStatistics()
-    var fedavg: FedAvgAccumulator
-    var updates: [ModelUpdate] = []
-    var fisherSums: [String: [Double]] = [:]
-    public private(set) var ranges: [String: RangeStatistics] = [:]
-    public private(set) var histograms: [String: Histogram] = [:]
-    public private(set) var evaluations: [String: Whittle_EvaluationReport] = [:]
-    public private(set) var losses: [Double] = []
-    /// The L2 norm of each accepted training update, before clipping.
-    public private(set) var updateNorms: [Double] = []
+    public private(set) var aggregate: any PhaseAggregate
     public private(set) var workers: Set<String> = []
     public private(set) var samples = 0
 
@@ -54,19 +52,20 @@ public struct PhaseAccumulator: Sendable {
         self.aggregation = aggregation
         self.clipNorm = clipNorm
         self.trimFraction = trimFraction
-        fedavg = FedAvgAccumulator(validator: UpdateValidator(shapes: expectation.kind.trains ? expectation.shapes : [:]),
-                                   clipNorm: clipNorm)
+        aggregate = PhaseHandlers.handler(expectation.kind).aggregate(
+            expectation, options: AggregationOptions(method: aggregation, clipNorm: clipNorm, trimFraction: trimFraction))
     }
 
     public var reports: Int { workers.count }
 
-    func refuse(_ message: String) -> AggregationError { AggregationError(.invalidUpdate, message) }
+    static func refuse(_ message: String) -> AggregationError { AggregationError(.invalidUpdate, message) }
 
     /// The most samples one report may claim, whatever the worker declared: sums over any plausible fleet stay far
     /// from overflowing.
     public static let maximumReportSamples: UInt64 = 1 << 40
 
-    func checkSamples(_ n: UInt64, _ maximum: Int) throws -> Int {
+    /// The samples a report claims, refused beyond what its worker declared (`maximum`) or any report may.
+    public static func checkSamples(_ n: UInt64, _ maximum: Int) throws -> Int {
         guard n <= Self.maximumReportSamples else {
             throw refuse("the report claims \(n) samples, more than any report may (\(Self.maximumReportSamples)); this worker declared \(maximum)")
         }
@@ -76,158 +75,80 @@ public struct PhaseAccumulator: Sendable {
         return Int(n)
     }
 
+    /// The refusal of a report that carries another kind's result.
+    static func wrongKind(_ report: Whittle_TaskReport, _ kind: PhaseKind) -> AggregationError {
+        refuse("a \(kind.rawValue) phase takes \(kind.rawValue) reports; this one carries \(report.result.map { "\($0)".split(separator: "(").first.map(String.init) ?? "?" } ?? "nothing")")
+    }
+
     /// Validates and folds in one worker's report. Throws (and changes nothing) for a report of another kind, with
     /// non-finite values, wrong shapes or tensors, other histogram edges, impossible counts, or a second report
     /// from the same worker.
     public mutating func add(_ report: Whittle_TaskReport, worker: String, maximumSamples: Int) throws {
-        guard !workers.contains(worker) else { throw refuse("worker '\(worker)' already reported for this phase") }
+        guard !workers.contains(worker) else { throw Self.refuse("worker '\(worker)' already reported for this phase") }
+        var next = aggregate
+        let counted: Int
         do {
-            try fold(report, worker: worker, maximumSamples: maximumSamples)
+            counted = try next.fold(report, worker: worker, maximumSamples: maximumSamples, expectation: expectation)
         } catch let error as CompressionError {
-            throw refuse(error.message)
+            throw Self.refuse(error.message)
         }
+        aggregate = next
+        samples += counted
         workers.insert(worker)
     }
 
-    mutating func fold(_ report: Whittle_TaskReport, worker: String, maximumSamples: Int) throws {
-        let e = expectation
-        switch (e.kind, report.result) {
-        case (.importance, .importance(let message)), (.normalization, .importance(let message)):
-            var s = ImportanceStatistics()
-            s.channels = try message.channels.mapValues { try $0.decoded() }
-            s.gradientSums = try message.gradientSums.mapValues { try $0.decoded() }
-            s.samples = try checkSamples(message.samples, maximumSamples)
-            if e.kind == .importance, e.criterion == .taylor {
-                guard !s.gradientSums.isEmpty else { throw refuse("a Taylor importance report needs gradient sums") }
-                for (name, g) in s.gradientSums where e.shapes[name] != g.shape {
-                    throw refuse("gradient sums for '\(name)' have shape \(g.shape); the model's parameter is \(e.shapes[name].map { "\($0)" } ?? "unknown")")
-                }
-            } else {
-                guard Set(s.channels.keys) == Set(e.channels.keys) else {
-                    throw refuse("the report covers tensors \(s.channels.keys.sorted()); the phase expects \(e.channels.keys.sorted())")
-                }
-                for (name, c) in s.channels {
-                    guard c.channels == e.channels[name]!, c.valuesPerChannel > 0, c.zeroCounts.allSatisfy({ $0 <= c.valuesPerChannel }) else {
-                        throw refuse("channel statistics of '\(name)' are out of range (\(c.channels) channels, \(c.valuesPerChannel) values each)")
-                    }
-                }
-            }
-            importance = try importance.merged(with: s)
-            samples += s.samples
-        case (.finetune, .update(let message)), (.qat, .update(let message)):
-            var deltas = try message.deltas.mapValues { try $0.decoded() }
-            for (name, q) in message.compressedDeltas {
-                guard deltas[name] == nil else { throw refuse("parameter '\(name)' is sent both as float and as int8") }
-                let shape = q.shape.map { Int($0) }
-                // The shape is checked against the model's before anything multiplies its dimensions.
-                guard e.shapes.isEmpty || e.shapes[name] == shape else {
-                    throw refuse("the int8 delta of '\(name)' has shape \(q.shape); the model's parameter is \(e.shapes[name].map { "\($0)" } ?? "unknown")")
-                }
-                guard TensorLimits.elementCount(shape) == q.values.count, q.scale.isFinite, q.scale > 0 else {
-                    throw refuse("the int8 delta of '\(name)' is malformed (shape \(q.shape), \(q.values.count) values, scale \(q.scale))")
-                }
-                deltas[name] = Tensor(shape: shape, floats: q.values.map { Float(Int8(bitPattern: $0)) * q.scale })
-            }
-            let update = ModelUpdate(deltas: deltas, samples: try checkSamples(message.samples, maximumSamples))
-            guard message.loss.isFinite else { throw refuse("the reported loss is not finite") }
-            switch aggregation {
-            case .fedavg:
-                try fedavg.add(update)
-            case .trimmedMean, .median:
-                try UpdateValidator(shapes: e.shapes).validate(update)
-                updates.append(update)
-            }
-            losses.append(message.loss)
-            updateNorms.append(update.norm)
-            samples += update.samples
-        case (.fisher, .fisher(let message)):
-            let n = try checkSamples(message.samples, maximumSamples)
-            var next = fisherSums
-            for (name, t) in message.sums {
-                let tensor = try t.decoded()
-                guard e.shapes[name] == tensor.shape else { throw refuse("Fisher sums for '\(name)' have shape \(tensor.shape)") }
-                guard tensor.floats.allSatisfy({ $0 >= 0 }) else { throw refuse("Fisher sums for '\(name)' are negative") }
-                var s = next[name] ?? [Double](repeating: 0, count: tensor.count)
-                for i in s.indices { s[i] += Double(tensor.floats[i]) }
-                next[name] = s
-            }
-            fisherSums = next
-            samples += n
-        case (.ranges, .calibration(let message)):
-            let n = try checkSamples(message.samples, maximumSamples)
-            guard message.histograms.isEmpty, Set(message.ranges.keys) == e.tensors else {
-                throw refuse("the report covers tensors \(message.ranges.keys.sorted().prefix(4))…; the phase expects \(e.tensors.count) given tensors")
-            }
-            var next = ranges
-            for (name, r) in message.ranges {
-                let decoded = try r.decoded()
-                guard decoded.count > 0 else { throw refuse("the range of '\(name)' covers no values") }
-                next[name] = try (next[name] ?? RangeStatistics()).merged(with: decoded)
-            }
-            ranges = next
-            samples += n
-        case (.histograms, .calibration(let message)):
-            let n = try checkSamples(message.samples, maximumSamples)
-            guard message.ranges.isEmpty, Set(message.histograms.keys) == Set(e.histogramUpper.keys) else {
-                throw refuse("the report's histograms cover other tensors than the phase's")
-            }
-            var next = histograms
-            for (name, h) in message.histograms {
-                let decoded = try h.decoded()
-                _ = try decoded.checkedTotal()
-                guard decoded.lower == 0, decoded.upper == e.histogramUpper[name]!, decoded.binCount == e.histogramBins, decoded.magnitudes else {
-                    throw refuse("the histogram of '\(name)' has edges [\(decoded.lower), \(decoded.upper)] × \(decoded.binCount); the phase broadcast [0, \(e.histogramUpper[name]!)] × \(e.histogramBins)")
-                }
-                next[name] = try next[name].map { try $0.merged(with: decoded) } ?? decoded
-            }
-            histograms = next
-            samples += n
-        case (.evaluate, .evaluation(let message)):
-            let n = try checkSamples(message.samples, maximumSamples)
-            do {
-                _ = try message.decoded()
-                _ = try message.decodedLatency()
-            } catch let error as CompressionError {
-                throw refuse(error.message)
-            }
-            guard message.baseLatencyMs.isFinite, message.baseLatencyMs >= 0,
-                message.compressedLatencyMs.isFinite, message.compressedLatencyMs >= 0 else {
-                throw refuse("the evaluation's latencies are out of range")
-            }
-            evaluations[worker] = message
-            samples += n
-        case (.distribute, .distribution(let message)):
-            guard message.sha256 == e.artifact else {
-                throw refuse("the worker reports artifact \(message.sha256.prefix(12))…; the round distributes \(e.artifact.prefix(12))…")
-            }
-        default:
-            throw refuse("a \(e.kind.rawValue) phase takes \(e.kind.rawValue) reports; this one carries \(report.result.map { "\($0)".split(separator: "(").first.map(String.init) ?? "?" } ?? "nothing")")
-        }
-    }
+    // MARK: the kinds' aggregates
+
+    /// importance, normalization: the merged channel statistics (and Taylor sums).
+    public var importance: ImportanceStatistics { (aggregate as? ImportanceAggregate)?.statistics ?? ImportanceStatistics() }
+    /// ranges: the merged per-tensor ranges.
+    public var ranges: [String: RangeStatistics] { (aggregate as? RangeAggregate)?.ranges ?? [:] }
+    /// histograms: the merged histograms.
+    public var histograms: [String: Histogram] { (aggregate as? HistogramAggregate)?.histograms ?? [:] }
+    /// evaluate: each site's evaluation.
+    public var evaluations: [String: Whittle_EvaluationReport] { (aggregate as? EvaluationAggregate)?.evaluations ?? [:] }
+    /// finetune, qat: the local losses reported.
+    public var losses: [Double] { (aggregate as? UpdateAggregate)?.losses ?? [] }
+    /// finetune, qat: the L2 norm of each accepted training update, before clipping.
+    public var updateNorms: [Double] { (aggregate as? UpdateAggregate)?.updateNorms ?? [] }
 
     /// The median of `updateNorms` (the mean of the middle two for an even count); nil when there is none.
     public var medianUpdateNorm: Double? {
-        guard !updateNorms.isEmpty else { return nil }
-        let sorted = updateNorms.sorted(), m = sorted.count / 2
+        let norms = updateNorms
+        guard !norms.isEmpty else { return nil }
+        let sorted = norms.sorted(), m = sorted.count / 2
         return sorted.count % 2 == 1 ? sorted[m] : (sorted[m - 1] + sorted[m]) / 2
     }
 
     /// The phase's aggregated weight delta (fine-tuning).
     public func delta() throws -> [String: Tensor] {
-        switch aggregation {
-        case .fedavg: return try fedavg.result()
-        case .median: return try RobustAggregation.median.aggregate(updates, validator: UpdateValidator(shapes: expectation.shapes), clipNorm: clipNorm)
-        case .trimmedMean:
-            return try RobustAggregation.trimmedMean(fraction: trimFraction).aggregate(
-                updates, validator: UpdateValidator(shapes: expectation.shapes), clipNorm: clipNorm)
-        }
+        guard let updates = aggregate as? UpdateAggregate else { throw AggregationError(.empty, "a \(expectation.kind.rawValue) phase has no weight deltas") }
+        return try updates.delta()
     }
 
     /// The diagonal Fisher: mean squared gradient per parameter.
     public func fisher() throws -> [String: Tensor] {
-        guard samples > 0 else { throw AggregationError(.empty, "no Fisher report was accepted") }
-        var out: [String: Tensor] = [:]
-        for (name, s) in fisherSums { out[name] = Tensor(shape: expectation.shapes[name]!, floats: s.map { Float($0 / Double(samples)) }) }
-        return out
+        guard let fisher = aggregate as? FisherAggregate else { throw AggregationError(.empty, "a \(expectation.kind.rawValue) phase has no Fisher sums") }
+        return try fisher.fisher(shapes: expectation.shapes)
+    }
+}
+
+/// How training updates merge: the plan's aggregation method and clipping.
+public struct AggregationOptions: Sendable {
+    public var method: AggregationMethod
+    public var clipNorm: Double?
+    public var trimFraction: Double
+
+    public init(method: AggregationMethod = .fedavg, clipNorm: Double? = nil, trimFraction: Double = 0.2) {
+        self.method = method
+        self.clipNorm = clipNorm
+        self.trimFraction = trimFraction
+    }
+}
+
+/// A phase whose reports carry nothing to merge (distribution: the worker says it holds the artifact).
+struct NoAggregate: PhaseAggregate {
+    func fold(_ report: Whittle_TaskReport, worker: String, maximumSamples: Int, expectation: PhaseExpectation) throws -> Int {
+        throw PhaseAccumulator.refuse("a \(expectation.kind.rawValue) phase takes no reports")
     }
 }

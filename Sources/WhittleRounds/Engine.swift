@@ -60,79 +60,41 @@ public struct RoundEngine: Sendable {
         self.plan = plan
     }
 
-    /// What a worker phase accepts, from the model its tasks carry.
+    /// What a worker phase accepts, from the model its tasks carry (the phase kind's handler says).
     public func expectation(_ phase: Phase, model: Model, progress: RoundProgress) throws -> PhaseExpectation {
-        var e = PhaseExpectation(kind: phase.kind)
-        switch phase.kind {
-        case .importance:
-            e.criterion = plan.importance
-            if plan.importance == .taylor {
-                e.shapes = updateShapes(model)
-            } else {
-                let groups = try ChannelGroups(model: model)
-                for g in groups.prunable {
-                    if let t = g.statisticsTensor { e.channels[t] = g.channels }
-                }
-            }
-        case .finetune, .fisher, .qat:
-            e.shapes = updateShapes(model)
-        case .normalization:
-            e.channels = Self.normalizationInputs(model)
-        case .ranges:
-            e.tensors = try QDQExport.calibrationTensors(model, policy: plan.quantizationPolicy)
-        case .histograms:
-            e.histogramUpper = progress.histogramUpper ?? [:]
-            e.histogramBins = plan.quantizationPolicy.histogramBins
-        case .distribute:
-            e.artifact = progress.finalModel ?? ""
-        default:
-            break
-        }
-        return e
+        try PhaseHandlers.handler(phase.kind).expectation(self, model: model, progress: progress)
     }
 
-    /// The task a worker phase hands out (the same for every worker).
+    /// The model a phase's tasks carry: the exported one for evaluation and distribution, else the current one.
+    public func taskModel(_ phase: Phase, progress: RoundProgress) -> String {
+        PhaseHandlers.handler(phase.kind).carriesFinalModel ? (progress.finalModel ?? "") : progress.currentModel
+    }
+
+    /// The task a worker phase hands out (the same for every worker): the round's fields, then the kind's own.
     public func task(_ phase: Phase, index: Int, round: String, progress: RoundProgress, expectation: PhaseExpectation,
                      deadline: Double, artifactBytes: (String) -> Int) -> Whittle_Task {
         var t = Whittle_Task()
         t.roundID = round
         t.phase = UInt32(index)
         t.kind = phase.kind.rawValue
-        let model = phase.kind == .evaluate || phase.kind == .distribute ? (progress.finalModel ?? "") : progress.currentModel
+        let model = taskModel(phase, progress: progress)
         t.modelSha256 = model
         t.modelBytes = UInt64(artifactBytes(model))
         t.teacherSha256 = progress.baseModel
         t.teacherBytes = UInt64(artifactBytes(progress.baseModel))
         t.criterion = plan.importance.rawValue
         t.localEpochs = UInt32(plan.localEpochs)
-        if phase.kind == .finetune || phase.kind == .qat {
-            t.epochLearningRates = plan.epochLearningRates(phase.kind, iteration: phase.iteration)
-            t.learningRate = t.epochLearningRates[0]
-        }
-        if phase.kind == .qat, let calibrated = progress.calibrated {
-            t.activationMin = calibrated.mapValues { $0[0] }
-            t.activationMax = calibrated.mapValues { $0[1] }
-            t.perChannel = plan.perChannel
-            t.reduceRange = plan.reduceRange
-        }
         t.seed = plan.seed &+ UInt64(index)
         t.distill = plan.distill
         t.taskKind = plan.task?.rawValue ?? ""
         t.compressDeltas = plan.deltaCompression == .int8
-        if let lambda = plan.ewcLambda, let state = progress.ewcState, phase.kind == .finetune {
-            t.ewcLambda = lambda
-            t.ewcSha256 = state
-        }
         t.tensors = expectation.tensors.sorted()
         t.histogramUpper = expectation.histogramUpper
         t.histogramBins = UInt32(expectation.histogramBins)
         t.deadline = deadline
         t.batchSize = UInt32(plan.batchSize)
         t.optimizer = plan.optimizer.rawValue
-        if phase.kind == .finetune || phase.kind == .qat { t.keepOptimizerState = plan.keepOptimizerState ?? false }
-        if let augmentation = plan.augmentation, augmentation != .none, phase.kind == .finetune || phase.kind == .qat {
-            t.augmentation = augmentation.rawValue
-        }
+        PhaseHandlers.handler(phase.kind).configure(&t, self, phase: phase, progress: progress)
         return t
     }
 

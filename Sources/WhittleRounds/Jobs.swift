@@ -39,56 +39,14 @@ public enum WorkerJobs {
                            batchSize: Int, compressor: inout DeltaCompressor,
                            optimizerState: inout Optimizer.State?,
                            teacherCache: TeacherLogitsCache? = nil, latency: LatencyProbe? = nil) throws -> Whittle_TaskReport {
-        var report = Whittle_TaskReport()
-        switch PhaseKind(rawValue: task.kind) {
-        case .importance:
-            guard let criterion = ImportanceCriterion(rawValue: task.criterion), criterion.needsData else {
-                throw CompressionError(.invalidArgument, "importance criterion '\(task.criterion)' is not one workers compute")
-            }
-            let groups = try ChannelGroups(model: model)
-            let collector = try ImportanceCollector(model: model, groups: groups, criterion: criterion, teacher: teacher,
-                                                    batchSize: batchSize, task: try taskKind(task, model: model, data: data))
-            try collector.collect(data: data)
-            report.importance = Whittle_ImportanceReport(collector.statistics)
-        case .finetune, .qat:
-            report.update = try finetune(task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize,
-                                         compressor: &compressor, optimizerState: &optimizerState, teacherCache: teacherCache)
-        case .fisher:
-            let trainer = try Trainer(model: model, configuration: TrainingConfiguration())
-            let labels = try data.labels ?? pseudoLabels(model: teacher ?? model, data: data, batchSize: batchSize)
-            let (sums, samples) = try trainer.fisherSums(data: data.samples, labels: labels)
-            var fisher = Whittle_FisherReport()
-            fisher.sums = sums.mapValues(Whittle_FloatTensor.init)
-            fisher.samples = UInt64(samples)
-            report.fisher = fisher
-        case .normalization:
-            let wanted = RoundEngine.normalizationInputs(model)
-            let session = try InferenceSession(model: model)
-            var statistics = ImportanceStatistics()
-            for (batch, _) in data.batches(batchSize) {
-                try ChannelStatistics.collect(session, batch, tensors: Set(wanted.keys), into: &statistics.channels)
-                statistics.samples += batch.count
-            }
-            report.importance = Whittle_ImportanceReport(statistics)
-        case .ranges:
-            let collector = CalibrationCollector(session: try InferenceSession(model: model), tensors: Set(task.tensors))
-            for (batch, _) in data.batches(batchSize) { try collector.collectRanges(batch) }
-            report.calibration = Whittle_CalibrationReport(collector)
-        case .histograms:
-            let collector = CalibrationCollector(session: try InferenceSession(model: model), tensors: Set(task.histogramUpper.keys))
-            try collector.beginHistograms(upperBounds: task.histogramUpper, binCount: Int(task.histogramBins))
-            for (batch, _) in data.batches(batchSize) { try collector.collectHistograms(batch) }
-            var calibration = Whittle_CalibrationReport()
-            calibration.histograms = collector.histograms.mapValues(Whittle_Histogram.init)
-            calibration.samples = UInt64(data.count)
-            report.calibration = calibration
-        case .evaluate:
-            guard let teacher else { throw CompressionError(.invalidArgument, "evaluation needs the base model") }
-            report.evaluation = try evaluate(base: teacher, compressed: model, data: data, batchSize: batchSize,
-                                             task: try taskKind(task, model: teacher, data: data), latency: latency)
-        default:
+        guard let kind = PhaseKind(rawValue: task.kind), !kind.handler.downloadsModel else {
             throw CompressionError(.invalidArgument, "task kind '\(task.kind)' is not computed by WorkerJobs")
         }
+        var job = WorkerJob(task: task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize,
+                            compressor: compressor, optimizerState: optimizerState, teacherCache: teacherCache, latency: latency)
+        let report = try kind.handler.run(&job)
+        compressor = job.compressor
+        optimizerState = job.optimizerState
         return report
     }
 

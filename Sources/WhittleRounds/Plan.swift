@@ -63,11 +63,13 @@ public enum PhaseKind: String, Codable, Sendable, CaseIterable {
     /// Workers: download the final model, verify its SHA-256, keep it.
     case distribute
 
-    public var onWorkers: Bool { ![.prune, .fold, .export].contains(self) }
+    /// The kind's handler: everything the kind does (`PhaseHandlers.registry`).
+    public var handler: any PhaseHandler { PhaseHandlers.handler(self) }
+    public var onWorkers: Bool { handler.onWorkers }
     /// Phases whose task count is capped by `--workers-per-phase`; evaluation and distribution go to everyone.
-    public var overSelected: Bool { [.fisher, .importance, .finetune, .normalization, .ranges, .histograms, .qat].contains(self) }
+    public var overSelected: Bool { handler.overSelected }
     /// Phases whose reports are weight deltas.
-    public var trains: Bool { self == .finetune || self == .qat }
+    public var trains: Bool { handler.trains }
 }
 
 /// One phase of a round's plan.
@@ -106,7 +108,7 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public var pruneRatio = 0.0
     /// Progressive ratios, each against the original channel counts (overrides `pruneRatio`).
     public var schedule: [Double] = []
-    public var scope: PruningScope = .global
+    public var scope = PruningOptions(ratio: 0).scope
     public var importance: ImportanceCriterion = .l1
     public var roundTo = 1
     public var minChannels = 1

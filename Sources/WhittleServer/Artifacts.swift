@@ -9,7 +9,7 @@ import WhittleRounds
 /// The coordinator's content-addressed artifacts (models, task files, optimizer state), one file per SHA-256 in
 /// one directory, written durably; with the last few models decoded kept in memory, since every phase of a round
 /// reads the model the previous one wrote.
-struct ArtifactStore {
+final class ArtifactStore: RoundArtifacts {
     let directory: URL
     /// Decoded models kept, most recent last.
     static let cachedModels = 6
@@ -35,7 +35,7 @@ struct ArtifactStore {
         return sha
     }
 
-    mutating func store(_ model: Model) throws -> String {
+    func store(_ model: Model) throws -> String {
         let sha = try store(try ModelCoding.write(model))
         remember(sha, model)
         return sha
@@ -51,7 +51,7 @@ struct ArtifactStore {
         return try Files.readBytes(path(sha))
     }
 
-    mutating func model(_ sha: String) throws -> Model {
+    func model(_ sha: String) throws -> Model {
         if let m = models[sha] { return m }
         let m: Model
         do {
@@ -63,14 +63,14 @@ struct ArtifactStore {
         return m
     }
 
-    private mutating func remember(_ sha: String, _ model: Model) {
+    private func remember(_ sha: String, _ model: Model) {
         if models[sha] == nil { order.append(sha) }
         models[sha] = model
         while order.count > Self.cachedModels { models[order.removeFirst()] = nil }
     }
 
     /// Removes the artifacts not in `keep` older than `grace` seconds at `now`: how many, and their bytes.
-    mutating func remove(except keep: Set<String>, olderThan grace: TimeInterval, now: Date) throws -> (count: Int, bytes: Int) {
+    func remove(except keep: Set<String>, olderThan grace: TimeInterval, now: Date) throws -> (count: Int, bytes: Int) {
         var out = (count: 0, bytes: 0)
         for name in (try? FileManager.default.contentsOfDirectory(atPath: directory.path)) ?? []
         where Identifiers.isSHA256(name) && !keep.contains(name) {

@@ -137,13 +137,7 @@ public struct RoundCommand: ParsableCommand {
         @OptionGroup var common: Common
         @Option(name: .long, help: "The base model (ONNX).") var model: String?
         @Option(name: .long, help: "Start from this earlier round's fine-tuned float model instead of --model.") var fromRound: String?
-        @Option(name: .long, help: "Fraction of channels to remove, in [0, 1).") var pruneRatio: Double = 0
-        @Option(name: .long, help: "Progressive pruning ratios, e.g. 0.2,0.25,0.3 (fine-tune rounds after each).") var schedule: String?
-        @Option(name: .long, help: "local (each layer) or global (ranked across layers).") var pruneScope: String = "global"
-        @Option(name: .long, help: "l1, l2, bn-scale (computed here), or activation, apoz, taylor (computed by the workers).") var importance: String = "l1"
-        @Option(name: .long, help: "Round kept channel counts up to a multiple of this; a layer is never pruned harder than asked.") var roundTo: Int = 1
-        @Option(name: .long, help: "Keep at least this many channels per group.") var minChannels: Int = 1
-        @Option(name: .long, help: "Remove at most this fraction of any group.") var maxLayerRatio: Double = 0.9
+        @OptionGroup var pruning: PruningFlags
         @Option(name: .long, help: "FedAvg rounds after each pruning step.") var finetuneRounds: Int = 0
         @Option(name: .long, help: "Local epochs per fine-tune round.") var localEpochs: Int = 1
         @Option(name: .long, help: "Learning rate of local fine-tuning (one cosine over every local epoch of a step's rounds).") var lr: Float = 0.01
@@ -193,17 +187,13 @@ public struct RoundCommand: ParsableCommand {
         func plan() throws -> RoundPlan {
             var p = RoundPlan()
             p.fromRound = fromRound
-            p.pruneRatio = pruneRatio
-            if let schedule {
-                let parts = schedule.split(separator: ",").map { Double($0.trimmingCharacters(in: .whitespaces)) }
-                guard !parts.isEmpty, parts.allSatisfy({ $0 != nil }) else { throw ValidationError("--schedule must be ratios like 0.2,0.3") }
-                p.schedule = parts.map { $0! }
-            }
-            p.scope = try choice(pruneScope, "--prune-scope")
-            p.importance = try choice(importance, "--importance")
-            p.roundTo = roundTo
-            p.minChannels = minChannels
-            p.maxLayerRatio = maxLayerRatio
+            p.pruneRatio = pruning.pruneRatio
+            if pruning.schedule != nil { p.schedule = try pruning.steps() }
+            p.scope = pruning.pruneScope
+            p.importance = pruning.importance
+            p.roundTo = pruning.roundTo
+            p.minChannels = pruning.minChannels
+            p.maxLayerRatio = pruning.maxLayerRatio
             p.finetuneRounds = finetuneRounds
             p.localEpochs = localEpochs
             p.learningRate = lr

@@ -39,7 +39,7 @@ package actor RoundService {
         var aggregationSeconds = 0.0
     }
     var open: [String: OpenPhase] = [:]
-    var artifactStore: ArtifactStore
+    let artifactStore: ArtifactStore
     /// Rounds in state running, so idle heartbeats answer without touching the database.
     var running: Set<String>?
 
@@ -255,7 +255,7 @@ package actor RoundService {
         let plan = try Self.plan(round), progress = try Self.progress(round)
         let phase = plan.phases[round.phase]
         let engine = RoundEngine(plan: plan)
-        let modelSHA = phase.kind == .evaluate || phase.kind == .distribute ? (progress.finalModel ?? "") : progress.currentModel
+        let modelSHA = engine.taskModel(phase, progress: progress)
         let expectation = try engine.expectation(phase, model: try model(modelSHA), progress: progress)
         let task = engine.task(phase, index: round.phase, round: round.id, progress: progress, expectation: expectation,
                                deadline: round.phaseStartedAt.timeIntervalSince1970 + plan.phaseDeadlineSeconds,
@@ -411,46 +411,10 @@ package actor RoundService {
         if let o = closing {
             let t0 = clock.now
             let acc = o.accumulator
-            let phase = phases[index]
-            switch phase.kind {
-            case .fisher:
-                progress.ewcState = try storeArtifact(try engine.ewcState(try model(progress.currentModel), acc))
-            case .finetune, .qat:
-                // Server momentum runs within one sequence of training rounds (a step's fine-tuning, or QAT).
-                let continuing = phase.iteration > 0
-                let velocity = try continuing ? progress.serverVelocity.map { sha -> [String: Tensor] in
-                    try Whittle_WeightUpdate(serializedBytes: try artifactStore.bytes(sha))
-                        .deltas.mapValues { try $0.decoded() }
-                } : nil
-                let (tuned, next) = try engine.finetuned(try model(progress.currentModel), acc, velocity: velocity, progress: &progress)
-                progress.currentModel = try storeModel(tuned)
-                if let next {
-                    var message = Whittle_WeightUpdate()
-                    message.deltas = next.mapValues(Whittle_FloatTensor.init)
-                    progress.serverVelocity = try storeArtifact(try message.serializedBytes())
-                } else {
-                    progress.serverVelocity = nil
-                }
-            case .normalization:
-                progress.currentModel = try storeModel(try engine.renormalized(try model(progress.currentModel), acc))
-            case .ranges:
-                progress.rangeStatistics = acc.ranges
-                progress.histogramUpper = engine.histogramEdges(acc)
-                if !plan.calibration.needsHistograms {
-                    try engine.calibrate(ranges: acc.ranges, histograms: [:], samples: acc.samples, progress: &progress)
-                }
-            case .histograms:
-                try engine.calibrate(ranges: progress.rangeStatistics ?? [:], histograms: acc.histograms, samples: acc.samples,
-                                     progress: &progress)
-            case .evaluate:
-                try engine.evaluated(base: try model(progress.baseModel), final: try model(progress.finalModel ?? ""), acc,
-                                     baseBytes: artifactBytes(progress.baseModel), finalBytes: artifactBytes(progress.finalModel ?? ""),
-                                     progress: &progress)
-            case .distribute:
-                for w in acc.workers { progress.sites[w, default: .init(worker: w, samples: 0, labels: false)].received = true }
-            default:
-                break
-            }
+            var closingPhase = PhaseClosing(engine: engine, phase: phases[index], accumulator: acc, progress: progress,
+                                            artifacts: artifactStore)
+            try phases[index].kind.handler.close(&closingPhase)
+            progress = closingPhase.progress
             var bytesUp = 0
             for r in try await store.reports(round: round.id, phase: index) {
                 var site = progress.sites[r.worker] ?? .init(worker: r.worker, samples: r.samples, labels: false)
@@ -504,21 +468,10 @@ package actor RoundService {
         while index < phases.count, !phases[index].kind.onWorkers {
             let t0 = clock.now
             progress.phases[index].startedAt = now().timeIntervalSince1970
-            let phase = phases[index]
-            switch phase.kind {
-            case .prune:
-                let importance = previous?.expectation.kind == .importance ? previous?.importance : nil
-                progress.currentModel = try storeModel(try engine.prune(step: phase.step, model: try model(progress.currentModel),
-                                                                        importance: importance, progress: &progress))
-            case .fold:
-                progress.floatModel = progress.currentModel
-                progress.currentModel = try storeModel(try GraphEditing.foldBatchNormalization(try model(progress.currentModel)))
-            case .export:
-                if plan.quantize == .none { progress.floatModel = progress.currentModel }
-                progress.finalModel = try storeModel(try engine.export(try model(progress.currentModel), progress: &progress))
-            default:
-                break
-            }
+            var closing = PhaseClosing(engine: engine, phase: phases[index], accumulator: previous, progress: progress,
+                                       artifacts: artifactStore)
+            try phases[index].kind.handler.close(&closing)
+            progress = closing.progress
             progress.phases[index].state = "done"
             progress.phases[index].endedAt = now().timeIntervalSince1970
             progress.phases[index].aggregationSeconds = seconds(clock.now - t0)
