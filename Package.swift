@@ -139,7 +139,11 @@ let package = Package(
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
         .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "SwiftASN1", package: "swift-asn1")]),
         .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
-        .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport", "WhittleCLI", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport", "WhittleCLI", "WhittlePKI",
+                                                                .product(name: "Logging", package: "swift-log"),
+                                                                .product(name: "Hummingbird", package: "hummingbird"),
+                                                                .product(name: "HummingbirdTesting", package: "hummingbird"),
+                                                                .product(name: "X509", package: "swift-certificates")]),
         .testTarget(name: "WhittleRoundsTests", dependencies: ["WhittleRounds", "WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol", "WhittleTestSupport"]),
         .testTarget(name: "WhittleAgentTests", dependencies: ["WhittleAgent", "WhittleProtocol", "WhittleHTTPClient", "WhittleTestSupport"]),
     ]

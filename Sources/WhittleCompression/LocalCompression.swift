@@ -139,20 +139,8 @@ public struct LocalCompression {
                 throw CompressionError(.invalidArgument,
                     "no channel group of this model can be pruned safely: " + reasons.prefix(6).joined(separator: "; "))
             }
-            var original: [String: Int] = [:]
-            // Per group, the original index of each current channel (steps compose).
-            var originalIndex: [String: [Int]] = [:]
-            for g in initialGroups.prunable {
-                original[g.name] = g.channels
-                originalIndex[g.name] = Array(0..<g.channels)
-            }
-            var section = CompressionReport.PruningSection(
-                criterion: pruning.criterion, scope: pruning.scope, schedule: steps, roundTo: pruning.roundTo,
-                minChannels: pruning.minChannels, maxLayerRatio: pruning.maxLayerRatio, finetuneEpochs: finetuneEpochs,
-                distill: distill, steps: [], groups: [],
-                frozen: initialGroups.groups.filter { !$0.prunable && !$0.members.isEmpty }.map {
-                    CompressionReport.FrozenGroup(group: $0.name, channels: $0.channels, reason: $0.frozenReason ?? "")
-                })
+            var bookkeeping = PruningSchedule(groups: initialGroups, options: pruning, steps: steps, finetuneEpochs: finetuneEpochs,
+                                           distill: distill)
             for (k, ratio) in steps.enumerated() {
                 progress(String(format: "pruning step %d/%d: %.0f %% of channels (%@ importance)", k + 1, steps.count,
                                 ratio * 100, pruning.criterion.rawValue))
@@ -166,20 +154,10 @@ public struct LocalCompression {
                         return collector.statistics
                     }
                 }
-                var options = pruning
-                options.ratio = ratio
-                let kept = try timed("pruning") { () throws -> [Int: [Int]] in
-                    let scores = try Pruning.scores(groups, model: model, criterion: pruning.criterion, statistics: statistics)
-                    return try Pruning.select(groups, scores: scores, options: options, originalChannels: original)
-                }
-                let channelsBefore = groups.prunable.reduce(0) { $0 + $1.channels }
-                for g in groups.prunable {
-                    if let k = kept[g.id], let index = originalIndex[g.name] { originalIndex[g.name] = k.map { index[$0] } }
-                }
-                model = try timed("pruning") { try Pruning.prune(model, groups: groups, kept: kept) }
-                var step = CompressionReport.PruningStep(
-                    ratio: ratio, channelsKept: kept.values.reduce(0) { $0 + $1.count }, channelsBefore: channelsBefore,
-                    accuracyPruned: nil, accuracyFinetuned: nil, finetuneLoss: [])
+                let kept = try timed("pruning") { try bookkeeping.select(model, groups: groups, ratio: ratio, statistics: statistics) }
+                let current = model
+                model = try timed("pruning") { try bookkeeping.apply(kept, to: current, groups: groups, ratio: ratio) }
+                var step = bookkeeping.section.steps.removeLast()
                 if evaluationData.labels != nil {
                     step.accuracyPruned = try timed("evaluation") { try evaluated(model).compressedAccuracy }
                 }
@@ -195,14 +173,10 @@ public struct LocalCompression {
                         step.accuracyFinetuned = try timed("evaluation") { try evaluated(model).compressedAccuracy }
                     }
                 }
-                section.steps.append(step)
+                bookkeeping.section.steps.append(step)
             }
-            let finalGroups = try ChannelGroups(model: model)
-            section.groups = finalGroups.prunable.map { g in
-                GroupDecision(group: g.name, producers: g.producers, channels: original[g.name] ?? g.channels,
-                              kept: g.channels, keptIndices: originalIndex[g.name] ?? Array(0..<g.channels))
-            }
-            pruningSection = section
+            try bookkeeping.decide(model)
+            pruningSection = bookkeeping.section
         }
 
         var calibrationSection: CompressionReport.CalibrationSection?

@@ -103,39 +103,19 @@ public struct RoundEngine: Sendable {
     /// decisions in `progress`.
     public func prune(step: Int, model: Model, importance: ImportanceStatistics?, progress: inout RoundProgress) throws -> Model {
         let groups = try ChannelGroups(model: model)
-        if progress.pruning == nil {
-            for g in groups.prunable {
-                progress.originalChannels[g.name] = g.channels
-                progress.originalIndex[g.name] = Array(0..<g.channels)
-            }
-            progress.pruning = CompressionReport.PruningSection(
-                criterion: plan.importance, scope: plan.scope, schedule: plan.steps, roundTo: plan.roundTo,
-                minChannels: plan.minChannels, maxLayerRatio: plan.maxLayerRatio, finetuneEpochs: plan.localEpochs * plan.finetuneRounds,
-                distill: plan.distill, steps: [], groups: [],
-                frozen: groups.groups.filter { !$0.prunable && !$0.members.isEmpty }.map {
-                    CompressionReport.FrozenGroup(group: $0.name, channels: $0.channels, reason: $0.frozenReason ?? "")
-                })
-        }
+        var schedule = progress.pruning.map {
+            PruningSchedule(originalChannels: progress.originalChannels, originalIndex: progress.originalIndex, section: $0)
+        } ?? PruningSchedule(groups: groups, options: plan.pruningOptions, steps: plan.steps,
+                             finetuneEpochs: plan.localEpochs * plan.finetuneRounds, distill: plan.distill)
         if plan.importance.needsData, (importance?.samples ?? 0) == 0 {
             throw CompressionError(.invalidStatistics, "no importance statistics were gathered for pruning step \(step + 1)")
         }
-        var options = plan.pruningOptions
-        options.ratio = plan.steps[step]
-        let scores = try Pruning.scores(groups, model: model, criterion: plan.importance, statistics: plan.importance.needsData ? importance : nil)
-        let kept = try Pruning.select(groups, scores: scores, options: options, originalChannels: progress.originalChannels)
-        for g in groups.prunable {
-            if let k = kept[g.id], let index = progress.originalIndex[g.name] { progress.originalIndex[g.name] = k.map { index[$0] } }
-        }
-        let pruned = try Pruning.prune(model, groups: groups, kept: kept)
-        progress.pruning!.steps.append(CompressionReport.PruningStep(
-            ratio: options.ratio, channelsKept: kept.values.reduce(0) { $0 + $1.count },
-            channelsBefore: groups.prunable.reduce(0) { $0 + $1.channels }, accuracyPruned: nil, accuracyFinetuned: nil,
-            finetuneLoss: []))
-        let finalGroups = try ChannelGroups(model: pruned)
-        progress.pruning!.groups = finalGroups.prunable.map { g in
-            GroupDecision(group: g.name, producers: g.producers, channels: progress.originalChannels[g.name] ?? g.channels,
-                          kept: g.channels, keptIndices: progress.originalIndex[g.name] ?? Array(0..<g.channels))
-        }
+        let kept = try schedule.select(model, groups: groups, ratio: plan.steps[step], statistics: plan.importance.needsData ? importance : nil)
+        let pruned = try schedule.apply(kept, to: model, groups: groups, ratio: plan.steps[step])
+        try schedule.decide(pruned)
+        progress.originalChannels = schedule.originalChannels
+        progress.originalIndex = schedule.originalIndex
+        progress.pruning = schedule.section
         return pruned
     }
 

@@ -59,7 +59,7 @@ struct DashboardAuthMiddleware: RouterMiddleware {
                 next: (Request, WhittleContext) async throws -> Response) async throws -> Response {
         var admitted = false
         if let session = DashboardRoutes.cookie(request, DashboardSessions.cookie) { admitted = try await state.dashboard.isValid(session) }
-        if !admitted { admitted = try await CoordinatorServer.presentsAdminCertificate(context, state) }
+        if !admitted { admitted = try await CoordinatorServer.presentsAdminCertificate(request, context, state) }
         if admitted {
             // The API's JSON answers too: never cached, never framed.
             var response = try await next(request, context)

@@ -88,8 +88,23 @@ extension RoundError: HTTPResponseError {
     }
 }
 
+/// Where a request's client certificate comes from: the TLS channel (`TLSClientCertificates`); in-process route
+/// tests, which have no TLS, supply theirs.
+package protocol ClientCertificates: Sendable {
+    func certificate(of request: Request, context: WhittleContext) async throws -> Certificate?
+}
+
+/// The certificate the client presented in the TLS handshake (already checked to chain to a trusted CA and be
+/// within its validity by the TLS layer), or nil when it presented none.
+struct TLSClientCertificates: ClientCertificates {
+    func certificate(of request: Request, context: WhittleContext) async throws -> Certificate? {
+        guard let peer = try await context.channel.nioSSL_peerCertificate().get() else { return nil }
+        return try Certificate(derEncoded: try peer.toDERBytes())
+    }
+}
+
 /// Everything the handlers share.
-final class ServerState: Sendable {
+package final class ServerState: Sendable {
     let store: any CoordinatorStore
     /// The current CA (it signs the server certificate; enrolling workers pin it) and, during a CA rotation, the
     /// next one (it issues worker certificates).
@@ -104,8 +119,11 @@ final class ServerState: Sendable {
     let metrics: CoordinatorMetrics
     let dashboard: DashboardSessions
     let uploads: UploadGate
+    let clientCertificates: any ClientCertificates
 
-    init(store: any CoordinatorStore, trust: CARotation.Trust, config: CoordinatorConfig, directory: URL, artifacts: URL, logger: Logger) throws {
+    package init(store: any CoordinatorStore, trust: CARotation.Trust, config: CoordinatorConfig, directory: URL, artifacts: URL, logger: Logger,
+                 clientCertificates: any ClientCertificates = TLSClientCertificates()) throws {
+        self.clientCertificates = clientCertificates
         self.artifacts = artifacts
         let metrics = CoordinatorMetrics()
         self.metrics = metrics
@@ -211,10 +229,9 @@ struct ClientCertificateMiddleware: RouterMiddleware {
 
     func handle(_ request: Request, context: WhittleContext,
                 next: (Request, WhittleContext) async throws -> Response) async throws -> Response {
-        guard let peer = try await context.channel.nioSSL_peerCertificate().get() else {
+        guard let certificate = try await state.clientCertificates.certificate(of: request, context: context) else {
             throw APIError(.unauthorized, "client_certificate_required", "this route needs a client certificate")
         }
-        let certificate = try Certificate(derEncoded: try peer.toDERBytes())
         let serial = PKI.serial(certificate)
         var context = context
         switch role {
@@ -243,7 +260,7 @@ struct ClientCertificateMiddleware: RouterMiddleware {
 
 /// The coordinator's HTTPS application.
 public enum CoordinatorServer {
-    static func router(state: ServerState) -> Router<WhittleContext> {
+    package static func router(state: ServerState) -> Router<WhittleContext> {
         let router = Router(context: WhittleContext.self)
         router.add(middleware: MetricsMiddleware(metrics: state.metrics))
         router.add(middleware: JSONErrorsMiddleware())
@@ -371,15 +388,16 @@ public enum CoordinatorServer {
 
     /// Whether the client presented the admin certificate (the TLS layer already checked that it chains to the CA
     /// and has not expired).
-    static func presentsAdminCertificate(_ context: WhittleContext, _ state: ServerState) async throws -> Bool {
-        guard !state.config.adminSerial.isEmpty, let peer = try await context.channel.nioSSL_peerCertificate().get() else { return false }
-        return PKI.serial(try Certificate(derEncoded: try peer.toDERBytes())) == state.config.adminSerial
+    static func presentsAdminCertificate(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws -> Bool {
+        guard !state.config.adminSerial.isEmpty,
+              let certificate = try await state.clientCertificates.certificate(of: request, context: context) else { return false }
+        return PKI.serial(certificate) == state.config.adminSerial
     }
 
     /// `/metrics` admits the admin certificate, or `Authorization: Bearer METRICS_TOKEN` when `metrics_token` is
     /// set (for a Prometheus server that scrapes without a client certificate).
     static func metricsAuthorized(_ request: Request, _ context: WhittleContext, _ state: ServerState) async throws {
-        if try await presentsAdminCertificate(context, state) { return }
+        if try await presentsAdminCertificate(request, context, state) { return }
         if !state.config.metricsToken.isEmpty, let header = request.headers[.authorization] {
             // Compared as SHA-256 digests, in constant time: neither the token nor its length leaks through timing.
             let expected = Array(SHA256.hash(data: Data("Bearer \(state.config.metricsToken)".utf8)))

@@ -54,6 +54,42 @@ let doubleSumTolerance = 1e-12
         _ = try checkSurgery(model, global, input: x)
     }
 
+    /// Two steps of a schedule compose: the second selects among the channels the first kept, against the original
+    /// counts, so the final kept indices (in original numbering) are a subset of the first step's; each step records
+    /// its channels before and after; the decisions name the original counts. A schedule taken up again from its
+    /// parts (a round's durable progress) continues identically.
+    @Test func scheduleStepsCompose() throws {
+        let model = try ModelCoding.read(try TestSupport.fixtureBytes("resnet_bn_op13.onnx"))
+        var options = PruningOptions(ratio: 0)
+        options.criterion = .l2
+        let groups = try ChannelGroups(model: model)
+        var schedule = PruningSchedule(groups: groups, options: options, steps: [0.25, 0.5], finetuneEpochs: 0, distill: false)
+        let first = try schedule.apply(try schedule.select(model, groups: groups, ratio: 0.25, statistics: nil), to: model,
+                                       groups: groups, ratio: 0.25)
+        let afterFirst = schedule.originalIndex
+        var resumed = PruningSchedule(originalChannels: schedule.originalChannels, originalIndex: schedule.originalIndex,
+                                      section: schedule.section)
+        let groups2 = try ChannelGroups(model: first)
+        let second = try schedule.apply(try schedule.select(first, groups: groups2, ratio: 0.5, statistics: nil), to: first,
+                                        groups: groups2, ratio: 0.5)
+        let again = try resumed.apply(try resumed.select(first, groups: groups2, ratio: 0.5, statistics: nil), to: first,
+                                      groups: groups2, ratio: 0.5)
+        #expect(try ModelCoding.write(again) == (try ModelCoding.write(second)))
+        try schedule.decide(second)
+        #expect(schedule.section.steps.count == 2)
+        #expect(schedule.section.steps[1].channelsBefore == schedule.section.steps[0].channelsKept)
+        #expect(schedule.section.steps[1].channelsKept < schedule.section.steps[0].channelsKept)
+        for decision in schedule.section.groups {
+            let original = try #require(groups.prunable.first { $0.name == decision.group })
+            #expect(decision.channels == original.channels)
+            #expect(decision.keptIndices.count == decision.kept)
+            #expect(Set(decision.keptIndices).isSubset(of: Set(afterFirst[decision.group] ?? [])))
+            #expect(decision.keptIndices == decision.keptIndices.sorted() && decision.keptIndices.allSatisfy { $0 < original.channels })
+            // Half of the original channels go (within the rounding bounds), not half of the remaining ones.
+            #expect(decision.kept <= original.channels - original.channels / 2 + 1)
+        }
+    }
+
     @Test func residualAddsShareOneGroup() throws {
         let model = try ModelCoding.read(try TestSupport.fixtureBytes("resnet_bn_op13.onnx"))
         let groups = try ChannelGroups(model: model)
