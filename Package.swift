@@ -145,6 +145,10 @@ let package = Package(
                                                                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                                                                 .product(name: "X509", package: "swift-certificates")]),
         .testTarget(name: "WhittleRoundsTests", dependencies: ["WhittleRounds", "WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol", "WhittleTestSupport"]),
+        .testTarget(name: "WhittleHTTPClientTests", dependencies: ["WhittleHTTPClient",
+                                                                    .product(name: "Crypto", package: "swift-crypto"),
+                                                                    .product(name: "Hummingbird", package: "hummingbird"),
+                                                                    .product(name: "HummingbirdTesting", package: "hummingbird")]),
         .testTarget(name: "WhittleAgentTests", dependencies: ["WhittleAgent", "WhittleProtocol", "WhittleHTTPClient", "WhittleTestSupport"]),
     ]
 )
