@@ -75,7 +75,6 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -89,7 +88,6 @@ let package = Package(
             dependencies: [
                 "WhittlePKI", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI", "WhittleRounds", "WhittleCompression",
                 "WhittleONNX", "WhittleNN", "WhittleTensor",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),
@@ -106,14 +104,38 @@ let package = Package(
             ]
         ),
 
+        // The executables' commands, above the libraries (which parse no command line).
+        .target(
+            name: "CoordinatorCommands",
+            dependencies: [
+                "WhittleServer", "WhittleCLI", "WhittlePKI", "WhittleStore", "WhittleHTTPClient", "WhittleRounds", "WhittleProtocol",
+                "WhittleCompression", "WhittleONNX", "WhittleTensor",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+            ]
+        ),
+        .target(
+            name: "WorkerCommands",
+            dependencies: [
+                "WhittleAgent", "WhittleCLI", "WhittlePKI", "WhittleHTTPClient", "WhittleProtocol", "WhittleRounds", "WhittleCompression",
+                "WhittleNN", "WhittleTensor",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+            ]
+        ),
+
         // Executables.
         .executableTarget(
             name: "coordinator",
-            dependencies: ["WhittleCLI", "WhittleServer", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["WhittleCLI", "CoordinatorCommands", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "worker",
-            dependencies: ["WhittleCLI", "WhittleAgent", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["WhittleCLI", "WorkerCommands", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
         // Load generator for benchmarks/heartbeats.py (not shipped).
@@ -139,7 +161,7 @@ let package = Package(
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
         .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "SwiftASN1", package: "swift-asn1")]),
         .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
-        .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport", "WhittleCLI", "WhittlePKI",
+        .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "CoordinatorCommands", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport", "WhittleCLI", "WhittlePKI",
                                                                 .product(name: "Logging", package: "swift-log"),
                                                                 .product(name: "Hummingbird", package: "hummingbird"),
                                                                 .product(name: "HummingbirdTesting", package: "hummingbird"),

@@ -16,7 +16,7 @@ public struct WorkerSettings: Equatable, Sendable {
 
     public init() {}
 
-    static let documentation: [(key: String, comment: String)] = [
+    package static let documentation: [(key: String, comment: String)] = [
         ("data", "The board's local samples: NCHW float32 .npy, or .npz with one array per model input (required here, in the environment or as --data)."),
         ("labels", "Labels of the samples, int .npy ([N], or per pixel [N, H, W]); without them the board takes part through distillation and statistics."),
         ("eval_data", "Held-out samples (.npy or .npz) for the evaluation phase; default: data."),
@@ -94,11 +94,11 @@ public struct WorkerSettings: Equatable, Sendable {
 
 /// The agent's messages: in text form as before (progress on standard output, problems on standard error), or
 /// as JSON lines through swift-log with dotted metadata (`worker.name`, `round.id`, `phase`, `task.kind`).
-struct AgentLog: Sendable {
-    let json: Bool
-    let logger: Logger
+package struct AgentLog: Sendable {
+    package let json: Bool
+    package let logger: Logger
 
-    init(format: LogFormat, level: Logger.Level, worker: String) {
+    package init(format: LogFormat, level: Logger.Level, worker: String) {
         json = format == .json
         var logger = Logger(label: "whittle.worker")
         logger.logLevel = level
@@ -106,11 +106,11 @@ struct AgentLog: Sendable {
         self.logger = logger
     }
 
-    func info(_ message: String, _ metadata: Logger.Metadata = [:]) {
+    package func info(_ message: String, _ metadata: Logger.Metadata = [:]) {
         if json { logger.info("\(message)", metadata: metadata) } else if logger.logLevel <= .info { print(message) }
     }
 
-    func warning(_ message: String, _ metadata: Logger.Metadata = [:]) {
+    package func warning(_ message: String, _ metadata: Logger.Metadata = [:]) {
         if json {
             logger.warning("\(message)", metadata: metadata)
         } else if logger.logLevel <= .warning {

@@ -13,28 +13,28 @@ import WhittleTensor
 /// Runs the tasks a coordinator hands out: downloads the task's artifacts (resumed, SHA-256 verified, cached),
 /// computes on the local data (WorkerJobs), and uploads the report with retries under one upload id, so a
 /// retried upload is never counted twice. Only statistics and deltas leave the board.
-final class TaskRunner {
-    let client: HTTPClient
-    let layout: WorkerLayout
-    let data: Dataset
+package final class TaskRunner {
+    package let client: HTTPClient
+    package let layout: WorkerLayout
+    package let data: Dataset
     /// Held-out samples for the evaluation phase, if the worker has them.
-    let evaluation: Dataset?
-    let memoryLimit: Int?
-    var compressor = DeltaCompressor()
+    package let evaluation: Dataset?
+    package let memoryLimit: Int?
+    package var compressor = DeltaCompressor()
     /// The local optimizer's state at the end of the last fine-tuning task, with its round and kind (in memory: a
     /// restarted worker starts afresh).
-    var optimizerState: (key: String, state: Optimizer.State)?
+    package var optimizerState: (key: String, state: Optimizer.State)?
     /// The teacher's logits of this worker's training data, kept across the fine-tuning tasks of rounds that share a
     /// teacher (the base model, named by its SHA-256).
-    var teacherCache: (sha: String, cache: TeacherLogitsCache)?
+    package var teacherCache: (sha: String, cache: TeacherLogitsCache)?
     /// Tasks ("round/phase") finished or given up, so a re-sent task is not computed twice.
-    var finished: Set<String> = []
+    package var finished: Set<String> = []
 
-    let agentLog: AgentLog
+    package let agentLog: AgentLog
     /// The running task's log metadata.
-    var context: Logger.Metadata = [:]
+    package var context: Logger.Metadata = [:]
 
-    init(client: HTTPClient, layout: WorkerLayout, data: Dataset, evaluation: Dataset?, memoryLimit: Int?, log: AgentLog) {
+    package init(client: HTTPClient, layout: WorkerLayout, data: Dataset, evaluation: Dataset?, memoryLimit: Int?, log: AgentLog) {
         agentLog = log
         self.client = client
         self.layout = layout
@@ -43,12 +43,12 @@ final class TaskRunner {
         self.memoryLimit = memoryLimit
     }
 
-    static func key(_ task: Whittle_Task) -> String { "\(task.roundID)/\(task.phase)" }
+    package static func key(_ task: Whittle_Task) -> String { "\(task.roundID)/\(task.phase)" }
 
-    func log(_ message: String) { agentLog.warning(message, context) }
+    package func log(_ message: String) { agentLog.warning(message, context) }
 
     /// The artifact's local copy (downloaded once, verified), and the bytes downloaded for it now.
-    func artifact(_ sha: String, folder: String = "artifacts") throws -> (path: String, downloaded: Int) {
+    package func artifact(_ sha: String, folder: String = "artifacts") throws -> (path: String, downloaded: Int) {
         guard Identifiers.isSHA256(sha) else { throw CLIError("the task names a malformed artifact (not 64 lowercase hex digits)") }
         let directory = layout.file(folder)
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -71,18 +71,18 @@ final class TaskRunner {
         return (path, max(0, size - had))
     }
 
-    func model(_ sha: String, bytesDown: inout Int) throws -> Model {
+    package func model(_ sha: String, bytesDown: inout Int) throws -> Model {
         let (path, downloaded) = try artifact(sha)
         bytesDown += downloaded
         return try Files.readModel(path)
     }
 
     /// The lock file the evaluate job holds, shared by every worker process of this machine's user.
-    static var evaluationLock: String { (NSTemporaryDirectory() as NSString).appendingPathComponent("whittle-evaluate.lock") }
+    package static var evaluationLock: String { (NSTemporaryDirectory() as NSString).appendingPathComponent("whittle-evaluate.lock") }
 
     /// Runs `body` holding an exclusive advisory lock (flock) on `path`, waiting for it; without a path, or when the
     /// file cannot be opened, without a lock.
-    static func exclusive<R>(on path: String?, _ body: () throws -> R) rethrows -> R {
+    package static func exclusive<R>(on path: String?, _ body: () throws -> R) rethrows -> R {
         guard let path else { return try body() }
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o666)
         guard fd >= 0 else { return try body() }
@@ -92,7 +92,7 @@ final class TaskRunner {
     }
 
     /// Computes a task's report.
-    func compute(_ task: Whittle_Task) throws -> Whittle_TaskReport {
+    package func compute(_ task: Whittle_Task) throws -> Whittle_TaskReport {
         let clock = ContinuousClock()
         let t0 = clock.now
         var bytesDown = 0
@@ -150,7 +150,7 @@ final class TaskRunner {
     /// Where a computed report waits until the coordinator has acknowledged it (a restarted worker uploads it
     /// again under the same upload id instead of computing anew). Only for tasks whose round id passed
     /// `Identifiers.isRoundID` (checked in `run`): the name can never leave the pending folder.
-    func pendingPath(_ task: Whittle_Task) -> String {
+    package func pendingPath(_ task: Whittle_Task) -> String {
         precondition(Identifiers.isRoundID(task.roundID), "pendingPath of an unchecked task")
         return layout.file("pending") + "/\(task.roundID)-\(task.phase).pb"
     }
@@ -158,7 +158,7 @@ final class TaskRunner {
     /// Computes (or takes the pending result of) a task and uploads it. Never throws: a task that cannot be done
     /// is reported on stderr and not tried again. A task with a malformed identifier is refused before anything
     /// touches a file.
-    func run(_ task: Whittle_Task) {
+    package func run(_ task: Whittle_Task) {
         let key = Self.key(task)
         guard !finished.contains(key) else { return }
         defer { finished.insert(key) }
@@ -229,12 +229,12 @@ final class TaskRunner {
 /// Heartbeats on their own thread (and connection) while a task computes, so the coordinator knows the worker
 /// is alive and busy. `stop` returns once the thread has finished (a request in flight completes first), so the
 /// process never exits under a running heartbeat.
-final class BusyHeartbeat: @unchecked Sendable {
-    let box = StopBox()
-    let finished = DispatchSemaphore(value: 0)
-    var stopped = false
+package final class BusyHeartbeat: @unchecked Sendable {
+    package let box = StopBox()
+    package let finished = DispatchSemaphore(value: 0)
+    package var stopped = false
 
-    init(client: HTTPClient, body: [UInt8], seconds: Double) {
+    package init(client: HTTPClient, body: [UInt8], seconds: Double) {
         let box = self.box, finished = self.finished
         let thread = Thread {
             defer { finished.signal() }
@@ -251,14 +251,14 @@ final class BusyHeartbeat: @unchecked Sendable {
     }
 
     /// Stops the heartbeats and waits for the thread to end (idempotent).
-    func stop() {
+    package func stop() {
         guard !stopped else { return }
         stopped = true
         box.stop()
         finished.wait()
     }
 
-    final class StopBox: @unchecked Sendable {
+    package final class StopBox: @unchecked Sendable {
         let lock = NSLock()
         var value = false
         var isStopped: Bool { lock.lock(); defer { lock.unlock() }; return value }

@@ -346,7 +346,8 @@ final class QuantizedAddKernel: IntegerStepKernel, @unchecked Sendable {
     func run(_ inputs: [Tensor?]) throws -> [Tensor] {
         guard let a = inputs[0], let b = inputs[1] else { throw ONNXError(.invalidInput, "integer Add: missing operand") }
         let count = shape.reduce(1, *)
-        let signedA = inputTypes[0] == .int8, signedB = inputTypes[1] == .int8, signedY = type == .int8
+        // The output's signedness is in its bounds (low, high): its bit pattern is written either way.
+        let signedA = inputTypes[0] == .int8, signedB = inputTypes[1] == .int8
         return try PackedBytes.reading(a, packed: sourcePacked[0], count: count) { pa in
             try PackedBytes.reading(b, packed: sourcePacked[1], count: count) { pb in
                 [try PackedBytes.writing(count: count, shape: shape, type: type, packed: destinationPacked) { py in

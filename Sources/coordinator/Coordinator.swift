@@ -1,6 +1,6 @@
 import ArgumentParser
 import WhittleCLI
-import WhittleServer
+import CoordinatorCommands
 
 /// The coordinator: runs on a server, holds the fleet's state and drives federated compression rounds.
 @main

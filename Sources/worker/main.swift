@@ -1,5 +1,5 @@
 import ArgumentParser
-import WhittleAgent
+import WorkerCommands
 import WhittleCLI
 
 /// The worker: runs on an edge board next to its private data. It links oneDNN and libcurl, never NIO or

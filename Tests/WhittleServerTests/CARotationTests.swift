@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import CoordinatorCommands
 import WhittleCLI
 import WhittlePKI
 import WhittleServer

@@ -3,6 +3,7 @@ import Hummingbird
 import HummingbirdTesting
 import Logging
 import Testing
+import CoordinatorCommands
 import WhittleCLI
 import WhittlePKI
 import WhittleProtocol

@@ -55,3 +55,10 @@ def test_every_import_is_declared(targets):
 def test_the_pure_core_does_no_io(name, targets):
     declared, imports = targets[name]
     assert not (set(imports) | declared) & IMPURE, f"{name} reaches {sorted((set(imports) | declared) & IMPURE)}"
+
+
+@pytest.mark.parametrize("name", ["WhittleServer", "WhittleAgent"])
+def test_the_server_and_agent_parse_no_command_line(name, targets):
+    """Commands live above the libraries (CoordinatorCommands, WorkerCommands, WhittleCLI), used by the executables."""
+    declared, imports = targets[name]
+    assert "ArgumentParser" not in set(imports) | declared, f"{name} imports ArgumentParser ({imports.get('ArgumentParser')})"

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import WhittleServer
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import WhittleServer
 import WhittleCLI
 import WhittleCompression
 import WhittleHTTPClient
