@@ -171,6 +171,11 @@ let package = Package(
                                                                     .product(name: "Crypto", package: "swift-crypto"),
                                                                     .product(name: "Hummingbird", package: "hummingbird"),
                                                                     .product(name: "HummingbirdTesting", package: "hummingbird")]),
-        .testTarget(name: "WhittleAgentTests", dependencies: ["WhittleAgent", "WhittleProtocol", "WhittleHTTPClient", "WhittleTestSupport"]),
+        .testTarget(name: "WhittleAgentTests", dependencies: ["WhittleAgent", "WhittleProtocol", "WhittleHTTPClient", "WhittleTestSupport", "WhittleCLI",
+                                                               "WhittleCompression", "WhittleONNX", "WhittleTensor",
+                                                               .product(name: "Crypto", package: "swift-crypto"),
+                                                               .product(name: "Logging", package: "swift-log"),
+                                                               .product(name: "Hummingbird", package: "hummingbird"),
+                                                               .product(name: "HummingbirdTesting", package: "hummingbird")]),
     ]
 )
