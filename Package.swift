@@ -167,7 +167,7 @@ let package = Package(
                                                                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                                                                 .product(name: "X509", package: "swift-certificates")]),
         .testTarget(name: "WhittleRoundsTests", dependencies: ["WhittleRounds", "WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol", "WhittleTestSupport"]),
-        .testTarget(name: "WhittleHTTPClientTests", dependencies: ["WhittleHTTPClient",
+        .testTarget(name: "WhittleHTTPClientTests", dependencies: ["WhittleHTTPClient", "WhittleTestSupport",
                                                                     .product(name: "Crypto", package: "swift-crypto"),
                                                                     .product(name: "Hummingbird", package: "hummingbird"),
                                                                     .product(name: "HummingbirdTesting", package: "hummingbird")]),

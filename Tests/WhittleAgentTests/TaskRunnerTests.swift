@@ -85,7 +85,7 @@ import WhittleTestSupport
             let directory = FileManager.default.temporaryDirectory.appendingPathComponent("whittle-runner-\(UUID().uuidString)").path
             defer { try? FileManager.default.removeItem(atPath: directory) }
             let runner = try Self.runner(port: client.port!, directory: directory)
-            runner.run(Self.task(phase: 3, tensors: tensors))
+            try await TestSupport.offThePool { runner.run(Self.task(phase: 3, tensors: tensors)) }
             let uploads = await seen.uploads
             #expect(uploads.count == 2, "a 503, then accepted")
             #expect(uploads[0] == uploads[1], "the retry sends the same report")
@@ -95,9 +95,9 @@ import WhittleTestSupport
             #expect(report.bytesDown == UInt64(Self.model.count))
             #expect(!FileManager.default.fileExists(atPath: runner.pendingPath(Self.task(phase: 3, tensors: tensors))), "acknowledged: no longer pending")
             // The same task again is not computed twice; the next one reuses the cached model.
-            runner.run(Self.task(phase: 3, tensors: tensors))
+            try await TestSupport.offThePool { runner.run(Self.task(phase: 3, tensors: tensors)) }
             #expect(await seen.uploads.count == 2)
-            runner.run(Self.task(phase: 4, tensors: tensors))
+            try await TestSupport.offThePool { runner.run(Self.task(phase: 4, tensors: tensors)) }
             #expect(await seen.downloads == 1)
             let next = try Whittle_TaskReport(serializedBytes: await seen.uploads.last!)
             #expect(next.phase == 4 && next.bytesDown == 0 && next.uploadID != report.uploadID)
@@ -110,7 +110,7 @@ import WhittleTestSupport
             try FileManager.default.createDirectory(atPath: directory + "/pending", withIntermediateDirectories: true)
             try Data(bytes).write(to: URL(fileURLWithPath: restarted.pendingPath(Self.task(phase: 5, tensors: tensors))))
             try FileManager.default.removeItem(atPath: directory + "/artifacts")
-            restarted.run(Self.task(phase: 5, tensors: tensors))
+            try await TestSupport.offThePool { restarted.run(Self.task(phase: 5, tensors: tensors)) }
             #expect(await seen.uploads.last == bytes)
             #expect(await seen.downloads == 1)
 
@@ -118,7 +118,7 @@ import WhittleTestSupport
             var hostile = Self.task(phase: 6, tensors: tensors)
             hostile.roundID = "../../etc"
             let before = await seen.uploads.count
-            restarted.run(hostile)
+            try await TestSupport.offThePool { restarted.run(hostile) }
             #expect(await seen.uploads.count == before)
             #expect(!FileManager.default.fileExists(atPath: directory + "/artifacts"))
         }

@@ -4,6 +4,7 @@ import Hummingbird
 import HummingbirdTesting
 import Testing
 import WhittleHTTPClient
+import WhittleTestSupport
 
 /// Whittle's libcurl client against a real HTTP server on a local port (Hummingbird's live test server): bodies and
 /// headers both ways, Retry-After, retries with backoff on the statuses worth retrying and none on the others,
@@ -36,6 +37,8 @@ import WhittleHTTPClient
             let n = await counter.next("/busy")
             return n <= 2 ? Response(status: .serviceUnavailable, headers: [.retryAfter: "2"]) : Response(status: .ok)
         }
+        // Always busy.
+        router.get("/down") { _, _ -> Response in Response(status: .serviceUnavailable, headers: [.retryAfter: "1"]) }
         router.get("/missing") { _, _ -> Response in
             _ = await counter.next("/missing")
             return Response(status: .notFound)
@@ -61,7 +64,7 @@ import WhittleHTTPClient
             let http = HTTPClient(baseURL: "http://127.0.0.1:\(client.port!)/")
             http.userAgent = "whittle-test"
             let body = Array("hello, coordinator".utf8)
-            let response = try http.request("POST", "/echo", body: body, contentType: "application/x-protobuf")
+            let response = try await TestSupport.offThePool { try http.request("POST", "/echo", body: body, contentType: "application/x-protobuf") }
             #expect(response.status == 200 && response.body == body)
             #expect(response.headers["content-type"] == "application/x-protobuf")
             #expect(response.headers["x-seen-user-agent"] == "whittle-test")
@@ -73,17 +76,28 @@ import WhittleHTTPClient
         let counter = Counter()
         try await Self.app(counter).test(.live) { client in
             let http = HTTPClient(baseURL: "http://127.0.0.1:\(client.port!)")
-            var slept: [Double] = []
-            let response = try http.send("GET", "/busy", retry: RetryPolicy(attempts: 5, baseDelay: 0.5, maximumDelay: 30)) { slept.append($0) }
+            let (response, slept) = try await TestSupport.offThePool { () -> (WhittleHTTPClient.HTTPResponse, [Double]) in
+                var slept: [Double] = []
+                let r = try http.send("GET", "/busy", retry: RetryPolicy(attempts: 5, baseDelay: 0.5, maximumDelay: 30)) { slept.append($0) }
+                return (r, slept)
+            }
             #expect(response.status == 200)
             #expect(slept == [2, 2], "Retry-After honoured, twice")
             // Not worth retrying: answered at once.
-            let missing = try http.send("GET", "/missing", retry: RetryPolicy(attempts: 5)) { slept.append($0) }
-            #expect(missing.status == 404 && slept.count == 2)
+            let (missing, sleptAgain) = try await TestSupport.offThePool { () -> (WhittleHTTPClient.HTTPResponse, [Double]) in
+                var slept: [Double] = []
+                let r = try http.send("GET", "/missing", retry: RetryPolicy(attempts: 5)) { slept.append($0) }
+                return (r, slept)
+            }
+            #expect(missing.status == 404 && sleptAgain.isEmpty)
             #expect(await counter.counts["/missing"] == 1)
-            // Out of attempts: the last answer is returned.
-            let gaveUp = try http.send("GET", "/busy", retry: RetryPolicy(attempts: 1)) { slept.append($0) }
-            #expect(gaveUp.status == 200 && slept.count == 2)
+            // Out of attempts: the last answer is returned, after one wait per retry.
+            let (gaveUp, waits) = try await TestSupport.offThePool { () -> (WhittleHTTPClient.HTTPResponse, [Double]) in
+                var slept: [Double] = []
+                let r = try http.send("GET", "/down", retry: RetryPolicy(attempts: 3)) { slept.append($0) }
+                return (r, slept)
+            }
+            #expect(gaveUp.status == 503 && waits == [1, 1])
         }
     }
 
@@ -93,20 +107,26 @@ import WhittleHTTPClient
             let http = HTTPClient(baseURL: "http://127.0.0.1:\(client.port!)")
             let path = Self.temporary()
             defer { try? FileManager.default.removeItem(atPath: path) }
-            var seen: [(Int, Int?)] = []
-            try http.download("/blob", to: path, sha256: Self.blobSHA) { seen.append(($0, $1)) }
+            /// The progress calls of one download: (bytes so far, full size).
+            func download(_ sha: String) async throws -> [[Int]] {
+                try await TestSupport.offThePool { () -> [[Int]] in
+                    var seen: [[Int]] = []
+                    try http.download("/blob", to: path, sha256: sha) { seen.append([$0, $1 ?? -1]) }
+                    return seen
+                }
+            }
+            var seen = try await download(Self.blobSHA)
             #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == Data(Self.blob))
-            #expect(seen.last.map { $0.0 == Self.blob.count && $0.1 == Self.blob.count } == true)
+            #expect(seen.last == [Self.blob.count, Self.blob.count])
             // A partial file (a transfer that broke) is resumed from where it stopped: only the rest is sent.
             try Data(Self.blob.prefix(123_456)).write(to: URL(fileURLWithPath: path))
-            seen = []
-            try http.download("/blob", to: path, sha256: Self.blobSHA) { seen.append(($0, $1)) }
+            seen = try await download(Self.blobSHA)
             #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == Data(Self.blob))
-            #expect(seen.first.map { $0.0 > 123_456 && $0.1 == Self.blob.count } == true)
+            #expect(seen.first.map { $0[0] > 123_456 && $0[1] == Self.blob.count } == true)
             // A complete file asked past its end (416) is checked as it is.
-            try http.download("/blob", to: path, sha256: Self.blobSHA)
+            _ = try await download(Self.blobSHA)
             // The wrong digest: the file is discarded.
-            #expect { try http.download("/blob", to: path, sha256: String(repeating: "0", count: 64)) } throws: {
+            await #expect { _ = try await download(String(repeating: "0", count: 64)) } throws: {
                 "\($0)".contains("differs from the expected")
             }
             #expect(!FileManager.default.fileExists(atPath: path))

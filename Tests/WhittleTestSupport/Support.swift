@@ -115,3 +115,20 @@ public final class ScriptedClock: @unchecked Sendable {
     /// The clock as the closure services take.
     public var read: @Sendable () -> Date { { [self] in now } }
 }
+
+extension TestSupport {
+    /// Runs blocking work (a libcurl request, a task runner) on a GCD thread and awaits it, so it never holds one
+    /// of Swift concurrency's few cooperative threads while an in-process server's handlers need them: on a
+    /// 2-core machine two blocked tests would otherwise starve the server until their requests time out.
+    public static func offThePool<T: Sendable>(_ body: @escaping () throws -> T) async throws -> T {
+        let work = UncheckedBox(body)
+        return try await withCheckedThrowingContinuation { continuation in
+            DispatchQueue.global().async { continuation.resume(with: Result { try work.value() }) }
+        }
+    }
+
+    final class UncheckedBox<Value>: @unchecked Sendable {
+        let value: Value
+        init(_ value: Value) { self.value = value }
+    }
+}
