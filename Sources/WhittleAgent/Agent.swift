@@ -76,13 +76,6 @@ package func errorMessage(_ response: HTTPResponse) -> String {
 /// naming the worker, the coordinator's new certificate, and both written so that a crash at any point leaves a
 /// matching key and certificate (the coordinator keeps accepting the old certificate until the new one is used).
 package enum CertificateRenewal {
-    /// A third of the certificate's lifetime or less is left (the lifetime it was issued for: the coordinator
-    /// backdates the start by `PKI.clockSkewAllowance`).
-    package static func isDue(_ certificate: Certificate, now: Date) -> Bool {
-        let lifetime = certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore) - PKI.clockSkewAllowance
-        return certificate.notValidAfter.timeIntervalSince(now) < lifetime / 3
-    }
-
     package static func pending(_ path: String) -> String { path + ".renewed" }
 
     /// Finishes or abandons a renewal a crash interrupted: every new file was written durably before any was

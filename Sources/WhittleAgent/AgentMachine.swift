@@ -117,7 +117,8 @@ public struct AgentMachine: Sendable {
         return beat
     }
 
-    /// A third of the certificate's lifetime or less is left.
+    /// A third of the certificate's lifetime or less is left (the lifetime it was issued for: the coordinator
+    /// backdates the start by `PKI.clockSkewAllowance`).
     public func renewalDue(now: Date) -> Bool {
         let lifetime = certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore) - clockSkewAllowance
         return certificate.notValidAfter.timeIntervalSince(now) < lifetime / 3
