@@ -121,10 +121,13 @@ extension StepPlanner {
             return (whole, scales, zeros)
         }
         let blocks = BlockwiseInt4.blocks(k: k, blockSize: block)
-        guard axis == kAxis, block % 2 == 0, scales.count == n * blocks else { return nil }
+        // One block spanning K however large the attribute says it is: the packed weight is sized by K, never by
+        // block_size (a model cannot make the planner allocate by an attribute alone).
+        let size = blocks == 1 ? whole : block
+        guard axis == kAxis, size % 2 == 0, scales.count == n * blocks else { return nil }
         // The scale tensor is [blocks, N] when K is axis 0, [N, blocks] when it is axis 1.
         let index = { (row: Int, b: Int) in kAxis == 0 ? b * n + row : row * blocks + b }
         let ordered = (0..<(n * blocks)).map { index($0 / blocks, $0 % blocks) }
-        return (block, ordered.map { scales[$0] }, ordered.map { zeros[$0] })
+        return (size, ordered.map { scales[$0] }, ordered.map { zeros[$0] })
     }
 }

@@ -208,6 +208,25 @@ import WhittleTestSupport
         #expect(TestSupport.relativeError(a.floats, b.floats) < Self.int4Tolerance)
     }
 
+    /// A block_size far larger than K (one block spanning K, as opset 21 allows) runs packed, and the packed weight
+    /// is sized by K: an attribute alone cannot make the planner allocate (2⁴⁰ here would be a terabyte).
+    @Test func aHugeBlockSizeIsOneBlockSizedByK() throws {
+        let nodes = [Node(opType: "DequantizeLinear", name: "dw", inputs: ["w", "sw"], outputs: ["fw"],
+                          attributes: [Attribute("axis", .int(0)), Attribute("block_size", .int(1 << 40))]),
+                     Node(opType: "MatMul", name: "matmul", inputs: ["x", "fw"], outputs: ["y"])]
+        let graph = Graph(name: "int4", nodes: nodes, inputs: [ValueInfo(name: "x", elementType: .float, shape: [.value(1), .value(3)])],
+                          outputs: [ValueInfo(name: "y", elementType: .float, shape: nil)],
+                          initializers: [Self.codes("w", [3, 2], [1, -2, 3, -4, 5, -6], .int4), Self.tensor("sw", [1, 2], floats: [0.5, 0.25])])
+        let model = Model(graph: graph, opset: 21)
+        let compiled = try InferenceSession(model: model).compiled(shapes: ["x": (.float, [1, 3])])
+        let x = Tensor(shape: [1, 3], floats: [1, 2, 3])
+        #expect(try compiled.profile(["x": x]).contains { $0.implementation == "int4 packed, blocks of 4" })
+        let (a, b) = try Self.both(model, ["x": x])
+        // (1 + 6 + 15) · 0.5 = 11 and (−2 − 8 − 18) · 0.25 = −7.
+        #expect(a.floats == [11, -7])
+        #expect(TestSupport.relativeError(a.floats, b.floats) < Self.int4Tolerance)
+    }
+
     /// Float sums in another order (sgemm against the simulation's one node at a time).
     static let int4Tolerance: Float = 1e-6
 
