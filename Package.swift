@@ -42,13 +42,16 @@ let package = Package(
         ),
         .target(name: "WhittleNN", dependencies: ["WhittleTensor", "WhittleONNX"]),
         .target(name: "WhittleCompression", dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN"]),
+        // Wire messages (generated from proto/whittle.proto) and the grammar of identifiers; nothing numeric, so
+        // what speaks only the protocol (the heartbeat load generator) links no oneDNN.
         .target(
             name: "WhittleProtocol",
-            dependencies: ["WhittleCompression", "WhittleNN", "WhittleTensor", .product(name: "SwiftProtobuf", package: "swift-protobuf")]
+            dependencies: [.product(name: "SwiftProtobuf", package: "swift-protobuf")]
         ),
 
         // Federated rounds: aggregation of workers' reports (pure).
-        .target(name: "WhittleRounds", dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol"]),
+        .target(name: "WhittleRounds", dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol",
+                                                      .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
         // Certificates and keys: the coordinator's CA, server and client certificates, CSRs (no NIO).
         .target(
             name: "WhittlePKI",
@@ -63,11 +66,17 @@ let package = Package(
         // libcurl through typed C wrappers (curl_easy_setopt is variadic).
         .target(name: "CWhittleCurl", linkerSettings: [.linkedLibrary("curl")]),
         .target(name: "WhittleHTTPClient", dependencies: ["CWhittleCurl", .product(name: "Crypto", package: "swift-crypto")]),
-        // The coordinator's HTTPS server and admin commands.
+        // The process's edges for everything above the pure core: files read and written durably (FileError), the
+        // settings-file grammar, log lines on standard error.
+        .target(
+            name: "WhittleIO",
+            dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", .product(name: "Logging", package: "swift-log")]
+        ),
+        // The coordinator's HTTPS server: routes, round service, artifacts, configuration, CA rotation.
         .target(
             name: "WhittleServer",
             dependencies: [
-                "WhittlePKI", "WhittleStore", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI", "WhittleRounds", "WhittleTensor",
+                "WhittlePKI", "WhittleStore", "WhittleProtocol", "WhittleIO", "WhittleRounds", "WhittleTensor",
                 "WhittleCompression", "WhittleONNX",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),
@@ -86,7 +95,7 @@ let package = Package(
         .target(
             name: "WhittleAgent",
             dependencies: [
-                "WhittlePKI", "WhittleProtocol", "WhittleHTTPClient", "WhittleCLI", "WhittleRounds", "WhittleCompression",
+                "WhittlePKI", "WhittleProtocol", "WhittleHTTPClient", "WhittleIO", "WhittleRounds", "WhittleCompression",
                 "WhittleONNX", "WhittleNN", "WhittleTensor",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -98,7 +107,7 @@ let package = Package(
         .target(
             name: "WhittleCLI",
             dependencies: [
-                "WhittleNN", "WhittleONNX", "WhittleTensor", "WhittleCompression", "CWhittleDNNL",
+                "WhittleIO", "WhittleNN", "WhittleONNX", "WhittleTensor", "WhittleCompression", "CWhittleDNNL",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -108,7 +117,7 @@ let package = Package(
         .target(
             name: "CoordinatorCommands",
             dependencies: [
-                "WhittleServer", "WhittleCLI", "WhittlePKI", "WhittleStore", "WhittleHTTPClient", "WhittleRounds", "WhittleProtocol",
+                "WhittleServer", "WhittleCLI", "WhittleIO", "WhittlePKI", "WhittleStore", "WhittleHTTPClient", "WhittleRounds", "WhittleProtocol",
                 "WhittleCompression", "WhittleONNX", "WhittleTensor",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -119,7 +128,7 @@ let package = Package(
         .target(
             name: "WorkerCommands",
             dependencies: [
-                "WhittleAgent", "WhittleCLI", "WhittlePKI", "WhittleHTTPClient", "WhittleProtocol", "WhittleRounds", "WhittleCompression",
+                "WhittleAgent", "WhittleCLI", "WhittleIO", "WhittlePKI", "WhittleHTTPClient", "WhittleProtocol", "WhittleRounds", "WhittleCompression",
                 "WhittleNN", "WhittleTensor",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -157,11 +166,12 @@ let package = Package(
         .testTarget(name: "WhittleONNXTests", dependencies: ["WhittleONNX", "WhittleNN", "WhittleTestSupport"]),
         .testTarget(name: "WhittleNNTests", dependencies: ["WhittleNN", "WhittleONNX", "WhittleTestSupport"]),
         .testTarget(name: "WhittleCompressionTests", dependencies: ["WhittleCompression", "WhittleTensor", "WhittleTestSupport"]),
-        .testTarget(name: "WhittleProtocolTests", dependencies: ["WhittleProtocol", "WhittleCompression", "WhittleNN", "WhittleTensor", "WhittleTestSupport"]),
+        .testTarget(name: "WhittleProtocolTests", dependencies: ["WhittleProtocol"]),
+        .testTarget(name: "WhittleIOTests", dependencies: ["WhittleIO", "WhittleONNX", "WhittleTensor", "WhittleTestSupport"]),
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
         .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "SwiftASN1", package: "swift-asn1")]),
         .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
-        .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "CoordinatorCommands", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport", "WhittleCLI", "WhittlePKI",
+        .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "CoordinatorCommands", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport", "WhittleCLI", "WhittleIO", "WhittlePKI",
                                                                 .product(name: "Logging", package: "swift-log"),
                                                                 .product(name: "Hummingbird", package: "hummingbird"),
                                                                 .product(name: "HummingbirdTesting", package: "hummingbird"),
@@ -171,7 +181,7 @@ let package = Package(
                                                                     .product(name: "Crypto", package: "swift-crypto"),
                                                                     .product(name: "Hummingbird", package: "hummingbird"),
                                                                     .product(name: "HummingbirdTesting", package: "hummingbird")]),
-        .testTarget(name: "WhittleAgentTests", dependencies: ["WhittleAgent", "WhittleProtocol", "WhittleHTTPClient", "WhittleTestSupport", "WhittleCLI",
+        .testTarget(name: "WhittleAgentTests", dependencies: ["WhittleAgent", "WhittleProtocol", "WhittleHTTPClient", "WhittleTestSupport", "WhittleCLI", "WhittleIO",
                                                                "WhittleCompression", "WhittleONNX", "WhittleTensor",
                                                                .product(name: "Crypto", package: "swift-crypto"),
                                                                .product(name: "Logging", package: "swift-log"),

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import WhittleServer
 import WhittleCLI
+import WhittleIO
 import WhittlePKI
 import WhittleStore
 import X509

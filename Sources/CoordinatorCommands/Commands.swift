@@ -6,6 +6,7 @@ import Glibc
 #endif
 import Logging
 import WhittleCLI
+import WhittleIO
 import WhittleHTTPClient
 import WhittlePKI
 import WhittleStore
@@ -137,14 +138,10 @@ func loadConfig(_ dir: String, settings: [String] = []) throws -> (CoordinatorLa
     var config: CoordinatorConfig
     do {
         config = try CoordinatorConfig.parse(try String(contentsOfFile: layout.config, encoding: .utf8))
-    } catch let error as ConfigError {
-        throw CLIError("\(layout.config): \(error.description)")
+    } catch let error as ServerError {
+        throw error.within(layout.config)
     }
-    do {
-        try config.override(environment: ProcessInfo.processInfo.environment, settings: settings)
-    } catch let error as ConfigError {
-        throw CLIError(error.description)
-    }
+    try config.override(environment: ProcessInfo.processInfo.environment, settings: settings)
     return (layout, config)
 }
 
@@ -169,11 +166,7 @@ public struct ServeCommand: AsyncParsableCommand {
         try LogFormat.resolve(logFormat).bootstrap()
         var logger = Logger(label: "whittle.coordinator")
         logger.logLevel = try LogFormat.level(logLevel)
-        do {
-            try await CoordinatorServer.serve(layout: layout, config: config, listen: listen ?? config.listen, logger: logger)
-        } catch let error as ConfigError {
-            throw CLIError(error.description)
-        }
+        try await CoordinatorServer.serve(layout: layout, config: config, listen: listen ?? config.listen, logger: logger)
     }
 }
 

@@ -5,6 +5,7 @@ import Glibc
 #endif
 import Logging
 import WhittleCLI
+import WhittleIO
 import WhittleHTTPClient
 import WhittlePKI
 import WhittleServer

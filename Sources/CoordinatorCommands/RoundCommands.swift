@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import WhittleServer
 import WhittleCLI
+import WhittleIO
 import WhittleCompression
 import WhittleHTTPClient
 import WhittleONNX

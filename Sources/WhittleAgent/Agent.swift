@@ -3,7 +3,7 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
-import WhittleCLI
+import WhittleIO
 import WhittleCompression
 import WhittleHTTPClient
 import WhittlePKI
@@ -45,14 +45,14 @@ package struct WorkerState: Codable {
 
     package static func load(_ layout: WorkerLayout) throws -> WorkerState {
         guard let data = FileManager.default.contents(atPath: layout.state) else {
-            throw CLIError("\(layout.directory.path) holds no enrollment (no worker.json); run worker enroll first")
+            throw AgentError(.notEnrolled, "\(layout.directory.path) holds no enrollment (no worker.json); run worker enroll first")
         }
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .iso8601
         do {
             return try decoder.decode(WorkerState.self, from: data)
         } catch {
-            throw CLIError("\(layout.state) is damaged: \(error)")
+            throw AgentError(.dataDirectory, "\(layout.state) is damaged: \(error)")
         }
     }
 
@@ -92,22 +92,17 @@ package enum CertificateRenewal {
         } else {
             return
         }
-        let directory = open(layout.directory.path, O_RDONLY | O_DIRECTORY)
-        guard directory >= 0 else { throw CLIError("cannot open \(layout.directory.path) to sync it") }
-        defer { close(directory) }
-        guard fsync(directory) == 0 else { throw CLIError("cannot sync \(layout.directory.path)") }
+        try Files.syncDirectory(layout.directory.path)
     }
 
-    package static func move(_ from: String, _ to: String) throws {
-        guard rename(from, to) == 0 else { throw CLIError("cannot move \(from) to \(to): \(String(cString: strerror(errno)))") }
-    }
+    package static func move(_ from: String, _ to: String) throws { try Files.move(from, to: to) }
 
     /// A PEM bundle of DER certificates, each checked to parse.
     package static func bundle(_ ders: [Data]) throws -> String {
         do {
             return try PKI.pemBundle(try ders.map { try Certificate(derEncoded: Array($0)) })
         } catch {
-            throw CLIError("the coordinator sent a CA certificate that does not parse")
+            throw AgentError(.coordinatorRefused, "the coordinator sent a CA certificate that does not parse")
         }
     }
 
@@ -121,15 +116,15 @@ package enum CertificateRenewal {
         let response = try client.request("POST", "/v1/worker/renew", body: try request.serializedBytes(),
                                           contentType: "application/x-protobuf")
         guard response.status == 200, let answer = try? Whittle_EnrollResponse(serializedBytes: response.body) else {
-            throw CLIError("the coordinator refused the renewal (\(errorMessage(response)))")
+            throw AgentError(.coordinatorRefused, "the coordinator refused the renewal (\(errorMessage(response)))")
         }
         let certificate = try Certificate(derEncoded: Array(answer.certificateDer))
         guard certificate.publicKey == Certificate.PublicKey(key.publicKey), answer.name == name else {
-            throw CLIError("the coordinator's renewed certificate is not for this board's new key and name")
+            throw AgentError(.coordinatorRefused, "the coordinator's renewed certificate is not for this board's new key and name")
         }
         let certificatePEM = try certificate.serializeAsPEM().pemString
         let caPEM: String
-        do { caPEM = try String(contentsOfFile: layout.ca, encoding: .utf8) } catch { throw CLIError("cannot read \(layout.ca)") }
+        do { caPEM = try String(contentsOfFile: layout.ca, encoding: .utf8) } catch { throw AgentError(.dataDirectory, "cannot read \(layout.ca)") }
         let trustedPEM = answer.trustedCaDer.isEmpty ? caPEM : try bundle(answer.trustedCaDer)
         try Files.writeDurably(Array(key.pemRepresentation.utf8), to: pending(layout.key), mode: 0o600)
         if trustedPEM != caPEM { try Files.writeDurably(Array(trustedPEM.utf8), to: pending(layout.ca), mode: 0o644) }

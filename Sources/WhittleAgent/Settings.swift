@@ -1,6 +1,6 @@
 import Foundation
 import Logging
-import WhittleCLI
+import WhittleIO
 
 /// `worker run`'s settings: `DIR/worker.conf` (`key = value` lines, `#` comments; optional), overridden by
 /// `WHITTLE_WORKER_KEY` environment variables, overridden by the command's flags.
@@ -37,19 +37,19 @@ public struct WorkerSettings: Equatable, Sendable {
         case "eval_data": evalData = value
         case "eval_labels": evalLabels = value
         case "memory_limit":
-            guard parseByteSize(value) != nil else { throw CLIError("memory_limit '\(value)' is not a size like 1GB") }
+            guard parseByteSize(value) != nil else { throw AgentError(.invalidSetting, "memory_limit '\(value)' is not a size like 1GB") }
             memoryLimit = value
         case "threads":
-            guard let n = Int(value), n >= 1 else { throw CLIError("threads must be a positive integer, not '\(value)'") }
+            guard let n = Int(value), n >= 1 else { throw AgentError(.invalidSetting, "threads must be a positive integer, not '\(value)'") }
             threads = n
         case "log_format":
-            guard LogFormat(rawValue: value) != nil else { throw CLIError("log_format must be text or json, not '\(value)'") }
+            guard LogFormat(rawValue: value) != nil else { throw AgentError(.invalidSetting, "log_format must be text or json, not '\(value)'") }
             logFormat = value
         case "log_level":
-            guard Logger.Level(rawValue: value) != nil else { throw CLIError("log_level '\(value)' is not a log level") }
+            guard Logger.Level(rawValue: value) != nil else { throw AgentError(.invalidSetting, "log_level '\(value)' is not a log level") }
             logLevel = value
         default:
-            throw CLIError("unknown setting '\(key)' (known: \(Self.documentation.map(\.key).joined(separator: ", ")))")
+            throw AgentError(.unknownSetting, "unknown setting '\(key)' (known: \(Self.documentation.map(\.key).joined(separator: ", ")))")
         }
     }
 
@@ -57,9 +57,9 @@ public struct WorkerSettings: Equatable, Sendable {
         var settings = WorkerSettings()
         let (lines, bad) = settingLines(text)
         for (number, key, value) in lines {
-            do { try settings.set(key, value) } catch let error as CLIError { throw CLIError("line \(number): \(error.description)") }
+            do { try settings.set(key, value) } catch let error as AgentError { throw error.within("line \(number)") }
         }
-        if let bad { throw CLIError("line \(bad.number): expected key = value, got '\(bad.text)'") }
+        if let bad { throw AgentError(.malformedSetting, "line \(bad.number): expected key = value, got '\(bad.text)'") }
         return settings
     }
 
@@ -69,15 +69,13 @@ public struct WorkerSettings: Equatable, Sendable {
         if FileManager.default.fileExists(atPath: file) {
             do {
                 settings = try parse(try String(contentsOfFile: file, encoding: .utf8))
-            } catch let error as CLIError {
-                throw CLIError("\(file): \(error.description)")
+            } catch let error as AgentError {
+                throw error.within(file)
             }
         }
         for (key, _) in documentation {
             if let value = environment[environmentName(key)] {
-                do { try settings.set(key, value) } catch let error as CLIError {
-                    throw CLIError("\(environmentName(key)): \(error.description)")
-                }
+                do { try settings.set(key, value) } catch let error as AgentError { throw error.within(environmentName(key)) }
             }
         }
         return settings

@@ -1,6 +1,6 @@
 import Foundation
 import Logging
-import WhittleCLI
+import WhittleIO
 import WhittleCompression
 import WhittleHTTPClient
 import WhittleNN
@@ -9,6 +9,12 @@ import WhittlePKI
 import WhittleProtocol
 import WhittleRounds
 import WhittleTensor
+
+/// Shows a transfer's progress: bytes done of a total, if known.
+package protocol TransferProgress: AnyObject, Sendable {
+    func bytes(_ label: String, _ done: Int, _ total: Int?)
+    func finish()
+}
 
 /// Runs the tasks a coordinator hands out: downloads the task's artifacts (resumed, SHA-256 verified, cached),
 /// computes on the local data (WorkerJobs), and uploads the report with retries under one upload id, so a
@@ -31,6 +37,8 @@ package final class TaskRunner {
     package var finished: Set<String> = []
 
     package let agentLog: AgentLog
+    /// Where download progress is shown (the worker command draws a bar on a terminal); nil shows nothing.
+    package var progress: (any TransferProgress)?
     /// The running task's log metadata.
     package var context: Logger.Metadata = [:]
 
@@ -49,25 +57,25 @@ package final class TaskRunner {
 
     /// The artifact's local copy (downloaded once, verified), and the bytes downloaded for it now.
     package func artifact(_ sha: String, folder: String = "artifacts") throws -> (path: String, downloaded: Int) {
-        guard Identifiers.isSHA256(sha) else { throw CLIError("the task names a malformed artifact (not 64 lowercase hex digits)") }
+        guard Identifiers.isSHA256(sha) else { throw AgentError(.badTask, "the task names a malformed artifact (not 64 lowercase hex digits)") }
         let directory = layout.file(folder)
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let path = directory + "/" + sha + ".onnx"
         if FileManager.default.fileExists(atPath: path) { return (path, 0) }
         let partial = path + ".part"
         let had = ((try? FileManager.default.attributesOfItem(atPath: partial))?[.size] as? NSNumber)?.intValue ?? 0
-        let bar = ProgressBar(enabled: !agentLog.json)
-        defer { bar.finish() }
+        let bar = progress
+        defer { bar?.finish() }
         do {
             try client.download("/v1/worker/artifacts/" + sha, to: partial, sha256: sha,
                                 retry: RetryPolicy(attempts: 8, baseDelay: 0.5, maximumDelay: 10)) { have, total in
-                bar.bytes("download \(sha.prefix(12))…", have, total)
+                bar?.bytes("download \(sha.prefix(12))…", have, total)
             }
         } catch let error as HTTPClientError {
-            throw CLIError("downloading artifact \(sha.prefix(12))…: \(error.description)")
+            throw AgentError(.coordinatorRefused, "downloading artifact \(sha.prefix(12))…: \(error.description)")
         }
         let size = ((try? FileManager.default.attributesOfItem(atPath: partial))?[.size] as? NSNumber)?.intValue ?? 0
-        guard rename(partial, path) == 0 else { throw CLIError("cannot keep the downloaded artifact at \(path)") }
+        try Files.move(partial, to: path)
         return (path, max(0, size - had))
     }
 
@@ -179,9 +187,6 @@ package final class TaskRunner {
                 body = try report.serializedBytes()
                 try Files.writeDurably(body, to: pendingPath(task))
             }
-        } catch let error as CLIError {
-            log("\(label) failed: \(error.description)")
-            return
         } catch let error as CompressionError {
             log("\(label) failed: \(error.message)")
             return

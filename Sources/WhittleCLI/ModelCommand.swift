@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import WhittleCompression
+import WhittleIO
 import WhittleNN
 import WhittleONNX
 import WhittleTensor

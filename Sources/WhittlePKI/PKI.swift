@@ -7,8 +7,32 @@ import X509
 /// certificate, the admin client certificate and every enrolled worker's certificate. Pure: keys and certificates
 /// in, PEM and DER out; the callers write the files.
 public struct PKIError: Error, CustomStringConvertible, Sendable {
-    public let description: String
-    public init(_ message: String) { description = message }
+    public enum Code: String, Sendable {
+        /// A certificate, key or bundle is not valid PEM (or DER) of the expected kind.
+        case malformed
+        /// A private key does not belong to the certificate it is paired with.
+        case keyMismatch
+        /// A certificate signing request's signature does not verify.
+        case badSignature
+        /// A key of another algorithm than P-256.
+        case unsupportedKey
+        /// A request the CA cannot sign as asked (a server certificate naming no host).
+        case invalidRequest
+    }
+
+    public let code: Code
+    public let message: String
+    public let file: String
+    public let line: Int
+
+    public init(_ code: Code, _ message: String, file: String = #fileID, line: Int = #line) {
+        self.code = code
+        self.message = message
+        self.file = file
+        self.line = line
+    }
+
+    public var description: String { message }
 }
 
 /// A certificate with its private key (PEM both).
@@ -28,15 +52,15 @@ public struct Identity: Sendable {
         do {
             certificate = try Certificate(pemEncoded: certificatePEM)
         } catch {
-            throw PKIError("the certificate is not valid PEM: \(error)")
+            throw PKIError(.malformed, "the certificate is not valid PEM: \(error)")
         }
         do {
             privateKey = try P256.Signing.PrivateKey(pemRepresentation: privateKeyPEM)
         } catch {
-            throw PKIError("the private key is not a PEM P-256 key: \(error)")
+            throw PKIError(.malformed, "the private key is not a PEM P-256 key: \(error)")
         }
         guard certificate.publicKey == Certificate.PublicKey(privateKey.publicKey) else {
-            throw PKIError("the private key does not belong to the certificate")
+            throw PKIError(.keyMismatch, "the private key does not belong to the certificate")
         }
     }
 }
@@ -78,7 +102,7 @@ public enum PKI {
 
     /// The server certificate for `hosts` (DNS names or IP addresses), signed by `ca`.
     public static func makeServerCertificate(ca: Identity, hosts: [String], now: Date = Date(), days: Int = 825) throws -> Identity {
-        guard !hosts.isEmpty else { throw PKIError("the server certificate needs at least one host name or address") }
+        guard !hosts.isEmpty else { throw PKIError(.invalidRequest, "the server certificate needs at least one host name or address") }
         let key = P256.Signing.PrivateKey()
         var names: [GeneralName] = []
         for host in hosts {
@@ -148,13 +172,13 @@ public enum PKI {
         do {
             csr = try CertificateSigningRequest(derEncoded: der)
         } catch {
-            throw PKIError("the certificate signing request is not valid DER")
+            throw PKIError(.malformed, "the certificate signing request is not valid DER")
         }
         guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
-            throw PKIError("the certificate signing request's signature does not verify")
+            throw PKIError(.badSignature, "the certificate signing request's signature does not verify")
         }
         guard P256.Signing.PublicKey(csr.publicKey) != nil else {
-            throw PKIError("the certificate signing request is for a key other than P-256; workers use P-256 keys")
+            throw PKIError(.unsupportedKey, "the certificate signing request is for a key other than P-256; workers use P-256 keys")
         }
         let commonName = csr.subject.flatMap { $0 }.first { $0.type == .RDNAttributeType.commonName }
             .map { String(describing: $0.value) }
@@ -186,11 +210,11 @@ public enum PKI {
         do {
             documents = try PEMDocument.parseMultiple(pemString: pem)
         } catch {
-            throw PKIError("not a PEM certificate bundle: \(error)")
+            throw PKIError(.malformed, "not a PEM certificate bundle: \(error)")
         }
-        guard !documents.isEmpty else { throw PKIError("the PEM bundle holds no certificate") }
+        guard !documents.isEmpty else { throw PKIError(.malformed, "the PEM bundle holds no certificate") }
         return try documents.map { document in
-            do { return try Certificate(pemDocument: document) } catch { throw PKIError("a certificate of the bundle is not valid: \(error)") }
+            do { return try Certificate(pemDocument: document) } catch { throw PKIError(.malformed, "a certificate of the bundle is not valid: \(error)") }
         }
     }
 

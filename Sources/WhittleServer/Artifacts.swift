@@ -1,6 +1,6 @@
 import Crypto
 import Foundation
-import WhittleCLI
+import WhittleIO
 import WhittleONNX
 import WhittlePKI
 import WhittleProtocol

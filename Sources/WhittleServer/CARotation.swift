@@ -2,7 +2,7 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
-import WhittleCLI
+import WhittleIO
 import WhittlePKI
 import WhittleStore
 import X509
@@ -49,12 +49,12 @@ public enum CARotation {
 
     package static func identity(_ certificate: String, _ key: String) throws -> Identity {
         let read = { (path: String) throws -> String in
-            do { return try String(contentsOfFile: path, encoding: .utf8) } catch { throw CLIError("cannot read \(path)") }
+            do { return try String(contentsOfFile: path, encoding: .utf8) } catch { throw ServerError(.dataDirectory, "cannot read \(path)") }
         }
         do {
             return try Identity(certificatePEM: try read(certificate), privateKeyPEM: try read(key))
         } catch let error as PKIError {
-            throw CLIError("\(certificate): \(error.description)")
+            throw ServerError(.dataDirectory, "\(certificate): \(error.description)")
         }
     }
 
@@ -67,7 +67,7 @@ public enum CARotation {
     public static func begin(_ layout: CoordinatorLayout, now: Date = Date()) throws -> Identity {
         try recover(layout)
         if try nextCA(layout) != nil {
-            throw CLIError("a CA rotation is already under way (\(layout.nextCACertificate)); see coordinator ca status, then coordinator ca finish")
+            throw ServerError(.rotationOutOfTurn, "a CA rotation is already under way (\(layout.nextCACertificate)); see coordinator ca status, then coordinator ca finish")
         }
         let day = ISO8601DateFormatter.string(from: now, timeZone: TimeZone(identifier: "UTC")!, formatOptions: [.withFullDate])
         let next = try PKI.makeCA(now: now, commonName: "\(PKI.caCommonName) (from \(day))")
@@ -101,16 +101,16 @@ public enum CARotation {
                               stopAtCommit: Bool = false) throws -> Finished {
         let trust = try self.trust(layout)
         guard let next = trust.next else {
-            throw CLIError("no CA rotation is under way; start one with coordinator ca begin")
+            throw ServerError(.rotationOutOfTurn, "no CA rotation is under way; start one with coordinator ca begin")
         }
         let nextFingerprint = try PKI.fingerprint(next.certificate)
         let left = pending(workers, next: nextFingerprint, now: now)
         if !left.isEmpty && !force {
-            throw CLIError("\(left.count) worker(s) still hold a certificate from the current CA and would be refused once it is retired: \(left.map(\.name).joined(separator: ", ")). Keep serve running until they renew (they do at their next heartbeat after serve restarted with the rotation), revoke the ones that are gone, or pass --force to leave them to enroll again.")
+            throw ServerError(.workersNotRenewed, "\(left.count) worker(s) still hold a certificate from the current CA and would be refused once it is retired: \(left.map(\.name).joined(separator: ", ")). Keep serve running until they renew (they do at their next heartbeat after serve restarted with the rotation), revoke the ones that are gone, or pass --force to leave them to enroll again.")
         }
         let server = try identity(layout.serverCertificate, layout.serverKey)
         let hosts = try PKI.hostNames(of: server.certificate)
-        guard !hosts.isEmpty else { throw CLIError("\(layout.serverCertificate) names no host; make one with coordinator server-certificate first") }
+        guard !hosts.isEmpty else { throw ServerError(.dataDirectory, "\(layout.serverCertificate) names no host; make one with coordinator server-certificate first") }
         let newServer = try PKI.makeServerCertificate(ca: next, hosts: hosts, now: now)
         let admin = try PKI.makeClientIdentity(ca: next, commonName: PKI.adminCommonName, now: now)
         let config: String
@@ -118,7 +118,7 @@ public enum CARotation {
             config = CoordinatorConfig.replacing("admin_serial", with: PKI.serial(admin.certificate),
                                                  in: try String(contentsOfFile: layout.config, encoding: .utf8))
         } catch {
-            throw CLIError("cannot read \(layout.config)")
+            throw ServerError(.dataDirectory, "cannot read \(layout.config)")
         }
         let retiredFingerprint = try PKI.fingerprint(trust.current.certificate)
         let retired = layout.retiredCACertificate(fingerprint: retiredFingerprint)
@@ -144,9 +144,7 @@ public enum CARotation {
         var changed = false
         if fm.fileExists(atPath: layout.rotationCommit) {
             for name in replaced where fm.fileExists(atPath: staged(layout, name)) {
-                guard rename(staged(layout, name), layout.file(name)) == 0 else {
-                    throw CLIError("cannot move \(staged(layout, name)) into place: \(String(cString: strerror(errno)))")
-                }
+                try Files.move(staged(layout, name), to: layout.file(name))
             }
             for path in [layout.nextCACertificate, layout.nextCAKey] where fm.fileExists(atPath: path) { try fm.removeItem(atPath: path) }
             try syncDirectory(layout)
@@ -165,10 +163,5 @@ public enum CARotation {
         if changed { try syncDirectory(layout) }
     }
 
-    static func syncDirectory(_ layout: CoordinatorLayout) throws {
-        let directory = open(layout.directory.path, O_RDONLY | O_DIRECTORY)
-        guard directory >= 0 else { throw CLIError("cannot open \(layout.directory.path) to sync it") }
-        defer { close(directory) }
-        guard fsync(directory) == 0 else { throw CLIError("cannot sync \(layout.directory.path)") }
-    }
+    static func syncDirectory(_ layout: CoordinatorLayout) throws { try Files.syncDirectory(layout.directory.path) }
 }

@@ -1,5 +1,5 @@
 import Foundation
-import WhittleCLI
+import WhittleIO
 
 /// The coordinator's settings, read from `DIR/coordinator.conf` (`key = value` lines, `#` comments). Every key has
 /// a documented default; `coordinator init` writes the file with all of them.
@@ -112,16 +112,16 @@ public struct CoordinatorConfig: Sendable, Equatable {
         var c = CoordinatorConfig()
         let (lines, bad) = settingLines(text)
         for (number, key, value) in lines {
-            do { try c.set(key, value) } catch let error as ConfigError { throw ConfigError("line \(number): \(error.description)") }
+            do { try c.set(key, value) } catch let error as ServerError { throw error.within("line \(number)") }
         }
-        if let bad { throw ConfigError("line \(bad.number): expected key = value, got '\(bad.text)'") }
+        if let bad { throw ServerError(.malformedSetting, "line \(bad.number): expected key = value, got '\(bad.text)'") }
         return c
     }
 
     /// Sets one setting from its text.
     public mutating func set(_ key: String, _ value: String) throws {
         func int() throws -> Int {
-            guard let v = Int(value), v > 0 else { throw ConfigError("\(key) must be a positive integer, not '\(value)'") }
+            guard let v = Int(value), v > 0 else { throw ServerError(.invalidSetting, "\(key) must be a positive integer, not '\(value)'") }
             return v
         }
         switch key {
@@ -130,7 +130,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
         case "heartbeat_seconds": heartbeatSeconds = try int()
         case "worker_certificate_days":
             guard let v = Double(value), v > 0, v <= 36500 else {
-                throw ConfigError("worker_certificate_days must be a positive number of days (at most 36500), not '\(value)'")
+                throw ServerError(.invalidSetting, "worker_certificate_days must be a positive number of days (at most 36500), not '\(value)'")
             }
             workerCertificateDays = v
         case "enroll_body_limit": enrollBodyLimit = try int()
@@ -139,7 +139,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
         case "report_body_limit": reportBodyLimit = try int()
         case "model_body_limit": modelBodyLimit = try int()
         case "enroll_rate_per_second":
-            guard let v = Double(value), v > 0 else { throw ConfigError("enroll_rate_per_second must be positive, not '\(value)'") }
+            guard let v = Double(value), v > 0 else { throw ServerError(.invalidSetting, "enroll_rate_per_second must be positive, not '\(value)'") }
             enrollRatePerSecond = v
         case "enroll_burst": enrollBurst = try int()
         case "admin_serial": adminSerial = value
@@ -150,11 +150,11 @@ public struct CoordinatorConfig: Sendable, Equatable {
         case "upload_memory_limit": uploadMemoryLimit = try int()
         case "retention_days":
             guard let v = Double(value), v >= 0, v <= 36500 else {
-                throw ConfigError("retention_days must be a number of days from 0 to 36500, not '\(value)'")
+                throw ServerError(.invalidSetting, "retention_days must be a number of days from 0 to 36500, not '\(value)'")
             }
             retentionDays = v
         default:
-            throw ConfigError("unknown setting '\(key)' (known: \(Self.documentation.map(\.key).joined(separator: ", ")))")
+            throw ServerError(.unknownSetting, "unknown setting '\(key)' (known: \(Self.documentation.map(\.key).joined(separator: ", ")))")
         }
     }
 
@@ -170,16 +170,14 @@ public struct CoordinatorConfig: Sendable, Equatable {
     public mutating func override(environment: [String: String], settings: [String]) throws {
         for (key, _) in Self.documentation {
             if let value = environment[Self.environmentName(key)] {
-                do { try set(key, value) } catch let error as ConfigError {
-                    throw ConfigError("\(Self.environmentName(key)): \(error.description)")
-                }
+                do { try set(key, value) } catch let error as ServerError { throw error.within(Self.environmentName(key)) }
             }
         }
         for setting in settings {
             let parts = setting.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
-            guard parts.count == 2 else { throw ConfigError("--set '\(setting)' must be KEY=VALUE") }
-            do { try set(parts[0].trimmingCharacters(in: .whitespaces), parts[1].trimmingCharacters(in: .whitespaces)) } catch let error as ConfigError {
-                throw ConfigError("--set \(setting): \(error.description)")
+            guard parts.count == 2 else { throw ServerError(.malformedSetting, "--set '\(setting)' must be KEY=VALUE") }
+            do { try set(parts[0].trimmingCharacters(in: .whitespaces), parts[1].trimmingCharacters(in: .whitespaces)) } catch let error as ServerError {
+                throw error.within("--set \(setting)")
             }
         }
     }
@@ -187,7 +185,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
     /// `host:port` split; IPv6 in brackets.
     public static func hostPort(_ text: String) throws -> (String, Int) {
         guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else {
-            throw ConfigError("'\(text)' is not HOST:PORT")
+            throw ServerError(.invalidSetting, "'\(text)' is not HOST:PORT")
         }
         var host = String(text[..<colon])
         if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
@@ -195,9 +193,42 @@ public struct CoordinatorConfig: Sendable, Equatable {
     }
 }
 
-public struct ConfigError: Error, CustomStringConvertible {
-    public let description: String
-    public init(_ message: String) { description = message }
+/// What the coordinator refuses outside a request (requests get an `APIError`, rounds a `RoundError`): a setting,
+/// a data directory that is not as `coordinator init` left it, a CA rotation asked out of turn.
+public struct ServerError: Error, CustomStringConvertible, Sendable {
+    public enum Code: String, Sendable {
+        /// A setting's value is out of its range or not of its type.
+        case invalidSetting
+        /// No setting has that name.
+        case unknownSetting
+        /// A settings line or flag that is not `key = value`.
+        case malformedSetting
+        /// A file of the data directory cannot be read, or does not hold what it should (a certificate or key).
+        case dataDirectory
+        /// `ca begin` while a rotation is under way, or `ca finish` with none.
+        case rotationOutOfTurn
+        /// `ca finish` would strand workers that still hold certificates from the current CA.
+        case workersNotRenewed
+        /// A file of the data directory cannot be written or moved into place.
+        case fileSystem
+    }
+
+    public let code: Code
+    public let message: String
+    public let file: String
+    public let line: Int
+
+    public init(_ code: Code, _ message: String, file: String = #fileID, line: Int = #line) {
+        self.code = code
+        self.message = message
+        self.file = file
+        self.line = line
+    }
+
+    /// The same error, its message prefixed with where it came from (`line 3`, `WHITTLE_HEARTBEAT_SECONDS`).
+    public func within(_ source: String) -> ServerError { ServerError(code, "\(source): \(message)", file: file, line: line) }
+
+    public var description: String { message }
 }
 
 /// Where things live in the coordinator's data directory.

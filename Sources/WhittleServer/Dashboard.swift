@@ -2,7 +2,7 @@ import Crypto
 import Foundation
 import Hummingbird
 import NIOCore
-import WhittleCLI
+import WhittleIO
 import WhittlePKI
 import WhittleStore
 

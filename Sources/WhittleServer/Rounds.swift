@@ -2,7 +2,7 @@ import Crypto
 import Foundation
 import Logging
 import NIOCore
-import WhittleCLI
+import WhittleIO
 import WhittleCompression
 import WhittleONNX
 import WhittlePKI

@@ -6,6 +6,7 @@ import Glibc
 #endif
 import WhittleAgent
 import WhittleCLI
+import WhittleIO
 import WhittleCompression
 import WhittleHTTPClient
 import WhittleNN
@@ -199,6 +200,7 @@ public struct RunCommand: ParsableCommand {
                                    clockSkewAllowance: PKI.clockSkewAllowance)
         let runner = TaskRunner(client: client, layout: layout, data: dataset, evaluation: evaluation, memoryLimit: memoryLimit.flatMap(parseByteSize),
                                 log: log)
+        runner.progress = ProgressBar(enabled: !log.json)
         log.info("worker '\(state.name)' running against \(state.coordinator) with \(capabilities.samples) samples",
                  ["coordinator": "\(state.coordinator)", "samples": "\(capabilities.samples)"])
         while true {
@@ -342,3 +344,5 @@ public struct FetchCommand: ParsableCommand {
         print("fetched \(out) (SHA-256 verified)")
     }
 }
+
+extension ProgressBar: TransferProgress {}

@@ -99,7 +99,7 @@ let gradientSumTolerance: Float = 1e-4
                 try plan.check()
                 Issue.record("accepted a bad plan (\(needle))")
             } catch let error as CompressionError {
-                #expect(error.message.contains(needle), "\(error.message)")
+                #expect(error.code == .invalidArgument && error.message.contains(needle), "\(error.message)")
             }
         }
         // Against the model: one Gemm from input to output has no prunable channel group (both ends are fixed).
@@ -320,7 +320,7 @@ let gradientSumTolerance: Float = 1e-4
                 try accumulator.add(report, worker: worker, maximumSamples: maximum)
                 Issue.record("accepted a bad report (\(needle))")
             } catch let error as AggregationError {
-                #expect(error.description.contains(needle), "\(error.description)")
+                #expect(error.code == .invalidUpdate && error.description.contains(needle), "\(error.description)")
             }
         }
         #expect(accumulator.ranges == before && accumulator.reports == 1)

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Testing
 import WhittleCLI
+import WhittleIO
 import WhittleServer
 
 /// Settings: file, then environment, then flags; log lines as text and JSON.
@@ -22,11 +23,19 @@ import WhittleServer
     @Test func badOverridesNameTheirSource() throws {
         var config = CoordinatorConfig()
         #expect { try config.override(environment: ["WHITTLE_HEARTBEAT_SECONDS": "0"], settings: []) } throws: {
-            "\($0)" == "WHITTLE_HEARTBEAT_SECONDS: heartbeat_seconds must be a positive integer, not '0'"
+            ($0 as? ServerError)?.code == .invalidSetting
+                && "\($0)" == "WHITTLE_HEARTBEAT_SECONDS: heartbeat_seconds must be a positive integer, not '0'"
         }
-        #expect { try config.override(environment: [:], settings: ["enroll_burst"]) } throws: { "\($0)".contains("must be KEY=VALUE") }
-        #expect { try config.override(environment: [:], settings: ["nope=1"]) } throws: { "\($0)".contains("unknown setting 'nope'") }
-        #expect { try CoordinatorConfig.parse("# c\n\nenroll_rate_per_second = -1\n") } throws: { "\($0)".hasPrefix("line 3: ") }
+        #expect { try config.override(environment: [:], settings: ["enroll_burst"]) } throws: { ($0 as? ServerError)?.code == .malformedSetting }
+        #expect { try config.override(environment: [:], settings: ["nope=1"]) } throws: {
+            ($0 as? ServerError)?.code == .unknownSetting && "\($0)".hasPrefix("--set nope=1: ")
+        }
+        #expect { try CoordinatorConfig.parse("# c\n\nenroll_rate_per_second = -1\n") } throws: {
+            ($0 as? ServerError)?.code == .invalidSetting && "\($0)".hasPrefix("line 3: ")
+        }
+        #expect { try CoordinatorConfig.parse("heartbeat_seconds = 5\njust words\n") } throws: {
+            ($0 as? ServerError)?.code == .malformedSetting && "\($0)".hasPrefix("line 2: ")
+        }
     }
 
     @Test func logLinesCarryTheirMetadataAsTextOrJSON() throws {
@@ -42,7 +51,7 @@ import WhittleServer
                            "message": "report \"refused\"", "worker.name": "cam-1", "round.id": "r1", "phase": "finetune 2/10"])
         #expect(try LogFormat.resolve(nil, environment: ["WHITTLE_LOG_FORMAT": "json"]) == .json)
         #expect(try LogFormat.level(nil, environment: [:]) == .info)
-        #expect { try LogFormat.resolve("xml", environment: [:]) } throws: { "\($0)".contains("text or json") }
+        #expect { try LogFormat.resolve("xml", environment: [:]) } throws: { "\($0)".contains("text or json") }  // the command line's message
     }
 }
 

@@ -62,3 +62,24 @@ def test_the_server_and_agent_parse_no_command_line(name, targets):
     """Commands live above the libraries (CoordinatorCommands, WorkerCommands, WhittleCLI), used by the executables."""
     declared, imports = targets[name]
     assert "ArgumentParser" not in set(imports) | declared, f"{name} imports ArgumentParser ({imports.get('ArgumentParser')})"
+
+
+def closure(name, targets):
+    """Every target `name` links, through declared target dependencies."""
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in targets:
+            continue
+        seen.add(current)
+        todo.extend(targets[current][0])
+    return seen - {name}
+
+
+def test_the_wire_protocol_links_no_numeric_code(targets):
+    """WhittleProtocol is messages and identifier grammar: what speaks only the protocol (the heartbeat load
+    generator) links neither the compression code nor oneDNN."""
+    for name in ["WhittleProtocol", "whittle-loadgen"]:
+        linked = closure(name, targets) | targets[name][0]
+        assert not linked & {"WhittleCompression", "WhittleNN", "WhittleONNX", "WhittleTensor", "CWhittleDNNL"}, \
+            f"{name} links {sorted(linked & {'WhittleCompression', 'WhittleNN', 'WhittleONNX', 'WhittleTensor', 'CWhittleDNNL'})}"

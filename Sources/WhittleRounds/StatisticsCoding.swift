@@ -2,6 +2,7 @@ import Foundation
 import SwiftProtobuf
 import WhittleCompression
 import WhittleNN
+import WhittleProtocol
 import WhittleTensor
 
 /// Wire encodings of the mergeable statistics (proto/whittle.proto). Decoding validates: what a worker sends is

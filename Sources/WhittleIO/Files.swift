@@ -7,7 +7,8 @@ import WhittleNN
 import WhittleONNX
 import WhittleTensor
 
-/// File I/O for the command line: the pure core takes and returns bytes, these functions touch the disk.
+/// The disk, for everything above the pure core (commands, coordinator, worker): the core takes and returns bytes,
+/// these functions read and write files. Durable writes survive a crash whole or not at all.
 public enum Files {
     /// Largest model or data file read, in bytes (a guard against reading a wrong multi-gigabyte path).
     public static let maximumFileSize = 4 << 30
@@ -16,17 +17,17 @@ public enum Files {
     /// before it is opened, so a path like /dev/zero cannot block or exhaust memory).
     public static func readBytes(_ path: String) throws -> [UInt8] {
         var info = stat()
-        guard stat(path, &info) == 0 else { throw CLIError("file not found: \(path)") }
+        guard stat(path, &info) == 0 else { throw FileError(.notFound, path, "file not found: \(path)") }
         switch info.st_mode & S_IFMT {
         case S_IFREG: break
-        case S_IFDIR: throw CLIError("\(path) is a directory, not a file")
-        default: throw CLIError("\(path) is not a regular file (a device, FIFO or socket); refused")
+        case S_IFDIR: throw FileError(.notARegularFile, path, "\(path) is a directory, not a file")
+        default: throw FileError(.notARegularFile, path, "\(path) is not a regular file (a device, FIFO or socket); refused")
         }
-        guard Int(info.st_size) <= maximumFileSize else { throw CLIError("\(path) is larger than \(maximumFileSize) bytes") }
-        guard let handle = FileHandle(forReadingAtPath: path) else { throw CLIError("cannot open \(path) for reading") }
+        guard Int(info.st_size) <= maximumFileSize else { throw FileError(.tooLarge, path, "\(path) is larger than \(maximumFileSize) bytes") }
+        guard let handle = FileHandle(forReadingAtPath: path) else { throw FileError(.unreadable, path, "cannot open \(path) for reading") }
         defer { try? handle.close() }
         let data = try handle.read(upToCount: maximumFileSize + 1) ?? Data()
-        guard data.count <= maximumFileSize else { throw CLIError("\(path) is larger than \(maximumFileSize) bytes") }
+        guard data.count <= maximumFileSize else { throw FileError(.tooLarge, path, "\(path) is larger than \(maximumFileSize) bytes") }
         return [UInt8](data)
     }
 
@@ -35,7 +36,7 @@ public enum Files {
         do {
             try Data(bytes).write(to: url, options: .atomic)
         } catch {
-            throw CLIError("cannot write \(path): \(error.localizedDescription)")
+            throw FileError(.unwritable, path, "cannot write \(path): \(error.localizedDescription)")
         }
     }
 
@@ -47,13 +48,13 @@ public enum Files {
         do {
             return try ModelCoding.read(bytes, externalData: loader)
         } catch let error as ONNXError {
-            throw CLIError("\(path): \(error.message)")
+            throw FileError(.invalidContent, path, "\(path): \(error.message)")
         }
     }
 
     /// An external-data file named by a model: a regular file inside the model's folder once symbolic links are
     /// resolved (a link to /etc/passwd, a FIFO or a device is refused, never read).
-    static func readExternalData(folder: String, location: String) throws -> [UInt8] {
+    package static func readExternalData(folder: String, location: String) throws -> [UInt8] {
         let root = URL(fileURLWithPath: folder).resolvingSymlinksInPath().standardizedFileURL.path
         let target = URL(fileURLWithPath: folder + "/" + location).resolvingSymlinksInPath().standardizedFileURL.path
         guard target.hasPrefix(root.hasSuffix("/") ? root : root + "/") else {
@@ -61,7 +62,7 @@ public enum Files {
         }
         do {
             return try readBytes(target)
-        } catch let error as CLIError {
+        } catch let error as FileError {
             throw ONNXError(.externalData, "external data '\(location)': \(error.description)")
         }
     }
@@ -79,7 +80,7 @@ public enum Files {
         do {
             return try NPZ.decode(bytes)
         } catch let error as TensorError {
-            throw CLIError("\(path): \(error.message)")
+            throw FileError(.invalidContent, path, "\(path): \(error.message)")
         }
     }
 
@@ -87,7 +88,7 @@ public enum Files {
         do {
             return try NPY.decode(bytes)
         } catch let error as TensorError {
-            throw CLIError("\(path): \(error.message)")
+            throw FileError(.invalidContent, path, "\(path): \(error.message)")
         }
     }
 
@@ -97,7 +98,7 @@ public enum Files {
         let bytes = try readBytes(path)
         guard bytes.starts(with: [0x50, 0x4B]) else {  // "PK": a ZIP archive
             guard names.count == 1 else {
-                throw CLIError("the model has \(names.count) inputs (\(names.joined(separator: ", "))) and \(path) holds one array; give every input by name in an .npz, e.g. numpy.savez(\"inputs.npz\", \(names.map { "\($0)=…" }.joined(separator: ", ")))")
+                throw FileError(.invalidContent, path, "the model has \(names.count) inputs (\(names.joined(separator: ", "))) and \(path) holds one array; give every input by name in an .npz, e.g. numpy.savez(\"inputs.npz\", \(names.map { "\($0)=…" }.joined(separator: ", ")))")
             }
             return [names[0]: try decodeNPY(bytes, path)]
         }
@@ -105,14 +106,14 @@ public enum Files {
         let given = Dictionary(arrays.map { ($0.name, $0.tensor) }, uniquingKeysWith: { a, _ in a })
         let missing = names.filter { given[$0] == nil }
         guard missing.isEmpty else {
-            throw CLIError("\(path) has no array for the model's input\(missing.count > 1 ? "s" : "") \(missing.map { "'\($0)'" }.joined(separator: ", ")) (it holds \(arrays.map(\.name).joined(separator: ", ")))")
+            throw FileError(.invalidContent, path, "\(path) has no array for the model's input\(missing.count > 1 ? "s" : "") \(missing.map { "'\($0)'" }.joined(separator: ", ")) (it holds \(arrays.map(\.name).joined(separator: ", ")))")
         }
         if let extra = given.keys.sorted().first(where: { !names.contains($0) }) {
-            throw CLIError("\(path) holds '\(extra)', which is not an input of the model (its inputs are \(names.joined(separator: ", ")))")
+            throw FileError(.invalidContent, path, "\(path) holds '\(extra)', which is not an input of the model (its inputs are \(names.joined(separator: ", ")))")
         }
         let batch = given[names[0]]!.shape.first
         for name in names where given[name]!.shape.first != batch {
-            throw CLIError("\(path): '\(name)' has \(given[name]!.shape.first ?? 0) samples and '\(names[0])' \(batch ?? 0); every input needs one row per sample")
+            throw FileError(.invalidContent, path, "\(path): '\(name)' has \(given[name]!.shape.first ?? 0) samples and '\(names[0])' \(batch ?? 0); every input needs one row per sample")
         }
         return given
     }
@@ -123,9 +124,9 @@ public enum Files {
     /// segmentation).
     public static func readLabels(_ path: String, count: Int) throws -> Tensor {
         let t = try readNPY(path)
-        guard t.dtype.isInteger else { throw CLIError("\(path): labels must be integers, got \(t.dtype)") }
+        guard t.dtype.isInteger else { throw FileError(.invalidContent, path, "\(path): labels must be integers, got \(t.dtype)") }
         guard t.rank >= 1, t.shape[0] == count else {
-            throw CLIError("\(path) has shape \(t.shape); expected [\(count)], one label per sample (or [\(count), H, W], one per pixel)")
+            throw FileError(.invalidContent, path, "\(path) has shape \(t.shape); expected [\(count)], one label per sample (or [\(count), H, W], one per pixel)")
         }
         return t
     }
@@ -138,7 +139,7 @@ public enum Files {
             guard bytes.starts(with: [0x50, 0x4B]) else { return Samples(try decodeNPY(bytes, path)) }
             return try Samples(try decodeNPZ(bytes, path).map { ($0.name, $0.tensor) })
         } catch let error as ONNXError {
-            throw CLIError("\(path): \(error.message)")
+            throw FileError(.invalidContent, path, "\(path): \(error.message)")
         }
     }
 
@@ -151,14 +152,14 @@ public enum Files {
             do {
                 _ = try samples.feed(model.graph)
             } catch let error as ONNXError {
-                throw CLIError("\(path): \(error.message)")
+                throw FileError(.invalidContent, path, "\(path): \(error.message)")
             }
         }
         let y = try labels.map { try readLabels($0, count: samples.count) }
         do {
             return try Dataset(samples: samples, labels: y)
         } catch let error as CompressionError {
-            throw CLIError("\(path): \(error.message)")
+            throw FileError(.invalidContent, path, "\(path): \(error.message)")
         }
     }
 
@@ -182,12 +183,22 @@ public enum Files {
         guard rename(temporary, path) == 0 else {
             let reason = String(cString: strerror(errno))
             unlink(temporary)
-            throw CLIError("cannot move \(temporary) to \(path): \(reason)")
+            throw FileError(.unwritable, path, "cannot move \(temporary) to \(path): \(reason)")
         }
-        let directory = open(URL(fileURLWithPath: path).deletingLastPathComponent().path, O_RDONLY | O_DIRECTORY)
-        guard directory >= 0 else { throw CLIError("cannot open the directory of \(path) to sync it") }
+        try syncDirectory(URL(fileURLWithPath: path).deletingLastPathComponent().path)
+    }
+
+    /// Syncs a directory, so that the renames and removals made in it survive a crash.
+    public static func syncDirectory(_ path: String) throws {
+        let directory = open(path, O_RDONLY | O_DIRECTORY)
+        guard directory >= 0 else { throw FileError(.unwritable, path, "cannot open the directory \(path) to sync it: \(String(cString: strerror(errno)))") }
         defer { close(directory) }
-        guard fsync(directory) == 0 else { throw CLIError("cannot sync the directory of \(path): \(String(cString: strerror(errno)))") }
+        guard fsync(directory) == 0 else { throw FileError(.unwritable, path, "cannot sync the directory \(path): \(String(cString: strerror(errno)))") }
+    }
+
+    /// Renames `from` over `to` (atomic within one file system); the caller syncs the directory.
+    public static func move(_ from: String, to: String) throws {
+        guard rename(from, to) == 0 else { throw FileError(.unwritable, to, "cannot move \(from) to \(to): \(String(cString: strerror(errno)))") }
     }
 
     static func write(_ bytes: [UInt8], to path: String, flags: Int32, mode: mode_t) throws {
@@ -196,15 +207,18 @@ public enum Files {
 
     static func write(_ bytes: UnsafeRawBufferPointer, to path: String, flags: Int32, mode: mode_t) throws {
         let fd = open(path, flags, mode)
-        guard fd >= 0 else { throw CLIError("cannot create \(path): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else {
+            let code: FileError.Code = errno == EEXIST ? .alreadyExists : .unwritable
+            throw FileError(code, path, "cannot create \(path): \(String(cString: strerror(errno)))")
+        }
         defer { close(fd) }
         var written = 0
         while written < bytes.count {
             let n = Glibc.write(fd, bytes.baseAddress! + written, bytes.count - written)
-            guard n > 0 else { throw CLIError("cannot write \(path): \(String(cString: strerror(errno)))") }
+            guard n > 0 else { throw FileError(.unwritable, path, "cannot write \(path): \(String(cString: strerror(errno)))") }
             written += n
         }
-        guard fsync(fd) == 0 else { throw CLIError("cannot write \(path) to disk: \(String(cString: strerror(errno)))") }
+        guard fsync(fd) == 0 else { throw FileError(.unwritable, path, "cannot write \(path) to disk: \(String(cString: strerror(errno)))") }
     }
 
     public static func writeNPY(_ tensor: Tensor, to path: String) throws {
@@ -212,8 +226,40 @@ public enum Files {
     }
 }
 
-/// An error for the person at the terminal: the message says what is wrong and, where possible, what to do.
-public struct CLIError: Error, CustomStringConvertible {
-    public let description: String
-    public init(_ message: String) { description = message }
+/// A file that cannot be read or written, or whose content is not what the caller asked for.
+public struct FileError: Error, CustomStringConvertible, Sendable {
+    public enum Code: String, Sendable {
+        /// Nothing at the path.
+        case notFound
+        /// A directory, device, FIFO or socket where a regular file was expected.
+        case notARegularFile
+        /// Larger than `Files.maximumFileSize`.
+        case tooLarge
+        /// The file exists but cannot be opened or read.
+        case unreadable
+        /// A file that must be new (a key) is already there.
+        case alreadyExists
+        /// The file (or its temporary twin, or its directory's sync) cannot be written.
+        case unwritable
+        /// The bytes are read but are not what was asked for (not a model, labels that are not integers, arrays that
+        /// do not fit the model's inputs).
+        case invalidContent
+    }
+
+    public let code: Code
+    /// The file concerned.
+    public let path: String
+    public let message: String
+    public let file: String
+    public let line: Int
+
+    public init(_ code: Code, _ path: String, _ message: String, file: String = #fileID, line: Int = #line) {
+        self.code = code
+        self.path = path
+        self.message = message
+        self.file = file
+        self.line = line
+    }
+
+    public var description: String { message }
 }

@@ -2,6 +2,7 @@ import Testing
 import WhittleCompression
 import WhittleNN
 import WhittleProtocol
+import WhittleRounds
 import WhittleTensor
 import WhittleTestSupport
 
