@@ -11,7 +11,7 @@ public struct ModelCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "model",
         abstract: "Inspect, run, evaluate, train, compress and benchmark ONNX models locally.",
-        subcommands: [Inspect.self, Run.self, Eval.self, Train.self, Compress.self, Bench.self, Convert.self])
+        subcommands: [Inspect.self, Run.self, Eval.self, Train.self, Compress.self, Search.self, Bench.self, Convert.self])
 
     public init() {}
 }

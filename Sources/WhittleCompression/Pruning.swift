@@ -230,19 +230,23 @@ public enum Pruning {
             for multiple in [options.roundTo, g.unit] where multiple > 1 && k < g.channels {
                 k = min(g.channels, (k + multiple - 1) / multiple * multiple)
             }
-            let s = scores[g.id]!
-            if g.unit > 1 {
-                // Whole aligned blocks, ranked by their summed scores.
-                let blocks = g.channels / g.unit
-                let total = (0..<blocks).map { b in (0..<g.unit).reduce(0.0) { $0 + s[b * g.unit + $1] } }
-                let order = (0..<blocks).sorted { total[$0] != total[$1] ? total[$0] > total[$1] : $0 < $1 }
-                out[g.id] = order.prefix(k / g.unit).sorted().flatMap { b in (b * g.unit)..<((b + 1) * g.unit) }
-                continue
-            }
-            let order = (0..<g.channels).sorted { s[$0] != s[$1] ? s[$0] > s[$1] : $0 < $1 }
-            out[g.id] = Array(order.prefix(k)).sorted()
+            out[g.id] = strongest(g, scores: scores[g.id]!, keeping: k)
         }
         return out
+    }
+
+    /// The `count` most important channels of `group` (ascending indices; ties to the lower index). A group with a
+    /// unit (attention heads) keeps whole aligned blocks ranked by their summed scores, `count` rounded down to them.
+    public static func strongest(_ group: ChannelGroup, scores s: [Double], keeping count: Int) -> [Int] {
+        let k = min(max(count, 0), group.channels)
+        if group.unit > 1 {
+            let blocks = group.channels / group.unit
+            let total = (0..<blocks).map { b in (0..<group.unit).reduce(0.0) { $0 + s[b * group.unit + $1] } }
+            let order = (0..<blocks).sorted { total[$0] != total[$1] ? total[$0] > total[$1] : $0 < $1 }
+            return order.prefix(k / group.unit).sorted().flatMap { b in (b * group.unit)..<((b + 1) * group.unit) }
+        }
+        let order = (0..<group.channels).sorted { s[$0] != s[$1] ? s[$0] > s[$1] : $0 < $1 }
+        return Array(order.prefix(k)).sorted()
     }
 
     /// Removed positions per (initializer, axis) for a selection.

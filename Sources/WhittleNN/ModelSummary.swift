@@ -71,7 +71,7 @@ public struct ModelSummary: Codable, Sendable {
         }
     }
 
-    static func elementBytes(_ type: DataType) -> Int {
+    public static func elementBytes(_ type: DataType) -> Int {
         switch type {
         case .int64, .double, .uint64, .complex64: 8
         case .float, .int32, .uint32: 4

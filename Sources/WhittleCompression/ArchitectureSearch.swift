@@ -1,0 +1,376 @@
+import WhittleNN
+import WhittleONNX
+import WhittleTensor
+
+/// One architecture of a search space: the channels kept in each prunable group, as ladder levels (index into the
+/// dimension's `widths`), in the order of `SearchSpace.dimensions`.
+public struct Architecture: Hashable, Sendable, Codable {
+    public var levels: [Int]
+    public init(levels: [Int]) { self.levels = levels }
+}
+
+/// The architectures reachable by channel pruning: per prunable dependency group, a ladder of widths from
+/// `minimumFraction` of its channels to all of them, in steps of `1 / steps`, each a multiple of `--round-to` and of
+/// the group's unit (an attention head), never below `minimumChannels`.
+public struct SearchSpace: Sendable {
+    public struct Dimension: Sendable, Codable, Equatable {
+        /// The group's id in `ChannelGroups` and its name (its first producer).
+        public var group: Int
+        public var name: String
+        public var channels: Int
+        /// Ascending widths; the last is `channels`.
+        public var widths: [Int]
+    }
+
+    public let dimensions: [Dimension]
+
+    /// Default ladder: from a tenth of the channels (as `PruningOptions.maxLayerRatio` 0.9 allows) in sixteenths.
+    public static let defaultMinimumFraction = 0.1
+    public static let defaultSteps = 16
+
+    public init(groups: ChannelGroups, minimumFraction: Double = defaultMinimumFraction, steps: Int = defaultSteps,
+                roundTo: Int = 1, minimumChannels: Int = 1) throws {
+        guard minimumFraction > 0, minimumFraction <= 1 else {
+            throw CompressionError(.invalidArgument, "the smallest width must be a fraction in (0, 1], got \(minimumFraction)")
+        }
+        guard steps >= 1, steps <= 256 else { throw CompressionError(.invalidArgument, "the width ladder needs 1 to 256 steps, got \(steps)") }
+        guard roundTo >= 1 else { throw CompressionError(.invalidArgument, "--round-to must be at least 1, got \(roundTo)") }
+        var dimensions: [Dimension] = []
+        for g in groups.prunable {
+            let multiple = Self.leastCommonMultiple(max(roundTo, 1), max(g.unit, 1))
+            func rounded(_ k: Int) -> Int { min(g.channels, (k + multiple - 1) / multiple * multiple) }
+            let floor = rounded(max(minimumChannels, Int((Double(g.channels) * minimumFraction).rounded(.up)), 1))
+            var widths = Set([g.channels, floor])
+            for step in 1...steps {
+                let k = rounded(Int((Double(g.channels) * Double(step) / Double(steps)).rounded(.up)))
+                if k >= floor { widths.insert(k) }
+            }
+            let ladder = widths.sorted()
+            guard ladder.count > 1 else { continue }  // nothing to choose (a group of one unit)
+            dimensions.append(Dimension(group: g.id, name: g.name, channels: g.channels, widths: ladder))
+        }
+        guard !dimensions.isEmpty else {
+            throw CompressionError(.invalidArgument, "the model has no channel group that can be narrowed; there is nothing to search")
+        }
+        self.dimensions = dimensions
+    }
+
+    static func leastCommonMultiple(_ a: Int, _ b: Int) -> Int {
+        func gcd(_ x: Int, _ y: Int) -> Int { y == 0 ? x : gcd(y, x % y) }
+        return a / gcd(a, b) * b
+    }
+
+    /// Every group at full width (the base model).
+    public var full: Architecture { Architecture(levels: dimensions.map { $0.widths.count - 1 }) }
+    /// Every group at its narrowest.
+    public var narrowest: Architecture { Architecture(levels: dimensions.map { _ in 0 }) }
+
+    /// The channels kept per group id.
+    public func widths(_ a: Architecture) -> [Int: Int] {
+        Dictionary(uniqueKeysWithValues: zip(dimensions, a.levels).map { ($0.group, $0.widths[$1]) })
+    }
+
+    /// The kept channel indices per group id: each group's most important channels (`Pruning.strongest`) by `scores`.
+    public func kept(_ a: Architecture, groups: ChannelGroups, scores: [Int: [Double]]) throws -> [Int: [Int]] {
+        let byID = Dictionary(uniqueKeysWithValues: groups.groups.map { ($0.id, $0) })
+        var out: [Int: [Int]] = [:]
+        for (d, level) in zip(dimensions, a.levels) {
+            guard let g = byID[d.group], let s = scores[d.group], s.count == g.channels else {
+                throw CompressionError(.invalidArgument, "no importance scores for group \(d.name)")
+            }
+            out[d.group] = Pruning.strongest(g, scores: s, keeping: d.widths[level])
+        }
+        return out
+    }
+
+    /// The per-group widths as reports show them.
+    public func describe(_ a: Architecture) -> [String: Int] {
+        Dictionary(uniqueKeysWithValues: zip(dimensions, a.levels).map { ($0.name, $0.widths[$1]) })
+    }
+}
+
+/// What an architecture costs, computed exactly from shapes: MACs for one sample, parameters, parameter bytes.
+public struct ArchitectureCost: Sendable, Codable, Equatable {
+    public var macs: Int
+    public var parameters: Int
+    public var parameterBytes: Int
+
+    public init(macs: Int, parameters: Int, parameterBytes: Int) {
+        self.macs = macs
+        self.parameters = parameters
+        self.parameterBytes = parameterBytes
+    }
+
+    public init(_ summary: ModelSummary) {
+        self.init(macs: summary.macs, parameters: summary.parameters, parameterBytes: summary.parameterBytes)
+    }
+}
+
+/// The costs of a search space's architectures without building them: every initializer's element count is the
+/// product of its axes' sizes, and an axis shrinks by the channels its groups drop (times the member's factor);
+/// Conv, ConvTranspose, Gemm and MatMul MACs are proportional to their constant weight's element count. When every
+/// node with MACs has such a weight, the figures equal `ModelSummary` of the pruned model (`exact`); otherwise
+/// (a MatMul of two activations, as in attention) `cost` is only an estimate and callers confirm with `measured`.
+public struct CostModel: Sendable {
+    struct Axis: Sendable {
+        var size: Int
+        /// (dimension index, factor): the channels of that dimension's group each take `factor` positions here.
+        var members: [(dimension: Int, factor: Int)]
+    }
+
+    struct Parameter: Sendable {
+        var elementBytes: Int
+        var axes: [Axis]
+    }
+
+    let space: SearchSpace
+    let parameters: [String: Parameter]
+    /// Parameters no group touches (their elements and bytes are constant).
+    let fixedElements: Int
+    let fixedBytes: Int
+    /// MACs of nodes with a constant weight, by weight name (several nodes may share one).
+    let scaledMACs: [(weight: String, macs: Int)]
+    let fixedMACs: Int
+    public let exact: Bool
+
+    public init(model: Model, groups: ChannelGroups, space: SearchSpace) throws {
+        self.space = space
+        let dimensionOf = Dictionary(uniqueKeysWithValues: space.dimensions.enumerated().map { ($1.group, $0) })
+        var touched: [String: [Int: [(Int, Int)]]] = [:]
+        for g in groups.groups {
+            guard let d = dimensionOf[g.id] else { continue }
+            for m in g.members { touched[m.tensor, default: [:]][m.axis, default: []].append((d, m.factor)) }
+        }
+        var parameters: [String: Parameter] = [:]
+        var fixedElements = 0, fixedBytes = 0
+        for initializer in model.graph.initializers {
+            let bytes = ModelSummary.elementBytes(initializer.elementType)
+            let shape = initializer.shape
+            guard let axes = touched[initializer.name] else {
+                fixedElements += shape.reduce(1, *)
+                fixedBytes += shape.reduce(1, *) * bytes
+                continue
+            }
+            parameters[initializer.name] = Parameter(elementBytes: bytes, axes: shape.enumerated().map { axis, size in
+                Axis(size: size, members: (axes[axis] ?? []).map { (dimension: $0.0, factor: $0.1) })
+            })
+        }
+        let inferred = try ShapeInference.infer(model.graph, opset: model.defaultOpset ?? 13,
+                                                inputs: try ShapeInference.inputShapes(model, batchSize: 1))
+        let initializerNames = Set(model.graph.initializers.map(\.name))
+        var scaled: [(String, Int)] = []
+        var fixedMACs = 0
+        var exact = true
+        for (i, ctx) in inferred.contexts.enumerated() where inferred.macs[i] > 0 && !inferred.folded[i] {
+            let node = ctx.node
+            let weight = ["Conv", "ConvTranspose", "Gemm", "MatMul"].contains(node.opType) && node.inputs.count > 1
+                && initializerNames.contains(node.inputs[1]) ? node.inputs[1] : nil
+            if let weight {
+                if parameters[weight] != nil { scaled.append((weight, inferred.macs[i])) } else { fixedMACs += inferred.macs[i] }
+            } else {
+                fixedMACs += inferred.macs[i]
+                exact = false
+            }
+        }
+        self.parameters = parameters
+        self.fixedElements = fixedElements
+        self.fixedBytes = fixedBytes
+        scaledMACs = scaled
+        self.fixedMACs = fixedMACs
+        self.exact = exact
+    }
+
+    /// The cost of `a` (exact when `exact`).
+    public func cost(_ a: Architecture) -> ArchitectureCost {
+        let widths = zip(space.dimensions, a.levels).map { $0.widths[$1] }
+        var elements: [String: Int] = [:]
+        var total = fixedElements, bytes = fixedBytes
+        for (name, p) in parameters {
+            var n = 1
+            for axis in p.axes {
+                var size = axis.size
+                for m in axis.members { size -= (space.dimensions[m.dimension].channels - widths[m.dimension]) * m.factor }
+                n *= max(size, 0)
+            }
+            elements[name] = n
+            total += n
+            bytes += n * p.elementBytes
+        }
+        var macs = fixedMACs
+        for (weight, base) in scaledMACs {
+            let original = parameters[weight]!.axes.reduce(1) { $0 * $1.size }
+            // Integer arithmetic: MACs are (output positions) × (weight elements), so the division is exact.
+            macs += original == 0 ? 0 : base / original * elements[weight]!
+        }
+        return ArchitectureCost(macs: macs, parameters: total, parameterBytes: bytes)
+    }
+
+    /// The cost of the model itself (pruned by surgery and summarized): the reference `cost` is checked against.
+    public static func measured(_ model: Model) throws -> ArchitectureCost { ArchitectureCost(try ModelSummary(model: model)) }
+}
+
+/// Limits an architecture must meet; nil means no limit.
+public struct SearchBudget: Sendable, Codable, Equatable {
+    public var macs: Int?
+    public var parameterBytes: Int?
+
+    public init(macs: Int? = nil, parameterBytes: Int? = nil) {
+        self.macs = macs
+        self.parameterBytes = parameterBytes
+    }
+
+    public var isEmpty: Bool { macs == nil && parameterBytes == nil }
+
+    public func admits(_ c: ArchitectureCost) -> Bool {
+        (macs.map { c.macs <= $0 } ?? true) && (parameterBytes.map { c.parameterBytes <= $0 } ?? true)
+    }
+
+    /// How much of the budget `c` uses: the largest of its fractions (1 is exactly at the budget).
+    public func usage(_ c: ArchitectureCost) -> Double {
+        max(macs.map { Double(c.macs) / Double(max($0, 1)) } ?? 0, parameterBytes.map { Double(c.parameterBytes) / Double(max($0, 1)) } ?? 0)
+    }
+
+    /// Refuses a budget no architecture of the space meets, naming the smallest achievable figures.
+    public func check(smallest: ArchitectureCost) throws {
+        guard !isEmpty else { throw CompressionError(.invalidArgument, "the search needs a budget (MACs or size)") }
+        if let macs, smallest.macs > macs {
+            throw CompressionError(.invalidArgument, "the MACs budget \(macs) is below the smallest architecture of the search space (\(smallest.macs) MACs); raise the budget or lower the smallest width")
+        }
+        if let parameterBytes, smallest.parameterBytes > parameterBytes {
+            throw CompressionError(.invalidArgument, "the size budget \(parameterBytes) bytes is below the smallest architecture of the search space (\(smallest.parameterBytes) bytes of parameters); raise the budget or lower the smallest width")
+        }
+    }
+}
+
+/// One evaluated architecture.
+public struct SearchCandidate: Sendable, Codable, Equatable {
+    public var architecture: Architecture
+    public var cost: ArchitectureCost
+    /// Higher is better (the negated mean loss after adaptive batch norm).
+    public var fitness: Double
+    public var generation: Int
+}
+
+/// Evolutionary search under a budget (in the manner of Once-for-All's and EagleEye's searches): a population of
+/// architectures that fill the budget, the fittest kept as parents, children by crossover and mutation of ladder
+/// levels, each repaired back into the budget (narrowed while over it, widened while it still fits) so every
+/// candidate spends the budget. Deterministic for a seed: the same fitness gives the same candidates.
+public struct EvolutionarySearch: Sendable {
+    /// Architectures evaluated in all (the initial population included).
+    public var evaluations = 160
+    public var population = 32
+    public var parents = 8
+    /// Probability that a child's level in one dimension is redrawn.
+    public var mutationRate = 0.1
+    public var seed: UInt64 = 0
+
+    public init() {}
+
+    /// Runs the search. `fitness` scores a batch of architectures (higher is better); it is called once per
+    /// generation with the new ones only. Returns every evaluated candidate, in evaluation order.
+    public func run(space: SearchSpace, cost: (Architecture) -> ArchitectureCost, budget: SearchBudget,
+                    fitness: ([Architecture]) throws -> [Double]) throws -> [SearchCandidate] {
+        guard evaluations >= 1, population >= 2, parents >= 1, parents <= population, (0...1).contains(mutationRate) else {
+            throw CompressionError(.invalidArgument, "the search needs evaluations ≥ 1, population ≥ 2 and 1 ≤ parents ≤ population")
+        }
+        try budget.check(smallest: cost(space.narrowest))
+        var rng = SplitMix64(seed: seed ^ 0x5EA5C4)
+        var seen: Set<Architecture> = []
+        var evaluated: [SearchCandidate] = []
+
+        func repaired(_ start: Architecture) -> Architecture {
+            var a = start
+            // Narrow while over the budget: a random dimension, weighted by how many levels it has left.
+            while !budget.admits(cost(a)) {
+                let open = a.levels.indices.filter { a.levels[$0] > 0 }
+                guard !open.isEmpty else { break }
+                let total = open.reduce(0) { $0 + a.levels[$1] }
+                var pick = Int(rng.next() % UInt64(total))
+                for d in open {
+                    pick -= a.levels[d]
+                    if pick < 0 { a.levels[d] -= 1; break }
+                }
+            }
+            // Widen while it fits: dimensions in random order, one level at a time, until none can grow.
+            var grew = true
+            while grew {
+                grew = false
+                for d in rng.permutation(a.levels.count) where a.levels[d] < space.dimensions[d].widths.count - 1 {
+                    a.levels[d] += 1
+                    if budget.admits(cost(a)) { grew = true } else { a.levels[d] -= 1 }
+                }
+            }
+            return a
+        }
+
+        func evaluate(_ batch: [Architecture], generation: Int) throws {
+            guard !batch.isEmpty else { return }
+            let scores = try fitness(batch)
+            guard scores.count == batch.count else {
+                throw CompressionError(.invalidStatistics, "the fitness gave \(scores.count) scores for \(batch.count) architectures")
+            }
+            for (a, f) in zip(batch, scores) {
+                evaluated.append(SearchCandidate(architecture: a, cost: cost(a), fitness: f.isFinite ? f : -Double.infinity,
+                                                 generation: generation))
+            }
+        }
+
+        // The first generation: the uniform architecture that fills the budget, then random ones around it.
+        var first: [Architecture] = []
+        func propose(_ a: Architecture, into batch: inout [Architecture]) {
+            let r = repaired(a)
+            if seen.insert(r).inserted { batch.append(r) }
+        }
+        let uniform = (0...SearchSpace.defaultSteps).reversed().lazy.map { step -> Architecture in
+            Architecture(levels: space.dimensions.map { d in
+                let target = Double(d.channels) * Double(step) / Double(SearchSpace.defaultSteps)
+                return d.widths.lastIndex { Double($0) <= target } ?? 0
+            })
+        }.first { budget.admits(cost($0)) } ?? space.narrowest
+        propose(uniform, into: &first)
+        var attempts = 0
+        while first.count < min(population, evaluations) && attempts < population * 20 {
+            attempts += 1
+            propose(Architecture(levels: space.dimensions.map { Int(rng.next() % UInt64($0.widths.count)) }), into: &first)
+        }
+        try evaluate(first, generation: 0)
+
+        var generation = 1
+        while evaluated.count < evaluations {
+            let ranked = evaluated.sorted { $0.fitness != $1.fitness ? $0.fitness > $1.fitness : $0.generation < $1.generation }
+            let elite = ranked.prefix(parents).map(\.architecture)
+            var children: [Architecture] = []
+            let wanted = min(population, evaluations - evaluated.count)
+            attempts = 0
+            while children.count < wanted && attempts < wanted * 20 {
+                attempts += 1
+                let mother = elite[Int(rng.next() % UInt64(elite.count))]
+                let father = elite[Int(rng.next() % UInt64(elite.count))]
+                var child = Architecture(levels: zip(mother.levels, father.levels).map { m, f in rng.next() & 1 == 0 ? m : f })
+                for d in child.levels.indices where Double(rng.nextFloat()) < mutationRate {
+                    let count = space.dimensions[d].widths.count
+                    // A step of one or two levels either way, so children stay near their parents.
+                    let step = Int(rng.next() % 4) - 2
+                    child.levels[d] = min(max(child.levels[d] + (step >= 0 ? step + 1 : step), 0), count - 1)
+                }
+                propose(child, into: &children)
+            }
+            if children.isEmpty { break }  // the space near the elite is exhausted
+            try evaluate(children, generation: generation)
+            generation += 1
+        }
+        return evaluated
+    }
+
+    /// The candidates no other beats on both fitness and MACs (ascending MACs).
+    public static func front(_ candidates: [SearchCandidate]) -> [SearchCandidate] {
+        let sorted = candidates.sorted { $0.cost.macs != $1.cost.macs ? $0.cost.macs < $1.cost.macs : $0.fitness > $1.fitness }
+        var out: [SearchCandidate] = []
+        var best = -Double.infinity
+        for c in sorted where c.fitness > best {
+            out.append(c)
+            best = c.fitness
+        }
+        return out
+    }
+}
