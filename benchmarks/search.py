@@ -7,7 +7,7 @@ optimizer, data, seed), and both are judged by onnxruntime on the 16,384 holdout
 
     swift build -c release --product coordinator
     python3 scripts/make_demo_data.py         # the train and holdout splits (git-ignored)
-    python3 benchmarks/search.py [--ratios 0.75 0.85] [--epochs 5] [--candidates 160] [--seed 0]
+    python3 benchmarks/search.py [--ratios 0.75 0.85] [--epochs 5] [--candidates 160] [--seed 0] [--spread 0]
 
 Prints one line per method and ratio, the accuracy difference, and how long the search took against the
 fine-tuning that follows it; writes benchmarks/last-search.json.
@@ -25,7 +25,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "interop"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from rounds_support import MODEL, load_holdout_split, load_train_split, onnx_accuracy  # noqa: E402
+from rounds_support import MODEL, load_holdout_split, load_test_split, load_train_split, onnx_accuracy  # noqa: E402
 import machine  # noqa: E402
 
 COORDINATOR = ROOT / ".build" / "release" / "coordinator"
@@ -49,6 +49,7 @@ def main():
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--candidates", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spread", type=float, default=0.0, help="model search --spread (0: no bound)")
     parser.add_argument("--model", default=str(MODEL))
     args = parser.parse_args()
     print(machine.banner())
@@ -62,10 +63,13 @@ def main():
         pick = np.random.default_rng(args.seed).permutation(len(x))[:SEARCH_IMAGES]
         np.save(d / "search_x.npy", x[pick])
         np.save(d / "search_y.npy", y[pick])
+        tx, ty = load_test_split()  # the 512 test images: the finalists are compared on them (not the holdout)
+        np.save(d / "val_x.npy", tx)
+        np.save(d / "val_y.npy", ty)
         base_accuracy = onnx_accuracy(args.model, hx, hy)
         print(f"base model {pathlib.Path(args.model).name}: {100 * base_accuracy:.2f} % on {len(hx)} holdout images")
         finetune = ["--finetune-epochs", args.epochs, "--train-data", d / "train_x.npy", "--train-labels", d / "train_y.npy",
-                    "--lr", args.lr, "--seed", args.seed]
+                    "--lr", args.lr, "--seed", args.seed, "--batch-size", 32]
         for ratio in args.ratios:
             uniform_out, uniform_report = d / f"uniform_{ratio}.onnx", d / f"uniform_{ratio}.json"
             _, uniform_seconds = coordinator(
@@ -77,7 +81,8 @@ def main():
             search_out, search_report = d / f"search_{ratio}.onnx", d / f"search_{ratio}.json"
             _, search_seconds = coordinator(
                 "model", "search", args.model, "--calibration-data", d / "search_x.npy", "--labels", d / "search_y.npy",
-                "--macs-budget", macs, "--candidates", args.candidates, *finetune,
+                "--macs-budget", macs, "--candidates", args.candidates, "--spread", args.spread,
+                "--val-data", d / "val_x.npy", "--val-labels", d / "val_y.npy", *finetune,
                 "--out", search_out, "--report", search_report)
             searched = json.loads(search_report.read_text())
             ua, sa = onnx_accuracy(uniform_out, hx, hy), onnx_accuracy(search_out, hx, hy)
@@ -101,7 +106,7 @@ def main():
     print("verdict:", "met" if met else "not met", f"(search ≥ uniform + {GOAL_POINTS} points at every ratio)")
     (ROOT / "benchmarks" / "last-search.json").write_text(json.dumps(
         {"machine": machine.describe(), "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "lr": args.lr,
-         "seed": args.seed, "base_accuracy": base_accuracy, "results": results}, indent=2) + "\n")
+         "seed": args.seed, "spread": args.spread, "candidates": args.candidates, "base_accuracy": base_accuracy, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

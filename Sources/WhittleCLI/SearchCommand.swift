@@ -21,6 +21,14 @@ public struct SearchReport: Codable, Sendable {
         public var generation: Int
     }
 
+    public struct Finalist: Codable, Sendable {
+        public var widths: [String: Int]
+        public var macs: Int
+        public var loss: Double
+        public var accuracy: Double?
+        public var agreement: Double
+    }
+
     public var model: String
     public var budget: SearchBudget
     public var base: ArchitectureCost
@@ -31,6 +39,8 @@ public struct SearchReport: Codable, Sendable {
     public var chosen: Point
     /// Accuracy-against-MACs front of every evaluated candidate (ascending MACs).
     public var front: [Point]
+    /// The finalists' figures after their short fine-tuning (on the calibration data), when there were finalists.
+    public var finalists: [Finalist]
     /// After fine-tuning (when asked): the chosen model's figures on the evaluation data.
     public var finetuneEpochs: Int
     public var baseAccuracy: Double?
@@ -62,10 +72,13 @@ extension ModelCommand {
 
         @Option(name: .long, help: "Candidates evaluated in all.") var candidates: Int = 160
         @Option(name: .long, help: "Candidates per generation.") var population: Int = 32
+        @Option(name: .long, help: "Each group's width stays between 1/S and S times the uniform share that fills the budget (0, the default: anywhere on the ladder).") var spread: Double = 0
         @Option(name: .long, help: "Smallest width of a group, as a fraction of its channels.") var minWidth: Double = SearchSpace.defaultMinimumFraction
         @Option(name: .long, help: "Steps of the width ladder between the smallest width and all channels.") var steps: Int = SearchSpace.defaultSteps
         @Option(name: .long, help: "Kept channel counts are multiples of this (vector widths of the target's kernels).") var roundTo: Int = 1
         @Option(name: .long, help: "Batches that re-estimate each candidate's batch-norm statistics.") var adaptationBatches: Int = CandidateEvaluation.defaultAdaptationBatches
+        @Option(name: .long, help: "With --finetune-epochs: the fittest candidates (the uniform one among them) fine-tuned briefly and scored on --val-data (else the calibration data), the best of them chosen.") var finalists: Int = 4
+        @Option(name: .long, help: "Fine-tuning epochs of each finalist.") var finalistEpochs: Int = 1
 
         @Option(name: .long, help: "Fine-tuning epochs for the chosen model (needs --train-data).") var finetuneEpochs: Int = 0
         @Option(name: .long, help: "Fine-tuning samples (.npy or .npz).") var trainData: String?
@@ -76,7 +89,7 @@ extension ModelCommand {
 
         @Option(name: .long, help: "Evaluation samples for the final figures (.npy or .npz); default: the calibration data.") var valData: String?
         @Option(name: .long, help: "Evaluation labels (.npy).") var valLabels: String?
-        @Option(name: .long, help: "Samples per batch.") var batchSize: Int = 64
+        @Option(name: .long, help: "Samples per batch (fine-tuning, batch-norm re-estimation, scoring).") var batchSize: Int = 32
         @Option(name: .long, help: "Seed of the search (and of fine-tuning).") var seed: UInt64 = 0
         @Option(name: .long, help: "Compute threads.") var threads: Int?
         @Option(name: .long, help: "Write the JSON report here.") var report: String?
@@ -86,9 +99,12 @@ extension ModelCommand {
             guard macsBudget != nil || sizeBudget != nil else { throw ValidationError("give a budget: --macs-budget or --size-budget (or both)") }
             guard candidates >= 1 else { throw ValidationError("--candidates must be at least 1") }
             guard population >= 2 else { throw ValidationError("--population must be at least 2") }
+            guard spread == 0 || spread >= 1 else { throw ValidationError("--spread must be 0 (no bound) or at least 1") }
             guard minWidth > 0, minWidth <= 1 else { throw ValidationError("--min-width must be in (0, 1]") }
             guard steps >= 1, steps <= 256 else { throw ValidationError("--steps must be 1 to 256") }
             guard roundTo >= 1 else { throw ValidationError("--round-to must be at least 1") }
+            guard finalists >= 1 else { throw ValidationError("--finalists must be at least 1") }
+            guard finalistEpochs >= 1 else { throw ValidationError("--finalist-epochs must be at least 1") }
             guard adaptationBatches >= 1 else { throw ValidationError("--adaptation-batches must be at least 1") }
             guard batchSize >= 2 else { throw ValidationError("--batch-size must be at least 2 (batch statistics)") }
             guard finetuneEpochs >= 0 else { throw ValidationError("--finetune-epochs must not be negative") }
@@ -146,6 +162,7 @@ extension ModelCommand {
             var strategy = EvolutionarySearch()
             strategy.evaluations = candidates
             strategy.population = population
+            strategy.spread = spread == 0 ? nil : spread
             strategy.parents = max(1, min(population, population / 4))
             strategy.seed = seed
 
@@ -161,10 +178,39 @@ extension ModelCommand {
                 bar.finish()
                 throw CLIError("\(model): \(error.message)")
             }
-            let searched = clock.now
-            guard let best = found.max(by: { $0.fitness != $1.fitness ? $0.fitness < $1.fitness : $0.generation > $1.generation }) else {
+            guard var best = found.max(by: { $0.fitness != $1.fitness ? $0.fitness < $1.fitness : $0.generation > $1.generation }) else {
                 throw CLIError("\(model): the search evaluated no candidate")
             }
+            var local = LocalCompression()
+            local.batchSize = batchSize
+            local.seed = seed
+            local.finetuneLearningRate = lr
+            local.augmentation = Augmentation(rawValue: augment)!
+            let teacher = distill ? try InferenceSession(model: base) : nil
+            // Finalists: a short fine-tuning of each decides (the loss after adaptive batch norm ranks
+            // architectures before training, not after it).
+            var finalistScores: [SearchReport.Finalist] = []
+            if finetuneEpochs > 0, let training, finalists > 1 {
+                // Scored on the evaluation data (--val-data): samples the fine-tuning did not see, when given.
+                let reference = try search.baseOutputs(evaluation)
+                var bestFigure = -Double.infinity
+                for (k, f) in EvolutionarySearch.finalists(found, count: finalists).enumerated() {
+                    bar.update("finalists", k, finalists, "\(k)/\(finalists) fine-tuned")
+                    var m = try CandidateEvaluation.adaptBatchNorm(try search.model(f.architecture), data: calibration,
+                                                                   batchSize: batchSize, batches: adaptationBatches)
+                    (m, _) = try local.finetune(m, teacher: teacher, data: training, epochs: finalistEpochs, task: search.task)
+                    let s = try CandidateEvaluation.score(m, data: evaluation, baseOutputs: reference, task: search.task, batchSize: batchSize)
+                    let figure = s.accuracy ?? s.evaluation.agreementRate ?? -s.meanLoss
+                    finalistScores.append(SearchReport.Finalist(widths: search.space.describe(f.architecture), macs: f.cost.macs,
+                                                                loss: s.meanLoss, accuracy: s.accuracy, agreement: s.evaluation.agreementRate ?? 0))
+                    if figure > bestFigure {
+                        bestFigure = figure
+                        best = f
+                    }
+                }
+                bar.finish()
+            }
+            let searched = clock.now
             func point(_ c: SearchCandidate) -> SearchReport.Point {
                 let s = scores[c.architecture]
                 return SearchReport.Point(widths: search.space.describe(c.architecture), macs: c.cost.macs, parameters: c.cost.parameters,
@@ -175,17 +221,11 @@ extension ModelCommand {
             // The chosen model: inherited weights, batch norm re-estimated, fine-tuned when asked.
             var chosen = try CandidateEvaluation.adaptBatchNorm(try search.model(best.architecture), data: calibration,
                                                                 batchSize: batchSize, batches: adaptationBatches)
-            var local = LocalCompression()
-            local.batchSize = batchSize
-            local.seed = seed
-            local.finetuneLearningRate = lr
-            local.augmentation = Augmentation(rawValue: augment)!
             if finetuneEpochs > 0, let training {
                 local.trainingProgress = { epoch, epochs, step, steps, loss in
                     bar.update(String(format: "fine-tune epoch %d/%d", epoch + 1, epochs), step, steps,
                                String(format: "%d/%d loss %.4f", step, steps, loss))
                 }
-                let teacher = distill ? try InferenceSession(model: base) : nil
                 (chosen, _) = try local.finetune(chosen, teacher: teacher, data: training, epochs: finetuneEpochs, task: search.task)
                 bar.finish()
             }
@@ -197,7 +237,7 @@ extension ModelCommand {
             let result = SearchReport(
                 model: model, budget: budget, base: original, evaluations: found.count, seed: seed,
                 uniform: point(found[0]), chosen: point(best), front: EvolutionarySearch.front(found).map(point),
-                finetuneEpochs: finetuneEpochs, baseAccuracy: figures.baseAccuracy, finalAccuracy: figures.compressedAccuracy,
+                finalists: finalistScores, finetuneEpochs: finetuneEpochs, baseAccuracy: figures.baseAccuracy, finalAccuracy: figures.compressedAccuracy,
                 finalAgreement: figures.agreementRate,
                 seconds: ["search": seconds(searched - start), "total": seconds(clock.now - start)])
             if let report { try Files.writeBytes(try jsonBytes(result), to: report) }
@@ -221,6 +261,10 @@ extension ModelCommand {
             print(table(["candidate", "MACs", "size", "loss", "accuracy", "agreement"],
                         [row("uniform widths", r.uniform), row("chosen", r.chosen)], numeric: [1, 2, 3, 4, 5]))
             print("front (\(r.front.count) candidates): " + r.front.map { String(format: "%d MACs loss %.4f", $0.macs, $0.loss) }.joined(separator: "; "))
+            for (k, f) in r.finalists.enumerated() {
+                print(String(format: "finalist %d%@: %d MACs, after a short fine-tuning accuracy %@, agreement %@", k + 1,
+                             k == 0 ? " (uniform)" : "", f.macs, percent(f.accuracy), percent(f.agreement)))
+            }
             let widths = r.chosen.widths.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
             print("chosen widths: \(widths)")
             if r.finetuneEpochs > 0 || r.finalAccuracy != nil {

@@ -24,9 +24,10 @@ public struct SearchSpace: Sendable {
 
     public let dimensions: [Dimension]
 
-    /// Default ladder: from a tenth of the channels (as `PruningOptions.maxLayerRatio` 0.9 allows) in sixteenths.
-    public static let defaultMinimumFraction = 0.1
-    public static let defaultSteps = 16
+    /// Default ladder: from a sixteenth of the channels in 32 steps (every width of a group of up to 32 channels),
+    /// fine enough that the uniform ratios of extreme pruning (85 % and more) are points of the space.
+    public static let defaultMinimumFraction = 0.0625
+    public static let defaultSteps = 32
 
     public init(groups: ChannelGroups, minimumFraction: Double = defaultMinimumFraction, steps: Int = defaultSteps,
                 roundTo: Int = 1, minimumChannels: Int = 1) throws {
@@ -262,6 +263,11 @@ public struct EvolutionarySearch: Sendable {
     public var parents = 8
     /// Probability that a child's level in one dimension is redrawn.
     public var mutationRate = 0.1
+    /// How far a group's width may stray from the uniform share that fills the budget: between share / spread and
+    /// share × spread of its channels (nil, the default: anywhere on the ladder). A bound keeps architectures
+    /// balanced (the loss before training also likes one- and two-channel bottlenecks); on the demo CNN it did not
+    /// help (benchmarks/README.md, "Architecture search").
+    public var spread: Double?
     public var seed: UInt64 = 0
 
     public init() {}
@@ -274,7 +280,18 @@ public struct EvolutionarySearch: Sendable {
             throw CompressionError(.invalidArgument, "the search needs evaluations ≥ 1, population ≥ 2 and 1 ≤ parents ≤ population")
         }
         try budget.check(smallest: cost(space.narrowest))
+        if let spread { guard spread >= 1 else { throw CompressionError(.invalidArgument, "the spread must be at least 1, got \(spread)") } }
         var rng = SplitMix64(seed: seed ^ 0x5EA5C4)
+        let (uniform, share) = Self.uniformShare(space: space, cost: cost, budget: budget)
+        // Per dimension, the levels allowed: around the uniform share, always including the uniform level.
+        let bounds: [ClosedRange<Int>] = space.dimensions.enumerated().map { d, dimension in
+            let top = dimension.widths.count - 1
+            guard let spread else { return 0...top }
+            let c = Double(dimension.channels)
+            let low = dimension.widths.firstIndex { Double($0) >= c * share / spread - 1e-9 } ?? top
+            let high = dimension.widths.lastIndex { Double($0) <= c * share * spread + 1e-9 } ?? 0
+            return min(low, uniform.levels[d])...max(high, uniform.levels[d])
+        }
         var seen: Set<Architecture> = []
         var evaluated: [SearchCandidate] = []
 
@@ -282,12 +299,12 @@ public struct EvolutionarySearch: Sendable {
             var a = start
             // Narrow while over the budget: a random dimension, weighted by how many levels it has left.
             while !budget.admits(cost(a)) {
-                let open = a.levels.indices.filter { a.levels[$0] > 0 }
+                let open = a.levels.indices.filter { a.levels[$0] > bounds[$0].lowerBound }
                 guard !open.isEmpty else { break }
-                let total = open.reduce(0) { $0 + a.levels[$1] }
+                let total = open.reduce(0) { $0 + a.levels[$1] - bounds[$1].lowerBound }
                 var pick = Int(rng.next() % UInt64(total))
                 for d in open {
-                    pick -= a.levels[d]
+                    pick -= a.levels[d] - bounds[d].lowerBound
                     if pick < 0 { a.levels[d] -= 1; break }
                 }
             }
@@ -295,7 +312,7 @@ public struct EvolutionarySearch: Sendable {
             var grew = true
             while grew {
                 grew = false
-                for d in rng.permutation(a.levels.count) where a.levels[d] < space.dimensions[d].widths.count - 1 {
+                for d in rng.permutation(a.levels.count) where a.levels[d] < bounds[d].upperBound {
                     a.levels[d] += 1
                     if budget.admits(cost(a)) { grew = true } else { a.levels[d] -= 1 }
                 }
@@ -319,19 +336,13 @@ public struct EvolutionarySearch: Sendable {
         var first: [Architecture] = []
         func propose(_ a: Architecture, into batch: inout [Architecture]) {
             let r = repaired(a)
-            if seen.insert(r).inserted { batch.append(r) }
+            if budget.admits(cost(r)), seen.insert(r).inserted { batch.append(r) }
         }
-        let uniform = (0...SearchSpace.defaultSteps).reversed().lazy.map { step -> Architecture in
-            Architecture(levels: space.dimensions.map { d in
-                let target = Double(d.channels) * Double(step) / Double(SearchSpace.defaultSteps)
-                return d.widths.lastIndex { Double($0) <= target } ?? 0
-            })
-        }.first { budget.admits(cost($0)) } ?? space.narrowest
         propose(uniform, into: &first)
         var attempts = 0
         while first.count < min(population, evaluations) && attempts < population * 20 {
             attempts += 1
-            propose(Architecture(levels: space.dimensions.map { Int(rng.next() % UInt64($0.widths.count)) }), into: &first)
+            propose(Architecture(levels: bounds.map { $0.lowerBound + Int(rng.next() % UInt64($0.count)) }), into: &first)
         }
         try evaluate(first, generation: 0)
 
@@ -349,9 +360,11 @@ public struct EvolutionarySearch: Sendable {
                 var child = Architecture(levels: zip(mother.levels, father.levels).map { m, f in rng.next() & 1 == 0 ? m : f })
                 for d in child.levels.indices where Double(rng.nextFloat()) < mutationRate {
                     let count = space.dimensions[d].widths.count
-                    // A step of one or two levels either way, so children stay near their parents.
-                    let step = Int(rng.next() % 4) - 2
-                    child.levels[d] = min(max(child.levels[d] + (step >= 0 ? step + 1 : step), 0), count - 1)
+                    // A step of up to an eighth of the ladder (at least two levels) either way: children stay near
+                    // their parents.
+                    let reach = max(2, count / 8)
+                    let step = Int(rng.next() % UInt64(2 * reach)) - reach
+                    child.levels[d] = min(max(child.levels[d] + (step >= 0 ? step + 1 : step), bounds[d].lowerBound), bounds[d].upperBound)
                 }
                 propose(child, into: &children)
             }
@@ -360,6 +373,36 @@ public struct EvolutionarySearch: Sendable {
             generation += 1
         }
         return evaluated
+    }
+
+    /// The widest architecture with every group at the same share of its channels (to a thousandth) that meets the
+    /// budget: uniform pruning's point, the reference a search must beat.
+    public static func uniform(space: SearchSpace, cost: (Architecture) -> ArchitectureCost, budget: SearchBudget) -> Architecture {
+        uniformShare(space: space, cost: cost, budget: budget).architecture
+    }
+
+    /// `uniform` and its share of channels.
+    static func uniformShare(space: SearchSpace, cost: (Architecture) -> ArchitectureCost,
+                             budget: SearchBudget) -> (architecture: Architecture, share: Double) {
+        func at(_ share: Double) -> Architecture {
+            Architecture(levels: space.dimensions.map { d in d.widths.lastIndex { Double($0) <= Double(d.channels) * share + 1e-9 } ?? 0 })
+        }
+        // Bisection on the share: the cost grows with it.
+        var low = 0.0, high = 1.0
+        if budget.admits(cost(at(1))) { return (at(1), 1) }
+        for _ in 0..<30 {
+            let middle = (low + high) / 2
+            if budget.admits(cost(at(middle))) { low = middle } else { high = middle }
+        }
+        return (at(low), low)
+    }
+
+    /// The `count` fittest distinct candidates, the first (uniform) one always among them: the finalists a short
+    /// fine-tuning decides between.
+    public static func finalists(_ candidates: [SearchCandidate], count: Int) -> [SearchCandidate] {
+        guard let first = candidates.first else { return [] }
+        let ranked = candidates.dropFirst().sorted { $0.fitness != $1.fitness ? $0.fitness > $1.fitness : $0.generation < $1.generation }
+        return [first] + ranked.prefix(max(count - 1, 0))
     }
 
     /// The candidates no other beats on both fitness and MACs (ascending MACs).

@@ -117,8 +117,18 @@ import WhittleTestSupport
         let best = candidates.max { $0.fitness < $1.fitness }!
         #expect(best.fitness > uniform.fitness * 1.1, "best \(best.fitness), uniform \(uniform.fitness)")
         #expect(try run() == candidates, "the same seed gives the same search")
+        // The first candidate is the uniform architecture, widened where the budget still allows it.
+        let flat = EvolutionarySearch.uniform(space: space, cost: costs.cost, budget: budget)
+        #expect(zip(uniform.architecture.levels, flat.levels).allSatisfy { $0 >= $1 })
         search.seed = 4
         #expect(try search.run(space: space, cost: costs.cost, budget: budget) { $0.map(fitness) } != candidates)
+
+        // A spread of 1 leaves every group at the uniform share: the uniform architecture is the only candidate.
+        var tight = search
+        tight.spread = 1
+        #expect(try tight.run(space: space, cost: costs.cost, budget: budget) { $0.map(fitness) }.map(\.architecture) == [flat])
+        tight.spread = 0.5
+        #expect(throws: CompressionError.self) { try tight.run(space: space, cost: costs.cost, budget: budget) { $0.map(fitness) } }
 
         // The front: ascending MACs, each fitter than every cheaper one.
         let front = EvolutionarySearch.front(candidates)

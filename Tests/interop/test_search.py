@@ -1,0 +1,74 @@
+"""`coordinator model search` against onnxruntime: the chosen model passes onnx's checker, runs in onnxruntime with
+the accuracy Whittle reports, stays within its MACs budget, and the search repeats itself for a seed; infeasible
+budgets and bad flags are refused with the figure the user needs."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from conftest import ROOT
+
+DEMO_MODEL = ROOT / "examples" / "models" / "defect_cnn.onnx"
+DEMO_X = ROOT / "examples" / "data" / "defects_test_x.npy"
+DEMO_Y = ROOT / "examples" / "data" / "defects_test_y.npy"
+# Whittle's reported accuracy of the written model against onnxruntime's on the same 512 images: one flipped
+# prediction (a float summed in another order) is 0.195 points.
+ACCURACY_TOLERANCE_POINTS = 0.2
+
+
+def search(coordinator, tmp_path, name, *extra):
+    out, report = tmp_path / f"{name}.onnx", tmp_path / f"{name}.json"
+    coordinator("model", "search", DEMO_MODEL, "--calibration-data", DEMO_X, "--labels", DEMO_Y, "--candidates", 24,
+                "--population", 8, "--out", out, "--report", report, *extra)
+    return out, json.loads(report.read_text())
+
+
+def test_the_chosen_model_runs_in_onnxruntime_within_its_budget(coordinator, tmp_path):
+    out, report = search(coordinator, tmp_path, "a", "--macs-budget", "40%", "--seed", 3)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    budget = report["budget"]["macs"]
+    assert budget == int(report["base"]["macs"] * 0.4)
+    assert report["chosen"]["macs"] <= budget and report["uniform"]["macs"] <= budget
+    assert all(p["macs"] <= budget for p in report["front"])
+    # The front: ascending MACs, each point with a lower loss than every cheaper one; the chosen is its fittest.
+    losses = [p["loss"] for p in report["front"]]
+    assert losses == sorted(losses, reverse=True) and losses[-1] == report["chosen"]["loss"]
+    assert report["chosen"]["loss"] <= report["uniform"]["loss"]
+    # Fewer parameters than the original, the same output shape, and the accuracy Whittle reported.
+    original = onnx.load(str(DEMO_MODEL))
+    count = lambda m: sum(int(np.prod(t.dims)) for t in m.graph.initializer)  # noqa: E731
+    assert count(model) < count(original)
+    x, y = np.load(DEMO_X), np.load(DEMO_Y)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert logits.shape == (len(x), 4)
+    accuracy = float((logits.argmax(1) == y).mean())
+    assert abs(100 * accuracy - 100 * report["finalAccuracy"]) <= ACCURACY_TOLERANCE_POINTS, (accuracy, report["finalAccuracy"])
+    # The same seed, the same search.
+    _, again = search(coordinator, tmp_path, "b", "--macs-budget", "40%", "--seed", 3)
+    assert again["chosen"] == report["chosen"] and again["front"] == report["front"]
+
+
+def test_a_size_budget_bounds_the_parameters(coordinator, tmp_path):
+    _, report = search(coordinator, tmp_path, "s", "--size-budget", "100KB", "--macs-budget", "60%")
+    assert report["chosen"]["parameterBytes"] <= 100 * 1024
+    assert report["chosen"]["macs"] <= report["budget"]["macs"]
+
+
+def test_infeasible_budgets_and_bad_flags_are_refused(coordinator, tmp_path):
+    out = tmp_path / "x.onnx"
+    common = ["model", "search", DEMO_MODEL, "--calibration-data", DEMO_X, "--out", out]
+    tiny = coordinator(*common, "--macs-budget", "1000", check=False)
+    assert tiny.returncode != 0 and "below the smallest architecture" in tiny.stderr and "MACs" in tiny.stderr
+    # The message names the smallest achievable MACs, which is a real architecture's figure.
+    smallest = int(tiny.stderr.split("(")[1].split(" MACs")[0])
+    assert 1000 < smallest < int(json.loads(coordinator("model", "inspect", DEMO_MODEL, "--json").stdout)["summary"]["macs"])
+    for flags, needle in [([], "give a budget"), (["--macs-budget", "lots"], "not a count"),
+                          (["--macs-budget", "150%"], "(0, 100]"), (["--size-budget", "40 parsecs"], "not a size"),
+                          (["--macs-budget", "50%", "--finetune-epochs", "2"], "--train-data"),
+                          (["--macs-budget", "50%", "--min-width", "0"], "--min-width")]:
+        result = coordinator(*common, *flags, check=False)
+        assert result.returncode != 0 and needle in result.stderr, (flags, result.stderr)
+    assert not out.exists(), "a refused search writes nothing"
