@@ -142,23 +142,12 @@ public struct RoundCommand: ParsableCommand {
         @OptionGroup var pruning: PruningFlags
         @Option(name: .long, help: "FedAvg rounds after each pruning step.") var finetuneRounds: Int = 0
         @Option(name: .long, help: "Local epochs per fine-tune round.") var localEpochs: Int = 1
-        @Option(name: .long, help: "Learning rate of local fine-tuning (one cosine over every local epoch of a step's rounds).") var lr: Float = 0.01
-        @Option(name: .long, help: "Local optimizer: sgd (momentum 0.9), adam or adamw; fresh every round unless --keep-optimizer-state.") var optimizer: String = "sgd"
-        @Option(name: .long, help: "Batch size on the workers (a worker with --memory-limit may use less).") var batchSize: Int = 32
-        @Flag(name: .long, help: "Fine-tune by distillation from the base model (workers without labels take part).") var distill = false
-        @Option(name: .long, help: "Random transforms of local training images: none, flips or dihedral (flips and 90° rotations).") var augment: String = "none"
-        @Option(name: .long, help: "What the model's output means: classification, segmentation, detection, regression or embedding (losses and metrics; default: inferred from the output's shape).") var task: String?
+        @OptionGroup var training: FineTuningFlags
         @Option(name: .long, parsing: .singleValue, help: "Size of one sample of an input with a free dimension besides the batch, NAME=DIMS (e.g. input_ids=1x128), for the report's MACs.") var shape: [String] = []
         @Flag(name: .long, help: "Workers continue their local optimizer's state (momentum, moments) from round to round instead of starting afresh.") var keepOptimizerState = false
         @Option(name: .long, help: "EWC penalty weight towards the starting model (adds a Fisher phase).") var ewc: Float?
-        @Option(name: .long, help: "none, int8, int4-weights or mixed.") var quantize: String = "int8"
-        @Option(name: .long, help: "minmax, percentile, entropy or mse.") var calibration: String = "minmax"
-        @Flag(name: .long, help: "Per-output-channel weight scales (the default).") var perChannel = false
-        @Flag(name: .long, help: "One weight scale per tensor.") var perTensor = false
-        @Flag(name: .long, help: "7-bit weights (onnxruntime's reduce_range).") var reduceRange = false
-        @Option(name: .long, help: "int4 weights in blocks of this many along the reduction axis (16–256); default: per output channel (qdq), 32 (matmulnbits).") var int4BlockSize: Int?
-        @Option(name: .long, help: "How int4 weights are written: qdq (DequantizeLinear, opset 21) or matmulnbits (onnxruntime's MatMulNBits).") var int4Format: String = "qdq"
-        @Flag(name: .long, help: "Short names for every internal value and node in the exported file (smaller; the report maps them).") var compactNames = false
+        @Option(name: .long, help: "none, int8, int4-weights or mixed.") var quantize: QuantizationMode = .int8
+        @OptionGroup var quantization: QuantizationFlags
         @Option(name: .long, help: "Batch-norm statistics passes after fine-tuning (0: FedAvg's averaged statistics; one per BatchNormalization node: exact population statistics).") var bnPasses: Int?
         @Option(name: .long, help: "Quantization-aware FedAvg rounds after calibration (int8).") var qatRounds: Int = 0
         @Option(name: .long, help: "Learning rate of the QAT rounds (default: a tenth of --lr).") var qatLr: Float?
@@ -198,23 +187,22 @@ public struct RoundCommand: ParsableCommand {
             p.maxLayerRatio = pruning.maxLayerRatio
             p.finetuneRounds = finetuneRounds
             p.localEpochs = localEpochs
-            p.learningRate = lr
-            p.optimizer = try choice(optimizer, "--optimizer")
-            p.batchSize = batchSize
-            p.distill = distill
-            p.augmentation = try choice(augment, "--augment")
-            p.task = try task.map { try choice($0, "--task") }
+            p.learningRate = training.lr
+            p.optimizer = training.optimizer
+            p.batchSize = training.batchSize
+            p.distill = training.distill
+            p.augmentation = training.augment
+            p.task = training.task
             p.inputSizes = shape.isEmpty ? nil : try parseShapeSizes(shape)
             p.keepOptimizerState = keepOptimizerState ? true : nil
             p.ewcLambda = ewc
-            p.quantize = try choice(quantize, "--quantize")
-            p.calibration = try choice(calibration, "--calibration")
-            guard !(perChannel && perTensor) else { throw ValidationError("--per-channel and --per-tensor exclude each other") }
-            p.perChannel = !perTensor
-            p.reduceRange = reduceRange
-            p.int4BlockSize = int4BlockSize
-            p.int4Format = try choice(int4Format, "--int4-format")
-            p.compactNames = compactNames
+            p.quantize = quantize
+            p.calibration = quantization.calibration
+            p.perChannel = !quantization.perTensor
+            p.reduceRange = quantization.reduceRange
+            p.int4BlockSize = quantization.int4BlockSize
+            p.int4Format = quantization.int4Format
+            p.compactNames = quantization.compactNames
             p.normalizationPasses = bnPasses
             p.qatRounds = qatRounds
             p.qatLearningRate = qatLr

@@ -83,13 +83,10 @@ extension ModelCommand {
         @Option(name: .long, help: "Fine-tuning epochs for the chosen model (needs --train-data).") var finetuneEpochs: Int = 0
         @Option(name: .long, help: "Fine-tuning samples (.npy or .npz).") var trainData: String?
         @Option(name: .long, help: "Fine-tuning labels (.npy).") var trainLabels: String?
-        @Option(name: .long, help: "Fine-tuning learning rate (cosine schedule).") var lr: Float = 0.01
-        @Option(name: .long, help: "Random transforms of fine-tuning images: none, flips or dihedral.") var augment: String = "none"
-        @Flag(name: .long, help: "Fine-tune by distillation from the original model (no labels needed).") var distill = false
+        @OptionGroup var training: FineTuningFlags
 
         @Option(name: .long, help: "Evaluation samples for the final figures (.npy or .npz); default: the calibration data.") var valData: String?
         @Option(name: .long, help: "Evaluation labels (.npy).") var valLabels: String?
-        @Option(name: .long, help: "Samples per batch (fine-tuning, batch-norm re-estimation, scoring).") var batchSize: Int = 32
         @Option(name: .long, help: "Seed of the search (and of fine-tuning).") var seed: UInt64 = 0
         @Option(name: .long, help: "Compute threads.") var threads: Int?
         @Option(name: .long, help: "Write the JSON report here.") var report: String?
@@ -106,13 +103,12 @@ extension ModelCommand {
             guard finalists >= 1 else { throw ValidationError("--finalists must be at least 1") }
             guard finalistEpochs >= 1 else { throw ValidationError("--finalist-epochs must be at least 1") }
             guard adaptationBatches >= 1 else { throw ValidationError("--adaptation-batches must be at least 1") }
-            guard batchSize >= 2 else { throw ValidationError("--batch-size must be at least 2 (batch statistics)") }
+            guard training.batchSize >= 2 else { throw ValidationError("--batch-size must be at least 2 (batch statistics)") }
             guard finetuneEpochs >= 0 else { throw ValidationError("--finetune-epochs must not be negative") }
             guard finetuneEpochs == 0 || trainData != nil else { throw ValidationError("--finetune-epochs needs --train-data") }
-            guard finetuneEpochs == 0 || trainLabels != nil || distill else {
+            guard finetuneEpochs == 0 || trainLabels != nil || training.distill else {
                 throw ValidationError("fine-tuning needs --train-labels, or --distill to learn from the original model")
             }
-            guard Augmentation(rawValue: augment) != nil else { throw ValidationError("--augment must be none, flips or dihedral") }
             guard valLabels == nil || valData != nil else { throw ValidationError("--val-labels needs --val-data") }
         }
 
@@ -145,11 +141,12 @@ extension ModelCommand {
             let base = try Files.readModel(model)
             let calibration = try Files.readDataset(calibrationData, labels: labels, for: base)
             let evaluation = try valData.map { try Files.readDataset($0, labels: valLabels, for: base) } ?? calibration
-            let training = try trainData.map { try Files.readDataset($0, labels: trainLabels, for: base) }
+            let trainingSet = try trainData.map { try Files.readDataset($0, labels: trainLabels, for: base) }
+            let batchSize = training.batchSize
 
             var search: LocalSearch
             do {
-                search = try LocalSearch(base: base, minimumFraction: minWidth, steps: steps, roundTo: roundTo)
+                search = try LocalSearch(base: base, minimumFraction: minWidth, steps: steps, roundTo: roundTo, task: training.task)
             } catch let error as CompressionError {
                 throw CLIError("\(model): \(error.message)")
             }
@@ -184,13 +181,14 @@ extension ModelCommand {
             var local = LocalCompression()
             local.batchSize = batchSize
             local.seed = seed
-            local.finetuneLearningRate = lr
-            local.augmentation = Augmentation(rawValue: augment)!
-            let teacher = distill ? try InferenceSession(model: base) : nil
+            local.finetuneLearningRate = training.lr
+            local.finetuneOptimizer = training.optimizer.kind
+            local.augmentation = training.augment
+            let teacher = training.distill ? try InferenceSession(model: base) : nil
             // Finalists: a short fine-tuning of each decides (the loss after adaptive batch norm ranks
             // architectures before training, not after it).
             var finalistScores: [SearchReport.Finalist] = []
-            if finetuneEpochs > 0, let training, finalists > 1 {
+            if finetuneEpochs > 0, let trainingSet, finalists > 1 {
                 // Scored on the evaluation data (--val-data): samples the fine-tuning did not see, when given.
                 let reference = try search.baseOutputs(evaluation)
                 var bestFigure = -Double.infinity
@@ -198,7 +196,7 @@ extension ModelCommand {
                     bar.update("finalists", k, finalists, "\(k)/\(finalists) fine-tuned")
                     var m = try CandidateEvaluation.adaptBatchNorm(try search.model(f.architecture), data: calibration,
                                                                    batchSize: batchSize, batches: adaptationBatches)
-                    (m, _) = try local.finetune(m, teacher: teacher, data: training, epochs: finalistEpochs, task: search.task)
+                    (m, _) = try local.finetune(m, teacher: teacher, data: trainingSet, epochs: finalistEpochs, task: search.task)
                     let s = try CandidateEvaluation.score(m, data: evaluation, baseOutputs: reference, task: search.task, batchSize: batchSize)
                     let figure = s.accuracy ?? s.evaluation.agreementRate ?? -s.meanLoss
                     finalistScores.append(SearchReport.Finalist(widths: search.space.describe(f.architecture), macs: f.cost.macs,
@@ -221,12 +219,12 @@ extension ModelCommand {
             // The chosen model: inherited weights, batch norm re-estimated, fine-tuned when asked.
             var chosen = try CandidateEvaluation.adaptBatchNorm(try search.model(best.architecture), data: calibration,
                                                                 batchSize: batchSize, batches: adaptationBatches)
-            if finetuneEpochs > 0, let training {
+            if finetuneEpochs > 0, let trainingSet {
                 local.trainingProgress = { epoch, epochs, step, steps, loss in
                     bar.update(String(format: "fine-tune epoch %d/%d", epoch + 1, epochs), step, steps,
                                String(format: "%d/%d loss %.4f", step, steps, loss))
                 }
-                (chosen, _) = try local.finetune(chosen, teacher: teacher, data: training, epochs: finetuneEpochs, task: search.task)
+                (chosen, _) = try local.finetune(chosen, teacher: teacher, data: trainingSet, epochs: finetuneEpochs, task: search.task)
                 bar.finish()
             }
             let baseOutputs = try local.logits(try InferenceSession(model: base), evaluation)

@@ -13,19 +13,6 @@ public enum AggregationMethod: String, Codable, Sendable, CaseIterable {
     case median
 }
 
-/// The workers' local optimizer for fine-tuning (fresh every round, as in FedAvg, unless the plan keeps its state).
-public enum LocalOptimizer: String, Codable, Sendable, CaseIterable {
-    case sgd, adam, adamw
-
-    public var kind: OptimizerKind {
-        switch self {
-        case .sgd: return .sgd(momentum: 0.9, nesterov: false, weightDecay: 0)
-        case .adam: return .adam(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0)
-        case .adamw: return .adamW(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0)
-        }
-    }
-}
-
 public enum DeltaCompression: String, Codable, Sendable, CaseIterable {
     case none
     /// int8 per tensor with error feedback on the worker.

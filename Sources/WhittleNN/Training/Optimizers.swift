@@ -129,3 +129,17 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+
+/// The optimizers a command line or a round plan names: SGD with momentum 0.9, Adam, AdamW (weight decay 0.01);
+/// in a round, each worker's is fresh every round (as in FedAvg) unless the plan keeps its state.
+public enum LocalOptimizer: String, Codable, Sendable, CaseIterable {
+    case sgd, adam, adamw
+
+    public var kind: OptimizerKind {
+        switch self {
+        case .sgd: return .sgd(momentum: 0.9, nesterov: false, weightDecay: 0)
+        case .adam: return .adam(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0)
+        case .adamw: return .adamW(beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weightDecay: 0.01)
+        }
+    }
+}

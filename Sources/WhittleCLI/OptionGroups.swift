@@ -1,0 +1,119 @@
+import ArgumentParser
+import WhittleCompression
+import WhittleNN
+import WhittleTensor
+
+extension PruningScope: ExpressibleByArgument {}
+extension ImportanceCriterion: ExpressibleByArgument {}
+extension LocalOptimizer: ExpressibleByArgument {}
+extension Augmentation: ExpressibleByArgument {}
+extension TaskKind: ExpressibleByArgument {}
+extension CalibrationMethod: ExpressibleByArgument {}
+extension QuantizationMode: ExpressibleByArgument {}
+extension Int4Format: ExpressibleByArgument {}
+
+/// The pruning flags of `model compress` and `round start`, declared once with one set of defaults, so a local
+/// compression and a federated round read the same command line the same way.
+public struct PruningFlags: ParsableArguments {
+    @Option(name: .long, help: "Fraction of channels to remove, in [0, 1).") public var pruneRatio: Double = 0
+    @Option(name: .long, help: "Progressive pruning ratios, e.g. 0.2,0.25,0.3 (fine-tuning after each step).") public var schedule: String?
+    @Option(name: .long, help: "local (each group loses the same fraction) or global (channels ranked across groups).")
+    public var pruneScope: PruningScope = PruningOptions(ratio: 0).scope
+    @Option(name: .long, help: "l1, l2, bn-scale (from the weights), or activation, apoz, taylor (from data: the calibration data of `model compress`, the workers' data in a round).")
+    public var importance: ImportanceCriterion = PruningOptions(ratio: 0).criterion
+    @Option(name: .long, help: "Round kept channel counts up to a multiple of this (8 or 16 for hardware); a layer is never pruned harder than asked.")
+    public var roundTo: Int = PruningOptions(ratio: 0).roundTo
+    @Option(name: .long, help: "Keep at least this many channels per group.") public var minChannels: Int = PruningOptions(ratio: 0).minChannels
+    @Option(name: .long, help: "Remove at most this fraction of any group.") public var maxLayerRatio: Double = PruningOptions(ratio: 0).maxLayerRatio
+
+    public init() {}
+
+    public func validate() throws {
+        guard pruneRatio >= 0, pruneRatio < 1 else { throw ValidationError("--prune-ratio must be in [0, 1), got \(pruneRatio)") }
+        guard roundTo >= 1, minChannels >= 1 else { throw ValidationError("--round-to and --min-channels must be at least 1") }
+        _ = try steps()
+    }
+
+    /// The schedule's ratios (empty without --schedule).
+    public func steps() throws -> [Double] {
+        guard let schedule else { return [] }
+        let values = schedule.split(separator: ",").map { Double($0.trimmingCharacters(in: .whitespaces)) }
+        guard !values.isEmpty, values.allSatisfy({ $0 != nil && $0! >= 0 && $0! < 1 }) else {
+            throw ValidationError("--schedule must be ratios in [0, 1) separated by commas, e.g. 0.2,0.25,0.3")
+        }
+        return values.map { $0! }
+    }
+
+    /// Whether anything is pruned.
+    public var prunes: Bool { pruneRatio > 0 || schedule != nil }
+
+    /// The options of one pruning step at `ratio` (the schedule's last, or --prune-ratio).
+    public func options() throws -> PruningOptions {
+        var options = PruningOptions(ratio: try steps().last ?? pruneRatio)
+        options.scope = pruneScope
+        options.criterion = importance
+        options.roundTo = roundTo
+        options.minChannels = minChannels
+        options.maxLayerRatio = maxLayerRatio
+        return options
+    }
+}
+
+/// The fine-tuning flags of `model compress`, `model search` and `round start`, declared once with one set of
+/// defaults (in a round they apply to every worker's local training).
+public struct FineTuningFlags: ParsableArguments {
+    @Option(name: .long, help: "Fine-tuning learning rate (one cosine over the epochs; in a round over every local epoch of a pruning step's rounds).")
+    public var lr: Float = 0.01
+    @Option(name: .long, help: "Fine-tuning optimizer: sgd (momentum 0.9), adam or adamw (weight decay 0.01); in a round fresh every round unless --keep-optimizer-state.")
+    public var optimizer: LocalOptimizer = .sgd
+    @Option(name: .long, help: "Samples per batch (a worker with --memory-limit may use fewer).") public var batchSize: Int = 32
+    @Flag(name: .long, help: "Fine-tune by distillation from the original model (samples without labels take part).") public var distill = false
+    @Option(name: .long, help: "Random transforms of training images: none, flips or dihedral (flips and 90° rotations).")
+    public var augment: Augmentation = .none
+    @Option(name: .long, help: "What the model's output means: classification, segmentation, detection, regression or embedding (losses and metrics; default: inferred from the output's shape).")
+    public var task: TaskKind?
+
+    public init() {}
+
+    public func validate() throws {
+        guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
+        guard lr > 0, lr.isFinite else { throw ValidationError("--lr must be a positive number, got \(lr)") }
+    }
+}
+
+/// The quantization flags `model compress` and `round start` share, declared once with one set of defaults. The
+/// mode (`--quantize`) is each command's own: a round exports int8 unless told otherwise, a local compression only
+/// quantizes when asked.
+public struct QuantizationFlags: ParsableArguments {
+    @Option(name: .long, help: "minmax, percentile, entropy or mse.") public var calibration: CalibrationMethod = .minmax
+    @Flag(name: .long, help: "Per-output-channel weight scales (the default).") public var perChannel = false
+    @Flag(name: .long, help: "One weight scale per tensor.") public var perTensor = false
+    @Flag(name: .long, help: "7-bit weights (onnxruntime's reduce_range): for x86 CPUs without AVX-VNNI, whose u8×s8 kernels saturate.")
+    public var reduceRange = false
+    @Option(name: .long, help: "int4 weights in blocks of this many along the reduction axis (16, 32, 64, 128 or 256), each with its own scale; default: one scale per output channel (qdq), 32 (matmulnbits).")
+    public var int4BlockSize: Int?
+    @Option(name: .long, help: "How int4 weights are written: qdq (DequantizeLinear, opset 21) or matmulnbits (onnxruntime's MatMulNBits, com.microsoft).")
+    public var int4Format: Int4Format = .qdq
+    @Flag(name: .long, help: "Short names for every internal value and node in the output (smaller file; the report maps them).")
+    public var compactNames = false
+
+    public init() {}
+
+    public func validate() throws {
+        guard !(perChannel && perTensor) else { throw ValidationError("--per-channel and --per-tensor exclude each other") }
+        if let b = int4BlockSize, !BlockwiseInt4.blockSizes.contains(b) {
+            throw ValidationError("--int4-block-size must be one of \(BlockwiseInt4.blockSizes.map(String.init).joined(separator: ", "))")
+        }
+    }
+
+    /// The policy for `mode` with these flags (the command sets what only it has).
+    public func policy(_ mode: QuantizationMode) -> QuantizationPolicy {
+        var p = QuantizationPolicy(mode: mode)
+        p.calibration = calibration
+        p.perChannel = !perTensor
+        p.reduceRange = reduceRange
+        p.int4BlockSize = int4BlockSize
+        p.int4Format = int4Format
+        return p
+    }
+}
