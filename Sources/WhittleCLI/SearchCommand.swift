@@ -187,10 +187,11 @@ extension ModelCommand {
             let teacher = training.distill ? try InferenceSession(model: base) : nil
             // Finalists: a short fine-tuning of each decides (the loss after adaptive batch norm ranks
             // architectures before training, not after it).
+            // The base model's outputs on the evaluation data (--val-data: samples the fine-tuning did not see, when
+            // given): what the finalists and the chosen model are compared with.
+            let reference = try search.baseOutputs(evaluation)
             var finalistScores: [SearchReport.Finalist] = []
             if finetuneEpochs > 0, let trainingSet, finalists > 1 {
-                // Scored on the evaluation data (--val-data): samples the fine-tuning did not see, when given.
-                let reference = try search.baseOutputs(evaluation)
                 var bestFigure = -Double.infinity
                 for (k, f) in EvolutionarySearch.finalists(found, count: finalists).enumerated() {
                     bar.update("finalists", k, finalists, "\(k)/\(finalists) fine-tuned")
@@ -227,9 +228,8 @@ extension ModelCommand {
                 (chosen, _) = try local.finetune(chosen, teacher: teacher, data: trainingSet, epochs: finetuneEpochs, task: search.task)
                 bar.finish()
             }
-            let baseOutputs = try local.logits(try InferenceSession(model: base), evaluation)
             let finalOutputs = try local.logits(try InferenceSession(model: chosen), evaluation)
-            let figures = try local.evaluate(search.task, base: baseOutputs, compressed: finalOutputs, data: evaluation)
+            let figures = try local.evaluate(search.task, base: reference, compressed: finalOutputs, data: evaluation)
             try Files.writeModel(chosen, to: out)
 
             let result = SearchReport(

@@ -274,15 +274,15 @@ public struct EvolutionarySearch: Sendable {
 
     /// Runs the search. `fitness` scores a batch of architectures (higher is better); it is called once per
     /// generation with the new ones only. Returns every evaluated candidate, in evaluation order.
-    public func run(space: SearchSpace, cost: (Architecture) -> ArchitectureCost, budget: SearchBudget,
+    public func run(space: SearchSpace, cost: (Architecture) throws -> ArchitectureCost, budget: SearchBudget,
                     fitness: ([Architecture]) throws -> [Double]) throws -> [SearchCandidate] {
         guard evaluations >= 1, population >= 2, parents >= 1, parents <= population, (0...1).contains(mutationRate) else {
             throw CompressionError(.invalidArgument, "the search needs evaluations ≥ 1, population ≥ 2 and 1 ≤ parents ≤ population")
         }
-        try budget.check(smallest: cost(space.narrowest))
+        try budget.check(smallest: try cost(space.narrowest))
         if let spread { guard spread >= 1 else { throw CompressionError(.invalidArgument, "the spread must be at least 1, got \(spread)") } }
         var rng = SplitMix64(seed: seed ^ 0x5EA5C4)
-        let (uniform, share) = Self.uniformShare(space: space, cost: cost, budget: budget)
+        let (uniform, share) = try Self.uniformShare(space: space, cost: cost, budget: budget)
         // Per dimension, the levels allowed: around the uniform share, always including the uniform level.
         let bounds: [ClosedRange<Int>] = space.dimensions.enumerated().map { d, dimension in
             let top = dimension.widths.count - 1
@@ -295,10 +295,10 @@ public struct EvolutionarySearch: Sendable {
         var seen: Set<Architecture> = []
         var evaluated: [SearchCandidate] = []
 
-        func repaired(_ start: Architecture) -> Architecture {
+        func repaired(_ start: Architecture) throws -> Architecture {
             var a = start
             // Narrow while over the budget: a random dimension, weighted by how many levels it has left.
-            while !budget.admits(cost(a)) {
+            while !budget.admits(try cost(a)) {
                 let open = a.levels.indices.filter { a.levels[$0] > bounds[$0].lowerBound }
                 guard !open.isEmpty else { break }
                 let total = open.reduce(0) { $0 + a.levels[$1] - bounds[$1].lowerBound }
@@ -314,7 +314,7 @@ public struct EvolutionarySearch: Sendable {
                 grew = false
                 for d in rng.permutation(a.levels.count) where a.levels[d] < bounds[d].upperBound {
                     a.levels[d] += 1
-                    if budget.admits(cost(a)) { grew = true } else { a.levels[d] -= 1 }
+                    if budget.admits(try cost(a)) { grew = true } else { a.levels[d] -= 1 }
                 }
             }
             return a
@@ -327,22 +327,22 @@ public struct EvolutionarySearch: Sendable {
                 throw CompressionError(.invalidStatistics, "the fitness gave \(scores.count) scores for \(batch.count) architectures")
             }
             for (a, f) in zip(batch, scores) {
-                evaluated.append(SearchCandidate(architecture: a, cost: cost(a), fitness: f.isFinite ? f : -Double.infinity,
+                evaluated.append(SearchCandidate(architecture: a, cost: try cost(a), fitness: f.isFinite ? f : -Double.infinity,
                                                  generation: generation))
             }
         }
 
         // The first generation: the uniform architecture that fills the budget, then random ones around it.
         var first: [Architecture] = []
-        func propose(_ a: Architecture, into batch: inout [Architecture]) {
-            let r = repaired(a)
-            if budget.admits(cost(r)), seen.insert(r).inserted { batch.append(r) }
+        func propose(_ a: Architecture, into batch: inout [Architecture]) throws {
+            let r = try repaired(a)
+            if budget.admits(try cost(r)), seen.insert(r).inserted { batch.append(r) }
         }
-        propose(uniform, into: &first)
+        try propose(uniform, into: &first)
         var attempts = 0
         while first.count < min(population, evaluations) && attempts < population * 20 {
             attempts += 1
-            propose(Architecture(levels: bounds.map { $0.lowerBound + Int(rng.next() % UInt64($0.count)) }), into: &first)
+            try propose(Architecture(levels: bounds.map { $0.lowerBound + Int(rng.next() % UInt64($0.count)) }), into: &first)
         }
         try evaluate(first, generation: 0)
 
@@ -366,7 +366,7 @@ public struct EvolutionarySearch: Sendable {
                     let step = Int(rng.next() % UInt64(2 * reach)) - reach
                     child.levels[d] = min(max(child.levels[d] + (step >= 0 ? step + 1 : step), bounds[d].lowerBound), bounds[d].upperBound)
                 }
-                propose(child, into: &children)
+                try propose(child, into: &children)
             }
             if children.isEmpty { break }  // the space near the elite is exhausted
             try evaluate(children, generation: generation)
@@ -377,22 +377,22 @@ public struct EvolutionarySearch: Sendable {
 
     /// The widest architecture with every group at the same share of its channels (to a thousandth) that meets the
     /// budget: uniform pruning's point, the reference a search must beat.
-    public static func uniform(space: SearchSpace, cost: (Architecture) -> ArchitectureCost, budget: SearchBudget) -> Architecture {
-        uniformShare(space: space, cost: cost, budget: budget).architecture
+    public static func uniform(space: SearchSpace, cost: (Architecture) throws -> ArchitectureCost, budget: SearchBudget) rethrows -> Architecture {
+        try uniformShare(space: space, cost: cost, budget: budget).architecture
     }
 
     /// `uniform` and its share of channels.
-    static func uniformShare(space: SearchSpace, cost: (Architecture) -> ArchitectureCost,
-                             budget: SearchBudget) -> (architecture: Architecture, share: Double) {
+    static func uniformShare(space: SearchSpace, cost: (Architecture) throws -> ArchitectureCost,
+                             budget: SearchBudget) rethrows -> (architecture: Architecture, share: Double) {
         func at(_ share: Double) -> Architecture {
             Architecture(levels: space.dimensions.map { d in d.widths.lastIndex { Double($0) <= Double(d.channels) * share + 1e-9 } ?? 0 })
         }
         // Bisection on the share: the cost grows with it.
         var low = 0.0, high = 1.0
-        if budget.admits(cost(at(1))) { return (at(1), 1) }
+        if budget.admits(try cost(at(1))) { return (at(1), 1) }
         for _ in 0..<30 {
             let middle = (low + high) / 2
-            if budget.admits(cost(at(middle))) { low = middle } else { high = middle }
+            if budget.admits(try cost(at(middle))) { low = middle } else { high = middle }
         }
         return (at(low), low)
     }

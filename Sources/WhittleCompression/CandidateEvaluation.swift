@@ -165,17 +165,11 @@ public struct LocalSearch {
         var scored: [Architecture: CandidateScore] = [:]
         var done = 0
         var costCache: [Architecture: ArchitectureCost] = [:]
-        var failure: Error?
         let candidates = try strategy.run(space: space, cost: { a in
             if let c = costCache[a] { return c }
-            do {
-                let c = try cost(a)
-                costCache[a] = c
-                return c
-            } catch {
-                failure = failure ?? error
-                return ArchitectureCost(macs: Int.max, parameters: Int.max, parameterBytes: Int.max)
-            }
+            let c = try cost(a)
+            costCache[a] = c
+            return c
         }, budget: budget) { batch in
             try batch.map { a in
                 let s = try score(a, data: data, baseOutputs: reference)
@@ -185,7 +179,6 @@ public struct LocalSearch {
                 return -s.meanLoss
             }
         }
-        if let failure { throw failure }
         return (candidates, scored)
     }
 }
