@@ -14,6 +14,8 @@ public struct SearchReport: Codable, Sendable {
         public var macs: Int
         public var parameters: Int
         public var parameterBytes: Int
+        /// Predicted milliseconds on this machine (with a latency budget).
+        public var latencyMs: Double?
         /// Mean loss after adaptive batch norm (cross-entropy with labels, KL from the base model without).
         public var loss: Double
         public var accuracy: Double?
@@ -24,9 +26,31 @@ public struct SearchReport: Codable, Sendable {
     public struct Finalist: Codable, Sendable {
         public var widths: [String: Int]
         public var macs: Int
+        /// Predicted and measured milliseconds (with a latency budget).
+        public var predictedMs: Double?
+        public var measuredMs: Double?
         public var loss: Double
         public var accuracy: Double?
         public var agreement: Double
+    }
+
+    /// How latency was predicted and what was measured end to end (with a latency budget).
+    public struct Latency: Codable, Sendable {
+        public var machine: String
+        public var threads: Int
+        public var batch: Int
+        /// Layers timed and grid points per channel axis; whether the table came from --latency-table unchanged.
+        public var layers: Int
+        public var points: Int
+        public var cached: Bool
+        public var tableSeconds: Double
+        /// The original's end-to-end time when the search started over the table's: predictions are scaled by it.
+        public var scale: Double
+        public var baseMs: Double
+        public var uniformPredictedMs: Double
+        public var uniformMeasuredMs: Double
+        public var chosenPredictedMs: Double
+        public var chosenMeasuredMs: Double
     }
 
     public var model: String
@@ -46,21 +70,26 @@ public struct SearchReport: Codable, Sendable {
     public var baseAccuracy: Double?
     public var finalAccuracy: Double?
     public var finalAgreement: Double?
+    public var latency: Latency?
     public var seconds: [String: Double]
 }
 
 extension ModelCommand {
     struct Search: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Search channel widths per layer group under a MACs or size budget and write the chosen model.",
+            abstract: "Search channel widths per layer group under a MACs, size or latency budget and write the chosen model.",
             discussion: """
                 An evolutionary search over the widths of every prunable dependency group (a ladder of --steps \
                 steps from --min-width of the channels to all of them, multiples of --round-to). Each candidate \
                 inherits the most important channels of the original (L1), has its batch-norm statistics \
                 re-estimated on --calibration-data (adaptive batch norm, as EagleEye does), and is scored by its \
                 loss on that data: cross-entropy with --labels, KL divergence from the original without. MACs and \
-                sizes are computed exactly. The fittest candidate is written, fine-tuned when --finetune-epochs is \
-                given; the report holds the front of accuracy against MACs.
+                sizes are computed exactly. Latency is predicted from a table measured on this machine: every Conv, \
+                Gemm and MatMul timed alone (with the batch norm and activation the runtime fuses into it) at a grid \
+                of channel counts, plus the rest of the model fitted from two end-to-end runs; --latency-table keeps \
+                the table for the next search on the same kind of machine. The fittest candidate is written, \
+                fine-tuned when --finetune-epochs is given; the finalists and the chosen model are timed end to \
+                end. The report holds the front of accuracy against latency (or MACs).
                 """)
 
         @Argument(help: "The ONNX model to search from.") var model: String
@@ -68,6 +97,10 @@ extension ModelCommand {
         @Option(name: .long, help: "Labels of the calibration samples (int .npy): candidates are scored by cross-entropy (else by KL from the original).") var labels: String?
         @Option(name: .long, help: "Largest MACs per sample: a count (12000000, 12M, 1.5G) or a share of the original's (25%).") var macsBudget: String?
         @Option(name: .long, help: "Largest size of the float parameters: bytes (40KB, 2MB) or a share of the original's (30%).") var sizeBudget: String?
+        @Option(name: .long, help: "Largest latency of the float model on this machine at --latency-batch: 2ms, 800us, 0.5s, or a share of the original's (40%).") var latencyBudget: String?
+        @Option(name: .long, help: "Batch size the latency budget is for.") var latencyBatch: Int = 1
+        @Option(name: .long, help: "The latency table: read when it was built for this model, machine, threads and batch, else built and written here.") var latencyTable: String?
+        @Option(name: .long, help: "Grid points per channel axis of the latency table.") var latencyGrid: Int = 6
         @Option(name: .long, help: "Where to write the chosen model (float, pruned; quantize it with model compress).") var out: String
 
         @Option(name: .long, help: "Candidates evaluated in all.") var candidates: Int = 160
@@ -93,7 +126,11 @@ extension ModelCommand {
         @Flag(name: .long, help: "Print the report as JSON.") var json = false
 
         func validate() throws {
-            guard macsBudget != nil || sizeBudget != nil else { throw ValidationError("give a budget: --macs-budget or --size-budget (or both)") }
+            guard macsBudget != nil || sizeBudget != nil || latencyBudget != nil else {
+                throw ValidationError("give a budget: --macs-budget, --size-budget or --latency-budget (or several)")
+            }
+            guard latencyBatch >= 1 else { throw ValidationError("--latency-batch must be at least 1") }
+            guard latencyGrid >= 2, latencyGrid <= 16 else { throw ValidationError("--latency-grid must be 2 to 16") }
             guard candidates >= 1 else { throw ValidationError("--candidates must be at least 1") }
             guard population >= 2 else { throw ValidationError("--population must be at least 2") }
             guard spread == 0 || spread >= 1 else { throw ValidationError("--spread must be 0 (no bound) or at least 1") }
@@ -134,6 +171,22 @@ extension ModelCommand {
             return Int(value * (unit ?? 1))
         }
 
+        /// A latency: `2ms`, `800us`, `0.5s`, or a share of the original's (`40%`).
+        static func milliseconds(_ text: String, original: () throws -> Double) throws -> Double {
+            let trimmed = text.trimmingCharacters(in: .whitespaces).lowercased()
+            if trimmed.hasSuffix("%") {
+                guard let share = Double(trimmed.dropLast()), share > 0, share <= 100 else {
+                    throw ValidationError("--latency-budget '\(text)': a share must be in (0, 100] %")
+                }
+                return try original() * share / 100
+            }
+            for (unit, scale) in [("ms", 1.0), ("us", 1e-3), ("µs", 1e-3), ("s", 1e3)] where trimmed.hasSuffix(unit) {
+                guard let v = Double(trimmed.dropLast(unit.count).trimmingCharacters(in: .whitespaces)), v > 0, v.isFinite else { break }
+                return v * scale
+            }
+            throw ValidationError("--latency-budget '\(text)' is not a latency like 2ms, 800us, 0.5s or 40%")
+        }
+
         func run() throws {
             if let threads { ComputeThreads.set(threads) }
             let clock = ContinuousClock()
@@ -153,9 +206,53 @@ extension ModelCommand {
             search.batchSize = batchSize
             search.adaptationBatches = adaptationBatches
             let original = try CostModel.measured(base)
+            let quiet = json || isatty(STDERR_FILENO) == 0
+            let bar = ProgressBar(enabled: !quiet)
+            let origin = clock.now
+            var probe = LatencyProbe(now: { ContinuousClock.now - origin })
+            probe.runs = 20
+            probe.budget = .milliseconds(200)
+            var latency: (table: LatencyTable, cached: Bool, seconds: Double)?
+            if latencyBudget != nil {
+                let began = clock.now
+                var builder = LatencyTableBuilder(machine: Kernels.cpuInstructionSet, threads: ComputeThreads.current) { session, inputs in
+                    try probe.median(session, inputs: inputs)
+                }
+                builder.batch = latencyBatch
+                builder.points = latencyGrid
+                do {
+                    let expected = try builder.grid(base: base, costs: search.costs)
+                    if let path = latencyTable, FileManager.default.fileExists(atPath: path) {
+                        let stored = try JSONDecoder().decode(LatencyTable.self, from: Data(try Files.readBytes(path)))
+                        if let why = stored.mismatch(machine: builder.machine, threads: builder.threads, batch: latencyBatch, expected: expected) {
+                            if !quiet { FileHandle.standardError.write(Data("\(path): \(why); measuring a new table\n".utf8)) }
+                        } else {
+                            latency = (stored, true, 0)
+                        }
+                    }
+                    if latency == nil {
+                        let table = try builder.build(base: base, costs: search.costs, model: search.model) { done, total in
+                            bar.update("latency table", done, total, "\(done)/\(total) timings")
+                        }
+                        bar.finish()
+                        if let path = latencyTable { try Files.writeBytes(try jsonBytes(table), to: path) }
+                        latency = (table, false, seconds(clock.now - began))
+                    }
+                    var predictor = try LatencyModel(base: base, costs: search.costs, table: latency!.table)
+                    // Re-anchored to the machine's speed now (a table read from a file was measured another time).
+                    predictor.scale = latency!.cached ? try timed([base], batch: latencyBatch, probe: probe)[0] / max(latency!.table.fullMilliseconds, 1e-9) : 1
+                    search.latency = predictor
+                } catch let error as CompressionError {
+                    bar.finish()
+                    throw CLIError("\(model): \(error.message)")
+                } catch let error as DecodingError {
+                    throw CLIError("\(latencyTable ?? ""): not a latency table (\(error))")
+                }
+            }
             let budget = SearchBudget(
                 macs: try macsBudget.map { try Self.figure($0, of: original.macs, bytes: false, flag: "--macs-budget") },
-                parameterBytes: try sizeBudget.map { try Self.figure($0, of: original.parameterBytes, bytes: true, flag: "--size-budget") })
+                parameterBytes: try sizeBudget.map { try Self.figure($0, of: original.parameterBytes, bytes: true, flag: "--size-budget") },
+                latencyMs: try latencyBudget.map { try Self.milliseconds($0) { latency!.table.fullMilliseconds * (search.latency?.scale ?? 1) } })
             var strategy = EvolutionarySearch()
             strategy.evaluations = candidates
             strategy.population = population
@@ -163,8 +260,6 @@ extension ModelCommand {
             strategy.parents = max(1, min(population, population / 4))
             strategy.seed = seed
 
-            let quiet = json || isatty(STDERR_FILENO) == 0
-            let bar = ProgressBar(enabled: !quiet)
             let found: [SearchCandidate], scores: [Architecture: CandidateScore]
             do {
                 (found, scores) = try search.run(budget: budget, strategy: strategy, data: calibration) { done, total in
@@ -190,7 +285,9 @@ extension ModelCommand {
             // The base model's outputs on the evaluation data (--val-data: samples the fine-tuning did not see, when
             // given): what the finalists and the chosen model are compared with.
             let reference = try search.baseOutputs(evaluation)
+            func measured(_ models: [Model]) throws -> [Double] { try timed(models, batch: latencyBatch, probe: probe) }
             var finalistScores: [SearchReport.Finalist] = []
+            var finalistModels: [Model] = []
             if finetuneEpochs > 0, let trainingSet, finalists > 1 {
                 var bestFigure = -Double.infinity
                 for (k, f) in EvolutionarySearch.finalists(found, count: finalists).enumerated() {
@@ -200,7 +297,9 @@ extension ModelCommand {
                     (m, _) = try local.finetune(m, teacher: teacher, data: trainingSet, epochs: finalistEpochs, task: search.task)
                     let s = try CandidateEvaluation.score(m, data: evaluation, baseOutputs: reference, task: search.task, batchSize: batchSize)
                     let figure = s.accuracy ?? s.evaluation.agreementRate ?? -s.meanLoss
+                    finalistModels.append(m)
                     finalistScores.append(SearchReport.Finalist(widths: search.space.describe(f.architecture), macs: f.cost.macs,
+                                                                predictedMs: f.cost.latencyMs, measuredMs: nil,
                                                                 loss: s.meanLoss, accuracy: s.accuracy, agreement: s.evaluation.agreementRate ?? 0))
                     if figure > bestFigure {
                         bestFigure = figure
@@ -213,7 +312,7 @@ extension ModelCommand {
             func point(_ c: SearchCandidate) -> SearchReport.Point {
                 let s = scores[c.architecture]
                 return SearchReport.Point(widths: search.space.describe(c.architecture), macs: c.cost.macs, parameters: c.cost.parameters,
-                                          parameterBytes: c.cost.parameterBytes, loss: s?.meanLoss ?? .infinity,
+                                          parameterBytes: c.cost.parameterBytes, latencyMs: c.cost.latencyMs, loss: s?.meanLoss ?? .infinity,
                                           accuracy: s?.accuracy, agreement: s?.evaluation.agreementRate ?? 0, generation: c.generation)
             }
 
@@ -231,12 +330,22 @@ extension ModelCommand {
             let finalOutputs = try local.logits(try InferenceSession(model: chosen), evaluation)
             let figures = try local.evaluate(search.task, base: reference, compressed: finalOutputs, data: evaluation)
             try Files.writeModel(chosen, to: out)
+            let latencyFigures = try latency.map { l in
+                // The original, the uniform architecture, the chosen model and the finalists, timed together.
+                let times = try measured([base, try search.model(found[0].architecture), chosen] + finalistModels)
+                for k in finalistScores.indices { finalistScores[k].measuredMs = times[3 + k] }
+                return SearchReport.Latency(
+                    machine: l.table.machine, threads: l.table.threads, batch: l.table.batch, layers: l.table.layers.count,
+                    points: latencyGrid, cached: l.cached, tableSeconds: l.seconds, scale: search.latency?.scale ?? 1, baseMs: times[0],
+                    uniformPredictedMs: found[0].cost.latencyMs ?? 0, uniformMeasuredMs: times[1],
+                    chosenPredictedMs: best.cost.latencyMs ?? 0, chosenMeasuredMs: times[2])
+            }
 
             let result = SearchReport(
                 model: model, budget: budget, base: original, evaluations: found.count, seed: seed,
                 uniform: point(found[0]), chosen: point(best), front: EvolutionarySearch.front(found).map(point),
                 finalists: finalistScores, finetuneEpochs: finetuneEpochs, baseAccuracy: figures.baseAccuracy, finalAccuracy: figures.compressedAccuracy,
-                finalAgreement: figures.agreementRate,
+                finalAgreement: figures.agreementRate, latency: latencyFigures,
                 seconds: ["search": seconds(searched - start), "total": seconds(clock.now - start)])
             if let report { try Files.writeBytes(try jsonBytes(result), to: report) }
             if json {
@@ -244,6 +353,26 @@ extension ModelCommand {
             } else {
                 printSummary(result)
             }
+        }
+
+        /// End-to-end milliseconds of models at `batch` (on deterministic inputs): three passes over them, alternately
+        /// forward and backward, each model's figure the median of its passes (as the latency table is built).
+        func timed(_ models: [Model], batch: Int, probe: LatencyProbe) throws -> [Double] {
+            let sessions = try models.map { try InferenceSession(model: $0) }
+            let feeds = try models.map { m -> [String: Tensor] in
+                var generator = WhittleNN.SplitMix64(seed: 5)
+                return try ShapeInference.inputShapes(m, batchSize: batch).mapValues { type, shape in
+                    type.isInteger ? Tensor(shape: shape, ints: [Int64](repeating: 1, count: shape.reduce(1, *)), dtype: type)
+                        : Tensor(shape: shape, floats: (0..<shape.reduce(1, *)).map { _ in generator.nextFloat() * 2 - 1 })
+                }
+            }
+            var times = [[Double]](repeating: [], count: models.count)
+            for pass in 0..<3 {
+                for k in (pass % 2 == 0 ? Array(models.indices) : models.indices.reversed()) {
+                    times[k].append(try probe.median(sessions[k], inputs: feeds[k]))
+                }
+            }
+            return times.map { $0.sorted()[1] }
         }
 
         func printSummary(_ r: SearchReport) {
@@ -254,11 +383,25 @@ extension ModelCommand {
             var budget: [String] = []
             if let m = r.budget.macs { budget.append("\(m) MACs") }
             if let b = r.budget.parameterBytes { budget.append(byteSize(b)) }
+            if let l = r.budget.latencyMs, let t = r.latency { budget.append(String(format: "%.3f ms at batch %d", l, t.batch)) }
             print("searched \(r.evaluations) candidates under \(budget.joined(separator: " and ")) in \(String(format: "%.1f", r.seconds["search"] ?? 0)) s "
                   + "(original: \(r.base.macs) MACs, \(byteSize(r.base.parameterBytes)))")
             print(table(["candidate", "MACs", "size", "loss", "accuracy", "agreement"],
                         [row("uniform widths", r.uniform), row("chosen", r.chosen)], numeric: [1, 2, 3, 4, 5]))
-            print("front (\(r.front.count) candidates): " + r.front.map { String(format: "%d MACs loss %.4f", $0.macs, $0.loss) }.joined(separator: "; "))
+            print("front (\(r.front.count) candidates): " + r.front.map { p in
+                (p.latencyMs.map { String(format: "%.3f ms", $0) } ?? "\(p.macs) MACs") + String(format: " loss %.4f", p.loss)
+            }.joined(separator: "; "))
+            if let t = r.latency {
+                print(String(format: "latency table: %d layers, %@ (%@, %d threads, batch %d)", t.layers,
+                             t.cached ? String(format: "read from --latency-table, scaled by %.3f to this machine's speed now", t.scale)
+                                 : String(format: "measured in %.1f s", t.tableSeconds), t.machine, t.threads, t.batch))
+                print(String(format: "latency measured end to end: original %.3f ms; uniform %.3f ms (predicted %.3f); chosen %.3f ms (predicted %.3f)",
+                             t.baseMs, t.uniformMeasuredMs, t.uniformPredictedMs, t.chosenMeasuredMs, t.chosenPredictedMs))
+                if let limit = r.budget.latencyMs, t.chosenMeasuredMs > limit {
+                    print(String(format: "note: the chosen model measured %.1f %% above the latency budget (the prediction was %.1f %% off)",
+                                 (t.chosenMeasuredMs / limit - 1) * 100, (t.chosenPredictedMs / t.chosenMeasuredMs - 1) * 100))
+                }
+            }
             for (k, f) in r.finalists.enumerated() {
                 print(String(format: "finalist %d%@: %d MACs, after a short fine-tuning accuracy %@, agreement %@", k + 1,
                              k == 0 ? " (uniform)" : "", f.macs, percent(f.accuracy), percent(f.agreement)))

@@ -90,16 +90,20 @@ public struct SearchSpace: Sendable {
     }
 }
 
-/// What an architecture costs, computed exactly from shapes: MACs for one sample, parameters, parameter bytes.
+/// What an architecture costs, computed exactly from shapes: MACs for one sample, parameters, parameter bytes; and,
+/// when a latency table is at hand, its predicted latency (`LatencyModel`).
 public struct ArchitectureCost: Sendable, Codable, Equatable {
     public var macs: Int
     public var parameters: Int
     public var parameterBytes: Int
+    /// Predicted milliseconds at the latency table's batch size.
+    public var latencyMs: Double?
 
-    public init(macs: Int, parameters: Int, parameterBytes: Int) {
+    public init(macs: Int, parameters: Int, parameterBytes: Int, latencyMs: Double? = nil) {
         self.macs = macs
         self.parameters = parameters
         self.parameterBytes = parameterBytes
+        self.latencyMs = latencyMs
     }
 
     public init(_ summary: ModelSummary) {
@@ -181,9 +185,21 @@ public struct CostModel: Sendable {
         self.exact = exact
     }
 
+    /// The channels kept per dimension of `a`.
+    func widths(_ a: Architecture) -> [Int] { zip(space.dimensions, a.levels).map { $0.widths[$1] } }
+
+    /// The size of `axis` of the initializer `name` once the groups are narrowed to `widths` (its size in the base
+    /// model when no group touches it or it is not an initializer).
+    func size(of name: String, axis: Int, widths: [Int], base: Int) -> Int {
+        guard let p = parameters[name], axis < p.axes.count else { return base }
+        var size = p.axes[axis].size
+        for m in p.axes[axis].members { size -= (space.dimensions[m.dimension].channels - widths[m.dimension]) * m.factor }
+        return max(size, 0)
+    }
+
     /// The cost of `a` (exact when `exact`).
     public func cost(_ a: Architecture) -> ArchitectureCost {
-        let widths = zip(space.dimensions, a.levels).map { $0.widths[$1] }
+        let widths = widths(a)
         var elements: [String: Int] = [:]
         var total = fixedElements, bytes = fixedBytes
         for (name, p) in parameters {
@@ -210,36 +226,53 @@ public struct CostModel: Sendable {
     public static func measured(_ model: Model) throws -> ArchitectureCost { ArchitectureCost(try ModelSummary(model: model)) }
 }
 
-/// Limits an architecture must meet; nil means no limit.
+/// Limits an architecture must meet; nil means no limit. A latency limit needs costs with a predicted latency.
 public struct SearchBudget: Sendable, Codable, Equatable {
     public var macs: Int?
     public var parameterBytes: Int?
+    /// Milliseconds at the latency table's batch size.
+    public var latencyMs: Double?
 
-    public init(macs: Int? = nil, parameterBytes: Int? = nil) {
+    public init(macs: Int? = nil, parameterBytes: Int? = nil, latencyMs: Double? = nil) {
         self.macs = macs
         self.parameterBytes = parameterBytes
+        self.latencyMs = latencyMs
     }
 
-    public var isEmpty: Bool { macs == nil && parameterBytes == nil }
+    public var isEmpty: Bool { macs == nil && parameterBytes == nil && latencyMs == nil }
 
     public func admits(_ c: ArchitectureCost) -> Bool {
         (macs.map { c.macs <= $0 } ?? true) && (parameterBytes.map { c.parameterBytes <= $0 } ?? true)
+            && (latencyMs.map { limit in c.latencyMs.map { $0 <= limit } ?? false } ?? true)
     }
 
     /// How much of the budget `c` uses: the largest of its fractions (1 is exactly at the budget).
     public func usage(_ c: ArchitectureCost) -> Double {
-        max(macs.map { Double(c.macs) / Double(max($0, 1)) } ?? 0, parameterBytes.map { Double(c.parameterBytes) / Double(max($0, 1)) } ?? 0)
+        max(macs.map { Double(c.macs) / Double(max($0, 1)) } ?? 0, parameterBytes.map { Double(c.parameterBytes) / Double(max($0, 1)) } ?? 0,
+            latencyMs.map { limit in (c.latencyMs ?? .infinity) / max(limit, .leastNonzeroMagnitude) } ?? 0)
     }
 
     /// Refuses a budget no architecture of the space meets, naming the smallest achievable figures.
     public func check(smallest: ArchitectureCost) throws {
-        guard !isEmpty else { throw CompressionError(.invalidArgument, "the search needs a budget (MACs or size)") }
+        guard !isEmpty else { throw CompressionError(.invalidArgument, "the search needs a budget (MACs, size or latency)") }
+        if let latencyMs {
+            guard let predicted = smallest.latencyMs else {
+                throw CompressionError(.invalidArgument, "a latency budget needs a latency table")
+            }
+            if predicted > latencyMs {
+                throw CompressionError(.invalidArgument, "the latency budget \(Self.milliseconds(latencyMs)) is below the smallest architecture of the search space (\(Self.milliseconds(predicted)) predicted on this machine); raise the budget or lower the smallest width")
+            }
+        }
         if let macs, smallest.macs > macs {
             throw CompressionError(.invalidArgument, "the MACs budget \(macs) is below the smallest architecture of the search space (\(smallest.macs) MACs); raise the budget or lower the smallest width")
         }
         if let parameterBytes, smallest.parameterBytes > parameterBytes {
             throw CompressionError(.invalidArgument, "the size budget \(parameterBytes) bytes is below the smallest architecture of the search space (\(smallest.parameterBytes) bytes of parameters); raise the budget or lower the smallest width")
         }
+    }
+
+    static func milliseconds(_ v: Double) -> String {
+        "\((v * 1000).rounded() / 1000) ms"
     }
 }
 
@@ -405,9 +438,12 @@ public struct EvolutionarySearch: Sendable {
         return [first] + ranked.prefix(max(count - 1, 0))
     }
 
-    /// The candidates no other beats on both fitness and MACs (ascending MACs).
+    /// The candidates no other beats on both fitness and cost: predicted latency when every candidate has one, MACs
+    /// otherwise (ascending cost).
     public static func front(_ candidates: [SearchCandidate]) -> [SearchCandidate] {
-        let sorted = candidates.sorted { $0.cost.macs != $1.cost.macs ? $0.cost.macs < $1.cost.macs : $0.fitness > $1.fitness }
+        let byLatency = !candidates.isEmpty && candidates.allSatisfy { $0.cost.latencyMs != nil }
+        func key(_ c: SearchCandidate) -> Double { byLatency ? c.cost.latencyMs! : Double(c.cost.macs) }
+        let sorted = candidates.sorted { key($0) != key($1) ? key($0) < key($1) : $0.fitness > $1.fitness }
         var out: [SearchCandidate] = []
         var best = -Double.infinity
         for c in sorted where c.fitness > best {

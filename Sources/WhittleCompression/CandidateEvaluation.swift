@@ -122,6 +122,8 @@ public struct LocalSearch {
     public let task: TaskKind
     public var batchSize = 64
     public var adaptationBatches = CandidateEvaluation.defaultAdaptationBatches
+    /// Predicts each candidate's latency (for latency budgets and the latency front); nil: no latency.
+    public var latency: LatencyModel?
 
     /// `criterion` ranks each group's channels (L1 by default, as EagleEye and AMC inherit weights).
     public init(base: Model, criterion: ImportanceCriterion = .l1, statistics: ImportanceStatistics? = nil,
@@ -140,9 +142,12 @@ public struct LocalSearch {
         try Pruning.prune(base, groups: groups, kept: try space.kept(a, groups: groups, scores: scores))
     }
 
-    /// The architecture's cost: from the cost model when it is exact, else measured on the pruned model.
+    /// The architecture's cost: from the cost model when it is exact, else measured on the pruned model; with the
+    /// latency predicted when there is a latency model.
     public func cost(_ a: Architecture) throws -> ArchitectureCost {
-        costs.exact ? costs.cost(a) : try CostModel.measured(try model(a))
+        var c = costs.exact ? costs.cost(a) : try CostModel.measured(try model(a))
+        c.latencyMs = latency?.predict(a)
+        return c
     }
 
     /// The architecture's score on `data` (adaptive batch norm on `data`, then loss and metrics on it).

@@ -86,3 +86,23 @@ public struct LatencyProbe: Sendable {
         Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15
     }
 }
+
+extension LatencyProbe {
+    /// Median milliseconds of one session on `inputs`: `warmup` runs, then timed runs until `runs` or, past
+    /// `minimumRuns`, until `budget` is spent (the compute threads pinned meanwhile when `pinThreads`).
+    public func median(_ session: InferenceSession, inputs: [String: Tensor]) throws -> Double {
+        func measure() throws -> Double {
+            for _ in 0..<warmup { _ = try session.run(inputs: inputs) }
+            var times: [Double] = []
+            let start = now()
+            while times.count < max(runs, 1) {
+                if times.count >= minimumRuns && now() - start > budget { break }
+                let t0 = now()
+                _ = try session.run(inputs: inputs)
+                times.append(Self.milliseconds(now() - t0))
+            }
+            return LatencyPercentiles(times).p50Ms
+        }
+        return pinThreads ? try ComputeThreads.pinned { _ in try measure() } : try measure()
+    }
+}

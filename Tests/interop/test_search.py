@@ -72,3 +72,54 @@ def test_infeasible_budgets_and_bad_flags_are_refused(coordinator, tmp_path):
         result = coordinator(*common, *flags, check=False)
         assert result.returncode != 0 and needle in result.stderr, (flags, result.stderr)
     assert not out.exists(), "a refused search writes nothing"
+
+
+def test_a_latency_budget_is_kept_by_the_table_and_the_table_is_reused(coordinator, tmp_path):
+    table = tmp_path / "latency.json"
+    _, report = search(coordinator, tmp_path, "l", "--latency-budget", "60%", "--latency-batch", 4, "--latency-grid", 3,
+                       "--latency-table", table)
+    latency, budget = report["latency"], report["budget"]["latencyMs"]
+    assert latency["batch"] == 4 and latency["cached"] is False and latency["tableSeconds"] > 0
+    # The budget is 60 % of the original's end-to-end time in the table; every candidate is predicted under it.
+    stored = json.loads(table.read_text())
+    # Anchors: the uniform architectures at the grid's ladder fractions, timed end to end; the last is the original.
+    assert [a["fraction"] for a in stored["anchors"]] == [0, 0.5, 1]
+    full = stored["anchors"][-1]["milliseconds"]
+    assert abs(budget - 0.6 * full) <= 1e-9 * budget
+    assert report["chosen"]["latencyMs"] <= budget and report["uniform"]["latencyMs"] <= budget
+    assert all(p["latencyMs"] <= budget for p in report["front"])
+    front = [p["latencyMs"] for p in report["front"]]
+    assert front == sorted(front)
+    # One table entry per Conv and Gemm of the model, timed at a 3-point grid of output channels.
+    layers = [n.name for n in onnx.load(str(DEMO_MODEL)).graph.node if n.op_type in ("Conv", "Gemm")]
+    assert [entry["node"] for entry in stored["layers"]] == layers
+    assert all(len(entry["outputs"]) <= 3 and min(min(row) for row in entry["milliseconds"]) > 0 for entry in stored["layers"])
+    assert latency["chosenMeasuredMs"] > 0 and latency["baseMs"] > latency["chosenMeasuredMs"] * 0.5
+    # The same model, machine, threads and batch: the table is read, not measured again, and predicts the same.
+    _, again = search(coordinator, tmp_path, "l2", "--latency-budget", "60%", "--latency-batch", 4, "--latency-grid", 3,
+                      "--latency-table", table)
+    # Its predictions are re-anchored to the machine's speed now: the budget is 60 % of the original's time now.
+    cached = again["latency"]
+    assert cached["cached"] is True and cached["tableSeconds"] == 0 and cached["scale"] > 0
+    assert abs(again["budget"]["latencyMs"] - 0.6 * full * cached["scale"]) <= 1e-9 * budget
+    assert again["chosen"]["latencyMs"] <= again["budget"]["latencyMs"]
+    # Another batch: the stored table does not apply; it is measured again and replaced.
+    _, other = search(coordinator, tmp_path, "l3", "--latency-budget", "60%", "--latency-batch", 2, "--latency-grid", 3,
+                      "--latency-table", table)
+    assert other["latency"]["cached"] is False and json.loads(table.read_text())["batch"] == 2
+
+
+def test_bad_latency_budgets_and_tables_are_refused(coordinator, tmp_path):
+    out = tmp_path / "x.onnx"
+    common = ["model", "search", DEMO_MODEL, "--calibration-data", DEMO_X, "--out", out, "--latency-grid", 2]
+    for flags, needle in [(["--latency-budget", "2 parsecs"], "not a latency"), (["--latency-budget", "0%"], "(0, 100]"),
+                          (["--latency-budget", "1us"], "below the smallest architecture"),
+                          (["--latency-budget", "50%", "--latency-batch", "0"], "--latency-batch")]:
+        result = coordinator(*common, *flags, check=False)
+        assert result.returncode != 0 and needle in result.stderr, (flags, result.stderr)
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"machine": 3}')
+    result = coordinator(*common, "--latency-budget", "50%", "--latency-table", corrupt, check=False)
+    assert result.returncode != 0 and "not a latency table" in result.stderr
+    assert corrupt.read_text() == '{"machine": 3}', "a table that cannot be read is left as it was"
+    assert not out.exists(), "a refused search writes nothing"
