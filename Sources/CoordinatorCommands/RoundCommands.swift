@@ -133,13 +133,18 @@ public struct RoundCommand: ParsableCommand {
             discussion: """
                 The plan is checked against the model first (prunable groups, quantization policy, trainability). \
                 Phases: [fisher] → per pruning step: [importance] → prune → fine-tune rounds → [normalization passes] → \
-                [fold → ranges → histograms → QAT rounds] → export → evaluate → distribute.
+                [fold → ranges → histograms → QAT rounds] → export → evaluate → distribute. With --macs-budget or \
+                --size-budget instead of a pruning ratio, an architecture search replaces the pruning steps: one \
+                search phase per generation (every worker scores the generation's candidate widths on its own data \
+                after re-estimating their batch-norm statistics; the scores are summed over the fleet), then pick \
+                (the fittest candidate within the budget is cut from the model), then the fine-tune rounds.
                 """)
 
         @OptionGroup var common: Common
         @Option(name: .long, help: "The base model (ONNX).") var model: String?
         @Option(name: .long, help: "Start from this earlier round's fine-tuned float model instead of --model.") var fromRound: String?
         @OptionGroup var pruning: PruningFlags
+        @OptionGroup var searching: SearchFlags
         @Option(name: .long, help: "FedAvg rounds after each pruning step.") var finetuneRounds: Int = 0
         @Option(name: .long, help: "Local epochs per fine-tune round.") var localEpochs: Int = 1
         @OptionGroup var training: FineTuningFlags
@@ -185,6 +190,17 @@ public struct RoundCommand: ParsableCommand {
             p.roundTo = pruning.roundTo
             p.minChannels = pruning.minChannels
             p.maxLayerRatio = pruning.maxLayerRatio
+            if searching.searches {
+                var search = SearchPlan()
+                search.candidates = searching.candidates
+                search.population = searching.population
+                search.minimumFraction = searching.minWidth
+                search.steps = searching.steps
+                search.spread = searching.spread == 0 ? nil : searching.spread
+                search.adaptationBatches = searching.adaptationBatches
+                // The budget's figures are resolved against the model in `run` (shares of its MACs or size).
+                p.search = search
+            }
             p.finetuneRounds = finetuneRounds
             p.localEpochs = localEpochs
             p.learningRate = training.lr
@@ -226,11 +242,17 @@ public struct RoundCommand: ParsableCommand {
 
         public func validate() throws {
             guard (model == nil) != (fromRound == nil) else { throw ValidationError("give --model or --from-round (one of them)") }
+            if fromRound != nil, [searching.macsBudget, searching.sizeBudget].contains(where: { $0?.hasSuffix("%") == true }) {
+                throw ValidationError("with --from-round the model is on the coordinator: give the search budget as a figure (12M, 40KB), not a share")
+            }
             _ = try plan()
         }
 
         public func run() throws {
             var plan = try plan()
+            if plan.search != nil, model == nil {
+                plan.search!.budget = try searching.budget(original: ArchitectureCost(macs: 0, parameters: 0, parameterBytes: 0))
+            }
             let client = try adminClient(common.dir, server: common.server)
             if let model {
                 let bytes = try Files.readBytes(model)
@@ -238,7 +260,9 @@ public struct RoundCommand: ParsableCommand {
                 plan.modelSHA256 = String(repeating: "0", count: 64)
                 // The same checks the coordinator makes, before uploading anything.
                 do {
-                    try plan.validate(model: try Files.readModel(model))
+                    let base = try Files.readModel(model)
+                    if plan.search != nil { plan.search!.budget = try searching.budget(original: try CostModel.measured(base)) }
+                    try plan.validate(model: base)
                 } catch let error as CompressionError {
                     throw CLIError("\(model): \(error.message)")
                 } catch let error as ONNXError {

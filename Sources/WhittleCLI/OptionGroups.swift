@@ -1,5 +1,7 @@
+import Foundation
 import ArgumentParser
 import WhittleCompression
+import WhittleIO
 import WhittleNN
 import WhittleTensor
 
@@ -115,5 +117,64 @@ public struct QuantizationFlags: ParsableArguments {
         p.int4BlockSize = int4BlockSize
         p.int4Format = int4Format
         return p
+    }
+}
+
+/// The architecture-search flags of `model search` and `round start`: the budgets and the search's size and space,
+/// declared once with one set of defaults.
+public struct SearchFlags: ParsableArguments {
+    @Option(name: .long, help: "Largest MACs per sample of a searched architecture: a count (12000000, 12M, 1.5G) or a share of the original's (25%).")
+    public var macsBudget: String?
+    @Option(name: .long, help: "Largest size of a searched architecture's float parameters: bytes (40KB, 2MB) or a share of the original's (30%).")
+    public var sizeBudget: String?
+    @Option(name: .long, help: "Candidate architectures evaluated in all.") public var candidates: Int = 160
+    @Option(name: .long, help: "Candidates per generation (in a round, one phase each).") public var population: Int = 32
+    @Option(name: .long, help: "Each group's width stays between 1/S and S times the uniform share that fills the budget (0, the default: anywhere on the ladder).")
+    public var spread: Double = 0
+    @Option(name: .long, help: "Smallest width of a group, as a fraction of its channels.") public var minWidth: Double = SearchSpace.defaultMinimumFraction
+    @Option(name: .long, help: "Steps of the width ladder between the smallest width and all channels.") public var steps: Int = SearchSpace.defaultSteps
+    @Option(name: .long, help: "Batches that re-estimate each candidate's batch-norm statistics.")
+    public var adaptationBatches: Int = CandidateEvaluation.defaultAdaptationBatches
+
+    public init() {}
+
+    public func validate() throws {
+        guard candidates >= 1 else { throw ValidationError("--candidates must be at least 1") }
+        guard population >= 2 else { throw ValidationError("--population must be at least 2") }
+        guard spread == 0 || spread >= 1 else { throw ValidationError("--spread must be 0 (no bound) or at least 1") }
+        guard minWidth > 0, minWidth <= 1 else { throw ValidationError("--min-width must be in (0, 1]") }
+        guard steps >= 1, steps <= 256 else { throw ValidationError("--steps must be 1 to 256") }
+        guard adaptationBatches >= 1 else { throw ValidationError("--adaptation-batches must be at least 1") }
+    }
+
+    /// A budget is given (MACs or size).
+    public var searches: Bool { macsBudget != nil || sizeBudget != nil }
+
+    /// The MACs and size budgets as figures, shares taken of `original`'s.
+    public func budget(original: ArchitectureCost) throws -> SearchBudget {
+        SearchBudget(macs: try macsBudget.map { try Self.figure($0, of: original.macs, bytes: false, flag: "--macs-budget") },
+                     parameterBytes: try sizeBudget.map { try Self.figure($0, of: original.parameterBytes, bytes: true, flag: "--size-budget") })
+    }
+
+    /// A budget figure: a share of the original's (`25%`), or an absolute count with an optional K, M or G
+    /// (powers of 1000 for MACs; sizes take `parseByteSize`'s units).
+    public static func figure(_ text: String, of original: Int, bytes: Bool, flag: String) throws -> Int {
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        if trimmed.hasSuffix("%") {
+            guard let share = Double(trimmed.dropLast()), share > 0, share <= 100 else {
+                throw ValidationError("\(flag) '\(text)': a share must be in (0, 100] %")
+            }
+            return Int(Double(original) * share / 100)
+        }
+        if bytes {
+            guard let n = parseByteSize(trimmed) else { throw ValidationError("\(flag) '\(text)' is not a size like 40KB or 30%") }
+            return n
+        }
+        let multipliers: [Character: Double] = ["K": 1e3, "M": 1e6, "G": 1e9]
+        let unit = trimmed.last.flatMap { multipliers[Character($0.uppercased())] }
+        guard let value = Double(unit == nil ? trimmed : String(trimmed.dropLast())), value > 0, value.isFinite else {
+            throw ValidationError("\(flag) '\(text)' is not a count like 12000000, 12M or 25%")
+        }
+        return Int(value * (unit ?? 1))
     }
 }

@@ -95,21 +95,14 @@ extension ModelCommand {
         @Argument(help: "The ONNX model to search from.") var model: String
         @Option(name: .long, help: "Samples that score candidates and re-estimate batch norm (.npy or .npz).") var calibrationData: String
         @Option(name: .long, help: "Labels of the calibration samples (int .npy): candidates are scored by cross-entropy (else by KL from the original).") var labels: String?
-        @Option(name: .long, help: "Largest MACs per sample: a count (12000000, 12M, 1.5G) or a share of the original's (25%).") var macsBudget: String?
-        @Option(name: .long, help: "Largest size of the float parameters: bytes (40KB, 2MB) or a share of the original's (30%).") var sizeBudget: String?
+        @OptionGroup var searching: SearchFlags
         @Option(name: .long, help: "Largest latency of the float model on this machine at --latency-batch: 2ms, 800us, 0.5s, or a share of the original's (40%).") var latencyBudget: String?
         @Option(name: .long, help: "Batch size the latency budget is for.") var latencyBatch: Int = 1
         @Option(name: .long, help: "The latency table: read when it was built for this model, machine, threads and batch, else built and written here.") var latencyTable: String?
         @Option(name: .long, help: "Grid points per channel axis of the latency table.") var latencyGrid: Int = 6
         @Option(name: .long, help: "Where to write the chosen model (float, pruned; quantize it with model compress).") var out: String
 
-        @Option(name: .long, help: "Candidates evaluated in all.") var candidates: Int = 160
-        @Option(name: .long, help: "Candidates per generation.") var population: Int = 32
-        @Option(name: .long, help: "Each group's width stays between 1/S and S times the uniform share that fills the budget (0, the default: anywhere on the ladder).") var spread: Double = 0
-        @Option(name: .long, help: "Smallest width of a group, as a fraction of its channels.") var minWidth: Double = SearchSpace.defaultMinimumFraction
-        @Option(name: .long, help: "Steps of the width ladder between the smallest width and all channels.") var steps: Int = SearchSpace.defaultSteps
         @Option(name: .long, help: "Kept channel counts are multiples of this (vector widths of the target's kernels).") var roundTo: Int = 1
-        @Option(name: .long, help: "Batches that re-estimate each candidate's batch-norm statistics.") var adaptationBatches: Int = CandidateEvaluation.defaultAdaptationBatches
         @Option(name: .long, help: "With --finetune-epochs: the fittest candidates (the uniform one among them) fine-tuned briefly and scored on --val-data (else the calibration data), the best of them chosen.") var finalists: Int = 4
         @Option(name: .long, help: "Fine-tuning epochs of each finalist.") var finalistEpochs: Int = 1
 
@@ -126,20 +119,14 @@ extension ModelCommand {
         @Flag(name: .long, help: "Print the report as JSON.") var json = false
 
         func validate() throws {
-            guard macsBudget != nil || sizeBudget != nil || latencyBudget != nil else {
+            guard searching.macsBudget != nil || searching.sizeBudget != nil || latencyBudget != nil else {
                 throw ValidationError("give a budget: --macs-budget, --size-budget or --latency-budget (or several)")
             }
             guard latencyBatch >= 1 else { throw ValidationError("--latency-batch must be at least 1") }
             guard latencyGrid >= 2, latencyGrid <= 16 else { throw ValidationError("--latency-grid must be 2 to 16") }
-            guard candidates >= 1 else { throw ValidationError("--candidates must be at least 1") }
-            guard population >= 2 else { throw ValidationError("--population must be at least 2") }
-            guard spread == 0 || spread >= 1 else { throw ValidationError("--spread must be 0 (no bound) or at least 1") }
-            guard minWidth > 0, minWidth <= 1 else { throw ValidationError("--min-width must be in (0, 1]") }
-            guard steps >= 1, steps <= 256 else { throw ValidationError("--steps must be 1 to 256") }
             guard roundTo >= 1 else { throw ValidationError("--round-to must be at least 1") }
             guard finalists >= 1 else { throw ValidationError("--finalists must be at least 1") }
             guard finalistEpochs >= 1 else { throw ValidationError("--finalist-epochs must be at least 1") }
-            guard adaptationBatches >= 1 else { throw ValidationError("--adaptation-batches must be at least 1") }
             guard training.batchSize >= 2 else { throw ValidationError("--batch-size must be at least 2 (batch statistics)") }
             guard finetuneEpochs >= 0 else { throw ValidationError("--finetune-epochs must not be negative") }
             guard finetuneEpochs == 0 || trainData != nil else { throw ValidationError("--finetune-epochs needs --train-data") }
@@ -147,28 +134,6 @@ extension ModelCommand {
                 throw ValidationError("fine-tuning needs --train-labels, or --distill to learn from the original model")
             }
             guard valLabels == nil || valData != nil else { throw ValidationError("--val-labels needs --val-data") }
-        }
-
-        /// A budget figure: a share of the original's (`25%`), or an absolute count with an optional K, M or G
-        /// (powers of 1000 for MACs; sizes take `parseByteSize`'s units).
-        static func figure(_ text: String, of original: Int, bytes: Bool, flag: String) throws -> Int {
-            let trimmed = text.trimmingCharacters(in: .whitespaces)
-            if trimmed.hasSuffix("%") {
-                guard let share = Double(trimmed.dropLast()), share > 0, share <= 100 else {
-                    throw ValidationError("\(flag) '\(text)': a share must be in (0, 100] %")
-                }
-                return Int(Double(original) * share / 100)
-            }
-            if bytes {
-                guard let n = parseByteSize(trimmed) else { throw ValidationError("\(flag) '\(text)' is not a size like 40KB or 30%") }
-                return n
-            }
-            let multipliers: [Character: Double] = ["K": 1e3, "M": 1e6, "G": 1e9]
-            let unit = trimmed.last.flatMap { multipliers[Character($0.uppercased())] }
-            guard let value = Double(unit == nil ? trimmed : String(trimmed.dropLast())), value > 0, value.isFinite else {
-                throw ValidationError("\(flag) '\(text)' is not a count like 12000000, 12M or 25%")
-            }
-            return Int(value * (unit ?? 1))
         }
 
         /// A latency: `2ms`, `800us`, `0.5s`, or a share of the original's (`40%`).
@@ -199,12 +164,12 @@ extension ModelCommand {
 
             var search: LocalSearch
             do {
-                search = try LocalSearch(base: base, minimumFraction: minWidth, steps: steps, roundTo: roundTo, task: training.task)
+                search = try LocalSearch(base: base, minimumFraction: searching.minWidth, steps: searching.steps, roundTo: roundTo, task: training.task)
             } catch let error as CompressionError {
                 throw CLIError("\(model): \(error.message)")
             }
             search.batchSize = batchSize
-            search.adaptationBatches = adaptationBatches
+            search.adaptationBatches = searching.adaptationBatches
             let original = try CostModel.measured(base)
             let quiet = json || isatty(STDERR_FILENO) == 0
             let bar = ProgressBar(enabled: !quiet)
@@ -249,15 +214,13 @@ extension ModelCommand {
                     throw CLIError("\(latencyTable ?? ""): not a latency table (\(error))")
                 }
             }
-            let budget = SearchBudget(
-                macs: try macsBudget.map { try Self.figure($0, of: original.macs, bytes: false, flag: "--macs-budget") },
-                parameterBytes: try sizeBudget.map { try Self.figure($0, of: original.parameterBytes, bytes: true, flag: "--size-budget") },
-                latencyMs: try latencyBudget.map { try Self.milliseconds($0) { latency!.table.fullMilliseconds * (search.latency?.scale ?? 1) } })
+            var budget = try searching.budget(original: original)
+            budget.latencyMs = try latencyBudget.map { try Self.milliseconds($0) { latency!.table.fullMilliseconds * (search.latency?.scale ?? 1) } }
             var strategy = EvolutionarySearch()
-            strategy.evaluations = candidates
-            strategy.population = population
-            strategy.spread = spread == 0 ? nil : spread
-            strategy.parents = max(1, min(population, population / 4))
+            strategy.evaluations = searching.candidates
+            strategy.population = searching.population
+            strategy.spread = searching.spread == 0 ? nil : searching.spread
+            strategy.parents = max(1, min(searching.population, searching.population / 4))
             strategy.seed = seed
 
             let found: [SearchCandidate], scores: [Architecture: CandidateScore]
@@ -293,7 +256,7 @@ extension ModelCommand {
                 for (k, f) in EvolutionarySearch.finalists(found, count: finalists).enumerated() {
                     bar.update("finalists", k, finalists, "\(k)/\(finalists) fine-tuned")
                     var m = try CandidateEvaluation.adaptBatchNorm(try search.model(f.architecture), data: calibration,
-                                                                   batchSize: batchSize, batches: adaptationBatches)
+                                                                   batchSize: batchSize, batches: searching.adaptationBatches)
                     (m, _) = try local.finetune(m, teacher: teacher, data: trainingSet, epochs: finalistEpochs, task: search.task)
                     let s = try CandidateEvaluation.score(m, data: evaluation, baseOutputs: reference, task: search.task, batchSize: batchSize)
                     let figure = s.accuracy ?? s.evaluation.agreementRate ?? -s.meanLoss
@@ -318,7 +281,7 @@ extension ModelCommand {
 
             // The chosen model: inherited weights, batch norm re-estimated, fine-tuned when asked.
             var chosen = try CandidateEvaluation.adaptBatchNorm(try search.model(best.architecture), data: calibration,
-                                                                batchSize: batchSize, batches: adaptationBatches)
+                                                                batchSize: batchSize, batches: searching.adaptationBatches)
             if finetuneEpochs > 0, let trainingSet {
                 local.trainingProgress = { epoch, epochs, step, steps, loss in
                     bar.update(String(format: "fine-tune epoch %d/%d", epoch + 1, epochs), step, steps,

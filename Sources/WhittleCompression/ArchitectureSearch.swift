@@ -84,9 +84,24 @@ public struct SearchSpace: Sendable {
         return out
     }
 
-    /// The per-group widths as reports show them.
+    /// The per-group widths as reports show them (and search tasks carry them).
     public func describe(_ a: Architecture) -> [String: Int] {
         Dictionary(uniqueKeysWithValues: zip(dimensions, a.levels).map { ($0.name, $0.widths[$1]) })
+    }
+
+    /// The architecture with these widths per group name (`describe`'s inverse): every dimension named, each width
+    /// on its ladder.
+    public func architecture(widths: [String: Int]) throws -> Architecture {
+        guard Set(widths.keys) == Set(dimensions.map(\.name)) else {
+            let missing = dimensions.map(\.name).filter { widths[$0] == nil }, unknown = widths.keys.filter { w in !dimensions.contains { $0.name == w } }
+            throw CompressionError(.invalidArgument, "the widths name groups \(unknown.sorted()) the model does not have, or miss \(missing.sorted())")
+        }
+        return Architecture(levels: try dimensions.map { d in
+            guard let level = d.widths.firstIndex(of: widths[d.name]!) else {
+                throw CompressionError(.invalidArgument, "group \(d.name) cannot keep \(widths[d.name]!) channels; its widths are \(d.widths)")
+            }
+            return level
+        })
     }
 }
 
@@ -371,7 +386,8 @@ public struct EvolutionarySearch: Sendable {
             let r = try repaired(a)
             if budget.admits(try cost(r)), seen.insert(r).inserted { batch.append(r) }
         }
-        try propose(uniform, into: &first)
+        // The uniform architecture as it is (not widened here and there to fill the budget): the reference.
+        if budget.admits(try cost(uniform)), seen.insert(uniform).inserted { first.append(uniform) }
         var attempts = 0
         while first.count < min(population, evaluations) && attempts < population * 20 {
             attempts += 1
@@ -407,6 +423,32 @@ public struct EvolutionarySearch: Sendable {
         }
         return evaluated
     }
+
+    /// The architectures of generation `g` (0 the first), given the fitness of every earlier generation (`known[k]`:
+    /// generation k's, in its order): what `run` would ask to score next. A search whose generations are scored
+    /// elsewhere (a round's phases, each on the fleet) replays from what it stored, deterministically. Empty when the
+    /// search ends before generation `g` (its evaluations spent, or the space near its elite exhausted).
+    public func generation(_ g: Int, space: SearchSpace, cost: (Architecture) throws -> ArchitectureCost, budget: SearchBudget,
+                           known: [[Double]]) throws -> [Architecture] {
+        struct Asked: Error { let batch: [Architecture] }
+        var calls = 0
+        do {
+            _ = try run(space: space, cost: cost, budget: budget) { batch in
+                defer { calls += 1 }
+                if calls == g { throw Asked(batch: batch) }
+                guard calls < known.count, known[calls].count == batch.count else {
+                    throw CompressionError(.invalidStatistics, "generation \(calls + 1) of the search has \(batch.count) candidates; \(calls < known.count ? "\(known[calls].count) scores are stored" : "no scores are stored")")
+                }
+                return known[calls]
+            }
+        } catch let asked as Asked {
+            return asked.batch
+        }
+        return []
+    }
+
+    /// Generations of `population` needed for `evaluations` candidates (a search may end sooner).
+    public var generations: Int { (max(evaluations, 1) + max(population, 1) - 1) / max(population, 1) }
 
     /// The widest architecture with every group at the same share of its channels (to a thousandth) that meets the
     /// budget: uniform pruning's point, the reference a search must beat.

@@ -230,6 +230,8 @@ public struct CompressionReport: Sendable, Codable {
     /// Embeddings: mean cosine similarity with the original's.
     public var meanCosine: Double?
     public var pruning: PruningSection?
+    /// An architecture search's figures (rounds with a search budget).
+    public var search: SearchSection?
     public var calibration: CalibrationSection?
     public var quantization: QuantizationSummary?
     public var sensitivity: [Sensitivity]?
@@ -250,5 +252,58 @@ public struct CompressionReport: Sendable, Codable {
         self.before = before
         self.after = after
         self.timings = [:]
+    }
+}
+
+extension CompressionReport {
+    /// An architecture search in a round: every candidate's merged scores, the uniform reference, the front and the
+    /// choice.
+    public struct SearchSection: Sendable, Codable, Equatable {
+        public struct Candidate: Codable, Sendable, Equatable {
+            /// Channels kept per group, by the group's name.
+            public var widths: [String: Int]
+            public var macs: Int
+            public var parameterBytes: Int
+            /// The negated mean loss over the fleet's samples (a finite stand-in when no sample scored it).
+            public var fitness: Double
+            public var loss: Double?
+            /// Top-1 accuracy over the fleet's labelled samples, and agreement with the original.
+            public var accuracy: Double?
+            public var agreement: Double?
+            public var samples: Int
+
+            public init(widths: [String: Int], cost: ArchitectureCost, score: CandidateScore?) {
+                self.widths = widths
+                macs = cost.macs
+                parameterBytes = cost.parameterBytes
+                let loss = score?.meanLoss ?? .infinity
+                self.loss = loss.isFinite ? loss : nil
+                fitness = loss.isFinite ? -loss : -Double.greatestFiniteMagnitude
+                accuracy = score?.accuracy
+                agreement = score?.evaluation.agreementRate
+                samples = score?.samples ?? 0
+            }
+        }
+
+        public var budget: SearchBudget
+        public var evaluated: Int
+        /// The uniform architecture that fills the budget (the first candidate scored).
+        public var uniform: Candidate?
+        public var chosen: Candidate?
+        /// The candidates no other beats on both fitness and MACs (ascending MACs).
+        public var front: [Candidate]
+
+        public init(budget: SearchBudget, candidates: [Candidate], chosen: Candidate?) {
+            self.budget = budget
+            evaluated = candidates.count
+            uniform = candidates.first
+            self.chosen = chosen
+            var best = -Double.infinity
+            front = []
+            for c in candidates.sorted(by: { $0.macs != $1.macs ? $0.macs < $1.macs : $0.fitness > $1.fitness }) where c.fitness > best {
+                front.append(c)
+                best = c.fitness
+            }
+        }
     }
 }

@@ -21,6 +21,9 @@ public struct PhaseExpectation: Sendable {
     public var histogramBins = Histogram.defaultBinCount
     /// distribute: the final artifact.
     public var artifact = ""
+    /// search: the generation's candidates (widths per group name) and the adaptive batch norm's batches.
+    public var candidates: [[String: Int]] = []
+    public var adaptationBatches = 0
 
     public init(kind: PhaseKind) {
         self.kind = kind
@@ -107,6 +110,8 @@ public struct PhaseAccumulator: Sendable {
     public var histograms: [String: Histogram] { (aggregate as? HistogramAggregate)?.histograms ?? [:] }
     /// evaluate: each site's evaluation.
     public var evaluations: [String: Whittle_EvaluationReport] { (aggregate as? EvaluationAggregate)?.evaluations ?? [:] }
+    /// search: each candidate's merged score, in the generation's order.
+    public var searchScores: [CandidateScore] { (aggregate as? SearchAggregate)?.scores ?? [] }
     /// finetune, qat: the local losses reported.
     public var losses: [Double] { (aggregate as? UpdateAggregate)?.losses ?? [] }
     /// finetune, qat: the L2 norm of each accepted training update, before clipping.

@@ -43,11 +43,34 @@ public struct RoundProgress: Codable, Sendable {
     /// The median L2 norm of the updates of the last training phase closed (the next phase's clipping bound is a
     /// multiple of it).
     public var updateNormMedian: Double?
+    /// An architecture search's generations and choice.
+    public var search: SearchProgress?
 
     public init(plan: RoundPlan, baseModel: String, startModel: String) {
         self.baseModel = baseModel
         currentModel = startModel
         phases = plan.phases.enumerated().map { CompressionReport.PhaseRow(index: $0, kind: $1.kind.rawValue, label: $1.label) }
+    }
+}
+
+/// An architecture search's durable state: every generation's candidates with the fleet's merged scores (the search
+/// replays from their fitness, so the next generation is the same after a restart), and the candidate `pick` chose.
+public struct SearchProgress: Codable, Sendable, Equatable {
+    public typealias Candidate = CompressionReport.SearchSection.Candidate
+
+    /// The candidates of each closed generation, in the order they were scored; the first of the first generation is
+    /// the uniform architecture that fills the budget (the reference).
+    public var generations: [[Candidate]] = []
+    public var chosen: Candidate?
+
+    public init() {}
+
+    /// Every candidate, in evaluation order.
+    public var candidates: [Candidate] { generations.flatMap { $0 } }
+
+    /// The fittest candidate (the earliest among equals).
+    public var fittest: Candidate? {
+        candidates.enumerated().max { a, b in a.element.fitness != b.element.fitness ? a.element.fitness < b.element.fitness : a.offset > b.offset }?.element
     }
 }
 
@@ -91,6 +114,12 @@ public struct RoundEngine: Sendable {
         t.tensors = expectation.tensors.sorted()
         t.histogramUpper = expectation.histogramUpper
         t.histogramBins = UInt32(expectation.histogramBins)
+        t.candidates = expectation.candidates.map { widths in
+            var w = Whittle_ArchitectureWidths()
+            w.widths = widths.mapValues { UInt32(clamping: $0) }
+            return w
+        }
+        t.adaptationBatches = UInt32(clamping: expectation.adaptationBatches)
         t.deadline = deadline
         t.batchSize = UInt32(plan.batchSize)
         t.optimizer = plan.optimizer.rawValue
@@ -314,6 +343,9 @@ public struct RoundEngine: Sendable {
         r.relativeError = progress.relativeError
         r.meanCosine = progress.meanCosine
         r.pruning = progress.pruning
+        if let search = progress.search, let budget = plan.search?.budget {
+            r.search = CompressionReport.SearchSection(budget: budget, candidates: search.candidates, chosen: search.chosen)
+        }
         r.calibration = progress.calibration
         r.quantization = progress.quantization
         r.renamedValues = progress.renamedValues

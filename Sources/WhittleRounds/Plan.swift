@@ -27,6 +27,11 @@ public enum PhaseKind: String, Codable, Sendable, CaseIterable {
     case importance
     /// Coordinator: scores → global mask → surgery.
     case prune
+    /// Workers: one generation of an architecture search: each candidate scored on local data after its batch-norm
+    /// statistics are re-estimated there (adaptive batch norm), merged as sums.
+    case search
+    /// Coordinator: the search's fittest candidate → surgery (each group keeps its strongest channels by L1).
+    case pick
     /// Workers: local epochs → weight deltas; the coordinator averages them into the next global model.
     case finetune
     /// Workers: per-channel sums and sums of squares of every BatchNormalization input, under the averaged model;
@@ -78,9 +83,52 @@ public struct Phase: Codable, Sendable, Equatable {
         case .importance, .prune: return "\(kind.rawValue) (step \(step + 1))"
         case .finetune: return "finetune (step \(step + 1), round \(iteration + 1))"
         case .qat: return "qat (round \(iteration + 1))"
+        case .search: return "search (generation \(iteration + 1))"
         case .normalization: return "batch-norm statistics (step \(step + 1), pass \(iteration + 1))"
         default: return kind.rawValue
         }
+    }
+}
+
+/// An architecture search instead of a pruning schedule (`coordinator round start --macs-budget/--size-budget`):
+/// generations of candidate widths per prunable group, each generation scored by the fleet on its own data, then the
+/// fittest candidate within the budget is cut from the model (`pick`) and fine-tuned as a pruned model would be.
+public struct SearchPlan: Codable, Sendable, Equatable {
+    /// Absolute figures (shares are resolved against the model when the round starts).
+    public var budget = SearchBudget()
+    public var candidates = 96
+    public var population = 32
+    public var minimumFraction = SearchSpace.defaultMinimumFraction
+    public var steps = SearchSpace.defaultSteps
+    /// Each group's width within 1/spread…spread times the uniform share (nil: anywhere on the ladder).
+    public var spread: Double?
+    public var adaptationBatches = CandidateEvaluation.defaultAdaptationBatches
+
+    public init() {}
+
+    /// The search strategy, seeded by the round's seed.
+    public func strategy(seed: UInt64) -> EvolutionarySearch {
+        var s = EvolutionarySearch()
+        s.evaluations = candidates
+        s.population = population
+        s.parents = max(1, population / 4)
+        s.spread = spread
+        s.seed = seed
+        return s
+    }
+
+    func check() throws {
+        func fail(_ message: String) -> CompressionError { CompressionError(.invalidArgument, message) }
+        guard budget.macs != nil || budget.parameterBytes != nil else { throw fail("the search needs a budget: --macs-budget or --size-budget") }
+        guard budget.latencyMs == nil else {
+            throw fail("latency budgets are not searched on the fleet yet; use coordinator model search --latency-budget on a board of the kind")
+        }
+        guard candidates >= 1, candidates <= 10_000 else { throw fail("--candidates must be in 1…10000") }
+        guard population >= 2, population <= candidates || candidates < 2 else { throw fail("--population must be in 2…--candidates") }
+        guard minimumFraction > 0, minimumFraction <= 1 else { throw fail("--min-width must be in (0, 1]") }
+        guard steps >= 1, steps <= 256 else { throw fail("--steps must be in 1…256") }
+        if let spread { guard spread >= 1 else { throw fail("--spread must be 0 (no bound) or at least 1") } }
+        guard adaptationBatches >= 1, adaptationBatches <= 1000 else { throw fail("--adaptation-batches must be in 1…1000") }
     }
 }
 
@@ -93,6 +141,8 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     /// Start from this earlier round's fine-tuned float model instead of `modelSHA256` (continual re-compression).
     public var fromRound: String?
     public var pruneRatio = 0.0
+    /// Search channel widths under a budget instead of pruning at a ratio (nil: no search).
+    public var search: SearchPlan?
     /// Progressive ratios, each against the original channel counts (overrides `pruneRatio`).
     public var schedule: [Double] = []
     public var scope = PruningOptions(ratio: 0).scope
@@ -200,6 +250,10 @@ public struct RoundPlan: Codable, Sendable, Equatable {
             for r in 0..<finetuneRounds { out.append(Phase(.finetune, step: k, iteration: r)) }
             if finetuneRounds > 0 { for p in 0..<(normalizationPasses ?? 0) { out.append(Phase(.normalization, step: k, iteration: p)) } }
         }
+        if let search {
+            for g in 0..<search.strategy(seed: seed).generations { out.append(Phase(.search, iteration: g)) }
+            out.append(Phase(.pick))
+        }
         if steps.isEmpty, finetuneRounds > 0 {
             for r in 0..<finetuneRounds { out.append(Phase(.finetune, iteration: r)) }
             for p in 0..<(normalizationPasses ?? 0) { out.append(Phase(.normalization, iteration: p)) }
@@ -247,6 +301,13 @@ public struct RoundPlan: Codable, Sendable, Equatable {
             throw fail("--schedule ratios must be in (0, 1) and non-decreasing, got \(schedule)")
         }
         if !steps.isEmpty { try pruningOptions.check() }
+        if let search {
+            guard steps.isEmpty else { throw fail("a round either searches widths under a budget or prunes at --prune-ratio/--schedule, not both") }
+            try search.check()
+            guard finetuneRounds >= 1 else {
+                throw fail("a searched architecture keeps inherited weights and batch-norm statistics of the original: give --finetune-rounds (at least 1)")
+            }
+        }
         try quantizationPolicy.check()
         guard finetuneRounds >= 0, finetuneRounds <= 1000 else { throw fail("--finetune-rounds must be in 0…1000") }
         guard qatRounds >= 0, qatRounds <= 1000 else { throw fail("--qat-rounds must be in 0…1000") }
@@ -298,6 +359,11 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         } catch let error as ONNXError {
             throw CompressionError(.invalidArgument, error.message)
         }
+        if let search {
+            // The space, the costs and the budget, as the search phases will see them.
+            let local = try localSearch(model)
+            try search.budget.check(smallest: try local.cost(local.space.narrowest))
+        }
         if !steps.isEmpty {
             let groups = try ChannelGroups(model: model)
             guard !groups.prunable.isEmpty else {
@@ -348,6 +414,14 @@ public func decodeStored<T: Codable>(_ type: T.Type, from data: Data, defaults: 
 }
 
 extension RoundPlan {
+    /// The search space, costs and inherited channels of an architecture search on `model` (the coordinator's side
+    /// of the search phases; workers build the candidates from the widths the task names).
+    public func localSearch(_ model: Model) throws -> LocalSearch {
+        let plan = search ?? SearchPlan()
+        return try LocalSearch(base: model, minimumFraction: plan.minimumFraction, steps: plan.steps, roundTo: roundTo,
+                               minimumChannels: minChannels, task: task)
+    }
+
     /// A stored plan (see `decodeStored`).
     public static func stored(_ data: Data) throws -> RoundPlan { try decodeStored(RoundPlan.self, from: data, defaults: RoundPlan()) }
 }

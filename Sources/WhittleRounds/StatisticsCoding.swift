@@ -243,3 +243,24 @@ extension Whittle_EvaluationReport {
         return e
     }
 }
+
+extension Whittle_CandidateScore {
+    public init(_ s: CandidateScore) {
+        self.init()
+        lossSum = s.lossSum
+        evaluation = Whittle_EvaluationReport(s.evaluation)
+    }
+
+    /// The score, refused when the loss is negative or not finite, or its figures are impossible.
+    public func decoded() throws -> CandidateScore {
+        guard lossSum.isFinite, lossSum >= 0 else {
+            throw CompressionError(.invalidStatistics, "a candidate's loss sum is \(lossSum); it must be finite and not negative")
+        }
+        let e = try evaluation.decoded()
+        var s = CandidateScore(task: e.task)
+        s.evaluation = e
+        s.samples = e.samples
+        s.lossSum = lossSum
+        return s
+    }
+}

@@ -44,6 +44,43 @@ import WhittleTestSupport
         }
     }
 
+    /// A search whose generations are scored elsewhere (a round's phases) replays from the stored fitness: each
+    /// generation is the one `run` asked for, a widths description maps back to its architecture, and a generation
+    /// past the end of the search is empty.
+    @Test func generationsReplayFromStoredFitness() throws {
+        let model = try ModelCoding.read(try TestSupport.fixtureBytes("resnet_bn_op13.onnx"))
+        let groups = try ChannelGroups(model: model)
+        let space = try SearchSpace(groups: groups, roundTo: 2)
+        let costs = try CostModel(model: model, groups: groups, space: space)
+        var strategy = EvolutionarySearch()
+        strategy.evaluations = 20
+        strategy.population = 8
+        strategy.parents = 2
+        strategy.seed = 4
+        let budget = SearchBudget(macs: costs.cost(space.full).macs / 3)
+        func fitness(_ a: Architecture) -> Double { -Double(a.levels.enumerated().reduce(0) { $0 + ($1.offset % 3 + 1) * $1.element }) }
+        var asked: [[Architecture]] = []
+        _ = try strategy.run(space: space, cost: costs.cost, budget: budget) { batch in
+            asked.append(batch)
+            return batch.map(fitness)
+        }
+        #expect(asked.count == strategy.generations)
+        for g in asked.indices {
+            let known = asked[..<g].map { $0.map(fitness) }
+            #expect(try strategy.generation(g, space: space, cost: costs.cost, budget: budget, known: Array(known)) == asked[g])
+            for a in asked[g] { #expect(try space.architecture(widths: space.describe(a)) == a) }
+        }
+        #expect(try strategy.generation(asked.count, space: space, cost: costs.cost, budget: budget, known: asked.map { $0.map(fitness) }).isEmpty)
+        // Stored fitness that does not fit the generation is refused.
+        #expect(throws: CompressionError.self) {
+            try strategy.generation(1, space: space, cost: costs.cost, budget: budget, known: [[0.5]])
+        }
+        #expect(throws: CompressionError.self) { try space.architecture(widths: ["nonsense": 3]) }
+        var off = space.describe(space.full)
+        off[space.dimensions[0].name] = space.dimensions[0].channels + 1
+        #expect(throws: CompressionError.self) { try space.architecture(widths: off) }
+    }
+
     /// BatchNormalization straight on the input: after adaptation its running statistics are the per-channel mean
     /// of the batch means and of the unbiased batch variances, computed here by hand.
     @Test func adaptiveBatchNormTakesTheBatchStatistics() throws {

@@ -288,7 +288,7 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._phase = newValue}
   }
 
-  /// importance | finetune | fisher | normalization | ranges | histograms | qat | evaluate | distribute
+  /// importance | finetune | fisher | normalization | ranges | histograms | qat | evaluate | distribute | search
   public var kind: String {
     get {_storage._kind}
     set {_uniqueStorage()._kind = newValue}
@@ -446,11 +446,77 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._taskKind = newValue}
   }
 
+  /// search: this generation's candidate architectures, each scored on the worker's data after its batch-norm
+  /// statistics are re-estimated over up to adaptation_batches batches.
+  public var candidates: [Whittle_ArchitectureWidths] {
+    get {_storage._candidates}
+    set {_uniqueStorage()._candidates = newValue}
+  }
+
+  public var adaptationBatches: UInt32 {
+    get {_storage._adaptationBatches}
+    set {_uniqueStorage()._adaptationBatches = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// A candidate architecture of an architecture search: the channels each prunable group of the task's model keeps,
+/// by the group's name (its first producer). The kept channels are the group's strongest by L1 norm.
+public nonisolated struct Whittle_ArchitectureWidths: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var widths: Dictionary<String,UInt32> = [:]
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// A search task's result: one score per candidate, in the task's order, as sums over the worker's samples.
+public nonisolated struct Whittle_SearchScores: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var scores: [Whittle_CandidateScore] = []
+
+  public var samples: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// One candidate on one worker: the summed loss (cross-entropy with labels, KL divergence from the task's model
+/// without) and the task's figures against the task's model (the candidate as the "compressed" model).
+public nonisolated struct Whittle_CandidateScore: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var lossSum: Double = 0
+
+  public var evaluation: Whittle_EvaluationReport {
+    get {_evaluation ?? Whittle_EvaluationReport()}
+    set {_evaluation = newValue}
+  }
+  /// Returns true if `evaluation` has been explicitly set.
+  public var hasEvaluation: Bool {self._evaluation != nil}
+  /// Clears the value of `evaluation`. Subsequent reads from it will return its default value.
+  public mutating func clearEvaluation() {self._evaluation = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _evaluation: Whittle_EvaluationReport? = nil
 }
 
 /// An int8 tensor with one scale: value = scale · q.
@@ -752,6 +818,14 @@ public nonisolated struct Whittle_TaskReport: Sendable {
     set {result = .distribution(newValue)}
   }
 
+  public var search: Whittle_SearchScores {
+    get {
+      if case .search(let v)? = result {return v}
+      return Whittle_SearchScores()
+    }
+    set {result = .search(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Result: Equatable, Sendable {
@@ -761,6 +835,7 @@ public nonisolated struct Whittle_TaskReport: Sendable {
     case fisher(Whittle_FisherReport)
     case evaluation(Whittle_EvaluationReport)
     case distribution(Whittle_DistributionReport)
+    case search(Whittle_SearchScores)
 
   }
 
@@ -1279,7 +1354,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Task"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0\u{3}epoch_learning_rates\0\u{3}keep_optimizer_state\0\u{3}task_kind\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0\u{3}epoch_learning_rates\0\u{3}keep_optimizer_state\0\u{3}task_kind\0\u{1}candidates\0\u{3}adaptation_batches\0")
 
   fileprivate class _StorageClass {
     var _roundID: String = String()
@@ -1311,6 +1386,8 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
     var _epochLearningRates: [Float] = []
     var _keepOptimizerState: Bool = false
     var _taskKind: String = String()
+    var _candidates: [Whittle_ArchitectureWidths] = []
+    var _adaptationBatches: UInt32 = 0
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -1350,6 +1427,8 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       _epochLearningRates = source._epochLearningRates
       _keepOptimizerState = source._keepOptimizerState
       _taskKind = source._taskKind
+      _candidates = source._candidates
+      _adaptationBatches = source._adaptationBatches
     }
   }
 
@@ -1397,6 +1476,8 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         case 27: try { try decoder.decodeRepeatedFloatField(value: &_storage._epochLearningRates) }()
         case 28: try { try decoder.decodeSingularBoolField(value: &_storage._keepOptimizerState) }()
         case 29: try { try decoder.decodeSingularStringField(value: &_storage._taskKind) }()
+        case 30: try { try decoder.decodeRepeatedMessageField(value: &_storage._candidates) }()
+        case 31: try { try decoder.decodeSingularUInt32Field(value: &_storage._adaptationBatches) }()
         default: break
         }
       }
@@ -1492,6 +1573,12 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       if !_storage._taskKind.isEmpty {
         try visitor.visitSingularStringField(value: _storage._taskKind, fieldNumber: 29)
       }
+      if !_storage._candidates.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._candidates, fieldNumber: 30)
+      }
+      if _storage._adaptationBatches != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._adaptationBatches, fieldNumber: 31)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1530,10 +1617,116 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         if _storage._epochLearningRates != rhs_storage._epochLearningRates {return false}
         if _storage._keepOptimizerState != rhs_storage._keepOptimizerState {return false}
         if _storage._taskKind != rhs_storage._taskKind {return false}
+        if _storage._candidates != rhs_storage._candidates {return false}
+        if _storage._adaptationBatches != rhs_storage._adaptationBatches {return false}
         return true
       }
       if !storagesAreEqual {return false}
     }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_ArchitectureWidths: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ArchitectureWidths"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}widths\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufUInt32>.self, value: &self.widths) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.widths.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufUInt32>.self, value: self.widths, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_ArchitectureWidths, rhs: Whittle_ArchitectureWidths) -> Bool {
+    if lhs.widths != rhs.widths {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_SearchScores: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SearchScores"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}scores\0\u{1}samples\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.scores) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.samples) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.scores.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.scores, fieldNumber: 1)
+    }
+    if self.samples != 0 {
+      try visitor.visitSingularUInt64Field(value: self.samples, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_SearchScores, rhs: Whittle_SearchScores) -> Bool {
+    if lhs.scores != rhs.scores {return false}
+    if lhs.samples != rhs.samples {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_CandidateScore: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CandidateScore"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}loss_sum\0\u{1}evaluation\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularDoubleField(value: &self.lossSum) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._evaluation) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.lossSum.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.lossSum, fieldNumber: 1)
+    }
+    try { if let v = self._evaluation {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_CandidateScore, rhs: Whittle_CandidateScore) -> Bool {
+    if lhs.lossSum != rhs.lossSum {return false}
+    if lhs._evaluation != rhs._evaluation {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1983,7 +2176,7 @@ nonisolated extension Whittle_DistributionReport: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".TaskReport"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}round_id\0\u{1}phase\0\u{3}upload_id\0\u{3}bytes_down\0\u{3}compute_seconds\0\u{2}\u{4}importance\0\u{1}calibration\0\u{1}update\0\u{1}fisher\0\u{1}evaluation\0\u{1}distribution\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}round_id\0\u{1}phase\0\u{3}upload_id\0\u{3}bytes_down\0\u{3}compute_seconds\0\u{2}\u{4}importance\0\u{1}calibration\0\u{1}update\0\u{1}fisher\0\u{1}evaluation\0\u{1}distribution\0\u{1}search\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2075,6 +2268,19 @@ nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._
           self.result = .distribution(v)
         }
       }()
+      case 16: try {
+        var v: Whittle_SearchScores?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .search(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .search(v)
+        }
+      }()
       default: break
       }
     }
@@ -2127,6 +2333,10 @@ nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._
     case .distribution?: try {
       guard case .distribution(let v)? = self.result else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+    }()
+    case .search?: try {
+      guard case .search(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
     }()
     case nil: break
     }

@@ -1,0 +1,171 @@
+import Foundation
+import Testing
+import WhittleCompression
+import WhittleNN
+import WhittleONNX
+import WhittleProtocol
+import WhittleRounds
+import WhittleTensor
+import WhittleTestSupport
+
+/// A round's architecture search, phase by phase, in process: the fleet's scores are the sums of each worker's own
+/// (adaptive batch norm on its data), the generations replay after a restart, and `pick` cuts the fittest candidate
+/// within the budget.
+@Suite struct SearchRoundTests {
+    /// A round's artifacts in memory.
+    final class Artifacts: RoundArtifacts {
+        var blobs: [String: [UInt8]] = [:]
+        func model(_ sha: String) throws -> Model { try ModelCoding.read(try bytes(sha)) }
+        func store(_ model: Model) throws -> String { try store(try ModelCoding.write(model)) }
+        func store(_ bytes: [UInt8]) throws -> String {
+            if let known = blobs.first(where: { $0.value == bytes })?.key { return known }
+            let sha = String(repeating: "0", count: 63 - String(blobs.count).count) + "a" + String(blobs.count)
+            blobs[sha] = bytes
+            return sha
+        }
+        func bytes(_ sha: String) throws -> [UInt8] {
+            guard let b = blobs[sha] else { throw CompressionError(.invalidArgument, "no artifact \(sha)") }
+            return b
+        }
+        func size(_ sha: String) -> Int { blobs[sha]?.count ?? 0 }
+    }
+
+    static func plan() -> RoundPlan {
+        var p = RoundTests.plan {
+            $0.finetuneRounds = 1
+            $0.quantize = .none
+        }
+        var search = SearchPlan()
+        search.candidates = 8
+        search.population = 4
+        search.adaptationBatches = 2
+        search.budget = SearchBudget(macs: try! CostModel.measured(RoundTests.model).macs * 2 / 5)
+        p.search = search
+        return p
+    }
+
+    @Test func theFleetScoresEachGenerationAndPickCutsTheFittest() throws {
+        let plan = Self.plan()
+        let model = RoundTests.model
+        try plan.validate(model: model)
+        #expect(plan.phases.map(\.kind) == [.search, .search, .pick, .finetune, .export, .evaluate, .distribute])
+        #expect(plan.phases[1].label == "search (generation 2)")
+        let artifacts = Artifacts()
+        let start = try artifacts.store(model)
+        var progress = RoundProgress(plan: plan, baseModel: start, startModel: start)
+        let engine = RoundEngine(plan: plan)
+        let (parts, _) = try RoundTests.shards()
+        let local = try plan.localSearch(model)
+        let budget = plan.search!.budget
+
+        for g in 0..<2 {
+            let accumulator = try RoundTests.federated(.search, plan: plan, model: model, progress: progress, parts: parts)
+            let candidates = accumulator.expectation.candidates
+            #expect(candidates.count == 4)
+            if g == 0 {
+                // The first candidate is the uniform architecture that fills the budget.
+                let uniform = try EvolutionarySearch.uniform(space: local.space, cost: local.cost, budget: budget)
+                #expect(candidates[0] == local.space.describe(uniform))
+            }
+            // Each candidate's fleet score is the sum of what each worker computes on its own shard.
+            let merged = accumulator.searchScores
+            for (k, widths) in candidates.enumerated() {
+                let a = try local.space.architecture(widths: widths)
+                #expect(budget.admits(try local.cost(a)))
+                var expected = 0.0
+                for part in parts {
+                    var compression = LocalCompression()
+                    compression.batchSize = 4
+                    let reference = try compression.logits(try InferenceSession(model: model), part)
+                    let adapted = try CandidateEvaluation.adaptBatchNorm(try local.model(a), data: part, batchSize: 4, batches: 2)
+                    expected += try CandidateEvaluation.score(adapted, data: part, baseOutputs: reference, task: .classification, batchSize: 4).lossSum
+                }
+                #expect(merged[k].samples == parts.reduce(0) { $0 + $1.count })
+                #expect(abs(merged[k].lossSum - expected) <= mergedSumTolerance * max(1, expected), "candidate \(k)")
+            }
+            var closing = PhaseClosing(engine: engine, phase: Phase(.search, iteration: g), accumulator: accumulator,
+                                       progress: progress, artifacts: artifacts)
+            try PhaseHandlers.handler(.search).close(&closing)
+            progress = closing.progress
+            #expect(progress.search?.generations.count == g + 1)
+            // A restart rebuilds the same generation from the stored progress (JSON and back).
+            let restored = try RoundProgress.stored(try JSONEncoder().encode(progress))
+            #expect(restored.search == progress.search)
+        }
+        // The third generation is past the search: it would be empty.
+        #expect(try engine.expectation(Phase(.search, iteration: 2), model: model, progress: progress).candidates.isEmpty)
+
+        var closing = PhaseClosing(engine: engine, phase: Phase(.pick), accumulator: nil, progress: progress, artifacts: artifacts)
+        try PhaseHandlers.handler(.pick).close(&closing)
+        progress = closing.progress
+        let search = try #require(progress.search)
+        let chosen = try #require(search.chosen)
+        #expect(chosen == search.fittest)
+        #expect(search.candidates.allSatisfy { $0.fitness <= chosen.fitness })
+        let pruned = try artifacts.model(progress.currentModel)
+        #expect(try CostModel.measured(pruned).macs == chosen.macs && chosen.macs <= budget.macs!)
+        let section = try #require(progress.pruning)
+        #expect(section.steps.count == 1 && section.criterion == .l1)
+        for decision in section.groups where chosen.widths[decision.group] != nil {
+            #expect(decision.kept == chosen.widths[decision.group], "\(decision.group)")
+        }
+        // The round's report carries the search: the uniform reference, the choice, the front.
+        progress.before = CompressionReport.Figures(bytes: 1, parameters: 1, macs: 1, accuracy: nil, samples: nil)
+        progress.after = progress.before
+        let report = try #require(engine.report(round: "r", progress: progress, output: "o"))
+        #expect(report.search?.evaluated == 8 && report.search?.chosen == chosen && report.search?.uniform == search.candidates.first)
+        #expect(report.search?.front.last?.fitness == chosen.fitness)
+    }
+
+    @Test func badSearchReportsAndPlansAreRefused() throws {
+        let plan = Self.plan()
+        let model = RoundTests.model
+        let progress = RoundProgress(plan: plan, baseModel: "b", startModel: "c")
+        let engine = RoundEngine(plan: plan)
+        let expectation = try engine.expectation(Phase(.search), model: model, progress: progress)
+        let task = engine.task(Phase(.search), index: 0, round: "r", progress: progress, expectation: expectation, deadline: 0,
+                               artifactBytes: { _ in 0 })
+        #expect(task.candidates.count == 4 && task.adaptationBatches == 2)
+        let (parts, _) = try RoundTests.shards()
+        var compressor = DeltaCompressor()
+        let good = try WorkerJobs.run(task, model: model, teacher: model, data: parts[0], batchSize: 4, compressor: &compressor)
+        func refused(_ edit: (inout Whittle_TaskReport) -> Void) -> Bool {
+            var report = good
+            edit(&report)
+            var accumulator = PhaseAccumulator(expectation: expectation)
+            do {
+                try accumulator.add(report, worker: "w", maximumSamples: parts[0].count)
+                return false
+            } catch {
+                return accumulator.reports == 0
+            }
+        }
+        #expect(!refused { _ in })
+        #expect(refused { $0.search.scores.removeLast() })
+        #expect(refused { $0.search.scores[1].lossSum = .nan })
+        #expect(refused { $0.search.scores[2].lossSum = -1 })
+        #expect(refused { $0.search.scores[0].evaluation.samples += 1 })
+        #expect(refused { $0.search.samples = UInt64(parts[0].count + 1) })
+        #expect(refused { $0.importance = Whittle_ImportanceReport() })
+        // A worker refuses a task whose widths the model cannot take.
+        var bad = task
+        bad.candidates[0].widths[bad.candidates[0].widths.keys.first!] = 10_000
+        #expect(throws: CompressionError.self) {
+            try WorkerJobs.run(bad, model: model, teacher: model, data: parts[0], batchSize: 4, compressor: &compressor)
+        }
+        // Plans: a search with a pruning ratio, without fine-tuning, with a latency budget, or a budget below the
+        // smallest architecture.
+        for (edit, needle) in [({ (p: inout RoundPlan) in p.pruneRatio = 0.5 }, "not both"),
+                               ({ (p: inout RoundPlan) in p.finetuneRounds = 0 }, "--finetune-rounds"),
+                               ({ (p: inout RoundPlan) in p.search!.budget.latencyMs = 2 }, "latency"),
+                               ({ (p: inout RoundPlan) in p.search!.budget = SearchBudget() }, "budget")] {
+            var p = plan
+            edit(&p)
+            #expect(throws: CompressionError.self, "\(needle)") { try p.check() }
+            do { try p.check() } catch let error as CompressionError { #expect(error.message.contains(needle), "\(error.message)") }
+        }
+        var tiny = plan
+        tiny.search!.budget = SearchBudget(macs: 10)
+        #expect { try tiny.validate(model: model) } throws: { "\($0)".contains("below the smallest architecture") }
+    }
+}

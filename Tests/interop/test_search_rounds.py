@@ -1,0 +1,66 @@
+"""An architecture search as a federated round, end to end: a real coordinator and real worker processes over
+mutual TLS, each scoring every generation's candidate widths on its own shard; the coordinator is killed with
+SIGKILL during the second generation and the search carries on from what it stored."""
+import json
+import time
+
+from rounds_support import MODEL, load_test_split
+from test_rounds import make_fleet, onnx_accuracy
+
+# The round: 12 candidates in generations of 4, the fittest cut at 30 % of the original's MACs, 3 fine-tuning rounds.
+CANDIDATES, POPULATION, FINETUNE_ROUNDS = 12, 4, 3
+# After 3 short fine-tuning rounds a 30 %-MACs architecture of the demo CNN is far from chance (25 %).
+MINIMUM_ACCURACY = 0.5
+
+
+def test_a_search_round_scores_candidates_on_the_fleet_and_survives_a_kill(coordinator_server, worker_path, tmp_path,
+                                                                          spawn_any):
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=3, samples=300)
+    for name in names:
+        fleet.start_worker(name)
+    started = fleet.round("start", "--model", MODEL, "--macs-budget", "30%", "--candidates", CANDIDATES,
+                          "--population", POPULATION, "--adaptation-batches", 2, "--finetune-rounds", FINETUNE_ROUNDS,
+                          "--quantize", "int8", "--min-workers", 3, "--phase-deadline", "5m", "--json")
+    view = json.loads(started.stdout)
+    round_id = view["id"]
+    kinds = [p["kind"] for p in view["phases"]]
+    generations = CANDIDATES // POPULATION
+    assert kinds == ["search"] * generations + ["pick"] + ["finetune"] * FINETUNE_ROUNDS + [
+        "fold", "ranges", "export", "evaluate", "distribute"]
+    # SIGKILL the coordinator once the second generation is open, then restart it on the same address.
+    server, port = fleet.server, fleet.server.port
+    deadline = time.monotonic() + 300
+    while fleet.status(round_id)["phase"] < 1:
+        assert time.monotonic() < deadline, "the round did not reach the second generation"
+        time.sleep(0.1)
+    server.kill()
+    time.sleep(1.5)
+    server.start(listen=f"127.0.0.1:{port}")
+    status = fleet.wait(round_id, timeout=600)
+    assert status["state"] == "succeeded", status
+    for p in status["phases"]:
+        if p["kind"] == "search":
+            assert p["reports"] == 3, p
+    out, report_path = tmp_path / "round.onnx", tmp_path / "round.json"
+    fleet.round("fetch", round_id, "--out", out, "--report", report_path)
+    report = json.loads(report_path.read_text())
+    search = report["search"]
+    budget = search["budget"]["macs"]
+    assert budget == int(report["before"]["macs"] * 0.3)
+    # Every candidate was scored by the whole fleet; the chosen one is the fittest, within the budget, and is the
+    # architecture the round fine-tuned and exported.
+    assert search["evaluated"] == CANDIDATES
+    chosen = search["chosen"]
+    assert chosen["samples"] == 3 * 300 and chosen["macs"] <= budget
+    assert all(p["fitness"] <= chosen["fitness"] for p in search["front"])
+    assert search["uniform"]["macs"] <= budget
+    assert report["after"]["macs"] == chosen["macs"]
+    kept = {g["group"]: g["kept"] for g in report["pruning"]["groups"]}
+    assert all(kept[name] == width for name, width in chosen["widths"].items())
+    tx, ty = load_test_split()
+    accuracy, _ = onnx_accuracy(out, tx, ty)
+    print(f"\nsearch round: chosen {chosen['widths']} ({chosen['macs']} of {report['before']['macs']} MACs), "
+          f"fleet loss {chosen['loss']:.4f} (uniform {search['uniform']['loss']:.4f}); onnxruntime accuracy {accuracy:.4f}")
+    assert accuracy > MINIMUM_ACCURACY, accuracy
+    assert all(s["received"] for s in report["sites"])
+    fleet.stop_workers()
