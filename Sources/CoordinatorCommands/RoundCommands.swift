@@ -198,7 +198,15 @@ public struct RoundCommand: ParsableCommand {
                 search.steps = searching.steps
                 search.spread = searching.spread == 0 ? nil : searching.spread
                 search.adaptationBatches = searching.adaptationBatches
-                // The budget's figures are resolved against the model in `run` (shares of its MACs or size).
+                search.latencyBatch = searching.latencyBatch
+                search.latencyGrid = searching.latencyGrid
+                // A latency share is resolved on the fleet (of the original's time on the slowest kind of board);
+                // MACs and size shares against the model in `run`.
+                if let share = try searching.latencyShare() {
+                    search.latencyShare = share
+                } else if let latency = searching.latencyBudget {
+                    search.budget.latencyMs = try SearchFlags.milliseconds(latency) { 0 }
+                }
                 p.search = search
             }
             p.finetuneRounds = finetuneRounds
@@ -251,7 +259,9 @@ public struct RoundCommand: ParsableCommand {
         public func run() throws {
             var plan = try plan()
             if plan.search != nil, model == nil {
-                plan.search!.budget = try searching.budget(original: ArchitectureCost(macs: 0, parameters: 0, parameterBytes: 0))
+                let figures = try searching.budget(original: ArchitectureCost(macs: 0, parameters: 0, parameterBytes: 0))
+                plan.search!.budget.macs = figures.macs
+                plan.search!.budget.parameterBytes = figures.parameterBytes
             }
             let client = try adminClient(common.dir, server: common.server)
             if let model {
@@ -261,7 +271,11 @@ public struct RoundCommand: ParsableCommand {
                 // The same checks the coordinator makes, before uploading anything.
                 do {
                     let base = try Files.readModel(model)
-                    if plan.search != nil { plan.search!.budget = try searching.budget(original: try CostModel.measured(base)) }
+                    if plan.search != nil {
+                        let figures = try searching.budget(original: try CostModel.measured(base))
+                        plan.search!.budget.macs = figures.macs
+                        plan.search!.budget.parameterBytes = figures.parameterBytes
+                    }
                     try plan.validate(model: base)
                 } catch let error as CompressionError {
                     throw CLIError("\(model): \(error.message)")

@@ -135,6 +135,10 @@ public struct SearchFlags: ParsableArguments {
     @Option(name: .long, help: "Steps of the width ladder between the smallest width and all channels.") public var steps: Int = SearchSpace.defaultSteps
     @Option(name: .long, help: "Batches that re-estimate each candidate's batch-norm statistics.")
     public var adaptationBatches: Int = CandidateEvaluation.defaultAdaptationBatches
+    @Option(name: .long, help: "Largest latency of a searched architecture (float) at --latency-batch: 2ms, 800us, 0.5s, or a share of the original's (40%); measured on this machine (model search) or on every kind of board in the fleet (round start).")
+    public var latencyBudget: String?
+    @Option(name: .long, help: "Batch size the latency budget is for.") public var latencyBatch: Int = 1
+    @Option(name: .long, help: "Grid points per channel axis of the latency table.") public var latencyGrid: Int = 6
 
     public init() {}
 
@@ -145,10 +149,35 @@ public struct SearchFlags: ParsableArguments {
         guard minWidth > 0, minWidth <= 1 else { throw ValidationError("--min-width must be in (0, 1]") }
         guard steps >= 1, steps <= 256 else { throw ValidationError("--steps must be 1 to 256") }
         guard adaptationBatches >= 1 else { throw ValidationError("--adaptation-batches must be at least 1") }
+        guard latencyBatch >= 1 else { throw ValidationError("--latency-batch must be at least 1") }
+        guard latencyGrid >= 2, latencyGrid <= 16 else { throw ValidationError("--latency-grid must be 2 to 16") }
+        if let latencyBudget, !latencyBudget.hasSuffix("%") { _ = try Self.milliseconds(latencyBudget) { 0 } }
     }
 
-    /// A budget is given (MACs or size).
-    public var searches: Bool { macsBudget != nil || sizeBudget != nil }
+    /// A budget is given (MACs, size or latency).
+    public var searches: Bool { macsBudget != nil || sizeBudget != nil || latencyBudget != nil }
+
+    /// The latency budget as a share of the original's latency (`40%` → 0.4), nil for an absolute one.
+    public func latencyShare() throws -> Double? {
+        guard let latencyBudget, latencyBudget.trimmingCharacters(in: .whitespaces).hasSuffix("%") else { return nil }
+        return try Self.milliseconds(latencyBudget) { 1 }
+    }
+
+    /// A latency: `2ms`, `800us`, `0.5s`, or a share of the original's (`40%`; `original` is called only then).
+    public static func milliseconds(_ text: String, original: () throws -> Double) throws -> Double {
+        let trimmed = text.trimmingCharacters(in: .whitespaces).lowercased()
+        if trimmed.hasSuffix("%") {
+            guard let share = Double(trimmed.dropLast()), share > 0, share <= 100 else {
+                throw ValidationError("--latency-budget '\(text)': a share must be in (0, 100] %")
+            }
+            return try original() * share / 100
+        }
+        for (unit, scale) in [("ms", 1.0), ("us", 1e-3), ("µs", 1e-3), ("s", 1e3)] where trimmed.hasSuffix(unit) {
+            guard let v = Double(trimmed.dropLast(unit.count).trimmingCharacters(in: .whitespaces)), v > 0, v.isFinite else { break }
+            return v * scale
+        }
+        throw ValidationError("--latency-budget '\(text)' is not a latency like 2ms, 800us, 0.5s or 40%")
+    }
 
     /// The MACs and size budgets as figures, shares taken of `original`'s.
     public func budget(original: ArchitectureCost) throws -> SearchBudget {

@@ -96,10 +96,7 @@ extension ModelCommand {
         @Option(name: .long, help: "Samples that score candidates and re-estimate batch norm (.npy or .npz).") var calibrationData: String
         @Option(name: .long, help: "Labels of the calibration samples (int .npy): candidates are scored by cross-entropy (else by KL from the original).") var labels: String?
         @OptionGroup var searching: SearchFlags
-        @Option(name: .long, help: "Largest latency of the float model on this machine at --latency-batch: 2ms, 800us, 0.5s, or a share of the original's (40%).") var latencyBudget: String?
-        @Option(name: .long, help: "Batch size the latency budget is for.") var latencyBatch: Int = 1
         @Option(name: .long, help: "The latency table: read when it was built for this model, machine, threads and batch, else built and written here.") var latencyTable: String?
-        @Option(name: .long, help: "Grid points per channel axis of the latency table.") var latencyGrid: Int = 6
         @Option(name: .long, help: "Where to write the chosen model (float, pruned; quantize it with model compress).") var out: String
 
         @Option(name: .long, help: "Kept channel counts are multiples of this (vector widths of the target's kernels).") var roundTo: Int = 1
@@ -119,11 +116,9 @@ extension ModelCommand {
         @Flag(name: .long, help: "Print the report as JSON.") var json = false
 
         func validate() throws {
-            guard searching.macsBudget != nil || searching.sizeBudget != nil || latencyBudget != nil else {
+            guard searching.searches else {
                 throw ValidationError("give a budget: --macs-budget, --size-budget or --latency-budget (or several)")
             }
-            guard latencyBatch >= 1 else { throw ValidationError("--latency-batch must be at least 1") }
-            guard latencyGrid >= 2, latencyGrid <= 16 else { throw ValidationError("--latency-grid must be 2 to 16") }
             guard roundTo >= 1 else { throw ValidationError("--round-to must be at least 1") }
             guard finalists >= 1 else { throw ValidationError("--finalists must be at least 1") }
             guard finalistEpochs >= 1 else { throw ValidationError("--finalist-epochs must be at least 1") }
@@ -134,22 +129,6 @@ extension ModelCommand {
                 throw ValidationError("fine-tuning needs --train-labels, or --distill to learn from the original model")
             }
             guard valLabels == nil || valData != nil else { throw ValidationError("--val-labels needs --val-data") }
-        }
-
-        /// A latency: `2ms`, `800us`, `0.5s`, or a share of the original's (`40%`).
-        static func milliseconds(_ text: String, original: () throws -> Double) throws -> Double {
-            let trimmed = text.trimmingCharacters(in: .whitespaces).lowercased()
-            if trimmed.hasSuffix("%") {
-                guard let share = Double(trimmed.dropLast()), share > 0, share <= 100 else {
-                    throw ValidationError("--latency-budget '\(text)': a share must be in (0, 100] %")
-                }
-                return try original() * share / 100
-            }
-            for (unit, scale) in [("ms", 1.0), ("us", 1e-3), ("µs", 1e-3), ("s", 1e3)] where trimmed.hasSuffix(unit) {
-                guard let v = Double(trimmed.dropLast(unit.count).trimmingCharacters(in: .whitespaces)), v > 0, v.isFinite else { break }
-                return v * scale
-            }
-            throw ValidationError("--latency-budget '\(text)' is not a latency like 2ms, 800us, 0.5s or 40%")
         }
 
         func run() throws {
@@ -178,18 +157,18 @@ extension ModelCommand {
             probe.runs = 20
             probe.budget = .milliseconds(200)
             var latency: (table: LatencyTable, cached: Bool, seconds: Double)?
-            if latencyBudget != nil {
+            if searching.latencyBudget != nil {
                 let began = clock.now
                 var builder = LatencyTableBuilder(machine: Kernels.cpuInstructionSet, threads: ComputeThreads.current) { session, inputs in
                     try probe.median(session, inputs: inputs)
                 }
-                builder.batch = latencyBatch
-                builder.points = latencyGrid
+                builder.batch = searching.latencyBatch
+                builder.points = searching.latencyGrid
                 do {
                     let expected = try builder.grid(base: base, costs: search.costs)
                     if let path = latencyTable, FileManager.default.fileExists(atPath: path) {
                         let stored = try JSONDecoder().decode(LatencyTable.self, from: Data(try Files.readBytes(path)))
-                        if let why = stored.mismatch(machine: builder.machine, threads: builder.threads, batch: latencyBatch, expected: expected) {
+                        if let why = stored.mismatch(machine: builder.machine, threads: builder.threads, batch: searching.latencyBatch, expected: expected) {
                             if !quiet { FileHandle.standardError.write(Data("\(path): \(why); measuring a new table\n".utf8)) }
                         } else {
                             latency = (stored, true, 0)
@@ -205,8 +184,8 @@ extension ModelCommand {
                     }
                     var predictor = try LatencyModel(base: base, costs: search.costs, table: latency!.table)
                     // Re-anchored to the machine's speed now (a table read from a file was measured another time).
-                    predictor.scale = latency!.cached ? try timed([base], batch: latencyBatch, probe: probe)[0] / max(latency!.table.fullMilliseconds, 1e-9) : 1
-                    search.latency = predictor
+                    predictor.scale = latency!.cached ? try timed([base], batch: searching.latencyBatch, probe: probe)[0] / max(latency!.table.fullMilliseconds, 1e-9) : 1
+                    search.latencies = [predictor]
                 } catch let error as CompressionError {
                     bar.finish()
                     throw CLIError("\(model): \(error.message)")
@@ -215,7 +194,7 @@ extension ModelCommand {
                 }
             }
             var budget = try searching.budget(original: original)
-            budget.latencyMs = try latencyBudget.map { try Self.milliseconds($0) { latency!.table.fullMilliseconds * (search.latency?.scale ?? 1) } }
+            budget.latencyMs = try searching.latencyBudget.map { try SearchFlags.milliseconds($0) { latency!.table.fullMilliseconds * (search.latencies.first?.scale ?? 1) } }
             var strategy = EvolutionarySearch()
             strategy.evaluations = searching.candidates
             strategy.population = searching.population
@@ -248,7 +227,7 @@ extension ModelCommand {
             // The base model's outputs on the evaluation data (--val-data: samples the fine-tuning did not see, when
             // given): what the finalists and the chosen model are compared with.
             let reference = try search.baseOutputs(evaluation)
-            func measured(_ models: [Model]) throws -> [Double] { try timed(models, batch: latencyBatch, probe: probe) }
+            func measured(_ models: [Model]) throws -> [Double] { try timed(models, batch: searching.latencyBatch, probe: probe) }
             var finalistScores: [SearchReport.Finalist] = []
             var finalistModels: [Model] = []
             if finetuneEpochs > 0, let trainingSet, finalists > 1 {
@@ -299,7 +278,7 @@ extension ModelCommand {
                 for k in finalistScores.indices { finalistScores[k].measuredMs = times[3 + k] }
                 return SearchReport.Latency(
                     machine: l.table.machine, threads: l.table.threads, batch: l.table.batch, layers: l.table.layers.count,
-                    points: latencyGrid, cached: l.cached, tableSeconds: l.seconds, scale: search.latency?.scale ?? 1, baseMs: times[0],
+                    points: searching.latencyGrid, cached: l.cached, tableSeconds: l.seconds, scale: search.latencies.first?.scale ?? 1, baseMs: times[0],
                     uniformPredictedMs: found[0].cost.latencyMs ?? 0, uniformMeasuredMs: times[1],
                     chosenPredictedMs: best.cost.latencyMs ?? 0, chosenMeasuredMs: times[2])
             }

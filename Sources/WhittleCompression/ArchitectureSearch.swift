@@ -275,7 +275,7 @@ public struct SearchBudget: Sendable, Codable, Equatable {
                 throw CompressionError(.invalidArgument, "a latency budget needs a latency table")
             }
             if predicted > latencyMs {
-                throw CompressionError(.invalidArgument, "the latency budget \(Self.milliseconds(latencyMs)) is below the smallest architecture of the search space (\(Self.milliseconds(predicted)) predicted on this machine); raise the budget or lower the smallest width")
+                throw CompressionError(.invalidArgument, "the latency budget \(Self.milliseconds(latencyMs)) is below the smallest architecture of the search space (\(Self.milliseconds(predicted)) predicted); raise the budget or lower the smallest width")
             }
         }
         if let macs, smallest.macs > macs {

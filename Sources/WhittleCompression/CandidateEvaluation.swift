@@ -122,8 +122,10 @@ public struct LocalSearch {
     public let task: TaskKind
     public var batchSize = 64
     public var adaptationBatches = CandidateEvaluation.defaultAdaptationBatches
-    /// Predicts each candidate's latency (for latency budgets and the latency front); nil: no latency.
-    public var latency: LatencyModel?
+    /// Predict each candidate's latency, one per kind of board (for latency budgets and the latency front); a
+    /// candidate's latency is the largest of their predictions, since it must meet the budget on every kind. Empty:
+    /// no latency.
+    public var latencies: [LatencyModel] = []
 
     /// `criterion` ranks each group's channels (L1 by default, as EagleEye and AMC inherit weights).
     public init(base: Model, criterion: ImportanceCriterion = .l1, statistics: ImportanceStatistics? = nil,
@@ -147,7 +149,7 @@ public struct LocalSearch {
     /// latency predicted when there is a latency model.
     public func cost(_ a: Architecture) throws -> ArchitectureCost {
         var c = costs.exact ? costs.cost(a) : try CostModel.measured(try model(a))
-        c.latencyMs = latency?.predict(a)
+        c.latencyMs = latencies.isEmpty ? nil : latencies.map { $0.predict(a) }.max()
         return c
     }
 

@@ -99,6 +99,35 @@ public struct LatencyTable: Codable, Sendable, Equatable {
     /// The original model's end-to-end time.
     public var fullMilliseconds: Double { anchors.last?.milliseconds ?? 0 }
 
+    /// The board kind a table describes.
+    public var kind: String { "\(machine), \(threads) threads" }
+
+    /// Several boards' tables of one kind (the same machine, threads, batch, layers, grid and anchors) as one: each
+    /// point the median of the boards' times (the mean of the middle two for an even count). Nil for no table;
+    /// throws when they do not describe the same grid.
+    public static func merged(_ tables: [LatencyTable]) throws -> LatencyTable? {
+        guard var out = tables.first else { return nil }
+        for t in tables.dropFirst() {
+            guard t.machine == out.machine, t.threads == out.threads, t.batch == out.batch,
+                  t.layers.map({ [$0.node, "\($0.outputs)", "\($0.inputs)"] }) == out.layers.map({ [$0.node, "\($0.outputs)", "\($0.inputs)"] }),
+                  t.anchors.map(\.fraction) == out.anchors.map(\.fraction) else {
+                throw CompressionError(.incompatibleStatistics, "latency tables of \(out.kind) disagree in their grid")
+            }
+        }
+        func median(_ v: [Double]) -> Double {
+            let s = v.sorted()
+            return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+        }
+        for l in out.layers.indices {
+            for r in out.layers[l].milliseconds.indices {
+                for c in out.layers[l].milliseconds[r].indices { out.layers[l].milliseconds[r][c] = median(tables.map { $0.layers[l].milliseconds[r][c] }) }
+            }
+            out.layers[l] = out.layers[l].monotone
+        }
+        for a in out.anchors.indices { out.anchors[a].milliseconds = median(tables.map { $0.anchors[a].milliseconds }) }
+        return out
+    }
+
     /// Whether this table was built for `model`'s layers and grid (`expected`, from `LatencyModel.grid`) on
     /// `machine` with `threads` at `batch`; nil when it matches, else the reason.
     public func mismatch(machine: String, threads: Int, batch: Int, expected: [LayerLatency]) -> String? {
@@ -303,18 +332,45 @@ public struct LatencyTableBuilder {
         LatencyModel.grid(layers: try LatencyModel.layers(of: base), costs: costs, points: points)
     }
 
-    /// Times every layer of `base` over its grid and the two end-to-end architectures (`model`: the pruned model of
-    /// an architecture). `progress` sees (points timed, points to time).
+    /// The uniform architectures at `points` ladder fractions (the table's anchors), as widths per group name.
+    public func anchors(costs: CostModel) -> [(fraction: Double, widths: [String: Int])] {
+        LatencyModel.fractions(points).map { ($0, costs.space.describe(LatencyModel.uniform(costs.space, fraction: $0))) }
+    }
+
+    /// Times every layer of `base` over its grid and the anchors end to end (`model`: the pruned model of an
+    /// architecture). `progress` sees (points timed, points to time).
     public func build(base: Model, costs: CostModel, model: (Architecture) throws -> Model,
                       progress: ((Int, Int) -> Void)? = nil) throws -> LatencyTable {
-        guard batch >= 1, points >= 2, passes >= 1 else {
-            throw CompressionError(.invalidArgument, "a latency table needs batch ≥ 1, at least 2 grid points and a pass")
+        let fractions = LatencyModel.fractions(points)
+        let anchors = try fractions.map { f in (f, f == 1 ? base : try model(LatencyModel.uniform(costs.space, fraction: f))) }
+        return try build(base: base, anchors: anchors, progress: progress)
+    }
+
+    /// Times every layer of `base` at the channel counts it has in the anchor models (pruned copies of `base`, the
+    /// uniform architectures at `fraction` of the ladder, ascending, the last `base` itself), and the anchors end to
+    /// end. A worker builds its table this way from the anchors' widths alone.
+    public func build(base: Model, anchors: [(fraction: Double, model: Model)],
+                      progress: ((Int, Int) -> Void)? = nil) throws -> LatencyTable {
+        guard batch >= 1, passes >= 1, anchors.count >= 2 else {
+            throw CompressionError(.invalidArgument, "a latency table needs batch ≥ 1, at least 2 anchors and a pass")
         }
         let layers = try LatencyModel.layers(of: base)
         guard !layers.isEmpty else {
             throw CompressionError(.invalidArgument, "the model has no Conv, Gemm or MatMul with a constant weight to time")
         }
-        let grid = LatencyModel.grid(layers: layers, costs: costs, points: points)
+        // Each layer's channel counts in each anchor: the grid.
+        let inAnchors = try anchors.map { a in Dictionary(try LatencyModel.layers(of: a.model).map { ($0.name, $0) }, uniquingKeysWith: { x, _ in x }) }
+        let grid: [LayerLatency] = try layers.map { l in
+            let sizes = try inAnchors.map { found -> (Int, Int) in
+                guard let m = found[l.name] else {
+                    throw CompressionError(.invalidArgument, "an anchor of the latency table lacks \(l.opType) node '\(l.name)'")
+                }
+                return (m.baseOutputs, m.baseInputs)
+            }
+            return LayerLatency(node: l.name, opType: l.opType, outputs: Array(Set(sizes.map(\.0))).sorted(),
+                                inputs: l.grouped ? [l.baseInputs] : Array(Set(sizes.map(\.1))).sorted(), milliseconds: [])
+        }
+        let fractions = anchors.map(\.fraction)
         let inferred = try ShapeInference.infer(base.graph, opset: base.defaultOpset ?? 13,
                                                 inputs: try ShapeInference.inputShapes(base, batchSize: batch))
         // Every point to time: each layer at each grid point, then the uniform architectures end to end.
@@ -323,9 +379,7 @@ public struct LatencyTableBuilder {
         for (k, entry) in grid.enumerated() {
             for (r, _) in entry.outputs.enumerated() { for (c, _) in entry.inputs.enumerated() { schedule.append(.layer(k, r, c)) } }
         }
-        let fractions = LatencyModel.fractions(points)
         schedule += fractions.indices.map { .anchor($0) }
-        let anchors = try fractions.map { f in f == 1 ? base : try model(LatencyModel.uniform(costs.space, fraction: f)) }
         func endToEnd(_ m: Model) throws -> Double {
             let shapes = try ShapeInference.inputShapes(m, batchSize: batch)
             var inputs: [String: Tensor] = [:]
@@ -344,7 +398,7 @@ public struct LatencyTableBuilder {
                     let (m, inputs) = try Self.layerModel(layers[k], base: base, inferred: inferred,
                                                           outputs: grid[k].outputs[r], inputs: grid[k].inputs[c])
                     figures[index].append(try measure(try InferenceSession(model: m), inputs))
-                case let .anchor(k): figures[index].append(try endToEnd(anchors[k]))
+                case let .anchor(k): figures[index].append(try endToEnd(anchors[k].model))
                 }
             }
         }

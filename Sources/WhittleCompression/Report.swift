@@ -264,6 +264,8 @@ extension CompressionReport {
             public var widths: [String: Int]
             public var macs: Int
             public var parameterBytes: Int
+            /// Predicted milliseconds on the slowest kind of board (with a latency budget).
+            public var latencyMs: Double?
             /// The negated mean loss over the fleet's samples (a finite stand-in when no sample scored it).
             public var fitness: Double
             public var loss: Double?
@@ -276,6 +278,7 @@ extension CompressionReport {
                 self.widths = widths
                 macs = cost.macs
                 parameterBytes = cost.parameterBytes
+                latencyMs = cost.latencyMs
                 let loss = score?.meanLoss ?? .infinity
                 self.loss = loss.isFinite ? loss : nil
                 fitness = loss.isFinite ? -loss : -Double.greatestFiniteMagnitude
@@ -286,6 +289,8 @@ extension CompressionReport {
         }
 
         public var budget: SearchBudget
+        /// The kinds of board whose latency tables predicted the candidates' latency.
+        public var boardKinds: [String] = []
         public var evaluated: Int
         /// The uniform architecture that fills the budget (the first candidate scored).
         public var uniform: Candidate?

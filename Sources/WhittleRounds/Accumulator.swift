@@ -24,6 +24,10 @@ public struct PhaseExpectation: Sendable {
     /// search: the generation's candidates (widths per group name) and the adaptive batch norm's batches.
     public var candidates: [[String: Int]] = []
     public var adaptationBatches = 0
+    /// latency: the batch, the anchors' ladder fractions (the candidates are the anchors) and the grid expected.
+    public var latencyBatch = 0
+    public var anchorFractions: [Double] = []
+    public var latencyGrid: [LayerLatency] = []
 
     public init(kind: PhaseKind) {
         self.kind = kind
@@ -110,6 +114,8 @@ public struct PhaseAccumulator: Sendable {
     public var histograms: [String: Histogram] { (aggregate as? HistogramAggregate)?.histograms ?? [:] }
     /// evaluate: each site's evaluation.
     public var evaluations: [String: Whittle_EvaluationReport] { (aggregate as? EvaluationAggregate)?.evaluations ?? [:] }
+    /// latency: the tables the workers measured.
+    public var latencyTables: [LatencyTable] { (aggregate as? LatencyAggregate)?.tables ?? [] }
     /// search: each candidate's merged score, in the generation's order.
     public var searchScores: [CandidateScore] { (aggregate as? SearchAggregate)?.scores ?? [] }
     /// finetune, qat: the local losses reported.

@@ -62,6 +62,8 @@ public struct SearchProgress: Codable, Sendable, Equatable {
     /// the uniform architecture that fills the budget (the reference).
     public var generations: [[Candidate]] = []
     public var chosen: Candidate?
+    /// The fleet's latency tables, one per kind of board (each the median of its boards' tables).
+    public var latencyTables: [LatencyTable] = []
 
     public init() {}
 
@@ -120,6 +122,7 @@ public struct RoundEngine: Sendable {
             return w
         }
         t.adaptationBatches = UInt32(clamping: expectation.adaptationBatches)
+        t.latencyBatch = UInt32(clamping: expectation.latencyBatch)
         t.deadline = deadline
         t.batchSize = UInt32(plan.batchSize)
         t.optimizer = plan.optimizer.rawValue
@@ -343,8 +346,9 @@ public struct RoundEngine: Sendable {
         r.relativeError = progress.relativeError
         r.meanCosine = progress.meanCosine
         r.pruning = progress.pruning
-        if let search = progress.search, let budget = plan.search?.budget {
-            r.search = CompressionReport.SearchSection(budget: budget, candidates: search.candidates, chosen: search.chosen)
+        if let search = progress.search, plan.search != nil {
+            r.search = CompressionReport.SearchSection(budget: plan.searchBudget(progress), candidates: search.candidates, chosen: search.chosen)
+            r.search?.boardKinds = search.latencyTables.map(\.kind)
         }
         r.calibration = progress.calibration
         r.quantization = progress.quantization

@@ -27,6 +27,9 @@ public enum PhaseKind: String, Codable, Sendable, CaseIterable {
     case importance
     /// Coordinator: scores → global mask → surgery.
     case prune
+    /// Workers: a latency table of the model on the worker's hardware (each layer at a grid of widths, the uniform
+    /// architectures end to end), merged per kind of board, for a search's latency budget.
+    case latency
     /// Workers: one generation of an architecture search: each candidate scored on local data after its batch-norm
     /// statistics are re-estimated there (adaptive batch norm), merged as sums.
     case search
@@ -103,8 +106,17 @@ public struct SearchPlan: Codable, Sendable, Equatable {
     /// Each group's width within 1/spread…spread times the uniform share (nil: anywhere on the ladder).
     public var spread: Double?
     public var adaptationBatches = CandidateEvaluation.defaultAdaptationBatches
+    /// A latency budget as a share of the original's latency on the slowest kind of board (the budget's
+    /// `latencyMs` is then set when the latency tables are in).
+    public var latencyShare: Double?
+    /// The batch size latency budgets are for, and the latency table's grid points per channel axis.
+    public var latencyBatch = 1
+    public var latencyGrid = 6
 
     public init() {}
+
+    /// A latency budget needs the fleet's latency tables (a latency phase first).
+    public var measuresLatency: Bool { budget.latencyMs != nil || latencyShare != nil }
 
     /// The search strategy, seeded by the round's seed.
     public func strategy(seed: UInt64) -> EvolutionarySearch {
@@ -119,10 +131,13 @@ public struct SearchPlan: Codable, Sendable, Equatable {
 
     func check() throws {
         func fail(_ message: String) -> CompressionError { CompressionError(.invalidArgument, message) }
-        guard budget.macs != nil || budget.parameterBytes != nil else { throw fail("the search needs a budget: --macs-budget or --size-budget") }
-        guard budget.latencyMs == nil else {
-            throw fail("latency budgets are not searched on the fleet yet; use coordinator model search --latency-budget on a board of the kind")
+        guard budget.macs != nil || budget.parameterBytes != nil || measuresLatency else {
+            throw fail("the search needs a budget: --macs-budget, --size-budget or --latency-budget")
         }
+        if let l = budget.latencyMs { guard l > 0, l.isFinite else { throw fail("--latency-budget must be a positive time") } }
+        if let share = latencyShare { guard share > 0, share <= 1 else { throw fail("--latency-budget as a share must be in (0, 100] %") } }
+        guard latencyBatch >= 1, latencyBatch <= 4096 else { throw fail("--latency-batch must be in 1…4096") }
+        guard latencyGrid >= 2, latencyGrid <= 16 else { throw fail("--latency-grid must be in 2…16") }
         guard candidates >= 1, candidates <= 10_000 else { throw fail("--candidates must be in 1…10000") }
         guard population >= 2, population <= candidates || candidates < 2 else { throw fail("--population must be in 2…--candidates") }
         guard minimumFraction > 0, minimumFraction <= 1 else { throw fail("--min-width must be in (0, 1]") }
@@ -251,6 +266,7 @@ public struct RoundPlan: Codable, Sendable, Equatable {
             if finetuneRounds > 0 { for p in 0..<(normalizationPasses ?? 0) { out.append(Phase(.normalization, step: k, iteration: p)) } }
         }
         if let search {
+            if search.measuresLatency { out.append(Phase(.latency)) }
             for g in 0..<search.strategy(seed: seed).generations { out.append(Phase(.search, iteration: g)) }
             out.append(Phase(.pick))
         }
@@ -362,7 +378,10 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         if let search {
             // The space, the costs and the budget, as the search phases will see them.
             let local = try localSearch(model)
-            try search.budget.check(smallest: try local.cost(local.space.narrowest))
+            // A latency budget is checked once the fleet's latency tables are in (the latency phase).
+            var known = search.budget
+            known.latencyMs = nil
+            if !known.isEmpty { try known.check(smallest: try local.cost(local.space.narrowest)) }
         }
         if !steps.isEmpty {
             let groups = try ChannelGroups(model: model)
@@ -416,10 +435,23 @@ public func decodeStored<T: Codable>(_ type: T.Type, from data: Data, defaults: 
 extension RoundPlan {
     /// The search space, costs and inherited channels of an architecture search on `model` (the coordinator's side
     /// of the search phases; workers build the candidates from the widths the task names).
-    public func localSearch(_ model: Model) throws -> LocalSearch {
+    public func localSearch(_ model: Model, progress: RoundProgress? = nil) throws -> LocalSearch {
         let plan = search ?? SearchPlan()
-        return try LocalSearch(base: model, minimumFraction: plan.minimumFraction, steps: plan.steps, roundTo: roundTo,
-                               minimumChannels: minChannels, task: task)
+        var local = try LocalSearch(base: model, minimumFraction: plan.minimumFraction, steps: plan.steps, roundTo: roundTo,
+                                    minimumChannels: minChannels, task: task)
+        local.latencies = try (progress?.search?.latencyTables ?? []).map { try LatencyModel(base: model, costs: local.costs, table: $0) }
+        return local
+    }
+
+    /// The search's budget in effect: a latency share becomes milliseconds of the original on the slowest kind of
+    /// board once the latency tables are in.
+    public func searchBudget(_ progress: RoundProgress) -> SearchBudget {
+        var budget = search?.budget ?? SearchBudget()
+        if budget.latencyMs == nil, let share = search?.latencyShare,
+           let slowest = progress.search?.latencyTables.map(\.fullMilliseconds).max() {
+            budget.latencyMs = share * slowest
+        }
+        return budget
     }
 
     /// A stored plan (see `decodeStored`).

@@ -54,7 +54,7 @@ import WhittleTestSupport
             #expect(l.milliseconds.count == l.outputs.count && l.milliseconds.allSatisfy { $0.count == l.inputs.count })
         }
         let latency = try LatencyModel(base: model, costs: search.costs, table: table)
-        search.latency = latency
+        search.latencies = [latency]
         let full = try Self.scriptedLatency(model, batch: 2)
         #expect(abs(table.fullMilliseconds - full) < 1e-9)
         #expect(latency.fit.layers > 0)
@@ -119,8 +119,8 @@ import WhittleTestSupport
         var search = try LocalSearch(base: model, roundTo: 2)
         var builder = LatencyTableBuilder(machine: "scripted", threads: 1, measure: ScriptedMachine().measure)
         builder.points = 3
-        search.latency = try LatencyModel(base: model, costs: search.costs,
-                                          table: try builder.build(base: model, costs: search.costs, model: search.model))
+        search.latencies = [try LatencyModel(base: model, costs: search.costs,
+                                             table: try builder.build(base: model, costs: search.costs, model: search.model))]
         let full = try #require(try search.cost(search.space.full).latencyMs)
         let budget = SearchBudget(latencyMs: full * 0.4)
         var strategy = EvolutionarySearch()

@@ -157,7 +157,8 @@ import WhittleTestSupport
         // smallest architecture.
         for (edit, needle) in [({ (p: inout RoundPlan) in p.pruneRatio = 0.5 }, "not both"),
                                ({ (p: inout RoundPlan) in p.finetuneRounds = 0 }, "--finetune-rounds"),
-                               ({ (p: inout RoundPlan) in p.search!.budget.latencyMs = 2 }, "latency"),
+                               ({ (p: inout RoundPlan) in p.search!.latencyShare = 1.5 }, "share"),
+                               ({ (p: inout RoundPlan) in p.search!.latencyGrid = 1 }, "--latency-grid"),
                                ({ (p: inout RoundPlan) in p.search!.budget = SearchBudget() }, "budget")] {
             var p = plan
             edit(&p)
@@ -167,5 +168,91 @@ import WhittleTestSupport
         var tiny = plan
         tiny.search!.budget = SearchBudget(macs: 10)
         #expect { try tiny.validate(model: model) } throws: { "\($0)".contains("below the smallest architecture") }
+    }
+
+    /// A latency budget on the fleet: every worker times the model's layers and anchors on its hardware (a real
+    /// clock here; the test asserts no figure, only what the tables mean), the tables merge per kind of board, the
+    /// budget's share becomes milliseconds of the original on the slowest kind, and every candidate is predicted
+    /// within it. Tables that do not fit the phase are refused.
+    @Test func theFleetsLatencyTablesBoundTheSearch() throws {
+        var plan = Self.plan()
+        plan.search!.budget = SearchBudget()
+        plan.search!.latencyShare = 0.9
+        plan.search!.latencyGrid = 2
+        let model = RoundTests.model
+        try plan.validate(model: model)
+        #expect(Array(plan.phases.map(\.kind).prefix(3)) == [.latency, .search, .search])
+        let artifacts = Artifacts()
+        let start = try artifacts.store(model)
+        var progress = RoundProgress(plan: plan, baseModel: start, startModel: start)
+        let engine = RoundEngine(plan: plan)
+        let expectation = try engine.expectation(Phase(.latency), model: model, progress: progress)
+        #expect(expectation.candidates.count == 2 && expectation.anchorFractions == [0, 1] && expectation.latencyBatch == 1)
+        let task = engine.task(Phase(.latency), index: 0, round: "r", progress: progress, expectation: expectation, deadline: 0,
+                               artifactBytes: { _ in 0 })
+        let (parts, _) = try RoundTests.shards()
+        let origin = ContinuousClock.now
+        var probe = LatencyProbe(now: { ContinuousClock.now - origin })
+        probe.warmup = 1
+        probe.runs = 3
+        probe.minimumRuns = 1
+        probe.pinThreads = false
+        var accumulator = PhaseAccumulator(expectation: expectation)
+        var reports: [Whittle_TaskReport] = []
+        for k in 0..<2 {
+            var compressor = DeltaCompressor()
+            let report = try WorkerJobs.run(task, model: model, teacher: model, data: parts[k], batchSize: 4, compressor: &compressor,
+                                            latency: probe)
+            let wire = try Whittle_TaskReport(serializedBytes: try report.serializedBytes() as [UInt8])
+            reports.append(wire)
+            try accumulator.add(wire, worker: "w\(k)", maximumSamples: parts[k].count)
+        }
+        let tables = accumulator.latencyTables
+        #expect(tables.count == 2 && tables.allSatisfy { $0.layers.map(\.node) == expectation.latencyGrid.map(\.node) })
+        var closing = PhaseClosing(engine: engine, phase: Phase(.latency), accumulator: accumulator, progress: progress, artifacts: artifacts)
+        try PhaseHandlers.handler(.latency).close(&closing)
+        progress = closing.progress
+        // One kind of board (both workers are this machine): each point the median (here the mean) of the two.
+        let merged = try #require(progress.search?.latencyTables.first)
+        #expect(progress.search?.latencyTables.count == 1)
+        let a = tables[0].anchors.last!.milliseconds, b = tables[1].anchors.last!.milliseconds
+        #expect(abs(merged.fullMilliseconds - (a + b) / 2) <= 1e-12 * max(a, b))
+        let budget = plan.searchBudget(progress)
+        #expect(abs(try #require(budget.latencyMs) - 0.9 * merged.fullMilliseconds) <= 1e-12 * merged.fullMilliseconds)
+        // The first generation: every candidate predicted within the budget on the fleet's table.
+        let local = try plan.localSearch(model, progress: progress)
+        let generation = try engine.expectation(Phase(.search), model: model, progress: progress)
+        #expect(!generation.candidates.isEmpty)
+        for widths in generation.candidates {
+            let cost = try local.cost(try local.space.architecture(widths: widths))
+            #expect(cost.latencyMs != nil && budget.admits(cost))
+        }
+        // Tables that do not fit the phase are refused and change nothing.
+        func refused(_ edit: (inout Whittle_TaskReport) -> Void) -> Bool {
+            var report = reports[0]
+            edit(&report)
+            var fresh = PhaseAccumulator(expectation: expectation)
+            do {
+                try fresh.add(report, worker: "w", maximumSamples: 10)
+                return false
+            } catch {
+                return fresh.reports == 0
+            }
+        }
+        #expect(!refused { _ in })
+        #expect(refused { $0.latencyTable.layers[0].milliseconds[0] = .nan })
+        #expect(refused { $0.latencyTable.layers[0].milliseconds[0] = -1 })
+        #expect(refused { $0.latencyTable.layers[0].milliseconds.removeLast() })
+        #expect(refused { $0.latencyTable.layers[0].outputs[0] += 1 })
+        #expect(refused { $0.latencyTable.layers.removeLast() })
+        #expect(refused { $0.latencyTable.anchorMilliseconds.removeLast() })
+        #expect(refused { $0.latencyTable.batch = 8 })
+        #expect(refused { $0.latencyTable.machine = "" })
+        #expect(refused { $0.search = Whittle_SearchScores() })
+        // Without the worker's clock the task fails.
+        var compressor = DeltaCompressor()
+        #expect(throws: CompressionError.self) {
+            try WorkerJobs.run(task, model: model, teacher: model, data: parts[0], batchSize: 4, compressor: &compressor)
+        }
     }
 }

@@ -64,3 +64,45 @@ def test_a_search_round_scores_candidates_on_the_fleet_and_survives_a_kill(coord
     assert accuracy > MINIMUM_ACCURACY, accuracy
     assert all(s["received"] for s in report["sites"])
     fleet.stop_workers()
+
+
+def test_a_latency_budget_is_searched_on_the_fleets_own_latency_tables(coordinator_server, worker_path, tmp_path,
+                                                                        spawn_any):
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=2, samples=200)
+    for name in names:
+        fleet.start_worker(name)
+    started = fleet.round("start", "--model", MODEL, "--latency-budget", "90%", "--latency-grid", 2, "--candidates", 8,
+                          "--population", 4, "--adaptation-batches", 2, "--finetune-rounds", 1, "--quantize", "none",
+                          "--min-workers", 2, "--phase-deadline", "5m", "--json")
+    view = json.loads(started.stdout)
+    kinds = [p["kind"] for p in view["phases"]]
+    assert kinds[:4] == ["latency", "search", "search", "pick"]
+    status = fleet.wait(view["id"], timeout=600)
+    assert status["state"] == "succeeded", status
+    assert status["phases"][0]["reports"] == 2
+    report_path = tmp_path / "round.json"
+    fleet.round("fetch", view["id"], "--out", tmp_path / "round.onnx", "--report", report_path)
+    search = json.loads(report_path.read_text())["search"]
+    # One kind of board (both workers run on this machine); the budget is 90 % of the original's time on it, and
+    # every candidate was predicted within it.
+    assert len(search["boardKinds"]) == 1 and "threads" in search["boardKinds"][0]
+    budget = search["budget"]["latencyMs"]
+    assert budget > 0
+    assert search["chosen"]["latencyMs"] <= budget and search["uniform"]["latencyMs"] <= budget
+    assert all(0 < p["latencyMs"] <= budget for p in search["front"])
+    fleet.stop_workers()
+
+
+def test_a_latency_budget_no_architecture_meets_on_the_fleet_fails_the_round_saying_why(coordinator_server, worker_path,
+                                                                                        tmp_path, spawn_any):
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=1, samples=64)
+    fleet.start_worker(names[0])
+    started = fleet.round("start", "--model", MODEL, "--latency-budget", "1us", "--latency-grid", 2, "--candidates", 4,
+                          "--population", 4, "--finetune-rounds", 1, "--quantize", "none", "--phase-deadline", "5m", "--json")
+    status = fleet.wait(json.loads(started.stdout)["id"], timeout=300)
+    assert status["state"] == "failed", status
+    assert "below the smallest architecture" in status["message"], status["message"]
+    # It failed when the fleet's tables came in: no search generation was handed out.
+    assert status["phase"] == 0 and status["phaseLabel"] == "latency", (status["phase"], status["phaseLabel"])
+    assert all(p["reports"] == 0 for p in status["phases"] if p["kind"] == "search")
+    fleet.stop_workers()

@@ -288,7 +288,8 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._phase = newValue}
   }
 
-  /// importance | finetune | fisher | normalization | ranges | histograms | qat | evaluate | distribute | search
+  /// importance | finetune | fisher | normalization | ranges | histograms | qat | evaluate | distribute | search |
+  /// latency
   public var kind: String {
     get {_storage._kind}
     set {_uniqueStorage()._kind = newValue}
@@ -458,11 +459,64 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._adaptationBatches = newValue}
   }
 
+  /// latency: the batch size the latency table is for. The task's candidates are the anchors (uniform
+  /// architectures), timed end to end; each layer is timed at the channel counts it has in them.
+  public var latencyBatch: UInt32 {
+    get {_storage._latencyBatch}
+    set {_uniqueStorage()._latencyBatch = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// A latency table measured on the worker's hardware (`LatencyTableBuilder`): every Conv, Gemm and MatMul with a
+/// constant weight timed alone at a grid of output × input channels (those it has in the anchors), and the anchors
+/// timed end to end; medians of three passes, milliseconds.
+public nonisolated struct Whittle_LatencyTableReport: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The instruction set the kernels ran on and the compute threads: the board kind.
+  public var machine: String = String()
+
+  public var threads: UInt32 = 0
+
+  public var batch: UInt32 = 0
+
+  public var layers: [Whittle_LayerLatencyEntry] = []
+
+  /// The end-to-end times of the task's candidates (the anchors: uniform architectures), in the task's order.
+  public var anchorMilliseconds: [Double] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Whittle_LayerLatencyEntry: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var node: String = String()
+
+  public var opType: String = String()
+
+  public var outputs: [UInt32] = []
+
+  public var inputs: [UInt32] = []
+
+  /// Row-major [output index][input index].
+  public var milliseconds: [Double] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
 }
 
 /// A candidate architecture of an architecture search: the channels each prunable group of the task's model keeps,
@@ -826,6 +880,14 @@ public nonisolated struct Whittle_TaskReport: Sendable {
     set {result = .search(newValue)}
   }
 
+  public var latencyTable: Whittle_LatencyTableReport {
+    get {
+      if case .latencyTable(let v)? = result {return v}
+      return Whittle_LatencyTableReport()
+    }
+    set {result = .latencyTable(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Result: Equatable, Sendable {
@@ -836,6 +898,7 @@ public nonisolated struct Whittle_TaskReport: Sendable {
     case evaluation(Whittle_EvaluationReport)
     case distribution(Whittle_DistributionReport)
     case search(Whittle_SearchScores)
+    case latencyTable(Whittle_LatencyTableReport)
 
   }
 
@@ -1354,7 +1417,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Task"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0\u{3}epoch_learning_rates\0\u{3}keep_optimizer_state\0\u{3}task_kind\0\u{1}candidates\0\u{3}adaptation_batches\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0\u{3}epoch_learning_rates\0\u{3}keep_optimizer_state\0\u{3}task_kind\0\u{1}candidates\0\u{3}adaptation_batches\0\u{3}latency_batch\0")
 
   fileprivate class _StorageClass {
     var _roundID: String = String()
@@ -1388,6 +1451,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
     var _taskKind: String = String()
     var _candidates: [Whittle_ArchitectureWidths] = []
     var _adaptationBatches: UInt32 = 0
+    var _latencyBatch: UInt32 = 0
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -1429,6 +1493,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       _taskKind = source._taskKind
       _candidates = source._candidates
       _adaptationBatches = source._adaptationBatches
+      _latencyBatch = source._latencyBatch
     }
   }
 
@@ -1478,6 +1543,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         case 29: try { try decoder.decodeSingularStringField(value: &_storage._taskKind) }()
         case 30: try { try decoder.decodeRepeatedMessageField(value: &_storage._candidates) }()
         case 31: try { try decoder.decodeSingularUInt32Field(value: &_storage._adaptationBatches) }()
+        case 32: try { try decoder.decodeSingularUInt32Field(value: &_storage._latencyBatch) }()
         default: break
         }
       }
@@ -1579,6 +1645,9 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       if _storage._adaptationBatches != 0 {
         try visitor.visitSingularUInt32Field(value: _storage._adaptationBatches, fieldNumber: 31)
       }
+      if _storage._latencyBatch != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._latencyBatch, fieldNumber: 32)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1619,10 +1688,111 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         if _storage._taskKind != rhs_storage._taskKind {return false}
         if _storage._candidates != rhs_storage._candidates {return false}
         if _storage._adaptationBatches != rhs_storage._adaptationBatches {return false}
+        if _storage._latencyBatch != rhs_storage._latencyBatch {return false}
         return true
       }
       if !storagesAreEqual {return false}
     }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_LatencyTableReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".LatencyTableReport"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}machine\0\u{1}threads\0\u{1}batch\0\u{1}layers\0\u{3}anchor_milliseconds\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.machine) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.threads) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.batch) }()
+      case 4: try { try decoder.decodeRepeatedMessageField(value: &self.layers) }()
+      case 5: try { try decoder.decodeRepeatedDoubleField(value: &self.anchorMilliseconds) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.machine.isEmpty {
+      try visitor.visitSingularStringField(value: self.machine, fieldNumber: 1)
+    }
+    if self.threads != 0 {
+      try visitor.visitSingularUInt32Field(value: self.threads, fieldNumber: 2)
+    }
+    if self.batch != 0 {
+      try visitor.visitSingularUInt32Field(value: self.batch, fieldNumber: 3)
+    }
+    if !self.layers.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.layers, fieldNumber: 4)
+    }
+    if !self.anchorMilliseconds.isEmpty {
+      try visitor.visitPackedDoubleField(value: self.anchorMilliseconds, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_LatencyTableReport, rhs: Whittle_LatencyTableReport) -> Bool {
+    if lhs.machine != rhs.machine {return false}
+    if lhs.threads != rhs.threads {return false}
+    if lhs.batch != rhs.batch {return false}
+    if lhs.layers != rhs.layers {return false}
+    if lhs.anchorMilliseconds != rhs.anchorMilliseconds {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_LayerLatencyEntry: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".LayerLatencyEntry"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}node\0\u{3}op_type\0\u{1}outputs\0\u{1}inputs\0\u{1}milliseconds\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.node) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.opType) }()
+      case 3: try { try decoder.decodeRepeatedUInt32Field(value: &self.outputs) }()
+      case 4: try { try decoder.decodeRepeatedUInt32Field(value: &self.inputs) }()
+      case 5: try { try decoder.decodeRepeatedDoubleField(value: &self.milliseconds) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.node.isEmpty {
+      try visitor.visitSingularStringField(value: self.node, fieldNumber: 1)
+    }
+    if !self.opType.isEmpty {
+      try visitor.visitSingularStringField(value: self.opType, fieldNumber: 2)
+    }
+    if !self.outputs.isEmpty {
+      try visitor.visitPackedUInt32Field(value: self.outputs, fieldNumber: 3)
+    }
+    if !self.inputs.isEmpty {
+      try visitor.visitPackedUInt32Field(value: self.inputs, fieldNumber: 4)
+    }
+    if !self.milliseconds.isEmpty {
+      try visitor.visitPackedDoubleField(value: self.milliseconds, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_LayerLatencyEntry, rhs: Whittle_LayerLatencyEntry) -> Bool {
+    if lhs.node != rhs.node {return false}
+    if lhs.opType != rhs.opType {return false}
+    if lhs.outputs != rhs.outputs {return false}
+    if lhs.inputs != rhs.inputs {return false}
+    if lhs.milliseconds != rhs.milliseconds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2176,7 +2346,7 @@ nonisolated extension Whittle_DistributionReport: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".TaskReport"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}round_id\0\u{1}phase\0\u{3}upload_id\0\u{3}bytes_down\0\u{3}compute_seconds\0\u{2}\u{4}importance\0\u{1}calibration\0\u{1}update\0\u{1}fisher\0\u{1}evaluation\0\u{1}distribution\0\u{1}search\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}round_id\0\u{1}phase\0\u{3}upload_id\0\u{3}bytes_down\0\u{3}compute_seconds\0\u{2}\u{4}importance\0\u{1}calibration\0\u{1}update\0\u{1}fisher\0\u{1}evaluation\0\u{1}distribution\0\u{1}search\0\u{3}latency_table\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2281,6 +2451,19 @@ nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._
           self.result = .search(v)
         }
       }()
+      case 17: try {
+        var v: Whittle_LatencyTableReport?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .latencyTable(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .latencyTable(v)
+        }
+      }()
       default: break
       }
     }
@@ -2337,6 +2520,10 @@ nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._
     case .search?: try {
       guard case .search(let v)? = self.result else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+    }()
+    case .latencyTable?: try {
+      guard case .latencyTable(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
     }()
     case nil: break
     }

@@ -133,7 +133,7 @@ public enum PhaseHandlers {
         let handlers: [any PhaseHandler] = [
             FisherPhase(), ImportancePhase(), PrunePhase(), TrainingPhase(.finetune), NormalizationPhase(), FoldPhase(),
             RangesPhase(), HistogramsPhase(), ExportPhase(), TrainingPhase(.qat), EvaluatePhase(), DistributePhase(),
-            SearchPhase(), PickPhase(),
+            LatencyPhase(), SearchPhase(), PickPhase(),
         ]
         return Dictionary(uniqueKeysWithValues: handlers.map { ($0.kind, $0) })
     }()

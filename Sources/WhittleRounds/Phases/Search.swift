@@ -14,10 +14,10 @@ struct SearchPhase: PhaseHandler {
 
     func expectation(_ engine: RoundEngine, model: Model, progress: RoundProgress) throws -> PhaseExpectation {
         guard let plan = engine.plan.search else { throw CompressionError(.invalidArgument, "a search phase in a round that searches nothing") }
-        let local = try engine.plan.localSearch(model)
+        let local = try engine.plan.localSearch(model, progress: progress)
         let known = (progress.search?.generations ?? []).map { $0.map(\.fitness) }
         let batch = try plan.strategy(seed: engine.plan.seed).generation(known.count, space: local.space, cost: local.cost,
-                                                                          budget: plan.budget, known: known)
+                                                                          budget: engine.plan.searchBudget(progress), known: known)
         var e = PhaseExpectation(kind: kind)
         e.candidates = batch.map(local.space.describe)
         e.adaptationBatches = plan.adaptationBatches
@@ -30,7 +30,7 @@ struct SearchPhase: PhaseHandler {
 
     func close(_ closing: inout PhaseClosing) throws {
         let gathered = try closing.gathered()
-        let local = try closing.plan.localSearch(try closing.artifacts.model(closing.progress.currentModel))
+        let local = try closing.plan.localSearch(try closing.artifacts.model(closing.progress.currentModel), progress: closing.progress)
         let scores = gathered.searchScores
         var search = closing.progress.search ?? SearchProgress()
         search.generations.append(try gathered.expectation.candidates.enumerated().map { k, widths in
@@ -42,26 +42,13 @@ struct SearchPhase: PhaseHandler {
 
     func run(_ job: inout WorkerJob) throws -> Whittle_TaskReport {
         let task = try WorkerJobs.taskKind(job.task, model: job.model, data: job.data)
-        let groups = try ChannelGroups(model: job.model)
-        let strength = try Pruning.scores(groups, model: job.model, criterion: .l1)
-        let byName = Dictionary(groups.prunable.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        let cutter = try CandidateCutter(job.model)
         var local = LocalCompression()
         local.batchSize = job.batchSize
         let reference = try local.logits(try InferenceSession(model: job.model), job.data)
         var out = Whittle_SearchScores()
         for candidate in job.task.candidates {
-            var kept: [Int: [Int]] = [:]
-            for (name, width) in candidate.widths {
-                guard let g = byName[name], let s = strength[g.id] else {
-                    throw CompressionError(.invalidArgument, "the search task names group '\(name)', which the model has no prunable group of")
-                }
-                let w = Int(width)
-                guard w >= 1, w <= g.channels, w % max(g.unit, 1) == 0 else {
-                    throw CompressionError(.invalidArgument, "the search task keeps \(w) of group \(name)'s \(g.channels) channels (in units of \(g.unit))")
-                }
-                kept[g.id] = Pruning.strongest(g, scores: s, keeping: w)
-            }
-            let adapted = try CandidateEvaluation.adaptBatchNorm(try Pruning.prune(job.model, groups: groups, kept: kept), data: job.data,
+            let adapted = try CandidateEvaluation.adaptBatchNorm(try cutter.model(candidate), data: job.data,
                                                                  batchSize: job.batchSize, batches: max(Int(job.task.adaptationBatches), 1))
             out.scores.append(Whittle_CandidateScore(try CandidateEvaluation.score(adapted, data: job.data, baseOutputs: reference,
                                                                                   task: task, batchSize: job.batchSize)))
@@ -70,6 +57,37 @@ struct SearchPhase: PhaseHandler {
         var report = Whittle_TaskReport()
         report.search = out
         return report
+    }
+}
+
+/// A worker's side of a candidate: the task's model cut to the widths a task names, each group keeping its strongest
+/// channels by L1 norm (as the coordinator's `pick` does).
+struct CandidateCutter {
+    let model: Model
+    let groups: ChannelGroups
+    let strength: [Int: [Double]]
+    let byName: [String: ChannelGroup]
+
+    init(_ model: Model) throws {
+        self.model = model
+        groups = try ChannelGroups(model: model)
+        strength = try Pruning.scores(groups, model: model, criterion: .l1)
+        byName = Dictionary(groups.prunable.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+    }
+
+    func model(_ candidate: Whittle_ArchitectureWidths) throws -> Model {
+        var kept: [Int: [Int]] = [:]
+        for (name, width) in candidate.widths {
+            guard let g = byName[name], let s = strength[g.id] else {
+                throw CompressionError(.invalidArgument, "the task names group '\(name)', which the model has no prunable group of")
+            }
+            let w = Int(width)
+            guard w >= 1, w <= g.channels, w % max(g.unit, 1) == 0 else {
+                throw CompressionError(.invalidArgument, "the task keeps \(w) of group \(name)'s \(g.channels) channels (in units of \(g.unit))")
+            }
+            kept[g.id] = Pruning.strongest(g, scores: s, keeping: w)
+        }
+        return try Pruning.prune(model, groups: groups, kept: kept)
     }
 }
 
@@ -111,14 +129,14 @@ struct PickPhase: PhaseHandler {
     var overSelected: Bool { false }
 
     func close(_ closing: inout PhaseClosing) throws {
-        guard let plan = closing.plan.search, var search = closing.progress.search, let best = search.fittest, best.samples > 0 else {
+        guard closing.plan.search != nil, var search = closing.progress.search, let best = search.fittest, best.samples > 0 else {
             throw CompressionError(.invalidStatistics, "the search scored no candidate on any sample; there is nothing to pick")
         }
         let model = try closing.artifacts.model(closing.progress.currentModel)
-        let local = try closing.plan.localSearch(model)
+        let local = try closing.plan.localSearch(model, progress: closing.progress)
         let architecture = try local.space.architecture(widths: best.widths)
         let cost = try local.cost(architecture)
-        guard plan.budget.admits(cost) else {
+        guard closing.plan.searchBudget(closing.progress).admits(cost) else {
             throw CompressionError(.invalidStatistics, "the fittest candidate (\(cost.macs) MACs, \(cost.parameterBytes) bytes) is over the budget")
         }
         let kept = try local.space.kept(architecture, groups: local.groups, scores: local.scores)
@@ -138,5 +156,109 @@ struct PickPhase: PhaseHandler {
         search.chosen = best
         closing.progress.search = search
         closing.progress.currentModel = try closing.artifacts.store(pruned)
+    }
+}
+
+/// Workers: the task's model's latency table on the worker's hardware (`LatencyTableBuilder`, timed with the agent's
+/// clock, one worker per machine at a time like evaluation). The task's candidates are the anchors (the uniform
+/// architectures at the grid's ladder fractions). The coordinator merges the tables per kind of board (instruction
+/// set and threads; each point the median of the kind's boards), then checks the latency budget is reachable.
+struct LatencyPhase: PhaseHandler {
+    var kind: PhaseKind { .latency }
+    var timesModels: Bool { true }
+
+    func expectation(_ engine: RoundEngine, model: Model, progress: RoundProgress) throws -> PhaseExpectation {
+        guard let plan = engine.plan.search else { throw CompressionError(.invalidArgument, "a latency phase in a round that searches nothing") }
+        let local = try engine.plan.localSearch(model)
+        var builder = LatencyTableBuilder(machine: "", threads: 0) { _, _ in 0 }
+        builder.batch = plan.latencyBatch
+        builder.points = plan.latencyGrid
+        var e = PhaseExpectation(kind: kind)
+        let anchors = builder.anchors(costs: local.costs)
+        e.candidates = anchors.map(\.widths)
+        e.anchorFractions = anchors.map(\.fraction)
+        e.latencyBatch = plan.latencyBatch
+        e.latencyGrid = try builder.grid(base: model, costs: local.costs)
+        return e
+    }
+
+    func aggregate(_ expectation: PhaseExpectation, options: AggregationOptions) -> any PhaseAggregate { LatencyAggregate() }
+
+    func close(_ closing: inout PhaseClosing) throws {
+        let gathered = try closing.gathered()
+        let kinds = Dictionary(grouping: gathered.latencyTables, by: \.kind)
+        var search = closing.progress.search ?? SearchProgress()
+        search.latencyTables = try kinds.keys.sorted().compactMap { try LatencyTable.merged(kinds[$0]!) }
+        closing.progress.search = search
+        let local = try closing.plan.localSearch(try closing.artifacts.model(closing.progress.currentModel), progress: closing.progress)
+        try closing.plan.searchBudget(closing.progress).check(smallest: try local.cost(local.space.narrowest))
+    }
+
+    func run(_ job: inout WorkerJob) throws -> Whittle_TaskReport {
+        guard let probe = job.latency else { throw CompressionError(.invalidArgument, "a latency task needs the worker's clock") }
+        guard job.task.latencyBatch >= 1, job.task.latencyBatch <= 4096, job.task.candidates.count >= 2, job.task.candidates.count <= 16 else {
+            throw CompressionError(.invalidArgument, "the latency task asks for batch \(job.task.latencyBatch) and \(job.task.candidates.count) anchors")
+        }
+        let cutter = try CandidateCutter(job.model)
+        var builder = LatencyTableBuilder(machine: Kernels.cpuInstructionSet, threads: ComputeThreads.current) { session, inputs in
+            try probe.median(session, inputs: inputs)
+        }
+        builder.batch = Int(job.task.latencyBatch)
+        // The anchors' fractions are the coordinator's to pair with the times; here only their order matters.
+        let anchors = try job.task.candidates.enumerated().map { (Double($0.offset), try cutter.model($0.element)) }
+        let table = try builder.build(base: job.model, anchors: anchors)
+        var out = Whittle_LatencyTableReport()
+        out.machine = table.machine
+        out.threads = UInt32(clamping: table.threads)
+        out.batch = UInt32(clamping: table.batch)
+        out.layers = table.layers.map { l in
+            var e = Whittle_LayerLatencyEntry()
+            e.node = l.node
+            e.opType = l.opType
+            e.outputs = l.outputs.map { UInt32(clamping: $0) }
+            e.inputs = l.inputs.map { UInt32(clamping: $0) }
+            e.milliseconds = l.milliseconds.flatMap { $0 }
+            return e
+        }
+        out.anchorMilliseconds = table.anchors.map(\.milliseconds)
+        var report = Whittle_TaskReport()
+        report.latencyTable = out
+        return report
+    }
+}
+
+/// The workers' latency tables, each checked against the grid the phase expects.
+struct LatencyAggregate: PhaseAggregate {
+    var tables: [LatencyTable] = []
+    /// The most milliseconds a point may claim (an hour).
+    static let maximumMilliseconds = 3.6e6
+
+    mutating func fold(_ report: Whittle_TaskReport, worker: String, maximumSamples: Int, expectation e: PhaseExpectation) throws -> Int {
+        guard case .latencyTable(let m)? = report.result else { throw PhaseAccumulator.wrongKind(report, e.kind) }
+        guard !m.machine.isEmpty, m.machine.utf8.count <= 64, m.threads >= 1, m.threads <= 1 << 16 else {
+            throw PhaseAccumulator.refuse("the latency table names machine '\(m.machine.prefix(64))' with \(m.threads) threads")
+        }
+        guard Int(m.batch) == e.latencyBatch else { throw PhaseAccumulator.refuse("the latency table is for batch \(m.batch), not \(e.latencyBatch)") }
+        guard m.layers.count == e.latencyGrid.count, m.anchorMilliseconds.count == e.anchorFractions.count else {
+            throw PhaseAccumulator.refuse("the latency table has \(m.layers.count) layers and \(m.anchorMilliseconds.count) anchors; the phase expects \(e.latencyGrid.count) and \(e.anchorFractions.count)")
+        }
+        func plausible(_ v: Double) -> Bool { v.isFinite && v > 0 && v <= Self.maximumMilliseconds }
+        var layers: [LayerLatency] = []
+        for (entry, expected) in zip(m.layers, e.latencyGrid) {
+            guard entry.node == expected.node, entry.opType == expected.opType,
+                  entry.outputs.map(Int.init) == expected.outputs, entry.inputs.map(Int.init) == expected.inputs else {
+                throw PhaseAccumulator.refuse("the latency table's entry for '\(entry.node.prefix(80))' is not the grid the phase expects")
+            }
+            guard entry.milliseconds.count == expected.outputs.count * expected.inputs.count, entry.milliseconds.allSatisfy(plausible) else {
+                throw PhaseAccumulator.refuse("the latency table's times for '\(entry.node.prefix(80))' are missing, not positive or not finite")
+            }
+            let width = expected.inputs.count
+            layers.append(LayerLatency(node: expected.node, opType: expected.opType, outputs: expected.outputs, inputs: expected.inputs,
+                                       milliseconds: (0..<expected.outputs.count).map { Array(entry.milliseconds[($0 * width)..<(($0 + 1) * width)]) }).monotone)
+        }
+        guard m.anchorMilliseconds.allSatisfy(plausible) else { throw PhaseAccumulator.refuse("the latency table's end-to-end times are not positive and finite") }
+        tables.append(LatencyTable(machine: m.machine, threads: Int(m.threads), batch: Int(m.batch), layers: layers,
+                                   anchors: zip(e.anchorFractions, m.anchorMilliseconds).map { LatencyTable.Anchor(fraction: $0, milliseconds: $1) }))
+        return 1
     }
 }
