@@ -295,17 +295,23 @@ extension CompressionReport {
         /// The uniform architecture that fills the budget (the first candidate scored).
         public var uniform: Candidate?
         public var chosen: Candidate?
-        /// The candidates no other beats on both fitness and MACs (ascending MACs).
+        /// The candidates no other beats on both fitness and cost (predicted latency with a latency budget, else
+        /// MACs), ascending cost.
         public var front: [Candidate]
+        /// Every candidate, in evaluation order.
+        public var candidates: [Candidate]
 
         public init(budget: SearchBudget, candidates: [Candidate], chosen: Candidate?) {
             self.budget = budget
+            self.candidates = candidates
             evaluated = candidates.count
             uniform = candidates.first
             self.chosen = chosen
             var best = -Double.infinity
             front = []
-            for c in candidates.sorted(by: { $0.macs != $1.macs ? $0.macs < $1.macs : $0.fitness > $1.fitness }) where c.fitness > best {
+            let byLatency = !candidates.isEmpty && candidates.allSatisfy { $0.latencyMs != nil }
+            func cost(_ c: Candidate) -> Double { byLatency ? c.latencyMs! : Double(c.macs) }
+            for c in candidates.sorted(by: { cost($0) != cost($1) ? cost($0) < cost($1) : $0.fitness > $1.fitness }) where c.fitness > best {
                 front.append(c)
                 best = c.fitness
             }

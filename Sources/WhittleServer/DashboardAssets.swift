@@ -43,6 +43,11 @@ enum DashboardAssets {
                 <div id="timeline"></div>
               </figure>
             </div>
+            <figure id="search-box" hidden>
+              <figcaption>Architecture search: every candidate scored by the fleet (after re-estimating its batch norm
+              on each board's data) against its cost; the front, the uniform widths (reference) and the choice</figcaption>
+              <div id="search"></div>
+            </figure>
             <h3>Per-site before / after</h3>
             <table id="sites"><thead><tr>
               <th>site</th><th>samples</th><th>labels</th><th>phases</th><th>accuracy before</th><th>accuracy after</th>
@@ -159,6 +164,14 @@ enum DashboardAssets {
         function planSummary(p) {
           const parts = [];
           if (p.pruneRatio > 0 || (p.schedule || []).length) parts.push("prune " + ((p.schedule || []).length ? p.schedule.join("→") : p.pruneRatio) + " " + p.importance);
+          if (p.search) {
+            const b = p.search.budget || {}, limits = [];
+            if (b.macs != null) limits.push((b.macs / 1e6).toFixed(2) + "M MACs");
+            if (b.parameterBytes != null) limits.push(bytes(b.parameterBytes));
+            if (b.latencyMs != null) limits.push(b.latencyMs + " ms");
+            if (p.search.latencyShare != null) limits.push((100 * p.search.latencyShare).toFixed(0) + "% latency");
+            parts.push("search " + p.search.candidates + " ≤ " + limits.join(", "));
+          }
           if (p.finetuneRounds > 0) parts.push(p.finetuneRounds + "×" + p.localEpochs + " FedAvg" + (p.distill ? " + distill" : ""));
           if (p.quantize !== "none") parts.push(p.quantize + " " + p.calibration);
           parts.push("≥" + p.minWorkers + " workers");
@@ -248,6 +261,64 @@ enum DashboardAssets {
             root.appendChild(svg("circle", { cx: W - R - 130, cy: H - B - 52 + 16 * k, r: 5, fill: color }));
             root.appendChild(svg("text", { x: W - R - 120, y: H - B - 48 + 16 * k }, label));
           });
+          return root;
+        }
+
+        // The search's candidates: fleet accuracy (or agreement, or negated loss) after adaptive batch norm (y)
+        // against predicted latency on the slowest kind of board, or MACs (x); the front joined, the uniform
+        // architecture and the chosen one marked, each candidate's widths in its tooltip.
+        function renderSearch(report) {
+          const s = report && report.search, box = document.getElementById("search-box");
+          box.hidden = !s;
+          if (!s) return null;
+          const byLatency = s.candidates.length > 0 && s.candidates.every(c => c.latencyMs != null);
+          const cost = c => byLatency ? c.latencyMs : c.macs;
+          const figure = c => c.accuracy ?? c.agreement ?? (c.loss != null ? -c.loss : null);
+          const shown = s.candidates.filter(c => figure(c) != null);
+          const W = 560, H = 300, L = 56, R = 16, T = 14, B = 44;
+          const root = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "architecture search" });
+          if (!shown.length) { root.appendChild(svg("text", { x: L, y: H / 2 }, "no candidate was scored")); return root; }
+          let [x0, x1] = [Math.min(...shown.map(cost)), Math.max(...shown.map(cost))];
+          let [y0, y1] = [Math.min(...shown.map(figure)), Math.max(...shown.map(figure))];
+          const dx = Math.max(1e-9, x1 - x0) * 0.05, dy = Math.max(1e-9, y1 - y0) * 0.08;
+          x0 -= dx; x1 += dx; y0 -= dy; y1 += dy;
+          const X = v => L + (v - x0) / (x1 - x0) * (W - L - R);
+          const Y = v => T + (1 - (v - y0) / (y1 - y0)) * (H - T - B);
+          root.appendChild(svg("rect", { x: L, y: T, width: W - L - R, height: H - T - B, fill: "#fbfcfd", stroke: "#dde1e7" }));
+          const percent = shown.every(c => c.accuracy != null || c.agreement != null);
+          for (let k = 0; k <= 4; k++) {
+            const v = y0 + (y1 - y0) * k / 4, u = x0 + (x1 - x0) * k / 4;
+            root.appendChild(svg("text", { x: L - 6, y: Y(v) + 4, "text-anchor": "end" }, percent ? (100 * v).toFixed(1) + "%" : v.toFixed(3)));
+            root.appendChild(svg("text", { x: X(u), y: H - B + 16, "text-anchor": "middle" }, byLatency ? u.toFixed(3) + " ms" : (u / 1e6).toFixed(2) + "M"));
+          }
+          root.appendChild(svg("text", { x: (L + W - R) / 2, y: H - 8, "text-anchor": "middle" },
+            byLatency ? "predicted latency on the slowest kind of board" : "MACs per sample"));
+          const limit = byLatency ? s.budget.latencyMs : s.budget.macs;
+          if (limit != null && limit >= x0 && limit <= x1) {
+            root.appendChild(svg("line", { x1: X(limit), x2: X(limit), y1: T, y2: H - B, stroke: "#e0663b", "stroke-dasharray": "4 3", class: "budget" }));
+          }
+          const widths = c => Object.entries(c.widths).map(([k, v]) => k.replace(/^\//, "").replace(/\/(Conv|Gemm|MatMul|ConvTranspose)$/, "") + "=" + v).join(" ");
+          for (const c of shown) {
+            const dot = svg("circle", { cx: X(cost(c)), cy: Y(figure(c)), r: 3, fill: "#b7bcc6", class: "candidate" });
+            dot.appendChild(svg("title", {}, widths(c) + " · loss " + (c.loss ?? NaN).toFixed(4)));
+            root.appendChild(dot);
+          }
+          const front = s.front.filter(c => figure(c) != null);
+          if (front.length > 1) root.appendChild(svg("polyline", { points: front.map(c => X(cost(c)) + "," + Y(figure(c))).join(" "),
+                                                                  fill: "none", stroke: "#3b6fe0", "stroke-width": 1.5, class: "front" }));
+          for (const [c, color, cls, label] of [[s.uniform, "#1d2330", "uniform", "uniform widths"], [s.chosen, "#e0663b", "chosen", "chosen"]]) {
+            if (!c || figure(c) == null) continue;
+            const dot = svg("circle", { cx: X(cost(c)), cy: Y(figure(c)), r: 6, fill: color, class: cls });
+            dot.appendChild(svg("title", {}, label + ": " + widths(c)));
+            root.appendChild(dot);
+          }
+          const legend = [["#1d2330", "uniform widths (reference)"], ["#e0663b", "chosen (lowest fleet loss)"], ["#3b6fe0", "front (fleet loss against cost)"], ["#b7bcc6", "other candidates"]];
+          legend.forEach(([color, label], k) => {
+            root.appendChild(svg("circle", { cx: W + 14, cy: T + 8 + 16 * k, r: 5, fill: color }));
+            root.appendChild(svg("text", { x: W + 24, y: T + 12 + 16 * k }, label));
+          });
+          root.setAttribute("width", W + 220);
+          root.setAttribute("viewBox", `0 0 ${W + 220} ${H}`);
           return root;
         }
 
@@ -360,6 +431,8 @@ enum DashboardAssets {
               document.getElementById("detail-message").textContent = round.message || (round.state === "running" ? "at " + round.phaseLabel : "");
               document.getElementById("tradeoff").replaceChildren(renderTradeoff(reports, report));
               document.getElementById("timeline").replaceChildren(renderTimeline(round));
+              const search = renderSearch(report);
+              document.getElementById("search").replaceChildren(...(search ? [search] : []));
               renderSites(report, round);
             }
             document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();

@@ -144,3 +144,36 @@ def test_dashboard_shows_workers_rounds_and_plots_with_real_data(coordinator_ser
     kept.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, kept)
     fleet.stop_workers()
+
+
+def test_dashboard_plots_a_search_rounds_candidates(coordinator_server, worker_path, tmp_path, spawn_any):
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=2, samples=200)
+    for name in names:
+        fleet.start_worker(name)
+    started = fleet.round("start", "--model", MODEL, "--macs-budget", "30%", "--candidates", 8, "--population", 4,
+                          "--adaptation-batches", 2, "--finetune-rounds", 1, "--quantize", "none", "--min-workers", 2,
+                          # A short recipe (the dashboard is under test, not the model): let the quality gate pass it.
+                          "--phase-deadline", "5m", "--max-accuracy-drop", "1", "--min-agreement", "0", "--json")
+    round_id = json.loads(started.stdout)["id"]
+    ended = fleet.wait(round_id, timeout=600)
+    assert ended["state"] == "succeeded", ended.get("message")
+    server = fleet.server
+    link = json.loads(server.cli("dashboard", "--dir", server.dir, "--json").stdout)["url"]
+    dom = chromium(link, server, tmp_path / "profile-search", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert 'id="search-box"' in html and 'id="search-box" hidden' not in html, html[:3000]
+    # Every candidate a grey dot with its widths; the uniform reference and the choice marked; the front joined;
+    # the budget's line; the x axis in MACs (no latency budget).
+    assert len(re.findall(r'<circle[^>]*class="candidate"', html)) == 8
+    assert len(re.findall(r'<circle[^>]*class="uniform"', html)) == 1
+    assert len(re.findall(r'<circle[^>]*class="chosen"', html)) == 1
+    assert "MACs per sample" in html and "<title>chosen: " in html and "features.4.0=" in html
+    link = json.loads(server.cli("dashboard", "--dir", server.dir, "--json").stdout)["url"]
+    shot = tmp_path / "search.png"
+    result = chromium(link, server, tmp_path / "profile-search-shot", f"--screenshot={shot}", "--window-size=1400,2600")
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    kept = ROOT / ".build" / "test-artifacts" / "dashboard-search.png"  # for a human to look at
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, kept)
+    fleet.stop_workers()
