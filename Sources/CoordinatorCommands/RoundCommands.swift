@@ -200,6 +200,8 @@ public struct RoundCommand: ParsableCommand {
                 search.adaptationBatches = searching.adaptationBatches
                 search.latencyBatch = searching.latencyBatch
                 search.latencyGrid = searching.latencyGrid
+                search.finalists = searching.finalists
+                search.finalistEpochs = searching.finalistEpochs
                 // A latency share is resolved on the fleet (of the original's time on the slowest kind of board);
                 // MACs and size shares against the model in `run`.
                 if let share = try searching.latencyShare() {

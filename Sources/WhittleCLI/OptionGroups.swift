@@ -139,6 +139,9 @@ public struct SearchFlags: ParsableArguments {
     public var latencyBudget: String?
     @Option(name: .long, help: "Batch size the latency budget is for.") public var latencyBatch: Int = 1
     @Option(name: .long, help: "Grid points per channel axis of the latency table.") public var latencyGrid: Int = 6
+    @Option(name: .long, help: "The fittest candidates (the uniform one among them) fine-tuned briefly and compared on held-out samples, the best chosen (model search: with --finetune-epochs, on --val-data; a round: on every worker, a fifth of its data held out); 1: the fittest directly.")
+    public var finalists: Int = 4
+    @Option(name: .long, help: "Fine-tuning epochs of each finalist.") public var finalistEpochs: Int = 1
 
     public init() {}
 
@@ -151,6 +154,8 @@ public struct SearchFlags: ParsableArguments {
         guard adaptationBatches >= 1 else { throw ValidationError("--adaptation-batches must be at least 1") }
         guard latencyBatch >= 1 else { throw ValidationError("--latency-batch must be at least 1") }
         guard latencyGrid >= 2, latencyGrid <= 16 else { throw ValidationError("--latency-grid must be 2 to 16") }
+        guard finalists >= 1 else { throw ValidationError("--finalists must be at least 1") }
+        guard finalistEpochs >= 1 else { throw ValidationError("--finalist-epochs must be at least 1") }
         if let latencyBudget, !latencyBudget.hasSuffix("%") { _ = try Self.milliseconds(latencyBudget) { 0 } }
     }
 

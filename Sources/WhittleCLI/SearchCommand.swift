@@ -100,8 +100,6 @@ extension ModelCommand {
         @Option(name: .long, help: "Where to write the chosen model (float, pruned; quantize it with model compress).") var out: String
 
         @Option(name: .long, help: "Kept channel counts are multiples of this (vector widths of the target's kernels).") var roundTo: Int = 1
-        @Option(name: .long, help: "With --finetune-epochs: the fittest candidates (the uniform one among them) fine-tuned briefly and scored on --val-data (else the calibration data), the best of them chosen.") var finalists: Int = 4
-        @Option(name: .long, help: "Fine-tuning epochs of each finalist.") var finalistEpochs: Int = 1
 
         @Option(name: .long, help: "Fine-tuning epochs for the chosen model (needs --train-data).") var finetuneEpochs: Int = 0
         @Option(name: .long, help: "Fine-tuning samples (.npy or .npz).") var trainData: String?
@@ -120,8 +118,6 @@ extension ModelCommand {
                 throw ValidationError("give a budget: --macs-budget, --size-budget or --latency-budget (or several)")
             }
             guard roundTo >= 1 else { throw ValidationError("--round-to must be at least 1") }
-            guard finalists >= 1 else { throw ValidationError("--finalists must be at least 1") }
-            guard finalistEpochs >= 1 else { throw ValidationError("--finalist-epochs must be at least 1") }
             guard training.batchSize >= 2 else { throw ValidationError("--batch-size must be at least 2 (batch statistics)") }
             guard finetuneEpochs >= 0 else { throw ValidationError("--finetune-epochs must not be negative") }
             guard finetuneEpochs == 0 || trainData != nil else { throw ValidationError("--finetune-epochs needs --train-data") }
@@ -230,13 +226,13 @@ extension ModelCommand {
             func measured(_ models: [Model]) throws -> [Double] { try timed(models, batch: searching.latencyBatch, probe: probe) }
             var finalistScores: [SearchReport.Finalist] = []
             var finalistModels: [Model] = []
-            if finetuneEpochs > 0, let trainingSet, finalists > 1 {
+            if finetuneEpochs > 0, let trainingSet, searching.finalists > 1 {
                 var bestFigure = -Double.infinity
-                for (k, f) in EvolutionarySearch.finalists(found, count: finalists).enumerated() {
-                    bar.update("finalists", k, finalists, "\(k)/\(finalists) fine-tuned")
+                for (k, f) in EvolutionarySearch.finalists(found, count: searching.finalists).enumerated() {
+                    bar.update("finalists", k, searching.finalists, "\(k)/\(searching.finalists) fine-tuned")
                     var m = try CandidateEvaluation.adaptBatchNorm(try search.model(f.architecture), data: calibration,
                                                                    batchSize: batchSize, batches: searching.adaptationBatches)
-                    (m, _) = try local.finetune(m, teacher: teacher, data: trainingSet, epochs: finalistEpochs, task: search.task)
+                    (m, _) = try local.finetune(m, teacher: teacher, data: trainingSet, epochs: searching.finalistEpochs, task: search.task)
                     let s = try CandidateEvaluation.score(m, data: evaluation, baseOutputs: reference, task: search.task, batchSize: batchSize)
                     let figure = s.accuracy ?? s.evaluation.agreementRate ?? -s.meanLoss
                     finalistModels.append(m)

@@ -43,6 +43,15 @@ public struct Dataset: Sendable {
 
     public var count: Int { samples.count }
 
+    /// The samples (and labels) at `indices`, in their order.
+    public func subset(_ indices: [Int]) throws -> Dataset {
+        try Dataset(samples: samples.rows(indices), labels: labels.map { l in
+            let per = l.shape.dropFirst().reduce(1, *)
+            return Tensor(shape: [indices.count] + Array(l.shape.dropFirst()),
+                          ints: indices.flatMap { l.ints[($0 * per)..<(($0 + 1) * per)] }, dtype: l.dtype)
+        })
+    }
+
     /// The samples in `range` as one batch.
     public func slice(_ range: Range<Int>) -> Samples { samples.rows(range) }
 

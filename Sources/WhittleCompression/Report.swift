@@ -300,6 +300,8 @@ extension CompressionReport {
         public var front: [Candidate]
         /// Every candidate, in evaluation order.
         public var candidates: [Candidate]
+        /// The finalists after a short fine-tuning on the fleet, scored on held-out samples (the uniform one first).
+        public var finalists: [Candidate] = []
 
         public init(budget: SearchBudget, candidates: [Candidate], chosen: Candidate?) {
             self.budget = budget

@@ -62,6 +62,8 @@ public struct SearchProgress: Codable, Sendable, Equatable {
     /// the uniform architecture that fills the budget (the reference).
     public var generations: [[Candidate]] = []
     public var chosen: Candidate?
+    /// The finalists after their short fine-tuning on the fleet (scored on the workers' held-out samples).
+    public var finalists: [Candidate] = []
     /// The fleet's latency tables, one per kind of board (each the median of its boards' tables).
     public var latencyTables: [LatencyTable] = []
 
@@ -69,6 +71,17 @@ public struct SearchProgress: Codable, Sendable, Equatable {
 
     /// Every candidate, in evaluation order.
     public var candidates: [Candidate] { generations.flatMap { $0 } }
+
+    /// The finalists a short fine-tuning decides between: the first candidate (the uniform architecture) and the
+    /// `count − 1` fittest others.
+    public func finalistCandidates(_ count: Int) -> [Candidate] {
+        let all = candidates
+        guard let first = all.first else { return [] }
+        let ranked = all.dropFirst().enumerated().sorted { a, b in
+            a.element.fitness != b.element.fitness ? a.element.fitness > b.element.fitness : a.offset < b.offset
+        }.map(\.element)
+        return [first] + ranked.filter { $0.widths != first.widths }.prefix(max(count - 1, 0))
+    }
 
     /// The fittest candidate (the earliest among equals).
     public var fittest: Candidate? {
@@ -349,6 +362,7 @@ public struct RoundEngine: Sendable {
         if let search = progress.search, plan.search != nil {
             r.search = CompressionReport.SearchSection(budget: plan.searchBudget(progress), candidates: search.candidates, chosen: search.chosen)
             r.search?.boardKinds = search.latencyTables.map(\.kind)
+            r.search?.finalists = search.finalists
         }
         r.calibration = progress.calibration
         r.quantization = progress.quantization

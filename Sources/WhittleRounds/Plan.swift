@@ -33,7 +33,10 @@ public enum PhaseKind: String, Codable, Sendable, CaseIterable {
     /// Workers: one generation of an architecture search: each candidate scored on local data after its batch-norm
     /// statistics are re-estimated there (adaptive batch norm), merged as sums.
     case search
-    /// Coordinator: the search's fittest candidate → surgery (each group keeps its strongest channels by L1).
+    /// Workers: the search's finalists (the uniform architecture and the fittest candidates), each fine-tuned briefly
+    /// on the worker's data and scored on a held-out fifth of it; the scores are summed over the fleet.
+    case finalists
+    /// Coordinator: the search's fittest candidate (or best finalist) → surgery (each group keeps its strongest channels by L1).
     case pick
     /// Workers: local epochs → weight deltas; the coordinator averages them into the next global model.
     case finetune
@@ -112,8 +115,15 @@ public struct SearchPlan: Codable, Sendable, Equatable {
     /// The batch size latency budgets are for, and the latency table's grid points per channel axis.
     public var latencyBatch = 1
     public var latencyGrid = 6
+    /// Finalists (the uniform architecture among them) fine-tuned for `finalistEpochs` local epochs on each worker
+    /// and compared on held-out samples; 1 (or 0 epochs): the fittest candidate is picked directly.
+    public var finalists = 4
+    public var finalistEpochs = 1
 
     public init() {}
+
+    /// A finalists phase runs between the generations and the pick.
+    public var comparesFinalists: Bool { finalists > 1 && finalistEpochs > 0 }
 
     /// A latency budget needs the fleet's latency tables (a latency phase first).
     public var measuresLatency: Bool { budget.latencyMs != nil || latencyShare != nil }
@@ -138,6 +148,8 @@ public struct SearchPlan: Codable, Sendable, Equatable {
         if let share = latencyShare { guard share > 0, share <= 1 else { throw fail("--latency-budget as a share must be in (0, 100] %") } }
         guard latencyBatch >= 1, latencyBatch <= 4096 else { throw fail("--latency-batch must be in 1…4096") }
         guard latencyGrid >= 2, latencyGrid <= 16 else { throw fail("--latency-grid must be in 2…16") }
+        guard finalists >= 1, finalists <= 64 else { throw fail("--finalists must be in 1…64") }
+        guard finalistEpochs >= 0, finalistEpochs <= 100 else { throw fail("--finalist-epochs must be in 0…100") }
         guard candidates >= 1, candidates <= 10_000 else { throw fail("--candidates must be in 1…10000") }
         guard population >= 2, population <= candidates || candidates < 2 else { throw fail("--population must be in 2…--candidates") }
         guard minimumFraction > 0, minimumFraction <= 1 else { throw fail("--min-width must be in (0, 1]") }
@@ -268,6 +280,7 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         if let search {
             if search.measuresLatency { out.append(Phase(.latency)) }
             for g in 0..<search.strategy(seed: seed).generations { out.append(Phase(.search, iteration: g)) }
+            if search.comparesFinalists { out.append(Phase(.finalists)) }
             out.append(Phase(.pick))
         }
         if steps.isEmpty, finetuneRounds > 0 {

@@ -48,7 +48,7 @@ import WhittleTestSupport
         let plan = Self.plan()
         let model = RoundTests.model
         try plan.validate(model: model)
-        #expect(plan.phases.map(\.kind) == [.search, .search, .pick, .finetune, .export, .evaluate, .distribute])
+        #expect(plan.phases.map(\.kind) == [.search, .search, .finalists, .pick, .finetune, .export, .evaluate, .distribute])
         #expect(plan.phases[1].label == "search (generation 2)")
         let artifacts = Artifacts()
         let start = try artifacts.store(model)
@@ -95,13 +95,28 @@ import WhittleTestSupport
         // The third generation is past the search: it would be empty.
         #expect(try engine.expectation(Phase(.search, iteration: 2), model: model, progress: progress).candidates.isEmpty)
 
+        // The finalists: the uniform architecture and the 3 fittest others, each fine-tuned on four fifths of each
+        // worker's shard and scored on the last fifth.
+        let finalists = try RoundTests.federated(.finalists, plan: plan, model: model, progress: progress, parts: parts)
+        let fittest = try #require(progress.search).finalistCandidates(4)
+        #expect(finalists.expectation.candidates == fittest.map(\.widths))
+        #expect(fittest.first == progress.search?.candidates.first)
+        var finalClosing = PhaseClosing(engine: engine, phase: Phase(.finalists), accumulator: finalists, progress: progress, artifacts: artifacts)
+        try PhaseHandlers.handler(.finalists).close(&finalClosing)
+        progress = finalClosing.progress
+        let held = parts.reduce(0) { $0 + $1.count / 5 }  // every fifth sample: 1 + 2 + 2
+        #expect(progress.search?.finalists.count == 4 && progress.search?.finalists.allSatisfy { $0.samples == held && $0.accuracy != nil } == true)
+
         var closing = PhaseClosing(engine: engine, phase: Phase(.pick), accumulator: nil, progress: progress, artifacts: artifacts)
         try PhaseHandlers.handler(.pick).close(&closing)
         progress = closing.progress
         let search = try #require(progress.search)
         let chosen = try #require(search.chosen)
-        #expect(chosen == search.fittest)
-        #expect(search.candidates.allSatisfy { $0.fitness <= chosen.fitness })
+        // The best finalist on the held-out samples (the earliest among equals).
+        let best = search.finalists.enumerated().max { a, b in
+            a.element.accuracy! != b.element.accuracy! ? a.element.accuracy! < b.element.accuracy! : a.offset > b.offset
+        }!.element
+        #expect(chosen == best)
         let pruned = try artifacts.model(progress.currentModel)
         #expect(try CostModel.measured(pruned).macs == chosen.macs && chosen.macs <= budget.macs!)
         let section = try #require(progress.pruning)
@@ -114,7 +129,7 @@ import WhittleTestSupport
         progress.after = progress.before
         let report = try #require(engine.report(round: "r", progress: progress, output: "o"))
         #expect(report.search?.evaluated == 8 && report.search?.chosen == chosen && report.search?.uniform == search.candidates.first)
-        #expect(report.search?.front.last?.fitness == chosen.fitness)
+        #expect(report.search?.finalists == search.finalists && report.search?.candidates.count == 8)
     }
 
     @Test func badSearchReportsAndPlansAreRefused() throws {

@@ -133,7 +133,7 @@ public enum PhaseHandlers {
         let handlers: [any PhaseHandler] = [
             FisherPhase(), ImportancePhase(), PrunePhase(), TrainingPhase(.finetune), NormalizationPhase(), FoldPhase(),
             RangesPhase(), HistogramsPhase(), ExportPhase(), TrainingPhase(.qat), EvaluatePhase(), DistributePhase(),
-            LatencyPhase(), SearchPhase(), PickPhase(),
+            LatencyPhase(), SearchPhase(), FinalistsPhase(), PickPhase(),
         ]
         return Dictionary(uniqueKeysWithValues: handlers.map { ($0.kind, $0) })
     }()

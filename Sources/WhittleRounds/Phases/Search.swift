@@ -129,8 +129,16 @@ struct PickPhase: PhaseHandler {
     var overSelected: Bool { false }
 
     func close(_ closing: inout PhaseClosing) throws {
-        guard closing.plan.search != nil, var search = closing.progress.search, let best = search.fittest, best.samples > 0 else {
+        guard closing.plan.search != nil, var search = closing.progress.search, var best = search.fittest, best.samples > 0 else {
             throw CompressionError(.invalidStatistics, "the search scored no candidate on any sample; there is nothing to pick")
+        }
+        // After a short fine-tuning the finalists' held-out figures decide (accuracy with labels, else agreement with
+        // the original, else the loss); the earliest among equals, the uniform architecture first.
+        func figure(_ c: SearchProgress.Candidate) -> Double { c.accuracy ?? c.agreement ?? c.fitness }
+        if let decided = search.finalists.filter({ $0.samples > 0 }).enumerated().max(by: { a, b in
+            figure(a.element) != figure(b.element) ? figure(a.element) < figure(b.element) : a.offset > b.offset
+        })?.element {
+            best = decided
         }
         let model = try closing.artifacts.model(closing.progress.currentModel)
         let local = try closing.plan.localSearch(model, progress: closing.progress)
@@ -261,4 +269,78 @@ struct LatencyAggregate: PhaseAggregate {
                                    anchors: zip(e.anchorFractions, m.anchorMilliseconds).map { LatencyTable.Anchor(fraction: $0, milliseconds: $1) }))
         return 1
     }
+}
+
+/// Workers: the search's finalists (the uniform architecture and the fittest others), each cut, its batch norm
+/// re-estimated and fine-tuned for the task's local epochs on four fifths of the worker's data (distilled from the
+/// task's model without labels or with --distill), then scored on the other fifth (every fifth sample) against the
+/// task's model; the
+/// coordinator sums the scores per finalist and `pick` takes the best. The loss after adaptive batch norm alone
+/// ranks architectures before training, not after it (benchmarks/README.md, "Architecture search").
+struct FinalistsPhase: PhaseHandler {
+    var kind: PhaseKind { .finalists }
+
+    func expectation(_ engine: RoundEngine, model: Model, progress: RoundProgress) throws -> PhaseExpectation {
+        guard let plan = engine.plan.search, let search = progress.search else {
+            throw CompressionError(.invalidArgument, "a finalists phase before any search generation")
+        }
+        var e = PhaseExpectation(kind: kind)
+        e.candidates = search.finalistCandidates(plan.finalists).map(\.widths)
+        e.adaptationBatches = plan.adaptationBatches
+        return e
+    }
+
+    func configure(_ task: inout Whittle_Task, _ engine: RoundEngine, phase: Phase, progress: RoundProgress) {
+        task.localEpochs = UInt32(clamping: engine.plan.search?.finalistEpochs ?? 1)
+        task.learningRate = engine.plan.learningRate
+    }
+
+    func aggregate(_ expectation: PhaseExpectation, options: AggregationOptions) -> any PhaseAggregate {
+        SearchAggregate(count: expectation.candidates.count)
+    }
+
+    func close(_ closing: inout PhaseClosing) throws {
+        let gathered = try closing.gathered()
+        let local = try closing.plan.localSearch(try closing.artifacts.model(closing.progress.currentModel), progress: closing.progress)
+        let scores = gathered.searchScores
+        var search = closing.progress.search ?? SearchProgress()
+        search.finalists = try gathered.expectation.candidates.enumerated().map { k, widths in
+            SearchProgress.Candidate(widths: widths, cost: try local.cost(try local.space.architecture(widths: widths)),
+                                     score: k < scores.count ? scores[k] : nil)
+        }
+        closing.progress.search = search
+    }
+
+    func run(_ job: inout WorkerJob) throws -> Whittle_TaskReport {
+        // Every fifth sample held out (local data is often ordered by class or time; a tail would not be a sample).
+        let n = job.data.count
+        let heldIndices = (0..<n).filter { $0 % 5 == 4 }, trainIndices = (0..<n).filter { $0 % 5 != 4 }
+        guard !heldIndices.isEmpty, trainIndices.count >= 2 else {
+            throw CompressionError(.invalidArgument, "comparing finalists needs at least 5 local samples (\(n) here)")
+        }
+        let train = try job.data.subset(trainIndices), heldOut = try job.data.subset(heldIndices)
+        let task = try WorkerJobs.taskKind(job.task, model: job.model, data: job.data)
+        let cutter = try CandidateCutter(job.model)
+        var local = LocalCompression()
+        local.batchSize = job.batchSize
+        local.seed = job.task.seed
+        local.finetuneLearningRate = job.task.learningRate > 0 && job.task.learningRate.isFinite ? job.task.learningRate : 0.01
+        if let optimizer = LocalOptimizer(rawValue: job.task.optimizer) { local.finetuneOptimizer = optimizer.kind }
+        let reference = try local.logits(try InferenceSession(model: job.model), heldOut)
+        let teacher = job.task.distill || train.labels == nil ? try InferenceSession(model: job.teacher ?? job.model) : nil
+        var out = Whittle_SearchScores()
+        for candidate in job.task.candidates {
+            var m = try CandidateEvaluation.adaptBatchNorm(try cutter.model(candidate), data: train, batchSize: job.batchSize,
+                                                           batches: max(Int(job.task.adaptationBatches), 1))
+            (m, _) = try local.finetune(m, teacher: teacher, data: train, epochs: max(Int(job.task.localEpochs), 1), task: task)
+            out.scores.append(Whittle_CandidateScore(try CandidateEvaluation.score(m, data: heldOut, baseOutputs: reference,
+                                                                                  task: task, batchSize: job.batchSize)))
+        }
+        out.samples = UInt64(heldOut.count)
+        var report = Whittle_TaskReport()
+        report.search = out
+        return report
+    }
+
+    func backpropagates(_ task: Whittle_Task) -> Bool { true }
 }
