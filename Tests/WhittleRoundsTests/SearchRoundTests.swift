@@ -222,6 +222,8 @@ import WhittleTestSupport
             reports.append(wire)
             try accumulator.add(wire, worker: "w\(k)", maximumSamples: parts[k].count)
         }
+        // Both "workers" are this process: the second task over the same model reuses the table the first measured.
+        #expect(reports[0].latencyTable == reports[1].latencyTable)
         let tables = accumulator.latencyTables
         #expect(tables.count == 2 && tables.allSatisfy { $0.layers.map(\.node) == expectation.latencyGrid.map(\.node) })
         var closing = PhaseClosing(engine: engine, phase: Phase(.latency), accumulator: accumulator, progress: progress, artifacts: artifacts)

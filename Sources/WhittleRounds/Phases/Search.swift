@@ -1,3 +1,4 @@
+import Foundation
 import WhittleCompression
 import WhittleNN
 import WhittleONNX
@@ -175,6 +176,17 @@ struct LatencyPhase: PhaseHandler {
     var kind: PhaseKind { .latency }
     var timesModels: Bool { true }
 
+    /// Tables this worker process measured, by model, batch, anchors and kind of board: a later round over the same
+    /// model reuses its table instead of timing every layer again.
+    static let measured = TableCache()
+
+    final class TableCache: @unchecked Sendable {
+        private let lock = NSLock()
+        private var tables: [String: LatencyTable] = [:]
+        func table(_ key: String) -> LatencyTable? { lock.lock(); defer { lock.unlock() }; return tables[key] }
+        func keep(_ table: LatencyTable, _ key: String) { lock.lock(); tables[key] = table; lock.unlock() }
+    }
+
     func expectation(_ engine: RoundEngine, model: Model, progress: RoundProgress) throws -> PhaseExpectation {
         guard let plan = engine.plan.search else { throw CompressionError(.invalidArgument, "a latency phase in a round that searches nothing") }
         let local = try engine.plan.localSearch(model)
@@ -213,8 +225,16 @@ struct LatencyPhase: PhaseHandler {
         }
         builder.batch = Int(job.task.latencyBatch)
         // The anchors' fractions are the coordinator's to pair with the times; here only their order matters.
-        let anchors = try job.task.candidates.enumerated().map { (Double($0.offset), try cutter.model($0.element)) }
-        let table = try builder.build(base: job.model, anchors: anchors)
+        let key = [job.task.modelSha256, "\(builder.batch)", builder.machine, "\(builder.threads)"]
+            .joined(separator: "|") + "|" + job.task.candidates.map { $0.widths.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",") }.joined(separator: ";")
+        let table: LatencyTable
+        if !job.task.modelSha256.isEmpty, let kept = Self.measured.table(key) {
+            table = kept
+        } else {
+            let anchors = try job.task.candidates.enumerated().map { (Double($0.offset), try cutter.model($0.element)) }
+            table = try builder.build(base: job.model, anchors: anchors)
+            if !job.task.modelSha256.isEmpty { Self.measured.keep(table, key) }
+        }
         var out = Whittle_LatencyTableReport()
         out.machine = table.machine
         out.threads = UInt32(clamping: table.threads)
