@@ -42,6 +42,24 @@ def coordinator(*args, timeout=7200):
     return done, time.monotonic() - began
 
 
+def prepare(d, args, x, y, hx, hy):
+    """Writes the training images, SEARCH_IMAGES of them (drawn with --seed) that score candidates, and the 512 test
+    images the finalists are compared on (not the holdout) into `d`; returns the base model's holdout accuracy and the
+    fine-tuning flags both methods share."""
+    np.save(d / "train_x.npy", x)
+    np.save(d / "train_y.npy", y)
+    pick = np.random.default_rng(args.seed).permutation(len(x))[:SEARCH_IMAGES]
+    np.save(d / "search_x.npy", x[pick])
+    np.save(d / "search_y.npy", y[pick])
+    tx, ty = load_test_split()
+    np.save(d / "val_x.npy", tx)
+    np.save(d / "val_y.npy", ty)
+    base_accuracy = onnx_accuracy(args.model, hx, hy)
+    print(f"base model {pathlib.Path(args.model).name}: {100 * base_accuracy:.2f} % on {len(hx)} holdout images")
+    return base_accuracy, ["--finetune-epochs", args.epochs, "--train-data", d / "train_x.npy", "--train-labels",
+                           d / "train_y.npy", "--lr", args.lr, "--seed", args.seed, "--batch-size", 32]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.85])
@@ -58,18 +76,7 @@ def main():
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         d = pathlib.Path(tmp)
-        np.save(d / "train_x.npy", x)
-        np.save(d / "train_y.npy", y)
-        pick = np.random.default_rng(args.seed).permutation(len(x))[:SEARCH_IMAGES]
-        np.save(d / "search_x.npy", x[pick])
-        np.save(d / "search_y.npy", y[pick])
-        tx, ty = load_test_split()  # the 512 test images: the finalists are compared on them (not the holdout)
-        np.save(d / "val_x.npy", tx)
-        np.save(d / "val_y.npy", ty)
-        base_accuracy = onnx_accuracy(args.model, hx, hy)
-        print(f"base model {pathlib.Path(args.model).name}: {100 * base_accuracy:.2f} % on {len(hx)} holdout images")
-        finetune = ["--finetune-epochs", args.epochs, "--train-data", d / "train_x.npy", "--train-labels", d / "train_y.npy",
-                    "--lr", args.lr, "--seed", args.seed, "--batch-size", 32]
+        base_accuracy, finetune = prepare(d, args, x, y, hx, hy)
         for ratio in args.ratios:
             uniform_out, uniform_report = d / f"uniform_{ratio}.onnx", d / f"uniform_{ratio}.json"
             _, uniform_seconds = coordinator(

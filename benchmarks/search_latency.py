@@ -22,13 +22,12 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "interop"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from rounds_support import MODEL, load_holdout_split, load_test_split, load_train_split, onnx_accuracy  # noqa: E402
-from search import SEARCH_IMAGES, coordinator  # noqa: E402
+from rounds_support import MODEL, load_holdout_split, load_train_split, onnx_accuracy  # noqa: E402
+from search import coordinator, prepare  # noqa: E402
 import machine  # noqa: E402
 
 GOAL_POINTS = 1.0
@@ -65,18 +64,7 @@ def main():
     results, errors = [], []
     with tempfile.TemporaryDirectory() as tmp:
         d = pathlib.Path(tmp)
-        np.save(d / "train_x.npy", x)
-        np.save(d / "train_y.npy", y)
-        pick = np.random.default_rng(args.seed).permutation(len(x))[:SEARCH_IMAGES]
-        np.save(d / "search_x.npy", x[pick])
-        np.save(d / "search_y.npy", y[pick])
-        tx, ty = load_test_split()
-        np.save(d / "val_x.npy", tx)
-        np.save(d / "val_y.npy", ty)
-        base_accuracy = onnx_accuracy(args.model, hx, hy)
-        print(f"base model {pathlib.Path(args.model).name}: {100 * base_accuracy:.2f} % on {len(hx)} holdout images")
-        finetune = ["--finetune-epochs", args.epochs, "--train-data", d / "train_x.npy", "--train-labels", d / "train_y.npy",
-                    "--lr", args.lr, "--seed", args.seed, "--batch-size", 32]
+        base_accuracy, finetune = prepare(d, args, x, y, hx, hy)
         table = d / "latency-table.json"
         for ratio in args.ratios:
             uniform_out, uniform_report = d / f"uniform_{ratio}.onnx", d / f"uniform_{ratio}.json"

@@ -99,6 +99,12 @@ public struct LatencyTable: Codable, Sendable, Equatable {
     /// The original model's end-to-end time.
     public var fullMilliseconds: Double { anchors.last?.milliseconds ?? 0 }
 
+    /// The median of `v` (at least one value; the mean of the middle two for an even count).
+    static func median(_ v: [Double]) -> Double {
+        let s = v.sorted()
+        return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+    }
+
     /// The board kind a table describes.
     public var kind: String { "\(machine), \(threads) threads" }
 
@@ -114,17 +120,13 @@ public struct LatencyTable: Codable, Sendable, Equatable {
                 throw CompressionError(.incompatibleStatistics, "latency tables of \(out.kind) disagree in their grid")
             }
         }
-        func median(_ v: [Double]) -> Double {
-            let s = v.sorted()
-            return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
-        }
         for l in out.layers.indices {
             for r in out.layers[l].milliseconds.indices {
-                for c in out.layers[l].milliseconds[r].indices { out.layers[l].milliseconds[r][c] = median(tables.map { $0.layers[l].milliseconds[r][c] }) }
+                for c in out.layers[l].milliseconds[r].indices { out.layers[l].milliseconds[r][c] = Self.median(tables.map { $0.layers[l].milliseconds[r][c] }) }
             }
             out.layers[l] = out.layers[l].monotone
         }
-        for a in out.anchors.indices { out.anchors[a].milliseconds = median(tables.map { $0.anchors[a].milliseconds }) }
+        for a in out.anchors.indices { out.anchors[a].milliseconds = Self.median(tables.map { $0.anchors[a].milliseconds }) }
         return out
     }
 
@@ -208,7 +210,9 @@ public struct LatencyModel: Sendable {
     }
 
     /// A layer's output and input channels in `widths`.
-    func channels(_ l: Layer, widths: [Int]) -> (outputs: Int, inputs: Int) {
+    func channels(_ l: Layer, widths: [Int]) -> (outputs: Int, inputs: Int) { Self.channels(l, widths: widths, costs: costs) }
+
+    static func channels(_ l: Layer, widths: [Int], costs: CostModel) -> (outputs: Int, inputs: Int) {
         let o = costs.size(of: l.weight, axis: l.outputAxis, widths: widths, base: l.baseOutputs)
         if l.grouped { return (o, max(1, o * l.baseInputs / max(l.baseOutputs, 1))) }
         return (o, costs.size(of: l.weight, axis: l.inputAxis, widths: widths, base: l.baseInputs))
@@ -228,9 +232,8 @@ public struct LatencyModel: Sendable {
     /// architectures at `points` evenly spaced ladder positions, from the narrowest to the full one.
     static func grid(layers: [Layer], costs: CostModel, points: Int) -> [LayerLatency] {
         let architectures = fractions(points).map { uniform(costs.space, fraction: $0) }
-        let model = LatencyModel(costs: costs, layers: layers, table: LatencyTable(machine: "", threads: 0, batch: 0, layers: [], anchors: []))
         return layers.map { l in
-            let sizes = architectures.map { model.channels(l, widths: costs.widths($0)) }
+            let sizes = architectures.map { channels(l, widths: costs.widths($0), costs: costs) }
             let outputs = Array(Set(sizes.map(\.outputs))).sorted()
             let inputs = l.grouped ? [l.baseInputs] : Array(Set(sizes.map(\.inputs))).sorted()
             return LayerLatency(node: l.name, opType: l.opType, outputs: outputs, inputs: inputs, milliseconds: [])
@@ -403,17 +406,13 @@ public struct LatencyTableBuilder {
             }
         }
         progress?(passes * schedule.count, passes * schedule.count)
-        func median(_ v: [Double]) -> Double {
-            let s = v.sorted()
-            return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
-        }
         var timed = grid
         for k in timed.indices {
             timed[k].milliseconds = timed[k].outputs.map { _ in [Double](repeating: 0, count: timed[k].inputs.count) }
         }
         var ends: [Double] = []
         for (index, point) in schedule.enumerated() {
-            if case let .layer(k, r, c) = point { timed[k].milliseconds[r][c] = median(figures[index]) } else { ends.append(median(figures[index])) }
+            if case let .layer(k, r, c) = point { timed[k].milliseconds[r][c] = LatencyTable.median(figures[index]) } else { ends.append(LatencyTable.median(figures[index])) }
         }
         timed = timed.map(\.monotone)
         return LatencyTable(machine: machine, threads: threads, batch: batch, layers: timed,

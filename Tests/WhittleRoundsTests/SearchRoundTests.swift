@@ -168,6 +168,12 @@ import WhittleTestSupport
         #expect(throws: CompressionError.self) {
             try WorkerJobs.run(bad, model: model, teacher: model, data: parts[0], batchSize: 4, compressor: &compressor)
         }
+        // A finalists task asking for more local epochs than any plan may is refused before it trains.
+        var endless = task
+        endless.kind = PhaseKind.finalists.rawValue
+        endless.localEpochs = 5000
+        #expect { try WorkerJobs.run(endless, model: model, teacher: model, data: parts[0], batchSize: 4, compressor: &compressor) }
+            throws: { "\($0)".contains("5000 local epochs") }
         // Plans: a search with a pruning ratio, without fine-tuning, with a latency budget, or a budget below the
         // smallest architecture.
         for (edit, needle) in [({ (p: inout RoundPlan) in p.pruneRatio = 0.5 }, "not both"),
@@ -186,9 +192,10 @@ import WhittleTestSupport
     }
 
     /// A latency budget on the fleet: every worker times the model's layers and anchors on its hardware (a real
-    /// clock here; the test asserts no figure, only what the tables mean), the tables merge per kind of board, the
-    /// budget's share becomes milliseconds of the original on the slowest kind, and every candidate is predicted
-    /// within it. Tables that do not fit the phase are refused.
+    /// clock here, for the tables' structure and the worker's cache only: the times are then replaced by scripted
+    /// ones, so no assertion depends on this machine's speed), the tables merge per kind of board, the budget's share
+    /// becomes milliseconds of the original on the slowest kind, and every candidate is predicted within it. Tables
+    /// that do not fit the phase are refused.
     @Test func theFleetsLatencyTablesBoundTheSearch() throws {
         var plan = Self.plan()
         plan.search!.budget = SearchBudget()
@@ -218,12 +225,21 @@ import WhittleTestSupport
             var compressor = DeltaCompressor()
             let report = try WorkerJobs.run(task, model: model, teacher: model, data: parts[k], batchSize: 4, compressor: &compressor,
                                             latency: probe)
-            let wire = try Whittle_TaskReport(serializedBytes: try report.serializedBytes() as [UInt8])
-            reports.append(wire)
-            try accumulator.add(wire, worker: "w\(k)", maximumSamples: parts[k].count)
+            reports.append(try Whittle_TaskReport(serializedBytes: try report.serializedBytes() as [UInt8]))
         }
         // Both "workers" are this process: the second task over the same model reuses the table the first measured.
         #expect(reports[0].latencyTable == reports[1].latencyTable)
+        // Scripted times: worker k's board is k + 1 times slower; each layer costs 0.001 · outputs · inputs + 0.01 ms,
+        // the narrowest anchor 1 ms and the original 2 ms.
+        for k in reports.indices {
+            for (l, entry) in reports[k].latencyTable.layers.enumerated() {
+                reports[k].latencyTable.layers[l].milliseconds = entry.outputs.flatMap { o in
+                    entry.inputs.map { i in (0.001 * Double(o) * Double(i) + 0.01) * Double(k + 1) }
+                }
+            }
+            reports[k].latencyTable.anchorMilliseconds = [1.0 * Double(k + 1), 2.0 * Double(k + 1)]
+            try accumulator.add(reports[k], worker: "w\(k)", maximumSamples: parts[k].count)
+        }
         let tables = accumulator.latencyTables
         #expect(tables.count == 2 && tables.allSatisfy { $0.layers.map(\.node) == expectation.latencyGrid.map(\.node) })
         var closing = PhaseClosing(engine: engine, phase: Phase(.latency), accumulator: accumulator, progress: progress, artifacts: artifacts)

@@ -77,9 +77,11 @@ def test_a_latency_budget_is_searched_on_the_fleets_own_latency_tables(coordinat
     fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=2, samples=200)
     for name in names:
         fleet.start_worker(name)
-    started = fleet.round("start", "--model", MODEL, "--latency-budget", "90%", "--latency-grid", 2, "--candidates", 8,
+    started = fleet.round("start", "--model", MODEL, "--latency-budget", "60%", "--latency-batch", 8, "--latency-grid", 2, "--candidates", 8,
                           "--population", 4, "--adaptation-batches", 2, "--finetune-rounds", 1, "--quantize", "none",
                           "--min-workers", 2, "--phase-deadline", "5m", "--max-accuracy-drop", 1, "--min-agreement", 0, "--json")
+    # (At batch 8 the narrowest architecture takes about a quarter of the original's time (28 % measured here), far under the budget even on
+    # a machine whose speed drifts while the tables are measured.)
     view = json.loads(started.stdout)
     kinds = [p["kind"] for p in view["phases"]]
     assert kinds[:5] == ["latency", "search", "search", "finalists", "pick"]
@@ -89,7 +91,7 @@ def test_a_latency_budget_is_searched_on_the_fleets_own_latency_tables(coordinat
     report_path = tmp_path / "round.json"
     fleet.round("fetch", view["id"], "--out", tmp_path / "round.onnx", "--report", report_path)
     search = json.loads(report_path.read_text())["search"]
-    # One kind of board (both workers run on this machine); the budget is 90 % of the original's time on it, and
+    # One kind of board (both workers run on this machine); the budget is 60 % of the original's time on it, and
     # every candidate was predicted within it.
     assert len(search["boardKinds"]) == 1 and "threads" in search["boardKinds"][0]
     budget = search["budget"]["latencyMs"]

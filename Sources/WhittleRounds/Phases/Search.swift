@@ -30,15 +30,20 @@ struct SearchPhase: PhaseHandler {
     }
 
     func close(_ closing: inout PhaseClosing) throws {
+        var search = closing.progress.search ?? SearchProgress()
+        search.generations.append(try Self.scored(closing))
+        closing.progress.search = search
+    }
+
+    /// The closing phase's candidates with their costs and the fleet's merged scores (search and finalists alike).
+    static func scored(_ closing: PhaseClosing) throws -> [SearchProgress.Candidate] {
         let gathered = try closing.gathered()
         let local = try closing.plan.localSearch(try closing.artifacts.model(closing.progress.currentModel), progress: closing.progress)
         let scores = gathered.searchScores
-        var search = closing.progress.search ?? SearchProgress()
-        search.generations.append(try gathered.expectation.candidates.enumerated().map { k, widths in
+        return try gathered.expectation.candidates.enumerated().map { k, widths in
             SearchProgress.Candidate(widths: widths, cost: try local.cost(try local.space.architecture(widths: widths)),
                                      score: k < scores.count ? scores[k] : nil)
-        })
-        closing.progress.search = search
+        }
     }
 
     func run(_ job: inout WorkerJob) throws -> Whittle_TaskReport {
@@ -320,19 +325,16 @@ struct FinalistsPhase: PhaseHandler {
     }
 
     func close(_ closing: inout PhaseClosing) throws {
-        let gathered = try closing.gathered()
-        let local = try closing.plan.localSearch(try closing.artifacts.model(closing.progress.currentModel), progress: closing.progress)
-        let scores = gathered.searchScores
         var search = closing.progress.search ?? SearchProgress()
-        search.finalists = try gathered.expectation.candidates.enumerated().map { k, widths in
-            SearchProgress.Candidate(widths: widths, cost: try local.cost(try local.space.architecture(widths: widths)),
-                                     score: k < scores.count ? scores[k] : nil)
-        }
+        search.finalists = try SearchPhase.scored(closing)
         closing.progress.search = search
     }
 
     func run(_ job: inout WorkerJob) throws -> Whittle_TaskReport {
         // Every fifth sample held out (local data is often ordered by class or time; a tail would not be a sample).
+        guard job.task.localEpochs <= 1000 else {
+            throw CompressionError(.invalidArgument, "the finalists task asks for \(job.task.localEpochs) local epochs (at most 1000)")
+        }
         let n = job.data.count
         let heldIndices = (0..<n).filter { $0 % 5 == 4 }, trainIndices = (0..<n).filter { $0 % 5 != 4 }
         guard !heldIndices.isEmpty, trainIndices.count >= 2 else {
