@@ -80,8 +80,8 @@ def test_a_latency_budget_is_searched_on_the_fleets_own_latency_tables(coordinat
     started = fleet.round("start", "--model", MODEL, "--latency-budget", "60%", "--latency-batch", 8, "--latency-grid", 2, "--candidates", 8,
                           "--population", 4, "--adaptation-batches", 2, "--finetune-rounds", 1, "--quantize", "none",
                           "--min-workers", 2, "--phase-deadline", "5m", "--max-accuracy-drop", 1, "--min-agreement", 0, "--json")
-    # (At batch 8 the narrowest architecture takes about a quarter of the original's time (28 % measured here), far under the budget even on
-    # a machine whose speed drifts while the tables are measured.)
+    # (At batch 8 the narrowest architecture takes about a quarter of the original's time, 28 % measured here: far
+    # under the budget even on a machine whose speed drifts while the tables are measured.)
     view = json.loads(started.stdout)
     kinds = [p["kind"] for p in view["phases"]]
     assert kinds[:5] == ["latency", "search", "search", "finalists", "pick"]
