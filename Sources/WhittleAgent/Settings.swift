@@ -11,6 +11,8 @@ public struct WorkerSettings: Equatable, Sendable {
     public var evalLabels: String?
     public var memoryLimit: String?
     public var threads: Int?
+    /// The board cannot time models: it takes no latency task (`no_timing = true`).
+    public var noTiming = false
     public var logFormat: String?
     public var logLevel: String?
 
@@ -23,6 +25,7 @@ public struct WorkerSettings: Equatable, Sendable {
         ("eval_labels", "Labels of eval_data (.npy)."),
         ("memory_limit", "Memory budget for jobs, e.g. 1GB (the batch size shrinks to fit); default: none."),
         ("threads", "Compute threads for jobs; default: all cores."),
+        ("no_timing", "true when this board cannot time models (a shared or throttled machine): it takes no latency task of an architecture search; default: false."),
         ("log_format", "text or json (one JSON object per line on standard error); default: text."),
         ("log_level", "trace, debug, info, notice, warning, error or critical; default: info."),
     ]
@@ -42,6 +45,11 @@ public struct WorkerSettings: Equatable, Sendable {
         case "threads":
             guard let n = Int(value), n >= 1 else { throw AgentError(.invalidSetting, "threads must be a positive integer, not '\(value)'") }
             threads = n
+        case "no_timing":
+            guard let b = ["true": true, "false": false, "1": true, "0": false, "yes": true, "no": false][value.lowercased()] else {
+                throw AgentError(.invalidSetting, "no_timing must be true or false, not '\(value)'")
+            }
+            noTiming = b
         case "log_format":
             guard LogFormat(rawValue: value) != nil else { throw AgentError(.invalidSetting, "log_format must be text or json, not '\(value)'") }
             logFormat = value

@@ -106,7 +106,10 @@ public struct LatencyTable: Codable, Sendable, Equatable {
     }
 
     /// The board kind a table describes.
-    public var kind: String { "\(machine), \(threads) threads" }
+    public var kind: String { Self.kind(machine: machine, threads: threads) }
+
+    /// A kind of board: the instruction set its kernels use and the threads its jobs run on.
+    public static func kind(machine: String, threads: Int) -> String { "\(machine), \(threads) threads" }
 
     /// Several boards' tables of one kind (the same machine, threads, batch, layers, grid and anchors) as one: each
     /// point the median of the boards' times (the mean of the middle two for an even count). Nil for no table;

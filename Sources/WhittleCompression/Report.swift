@@ -273,9 +273,13 @@ extension CompressionReport {
             public var accuracy: Double?
             public var agreement: Double?
             public var samples: Int
+            /// The kind of board whose budget the candidate was proposed for (a fleet of several kinds searches
+            /// for each; `latencyMs` is then the prediction on that kind). Nil: every kind.
+            public var kind: String?
 
-            public init(widths: [String: Int], cost: ArchitectureCost, score: CandidateScore?) {
+            public init(widths: [String: Int], cost: ArchitectureCost, score: CandidateScore?, kind: String? = nil) {
                 self.widths = widths
+                self.kind = kind
                 macs = cost.macs
                 parameterBytes = cost.parameterBytes
                 latencyMs = cost.latencyMs
@@ -302,6 +306,32 @@ extension CompressionReport {
         public var candidates: [Candidate]
         /// The finalists after a short fine-tuning on the fleet, scored on held-out samples (the uniform one first).
         public var finalists: [Candidate] = []
+        /// One model per kind of board (a fleet of several kinds): the kinds each architecture serves, its predicted
+        /// latency on each, and the round that fine-tunes and distributes it. Empty for a single kind.
+        public var models: [KindModel] = []
+        /// Boards left out of the latency tables: they cannot time models (`worker run --no-timing`).
+        public var untimed: [String] = []
+
+        /// An architecture chosen for some kinds of board.
+        public struct KindModel: Codable, Sendable, Equatable {
+            public var kinds: [String]
+            public var widths: [String: Int]
+            public var macs: Int
+            public var parameterBytes: Int
+            /// Predicted milliseconds on each kind it serves.
+            public var latencyMs: [String: Double]
+            /// The round that fine-tunes, exports and distributes it.
+            public var round: String?
+
+            public init(kinds: [String], widths: [String: Int], macs: Int, parameterBytes: Int, latencyMs: [String: Double], round: String? = nil) {
+                self.kinds = kinds
+                self.widths = widths
+                self.macs = macs
+                self.parameterBytes = parameterBytes
+                self.latencyMs = latencyMs
+                self.round = round
+            }
+        }
 
         public init(budget: SearchBudget, candidates: [Candidate], chosen: Candidate?) {
             self.budget = budget

@@ -23,6 +23,8 @@ public struct PhaseExpectation: Sendable {
     public var artifact = ""
     /// search: the generation's candidates (widths per group name) and the adaptive batch norm's batches.
     public var candidates: [[String: Int]] = []
+    /// search: the kind of board each candidate was proposed for (nil: every kind).
+    public var candidateKinds: [String?] = []
     public var adaptationBatches = 0
     /// latency: the batch, the anchors' ladder fractions (the candidates are the anchors) and the grid expected.
     public var latencyBatch = 0

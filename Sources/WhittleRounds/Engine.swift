@@ -45,6 +45,9 @@ public struct RoundProgress: Codable, Sendable {
     public var updateNormMedian: Double?
     /// An architecture search's generations and choice.
     public var search: SearchProgress?
+    /// The boards this round's final model is for (a search that made one model per kind of board); nil: every
+    /// board.
+    public var audience: BoardAudience?
 
     public init(plan: RoundPlan, baseModel: String, startModel: String) {
         self.baseModel = baseModel
@@ -64,28 +67,67 @@ public struct SearchProgress: Codable, Sendable, Equatable {
     public var chosen: Candidate?
     /// The finalists after their short fine-tuning on the fleet (scored on the workers' held-out samples).
     public var finalists: [Candidate] = []
-    /// The fleet's latency tables, one per kind of board (each the median of its boards' tables).
+    /// The fleet's latency tables, one per kind of board (each the median of its boards' tables), by kind.
     public var latencyTables: [LatencyTable] = []
+    /// One model per kind of board when the fleet holds several (`pick`): the first is this search's round's, each
+    /// other a follow-up round's.
+    public var models: [CompressionReport.SearchSection.KindModel] = []
+    /// Which of `models` this round makes (0 in the round that searched).
+    public var serving = 0
+    /// Boards left out of the latency tables because they cannot time models.
+    public var untimed: [String] = []
 
     public init() {}
 
     /// Every candidate, in evaluation order.
     public var candidates: [Candidate] { generations.flatMap { $0 } }
 
-    /// The finalists a short fine-tuning decides between: the first candidate (the uniform architecture) and the
-    /// `count − 1` fittest others.
+    /// The kinds of board searched for separately: each kind in the latency tables when there are several (each
+    /// generation then holds a population per kind, under the budget on that kind's hardware); else one search for
+    /// every board.
+    public var searchKinds: [String?] { latencyTables.count > 1 ? latencyTables.map(\.kind) : [nil] }
+
+    /// The finalists a short fine-tuning decides between: per kind searched for, its first candidate (the uniform
+    /// architecture under its budget) and its `count − 1` fittest others; an architecture proposed for several
+    /// kinds once.
     public func finalistCandidates(_ count: Int) -> [Candidate] {
-        let all = candidates
-        guard let first = all.first else { return [] }
-        let ranked = all.dropFirst().enumerated().sorted { a, b in
-            a.element.fitness != b.element.fitness ? a.element.fitness > b.element.fitness : a.offset < b.offset
-        }.map(\.element)
-        return [first] + ranked.filter { $0.widths != first.widths }.prefix(max(count - 1, 0))
+        var out: [Candidate] = []
+        for kind in searchKinds {
+            let all = candidates.filter { $0.kind == kind }
+            guard let first = all.first else { continue }
+            let ranked = all.dropFirst().enumerated().sorted { a, b in
+                a.element.fitness != b.element.fitness ? a.element.fitness > b.element.fitness : a.offset < b.offset
+            }.map(\.element)
+            for c in [first] + ranked.filter({ $0.widths != first.widths }).prefix(max(count - 1, 0))
+            where !out.contains(where: { $0.widths == c.widths }) {
+                out.append(c)
+            }
+        }
+        return out
     }
 
     /// The fittest candidate (the earliest among equals).
     public var fittest: Candidate? {
         candidates.enumerated().max { a, b in a.element.fitness != b.element.fitness ? a.element.fitness < b.element.fitness : a.offset > b.offset }?.element
+    }
+}
+
+/// The boards a round's final model is for: a search over several kinds of board makes one model per architecture
+/// it chose, each evaluated on and distributed to the boards of its kinds only.
+public struct BoardAudience: Codable, Sendable, Equatable {
+    /// The kinds served (nil: every kind not in `excluded`, and boards that did not say their kind).
+    public var kinds: [String]?
+    /// Kinds another round's model serves.
+    public var excluded: [String] = []
+
+    public init(kinds: [String]? = nil, excluded: [String] = []) {
+        self.kinds = kinds
+        self.excluded = excluded
+    }
+
+    public func includes(_ kind: String?) -> Bool {
+        if let kinds { return kind.map(kinds.contains) ?? false }
+        return !(kind.map(excluded.contains) ?? false)
     }
 }
 
@@ -96,6 +138,25 @@ public struct RoundEngine: Sendable {
 
     public init(plan: RoundPlan) {
         self.plan = plan
+    }
+
+    /// The round that makes the next model of a search over several kinds of board, once `progress`'s round has
+    /// made its own: the same plan with the chosen architecture instead of a search (`SearchPlan.architecture`),
+    /// from the same base model, evaluated on and distributed to the next model's kinds only. Nil when every model
+    /// is made.
+    public func followUp(_ progress: RoundProgress) -> (plan: RoundPlan, progress: RoundProgress)? {
+        guard var search = progress.search, search.serving + 1 < search.models.count, var next = plan.search else { return nil }
+        search.serving += 1
+        search.chosen = nil
+        next.architecture = search.models[search.serving].widths
+        var followUp = plan
+        followUp.search = next
+        followUp.modelSHA256 = progress.baseModel
+        followUp.fromRound = nil
+        var start = RoundProgress(plan: followUp, baseModel: progress.baseModel, startModel: progress.baseModel)
+        start.search = search
+        start.audience = BoardAudience(kinds: search.models[search.serving].kinds)
+        return (followUp, start)
     }
 
     /// What a worker phase accepts, from the model its tasks carry (the phase kind's handler says).
@@ -363,6 +424,8 @@ public struct RoundEngine: Sendable {
             r.search = CompressionReport.SearchSection(budget: plan.searchBudget(progress), candidates: search.candidates, chosen: search.chosen)
             r.search?.boardKinds = search.latencyTables.map(\.kind)
             r.search?.finalists = search.finalists
+            r.search?.models = search.models
+            r.search?.untimed = search.untimed
         }
         r.calibration = progress.calibration
         r.quantization = progress.quantization

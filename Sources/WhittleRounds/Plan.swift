@@ -119,6 +119,9 @@ public struct SearchPlan: Codable, Sendable, Equatable {
     /// and compared on held-out samples; 1 (or 0 epochs): the fittest candidate is picked directly.
     public var finalists = 4
     public var finalistEpochs = 1
+    /// A follow-up round of a search over several kinds of board: the architecture its search chose for the kinds
+    /// this round serves (`pick` cuts it; no search phase runs). Nil: search.
+    public var architecture: [String: Int]?
 
     public init() {}
 
@@ -277,7 +280,9 @@ public struct RoundPlan: Codable, Sendable, Equatable {
             for r in 0..<finetuneRounds { out.append(Phase(.finetune, step: k, iteration: r)) }
             if finetuneRounds > 0 { for p in 0..<(normalizationPasses ?? 0) { out.append(Phase(.normalization, step: k, iteration: p)) } }
         }
-        if let search {
+        if let search, search.architecture != nil {
+            out.append(Phase(.pick))
+        } else if let search {
             if search.measuresLatency { out.append(Phase(.latency)) }
             for g in 0..<search.strategy(seed: seed).generations { out.append(Phase(.search, iteration: g)) }
             if search.comparesFinalists { out.append(Phase(.finalists)) }
@@ -448,11 +453,13 @@ public func decodeStored<T: Codable>(_ type: T.Type, from data: Data, defaults: 
 extension RoundPlan {
     /// The search space, costs and inherited channels of an architecture search on `model` (the coordinator's side
     /// of the search phases; workers build the candidates from the widths the task names).
-    public func localSearch(_ model: Model, progress: RoundProgress? = nil) throws -> LocalSearch {
+    /// `kinds`: predict latency on these kinds of board only (nil: every kind, the largest prediction counting).
+    public func localSearch(_ model: Model, progress: RoundProgress? = nil, kinds: [String]? = nil) throws -> LocalSearch {
         let plan = search ?? SearchPlan()
         var local = try LocalSearch(base: model, minimumFraction: plan.minimumFraction, steps: plan.steps, roundTo: roundTo,
                                     minimumChannels: minChannels, task: task)
-        local.latencies = try (progress?.search?.latencyTables ?? []).map { try LatencyModel(base: model, costs: local.costs, table: $0) }
+        let tables = (progress?.search?.latencyTables ?? []).filter { t in kinds.map { $0.contains(t.kind) } ?? true }
+        local.latencies = try tables.map { try LatencyModel(base: model, costs: local.costs, table: $0) }
         return local
     }
 

@@ -56,6 +56,10 @@ public struct WorkerStatus: Sendable, Equatable {
     /// Training samples (0: it cannot take a task).
     public var samples: Int
     public var labels: Bool
+    /// The kind of board (`LatencyTable.kind`); nil for a worker that did not say.
+    public var boardKind: String?
+    /// False for a board that cannot time models (`worker run --no-timing`): it takes no latency task.
+    public var timesModels = true
 
     public init(name: String, lastContact: Date?, revoked: Bool, certificateExpiresAt: Date, samples: Int, labels: Bool) {
         self.name = name
@@ -110,9 +114,12 @@ public struct RoundMachine: Sendable {
     public private(set) var reported: Set<String>
     /// The workers' heartbeat interval: silence for three of them loses a worker; the selection window is two.
     public let pollSeconds: Int
+    /// The kinds of board the round's final model is for (a search that made one model per kind); nil: every board.
+    public let audience: BoardAudience?
 
     public init(id: String, plan: RoundPlan, state: RoundState, phase: Int, phaseStartedAt: Date,
-                assignments: [PhaseAssignment], reported: Set<String>, pollSeconds: Int) {
+                assignments: [PhaseAssignment], reported: Set<String>, pollSeconds: Int, audience: BoardAudience? = nil) {
+        self.audience = audience
         self.id = id
         self.plan = plan
         self.state = state
@@ -131,9 +138,21 @@ public struct RoundMachine: Sendable {
     public var silenceLimit: Double { Double(3 * pollSeconds) }
 
     /// Whether the worker can do the open phase's work at all (data, and labels when the phase trains on them).
+    /// Only boards that can time models take a latency task, and only the boards a final model is for evaluate and
+    /// receive it.
     func canWork(_ w: WorkerStatus) -> Bool {
-        w.samples > 0 && !(openPhase.kind.trains && !w.labels && !plan.distill)
+        guard w.samples > 0, !(openPhase.kind.trains && !w.labels && !plan.distill) else { return false }
+        if openPhase.kind == .latency, !w.timesModels { return false }
+        if servesAudience, let audience, !audience.includes(w.boardKind) { return false }
+        return true
     }
+
+    /// The open phase hands out the final model, which is meant for the audience only.
+    var servesAudience: Bool { audience != nil && openPhase.kind.handler.carriesFinalModel }
+
+    /// The reports the open phase needs: `--min-workers`, except that a model meant for some kinds of board needs
+    /// only one of them (a fleet may hold a single board of a kind).
+    public var quorum: Int { servesAudience ? 1 : plan.minWorkers }
 
     // MARK: events
 
@@ -236,21 +255,23 @@ public struct RoundMachine: Sendable {
         }.count
         let windowOver = full || waitingFor == 0 || now >= phaseStartedAt.addingTimeInterval(Double(2 * pollSeconds) + 1)
         let allIn = active.allSatisfy { reported.contains($0.worker) }
-        if reported.count >= plan.minWorkers, (windowOver && allIn) || deadlinePassed {
+        if reported.count >= quorum, (windowOver && allIn) || deadlinePassed {
             for a in active where !reported.contains(a.worker) { actions += workerLost(a.worker, now: now) }
             return actions + [.closePhase]
         }
         let label = openPhase.label
         if deadlinePassed {
-            return actions + fail("\(label) got \(reported.count) of the \(plan.minWorkers) reports it needs (--min-workers) by its deadline (\(Int(plan.phaseDeadlineSeconds)) s)")
+            return actions + fail("\(label) got \(reported.count) of the \(quorum) reports it needs (--min-workers) by its deadline (\(Int(plan.phaseDeadlineSeconds)) s)")
         }
         // Out of reach: reports in, assigned workers still working, and workers never given the task who could
         // still take it (a dropped worker cannot come back to the phase).
         let everAssigned = Set(assignments.map(\.worker))
-        let couldJoin = workers.filter { !$0.revoked && $0.certificateExpiresAt > now && !everAssigned.contains($0.name) }.count
+        let couldJoin = workers.filter {
+            !$0.revoked && $0.certificateExpiresAt > now && !everAssigned.contains($0.name) && (!servesAudience || audience!.includes($0.boardKind))
+        }.count
         let usable = reported.count + active.filter { !reported.contains($0.worker) }.count + couldJoin
-        if usable < plan.minWorkers {
-            return actions + fail("\(label) can reach at most \(usable) reports (\(reported.count) in, the other workers dropped, revoked or missing); the round needs \(plan.minWorkers) (--min-workers)")
+        if usable < quorum {
+            return actions + fail("\(label) can reach at most \(usable) reports (\(reported.count) in, the other workers dropped, revoked or missing); the round needs \(quorum) (--min-workers)")
         }
         return actions
     }

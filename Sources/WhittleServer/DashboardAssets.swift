@@ -292,7 +292,7 @@ enum DashboardAssets {
             root.appendChild(svg("text", { x: X(u), y: H - B + 16, "text-anchor": "middle" }, byLatency ? u.toFixed(3) + " ms" : (u / 1e6).toFixed(2) + "M"));
           }
           root.appendChild(svg("text", { x: (L + W - R) / 2, y: H - 8, "text-anchor": "middle" },
-            byLatency ? "predicted latency on the slowest kind of board" : "MACs per sample"));
+            byLatency ? (s.candidates.some(c => c.kind) ? "predicted latency on the kind of board each was proposed for" : "predicted latency on the slowest kind of board") : "MACs per sample"));
           const limit = byLatency ? s.budget.latencyMs : s.budget.macs;
           if (limit != null && limit >= x0 && limit <= x1) {
             root.appendChild(svg("line", { x1: X(limit), x2: X(limit), y1: T, y2: H - B, stroke: "#e0663b", "stroke-dasharray": "4 3", class: "budget" }));
@@ -317,8 +317,22 @@ enum DashboardAssets {
             root.appendChild(svg("circle", { cx: W + 14, cy: T + 8 + 16 * k, r: 5, fill: color }));
             root.appendChild(svg("text", { x: W + 24, y: T + 12 + 16 * k }, label));
           });
+          // One model per kind of board: which round makes each.
+          (s.models || []).forEach((m, k) => {
+            const y = T + 12 + 16 * (legend.length + 1 + 2 * k);
+            root.appendChild(svg("text", { x: W + 10, y, class: "kind-model" }, m.kinds.join(" + ")));
+            const ms = m.kinds.map(kind => (m.latencyMs[kind] ?? NaN).toFixed(2) + " ms").join(", ");
+            root.appendChild(svg("text", { x: W + 18, y: y + 14 }, (m.macs / 1e6).toFixed(2) + "M MACs, " + ms + (m.round ? " · " + m.round : "")));
+          });
+          if ((s.untimed || []).length) {
+            const y = T + 12 + 16 * (legend.length + 1 + 2 * (s.models || []).length);
+            root.appendChild(svg("text", { x: W + 10, y, class: "untimed" }, "not timed: " + s.untimed.join(", ")));
+          }
+          const rows = legend.length + 2 + 2 * (s.models || []).length + ((s.untimed || []).length ? 1 : 0);
+          const height = Math.max(H, T + 16 * rows + 8);
           root.setAttribute("width", W + 220);
-          root.setAttribute("viewBox", `0 0 ${W + 220} ${H}`);
+          root.setAttribute("height", height);
+          root.setAttribute("viewBox", `0 0 ${W + 220} ${height}`);
           return root;
         }
 

@@ -172,13 +172,16 @@ package actor RoundService {
         return RoundMachine(id: round.id, plan: plan, state: round.roundState, phase: round.phase,
                             phaseStartedAt: round.phaseStartedAt,
                             assignments: assignments.map { PhaseAssignment(worker: $0.worker, assignedAt: $0.assignedAt, droppedAt: $0.droppedAt) },
-                            reported: reported, pollSeconds: pollSeconds)
+                            reported: reported, pollSeconds: pollSeconds, audience: try Self.progress(round).audience)
     }
 
     static func status(_ w: WorkerRecord) -> WorkerStatus {
         let c = capabilities(w)
-        return WorkerStatus(name: w.name, lastContact: w.lastContactAt, revoked: w.revokedAt != nil,
-                            certificateExpiresAt: w.certificateExpiresAt, samples: c?.samples ?? 0, labels: c?.labels ?? false)
+        var status = WorkerStatus(name: w.name, lastContact: w.lastContactAt, revoked: w.revokedAt != nil,
+                                  certificateExpiresAt: w.certificateExpiresAt, samples: c?.samples ?? 0, labels: c?.labels ?? false)
+        status.boardKind = c?.boardKind
+        status.timesModels = c?.noTiming != true
+        return status
     }
 
     /// Performs the machine's actions on the round, durably: assignments made or dropped, the phase closed (with
@@ -415,6 +418,15 @@ package actor RoundService {
                                             artifacts: artifactStore)
             try phases[index].kind.handler.close(&closingPhase)
             progress = closingPhase.progress
+            if phases[index].kind == .latency {
+                // Said, not silently skipped: boards that cannot time models are not in the tables.
+                let untimed = try await store.workers().map(Self.status).filter { !$0.timesModels && !$0.revoked && $0.samples > 0 }.map(\.name).sorted()
+                progress.search?.untimed = untimed
+                if !untimed.isEmpty {
+                    logger.warning("boards left out of the latency tables: they cannot time models (worker run --no-timing)", metadata: [
+                        "round.id": "\(round.id)", "workers": "\(untimed.joined(separator: ", "))"])
+                }
+            }
             var bytesUp = 0
             for r in try await store.reports(round: round.id, phase: index) {
                 var site = progress.sites[r.worker] ?? .init(worker: r.worker, samples: r.samples, labels: false)
@@ -440,11 +452,17 @@ package actor RoundService {
         }
         round.phase = index
         round.phaseStartedAt = now()
+        if var search = progress.search, search.models.contains(where: { $0.round == nil }) {
+            for k in search.models.indices { search.models[k].round = Self.modelRound(round.id, k) }
+            progress.search = search
+        }
+        var followUp: (plan: RoundPlan, progress: RoundProgress)?
         if index >= phases.count {
             round.state = RoundState.succeeded.rawValue
             round.endedAt = round.phaseStartedAt
             round.phase = phases.count - 1
             running = nil
+            followUp = engine.followUp(progress)
         } else {
             progress.phases[index].state = "running"
             progress.phases[index].startedAt = now().timeIntervalSince1970
@@ -456,9 +474,37 @@ package actor RoundService {
                                  aggregationSeconds: closed.aggregationSeconds)
         }
         if round.ended { metrics?.roundEnded(state: round.state) }
+        if let followUp { try await startFollowUp(of: round, followUp.plan, followUp.progress) }
         workChanged()
         logger.info(round.ended ? "round succeeded" : "phase opened", metadata: [
             "round.id": "\(round.id)", "phase": "\(round.ended ? "-" : phases[index].label)"])
+    }
+
+    /// The round that makes model `k` of a search over several kinds of board, from any of the search's rounds: the
+    /// round that searched for 0, `<it>-k<k>` for the others.
+    static func modelRound(_ id: String, _ k: Int) -> String {
+        let base = id.range(of: #"-k[0-9]+$"#, options: .regularExpression).map { String(id[..<$0.lowerBound]) } ?? id
+        return k == 0 ? base : "\(base)-k\(k)"
+    }
+
+    /// Stores and starts a follow-up round (`followUp`) under the name `<parent>-k<model>`; one that already exists
+    /// (the parent's last transition ran again after a restart) is left as it is.
+    func startFollowUp(of parent: RoundRecord, _ plan: RoundPlan, _ start: RoundProgress) async throws {
+        let id = Self.modelRound(parent.id, start.search?.serving ?? 0)
+        guard try await store.round(id: id) == nil else { return }
+        var progress = start
+        var record = RoundRecord(id: id, createdAt: now(), plan: try Self.text(plan), progress: try Self.text(progress))
+        try await store.addRound(record)
+        do {
+            try await transition(&record, plan: plan, progress: &progress, closing: nil)
+        } catch {
+            let message = (error as? CompressionError)?.message ?? "\(error)"
+            var machine = try await self.machine(record)
+            try await perform(machine.fail(message), on: &record)
+        }
+        running = nil
+        logger.info("follow-up round started", metadata: ["round.id": "\(id)", "after": "\(parent.id)",
+                                                          "kinds": "\(start.audience?.kinds?.joined(separator: "; ") ?? "")"])
     }
 
     func runCoordinatorPhases(_ index: inout Int, plan: RoundPlan, engine: RoundEngine, progress: inout RoundProgress,

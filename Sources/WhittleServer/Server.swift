@@ -619,10 +619,19 @@ public enum CoordinatorServer {
             throw APIError(.badRequest, "unsupported_protocol", "protocol version \(message.protocolVersion) is not supported")
         }
         let c = message.capabilities
-        let capabilities = CapabilitiesView(cores: Int(c.cores), memoryBytes: Int(clamping: c.memoryBytes),
+        var capabilities = CapabilitiesView(cores: Int(c.cores), memoryBytes: Int(clamping: c.memoryBytes),
                                             samples: Int(clamping: c.samples), labels: c.labels, version: c.version,
                                             memoryLimitBytes: Int(clamping: c.memoryLimitBytes),
                                             evaluationSamples: Int(clamping: c.evaluationSamples))
+        // The kind of board (latency tables are kept per kind); a worker before it existed sends none.
+        if !c.cpu.isEmpty, c.threads >= 1 {
+            guard c.cpu.utf8.count <= 64, c.cpu.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_" || $0 == "-") }), c.threads <= 1 << 16 else {
+                throw APIError(.badRequest, "bad_capabilities", "the heartbeat names cpu '\(c.cpu.prefix(64))' with \(c.threads) threads")
+            }
+            capabilities.cpu = c.cpu
+            capabilities.threads = Int(c.threads)
+        }
+        if c.noTiming { capabilities.noTiming = true }
         let text = String(decoding: try JSONEncoder().encode(capabilities), as: UTF8.self)
         try await state.store.recordContact(name: context.workerName!, at: Date(), address: context.remoteAddress, capabilities: text)
         state.metrics.heartbeat()
@@ -864,6 +873,17 @@ public struct CapabilitiesView: Codable, Sendable {
     public var memoryLimitBytes: Int
     /// Held-out samples for evaluation (absent from workers before it existed).
     public var evaluationSamples: Int?
+    /// The instruction set and compute threads: the kind of board (absent from workers before it existed).
+    public var cpu: String?
+    public var threads: Int?
+    /// The board cannot time models (`worker run --no-timing`): it takes no latency task.
+    public var noTiming: Bool?
+
+    /// The kind of board, as latency tables name it (nil for a worker that did not say).
+    public var boardKind: String? {
+        guard let cpu, let threads else { return nil }
+        return LatencyTable.kind(machine: cpu, threads: threads)
+    }
 
     package init(cores: Int, memoryBytes: Int, samples: Int, labels: Bool, version: String, memoryLimitBytes: Int,
                  evaluationSamples: Int?) {

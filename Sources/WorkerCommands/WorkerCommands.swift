@@ -129,6 +129,7 @@ public struct RunCommand: ParsableCommand {
     @Option(name: .long, help: "Labels of --eval-data (.npy).") var evalLabels: String?
     @Option(name: .long, help: "Memory budget for jobs, e.g. 1GB (the batch size shrinks to fit, by the engine's estimate).") var memoryLimit: String?
     @Option(name: .long, help: "Compute threads for jobs (default: all cores).") var threads: Int?
+    @Flag(name: .long, help: "This board cannot time models (a shared or throttled machine): it takes no latency task.") var noTiming = false
     @Option(name: .long, help: "Stop after this many successful heartbeats (for tests and scripts).") var heartbeats: Int?
     @Option(name: .long, help: "Log lines as text or json (JSON objects on standard error).") var logFormat: String?
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
@@ -156,6 +157,7 @@ public struct RunCommand: ParsableCommand {
                              ("log_level", logLevel)] {
             if let value { try settings.set(key, value) }
         }
+        if noTiming { settings.noTiming = true }
         guard let data = settings.data else {
             throw CLIError("worker run needs the board's samples: --data X.npy, data = X.npy in \(layout.settings), or WHITTLE_WORKER_DATA")
         }
@@ -178,6 +180,9 @@ public struct RunCommand: ParsableCommand {
         capabilities.version = WhittleVersion.string
         capabilities.memoryLimitBytes = UInt64(memoryLimit.flatMap(parseByteSize) ?? 0)
         capabilities.evaluationSamples = UInt64(evaluation?.count ?? 0)
+        capabilities.cpu = Kernels.cpuInstructionSet
+        capabilities.threads = UInt32(ComputeThreads.current)
+        capabilities.noTiming = settings.noTiming
         var heartbeat = Whittle_Heartbeat()
         heartbeat.protocolVersion = protocolVersion
         heartbeat.capabilities = capabilities

@@ -288,4 +288,126 @@ import WhittleTestSupport
             try WorkerJobs.run(task, model: model, teacher: model, data: parts[0], batchSize: 4, compressor: &compressor)
         }
     }
+
+    /// A fleet of two kinds of board (scripted tables: the second kind three times slower): each generation holds a
+    /// population per kind, each within the budget on its own kind; `pick` gives each kind the best candidate within
+    /// its budget; this round makes the slowest kind's model and evaluates and distributes only to kinds no other
+    /// round serves; the follow-up round cuts the other kind's architecture and serves only that kind.
+    @Test func eachKindOfBoardGetsItsOwnModel() throws {
+        var plan = Self.plan()
+        plan.search!.budget = SearchBudget()
+        plan.search!.latencyShare = 0.7
+        plan.search!.latencyGrid = 2
+        plan.search!.finalists = 1
+        let model = RoundTests.model
+        try plan.validate(model: model)
+        let artifacts = Artifacts()
+        let start = try artifacts.store(model)
+        var progress = RoundProgress(plan: plan, baseModel: start, startModel: start)
+        let engine = RoundEngine(plan: plan)
+        let grid = try engine.expectation(Phase(.latency), model: model, progress: progress)
+        // Each layer costs 0.001 · outputs · inputs + 0.01 ms, the narrowest anchor 1 ms and the original 2 ms, on
+        // the fast kind; three times that on the slow one.
+        func table(_ machine: String, _ slower: Double) -> LatencyTable {
+            LatencyTable(machine: machine, threads: 1, batch: 1, layers: grid.latencyGrid.map { l in
+                var l = l
+                l.milliseconds = l.outputs.map { o in l.inputs.map { i in (0.001 * Double(o) * Double(i) + 0.01) * slower } }
+                return l
+            }, anchors: zip(grid.anchorFractions, [1.0, 2.0]).map { LatencyTable.Anchor(fraction: $0, milliseconds: $1 * slower) })
+        }
+        let fast = table("fast_isa", 1), slow = table("slow_isa", 3)
+        var search = SearchProgress()
+        search.latencyTables = [fast, slow]
+        progress.search = search
+        #expect(progress.search?.searchKinds == [fast.kind, slow.kind])
+        let budget = plan.searchBudget(progress)
+        #expect(abs(try #require(budget.latencyMs) - 0.7 * slow.fullMilliseconds) <= 1e-12 * slow.fullMilliseconds)
+        let (parts, _) = try RoundTests.shards()
+        for g in 0..<2 {
+            let accumulator = try RoundTests.federated(.search, plan: plan, model: model, progress: progress, parts: parts)
+            let e = accumulator.expectation
+            #expect(e.candidateKinds.count == e.candidates.count && e.candidateKinds.allSatisfy { $0 == fast.kind || $0 == slow.kind })
+            #expect(e.candidateKinds == e.candidateKinds.sorted { ($0 == fast.kind ? 0 : 1) < ($1 == fast.kind ? 0 : 1) })
+            for (widths, kind) in zip(e.candidates, e.candidateKinds) {
+                let local = try plan.localSearch(model, progress: progress, kinds: [kind!])
+                #expect(budget.admits(try local.cost(try local.space.architecture(widths: widths))), "\(kind!)")
+            }
+            var closing = PhaseClosing(engine: engine, phase: Phase(.search, iteration: g), accumulator: accumulator,
+                                       progress: progress, artifacts: artifacts)
+            try PhaseHandlers.handler(.search).close(&closing)
+            progress = closing.progress
+        }
+        // The fast kind's original runs within the budget (2 ms of the slow kind's 4.2): every architecture proposed
+        // for it widens to the whole model, so its search ends after one; the slow kind's population is full.
+        var candidates = try #require(progress.search).candidates
+        #expect(candidates.filter { $0.kind == fast.kind }.map(\.macs) == [try CostModel.measured(model).macs])
+        #expect(candidates.filter { $0.kind == slow.kind }.count == 8)
+        // Scripted fitness (random data ranks architectures at random): the more MACs, the fitter.
+        for g in progress.search!.generations.indices {
+            for k in progress.search!.generations[g].indices { progress.search!.generations[g][k].fitness = Double(progress.search!.generations[g][k].macs) }
+        }
+        candidates = progress.search!.candidates
+        var closing = PhaseClosing(engine: engine, phase: Phase(.pick), accumulator: nil, progress: progress, artifacts: artifacts)
+        try PhaseHandlers.handler(.pick).close(&closing)
+        progress = closing.progress
+        let chosen = try #require(progress.search)
+        #expect(chosen.models.count == 2)
+        #expect(chosen.models.map(\.kinds) == [[slow.kind], [fast.kind]])
+        for m in chosen.models {
+            for kind in m.kinds {
+                let local = try plan.localSearch(model, progress: progress, kinds: [kind])
+                let cost = try local.cost(try local.space.architecture(widths: m.widths))
+                #expect(budget.admits(cost) && cost.latencyMs == m.latencyMs[kind])
+                // The best scored candidate within this kind's budget.
+                let best = candidates.filter { (try? budget.admits(local.cost(local.space.architecture(widths: $0.widths)))) == true }
+                    .max { $0.fitness < $1.fitness }!
+                #expect(m.widths == best.widths, "\(kind)")
+            }
+        }
+        #expect(chosen.chosen?.widths == chosen.models[0].widths)
+        #expect(try CostModel.measured(try artifacts.model(progress.currentModel)).macs == chosen.models[0].macs)
+        #expect(chosen.models[1].macs > chosen.models[0].macs)
+        #expect(progress.audience == BoardAudience(excluded: [fast.kind]))
+
+        // This round evaluates on and distributes to slow boards and boards that did not say their kind, not fast ones.
+        func worker(_ name: String, _ kind: String?) -> WorkerStatus {
+            var w = WorkerStatus(name: name, lastContact: Date(timeIntervalSince1970: 0), revoked: false,
+                                 certificateExpiresAt: Date(timeIntervalSince1970: 86400), samples: 10, labels: true)
+            w.boardKind = kind
+            return w
+        }
+        let evaluate = plan.phases.firstIndex { $0.kind == .evaluate }!
+        func handsOut(_ plan: RoundPlan, _ phase: Int, _ audience: BoardAudience?, _ w: WorkerStatus) -> Bool {
+            var machine = RoundMachine(id: "r", plan: plan, state: .running, phase: phase, phaseStartedAt: Date(timeIntervalSince1970: 0),
+                                       assignments: [], reported: [], pollSeconds: 5, audience: audience)
+            return machine.taskRequested(by: w, now: Date(timeIntervalSince1970: 1)).handOut
+        }
+        #expect(handsOut(plan, evaluate, progress.audience, worker("s", slow.kind)))
+        #expect(handsOut(plan, evaluate, progress.audience, worker("u", nil)))
+        #expect(!handsOut(plan, evaluate, progress.audience, worker("f", fast.kind)))
+        // Every board fine-tunes, whatever its kind.
+        let finetune = plan.phases.firstIndex { $0.kind == .finetune }!
+        #expect(handsOut(plan, finetune, progress.audience, worker("f", fast.kind)))
+        // A board that cannot time models takes no latency task.
+        var untimed = worker("n", slow.kind)
+        untimed.timesModels = false
+        #expect(!handsOut(plan, 0, nil, untimed) && handsOut(plan, 0, nil, worker("t", slow.kind)))
+
+        // The follow-up round: the fast kind's architecture, cut from the same base model, for fast boards only.
+        let (next, nextStart) = try #require(engine.followUp(progress))
+        #expect(next.phases.map(\.kind) == [.pick, .finetune, .export, .evaluate, .distribute])
+        #expect(nextStart.audience == BoardAudience(kinds: [fast.kind]) && nextStart.currentModel == start)
+        var followUp = nextStart
+        var nextClosing = PhaseClosing(engine: RoundEngine(plan: next), phase: Phase(.pick), accumulator: nil, progress: followUp, artifacts: artifacts)
+        try PhaseHandlers.handler(.pick).close(&nextClosing)
+        followUp = nextClosing.progress
+        #expect(followUp.search?.chosen?.widths == chosen.models[1].widths)
+        #expect(try CostModel.measured(try artifacts.model(followUp.currentModel)).macs == chosen.models[1].macs)
+        let nextEvaluate = next.phases.firstIndex { $0.kind == .evaluate }!
+        #expect(handsOut(next, nextEvaluate, followUp.audience, worker("f", fast.kind)))
+        #expect(!handsOut(next, nextEvaluate, followUp.audience, worker("s", slow.kind)))
+        #expect(!handsOut(next, nextEvaluate, followUp.audience, worker("u", nil)))
+        // …and none after it.
+        #expect(RoundEngine(plan: next).followUp(followUp) == nil)
+    }
 }

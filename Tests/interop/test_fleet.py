@@ -886,7 +886,8 @@ def test_worker_settings_come_from_worker_conf_the_environment_and_flags(fleet, 
     conf = tmp_path / "w1" / "worker.conf"
     template = conf.read_text()
     keys = re.findall(r"(?m)^# (\w+) =$", template)
-    assert keys == ["data", "labels", "eval_data", "eval_labels", "memory_limit", "threads", "log_format", "log_level"]
+    assert keys == ["data", "labels", "eval_data", "eval_labels", "memory_limit", "threads", "no_timing", "log_format",
+                    "log_level"]
     x, y = save_data(tmp_path / "x.npy", 9, labels=True)
     conf.write_text(template + f"\ndata = {tmp_path / 'missing.npy'}\nthreads = 1\n")
     env = {**os.environ, "WHITTLE_WORKER_DATA": str(x), "WHITTLE_WORKER_LABELS": str(y), "WHITTLE_WORKER_LOG_FORMAT": "json"}
@@ -897,6 +898,8 @@ def test_worker_settings_come_from_worker_conf_the_environment_and_flags(fleet, 
                for e in lines), result.stderr
     (w,) = server.workers()
     assert w["capabilities"]["samples"] == 9 and w["capabilities"]["labels"] is True, w
+    # The kind of board: the kernels' instruction set and the threads from worker.conf; it can time models.
+    assert w["capabilities"]["cpu"] and w["capabilities"]["threads"] == 1 and "noTiming" not in w["capabilities"], w
     # A flag beats the environment; a bad value names where it came from.
     bad = execute([worker_path, "run", "--dir", tmp_path / "w1", "--heartbeats", 1, "--data", tmp_path / "missing.npy"],
                   env=env, timeout=60)

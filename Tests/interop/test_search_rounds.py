@@ -114,3 +114,57 @@ def test_a_latency_budget_no_architecture_meets_on_the_fleet_fails_the_round_say
     assert status["phase"] == 0 and status["phaseLabel"] == "latency", (status["phase"], status["phaseLabel"])
     assert all(p["reports"] == 0 for p in status["phases"] if p["kind"] == "search")
     fleet.stop_workers()
+
+
+def test_a_fleet_of_two_kinds_of_board_gets_a_model_for_each_within_its_budget(coordinator_server, worker_path,
+                                                                               tmp_path, spawn_any):
+    """Two kinds of board (1 compute thread and a small memory budget; 2 threads and a larger one) and a third board
+    that cannot time models: the latency phase measures a table per kind (the third board is left out, and the report
+    says so); the search runs a population per kind under the same milliseconds; each kind gets the best candidate
+    within the budget on its own hardware; the round fine-tunes, exports and distributes the slow kind's model (and
+    gives it to the untimed board of that kind), and a follow-up round does the same for the fast kind's model."""
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=3, samples=120)
+    fleet.start_worker(names[0], "--memory-limit", "512MB")
+    fleet.start_worker(names[1], "--threads", "2", "--memory-limit", "2GB")
+    fleet.start_worker(names[2], "--no-timing")
+    started = fleet.round("start", "--model", MODEL, "--latency-budget", "50%", "--latency-batch", 8, "--latency-grid", 2,
+                          "--candidates", 8, "--population", 4, "--adaptation-batches", 2, "--finalists", 1,
+                          "--finetune-rounds", 1, "--quantize", "none", "--min-workers", 2, "--phase-deadline", "5m",
+                          "--max-accuracy-drop", 1, "--min-agreement", 0, "--json")
+    view = json.loads(started.stdout)
+    status = fleet.wait(view["id"], timeout=600)
+    assert status["state"] == "succeeded", status
+    assert status["phases"][0]["kind"] == "latency" and status["phases"][0]["reports"] == 2
+    report_path = tmp_path / "round.json"
+    fleet.round("fetch", view["id"], "--out", tmp_path / "round.onnx", "--report", report_path)
+    report = json.loads(report_path.read_text())
+    search = report["search"]
+    slow, fast = sorted(search["boardKinds"], key=lambda k: not k.endswith(" 1 threads"))
+    assert slow.endswith(" 1 threads") and fast.endswith(" 2 threads"), search["boardKinds"]
+    assert search["untimed"] == [names[2]]
+    budget = search["budget"]["latencyMs"]
+    # A population per kind, each candidate within the budget on the kind it was proposed for.
+    assert {c["kind"] for c in search["candidates"]} == {slow, fast}
+    assert all(0 < c["latencyMs"] <= budget for c in search["candidates"])
+    models = search["models"]
+    assert [m["kinds"] for m in models] == [[slow], [fast]], models
+    assert models[0]["round"] == view["id"] and models[1]["round"] == view["id"] + "-k1"
+    assert models[0]["latencyMs"][slow] <= budget and models[1]["latencyMs"][fast] <= budget
+    # Two threads run a wider model in the same milliseconds.
+    assert models[1]["macs"] > models[0]["macs"], models
+    assert report["after"]["macs"] == models[0]["macs"] and search["chosen"]["widths"] == models[0]["widths"]
+    received = {s["worker"]: s["received"] for s in report["sites"]}
+    assert received == {names[0]: True, names[1]: False, names[2]: True}, received
+
+    follow_up = fleet.wait(models[1]["round"], timeout=600)
+    assert follow_up["state"] == "succeeded", follow_up
+    assert [p["kind"] for p in follow_up["phases"]][:2] == ["pick", "finetune"]
+    fleet.round("fetch", models[1]["round"], "--out", tmp_path / "fast.onnx", "--report", report_path)
+    fast_report = json.loads(report_path.read_text())
+    assert fast_report["after"]["macs"] == models[1]["macs"]
+    assert fast_report["search"]["chosen"]["widths"] == models[1]["widths"]
+    received = {s["worker"]: s["received"] for s in fast_report["sites"]}
+    assert received == {names[0]: False, names[1]: True, names[2]: False}, received
+    print(f"\ntwo kinds: {slow} gets {models[0]['macs']} MACs ({models[0]['latencyMs'][slow]:.2f} ms predicted), "
+          f"{fast} gets {models[1]['macs']} MACs ({models[1]['latencyMs'][fast]:.2f} ms), budget {budget:.2f} ms")
+    fleet.stop_workers()

@@ -201,6 +201,16 @@ public nonisolated struct Whittle_Capabilities: Sendable {
   /// Held-out samples the worker evaluates models on (0: it evaluates on its local data).
   public var evaluationSamples: UInt64 = 0
 
+  /// The kind of board, as latency tables key it: the instruction set the kernels use (avx512_core_vnni, avx2, …)
+  /// and the compute threads jobs run on. Empty/0 from workers before it existed.
+  public var cpu: String = String()
+
+  public var threads: UInt32 = 0
+
+  /// The board cannot time models (worker run --no-timing: a shared or throttled machine whose clock would mislead
+  /// the search); it takes no latency task.
+  public var noTiming: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1259,7 +1269,7 @@ nonisolated extension Whittle_EnrollResponse: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Capabilities"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}cores\0\u{3}memory_bytes\0\u{1}samples\0\u{1}labels\0\u{1}version\0\u{3}memory_limit_bytes\0\u{3}evaluation_samples\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}cores\0\u{3}memory_bytes\0\u{1}samples\0\u{1}labels\0\u{1}version\0\u{3}memory_limit_bytes\0\u{3}evaluation_samples\0\u{1}cpu\0\u{1}threads\0\u{3}no_timing\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1274,6 +1284,9 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
       case 5: try { try decoder.decodeSingularStringField(value: &self.version) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.memoryLimitBytes) }()
       case 7: try { try decoder.decodeSingularUInt64Field(value: &self.evaluationSamples) }()
+      case 8: try { try decoder.decodeSingularStringField(value: &self.cpu) }()
+      case 9: try { try decoder.decodeSingularUInt32Field(value: &self.threads) }()
+      case 10: try { try decoder.decodeSingularBoolField(value: &self.noTiming) }()
       default: break
       }
     }
@@ -1301,6 +1314,15 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
     if self.evaluationSamples != 0 {
       try visitor.visitSingularUInt64Field(value: self.evaluationSamples, fieldNumber: 7)
     }
+    if !self.cpu.isEmpty {
+      try visitor.visitSingularStringField(value: self.cpu, fieldNumber: 8)
+    }
+    if self.threads != 0 {
+      try visitor.visitSingularUInt32Field(value: self.threads, fieldNumber: 9)
+    }
+    if self.noTiming != false {
+      try visitor.visitSingularBoolField(value: self.noTiming, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1312,6 +1334,9 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
     if lhs.version != rhs.version {return false}
     if lhs.memoryLimitBytes != rhs.memoryLimitBytes {return false}
     if lhs.evaluationSamples != rhs.evaluationSamples {return false}
+    if lhs.cpu != rhs.cpu {return false}
+    if lhs.threads != rhs.threads {return false}
+    if lhs.noTiming != rhs.noTiming {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

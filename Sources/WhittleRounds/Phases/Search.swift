@@ -15,12 +15,18 @@ struct SearchPhase: PhaseHandler {
 
     func expectation(_ engine: RoundEngine, model: Model, progress: RoundProgress) throws -> PhaseExpectation {
         guard let plan = engine.plan.search else { throw CompressionError(.invalidArgument, "a search phase in a round that searches nothing") }
-        let local = try engine.plan.localSearch(model, progress: progress)
-        let known = (progress.search?.generations ?? []).map { $0.map(\.fitness) }
-        let batch = try plan.strategy(seed: engine.plan.seed).generation(known.count, space: local.space, cost: local.cost,
-                                                                          budget: engine.plan.searchBudget(progress), known: known)
+        let search = progress.search ?? SearchProgress()
         var e = PhaseExpectation(kind: kind)
-        e.candidates = batch.map(local.space.describe)
+        // One population per kind of board when the fleet holds several, each under the budget on its own hardware
+        // and replayed from the fitness of its own candidates.
+        for boardKind in search.searchKinds {
+            let local = try engine.plan.localSearch(model, progress: progress, kinds: boardKind.map { [$0] })
+            let known = search.generations.map { $0.filter { $0.kind == boardKind }.map(\.fitness) }
+            let batch = try plan.strategy(seed: engine.plan.seed).generation(known.count, space: local.space, cost: local.cost,
+                                                                              budget: engine.plan.searchBudget(progress), known: known)
+            e.candidates += batch.map(local.space.describe)
+            e.candidateKinds += batch.map { _ in boardKind }
+        }
         e.adaptationBatches = plan.adaptationBatches
         return e
     }
@@ -38,11 +44,18 @@ struct SearchPhase: PhaseHandler {
     /// The closing phase's candidates with their costs and the fleet's merged scores (search and finalists alike).
     static func scored(_ closing: PhaseClosing) throws -> [SearchProgress.Candidate] {
         let gathered = try closing.gathered()
-        let local = try closing.plan.localSearch(try closing.artifacts.model(closing.progress.currentModel), progress: closing.progress)
+        let model = try closing.artifacts.model(closing.progress.currentModel)
+        let kinds = gathered.expectation.candidateKinds
+        var locals: [String?: LocalSearch] = [:]
+        for boardKind in Array(Set(kinds)) + [nil] where locals[boardKind] == nil {
+            locals[boardKind] = try closing.plan.localSearch(model, progress: closing.progress, kinds: boardKind.map { [$0] })
+        }
         let scores = gathered.searchScores
         return try gathered.expectation.candidates.enumerated().map { k, widths in
-            SearchProgress.Candidate(widths: widths, cost: try local.cost(try local.space.architecture(widths: widths)),
-                                     score: k < scores.count ? scores[k] : nil)
+            let boardKind = k < kinds.count ? kinds[k] : nil
+            let local = locals[boardKind]!
+            return SearchProgress.Candidate(widths: widths, cost: try local.cost(try local.space.architecture(widths: widths)),
+                                            score: k < scores.count ? scores[k] : nil, kind: boardKind)
         }
     }
 
@@ -128,30 +141,67 @@ struct SearchAggregate: PhaseAggregate {
 
 /// Coordinator: the search's fittest candidate (the lowest mean loss over the fleet's samples) within the budget is
 /// cut from the model, each group keeping its strongest channels by L1, and recorded as the round's one pruning
-/// step; fine-tuning follows as after any pruning.
+/// step; fine-tuning follows as after any pruning. After finalists, their held-out figures decide instead.
+///
+/// A fleet of several kinds of board gets one model per kind: for each kind, the best candidate within the budget on
+/// that kind's hardware; kinds whose choices coincide share one model. This round makes the slowest kind's model
+/// (and serves boards whose kind has no table); each other architecture is made by a follow-up round that starts
+/// when this one succeeds (`SearchPlan.architecture`), and each round evaluates on and distributes to its own kinds.
 struct PickPhase: PhaseHandler {
     var kind: PhaseKind { .pick }
     var onWorkers: Bool { false }
     var overSelected: Bool { false }
 
     func close(_ closing: inout PhaseClosing) throws {
-        guard closing.plan.search != nil, var search = closing.progress.search, var best = search.fittest, best.samples > 0 else {
+        guard let plan = closing.plan.search, var search = closing.progress.search else {
             throw CompressionError(.invalidStatistics, "the search scored no candidate on any sample; there is nothing to pick")
         }
-        // After a short fine-tuning the finalists' held-out figures decide (accuracy with labels, else agreement with
-        // the original, else the loss); the earliest among equals, the uniform architecture first.
-        func figure(_ c: SearchProgress.Candidate) -> Double { c.accuracy ?? c.agreement ?? c.fitness }
-        if let decided = search.finalists.filter({ $0.samples > 0 }).enumerated().max(by: { a, b in
-            figure(a.element) != figure(b.element) ? figure(a.element) < figure(b.element) : a.offset > b.offset
-        })?.element {
-            best = decided
-        }
         let model = try closing.artifacts.model(closing.progress.currentModel)
-        let local = try closing.plan.localSearch(model, progress: closing.progress)
+        let budget = closing.plan.searchBudget(closing.progress)
+        let best: SearchProgress.Candidate
+        var served: [String]? = nil
+        if let widths = plan.architecture {
+            // A follow-up round: the architecture the search chose for this round's kinds.
+            guard search.serving < search.models.count, search.models[search.serving].widths == widths else {
+                throw CompressionError(.invalidArgument, "the follow-up round's architecture is not one its search chose")
+            }
+            served = search.models[search.serving].kinds
+            let local = try closing.plan.localSearch(model, progress: closing.progress, kinds: served)
+            if let scored = (search.finalists + search.candidates).first(where: { $0.widths == widths }) {
+                best = scored
+            } else {
+                best = SearchProgress.Candidate(widths: widths, cost: try local.cost(try local.space.architecture(widths: widths)), score: nil)
+            }
+        } else if search.searchKinds.count > 1 {
+            // Slowest kind first: it is this round's.
+            var models: [CompressionReport.SearchSection.KindModel] = []
+            var first: SearchProgress.Candidate?
+            for table in search.latencyTables.sorted(by: { $0.fullMilliseconds > $1.fullMilliseconds }) {
+                let local = try closing.plan.localSearch(model, progress: closing.progress, kinds: [table.kind])
+                let chosen = try Self.best(search) { budget.admits(try local.cost(try local.space.architecture(widths: $0.widths))) }
+                let predicted = try local.cost(try local.space.architecture(widths: chosen.widths)).latencyMs
+                first = first ?? chosen
+                if let k = models.firstIndex(where: { $0.widths == chosen.widths }) {
+                    models[k].kinds.append(table.kind)
+                    models[k].latencyMs[table.kind] = predicted
+                } else {
+                    models.append(.init(kinds: [table.kind], widths: chosen.widths, macs: chosen.macs, parameterBytes: chosen.parameterBytes,
+                                        latencyMs: predicted.map { [table.kind: $0] } ?? [:]))
+                }
+            }
+            search.models = models
+            search.serving = 0
+            served = models[0].kinds
+            best = first!
+            closing.progress.audience = models.count > 1 ? BoardAudience(excluded: models.dropFirst().flatMap(\.kinds)) : nil
+        } else {
+            best = try Self.best(search) { _ in true }
+        }
+        let local = try closing.plan.localSearch(model, progress: closing.progress, kinds: served)
         let architecture = try local.space.architecture(widths: best.widths)
         let cost = try local.cost(architecture)
-        guard closing.plan.searchBudget(closing.progress).admits(cost) else {
-            throw CompressionError(.invalidStatistics, "the fittest candidate (\(cost.macs) MACs, \(cost.parameterBytes) bytes) is over the budget")
+        guard budget.admits(cost) else {
+            throw CompressionError(.invalidStatistics, "the fittest candidate (\(cost.macs) MACs, \(cost.parameterBytes) bytes\(cost.latencyMs.map { String(format: ", %.3g ms", $0) } ?? "")) is over the budget")
         }
         let kept = try local.space.kept(architecture, groups: local.groups, scores: local.scores)
         let before = local.groups.prunable.reduce(0) { $0 + $1.channels }
@@ -170,6 +220,28 @@ struct PickPhase: PhaseHandler {
         search.chosen = best
         closing.progress.search = search
         closing.progress.currentModel = try closing.artifacts.store(pruned)
+    }
+
+    /// The best candidate `admitted` lets through: after finalists, the best held-out figure among them (accuracy
+    /// with labels, else agreement with the original, else the loss); else the fittest candidate. The earliest
+    /// among equals (the uniform architecture first).
+    static func best(_ search: SearchProgress, admitted: (SearchProgress.Candidate) throws -> Bool) throws -> SearchProgress.Candidate {
+        func figure(_ c: SearchProgress.Candidate) -> Double { c.accuracy ?? c.agreement ?? c.fitness }
+        func earliestMax(_ list: [SearchProgress.Candidate], _ value: (SearchProgress.Candidate) -> Double) -> SearchProgress.Candidate? {
+            list.enumerated().max { a, b in
+                value(a.element) != value(b.element) ? value(a.element) < value(b.element) : a.offset > b.offset
+            }?.element
+        }
+        func within(_ list: [SearchProgress.Candidate]) throws -> [SearchProgress.Candidate] {
+            var out: [SearchProgress.Candidate] = []
+            for c in list where c.samples > 0 { if try admitted(c) { out.append(c) } }
+            return out
+        }
+        if let decided = earliestMax(try within(search.finalists), figure) { return decided }
+        guard let fittest = earliestMax(try within(search.candidates), \.fitness) else {
+            throw CompressionError(.invalidStatistics, "the search scored no candidate within the budget on any sample; there is nothing to pick")
+        }
+        return fittest
     }
 }
 
