@@ -8,11 +8,13 @@ import WhittleHTTPClient
 import WhittleONNX
 import WhittleRounds
 
-/// `coordinator round start|status|list|cancel|fetch`.
+extension PickRule: ExpressibleByArgument {}
+
+/// `coordinator round start|status|list|pick|cancel|fetch`.
 public struct RoundCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "round", abstract: "Federated compression rounds.",
-        subcommands: [Start.self, Status.self, List.self, Cancel.self, Fetch.self])
+        subcommands: [Start.self, Status.self, List.self, Pick.self, Cancel.self, Fetch.self])
 
     public init() {}
 
@@ -111,6 +113,14 @@ public struct RoundCommand: ParsableCommand {
             let v = try view(client, id)
             let p = v.phases[min(v.phase, v.phases.count - 1)]
             let line = "[\(v.phase + 1)/\(v.phaseCount)] \(v.phaseLabel): \(p.reports)/\(max(v.assigned, p.reports)) reports"
+            if !v.state.ended, p.state == "waiting" {
+                // The operator's turn (`--pick operator`): following on would wait for ever.
+                bar.finish()
+                if json { try printJSON(v) } else {
+                    print("round \(id) waits at \(v.phaseLabel) for the operator: see the candidates with `coordinator round pick \(id)`, then pick one with --candidate N (or --best)")
+                }
+                return
+            }
             if v.state.ended {
                 bar.finish()
                 if json { try printJSON(v) } else { print(summary(v)) }
@@ -168,6 +178,7 @@ public struct RoundCommand: ParsableCommand {
         @Option(name: .long, help: "Server learning rate η applied to the averaged delta (or velocity).") var serverLr: Double = 1
         @Option(name: .long, help: "none or int8 (per tensor, error feedback on the worker).") var deltaCompression: String = "none"
         @Option(name: .long, help: "Seed for the workers' shuffling.") var seed: UInt64 = 0
+        @Option(name: .long, help: "After a search: best-under-budget (the round picks and goes on) or operator (the round waits for coordinator round pick).") var pick: PickRule = .bestUnderBudget
         @Flag(name: .long, help: "Follow the round until it ends.") var wait = false
         @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
 
@@ -202,6 +213,7 @@ public struct RoundCommand: ParsableCommand {
                 search.latencyGrid = searching.latencyGrid
                 search.finalists = searching.finalists
                 search.finalistEpochs = searching.finalistEpochs
+                search.pick = pick == .bestUnderBudget ? nil : pick
                 // A latency share is resolved on the fleet (of the original's time on the slowest kind of board);
                 // MACs and size shares against the model in `run`.
                 if let share = try searching.latencyShare() {
@@ -334,6 +346,69 @@ public struct RoundCommand: ParsableCommand {
                 [v.id, v.state.rawValue, "\(v.phase + 1)/\(v.phaseCount) \(v.phaseLabel)", v.plan.modelName, f.string(from: v.createdAt),
                  v.endedAt.map { f.string(from: $0) } ?? "–"]
             }))
+        }
+    }
+
+    public struct Pick: ParsableCommand {
+        public static let configuration = CommandConfiguration(
+            abstract: "Show a search round's candidates, or pick the architecture a round started with --pick operator fine-tunes.",
+            discussion: """
+                Without --candidate or --best: prints the search so far (the budget, the kinds of board, and every \
+                candidate numbered in evaluation order with its figures, the uniform reference and the front marked). \
+                With --candidate N: the round fine-tunes candidate N (it must be within the budget; on a fleet of \
+                several kinds of board, give --kind, once per kind). --best lets the round pick the best within the \
+                budget for the kinds not picked. The round goes on once every kind has its pick.
+                """)
+        @Argument(help: "The round's id.") var id: String
+        @OptionGroup var common: Common
+        @Option(name: .long, help: "The candidate's number (1 = the first evaluated, the uniform reference).") var candidate: Int?
+        @Option(name: .long, help: "The kind of board the candidate is for (several kinds: as the search lists them).") var kind: String?
+        @Flag(name: .long, help: "The round picks the best within the budget for every kind not picked.") var best = false
+        @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+        public init() {}
+
+        public func validate() throws {
+            if kind != nil, candidate == nil { throw ValidationError("--kind goes with --candidate") }
+        }
+
+        public func run() throws {
+            let client = try adminClient(common.dir, server: common.server)
+            let path = "/admin/v1/rounds/" + RoundCommand.escaped(id)
+            guard candidate != nil || best else {
+                let response = try adminRequest(client, "GET", path + "/search")
+                if json { print(response.text); return }
+                let s = try JSONDecoder().decode(CompressionReport.SearchSection.self, from: Data(response.body))
+                print(Self.listing(s))
+                return
+            }
+            struct Body: Encodable { var candidate: Int?; var kind: String?; var best: Bool }
+            let response = try adminRequest(client, "POST", path + "/pick",
+                                            body: Array(try JSONEncoder().encode(Body(candidate: candidate, kind: kind, best: best))))
+            let v = try RoundCommand.decoder().decode(RoundView.self, from: Data(response.body))
+            if json { try printJSON(v) } else { print("round \(id): \(v.state.rawValue), at \(v.phaseLabel)") }
+        }
+
+        /// The search as a table: every candidate numbered, the uniform reference and the front marked.
+        static func listing(_ s: CompressionReport.SearchSection) -> String {
+            var budget: [String] = []
+            if let m = s.budget.macs { budget.append("\(m) MACs") }
+            if let b = s.budget.parameterBytes { budget.append("\(b) bytes") }
+            if let l = s.budget.latencyMs { budget.append(String(format: "%.3f ms", l)) }
+            var lines = ["budget: " + (budget.isEmpty ? "–" : budget.joined(separator: ", ")) + "; \(s.evaluated) candidates"
+                         + (s.boardKinds.isEmpty ? "" : "; kinds of board: " + s.boardKinds.joined(separator: " | "))]
+            func key(_ widths: [String: Int]) -> String { widths.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",") }
+            let front = Set(s.front.map { key($0.widths) })
+            let finalists = Dictionary(s.finalists.map { (key($0.widths), $0) }, uniquingKeysWith: { a, _ in a })
+            func percent(_ v: Double?) -> String { v.map { String(format: "%.2f %%", 100 * $0) } ?? "–" }
+            let rows = s.candidates.enumerated().map { k, c -> [String] in
+                let held = finalists[key(c.widths)]
+                return ["\(k + 1)" + (k == 0 ? " uniform" : "") + (front.contains(key(c.widths)) ? " front" : ""),
+                        c.kind ?? "–", "\(c.macs)", "\(c.parameterBytes)", c.latencyMs.map { String(format: "%.3f", $0) } ?? "–",
+                        c.loss.map { String(format: "%.4f", $0) } ?? "–", percent(c.accuracy ?? c.agreement),
+                        held.map { percent($0.accuracy ?? $0.agreement) } ?? "–"]
+            }
+            lines.append(table(["#", "kind", "MACs", "bytes", "ms", "fleet loss", "accuracy", "finalist"], rows))
+            return lines.joined(separator: "\n")
         }
     }
 

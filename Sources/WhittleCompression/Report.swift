@@ -312,6 +312,25 @@ extension CompressionReport {
         /// Boards left out of the latency tables: they cannot time models (`worker run --no-timing`).
         public var untimed: [String] = []
 
+        enum CodingKeys: String, CodingKey {
+            case budget, boardKinds, evaluated, uniform, chosen, front, candidates, finalists, models, untimed
+        }
+
+        /// Fields added later default when a report lacks them.
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            budget = try c.decode(SearchBudget.self, forKey: .budget)
+            boardKinds = try c.decodeIfPresent([String].self, forKey: .boardKinds) ?? []
+            evaluated = try c.decode(Int.self, forKey: .evaluated)
+            uniform = try c.decodeIfPresent(Candidate.self, forKey: .uniform)
+            chosen = try c.decodeIfPresent(Candidate.self, forKey: .chosen)
+            front = try c.decode([Candidate].self, forKey: .front)
+            candidates = try c.decode([Candidate].self, forKey: .candidates)
+            finalists = try c.decodeIfPresent([Candidate].self, forKey: .finalists) ?? []
+            models = try c.decodeIfPresent([KindModel].self, forKey: .models) ?? []
+            untimed = try c.decodeIfPresent([String].self, forKey: .untimed) ?? []
+        }
+
         /// An architecture chosen for some kinds of board.
         public struct KindModel: Codable, Sendable, Equatable {
             public var kinds: [String]

@@ -76,8 +76,39 @@ public struct SearchProgress: Codable, Sendable, Equatable {
     public var serving = 0
     /// Boards left out of the latency tables because they cannot time models.
     public var untimed: [String] = []
+    /// The operator's picks (`round pick`), by kind of board ("" with one search for every board): the widths.
+    public var picked: [String: [String: Int]] = [:]
+    /// The operator let the round pick for the kinds it did not pick for.
+    public var pickRest = false
 
     public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case generations, chosen, finalists, latencyTables, models, serving, untimed, picked, pickRest
+    }
+
+    /// Fields added later default when a stored progress lacks them.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        generations = try c.decodeIfPresent([[Candidate]].self, forKey: .generations) ?? []
+        chosen = try c.decodeIfPresent(Candidate.self, forKey: .chosen)
+        finalists = try c.decodeIfPresent([Candidate].self, forKey: .finalists) ?? []
+        latencyTables = try c.decodeIfPresent([LatencyTable].self, forKey: .latencyTables) ?? []
+        models = try c.decodeIfPresent([CompressionReport.SearchSection.KindModel].self, forKey: .models) ?? []
+        serving = try c.decodeIfPresent(Int.self, forKey: .serving) ?? 0
+        untimed = try c.decodeIfPresent([String].self, forKey: .untimed) ?? []
+        picked = try c.decodeIfPresent([String: [String: Int]].self, forKey: .picked) ?? [:]
+        pickRest = try c.decodeIfPresent(Bool.self, forKey: .pickRest) ?? false
+    }
+
+    /// The key of `picked` for a kind searched for (`searchKinds`).
+    public static func pickKey(_ kind: String?) -> String { kind ?? "" }
+
+    /// Whether `pick` can run under `rule`: the round picks, or the operator has picked for every kind searched for
+    /// (or let the round pick the rest).
+    public func picksReady(_ rule: PickRule?) -> Bool {
+        rule != .operator || pickRest || searchKinds.allSatisfy { picked[Self.pickKey($0)] != nil }
+    }
 
     /// Every candidate, in evaluation order.
     public var candidates: [Candidate] { generations.flatMap { $0 } }

@@ -96,6 +96,15 @@ public struct Phase: Codable, Sendable, Equatable {
     }
 }
 
+/// Who decides which searched architecture a round fine-tunes (`round start --pick`).
+public enum PickRule: String, Codable, Sendable, CaseIterable {
+    /// The best candidate within the budget (after finalists, the best of them), without waiting.
+    case bestUnderBudget = "best-under-budget"
+    /// The round waits at `pick` until the operator picks a candidate for each kind of board (`coordinator round
+    /// pick`), or lets the round pick the rest.
+    case `operator`
+}
+
 /// An architecture search instead of a pruning schedule (`coordinator round start --macs-budget/--size-budget`):
 /// generations of candidate widths per prunable group, each generation scored by the fleet on its own data, then the
 /// fittest candidate within the budget is cut from the model (`pick`) and fine-tuned as a pruned model would be.
@@ -119,6 +128,9 @@ public struct SearchPlan: Codable, Sendable, Equatable {
     /// and compared on held-out samples; 1 (or 0 epochs): the fittest candidate is picked directly.
     public var finalists = 4
     public var finalistEpochs = 1
+    /// Who picks the architecture after the search: nil or `.bestUnderBudget`, the round itself; `.operator`, the
+    /// round waits at `pick` for `coordinator round pick`.
+    public var pick: PickRule?
     /// A follow-up round of a search over several kinds of board: the architecture its search chose for the kinds
     /// this round serves (`pick` cuts it; no search phase runs). Nil: search.
     public var architecture: [String: Int]?

@@ -147,6 +147,76 @@ package actor RoundService {
         return record
     }
 
+    /// The operator picks the architecture a round waiting at `pick` (`--pick operator`) fine-tunes: candidate
+    /// `candidate` (1-based, in the search's evaluation order) for `kind` (needed when the fleet holds several kinds of
+    /// board), and/or `best`: the round picks the best within the budget for every kind not picked. Once every kind has
+    /// a pick the round goes on.
+    package func pick(_ id: String, candidate: Int?, kind: String?, best: Bool) async throws -> RoundRecord {
+        await lock()
+        defer { unlock() }
+        guard var round = try await store.round(id: id) else { throw RoundError(.unknownRound, "no round '\(id)'") }
+        guard !round.ended else { throw RoundError(.roundEnded, "round '\(id)' has already \(round.state)") }
+        let plan = try Self.plan(round)
+        var progress = try Self.progress(round)
+        guard plan.search?.pick == .operator, plan.search?.architecture == nil else {
+            throw RoundError(.badPlan, "round '\(id)' picks its architecture itself (it was not started with --pick operator)")
+        }
+        guard plan.phases[round.phase].kind == .pick, var search = progress.search else {
+            throw RoundError(.notReady, "round '\(id)' is at \(plan.phases[round.phase].label); it waits for a pick only once the search is over")
+        }
+        guard candidate != nil || best else { throw RoundError(.badPlan, "give a candidate, or let the round pick the best (--best)") }
+        if let candidate {
+            let kinds = search.searchKinds
+            let target: String?
+            if kinds == [nil] {
+                guard kind == nil else { throw RoundError(.badPlan, "this search has one kind of board; give no --kind") }
+                target = nil
+            } else {
+                guard let kind, kinds.contains(kind) else {
+                    throw RoundError(.badPlan, "this search has several kinds of board; give --kind, one of: \(kinds.compactMap { $0 }.joined(separator: "; "))")
+                }
+                target = kind
+            }
+            let all = search.candidates
+            guard candidate >= 1, candidate <= all.count else {
+                throw RoundError(.badPlan, "there is no candidate \(candidate); the search evaluated \(all.count) (1…\(all.count))")
+            }
+            let widths = all[candidate - 1].widths
+            let local = try plan.localSearch(try model(progress.currentModel), progress: progress, kinds: target.map { [$0] })
+            let cost = try local.cost(try local.space.architecture(widths: widths))
+            let budget = plan.searchBudget(progress)
+            guard budget.admits(cost) else {
+                throw RoundError(.badPlan, "candidate \(candidate) (\(cost.macs) MACs, \(cost.parameterBytes) bytes\(cost.latencyMs.map { String(format: ", %.3f ms predicted", $0) } ?? "")) is over the budget\(target.map { " on \($0)" } ?? "")")
+            }
+            search.picked[SearchProgress.pickKey(target)] = widths
+        }
+        if best { search.pickRest = true }
+        progress.search = search
+        logger.info("architecture picked by the operator", metadata: ["round.id": "\(id)", "candidate": "\(candidate.map(String.init) ?? "best")",
+                                                                      "kind": "\(kind ?? "-")"])
+        if search.picksReady(plan.search?.pick) {
+            try await transition(&round, plan: plan, progress: &progress, closing: nil)
+            running = nil
+        } else {
+            round.progress = try Self.text(progress)
+            try await store.updateRound(round)
+        }
+        return round
+    }
+
+    /// The search section of a round's progress so far (a round waiting for the operator's pick shows it).
+    package func search(_ id: String) async throws -> CompressionReport.SearchSection {
+        guard let round = try await store.round(id: id) else { throw RoundError(.unknownRound, "no round '\(id)'") }
+        let plan = try Self.plan(round), progress = try Self.progress(round)
+        guard plan.search != nil, let search = progress.search else { throw RoundError(.notReady, "round '\(id)' has no search yet") }
+        var section = CompressionReport.SearchSection(budget: plan.searchBudget(progress), candidates: search.candidates, chosen: search.chosen)
+        section.boardKinds = search.latencyTables.map(\.kind)
+        section.finalists = search.finalists
+        section.models = search.models
+        section.untimed = search.untimed
+        return section
+    }
+
     package func cancel(_ id: String) async throws -> RoundRecord {
         await lock()
         defer { unlock() }
@@ -387,6 +457,8 @@ package actor RoundService {
         do {
             let workers = try await store.workers().map(Self.status)
             for var round in try await runningRounds() {
+                // A round waiting for the operator has no worker phase to time.
+                guard try Self.plan(round).phases[round.phase].kind.onWorkers else { continue }
                 do {
                     _ = try await openPhase(round)
                     var machine = try await self.machine(round)
@@ -464,7 +536,7 @@ package actor RoundService {
             running = nil
             followUp = engine.followUp(progress)
         } else {
-            progress.phases[index].state = "running"
+            progress.phases[index].state = phases[index].kind.onWorkers ? "running" : "waiting"
             progress.phases[index].startedAt = now().timeIntervalSince1970
         }
         round.progress = try Self.text(progress)
@@ -512,6 +584,8 @@ package actor RoundService {
         let phases = plan.phases
         let clock = ContinuousClock()
         while index < phases.count, !phases[index].kind.onWorkers {
+            // A phase waiting for the operator holds the round here (`pick`).
+            guard phases[index].kind.handler.ready(plan, progress: progress) else { break }
             let t0 = clock.now
             progress.phases[index].startedAt = now().timeIntervalSince1970
             var closing = PhaseClosing(engine: engine, phase: phases[index], accumulator: previous, progress: progress,

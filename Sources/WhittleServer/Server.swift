@@ -365,6 +365,20 @@ public enum CoordinatorServer {
             let round = try await state.rounds.cancel(context.parameters.get("id") ?? "")
             return try json(try await state.rounds.view(round))
         }
+        admin.post("/rounds/:id/pick") { request, context -> Response in
+            struct Pick: Decodable { var candidate: Int?; var kind: String?; var best: Bool? }
+            let bytes = try await body(request, limit: state.config.adminBodyLimit)
+            let pick: Pick
+            do { pick = try JSONDecoder().decode(Pick.self, from: Data(bytes)) } catch {
+                throw APIError(.badRequest, "malformed_json", "the body is not a pick {candidate, kind, best}: \(error)")
+            }
+            let round = try await state.rounds.pick(context.parameters.get("id") ?? "", candidate: pick.candidate, kind: pick.kind,
+                                                    best: pick.best ?? false)
+            return try json(try await state.rounds.view(round))
+        }
+        admin.get("/rounds/:id/search") { _, context -> Response in
+            try json(try await state.rounds.search(context.parameters.get("id") ?? ""))
+        }
         admin.get("/rounds/:id/report") { _, context -> Response in
             try json(try await state.rounds.report(context.parameters.get("id") ?? ""))
         }

@@ -347,11 +347,30 @@ import WhittleTestSupport
             for k in progress.search!.generations[g].indices { progress.search!.generations[g][k].fitness = Double(progress.search!.generations[g][k].macs) }
         }
         candidates = progress.search!.candidates
+        // Under --pick operator the round waits at pick until every kind has the operator's pick (or the operator
+        // lets it pick the rest); a pick need not be the fittest.
+        var byOperator = plan
+        byOperator.search!.pick = .operator
+        var waiting = progress
+        #expect(!PhaseHandlers.handler(.pick).ready(byOperator, progress: waiting))
+        let slowCandidates = candidates.filter { $0.kind == slow.kind }
+        let picked = try #require(slowCandidates.min { $0.fitness < $1.fitness })
+        waiting.search!.picked[slow.kind] = picked.widths
+        #expect(!PhaseHandlers.handler(.pick).ready(byOperator, progress: waiting))
+        waiting.search!.pickRest = true
+        #expect(PhaseHandlers.handler(.pick).ready(byOperator, progress: waiting) && PhaseHandlers.handler(.pick).ready(plan, progress: progress))
+        var operatorClosing = PhaseClosing(engine: RoundEngine(plan: byOperator), phase: Phase(.pick), accumulator: nil, progress: waiting,
+                                           artifacts: artifacts)
+        try PhaseHandlers.handler(.pick).close(&operatorClosing)
+        #expect(operatorClosing.progress.search?.models.first?.widths == picked.widths)
+        #expect(operatorClosing.progress.search?.chosen == picked)
+
         var closing = PhaseClosing(engine: engine, phase: Phase(.pick), accumulator: nil, progress: progress, artifacts: artifacts)
         try PhaseHandlers.handler(.pick).close(&closing)
         progress = closing.progress
         let chosen = try #require(progress.search)
         #expect(chosen.models.count == 2)
+        #expect(chosen.models[0].widths != picked.widths)
         #expect(chosen.models.map(\.kinds) == [[slow.kind], [fast.kind]])
         for m in chosen.models {
             for kind in m.kinds {
@@ -409,5 +428,7 @@ import WhittleTestSupport
         #expect(!handsOut(next, nextEvaluate, followUp.audience, worker("u", nil)))
         // …and none after it.
         #expect(RoundEngine(plan: next).followUp(followUp) == nil)
+        // A progress stored before the per-kind fields existed still reads.
+        #expect(try JSONDecoder().decode(SearchProgress.self, from: Data(#"{"generations": [], "finalists": [], "latencyTables": []}"#.utf8)) == SearchProgress())
     }
 }

@@ -168,3 +168,53 @@ def test_a_fleet_of_two_kinds_of_board_gets_a_model_for_each_within_its_budget(c
     print(f"\ntwo kinds: {slow} gets {models[0]['macs']} MACs ({models[0]['latencyMs'][slow]:.2f} ms predicted), "
           f"{fast} gets {models[1]['macs']} MACs ({models[1]['latencyMs'][fast]:.2f} ms), budget {budget:.2f} ms")
     fleet.stop_workers()
+
+
+def test_the_operator_picks_the_architecture_a_search_round_fine_tunes(coordinator_server, worker_path, tmp_path,
+                                                                       spawn_any):
+    """--pick operator: the round waits at pick (across a coordinator restart) while `round pick ID` lists the
+    candidates; a candidate that does not exist, or a kind the search does not have, is refused and changes nothing;
+    the picked candidate (not the fittest) is the architecture the round fine-tunes and distributes."""
+    fleet, names = make_fleet(coordinator_server, worker_path, tmp_path, spawn_any, workers=2, samples=100)
+    for name in names:
+        fleet.start_worker(name)
+    started = fleet.round("start", "--model", MODEL, "--macs-budget", "40%", "--candidates", 8, "--population", 4,
+                          "--adaptation-batches", 2, "--finalists", 1, "--pick", "operator", "--finetune-rounds", 1,
+                          "--quantize", "none", "--phase-deadline", "5m", "--max-accuracy-drop", 1, "--min-agreement", 0,
+                          "--wait", timeout=600)
+    round_id = started.stdout.split()[1]
+    assert "waits at pick for the operator" in started.stdout, started.stdout
+    status = fleet.status(round_id)
+    assert status["state"] == "running" and status["phaseLabel"] == "pick", status
+    assert status["phases"][status["phase"]]["state"] == "waiting"
+    # A restarted coordinator keeps waiting.
+    server, port = fleet.server, fleet.server.port
+    server.kill()
+    time.sleep(1.5)
+    server.start(listen=f"127.0.0.1:{port}")
+    time.sleep(3)
+    assert fleet.status(round_id)["phaseLabel"] == "pick"
+    listing = fleet.round("pick", round_id).stdout
+    assert "1 uniform" in listing and "fleet loss" in listing, listing
+    search = json.loads(fleet.round("pick", round_id, "--json").stdout)
+    assert search["evaluated"] == 8 and search.get("chosen") is None
+    refused = fleet.round("pick", round_id, "--candidate", 9, check=False)
+    assert refused.returncode != 0 and "there is no candidate 9" in refused.stderr, refused.stderr
+    refused = fleet.round("pick", round_id, "--candidate", 2, "--kind", "avx2, 4 threads", check=False)
+    assert refused.returncode != 0 and "one kind of board" in refused.stderr, refused.stderr
+    assert fleet.status(round_id)["phaseLabel"] == "pick"
+    # The least fit candidate: certainly not the one the round would have picked.
+    worst = min(range(8), key=lambda k: search["candidates"][k]["fitness"])
+    picked = fleet.round("pick", round_id, "--candidate", worst + 1)
+    assert "running" in picked.stdout or "succeeded" in picked.stdout, picked.stdout
+    status = fleet.wait(round_id, timeout=600)
+    assert status["state"] == "succeeded", status
+    report_path = tmp_path / "round.json"
+    fleet.round("fetch", round_id, "--out", tmp_path / "round.onnx", "--report", report_path)
+    report = json.loads(report_path.read_text())
+    assert report["search"]["chosen"]["widths"] == search["candidates"][worst]["widths"]
+    assert report["after"]["macs"] == search["candidates"][worst]["macs"]
+    # A round that picks itself does not take the operator's pick.
+    refused = fleet.round("pick", round_id, "--best", check=False)
+    assert refused.returncode != 0 and "already succeeded" in refused.stderr, refused.stderr
+    fleet.stop_workers()

@@ -103,6 +103,9 @@ public protocol PhaseHandler: Sendable {
     func aggregate(_ expectation: PhaseExpectation, options: AggregationOptions) -> any PhaseAggregate
     /// Closes the phase: what it gathered into the round's progress (and new models into the artifacts).
     func close(_ closing: inout PhaseClosing) throws
+    /// Coordinator side: whether the phase can run now; a phase that waits for the operator (`round pick`) holds the
+    /// round at it until it can.
+    func ready(_ plan: RoundPlan, progress: RoundProgress) -> Bool
     /// Worker side: the task's report from the worker's data.
     func run(_ job: inout WorkerJob) throws -> Whittle_TaskReport
     /// Worker side: whether the task back-propagates (the batch size is fitted to training memory).
@@ -125,6 +128,7 @@ extension PhaseHandler {
         throw CompressionError(.invalidArgument, "task kind '\(kind.rawValue)' is not computed by WorkerJobs")
     }
     public func backpropagates(_ task: Whittle_Task) -> Bool { false }
+    public func ready(_ plan: RoundPlan, progress: RoundProgress) -> Bool { true }
 }
 
 /// The phase kinds, each by its handler.

@@ -152,6 +152,12 @@ struct PickPhase: PhaseHandler {
     var onWorkers: Bool { false }
     var overSelected: Bool { false }
 
+    /// Under `--pick operator` the round waits here until the operator has picked (`coordinator round pick`).
+    func ready(_ plan: RoundPlan, progress: RoundProgress) -> Bool {
+        guard let search = plan.search, search.architecture == nil else { return true }
+        return (progress.search ?? SearchProgress()).picksReady(search.pick)
+    }
+
     func close(_ closing: inout PhaseClosing) throws {
         guard let plan = closing.plan.search, var search = closing.progress.search else {
             throw CompressionError(.invalidStatistics, "the search scored no candidate on any sample; there is nothing to pick")
@@ -178,7 +184,7 @@ struct PickPhase: PhaseHandler {
             var first: SearchProgress.Candidate?
             for table in search.latencyTables.sorted(by: { $0.fullMilliseconds > $1.fullMilliseconds }) {
                 let local = try closing.plan.localSearch(model, progress: closing.progress, kinds: [table.kind])
-                let chosen = try Self.best(search) { budget.admits(try local.cost(try local.space.architecture(widths: $0.widths))) }
+                let chosen = try Self.chosen(search, kind: table.kind) { budget.admits(try local.cost(try local.space.architecture(widths: $0.widths))) }
                 let predicted = try local.cost(try local.space.architecture(widths: chosen.widths)).latencyMs
                 first = first ?? chosen
                 if let k = models.firstIndex(where: { $0.widths == chosen.widths }) {
@@ -195,7 +201,7 @@ struct PickPhase: PhaseHandler {
             best = first!
             closing.progress.audience = models.count > 1 ? BoardAudience(excluded: models.dropFirst().flatMap(\.kinds)) : nil
         } else {
-            best = try Self.best(search) { _ in true }
+            best = try Self.chosen(search, kind: nil) { _ in true }
         }
         let local = try closing.plan.localSearch(model, progress: closing.progress, kinds: served)
         let architecture = try local.space.architecture(widths: best.widths)
@@ -220,6 +226,15 @@ struct PickPhase: PhaseHandler {
         search.chosen = best
         closing.progress.search = search
         closing.progress.currentModel = try closing.artifacts.store(pruned)
+    }
+
+    /// The operator's pick for `kind` (`round pick`), else the best candidate `admitted` lets through.
+    static func chosen(_ search: SearchProgress, kind: String?, admitted: (SearchProgress.Candidate) throws -> Bool) throws -> SearchProgress.Candidate {
+        if let widths = search.picked[SearchProgress.pickKey(kind)],
+           let picked = (search.finalists + search.candidates).first(where: { $0.widths == widths }) {
+            return picked
+        }
+        return try best(search, admitted: admitted)
     }
 
     /// The best candidate `admitted` lets through: after finalists, the best held-out figure among them (accuracy
