@@ -405,9 +405,10 @@ public struct RoundCommand: ParsableCommand {
                 return ["\(k + 1)" + (k == 0 ? " uniform" : "") + (front.contains(key(c.widths)) ? " front" : ""),
                         c.kind ?? "–", "\(c.macs)", "\(c.parameterBytes)", c.latencyMs.map { String(format: "%.3f", $0) } ?? "–",
                         c.loss.map { String(format: "%.4f", $0) } ?? "–", percent(c.accuracy ?? c.agreement),
-                        held.map { percent($0.accuracy ?? $0.agreement) } ?? "–"]
+                        held.map { percent($0.accuracy ?? $0.agreement) } ?? "–",
+                        held?.measuredMs.map { $0.values.map { String(format: "%.3f", $0) }.sorted().joined(separator: " / ") } ?? "–"]
             }
-            lines.append(table(["#", "kind", "MACs", "bytes", "ms", "fleet loss", "accuracy", "finalist"], rows))
+            lines.append(table(["#", "kind", "MACs", "bytes", "ms", "fleet loss", "accuracy", "finalist", "measured ms"], rows))
             return lines.joined(separator: "\n")
         }
     }

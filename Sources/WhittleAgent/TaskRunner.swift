@@ -33,6 +33,10 @@ package final class TaskRunner {
     /// The teacher's logits of this worker's training data, kept across the fine-tuning tasks of rounds that share a
     /// teacher (the base model, named by its SHA-256).
     package var teacherCache: (sha: String, cache: TeacherLogitsCache)?
+    /// False for a board that cannot time models (`worker run --no-timing`): its jobs get no clock.
+    package var timing = true
+    /// The latency tables this worker measured, kept across restarts.
+    package lazy var latencyTables = LatencyTableFiles(directory: layout.file("latency-tables"), log: agentLog)
     /// Tasks ("round/phase") finished or given up, so a re-sent task is not computed twice.
     package var finished: Set<String> = []
 
@@ -137,11 +141,15 @@ package final class TaskRunner {
             let teacherSHA = task.teacherSha256.isEmpty ? task.modelSha256 : task.teacherSha256
             if teacherCache?.sha != teacherSHA { teacherCache = (teacherSHA, TeacherLogitsCache()) }
             let origin = ContinuousClock.now
-            // Workers sharing a machine evaluate one at a time, so each times its models without the others' load.
+            // Workers sharing a machine evaluate one at a time, so each times its models without the others' load; a
+            // job that only times a little (finalists) takes the lock around its timing alone. A board that cannot
+            // time models (`--no-timing`) gets no clock.
+            var probe = LatencyProbe(now: { ContinuousClock.now - origin })
+            if !handler.timesModels { probe.exclusive = { body in try Self.exclusive(on: Self.evaluationLock, body) } }
             report = try Self.exclusive(on: handler.timesModels ? Self.evaluationLock : nil) {
                 try WorkerJobs.run(task, model: model, teacher: teacher, ewc: ewc, data: local, batchSize: batch,
                                    compressor: &compressor, optimizerState: &state, teacherCache: teacherCache?.cache,
-                                   latency: LatencyProbe(now: { ContinuousClock.now - origin }))
+                                   latency: timing ? probe : nil, latencyTables: latencyTables)
             }
             if handler.trains {
                 optimizerState = state.map { (stateKey, $0) }

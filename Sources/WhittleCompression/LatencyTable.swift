@@ -355,18 +355,14 @@ public struct LatencyTableBuilder {
     /// Times every layer of `base` at the channel counts it has in the anchor models (pruned copies of `base`, the
     /// uniform architectures at `fraction` of the ladder, ascending, the last `base` itself), and the anchors end to
     /// end. A worker builds its table this way from the anchors' widths alone.
-    public func build(base: Model, anchors: [(fraction: Double, model: Model)],
-                      progress: ((Int, Int) -> Void)? = nil) throws -> LatencyTable {
-        guard batch >= 1, passes >= 1, anchors.count >= 2 else {
-            throw CompressionError(.invalidArgument, "a latency table needs batch ≥ 1, at least 2 anchors and a pass")
-        }
+    /// The grid a table over `anchors` has: each layer's channel counts in each anchor (no time in it).
+    public func grid(base: Model, anchors: [Model]) throws -> [LayerLatency] {
         let layers = try LatencyModel.layers(of: base)
         guard !layers.isEmpty else {
             throw CompressionError(.invalidArgument, "the model has no Conv, Gemm or MatMul with a constant weight to time")
         }
-        // Each layer's channel counts in each anchor: the grid.
-        let inAnchors = try anchors.map { a in Dictionary(try LatencyModel.layers(of: a.model).map { ($0.name, $0) }, uniquingKeysWith: { x, _ in x }) }
-        let grid: [LayerLatency] = try layers.map { l in
+        let inAnchors = try anchors.map { a in Dictionary(try LatencyModel.layers(of: a).map { ($0.name, $0) }, uniquingKeysWith: { x, _ in x }) }
+        return try layers.map { l in
             let sizes = try inAnchors.map { found -> (Int, Int) in
                 guard let m = found[l.name] else {
                     throw CompressionError(.invalidArgument, "an anchor of the latency table lacks \(l.opType) node '\(l.name)'")
@@ -376,6 +372,27 @@ public struct LatencyTableBuilder {
             return LayerLatency(node: l.name, opType: l.opType, outputs: Array(Set(sizes.map(\.0))).sorted(),
                                 inputs: l.grouped ? [l.baseInputs] : Array(Set(sizes.map(\.1))).sorted(), milliseconds: [])
         }
+    }
+
+    /// Whether a kept table is one `build` would have made here over `anchors`' grid: this machine, threads and
+    /// batch, the same layers and channel counts, and a positive, finite time at every point.
+    public func fits(_ table: LatencyTable, grid: [LayerLatency], anchors: Int) -> Bool {
+        func plausible(_ v: Double) -> Bool { v.isFinite && v > 0 }
+        return table.machine == machine && table.threads == threads && table.batch == batch && table.anchors.count == anchors
+            && table.anchors.allSatisfy { plausible($0.milliseconds) } && table.layers.count == grid.count
+            && zip(table.layers, grid).allSatisfy { t, g in
+                t.node == g.node && t.opType == g.opType && t.outputs == g.outputs && t.inputs == g.inputs
+                    && t.milliseconds.count == g.outputs.count && t.milliseconds.allSatisfy { $0.count == g.inputs.count && $0.allSatisfy(plausible) }
+            }
+    }
+
+    public func build(base: Model, anchors: [(fraction: Double, model: Model)],
+                      progress: ((Int, Int) -> Void)? = nil) throws -> LatencyTable {
+        guard batch >= 1, passes >= 1, anchors.count >= 2 else {
+            throw CompressionError(.invalidArgument, "a latency table needs batch ≥ 1, at least 2 anchors and a pass")
+        }
+        let layers = try LatencyModel.layers(of: base)
+        let grid = try self.grid(base: base, anchors: anchors.map(\.model))
         let fractions = anchors.map(\.fraction)
         let inferred = try ShapeInference.infer(base.graph, opset: base.defaultOpset ?? 13,
                                                 inputs: try ShapeInference.inputShapes(base, batchSize: batch))
@@ -423,6 +440,13 @@ public struct LatencyTableBuilder {
     }
 
     /// Deterministic non-zero values (a kernel may take shortcuts on zeros).
+    /// `model`'s median milliseconds end to end at `batch` on filler inputs (`probe` times it).
+    public static func endToEnd(_ model: Model, batch: Int, probe: LatencyProbe) throws -> Double {
+        var inputs: [String: Tensor] = [:]
+        for (name, (_, shape)) in try ShapeInference.inputShapes(model, batchSize: batch) { inputs[name] = filler(shape) }
+        return try probe.median(try InferenceSession(model: model), inputs: inputs)
+    }
+
     static func filler(_ shape: [Int]) -> Tensor {
         let n = shape.reduce(1, *)
         return Tensor(shape: shape, floats: (0..<n).map { Float(($0 * 7919) % 251) / 251 - 0.5 })

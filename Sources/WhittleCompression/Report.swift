@@ -273,6 +273,9 @@ extension CompressionReport {
             public var accuracy: Double?
             public var agreement: Double?
             public var samples: Int
+            /// Milliseconds measured end to end on the fleet (finalists under a latency budget): per kind of board,
+            /// the median of its boards' medians at the search's latency batch.
+            public var measuredMs: [String: Double]?
             /// The kind of board whose budget the candidate was proposed for (a fleet of several kinds searches
             /// for each; `latencyMs` is then the prediction on that kind). Nil: every kind.
             public var kind: String?

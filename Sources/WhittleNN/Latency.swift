@@ -51,6 +51,9 @@ public struct LatencyProbe: Sendable {
     /// Time for the timed runs of both models at one batch size.
     public var budget: Duration = .seconds(10)
     public var pinThreads = true
+    /// Runs the timing alone on the machine (the agent's evaluation lock: workers sharing a machine time one at a
+    /// time); nil when the caller already holds it.
+    public var exclusive: (@Sendable (() throws -> Void) throws -> Void)?
 
     public init(now: @escaping @Sendable () -> Duration) {
         self.now = now
@@ -79,7 +82,7 @@ public struct LatencyProbe: Sendable {
             return LatencyComparison(batch: rows.count, runs: times[0].count, base: LatencyPercentiles(times[0]),
                                      compressed: LatencyPercentiles(times[1]))
         }
-        return pinThreads ? try ComputeThreads.pinned { _ in try measure() } : try measure()
+        return try alone { pinThreads ? try ComputeThreads.pinned { _ in try measure() } : try measure() }
     }
 
     static func milliseconds(_ d: Duration) -> Double {
@@ -103,6 +106,13 @@ extension LatencyProbe {
             }
             return LatencyPercentiles(times).p50Ms
         }
-        return pinThreads ? try ComputeThreads.pinned { _ in try measure() } : try measure()
+        return try alone { pinThreads ? try ComputeThreads.pinned { _ in try measure() } : try measure() }
+    }
+
+    func alone<T>(_ body: () throws -> T) throws -> T {
+        guard let exclusive else { return try body() }
+        var out: T?
+        try exclusive { out = try body() }
+        return out!
     }
 }

@@ -120,6 +120,8 @@ public struct PhaseAccumulator: Sendable {
     public var latencyTables: [LatencyTable] { (aggregate as? LatencyAggregate)?.tables ?? [] }
     /// search: each candidate's merged score, in the generation's order.
     public var searchScores: [CandidateScore] { (aggregate as? SearchAggregate)?.scores ?? [] }
+    /// The finalists' end-to-end milliseconds: per kind of board, each timing board's time per finalist.
+    public var searchTimings: [String: [[Double]]] { (aggregate as? SearchAggregate)?.timings ?? [:] }
     /// finetune, qat: the local losses reported.
     public var losses: [Double] { (aggregate as? UpdateAggregate)?.losses ?? [] }
     /// finetune, qat: the L2 norm of each accepted training update, before clipping.

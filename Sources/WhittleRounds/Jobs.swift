@@ -24,10 +24,11 @@ public enum WorkerJobs {
     /// Runs `task` (any worker kind but distribution, which is the agent's download) and returns its result.
     /// `model` is the task's model, `teacher` the round's base model.
     public static func run(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC? = nil, data: Dataset,
-                           batchSize: Int, compressor: inout DeltaCompressor, latency: LatencyProbe? = nil) throws -> Whittle_TaskReport {
+                           batchSize: Int, compressor: inout DeltaCompressor, latency: LatencyProbe? = nil,
+                           latencyTables: any LatencyTableKeeping = LatencyTableCache.process) throws -> Whittle_TaskReport {
         var fresh: Optimizer.State?
         return try run(task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize, compressor: &compressor,
-                       optimizerState: &fresh, latency: latency)
+                       optimizerState: &fresh, latency: latency, latencyTables: latencyTables)
     }
 
     /// As above; `optimizerState` is the local optimizer's state from this worker's previous fine-tuning round of the
@@ -38,12 +39,14 @@ public enum WorkerJobs {
     public static func run(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC? = nil, data: Dataset,
                            batchSize: Int, compressor: inout DeltaCompressor,
                            optimizerState: inout Optimizer.State?,
-                           teacherCache: TeacherLogitsCache? = nil, latency: LatencyProbe? = nil) throws -> Whittle_TaskReport {
+                           teacherCache: TeacherLogitsCache? = nil, latency: LatencyProbe? = nil,
+                           latencyTables: any LatencyTableKeeping = LatencyTableCache.process) throws -> Whittle_TaskReport {
         guard let kind = PhaseKind(rawValue: task.kind), !kind.handler.downloadsModel else {
             throw CompressionError(.invalidArgument, "task kind '\(task.kind)' is not computed by WorkerJobs")
         }
         var job = WorkerJob(task: task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize,
-                            compressor: compressor, optimizerState: optimizerState, teacherCache: teacherCache, latency: latency)
+                            compressor: compressor, optimizerState: optimizerState, teacherCache: teacherCache, latency: latency,
+                            latencyTables: latencyTables)
         let report = try kind.handler.run(&job)
         compressor = job.compressor
         optimizerState = job.optimizerState

@@ -116,6 +116,9 @@ public struct RoundMachine: Sendable {
     public let pollSeconds: Int
     /// The kinds of board the round's final model is for (a search that made one model per kind); nil: every board.
     public let audience: BoardAudience?
+    /// When the coordinator last started: no worker counts as silent for time the coordinator was down (a worker
+    /// backs off up to seconds between retries while it is unreachable).
+    public var awakeSince: Date?
 
     public init(id: String, plan: RoundPlan, state: RoundState, phase: Int, phaseStartedAt: Date,
                 assignments: [PhaseAssignment], reported: Set<String>, pollSeconds: Int, audience: BoardAudience? = nil) {
@@ -238,7 +241,7 @@ public struct RoundMachine: Sendable {
         // Silent since it took the task and since the phase opened (a long transition holds heartbeats back).
         for a in active where !reported.contains(a.worker) {
             let w = byName[a.worker]
-            let since = max(w?.lastContact ?? .distantPast, a.assignedAt, phaseStartedAt)
+            let since = max(w?.lastContact ?? .distantPast, a.assignedAt, phaseStartedAt, awakeSince ?? .distantPast)
             if w?.revoked == true || now.timeIntervalSince(since) > silenceLimit {
                 actions += workerLost(a.worker, now: now)
             }

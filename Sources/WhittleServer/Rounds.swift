@@ -27,6 +27,8 @@ package actor RoundService {
     let metrics: CoordinatorMetrics?
     /// The time (the system clock; tests script it).
     let now: @Sendable () -> Date
+    /// When this service started: silence is counted from here after a restart.
+    let startedAt: Date
 
     /// The open worker phase of each running round: its accumulator (rebuilt from durable reports after a
     /// restart), task and limits.
@@ -56,6 +58,7 @@ package actor RoundService {
         longPoll = LongPoll(timer: holdTimer)
         self.metrics = metrics
         self.now = now
+        startedAt = now()
         self.store = store
         self.directory = directory
         reportsDirectory = directory.appendingPathComponent("reports")
@@ -239,10 +242,12 @@ package actor RoundService {
         } else {
             reported = Set(try await store.reports(round: round.id, phase: round.phase).map(\.worker))
         }
-        return RoundMachine(id: round.id, plan: plan, state: round.roundState, phase: round.phase,
-                            phaseStartedAt: round.phaseStartedAt,
-                            assignments: assignments.map { PhaseAssignment(worker: $0.worker, assignedAt: $0.assignedAt, droppedAt: $0.droppedAt) },
-                            reported: reported, pollSeconds: pollSeconds, audience: try Self.progress(round).audience)
+        var machine = RoundMachine(id: round.id, plan: plan, state: round.roundState, phase: round.phase,
+                                   phaseStartedAt: round.phaseStartedAt,
+                                   assignments: assignments.map { PhaseAssignment(worker: $0.worker, assignedAt: $0.assignedAt, droppedAt: $0.droppedAt) },
+                                   reported: reported, pollSeconds: pollSeconds, audience: try Self.progress(round).audience)
+        machine.awakeSince = startedAt
+        return machine
     }
 
     static func status(_ w: WorkerRecord) -> WorkerStatus {

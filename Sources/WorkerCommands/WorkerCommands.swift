@@ -206,6 +206,7 @@ public struct RunCommand: ParsableCommand {
         let runner = TaskRunner(client: client, layout: layout, data: dataset, evaluation: evaluation, memoryLimit: memoryLimit.flatMap(parseByteSize),
                                 log: log)
         runner.progress = ProgressBar(enabled: !log.json)
+        runner.timing = !settings.noTiming
         log.info("worker '\(state.name)' running against \(state.coordinator) with \(capabilities.samples) samples",
                  ["coordinator": "\(state.coordinator)", "samples": "\(capabilities.samples)"])
         while true {

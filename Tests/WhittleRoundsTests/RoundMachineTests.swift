@@ -102,6 +102,12 @@ import WhittleRounds
         #expect(n.tick(now: Self.at(20), workers: [Self.worker("d", seen: Self.at(-100))]).isEmpty)
         #expect(n.workerLost("d", now: Self.at(21)) == [.drop(worker: "d", at: Self.at(21))])
         #expect(n.workerLost("d", now: Self.at(22)).isEmpty, "lost once")
+        // …and from the coordinator's restart: a worker backing off while the coordinator was down is not lost for it.
+        var r = try Self.machine(at: .evaluate, minWorkers: 1)
+        _ = r.taskRequested(by: Self.worker("e"), now: Self.t0)
+        r.awakeSince = Self.at(40)
+        #expect(r.tick(now: Self.at(45), workers: [Self.worker("e", seen: Self.at(1))]).isEmpty)
+        #expect(r.tick(now: Self.at(71), workers: [Self.worker("e", seen: Self.at(1))]).first == .drop(worker: "e", at: Self.at(71)))
     }
 
     @Test func duplicateLateAndForeignReportsAreTold() throws {

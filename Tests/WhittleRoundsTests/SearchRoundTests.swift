@@ -229,6 +229,20 @@ import WhittleTestSupport
         }
         // Both "workers" are this process: the second task over the same model reuses the table the first measured.
         #expect(reports[0].latencyTable == reports[1].latencyTable)
+        // A kept table that is not this task's (damaged, or another grid) is measured again and replaced.
+        final class Stale: LatencyTableKeeping, @unchecked Sendable {
+            var kept: LatencyTable?
+            func table(_ key: String) -> LatencyTable? {
+                LatencyTable(machine: Kernels.cpuInstructionSet, threads: ComputeThreads.current, batch: 1, layers: [],
+                             anchors: [.init(fraction: 0, milliseconds: 1), .init(fraction: 1, milliseconds: 2)])
+            }
+            func keep(_ table: LatencyTable, _ key: String) { kept = table }
+        }
+        let stale = Stale()
+        var staleCompressor = DeltaCompressor()
+        let remeasured = try WorkerJobs.run(task, model: model, teacher: model, data: parts[0], batchSize: 4, compressor: &staleCompressor,
+                                            latency: probe, latencyTables: stale)
+        #expect(remeasured.latencyTable.layers.map(\.node) == reports[0].latencyTable.layers.map(\.node) && stale.kept != nil)
         // Scripted times: worker k's board is k + 1 times slower; each layer costs 0.001 · outputs · inputs + 0.01 ms,
         // the narrowest anchor 1 ms and the original 2 ms.
         for k in reports.indices {
@@ -430,5 +444,94 @@ import WhittleTestSupport
         #expect(RoundEngine(plan: next).followUp(followUp) == nil)
         // A progress stored before the per-kind fields existed still reads.
         #expect(try JSONDecoder().decode(SearchProgress.self, from: Data(#"{"generations": [], "finalists": [], "latencyTables": []}"#.utf8)) == SearchProgress())
+    }
+}
+
+extension SearchRoundTests {
+    /// Under a latency budget the boards time each finalist end to end at the latency batch (with the worker's
+    /// clock); the coordinator keeps each finalist's median per kind of board, refuses times that do not fit, and
+    /// `pick` passes over a finalist measured over the budget however accurate it is.
+    @Test func finalistsAreTimedOnTheFleetAndOneMeasuredOverTheBudgetIsNotPicked() throws {
+        var plan = Self.plan()
+        plan.search!.budget = SearchBudget()
+        plan.search!.latencyShare = 0.9
+        plan.search!.latencyGrid = 2
+        plan.search!.candidates = 4
+        plan.search!.finalists = 2
+        let model = RoundTests.model
+        try plan.validate(model: model)
+        let artifacts = Artifacts()
+        let start = try artifacts.store(model)
+        var progress = RoundProgress(plan: plan, baseModel: start, startModel: start)
+        let engine = RoundEngine(plan: plan)
+        let grid = try engine.expectation(Phase(.latency), model: model, progress: progress)
+        let kind = LatencyTable.kind(machine: Kernels.cpuInstructionSet, threads: ComputeThreads.current)
+        var search = SearchProgress()
+        search.latencyTables = [LatencyTable(machine: Kernels.cpuInstructionSet, threads: ComputeThreads.current, batch: 1,
+            layers: grid.latencyGrid.map { l in
+                var l = l
+                l.milliseconds = l.outputs.map { o in l.inputs.map { i in 0.001 * Double(o) * Double(i) + 0.01 } }
+                return l
+            }, anchors: zip(grid.anchorFractions, [1.0, 2.0]).map { LatencyTable.Anchor(fraction: $0, milliseconds: $1) })]
+        progress.search = search
+        let budget = try #require(plan.searchBudget(progress).latencyMs)
+        let (parts, _) = try RoundTests.shards()
+        let generation = try RoundTests.federated(.search, plan: plan, model: model, progress: progress, parts: parts)
+        var closing = PhaseClosing(engine: engine, phase: Phase(.search), accumulator: generation, progress: progress, artifacts: artifacts)
+        try PhaseHandlers.handler(.search).close(&closing)
+        progress = closing.progress
+
+        let expectation = try engine.expectation(Phase(.finalists), model: model, progress: progress)
+        #expect(expectation.candidates.count == 2 && expectation.latencyBatch == 1)
+        let task = engine.task(Phase(.finalists), index: 0, round: "r", progress: progress, expectation: expectation, deadline: 0,
+                               artifactBytes: { _ in 0 })
+        let origin = ContinuousClock.now
+        var probe = LatencyProbe(now: { ContinuousClock.now - origin })
+        probe.warmup = 1
+        probe.runs = 3
+        probe.minimumRuns = 1
+        probe.pinThreads = false
+        var reports: [Whittle_TaskReport] = []
+        for part in parts {
+            var compressor = DeltaCompressor()
+            let report = try WorkerJobs.run(task, model: model, teacher: model, data: part, batchSize: 4, compressor: &compressor, latency: probe)
+            reports.append(try Whittle_TaskReport(serializedBytes: try report.serializedBytes() as [UInt8]))
+        }
+        // Measured here (the structure only): a time per finalist and this machine's kind; without a clock, none.
+        #expect(reports.allSatisfy { $0.search.milliseconds.count == 2 && $0.search.milliseconds.allSatisfy { $0 > 0 } })
+        #expect(LatencyTable.kind(machine: reports[0].search.machine, threads: Int(reports[0].search.threads)) == kind)
+        var untimed = DeltaCompressor()
+        #expect(try WorkerJobs.run(task, model: model, teacher: model, data: parts[0], batchSize: 4, compressor: &untimed).search.milliseconds.isEmpty)
+        // Scripted times: the first finalist (the uniform architecture) well within the budget on every board, the
+        // second far over it.
+        var accumulator = PhaseAccumulator(expectation: expectation)
+        for k in reports.indices {
+            reports[k].search.milliseconds = [budget * (0.5 + 0.1 * Double(k)), budget * 3]
+            try accumulator.add(reports[k], worker: "w\(k)", maximumSamples: parts[k].count)
+        }
+        func refused(_ edit: (inout Whittle_TaskReport) -> Void) -> Bool {
+            var report = reports[0]
+            edit(&report)
+            var fresh = PhaseAccumulator(expectation: expectation)
+            do { try fresh.add(report, worker: "w", maximumSamples: 100); return false } catch { return fresh.reports == 0 }
+        }
+        #expect(!refused { _ in })
+        #expect(refused { $0.search.milliseconds.removeLast() })
+        #expect(refused { $0.search.milliseconds[0] = .nan })
+        #expect(refused { $0.search.milliseconds[0] = 0 })
+        #expect(refused { $0.search.machine = "" })
+        var finalClosing = PhaseClosing(engine: engine, phase: Phase(.finalists), accumulator: accumulator, progress: progress, artifacts: artifacts)
+        try PhaseHandlers.handler(.finalists).close(&finalClosing)
+        progress = finalClosing.progress
+        let finalists = try #require(progress.search?.finalists)
+        // The median of the three boards.
+        #expect(abs(try #require(finalists[0].measuredMs?[kind]) - budget * 0.6) <= 1e-12 * budget)
+        #expect(finalists[1].measuredMs?[kind] == budget * 3)
+        // However accurate, the finalist measured over the budget is not picked.
+        progress.search!.finalists[1].accuracy = 1
+        progress.search!.finalists[0].accuracy = 0
+        var pick = PhaseClosing(engine: engine, phase: Phase(.pick), accumulator: nil, progress: progress, artifacts: artifacts)
+        try PhaseHandlers.handler(.pick).close(&pick)
+        #expect(pick.progress.search?.chosen?.widths == finalists[0].widths)
     }
 }

@@ -98,6 +98,14 @@ def test_a_latency_budget_is_searched_on_the_fleets_own_latency_tables(coordinat
     assert budget > 0
     assert search["chosen"]["latencyMs"] <= budget and search["uniform"]["latencyMs"] <= budget
     assert all(0 < p["latencyMs"] <= budget for p in search["front"])
+    # The finalists were timed end to end on the fleet (the median of the kind's boards); a finalist picked was
+    # measured within the budget (up to the 5 % tolerance for timing noise).
+    finalists = search["finalists"]
+    assert finalists and all(set(f["measuredMs"]) == set(search["boardKinds"]) for f in finalists), finalists
+    assert all(v > 0 for f in finalists for v in f["measuredMs"].values())
+    for f in finalists:
+        if f["widths"] == search["chosen"]["widths"]:
+            assert max(f["measuredMs"].values()) <= budget * 1.05, (f, budget)
     fleet.stop_workers()
 
 

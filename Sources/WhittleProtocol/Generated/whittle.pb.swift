@@ -553,6 +553,14 @@ public nonisolated struct Whittle_SearchScores: Sendable {
 
   public var samples: UInt64 = 0
 
+  /// Finalists under a latency budget, on a board that times models: each candidate's median milliseconds end to end
+  /// at the task's latency_batch (in candidate order; empty when not timed), and the kind of board that timed them.
+  public var milliseconds: [Double] = []
+
+  public var machine: String = String()
+
+  public var threads: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1855,7 +1863,7 @@ nonisolated extension Whittle_ArchitectureWidths: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Whittle_SearchScores: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SearchScores"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}scores\0\u{1}samples\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}scores\0\u{1}samples\0\u{1}milliseconds\0\u{1}machine\0\u{1}threads\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1865,6 +1873,9 @@ nonisolated extension Whittle_SearchScores: SwiftProtobuf.Message, SwiftProtobuf
       switch fieldNumber {
       case 1: try { try decoder.decodeRepeatedMessageField(value: &self.scores) }()
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.samples) }()
+      case 3: try { try decoder.decodeRepeatedDoubleField(value: &self.milliseconds) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.machine) }()
+      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.threads) }()
       default: break
       }
     }
@@ -1877,12 +1888,24 @@ nonisolated extension Whittle_SearchScores: SwiftProtobuf.Message, SwiftProtobuf
     if self.samples != 0 {
       try visitor.visitSingularUInt64Field(value: self.samples, fieldNumber: 2)
     }
+    if !self.milliseconds.isEmpty {
+      try visitor.visitPackedDoubleField(value: self.milliseconds, fieldNumber: 3)
+    }
+    if !self.machine.isEmpty {
+      try visitor.visitSingularStringField(value: self.machine, fieldNumber: 4)
+    }
+    if self.threads != 0 {
+      try visitor.visitSingularUInt32Field(value: self.threads, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Whittle_SearchScores, rhs: Whittle_SearchScores) -> Bool {
     if lhs.scores != rhs.scores {return false}
     if lhs.samples != rhs.samples {return false}
+    if lhs.milliseconds != rhs.milliseconds {return false}
+    if lhs.machine != rhs.machine {return false}
+    if lhs.threads != rhs.threads {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -60,10 +60,14 @@ public struct WorkerJob {
     public var teacherCache: TeacherLogitsCache?
     /// Times the base and compressed models in evaluation (the agent's clock).
     public var latency: LatencyProbe?
+    /// The latency tables this worker measured before (the agent keeps them on disk across restarts).
+    public var latencyTables: any LatencyTableKeeping
 
     public init(task: Whittle_Task, model: Model, teacher: Model?, ewc: WorkerJobs.EWC? = nil, data: Dataset, batchSize: Int,
                 compressor: DeltaCompressor = DeltaCompressor(), optimizerState: Optimizer.State? = nil,
-                teacherCache: TeacherLogitsCache? = nil, latency: LatencyProbe? = nil) {
+                teacherCache: TeacherLogitsCache? = nil, latency: LatencyProbe? = nil,
+                latencyTables: any LatencyTableKeeping = LatencyTableCache.process) {
+        self.latencyTables = latencyTables
         self.task = task
         self.model = model
         self.teacher = teacher

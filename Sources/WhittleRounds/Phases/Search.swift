@@ -111,10 +111,12 @@ struct CandidateCutter {
 }
 
 /// Every candidate's score summed over the workers' reports: one score per candidate, each for the samples the
-/// report claims.
+/// report claims; and the finalists' end-to-end times, per kind of board.
 struct SearchAggregate: PhaseAggregate {
     let count: Int
     var scores: [CandidateScore] = []
+    /// Per kind of board, each timing board's milliseconds per candidate.
+    var timings: [String: [[Double]]] = [:]
 
     init(count: Int) { self.count = count }
 
@@ -128,12 +130,24 @@ struct SearchAggregate: PhaseAggregate {
         for (k, s) in decoded.enumerated() where s.samples != samples {
             throw PhaseAccumulator.refuse("candidate \(k + 1) is scored on \(s.samples) samples; the report claims \(samples)")
         }
+        if !message.milliseconds.isEmpty {
+            guard e.kind == .finalists, e.latencyBatch > 0, message.milliseconds.count == count,
+                  message.milliseconds.allSatisfy({ $0.isFinite && $0 > 0 && $0 <= LatencyAggregate.maximumMilliseconds }) else {
+                throw PhaseAccumulator.refuse("the report's end-to-end times are not one positive, finite time per finalist of a timed phase")
+            }
+            guard !message.machine.isEmpty, message.machine.utf8.count <= 64, message.threads >= 1, message.threads <= 1 << 16 else {
+                throw PhaseAccumulator.refuse("the timed report names machine '\(message.machine.prefix(64))' with \(message.threads) threads")
+            }
+        }
         if scores.isEmpty {
             scores = decoded
         } else {
             var merged = scores
             for k in merged.indices { try merged[k].merge(decoded[k]) }
             scores = merged
+        }
+        if !message.milliseconds.isEmpty {
+            timings[LatencyTable.kind(machine: message.machine, threads: Int(message.threads)), default: []].append(message.milliseconds)
         }
         return samples
     }
@@ -184,7 +198,9 @@ struct PickPhase: PhaseHandler {
             var first: SearchProgress.Candidate?
             for table in search.latencyTables.sorted(by: { $0.fullMilliseconds > $1.fullMilliseconds }) {
                 let local = try closing.plan.localSearch(model, progress: closing.progress, kinds: [table.kind])
-                let chosen = try Self.chosen(search, kind: table.kind) { budget.admits(try local.cost(try local.space.architecture(widths: $0.widths))) }
+                let chosen = try Self.chosen(search, kind: table.kind) {
+                    budget.admits(try local.cost(try local.space.architecture(widths: $0.widths))) && Self.measuredWithin($0, budget, kind: table.kind)
+                }
                 let predicted = try local.cost(try local.space.architecture(widths: chosen.widths)).latencyMs
                 first = first ?? chosen
                 if let k = models.firstIndex(where: { $0.widths == chosen.widths }) {
@@ -201,7 +217,7 @@ struct PickPhase: PhaseHandler {
             best = first!
             closing.progress.audience = models.count > 1 ? BoardAudience(excluded: models.dropFirst().flatMap(\.kinds)) : nil
         } else {
-            best = try Self.chosen(search, kind: nil) { _ in true }
+            best = try Self.chosen(search, kind: nil) { Self.measuredWithin($0, budget, kind: nil) }
         }
         let local = try closing.plan.localSearch(model, progress: closing.progress, kinds: served)
         let architecture = try local.space.architecture(widths: best.widths)
@@ -226,6 +242,18 @@ struct PickPhase: PhaseHandler {
         search.chosen = best
         closing.progress.search = search
         closing.progress.currentModel = try closing.artifacts.store(pruned)
+    }
+
+    /// How far over a latency budget a finalist measured on the fleet may be and still be picked: the timing noise
+    /// of a board (a 10–25 % drift over minutes is seen on shared machines; a median of medians narrows it).
+    static let measuredTolerance = 0.05
+
+    /// Whether `c`'s end-to-end times on the fleet (finalists under a latency budget; on `kind`, or on every kind
+    /// measured) are within the budget, up to `measuredTolerance`. A candidate not measured passes.
+    static func measuredWithin(_ c: SearchProgress.Candidate, _ budget: SearchBudget, kind: String?) -> Bool {
+        guard let limit = budget.latencyMs, let measured = c.measuredMs else { return true }
+        let times = kind.map { measured[$0].map { [$0] } ?? [] } ?? Array(measured.values)
+        return times.allSatisfy { $0 <= limit * (1 + measuredTolerance) }
     }
 
     /// The operator's pick for `kind` (`round pick`), else the best candidate `admitted` lets through.
@@ -253,7 +281,9 @@ struct PickPhase: PhaseHandler {
             return out
         }
         if let decided = earliestMax(try within(search.finalists), figure) { return decided }
-        guard let fittest = earliestMax(try within(search.candidates), \.fitness) else {
+        // No finalist passed (measured over the budget): the fittest candidate that was not one of them.
+        let rejected = Set(search.finalists.map(\.widths))
+        guard let fittest = earliestMax(try within(search.candidates).filter { !rejected.contains($0.widths) }, \.fitness) else {
             throw CompressionError(.invalidStatistics, "the search scored no candidate within the budget on any sample; there is nothing to pick")
         }
         return fittest
@@ -268,15 +298,10 @@ struct LatencyPhase: PhaseHandler {
     var kind: PhaseKind { .latency }
     var timesModels: Bool { true }
 
-    /// Tables this worker process measured, by model, batch, anchors and kind of board: a later round over the same
-    /// model reuses its table instead of timing every layer again.
-    static let measured = TableCache()
-
-    final class TableCache: @unchecked Sendable {
-        private let lock = NSLock()
-        private var tables: [String: LatencyTable] = [:]
-        func table(_ key: String) -> LatencyTable? { lock.lock(); defer { lock.unlock() }; return tables[key] }
-        func keep(_ table: LatencyTable, _ key: String) { lock.lock(); tables[key] = table; lock.unlock() }
+    /// What a kept table is filed under: the model, batch, kind of board and anchors it was measured for.
+    static func key(_ task: Whittle_Task, machine: String, threads: Int) -> String {
+        [task.modelSha256, "\(task.latencyBatch)", machine, "\(threads)"].joined(separator: "|") + "|"
+            + task.candidates.map { $0.widths.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",") }.joined(separator: ";")
     }
 
     func expectation(_ engine: RoundEngine, model: Model, progress: RoundProgress) throws -> PhaseExpectation {
@@ -317,15 +342,16 @@ struct LatencyPhase: PhaseHandler {
         }
         builder.batch = Int(job.task.latencyBatch)
         // The anchors' fractions are the coordinator's to pair with the times; here only their order matters.
-        let key = [job.task.modelSha256, "\(builder.batch)", builder.machine, "\(builder.threads)"]
-            .joined(separator: "|") + "|" + job.task.candidates.map { $0.widths.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",") }.joined(separator: ";")
+        let key = Self.key(job.task, machine: builder.machine, threads: builder.threads)
         let table: LatencyTable
-        if !job.task.modelSha256.isEmpty, let kept = Self.measured.table(key) {
+        let anchors = try job.task.candidates.map { try cutter.model($0) }
+        // A kept table must still be the one this task asks for (a file can be damaged or edited).
+        if !job.task.modelSha256.isEmpty, let kept = job.latencyTables.table(key),
+           builder.fits(kept, grid: try builder.grid(base: job.model, anchors: anchors), anchors: anchors.count) {
             table = kept
         } else {
-            let anchors = try job.task.candidates.enumerated().map { (Double($0.offset), try cutter.model($0.element)) }
-            table = try builder.build(base: job.model, anchors: anchors)
-            if !job.task.modelSha256.isEmpty { Self.measured.keep(table, key) }
+            table = try builder.build(base: job.model, anchors: anchors.enumerated().map { (Double($0.offset), $0.element) })
+            if !job.task.modelSha256.isEmpty { job.latencyTables.keep(table, key) }
         }
         var out = Whittle_LatencyTableReport()
         out.machine = table.machine
@@ -345,6 +371,23 @@ struct LatencyPhase: PhaseHandler {
         report.latencyTable = out
         return report
     }
+}
+
+/// Where a worker keeps the latency tables it measured, by `LatencyPhase.key` (the agent's keeps them on disk).
+public protocol LatencyTableKeeping: Sendable {
+    func table(_ key: String) -> LatencyTable?
+    func keep(_ table: LatencyTable, _ key: String)
+}
+
+/// Latency tables in memory: by default, the tables this worker process measured, so a later round over the same
+/// model reuses its table instead of timing every layer again (the agent keeps them on disk as well).
+public final class LatencyTableCache: LatencyTableKeeping, @unchecked Sendable {
+    public static let process = LatencyTableCache()
+    private let lock = NSLock()
+    private var tables: [String: LatencyTable] = [:]
+    public init() {}
+    public func table(_ key: String) -> LatencyTable? { lock.lock(); defer { lock.unlock() }; return tables[key] }
+    public func keep(_ table: LatencyTable, _ key: String) { lock.lock(); tables[key] = table; lock.unlock() }
 }
 
 /// The workers' latency tables, each checked against the grid the phase expects.
@@ -399,6 +442,8 @@ struct FinalistsPhase: PhaseHandler {
         var e = PhaseExpectation(kind: kind)
         e.candidates = search.finalistCandidates(plan.finalists).map(\.widths)
         e.adaptationBatches = plan.adaptationBatches
+        // Under a latency budget the boards that can also time each finalist end to end.
+        e.latencyBatch = plan.measuresLatency ? plan.latencyBatch : 0
         return e
     }
 
@@ -414,6 +459,15 @@ struct FinalistsPhase: PhaseHandler {
     func close(_ closing: inout PhaseClosing) throws {
         var search = closing.progress.search ?? SearchProgress()
         search.finalists = try SearchPhase.scored(closing)
+        // Per kind of board, each finalist's median over the kind's boards.
+        for (boardKind, boards) in try closing.gathered().searchTimings {
+            for k in search.finalists.indices {
+                let times = boards.map { $0[k] }.sorted()
+                let n = times.count
+                search.finalists[k].measuredMs = (search.finalists[k].measuredMs ?? [:])
+                    .merging([boardKind: n % 2 == 1 ? times[n / 2] : (times[n / 2 - 1] + times[n / 2]) / 2]) { $1 }
+            }
+        }
         closing.progress.search = search
     }
 
@@ -438,12 +492,22 @@ struct FinalistsPhase: PhaseHandler {
         let reference = try local.logits(try InferenceSession(model: job.model), heldOut)
         let teacher = job.task.distill || train.labels == nil ? try InferenceSession(model: job.teacher ?? job.model) : nil
         var out = Whittle_SearchScores()
+        // Under a latency budget a board with a clock also times each finalist end to end at the latency batch.
+        let timed = job.task.latencyBatch > 0 ? job.latency : nil
+        guard job.task.latencyBatch <= 4096 else { throw CompressionError(.invalidArgument, "the finalists task asks for latency batch \(job.task.latencyBatch)") }
         for candidate in job.task.candidates {
             var m = try CandidateEvaluation.adaptBatchNorm(try cutter.model(candidate), data: train, batchSize: job.batchSize,
                                                            batches: max(Int(job.task.adaptationBatches), 1))
             (m, _) = try local.finetune(m, teacher: teacher, data: train, epochs: max(Int(job.task.localEpochs), 1), task: task)
             out.scores.append(Whittle_CandidateScore(try CandidateEvaluation.score(m, data: heldOut, baseOutputs: reference,
                                                                                   task: task, batchSize: job.batchSize)))
+            if let timed {
+                out.milliseconds.append(try LatencyTableBuilder.endToEnd(m, batch: Int(job.task.latencyBatch), probe: timed))
+            }
+        }
+        if timed != nil {
+            out.machine = Kernels.cpuInstructionSet
+            out.threads = UInt32(ComputeThreads.current)
         }
         out.samples = UInt64(heldOut.count)
         var report = Whittle_TaskReport()
