@@ -100,7 +100,8 @@ public struct LatencyTable: Codable, Sendable, Equatable {
     public var fullMilliseconds: Double { anchors.last?.milliseconds ?? 0 }
 
     /// The median of `v` (at least one value; the mean of the middle two for an even count).
-    static func median(_ v: [Double]) -> Double {
+    /// The median (the mean of the middle two for an even count); `v` must not be empty.
+    public static func median(_ v: [Double]) -> Double {
         let s = v.sorted()
         return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
     }

@@ -443,6 +443,17 @@ public struct RoundEngine: Sendable {
     }
 
     /// The round's report, in `coordinator model compress`'s schema plus phases and sites.
+    /// The search so far as the report shows it (nil for a round that searches nothing, or before its first phase).
+    public func searchSection(_ progress: RoundProgress) -> CompressionReport.SearchSection? {
+        guard let search = progress.search, plan.search != nil else { return nil }
+        var section = CompressionReport.SearchSection(budget: plan.searchBudget(progress), candidates: search.candidates, chosen: search.chosen)
+        section.boardKinds = search.latencyTables.map(\.kind)
+        section.finalists = search.finalists
+        section.models = search.models
+        section.untimed = search.untimed
+        return section
+    }
+
     public func report(round: String, progress: RoundProgress, output: String) -> CompressionReport? {
         guard let before = progress.before, let after = progress.after else { return nil }
         var r = CompressionReport(model: plan.modelName, output: output, before: before, after: after)
@@ -451,13 +462,7 @@ public struct RoundEngine: Sendable {
         r.relativeError = progress.relativeError
         r.meanCosine = progress.meanCosine
         r.pruning = progress.pruning
-        if let search = progress.search, plan.search != nil {
-            r.search = CompressionReport.SearchSection(budget: plan.searchBudget(progress), candidates: search.candidates, chosen: search.chosen)
-            r.search?.boardKinds = search.latencyTables.map(\.kind)
-            r.search?.finalists = search.finalists
-            r.search?.models = search.models
-            r.search?.untimed = search.untimed
-        }
+        r.search = searchSection(progress)
         r.calibration = progress.calibration
         r.quantization = progress.quantization
         r.renamedValues = progress.renamedValues

@@ -210,13 +210,9 @@ package actor RoundService {
     /// The search section of a round's progress so far (a round waiting for the operator's pick shows it).
     package func search(_ id: String) async throws -> CompressionReport.SearchSection {
         guard let round = try await store.round(id: id) else { throw RoundError(.unknownRound, "no round '\(id)'") }
-        let plan = try Self.plan(round), progress = try Self.progress(round)
-        guard plan.search != nil, let search = progress.search else { throw RoundError(.notReady, "round '\(id)' has no search yet") }
-        var section = CompressionReport.SearchSection(budget: plan.searchBudget(progress), candidates: search.candidates, chosen: search.chosen)
-        section.boardKinds = search.latencyTables.map(\.kind)
-        section.finalists = search.finalists
-        section.models = search.models
-        section.untimed = search.untimed
+        guard let section = RoundEngine(plan: try Self.plan(round)).searchSection(try Self.progress(round)) else {
+            throw RoundError(.notReady, "round '\(id)' has no search yet")
+        }
         return section
     }
 

@@ -322,13 +322,7 @@ import WhittleTestSupport
         let grid = try engine.expectation(Phase(.latency), model: model, progress: progress)
         // Each layer costs 0.001 · outputs · inputs + 0.01 ms, the narrowest anchor 1 ms and the original 2 ms, on
         // the fast kind; three times that on the slow one.
-        func table(_ machine: String, _ slower: Double) -> LatencyTable {
-            LatencyTable(machine: machine, threads: 1, batch: 1, layers: grid.latencyGrid.map { l in
-                var l = l
-                l.milliseconds = l.outputs.map { o in l.inputs.map { i in (0.001 * Double(o) * Double(i) + 0.01) * slower } }
-                return l
-            }, anchors: zip(grid.anchorFractions, [1.0, 2.0]).map { LatencyTable.Anchor(fraction: $0, milliseconds: $1 * slower) })
-        }
+        func table(_ machine: String, _ slower: Double) -> LatencyTable { Self.scriptedTable(grid, machine: machine, threads: 1, slower: slower) }
         let fast = table("fast_isa", 1), slow = table("slow_isa", 3)
         var search = SearchProgress()
         search.latencyTables = [fast, slow]
@@ -448,6 +442,16 @@ import WhittleTestSupport
 }
 
 extension SearchRoundTests {
+    /// A latency table over a latency phase's grid with scripted times: each layer 0.001 · outputs · inputs + 0.01 ms,
+    /// the narrowest anchor 1 ms and the original 2 ms, all `slower` times that.
+    static func scriptedTable(_ grid: PhaseExpectation, machine: String, threads: Int, slower: Double = 1) -> LatencyTable {
+        LatencyTable(machine: machine, threads: threads, batch: 1, layers: grid.latencyGrid.map { l in
+            var l = l
+            l.milliseconds = l.outputs.map { o in l.inputs.map { i in (0.001 * Double(o) * Double(i) + 0.01) * slower } }
+            return l
+        }, anchors: zip(grid.anchorFractions, [1.0, 2.0]).map { LatencyTable.Anchor(fraction: $0, milliseconds: $1 * slower) })
+    }
+
     /// Under a latency budget the boards time each finalist end to end at the latency batch (with the worker's
     /// clock); the coordinator keeps each finalist's median per kind of board, refuses times that do not fit, and
     /// `pick` passes over a finalist measured over the budget however accurate it is.
@@ -467,12 +471,7 @@ extension SearchRoundTests {
         let grid = try engine.expectation(Phase(.latency), model: model, progress: progress)
         let kind = LatencyTable.kind(machine: Kernels.cpuInstructionSet, threads: ComputeThreads.current)
         var search = SearchProgress()
-        search.latencyTables = [LatencyTable(machine: Kernels.cpuInstructionSet, threads: ComputeThreads.current, batch: 1,
-            layers: grid.latencyGrid.map { l in
-                var l = l
-                l.milliseconds = l.outputs.map { o in l.inputs.map { i in 0.001 * Double(o) * Double(i) + 0.01 } }
-                return l
-            }, anchors: zip(grid.anchorFractions, [1.0, 2.0]).map { LatencyTable.Anchor(fraction: $0, milliseconds: $1) })]
+        search.latencyTables = [Self.scriptedTable(grid, machine: Kernels.cpuInstructionSet, threads: ComputeThreads.current)]
         progress.search = search
         let budget = try #require(plan.searchBudget(progress).latencyMs)
         let (parts, _) = try RoundTests.shards()

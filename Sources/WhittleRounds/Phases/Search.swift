@@ -462,10 +462,8 @@ struct FinalistsPhase: PhaseHandler {
         // Per kind of board, each finalist's median over the kind's boards.
         for (boardKind, boards) in try closing.gathered().searchTimings {
             for k in search.finalists.indices {
-                let times = boards.map { $0[k] }.sorted()
-                let n = times.count
                 search.finalists[k].measuredMs = (search.finalists[k].measuredMs ?? [:])
-                    .merging([boardKind: n % 2 == 1 ? times[n / 2] : (times[n / 2 - 1] + times[n / 2]) / 2]) { $1 }
+                    .merging([boardKind: LatencyTable.median(boards.map { $0[k] })]) { $1 }
             }
         }
         closing.progress.search = search
