@@ -8,9 +8,11 @@ optimizer, data, seed), and both are judged by onnxruntime on the 16,384 holdout
     swift build -c release --product coordinator
     python3 scripts/make_demo_data.py         # the train and holdout splits (git-ignored)
     python3 benchmarks/search.py [--ratios 0.75 0.85] [--epochs 5] [--candidates 160] [--seed 0] [--spread 0]
+                                 [--model examples/models/resnet18_demo.onnx] [--skip-blocks]
 
 Prints one line per method and ratio, the accuracy difference, and how long the search took against the
-fine-tuning that follows it; writes benchmarks/last-search.json.
+fine-tuning that follows it; writes benchmarks/last-search.json (last-search-<model>.json for another model than
+the demo CNN; `--skip-blocks` lets the search skip residual blocks).
 """
 import argparse
 import json
@@ -69,6 +71,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spread", type=float, default=0.0, help="model search --spread (0: no bound)")
     parser.add_argument("--model", default=str(MODEL))
+    parser.add_argument("--skip-blocks", action="store_true", help="model search --skip-blocks")
     args = parser.parse_args()
     print(machine.banner())
     x, y = load_train_split()
@@ -89,6 +92,7 @@ def main():
             _, search_seconds = coordinator(
                 "model", "search", args.model, "--calibration-data", d / "search_x.npy", "--labels", d / "search_y.npy",
                 "--macs-budget", macs, "--candidates", args.candidates, "--spread", args.spread,
+                *(["--skip-blocks"] if args.skip_blocks else []),
                 "--val-data", d / "val_x.npy", "--val-labels", d / "val_y.npy", *finetune,
                 "--out", search_out, "--report", search_report)
             searched = json.loads(search_report.read_text())
@@ -105,14 +109,20 @@ def main():
             finetune_seconds = search_seconds - searched["seconds"]["search"]
             print(f"ratio {ratio}: budget {macs} MACs ({100 * macs / searched['base']['macs']:.1f} % of the base)")
             print(f"  uniform L1   {100 * ua:6.2f} %  {macs} MACs")
+            skipped = sorted(k for k, v in searched["chosen"]["widths"].items() if v == 0)
+            if skipped:
+                print(f"  search skips {len(skipped)} residual block(s): {', '.join(skipped)}")
             print(f"  search       {100 * sa:6.2f} %  {searched['chosen']['macs']} MACs  "
                   f"({searched['evaluations']} candidates, search {searched['seconds']['search']:.1f} s, "
                   f"then fine-tuning and the rest {finetune_seconds:.1f} s)")
             print(f"  difference   {row['points']:+.2f} points (goal ≥ +{GOAL_POINTS:.1f})")
     met = all(r["points"] >= GOAL_POINTS for r in results)
     print("verdict:", "met" if met else "not met", f"(search ≥ uniform + {GOAL_POINTS} points at every ratio)")
-    (ROOT / "benchmarks" / "last-search.json").write_text(json.dumps(
-        {"machine": machine.describe(), "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "lr": args.lr,
+    stem = pathlib.Path(args.model).stem
+    out = "last-search.json" if pathlib.Path(args.model).resolve() == MODEL.resolve() else f"last-search-{stem}.json"
+    (ROOT / "benchmarks" / out).write_text(json.dumps(
+        {"machine": machine.describe(), "date": time.strftime("%Y-%m-%d"), "model": stem, "skip_blocks": args.skip_blocks,
+         "epochs": args.epochs, "lr": args.lr,
          "seed": args.seed, "spread": args.spread, "candidates": args.candidates, "base_accuracy": base_accuracy, "results": results}, indent=2) + "\n")
 
 

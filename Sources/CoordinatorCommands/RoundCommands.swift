@@ -208,6 +208,7 @@ public struct RoundCommand: ParsableCommand {
                 search.minimumFraction = searching.minWidth
                 search.steps = searching.steps
                 search.spread = searching.spread == 0 ? nil : searching.spread
+                search.skipBlocks = searching.skipBlocks ? true : nil
                 search.adaptationBatches = searching.adaptationBatches
                 search.latencyBatch = searching.latencyBatch
                 search.latencyGrid = searching.latencyGrid

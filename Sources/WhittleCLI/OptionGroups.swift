@@ -131,6 +131,8 @@ public struct SearchFlags: ParsableArguments {
     @Option(name: .long, help: "Candidates per generation (in a round, one phase each).") public var population: Int = 32
     @Option(name: .long, help: "Each group's width stays between 1/S and S times the uniform share that fills the budget (0, the default: anywhere on the ladder).")
     public var spread: Double = 0
+    @Flag(name: .long, help: "Residual blocks may be skipped: a group inside a residual block's branch may also keep 0 channels (the block becomes its shortcut).")
+    public var skipBlocks = false
     @Option(name: .long, help: "Smallest width of a group, as a fraction of its channels.") public var minWidth: Double = SearchSpace.defaultMinimumFraction
     @Option(name: .long, help: "Steps of the width ladder between the smallest width and all channels.") public var steps: Int = SearchSpace.defaultSteps
     @Option(name: .long, help: "Batches that re-estimate each candidate's batch-norm statistics.")

@@ -131,7 +131,14 @@ extension ModelCommand {
             if let threads { ComputeThreads.set(threads) }
             let clock = ContinuousClock()
             let start = clock.now
-            let base = try Files.readModel(model)
+            // As `model compress` does: every layer owns its parameters (exporters share equal constants through
+            // Identity nodes, which would freeze the groups they join) and attention is spelled head by head.
+            let base: Model
+            do {
+                base = try GraphEditing.prepareForPruning(try Files.readModel(model)).0
+            } catch let error as CompressionError {
+                throw CLIError("\(model): \(error.message)")
+            }
             let calibration = try Files.readDataset(calibrationData, labels: labels, for: base)
             let evaluation = try valData.map { try Files.readDataset($0, labels: valLabels, for: base) } ?? calibration
             let trainingSet = try trainData.map { try Files.readDataset($0, labels: trainLabels, for: base) }
@@ -139,7 +146,8 @@ extension ModelCommand {
 
             var search: LocalSearch
             do {
-                search = try LocalSearch(base: base, minimumFraction: searching.minWidth, steps: searching.steps, roundTo: roundTo, task: training.task)
+                search = try LocalSearch(base: base, minimumFraction: searching.minWidth, steps: searching.steps, roundTo: roundTo,
+                                         skipBlocks: searching.skipBlocks, task: training.task)
             } catch let error as CompressionError {
                 throw CLIError("\(model): \(error.message)")
             }

@@ -11,15 +11,21 @@ public struct Architecture: Hashable, Sendable, Codable {
 
 /// The architectures reachable by channel pruning: per prunable dependency group, a ladder of widths from
 /// `minimumFraction` of its channels to all of them, in steps of `1 / steps`, each a multiple of `--round-to` and of
-/// the group's unit (an attention head), never below `minimumChannels`.
+/// the group's unit (an attention head), never below `minimumChannels`. With `skipBlocks`, a group that lives
+/// inside a residual block's branch (`ChannelGroups.branches`) may also keep 0 channels: the block is skipped.
 public struct SearchSpace: Sendable {
     public struct Dimension: Sendable, Codable, Equatable {
         /// The group's id in `ChannelGroups` and its name (its first producer).
         public var group: Int
         public var name: String
         public var channels: Int
-        /// Ascending widths; the last is `channels`.
+        /// Ascending widths; the last is `channels`. A first width of 0 skips the residual block the group is in.
         public var widths: [Int]
+
+        /// Whether the dimension can skip its residual block (its ladder starts at 0).
+        public var skippable: Bool { widths.first == 0 }
+        /// The level of the narrowest width that keeps channels (1 when the ladder starts with the skip).
+        public var narrowestKept: Int { skippable ? 1 : 0 }
     }
 
     public let dimensions: [Dimension]
@@ -30,7 +36,7 @@ public struct SearchSpace: Sendable {
     public static let defaultSteps = 32
 
     public init(groups: ChannelGroups, minimumFraction: Double = defaultMinimumFraction, steps: Int = defaultSteps,
-                roundTo: Int = 1, minimumChannels: Int = 1) throws {
+                roundTo: Int = 1, minimumChannels: Int = 1, skipBlocks: Bool = false) throws {
         guard minimumFraction > 0, minimumFraction <= 1 else {
             throw CompressionError(.invalidArgument, "the smallest width must be a fraction in (0, 1], got \(minimumFraction)")
         }
@@ -46,6 +52,7 @@ public struct SearchSpace: Sendable {
                 let k = rounded(Int((Double(g.channels) * Double(step) / Double(steps)).rounded(.up)))
                 if k >= floor { widths.insert(k) }
             }
+            if skipBlocks, groups.branches[g.id] != nil { widths.insert(0) }
             let ladder = widths.sorted()
             guard ladder.count > 1 else { continue }  // nothing to choose (a group of one unit)
             dimensions.append(Dimension(group: g.id, name: g.name, channels: g.channels, widths: ladder))
@@ -63,8 +70,13 @@ public struct SearchSpace: Sendable {
 
     /// Every group at full width (the base model).
     public var full: Architecture { Architecture(levels: dimensions.map { $0.widths.count - 1 }) }
-    /// Every group at its narrowest.
+    /// Every group at its narrowest (every skippable block skipped).
     public var narrowest: Architecture { Architecture(levels: dimensions.map { _ in 0 }) }
+
+    /// The groups skipped in `a` (their residual blocks removed), by name.
+    public func skipped(_ a: Architecture) -> [String] {
+        zip(dimensions, a.levels).filter { $0.widths[$1] == 0 }.map(\.0.name)
+    }
 
     /// The channels kept per group id.
     public func widths(_ a: Architecture) -> [Int: Int] {
@@ -141,6 +153,8 @@ public struct CostModel: Sendable {
     struct Parameter: Sendable {
         var elementBytes: Int
         var axes: [Axis]
+        /// Skippable dimensions whose skip removes the parameter (only their residual branch reads it).
+        var vanishesWith: [Int] = []
     }
 
     let space: SearchSpace
@@ -151,6 +165,8 @@ public struct CostModel: Sendable {
     /// MACs of nodes with a constant weight, by weight name (several nodes may share one).
     let scaledMACs: [(weight: String, macs: Int)]
     let fixedMACs: Int
+    /// MACs of nodes without a constant weight inside skippable branches, with the dimensions whose skip removes them.
+    let branchMACs: [(dimensions: [Int], macs: Int)]
     public let exact: Bool
 
     public init(model: Model, groups: ChannelGroups, space: SearchSpace) throws {
@@ -161,25 +177,43 @@ public struct CostModel: Sendable {
             guard let d = dimensionOf[g.id] else { continue }
             for m in g.members { touched[m.tensor, default: [:]][m.axis, default: []].append((d, m.factor)) }
         }
+        // Skippable dimensions: the nodes of their residual branches (by first output), and the initializers only
+        // those nodes read, which a skip removes.
+        var branchDimensions: [String: Set<Int>] = [:]
+        for (d, dimension) in space.dimensions.enumerated() where dimension.skippable {
+            for output in groups.branches[dimension.group]?.nodes ?? [] { branchDimensions[output, default: []].insert(d) }
+        }
+        var readers: [String: [Set<Int>]] = [:]
+        for node in model.graph.nodes {
+            let dimensions = branchDimensions[node.outputs.first ?? ""] ?? []
+            for input in node.inputs where !input.isEmpty { readers[input, default: []].append(dimensions) }
+        }
+        func vanishing(_ name: String) -> [Int] {
+            guard let sets = readers[name], let first = sets.first else { return [] }
+            return sets.dropFirst().reduce(first) { $0.intersection($1) }.sorted()
+        }
         var parameters: [String: Parameter] = [:]
         var fixedElements = 0, fixedBytes = 0
         for initializer in model.graph.initializers {
             let bytes = ModelSummary.elementBytes(initializer.elementType)
             let shape = initializer.shape
-            guard let axes = touched[initializer.name] else {
+            let vanishes = vanishing(initializer.name)
+            guard touched[initializer.name] != nil || !vanishes.isEmpty else {
                 fixedElements += shape.reduce(1, *)
                 fixedBytes += shape.reduce(1, *) * bytes
                 continue
             }
+            let axes = touched[initializer.name] ?? [:]
             parameters[initializer.name] = Parameter(elementBytes: bytes, axes: shape.enumerated().map { axis, size in
                 Axis(size: size, members: (axes[axis] ?? []).map { (dimension: $0.0, factor: $0.1) })
-            })
+            }, vanishesWith: vanishes)
         }
         let inferred = try ShapeInference.infer(model.graph, opset: model.defaultOpset ?? 13,
                                                 inputs: try ShapeInference.inputShapes(model, batchSize: 1))
         let initializerNames = Set(model.graph.initializers.map(\.name))
         var scaled: [(String, Int)] = []
         var fixedMACs = 0
+        var branchMACs: [([Int], Int)] = []
         var exact = true
         for (i, ctx) in inferred.contexts.enumerated() where inferred.macs[i] > 0 && !inferred.folded[i] {
             let node = ctx.node
@@ -187,11 +221,15 @@ public struct CostModel: Sendable {
                 && initializerNames.contains(node.inputs[1]) ? node.inputs[1] : nil
             if let weight {
                 if parameters[weight] != nil { scaled.append((weight, inferred.macs[i])) } else { fixedMACs += inferred.macs[i] }
+            } else if let dimensions = branchDimensions[node.outputs.first ?? ""] {
+                branchMACs.append((dimensions.sorted(), inferred.macs[i]))
+                exact = false
             } else {
                 fixedMACs += inferred.macs[i]
                 exact = false
             }
         }
+        self.branchMACs = branchMACs.map { (dimensions: $0.0, macs: $0.1) }
         self.parameters = parameters
         self.fixedElements = fixedElements
         self.fixedBytes = fixedBytes
@@ -224,11 +262,13 @@ public struct CostModel: Sendable {
                 for m in axis.members { size -= (space.dimensions[m.dimension].channels - widths[m.dimension]) * m.factor }
                 n *= max(size, 0)
             }
+            if p.vanishesWith.contains(where: { widths[$0] == 0 }) { n = 0 }
             elements[name] = n
             total += n
             bytes += n * p.elementBytes
         }
         var macs = fixedMACs
+        for (dimensions, m) in branchMACs where !dimensions.contains(where: { widths[$0] == 0 }) { macs += m }
         for (weight, base) in scaledMACs {
             let original = parameters[weight]!.axes.reduce(1) { $0 * $1.size }
             // Integer arithmetic: MACs are (output positions) × (weight elements), so the division is exact.
@@ -338,21 +378,26 @@ public struct EvolutionarySearch: Sendable {
             let c = Double(dimension.channels)
             let low = dimension.widths.firstIndex { Double($0) >= c * share / spread - 1e-9 } ?? top
             let high = dimension.widths.lastIndex { Double($0) <= c * share * spread + 1e-9 } ?? 0
-            return min(low, uniform.levels[d])...max(high, uniform.levels[d])
+            return (dimension.skippable ? 0 : min(low, uniform.levels[d]))...max(high, uniform.levels[d])
         }
         var seen: Set<Architecture> = []
         var evaluated: [SearchCandidate] = []
 
+        // The narrowest level a width may move to: a skippable block is skipped or not by mutation only, never by
+        // narrowing or widening (which would revive skipped blocks at their narrowest, or skip them to fit).
+        func floor(_ d: Int) -> Int { max(bounds[d].lowerBound, space.dimensions[d].narrowestKept) }
+
         func repaired(_ start: Architecture) throws -> Architecture {
             var a = start
+            func skipped(_ d: Int) -> Bool { a.levels[d] == 0 && space.dimensions[d].skippable }
             // Narrow while over the budget: a random dimension, weighted by how many levels it has left.
             while !budget.admits(try cost(a)) {
-                let open = a.levels.indices.filter { a.levels[$0] > bounds[$0].lowerBound }
+                let open = a.levels.indices.filter { !skipped($0) && a.levels[$0] > floor($0) }
                 guard !open.isEmpty else { break }
-                let total = open.reduce(0) { $0 + a.levels[$1] - bounds[$1].lowerBound }
+                let total = open.reduce(0) { $0 + a.levels[$1] - floor($1) }
                 var pick = Int(rng.next() % UInt64(total))
                 for d in open {
-                    pick -= a.levels[d] - bounds[d].lowerBound
+                    pick -= a.levels[d] - floor(d)
                     if pick < 0 { a.levels[d] -= 1; break }
                 }
             }
@@ -360,7 +405,7 @@ public struct EvolutionarySearch: Sendable {
             var grew = true
             while grew {
                 grew = false
-                for d in rng.permutation(a.levels.count) where a.levels[d] < bounds[d].upperBound {
+                for d in rng.permutation(a.levels.count) where a.levels[d] < bounds[d].upperBound && !skipped(d) {
                     a.levels[d] += 1
                     if budget.admits(try cost(a)) { grew = true } else { a.levels[d] -= 1 }
                 }
@@ -409,11 +454,17 @@ public struct EvolutionarySearch: Sendable {
                 var child = Architecture(levels: zip(mother.levels, father.levels).map { m, f in rng.next() & 1 == 0 ? m : f })
                 for d in child.levels.indices where Double(rng.nextFloat()) < mutationRate {
                     let count = space.dimensions[d].widths.count
+                    // A skippable block is skipped or brought back (at its uniform width) by a quarter of mutations.
+                    if space.dimensions[d].skippable, rng.next() % 4 == 0 {
+                        child.levels[d] = child.levels[d] == 0 ? max(uniform.levels[d], 1) : 0
+                        continue
+                    }
                     // A step of up to an eighth of the ladder (at least two levels) either way: children stay near
                     // their parents.
                     let reach = max(2, count / 8)
                     let step = Int(rng.next() % UInt64(2 * reach)) - reach
-                    child.levels[d] = min(max(child.levels[d] + (step >= 0 ? step + 1 : step), bounds[d].lowerBound), bounds[d].upperBound)
+                    guard child.levels[d] != 0 || !space.dimensions[d].skippable else { continue }  // a skipped block stays so
+                    child.levels[d] = min(max(child.levels[d] + (step >= 0 ? step + 1 : step), floor(d)), bounds[d].upperBound)
                 }
                 try propose(child, into: &children)
             }
@@ -460,7 +511,9 @@ public struct EvolutionarySearch: Sendable {
     static func uniformShare(space: SearchSpace, cost: (Architecture) throws -> ArchitectureCost,
                              budget: SearchBudget) rethrows -> (architecture: Architecture, share: Double) {
         func at(_ share: Double) -> Architecture {
-            Architecture(levels: space.dimensions.map { d in d.widths.lastIndex { Double($0) <= Double(d.channels) * share + 1e-9 } ?? 0 })
+            Architecture(levels: space.dimensions.map { d in
+                d.widths.lastIndex { $0 > 0 && Double($0) <= Double(d.channels) * share + 1e-9 } ?? d.narrowestKept
+            })
         }
         // Bisection on the share: the cost grows with it.
         var low = 0.0, high = 1.0

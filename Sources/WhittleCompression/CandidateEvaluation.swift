@@ -130,11 +130,14 @@ public struct LocalSearch {
     /// `criterion` ranks each group's channels (L1 by default, as EagleEye and AMC inherit weights).
     public init(base: Model, criterion: ImportanceCriterion = .l1, statistics: ImportanceStatistics? = nil,
                 minimumFraction: Double = SearchSpace.defaultMinimumFraction, steps: Int = SearchSpace.defaultSteps,
-                roundTo: Int = 1, minimumChannels: Int = 1, task: TaskKind? = nil) throws {
+                roundTo: Int = 1, minimumChannels: Int = 1, skipBlocks: Bool = false, task: TaskKind? = nil) throws {
         self.base = base
         groups = try ChannelGroups(model: base)
         space = try SearchSpace(groups: groups, minimumFraction: minimumFraction, steps: steps, roundTo: roundTo,
-                                minimumChannels: minimumChannels)
+                                minimumChannels: minimumChannels, skipBlocks: skipBlocks)
+        if skipBlocks, !space.dimensions.contains(where: \.skippable) {
+            throw CompressionError(.invalidArgument, "--skip-blocks: the model has no residual block whose branch can be skipped (a branch of one prunable group, ending in an Add whose other input does not depend on it)")
+        }
         costs = try CostModel(model: base, groups: groups, space: space)
         scores = try Pruning.scores(groups, model: base, criterion: criterion, statistics: statistics)
         self.task = task ?? TaskKind.inferred(model: base)

@@ -67,6 +67,9 @@ public struct ChannelGroups: Sendable {
     public var depthwiseNodes: Set<String> { Set(groupedNodes.filter { $0.value == 1 }.keys) }
     /// Reshapes whose targets must follow pruned channel counts (see `ReshapeRewrite`).
     public var reshapeRewrites: [ReshapeRewrite] = []
+    /// Per group id, the residual branch the group lives inside (`ResidualBranch`): keeping none of its channels
+    /// removes the branch (the search's skippable blocks).
+    public var branches: [Int: ResidualBranch] = [:]
 
     static let passThrough: Set<String> = ["Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
         "Elu", "Selu", "Softplus", "Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool",
@@ -596,6 +599,7 @@ public struct ChannelGroups: Sendable {
         for i in self.groups.indices { self.groups[i].id = i }
         self.groupedNodes = grouped
         self.reshapeRewrites = rewrites
+        self.branches = Self.residualBranches(graph, groups: self.groups, shape: shape)
     }
 
     /// Shapes for the analysis (`ShapeInference.analysisShapes`).

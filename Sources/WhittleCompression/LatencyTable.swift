@@ -222,9 +222,11 @@ public struct LatencyModel: Sendable {
         return (o, costs.size(of: l.weight, axis: l.inputAxis, widths: widths, base: l.baseInputs))
     }
 
-    /// The uniform architecture at `fraction` of every group's ladder.
+    /// The uniform architecture at `fraction` of every group's ladder of kept widths (no block skipped).
     static func uniform(_ space: SearchSpace, fraction: Double) -> Architecture {
-        Architecture(levels: space.dimensions.map { Int((fraction * Double($0.widths.count - 1)).rounded()) })
+        Architecture(levels: space.dimensions.map { d in
+            d.narrowestKept + Int((fraction * Double(d.widths.count - 1 - d.narrowestKept)).rounded())
+        })
     }
 
     /// The ladder fractions of the grid and the anchors: `points` evenly spaced from 0 to 1.
@@ -296,13 +298,17 @@ public struct LatencyModel: Sendable {
     /// The layers' activation elements (output channels times positions, one sample) of `a`.
     public func activationElements(_ a: Architecture) -> Int {
         let widths = costs.widths(a)
-        return layers.reduce(0) { $0 + channels($1, widths: widths).outputs * $1.positions }
+        return layers.reduce(0) { sum, l in
+            let (o, i) = channels(l, widths: widths)
+            return i == 0 ? sum : sum + o * l.positions  // a layer without inputs is in a skipped block
+        }
     }
 
     /// The layers' summed latency in `a`, milliseconds.
     func layerMilliseconds(widths: [Int]) -> Double {
         layers.reduce(0.0) { sum, l in
             let (o, i) = channels(l, widths: widths)
+            guard o > 0, i > 0 else { return sum }  // in a skipped block
             let entry = byName[l.name]!
             return sum + entry.predict(outputs: o, inputs: l.grouped ? entry.inputs[0] : i)
         }

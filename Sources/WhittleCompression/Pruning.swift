@@ -278,6 +278,21 @@ public enum Pruning {
             }
             out.graph.initializers[i].setTensor(t)
         }
+        // A removed branch adds nothing: its layers' biases and its batch norms' shifts and means are zeroed too.
+        var zeroed = Set<String>()
+        for g in groups.groups where kept[g.id]?.isEmpty == true {
+            guard let branch = groups.branches[g.id] else { continue }
+            let outputs = Set(branch.nodes)
+            for node in out.graph.nodes where node.outputs.first.map({ outputs.contains($0) }) == true {
+                if ["Conv", "Gemm"].contains(node.opType), node.inputs.count > 2 { zeroed.insert(node.inputs[2]) }
+                if node.opType == "BatchNormalization", node.inputs.count > 3 { zeroed.formUnion([node.inputs[2], node.inputs[3]]) }
+            }
+        }
+        for name in zeroed {
+            guard let i = index[name], var t = out.graph.initializers[i].tensor else { continue }
+            t.floats = Array(repeating: 0, count: t.count)
+            out.graph.initializers[i].setTensor(t)
+        }
         return out
     }
 
@@ -308,6 +323,7 @@ public enum Pruning {
             // 0 copies the input's size only without allowzero.
             out.graph.nodes[n].attributes.removeAll { $0.name == "allowzero" }
         }
+        try removeBranches(&out.graph, groups: groups, kept: kept)
         out.graph.removeDeadNodes()
         out.graph.valueInfo = []
         do {
@@ -317,6 +333,35 @@ public enum Pruning {
             throw CompressionError(.invalidArgument, "pruning produced an inconsistent graph (a Whittle bug, please report): \(error)")
         }
         return out
+    }
+
+    /// Groups that keep none of their channels: each must live inside a residual branch (`ChannelGroups.branches`),
+    /// and the block becomes its shortcut (the Add's readers read the shortcut; the branch is then dead).
+    static func removeBranches(_ graph: inout Graph, groups: ChannelGroups, kept: [Int: [Int]]) throws {
+        var renamed: [String: String] = [:]
+        for g in groups.groups where kept[g.id]?.isEmpty == true {
+            guard let branch = groups.branches[g.id] else {
+                throw CompressionError(.invalidArgument, "group \(g.name) cannot keep 0 of its \(g.channels) channels: only a group inside a residual block's branch can be removed whole (the block then skipped)")
+            }
+            guard let n = graph.nodes.firstIndex(where: { $0.outputs.first == branch.add }) else { continue }
+            let add = graph.nodes[n], shortcut = add.inputs[1 - branch.branchInput]
+            if graph.outputs.contains(where: { $0.name == branch.add }) {
+                graph.nodes[n] = Node(opType: "Identity", name: add.name, inputs: [shortcut], outputs: add.outputs)
+            } else {
+                graph.nodes.remove(at: n)
+                renamed[branch.add] = shortcut
+            }
+        }
+        guard !renamed.isEmpty else { return }
+        // Consecutive skipped blocks: a shortcut may itself be a removed Add's output.
+        func resolved(_ name: String) -> String {
+            var name = name
+            while let next = renamed[name] { name = next }
+            return name
+        }
+        for i in graph.nodes.indices {
+            graph.nodes[i].inputs = graph.nodes[i].inputs.map { $0.isEmpty ? $0 : resolved($0) }
+        }
     }
 
     static func slice(_ t: Tensor, axis: Int, removing positions: Set<Int>) -> Tensor {

@@ -117,6 +117,9 @@ public struct SearchPlan: Codable, Sendable, Equatable {
     public var steps = SearchSpace.defaultSteps
     /// Each group's width within 1/spread…spread times the uniform share (nil: anywhere on the ladder).
     public var spread: Double?
+    /// Residual blocks may be skipped (`--skip-blocks`: a group inside a residual branch may keep 0 channels). Nil
+    /// (a plan stored before the option) is false.
+    public var skipBlocks: Bool?
     public var adaptationBatches = CandidateEvaluation.defaultAdaptationBatches
     /// A latency budget as a share of the original's latency on the slowest kind of board (the budget's
     /// `latencyMs` is then set when the latency tables are in).
@@ -469,7 +472,7 @@ extension RoundPlan {
     public func localSearch(_ model: Model, progress: RoundProgress? = nil, kinds: [String]? = nil) throws -> LocalSearch {
         let plan = search ?? SearchPlan()
         var local = try LocalSearch(base: model, minimumFraction: plan.minimumFraction, steps: plan.steps, roundTo: roundTo,
-                                    minimumChannels: minChannels, task: task)
+                                    minimumChannels: minChannels, skipBlocks: plan.skipBlocks ?? false, task: task)
         let tables = (progress?.search?.latencyTables ?? []).filter { t in kinds.map { $0.contains(t.kind) } ?? true }
         local.latencies = try tables.map { try LatencyModel(base: model, costs: local.costs, table: $0) }
         return local

@@ -127,7 +127,8 @@ package actor RoundService {
         // Identity nodes), and a round that prunes has its attention spelled head by head; the rewritten model is
         // equivalent, and every phase of the round uses it.
         let loaded = try model(startModel)
-        let (model, changed) = plan.steps.isEmpty ? GraphEditing.materializeConstants(loaded) : try GraphEditing.prepareForPruning(loaded)
+        let prunes = !plan.steps.isEmpty || plan.search != nil
+        let (model, changed) = prunes ? try GraphEditing.prepareForPruning(loaded) : GraphEditing.materializeConstants(loaded)
         if changed { startModel = try storeModel(model) }
         do {
             try plan.validate(model: model)

@@ -101,8 +101,8 @@ struct CandidateCutter {
                 throw CompressionError(.invalidArgument, "the task names group '\(name)', which the model has no prunable group of")
             }
             let w = Int(width)
-            guard w >= 1, w <= g.channels, w % max(g.unit, 1) == 0 else {
-                throw CompressionError(.invalidArgument, "the task keeps \(w) of group \(name)'s \(g.channels) channels (in units of \(g.unit))")
+            guard w >= 1 || (w == 0 && groups.branches[g.id] != nil), w <= g.channels, w % max(g.unit, 1) == 0 else {
+                throw CompressionError(.invalidArgument, "the task keeps \(w) of group \(name)'s \(g.channels) channels (in units of \(g.unit)\(w == 0 ? "; the group is not inside a residual block's branch, so its block cannot be skipped" : ""))")
             }
             kept[g.id] = Pruning.strongest(g, scores: s, keeping: w)
         }
