@@ -72,6 +72,8 @@ def main():
     parser.add_argument("--spread", type=float, default=0.0, help="model search --spread (0: no bound)")
     parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--skip-blocks", action="store_true", help="model search --skip-blocks")
+    parser.add_argument("--finalists", type=int, default=None, help="model search --finalists (default: its default)")
+    parser.add_argument("--finalist-epochs", type=int, default=None, help="model search --finalist-epochs (default: its default)")
     args = parser.parse_args()
     print(machine.banner())
     x, y = load_train_split()
@@ -93,6 +95,8 @@ def main():
                 "model", "search", args.model, "--calibration-data", d / "search_x.npy", "--labels", d / "search_y.npy",
                 "--macs-budget", macs, "--candidates", args.candidates, "--spread", args.spread,
                 *(["--skip-blocks"] if args.skip_blocks else []),
+                *(["--finalists", args.finalists] if args.finalists is not None else []),
+                *(["--finalist-epochs", args.finalist_epochs] if args.finalist_epochs is not None else []),
                 "--val-data", d / "val_x.npy", "--val-labels", d / "val_y.npy", *finetune,
                 "--out", search_out, "--report", search_report)
             searched = json.loads(search_report.read_text())
@@ -102,7 +106,9 @@ def main():
                 "uniform": {"accuracy": ua, "macs": macs, "seconds": uniform_seconds},
                 "search": {"accuracy": sa, "macs": searched["chosen"]["macs"], "seconds": search_seconds,
                            "search_seconds": searched["seconds"]["search"], "candidates": searched["evaluations"],
-                           "widths": searched["chosen"]["widths"], "front": len(searched["front"])},
+                           "widths": searched["chosen"]["widths"], "front": len(searched["front"]),
+                           "finalists": [{"macs": f["macs"], "accuracy": f.get("accuracy"), "loss": f.get("loss")}
+                                         for f in searched.get("finalists", [])]},
                 "points": 100 * (sa - ua),
             }
             results.append(row)
@@ -122,7 +128,7 @@ def main():
     out = "last-search.json" if pathlib.Path(args.model).resolve() == MODEL.resolve() else f"last-search-{stem}.json"
     (ROOT / "benchmarks" / out).write_text(json.dumps(
         {"machine": machine.describe(), "date": time.strftime("%Y-%m-%d"), "model": stem, "skip_blocks": args.skip_blocks,
-         "epochs": args.epochs, "lr": args.lr,
+         "finalists": args.finalists, "finalist_epochs": args.finalist_epochs, "epochs": args.epochs, "lr": args.lr,
          "seed": args.seed, "spread": args.spread, "candidates": args.candidates, "base_accuracy": base_accuracy, "results": results}, indent=2) + "\n")
 
 

@@ -16,8 +16,9 @@ measured them in each round's evaluation (on the same boards, minutes apart) are
     swift build -c release --product coordinator && swift build -c release --product worker
     python3 scripts/make_demo_data.py
     python3 benchmarks/search_rounds.py [--ratios 0.5 0.75] [--rounds 20] [--candidates 96] [--seed 0]
+                                        [--model examples/models/resnet18_demo.onnx] [--skip-blocks]
 
-Writes benchmarks/last-search-rounds.json.
+Writes benchmarks/last-search-rounds.json (last-search-rounds-<model>.json for another model than the demo CNN).
 """
 import argparse
 import json
@@ -54,9 +55,9 @@ def fleet_latency(report, batch):
     return geo(base), geo(compressed)
 
 
-def run_round(fleet, d, name, *flags):
+def run_round(fleet, d, model, name, *flags):
     began = time.monotonic()
-    started = fleet.round("start", "--model", MODEL, *map(str, flags), "--json", timeout=120)
+    started = fleet.round("start", "--model", model, *map(str, flags), "--json", timeout=120)
     round_id = json.loads(started.stdout)["id"]
     status = fleet.wait(round_id, timeout=7200)
     if status["state"] != "succeeded":
@@ -74,10 +75,12 @@ def main():
     parser.add_argument("--population", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32, help="the working batch the latency is compared at")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=str(MODEL))
+    parser.add_argument("--skip-blocks", action="store_true", help="round start --skip-blocks for the search round")
     args = parser.parse_args()
     print(machine.banner())
     hx, hy = load_holdout_split()
-    base_accuracy = onnx_accuracy(MODEL, hx, hy)
+    base_accuracy = onnx_accuracy(args.model, hx, hy)
     print(f"base model: {100 * base_accuracy:.2f} % on {len(hy)} holdout images")
     common = ["--finetune-rounds", args.rounds, "--local-epochs", 1, "--lr", 0.01, "--batch-size", args.batch,
               "--quantize", "none", "--min-workers", WORKERS, "--phase-deadline", "10m", "--seed", args.seed,
@@ -94,12 +97,13 @@ def main():
             fleet.start_worker(names[k])
         for ratio in args.ratios:
             uniform_out, uniform, uniform_seconds = run_round(
-                fleet, d, f"uniform-{ratio}", "--prune-ratio", ratio, "--prune-scope", "local", "--importance", "l1", *common)
+                fleet, d, args.model, f"uniform-{ratio}", "--prune-ratio", ratio, "--prune-scope", "local", "--importance", "l1", *common)
             ub, uc = fleet_latency(uniform, args.batch)
             share = uc / ub
             search_out, searched, search_seconds = run_round(
-                fleet, d, f"search-{ratio}", "--latency-budget", f"{100 * share:.3f}%", "--latency-batch", args.batch,
-                "--candidates", args.candidates, "--population", args.population, *common)
+                fleet, d, args.model, f"search-{ratio}", "--latency-budget", f"{100 * share:.3f}%", "--latency-batch", args.batch,
+                "--candidates", args.candidates, "--population", args.population,
+                *(["--skip-blocks"] if args.skip_blocks else []), *common)
             sb, sc = fleet_latency(searched, args.batch)
             ua, sa = onnx_accuracy(uniform_out, hx, hy), onnx_accuracy(search_out, hx, hy)
             s = searched["search"]
@@ -133,8 +137,11 @@ def main():
                 f"{p['latencyMs']:.3f} ms {p['loss']:.3f} {100 * (p['accuracy'] or 0):.1f} %" for p in row["search"]["front"]), flush=True)
     met = all(r["points"] >= GOAL_POINTS and r["same_latency"] for r in results)
     print("verdict:", "met" if met else "not met")
-    (ROOT / "benchmarks" / "last-search-rounds.json").write_text(json.dumps(
-        {"machine": machine.describe(), "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "batch": args.batch,
+    stem = pathlib.Path(args.model).stem
+    out = "last-search-rounds.json" if pathlib.Path(args.model).resolve() == MODEL.resolve() else f"last-search-rounds-{stem}.json"
+    (ROOT / "benchmarks" / out).write_text(json.dumps(
+        {"machine": machine.describe(), "date": time.strftime("%Y-%m-%d"), "model": stem, "skip_blocks": args.skip_blocks,
+         "rounds": args.rounds, "batch": args.batch,
          "candidates": args.candidates, "seed": args.seed, "base_accuracy": base_accuracy, "results": results}, indent=2) + "\n")
 
 

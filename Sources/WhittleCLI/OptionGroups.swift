@@ -143,7 +143,7 @@ public struct SearchFlags: ParsableArguments {
     @Option(name: .long, help: "Grid points per channel axis of the latency table.") public var latencyGrid: Int = 6
     @Option(name: .long, help: "The fittest candidates (the uniform one among them) fine-tuned briefly and compared on held-out samples, the best chosen (model search: with --finetune-epochs, on --val-data; a round: on every worker, a fifth of its data held out); 1: the fittest directly.")
     public var finalists: Int = 4
-    @Option(name: .long, help: "Fine-tuning epochs of each finalist.") public var finalistEpochs: Int = 1
+    @Option(name: .long, help: "Fine-tuning epochs of each finalist.") public var finalistEpochs: Int = EvolutionarySearch.defaultFinalistEpochs
 
     public init() {}
 

@@ -345,6 +345,11 @@ public struct SearchCandidate: Sendable, Codable, Equatable {
 /// levels, each repaired back into the budget (narrowed while over it, widened while it still fits) so every
 /// candidate spends the budget. Deterministic for a seed: the same fitness gives the same candidates.
 public struct EvolutionarySearch: Sendable {
+    /// Fine-tuning epochs of each finalist before they are compared (`--finalist-epochs`). Two, not one: after one
+    /// epoch the uniform architecture, which learns fastest, won comparisons it lost after five
+    /// (benchmarks/README.md, "Architecture search against uniform pruning").
+    public static let defaultFinalistEpochs = 2
+
     /// Architectures evaluated in all (the initial population included).
     public var evaluations = 160
     public var population = 32

@@ -130,7 +130,7 @@ public struct SearchPlan: Codable, Sendable, Equatable {
     /// Finalists (the uniform architecture among them) fine-tuned for `finalistEpochs` local epochs on each worker
     /// and compared on held-out samples; 1 (or 0 epochs): the fittest candidate is picked directly.
     public var finalists = 4
-    public var finalistEpochs = 1
+    public var finalistEpochs = EvolutionarySearch.defaultFinalistEpochs
     /// Who picks the architecture after the search: nil or `.bestUnderBudget`, the round itself; `.operator`, the
     /// round waits at `pick` for `coordinator round pick`.
     public var pick: PickRule?

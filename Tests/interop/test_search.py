@@ -123,3 +123,41 @@ def test_bad_latency_budgets_and_tables_are_refused(coordinator, tmp_path):
     assert result.returncode != 0 and "not a latency table" in result.stderr
     assert corrupt.read_text() == '{"machine": 3}', "a table that cannot be read is left as it was"
     assert not out.exists(), "a refused search writes nothing"
+
+
+RESNET = ROOT / "examples" / "models" / "resnet18_demo.onnx"
+
+
+def smallest_macs(stderr):
+    assert "below the smallest architecture" in stderr, stderr
+    return int(stderr.split("smallest architecture of the search space (")[1].split(" MACs")[0])
+
+
+def test_skip_blocks_leave_a_resnet_that_onnxruntime_runs(coordinator, tmp_path):
+    """--skip-blocks on the ResNet-18 fixture under a budget below its narrowest architecture that keeps every block:
+    every candidate must skip blocks, and the chosen model, without those blocks' Adds, runs in onnxruntime with the
+    accuracy Whittle reports. A model without residual blocks is refused."""
+    out, report_path = tmp_path / "skipped.onnx", tmp_path / "skipped.json"
+    common = ["model", "search", RESNET, "--calibration-data", DEMO_X, "--labels", DEMO_Y, "--out", out]
+    kept = smallest_macs(coordinator(*common, "--macs-budget", "1000", check=False).stderr)
+    skipping = smallest_macs(coordinator(*common, "--macs-budget", "1000", "--skip-blocks", check=False).stderr)
+    assert 1000 < skipping < kept
+    coordinator(*common, "--macs-budget", kept - 1, "--skip-blocks", "--candidates", 16, "--population", 8,
+                "--report", report_path)
+    report = json.loads(report_path.read_text())
+    skipped = [name for name, width in report["chosen"]["widths"].items() if width == 0]
+    assert skipped and report["chosen"]["macs"] < kept
+    assert all(p["macs"] < kept and 0 in p["widths"].values() for p in report["front"])
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    adds = lambda m: sum(n.op_type == "Add" for n in m.graph.node)  # noqa: E731
+    assert adds(model) == adds(onnx.load(str(RESNET))) - len(skipped)
+    x, y = np.load(DEMO_X), np.load(DEMO_Y)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert logits.shape == (len(x), 4)
+    accuracy = float((logits.argmax(1) == y).mean())
+    assert abs(100 * accuracy - 100 * report["finalAccuracy"]) <= ACCURACY_TOLERANCE_POINTS, (accuracy, report["finalAccuracy"])
+    plain = coordinator("model", "search", DEMO_MODEL, "--calibration-data", DEMO_X, "--macs-budget", "50%",
+                        "--skip-blocks", "--out", tmp_path / "plain.onnx", check=False)
+    assert plain.returncode != 0 and "no residual block" in plain.stderr, plain.stderr
