@@ -132,6 +132,45 @@ import WhittleTestSupport
         #expect(report.search?.finalists == search.finalists && report.search?.candidates.count == 8)
     }
 
+    /// `--skip-blocks` in a round, on a ResNet under a budget below its narrowest architecture that keeps every block:
+    /// every candidate skips blocks, the workers cut and score them (a width of 0 on the wire), and pick cuts a model
+    /// without those blocks' Adds, at the MACs the cost model gave.
+    @Test func aRoundSkipsResidualBlocksOnTheFleet() throws {
+        let model = try ModelCoding.read(try TestSupport.fixtureBytes("resnet_bn_op13.onnx"))
+        var plan = Self.plan()
+        plan.search!.skipBlocks = true
+        plan.search!.finalists = 1
+        let local = try plan.localSearch(model)
+        let keepingEvery = try local.cost(Architecture(levels: local.space.dimensions.map(\.narrowestKept))).macs
+        plan.search!.budget = SearchBudget(macs: keepingEvery - 1)
+        try plan.validate(model: model)
+        #expect(plan.phases.map(\.kind) == [.search, .search, .pick, .finetune, .export, .evaluate, .distribute])
+        let artifacts = Artifacts()
+        let start = try artifacts.store(model)
+        var progress = RoundProgress(plan: plan, baseModel: start, startModel: start)
+        let engine = RoundEngine(plan: plan)
+        let (parts, _) = try RoundTests.shards()
+        for g in 0..<2 {
+            let accumulator = try RoundTests.federated(.search, plan: plan, model: model, progress: progress, parts: parts)
+            #expect(!accumulator.expectation.candidates.isEmpty)
+            for widths in accumulator.expectation.candidates { #expect(widths.values.contains(0), "\(widths)") }
+            #expect(accumulator.searchScores.allSatisfy { $0.samples == parts.reduce(0) { $0 + $1.count } && $0.lossSum.isFinite })
+            var closing = PhaseClosing(engine: engine, phase: Phase(.search, iteration: g), accumulator: accumulator,
+                                       progress: progress, artifacts: artifacts)
+            try PhaseHandlers.handler(.search).close(&closing)
+            progress = closing.progress
+        }
+        var closing = PhaseClosing(engine: engine, phase: Phase(.pick), accumulator: nil, progress: progress, artifacts: artifacts)
+        try PhaseHandlers.handler(.pick).close(&closing)
+        progress = closing.progress
+        let chosen = try #require(progress.search?.chosen)
+        let skipped = chosen.widths.filter { $0.value == 0 }.count
+        #expect(skipped > 0)
+        let pruned = try artifacts.model(progress.currentModel)
+        #expect(pruned.graph.nodes.filter { $0.opType == "Add" }.count == model.graph.nodes.filter { $0.opType == "Add" }.count - skipped)
+        #expect(try CostModel.measured(pruned).macs == chosen.macs && chosen.macs < keepingEvery)
+    }
+
     @Test func badSearchReportsAndPlansAreRefused() throws {
         let plan = Self.plan()
         let model = RoundTests.model
