@@ -55,6 +55,15 @@ def fleet_latency(report, batch):
     return geo(base), geo(compressed)
 
 
+def phase_seconds(report):
+    """Wall seconds of the search's phases (latency tables, generations, finalists, pick) and of the fine-tuning rounds,
+    from the round report's phase timings."""
+    timings = report.get("timings") or {}
+    search = sum(v for k, v in timings.items() if k in ("latency", "finalists", "pick") or k.startswith("search"))
+    finetune = sum(v for k, v in timings.items() if k.startswith("finetune"))
+    return search, finetune
+
+
 def run_round(fleet, d, model, name, *flags):
     began = time.monotonic()
     started = fleet.round("start", "--model", model, *map(str, flags), "--json", timeout=120)
@@ -105,6 +114,7 @@ def main():
                 "--candidates", args.candidates, "--population", args.population,
                 *(["--skip-blocks"] if args.skip_blocks else []), *common)
             sb, sc = fleet_latency(searched, args.batch)
+            search_phases, finetune_phases = phase_seconds(searched)
             ua, sa = onnx_accuracy(uniform_out, hx, hy), onnx_accuracy(search_out, hx, hy)
             s = searched["search"]
             # Latency against the original timed in the same evaluation: the two rounds' shares compare even if the
@@ -115,6 +125,7 @@ def main():
                             "seconds": uniform_seconds},
                 "search": {"accuracy": sa, "macs": searched["after"]["macs"], "fleet_ms": sc, "fleet_base_ms": sb,
                            "predicted_ms": s["chosen"].get("latencyMs"), "seconds": search_seconds,
+                           "search_phases_seconds": search_phases, "finetune_phases_seconds": finetune_phases,
                            "widths": s["chosen"]["widths"], "board_kinds": s["boardKinds"],
                            "front": [{"latencyMs": p.get("latencyMs"), "macs": p["macs"], "loss": p.get("loss"),
                                       "accuracy": p.get("accuracy")} for p in s["front"]],
@@ -130,7 +141,8 @@ def main():
             print(f"  uniform L1   {100 * ua:6.2f} %  {uc:.4f} ms of {ub:.4f} ms on the fleet  {uniform['after']['macs']} MACs  "
                   f"(round {uniform_seconds:.0f} s)")
             print(f"  search       {100 * sa:6.2f} %  {sc:.4f} ms of {sb:.4f} ms on the fleet  {searched['after']['macs']} MACs  "
-                  f"(predicted {s['chosen'].get('latencyMs') or 0:.4f} ms; round {search_seconds:.0f} s)")
+                  f"(predicted {s['chosen'].get('latencyMs') or 0:.4f} ms; round {search_seconds:.0f} s: search phases "
+                  f"{search_phases:.0f} s, fine-tuning rounds {finetune_phases:.0f} s)")
             print(f"  difference   {row['points']:+.2f} points at {100 * (row['latency_ratio'] - 1):+.1f} % latency "
                   f"(as shares of the original timed in the same evaluation; goal ≥ +{GOAL_POINTS} at the same latency ±5 %)")
             print("  search front (predicted ms, fleet loss, fleet accuracy after adaptive batch norm): " + "; ".join(

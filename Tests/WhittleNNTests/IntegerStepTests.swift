@@ -83,6 +83,21 @@ import WhittleTestSupport
         }
     }
 
+    /// A DequantizeLinear whose zero point is a float tensor (the fuzzer found one: the scale passed as the zero
+    /// point too) is refused with the node and the type named, not read as an empty list of integers.
+    @Test func refusesAFloatZeroPoint() {
+        let graph = Graph(name: "dq", nodes: [Node(opType: "DequantizeLinear", name: "dq", inputs: ["x", "s", "s"], outputs: ["y"])],
+                          inputs: [ValueInfo(name: "x", elementType: .uint8, shape: [.value(1), .value(2)])],
+                          outputs: [ValueInfo(name: "y", elementType: .float, shape: nil)],
+                          initializers: [Self.scalar("s", 0.5)])
+        for integer in [true, false] {
+            #expect { try InferenceSession(model: Model(graph: graph, opset: 13), options: KernelOptions(integer: integer))
+                .run(inputs: ["x": Tensor(shape: [1, 2], ints: [1, 2], dtype: .uint8)]) } throws: { error in
+                "\(error)".contains("must be an integer tensor") && "\(error)".contains("'dq'")
+            }
+        }
+    }
+
     static func tensor(_ name: String, _ shape: [Int], floats: [Float]) -> Initializer { Initializer(name: name, tensor: Tensor(shape: shape, floats: floats)) }
     static func codes(_ name: String, _ shape: [Int], _ values: [Int64], _ type: DataType) -> Initializer {
         Initializer(name: name, tensor: Tensor(shape: shape, ints: values, dtype: type))

@@ -51,7 +51,7 @@ extension Operators {
                 // is negative when that value is positive: any finite non-zero scale is valid here.
                 let scales = inputs[1]!.floats
                 guard scales.allSatisfy({ $0.isFinite && $0 != 0 }) else { throw ctx.error(.invalidInput, "scales must be finite and non-zero") }
-                let zeros = (inputs.count > 2 ? inputs[2]?.ints : nil) ?? [Int64](repeating: 0, count: scales.count)
+                let zeros = try zeroPoints(ctx, inputs, count: scales.count)
                 if let range = x.dtype.integerRange, let bad = zeros.first(where: { !range.contains($0) }) {
                     throw ctx.error(.invalidInput, "zero point \(bad) is outside the range of \(x.dtype)")
                 }
@@ -84,6 +84,9 @@ extension Operators {
     /// DequantizeLinear, whose quantizers write negative scales) or not finite, and constant zero points outside the
     /// quantized type's range: the same checks the kernels make on computed parameters.
     static func checkConstantParameters(_ ctx: NodeContext, quantized: DataType, blocked: Bool) throws {
+        if let zp = ctx.optionalInput(2), !zp.dtype.isInteger {
+            throw ctx.error(.invalidInput, "zero point '\(ctx.node.inputs[2])' is \(zp.dtype); it must be an integer tensor")
+        }
         if let scales = ctx.optionalInput(1)?.constant?.asFloats,
            let bad = scales.firstIndex(where: { !$0.isFinite || $0 == 0 || (!blocked && $0 < 0) }) {
             let requirement = blocked ? "finite and non-zero" : "positive and finite"
@@ -168,6 +171,20 @@ extension Operators {
         return (shape[axis], shape[(axis + 1)...].reduce(1, *))
     }
 
+    /// The zero points (input 2), one per scale: an integer tensor (a float one has no integer values to read), or
+    /// zeros when absent.
+    static func zeroPoints(_ ctx: NodeContext, _ inputs: [Tensor?], count: Int) throws -> [Int64] {
+        guard inputs.count > 2, let zp = inputs[2] else { return [Int64](repeating: 0, count: count) }
+        guard zp.dtype.isInteger else {
+            throw ctx.error(.invalidInput, "zero point '\(ctx.node.inputs[2])' is \(zp.dtype); it must be an integer tensor")
+        }
+        let zeros = zp.ints
+        guard zeros.count == count else {
+            throw ctx.error(.shapeMismatch, "zero point '\(ctx.node.inputs[2])' has \(zeros.count) values for \(count) scales")
+        }
+        return zeros
+    }
+
     static func quantParameters(_ ctx: NodeContext, _ shape: [Int], _ inputs: [Tensor?]) throws
         -> ([Float], [Int64], (size: Int, inner: Int)?) {
         let axisInfo = try quantAxis(ctx, shape)
@@ -175,7 +192,7 @@ extension Operators {
         guard scales.allSatisfy({ $0.isFinite && $0 > 0 }) else {
             throw ctx.error(.invalidInput, "scales must be positive and finite")
         }
-        let zeros = inputs.count > 2 ? inputs[2]?.ints ?? [Int64](repeating: 0, count: scales.count) : [Int64](repeating: 0, count: scales.count)
+        let zeros = try zeroPoints(ctx, inputs, count: scales.count)
         // The zero point lies in the quantized type's range (the quantized input's for DequantizeLinear).
         let quantized = ctx.node.opType == "DequantizeLinear" ? inputs[0]!.dtype : try quantizedType(ctx)
         if let range = quantized.integerRange, let bad = zeros.first(where: { !range.contains($0) }) {
