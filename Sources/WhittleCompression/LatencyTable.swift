@@ -359,9 +359,6 @@ public struct LatencyTableBuilder {
         return try build(base: base, anchors: anchors, progress: progress)
     }
 
-    /// Times every layer of `base` at the channel counts it has in the anchor models (pruned copies of `base`, the
-    /// uniform architectures at `fraction` of the ladder, ascending, the last `base` itself), and the anchors end to
-    /// end. A worker builds its table this way from the anchors' widths alone.
     /// The grid a table over `anchors` has: each layer's channel counts in each anchor (no time in it).
     public func grid(base: Model, anchors: [Model]) throws -> [LayerLatency] {
         let layers = try LatencyModel.layers(of: base)
@@ -393,6 +390,9 @@ public struct LatencyTableBuilder {
             }
     }
 
+    /// Times every layer of `base` at the channel counts it has in the anchor models (pruned copies of `base`, the
+    /// uniform architectures at `fraction` of the ladder, ascending, the last `base` itself), and the anchors end to
+    /// end. A worker builds its table this way from the anchors' widths alone.
     public func build(base: Model, anchors: [(fraction: Double, model: Model)],
                       progress: ((Int, Int) -> Void)? = nil) throws -> LatencyTable {
         guard batch >= 1, passes >= 1, anchors.count >= 2 else {
@@ -446,7 +446,6 @@ public struct LatencyTableBuilder {
                             anchors: zip(fractions, ends).map { LatencyTable.Anchor(fraction: $0, milliseconds: $1) })
     }
 
-    /// Deterministic non-zero values (a kernel may take shortcuts on zeros).
     /// `model`'s median milliseconds end to end at `batch` on filler inputs (`probe` times it).
     public static func endToEnd(_ model: Model, batch: Int, probe: LatencyProbe) throws -> Double {
         var inputs: [String: Tensor] = [:]
@@ -454,6 +453,7 @@ public struct LatencyTableBuilder {
         return try probe.median(try InferenceSession(model: model), inputs: inputs)
     }
 
+    /// Deterministic non-zero values (a kernel may take shortcuts on zeros).
     static func filler(_ shape: [Int]) -> Tensor {
         let n = shape.reduce(1, *)
         return Tensor(shape: shape, floats: (0..<n).map { Float(($0 * 7919) % 251) / 251 - 0.5 })

@@ -33,8 +33,10 @@ extension ChannelGroups {
 
     static func residualBranch(_ g: ChannelGroup, graph: Graph, index: GraphIndex, shape: (String) -> [Int]?) -> ResidualBranch? {
         let nodes = graph.nodes
+        // Members name their nodes; an unnamed reader cannot be told apart from other unnamed nodes.
         let readers = Set(g.members.filter { $0.role == .inputWeights }.map(\.node))
-        guard readers.count == 1, let reader = nodes.firstIndex(where: { $0.name == readers.first! }),
+        guard readers.count == 1, let name = readers.first, !name.isEmpty,
+              nodes.filter({ $0.name == name }).count == 1, let reader = nodes.firstIndex(where: { $0.name == name }),
               ["Conv", "Gemm", "MatMul"].contains(nodes[reader].opType) else { return nil }
         // Upstream: the nodes writing the group's activation tensors; every reader of those tensors is one of them
         // or the reading layer (nothing outside the branch sees the channels).

@@ -169,6 +169,19 @@ import WhittleTestSupport
         let pruned = try artifacts.model(progress.currentModel)
         #expect(pruned.graph.nodes.filter { $0.opType == "Add" }.count == model.graph.nodes.filter { $0.opType == "Add" }.count - skipped)
         #expect(try CostModel.measured(pruned).macs == chosen.macs && chosen.macs < keepingEvery)
+
+        // A task that keeps 0 channels of a group in no residual branch (a residual stream) is refused by the worker,
+        // which names the group and the reason (the generations above computed widths of 0 of branch groups).
+        let expectation = try engine.expectation(Phase(.search, iteration: 0), model: model, progress: RoundProgress(plan: plan, baseModel: start, startModel: start))
+        var task = engine.task(Phase(.search), index: 0, round: "r", progress: progress, expectation: expectation, deadline: 0,
+                               artifactBytes: { _ in 0 })
+        let groups = try ChannelGroups(model: model)
+        let stream = try #require(groups.prunable.first { groups.branches[$0.id] == nil && task.candidates[0].widths[$0.name] != nil })
+        task.candidates[0].widths[stream.name] = 0
+        var compressor = DeltaCompressor()
+        #expect { _ = try WorkerJobs.run(task, model: model, teacher: model, data: parts[0], batchSize: 4, compressor: &compressor) } throws: {
+            "\($0)".contains("cannot be skipped") && "\($0)".contains(stream.name)
+        }
     }
 
     @Test func badSearchReportsAndPlansAreRefused() throws {
