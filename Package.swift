@@ -52,6 +52,9 @@ let package = Package(
         // Federated rounds: aggregation of workers' reports (pure).
         .target(name: "WhittleRounds", dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol",
                                                       .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
+        // Secure aggregation and differential privacy: protocol logic over swift-crypto's primitives (pure).
+        .target(name: "WhittlePrivacy", dependencies: [.product(name: "Crypto", package: "swift-crypto"),
+                                                       .product(name: "CryptoExtras", package: "swift-crypto")]),
         // Certificates and keys: the coordinator's CA, server and client certificates, CSRs (no NIO).
         .target(
             name: "WhittlePKI",
@@ -171,6 +174,7 @@ let package = Package(
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
         .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "SwiftASN1", package: "swift-asn1")]),
         .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
+        .testTarget(name: "WhittlePrivacyTests", dependencies: ["WhittlePrivacy", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "CoordinatorCommands", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport", "WhittleCLI", "WhittleIO", "WhittlePKI",
                                                                 .product(name: "Logging", package: "swift-log"),
                                                                 .product(name: "Hummingbird", package: "hummingbird"),

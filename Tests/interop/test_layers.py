@@ -12,7 +12,7 @@ from conftest import ROOT
 # Modules every target may import without declaring them (the toolchain's).
 SYSTEM = {"Foundation", "Glibc", "Dispatch", "Synchronization", "FoundationEssentials", "Darwin"}
 # The pure core: tensors, the model engine, compression math, wire messages and round logic.
-PURE = ["WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol", "WhittleRounds"]
+PURE = ["WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol", "WhittleRounds", "WhittlePrivacy"]
 # What does I/O, holds state on disk, serves or talks to a terminal.
 IMPURE = {"WhittleStore", "WhittleServer", "WhittleAgent", "WhittleHTTPClient", "WhittleCLI", "WhittlePKI", "CWhittleCurl",
           "GRDB", "Hummingbird", "HummingbirdCore", "HummingbirdTLS", "NIOCore", "NIOPosix", "NIOSSL", "ArgumentParser",
