@@ -9,6 +9,8 @@ as Tests/interop/test_rounds.py). For each ratio R:
    latency;
 3. search: a round with `--latency-budget SHARE% --latency-batch B`: every worker builds its latency table, the
    search scores the candidates on the fleet, the fittest within the budget is cut, then the same F FedAvg rounds.
+   With `--budget macs` the search round gets uniform L1's exact MACs as its budget instead (the fleet's scoring
+   without the latency table); `--round-to N` keeps the search's widths multiples of N.
 
 Both exported float models are judged by onnxruntime on the 16,384 holdout images, and their latencies as the fleet
 measured them in each round's evaluation (on the same boards, minutes apart) are compared.
@@ -17,6 +19,7 @@ measured them in each round's evaluation (on the same boards, minutes apart) are
     python3 scripts/make_demo_data.py
     python3 benchmarks/search_rounds.py [--ratios 0.5 0.75] [--rounds 20] [--candidates 96] [--seed 0]
                                         [--model examples/models/resnet18_demo.onnx] [--skip-blocks]
+                                        [--budget latency|macs] [--round-to N]
 
 Writes benchmarks/last-search-rounds.json (last-search-rounds-<model>.json for another model than the demo CNN).
 """
@@ -86,6 +89,10 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--skip-blocks", action="store_true", help="round start --skip-blocks for the search round")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="the search round's --round-to: kept channel counts multiples of this (the kernels' vector width)")
+    parser.add_argument("--budget", choices=["latency", "macs"], default="latency",
+                        help="the search round's budget: uniform L1's fleet latency share (the goal's comparison) or its exact MACs")
     args = parser.parse_args()
     print(machine.banner())
     hx, hy = load_holdout_split()
@@ -110,9 +117,11 @@ def main():
             ub, uc = fleet_latency(uniform, args.batch)
             share = uc / ub
             search_out, searched, search_seconds = run_round(
-                fleet, d, args.model, f"search-{ratio}", "--latency-budget", f"{100 * share:.3f}%", "--latency-batch", args.batch,
+                fleet, d, args.model, f"search-{ratio}",
+                *(["--latency-budget", f"{100 * share:.3f}%", "--latency-batch", args.batch] if args.budget == "latency"
+                  else ["--macs-budget", uniform["after"]["macs"]]),
                 "--candidates", args.candidates, "--population", args.population,
-                *(["--skip-blocks"] if args.skip_blocks else []), *common)
+                *(["--skip-blocks"] if args.skip_blocks else []), *(["--round-to", args.round_to] if args.round_to > 1 else []), *common)
             sb, sc = fleet_latency(searched, args.batch)
             search_phases, finetune_phases = phase_seconds(searched)
             ua, sa = onnx_accuracy(uniform_out, hx, hy), onnx_accuracy(search_out, hx, hy)
@@ -120,13 +129,13 @@ def main():
             # Latency against the original timed in the same evaluation: the two rounds' shares compare even if the
             # machine's speed drifted between them.
             row = {
-                "ratio": ratio, "budget_share": share, "budget_ms": s["budget"]["latencyMs"],
+                "ratio": ratio, "budget_share": share, "budget": args.budget, "budget_ms": s["budget"].get("latencyMs"), "budget_macs": s["budget"].get("macs"),
                 "uniform": {"accuracy": ua, "macs": uniform["after"]["macs"], "fleet_ms": uc, "fleet_base_ms": ub,
                             "seconds": uniform_seconds},
                 "search": {"accuracy": sa, "macs": searched["after"]["macs"], "fleet_ms": sc, "fleet_base_ms": sb,
                            "predicted_ms": s["chosen"].get("latencyMs"), "seconds": search_seconds,
                            "search_phases_seconds": search_phases, "finetune_phases_seconds": finetune_phases,
-                           "widths": s["chosen"]["widths"], "board_kinds": s["boardKinds"],
+                           "widths": s["chosen"]["widths"], "board_kinds": s.get("boardKinds"),
                            "front": [{"latencyMs": p.get("latencyMs"), "macs": p["macs"], "loss": p.get("loss"),
                                       "accuracy": p.get("accuracy")} for p in s["front"]],
                            "uniform_candidate": {"latencyMs": s["uniform"].get("latencyMs"), "loss": s["uniform"].get("loss"),
@@ -136,8 +145,10 @@ def main():
             }
             row["same_latency"] = abs(row["latency_ratio"] - 1) <= SAME_LATENCY
             results.append(row)
+            budget = (f"latency budget {100 * share:.1f} % ({s['budget']['latencyMs']:.4f} ms on {s['boardKinds']})" if args.budget == "latency"
+                      else f"MACs budget {uniform['after']['macs']} (uniform L1's)")
             print(f"ratio {ratio}: uniform L1 runs at {100 * share:.1f} % of the original's time on the fleet "
-                  f"(batch {args.batch}) → latency budget {100 * share:.1f} % ({s['budget']['latencyMs']:.4f} ms on {s['boardKinds']})")
+                  f"(batch {args.batch}) → {budget}")
             print(f"  uniform L1   {100 * ua:6.2f} %  {uc:.4f} ms of {ub:.4f} ms on the fleet  {uniform['after']['macs']} MACs  "
                   f"(round {uniform_seconds:.0f} s)")
             print(f"  search       {100 * sa:6.2f} %  {sc:.4f} ms of {sb:.4f} ms on the fleet  {searched['after']['macs']} MACs  "
@@ -146,13 +157,14 @@ def main():
             print(f"  difference   {row['points']:+.2f} points at {100 * (row['latency_ratio'] - 1):+.1f} % latency "
                   f"(as shares of the original timed in the same evaluation; goal ≥ +{GOAL_POINTS} at the same latency ±5 %)")
             print("  search front (predicted ms, fleet loss, fleet accuracy after adaptive batch norm): " + "; ".join(
-                f"{p['latencyMs']:.3f} ms {p['loss']:.3f} {100 * (p['accuracy'] or 0):.1f} %" for p in row["search"]["front"]), flush=True)
+                f"{p['latencyMs'] or 0:.3f} ms {p['macs']} MACs {p['loss']:.3f} {100 * (p['accuracy'] or 0):.1f} %" for p in row["search"]["front"]), flush=True)
     met = all(r["points"] >= GOAL_POINTS and r["same_latency"] for r in results)
     print("verdict:", "met" if met else "not met")
     stem = pathlib.Path(args.model).stem
     out = "last-search-rounds.json" if pathlib.Path(args.model).resolve() == MODEL.resolve() else f"last-search-rounds-{stem}.json"
     (ROOT / "benchmarks" / out).write_text(json.dumps(
         {"machine": machine.describe(), "date": time.strftime("%Y-%m-%d"), "model": stem, "skip_blocks": args.skip_blocks,
+         "budget": args.budget, "round_to": args.round_to,
          "rounds": args.rounds, "batch": args.batch,
          "candidates": args.candidates, "seed": args.seed, "base_accuracy": base_accuracy, "results": results}, indent=2) + "\n")
 
