@@ -2,27 +2,29 @@ import Crypto
 import Foundation
 
 // Secure aggregation (Bonawitz et al., CCS 2017) with SecAgg+'s sparse neighbour graph (Bell et al., CCS 2020):
-// the coordinator learns the sum of the parties' vectors in the ring of integers modulo 2⁶⁴ and nothing else, even
-// when some parties drop out, as long as each party keeps `threshold` neighbours.
+// the coordinator learns sums of the parties' vectors in the ring of integers modulo 2⁶⁴ and nothing else, even
+// when parties drop out, as long as each keeps `threshold` neighbours. One session serves the `sums` secure phases
+// of a round: the keys are exchanged once, and every sum has its own mask key pair and self-mask seed per party, so
+// what rebuilding one sum reveals (a dropped party's mask key, a survivor's seed) says nothing about another.
 //
-// 1. Advertise: every party sends two X25519 public keys (one seals shares, one derives pairwise masks) and a
-//    commitment to its self-mask seed.
-// 2. Share: every party sends each neighbour, sealed under their agreed key, a Shamir share of its self-mask seed and
-//    one of its mask private key (threshold `t`).
-// 3. Input: every party sends its vector plus the expansion of its self-mask seed plus, per neighbour v that shared
-//    with it, ±the expansion of their agreed mask seed (+ when its name sorts before v's): the pairwise masks of two
-//    parties who both send cancel in the sum.
-// 4. Unmask: for each neighbour that sent its input, a party returns its share of that neighbour's self-mask seed;
-//    for each that shared but did not send, its share of the mask private key. The coordinator rebuilds the seeds
-//    (checked against the commitments) and keys (checked against the public keys), removes the self-masks and the
-//    dropped parties' pairwise masks, and holds the sum. A party never reveals both shares of one neighbour: that
-//    would unmask that neighbour's own vector.
+// 1. Advertise (once): every party sends an X25519 public key that seals shares sent to it, and per sum an X25519
+//    mask public key and a commitment to its self-mask seed.
+// 2. Share (once): every party sends each neighbour, sealed under their agreed key, Shamir shares (threshold `t`) of
+//    its self-mask seed and mask private key of every sum.
+// 3. Input (per sum): the coordinator names the sum's partners (the neighbours taking part); a party sends its vector
+//    plus the expansion of its self-mask seed plus, per partner v, ±the expansion of their agreed mask seed (+ when
+//    its name sorts before v's): two partners' pairwise masks cancel in the sum.
+// 4. Unmask (per sum): for each partner that sent its input a party returns its share of that partner's self-mask
+//    seed; for each that did not, its share of that partner's mask key. The coordinator rebuilds the seeds (checked
+//    against the commitments) and keys (checked against the public keys), removes the self-masks and the dropped
+//    partners' pairwise masks, and holds the sum. A party never reveals both shares of one partner in one sum:
+//    that would unmask the partner's input.
 //
 // Both sides are plain values: no clock, no network; the round machine carries the messages.
 
-/// The public settings of one secure sum, which every party and the coordinator derive alike.
+/// The public settings of one session, which every party and the coordinator derive alike.
 public struct SecureAggregationSetup: Sendable, Equatable {
-    /// What every key, mask and envelope is bound to (a round and phase): nothing carries over between sessions.
+    /// What every key, mask and envelope is bound to (a round): nothing carries over between sessions.
     public let session: [UInt8]
     /// The parties, sorted, distinct.
     public let participants: [String]
@@ -30,8 +32,8 @@ public struct SecureAggregationSetup: Sendable, Equatable {
     public let degree: Int
     /// Shares that rebuild a party's secrets.
     public let threshold: Int
-    /// Words per vector.
-    public let length: Int
+    /// Secure sums the session serves (each with its own secrets).
+    public let sums: Int
     private let ring: [String]
     private let position: [String: Int]
 
@@ -39,13 +41,15 @@ public struct SecureAggregationSetup: Sendable, Equatable {
     /// a party's work grows with log n); `threshold` to ⌊2·degree/3⌋ + 1, more than half of a party's neighbours, so
     /// a coordinator that tells some neighbours a party dropped and others that it did not cannot gather both of its
     /// secrets.
-    public init(session: [UInt8], participants: [String], degree: Int? = nil, threshold: Int? = nil, length: Int) throws {
+    public init(session: [UInt8], participants: [String], degree: Int? = nil, threshold: Int? = nil, sums: Int = 1) throws {
         let sorted = participants.sorted()
         guard sorted.count >= 2, Set(sorted).count == sorted.count else {
             throw PrivacyError(.invalidArgument, "secure aggregation needs at least two distinct parties (\(participants.count) given)")
         }
         guard !session.isEmpty else { throw PrivacyError(.invalidArgument, "secure aggregation needs a session") }
-        guard length >= 0 else { throw PrivacyError(.invalidArgument, "a vector length of \(length)") }
+        guard sums >= 1, sums <= Self.maximumSums else {
+            throw PrivacyError(.invalidArgument, "a session of \(sums) sums (1 to \(Self.maximumSums))")
+        }
         let n = sorted.count
         let k = min(n - 1, degree ?? Self.defaultDegree(n))
         guard k >= 1 else { throw PrivacyError(.invalidArgument, "a neighbour degree of \(degree ?? 0)") }
@@ -57,11 +61,15 @@ public struct SecureAggregationSetup: Sendable, Equatable {
         self.participants = sorted
         self.degree = k
         self.threshold = t
-        self.length = length
+        self.sums = sums
         // The ring of the Harary graph: parties in an order only the session decides (a hash of it and the name).
-        ring = sorted.sorted { Primitives.digest([session, Array($0.utf8)]).lexicographicallyPrecedes(Primitives.digest([session, Array($1.utf8)])) }
+        let keyed = sorted.map { (Primitives.digest([session, Array($0.utf8)]), $0) }
+        ring = keyed.sorted { $0.0.lexicographicallyPrecedes($1.0) }.map(\.1)
         position = Dictionary(uniqueKeysWithValues: ring.enumerated().map { ($1, $0) })
     }
+
+    /// Sums one session may serve (every one costs each party a key pair and 96 bytes per neighbour in its envelopes).
+    public static let maximumSums = 4096
 
     public static func defaultDegree(_ parties: Int) -> Int {
         guard parties > 16 else { return parties - 1 }
@@ -72,14 +80,13 @@ public struct SecureAggregationSetup: Sendable, Equatable {
     public static func defaultThreshold(_ degree: Int) -> Int { 2 * degree / 3 + 1 }
 
     /// `u`'s neighbours, sorted: everyone else when the degree reaches n − 1; else the ⌈degree/2⌉ parties on each
-    /// side of it on the ring (an odd degree rounds up to the next even one on a ring). Symmetric.
+    /// side of it on the ring. Symmetric.
     public func neighbours(of u: String) -> [String] {
         guard let p = position[u] else { return [] }
         let n = ring.count
         if degree >= n - 1 { return participants.filter { $0 != u } }
-        let half = (degree + 1) / 2
         var out = Set<String>()
-        for offset in 1...half {
+        for offset in 1...((degree + 1) / 2) {
             out.insert(ring[(p + offset) % n])
             out.insert(ring[(p - offset % n + n) % n])
         }
@@ -92,37 +99,53 @@ public struct SecureAggregationSetup: Sendable, Equatable {
 
     func isNeighbour(_ u: String, _ v: String) -> Bool { u != v && neighbours(of: u).contains(v) }
 
-    /// The sign a party gives its pairwise mask with `v`.
-    static func sign(_ u: String, _ v: String) -> Bool { u < v }
+    /// Whether `u` adds (rather than subtracts) its pairwise mask with `v`.
+    static func adds(_ u: String, _ v: String) -> Bool { u < v }
 
     func envelopeContext(from u: String, to v: String) -> [UInt8] { Primitives.digest([session, Array(u.utf8), Array(v.utf8)]) }
 
-    func commitment(_ u: String, seed: [UInt8]) -> [UInt8] { Primitives.digest([session, Array(u.utf8), seed]) }
+    func commitment(_ u: String, sum: Int, seed: [UInt8]) -> [UInt8] {
+        Primitives.digest([session, Array(u.utf8), Array("\(sum)".utf8), seed])
+    }
+
+    /// The pairwise mask seed of a sum from one party's mask private key and the other's mask public key.
+    func pairSeed(_ key: Curve25519.KeyAgreement.PrivateKey, _ peer: [UInt8], sum: Int) throws -> [UInt8] {
+        try Primitives.derive(key, peer, label: "mask \(sum)", session: session)
+    }
+
+    /// Bytes of one share as sealed: 8 of point, 8 per 7-byte chunk of a 32-byte secret.
+    static let shareBytes = 8 * (1 + Shamir.chunks(of: 32))
 }
 
 /// What a party publishes first.
 public struct Advertisement: Sendable, Equatable {
     /// X25519 public key that seals the shares sent to this party.
     public var cipherKey: [UInt8]
-    /// X25519 public key from which pairwise masks are agreed.
-    public var maskKey: [UInt8]
-    /// SHA-256 of the session, the party and its self-mask seed: the rebuilt seed must match it.
-    public var commitment: [UInt8]
+    /// Per sum, the X25519 public key pairwise masks are agreed from.
+    public var maskKeys: [[UInt8]]
+    /// Per sum, SHA-256 of the session, the party, the sum and its self-mask seed: the rebuilt seed must match it.
+    public var commitments: [[UInt8]]
 
-    public init(cipherKey: [UInt8], maskKey: [UInt8], commitment: [UInt8]) {
+    public init(cipherKey: [UInt8], maskKeys: [[UInt8]], commitments: [[UInt8]]) {
         self.cipherKey = cipherKey
-        self.maskKey = maskKey
-        self.commitment = commitment
+        self.maskKeys = maskKeys
+        self.commitments = commitments
     }
 
-    var wellFormed: Bool { cipherKey.count == 32 && maskKey.count == 32 && commitment.count == 32 && cipherKey != maskKey }
+    func wellFormed(sums: Int) -> Bool {
+        cipherKey.count == 32 && maskKeys.count == sums && commitments.count == sums
+            && maskKeys.allSatisfy { $0.count == 32 } && commitments.allSatisfy { $0.count == 32 }
+            && Set(maskKeys + [cipherKey]).count == sums + 1
+    }
+
+    var publicKeys: [[UInt8]] { [cipherKey] + maskKeys }
 }
 
-/// What the coordinator asks of a party in the last step.
+/// What the coordinator asks of a party in a sum's last step.
 public struct UnmaskRequest: Sendable, Equatable {
-    /// Neighbours whose inputs are in the sum: their self-mask seed shares are wanted.
+    /// Partners whose inputs are in the sum: their self-mask seed shares are wanted.
     public var survivors: [String]
-    /// Neighbours that shared but sent no input: their mask key shares are wanted.
+    /// Partners that sent no input: their mask key shares are wanted.
     public var dropped: [String]
 
     public init(survivors: [String], dropped: [String]) {
@@ -131,22 +154,24 @@ public struct UnmaskRequest: Sendable, Equatable {
     }
 }
 
-/// One party's side (a worker).
+/// One party's side (a worker). Its secrets live only in this value.
 public struct SecureAggregationClient: Sendable {
-    public enum Stage: Sendable { case advertised, shared, sentInput }
+    public enum Stage: Sendable { case advertised, shared, ready }
     private enum Revealed: Sendable { case selfMask, maskKey }
 
     public let name: String
     public let setup: SecureAggregationSetup
     public private(set) var stage = Stage.advertised
     private let cipherKey: Curve25519.KeyAgreement.PrivateKey
-    private let maskKey: Curve25519.KeyAgreement.PrivateKey
-    private let selfMaskSeed: [UInt8]
+    private let maskKeys: [Curve25519.KeyAgreement.PrivateKey]
+    private let seeds: [[UInt8]]
     private var peers: [String: Advertisement] = [:]
-    /// Shares of each neighbour's self-mask seed and mask key, from the envelopes it sent.
-    private var held: [String: (selfMask: ShamirShare, maskKey: ShamirShare)] = [:]
-    /// Which secret's share this party has given out per neighbour (never both).
-    private var revealed: [String: Revealed] = [:]
+    /// Per neighbour that shared, its shares per sum: (self-mask seed, mask key).
+    private var held: [String: [(selfMask: ShamirShare, maskKey: ShamirShare)]] = [:]
+    /// Per sum, the partners this party masked with.
+    private var partners: [Int: [String]] = [:]
+    /// Per sum, which secret's share this party gave out per partner (never both).
+    private var revealed: [Int: [String: Revealed]] = [:]
 
     /// A party's fresh secrets, drawn from `random` (the system's generator outside tests).
     public init<R: RandomNumberGenerator>(name: String, setup: SecureAggregationSetup, using random: inout R) throws {
@@ -155,13 +180,14 @@ public struct SecureAggregationClient: Sendable {
         self.name = name
         self.setup = setup
         cipherKey = try Curve25519.KeyAgreement.PrivateKey(rawRepresentation: bytes())
-        maskKey = try Curve25519.KeyAgreement.PrivateKey(rawRepresentation: bytes())
-        selfMaskSeed = bytes()
+        maskKeys = try (0..<setup.sums).map { _ in try Curve25519.KeyAgreement.PrivateKey(rawRepresentation: bytes()) }
+        seeds = (0..<setup.sums).map { _ in bytes() }
     }
 
     public var advertisement: Advertisement {
-        Advertisement(cipherKey: Array(cipherKey.publicKey.rawRepresentation), maskKey: Array(maskKey.publicKey.rawRepresentation),
-                      commitment: setup.commitment(name, seed: selfMaskSeed))
+        Advertisement(cipherKey: Array(cipherKey.publicKey.rawRepresentation),
+                      maskKeys: maskKeys.map { Array($0.publicKey.rawRepresentation) },
+                      commitments: seeds.enumerated().map { setup.commitment(name, sum: $0.offset, seed: $0.element) })
     }
 
     /// Step 2: the neighbours' advertisements (as the coordinator relays them) in, one sealed envelope per
@@ -170,105 +196,148 @@ public struct SecureAggregationClient: Sendable {
         guard stage == .advertised else { throw PrivacyError(.protocolViolation, "\(name) has already shared its keys in this session") }
         for (v, a) in advertisements {
             guard setup.isNeighbour(name, v) else { throw PrivacyError(.protocolViolation, "'\(v)' is not a neighbour of \(name)") }
-            guard a.wellFormed else { throw PrivacyError(.malformed, "the advertisement of '\(v)' is malformed") }
+            guard a.wellFormed(sums: setup.sums) else { throw PrivacyError(.malformed, "the advertisement of '\(v)' is malformed") }
         }
         guard advertisements.count >= setup.threshold else {
             throw PrivacyError(.notEnoughShares, "\(advertisements.count) neighbours of \(name) advertised keys, \(setup.threshold) needed")
         }
-        let keys = advertisements.values.flatMap { [$0.cipherKey, $0.maskKey] } + [advertisement.cipherKey, advertisement.maskKey]
+        let keys = advertisements.values.flatMap(\.publicKeys) + advertisement.publicKeys
         guard Set(keys).count == keys.count else {
             throw PrivacyError(.protocolViolation, "two advertised public keys are equal (a replayed or forged advertisement)")
         }
         let recipients = advertisements.keys.sorted()
         let points = recipients.map { setup.point(of: $0)! }
-        let seedShares = try Shamir.split(selfMaskSeed, threshold: setup.threshold, at: points, using: &random)
-        let keyShares = try Shamir.split(Array(maskKey.rawRepresentation), threshold: setup.threshold, at: points, using: &random)
+        var plaintexts = [[UInt8]](repeating: [], count: recipients.count)
+        for j in 0..<setup.sums {
+            let seedShares = try Shamir.split(seeds[j], threshold: setup.threshold, at: points, using: &random)
+            let keyShares = try Shamir.split(Array(maskKeys[j].rawRepresentation), threshold: setup.threshold, at: points, using: &random)
+            for k in recipients.indices { plaintexts[k] += seedShares[k].bytes + keyShares[k].bytes }
+        }
         var out: [String: [UInt8]] = [:]
         for (k, v) in recipients.enumerated() {
             let key = try Primitives.derive(cipherKey, advertisements[v]!.cipherKey, label: "envelope", session: setup.session)
-            out[v] = try Primitives.seal(seedShares[k].bytes + keyShares[k].bytes, key: key, associated: setup.envelopeContext(from: name, to: v))
+            out[v] = try Primitives.seal(plaintexts[k], key: key, associated: setup.envelopeContext(from: name, to: v))
         }
         peers = advertisements
         stage = .shared
         return out
     }
 
-    /// Step 3: the envelopes addressed to this party (by sender) in, the masked vector out.
-    public mutating func maskedInput(_ input: [UInt64], envelopes: [String: [UInt8]]) throws -> [UInt64] {
-        guard stage == .shared else { throw PrivacyError(.protocolViolation, "\(name) sends its input once, after sharing its keys") }
-        guard input.count == setup.length else {
-            throw PrivacyError(.invalidArgument, "an input of \(input.count) words, the session sums \(setup.length)")
-        }
+    /// Step 2, received: the envelopes addressed to this party (by sender), opened and kept.
+    public mutating func receive(envelopes: [String: [UInt8]]) throws {
+        guard stage == .shared else { throw PrivacyError(.protocolViolation, "\(name) takes its envelopes once, after sharing its keys") }
         guard envelopes.count >= setup.threshold else {
             throw PrivacyError(.notEnoughShares, "\(envelopes.count) neighbours of \(name) shared keys, \(setup.threshold) needed")
         }
-        let size = 8 * (1 + Shamir.chunks(of: 32))
-        var opened: [String: (selfMask: ShamirShare, maskKey: ShamirShare)] = [:]
+        let size = SecureAggregationSetup.shareBytes
+        var opened: [String: [(selfMask: ShamirShare, maskKey: ShamirShare)]] = [:]
         for (v, envelope) in envelopes {
             guard let peer = peers[v] else { throw PrivacyError(.protocolViolation, "an envelope from '\(v)', which advertised no keys to \(name)") }
             let key = try Primitives.derive(cipherKey, peer.cipherKey, label: "envelope", session: setup.session)
             let plain = try Primitives.open(envelope, key: key, associated: setup.envelopeContext(from: v, to: name))
-            guard plain.count == 2 * size else { throw PrivacyError(.malformed, "the envelope from '\(v)' holds \(plain.count) bytes") }
-            let pair = (try ShamirShare(bytes: Array(plain[..<size])), try ShamirShare(bytes: Array(plain[size...])))
-            guard pair.0.x == setup.point(of: name), pair.1.x == setup.point(of: name) else {
-                throw PrivacyError(.protocolViolation, "the envelope from '\(v)' holds shares for another party")
+            guard plain.count == 2 * size * setup.sums else { throw PrivacyError(.malformed, "the envelope from '\(v)' holds \(plain.count) bytes") }
+            opened[v] = try (0..<setup.sums).map { j in
+                let base = 2 * size * j
+                let pair = (try ShamirShare(bytes: Array(plain[base..<(base + size)])), try ShamirShare(bytes: Array(plain[(base + size)..<(base + 2 * size)])))
+                guard pair.0.x == setup.point(of: name), pair.1.x == setup.point(of: name) else {
+                    throw PrivacyError(.protocolViolation, "the envelope from '\(v)' holds shares for another party")
+                }
+                return pair
             }
-            opened[v] = pair
-        }
-        var masked = input
-        func add(_ mask: [UInt64], _ plus: Bool) {
-            if plus { for i in masked.indices { masked[i] &+= mask[i] } } else { for i in masked.indices { masked[i] &-= mask[i] } }
-        }
-        add(try Primitives.mask(seed: selfMaskSeed, stream: 0, count: setup.length), true)
-        for v in opened.keys.sorted() {
-            let seed = try Primitives.derive(maskKey, peers[v]!.maskKey, label: "mask", session: setup.session)
-            add(try Primitives.mask(seed: seed, stream: 0, count: setup.length), SecureAggregationSetup.sign(name, v))
         }
         held = opened
-        stage = .sentInput
+        stage = .ready
+    }
+
+    /// Step 3 of sum `j`: the masked vector, masked with the sum's `partners` (neighbours that shared, as the
+    /// coordinator lists them; at least `threshold`, the parties that can rebuild this party's secrets).
+    public mutating func maskedInput(_ input: [UInt64], sum j: Int, partners list: [String]) throws -> [UInt64] {
+        guard stage == .ready else { throw PrivacyError(.protocolViolation, "\(name) sends inputs after taking its envelopes") }
+        guard j >= 0, j < setup.sums else { throw PrivacyError(.invalidArgument, "sum \(j) of a session of \(setup.sums)") }
+        guard partners[j] == nil else { throw PrivacyError(.protocolViolation, "\(name) already sent its input to sum \(j)") }
+        let chosen = Set(list)
+        guard chosen.count == list.count, !chosen.contains(name) else {
+            throw PrivacyError(.protocolViolation, "the partners of sum \(j) repeat a name or name \(name) itself")
+        }
+        for v in chosen where held[v] == nil {
+            throw PrivacyError(.protocolViolation, "'\(v)' did not share keys with \(name), so it cannot be a partner of sum \(j)")
+        }
+        guard chosen.count >= setup.threshold else {
+            throw PrivacyError(.refused, "\(name) refuses to send an input to a sum with \(chosen.count) of its neighbours, fewer than the \(setup.threshold) that could rebuild its secrets")
+        }
+        var masked = input
+        let ordered = chosen.sorted()
+        try Self.apply(try Primitives.mask(seed: seeds[j], stream: UInt64(j), count: input.count), to: &masked, adding: true)
+        for v in ordered {
+            let seed = try setup.pairSeed(maskKeys[j], peers[v]!.maskKeys[j], sum: j)
+            try Self.apply(try Primitives.mask(seed: seed, stream: UInt64(j), count: input.count), to: &masked,
+                           adding: SecureAggregationSetup.adds(name, v))
+        }
+        partners[j] = ordered
         return masked
     }
 
-    /// Step 4: the shares the coordinator asks for, by owner. Refused when a neighbour is listed both ways, or now
-    /// the other way than before, or the survivors are too few to hide one input among them.
-    public mutating func unmask(_ request: UnmaskRequest) throws -> [String: [UInt8]] {
-        guard stage == .sentInput else { throw PrivacyError(.protocolViolation, "\(name) reveals shares only after sending its input") }
+    static func apply(_ mask: [UInt64], to v: inout [UInt64], adding: Bool) throws {
+        if adding { for i in v.indices { v[i] &+= mask[i] } } else { for i in v.indices { v[i] &-= mask[i] } }
+    }
+
+    /// Step 4 of sum `j`: the shares the coordinator asks for, by owner. Refused when a partner is listed both ways,
+    /// or the other way than before, or the survivors are too few to hide one input among them.
+    public mutating func unmask(_ request: UnmaskRequest, sum j: Int) throws -> [String: [UInt8]] {
+        guard let mine = partners[j] else { throw PrivacyError(.protocolViolation, "\(name) reveals shares of sum \(j) only after sending its input") }
         let survivors = Set(request.survivors), dropped = Set(request.dropped)
         guard survivors.count == request.survivors.count, dropped.count == request.dropped.count else {
-            throw PrivacyError(.protocolViolation, "an unmask request names a neighbour twice")
+            throw PrivacyError(.protocolViolation, "an unmask request names a partner twice")
         }
         if let both = survivors.intersection(dropped).sorted().first {
-            throw PrivacyError(.refused, "\(name) refuses to reveal both the self-mask and the mask key shares of '\(both)'")
+            throw PrivacyError(.refused, "\(name) refuses to reveal both the self-mask and the mask key shares of '\(both)' in sum \(j)")
         }
-        for v in survivors.union(dropped) where held[v] == nil {
-            throw PrivacyError(.protocolViolation, "\(name) holds no shares of '\(v)' (it did not share with \(name))")
+        for v in survivors.union(dropped) where !mine.contains(v) {
+            throw PrivacyError(.protocolViolation, "'\(v)' is not a partner of \(name) in sum \(j)")
         }
-        for v in survivors where revealed[v] == .maskKey {
-            throw PrivacyError(.refused, "\(name) already revealed its share of the mask key of '\(v)'; it refuses its self-mask share")
+        let before = revealed[j] ?? [:]
+        for v in survivors where before[v] == .maskKey {
+            throw PrivacyError(.refused, "\(name) already revealed its share of the mask key of '\(v)' in sum \(j); it refuses its self-mask share")
         }
-        for v in dropped where revealed[v] == .selfMask {
-            throw PrivacyError(.refused, "\(name) already revealed its share of the self-mask of '\(v)'; it refuses its mask key share")
+        for v in dropped where before[v] == .selfMask {
+            throw PrivacyError(.refused, "\(name) already revealed its share of the self-mask of '\(v)' in sum \(j); it refuses its mask key share")
         }
         guard survivors.count + 1 >= setup.threshold else {
             throw PrivacyError(.refused, "\(name) refuses to unmask a sum of \(survivors.count + 1) inputs among its neighbours (\(setup.threshold) needed)")
         }
         var out: [String: [UInt8]] = [:]
+        var now = before
         for v in survivors {
-            revealed[v] = .selfMask
-            out[v] = held[v]!.selfMask.bytes
+            now[v] = .selfMask
+            out[v] = held[v]![j].selfMask.bytes
         }
         for v in dropped {
-            revealed[v] = .maskKey
-            out[v] = held[v]!.maskKey.bytes
+            now[v] = .maskKey
+            out[v] = held[v]![j].maskKey.bytes
         }
+        revealed[j] = now
         return out
     }
 }
 
-/// The coordinator's side: relays keys and envelopes, keeps only the running sum of the masked inputs, and removes
-/// the masks from the unmask step's shares.
+/// The coordinator's side: relays keys and envelopes, keeps only each sum's running total of masked inputs, and
+/// removes the masks from the unmask step's shares.
 public struct SecureAggregationServer: Sendable {
-    public enum Stage: Sendable { case advertising, sharing, collecting, unmasking }
+    public enum Stage: Sendable { case advertising, sharing, ready }
+
+    /// One secure sum's state.
+    public struct Sum: Sendable {
+        public let partners: Set<String>
+        public let length: Int
+        public fileprivate(set) var unmasking = false
+        /// Parties whose masked inputs are in the total (U3).
+        public fileprivate(set) var contributed: Set<String> = []
+        /// Parties that answered the unmask step (U4).
+        public fileprivate(set) var unmasked: Set<String> = []
+        fileprivate var total: [UInt64]
+        fileprivate var selfMaskShares: [String: [ShamirShare]] = [:]
+        fileprivate var maskKeyShares: [String: [ShamirShare]] = [:]
+    }
 
     public let setup: SecureAggregationSetup
     public private(set) var stage = Stage.advertising
@@ -277,19 +346,9 @@ public struct SecureAggregationServer: Sendable {
     private var envelopes: [String: [String: [UInt8]]] = [:]
     /// Parties whose envelopes went out (U2).
     public private(set) var shared: Set<String> = []
-    /// Parties whose masked inputs are in the sum (U3).
-    public private(set) var contributed: Set<String> = []
-    private var sum: [UInt64]
-    /// Shares received in the unmask step, by owner.
-    private var selfMaskShares: [String: [ShamirShare]] = [:]
-    private var maskKeyShares: [String: [ShamirShare]] = [:]
-    /// Parties that answered the unmask step (U4).
-    public private(set) var unmasked: Set<String> = []
+    public private(set) var sums: [Int: Sum] = [:]
 
-    public init(setup: SecureAggregationSetup) {
-        self.setup = setup
-        sum = [UInt64](repeating: 0, count: setup.length)
-    }
+    public init(setup: SecureAggregationSetup) { self.setup = setup }
 
     private func party(_ u: String) throws {
         guard setup.point(of: u) != nil else { throw PrivacyError(.protocolViolation, "'\(u)' is not a party of this session") }
@@ -299,9 +358,9 @@ public struct SecureAggregationServer: Sendable {
         try party(u)
         guard stage == .advertising else { throw PrivacyError(.protocolViolation, "advertisements are closed; '\(u)' is late") }
         guard advertisements[u] == nil else { throw PrivacyError(.protocolViolation, "'\(u)' advertised twice") }
-        guard a.wellFormed else { throw PrivacyError(.malformed, "the advertisement of '\(u)' is malformed") }
-        let keys = Set(advertisements.values.flatMap { [$0.cipherKey, $0.maskKey] })
-        guard !keys.contains(a.cipherKey), !keys.contains(a.maskKey) else {
+        guard a.wellFormed(sums: setup.sums) else { throw PrivacyError(.malformed, "the advertisement of '\(u)' is malformed") }
+        let keys = Set(advertisements.values.flatMap(\.publicKeys))
+        guard keys.isDisjoint(with: a.publicKeys) else {
             throw PrivacyError(.protocolViolation, "'\(u)' advertised a public key another party already did")
         }
         advertisements[u] = a
@@ -350,52 +409,79 @@ public struct SecureAggregationServer: Sendable {
                 throw PrivacyError(.notEnoughShares, "'\(u)' has \(n) neighbours that shared keys, \(setup.threshold) needed")
             }
         }
-        stage = .collecting
+        stage = .ready
     }
 
     /// The envelopes addressed to `u` by parties that shared.
     public func envelopes(for u: String) throws -> [String: [UInt8]] {
-        guard stage == .collecting || stage == .unmasking, shared.contains(u) else {
+        guard stage == .ready, shared.contains(u) else {
             throw PrivacyError(.protocolViolation, "'\(u)' gets envelopes after sharing its own, once sharing closed")
         }
         return (envelopes[u] ?? [:]).filter { shared.contains($0.key) }
     }
 
-    /// Folds a masked input into the sum (the input itself is not kept).
-    public mutating func receive(maskedInput: [UInt64], from u: String) throws {
+    /// Opens sum `j` of `length` words among `partners` (parties that shared; the phase's workers), each with at
+    /// least `threshold` neighbours among them (the ones asked for its shares).
+    public mutating func open(sum j: Int, partners: Set<String>, length: Int) throws {
+        guard stage == .ready else { throw PrivacyError(.protocolViolation, "a sum opens once sharing closed") }
+        guard j >= 0, j < setup.sums, sums[j] == nil else {
+            throw PrivacyError(.protocolViolation, "sum \(j) is already open or outside the session's \(setup.sums)")
+        }
+        guard length >= 0, partners.isSubset(of: shared) else {
+            throw PrivacyError(.protocolViolation, "sum \(j) names parties that did not share keys: \(partners.subtracting(shared).sorted())")
+        }
+        for u in partners.sorted() {
+            let n = setup.neighbours(of: u).filter(partners.contains).count
+            guard n >= setup.threshold else {
+                throw PrivacyError(.notEnoughShares, "'\(u)' has \(n) neighbours among the \(partners.count) parties of sum \(j), \(setup.threshold) needed to rebuild its secrets")
+            }
+        }
+        sums[j] = Sum(partners: partners, length: length, total: [UInt64](repeating: 0, count: length))
+    }
+
+    /// The partners `u` masks with in sum `j`: its neighbours among the sum's parties.
+    public func partners(of u: String, sum j: Int) throws -> [String] {
+        guard let s = sums[j], s.partners.contains(u) else { throw PrivacyError(.protocolViolation, "'\(u)' is not a party of sum \(j)") }
+        return setup.neighbours(of: u).filter(s.partners.contains)
+    }
+
+    /// Folds a masked input into sum `j` (the input itself is not kept).
+    public mutating func receive(maskedInput: [UInt64], sum j: Int, from u: String) throws {
         try party(u)
-        guard stage == .collecting else { throw PrivacyError(.protocolViolation, "inputs are not being collected; '\(u)' is late") }
-        guard shared.contains(u), !contributed.contains(u) else {
-            throw PrivacyError(.protocolViolation, "'\(u)' sent an input twice or without sharing its keys")
+        guard var s = sums[j], !s.unmasking else { throw PrivacyError(.protocolViolation, "sum \(j) is not collecting inputs; '\(u)' is late") }
+        guard s.partners.contains(u), !s.contributed.contains(u) else {
+            throw PrivacyError(.protocolViolation, "'\(u)' sent an input to sum \(j) twice or without being one of its parties")
         }
-        guard maskedInput.count == setup.length else {
-            throw PrivacyError(.invalidArgument, "'\(u)' sent \(maskedInput.count) words, the session sums \(setup.length)")
+        guard maskedInput.count == s.length else {
+            throw PrivacyError(.invalidArgument, "'\(u)' sent \(maskedInput.count) words, sum \(j) has \(s.length)")
         }
-        for i in sum.indices { sum[i] &+= maskedInput[i] }
-        contributed.insert(u)
+        sums[j] = nil  // no copy of the total while it is updated
+        for i in s.total.indices { s.total[i] &+= maskedInput[i] }
+        s.contributed.insert(u)
+        sums[j] = s
     }
 
-    /// Ends step 3.
-    public mutating func closeInputs() throws {
-        guard stage == .collecting else { throw PrivacyError(.protocolViolation, "inputs are not being collected") }
-        guard !contributed.isEmpty else { throw PrivacyError(.notEnoughShares, "no party sent an input") }
-        stage = .unmasking
+    /// Ends step 3 of sum `j`: no input is taken after this.
+    public mutating func closeInputs(sum j: Int) throws {
+        guard var s = sums[j], !s.unmasking else { throw PrivacyError(.protocolViolation, "sum \(j) is not collecting inputs") }
+        guard !s.contributed.isEmpty else { throw PrivacyError(.notEnoughShares, "no party sent an input to sum \(j)") }
+        s.unmasking = true
+        sums[j] = s
     }
 
-    /// What `u` is asked for: its neighbours that sent inputs, and those that shared but sent none.
-    public func unmaskRequest(for u: String) throws -> UnmaskRequest {
-        guard stage == .unmasking, contributed.contains(u) else {
-            throw PrivacyError(.protocolViolation, "'\(u)' is asked to unmask only after sending its input, once inputs closed")
+    /// What `u` is asked for in sum `j`: its partners that sent inputs, and those that did not.
+    public func unmaskRequest(for u: String, sum j: Int) throws -> UnmaskRequest {
+        guard let s = sums[j], s.unmasking, s.contributed.contains(u) else {
+            throw PrivacyError(.protocolViolation, "'\(u)' is asked to unmask sum \(j) only after sending its input, once inputs closed")
         }
-        let senders = try envelopes(for: u).keys
-        return UnmaskRequest(survivors: senders.filter(contributed.contains).sorted(),
-                             dropped: senders.filter { !contributed.contains($0) }.sorted())
+        let mine = try partners(of: u, sum: j)
+        return UnmaskRequest(survivors: mine.filter(s.contributed.contains), dropped: mine.filter { !s.contributed.contains($0) })
     }
 
-    public mutating func receive(unmask shares: [String: [UInt8]], from u: String) throws {
+    public mutating func receive(unmask shares: [String: [UInt8]], sum j: Int, from u: String) throws {
         try party(u)
-        let request = try unmaskRequest(for: u)
-        guard !unmasked.contains(u) else { throw PrivacyError(.protocolViolation, "'\(u)' answered the unmask step twice") }
+        let request = try unmaskRequest(for: u, sum: j)
+        guard var s = sums[j], !s.unmasked.contains(u) else { throw PrivacyError(.protocolViolation, "'\(u)' answered the unmask step of sum \(j) twice") }
         guard Set(shares.keys) == Set(request.survivors + request.dropped) else {
             throw PrivacyError(.protocolViolation, "'\(u)' returned shares of \(shares.keys.sorted()), not the ones asked")
         }
@@ -408,44 +494,44 @@ public struct SecureAggregationServer: Sendable {
             parsed.append((v, share))
         }
         for (v, share) in parsed {
-            if contributed.contains(v) { selfMaskShares[v, default: []].append(share) } else { maskKeyShares[v, default: []].append(share) }
+            if s.contributed.contains(v) { s.selfMaskShares[v, default: []].append(share) } else { s.maskKeyShares[v, default: []].append(share) }
         }
-        unmasked.insert(u)
+        s.unmasked.insert(u)
+        sums[j] = s
     }
 
-    /// The parties whose secrets cannot be rebuilt yet (fewer than `threshold` shares returned).
-    public var missing: [String] {
-        contributed.filter { (selfMaskShares[$0]?.count ?? 0) < setup.threshold }.sorted()
-            + shared.subtracting(contributed).filter { (maskKeyShares[$0]?.count ?? 0) < setup.threshold }.sorted()
+    /// The parties of sum `j` whose secrets cannot be rebuilt yet (fewer than `threshold` shares returned).
+    public func missing(sum j: Int) -> [String] {
+        guard let s = sums[j] else { return [] }
+        return s.contributed.filter { (s.selfMaskShares[$0]?.count ?? 0) < setup.threshold }.sorted()
+            + s.partners.subtracting(s.contributed).filter { (s.maskKeyShares[$0]?.count ?? 0) < setup.threshold }.sorted()
     }
 
-    /// The unmasked sum of the inputs of `contributed`.
-    public func result() throws -> [UInt64] {
-        guard stage == .unmasking else { throw PrivacyError(.protocolViolation, "the sum is known only in the unmask step") }
-        if let v = missing.first {
-            throw PrivacyError(.notEnoughShares, "too few shares returned to rebuild the secrets of '\(v)' (\(setup.threshold) needed)")
+    /// The unmasked sum of the inputs of sum `j`'s contributors.
+    public func result(sum j: Int) throws -> [UInt64] {
+        guard let s = sums[j], s.unmasking else { throw PrivacyError(.protocolViolation, "sum \(j) is known only in its unmask step") }
+        if let v = missing(sum: j).first {
+            throw PrivacyError(.notEnoughShares, "too few shares returned to rebuild the secrets of '\(v)' in sum \(j) (\(setup.threshold) needed)")
         }
-        var out = sum
-        func subtract(_ mask: [UInt64], _ plus: Bool) {
-            if plus { for i in out.indices { out[i] &-= mask[i] } } else { for i in out.indices { out[i] &+= mask[i] } }
-        }
-        for v in contributed.sorted() {
-            let seed = try? Shamir.combine(selfMaskShares[v]!.sorted { $0.x < $1.x }, threshold: setup.threshold, secretBytes: 32)
-            guard let seed, setup.commitment(v, seed: seed) == advertisements[v]!.commitment else {
-                throw PrivacyError(.verificationFailed, "the self-mask seed rebuilt for '\(v)' is not the one it committed to (a share is corrupt)")
+        var out = s.total
+        for v in s.contributed.sorted() {
+            let seed = try? Shamir.combine(s.selfMaskShares[v]!.sorted { $0.x < $1.x }, threshold: setup.threshold, secretBytes: 32)
+            guard let seed, setup.commitment(v, sum: j, seed: seed) == advertisements[v]!.commitments[j] else {
+                throw PrivacyError(.verificationFailed, "the self-mask seed rebuilt for '\(v)' in sum \(j) is not the one it committed to (a share is corrupt)")
             }
-            subtract(try Primitives.mask(seed: seed, stream: 0, count: setup.length), true)
+            try SecureAggregationClient.apply(try Primitives.mask(seed: seed, stream: UInt64(j), count: s.length), to: &out, adding: false)
         }
-        for v in shared.subtracting(contributed).sorted() {
-            let raw = try? Shamir.combine(maskKeyShares[v]!.sorted { $0.x < $1.x }, threshold: setup.threshold, secretBytes: 32)
+        for v in s.partners.subtracting(s.contributed).sorted() {
+            let raw = try? Shamir.combine(s.maskKeyShares[v]!.sorted { $0.x < $1.x }, threshold: setup.threshold, secretBytes: 32)
             guard let raw, let key = try? Curve25519.KeyAgreement.PrivateKey(rawRepresentation: raw),
-                  Array(key.publicKey.rawRepresentation) == advertisements[v]!.maskKey else {
-                throw PrivacyError(.verificationFailed, "the mask key rebuilt for '\(v)' does not match its public key (a share is corrupt)")
+                  Array(key.publicKey.rawRepresentation) == advertisements[v]!.maskKeys[j] else {
+                throw PrivacyError(.verificationFailed, "the mask key rebuilt for '\(v)' in sum \(j) does not match its public key (a share is corrupt)")
             }
-            // Each neighbour w that sent its input added sign(w, v) · mask(w, v); take it out again.
-            for w in setup.neighbours(of: v) where contributed.contains(w) {
-                let seed = try Primitives.derive(key, advertisements[w]!.maskKey, label: "mask", session: setup.session)
-                subtract(try Primitives.mask(seed: seed, stream: 0, count: setup.length), SecureAggregationSetup.sign(w, v))
+            // Each partner w that sent its input masked with v: w added (or subtracted) their mask; undo it.
+            for w in setup.neighbours(of: v) where s.contributed.contains(w) {
+                let seed = try setup.pairSeed(key, advertisements[w]!.maskKeys[j], sum: j)
+                try SecureAggregationClient.apply(try Primitives.mask(seed: seed, stream: UInt64(j), count: s.length), to: &out,
+                                                  adding: !SecureAggregationSetup.adds(w, v))
             }
         }
         return out
