@@ -50,7 +50,7 @@ let package = Package(
         ),
 
         // Federated rounds: aggregation of workers' reports (pure).
-        .target(name: "WhittleRounds", dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol",
+        .target(name: "WhittleRounds", dependencies: ["WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol", "WhittlePrivacy",
                                                       .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
         // Secure aggregation and differential privacy: protocol logic over swift-crypto's primitives (pure).
         .target(name: "WhittlePrivacy", dependencies: [.product(name: "Crypto", package: "swift-crypto"),
@@ -180,7 +180,7 @@ let package = Package(
                                                                 .product(name: "Hummingbird", package: "hummingbird"),
                                                                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                                                                 .product(name: "X509", package: "swift-certificates")]),
-        .testTarget(name: "WhittleRoundsTests", dependencies: ["WhittleRounds", "WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol", "WhittleTestSupport"]),
+        .testTarget(name: "WhittleRoundsTests", dependencies: ["WhittleRounds", "WhittleTensor", "WhittleONNX", "WhittleNN", "WhittleCompression", "WhittleProtocol", "WhittlePrivacy", "WhittleTestSupport"]),
         .testTarget(name: "WhittleHTTPClientTests", dependencies: ["WhittleHTTPClient", "WhittleTestSupport",
                                                                     .product(name: "Crypto", package: "swift-crypto"),
                                                                     .product(name: "Hummingbird", package: "hummingbird"),

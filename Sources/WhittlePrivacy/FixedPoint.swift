@@ -38,6 +38,22 @@ public struct FixedPoint: Sendable, Equatable {
 
     public func encode(_ values: [Float]) throws -> [UInt64] { try values.map { try encode(Double($0)) } }
 
+    /// A count's word, exactly (no detour through Double): only for f = 0, within the bound.
+    public func encode(count: UInt64) throws -> UInt64 {
+        guard fractionBits == 0, Double(count) <= bound, count < 1 << 62 else {
+            throw PrivacyError(.outOfRange, "the count \(count) is outside the range 0…\(bound) of an integer code")
+        }
+        return count
+    }
+
+    /// The count a word (a sum of encoded counts) stands for, exactly; throws for a negative or wrapped sum.
+    public func decode(count word: UInt64) throws -> UInt64 {
+        guard fractionBits == 0, word < 1 << 63 else {
+            throw PrivacyError(.outOfRange, "a sum of counts decodes to a negative number (the sum wrapped or a report was forged)")
+        }
+        return word
+    }
+
     /// The real number a word (a sum of encoded values) stands for.
     public func decode(_ word: UInt64) -> Double { Double(Int64(bitPattern: word)) / scale }
 }

@@ -107,5 +107,12 @@ func hex(_ s: String) -> [UInt8] {
         #expect(throws: PrivacyError.self) { try FixedPoint(bound: 0, summands: 1) }
         let counts = FixedPoint.counts(bound: 1e12)
         #expect(counts.decode(try counts.encode(123_456_789) &+ (try counts.encode(1))) == 123_456_790)
+        // Counts beyond a Double's 53 bits stay exact on the integer path.
+        let big = FixedPoint.counts(bound: 0x1p60)
+        let c: UInt64 = (1 << 53) + 1
+        #expect(try big.decode(count: try big.encode(count: c) &+ (try big.encode(count: c))) == 2 * c)
+        #expect(throws: PrivacyError.self) { try big.decode(count: 0 &- 1) }
+        #expect(throws: PrivacyError.self) { try counts.encode(count: 1 << 41) }
+        #expect(throws: PrivacyError.self) { try code.encode(count: 1) }
     }
 }

@@ -1,0 +1,139 @@
+import WhittleCompression
+import WhittlePrivacy
+import WhittleProtocol
+import WhittleTensor
+
+/// The additive content of one phase's reports laid out as one vector of the secure-aggregation ring (integers
+/// modulo 2⁶⁴), and the ring sum of such vectors turned back into one report that the phase's aggregate folds like
+/// any other (issue 20). Public: the layout follows from the phase's expectation and the plan's bounds alone, so
+/// every worker and the coordinator derive the same one, and nothing in it depends on a worker's data.
+public struct SecureLayout: Sendable, Equatable {
+    public struct Segment: Sendable, Equatable {
+        public var name: String
+        public var count: Int
+        public var code: FixedPoint
+    }
+
+    public enum Content: Sendable, Equatable {
+        /// Training updates: per parameter Σ n·Δ (Δ clipped to `clipNorm` on the worker), then Σ n and Σ n·loss.
+        case update(shapes: [String: [Int]], clipNorm: Double)
+        /// |x| histograms over the phase's edges: per tensor the bin counts, then the samples.
+        case histograms(upper: [String: Float], bins: Int)
+    }
+
+    public let content: Content
+    public let segments: [Segment]
+    public var length: Int { segments.reduce(0) { $0 + $1.count } }
+
+    /// The largest loss a report's mean may carry into the sum (a loss beyond it is clipped: it is a figure for
+    /// people, not an input of the model).
+    public static let lossBound = 1e6
+
+    /// Training updates of `shapes`, each clipped to `clipNorm`, from at most `summands` workers with at most
+    /// `maximumSamples` samples each.
+    public static func update(shapes: [String: [Int]], clipNorm: Double, maximumSamples: Int, summands: Int) throws -> SecureLayout {
+        guard clipNorm.isFinite, clipNorm > 0 else {
+            throw CompressionError(.invalidArgument, "secure aggregation of training updates needs a positive, finite clip norm (the ring's scale follows from it)")
+        }
+        let samples = Double(max(maximumSamples, 1))
+        let deltas = try Self.wrap { try FixedPoint(bound: clipNorm * samples, summands: summands) }
+        var segments = shapes.keys.sorted().map { Segment(name: $0, count: shapes[$0]!.reduce(1, *), code: deltas) }
+        segments.append(Segment(name: "samples", count: 1, code: .counts(bound: samples)))
+        segments.append(Segment(name: "loss", count: 1, code: try Self.wrap { try FixedPoint(bound: lossBound * samples, summands: summands) }))
+        return SecureLayout(content: .update(shapes: shapes, clipNorm: clipNorm), segments: segments)
+    }
+
+    /// |x| histograms of `bins` bins over [0, upper] per tensor, from reports of at most `maximumSamples` samples
+    /// with at most `maximumValues` values binned per tensor.
+    public static func histograms(upper: [String: Float], bins: Int, maximumSamples: Int, maximumValues: Int) -> SecureLayout {
+        var segments = upper.keys.sorted().map { Segment(name: $0, count: bins, code: .counts(bound: Double(maximumValues))) }
+        segments.append(Segment(name: "samples", count: 1, code: .counts(bound: Double(max(maximumSamples, 1)))))
+        return SecureLayout(content: .histograms(upper: upper, bins: bins), segments: segments)
+    }
+
+    static func wrap<T>(_ body: () throws -> T) throws -> T {
+        do { return try body() } catch let error as PrivacyError { throw CompressionError(.invalidArgument, error.message) }
+    }
+
+    /// A worker's report as its ring vector (what it then masks).
+    public func encode(_ report: Whittle_TaskReport) throws -> [UInt64] {
+        var out: [UInt64] = []
+        out.reserveCapacity(length)
+        switch (content, report.result) {
+        case (.update(_, let clipNorm), .update(let message)?):
+            guard message.compressedDeltas.isEmpty else {
+                throw CompressionError(.invalidArgument, "int8-compressed deltas cannot be summed securely; send float deltas")
+            }
+            let deltas = try message.deltas.mapValues { try $0.decoded() }
+            let n = Double(message.samples)
+            guard message.samples >= 1, n <= segments[segments.count - 2].code.bound, message.loss.isFinite else {
+                throw CompressionError(.invalidArgument, "the update claims \(message.samples) samples (1 to \(Int(segments[segments.count - 2].code.bound))) or a non-finite loss")
+            }
+            let update = clipped(ModelUpdate(deltas: deltas, samples: Int(message.samples)), to: clipNorm)
+            for s in segments.dropLast(2) {
+                guard let t = update.deltas[s.name], t.count == s.count else {
+                    throw CompressionError(.invalidArgument, "the update lacks parameter '\(s.name)' or has another shape")
+                }
+                // |n·δ| ≤ n·‖Δ‖ ≤ n·clipNorm, the segment's bound (up to the rounding of the clipped floats).
+                for v in t.floats { out.append(try Self.wrap { try s.code.encode(max(-s.code.bound, min(s.code.bound, n * Double(v)))) }) }
+            }
+            guard update.deltas.count == segments.count - 2 else {
+                throw CompressionError(.invalidArgument, "the update carries parameters the round does not train")
+            }
+            out.append(try Self.wrap { try segments[segments.count - 2].code.encode(count: message.samples) })
+            out.append(try Self.wrap { try segments[segments.count - 1].code.encode(n * min(message.loss, Self.lossBound)) })
+        case (.histograms(let upper, let bins), .calibration(let message)?):
+            guard message.ranges.isEmpty, Set(message.histograms.keys) == Set(upper.keys) else {
+                throw CompressionError(.invalidArgument, "the report's histograms cover other tensors than the phase's")
+            }
+            for s in segments.dropLast() {
+                let h = try message.histograms[s.name]!.decoded()
+                guard h.lower == 0, h.upper == upper[s.name]!, h.binCount == bins, h.magnitudes else {
+                    throw CompressionError(.invalidArgument, "the histogram of '\(s.name)' is not over the phase's edges")
+                }
+                for c in h.counts { out.append(try Self.wrap { try s.code.encode(count: c) }) }
+            }
+            out.append(try Self.wrap { try segments[segments.count - 1].code.encode(count: message.samples) })
+        default:
+            throw CompressionError(.invalidArgument, "the report is not of the kind this secure layout sums")
+        }
+        return out
+    }
+
+    /// The ring sum of `contributors` workers' vectors as one report: for updates the sample-weighted mean delta
+    /// with the summed samples (folding it into FedAvg gives Σ n·Δ / Σ n, as folding each report would), for
+    /// histograms the summed counts.
+    public func decode(_ sum: [UInt64]) throws -> Whittle_TaskReport {
+        guard sum.count == length else { throw CompressionError(.invalidArgument, "a secure sum of \(sum.count) words; the layout has \(length)") }
+        var report = Whittle_TaskReport()
+        var offset = 0
+        func take(_ s: Segment) -> ArraySlice<UInt64> {
+            defer { offset += s.count }
+            return sum[offset..<(offset + s.count)]
+        }
+        switch content {
+        case .update(let shapes, _):
+            let samples = try Self.wrap { try segments[segments.count - 2].code.decode(count: sum[length - 2]) }
+            guard samples >= 1 else { throw CompressionError(.invalidStatistics, "the secure sum counts no samples") }
+            let n = Double(samples)
+            var message = Whittle_WeightUpdate()
+            for s in segments.dropLast(2) {
+                let values = take(s).map { Float(s.code.decode($0) / n) }
+                message.deltas[s.name] = Whittle_FloatTensor(Tensor(shape: shapes[s.name]!, floats: values))
+            }
+            message.samples = samples
+            message.loss = segments[segments.count - 1].code.decode(sum[length - 1]) / n
+            report.update = message
+        case .histograms(let upper, let bins):
+            var calibration = Whittle_CalibrationReport()
+            for s in segments.dropLast() {
+                let counts = try take(s).map { word in try Self.wrap { try s.code.decode(count: word) } }
+                guard counts.count == bins else { throw CompressionError(.invalidStatistics, "a histogram of \(counts.count) bins") }
+                calibration.histograms[s.name] = Whittle_Histogram(try Histogram(lower: 0, upper: upper[s.name]!, counts: counts, magnitudes: true))
+            }
+            calibration.samples = try Self.wrap { try segments[segments.count - 1].code.decode(count: sum[length - 1]) }
+            report.calibration = calibration
+        }
+        return report
+    }
+}
