@@ -104,7 +104,9 @@ public struct SecureAggregationSetup: Sendable, Equatable {
 
     func envelopeContext(from u: String, to v: String) -> [UInt8] { Primitives.digest([session, Array(u.utf8), Array(v.utf8)]) }
 
-    func commitment(_ u: String, sum: Int, seed: [UInt8]) -> [UInt8] {
+    func commitment(_ u: String, sum: Int, seed: [UInt8]) -> [UInt8] { Self.commitment(session: session, u, sum: sum, seed: seed) }
+
+    static func commitment(session: [UInt8], _ u: String, sum: Int, seed: [UInt8]) -> [UInt8] {
         Primitives.digest([session, Array(u.utf8), Array("\(sum)".utf8), seed])
     }
 
@@ -160,7 +162,11 @@ public struct SecureAggregationClient: Sendable {
     private enum Revealed: Sendable { case selfMask, maskKey }
 
     public let name: String
-    public let setup: SecureAggregationSetup
+    public let session: [UInt8]
+    public let sums: Int
+    /// The session's parties and graph, known from the key-sharing step on (the parties are the ones that
+    /// advertised keys, so they are fixed after this party made its own).
+    public private(set) var setup: SecureAggregationSetup?
     public private(set) var stage = Stage.advertised
     private let cipherKey: Curve25519.KeyAgreement.PrivateKey
     private let maskKeys: [Curve25519.KeyAgreement.PrivateKey]
@@ -173,27 +179,43 @@ public struct SecureAggregationClient: Sendable {
     /// Per sum, which secret's share this party gave out per partner (never both).
     private var revealed: [Int: [String: Revealed]] = [:]
 
-    /// A party's fresh secrets, drawn from `random` (the system's generator outside tests).
-    public init<R: RandomNumberGenerator>(name: String, setup: SecureAggregationSetup, using random: inout R) throws {
-        guard setup.point(of: name) != nil else { throw PrivacyError(.invalidArgument, "'\(name)' is not a party of this session") }
+    /// A party's fresh secrets for `sums` sums of `session`, drawn from `random` (the system's generator outside
+    /// tests).
+    public init<R: RandomNumberGenerator>(name: String, session: [UInt8], sums: Int, using random: inout R) throws {
+        guard !session.isEmpty, sums >= 1, sums <= SecureAggregationSetup.maximumSums else {
+            throw PrivacyError(.invalidArgument, "a session needs a name and 1 to \(SecureAggregationSetup.maximumSums) sums (\(sums) asked)")
+        }
         func bytes() -> [UInt8] { (0..<32).map { _ in UInt8.random(in: 0...255, using: &random) } }
         self.name = name
-        self.setup = setup
+        self.session = session
+        self.sums = sums
         cipherKey = try Curve25519.KeyAgreement.PrivateKey(rawRepresentation: bytes())
-        maskKeys = try (0..<setup.sums).map { _ in try Curve25519.KeyAgreement.PrivateKey(rawRepresentation: bytes()) }
-        seeds = (0..<setup.sums).map { _ in bytes() }
+        maskKeys = try (0..<sums).map { _ in try Curve25519.KeyAgreement.PrivateKey(rawRepresentation: bytes()) }
+        seeds = (0..<sums).map { _ in bytes() }
     }
 
     public var advertisement: Advertisement {
         Advertisement(cipherKey: Array(cipherKey.publicKey.rawRepresentation),
                       maskKeys: maskKeys.map { Array($0.publicKey.rawRepresentation) },
-                      commitments: seeds.enumerated().map { setup.commitment(name, sum: $0.offset, seed: $0.element) })
+                      commitments: seeds.enumerated().map {
+                          SecureAggregationSetup.commitment(session: session, name, sum: $0.offset, seed: $0.element)
+                      })
     }
 
-    /// Step 2: the neighbours' advertisements (as the coordinator relays them) in, one sealed envelope per
-    /// neighbour out (by recipient).
-    public mutating func shareKeys<R: RandomNumberGenerator>(_ advertisements: [String: Advertisement], using random: inout R) throws -> [String: [UInt8]] {
+    /// The setup, once the key-sharing step gave it.
+    private func configured() throws -> SecureAggregationSetup {
+        guard let setup else { throw PrivacyError(.protocolViolation, "\(name) has not shared its keys in this session yet") }
+        return setup
+    }
+
+    /// Step 2: the session's setup (its parties: those that advertised) and the neighbours' advertisements (as the
+    /// coordinator relays them) in, one sealed envelope per neighbour out (by recipient).
+    public mutating func shareKeys<R: RandomNumberGenerator>(_ setup: SecureAggregationSetup, advertisements: [String: Advertisement],
+                                                             using random: inout R) throws -> [String: [UInt8]] {
         guard stage == .advertised else { throw PrivacyError(.protocolViolation, "\(name) has already shared its keys in this session") }
+        guard setup.session == session, setup.sums == sums, setup.point(of: name) != nil else {
+            throw PrivacyError(.protocolViolation, "the setup is of another session, another number of sums, or does not list \(name)")
+        }
         for (v, a) in advertisements {
             guard setup.isNeighbour(name, v) else { throw PrivacyError(.protocolViolation, "'\(v)' is not a neighbour of \(name)") }
             guard a.wellFormed(sums: setup.sums) else { throw PrivacyError(.malformed, "the advertisement of '\(v)' is malformed") }
@@ -219,6 +241,7 @@ public struct SecureAggregationClient: Sendable {
             out[v] = try Primitives.seal(plaintexts[k], key: key, associated: setup.envelopeContext(from: name, to: v))
         }
         peers = advertisements
+        self.setup = setup
         stage = .shared
         return out
     }
@@ -226,6 +249,7 @@ public struct SecureAggregationClient: Sendable {
     /// Step 2, received: the envelopes addressed to this party (by sender), opened and kept.
     public mutating func receive(envelopes: [String: [UInt8]]) throws {
         guard stage == .shared else { throw PrivacyError(.protocolViolation, "\(name) takes its envelopes once, after sharing its keys") }
+        let setup = try configured()
         guard envelopes.count >= setup.threshold else {
             throw PrivacyError(.notEnoughShares, "\(envelopes.count) neighbours of \(name) shared keys, \(setup.threshold) needed")
         }
@@ -253,6 +277,7 @@ public struct SecureAggregationClient: Sendable {
     /// coordinator lists them; at least `threshold`, the parties that can rebuild this party's secrets).
     public mutating func maskedInput(_ input: [UInt64], sum j: Int, partners list: [String]) throws -> [UInt64] {
         guard stage == .ready else { throw PrivacyError(.protocolViolation, "\(name) sends inputs after taking its envelopes") }
+        let setup = try configured()
         guard j >= 0, j < setup.sums else { throw PrivacyError(.invalidArgument, "sum \(j) of a session of \(setup.sums)") }
         guard partners[j] == nil else { throw PrivacyError(.protocolViolation, "\(name) already sent its input to sum \(j)") }
         let chosen = Set(list)
@@ -285,6 +310,7 @@ public struct SecureAggregationClient: Sendable {
     /// or the other way than before, or the survivors are too few to hide one input among them.
     public mutating func unmask(_ request: UnmaskRequest, sum j: Int) throws -> [String: [UInt8]] {
         guard let mine = partners[j] else { throw PrivacyError(.protocolViolation, "\(name) reveals shares of sum \(j) only after sending its input") }
+        let setup = try configured()
         let survivors = Set(request.survivors), dropped = Set(request.dropped)
         guard survivors.count == request.survivors.count, dropped.count == request.dropped.count else {
             throw PrivacyError(.protocolViolation, "an unmask request names a partner twice")

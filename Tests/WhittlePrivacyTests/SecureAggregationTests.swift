@@ -18,7 +18,7 @@ import WhittlePrivacy
             setup = try SecureAggregationSetup(session: Array("round-1".utf8), participants: names, degree: degree, sums: sums)
             server = SecureAggregationServer(setup: setup)
             clients = [:]
-            for n in names { clients[n] = try SecureAggregationClient(name: n, setup: setup, using: &random) }
+            for n in names { clients[n] = try SecureAggregationClient(name: n, session: setup.session, sums: setup.sums, using: &random) }
         }
 
         /// Steps 1 and 2 for every party.
@@ -26,7 +26,7 @@ import WhittlePrivacy
             let names = setup.participants
             for n in names { try server.receive(advertisement: clients[n]!.advertisement, from: n) }
             try server.closeAdvertising()
-            for n in names { try server.receive(envelopes: try clients[n]!.shareKeys(try server.advertisements(for: n), using: &random), from: n) }
+            for n in names { try server.receive(envelopes: try clients[n]!.shareKeys(setup, advertisements: try server.advertisements(for: n), using: &random), from: n) }
             try server.closeSharing()
             for n in names { try clients[n]!.receive(envelopes: try server.envelopes(for: n)) }
         }
@@ -161,7 +161,7 @@ import WhittlePrivacy
         try s.server.closeAdvertising()
         var sealed: [String: [String: [UInt8]]] = [:]
         for n in names {
-            sealed[n] = try s.clients[n]!.shareKeys(try s.server.advertisements(for: n), using: &s.random)
+            sealed[n] = try s.clients[n]!.shareKeys(s.setup, advertisements: try s.server.advertisements(for: n), using: &s.random)
             try s.server.receive(envelopes: sealed[n]!, from: n)
         }
         try s.server.closeSharing()
@@ -186,6 +186,21 @@ import WhittlePrivacy
         }
         let failed = #expect(throws: PrivacyError.self) { try s.server.result(sum: 0) }
         #expect(failed?.code == .verificationFailed)
+    }
+
+    @Test func aPartyTakesOnlyASetupOfItsSessionThatListsIt() throws {
+        // Keys come first; the parties (those that advertised) are known only at the sharing step.
+        var random = SeededGenerator(8)
+        var party = try SecureAggregationClient(name: "camera-9", session: [1, 2], sums: 2, using: &random)
+        #expect(throws: PrivacyError.self) { try party.receive(envelopes: [:]) }
+        let names = (0..<4).map { "camera-\($0)" }
+        for setup in [try SecureAggregationSetup(session: [1, 2], participants: names, sums: 2),
+                      try SecureAggregationSetup(session: [3], participants: names + ["camera-9"], sums: 2),
+                      try SecureAggregationSetup(session: [1, 2], participants: names + ["camera-9"], sums: 1)] {
+            let e = #expect(throws: PrivacyError.self) { try party.shareKeys(setup, advertisements: [:], using: &random) }
+            #expect(e?.code == .protocolViolation)
+        }
+        #expect(throws: PrivacyError.self) { try SecureAggregationClient(name: "camera-9", session: [], sums: 1, using: &random) }
     }
 
     @Test func theCoordinatorRefusesMessagesOutOfOrderOrFromStrangers() throws {

@@ -29,11 +29,11 @@ let secureRelativeTolerance = 1e-5
         var server = SecureAggregationServer(setup: setup)
         var clients: [String: SecureAggregationClient] = [:]
         for n in setup.participants {
-            clients[n] = try SecureAggregationClient(name: n, setup: setup, using: &random)
+            clients[n] = try SecureAggregationClient(name: n, session: setup.session, sums: setup.sums, using: &random)
             try server.receive(advertisement: clients[n]!.advertisement, from: n)
         }
         try server.closeAdvertising()
-        for n in setup.participants { try server.receive(envelopes: try clients[n]!.shareKeys(try server.advertisements(for: n), using: &random), from: n) }
+        for n in setup.participants { try server.receive(envelopes: try clients[n]!.shareKeys(setup, advertisements: try server.advertisements(for: n), using: &random), from: n) }
         try server.closeSharing()
         let length = vectors.first!.value.count
         try server.open(sum: 0, partners: Set(setup.participants), length: length)
