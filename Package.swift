@@ -174,7 +174,7 @@ let package = Package(
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
         .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "SwiftASN1", package: "swift-asn1")]),
         .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
-        .testTarget(name: "WhittlePrivacyTests", dependencies: ["WhittlePrivacy", .product(name: "Crypto", package: "swift-crypto")]),
+        .testTarget(name: "WhittlePrivacyTests", dependencies: ["WhittlePrivacy", "WhittleNN", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "CoordinatorCommands", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport", "WhittleCLI", "WhittleIO", "WhittlePKI",
                                                                 .product(name: "Logging", package: "swift-log"),
                                                                 .product(name: "Hummingbird", package: "hummingbird"),

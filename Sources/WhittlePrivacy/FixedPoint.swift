@@ -36,8 +36,6 @@ public struct FixedPoint: Sendable, Equatable {
         return UInt64(bitPattern: Int64((x * scale).rounded()))
     }
 
-    public func encode(_ values: [Float]) throws -> [UInt64] { try values.map { try encode(Double($0)) } }
-
     /// A count's word, exactly (no detour through Double): only for f = 0, within the bound.
     public func encode(count: UInt64) throws -> UInt64 {
         guard fractionBits == 0, Double(count) <= bound, count < 1 << 62 else {

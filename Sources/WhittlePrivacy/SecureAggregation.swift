@@ -94,10 +94,16 @@ public struct SecureAggregationSetup: Sendable, Equatable {
         return out.sorted()
     }
 
-    /// `u`'s Shamir evaluation point: its place among the parties, from 1.
-    public func point(of u: String) -> UInt64? { participants.firstIndex(of: u).map { UInt64($0 + 1) } }
+    /// `u`'s Shamir evaluation point: its place on the ring, from 1 (nil for a stranger).
+    public func point(of u: String) -> UInt64? { position[u].map { UInt64($0 + 1) } }
 
-    func isNeighbour(_ u: String, _ v: String) -> Bool { u != v && neighbours(of: u).contains(v) }
+    /// Whether `v` is one of `u`'s neighbours, from their places on the ring (what `neighbours(of:)` lists).
+    func isNeighbour(_ u: String, _ v: String) -> Bool {
+        guard u != v, let p = position[u], let q = position[v] else { return false }
+        if degree >= ring.count - 1 { return true }
+        let gap = abs(p - q)
+        return min(gap, ring.count - gap) <= (degree + 1) / 2
+    }
 
     /// Whether `u` adds (rather than subtracts) its pairwise mask with `v`.
     static func adds(_ u: String, _ v: String) -> Bool { u < v }

@@ -88,7 +88,7 @@ public struct SecureLayout: Sendable, Equatable {
             }
             for s in segments.dropLast() {
                 let h = try message.histograms[s.name]!.decoded()
-                guard h.lower == 0, h.upper == upper[s.name]!, h.binCount == bins, h.magnitudes else {
+                guard h.isOverPhaseEdges(upper: upper[s.name]!, bins: bins) else {
                     throw CompressionError(.invalidArgument, "the histogram of '\(s.name)' is not over the phase's edges")
                 }
                 for c in h.counts { out.append(try Self.wrap { try s.code.encode(count: c) }) }

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import WhittlePrivacy
+import WhittleNN
 
 /// The chi-square statistic the samples may reach against the exact probabilities (about 21 bins; a correct
 /// sampler exceeds it with probability below 1e-6, and the seeds are fixed).
@@ -10,7 +11,7 @@ let discreteGaussianChiSquareLimit = 60.0
 @Suite struct DiscreteGaussianTests {
     static func check(sigma: Double, draws: Int, seed: UInt64) throws {
         let d = try DiscreteGaussian(sigma: sigma)
-        var random = SeededGenerator(seed)
+        var random = SplitMix64(seed: seed)
         var counts: [Int64: Int] = [:]
         var sum = 0.0, squares = 0.0
         for _ in 0..<draws {

@@ -1,19 +1,7 @@
 import Crypto
 import Testing
 import WhittlePrivacy
-
-/// A deterministic generator for tests (SplitMix64).
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(_ seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
+import WhittleNN
 
 func hex(_ s: String) -> [UInt8] {
     var out: [UInt8] = []
@@ -88,7 +76,7 @@ func hex(_ s: String) -> [UInt8] {
         let code = try FixedPoint(bound: bound, summands: summands)
         // 1000 · 8 = 2^12.97 → ⌈⌉ 13 → 62 − 13 = 49 fraction bits.
         #expect(code.fractionBits == 49)
-        var random = SeededGenerator(7)
+        var random = SplitMix64(seed: 7)
         let values = (0..<summands).map { _ in Double.random(in: -bound...bound, using: &random) }
         var sum: UInt64 = 0
         for v in values { sum &+= try code.encode(v) }

@@ -1,5 +1,6 @@
 import Testing
 import WhittlePrivacy
+import WhittleNN
 
 /// The secure-aggregation protocol among in-process parties: exact sums with and without dropouts, on complete and
 /// sparse (SecAgg+) neighbour graphs, and the refusals that keep one party's input hidden.
@@ -9,10 +10,10 @@ import WhittlePrivacy
         var server: SecureAggregationServer
         var clients: [String: SecureAggregationClient]
         var length: Int
-        var random: SeededGenerator
+        var random: SplitMix64
 
         init(parties: Int, length: Int, degree: Int? = nil, sums: Int = 1, seed: UInt64 = 0) throws {
-            random = SeededGenerator(seed)
+            random = SplitMix64(seed: seed)
             self.length = length
             let names = (0..<parties).map { "camera-\($0)" }
             setup = try SecureAggregationSetup(session: Array("round-1".utf8), participants: names, degree: degree, sums: sums)
@@ -190,7 +191,7 @@ import WhittlePrivacy
 
     @Test func aPartyTakesOnlyASetupOfItsSessionThatListsIt() throws {
         // Keys come first; the parties (those that advertised) are known only at the sharing step.
-        var random = SeededGenerator(8)
+        var random = SplitMix64(seed: 8)
         var party = try SecureAggregationClient(name: "camera-9", session: [1, 2], sums: 2, using: &random)
         #expect(throws: PrivacyError.self) { try party.receive(envelopes: [:]) }
         let names = (0..<4).map { "camera-\($0)" }

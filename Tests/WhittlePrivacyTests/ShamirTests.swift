@@ -1,5 +1,6 @@
 import Testing
 import WhittlePrivacy
+import WhittleNN
 
 /// Shamir sharing over GF(2⁶¹ − 1): field arithmetic and sharing checked on hand-computed cases, then on random
 /// secrets against every subset of shares.
@@ -15,7 +16,7 @@ import WhittlePrivacy
         #expect(FieldElement.zero.inverse == nil)
         // 2³⁰ · 2³⁰ · 2 = 2⁶¹ ≡ 1.
         #expect((FieldElement(1 << 30) * FieldElement(1 << 30) * FieldElement(2)).value == 1)
-        var random = SeededGenerator(1)
+        var random = SplitMix64(seed: 1)
         for _ in 0..<100 {
             let a = FieldElement(UInt64.random(in: 1..<Self.p, using: &random))
             #expect((a * a.inverse!).value == 1)
@@ -33,7 +34,7 @@ import WhittlePrivacy
     }
 
     @Test func anyThresholdOfSharesRecoversASecretAndFewerDoNot() throws {
-        var random = SeededGenerator(2)
+        var random = SplitMix64(seed: 2)
         let secret = (0..<32).map { _ in UInt8.random(in: 0...255, using: &random) }
         let points: [UInt64] = [3, 5, 9, 10, 11, 40, 77]
         let shares = try Shamir.split(secret, threshold: 5, at: points, using: &random)
@@ -52,7 +53,7 @@ import WhittlePrivacy
     }
 
     @Test func sharesRoundTripAsBytesAndBadBytesAreRefused() throws {
-        var random = SeededGenerator(3)
+        var random = SplitMix64(seed: 3)
         let share = try Shamir.split([1, 2, 3, 4, 5, 6, 7, 8], threshold: 2, at: [4, 6], using: &random)[0]
         #expect(try ShamirShare(bytes: share.bytes) == share)
         for bad in [[UInt8](repeating: 0, count: 16), [1, 2, 3], [UInt8](repeating: 0xff, count: 16), [UInt8](repeating: 1, count: 20)] {

@@ -4,6 +4,7 @@ import WhittlePrivacy
 import WhittleProtocol
 import WhittleRounds
 import WhittleTensor
+import WhittleNN
 
 /// Weights merged under secure aggregation agree with the clear path to this relative error (the ring's fixed
 /// point is far finer; the mean passes once more through Float).
@@ -12,19 +13,8 @@ let secureRelativeTolerance = 1e-5
 /// Reports summed under secure aggregation (encoded by `SecureLayout`, masked and unmasked by the real protocol)
 /// fold into the same aggregate as the clear reports.
 @Suite struct SecureLayoutTests {
-    struct Generator: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     /// The ring sum of `vectors` through the whole protocol among their workers.
-    static func secureSum(_ vectors: [String: [UInt64]], random: inout Generator) throws -> [UInt64] {
+    static func secureSum(_ vectors: [String: [UInt64]], random: inout SplitMix64) throws -> [UInt64] {
         let setup = try SecureAggregationSetup(session: Array("round".utf8), participants: Array(vectors.keys))
         var server = SecureAggregationServer(setup: setup)
         var clients: [String: SecureAggregationClient] = [:]
@@ -47,7 +37,7 @@ let secureRelativeTolerance = 1e-5
     }
 
     @Test func fedAvgUnderSecureAggregationMatchesTheClearMerge() throws {
-        var random = Generator(state: 11)
+        var random = SplitMix64(seed: 11)
         let shapes = ["conv.weight": [4, 3, 3, 3], "conv.bias": [4], "fc.weight": [2, 4]]
         let clipNorm = 2.0
         var reports: [String: Whittle_TaskReport] = [:]
@@ -89,7 +79,7 @@ let secureRelativeTolerance = 1e-5
     }
 
     @Test func histogramsUnderSecureAggregationAreIdentical() throws {
-        var random = Generator(state: 12)
+        var random = SplitMix64(seed: 12)
         let upper: [String: Float] = ["relu1": 6, "relu2": 3.5]
         var reports: [String: Whittle_TaskReport] = [:]
         for k in 0..<6 {

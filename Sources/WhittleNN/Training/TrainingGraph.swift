@@ -426,8 +426,8 @@ public final class TrainingGraph: @unchecked Sendable {
 }
 
 /// A small deterministic generator (SplitMix64): data order, dropout masks and initialisation are reproducible
-/// for a given seed.
-public struct SplitMix64: Sendable {
+/// for a given seed (and, as a `RandomNumberGenerator`, any draw a test needs repeatable).
+public struct SplitMix64: Sendable, RandomNumberGenerator {
     public var state: UInt64
     public init(seed: UInt64) { state = seed }
     public mutating func next() -> UInt64 {

@@ -104,12 +104,19 @@ struct HistogramAggregate: PhaseAggregate {
         for (name, h) in message.histograms {
             let decoded = try h.decoded()
             _ = try decoded.checkedTotal()
-            guard decoded.lower == 0, decoded.upper == e.histogramUpper[name]!, decoded.binCount == e.histogramBins, decoded.magnitudes else {
+            guard decoded.isOverPhaseEdges(upper: e.histogramUpper[name]!, bins: e.histogramBins) else {
                 throw PhaseAccumulator.refuse("the histogram of '\(name)' has edges [\(decoded.lower), \(decoded.upper)] × \(decoded.binCount); the phase broadcast [0, \(e.histogramUpper[name]!)] × \(e.histogramBins)")
             }
             next[name] = try next[name].map { try $0.merged(with: decoded) } ?? decoded
         }
         histograms = next
         return n
+    }
+}
+
+extension Histogram {
+    /// Whether this is a |x| histogram over a histograms phase's edges: [0, `upper`] in `bins` bins.
+    func isOverPhaseEdges(upper: Float, bins: Int) -> Bool {
+        lower == 0 && self.upper == upper && binCount == bins && magnitudes
     }
 }
