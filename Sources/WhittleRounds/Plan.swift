@@ -268,6 +268,11 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     /// Secure aggregation (`--secure-aggregation`, issue 20): the phases whose statistics are sums (`securelySummed`)
     /// are summed under SecAgg+, so the coordinator sees only the sum over the phase's workers. Nil: off.
     public var secureAggregation: Bool?
+    /// A public bound on the activations the export quantizes (`--calibration-range R`): the range pass bins each
+    /// tensor into a signed histogram over [−R, R] (`quantizationPolicy.histogramBins` bins) instead of reporting its
+    /// minimum and maximum, and the range is the outermost non-empty bins' edges (within one bin of the exact one).
+    /// Histograms are sums, so the range pass can be summed securely; a secure round that quantizes needs it.
+    public var calibrationRange: Double?
 
     public init() {}
 
@@ -329,8 +334,11 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         return secureAggregation == true ? Self.secured(out) : out
     }
 
+    /// The phase kinds secure aggregation adds to a plan.
+    public static let secureProtocol: Set<PhaseKind> = [.secureKeys, .secureShares, .unmask]
+
     /// Phase kinds whose reports are summed under secure aggregation.
-    public static let securelySummed: Set<PhaseKind> = [.finetune, .qat, .histograms]
+    public static let securelySummed: Set<PhaseKind> = [.finetune, .qat, .ranges, .histograms]
 
     /// `phases` with secure aggregation: the key exchange before the first securely summed phase, and an unmask
     /// phase after each (same step and iteration).
@@ -410,6 +418,7 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         guard serverMomentum >= 0, serverMomentum < 1 else { throw fail("--server-momentum must be in [0, 1)") }
         guard serverLearningRate > 0, serverLearningRate <= 10 else { throw fail("--server-lr must be in (0, 10]") }
         if let c = clipNorm, !(c > 0 && c.isFinite) { throw fail("--clip-norm must be positive") }
+        if let r = calibrationRange, !(r > 0 && r <= 1e30) { throw fail("--calibration-range must be positive and finite") }
         guard clipMultiple >= 0, clipMultiple <= 1000 else { throw fail("--clip-multiple must be in 0…1000") }
         guard minAgreement >= 0, minAgreement <= 1 else { throw fail("--min-agreement must be in 0…1") }
         guard maxAccuracyDrop >= 0, maxAccuracyDrop <= 1 else { throw fail("--max-accuracy-drop must be in 0…1") }
@@ -424,6 +433,9 @@ public struct RoundPlan: Codable, Sendable, Equatable {
             guard deltaCompression == .none else { throw fail("--secure-aggregation sums float deltas in its ring: drop --compress-deltas") }
             guard minWorkers >= 3 else {
                 throw fail("--secure-aggregation needs --min-workers 3 or more (with two, each worker's input is the sum minus its own)")
+            }
+            guard calibrationRange != nil || !phases.contains(where: { $0.kind == .ranges }) else {
+                throw fail("--secure-aggregation with --quantize \(quantize.rawValue) needs --calibration-range R: a public bound on the activations, so the range pass sums histograms over [-R, R] instead of sending each board's minimum and maximum")
             }
             guard secureSums.count <= SecureAggregationSetup.maximumSums else {
                 throw fail("--secure-aggregation serves at most \(SecureAggregationSetup.maximumSums) secure phases per round; this plan has \(secureSums.count)")

@@ -539,6 +539,9 @@ public nonisolated struct Whittle_SecureTask: Sendable {
 
   public var dropped: [String] = []
 
+  /// The worker's own name in the session (its certificate's common name, as the coordinator knows it).
+  public var party: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1903,7 +1906,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
 
 nonisolated extension Whittle_SecureTask: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SecureTask"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}session\0\u{1}participants\0\u{1}degree\0\u{1}threshold\0\u{1}sums\0\u{1}advertisements\0\u{1}envelopes\0\u{1}sum\0\u{1}partners\0\u{3}clip_norm\0\u{3}maximum_samples\0\u{3}maximum_values\0\u{1}summands\0\u{1}survivors\0\u{1}dropped\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}session\0\u{1}participants\0\u{1}degree\0\u{1}threshold\0\u{1}sums\0\u{1}advertisements\0\u{1}envelopes\0\u{1}sum\0\u{1}partners\0\u{3}clip_norm\0\u{3}maximum_samples\0\u{3}maximum_values\0\u{1}summands\0\u{1}survivors\0\u{1}dropped\0\u{1}party\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1926,6 +1929,7 @@ nonisolated extension Whittle_SecureTask: SwiftProtobuf.Message, SwiftProtobuf._
       case 13: try { try decoder.decodeSingularUInt32Field(value: &self.summands) }()
       case 14: try { try decoder.decodeRepeatedStringField(value: &self.survivors) }()
       case 15: try { try decoder.decodeRepeatedStringField(value: &self.dropped) }()
+      case 16: try { try decoder.decodeSingularStringField(value: &self.party) }()
       default: break
       }
     }
@@ -1977,6 +1981,9 @@ nonisolated extension Whittle_SecureTask: SwiftProtobuf.Message, SwiftProtobuf._
     if !self.dropped.isEmpty {
       try visitor.visitRepeatedStringField(value: self.dropped, fieldNumber: 15)
     }
+    if !self.party.isEmpty {
+      try visitor.visitSingularStringField(value: self.party, fieldNumber: 16)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1996,6 +2003,7 @@ nonisolated extension Whittle_SecureTask: SwiftProtobuf.Message, SwiftProtobuf._
     if lhs.summands != rhs.summands {return false}
     if lhs.survivors != rhs.survivors {return false}
     if lhs.dropped != rhs.dropped {return false}
+    if lhs.party != rhs.party {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
