@@ -179,6 +179,13 @@ enum SecurePhases {
         return try wrap { try SecureAggregationServer(setup: setup, advertisements: advertisements, shared: Set(secure.shared)) }
     }
 
+    /// What every phase after the key exchange expects of the session.
+    static func sessionExpectation(_ secure: SecureProgress) throws -> SecureExpectation {
+        var s = SecureExpectation(session: secure.session, sums: secure.sums)
+        s.setup = try secure.setup()
+        return s
+    }
+
     /// The secure state of a round that needs it.
     static func progress(_ progress: RoundProgress) throws -> SecureProgress {
         guard let secure = progress.secure else {
@@ -196,8 +203,7 @@ enum SecurePhases {
         guard let j = engine.plan.secureSums.firstIndex(where: { engine.plan.phases[$0] == phase }) else {
             throw CompressionError(.invalidArgument, "\(phase.label) is not one of the plan's secure sums")
         }
-        var s = SecureExpectation(session: secure.session, sums: secure.sums)
-        s.setup = try secure.setup()
+        var s = try sessionExpectation(secure)
         s.sum = j
         s.partners = secure.partners(sum: j)
         s.maximumSamples = secure.maximumSamples
@@ -375,11 +381,8 @@ struct SecureSharesPhase: PhaseHandler {
     var overSelected: Bool { false }
 
     func expectation(_ engine: RoundEngine, model: Model, progress: RoundProgress) throws -> PhaseExpectation {
-        let secure = try SecurePhases.progress(progress)
         var e = PhaseExpectation(kind: kind)
-        var s = SecureExpectation(session: secure.session, sums: secure.sums)
-        s.setup = try secure.setup()
-        e.secure = s
+        e.secure = try SecurePhases.sessionExpectation(try SecurePhases.progress(progress))
         return e
     }
 
@@ -457,8 +460,7 @@ struct UnmaskPhase: PhaseHandler {
         let secure = try SecurePhases.progress(progress)
         guard let pending = secure.pending else { throw CompressionError(.invalidStatistics, "no secure sum waits to be unmasked") }
         var e = PhaseExpectation(kind: kind)
-        var s = SecureExpectation(session: secure.session, sums: secure.sums)
-        s.setup = try secure.setup()
+        var s = try SecurePhases.sessionExpectation(secure)
         s.sum = pending.sum
         s.partners = Set(pending.partners)
         s.contributors = Set(pending.contributors)
