@@ -98,7 +98,7 @@ let package = Package(
         .target(
             name: "WhittleAgent",
             dependencies: [
-                "WhittlePKI", "WhittleProtocol", "WhittleHTTPClient", "WhittleIO", "WhittleRounds", "WhittleCompression",
+                "WhittlePKI", "WhittleProtocol", "WhittleHTTPClient", "WhittleIO", "WhittleRounds", "WhittlePrivacy", "WhittleCompression",
                 "WhittleONNX", "WhittleNN", "WhittleTensor",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Crypto", package: "swift-crypto"),

@@ -178,6 +178,8 @@ public struct RoundCommand: ParsableCommand {
         @Option(name: .long, help: "Server learning rate η applied to the averaged delta (or velocity).") var serverLr: Double = 1
         @Option(name: .long, help: "none or int8 (per tensor, error feedback on the worker).") var deltaCompression: String = "none"
         @Option(name: .long, help: "Seed for the workers' shuffling.") var seed: UInt64 = 0
+        @Flag(name: .long, inversion: .prefixedNo, help: "Sum the workers' updates and calibration statistics under secure aggregation (SecAgg+): the coordinator sees only sums (default: the coordinator's secure_aggregation setting; docs/security.md).") var secureAggregation: Bool?
+        @Option(name: .long, help: "A public bound R on the activations: the range pass sums signed histograms over [-R, R] instead of each board's minimum and maximum (needed by --secure-aggregation when quantizing).") var calibrationRange: Double?
         @Option(name: .long, help: "After a search: best-under-budget (the round picks and goes on) or operator (the round waits for coordinator round pick).") var pick: PickRule = .bestUnderBudget
         @Flag(name: .long, help: "Follow the round until it ends.") var wait = false
         @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
@@ -260,6 +262,8 @@ public struct RoundCommand: ParsableCommand {
             p.serverLearningRate = serverLr
             p.deltaCompression = try choice(deltaCompression, "--delta-compression")
             p.seed = seed
+            p.secureAggregation = secureAggregation
+            p.calibrationRange = calibrationRange
             return p
         }
 

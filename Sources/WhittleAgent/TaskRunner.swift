@@ -6,6 +6,7 @@ import WhittleHTTPClient
 import WhittleNN
 import WhittleONNX
 import WhittlePKI
+import WhittlePrivacy
 import WhittleProtocol
 import WhittleRounds
 import WhittleTensor
@@ -37,6 +38,9 @@ package final class TaskRunner {
     package var timing = true
     /// The latency tables this worker measured, kept across restarts.
     package lazy var latencyTables = LatencyTableFiles(directory: layout.file("latency-tables"), log: agentLog)
+    /// This worker's secrets of each secure round's session, by round id (in memory only: a restarted worker sits
+    /// out the rest of the round's secure phases, and its neighbours' shares remove its masks).
+    package var secure: [String: SecureAggregationClient] = [:]
     /// Tasks ("round/phase") finished or given up, so a re-sent task is not computed twice.
     package var finished: Set<String> = []
 
@@ -146,10 +150,16 @@ package final class TaskRunner {
             // time models (`--no-timing`) gets no clock.
             var probe = LatencyProbe(now: { ContinuousClock.now - origin })
             if !handler.timesModels { probe.exclusive = { body in try Self.exclusive(on: Self.evaluationLock, body) } }
+            var client = secure[task.roundID]
             report = try Self.exclusive(on: handler.timesModels ? Self.evaluationLock : nil) {
                 try WorkerJobs.run(task, model: model, teacher: teacher, ewc: ewc, data: local, batchSize: batch,
                                    compressor: &compressor, optimizerState: &state, teacherCache: teacherCache?.cache,
-                                   latency: timing ? probe : nil, latencyTables: latencyTables)
+                                   latency: timing ? probe : nil, latencyTables: latencyTables, secure: &client)
+            }
+            if let client {
+                // One session per round; a new round's keys replace older rounds' secrets.
+                if secure[task.roundID] == nil { secure = [:] }
+                secure[task.roundID] = client
             }
             if handler.trains {
                 optimizerState = state.map { (stateKey, $0) }

@@ -75,9 +75,12 @@ public final class CalibrationCollector {
     }
 
     /// Starts pass 2 with shared edges: a |x| histogram over [0, upper] per tensor (`upper` is the merged absMax).
-    public func beginHistograms(upperBounds: [String: Float], binCount: Int = Histogram.defaultBinCount) throws {
+    /// `signed`: histograms of x over [−upper, upper] rather than of |x| over [0, upper].
+    public func beginHistograms(upperBounds: [String: Float], binCount: Int = Histogram.defaultBinCount, signed: Bool = false) throws {
         histograms = [:]
-        for (name, upper) in upperBounds { histograms[name] = try Histogram(lower: 0, upper: upper, binCount: binCount, magnitudes: true) }
+        for (name, upper) in upperBounds {
+            histograms[name] = try Histogram(lower: signed ? -upper : 0, upper: upper, binCount: binCount, magnitudes: !signed)
+        }
     }
 
     /// Pass 2: adds a batch to the histograms started by `beginHistograms`.

@@ -122,7 +122,7 @@ public struct SecureAggregationSetup: Sendable, Equatable {
     }
 
     /// Bytes of one share as sealed: 8 of point, 8 per 7-byte chunk of a 32-byte secret.
-    static let shareBytes = 8 * (1 + Shamir.chunks(of: 32))
+    public static let shareBytes = 8 * (1 + Shamir.chunks(of: 32))
 }
 
 /// What a party publishes first.
@@ -140,7 +140,8 @@ public struct Advertisement: Sendable, Equatable {
         self.commitments = commitments
     }
 
-    func wellFormed(sums: Int) -> Bool {
+    /// 32-byte keys and commitments, one of each per sum, no key repeated.
+    public func wellFormed(sums: Int) -> Bool {
         cipherKey.count == 32 && maskKeys.count == sums && commitments.count == sums
             && maskKeys.allSatisfy { $0.count == 32 } && commitments.allSatisfy { $0.count == 32 }
             && Set(maskKeys + [cipherKey]).count == sums + 1
@@ -382,6 +383,26 @@ public struct SecureAggregationServer: Sendable {
 
     public init(setup: SecureAggregationSetup) { self.setup = setup }
 
+    /// The coordinator's side after the key exchange, rebuilt from what it kept of it: the advertisements and the
+    /// parties whose envelopes went out (a coordinator restores a session this way for every secure sum, so the
+    /// envelopes need not be kept in memory). Checks what `closeAdvertising` and `closeSharing` checked.
+    public init(setup: SecureAggregationSetup, advertisements: [String: Advertisement], shared: Set<String>) throws {
+        self.setup = setup
+        for (u, a) in advertisements.sorted(by: { $0.key < $1.key }) { try receive(advertisement: a, from: u) }
+        try closeAdvertising()
+        guard shared.isSubset(of: Set(advertisements.keys)) else {
+            throw PrivacyError(.protocolViolation, "parties shared keys without advertising: \(shared.subtracting(advertisements.keys).sorted())")
+        }
+        self.shared = shared
+        for u in shared.sorted() {
+            let n = setup.neighbours(of: u).filter(shared.contains).count
+            guard n >= setup.threshold else {
+                throw PrivacyError(.notEnoughShares, "'\(u)' has \(n) neighbours that shared keys, \(setup.threshold) needed")
+            }
+        }
+        stage = .ready
+    }
+
     private func party(_ u: String) throws {
         guard setup.point(of: u) != nil else { throw PrivacyError(.protocolViolation, "'\(u)' is not a party of this session") }
     }
@@ -490,6 +511,22 @@ public struct SecureAggregationServer: Sendable {
         sums[j] = nil  // no copy of the total while it is updated
         for i in s.total.indices { s.total[i] &+= maskedInput[i] }
         s.contributed.insert(u)
+        sums[j] = s
+    }
+
+    /// Folds the ring sum of several parties' masked inputs into sum `j` at once (a coordinator that kept the running
+    /// total durably rather than each input).
+    public mutating func receive(maskedTotal: [UInt64], sum j: Int, from parties: Set<String>) throws {
+        guard var s = sums[j], !s.unmasking else { throw PrivacyError(.protocolViolation, "sum \(j) is not collecting inputs") }
+        guard parties.isSubset(of: s.partners), s.contributed.isDisjoint(with: parties) else {
+            throw PrivacyError(.protocolViolation, "a total of sum \(j) names parties that are not its partners or already sent inputs")
+        }
+        guard maskedTotal.count == s.length else {
+            throw PrivacyError(.invalidArgument, "a total of \(maskedTotal.count) words, sum \(j) has \(s.length)")
+        }
+        sums[j] = nil
+        for i in s.total.indices { s.total[i] &+= maskedTotal[i] }
+        s.contributed.formUnion(parties)
         sums[j] = s
     }
 

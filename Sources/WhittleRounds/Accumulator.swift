@@ -2,6 +2,7 @@ import Foundation
 import WhittleCompression
 import WhittleNN
 import WhittleONNX
+import WhittlePrivacy
 import WhittleProtocol
 import WhittleTensor
 
@@ -30,6 +31,8 @@ public struct PhaseExpectation: Sendable {
     public var latencyBatch = 0
     public var anchorFractions: [Double] = []
     public var latencyGrid: [LayerLatency] = []
+    /// A phase of a secure round: the session, and for a secure sum its partners and layout.
+    public var secure: SecureExpectation?
 
     public init(kind: PhaseKind) {
         self.kind = kind
@@ -61,8 +64,12 @@ public struct PhaseAccumulator: Sendable {
         self.aggregation = aggregation
         self.clipNorm = clipNorm
         self.trimFraction = trimFraction
-        aggregate = PhaseHandlers.handler(expectation.kind).aggregate(
-            expectation, options: AggregationOptions(method: aggregation, clipNorm: clipNorm, trimFraction: trimFraction))
+        if expectation.secure?.layout != nil, RoundPlan.securelySummed.contains(expectation.kind) {
+            aggregate = MaskedAggregate()
+        } else {
+            aggregate = PhaseHandlers.handler(expectation.kind).aggregate(
+                expectation, options: AggregationOptions(method: aggregation, clipNorm: clipNorm, trimFraction: trimFraction))
+        }
     }
 
     public var reports: Int { workers.count }

@@ -2,6 +2,7 @@ import Foundation
 import WhittleCompression
 import WhittleNN
 import WhittleONNX
+import WhittlePrivacy
 import WhittleProtocol
 import WhittleTensor
 
@@ -48,6 +49,8 @@ public struct RoundProgress: Codable, Sendable {
     /// The boards this round's final model is for (a search that made one model per kind of board); nil: every
     /// board.
     public var audience: BoardAudience?
+    /// The round's secure-aggregation session (`RoundPlan.secureAggregation`), from its key phase on.
+    public var secure: SecureProgress?
 
     public init(plan: RoundPlan, baseModel: String, startModel: String) {
         self.baseModel = baseModel
@@ -166,9 +169,12 @@ public struct BoardAudience: Codable, Sendable, Equatable {
 /// service stores artifacts and state.
 public struct RoundEngine: Sendable {
     public let plan: RoundPlan
+    /// The round's id (a secure round's session is derived from it).
+    public var round: String
 
-    public init(plan: RoundPlan) {
+    public init(plan: RoundPlan, round: String = "") {
         self.plan = plan
+        self.round = round
     }
 
     /// The round that makes the next model of a search over several kinds of board, once `progress`'s round has
@@ -192,7 +198,64 @@ public struct RoundEngine: Sendable {
 
     /// What a worker phase accepts, from the model its tasks carry (the phase kind's handler says).
     public func expectation(_ phase: Phase, model: Model, progress: RoundProgress) throws -> PhaseExpectation {
-        try PhaseHandlers.handler(phase.kind).expectation(self, model: model, progress: progress)
+        var e = try PhaseHandlers.handler(phase.kind).expectation(self, model: model, progress: progress)
+        if plan.secureAggregation == true, RoundPlan.securelySummed.contains(phase.kind) {
+            try SecurePhases.sumExpectation(&e, self, phase: phase, model: model, progress: progress)
+        }
+        return e
+    }
+
+    /// The workers a phase is for, when not every worker that can do it: a secure round's parties, sums' partners
+    /// and contributors. Nil: any worker.
+    public func eligible(_ phase: Phase, progress: RoundProgress) -> Set<String>? {
+        guard plan.secureAggregation == true else { return nil }
+        let secure = progress.secure
+        switch phase.kind {
+        case .secureKeys: return nil
+        case .secureShares: return Set(secure?.parties ?? [])
+        case .unmask: return Set(secure?.pending?.contributors ?? [])
+        case let kind where RoundPlan.securelySummed.contains(kind):
+            guard let secure, let j = plan.secureSums.firstIndex(where: { plan.phases[$0] == phase }) else { return [] }
+            return secure.partners(sum: j)
+        default: return nil
+        }
+    }
+
+    /// The task as one worker receives it: the phase's task (`task`) with what is the worker's own in a secure
+    /// round (its party name, its neighbours' keys, its envelopes, its partners, the shares asked of it).
+    public func personalize(_ task: inout Whittle_Task, worker: String, phase: Phase, progress: RoundProgress,
+                            artifacts: any RoundArtifacts) throws {
+        guard task.hasSecure else { return }
+        task.secure.party = worker
+        guard phase.kind != .secureKeys, let secure = progress.secure else { return }
+        let setup = try secure.setup()
+        let neighbours = setup.neighbours(of: worker)
+        switch phase.kind {
+        case .secureShares:
+            let all = try SecurePhases.advertisements(secure, artifacts)
+            task.secure.advertisements = Dictionary(uniqueKeysWithValues: neighbours.compactMap { v in all[v].map { (v, SecurePhases.message($0)) } })
+        case .unmask:
+            guard let pending = secure.pending else { return }
+            let partners = neighbours.filter(Set(pending.partners).contains)
+            task.secure.partners = partners
+            task.secure.survivors = partners.filter(Set(pending.contributors).contains)
+            task.secure.dropped = partners.filter { !pending.contributors.contains($0) }
+        default:
+            guard let j = plan.secureSums.firstIndex(where: { plan.phases[$0] == phase }) else { return }
+            task.secure.partners = neighbours.filter(secure.partners(sum: j).contains)
+            if let sha = secure.envelopes[worker] {
+                task.secure.envelopes = try Whittle_SecureEnvelopes(serializedBytes: try artifacts.bytes(sha)).envelopes
+            }
+        }
+    }
+
+    /// Closes a worker phase with what it gathered (a secure sum keeps its masked total for the unmask phase).
+    public func close(_ closing: inout PhaseClosing) throws {
+        if let masked = closing.accumulator?.aggregate as? MaskedAggregate {
+            try SecurePhases.closeMasked(&closing, masked)
+        } else {
+            try PhaseHandlers.handler(closing.phase.kind).close(&closing)
+        }
     }
 
     /// The model a phase's tasks carry: the exported one for evaluation and distribution, else the current one.
@@ -214,7 +277,8 @@ public struct RoundEngine: Sendable {
         t.teacherBytes = UInt64(artifactBytes(progress.baseModel))
         t.criterion = plan.importance.rawValue
         t.localEpochs = UInt32(plan.localEpochs)
-        t.seed = plan.seed &+ UInt64(index)
+        // Counted without secure aggregation's own phases, so a secure round shuffles as the same round in the clear.
+        t.seed = plan.seed &+ UInt64(plan.phases[..<min(index, plan.phases.count)].filter { !RoundPlan.secureProtocol.contains($0.kind) }.count)
         t.distill = plan.distill
         t.taskKind = plan.task?.rawValue ?? ""
         t.compressDeltas = plan.deltaCompression == .int8
@@ -232,6 +296,7 @@ public struct RoundEngine: Sendable {
         t.batchSize = UInt32(plan.batchSize)
         t.optimizer = plan.optimizer.rawValue
         PhaseHandlers.handler(phase.kind).configure(&t, self, phase: phase, progress: progress)
+        if let secure = expectation.secure { t.secure = SecurePhases.task(secure) }
         return t
     }
 
@@ -434,7 +499,8 @@ public struct RoundEngine: Sendable {
     public func clipBound(model: Model, trainable: Set<String>, progress: RoundProgress) -> Double? {
         if let fixed = plan.clipNorm { return fixed }
         guard plan.clipMultiple > 0 else { return nil }
-        if let median = progress.updateNormMedian, median > 0 { return plan.clipMultiple * median }
+        // Under secure aggregation no update norm is seen, only the sum's: every phase keeps the first one's rule.
+        if plan.secureAggregation != true, let median = progress.updateNormMedian, median > 0 { return plan.clipMultiple * median }
         var squares = 0.0
         for initializer in model.graph.initializers where trainable.contains(initializer.name) {
             for v in initializer.tensor?.floats ?? [] { squares += Double(v) * Double(v) }

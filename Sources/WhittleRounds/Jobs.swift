@@ -2,6 +2,7 @@ import Foundation
 import WhittleCompression
 import WhittleNN
 import WhittleONNX
+import WhittlePrivacy
 import WhittleProtocol
 import WhittleTensor
 
@@ -41,15 +42,32 @@ public enum WorkerJobs {
                            optimizerState: inout Optimizer.State?,
                            teacherCache: TeacherLogitsCache? = nil, latency: LatencyProbe? = nil,
                            latencyTables: any LatencyTableKeeping = LatencyTableCache.process) throws -> Whittle_TaskReport {
+        var secure: SecureAggregationClient?
+        return try run(task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize, compressor: &compressor,
+                       optimizerState: &optimizerState, teacherCache: teacherCache, latency: latency, latencyTables: latencyTables,
+                       secure: &secure)
+    }
+
+    /// As above, with this worker's secrets of the round's secure-aggregation session (made by the key task, used and
+    /// kept by the tasks after it). In a secure round the report of a securely summed phase leaves as a masked vector.
+    public static func run(_ task: Whittle_Task, model: Model, teacher: Model?, ewc: EWC? = nil, data: Dataset,
+                           batchSize: Int, compressor: inout DeltaCompressor,
+                           optimizerState: inout Optimizer.State?,
+                           teacherCache: TeacherLogitsCache? = nil, latency: LatencyProbe? = nil,
+                           latencyTables: any LatencyTableKeeping = LatencyTableCache.process,
+                           secure: inout SecureAggregationClient?) throws -> Whittle_TaskReport {
         guard let kind = PhaseKind(rawValue: task.kind), !kind.handler.downloadsModel else {
             throw CompressionError(.invalidArgument, "task kind '\(task.kind)' is not computed by WorkerJobs")
         }
         var job = WorkerJob(task: task, model: model, teacher: teacher, ewc: ewc, data: data, batchSize: batchSize,
                             compressor: compressor, optimizerState: optimizerState, teacherCache: teacherCache, latency: latency,
                             latencyTables: latencyTables)
-        let report = try kind.handler.run(&job)
+        job.secure = secure
+        var report = try kind.handler.run(&job)
+        if task.hasSecure, RoundPlan.securelySummed.contains(kind) { report = try SecurePhases.mask(report, job: &job) }
         compressor = job.compressor
         optimizerState = job.optimizerState
+        secure = job.secure
         return report
     }
 

@@ -2,6 +2,7 @@ import Foundation
 import WhittleCompression
 import WhittleNN
 import WhittleONNX
+import WhittlePrivacy
 import WhittleTensor
 
 /// How a fine-tuning phase combines the workers' deltas.
@@ -60,6 +61,12 @@ public enum PhaseKind: String, Codable, Sendable, CaseIterable {
     case evaluate
     /// Workers: download the final model, verify its SHA-256, keep it.
     case distribute
+    /// Workers (secure aggregation): each makes the round's secrets and advertises its public keys.
+    case secureKeys = "secure-keys"
+    /// Workers (secure aggregation): each seals Shamir shares of its secrets for each neighbour.
+    case secureShares = "secure-shares"
+    /// Workers (secure aggregation): after a secure phase, each returns the shares that remove the masks from its sum.
+    case unmask
 
     /// The kind's handler: everything the kind does (`PhaseHandlers.registry`).
     public var handler: any PhaseHandler { PhaseHandlers.handler(self) }
@@ -91,6 +98,8 @@ public struct Phase: Codable, Sendable, Equatable {
         case .qat: return "qat (round \(iteration + 1))"
         case .search: return "search (generation \(iteration + 1))"
         case .normalization: return "batch-norm statistics (step \(step + 1), pass \(iteration + 1))"
+        case .secureKeys: return "secure aggregation: keys"
+        case .secureShares: return "secure aggregation: shares"
         default: return kind.rawValue
         }
     }
@@ -256,6 +265,14 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public var maxAccuracyDrop = 0.25
     public var deltaCompression: DeltaCompression = .none
     public var seed: UInt64 = 0
+    /// Secure aggregation (`--secure-aggregation`, issue 20): the phases whose statistics are sums (`securelySummed`)
+    /// are summed under SecAgg+, so the coordinator sees only the sum over the phase's workers. Nil: off.
+    public var secureAggregation: Bool?
+    /// A public bound on the activations the export quantizes (`--calibration-range R`): the range pass bins each
+    /// tensor into a signed histogram over [−R, R] (`quantizationPolicy.histogramBins` bins) instead of reporting its
+    /// minimum and maximum, and the range is the outermost non-empty bins' edges (within one bin of the exact one).
+    /// Histograms are sums, so the range pass can be summed securely; a secure round that quantizes needs it.
+    public var calibrationRange: Double?
 
     public init() {}
 
@@ -314,7 +331,31 @@ public struct RoundPlan: Codable, Sendable, Equatable {
             for r in 0..<qatRounds { out.append(Phase(.qat, iteration: r)) }
         }
         out += [Phase(.export), Phase(.evaluate), Phase(.distribute)]
+        return secureAggregation == true ? Self.secured(out) : out
+    }
+
+    /// The phase kinds secure aggregation adds to a plan.
+    public static let secureProtocol: Set<PhaseKind> = [.secureKeys, .secureShares, .unmask]
+
+    /// Phase kinds whose reports are summed under secure aggregation.
+    public static let securelySummed: Set<PhaseKind> = [.finetune, .qat, .ranges, .histograms]
+
+    /// `phases` with secure aggregation: the key exchange before the first securely summed phase, and an unmask
+    /// phase after each (same step and iteration).
+    static func secured(_ phases: [Phase]) -> [Phase] {
+        guard let first = phases.firstIndex(where: { securelySummed.contains($0.kind) }) else { return phases }
+        var out = Array(phases[..<first]) + [Phase(.secureKeys), Phase(.secureShares)]
+        for p in phases[first...] {
+            out.append(p)
+            if securelySummed.contains(p.kind) { out.append(Phase(.unmask, step: p.step, iteration: p.iteration)) }
+        }
         return out
+    }
+
+    /// The secure sums of the plan, in order: the index of each securely summed phase in `phases`.
+    public var secureSums: [Int] {
+        guard secureAggregation == true else { return [] }
+        return phases.indices.filter { Self.securelySummed.contains(phases[$0].kind) }
     }
 
     /// The learning rate of fine-tuning round `iteration` of a step at its first local epoch (see
@@ -377,12 +418,28 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         guard serverMomentum >= 0, serverMomentum < 1 else { throw fail("--server-momentum must be in [0, 1)") }
         guard serverLearningRate > 0, serverLearningRate <= 10 else { throw fail("--server-lr must be in (0, 10]") }
         if let c = clipNorm, !(c > 0 && c.isFinite) { throw fail("--clip-norm must be positive") }
+        if let r = calibrationRange, !(r > 0 && r <= 1e30) { throw fail("--calibration-range must be positive and finite") }
         guard clipMultiple >= 0, clipMultiple <= 1000 else { throw fail("--clip-multiple must be in 0…1000") }
         guard minAgreement >= 0, minAgreement <= 1 else { throw fail("--min-agreement must be in 0…1") }
         guard maxAccuracyDrop >= 0, maxAccuracyDrop <= 1 else { throw fail("--max-accuracy-drop must be in 0…1") }
         if let l = ewcLambda {
             guard l > 0, l.isFinite else { throw fail("--ewc must be positive") }
             guard finetuneRounds > 0 else { throw fail("--ewc regularises fine-tuning: give --finetune-rounds") }
+        }
+        if secureAggregation == true {
+            guard aggregation == .fedavg else {
+                throw fail("--secure-aggregation sums updates: it needs --aggregation fedavg (\(aggregation.rawValue) needs every update in the clear)")
+            }
+            guard deltaCompression == .none else { throw fail("--secure-aggregation sums float deltas in its ring: drop --compress-deltas") }
+            guard minWorkers >= 3 else {
+                throw fail("--secure-aggregation needs --min-workers 3 or more (with two, each worker's input is the sum minus its own)")
+            }
+            guard calibrationRange != nil || !phases.contains(where: { $0.kind == .ranges }) else {
+                throw fail("--secure-aggregation with --quantize \(quantize.rawValue) needs --calibration-range R: a public bound on the activations, so the range pass sums histograms over [-R, R] instead of sending each board's minimum and maximum")
+            }
+            guard secureSums.count <= SecureAggregationSetup.maximumSums else {
+                throw fail("--secure-aggregation serves at most \(SecureAggregationSetup.maximumSums) secure phases per round; this plan has \(secureSums.count)")
+            }
         }
     }
 

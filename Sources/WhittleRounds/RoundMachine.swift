@@ -119,6 +119,9 @@ public struct RoundMachine: Sendable {
     /// When the coordinator last started: no worker counts as silent for time the coordinator was down (a worker
     /// backs off up to seconds between retries while it is unreachable).
     public var awakeSince: Date?
+    /// The workers the open phase is for, when not every worker that can do it (`RoundEngine.eligible`: a secure
+    /// round's parties, partners and contributors); nil: any.
+    public var eligible: Set<String>?
 
     public init(id: String, plan: RoundPlan, state: RoundState, phase: Int, phaseStartedAt: Date,
                 assignments: [PhaseAssignment], reported: Set<String>, pollSeconds: Int, audience: BoardAudience? = nil) {
@@ -145,6 +148,9 @@ public struct RoundMachine: Sendable {
     /// receive it.
     func canWork(_ w: WorkerStatus) -> Bool {
         guard w.samples > 0, !(openPhase.kind.trains && !w.labels && !plan.distill) else { return false }
+        if let eligible, !eligible.contains(w.name) { return false }
+        // A secure session's parties are the workers of its sums: one that cannot train sits it out.
+        if openPhase.kind == .secureKeys, !w.labels, !plan.distill, plan.secureSums.contains(where: { plan.phases[$0].kind.trains }) { return false }
         if openPhase.kind == .latency, !w.timesModels { return false }
         if servesAudience, let audience, !audience.includes(w.boardKind) { return false }
         return true
@@ -165,7 +171,7 @@ public struct RoundMachine: Sendable {
         guard state == .running, openPhase.kind.onWorkers, !reported.contains(worker.name) else { return (false, []) }
         if let mine = assignments.first(where: { $0.worker == worker.name }) { return (mine.droppedAt == nil, []) }
         guard canWork(worker) else { return (false, []) }
-        if openPhase.kind.overSelected, let cap = plan.workersPerPhase, active.count >= cap { return (false, []) }
+        if openPhase.kind.overSelected, eligible == nil, let cap = plan.workersPerPhase, active.count >= cap { return (false, []) }
         guard now < deadline else { return (false, []) }
         assignments.append(PhaseAssignment(worker: worker.name, assignedAt: now))
         return (true, [.assign(worker: worker.name, at: now)])
@@ -250,7 +256,7 @@ public struct RoundMachine: Sendable {
         let deadlinePassed = now >= deadline
         // The selection window: long enough for every online worker to poll once, unless every worker that could
         // take the task already has it, or the over-selection cap is reached.
-        let full = openPhase.kind.overSelected && plan.workersPerPhase.map { active.count >= $0 } == true
+        let full = openPhase.kind.overSelected && eligible == nil && plan.workersPerPhase.map { active.count >= $0 } == true
         let holding = Set(active.map(\.worker))
         let waitingFor = workers.filter { w in
             !holding.contains(w.name) && !reported.contains(w.name) && !w.revoked && canWork(w)
@@ -271,6 +277,7 @@ public struct RoundMachine: Sendable {
         let everAssigned = Set(assignments.map(\.worker))
         let couldJoin = workers.filter {
             !$0.revoked && $0.certificateExpiresAt > now && !everAssigned.contains($0.name) && (!servesAudience || audience!.includes($0.boardKind))
+                && eligible?.contains($0.name) != false
         }.count
         let usable = reported.count + active.filter { !reported.contains($0.worker) }.count + couldJoin
         if usable < quorum {

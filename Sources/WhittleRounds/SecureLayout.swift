@@ -17,8 +17,9 @@ public struct SecureLayout: Sendable, Equatable {
     public enum Content: Sendable, Equatable {
         /// Training updates: per parameter Σ n·Δ (Δ clipped to `clipNorm` on the worker), then Σ n and Σ n·loss.
         case update(shapes: [String: [Int]], clipNorm: Double)
-        /// |x| histograms over the phase's edges: per tensor the bin counts, then the samples.
-        case histograms(upper: [String: Float], bins: Int)
+        /// Histograms over the phase's edges: per tensor the bin counts, then the samples. |x| over [0, upper], or
+        /// (`signed`, the range pass under a public range) x over [−upper, upper].
+        case histograms(upper: [String: Float], bins: Int, signed: Bool)
     }
 
     public let content: Content
@@ -43,12 +44,13 @@ public struct SecureLayout: Sendable, Equatable {
         return SecureLayout(content: .update(shapes: shapes, clipNorm: clipNorm), segments: segments)
     }
 
-    /// |x| histograms of `bins` bins over [0, upper] per tensor, from reports of at most `maximumSamples` samples
-    /// with at most `maximumValues` values binned per tensor.
-    public static func histograms(upper: [String: Float], bins: Int, maximumSamples: Int, maximumValues: Int) -> SecureLayout {
+    /// Histograms of `bins` bins per tensor, |x| over [0, upper] (or `signed`, x over [−upper, upper]), from reports
+    /// of at most `maximumSamples` samples with at most `maximumValues` values binned per tensor.
+    public static func histograms(upper: [String: Float], bins: Int, signed: Bool = false, maximumSamples: Int,
+                                  maximumValues: Int) -> SecureLayout {
         var segments = upper.keys.sorted().map { Segment(name: $0, count: bins, code: .counts(bound: Double(maximumValues))) }
         segments.append(Segment(name: "samples", count: 1, code: .counts(bound: Double(max(maximumSamples, 1)))))
-        return SecureLayout(content: .histograms(upper: upper, bins: bins), segments: segments)
+        return SecureLayout(content: .histograms(upper: upper, bins: bins, signed: signed), segments: segments)
     }
 
     static func wrap<T>(_ body: () throws -> T) throws -> T {
@@ -82,13 +84,13 @@ public struct SecureLayout: Sendable, Equatable {
             }
             out.append(try Self.wrap { try segments[segments.count - 2].code.encode(count: message.samples) })
             out.append(try Self.wrap { try segments[segments.count - 1].code.encode(n * min(message.loss, Self.lossBound)) })
-        case (.histograms(let upper, let bins), .calibration(let message)?):
+        case (.histograms(let upper, let bins, let signed), .calibration(let message)?):
             guard message.ranges.isEmpty, Set(message.histograms.keys) == Set(upper.keys) else {
                 throw CompressionError(.invalidArgument, "the report's histograms cover other tensors than the phase's")
             }
             for s in segments.dropLast() {
                 let h = try message.histograms[s.name]!.decoded()
-                guard h.isOverPhaseEdges(upper: upper[s.name]!, bins: bins) else {
+                guard h.isOverPhaseEdges(upper: upper[s.name]!, bins: bins, signed: signed) else {
                     throw CompressionError(.invalidArgument, "the histogram of '\(s.name)' is not over the phase's edges")
                 }
                 for c in h.counts { out.append(try Self.wrap { try s.code.encode(count: c) }) }
@@ -124,12 +126,13 @@ public struct SecureLayout: Sendable, Equatable {
             message.samples = samples
             message.loss = segments[segments.count - 1].code.decode(sum[length - 1]) / n
             report.update = message
-        case .histograms(let upper, let bins):
+        case .histograms(let upper, let bins, let signed):
             var calibration = Whittle_CalibrationReport()
             for s in segments.dropLast() {
                 let counts = try take(s).map { word in try Self.wrap { try s.code.decode(count: word) } }
                 guard counts.count == bins else { throw CompressionError(.invalidStatistics, "a histogram of \(counts.count) bins") }
-                calibration.histograms[s.name] = Whittle_Histogram(try Histogram(lower: 0, upper: upper[s.name]!, counts: counts, magnitudes: true))
+                let u = upper[s.name]!
+                calibration.histograms[s.name] = Whittle_Histogram(try Histogram(lower: signed ? -u : 0, upper: u, counts: counts, magnitudes: !signed))
             }
             calibration.samples = try Self.wrap { try segments[segments.count - 1].code.decode(count: sum[length - 1]) }
             report.calibration = calibration

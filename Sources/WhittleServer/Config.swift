@@ -41,6 +41,8 @@ public struct CoordinatorConfig: Sendable, Equatable {
     /// Days the artifacts of an ended round are kept (the latest succeeded round's are kept regardless); report
     /// blobs of closed phases are deleted at the next collection. Collected hourly and by `coordinator gc`.
     public var retentionDays = 30.0
+    /// Rounds sum their workers' statistics under secure aggregation unless `round start` says otherwise.
+    public var secureAggregation = false
 
     public init() {}
 
@@ -63,6 +65,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
         ("max_connections", "Connections held at once; further connections wait in the listen backlog until one closes."),
         ("upload_memory_limit", "Bytes of report bodies held in flight at once (a single larger report is admitted alone); beyond it: 503 with Retry-After."),
         ("retention_days", "Days an ended round's models stay in artifacts/ (the latest succeeded round's are always kept); report blobs of closed phases are deleted. Collected hourly and by coordinator gc."),
+        ("secure_aggregation", "true: rounds sum their workers' updates and calibration statistics under secure aggregation unless round start says --no-secure-aggregation (docs/security.md)."),
     ]
 
     package var values: [String: String] {
@@ -73,7 +76,8 @@ public struct CoordinatorConfig: Sendable, Equatable {
          "enroll_rate_per_second": "\(enrollRatePerSecond)", "enroll_burst": "\(enrollBurst)", "admin_serial": adminSerial,
          "metrics_token": metricsToken, "idle_timeout_seconds": "\(idleTimeoutSeconds)",
          "body_timeout_seconds": "\(bodyTimeoutSeconds)", "max_connections": "\(maxConnections)",
-         "upload_memory_limit": "\(uploadMemoryLimit)", "retention_days": Self.number(retentionDays)]
+         "upload_memory_limit": "\(uploadMemoryLimit)", "retention_days": Self.number(retentionDays),
+         "secure_aggregation": "\(secureAggregation)"]
     }
 
     /// The file's text, every key with its comment.
@@ -153,6 +157,9 @@ public struct CoordinatorConfig: Sendable, Equatable {
                 throw ServerError(.invalidSetting, "retention_days must be a number of days from 0 to 36500, not '\(value)'")
             }
             retentionDays = v
+        case "secure_aggregation":
+            guard let v = Bool(value) else { throw ServerError(.invalidSetting, "secure_aggregation must be true or false, not '\(value)'") }
+            secureAggregation = v
         default:
             throw ServerError(.unknownSetting, "unknown setting '\(key)' (known: \(Self.documentation.map(\.key).joined(separator: ", ")))")
         }

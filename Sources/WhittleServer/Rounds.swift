@@ -244,6 +244,9 @@ package actor RoundService {
                                    assignments: assignments.map { PhaseAssignment(worker: $0.worker, assignedAt: $0.assignedAt, droppedAt: $0.droppedAt) },
                                    reported: reported, pollSeconds: pollSeconds, audience: try Self.progress(round).audience)
         machine.awakeSince = startedAt
+        if !round.ended {
+            machine.eligible = RoundEngine(plan: plan, round: round.id).eligible(machine.openPhase, progress: try Self.progress(round))
+        }
         return machine
     }
 
@@ -329,7 +332,7 @@ package actor RoundService {
         if let o = open[round.id], o.phase == round.phase { return o }
         let plan = try Self.plan(round), progress = try Self.progress(round)
         let phase = plan.phases[round.phase]
-        let engine = RoundEngine(plan: plan)
+        let engine = RoundEngine(plan: plan, round: round.id)
         let modelSHA = engine.taskModel(phase, progress: progress)
         let expectation = try engine.expectation(phase, model: try model(modelSHA), progress: progress)
         let task = engine.task(phase, index: round.phase, round: round.id, progress: progress, expectation: expectation,
@@ -374,7 +377,13 @@ package actor RoundService {
         var machine = try await self.machine(round)
         let (handOut, actions) = machine.taskRequested(by: Self.status(worker), now: now())
         try await perform(actions, on: &round)
-        return handOut ? o.task : nil
+        guard handOut else { return nil }
+        // A secure round's tasks carry what is the worker's own (its neighbours' keys, its envelopes, its partners).
+        var task = o.task
+        let plan = try Self.plan(round)
+        try RoundEngine(plan: plan, round: round.id).personalize(&task, worker: name, phase: plan.phases[round.phase],
+                                                                 progress: try Self.progress(round), artifacts: artifactStore)
+        return task
     }
 
     /// The largest report `name` may upload now: the open phase's body limit when the worker holds that phase's
@@ -479,7 +488,7 @@ package actor RoundService {
     /// Closes the open worker phase (with its accumulator), runs the coordinator phases that follow, and stores
     /// the round at its next worker phase (or ended) in one durable update.
     func transition(_ round: inout RoundRecord, plan: RoundPlan, progress: inout RoundProgress, closing: OpenPhase?) async throws {
-        let engine = RoundEngine(plan: plan)
+        let engine = RoundEngine(plan: plan, round: round.id)
         let phases = plan.phases
         var index = round.phase
         let first = index
@@ -490,7 +499,7 @@ package actor RoundService {
             let acc = o.accumulator
             var closingPhase = PhaseClosing(engine: engine, phase: phases[index], accumulator: acc, progress: progress,
                                             artifacts: artifactStore)
-            try phases[index].kind.handler.close(&closingPhase)
+            try engine.close(&closingPhase)
             progress = closingPhase.progress
             if phases[index].kind == .latency {
                 // Said, not silently skipped: boards that cannot time models are not in the tables.
@@ -549,9 +558,22 @@ package actor RoundService {
         }
         if round.ended { metrics?.roundEnded(state: round.state) }
         if let followUp { try await startFollowUp(of: round, followUp.plan, followUp.progress) }
+        if closing != nil, phases[first].kind == .unmask, let sum = progress.secure?.closed.last {
+            // The sum is decoded and durable: the masked reports (and the shares that unmasked them) are not needed.
+            try await deleteReportBlobs(round: round.id, phases: [sum.phase, first])
+        }
         workChanged()
         logger.info(round.ended ? "round succeeded" : "phase opened", metadata: [
             "round.id": "\(round.id)", "phase": "\(round.ended ? "-" : phases[index].label)"])
+    }
+
+    /// Deletes the report blobs of closed phases (their rows stay, for the phase table and duplicate detection).
+    func deleteReportBlobs(round: String, phases: [Int]) async throws {
+        for phase in phases {
+            for r in try await store.reports(round: round, phase: phase) {
+                try? FileManager.default.removeItem(at: directory.appendingPathComponent(r.blob))
+            }
+        }
     }
 
     /// The round that makes model `k` of a search over several kinds of board, from any of the search's rounds: the

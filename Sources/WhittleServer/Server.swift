@@ -346,12 +346,14 @@ public enum CoordinatorServer {
         }
         admin.post("/rounds") { request, _ -> Response in
             let bytes = try await body(request, limit: state.config.adminBodyLimit)
-            let plan: RoundPlan
+            var plan: RoundPlan
             do {
                 plan = try RoundPlan.stored(Data(bytes))
             } catch {
                 throw APIError(.badRequest, "malformed_json", "the body is not a round plan: \(error)")
             }
+            // The coordinator's default (`secure_aggregation`) for a plan that does not say.
+            if plan.secureAggregation == nil, state.config.secureAggregation { plan.secureAggregation = true }
             let round = try await state.rounds.start(plan)
             return try json(try await state.rounds.view(round))
         }

@@ -476,11 +476,109 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
     set {_uniqueStorage()._latencyBatch = newValue}
   }
 
+  /// Secure aggregation (issue 20): the session and this task's step of it; absent for a phase in the clear.
+  public var secure: Whittle_SecureTask {
+    get {_storage._secure ?? Whittle_SecureTask()}
+    set {_uniqueStorage()._secure = newValue}
+  }
+  /// Returns true if `secure` has been explicitly set.
+  public var hasSecure: Bool {_storage._secure != nil}
+  /// Clears the value of `secure`. Subsequent reads from it will return its default value.
+  public mutating func clearSecure() {_uniqueStorage()._secure = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// Secure aggregation (Bonawitz et al. with SecAgg+'s neighbour graph; WhittlePrivacy). One session per round serves
+/// the round's secure phases ("sums"): keys and shares are exchanged once (the secure_keys and secure_shares phases),
+/// then every secure phase's report is a masked vector and an unmask phase follows it.
+public nonisolated struct Whittle_SecureTask: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The public setup every party derives alike (SecureAggregationSetup).
+  public var session: Data = Data()
+
+  public var participants: [String] = []
+
+  public var degree: UInt32 = 0
+
+  public var threshold: UInt32 = 0
+
+  public var sums: UInt32 = 0
+
+  /// secure_shares: the neighbours' advertisements, by worker name.
+  public var advertisements: Dictionary<String,Whittle_SecureAdvertisement> = [:]
+
+  /// The round's first secure phase for this worker: the envelopes addressed to it, by sender.
+  public var envelopes: Dictionary<String,Data> = [:]
+
+  /// A secure phase (and its unmask phase): the sum, and the neighbours the worker masks with in it.
+  public var sum: UInt32 = 0
+
+  public var partners: [String] = []
+
+  /// The layout of the sum's vector (SecureLayout): the clip norm of training updates, the most samples a report
+  /// may count, the most values a histogram bin may count, the workers summed.
+  public var clipNorm: Double = 0
+
+  public var maximumSamples: UInt64 = 0
+
+  public var maximumValues: UInt64 = 0
+
+  public var summands: UInt32 = 0
+
+  /// unmask: the partners whose self-mask seed shares are wanted (they sent inputs) and those whose mask key shares
+  /// are wanted (they did not).
+  public var survivors: [String] = []
+
+  public var dropped: [String] = []
+
+  /// The worker's own name in the session (its certificate's common name, as the coordinator knows it).
+  public var party: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// X25519 public keys (32 bytes): one that seals the shares sent to the worker, and per sum one pairwise masks are
+/// agreed from, with a SHA-256 commitment to the sum's self-mask seed.
+public nonisolated struct Whittle_SecureAdvertisement: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var cipherKey: Data = Data()
+
+  public var maskKeys: [Data] = []
+
+  public var commitments: [Data] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// A secure phase's report: the layout's vector plus the worker's masks, modulo 2^64.
+public nonisolated struct Whittle_MaskedVector: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var words: [UInt64] = []
+
+  /// The samples the masked report counts (public: the phase's quorum and sample limits need them).
+  public var samples: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
 }
 
 /// A latency table measured on the worker's hardware (`LatencyTableBuilder`): every Conv, Gemm and MatMul with a
@@ -906,6 +1004,40 @@ public nonisolated struct Whittle_TaskReport: Sendable {
     set {result = .latencyTable(newValue)}
   }
 
+  /// Secure aggregation: the secure_keys phase's advertisement, the secure_shares phase's sealed envelopes (by
+  /// recipient), a secure phase's masked vector, the unmask phase's shares (by owner).
+  public var secureAdvertisement: Whittle_SecureAdvertisement {
+    get {
+      if case .secureAdvertisement(let v)? = result {return v}
+      return Whittle_SecureAdvertisement()
+    }
+    set {result = .secureAdvertisement(newValue)}
+  }
+
+  public var secureEnvelopes: Whittle_SecureEnvelopes {
+    get {
+      if case .secureEnvelopes(let v)? = result {return v}
+      return Whittle_SecureEnvelopes()
+    }
+    set {result = .secureEnvelopes(newValue)}
+  }
+
+  public var masked: Whittle_MaskedVector {
+    get {
+      if case .masked(let v)? = result {return v}
+      return Whittle_MaskedVector()
+    }
+    set {result = .masked(newValue)}
+  }
+
+  public var unmaskShares: Whittle_UnmaskShares {
+    get {
+      if case .unmaskShares(let v)? = result {return v}
+      return Whittle_UnmaskShares()
+    }
+    set {result = .unmaskShares(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Result: Equatable, Sendable {
@@ -917,8 +1049,38 @@ public nonisolated struct Whittle_TaskReport: Sendable {
     case distribution(Whittle_DistributionReport)
     case search(Whittle_SearchScores)
     case latencyTable(Whittle_LatencyTableReport)
+    /// Secure aggregation: the secure_keys phase's advertisement, the secure_shares phase's sealed envelopes (by
+    /// recipient), a secure phase's masked vector, the unmask phase's shares (by owner).
+    case secureAdvertisement(Whittle_SecureAdvertisement)
+    case secureEnvelopes(Whittle_SecureEnvelopes)
+    case masked(Whittle_MaskedVector)
+    case unmaskShares(Whittle_UnmaskShares)
 
   }
+
+  public init() {}
+}
+
+public nonisolated struct Whittle_SecureEnvelopes: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var envelopes: Dictionary<String,Data> = [:]
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Whittle_UnmaskShares: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var shares: Dictionary<String,Data> = [:]
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 }
@@ -1450,7 +1612,7 @@ nonisolated extension Whittle_HeartbeatResponse: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Task"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0\u{3}epoch_learning_rates\0\u{3}keep_optimizer_state\0\u{3}task_kind\0\u{1}candidates\0\u{3}adaptation_batches\0\u{3}latency_batch\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}round_id\0\u{1}phase\0\u{1}kind\0\u{3}model_sha256\0\u{3}model_bytes\0\u{3}teacher_sha256\0\u{3}teacher_bytes\0\u{1}criterion\0\u{3}local_epochs\0\u{3}learning_rate\0\u{1}seed\0\u{1}distill\0\u{3}compress_deltas\0\u{3}ewc_lambda\0\u{3}ewc_sha256\0\u{1}tensors\0\u{3}histogram_upper\0\u{3}histogram_bins\0\u{1}deadline\0\u{3}batch_size\0\u{1}optimizer\0\u{3}activation_min\0\u{3}activation_max\0\u{3}per_channel\0\u{3}reduce_range\0\u{1}augmentation\0\u{3}epoch_learning_rates\0\u{3}keep_optimizer_state\0\u{3}task_kind\0\u{1}candidates\0\u{3}adaptation_batches\0\u{3}latency_batch\0\u{1}secure\0")
 
   fileprivate class _StorageClass {
     var _roundID: String = String()
@@ -1485,6 +1647,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
     var _candidates: [Whittle_ArchitectureWidths] = []
     var _adaptationBatches: UInt32 = 0
     var _latencyBatch: UInt32 = 0
+    var _secure: Whittle_SecureTask? = nil
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -1527,6 +1690,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       _candidates = source._candidates
       _adaptationBatches = source._adaptationBatches
       _latencyBatch = source._latencyBatch
+      _secure = source._secure
     }
   }
 
@@ -1577,6 +1741,7 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         case 30: try { try decoder.decodeRepeatedMessageField(value: &_storage._candidates) }()
         case 31: try { try decoder.decodeSingularUInt32Field(value: &_storage._adaptationBatches) }()
         case 32: try { try decoder.decodeSingularUInt32Field(value: &_storage._latencyBatch) }()
+        case 33: try { try decoder.decodeSingularMessageField(value: &_storage._secure) }()
         default: break
         }
       }
@@ -1585,6 +1750,10 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
       if !_storage._roundID.isEmpty {
         try visitor.visitSingularStringField(value: _storage._roundID, fieldNumber: 1)
       }
@@ -1681,6 +1850,9 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
       if _storage._latencyBatch != 0 {
         try visitor.visitSingularUInt32Field(value: _storage._latencyBatch, fieldNumber: 32)
       }
+      try { if let v = _storage._secure {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 33)
+      } }()
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1722,10 +1894,191 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
         if _storage._candidates != rhs_storage._candidates {return false}
         if _storage._adaptationBatches != rhs_storage._adaptationBatches {return false}
         if _storage._latencyBatch != rhs_storage._latencyBatch {return false}
+        if _storage._secure != rhs_storage._secure {return false}
         return true
       }
       if !storagesAreEqual {return false}
     }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_SecureTask: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SecureTask"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}session\0\u{1}participants\0\u{1}degree\0\u{1}threshold\0\u{1}sums\0\u{1}advertisements\0\u{1}envelopes\0\u{1}sum\0\u{1}partners\0\u{3}clip_norm\0\u{3}maximum_samples\0\u{3}maximum_values\0\u{1}summands\0\u{1}survivors\0\u{1}dropped\0\u{1}party\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.session) }()
+      case 2: try { try decoder.decodeRepeatedStringField(value: &self.participants) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.degree) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.threshold) }()
+      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.sums) }()
+      case 6: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_SecureAdvertisement>.self, value: &self.advertisements) }()
+      case 7: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: &self.envelopes) }()
+      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.sum) }()
+      case 9: try { try decoder.decodeRepeatedStringField(value: &self.partners) }()
+      case 10: try { try decoder.decodeSingularDoubleField(value: &self.clipNorm) }()
+      case 11: try { try decoder.decodeSingularUInt64Field(value: &self.maximumSamples) }()
+      case 12: try { try decoder.decodeSingularUInt64Field(value: &self.maximumValues) }()
+      case 13: try { try decoder.decodeSingularUInt32Field(value: &self.summands) }()
+      case 14: try { try decoder.decodeRepeatedStringField(value: &self.survivors) }()
+      case 15: try { try decoder.decodeRepeatedStringField(value: &self.dropped) }()
+      case 16: try { try decoder.decodeSingularStringField(value: &self.party) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.session.isEmpty {
+      try visitor.visitSingularBytesField(value: self.session, fieldNumber: 1)
+    }
+    if !self.participants.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.participants, fieldNumber: 2)
+    }
+    if self.degree != 0 {
+      try visitor.visitSingularUInt32Field(value: self.degree, fieldNumber: 3)
+    }
+    if self.threshold != 0 {
+      try visitor.visitSingularUInt32Field(value: self.threshold, fieldNumber: 4)
+    }
+    if self.sums != 0 {
+      try visitor.visitSingularUInt32Field(value: self.sums, fieldNumber: 5)
+    }
+    if !self.advertisements.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_SecureAdvertisement>.self, value: self.advertisements, fieldNumber: 6)
+    }
+    if !self.envelopes.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: self.envelopes, fieldNumber: 7)
+    }
+    if self.sum != 0 {
+      try visitor.visitSingularUInt32Field(value: self.sum, fieldNumber: 8)
+    }
+    if !self.partners.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.partners, fieldNumber: 9)
+    }
+    if self.clipNorm.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.clipNorm, fieldNumber: 10)
+    }
+    if self.maximumSamples != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maximumSamples, fieldNumber: 11)
+    }
+    if self.maximumValues != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maximumValues, fieldNumber: 12)
+    }
+    if self.summands != 0 {
+      try visitor.visitSingularUInt32Field(value: self.summands, fieldNumber: 13)
+    }
+    if !self.survivors.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.survivors, fieldNumber: 14)
+    }
+    if !self.dropped.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.dropped, fieldNumber: 15)
+    }
+    if !self.party.isEmpty {
+      try visitor.visitSingularStringField(value: self.party, fieldNumber: 16)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_SecureTask, rhs: Whittle_SecureTask) -> Bool {
+    if lhs.session != rhs.session {return false}
+    if lhs.participants != rhs.participants {return false}
+    if lhs.degree != rhs.degree {return false}
+    if lhs.threshold != rhs.threshold {return false}
+    if lhs.sums != rhs.sums {return false}
+    if lhs.advertisements != rhs.advertisements {return false}
+    if lhs.envelopes != rhs.envelopes {return false}
+    if lhs.sum != rhs.sum {return false}
+    if lhs.partners != rhs.partners {return false}
+    if lhs.clipNorm != rhs.clipNorm {return false}
+    if lhs.maximumSamples != rhs.maximumSamples {return false}
+    if lhs.maximumValues != rhs.maximumValues {return false}
+    if lhs.summands != rhs.summands {return false}
+    if lhs.survivors != rhs.survivors {return false}
+    if lhs.dropped != rhs.dropped {return false}
+    if lhs.party != rhs.party {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_SecureAdvertisement: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SecureAdvertisement"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}cipher_key\0\u{3}mask_keys\0\u{1}commitments\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.cipherKey) }()
+      case 2: try { try decoder.decodeRepeatedBytesField(value: &self.maskKeys) }()
+      case 3: try { try decoder.decodeRepeatedBytesField(value: &self.commitments) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.cipherKey.isEmpty {
+      try visitor.visitSingularBytesField(value: self.cipherKey, fieldNumber: 1)
+    }
+    if !self.maskKeys.isEmpty {
+      try visitor.visitRepeatedBytesField(value: self.maskKeys, fieldNumber: 2)
+    }
+    if !self.commitments.isEmpty {
+      try visitor.visitRepeatedBytesField(value: self.commitments, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_SecureAdvertisement, rhs: Whittle_SecureAdvertisement) -> Bool {
+    if lhs.cipherKey != rhs.cipherKey {return false}
+    if lhs.maskKeys != rhs.maskKeys {return false}
+    if lhs.commitments != rhs.commitments {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_MaskedVector: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".MaskedVector"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}words\0\u{1}samples\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedFixed64Field(value: &self.words) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.samples) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.words.isEmpty {
+      try visitor.visitPackedFixed64Field(value: self.words, fieldNumber: 1)
+    }
+    if self.samples != 0 {
+      try visitor.visitSingularUInt64Field(value: self.samples, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_MaskedVector, rhs: Whittle_MaskedVector) -> Bool {
+    if lhs.words != rhs.words {return false}
+    if lhs.samples != rhs.samples {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2394,7 +2747,7 @@ nonisolated extension Whittle_DistributionReport: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".TaskReport"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}round_id\0\u{1}phase\0\u{3}upload_id\0\u{3}bytes_down\0\u{3}compute_seconds\0\u{2}\u{4}importance\0\u{1}calibration\0\u{1}update\0\u{1}fisher\0\u{1}evaluation\0\u{1}distribution\0\u{1}search\0\u{3}latency_table\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}round_id\0\u{1}phase\0\u{3}upload_id\0\u{3}bytes_down\0\u{3}compute_seconds\0\u{2}\u{4}importance\0\u{1}calibration\0\u{1}update\0\u{1}fisher\0\u{1}evaluation\0\u{1}distribution\0\u{1}search\0\u{3}latency_table\0\u{3}secure_advertisement\0\u{3}secure_envelopes\0\u{1}masked\0\u{3}unmask_shares\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2512,6 +2865,58 @@ nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._
           self.result = .latencyTable(v)
         }
       }()
+      case 18: try {
+        var v: Whittle_SecureAdvertisement?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .secureAdvertisement(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .secureAdvertisement(v)
+        }
+      }()
+      case 19: try {
+        var v: Whittle_SecureEnvelopes?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .secureEnvelopes(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .secureEnvelopes(v)
+        }
+      }()
+      case 20: try {
+        var v: Whittle_MaskedVector?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .masked(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .masked(v)
+        }
+      }()
+      case 21: try {
+        var v: Whittle_UnmaskShares?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .unmaskShares(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .unmaskShares(v)
+        }
+      }()
       default: break
       }
     }
@@ -2573,6 +2978,22 @@ nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._
       guard case .latencyTable(let v)? = self.result else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
     }()
+    case .secureAdvertisement?: try {
+      guard case .secureAdvertisement(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 18)
+    }()
+    case .secureEnvelopes?: try {
+      guard case .secureEnvelopes(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
+    }()
+    case .masked?: try {
+      guard case .masked(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+    }()
+    case .unmaskShares?: try {
+      guard case .unmaskShares(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -2586,6 +3007,66 @@ nonisolated extension Whittle_TaskReport: SwiftProtobuf.Message, SwiftProtobuf._
     if lhs.bytesDown != rhs.bytesDown {return false}
     if lhs.computeSeconds != rhs.computeSeconds {return false}
     if lhs.result != rhs.result {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_SecureEnvelopes: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SecureEnvelopes"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}envelopes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: &self.envelopes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.envelopes.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: self.envelopes, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_SecureEnvelopes, rhs: Whittle_SecureEnvelopes) -> Bool {
+    if lhs.envelopes != rhs.envelopes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Whittle_UnmaskShares: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".UnmaskShares"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}shares\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: &self.shares) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.shares.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: self.shares, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Whittle_UnmaskShares, rhs: Whittle_UnmaskShares) -> Bool {
+    if lhs.shares != rhs.shares {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

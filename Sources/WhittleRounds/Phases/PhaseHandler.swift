@@ -2,6 +2,7 @@ import Foundation
 import WhittleCompression
 import WhittleNN
 import WhittleONNX
+import WhittlePrivacy
 import WhittleProtocol
 import WhittleTensor
 
@@ -62,6 +63,8 @@ public struct WorkerJob {
     public var latency: LatencyProbe?
     /// The latency tables this worker measured before (the agent keeps them on disk across restarts).
     public var latencyTables: any LatencyTableKeeping
+    /// This worker's secrets of the round's secure-aggregation session (the agent keeps them in memory only).
+    public var secure: SecureAggregationClient?
 
     public init(task: Whittle_Task, model: Model, teacher: Model?, ewc: WorkerJobs.EWC? = nil, data: Dataset, batchSize: Int,
                 compressor: DeltaCompressor = DeltaCompressor(), optimizerState: Optimizer.State? = nil,
@@ -141,7 +144,7 @@ public enum PhaseHandlers {
         let handlers: [any PhaseHandler] = [
             FisherPhase(), ImportancePhase(), PrunePhase(), TrainingPhase(.finetune), NormalizationPhase(), FoldPhase(),
             RangesPhase(), HistogramsPhase(), ExportPhase(), TrainingPhase(.qat), EvaluatePhase(), DistributePhase(),
-            LatencyPhase(), SearchPhase(), FinalistsPhase(), PickPhase(),
+            LatencyPhase(), SearchPhase(), FinalistsPhase(), PickPhase(), SecureKeysPhase(), SecureSharesPhase(), UnmaskPhase(),
         ]
         return Dictionary(uniqueKeysWithValues: handlers.map { ($0.kind, $0) })
     }()
