@@ -15,8 +15,10 @@ public struct SecureLayout: Sendable, Equatable {
     }
 
     public enum Content: Sendable, Equatable {
-        /// Training updates: per parameter Σ n·Δ (Δ clipped to `clipNorm` on the worker), then Σ n and Σ n·loss.
-        case update(shapes: [String: [Int]], clipNorm: Double)
+        /// Training updates: per parameter Σ n·Δ (Δ clipped to `clipNorm` on the worker), then Σ n and Σ n·loss. With
+        /// `noise` (differential privacy), unweighted: Σ of each worker's rounded, noised Δ / granularity, then the
+        /// number of workers, and no loss (0).
+        case update(shapes: [String: [Int]], clipNorm: Double, noise: NoiseParameters?)
         /// Histograms over the phase's edges: per tensor the bin counts, then the samples. |x| over [0, upper], or
         /// (`signed`, the range pass under a public range) x over [−upper, upper].
         case histograms(upper: [String: Float], bins: Int, signed: Bool)
@@ -32,16 +34,27 @@ public struct SecureLayout: Sendable, Equatable {
 
     /// Training updates of `shapes`, each clipped to `clipNorm`, from at most `summands` workers with at most
     /// `maximumSamples` samples each.
-    public static func update(shapes: [String: [Int]], clipNorm: Double, maximumSamples: Int, summands: Int) throws -> SecureLayout {
+    public static func update(shapes: [String: [Int]], clipNorm: Double, maximumSamples: Int, summands: Int,
+                              noise: NoiseParameters? = nil) throws -> SecureLayout {
         guard clipNorm.isFinite, clipNorm > 0 else {
             throw CompressionError(.invalidArgument, "secure aggregation of training updates needs a positive, finite clip norm (the ring's scale follows from it)")
         }
         let samples = Double(max(maximumSamples, 1))
-        let deltas = try Self.wrap { try FixedPoint(bound: clipNorm * samples, summands: summands) }
+        let deltas: FixedPoint
+        if let noise {
+            // Integers (the rounded, noised steps): exact in the ring as long as the summands' bounds fit.
+            let bound = DifferentialPrivacy.coordinateBound(noise)
+            guard noise.granularity > 0, noise.sigma > 0, Double(summands) * bound < 0x1p62 else {
+                throw CompressionError(.invalidArgument, "\(summands) noisy updates of coordinates up to \(bound) steps do not fit the 64-bit ring")
+            }
+            deltas = FixedPoint(fractionBits: 0, bound: bound)
+        } else {
+            deltas = try Self.wrap { try FixedPoint(bound: clipNorm * samples, summands: summands) }
+        }
         var segments = shapes.keys.sorted().map { Segment(name: $0, count: shapes[$0]!.reduce(1, *), code: deltas) }
-        segments.append(Segment(name: "samples", count: 1, code: .counts(bound: samples)))
+        segments.append(Segment(name: "samples", count: 1, code: .counts(bound: noise == nil ? samples : 1)))
         segments.append(Segment(name: "loss", count: 1, code: try Self.wrap { try FixedPoint(bound: lossBound * samples, summands: summands) }))
-        return SecureLayout(content: .update(shapes: shapes, clipNorm: clipNorm), segments: segments)
+        return SecureLayout(content: .update(shapes: shapes, clipNorm: clipNorm, noise: noise), segments: segments)
     }
 
     /// Histograms of `bins` bins per tensor, |x| over [0, upper] (or `signed`, x over [−upper, upper]), from reports
@@ -59,10 +72,34 @@ public struct SecureLayout: Sendable, Equatable {
 
     /// A worker's report as its ring vector (what it then masks).
     public func encode(_ report: Whittle_TaskReport) throws -> [UInt64] {
+        var random = SystemRandomNumberGenerator()
+        return try encode(report, using: &random)
+    }
+
+    /// As above; `random` rounds and noises a differentially private update.
+    public func encode<R: RandomNumberGenerator>(_ report: Whittle_TaskReport, using random: inout R) throws -> [UInt64] {
         var out: [UInt64] = []
         out.reserveCapacity(length)
         switch (content, report.result) {
-        case (.update(_, let clipNorm), .update(let message)?):
+        case (.update(_, let clipNorm, let noise?), .update(let message)?):
+            guard message.compressedDeltas.isEmpty, message.samples >= 1 else {
+                throw CompressionError(.invalidArgument, "a private update needs float deltas and at least one sample")
+            }
+            let update = clipped(ModelUpdate(deltas: try message.deltas.mapValues { try $0.decoded() }, samples: Int(message.samples)), to: clipNorm)
+            guard update.deltas.count == segments.count - 2 else {
+                throw CompressionError(.invalidArgument, "the update carries parameters the round does not train")
+            }
+            var values: [Double] = []
+            values.reserveCapacity(length)
+            for s in segments.dropLast(2) {
+                guard let t = update.deltas[s.name], t.count == s.count else {
+                    throw CompressionError(.invalidArgument, "the update lacks parameter '\(s.name)' or has another shape")
+                }
+                values += t.floats.map(Double.init)
+            }
+            out = try DifferentialPrivacy.noisy(values, noise, using: &random).map { UInt64(bitPattern: $0) }
+            out += [1, 0]  // one worker; no loss leaves a private round
+        case (.update(_, let clipNorm, nil), .update(let message)?):
             guard message.compressedDeltas.isEmpty else {
                 throw CompressionError(.invalidArgument, "int8-compressed deltas cannot be summed securely; send float deltas")
             }
@@ -114,13 +151,15 @@ public struct SecureLayout: Sendable, Equatable {
             return sum[offset..<(offset + s.count)]
         }
         switch content {
-        case .update(let shapes, _):
+        case .update(let shapes, _, let noise):
             let samples = try Self.wrap { try segments[segments.count - 2].code.decode(count: sum[length - 2]) }
             guard samples >= 1 else { throw CompressionError(.invalidStatistics, "the secure sum counts no samples") }
             let n = Double(samples)
+            // A private sum is in rounding steps, one per worker: the mean of the workers' noised updates.
+            let step = noise?.granularity ?? 1
             var message = Whittle_WeightUpdate()
             for s in segments.dropLast(2) {
-                let values = take(s).map { Float(s.code.decode($0) / n) }
+                let values = take(s).map { Float(s.code.decode($0) * step / n) }
                 message.deltas[s.name] = Whittle_FloatTensor(Tensor(shape: shapes[s.name]!, floats: values))
             }
             message.samples = samples

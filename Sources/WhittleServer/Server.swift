@@ -128,7 +128,8 @@ package final class ServerState: Sendable {
         let metrics = CoordinatorMetrics()
         self.metrics = metrics
         rounds = try RoundService(store: store, directory: directory, artifacts: artifacts, pollSeconds: config.heartbeatSeconds,
-                                  logger: logger, metrics: metrics)
+                                  logger: logger, metrics: metrics,
+                                  privacyBudget: config.privacyBudget > 0 ? PrivacyPlan(epsilon: config.privacyBudget, delta: config.privacyDelta) : nil)
         self.store = store
         self.trust = trust
         self.config = config

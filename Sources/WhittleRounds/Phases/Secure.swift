@@ -88,6 +88,8 @@ public struct SecureExpectation: Sendable {
     public var partners: Set<String> = []
     public var layout: SecureLayout?
     public var clipNorm = 0.0
+    /// A private round's training sums: the noise each worker adds.
+    public var noise: NoiseParameters?
     public var maximumSamples = 0
     public var maximumValues = 0
     /// unmask: the partners that sent inputs.
@@ -121,6 +123,11 @@ enum SecurePhases {
         }
         t.sum = UInt32(e.sum)
         t.clipNorm = e.clipNorm
+        if let noise = e.noise {
+            t.dpGranularity = noise.granularity
+            t.dpSigma = noise.sigma
+            t.dpL2 = noise.l2
+        }
         t.maximumSamples = UInt64(e.maximumSamples)
         t.maximumValues = UInt64(e.maximumValues)
         t.summands = UInt32(e.partners.count)
@@ -142,10 +149,10 @@ enum SecurePhases {
     }
 
     /// The layout of a securely summed phase's vector, from its expectation and the session's public bounds.
-    static func layout(_ e: PhaseExpectation, clipNorm: Double, maximumSamples: Int, summands: Int) throws -> SecureLayout {
+    static func layout(_ e: PhaseExpectation, clipNorm: Double, maximumSamples: Int, summands: Int, noise: NoiseParameters? = nil) throws -> SecureLayout {
         switch e.kind {
         case .finetune, .qat:
-            return try SecureLayout.update(shapes: e.shapes, clipNorm: clipNorm, maximumSamples: maximumSamples, summands: summands)
+            return try SecureLayout.update(shapes: e.shapes, clipNorm: clipNorm, maximumSamples: maximumSamples, summands: summands, noise: noise)
         case .ranges, .histograms:
             return SecureLayout.histograms(upper: e.histogramUpper, bins: e.histogramBins, signed: e.kind == .ranges,
                                            maximumSamples: maximumSamples,
@@ -213,8 +220,12 @@ enum SecurePhases {
                 throw CompressionError(.invalidArgument, "secure aggregation of training updates needs a clip norm (--clip-norm, or --clip-multiple above 0)")
             }
             s.clipNorm = clip
+            if engine.plan.privacy != nil {
+                guard let privacy = progress.privacy else { throw CompressionError(.invalidStatistics, "a private round started without its noise") }
+                s.noise = privacy.noise
+            }
         }
-        s.layout = try layout(e, clipNorm: s.clipNorm, maximumSamples: s.maximumSamples, summands: max(s.partners.count, 1))
+        s.layout = try layout(e, clipNorm: s.clipNorm, maximumSamples: s.maximumSamples, summands: max(s.partners.count, 1), noise: s.noise)
         e.secure = s
     }
 
@@ -245,7 +256,9 @@ enum SecurePhases {
         e.shapes = updateShapes(job.model)
         e.histogramUpper = job.task.histogramUpper
         e.histogramBins = Int(job.task.histogramBins)
-        let layout = try layout(e, clipNorm: t.clipNorm, maximumSamples: Int(clamping: t.maximumSamples), summands: Int(max(t.summands, 1)))
+        let noise = t.dpSigma > 0 ? NoiseParameters(granularity: t.dpGranularity, sigma: t.dpSigma, l2: t.dpL2) : nil
+        let layout = try layout(e, clipNorm: t.clipNorm, maximumSamples: Int(clamping: t.maximumSamples), summands: Int(max(t.summands, 1)),
+                                noise: noise)
         var samples: UInt64 = 0
         switch report.result {
         case .update(let m)?: samples = m.samples
