@@ -341,7 +341,7 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public static let secureProtocol: Set<PhaseKind> = [.secureKeys, .secureShares, .unmask]
 
     /// Phase kinds whose reports are summed under secure aggregation.
-    public static let securelySummed: Set<PhaseKind> = [.finetune, .qat, .ranges, .histograms]
+    public static let securelySummed: Set<PhaseKind> = [.fisher, .importance, .finetune, .normalization, .qat, .ranges, .histograms]
 
     /// `phases` with secure aggregation: the key exchange before the first securely summed phase, and an unmask
     /// phase after each (same step and iteration).

@@ -22,7 +22,21 @@ public struct SecureLayout: Sendable, Equatable {
         /// Histograms over the phase's edges: per tensor the bin counts, then the samples. |x| over [0, upper], or
         /// (`signed`, the range pass under a public range) x over [−upper, upper].
         case histograms(upper: [String: Float], bins: Int, signed: Bool)
+        /// Per-channel statistics (activation and APoZ importance, batch-norm statistics): per tensor the sums, sums
+        /// of absolute values and of squares, the zero counts and the values per channel; then the samples.
+        case channels([String: Int])
+        /// Taylor importance: per parameter the gradient sums; then the samples.
+        case gradients([String: [Int]])
+        /// The Fisher phase: per parameter the sums of squared gradients; then the samples.
+        case fisher([String: [Int]])
     }
+
+    /// Public bounds on one report's sums of statistics that have no natural bound: a value beyond is refused on the
+    /// worker (the round fails saying which), never wrapped. Generous: activation sums over 10⁷ values of magnitude
+    /// 10⁵, gradient sums of 10⁷, Fisher sums of 4·10⁹.
+    public static let channelSumBound = 0x1p50
+    public static let gradientSumBound = 0x1p24
+    public static let fisherSumBound = 0x1p32
 
     public let content: Content
     public let segments: [Segment]
@@ -64,6 +78,38 @@ public struct SecureLayout: Sendable, Equatable {
         var segments = upper.keys.sorted().map { Segment(name: $0, count: bins, code: .counts(bound: Double(maximumValues))) }
         segments.append(Segment(name: "samples", count: 1, code: .counts(bound: Double(max(maximumSamples, 1)))))
         return SecureLayout(content: .histograms(upper: upper, bins: bins, signed: signed), segments: segments)
+    }
+
+    /// Per-channel statistics of `channels` (tensor → channel count), from reports of at most `maximumSamples`
+    /// samples and `maximumValues` values per channel.
+    public static func channels(_ channels: [String: Int], maximumSamples: Int, maximumValues: Int, summands: Int) throws -> SecureLayout {
+        let real = try Self.wrap { try FixedPoint(bound: channelSumBound, summands: summands) }
+        let count = FixedPoint.counts(bound: Double(max(maximumValues, 1)))
+        var segments: [Segment] = []
+        for name in channels.keys.sorted() {
+            let c = channels[name]!
+            segments += [Segment(name: name + "/sums", count: c, code: real), Segment(name: name + "/absolute", count: c, code: real),
+                         Segment(name: name + "/squares", count: c, code: real), Segment(name: name + "/zeros", count: c, code: count),
+                         Segment(name: name + "/values", count: 1, code: count)]
+        }
+        segments.append(Segment(name: "samples", count: 1, code: .counts(bound: Double(max(maximumSamples, 1)))))
+        return SecureLayout(content: .channels(channels), segments: segments)
+    }
+
+    /// Per-parameter sums of `shapes` (Taylor's gradient sums, or the Fisher's squared-gradient sums).
+    public static func parameterSums(_ shapes: [String: [Int]], fisher: Bool, maximumSamples: Int, summands: Int) throws -> SecureLayout {
+        let real = try Self.wrap { try FixedPoint(bound: fisher ? fisherSumBound : gradientSumBound, summands: summands) }
+        var segments = shapes.keys.sorted().map { Segment(name: $0, count: shapes[$0]!.reduce(1, *), code: real) }
+        segments.append(Segment(name: "samples", count: 1, code: .counts(bound: Double(max(maximumSamples, 1)))))
+        return SecureLayout(content: fisher ? .fisher(shapes) : .gradients(shapes), segments: segments)
+    }
+
+    /// Encodes a real statistic, refusing one beyond its segment's public bound with the statistic's name.
+    func real(_ value: Double, _ s: Segment) throws -> UInt64 {
+        guard value.isFinite, abs(value) <= s.code.bound else {
+            throw CompressionError(.invalidStatistics, "the statistic '\(s.name)' (\(value)) is beyond the public bound of secure aggregation (±\(s.code.bound))")
+        }
+        return try Self.wrap { try s.code.encode(value) }
     }
 
     static func wrap<T>(_ body: () throws -> T) throws -> T {
@@ -133,9 +179,48 @@ public struct SecureLayout: Sendable, Equatable {
                 for c in h.counts { out.append(try Self.wrap { try s.code.encode(count: c) }) }
             }
             out.append(try Self.wrap { try segments[segments.count - 1].code.encode(count: message.samples) })
+        case (.channels(let channels), .importance(let message)?):
+            guard message.gradientSums.isEmpty, Set(message.channels.keys) == Set(channels.keys) else {
+                throw CompressionError(.invalidArgument, "the report's channel statistics cover other tensors than the phase's")
+            }
+            var k = 0
+            for name in channels.keys.sorted() {
+                let c = try message.channels[name]!.decoded()
+                guard c.sums.count == channels[name]! else {
+                    throw CompressionError(.invalidArgument, "the statistics of '\(name)' have \(c.sums.count) channels, the phase \(channels[name]!)")
+                }
+                for v in c.sums { out.append(try real(v, segments[k])) }
+                for v in c.absoluteSums { out.append(try real(v, segments[k + 1])) }
+                for v in c.squaredSums { out.append(try real(v, segments[k + 2])) }
+                for z in c.zeroCounts { out.append(try Self.wrap { try segments[k + 3].code.encode(count: z) }) }
+                out.append(try Self.wrap { try segments[k + 4].code.encode(count: c.valuesPerChannel) })
+                k += 5
+            }
+            out.append(try Self.wrap { try segments[k].code.encode(count: message.samples) })
+        case (.gradients, .importance(let message)?):
+            guard message.channels.isEmpty else { throw CompressionError(.invalidArgument, "a Taylor report carries channel statistics") }
+            out = try parameterSums(message.gradientSums, samples: message.samples)
+        case (.fisher, .fisher(let message)?):
+            out = try parameterSums(message.sums, samples: message.samples)
         default:
             throw CompressionError(.invalidArgument, "the report is not of the kind this secure layout sums")
         }
+        return out
+    }
+
+    /// Per-parameter sums in the layout's order, then the samples.
+    func parameterSums(_ sums: [String: Whittle_FloatTensor], samples: UInt64) throws -> [UInt64] {
+        guard Set(sums.keys) == Set(segments.dropLast().map(\.name)) else {
+            throw CompressionError(.invalidArgument, "the report's sums cover other parameters than the phase's")
+        }
+        var out: [UInt64] = []
+        out.reserveCapacity(length)
+        for s in segments.dropLast() {
+            let t = try sums[s.name]!.decoded()
+            guard t.count == s.count else { throw CompressionError(.invalidArgument, "the sums of '\(s.name)' have another shape") }
+            for v in t.floats { out.append(try real(Double(v), s)) }
+        }
+        out.append(try Self.wrap { try segments[segments.count - 1].code.encode(count: samples) })
         return out
     }
 
@@ -175,6 +260,39 @@ public struct SecureLayout: Sendable, Equatable {
             }
             calibration.samples = try Self.wrap { try segments[segments.count - 1].code.decode(count: sum[length - 1]) }
             report.calibration = calibration
+        case .channels(let channels):
+            var message = Whittle_ImportanceReport()
+            var k = 0
+            for name in channels.keys.sorted() {
+                let sums = take(segments[k]).map { segments[k].code.decode($0) }
+                let absolute = take(segments[k + 1]).map { segments[k + 1].code.decode($0) }
+                let squares = take(segments[k + 2]).map { segments[k + 2].code.decode($0) }
+                let zeros = try take(segments[k + 3]).map { w in try Self.wrap { try segments[k + 3].code.decode(count: w) } }
+                let values = try Self.wrap { try segments[k + 4].code.decode(count: take(segments[k + 4]).first!) }
+                message.channels[name] = Whittle_ChannelStatistics(try ChannelStatistics(
+                    sums: sums, absoluteSums: absolute, squaredSums: squares, zeroCounts: zeros, valuesPerChannel: values))
+                k += 5
+            }
+            message.samples = try Self.wrap { try segments[k].code.decode(count: sum[length - 1]) }
+            report.importance = message
+        case .gradients(let shapes), .fisher(let shapes):
+            var sums: [String: Whittle_FloatTensor] = [:]
+            for s in segments.dropLast() {
+                sums[s.name] = Whittle_FloatTensor(Tensor(shape: shapes[s.name]!, floats: take(s).map { Float(s.code.decode($0)) }))
+            }
+            let samples = try Self.wrap { try segments[segments.count - 1].code.decode(count: sum[length - 1]) }
+            if case .fisher = content {
+                var message = Whittle_FisherReport()
+                // Rounding may leave a sum of squares a hair below zero.
+                message.sums = sums.mapValues { t in var c = t; c.values = t.values.map { max($0, 0) }; return c }
+                message.samples = samples
+                report.fisher = message
+            } else {
+                var message = Whittle_ImportanceReport()
+                message.gradientSums = sums
+                message.samples = samples
+                report.importance = message
+            }
         }
         return report
     }

@@ -266,6 +266,7 @@ package actor RoundService {
                                   certificateExpiresAt: w.certificateExpiresAt, samples: c?.samples ?? 0, labels: c?.labels ?? false)
         status.boardKind = c?.boardKind
         status.timesModels = c?.noTiming != true
+        status.secureRounds = Set(c?.secureRounds ?? [])
         return status
     }
 
@@ -539,7 +540,7 @@ package actor RoundService {
             index += 1
             open[round.id] = nil
             // The coordinator phases right after use what this phase gathered.
-            try runCoordinatorPhases(&index, plan: plan, engine: engine, progress: &progress, previous: acc)
+            try runCoordinatorPhases(&index, plan: plan, engine: engine, progress: &progress, previous: closingPhase.passOn ?? acc)
         } else {
             try runCoordinatorPhases(&index, plan: plan, engine: engine, progress: &progress, previous: nil)
         }

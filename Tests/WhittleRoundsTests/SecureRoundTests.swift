@@ -82,7 +82,7 @@ let maskedCorrelationBound = 0.1
             var closing = PhaseClosing(engine: engine, phase: phase, accumulator: accumulator, progress: progress, artifacts: artifacts)
             try engine.close(&closing)
             progress = closing.progress
-            previous = accumulator
+            previous = closing.passOn ?? accumulator
         }
         return Outcome(progress: progress, artifacts: artifacts, wire: wire)
     }
@@ -175,6 +175,42 @@ let maskedCorrelationBound = 0.1
                 #expect(plain.count >= 1000 && abs(Self.correlation(masked.words, plain)) < maskedCorrelationBound, "\(phase.label), \(worker)")
             }
         }
+    }
+
+    @Test(arguments: [ImportanceCriterion.activation, .taylor])
+    func secureImportanceFisherAndBatchNormStatisticsGiveTheClearRoundsModel(_ criterion: ImportanceCriterion) throws {
+        let (parts, _) = try RoundTests.shards()
+        let clear = RoundTests.plan {
+            $0.pruneRatio = 0.3
+            $0.importance = criterion
+            $0.finetuneRounds = 1
+            $0.ewcLambda = 1
+            $0.normalizationPasses = 1
+            $0.quantize = .none
+            $0.minWorkers = 3
+            $0.clipNorm = 5
+        }
+        var secured = clear
+        secured.secureAggregation = true
+        #expect(secured.phases.map(\.kind) == [.secureKeys, .secureShares, .fisher, .unmask, .importance, .unmask, .prune, .finetune, .unmask,
+                                               .normalization, .unmask, .export, .evaluate, .distribute])
+        let a = try Self.drive(clear, parts: parts, model: RoundTests.model)
+        let b = try Self.drive(secured, parts: parts, model: RoundTests.model)
+        // The same channels pruned (from the secure sums of the importance statistics), the same model after
+        // fine-tuning with EWC (from the secure Fisher) and the batch-norm pass.
+        let kept = { (o: Outcome) in o.progress.pruning?.groups.map { "\($0.group):\($0.keptIndices)" } ?? [] }
+        #expect(!kept(a).isEmpty && kept(a) == kept(b))
+        #expect(a.progress.originalIndex == b.progress.originalIndex)
+        let difference = Self.largestDifference(a.model, b.model)
+        #expect(difference <= secureWeightTolerance, "largest relative difference \(difference)")
+        let fisher = { (o: Outcome) in try Whittle_EWCState(serializedBytes: try o.artifacts.bytes(o.progress.ewcState!)).fisher.mapValues { try $0.decoded() } }
+        let (fa, fb) = (try fisher(a), try fisher(b))
+        #expect(fa.keys.sorted() == fb.keys.sorted())
+        for (name, t) in fa {
+            let scale = max(t.floats.max() ?? 0, 1e-12)
+            #expect(zip(t.floats, fb[name]!.floats).allSatisfy { abs($0 - $1) <= secureWeightTolerance * scale }, "\(name)")
+        }
+        #expect(b.progress.secure?.closed.count == 4)
     }
 
     @Test func minMaxRangesUnderSecureAggregationAreWithinOneBinOfTheExactOnes() throws {

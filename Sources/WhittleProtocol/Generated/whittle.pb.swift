@@ -211,6 +211,10 @@ public nonisolated struct Whittle_Capabilities: Sendable {
   /// the search); it takes no latency task.
   public var noTiming: Bool = false
 
+  /// The rounds whose secure-aggregation secrets the worker holds (in memory: none after a restart). A worker without
+  /// a round's secrets cannot take its secure phases.
+  public var secureRounds: [String] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1507,7 +1511,7 @@ nonisolated extension Whittle_EnrollResponse: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Capabilities"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}cores\0\u{3}memory_bytes\0\u{1}samples\0\u{1}labels\0\u{1}version\0\u{3}memory_limit_bytes\0\u{3}evaluation_samples\0\u{1}cpu\0\u{1}threads\0\u{3}no_timing\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}cores\0\u{3}memory_bytes\0\u{1}samples\0\u{1}labels\0\u{1}version\0\u{3}memory_limit_bytes\0\u{3}evaluation_samples\0\u{1}cpu\0\u{1}threads\0\u{3}no_timing\0\u{3}secure_rounds\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1525,6 +1529,7 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
       case 8: try { try decoder.decodeSingularStringField(value: &self.cpu) }()
       case 9: try { try decoder.decodeSingularUInt32Field(value: &self.threads) }()
       case 10: try { try decoder.decodeSingularBoolField(value: &self.noTiming) }()
+      case 11: try { try decoder.decodeRepeatedStringField(value: &self.secureRounds) }()
       default: break
       }
     }
@@ -1561,6 +1566,9 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
     if self.noTiming != false {
       try visitor.visitSingularBoolField(value: self.noTiming, fieldNumber: 10)
     }
+    if !self.secureRounds.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.secureRounds, fieldNumber: 11)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1575,6 +1583,7 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
     if lhs.cpu != rhs.cpu {return false}
     if lhs.threads != rhs.threads {return false}
     if lhs.noTiming != rhs.noTiming {return false}
+    if lhs.secureRounds != rhs.secureRounds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
