@@ -39,8 +39,11 @@ def main():
               args.finetune_rounds, "--local-epochs", "1", "--lr", "0.005", "--distill", "--quantize", "int8",
               "--calibration", "entropy", "--reduce-range", "--calibration-range", "64", "--clip-norm", args.clip_norm]
     secure = ["--secure-aggregation"]
-    runs = [("clear", recipe), ("secure", recipe + secure), ("dp-8", recipe + secure + ["--dp-epsilon", "8"]),
-            ("dp-1", recipe + secure + ["--dp-epsilon", "1"])]
+    # The private rounds' models may fail the quality gate (user-level noise over few workers): it is opened so their
+    # accuracy is measured rather than the round refused.
+    gate = ["--min-agreement", "0", "--max-accuracy-drop", "1"]
+    runs = [("clear", recipe), ("secure", recipe + secure), ("dp-8", recipe + secure + ["--dp-epsilon", "8"] + gate),
+            ("dp-1", recipe + secure + ["--dp-epsilon", "1"] + gate)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, plan in runs:
