@@ -21,8 +21,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "interop"))
-from rounds_support import (MODEL, load_test_split, load_train_split, loopback_fleet, non_iid_shards,  # noqa: E402
-                            onnx_accuracy)
+from rounds_support import (MODEL, load_holdout_split, load_test_split, load_train_split, loopback_fleet,  # noqa: E402
+                            non_iid_shards, onnx_accuracy)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import machine  # noqa: E402
 
@@ -41,7 +41,9 @@ def peak_rss_mib(pid):
     return 0.0
 
 
-def run(name, workers, per_worker, plan, directory):
+def run(name, workers, per_worker, plan, directory, holdout=False):
+    """One round of `plan` on a fresh loopback fleet; its figures (and with `holdout`, the accuracy of the fetched model
+    on the 16,384 holdout images)."""
     directory = pathlib.Path(directory)
     with loopback_fleet(RELEASE, directory, heartbeat_seconds=1, enroll_rate_per_second=1000.0,
                         enroll_burst=1000) as fleet:
@@ -58,12 +60,14 @@ def run(name, workers, per_worker, plan, directory):
             fleet.start_worker(n)
         time.sleep(2)
         cpu0 = cpu_seconds(server.process.pid)
+        worker_cpu0 = sum(cpu_seconds(p.pid) for p in fleet.processes.values())
         began = time.monotonic()
         started = fleet.round("start", "--model", MODEL, *plan, "--min-workers", str(workers), "--json", timeout=120)
         round_id = json.loads(started.stdout)["id"]
         status = fleet.wait(round_id, timeout=3600)
         wall = time.monotonic() - began
         cpu = cpu_seconds(server.process.pid) - cpu0
+        worker_cpu = sum(cpu_seconds(p.pid) for p in fleet.processes.values()) - worker_cpu0
         assert status["state"] == "succeeded", status
         out, report_path = directory / f"{name}.onnx", directory / f"{name}.json"
         fleet.round("fetch", round_id, "--out", out, "--report", report_path, timeout=120)
@@ -74,7 +78,7 @@ def run(name, workers, per_worker, plan, directory):
             "name": name, "workers": workers, "samplesPerWorker": per_worker, "plan": plan, "wallSeconds": wall,
             "phases": [{"label": p["label"], "seconds": p["endedAt"] - p["startedAt"], "reports": p["reports"],
                         "bytesUp": p["bytesUp"], "aggregationSeconds": p["aggregationSeconds"]} for p in report["phases"]],
-            "coordinatorCPUSeconds": cpu, "reports": reports,
+            "coordinatorCPUSeconds": cpu, "reports": reports, "workerCPUSeconds": worker_cpu,
             "coordinatorCPUPerReportMs": 1000 * cpu / max(reports, 1),
             "aggregationPerReportMs": 1000 * sum(p["aggregationSeconds"] for p in report["phases"]) / max(reports, 1),
             "coordinatorPeakRSSMiB": peak_rss_mib(server.process.pid),
@@ -83,7 +87,11 @@ def run(name, workers, per_worker, plan, directory):
             "finetuneBytesUp": sum(p["bytesUp"] for p in report["phases"] if p["kind"] == "finetune"),
             "accuracyBefore": onnx_accuracy(MODEL, tx, ty), "accuracyAfter": onnx_accuracy(out, tx, ty),
             "bytesBefore": report["before"]["bytes"], "bytesAfter": report["after"]["bytes"],
+            "privacy": report.get("privacy"), "secureAggregation": report.get("secureAggregation"),
         }
+        if holdout:
+            hx, hy = load_holdout_split()
+            result["holdoutBefore"], result["holdoutAfter"] = onnx_accuracy(MODEL, hx, hy), onnx_accuracy(out, hx, hy)
         return result
 
 

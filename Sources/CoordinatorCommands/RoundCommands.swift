@@ -179,6 +179,8 @@ public struct RoundCommand: ParsableCommand {
         @Option(name: .long, help: "none or int8 (per tensor, error feedback on the worker).") var deltaCompression: String = "none"
         @Option(name: .long, help: "Seed for the workers' shuffling.") var seed: UInt64 = 0
         @Flag(name: .long, inversion: .prefixedNo, help: "Sum the workers' updates and calibration statistics under secure aggregation (SecAgg+): the coordinator sees only sums (default: the coordinator's secure_aggregation setting; docs/security.md).") var secureAggregation: Bool?
+        @Option(name: .long, help: "Differential privacy: the round's ε per site (user-level) over its training sums; needs --secure-aggregation and --clip-norm.") var dpEpsilon: Double?
+        @Option(name: .long, help: "Differential privacy: the round's δ.") var dpDelta: Double = PrivacyPlan.defaultDelta
         @Option(name: .long, help: "A public bound R on the activations: the range pass sums signed histograms over [-R, R] instead of each board's minimum and maximum (needed by --secure-aggregation when quantizing).") var calibrationRange: Double?
         @Option(name: .long, help: "After a search: best-under-budget (the round picks and goes on) or operator (the round waits for coordinator round pick).") var pick: PickRule = .bestUnderBudget
         @Flag(name: .long, help: "Follow the round until it ends.") var wait = false
@@ -264,6 +266,7 @@ public struct RoundCommand: ParsableCommand {
             p.seed = seed
             p.secureAggregation = secureAggregation
             p.calibrationRange = calibrationRange
+            p.privacy = dpEpsilon.map { PrivacyPlan(epsilon: $0, delta: dpDelta) }
             return p
         }
 

@@ -245,6 +245,10 @@ public struct CompressionReport: Sendable, Codable {
     public var sites: [Site]?
     /// Federated rounds: the fleet's speed-up from the sites' latencies.
     public var speedup: FleetSpeedup?
+    /// Federated rounds under secure aggregation: the session and each secure sum's workers.
+    public var secureAggregation: SecureAggregationSection?
+    /// Federated rounds with differential privacy: the guarantee, the noise, and each site's ε over the rounds so far.
+    public var privacy: PrivacySection?
 
     public init(model: String, output: String, before: Figures, after: Figures) {
         self.model = model
@@ -256,6 +260,61 @@ public struct CompressionReport: Sendable, Codable {
 }
 
 extension CompressionReport {
+    /// A round's secure-aggregation session: its parties, each one's neighbours and the threshold that rebuilds a
+    /// party's secrets, and per secure sum who was asked, who contributed and who answered the unmask step.
+    public struct SecureAggregationSection: Sendable, Codable, Equatable {
+        public struct Sum: Sendable, Codable, Equatable {
+            public var phase: String
+            public var partners: Int
+            public var contributors: [String]
+            /// Partners that sent no input (their masks were removed with their neighbours' shares).
+            public var dropped: [String]
+            public var unmasked: [String]
+
+            public init(phase: String, partners: Int, contributors: [String], dropped: [String], unmasked: [String]) {
+                self.phase = phase
+                self.partners = partners
+                self.contributors = contributors
+                self.dropped = dropped
+                self.unmasked = unmasked
+            }
+        }
+
+        public var parties: [String]
+        public var neighbours: Int
+        public var threshold: Int
+        public var sums: [Sum]
+
+        public init(parties: [String], neighbours: Int, threshold: Int, sums: [Sum]) {
+            self.parties = parties
+            self.neighbours = neighbours
+            self.threshold = threshold
+            self.sums = sums
+        }
+    }
+
+    /// A private round's guarantee: (ε, δ) for the round (user-level: one site's whole contribution), the noise that
+    /// gives it, and each site's ε at that δ over every private round it took part in up to this one.
+    public struct PrivacySection: Sendable, Codable, Equatable {
+        public var epsilon: Double
+        public var delta: Double
+        public var noiseMultiplier: Double
+        /// Training sums noised, and the workers the noise is counted from (the quorum).
+        public var sums: Int
+        public var workers: Int
+        public var clipNorm: Double
+        public var sites: [String: Double]?
+
+        public init(epsilon: Double, delta: Double, noiseMultiplier: Double, sums: Int, workers: Int, clipNorm: Double) {
+            self.epsilon = epsilon
+            self.delta = delta
+            self.noiseMultiplier = noiseMultiplier
+            self.sums = sums
+            self.workers = workers
+            self.clipNorm = clipNorm
+        }
+    }
+
     /// An architecture search in a round: every candidate's merged scores, the uniform reference, the front and the
     /// choice.
     public struct SearchSection: Sendable, Codable, Equatable {

@@ -51,6 +51,8 @@ public struct RoundProgress: Codable, Sendable {
     public var audience: BoardAudience?
     /// The round's secure-aggregation session (`RoundPlan.secureAggregation`), from its key phase on.
     public var secure: SecureProgress?
+    /// A private round's noise and accounting (`RoundPlan.privacy`), fixed when it starts.
+    public var privacy: PrivacyProgress?
 
     public init(plan: RoundPlan, baseModel: String, startModel: String) {
         self.baseModel = baseModel
@@ -352,7 +354,8 @@ public struct RoundEngine: Sendable {
         }
         progress.updateNormMedian = accumulator.medianUpdateNorm
         let losses = accumulator.losses
-        if !losses.isEmpty, var section = progress.pruning, !section.steps.isEmpty {
+        // A private round's sums carry no loss.
+        if !losses.isEmpty, plan.privacy == nil, var section = progress.pruning, !section.steps.isEmpty {
             section.steps[section.steps.count - 1].finetuneLoss.append(losses.reduce(0, +) / Double(losses.count))
             progress.pruning = section
         }
@@ -536,6 +539,19 @@ public struct RoundEngine: Sendable {
         r.phases = progress.phases
         r.sites = progress.sites.values.sorted { $0.worker < $1.worker }
         r.speedup = CompressionReport.FleetSpeedup(r.sites ?? [])
+        if let secure = progress.secure {
+            r.secureAggregation = CompressionReport.SecureAggregationSection(
+                parties: secure.parties, neighbours: secure.degree, threshold: secure.threshold,
+                sums: secure.closed.map { s in
+                    .init(phase: plan.phases[s.phase].label, partners: s.partners.count, contributors: s.contributors,
+                          dropped: s.partners.filter { !s.contributors.contains($0) }, unmasked: s.unmasked)
+                })
+        }
+        if let privacy = progress.privacy {
+            r.privacy = CompressionReport.PrivacySection(epsilon: privacy.epsilon, delta: privacy.plan.delta,
+                                                         noiseMultiplier: privacy.noise.noiseMultiplier, sums: privacy.sums,
+                                                         workers: privacy.noise.workers, clipNorm: plan.clipNorm ?? 0)
+        }
         for p in progress.phases {
             if let s = p.startedAt, let e = p.endedAt { r.timings[p.label] = e - s }
         }

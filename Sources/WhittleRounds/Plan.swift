@@ -273,6 +273,9 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     /// minimum and maximum, and the range is the outermost non-empty bins' edges (within one bin of the exact one).
     /// Histograms are sums, so the range pass can be summed securely; a secure round that quantizes needs it.
     public var calibrationRange: Double?
+    /// Differential privacy (`--dp-epsilon`, `--dp-delta`): the training sums carry distributed discrete Gaussian
+    /// noise that makes the round (ε, δ)-DP per site (`DifferentialPrivacy`). Needs secure aggregation and `--clip-norm`.
+    public var privacy: PrivacyPlan?
 
     public init() {}
 
@@ -338,7 +341,7 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     public static let secureProtocol: Set<PhaseKind> = [.secureKeys, .secureShares, .unmask]
 
     /// Phase kinds whose reports are summed under secure aggregation.
-    public static let securelySummed: Set<PhaseKind> = [.finetune, .qat, .ranges, .histograms]
+    public static let securelySummed: Set<PhaseKind> = [.fisher, .importance, .finetune, .normalization, .qat, .ranges, .histograms]
 
     /// `phases` with secure aggregation: the key exchange before the first securely summed phase, and an unmask
     /// phase after each (same step and iteration).
@@ -441,12 +444,33 @@ public struct RoundPlan: Codable, Sendable, Equatable {
                 throw fail("--secure-aggregation serves at most \(SecureAggregationSetup.maximumSums) secure phases per round; this plan has \(secureSums.count)")
             }
         }
+        if let privacy {
+            guard secureAggregation == true else {
+                throw fail("--dp-epsilon adds noise each worker's share of which hides nothing alone: it needs --secure-aggregation")
+            }
+            guard clipNorm != nil else { throw fail("--dp-epsilon needs --clip-norm C: the noise is calibrated to each update's bound") }
+            guard privacySums > 0 else { throw fail("--dp-epsilon protects training updates: give --finetune-rounds or --qat-rounds") }
+            guard privacy.epsilon > 0, privacy.epsilon.isFinite, privacy.delta > 0, privacy.delta < 1 else {
+                throw fail("--dp-epsilon must be positive and --dp-delta in (0, 1)")
+            }
+        }
+    }
+
+    /// The training sums a private round adds noise to.
+    public var privacySums: Int { secureSums.filter { phases[$0].kind.trains }.count }
+
+    /// A private round's noise and accounting for `model` (nil without `privacy`).
+    public func privacyProgress(model: Model) throws -> PrivacyProgress? {
+        guard let privacy, let clipNorm else { return nil }
+        let dimension = updateShapes(model).values.reduce(0) { $0 + $1.reduce(1, *) }
+        return try DifferentialPrivacy.calibrate(privacy, clip: clipNorm, dimension: dimension, workers: minWorkers, sums: privacySums)
     }
 
     /// Checks the plan against the model it will compress: everything that can be refused before any worker is
     /// asked anything.
     public func validate(model: Model) throws {
         try check()
+        _ = try privacyProgress(model: model)
         let session = try InferenceSession(model: model)
         guard session.primaryInput.name.isEmpty == false else {
             throw CompressionError(.invalidArgument, "the model has no input")

@@ -60,6 +60,8 @@ public struct WorkerStatus: Sendable, Equatable {
     public var boardKind: String?
     /// False for a board that cannot time models (`worker run --no-timing`): it takes no latency task.
     public var timesModels = true
+    /// The rounds whose secure-aggregation secrets the worker holds (nil: not known, as in tests of other phases).
+    public var secureRounds: Set<String>?
 
     public init(name: String, lastContact: Date?, revoked: Bool, certificateExpiresAt: Date, samples: Int, labels: Bool) {
         self.name = name
@@ -149,12 +151,22 @@ public struct RoundMachine: Sendable {
     func canWork(_ w: WorkerStatus) -> Bool {
         guard w.samples > 0, !(openPhase.kind.trains && !w.labels && !plan.distill) else { return false }
         if let eligible, !eligible.contains(w.name) { return false }
+        if !holdsSession(w) { return false }
         // A secure session's parties are the workers of its sums: one that cannot train sits it out.
         if openPhase.kind == .secureKeys, !w.labels, !plan.distill, plan.secureSums.contains(where: { plan.phases[$0].kind.trains }) { return false }
         if openPhase.kind == .latency, !w.timesModels { return false }
         if servesAudience, let audience, !audience.includes(w.boardKind) { return false }
         return true
     }
+
+    /// The open phase is one of the round's secure session after its keys were made: only a worker that still holds
+    /// its secrets can do it (one that restarted lost them, and sits the rest of the session out).
+    var needsSession: Bool {
+        let kind = openPhase.kind
+        return kind == .secureShares || kind == .unmask || (plan.secureAggregation == true && RoundPlan.securelySummed.contains(kind))
+    }
+
+    func holdsSession(_ w: WorkerStatus) -> Bool { !needsSession || w.secureRounds.map { $0.contains(id) } ?? true }
 
     /// The open phase hands out the final model, which is meant for the audience only.
     var servesAudience: Bool { audience != nil && openPhase.kind.handler.carriesFinalModel }
@@ -248,7 +260,7 @@ public struct RoundMachine: Sendable {
         for a in active where !reported.contains(a.worker) {
             let w = byName[a.worker]
             let since = max(w?.lastContact ?? .distantPast, a.assignedAt, phaseStartedAt, awakeSince ?? .distantPast)
-            if w?.revoked == true || now.timeIntervalSince(since) > silenceLimit {
+            if w?.revoked == true || now.timeIntervalSince(since) > silenceLimit || w.map(holdsSession) == false {
                 actions += workerLost(a.worker, now: now)
             }
         }

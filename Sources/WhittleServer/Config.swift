@@ -43,6 +43,9 @@ public struct CoordinatorConfig: Sendable, Equatable {
     public var retentionDays = 30.0
     /// Rounds sum their workers' statistics under secure aggregation unless `round start` says otherwise.
     public var secureAggregation = false
+    /// Each site's differential-privacy budget ε at `privacyDelta` over all rounds (0: none).
+    public var privacyBudget = 0.0
+    public var privacyDelta = 1e-5
 
     public init() {}
 
@@ -66,6 +69,8 @@ public struct CoordinatorConfig: Sendable, Equatable {
         ("upload_memory_limit", "Bytes of report bodies held in flight at once (a single larger report is admitted alone); beyond it: 503 with Retry-After."),
         ("retention_days", "Days an ended round's models stay in artifacts/ (the latest succeeded round's are always kept); report blobs of closed phases are deleted. Collected hourly and by coordinator gc."),
         ("secure_aggregation", "true: rounds sum their workers' updates and calibration statistics under secure aggregation unless round start says --no-secure-aggregation (docs/security.md)."),
+        ("privacy_budget", "Each site's differential-privacy budget: the ε at privacy_delta all rounds together may spend on its data; a round that would exceed it, or that trains without --dp-epsilon, is refused. 0: no budget."),
+        ("privacy_delta", "The δ privacy_budget is counted at."),
     ]
 
     package var values: [String: String] {
@@ -77,7 +82,8 @@ public struct CoordinatorConfig: Sendable, Equatable {
          "metrics_token": metricsToken, "idle_timeout_seconds": "\(idleTimeoutSeconds)",
          "body_timeout_seconds": "\(bodyTimeoutSeconds)", "max_connections": "\(maxConnections)",
          "upload_memory_limit": "\(uploadMemoryLimit)", "retention_days": Self.number(retentionDays),
-         "secure_aggregation": "\(secureAggregation)"]
+         "secure_aggregation": "\(secureAggregation)", "privacy_budget": Self.number(privacyBudget),
+         "privacy_delta": Self.number(privacyDelta)]
     }
 
     /// The file's text, every key with its comment.
@@ -157,6 +163,14 @@ public struct CoordinatorConfig: Sendable, Equatable {
                 throw ServerError(.invalidSetting, "retention_days must be a number of days from 0 to 36500, not '\(value)'")
             }
             retentionDays = v
+        case "privacy_budget":
+            guard let v = Double(value), v >= 0, v.isFinite else {
+                throw ServerError(.invalidSetting, "privacy_budget must be an ε of 0 (no budget) or more, not '\(value)'")
+            }
+            privacyBudget = v
+        case "privacy_delta":
+            guard let v = Double(value), v > 0, v < 1 else { throw ServerError(.invalidSetting, "privacy_delta must be in (0, 1), not '\(value)'") }
+            privacyDelta = v
         case "secure_aggregation":
             guard let v = Bool(value) else { throw ServerError(.invalidSetting, "secure_aggregation must be true or false, not '\(value)'") }
             secureAggregation = v

@@ -175,6 +175,8 @@ enum DashboardAssets {
           if (p.finetuneRounds > 0) parts.push(p.finetuneRounds + "×" + p.localEpochs + " FedAvg" + (p.distill ? " + distill" : ""));
           if (p.quantize !== "none") parts.push(p.quantize + " " + p.calibration);
           parts.push("≥" + p.minWorkers + " workers");
+          if (p.secureAggregation) parts.push("secure aggregation");
+          if (p.privacy) parts.push("DP ε " + p.privacy.epsilon);
           return parts.join(", ");
         }
 
@@ -403,6 +405,24 @@ enum DashboardAssets {
             cell(row, "speed-up on the boards"); cell(row, ""); cell(row, f.batchOne.toFixed(2) + "× at batch 1"
                 + (f.workingBatch != null ? ", " + f.workingBatch.toFixed(2) + "× at the working batch" : ""), "num");
             cell(row, "geometric mean of " + f.sites + " site" + (f.sites === 1 ? "" : "s"), "num");
+            figures.appendChild(row);
+          }
+          if (report.secureAggregation) {
+            // What the coordinator saw: sums only; who was asked, who dropped out.
+            const s = report.secureAggregation, row = el("tr");
+            const dropped = s.sums.reduce((n, x) => n + x.dropped.length, 0);
+            cell(row, "secure aggregation"); cell(row, "");
+            cell(row, s.parties.length + " parties, " + s.neighbours + " neighbours each, threshold " + s.threshold, "num");
+            cell(row, s.sums.length + " sums, " + dropped + " dropout" + (dropped === 1 ? "" : "s"), "num");
+            figures.appendChild(row);
+          }
+          if (report.privacy) {
+            const p = report.privacy, row = el("tr"), sites = Object.entries(p.sites || {});
+            const most = sites.reduce((m, [, e]) => Math.max(m, e), 0);
+            cell(row, "differential privacy"); cell(row, "");
+            cell(row, "ε " + p.epsilon.toFixed(3) + " at δ " + p.delta + " (noise ×" + p.noiseMultiplier.toFixed(3) + ", clip " + p.clipNorm + ")", "num");
+            const c = cell(row, sites.length ? "sites so far: ε ≤ " + most.toFixed(3) : "", "num");
+            c.title = sites.map(([w, e]) => w + ": ε " + e.toFixed(3)).join("\n");
             figures.appendChild(row);
           }
           const against = [];

@@ -42,6 +42,9 @@ package actor RoundService {
     }
     var open: [String: OpenPhase] = [:]
     let artifactStore: ArtifactStore
+    /// Each site's privacy budget (`privacy_budget`, `privacy_delta`): a round that would bring a site past it is
+    /// refused, and so is a round that trains without differential privacy. Nil: no budget.
+    let privacyBudget: PrivacyPlan?
     /// Rounds in state running, so idle heartbeats answer without touching the database.
     var running: Set<String>?
 
@@ -52,9 +55,10 @@ package actor RoundService {
     nonisolated let longPoll: LongPoll
 
     package init(store: any CoordinatorStore, directory: URL, artifacts: URL, pollSeconds: Int, logger: Logger,
-         metrics: CoordinatorMetrics? = nil, now: @escaping @Sendable () -> Date = Date.init,
+         metrics: CoordinatorMetrics? = nil, now: @escaping @Sendable () -> Date = Date.init, privacyBudget: PrivacyPlan? = nil,
          holdTimer: @escaping @Sendable (Double) async -> Void = { try? await Task.sleep(for: .seconds($0)) }) throws {
         artifactStore = try ArtifactStore(directory: artifacts)
+        self.privacyBudget = privacyBudget
         longPoll = LongPoll(timer: holdTimer)
         self.metrics = metrics
         self.now = now
@@ -143,6 +147,12 @@ package actor RoundService {
         let id = "r" + stamp.replacingOccurrences(of: ":", with: "") + "-" + PKI.randomHex(4)
         if RoundEngine.normalizationInputs(model).isEmpty { plan.normalizationPasses = 0 }
         var progress = RoundProgress(plan: plan, baseModel: startModel, startModel: startModel)
+        do {
+            progress.privacy = try plan.privacyProgress(model: model)
+        } catch let error as CompressionError {
+            throw RoundError(.badPlan, error.message)
+        }
+        try await checkPrivacyBudget(plan, progress.privacy)
         var record = RoundRecord(id: id, createdAt: started, plan: try Self.text(plan), progress: try Self.text(progress))
         try await store.addRound(record)
         try await transition(&record, plan: plan, progress: &progress, closing: nil)
@@ -256,6 +266,7 @@ package actor RoundService {
                                   certificateExpiresAt: w.certificateExpiresAt, samples: c?.samples ?? 0, labels: c?.labels ?? false)
         status.boardKind = c?.boardKind
         status.timesModels = c?.noTiming != true
+        status.secureRounds = Set(c?.secureRounds ?? [])
         return status
     }
 
@@ -529,7 +540,7 @@ package actor RoundService {
             index += 1
             open[round.id] = nil
             // The coordinator phases right after use what this phase gathered.
-            try runCoordinatorPhases(&index, plan: plan, engine: engine, progress: &progress, previous: acc)
+            try runCoordinatorPhases(&index, plan: plan, engine: engine, progress: &progress, previous: closingPhase.passOn ?? acc)
         } else {
             try runCoordinatorPhases(&index, plan: plan, engine: engine, progress: &progress, previous: nil)
         }
@@ -700,11 +711,60 @@ package actor RoundService {
     func report(_ id: String) async throws -> CompressionReport {
         guard let round = try await store.round(id: id) else { throw RoundError(.unknownRound, "no round '\(id)'") }
         let plan = try Self.plan(round), progress = try Self.progress(round)
-        guard let r = RoundEngine(plan: plan).report(round: id, progress: progress,
+        guard var r = RoundEngine(plan: plan).report(round: id, progress: progress,
                                                      output: (plan.modelName as NSString).deletingPathExtension + ".compressed.onnx") else {
             throw RoundError(.notReady, "round \(id) has no report yet (it is at \(plan.phases[min(round.phase, plan.phases.count - 1)].label), \(round.state))")
         }
+        if let delta = progress.privacy?.plan.delta {
+            // Each site's ε over the private rounds up to this one (at this round's δ).
+            r.privacy?.sites = try await spentPrivacy(upTo: round, planned: false).mapValues { try DifferentialPrivacy.epsilon($0, delta: delta) }
+        }
         return r
+    }
+
+    // MARK: privacy
+
+    /// RDP each site has spent, per order of `PrivacyAccountant.defaultOrders`: every closed training sum of a private
+    /// round it contributed to, and (`planned`) every sum a running round has still to make, as if the site took part.
+    func spentPrivacy(upTo last: RoundRecord? = nil, planned: Bool) async throws -> [String: [Double]] {
+        var out: [String: [Double]] = [:]
+        let workers = try await store.workers().filter { $0.revokedAt == nil }.map(\.name)
+        func add(_ site: String, _ rdp: [Double], _ times: Int) {
+            out[site] = zip(out[site] ?? Array(repeating: 0, count: rdp.count), rdp).map { $0 + Double(times) * $1 }
+        }
+        for r in try await store.rounds() where last.map({ r.createdAt <= $0.createdAt }) ?? true {
+            let progress = try Self.progress(r), plan = try Self.plan(r)
+            guard let privacy = progress.privacy else { continue }
+            let closed = (progress.secure?.closed ?? []).filter { plan.phases[$0.phase].kind.trains }
+            for sum in closed { for site in sum.contributors { add(site, privacy.rdpPerSum, 1) } }
+            if planned, !r.ended {
+                for site in workers { add(site, privacy.rdpPerSum, privacy.sums - closed.count) }
+            }
+        }
+        return out
+    }
+
+    /// Refuses a round that would take a site past the coordinator's privacy budget, or that trains without
+    /// differential privacy while there is a budget.
+    func checkPrivacyBudget(_ plan: RoundPlan, _ privacy: PrivacyProgress?) async throws {
+        guard let budget = privacyBudget else { return }
+        guard let privacy else {
+            if plan.phases.contains(where: { $0.kind.trains }) {
+                throw RoundError(.badPlan, String(format: "the coordinator holds each site to a privacy budget (privacy_budget = %g at δ = %g): a round that trains needs --secure-aggregation and --dp-epsilon", budget.epsilon, budget.delta))
+            }
+            return
+        }
+        let spent = try await spentPrivacy(planned: true)
+        let round = privacy.rdpPerSum.map { $0 * Double(privacy.sums) }
+        var worst: (site: String, before: Double, after: Double)?
+        for site in try await store.workers().filter({ $0.revokedAt == nil }).map(\.name) {
+            let before = try spent[site].map { try DifferentialPrivacy.epsilon($0, delta: budget.delta) } ?? 0
+            let after = try DifferentialPrivacy.epsilon(zip(spent[site] ?? round.map { _ in 0 }, round).map(+), delta: budget.delta)
+            if after > (worst?.after ?? -1) { worst = (site, before, after) }
+        }
+        if let worst, worst.after > budget.epsilon {
+            throw RoundError(.badPlan, String(format: "site '%@' has spent ε = %.3f of its privacy budget (%g at δ = %g); this round (ε = %.3f) would bring it to %.3f. Lower --dp-epsilon or raise privacy_budget.", worst.site, worst.before, budget.epsilon, budget.delta, privacy.epsilon, worst.after))
+        }
     }
 
     func finalModel(_ id: String) async throws -> String {

@@ -128,7 +128,8 @@ package final class ServerState: Sendable {
         let metrics = CoordinatorMetrics()
         self.metrics = metrics
         rounds = try RoundService(store: store, directory: directory, artifacts: artifacts, pollSeconds: config.heartbeatSeconds,
-                                  logger: logger, metrics: metrics)
+                                  logger: logger, metrics: metrics,
+                                  privacyBudget: config.privacyBudget > 0 ? PrivacyPlan(epsilon: config.privacyBudget, delta: config.privacyDelta) : nil)
         self.store = store
         self.trust = trust
         self.config = config
@@ -648,6 +649,10 @@ public enum CoordinatorServer {
             capabilities.threads = Int(c.threads)
         }
         if c.noTiming { capabilities.noTiming = true }
+        guard c.secureRounds.count <= 16, c.secureRounds.allSatisfy(Identifiers.isRoundID) else {
+            throw APIError(.badRequest, "bad_capabilities", "the heartbeat names \(c.secureRounds.count) secure rounds or a malformed round id")
+        }
+        capabilities.secureRounds = c.secureRounds
         let text = String(decoding: try JSONEncoder().encode(capabilities), as: UTF8.self)
         try await state.store.recordContact(name: context.workerName!, at: Date(), address: context.remoteAddress, capabilities: text)
         state.metrics.heartbeat()
@@ -894,6 +899,8 @@ public struct CapabilitiesView: Codable, Sendable {
     public var threads: Int?
     /// The board cannot time models (`worker run --no-timing`): it takes no latency task.
     public var noTiming: Bool?
+    /// The rounds whose secure-aggregation secrets the worker holds.
+    public var secureRounds: [String]?
 
     /// The kind of board, as latency tables name it (nil for a worker that did not say).
     public var boardKind: String? {

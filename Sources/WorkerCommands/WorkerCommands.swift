@@ -211,6 +211,7 @@ public struct RunCommand: ParsableCommand {
                  ["coordinator": "\(state.coordinator)", "samples": "\(capabilities.samples)"])
         while true {
             let asked = Date()
+            heartbeat.capabilities.secureRounds = runner.secure.keys.sorted()
             let outcome = coordinator.heartbeat(machine.idleHeartbeat(heartbeat))
             var actions = machine.heartbeatReturned(outcome, askedAt: asked, now: Date()) { runner.finished.contains(TaskRunner.key($0)) }
             if case .answered = outcome {
@@ -245,6 +246,7 @@ public struct RunCommand: ParsableCommand {
                 case .run(let task):
                     try? state.save(layout)
                     var busy = heartbeat
+                    busy.capabilities.secureRounds = runner.secure.keys.sorted()
                     busy.workingOn = TaskRunner.key(task)
                     let beat = BusyHeartbeat(client: HTTPClient(baseURL: client.baseURL, credentials: client.credentials),
                                              body: try busy.serializedBytes(), seconds: machine.pollSeconds)

@@ -165,4 +165,27 @@ import WhittleRounds
             return (error as? RoundError)?.code
         }
     }
+
+    @Test func aWorkerWithoutTheRoundsSecretsSitsOutItsSecurePhases() throws {
+        var m = try Self.machine(at: .secureShares, minWorkers: 3) {
+            $0.secureAggregation = true
+            $0.finetuneRounds = 1
+            $0.quantize = .none
+            $0.clipNorm = 1
+        }
+        func board(_ name: String, holds: Bool, seen: Double = 0) -> WorkerStatus {
+            var w = Self.worker(name, seen: Self.at(seen))
+            w.secureRounds = holds ? ["r1"] : []
+            return w
+        }
+        // a never made keys for r1 (or restarted since): it is not given the task.
+        #expect(m.taskRequested(by: board("a", holds: false), now: Self.t0).handOut == false)
+        #expect(m.taskRequested(by: board("b", holds: true), now: Self.t0).handOut)
+        // b restarts and says so in its next heartbeat: it is given up at once, not at the deadline.
+        let actions = m.tick(now: Self.at(1), workers: [board("a", holds: false, seen: 1), board("b", holds: false, seen: 1)])
+        #expect(actions.contains(.drop(worker: "b", at: Self.at(1))), "\(actions)")
+        // Other phases ignore what a worker holds.
+        var evaluate = try Self.machine(at: .evaluate)
+        #expect(evaluate.taskRequested(by: board("a", holds: false), now: Self.t0).handOut)
+    }
 }

@@ -41,6 +41,7 @@ let maskedCorrelationBound = 0.1
         let artifacts = SearchRoundTests.Artifacts()
         let start = try artifacts.store(base)
         var progress = RoundProgress(plan: plan, baseModel: start, startModel: start)
+        progress.privacy = try plan.privacyProgress(model: base)
         let engine = RoundEngine(plan: plan, round: round)
         let names = parts.indices.map { "w\($0)" }
         var clients: [String: SecureAggregationClient?] = [:]
@@ -81,7 +82,7 @@ let maskedCorrelationBound = 0.1
             var closing = PhaseClosing(engine: engine, phase: phase, accumulator: accumulator, progress: progress, artifacts: artifacts)
             try engine.close(&closing)
             progress = closing.progress
-            previous = accumulator
+            previous = closing.passOn ?? accumulator
         }
         return Outcome(progress: progress, artifacts: artifacts, wire: wire)
     }
@@ -174,6 +175,42 @@ let maskedCorrelationBound = 0.1
                 #expect(plain.count >= 1000 && abs(Self.correlation(masked.words, plain)) < maskedCorrelationBound, "\(phase.label), \(worker)")
             }
         }
+    }
+
+    @Test(arguments: [ImportanceCriterion.activation, .taylor])
+    func secureImportanceFisherAndBatchNormStatisticsGiveTheClearRoundsModel(_ criterion: ImportanceCriterion) throws {
+        let (parts, _) = try RoundTests.shards()
+        let clear = RoundTests.plan {
+            $0.pruneRatio = 0.3
+            $0.importance = criterion
+            $0.finetuneRounds = 1
+            $0.ewcLambda = 1
+            $0.normalizationPasses = 1
+            $0.quantize = .none
+            $0.minWorkers = 3
+            $0.clipNorm = 5
+        }
+        var secured = clear
+        secured.secureAggregation = true
+        #expect(secured.phases.map(\.kind) == [.secureKeys, .secureShares, .fisher, .unmask, .importance, .unmask, .prune, .finetune, .unmask,
+                                               .normalization, .unmask, .export, .evaluate, .distribute])
+        let a = try Self.drive(clear, parts: parts, model: RoundTests.model)
+        let b = try Self.drive(secured, parts: parts, model: RoundTests.model)
+        // The same channels pruned (from the secure sums of the importance statistics), the same model after
+        // fine-tuning with EWC (from the secure Fisher) and the batch-norm pass.
+        let kept = { (o: Outcome) in o.progress.pruning?.groups.map { "\($0.group):\($0.keptIndices)" } ?? [] }
+        #expect(!kept(a).isEmpty && kept(a) == kept(b))
+        #expect(a.progress.originalIndex == b.progress.originalIndex)
+        let difference = Self.largestDifference(a.model, b.model)
+        #expect(difference <= secureWeightTolerance, "largest relative difference \(difference)")
+        let fisher = { (o: Outcome) in try Whittle_EWCState(serializedBytes: try o.artifacts.bytes(o.progress.ewcState!)).fisher.mapValues { try $0.decoded() } }
+        let (fa, fb) = (try fisher(a), try fisher(b))
+        #expect(fa.keys.sorted() == fb.keys.sorted())
+        for (name, t) in fa {
+            let scale = max(t.floats.max() ?? 0, 1e-12)
+            #expect(zip(t.floats, fb[name]!.floats).allSatisfy { abs($0 - $1) <= secureWeightTolerance * scale }, "\(name)")
+        }
+        #expect(b.progress.secure?.closed.count == 4)
     }
 
     @Test func minMaxRangesUnderSecureAggregationAreWithinOneBinOfTheExactOnes() throws {
@@ -284,5 +321,90 @@ let maskedCorrelationBound = 0.1
         #expect { try unmask { $0.secure.survivors = ["w2"]; $0.secure.dropped = ["w1"] } } throws: {
             "\($0)".contains("already revealed")
         }
+    }
+
+    // MARK: differential privacy
+
+    @Test func theNoiseIsCalibratedToTheRoundsEpsilon() throws {
+        for (epsilon, sums) in [(8.0, 10), (1.0, 10), (1.0, 1)] {
+            let p = try DifferentialPrivacy.calibrate(PrivacyPlan(epsilon: epsilon, delta: 1e-5), clip: 2, dimension: 20_000, workers: 4, sums: sums)
+            // The round spends at most its ε and not much less (the bisection is tight).
+            let spent = try DifferentialPrivacy.epsilon(p.rdpPerSum.map { $0 * Double(sums) }, delta: 1e-5)
+            #expect(spent <= epsilon && spent >= 0.98 * epsilon, "ε \(epsilon) over \(sums) sums: spent \(spent)")
+            #expect(abs(spent - p.epsilon) < 1e-12)
+            // The noise's σ in the workers' steps: z · (clip / granularity) / √workers.
+            #expect(abs(p.noise.sigma - p.noise.noiseMultiplier * (2 / p.noise.granularity) / 2) < 1e-9 * p.noise.sigma)
+            #expect(p.noise.sigma <= DiscreteGaussian.maximumSigma && p.noise.l2 >= 2 / p.noise.granularity)
+        }
+        // Less ε, more noise; more sums at the same ε, more noise per sum.
+        let loose = try DifferentialPrivacy.calibrate(PrivacyPlan(epsilon: 8), clip: 1, dimension: 1000, workers: 4, sums: 10)
+        let tight = try DifferentialPrivacy.calibrate(PrivacyPlan(epsilon: 1), clip: 1, dimension: 1000, workers: 4, sums: 10)
+        let once = try DifferentialPrivacy.calibrate(PrivacyPlan(epsilon: 1), clip: 1, dimension: 1000, workers: 4, sums: 1)
+        #expect(loose.noise.noiseMultiplier < tight.noise.noiseMultiplier && once.noise.noiseMultiplier < tight.noise.noiseMultiplier)
+        // For large σ the distributed discrete Gaussian is the Gaussian mechanism on the rounded sensitivity: the
+        // multiplier against the clip norm exceeds the continuous one only by the rounding's inflation.
+        let gaussian = PrivacyAccountant.defaultOrders.map { PrivacyAccountant.gaussian(noiseMultiplier: tight.noise.noiseMultiplier * (1 / tight.noise.granularity) / tight.noise.l2, order: $0) }
+        let continuous = try DifferentialPrivacy.epsilon(gaussian.map { $0 * 10 }, delta: 1e-5)
+        #expect(abs(continuous - tight.epsilon) < 0.01 * tight.epsilon, "\(continuous) against \(tight.epsilon)")
+        #expect(throws: CompressionError.self) { try DifferentialPrivacy.calibrate(PrivacyPlan(epsilon: 0), clip: 1, dimension: 10, workers: 3, sums: 1) }
+    }
+
+    @Test func aPrivateSumIsTheUnweightedMeanPlusNoiseOfTheCalibratedSpread() throws {
+        // Three workers' updates of 4,000 coordinates summed with noise: the decoded mean minus the clear mean is
+        // noise of standard deviation z · clip / workers (each adds σ in steps; the mean divides by the workers).
+        let d = 4000, workers = 3, clip = 1.0
+        let privacy = try DifferentialPrivacy.calibrate(PrivacyPlan(epsilon: 4), clip: clip, dimension: d, workers: workers, sums: 1)
+        let layout = try SecureLayout.update(shapes: ["w": [d]], clipNorm: clip, maximumSamples: 100, summands: workers, noise: privacy.noise)
+        var random = SplitMix64(seed: 5)
+        var sum = [UInt64](repeating: 0, count: layout.length)
+        var clear = [Double](repeating: 0, count: d)
+        for k in 0..<workers {
+            let values = TestSupport.randomFloats(d, seed: UInt64(40 + k)).map { $0 * 0.01 }
+            let update = clipped(ModelUpdate(deltas: ["w": Tensor(shape: [d], floats: values)], samples: 10 * (k + 1)), to: clip)
+            for (i, v) in update.deltas["w"]!.floats.enumerated() { clear[i] += Double(v) / Double(workers) }
+            var report = Whittle_TaskReport()
+            var message = Whittle_WeightUpdate()
+            message.deltas = ["w": Whittle_FloatTensor(Tensor(shape: [d], floats: values))]
+            message.samples = UInt64(10 * (k + 1))
+            message.loss = 0.5
+            report.update = message
+            let words = try layout.encode(report, using: &random)
+            for i in sum.indices { sum[i] &+= words[i] }
+        }
+        let decoded = try layout.decode(sum)
+        #expect(decoded.update.samples == UInt64(workers) && decoded.update.loss == 0)
+        let mean = try decoded.update.deltas["w"]!.decoded().floats
+        let errors = zip(mean, clear).map { Double($0) - $1 }
+        let spread = (errors.map { $0 * $0 }.reduce(0, +) / Double(d)).squareRoot()
+        let expected = privacy.noise.noiseMultiplier * clip / Double(workers)
+        #expect(abs(spread / expected - 1) < 0.1, "noise spread \(spread), expected \(expected)")
+        #expect(abs(errors.reduce(0, +) / Double(d)) < 4 * expected / Double(d).squareRoot())
+    }
+
+    @Test func aPrivateRoundRunsAndSaysWhatItSpent() throws {
+        let (parts, _) = try RoundTests.shards()
+        var plan = RoundTests.plan {
+            $0.quantize = .none
+            $0.finetuneRounds = 2
+            $0.minWorkers = 3
+            $0.clipNorm = 1
+            $0.secureAggregation = true
+            $0.privacy = PrivacyPlan(epsilon: 8)
+        }
+        try plan.validate(model: RoundTests.model)
+        let outcome = try Self.drive(plan, parts: parts, model: RoundTests.model)
+        let privacy = try #require(outcome.progress.privacy)
+        #expect(privacy.sums == 2 && privacy.epsilon <= 8 && privacy.epsilon > 7.8)
+        #expect(outcome.progress.secure?.closed.count == 2)
+        for i in outcome.model.graph.initializers { #expect(i.tensor?.floats.allSatisfy(\.isFinite) != false, "\(i.name)") }
+        // The workers' masked vectors are noised integers: a worker's report differs between two runs of the round.
+        let again = try Self.drive(plan, parts: parts, model: RoundTests.model)
+        #expect(Self.largestDifference(outcome.model, again.model) > 0)
+        // Refused: privacy without secure aggregation, without a clip norm, without training.
+        plan.secureAggregation = nil
+        #expect { try plan.check() } throws: { "\($0)".contains("--secure-aggregation") }
+        plan.secureAggregation = true
+        plan.clipNorm = nil
+        #expect { try plan.check() } throws: { "\($0)".contains("--clip-norm") }
     }
 }

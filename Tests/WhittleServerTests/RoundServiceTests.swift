@@ -26,9 +26,9 @@ import WhittleTestSupport
         }
 
         /// A new service over the same store and directory: what `coordinator serve` has after a restart.
-        func service(holds gate: Gate? = nil) throws -> RoundService {
+        func service(holds gate: Gate? = nil, privacyBudget: PrivacyPlan? = nil) throws -> RoundService {
             try RoundService(store: store, directory: directory, artifacts: directory.appendingPathComponent("artifacts"),
-                             pollSeconds: 1, logger: Logger(label: "test"), now: clock.read,
+                             pollSeconds: 1, logger: Logger(label: "test"), now: clock.read, privacyBudget: privacyBudget,
                              holdTimer: { _ in await gate?.wait() })
         }
 
@@ -340,5 +340,35 @@ import WhittleTestSupport
         #expect(await Self.code { _ = try await service.accept(report, bytes: try report.serializedBytes(), worker: try await f.store.worker(named: "a")!) } == "stale_report")
         #expect(try await service.task(forWorkerNamed: "a") == nil)
         #expect(await Self.code { _ = try await service.cancel(round.id) } == "round_ended")
+    }
+
+    @Test func aRoundThatWouldExceedASitesPrivacyBudgetIsRefusedBeforeItStarts() async throws {
+        let f = try Fixture()
+        try await f.enroll(["a", "b", "c"])
+        let service = try f.service(privacyBudget: PrivacyPlan(epsilon: 2.5, delta: 1e-5))
+        var plan = RoundPlan()
+        plan.quantize = .none
+        plan.finetuneRounds = 2
+        plan.minWorkers = 3
+        plan.clipNorm = 1
+        plan.modelSHA256 = try await service.storeArtifact(RoundServiceTests.modelBytes)
+        // Training without differential privacy is refused while there is a budget.
+        let clear = await Self.code { _ = try await service.start(plan) }
+        #expect(clear == "bad_plan")
+        plan.secureAggregation = true
+        plan.privacy = PrivacyPlan(epsilon: 2)
+        let first = try await service.start(plan)
+        #expect(try RoundService.progress(first).privacy?.epsilon ?? 9 <= 2)
+        // A second round of ε = 2 while the first may still spend its 2 would take every site to 2.94 (Rényi
+        // composition is sublinear), past 2.5: refused, naming a site and the figures.
+        do {
+            _ = try await service.start(plan)
+            Issue.record("a round past the budget started")
+        } catch let error as RoundError {
+            #expect(error.code == .badPlan && error.message.contains("privacy budget") && error.message.contains("would bring it to"), "\(error.message)")
+        }
+        // One of ε = 0.5 fits.
+        plan.privacy = PrivacyPlan(epsilon: 0.5)
+        _ = try await service.start(plan)
     }
 }

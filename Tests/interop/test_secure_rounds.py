@@ -256,3 +256,46 @@ def test_eight_workers_one_lost_before_sending_and_one_before_unmasking(coordina
         scale = max(float(np.abs(x).max()), 1e-6)
         assert float(np.abs(x - b[name]).max()) / scale <= WEIGHT_TOLERANCE, name
     fleet.stop_workers()
+
+
+def test_a_private_round_reports_its_epsilon_and_the_budget_refuses_the_next(coordinator_server, worker_path, tmp_path,
+                                                                              spawn_any):
+    """--dp-epsilon over the wire: the report gives the round's (epsilon, delta), the noise and each site's epsilon; with
+    privacy_budget 3, after two rounds of epsilon 2 a third is refused before it starts, naming a site."""
+    server = coordinator_server("coord", heartbeat_seconds=1, privacy_budget=3)
+    fleet = Fleet(server, worker_path, tmp_path, spawn_any)
+    names = [f"camera-{k}" for k in range(3)]
+    fleet.enroll(names)
+    x, y = load_train_split()
+    shards = non_iid_shards(y, 3)
+    for k, name in enumerate(names):
+        part = shards[k][:300]
+        fleet.write_shard(name, x[part], y[part], x[part[:64]], y[part[:64]])
+        fleet.start_worker(name)
+    # Three workers are far too few for user-level privacy to leave a useful model (the noise on the mean update is
+    # z * clip / 3 per coordinate): the quality gate is opened, so the round runs to its report.
+    recipe = ["--quantize", "none", "--finetune-rounds", "2", "--local-epochs", "1", "--lr", "0.01", "--clip-norm", "1",
+              "--min-workers", "3", "--secure-aggregation", "--dp-epsilon", "2", "--min-agreement", "0",
+              "--max-accuracy-drop", "1"]
+    # Training in the clear is refused while there is a budget.
+    refused = fleet.round("start", "--model", MODEL, "--quantize", "none", "--finetune-rounds", "1", "--min-workers", "3",
+                          check=False)
+    assert refused.returncode != 0 and "privacy budget" in refused.stderr, refused.stderr
+    round_id = start(fleet, *recipe)
+    status = fleet.wait(round_id, timeout=300)
+    assert status["state"] == "succeeded", status
+    fleet.round("fetch", round_id, "--out", tmp_path / "private.onnx", "--report", tmp_path / "private.json")
+    privacy = json.loads((tmp_path / "private.json").read_text())["privacy"]
+    assert 1.9 < privacy["epsilon"] <= 2 and privacy["delta"] == 1e-5 and privacy["sums"] == 2, privacy
+    assert sorted(privacy["sites"]) == names and all(1.9 < e <= 2 for e in privacy["sites"].values()), privacy
+    hx, hy = load_holdout_split()
+    accuracy = onnx_accuracy(tmp_path / "private.onnx", hx[:4096], hy[:4096])
+    print(f"\nprivate round (epsilon {privacy['epsilon']:.3f}, noise multiplier {privacy['noiseMultiplier']:.3f}): "
+          f"holdout accuracy {100 * accuracy:.2f} %")
+    assert 0 <= accuracy <= 1
+    # Two rounds of epsilon 2 compose to about 2.9 in Renyi DP; a third would pass 3.
+    second = start(fleet, *recipe)
+    assert fleet.wait(second, timeout=300)["state"] == "succeeded"
+    third = fleet.round("start", "--model", MODEL, *recipe, check=False)
+    assert third.returncode != 0 and "would bring it to" in third.stderr, third.stderr
+    fleet.stop_workers()

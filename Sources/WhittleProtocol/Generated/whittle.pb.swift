@@ -211,6 +211,10 @@ public nonisolated struct Whittle_Capabilities: Sendable {
   /// the search); it takes no latency task.
   public var noTiming: Bool = false
 
+  /// The rounds whose secure-aggregation secrets the worker holds (in memory: none after a restart). A worker without
+  /// a round's secrets cannot take its secure phases.
+  public var secureRounds: [String] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -496,55 +500,123 @@ public nonisolated struct Whittle_Task: @unchecked Sendable {
 /// Secure aggregation (Bonawitz et al. with SecAgg+'s neighbour graph; WhittlePrivacy). One session per round serves
 /// the round's secure phases ("sums"): keys and shares are exchanged once (the secure_keys and secure_shares phases),
 /// then every secure phase's report is a masked vector and an unmask phase follows it.
-public nonisolated struct Whittle_SecureTask: Sendable {
+public nonisolated struct Whittle_SecureTask: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// The public setup every party derives alike (SecureAggregationSetup).
-  public var session: Data = Data()
+  public var session: Data {
+    get {_storage._session}
+    set {_uniqueStorage()._session = newValue}
+  }
 
-  public var participants: [String] = []
+  public var participants: [String] {
+    get {_storage._participants}
+    set {_uniqueStorage()._participants = newValue}
+  }
 
-  public var degree: UInt32 = 0
+  public var degree: UInt32 {
+    get {_storage._degree}
+    set {_uniqueStorage()._degree = newValue}
+  }
 
-  public var threshold: UInt32 = 0
+  public var threshold: UInt32 {
+    get {_storage._threshold}
+    set {_uniqueStorage()._threshold = newValue}
+  }
 
-  public var sums: UInt32 = 0
+  public var sums: UInt32 {
+    get {_storage._sums}
+    set {_uniqueStorage()._sums = newValue}
+  }
 
   /// secure_shares: the neighbours' advertisements, by worker name.
-  public var advertisements: Dictionary<String,Whittle_SecureAdvertisement> = [:]
+  public var advertisements: Dictionary<String,Whittle_SecureAdvertisement> {
+    get {_storage._advertisements}
+    set {_uniqueStorage()._advertisements = newValue}
+  }
 
   /// The round's first secure phase for this worker: the envelopes addressed to it, by sender.
-  public var envelopes: Dictionary<String,Data> = [:]
+  public var envelopes: Dictionary<String,Data> {
+    get {_storage._envelopes}
+    set {_uniqueStorage()._envelopes = newValue}
+  }
 
   /// A secure phase (and its unmask phase): the sum, and the neighbours the worker masks with in it.
-  public var sum: UInt32 = 0
+  public var sum: UInt32 {
+    get {_storage._sum}
+    set {_uniqueStorage()._sum = newValue}
+  }
 
-  public var partners: [String] = []
+  public var partners: [String] {
+    get {_storage._partners}
+    set {_uniqueStorage()._partners = newValue}
+  }
 
   /// The layout of the sum's vector (SecureLayout): the clip norm of training updates, the most samples a report
   /// may count, the most values a histogram bin may count, the workers summed.
-  public var clipNorm: Double = 0
+  public var clipNorm: Double {
+    get {_storage._clipNorm}
+    set {_uniqueStorage()._clipNorm = newValue}
+  }
 
-  public var maximumSamples: UInt64 = 0
+  public var maximumSamples: UInt64 {
+    get {_storage._maximumSamples}
+    set {_uniqueStorage()._maximumSamples = newValue}
+  }
 
-  public var maximumValues: UInt64 = 0
+  public var maximumValues: UInt64 {
+    get {_storage._maximumValues}
+    set {_uniqueStorage()._maximumValues = newValue}
+  }
 
-  public var summands: UInt32 = 0
+  public var summands: UInt32 {
+    get {_storage._summands}
+    set {_uniqueStorage()._summands = newValue}
+  }
 
   /// unmask: the partners whose self-mask seed shares are wanted (they sent inputs) and those whose mask key shares
   /// are wanted (they did not).
-  public var survivors: [String] = []
+  public var survivors: [String] {
+    get {_storage._survivors}
+    set {_uniqueStorage()._survivors = newValue}
+  }
 
-  public var dropped: [String] = []
+  public var dropped: [String] {
+    get {_storage._dropped}
+    set {_uniqueStorage()._dropped = newValue}
+  }
 
   /// The worker's own name in the session (its certificate's common name, as the coordinator knows it).
-  public var party: String = String()
+  public var party: String {
+    get {_storage._party}
+    set {_uniqueStorage()._party = newValue}
+  }
+
+  /// Differential privacy (a training sum of a plan with --dp-epsilon): the update, clipped to clip_norm, is divided
+  /// by dp_granularity, rounded at random to integers until its L2 norm is at most dp_l2, and sent with discrete
+  /// Gaussian noise of standard deviation dp_sigma added to each coordinate (Kairouz, Liu and Steinke 2021).
+  public var dpGranularity: Double {
+    get {_storage._dpGranularity}
+    set {_uniqueStorage()._dpGranularity = newValue}
+  }
+
+  public var dpSigma: Double {
+    get {_storage._dpSigma}
+    set {_uniqueStorage()._dpSigma = newValue}
+  }
+
+  public var dpL2: Double {
+    get {_storage._dpL2}
+    set {_uniqueStorage()._dpL2 = newValue}
+  }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// X25519 public keys (32 bytes): one that seals the shares sent to the worker, and per sum one pairwise masks are
@@ -1439,7 +1511,7 @@ nonisolated extension Whittle_EnrollResponse: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Capabilities"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}cores\0\u{3}memory_bytes\0\u{1}samples\0\u{1}labels\0\u{1}version\0\u{3}memory_limit_bytes\0\u{3}evaluation_samples\0\u{1}cpu\0\u{1}threads\0\u{3}no_timing\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}cores\0\u{3}memory_bytes\0\u{1}samples\0\u{1}labels\0\u{1}version\0\u{3}memory_limit_bytes\0\u{3}evaluation_samples\0\u{1}cpu\0\u{1}threads\0\u{3}no_timing\0\u{3}secure_rounds\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1457,6 +1529,7 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
       case 8: try { try decoder.decodeSingularStringField(value: &self.cpu) }()
       case 9: try { try decoder.decodeSingularUInt32Field(value: &self.threads) }()
       case 10: try { try decoder.decodeSingularBoolField(value: &self.noTiming) }()
+      case 11: try { try decoder.decodeRepeatedStringField(value: &self.secureRounds) }()
       default: break
       }
     }
@@ -1493,6 +1566,9 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
     if self.noTiming != false {
       try visitor.visitSingularBoolField(value: self.noTiming, fieldNumber: 10)
     }
+    if !self.secureRounds.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.secureRounds, fieldNumber: 11)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1507,6 +1583,7 @@ nonisolated extension Whittle_Capabilities: SwiftProtobuf.Message, SwiftProtobuf
     if lhs.cpu != rhs.cpu {return false}
     if lhs.threads != rhs.threads {return false}
     if lhs.noTiming != rhs.noTiming {return false}
+    if lhs.secureRounds != rhs.secureRounds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1906,104 +1983,191 @@ nonisolated extension Whittle_Task: SwiftProtobuf.Message, SwiftProtobuf._Messag
 
 nonisolated extension Whittle_SecureTask: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SecureTask"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}session\0\u{1}participants\0\u{1}degree\0\u{1}threshold\0\u{1}sums\0\u{1}advertisements\0\u{1}envelopes\0\u{1}sum\0\u{1}partners\0\u{3}clip_norm\0\u{3}maximum_samples\0\u{3}maximum_values\0\u{1}summands\0\u{1}survivors\0\u{1}dropped\0\u{1}party\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}session\0\u{1}participants\0\u{1}degree\0\u{1}threshold\0\u{1}sums\0\u{1}advertisements\0\u{1}envelopes\0\u{1}sum\0\u{1}partners\0\u{3}clip_norm\0\u{3}maximum_samples\0\u{3}maximum_values\0\u{1}summands\0\u{1}survivors\0\u{1}dropped\0\u{1}party\0\u{3}dp_granularity\0\u{3}dp_sigma\0\u{3}dp_l2\0")
+
+  fileprivate class _StorageClass {
+    var _session: Data = Data()
+    var _participants: [String] = []
+    var _degree: UInt32 = 0
+    var _threshold: UInt32 = 0
+    var _sums: UInt32 = 0
+    var _advertisements: Dictionary<String,Whittle_SecureAdvertisement> = [:]
+    var _envelopes: Dictionary<String,Data> = [:]
+    var _sum: UInt32 = 0
+    var _partners: [String] = []
+    var _clipNorm: Double = 0
+    var _maximumSamples: UInt64 = 0
+    var _maximumValues: UInt64 = 0
+    var _summands: UInt32 = 0
+    var _survivors: [String] = []
+    var _dropped: [String] = []
+    var _party: String = String()
+    var _dpGranularity: Double = 0
+    var _dpSigma: Double = 0
+    var _dpL2: Double = 0
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _session = source._session
+      _participants = source._participants
+      _degree = source._degree
+      _threshold = source._threshold
+      _sums = source._sums
+      _advertisements = source._advertisements
+      _envelopes = source._envelopes
+      _sum = source._sum
+      _partners = source._partners
+      _clipNorm = source._clipNorm
+      _maximumSamples = source._maximumSamples
+      _maximumValues = source._maximumValues
+      _summands = source._summands
+      _survivors = source._survivors
+      _dropped = source._dropped
+      _party = source._party
+      _dpGranularity = source._dpGranularity
+      _dpSigma = source._dpSigma
+      _dpL2 = source._dpL2
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularBytesField(value: &self.session) }()
-      case 2: try { try decoder.decodeRepeatedStringField(value: &self.participants) }()
-      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.degree) }()
-      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.threshold) }()
-      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.sums) }()
-      case 6: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_SecureAdvertisement>.self, value: &self.advertisements) }()
-      case 7: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: &self.envelopes) }()
-      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.sum) }()
-      case 9: try { try decoder.decodeRepeatedStringField(value: &self.partners) }()
-      case 10: try { try decoder.decodeSingularDoubleField(value: &self.clipNorm) }()
-      case 11: try { try decoder.decodeSingularUInt64Field(value: &self.maximumSamples) }()
-      case 12: try { try decoder.decodeSingularUInt64Field(value: &self.maximumValues) }()
-      case 13: try { try decoder.decodeSingularUInt32Field(value: &self.summands) }()
-      case 14: try { try decoder.decodeRepeatedStringField(value: &self.survivors) }()
-      case 15: try { try decoder.decodeRepeatedStringField(value: &self.dropped) }()
-      case 16: try { try decoder.decodeSingularStringField(value: &self.party) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularBytesField(value: &_storage._session) }()
+        case 2: try { try decoder.decodeRepeatedStringField(value: &_storage._participants) }()
+        case 3: try { try decoder.decodeSingularUInt32Field(value: &_storage._degree) }()
+        case 4: try { try decoder.decodeSingularUInt32Field(value: &_storage._threshold) }()
+        case 5: try { try decoder.decodeSingularUInt32Field(value: &_storage._sums) }()
+        case 6: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_SecureAdvertisement>.self, value: &_storage._advertisements) }()
+        case 7: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: &_storage._envelopes) }()
+        case 8: try { try decoder.decodeSingularUInt32Field(value: &_storage._sum) }()
+        case 9: try { try decoder.decodeRepeatedStringField(value: &_storage._partners) }()
+        case 10: try { try decoder.decodeSingularDoubleField(value: &_storage._clipNorm) }()
+        case 11: try { try decoder.decodeSingularUInt64Field(value: &_storage._maximumSamples) }()
+        case 12: try { try decoder.decodeSingularUInt64Field(value: &_storage._maximumValues) }()
+        case 13: try { try decoder.decodeSingularUInt32Field(value: &_storage._summands) }()
+        case 14: try { try decoder.decodeRepeatedStringField(value: &_storage._survivors) }()
+        case 15: try { try decoder.decodeRepeatedStringField(value: &_storage._dropped) }()
+        case 16: try { try decoder.decodeSingularStringField(value: &_storage._party) }()
+        case 17: try { try decoder.decodeSingularDoubleField(value: &_storage._dpGranularity) }()
+        case 18: try { try decoder.decodeSingularDoubleField(value: &_storage._dpSigma) }()
+        case 19: try { try decoder.decodeSingularDoubleField(value: &_storage._dpL2) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if !self.session.isEmpty {
-      try visitor.visitSingularBytesField(value: self.session, fieldNumber: 1)
-    }
-    if !self.participants.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.participants, fieldNumber: 2)
-    }
-    if self.degree != 0 {
-      try visitor.visitSingularUInt32Field(value: self.degree, fieldNumber: 3)
-    }
-    if self.threshold != 0 {
-      try visitor.visitSingularUInt32Field(value: self.threshold, fieldNumber: 4)
-    }
-    if self.sums != 0 {
-      try visitor.visitSingularUInt32Field(value: self.sums, fieldNumber: 5)
-    }
-    if !self.advertisements.isEmpty {
-      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_SecureAdvertisement>.self, value: self.advertisements, fieldNumber: 6)
-    }
-    if !self.envelopes.isEmpty {
-      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: self.envelopes, fieldNumber: 7)
-    }
-    if self.sum != 0 {
-      try visitor.visitSingularUInt32Field(value: self.sum, fieldNumber: 8)
-    }
-    if !self.partners.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.partners, fieldNumber: 9)
-    }
-    if self.clipNorm.bitPattern != 0 {
-      try visitor.visitSingularDoubleField(value: self.clipNorm, fieldNumber: 10)
-    }
-    if self.maximumSamples != 0 {
-      try visitor.visitSingularUInt64Field(value: self.maximumSamples, fieldNumber: 11)
-    }
-    if self.maximumValues != 0 {
-      try visitor.visitSingularUInt64Field(value: self.maximumValues, fieldNumber: 12)
-    }
-    if self.summands != 0 {
-      try visitor.visitSingularUInt32Field(value: self.summands, fieldNumber: 13)
-    }
-    if !self.survivors.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.survivors, fieldNumber: 14)
-    }
-    if !self.dropped.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.dropped, fieldNumber: 15)
-    }
-    if !self.party.isEmpty {
-      try visitor.visitSingularStringField(value: self.party, fieldNumber: 16)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      if !_storage._session.isEmpty {
+        try visitor.visitSingularBytesField(value: _storage._session, fieldNumber: 1)
+      }
+      if !_storage._participants.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._participants, fieldNumber: 2)
+      }
+      if _storage._degree != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._degree, fieldNumber: 3)
+      }
+      if _storage._threshold != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._threshold, fieldNumber: 4)
+      }
+      if _storage._sums != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._sums, fieldNumber: 5)
+      }
+      if !_storage._advertisements.isEmpty {
+        try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,Whittle_SecureAdvertisement>.self, value: _storage._advertisements, fieldNumber: 6)
+      }
+      if !_storage._envelopes.isEmpty {
+        try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: _storage._envelopes, fieldNumber: 7)
+      }
+      if _storage._sum != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._sum, fieldNumber: 8)
+      }
+      if !_storage._partners.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._partners, fieldNumber: 9)
+      }
+      if _storage._clipNorm.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._clipNorm, fieldNumber: 10)
+      }
+      if _storage._maximumSamples != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._maximumSamples, fieldNumber: 11)
+      }
+      if _storage._maximumValues != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._maximumValues, fieldNumber: 12)
+      }
+      if _storage._summands != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._summands, fieldNumber: 13)
+      }
+      if !_storage._survivors.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._survivors, fieldNumber: 14)
+      }
+      if !_storage._dropped.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._dropped, fieldNumber: 15)
+      }
+      if !_storage._party.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._party, fieldNumber: 16)
+      }
+      if _storage._dpGranularity.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._dpGranularity, fieldNumber: 17)
+      }
+      if _storage._dpSigma.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._dpSigma, fieldNumber: 18)
+      }
+      if _storage._dpL2.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._dpL2, fieldNumber: 19)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Whittle_SecureTask, rhs: Whittle_SecureTask) -> Bool {
-    if lhs.session != rhs.session {return false}
-    if lhs.participants != rhs.participants {return false}
-    if lhs.degree != rhs.degree {return false}
-    if lhs.threshold != rhs.threshold {return false}
-    if lhs.sums != rhs.sums {return false}
-    if lhs.advertisements != rhs.advertisements {return false}
-    if lhs.envelopes != rhs.envelopes {return false}
-    if lhs.sum != rhs.sum {return false}
-    if lhs.partners != rhs.partners {return false}
-    if lhs.clipNorm != rhs.clipNorm {return false}
-    if lhs.maximumSamples != rhs.maximumSamples {return false}
-    if lhs.maximumValues != rhs.maximumValues {return false}
-    if lhs.summands != rhs.summands {return false}
-    if lhs.survivors != rhs.survivors {return false}
-    if lhs.dropped != rhs.dropped {return false}
-    if lhs.party != rhs.party {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._session != rhs_storage._session {return false}
+        if _storage._participants != rhs_storage._participants {return false}
+        if _storage._degree != rhs_storage._degree {return false}
+        if _storage._threshold != rhs_storage._threshold {return false}
+        if _storage._sums != rhs_storage._sums {return false}
+        if _storage._advertisements != rhs_storage._advertisements {return false}
+        if _storage._envelopes != rhs_storage._envelopes {return false}
+        if _storage._sum != rhs_storage._sum {return false}
+        if _storage._partners != rhs_storage._partners {return false}
+        if _storage._clipNorm != rhs_storage._clipNorm {return false}
+        if _storage._maximumSamples != rhs_storage._maximumSamples {return false}
+        if _storage._maximumValues != rhs_storage._maximumValues {return false}
+        if _storage._summands != rhs_storage._summands {return false}
+        if _storage._survivors != rhs_storage._survivors {return false}
+        if _storage._dropped != rhs_storage._dropped {return false}
+        if _storage._party != rhs_storage._party {return false}
+        if _storage._dpGranularity != rhs_storage._dpGranularity {return false}
+        if _storage._dpSigma != rhs_storage._dpSigma {return false}
+        if _storage._dpL2 != rhs_storage._dpL2 {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -26,6 +26,9 @@ public struct PhaseClosing {
     public let accumulator: PhaseAccumulator?
     public var progress: RoundProgress
     public let artifacts: any RoundArtifacts
+    /// What the coordinator phases after this one read as the worker phase's aggregate, when not `accumulator`: an
+    /// unmask phase passes on the secure sum it decoded.
+    public var passOn: PhaseAccumulator?
 
     public init(engine: RoundEngine, phase: Phase, accumulator: PhaseAccumulator?, progress: RoundProgress, artifacts: any RoundArtifacts) {
         self.engine = engine

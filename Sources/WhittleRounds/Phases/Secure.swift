@@ -88,6 +88,8 @@ public struct SecureExpectation: Sendable {
     public var partners: Set<String> = []
     public var layout: SecureLayout?
     public var clipNorm = 0.0
+    /// A private round's training sums: the noise each worker adds.
+    public var noise: NoiseParameters?
     public var maximumSamples = 0
     public var maximumValues = 0
     /// unmask: the partners that sent inputs.
@@ -121,6 +123,11 @@ enum SecurePhases {
         }
         t.sum = UInt32(e.sum)
         t.clipNorm = e.clipNorm
+        if let noise = e.noise {
+            t.dpGranularity = noise.granularity
+            t.dpSigma = noise.sigma
+            t.dpL2 = noise.l2
+        }
         t.maximumSamples = UInt64(e.maximumSamples)
         t.maximumValues = UInt64(e.maximumValues)
         t.summands = UInt32(e.partners.count)
@@ -141,15 +148,35 @@ enum SecurePhases {
         min(max(maximumSamples, 1) << 24, (1 << 62) / max(summands, 1))
     }
 
+    /// The shapes of the parameters training differentiates (what Fisher and Taylor sums cover).
+    static func trainableShapes(_ model: Model) -> [String: [Int]] {
+        let index = model.graph.initializerIndex
+        var out: [String: [Int]] = [:]
+        for name in TrainingGraph.trainables(model).parameters {
+            if let k = index[name] { out[name] = model.graph.initializers[k].shape }
+        }
+        return out
+    }
+
+    /// Whether a phase's sums are per trained parameter (the Fisher, Taylor importance).
+    static func sumsParameters(_ e: PhaseExpectation) -> Bool { e.kind == .fisher || (e.kind == .importance && e.criterion == .taylor) }
+
     /// The layout of a securely summed phase's vector, from its expectation and the session's public bounds.
-    static func layout(_ e: PhaseExpectation, clipNorm: Double, maximumSamples: Int, summands: Int) throws -> SecureLayout {
+    static func layout(_ e: PhaseExpectation, clipNorm: Double, maximumSamples: Int, summands: Int, noise: NoiseParameters? = nil) throws -> SecureLayout {
         switch e.kind {
         case .finetune, .qat:
-            return try SecureLayout.update(shapes: e.shapes, clipNorm: clipNorm, maximumSamples: maximumSamples, summands: summands)
+            return try SecureLayout.update(shapes: e.shapes, clipNorm: clipNorm, maximumSamples: maximumSamples, summands: summands, noise: noise)
         case .ranges, .histograms:
             return SecureLayout.histograms(upper: e.histogramUpper, bins: e.histogramBins, signed: e.kind == .ranges,
                                            maximumSamples: maximumSamples,
                                            maximumValues: maximumValues(maximumSamples: maximumSamples, summands: summands))
+        case .importance where e.criterion == .taylor:
+            return try SecureLayout.parameterSums(e.shapes, fisher: false, maximumSamples: maximumSamples, summands: summands)
+        case .importance, .normalization:
+            return try SecureLayout.channels(e.channels, maximumSamples: maximumSamples,
+                                             maximumValues: maximumValues(maximumSamples: maximumSamples, summands: summands), summands: summands)
+        case .fisher:
+            return try SecureLayout.parameterSums(e.shapes, fisher: true, maximumSamples: maximumSamples, summands: summands)
         default:
             throw CompressionError(.invalidArgument, "a \(e.kind.rawValue) phase is not summed securely")
         }
@@ -203,6 +230,7 @@ enum SecurePhases {
         guard let j = engine.plan.secureSums.firstIndex(where: { engine.plan.phases[$0] == phase }) else {
             throw CompressionError(.invalidArgument, "\(phase.label) is not one of the plan's secure sums")
         }
+        if sumsParameters(e) { e.shapes = trainableShapes(model) }
         var s = try sessionExpectation(secure)
         s.sum = j
         s.partners = secure.partners(sum: j)
@@ -213,8 +241,12 @@ enum SecurePhases {
                 throw CompressionError(.invalidArgument, "secure aggregation of training updates needs a clip norm (--clip-norm, or --clip-multiple above 0)")
             }
             s.clipNorm = clip
+            if engine.plan.privacy != nil {
+                guard let privacy = progress.privacy else { throw CompressionError(.invalidStatistics, "a private round started without its noise") }
+                s.noise = privacy.noise
+            }
         }
-        s.layout = try layout(e, clipNorm: s.clipNorm, maximumSamples: s.maximumSamples, summands: max(s.partners.count, 1))
+        s.layout = try layout(e, clipNorm: s.clipNorm, maximumSamples: s.maximumSamples, summands: max(s.partners.count, 1), noise: s.noise)
         e.secure = s
     }
 
@@ -241,15 +273,29 @@ enum SecurePhases {
         guard var client = job.secure, client.session == Array(t.session) else {
             throw CompressionError(.invalidArgument, "this worker holds no secure-aggregation keys for round \(job.task.roundID) (it restarted after the key exchange); it sits out the round's secure phases")
         }
+        // The phase's expectation as the coordinator derives it from the same model.
         var e = PhaseExpectation(kind: PhaseKind(rawValue: job.task.kind) ?? .finetune)
         e.shapes = updateShapes(job.model)
         e.histogramUpper = job.task.histogramUpper
         e.histogramBins = Int(job.task.histogramBins)
-        let layout = try layout(e, clipNorm: t.clipNorm, maximumSamples: Int(clamping: t.maximumSamples), summands: Int(max(t.summands, 1)))
+        e.criterion = ImportanceCriterion(rawValue: job.task.criterion) ?? .l1
+        if sumsParameters(e) { e.shapes = trainableShapes(job.model) }
+        if e.kind == .importance, e.criterion != .taylor {
+            for g in try ChannelGroups(model: job.model).prunable {
+                if let t = g.statisticsTensor { e.channels[t] = g.channels }
+            }
+        } else if e.kind == .normalization {
+            e.channels = RoundEngine.normalizationInputs(job.model)
+        }
+        let noise = t.dpSigma > 0 ? NoiseParameters(granularity: t.dpGranularity, sigma: t.dpSigma, l2: t.dpL2) : nil
+        let layout = try layout(e, clipNorm: t.clipNorm, maximumSamples: Int(clamping: t.maximumSamples), summands: Int(max(t.summands, 1)),
+                                noise: noise)
         var samples: UInt64 = 0
         switch report.result {
         case .update(let m)?: samples = m.samples
         case .calibration(let m)?: samples = m.samples
+        case .importance(let m)?: samples = m.samples
+        case .fisher(let m)?: samples = m.samples
         default: break
         }
         let vector = try layout.encode(report)
@@ -504,6 +550,8 @@ struct UnmaskPhase: PhaseHandler {
         var inner = PhaseClosing(engine: closing.engine, phase: phase, accumulator: summed, progress: closing.progress, artifacts: closing.artifacts)
         try phase.kind.handler.close(&inner)
         closing.progress = inner.progress
+        // The coordinator phases after it (pruning after importance) read the sum as the phase's own aggregate.
+        closing.passOn = summed
     }
 
     func run(_ job: inout WorkerJob) throws -> Whittle_TaskReport {
