@@ -345,7 +345,14 @@ public struct RoundEngine: Sendable {
                 step[name] = Tensor(shape: velocity.shape, floats: velocity.floats.map { eta * $0 })
             }
         }
-        let out = try applying(step, to: model)
+        var out = try applying(step, to: model)
+        // A running variance stays a variance: the mean of the workers' is never negative, but a private round's noise
+        // (or a server step) can push it below zero, which would make the folded weights NaN.
+        let index = out.graph.initializerIndex
+        for node in out.graph.nodes where node.opType == "BatchNormalization" && node.inputs.count == 5 {
+            guard let k = index[node.inputs[4]], let v = out.graph.initializers[k].tensor, v.floats.contains(where: { $0 < 0 }) else { continue }
+            out.graph.initializers[k].setTensor(Tensor(shape: v.shape, floats: v.floats.map { max($0, 0) }))
+        }
         for initializer in out.graph.initializers {
             if let t = initializer.tensor, t.dtype.isFloatingPoint, !t.floats.allSatisfy(\.isFinite) {
                 throw CompressionError(.invalidStatistics,

@@ -381,6 +381,35 @@ let maskedCorrelationBound = 0.1
         #expect(abs(errors.reduce(0, +) / Double(d)) < 4 * expected / Double(d).squareRoot())
     }
 
+    /// Noise can push a running variance below zero, which folding would turn into NaN weights: the step keeps it a
+    /// variance, and a private round that quantizes exports a usable model.
+    @Test func aPrivateRoundThatQuantizesExportsAUsableModel() throws {
+        let (parts, _) = try RoundTests.shards()
+        let plan = RoundTests.plan {
+            $0.finetuneRounds = 3
+            $0.minWorkers = 3
+            $0.clipNorm = 1
+            $0.secureAggregation = true
+            $0.privacy = PrivacyPlan(epsilon: 1)
+            $0.calibration = .entropy
+            $0.calibrationRange = 64
+            $0.minAgreement = 0
+        }
+        let o = try Self.drive(plan, parts: parts, model: RoundTests.model)
+        let exported = try o.artifacts.model(try #require(o.progress.finalModel))
+        for i in exported.graph.initializers where i.tensor?.dtype == .float {
+            let finite = i.tensor!.floats.allSatisfy { $0.isFinite }
+            #expect(finite, "\(i.name)")
+        }
+        for (name, range) in try #require(o.progress.calibrated) {
+            let usable = range.allSatisfy { $0.isFinite } && range[0] <= range[1]
+            #expect(usable, "\(name)")
+        }
+        for node in o.model.graph.nodes where node.opType == "BatchNormalization" {
+            #expect(o.model.graph.initializer(named: node.inputs[4])?.tensor?.floats.allSatisfy { $0 >= 0 } == true)
+        }
+    }
+
     @Test func aPrivateRoundRunsAndSaysWhatItSpent() throws {
         let (parts, _) = try RoundTests.shards()
         var plan = RoundTests.plan {
