@@ -539,6 +539,10 @@ public func applying(_ delta: [String: Tensor], to model: Model) throws -> Model
 /// Decodes JSON that an earlier version stored (a round's plan or progress): top-level keys it lacks take their
 /// values from `defaults`, so a field added later does not make older rounds unreadable.
 public func decodeStored<T: Codable>(_ type: T.Type, from data: Data, defaults: T) throws -> T {
+    // What this version stored decodes as it is (the optional fields it lacks default to nil, as in `defaults`); only
+    // an older record, without a field that has a default value, needs the merge (the round service decodes a
+    // round's progress for every heartbeat that asks for work).
+    if let current = try? JSONDecoder().decode(T.self, from: data) { return current }
     guard let stored = try JSONSerialization.jsonObject(with: data) as? [String: Any],
         let base = try JSONSerialization.jsonObject(with: JSONEncoder().encode(defaults)) as? [String: Any] else {
         return try JSONDecoder().decode(T.self, from: data)

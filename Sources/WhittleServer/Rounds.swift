@@ -241,7 +241,7 @@ package actor RoundService {
     /// The round's lifecycle at its open phase, from durable state (and the open phase's accumulator when it is
     /// held: the workers whose reports are in).
     func machine(_ round: RoundRecord) async throws -> RoundMachine {
-        let plan = try Self.plan(round)
+        let plan = try Self.plan(round), progress = try Self.progress(round)
         let assignments = try await store.assignments(round: round.id, phase: round.phase)
         let reported: Set<String>
         if let o = open[round.id], o.phase == round.phase {
@@ -252,11 +252,9 @@ package actor RoundService {
         var machine = RoundMachine(id: round.id, plan: plan, state: round.roundState, phase: round.phase,
                                    phaseStartedAt: round.phaseStartedAt,
                                    assignments: assignments.map { PhaseAssignment(worker: $0.worker, assignedAt: $0.assignedAt, droppedAt: $0.droppedAt) },
-                                   reported: reported, pollSeconds: pollSeconds, audience: try Self.progress(round).audience)
+                                   reported: reported, pollSeconds: pollSeconds, audience: progress.audience)
         machine.awakeSince = startedAt
-        if !round.ended {
-            machine.eligible = RoundEngine(plan: plan, round: round.id).eligible(machine.openPhase, progress: try Self.progress(round))
-        }
+        if !round.ended { machine.eligible = RoundEngine(plan: plan, round: round.id).eligible(machine.openPhase, progress: progress) }
         return machine
     }
 
