@@ -151,7 +151,7 @@ public struct RoundMachine: Sendable {
     func canWork(_ w: WorkerStatus) -> Bool {
         guard w.samples > 0, !(openPhase.kind.trains && !w.labels && !plan.distill) else { return false }
         if let eligible, !eligible.contains(w.name) { return false }
-        if !holdsSession(w) { return false }
+        if lostSession(w) { return false }
         // A secure session's parties are the workers of its sums: one that cannot train sits it out.
         if openPhase.kind == .secureKeys, !w.labels, !plan.distill, plan.secureSums.contains(where: { plan.phases[$0].kind.trains }) { return false }
         if openPhase.kind == .latency, !w.timesModels { return false }
@@ -166,7 +166,11 @@ public struct RoundMachine: Sendable {
         return kind == .secureShares || kind == .unmask || (plan.secureAggregation == true && RoundPlan.securelySummed.contains(kind))
     }
 
-    func holdsSession(_ w: WorkerStatus) -> Bool { !needsSession || w.secureRounds.map { $0.contains(id) } ?? true }
+    /// Whether the worker's heartbeat says it no longer holds the round's secrets: a heartbeat since the phase opened
+    /// (one from before may predate the keys it made in the key phase).
+    func lostSession(_ w: WorkerStatus) -> Bool {
+        needsSession && w.secureRounds.map { !$0.contains(id) } == true && (w.lastContact ?? .distantPast) > phaseStartedAt
+    }
 
     /// The open phase hands out the final model, which is meant for the audience only.
     var servesAudience: Bool { audience != nil && openPhase.kind.handler.carriesFinalModel }
@@ -260,7 +264,7 @@ public struct RoundMachine: Sendable {
         for a in active where !reported.contains(a.worker) {
             let w = byName[a.worker]
             let since = max(w?.lastContact ?? .distantPast, a.assignedAt, phaseStartedAt, awakeSince ?? .distantPast)
-            if w?.revoked == true || now.timeIntervalSince(since) > silenceLimit || w.map(holdsSession) == false {
+            if w?.revoked == true || now.timeIntervalSince(since) > silenceLimit || w.map(lostSession) == true {
                 actions += workerLost(a.worker, now: now)
             }
         }
@@ -274,7 +278,10 @@ public struct RoundMachine: Sendable {
             !holding.contains(w.name) && !reported.contains(w.name) && !w.revoked && canWork(w)
                 && w.lastContact.map { now.timeIntervalSince($0) <= silenceLimit } == true
         }.count
-        let windowOver = full || waitingFor == 0 || now >= phaseStartedAt.addingTimeInterval(Double(2 * pollSeconds) + 1)
+        // A phase for named workers (a secure session's parties, partners, contributors) waits for every one of them
+        // that is still online: one that did not share its keys or return its shares costs the others their sum.
+        let windowOver = full || waitingFor == 0
+            || (eligible == nil && now >= phaseStartedAt.addingTimeInterval(Double(2 * pollSeconds) + 1))
         let allIn = active.allSatisfy { reported.contains($0.worker) }
         if reported.count >= quorum, (windowOver && allIn) || deadlinePassed {
             for a in active where !reported.contains(a.worker) { actions += workerLost(a.worker, now: now) }

@@ -246,7 +246,8 @@ public struct RunCommand: ParsableCommand {
                 case .run(let task):
                     try? state.save(layout)
                     var busy = heartbeat
-                    busy.capabilities.secureRounds = runner.secure.keys.sorted()
+                    // A key task makes the round's secrets: its heartbeats say so already.
+                    busy.capabilities.secureRounds = (runner.secure.keys + (task.kind == "secure-keys" ? [task.roundID] : [])).sorted()
                     busy.workingOn = TaskRunner.key(task)
                     let beat = BusyHeartbeat(client: HTTPClient(baseURL: client.baseURL, credentials: client.credentials),
                                              body: try busy.serializedBytes(), seconds: machine.pollSeconds)

@@ -178,12 +178,32 @@ import WhittleRounds
             w.secureRounds = holds ? ["r1"] : []
             return w
         }
-        // a never made keys for r1 (or restarted since): it is not given the task.
-        #expect(m.taskRequested(by: board("a", holds: false), now: Self.t0).handOut == false)
-        #expect(m.taskRequested(by: board("b", holds: true), now: Self.t0).handOut)
+        // a never made keys for r1 (or restarted since): its heartbeat asking for the task says so, and it is not
+        // given the task.
+        #expect(m.taskRequested(by: board("a", holds: false, seen: 1), now: Self.at(1)).handOut == false)
+        #expect(m.taskRequested(by: board("b", holds: true, seen: 1), now: Self.at(1)).handOut)
         // b restarts and says so in its next heartbeat: it is given up at once, not at the deadline.
-        let actions = m.tick(now: Self.at(1), workers: [board("a", holds: false, seen: 1), board("b", holds: false, seen: 1)])
-        #expect(actions.contains(.drop(worker: "b", at: Self.at(1))), "\(actions)")
+        let actions = m.tick(now: Self.at(2), workers: [board("a", holds: false, seen: 2), board("b", holds: false, seen: 2)])
+        #expect(actions.contains(.drop(worker: "b", at: Self.at(2))), "\(actions)")
+        // A phase for named workers waits past the selection window for each one still online, not just the quorum.
+        var shares = try Self.machine(at: .secureShares, minWorkers: 2) {
+            $0.secureAggregation = true
+            $0.finetuneRounds = 1
+            $0.quantize = .none
+            $0.clipNorm = 1
+        }
+        shares.eligible = ["a", "b", "c"]
+        for name in ["a", "b"] {
+            _ = shares.taskRequested(by: board(name, holds: true), now: Self.t0)
+            #expect(try shares.reportArrived(phase: shares.phase, worker: name, uploadID: "upload-\(name)-1", bytes: 10, bodyLimit: 100, accepted: nil) == .admit)
+            shares.reportAccepted(from: name)
+        }
+        let online = [board("a", holds: true, seen: 60), board("b", holds: true, seen: 60), board("c", holds: true, seen: 60)]
+        #expect(shares.tick(now: Self.at(60), workers: online).isEmpty, "c is online and has not shared")
+        // ... even when c's last heartbeat, from before the phase opened, predates its keys.
+        #expect(shares.tick(now: Self.at(5), workers: [online[0], online[1], board("c", holds: false, seen: -1)]).isEmpty)
+        // Once c is gone (silent), the quorum closes the phase.
+        #expect(shares.tick(now: Self.at(100), workers: [online[0], online[1], board("c", holds: true, seen: 0)]) == [.closePhase])
         // Other phases ignore what a worker holds.
         var evaluate = try Self.machine(at: .evaluate)
         #expect(evaluate.taskRequested(by: board("a", holds: false), now: Self.t0).handOut)
