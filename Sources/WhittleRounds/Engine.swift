@@ -217,7 +217,7 @@ public struct RoundEngine: Sendable {
         case .secureShares: return Set(secure?.parties ?? [])
         case .unmask: return Set(secure?.pending?.contributors ?? [])
         case let kind where RoundPlan.securelySummed.contains(kind):
-            guard let secure, let j = plan.secureSums.firstIndex(where: { plan.phases[$0] == phase }) else { return [] }
+            guard let secure, let j = plan.secureSum(of: phase) else { return [] }
             return secure.partners(sum: j)
         default: return nil
         }
@@ -243,7 +243,7 @@ public struct RoundEngine: Sendable {
             task.secure.survivors = partners.filter(Set(pending.contributors).contains)
             task.secure.dropped = partners.filter { !pending.contributors.contains($0) }
         default:
-            guard let j = plan.secureSums.firstIndex(where: { plan.phases[$0] == phase }) else { return }
+            guard let j = plan.secureSum(of: phase) else { return }
             task.secure.partners = neighbours.filter(secure.partners(sum: j).contains)
             if let sha = secure.envelopes[worker] {
                 task.secure.envelopes = try Whittle_SecureEnvelopes(serializedBytes: try artifacts.bytes(sha)).envelopes

@@ -358,7 +358,14 @@ public struct RoundPlan: Codable, Sendable, Equatable {
     /// The secure sums of the plan, in order: the index of each securely summed phase in `phases`.
     public var secureSums: [Int] {
         guard secureAggregation == true else { return [] }
-        return phases.indices.filter { Self.securelySummed.contains(phases[$0].kind) }
+        let all = phases
+        return all.indices.filter { Self.securelySummed.contains(all[$0].kind) }
+    }
+
+    /// The secure sum `phase` is (its index in `secureSums`), nil for a phase summed in the clear.
+    public func secureSum(of phase: Phase) -> Int? {
+        let all = phases
+        return secureSums.firstIndex { all[$0] == phase }
     }
 
     /// The learning rate of fine-tuning round `iteration` of a step at its first local epoch (see
@@ -456,8 +463,11 @@ public struct RoundPlan: Codable, Sendable, Equatable {
         }
     }
 
-    /// The training sums a private round adds noise to.
-    public var privacySums: Int { secureSums.filter { phases[$0].kind.trains }.count }
+    /// The plan's secure training sums (the ones a private round adds noise to).
+    public var privacySums: Int {
+        let all = phases
+        return secureSums.filter { all[$0].kind.trains }.count
+    }
 
     /// A private round's noise and accounting for `model` (nil without `privacy`).
     public func privacyProgress(model: Model) throws -> PrivacyProgress? {

@@ -153,7 +153,7 @@ public struct RoundMachine: Sendable {
         if let eligible, !eligible.contains(w.name) { return false }
         if lostSession(w) { return false }
         // A secure session's parties are the workers of its sums: one that cannot train sits it out.
-        if openPhase.kind == .secureKeys, !w.labels, !plan.distill, plan.secureSums.contains(where: { plan.phases[$0].kind.trains }) { return false }
+        if openPhase.kind == .secureKeys, !w.labels, !plan.distill, plan.privacySums > 0 { return false }
         if openPhase.kind == .latency, !w.timesModels { return false }
         if servesAudience, let audience, !audience.includes(w.boardKind) { return false }
         return true

@@ -387,6 +387,7 @@ package actor RoundService {
         let (handOut, actions) = machine.taskRequested(by: Self.status(worker), now: now())
         try await perform(actions, on: &round)
         guard handOut else { return nil }
+        guard o.task.hasSecure else { return o.task }
         // A secure round's tasks carry what is the worker's own (its neighbours' keys, its envelopes, its partners).
         var task = o.task
         let plan = try Self.plan(round)

@@ -227,7 +227,7 @@ enum SecurePhases {
     static func sumExpectation(_ e: inout PhaseExpectation, _ engine: RoundEngine, phase: Phase, model: Model,
                                progress: RoundProgress) throws {
         let secure = try Self.progress(progress)
-        guard let j = engine.plan.secureSums.firstIndex(where: { engine.plan.phases[$0] == phase }) else {
+        guard let j = engine.plan.secureSum(of: phase) else {
             throw CompressionError(.invalidArgument, "\(phase.label) is not one of the plan's secure sums")
         }
         if sumsParameters(e) { e.shapes = trainableShapes(model) }
