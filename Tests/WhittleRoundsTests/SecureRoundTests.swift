@@ -213,6 +213,68 @@ let maskedCorrelationBound = 0.1
         #expect(b.progress.secure?.closed.count == 4)
     }
 
+    @Test func malformedSecureReportsAreRefusedAndChangeNothing() throws {
+        let plan = RoundTests.plan {
+            $0.quantize = .none
+            $0.finetuneRounds = 1
+            $0.minWorkers = 3
+            $0.clipNorm = 5
+            $0.secureAggregation = true
+        }
+        let engine = RoundEngine(plan: plan, round: "r-hostile")
+        let progress = RoundProgress(plan: plan, baseModel: "b", startModel: "c")
+        let keys = try engine.expectation(Phase(.secureKeys), model: RoundTests.model, progress: progress)
+        var accumulator = PhaseAccumulator(expectation: keys)
+        func refused(_ report: Whittle_TaskReport, _ worker: String) -> Bool {
+            do { try accumulator.add(report, worker: worker, maximumSamples: 10); return false } catch { return true }
+        }
+        var random = SplitMix64(seed: 9)
+        let good = try SecureAggregationClient(name: "a", session: keys.secure!.session, sums: 1, using: &random).advertisement
+        func advertisement(_ edit: (inout Whittle_SecureAdvertisement) -> Void) -> Whittle_TaskReport {
+            var m = Whittle_SecureAdvertisement()
+            m.cipherKey = Data(good.cipherKey)
+            m.maskKeys = good.maskKeys.map { Data($0) }
+            m.commitments = good.commitments.map { Data($0) }
+            edit(&m)
+            var r = Whittle_TaskReport()
+            r.secureAdvertisement = m
+            return r
+        }
+        // A short key, a missing commitment, one key per sum too many, a key equal to the cipher key: refused.
+        #expect(refused(advertisement { $0.cipherKey = Data(repeating: 1, count: 31) }, "a"))
+        #expect(refused(advertisement { $0.commitments = [] }, "a"))
+        #expect(refused(advertisement { $0.maskKeys.append(Data(repeating: 2, count: 32)) }, "a"))
+        #expect(refused(advertisement { $0.maskKeys = [$0.cipherKey] }, "a"))
+        #expect(accumulator.reports == 0)
+        // The good one is taken; the same keys again from another worker (a replay) are refused.
+        #expect(!refused(advertisement { _ in }, "a"))
+        #expect(refused(advertisement { _ in }, "b"))
+        #expect(accumulator.reports == 1)
+
+        // A masked vector of the wrong length, or from a worker that is not a partner of the sum, is refused.
+        let (parts, _) = try RoundTests.shards()
+        let outcome = try Self.drive(plan, parts: parts, model: RoundTests.model)
+        var secure = try #require(outcome.progress.secure)
+        secure.closed = []
+        var before = outcome.progress
+        before.secure = secure
+        let finetune = try engine.expectation(Phase(.finetune), model: RoundTests.model, progress: before)
+        let length = try #require(finetune.secure?.layout?.length)
+        var masked = PhaseAccumulator(expectation: finetune)
+        func vector(_ count: Int) -> Whittle_TaskReport {
+            var r = Whittle_TaskReport()
+            r.masked.words = [UInt64](repeating: 7, count: count)
+            r.masked.samples = 5
+            return r
+        }
+        #expect(throws: AggregationError.self) { try masked.add(vector(length - 1), worker: "w0", maximumSamples: 10) }
+        #expect(throws: AggregationError.self) { try masked.add(vector(length), worker: "intruder", maximumSamples: 10) }
+        #expect(throws: AggregationError.self) { try masked.add(vector(length), worker: "w0", maximumSamples: 4) }
+        #expect(masked.reports == 0)
+        try masked.add(vector(length), worker: "w0", maximumSamples: 10)
+        #expect(masked.reports == 1 && masked.samples == 5)
+    }
+
     @Test func minMaxRangesUnderSecureAggregationAreWithinOneBinOfTheExactOnes() throws {
         let (parts, _) = try RoundTests.shards()
         let exact = RoundTests.plan { $0.minWorkers = 3 }

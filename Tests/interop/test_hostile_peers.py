@@ -228,3 +228,28 @@ def test_a_forged_report_is_refused_and_the_coordinator_lives(coordinator_server
 def _varint_bytes(n):
     from wire import _varint
     return _varint(n)
+
+
+def test_a_heartbeat_naming_hostile_secure_rounds_is_refused(coordinator_server, tmp_path):
+    """The rounds whose secure-aggregation secrets a worker says it holds (Capabilities.secure_rounds) are round ids:
+    one that could name a file, or more than 16 of them, is refused 400 bad_capabilities and recorded nowhere."""
+    from test_fleet import enrolled_identity, heartbeat_message
+    server = coordinator_server(heartbeat_seconds=1)
+    token = server.token()["token"]
+    cert, key, _, _ = enrolled_identity(server, token, "boasting", tmp_path)
+    plain = pb_decode(heartbeat_message(samples=50))
+    capabilities = heartbeat_message(samples=50)[len(pb_varint(1, plain[1][0])):]  # field 2 with its tag and length
+
+    def beat(rounds):
+        extra = b"".join(pb_bytes(11, r) for r in rounds)
+        inner = pb_decode(capabilities)[2][0] + extra
+        return pb_varint(1, plain[1][0]) + pb_bytes(2, inner)
+
+    for rounds in (["../../etc/passwd"], ["a/b"], [""], [f"r{k}" for k in range(17)]):
+        answer = server.request("POST", "/v1/worker/heartbeat", body=beat(rounds),
+                                headers={"Content-Type": "application/x-protobuf"}, certificate=cert, key=key)
+        assert answer.status == 400 and answer.json()["error"] == "bad_capabilities", (rounds, answer)
+    answer = server.request("POST", "/v1/worker/heartbeat", body=beat(["r20261207T000000-abcd1234"]),
+                            headers={"Content-Type": "application/x-protobuf"}, certificate=cert, key=key)
+    assert answer.status == 200, answer
+    assert server.running
