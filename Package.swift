@@ -24,6 +24,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", exact: "1.16.2"),
         .package(url: "https://github.com/swift-server/swift-prometheus", exact: "2.4.1"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", exact: "2.13.0"),
+        .package(url: "https://github.com/vapor/postgres-nio", exact: "1.33.2"),
     ],
     targets: [
         // C adaptors: oneDNN plans and OpenBLAS's CBLAS.
@@ -64,8 +65,12 @@ let package = Package(
                 .product(name: "SwiftASN1", package: "swift-asn1"),
             ]
         ),
-        // Durable coordinator state behind one interface: SQLite (GRDB, WAL) and in memory.
-        .target(name: "WhittleStore", dependencies: [.product(name: "GRDB", package: "GRDB.swift")]),
+        // Durable coordinator state behind one interface: SQLite (GRDB, WAL), PostgreSQL (postgres-nio, shared by
+        // coordinator replicas) and in memory.
+        .target(name: "WhittleStore", dependencies: [.product(name: "GRDB", package: "GRDB.swift"),
+                                                     .product(name: "PostgresNIO", package: "postgres-nio"),
+                                                     .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                                                     .product(name: "Logging", package: "swift-log")]),
         // libcurl through typed C wrappers (curl_easy_setopt is variadic).
         .target(name: "CWhittleCurl", linkerSettings: [.linkedLibrary("curl")]),
         .target(name: "WhittleHTTPClient", dependencies: ["CWhittleCurl", .product(name: "Crypto", package: "swift-crypto")]),
@@ -173,7 +178,7 @@ let package = Package(
         .testTarget(name: "WhittleIOTests", dependencies: ["WhittleIO", "WhittleONNX", "WhittleTensor", "WhittleTestSupport"]),
         .testTarget(name: "WhittleCLITests", dependencies: ["WhittleTestSupport", "WhittleTensor"]),
         .testTarget(name: "WhittlePKITests", dependencies: ["WhittlePKI", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "SwiftASN1", package: "swift-asn1")]),
-        .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore"]),
+        .testTarget(name: "WhittleStoreTests", dependencies: ["WhittleStore", "WhittleTestSupport", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "WhittlePrivacyTests", dependencies: ["WhittlePrivacy", "WhittleNN", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "WhittleServerTests", dependencies: ["WhittleServer", "CoordinatorCommands", "WhittleStore", "WhittleRounds", "WhittleProtocol", "WhittleCompression", "WhittleONNX", "WhittleTestSupport", "WhittleCLI", "WhittleIO", "WhittlePKI",
                                                                 .product(name: "Logging", package: "swift-log"),

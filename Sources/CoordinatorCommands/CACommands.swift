@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Logging
 import WhittleServer
 import WhittleCLI
 import WhittleIO
@@ -29,7 +30,10 @@ public struct CACommand: ParsableCommand {
     }
 
     static func workers(_ layout: CoordinatorLayout) async throws -> [WorkerRecord] {
-        try await SQLiteStore(path: layout.database).workers()
+        let (_, config) = try loadConfig(layout.directory.path)
+        let store = try await CoordinatorServer.openStore(layout: layout, config: config, logger: Logger(label: "whittle.coordinator"))
+        defer { store.close() }
+        return try await store.workers()
     }
 
     public struct Status: AsyncParsableCommand {

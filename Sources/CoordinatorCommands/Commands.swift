@@ -12,13 +12,15 @@ import WhittlePKI
 import WhittleStore
 
 /// `coordinator init`: creates the data directory.
-public struct InitCommand: ParsableCommand {
+public struct InitCommand: AsyncParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "init",
         abstract: "Create a coordinator data directory: CA, server and admin certificates, configuration, database.",
         discussion: """
             The CA is P-256, made here unless --ca-cert and --ca-key give an operator's own. Key files are \
-            created with mode 0600. An existing directory with content is never overwritten.
+            created with mode 0600. An existing directory with content is never overwritten. With --database-url \
+            the state lives in PostgreSQL, whose schema is created here; replicas are copies of this directory \
+            (docs/operations.md, "Replicas").
             """)
 
     @Option(name: .long, help: "The data directory to create.") var dir: String
@@ -27,12 +29,17 @@ public struct InitCommand: ParsableCommand {
     @Option(name: .long, help: "An existing CA certificate (PEM) to use instead of making one.") var caCert: String?
     @Option(name: .long, help: "The private key (PEM, P-256) of --ca-cert.") var caKey: String?
     @Option(name: .long, help: "Address and port serve listens on.") var listen: String = "127.0.0.1:8443"
+    @Option(name: .long, help: "A PostgreSQL database for the coordinator's state, postgresql://USER@HOST:PORT/DB[?sslmode=verify-full&sslrootcert=CA.pem] (database_url; default: the embedded SQLite file).")
+    var databaseURL: String?
     @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
 
     public init() {}
 
     public func validate() throws {
         guard (caCert == nil) == (caKey == nil) else { throw ValidationError("--ca-cert and --ca-key go together") }
+        if let databaseURL {
+            do { _ = try DatabaseURL(databaseURL) } catch let error as StoreError { throw ValidationError(error.message) }
+        }
         guard !hostname.isEmpty else { throw ValidationError("give at least one --hostname") }
         _ = try CoordinatorConfig.hostPort(listen)
     }
@@ -43,9 +50,10 @@ public struct InitCommand: ParsableCommand {
         var serverNames: [String]
         var adminSerial: String
         var listen: String
+        var database: String
     }
 
-    public func run() throws {
+    public func run() async throws {
         let layout = CoordinatorLayout(dir)
         let fm = FileManager.default
         if let contents = try? fm.contentsOfDirectory(atPath: dir), !contents.isEmpty {
@@ -71,16 +79,19 @@ public struct InitCommand: ParsableCommand {
         var config = CoordinatorConfig()
         config.listen = listen
         config.adminSerial = PKI.serial(admin.certificate)
-        try Files.writeNew(config.text, to: layout.config, mode: 0o644)
-        _ = try SQLiteStore(path: layout.database)
+        config.databaseURL = databaseURL ?? ""
+        // The settings may hold the database's password: readable by the owner only then.
+        try Files.writeNew(config.text, to: layout.config, mode: databaseURL == nil ? 0o644 : 0o600)
+        let migrated = try await CoordinatorServer.migrateStore(layout: layout, config: config, logger: Logger(label: "whittle.coordinator"))
         let report = Report(directory: dir, caFingerprint: try PKI.fingerprint(ca.certificate), serverNames: hostname,
-                            adminSerial: config.adminSerial, listen: listen)
+                            adminSerial: config.adminSerial, listen: listen, database: migrated.database)
         if json {
             try printJSON(report)
         } else {
             print("created \(dir)")
             print("CA fingerprint (SHA-256): \(report.caFingerprint)")
             print("server certificate for: \(hostname.joined(separator: ", "))")
+            print("database: \(migrated.database) (schema version \(migrated.to))")
             print("start it with: coordinator serve --dir \(dir)")
         }
     }
@@ -167,6 +178,37 @@ public struct ServeCommand: AsyncParsableCommand {
         var logger = Logger(label: "whittle.coordinator")
         logger.logLevel = try LogFormat.level(logLevel)
         try await CoordinatorServer.serve(layout: layout, config: config, listen: listen ?? config.listen, logger: logger)
+    }
+}
+
+/// `coordinator migrate`: brings the database to this binary's schema, once for every replica.
+public struct MigrateCommand: AsyncParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "migrate",
+        abstract: "Bring the coordinator's database to this version's schema (run once, before starting upgraded replicas).",
+        discussion: """
+            The schema is versioned; migrations are applied in one transaction under a lock, so replicas migrating \
+            at once take turns. A database a newer coordinator migrated is refused. serve migrates the embedded \
+            SQLite database itself; on PostgreSQL it refuses to start until the schema is this version's.
+            """)
+
+    @Option(name: .long, help: "The coordinator's data directory.") var dir: String
+    @Option(name: .long, parsing: .singleValue, help: "Override a coordinator.conf setting, KEY=VALUE (repeatable), e.g. database_url=….")
+    var set: [String] = []
+    @Flag(name: .long, help: "Print machine-readable JSON.") var json = false
+
+    public init() {}
+
+    public func run() async throws {
+        let (layout, config) = try loadConfig(dir, settings: set)
+        let migrated = try await CoordinatorServer.migrateStore(layout: layout, config: config, logger: Logger(label: "whittle.coordinator"))
+        if json {
+            try printJSON(["database": migrated.database, "from": "\(migrated.from)", "to": "\(migrated.to)"])
+        } else if migrated.from == migrated.to {
+            print("\(migrated.database): schema version \(migrated.to), up to date")
+        } else {
+            print("\(migrated.database): schema version \(migrated.from) → \(migrated.to)")
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 import Foundation
 import WhittleIO
+import WhittleStore
 
 /// The coordinator's settings, read from `DIR/coordinator.conf` (`key = value` lines, `#` comments). Every key has
 /// a documented default; `coordinator init` writes the file with all of them.
@@ -46,6 +47,9 @@ public struct CoordinatorConfig: Sendable, Equatable {
     /// Each site's differential-privacy budget ε at `privacyDelta` over all rounds (0: none).
     public var privacyBudget = 0.0
     public var privacyDelta = 1e-5
+    /// Where the coordinator's state lives: empty for the embedded SQLite file (DIR/whittle.sqlite), else a
+    /// PostgreSQL URL every replica shares (`DatabaseURL`).
+    public var databaseURL = ""
 
     public init() {}
 
@@ -71,6 +75,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
         ("secure_aggregation", "true: rounds sum their workers' updates and calibration statistics under secure aggregation unless round start says --no-secure-aggregation (docs/security.md)."),
         ("privacy_budget", "Each site's differential-privacy budget: the ε at privacy_delta all rounds together may spend on its data; a round that would exceed it, or that trains without --dp-epsilon, is refused. 0: no budget."),
         ("privacy_delta", "The δ privacy_budget is counted at."),
+        ("database_url", "Where the coordinator's state lives: empty for the embedded SQLite file DIR/whittle.sqlite; postgresql://USER[:PASSWORD]@HOST:PORT/DB[?sslmode=verify-full&sslrootcert=CA.pem] for a PostgreSQL database that coordinator replicas share (coordinator migrate creates its schema; docs/operations.md)."),
     ]
 
     package var values: [String: String] {
@@ -83,7 +88,7 @@ public struct CoordinatorConfig: Sendable, Equatable {
          "body_timeout_seconds": "\(bodyTimeoutSeconds)", "max_connections": "\(maxConnections)",
          "upload_memory_limit": "\(uploadMemoryLimit)", "retention_days": Self.number(retentionDays),
          "secure_aggregation": "\(secureAggregation)", "privacy_budget": Self.number(privacyBudget),
-         "privacy_delta": Self.number(privacyDelta)]
+         "privacy_delta": Self.number(privacyDelta), "database_url": databaseURL]
     }
 
     /// The file's text, every key with its comment.
@@ -171,6 +176,11 @@ public struct CoordinatorConfig: Sendable, Equatable {
         case "privacy_delta":
             guard let v = Double(value), v > 0, v < 1 else { throw ServerError(.invalidSetting, "privacy_delta must be in (0, 1), not '\(value)'") }
             privacyDelta = v
+        case "database_url":
+            if !value.isEmpty {
+                do { _ = try DatabaseURL(value) } catch let error as StoreError { throw ServerError(.invalidSetting, error.message) }
+            }
+            databaseURL = value
         case "secure_aggregation":
             guard let v = Bool(value) else { throw ServerError(.invalidSetting, "secure_aggregation must be true or false, not '\(value)'") }
             secureAggregation = v
@@ -271,6 +281,7 @@ public struct CoordinatorLayout: Sendable {
     /// A CA replaced by a rotation, kept for audit (its key is deleted).
     func retiredCACertificate(fingerprint: String) -> String { file("ca-retired-\(fingerprint.prefix(16)).pem") }
     public var config: String { file("coordinator.conf") }
+    /// The embedded database (when `database_url` is empty).
     public var database: String { file("whittle.sqlite") }
     /// Files served to workers, named by their SHA-256.
     public var artifacts: URL { directory.appendingPathComponent("artifacts") }

@@ -772,11 +772,33 @@ public enum CoordinatorServer {
         return tls
     }
 
+    /// The store `config` names: the embedded SQLite file, or the PostgreSQL database replicas share (its schema
+    /// must be this binary's: `coordinator migrate`).
+    public static func openStore(layout: CoordinatorLayout, config: CoordinatorConfig, logger: Logger) async throws -> any CoordinatorStore {
+        guard !config.databaseURL.isEmpty else { return try SQLiteStore(path: layout.database) }
+        let url = try DatabaseURL(config.databaseURL)
+        let store = try await PostgresStore.connect(url, logger: logger)
+        logger.info("database", metadata: ["database.url": "\(url)", "database.schema": "\(PostgresStore.schemaVersion)"])
+        return store
+    }
+
+    /// Brings the database `config` names to this binary's schema: the versions before and after, and where.
+    public static func migrateStore(layout: CoordinatorLayout, config: CoordinatorConfig, logger: Logger) async throws -> (from: Int, to: Int, database: String) {
+        guard !config.databaseURL.isEmpty else {
+            let (from, to) = try SQLiteStore.migrate(path: layout.database)
+            return (from, to, layout.database)
+        }
+        let url = try DatabaseURL(config.databaseURL)
+        let (from, to) = try await PostgresStore.migrate(url, logger: logger)
+        return (from, to, url.description)
+    }
+
     /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
     public static func serve(layout: CoordinatorLayout, config: CoordinatorConfig, listen: String, logger: Logger) async throws {
         // A CA rotation's finish that a crash interrupted is completed (or discarded) before anything is read.
         let trust = try CARotation.trust(layout)
-        let store = try SQLiteStore(path: layout.database)
+        let store = try await openStore(layout: layout, config: config, logger: logger)
+        defer { store.close() }
         let state = try ServerState(store: store, trust: trust, config: config, directory: layout.directory, artifacts: layout.artifacts,
                                     logger: logger)
         // Phases close on time (deadlines, silent workers) even when no report arrives.

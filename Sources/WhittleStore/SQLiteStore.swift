@@ -6,7 +6,9 @@ import GRDB
 public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
     let pool: DatabasePool
 
-    /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
+    /// Opens (creating if needed) the database at `path` and migrates it to the current schema: the embedded
+    /// database has one process, so it migrates on open (PostgreSQL, shared by replicas, waits for
+    /// `coordinator migrate`). A database a newer coordinator migrated is refused, not written.
     public init(path: String) throws {
         var configuration = Configuration()
         configuration.prepareDatabase { db in
@@ -15,8 +17,33 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
         }
         configuration.busyMode = .timeout(10)
         pool = try DatabasePool(path: path, configuration: configuration)
-        try Self.migrator.migrate(pool)
+        _ = try Self.migrate(pool, path: path)
     }
+
+    /// Applies the missing migrations; the schema versions (counts of migrations) before and after.
+    static func migrate(_ pool: DatabasePool, path: String) throws -> (from: Int, to: Int) {
+        let migrator = Self.migrator
+        let (superseded, applied) = try pool.read { db in
+            (try migrator.hasBeenSuperseded(db), try migrator.appliedIdentifiers(db))
+        }
+        if superseded {
+            let unknown = applied.subtracting(migrator.migrations).sorted()
+            throw StoreError(.schemaTooNew, "the database \(path) was migrated by a newer coordinator (\(unknown.joined(separator: "; "))): upgrade this coordinator (an older one must not write a newer schema)")
+        }
+        try migrator.migrate(pool)
+        return (applied.count, migrator.migrations.count)
+    }
+
+    /// Migrates the database at `path` (creating it if needed): `coordinator migrate`.
+    public static func migrate(path: String) throws -> (from: Int, to: Int) {
+        var configuration = Configuration()
+        configuration.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
+        configuration.busyMode = .timeout(10)
+        return try migrate(try DatabasePool(path: path, configuration: configuration), path: path)
+    }
+
+    /// The schema version this binary reads and writes (its number of migrations).
+    public static var schemaVersion: Int { migrator.migrations.count }
 
     static var migrator: DatabaseMigrator {
         var m = DatabaseMigrator()

@@ -196,6 +196,12 @@ public protocol CoordinatorStore: AnyObject, Sendable {
     func addReport(_ report: ReportRecord) async throws -> Bool
     func reports(round: String, phase: Int) async throws -> [ReportRecord]
     func reports(round: String) async throws -> [ReportRecord]
+    /// Releases the store's connections (a server's last call); the default does nothing.
+    func close()
+}
+
+extension CoordinatorStore {
+    public func close() {}
 }
 
 /// The store in memory: for tests and for trying things out; nothing survives the process.
@@ -242,6 +248,7 @@ public actor MemoryStore: CoordinatorStore {
     }
 
     public func ping() throws {}
+    public nonisolated func close() {}
 
     public func tokens() throws -> [TokenRecord] { tokensByHash.values.sorted { ($0.createdAt, $0.hash) > ($1.createdAt, $1.hash) } }
 

@@ -9,7 +9,7 @@ struct Coordinator: AsyncParsableCommand {
         commandName: "coordinator",
         abstract: "Whittle coordinator: federated compression of neural networks for fleets of edge boards.",
         version: WhittleVersion.string,
-        subcommands: [InitCommand.self, ServeCommand.self, TokenCommand.self, WorkersCommand.self, RoundCommand.self, DashboardCommand.self, GCCommand.self, ServerCertificateCommand.self, CACommand.self, ModelCommand.self])
+        subcommands: [InitCommand.self, ServeCommand.self, MigrateCommand.self, TokenCommand.self, WorkersCommand.self, RoundCommand.self, DashboardCommand.self, GCCommand.self, ServerCertificateCommand.self, CACommand.self, ModelCommand.self])
 
     static func main() async {
         do {

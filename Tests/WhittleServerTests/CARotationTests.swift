@@ -11,11 +11,11 @@ import X509
 /// CA rotation on a real data directory made by `coordinator init`: begin, the finish refused while a worker would
 /// be left behind, the finish itself, and a finish interrupted before and after its commit point.
 @Suite struct CARotationTests {
-    static func dataDirectory() throws -> (CoordinatorLayout, URL) {
+    static func dataDirectory() async throws -> (CoordinatorLayout, URL) {
         let root = FileManager.default.temporaryDirectory.appendingPathComponent("whittle-ca-\(UUID().uuidString)")
         let dir = root.appendingPathComponent("coordinator")
         let command = try InitCommand.parse(["--dir", dir.path, "--hostname", "coord.example.com", "10.0.0.5", "::1"])
-        try command.run()
+        try await command.run()
         return (CoordinatorLayout(dir.path), root)
     }
 
@@ -32,8 +32,8 @@ import X509
 
     static func read(_ path: String) throws -> String { try String(contentsOfFile: path, encoding: .utf8) }
 
-    @Test func aRotationReplacesTheCAOnceEveryWorkerHasRenewed() throws {
-        let (layout, root) = try Self.dataDirectory()
+    @Test func aRotationReplacesTheCAOnceEveryWorkerHasRenewed() async throws {
+        let (layout, root) = try await Self.dataDirectory()
         defer { try? FileManager.default.removeItem(at: root) }
         let old = try CARotation.trust(layout)
         #expect(old.next == nil && old.certificates.count == 1)
@@ -78,8 +78,8 @@ import X509
         #expect(finished.retiredFingerprint == oldFingerprint)
     }
 
-    @Test func aFinishInterruptedAfterItsCommitCompletesAndOneBeforeItIsUndone() throws {
-        let (layout, root) = try Self.dataDirectory()
+    @Test func aFinishInterruptedAfterItsCommitCompletesAndOneBeforeItIsUndone() async throws {
+        let (layout, root) = try await Self.dataDirectory()
         defer { try? FileManager.default.removeItem(at: root) }
         let old = try CARotation.trust(layout).current
         let next = try CARotation.begin(layout)

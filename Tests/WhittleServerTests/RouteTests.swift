@@ -39,7 +39,7 @@ import X509
         init() async throws {
             root = FileManager.default.temporaryDirectory.appendingPathComponent("whittle-routes-\(UUID().uuidString)")
             let dir = root.appendingPathComponent("coordinator")
-            try InitCommand.parse(["--dir", dir.path, "--hostname", "coord.example.com"]).run()
+            try await InitCommand.parse(["--dir", dir.path, "--hostname", "coord.example.com"]).run()
             layout = CoordinatorLayout(dir.path)
             let config = try CoordinatorConfig.parse(try String(contentsOfFile: layout.config, encoding: .utf8))
             let trust = try CARotation.trust(layout)

@@ -1,20 +1,38 @@
 import Foundation
+import Logging
 import Testing
 import WhittleStore
+import WhittleTestSupport
 
 /// One suite, run against every store implementation: they must behave the same.
 enum StoreKind: String, CaseIterable, CustomStringConvertible {
-    case memory, sqlite
+    case memory, sqlite, postgres
     var description: String { rawValue }
 
-    func make() throws -> (any CoordinatorStore, URL?) {
+    static let quiet: Logger = {
+        var l = Logger(label: "store-tests")
+        l.logLevel = .critical
+        return l
+    }()
+
+    func make() async throws -> (any CoordinatorStore, URL?) {
         switch self {
         case .memory: return (MemoryStore(), nil)
         case .sqlite:
             let dir = FileManager.default.temporaryDirectory.appendingPathComponent("whittle-store-\(UUID().uuidString)")
             try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
             return (try SQLiteStore(path: dir.appendingPathComponent("whittle.sqlite").path), dir)
+        case .postgres:
+            let url = try Self.postgresDatabase()
+            _ = try await PostgresStore.migrate(url, logger: Self.quiet)
+            return (try await PostgresStore.connect(url, logger: Self.quiet), nil)
         }
+    }
+
+    /// A new, empty database on the tests' PostgreSQL cluster, reached as the trusted role over TCP without TLS.
+    static func postgresDatabase() throws -> DatabaseURL {
+        let (cluster, name) = try TestPostgres.makeDatabase()
+        return try DatabaseURL("postgresql://whittle@127.0.0.1:\(cluster.port)/\(name)?sslmode=disable")
     }
 }
 
@@ -28,7 +46,7 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
 
     @Test(arguments: StoreKind.allCases)
     func enrollmentChecksTokenAndNameAtomically(_ kind: StoreKind) async throws {
-        let (store, _) = try kind.make()
+        let (store, _) = try await kind.make()
         try await store.addToken(TokenRecord(hash: "t2", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 2))
         try await store.addToken(TokenRecord(hash: "old", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(-1), uses: 5))
         #expect(try await store.enroll(tokenHash: "nope", worker: Self.worker("a"), now: Self.now) == .unknownToken)
@@ -46,7 +64,7 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
 
     @Test(arguments: StoreKind.allCases)
     func revocationAndContact(_ kind: StoreKind) async throws {
-        let (store, _) = try kind.make()
+        let (store, _) = try await kind.make()
         try await store.addToken(TokenRecord(hash: "t", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 1))
         _ = try await store.enroll(tokenHash: "t", worker: Self.worker("a"), now: Self.now)
         try await store.recordContact(name: "a", at: Self.now.addingTimeInterval(5), address: "10.0.0.2", capabilities: "{\"cores\":2}")
@@ -65,7 +83,7 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
     /// 50 enrollments at once against a 40-use token: exactly 40 succeed.
     @Test(arguments: StoreKind.allCases)
     func concurrentEnrollmentsNeverOverspendAToken(_ kind: StoreKind) async throws {
-        let (store, _) = try kind.make()
+        let (store, _) = try await kind.make()
         try await store.addToken(TokenRecord(hash: "t", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 40))
         let outcomes = try await withThrowingTaskGroup(of: EnrollmentOutcome.self) { group in
             for i in 0..<50 { group.addTask { try await store.enroll(tokenHash: "t", worker: Self.worker("w\(i)"), now: Self.now) } }
@@ -81,7 +99,7 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
 
     @Test(arguments: StoreKind.allCases)
     func tokensAreListedAndRevoked(_ kind: StoreKind) async throws {
-        let (store, _) = try kind.make()
+        let (store, _) = try await kind.make()
         try await store.addToken(TokenRecord(hash: "t1", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 2))
         try await store.addToken(TokenRecord(hash: "t2", createdAt: Self.now.addingTimeInterval(1), expiresAt: Self.now.addingTimeInterval(60), uses: 1))
         #expect(try await store.tokens().map(\.hash) == ["t2", "t1"], "newest first")
@@ -100,7 +118,7 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
     /// with the old certificate (the first answer was lost) keeps the old one, not the unused first renewal.
     @Test(arguments: StoreKind.allCases)
     func certificateRenewalKeepsThePresentedSerialUntilTheNewOneIsUsed(_ kind: StoreKind) async throws {
-        let (store, _) = try kind.make()
+        let (store, _) = try await kind.make()
         try await store.addToken(TokenRecord(hash: "t", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 1))
         var enrolled = Self.worker("a", serial: "s1")
         enrolled.certificateIssuer = "ca1"
@@ -128,7 +146,7 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
 
     @Test(arguments: StoreKind.allCases)
     func dashboardSessionsAreKeptUntilTheyExpire(_ kind: StoreKind) async throws {
-        let (store, _) = try kind.make()
+        let (store, _) = try await kind.make()
         try await store.addDashboardSession(hash: "s", expiresAt: Self.now.addingTimeInterval(60))
         try await store.addDashboardSession(hash: "old", expiresAt: Self.now.addingTimeInterval(-1))
         #expect(try await store.dashboardSession(hash: "s") == Self.now.addingTimeInterval(60))
@@ -137,8 +155,56 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
         #expect(try await store.dashboardSession(hash: "s") != nil)
     }
 
+    /// Rounds newest first and updated whole; one assignment and one report per worker and phase (a second is
+    /// refused and changes nothing); dropping marks only the live assignment.
+    @Test(arguments: StoreKind.allCases)
+    func roundsAssignmentsAndReports(_ kind: StoreKind) async throws {
+        let (store, _) = try await kind.make()
+        try await store.addToken(TokenRecord(hash: "t", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 2))
+        _ = try await store.enroll(tokenHash: "t", worker: Self.worker("a"), now: Self.now)
+        _ = try await store.enroll(tokenHash: "t", worker: Self.worker("b"), now: Self.now)
+        let r1 = RoundRecord(id: "r1", createdAt: Self.now, plan: "{\"plan\":1}", progress: "{}")
+        let r2 = RoundRecord(id: "r2", createdAt: Self.now.addingTimeInterval(5), plan: "{\"plan\":2}", progress: "{}")
+        try await store.addRound(r1)
+        try await store.addRound(r2)
+        #expect(try await store.rounds().map(\.id) == ["r2", "r1"], "newest first")
+        var updated = r1
+        updated.state = "failed"
+        updated.phase = 3
+        updated.phaseStartedAt = Self.now.addingTimeInterval(9)
+        updated.progress = String(repeating: "x", count: 100_000)
+        updated.message = "it's a \"quoted\" message; DROP TABLE round"
+        updated.endedAt = Self.now.addingTimeInterval(10)
+        try await store.updateRound(updated)
+        #expect(try await store.round(id: "r1") == updated)
+        #expect(try await store.round(id: "nope") == nil)
+
+        #expect(try await store.assign(AssignmentRecord(round: "r2", phase: 0, worker: "a", assignedAt: Self.now)))
+        #expect(try await !store.assign(AssignmentRecord(round: "r2", phase: 0, worker: "a", assignedAt: Self.now.addingTimeInterval(1))))
+        #expect(try await store.assign(AssignmentRecord(round: "r2", phase: 0, worker: "b", assignedAt: Self.now.addingTimeInterval(2))))
+        #expect(try await store.assign(AssignmentRecord(round: "r2", phase: 1, worker: "a", assignedAt: Self.now.addingTimeInterval(3))))
+        try await store.dropAssignment(round: "r2", phase: 0, worker: "b", at: Self.now.addingTimeInterval(4))
+        try await store.dropAssignment(round: "r2", phase: 0, worker: "b", at: Self.now.addingTimeInterval(8))
+        let phase0 = try await store.assignments(round: "r2", phase: 0).sorted { $0.worker < $1.worker }
+        #expect(phase0.map(\.worker) == ["a", "b"])
+        #expect(phase0[0].droppedAt == nil && phase0[0].assignedAt == Self.now)
+        #expect(phase0[1].droppedAt == Self.now.addingTimeInterval(4), "the first drop stands")
+
+        func report(_ worker: String, _ phase: Int, at: TimeInterval, upload: String = "u") -> ReportRecord {
+            ReportRecord(round: "r2", phase: phase, worker: worker, uploadID: "\(upload)-\(worker)", blob: "reports/r2/\(phase)/\(worker)",
+                         bytes: 1 << 33, bytesDown: 12, samples: 500, acceptedAt: Self.now.addingTimeInterval(at))
+        }
+        #expect(try await store.addReport(report("b", 0, at: 1)))
+        #expect(try await store.addReport(report("a", 0, at: 2)))
+        #expect(try await !store.addReport(report("a", 0, at: 3, upload: "again")), "one report per worker and phase")
+        #expect(try await store.addReport(report("a", 1, at: 4)))
+        #expect(try await store.reports(round: "r2", phase: 0) == [report("b", 0, at: 1), report("a", 0, at: 2)], "in acceptance order")
+        #expect(try await store.reports(round: "r2").map(\.phase) == [0, 0, 1])
+        #expect(try await store.reports(round: "r1").isEmpty)
+    }
+
     @Test func sqliteStateSurvivesReopening() async throws {
-        let (first, dir) = try StoreKind.sqlite.make()
+        let (first, dir) = try await StoreKind.sqlite.make()
         let path = dir!.appendingPathComponent("whittle.sqlite").path
         try await first.addToken(TokenRecord(hash: "t", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 3))
         _ = try await first.enroll(tokenHash: "t", worker: Self.worker("a"), now: Self.now)

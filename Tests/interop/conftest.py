@@ -302,3 +302,55 @@ def coordinator_server(tmp_path, coordinator_path):
                 server.kill()
     if failures:
         pytest.fail("\n".join(failures))
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster (scripts/postgres-cluster: initdb in a temporary directory, TLS on, loopback
+    only); `database()` makes an empty database and returns its URL for `database_url`."""
+
+    def __init__(self, directory):
+        self.dir = pathlib.Path(directory)
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "postgres-cluster"), "start", str(self.dir)],
+                                capture_output=True, text=True, timeout=180)
+        if result.returncode != 0:
+            pytest.fail(f"the test PostgreSQL cluster did not start:\n{result.stderr}")
+        fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+        self.port = int(fields["port"])
+        self.socket = fields["socket"]
+        self.ca = fields["ca"]
+        self.count = 0
+
+    def psql(self, sql, database="postgres"):
+        """Runs `sql` as the trusted role; returns its rows as tuples of strings."""
+        result = subprocess.run(["psql", "-h", self.socket, "-p", str(self.port), "-U", "whittle", "-d", database, "-v",
+                                 "ON_ERROR_STOP=1", "-qAt", "-F", "\t", "-c", sql], capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise AssertionError(f"psql failed: {result.stderr}")
+        return [tuple(line.split("\t")) for line in result.stdout.splitlines()]
+
+    def database(self, tls=True):
+        self.count += 1
+        name = f"w{os.getpid()}_{self.count}"
+        self.psql(f"CREATE DATABASE {name}")
+        self.last = name
+        if tls:
+            return f"postgresql://whittle@localhost:{self.port}/{name}?sslmode=verify-full&sslrootcert={self.ca}"
+        return f"postgresql://whittle@127.0.0.1:{self.port}/{name}?sslmode=disable"
+
+    def stop(self):
+        subprocess.run(["bash", str(ROOT / "scripts" / "postgres-cluster"), "stop", str(self.dir)], timeout=60)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's PostgreSQL cluster, stopped and removed at the end. It lives in a directory of its own under the
+    system's temporary directory: run as root, the server runs as the postgres user, who cannot enter pytest's
+    owner-only directories."""
+    import shutil
+    import tempfile
+    directory = tempfile.mkdtemp(prefix="whittle-postgres-")
+    os.chmod(directory, 0o755)
+    cluster = PostgresCluster(pathlib.Path(directory) / "cluster")
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(directory, ignore_errors=True)

@@ -70,6 +70,8 @@ def loopback_fleet(binaries, directory, **settings):
     server = CoordinatorServer(pathlib.Path(binaries) / "coordinator", directory / "coord", directory / "coord.log")
     server.init()
     server.configure(**settings)
+    if settings.get("database_url"):
+        server.cli("migrate", "--dir", server.dir)
     server.start()
     try:
         yield Fleet(server, pathlib.Path(binaries) / "worker", directory, spawn)
