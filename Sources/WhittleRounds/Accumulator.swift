@@ -43,6 +43,13 @@ public struct PhaseExpectation: Sendable {
 /// `fold` validates the whole report before it changes anything, and returns the samples it counts.
 public protocol PhaseAggregate: Sendable {
     mutating func fold(_ report: Whittle_TaskReport, worker: String, maximumSamples: Int, expectation: PhaseExpectation) throws -> Int
+    /// True when `fold` makes every check before its first change, so it may fold into the aggregate itself rather
+    /// than into a copy (a model-sized copy per report, for training updates). Default: false.
+    var foldsInPlace: Bool { get }
+}
+
+extension PhaseAggregate {
+    public var foldsInPlace: Bool { false }
 }
 
 /// One phase's aggregate, folded report by report as they are accepted (streaming: memory grows with the model,
@@ -101,14 +108,18 @@ public struct PhaseAccumulator: Sendable {
     /// from the same worker.
     public mutating func add(_ report: Whittle_TaskReport, worker: String, maximumSamples: Int) throws {
         guard !workers.contains(worker) else { throw Self.refuse("worker '\(worker)' already reported for this phase") }
-        var next = aggregate
         let counted: Int
         do {
-            counted = try next.fold(report, worker: worker, maximumSamples: maximumSamples, expectation: expectation)
+            if aggregate.foldsInPlace {
+                counted = try aggregate.fold(report, worker: worker, maximumSamples: maximumSamples, expectation: expectation)
+            } else {
+                var next = aggregate
+                counted = try next.fold(report, worker: worker, maximumSamples: maximumSamples, expectation: expectation)
+                aggregate = next
+            }
         } catch let error as CompressionError {
             throw Self.refuse(error.message)
         }
-        aggregate = next
         samples += counted
         workers.insert(worker)
     }

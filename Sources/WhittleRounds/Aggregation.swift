@@ -13,9 +13,11 @@ public struct ModelUpdate: Sendable {
         self.samples = samples
     }
 
-    /// √(Σ δ²) over every parameter.
+    /// √(Σ δ²) over every parameter, summed in the parameters' name order (the same on every machine, so a worker
+    /// that clips before masking and a coordinator that clips in the clear compute the same factor).
     public var norm: Double {
-        deltas.values.reduce(0.0) { sum, t in t.floats.reduce(sum) { $0 + Double($1) * Double($1) } }.squareRoot()
+        deltas.keys.sorted().reduce(0.0) { sum, name in sum + deltas[name]!.floats.withUnsafeBufferPointer { FoldKernels.squaredSum($0) } }
+            .squareRoot()
     }
 }
 
@@ -41,6 +43,16 @@ public struct UpdateValidator: Sendable {
     }
 
     public func validate(_ update: ModelUpdate) throws {
+        try validateStructure(update)
+        for (name, delta) in update.deltas {
+            if let bad = delta.floats.firstIndex(where: { !$0.isFinite }) {
+                throw AggregationError(.invalidUpdate, "parameter '\(name)' has a non-finite value (\(delta.floats[bad])) at index \(bad)")
+            }
+        }
+    }
+
+    /// Everything `validate` checks but the values: the sample count, the parameters and their shapes.
+    public func validateStructure(_ update: ModelUpdate) throws {
         guard update.samples > 0, update.samples <= maximumSamples else {
             throw AggregationError(.invalidUpdate, "the update claims \(update.samples) samples; expected 1…\(maximumSamples)")
         }
@@ -49,21 +61,23 @@ public struct UpdateValidator: Sendable {
             throw AggregationError(.invalidUpdate, "the update's parameters differ from the round's: missing \(missing.sorted()), unexpected \(extra.sorted())")
         }
         for (name, delta) in update.deltas {
-            guard delta.shape == shapes[name]!, delta.dtype == .float else {
+            guard delta.shape == shapes[name]!, delta.dtype == .float, delta.floats.count == shapes[name]!.reduce(1, *) else {
                 throw AggregationError(.invalidUpdate, "parameter '\(name)' has shape \(delta.shape), the round expects \(shapes[name]!)")
-            }
-            if let bad = delta.floats.firstIndex(where: { !$0.isFinite }) {
-                throw AggregationError(.invalidUpdate, "parameter '\(name)' has a non-finite value (\(delta.floats[bad])) at index \(bad)")
             }
         }
     }
 }
 
+/// The factor that scales an update of norm `norm` down to `maximum`, in Float as the update's values are scaled;
+/// nil when it needs none.
+public func clipFactor(norm: Double, maximum: Double) -> Float? {
+    guard norm > maximum, norm > 0 else { return nil }
+    return Float(maximum / norm)
+}
+
 /// Scales an update down so its norm is at most `maximum` (per-update norm clipping).
 public func clipped(_ update: ModelUpdate, to maximum: Double) -> ModelUpdate {
-    let n = update.norm
-    guard n > maximum, n > 0 else { return update }
-    let factor = Float(maximum / n)
+    guard let factor = clipFactor(norm: update.norm, maximum: maximum) else { return update }
     var out = update
     for (name, t) in update.deltas { out.deltas[name] = Tensor(shape: t.shape, floats: t.floats.map { $0 * factor }) }
     return out
@@ -71,6 +85,10 @@ public func clipped(_ update: ModelUpdate, to maximum: Double) -> ModelUpdate {
 
 /// FedAvg, streaming: each accepted report is folded in on arrival, so memory grows with the model, not with the
 /// number of workers. `θ ← θ + Σ_k n_k Δ_k / Σ_k n_k`, sums in Double.
+///
+/// A fold reads each delta twice and copies nothing: one pass checks it is finite and sums its squares (the norm
+/// clipping needs, reported as the update's norm), the second multiplies-adds it into the sums in place, the clip
+/// factor folded into the weight. Nothing changes until every check passed.
 public struct FedAvgAccumulator: Sendable {
     public let validator: UpdateValidator
     public let clipNorm: Double?
@@ -84,17 +102,33 @@ public struct FedAvgAccumulator: Sendable {
         sums = validator.shapes.mapValues { [Double](repeating: 0, count: $0.reduce(1, *)) }
     }
 
-    public mutating func add(_ update: ModelUpdate) throws {
-        try validator.validate(update)
-        let u = clipNorm.map { clipped(update, to: $0) } ?? update
-        let weight = Double(u.samples)
-        for (name, delta) in u.deltas {
-            var s = sums[name]!
-            for i in s.indices { s[i] += weight * Double(delta.floats[i]) }
-            sums[name] = s
+    /// Validates and folds in one update; returns its norm before clipping.
+    @discardableResult
+    public mutating func add(_ update: ModelUpdate) throws -> Double {
+        try validator.validateStructure(update)
+        var squares = 0.0
+        for name in update.deltas.keys.sorted() {
+            let delta = update.deltas[name]!
+            let sum = delta.floats.withUnsafeBufferPointer { FoldKernels.squaredSum($0) }
+            // A float's square cannot overflow a Double: the sum is finite exactly when every value is.
+            guard sum.isFinite else {
+                let bad = delta.floats.firstIndex { !$0.isFinite } ?? 0
+                throw AggregationError(.invalidUpdate, "parameter '\(name)' has a non-finite value (\(delta.floats[bad])) at index \(bad)")
+            }
+            squares += sum
         }
-        samples += u.samples
+        let norm = squares.squareRoot()
+        // Clipped values are rounded to Float as `clipped` rounds them (the secure path clips on the worker).
+        let factor = clipNorm.flatMap { clipFactor(norm: norm, maximum: $0) } ?? 1
+        let weight = Double(update.samples)
+        for (name, delta) in update.deltas {
+            delta.floats.withUnsafeBufferPointer { d in
+                sums[name]!.withUnsafeMutableBufferPointer { s in FoldKernels.addScaled(d, scale: factor, weight: weight, into: s) }
+            }
+        }
+        samples += update.samples
         updates += 1
+        return norm
     }
 
     /// The sample-weighted mean delta.
@@ -103,6 +137,59 @@ public struct FedAvgAccumulator: Sendable {
         var out: [String: Tensor] = [:]
         for (name, s) in sums { out[name] = Tensor(shape: validator.shapes[name]!, floats: s.map { Float($0 / Double(samples)) }) }
         return out
+    }
+}
+
+/// The fold's inner loops, eight lanes at a time, with `…Reference` twins (`KernelTests` checks they agree).
+public enum FoldKernels {
+    /// Σ x², in Double.
+    public static func squaredSum(_ x: UnsafeBufferPointer<Float>) -> Double {
+        let n = x.count
+        var acc0 = SIMD4<Double>(), acc1 = SIMD4<Double>()
+        var i = 0
+        if let base = x.baseAddress {
+            while i + 8 <= n {
+                let v = UnsafeRawPointer(base + i).loadUnaligned(as: SIMD8<Float>.self)
+                let lo = SIMD4<Double>(v.lowHalf), hi = SIMD4<Double>(v.highHalf)
+                acc0 += lo * lo
+                acc1 += hi * hi
+                i += 8
+            }
+        }
+        var total = (acc0 + acc1).sum()
+        while i < n {
+            total += Double(x[i]) * Double(x[i])
+            i += 1
+        }
+        return total
+    }
+
+    public static func squaredSumReference(_ x: [Float]) -> Double { x.reduce(0.0) { $0 + Double($1) * Double($1) } }
+
+    /// s[i] += weight × (x[i] × scale), the product x[i] × scale rounded to Float; `s` and `x` have the same count.
+    public static func addScaled(_ x: UnsafeBufferPointer<Float>, scale: Float = 1, weight: Double, into s: UnsafeMutableBufferPointer<Double>) {
+        precondition(x.count == s.count, "addScaled: \(x.count) values into \(s.count) sums")
+        let n = x.count
+        var i = 0
+        if let xb = x.baseAddress, let sb = s.baseAddress {
+            let w = SIMD4<Double>(repeating: weight), f = SIMD8<Float>(repeating: scale)
+            while i + 8 <= n {
+                let v = UnsafeRawPointer(xb + i).loadUnaligned(as: SIMD8<Float>.self) * f
+                let p = UnsafeMutableRawPointer(sb + i)
+                let s0 = p.loadUnaligned(as: SIMD4<Double>.self), s1 = p.loadUnaligned(fromByteOffset: 32, as: SIMD4<Double>.self)
+                p.storeBytes(of: s0 + w * SIMD4<Double>(v.lowHalf), as: SIMD4<Double>.self)
+                p.storeBytes(of: s1 + w * SIMD4<Double>(v.highHalf), toByteOffset: 32, as: SIMD4<Double>.self)
+                i += 8
+            }
+        }
+        while i < n {
+            s[i] += weight * Double(x[i] * scale)
+            i += 1
+        }
+    }
+
+    public static func addScaledReference(_ x: [Float], scale: Float = 1, weight: Double, into s: inout [Double]) {
+        for i in x.indices { s[i] += weight * Double(x[i] * scale) }
     }
 }
 

@@ -426,41 +426,45 @@ package actor RoundService {
         var machine = try await self.machine(round)
         // The body limit is the open phase's; only a report that passes the other checks reaches the size check.
         let holder = machine.mayUpload(worker.name) && Int(report.phase) == round.phase
-        let o = holder ? try await openPhase(round) : nil
+        let bodyLimit = holder ? try await openPhase(round).bodyLimit : 0
         let admission = try machine.reportArrived(phase: Int(report.phase), worker: worker.name, uploadID: report.uploadID,
-                                                  bytes: bytes.readableBytes, bodyLimit: o?.bodyLimit ?? 0, accepted: accepted?.uploadID)
-        guard admission == .admit, var o else { return true }
+                                                  bytes: bytes.readableBytes, bodyLimit: bodyLimit, accepted: accepted?.uploadID)
+        guard admission == .admit, holder else { return true }
         let plan = machine.plan
         let clock = ContinuousClock()
         let t0 = clock.now
-        var accumulator = o.accumulator
-        let samplesBefore = accumulator.samples
+        // The report is folded into the open phase's accumulator in place, not into a copy (a copy is the model's
+        // size for training updates): this call owns the phase until it puts it back. A refused report changes
+        // nothing and the phase goes back at once; a failure after the fold leaves it out, and the next call
+        // rebuilds it from the durable reports.
+        guard var o = open.removeValue(forKey: round.id) else { throw RoundError(.unknownRound, "round '\(round.id)' has no open phase") }
+        let samplesBefore = o.accumulator.samples
         do {
             let c = Self.capabilities(worker)
             let maximum = plan.phases[round.phase].kind == .evaluate ? max(c?.samples ?? 0, c?.evaluationSamples ?? 0) : (c?.samples ?? 0)
-            try accumulator.add(report, worker: worker.name, maximumSamples: maximum)
+            try o.accumulator.add(report, worker: worker.name, maximumSamples: maximum)
         } catch let error as AggregationError {
-            open[round.id]?.refused += 1
+            o.refused += 1
+            open[round.id] = o
             // Durable, so a restart does not forget the refusals (the phase table shows them).
             var record = round
             var progress = try Self.progress(record)
-            progress.phases[round.phase].refused = open[round.id]?.refused ?? progress.phases[round.phase].refused + 1
+            progress.phases[round.phase].refused = o.refused
             record.progress = try Self.text(progress)
             try await store.updateRound(record)
             logger.warning("report refused", metadata: ["round.id": "\(round.id)", "worker.name": "\(worker.name)", "reason": "\(error.description)"])
             throw RoundError(.invalidReport, error.description)
         }
+        let folded = seconds(clock.now - t0)
         let relative = "reports/\(round.id)/\(round.phase)-\(worker.name).pb"
         try FileManager.default.createDirectory(at: reportsDirectory.appendingPathComponent(round.id), withIntermediateDirectories: true)
         try bytes.withUnsafeReadableBytes { try Files.writeDurably($0, to: directory.appendingPathComponent(relative).path) }
         let record = ReportRecord(round: round.id, phase: round.phase, worker: worker.name, uploadID: report.uploadID,
                                   blob: relative, bytes: bytes.readableBytes, bytesDown: Int(clamping: report.bytesDown),
-                                  samples: accumulator.samples - samplesBefore, acceptedAt: now())
+                                  samples: o.accumulator.samples - samplesBefore, acceptedAt: now())
         guard try await store.addReport(record) else { return true }
         machine.reportAccepted(from: worker.name)
-        o.accumulator = accumulator
-        o.refused = open[round.id]?.refused ?? o.refused
-        o.aggregationSeconds = (open[round.id]?.aggregationSeconds ?? 0) + seconds(clock.now - t0)
+        o.aggregationSeconds += folded
         open[round.id] = o
         logger.info("report accepted", metadata: ["round.id": "\(round.id)", "phase": "\(plan.phases[round.phase].label)",
                                                   "worker.name": "\(worker.name)", "bytes": "\(bytes.readableBytes)"])

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import WhittleRounds
 import WhittleTensor
@@ -43,6 +44,41 @@ let aggregationTolerance: Float = 1e-6
         #expect(try acc.result() == before)
         #expect(acc.updates == 1)
         #expect(throws: AggregationError.self) { try FedAvgAccumulator(validator: UpdateValidator(shapes: Self.shapes)).result() }
+    }
+
+    /// The fold's eight-lane loops against their scalar twins, on lengths around the lane count (the tails).
+    @Test(arguments: [0, 1, 7, 8, 9, 15, 16, 17, 1000, 1003])
+    func foldKernelsMatchTheirReferences(_ count: Int) {
+        let x = (0..<count).map { Float(sin(Double($0) * 1.7)) * 3 }
+        let expected = FoldKernels.squaredSumReference(x)
+        let got = x.withUnsafeBufferPointer { FoldKernels.squaredSum($0) }
+        #expect(abs(got - expected) <= 1e-12 * max(1, expected))
+        var reference = (0..<count).map { Double($0) * 0.25 }
+        var sums = reference
+        FoldKernels.addScaledReference(x, scale: 0.3, weight: 3.5, into: &reference)
+        x.withUnsafeBufferPointer { xs in sums.withUnsafeMutableBufferPointer { FoldKernels.addScaled(xs, scale: 0.3, weight: 3.5, into: $0) } }
+        #expect(sums == reference, "the same operations in the same order per element")
+    }
+
+    /// Folding in place keeps value semantics: a copy taken before a fold does not see it; the fold's result is the
+    /// clipped, weighted mean, and the norm it returns is the update's before clipping. Clipping in the fold gives
+    /// exactly what folding the `clipped` update gives (the secure path clips on the worker with `clipped`).
+    @Test func foldingInPlaceLeavesCopiesAlone() throws {
+        let odd = Self.update([0.3, -7.1, 2.9, 11.3], [0.77, -1.9], samples: 3)
+        var clipping = FedAvgAccumulator(validator: UpdateValidator(shapes: Self.shapes), clipNorm: 1.3)
+        var preclipped = FedAvgAccumulator(validator: UpdateValidator(shapes: Self.shapes))
+        try clipping.add(odd)
+        try preclipped.add(clipped(odd, to: 1.3))
+        #expect(try clipping.result() == preclipped.result())
+
+        var acc = FedAvgAccumulator(validator: UpdateValidator(shapes: Self.shapes), clipNorm: 5)
+        try acc.add(Self.update([1, 0, 0, 0], [0, 0], samples: 1))
+        let copy = acc
+        let norm = try acc.add(Self.update([30, 0, 0, 40], [0, 0], samples: 1))  // norm 50, clipped to 5: [3, 0, 0, 4]
+        #expect(abs(norm - 50) < 1e-9)
+        #expect(try copy.result()["w"]!.floats == [1, 0, 0, 0])
+        let w = try acc.result()["w"]!.floats
+        #expect(abs(w[0] - 2) < aggregationTolerance && abs(w[3] - 2) < aggregationTolerance)
     }
 
     @Test func clippingBoundsEachUpdatesNorm() throws {

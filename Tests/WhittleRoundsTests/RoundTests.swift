@@ -380,6 +380,21 @@ let gradientSumTolerance: Float = 1e-4
         for t in step.values { for v in t.floats { stepSquares += Double(v) * Double(v) } }
         let stepNorm = stepSquares.squareRoot()
         #expect(stepNorm <= 6 * (1 + 1e-6))
+        // Training reports fold in place: one refused for a non-finite value in any of its parameters (here every
+        // parameter is finite but one, each in turn) changes nothing.
+        let before = try clipped.delta()
+        for bad in expectation.shapes.keys.sorted() {
+            var late = poison
+            for (name, shape) in expectation.shapes {
+                var values = [Float](repeating: 0.5, count: shape.reduce(1, *))
+                if name == bad { values[values.count - 1] = .nan }
+                late.deltas[name] = Whittle_FloatTensor(Tensor(shape: shape, floats: values))
+            }
+            var report = Whittle_TaskReport()
+            report.update = late
+            #expect { try clipped.add(report, worker: "late-\(bad)", maximumSamples: 10) } throws: { "\($0)".contains("non-finite") }
+        }
+        #expect(try clipped.delta() == before && clipped.reports == 1 && clipped.samples == 5)
         var p2 = progress
         _ = try engine.finetuned(Self.model, clipped, velocity: nil, progress: &p2)
         #expect(p2.updateNormMedian == clipped.medianUpdateNorm)

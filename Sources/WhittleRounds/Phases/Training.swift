@@ -108,17 +108,22 @@ struct UpdateAggregate: PhaseAggregate {
         }
         let update = ModelUpdate(deltas: deltas, samples: try PhaseAccumulator.checkSamples(message.samples, maximumSamples))
         guard message.loss.isFinite else { throw PhaseAccumulator.refuse("the reported loss is not finite") }
+        let norm: Double
         switch options.method {
         case .fedavg:
-            try fedavg.add(update)
+            norm = try fedavg.add(update)
         case .trimmedMean, .median:
             try UpdateValidator(shapes: e.shapes).validate(update)
+            norm = update.norm
             updates.append(update)
         }
         losses.append(message.loss)
-        updateNorms.append(update.norm)
+        updateNorms.append(norm)
         return update.samples
     }
+
+    /// Every check comes before the first change (the FedAvg sums are the last thing written): folded in place.
+    var foldsInPlace: Bool { true }
 
     /// The merged delta.
     func delta() throws -> [String: Tensor] {
