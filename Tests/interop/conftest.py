@@ -350,7 +350,13 @@ def postgres():
     import tempfile
     directory = tempfile.mkdtemp(prefix="whittle-postgres-")
     os.chmod(directory, 0o755)
-    cluster = PostgresCluster(pathlib.Path(directory) / "cluster")
+    try:
+        cluster = PostgresCluster(pathlib.Path(directory) / "cluster")
+    except BaseException:
+        subprocess.run(["bash", str(ROOT / "scripts" / "postgres-cluster"), "stop", str(pathlib.Path(directory) / "cluster")],
+                       timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     yield cluster
     cluster.stop()
     shutil.rmtree(directory, ignore_errors=True)
