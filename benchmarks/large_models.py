@@ -75,10 +75,9 @@ print(json.dumps({"bytes": total, "flowerGBps": total / flower / 1e9, "numpyGBps
 
 def float_shapes(path):
     import onnx
-    from onnx import numpy_helper
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     return {i.name: list(i.dims) for i in model.graph.initializer
-            if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 1 and numpy_helper.to_array(i).size > 1}
+            if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 1 and int(np.prod(i.dims)) > 1}
 
 
 def data_for(path):

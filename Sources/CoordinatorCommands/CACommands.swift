@@ -29,8 +29,7 @@ public struct CACommand: ParsableCommand {
                 expiresAt: identity.certificate.notValidAfter)
     }
 
-    static func workers(_ layout: CoordinatorLayout) async throws -> [WorkerRecord] {
-        let (_, config) = try loadConfig(layout.directory.path)
+    static func workers(_ layout: CoordinatorLayout, _ config: CoordinatorConfig) async throws -> [WorkerRecord] {
         let store = try await CoordinatorServer.openStore(layout: layout, config: config, logger: Logger(label: "whittle.coordinator"))
         defer { store.close() }
         return try await store.workers()
@@ -54,12 +53,12 @@ public struct CACommand: ParsableCommand {
         }
 
         public func run() async throws {
-            let (layout, _) = try loadConfig(dir)
+            let (layout, config) = try loadConfig(dir)
             let trust = try CARotation.trust(layout)
             var report = Report(current: try summary(trust.current))
             if let next = trust.next {
                 let fingerprint = try PKI.fingerprint(next.certificate)
-                let workers = try await CACommand.workers(layout)
+                let workers = try await CACommand.workers(layout, config)
                 let pending = CARotation.pending(workers, next: fingerprint, now: Date())
                 report.next = try summary(next)
                 report.pending = pending.map(\.name)
@@ -109,8 +108,8 @@ public struct CACommand: ParsableCommand {
         public init() {}
 
         public func run() async throws {
-            let (layout, _) = try loadConfig(dir)
-            let finished = try CARotation.finish(layout, workers: try await CACommand.workers(layout), force: force)
+            let (layout, config) = try loadConfig(dir)
+            let finished = try CARotation.finish(layout, workers: try await CACommand.workers(layout, config), force: force)
             if json { return try printJSON(finished) }
             print("CA \(finished.caFingerprint) is now the coordinator's CA; the old one is kept as \(finished.retiredCertificate) (its key is deleted)")
             print("new server certificate for \(finished.serverNames.joined(separator: ", ")); new admin certificate \(finished.adminSerial) (admin.pem, admin.key): copy them to every admin machine")

@@ -20,7 +20,7 @@ public struct InitCommand: AsyncParsableCommand {
             The CA is P-256, made here unless --ca-cert and --ca-key give an operator's own. Key files are \
             created with mode 0600. An existing directory with content is never overwritten. With --database-url \
             the state lives in PostgreSQL, whose schema is created here; replicas are copies of this directory \
-            (docs/operations.md, "Replicas").
+            (docs/operations.md, "The database: SQLite or PostgreSQL").
             """)
 
     @Option(name: .long, help: "The data directory to create.") var dir: String

@@ -106,18 +106,13 @@ public struct FedAvgAccumulator: Sendable {
     @discardableResult
     public mutating func add(_ update: ModelUpdate) throws -> Double {
         try validator.validateStructure(update)
-        var squares = 0.0
-        for name in update.deltas.keys.sorted() {
-            let delta = update.deltas[name]!
-            let sum = delta.floats.withUnsafeBufferPointer { FoldKernels.squaredSum($0) }
-            // A float's square cannot overflow a Double: the sum is finite exactly when every value is.
-            guard sum.isFinite else {
-                let bad = delta.floats.firstIndex { !$0.isFinite } ?? 0
-                throw AggregationError(.invalidUpdate, "parameter '\(name)' has a non-finite value (\(delta.floats[bad])) at index \(bad)")
-            }
-            squares += sum
+        let norm = update.norm
+        // A float's square cannot overflow a Double: the norm is finite exactly when every value is. Only then are
+        // the values searched, for the refusal that names the parameter and index.
+        if !norm.isFinite {
+            try validator.validate(update)
+            throw AggregationError(.invalidUpdate, "the update's norm is not finite")
         }
-        let norm = squares.squareRoot()
         // Clipped values are rounded to Float as `clipped` rounds them (the secure path clips on the worker).
         let factor = clipNorm.flatMap { clipFactor(norm: norm, maximum: $0) } ?? 1
         let weight = Double(update.samples)

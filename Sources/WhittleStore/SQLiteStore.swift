@@ -10,14 +10,19 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
     /// database has one process, so it migrates on open (PostgreSQL, shared by replicas, waits for
     /// `coordinator migrate`). A database a newer coordinator migrated is refused, not written.
     public init(path: String) throws {
+        pool = try Self.open(path)
+        _ = try Self.migrate(pool, path: path)
+    }
+
+    /// The pool over the file at `path`: `synchronous = FULL`, foreign keys enforced, 10 s of patience with a lock.
+    static func open(_ path: String) throws -> DatabasePool {
         var configuration = Configuration()
         configuration.prepareDatabase { db in
             try db.execute(sql: "PRAGMA synchronous = FULL")
             try db.execute(sql: "PRAGMA foreign_keys = ON")
         }
         configuration.busyMode = .timeout(10)
-        pool = try DatabasePool(path: path, configuration: configuration)
-        _ = try Self.migrate(pool, path: path)
+        return try DatabasePool(path: path, configuration: configuration)
     }
 
     /// Applies the missing migrations; the schema versions (counts of migrations) before and after.
@@ -35,15 +40,7 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
     }
 
     /// Migrates the database at `path` (creating it if needed): `coordinator migrate`.
-    public static func migrate(path: String) throws -> (from: Int, to: Int) {
-        var configuration = Configuration()
-        configuration.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
-        configuration.busyMode = .timeout(10)
-        return try migrate(try DatabasePool(path: path, configuration: configuration), path: path)
-    }
-
-    /// The schema version this binary reads and writes (its number of migrations).
-    public static var schemaVersion: Int { migrator.migrations.count }
+    public static func migrate(path: String) throws -> (from: Int, to: Int) { try migrate(try open(path), path: path) }
 
     static var migrator: DatabaseMigrator {
         var m = DatabaseMigrator()
