@@ -70,6 +70,7 @@ let package = Package(
         .target(name: "WhittleStore", dependencies: [.product(name: "GRDB", package: "GRDB.swift"),
                                                      .product(name: "PostgresNIO", package: "postgres-nio"),
                                                      .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                                                     .product(name: "NIOCore", package: "swift-nio"),
                                                      .product(name: "Logging", package: "swift-log")]),
         // libcurl through typed C wrappers (curl_easy_setopt is variadic).
         .target(name: "CWhittleCurl", linkerSettings: [.linkedLibrary("curl")]),

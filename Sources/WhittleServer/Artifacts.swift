@@ -1,10 +1,12 @@
 import Crypto
 import Foundation
+import NIOCore
 import WhittleIO
 import WhittleONNX
 import WhittlePKI
 import WhittleProtocol
 import WhittleRounds
+import WhittleStore
 
 /// The coordinator's content-addressed artifacts (models, task files, optimizer state), one file per SHA-256 in
 /// one directory, written durably; with the last few models decoded kept in memory, since every phase of a round
@@ -15,10 +17,27 @@ final class ArtifactStore: RoundArtifacts {
     static let cachedModels = 6
     private var models: [String: Model] = [:]
     private var order: [String] = []
+    /// Replicas: the directory is this replica's copy of a shared store, and these artifacts, stored here, are
+    /// not there yet (`RoundService.publishArtifacts`).
+    let shared: Bool
+    private(set) var unpublished: [String] = []
 
-    init(directory: URL) throws {
+    init(directory: URL, shared: Bool = false) throws {
         self.directory = directory
+        self.shared = shared
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    func has(_ sha: String) -> Bool { FileManager.default.fileExists(atPath: path(sha)) }
+
+    /// The artifact is in the shared store now.
+    func published(_ sha: String) { unpublished.removeAll { $0 == sha } }
+
+    /// Keeps a copy of an artifact read from the shared store, refused unless its bytes hash to its name.
+    func storeFetched(_ bytes: ByteBuffer, sha: String) throws {
+        let digest = bytes.withUnsafeReadableBytes { PKI.hex(SHA256.hash(data: $0)) }
+        guard digest == sha else { throw RoundError(.unknownArtifact, "the shared copy of artifact \(sha.prefix(12))… hashes to \(digest.prefix(12))…") }
+        try bytes.withUnsafeReadableBytes { try Files.writeDurably($0, to: path(sha), mode: 0o644) }
     }
 
     func path(_ sha: String) -> String { directory.appendingPathComponent(sha).path }
@@ -31,6 +50,7 @@ final class ArtifactStore: RoundArtifacts {
             utimes(path(sha), nil)
         } else {
             try Files.writeDurably(bytes, to: path(sha), mode: 0o644)
+            if shared, !unpublished.contains(sha) { unpublished.append(sha) }
         }
         return sha
     }
@@ -70,8 +90,8 @@ final class ArtifactStore: RoundArtifacts {
     }
 
     /// Removes the artifacts not in `keep` older than `grace` seconds at `now`: how many, and their bytes.
-    func remove(except keep: Set<String>, olderThan grace: TimeInterval, now: Date) throws -> (count: Int, bytes: Int) {
-        var out = (count: 0, bytes: 0)
+    func remove(except keep: Set<String>, olderThan grace: TimeInterval, now: Date) throws -> (count: Int, bytes: Int, names: Set<String>) {
+        var out = (count: 0, bytes: 0, names: Set<String>())
         for name in (try? FileManager.default.contentsOfDirectory(atPath: directory.path)) ?? []
         where Identifiers.isSHA256(name) && !keep.contains(name) {
             guard let attributes = try? FileManager.default.attributesOfItem(atPath: path(name)),
@@ -80,8 +100,62 @@ final class ArtifactStore: RoundArtifacts {
             if models.removeValue(forKey: name) != nil { order.removeAll { $0 == name } }
             out.count += 1
             out.bytes += (attributes[.size] as? NSNumber)?.intValue ?? 0
+            out.names.insert(name)
         }
         return out
+    }
+}
+
+/// Blobs as files under a directory (the data directory, when the coordinator runs alone), written durably; a
+/// key is a relative path of plain names.
+final class DirectoryBlobs: BlobStore, @unchecked Sendable {
+    let directory: URL
+
+    init(directory: URL) throws {
+        self.directory = directory
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    func path(_ key: String) throws -> URL {
+        let parts = key.split(separator: "/", omittingEmptySubsequences: false)
+        guard !parts.isEmpty, parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }) else {
+            throw RoundError(.badReport, "'\(key)' is not a blob key")
+        }
+        return directory.appendingPathComponent(key)
+    }
+
+    func putBlob(_ key: String, _ bytes: ByteBuffer) async throws {
+        let url = try path(key)
+        try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+        try bytes.withUnsafeReadableBytes { try Files.writeDurably($0, to: url.path) }
+    }
+
+    func blob(_ key: String) async throws -> ByteBuffer? {
+        let url = try path(key)
+        guard FileManager.default.fileExists(atPath: url.path) else { return nil }
+        return ByteBuffer(bytes: try Files.readBytes(url.path))
+    }
+
+    func blobs(prefix: String) async throws -> [BlobInfo] {
+        // Keys are paths: the folder holding the prefix's last part is listed.
+        let slash = prefix.lastIndex(of: "/")
+        let folder = slash.map { String(prefix[..<$0]) } ?? ""
+        let base = folder.isEmpty ? directory : directory.appendingPathComponent(folder)
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: base.path) else { return [] }
+        var out: [BlobInfo] = []
+        for name in names.sorted() {
+            let key = folder.isEmpty ? name : "\(folder)/\(name)"
+            guard key.hasPrefix(prefix), !name.contains(".tmp-"),
+                  let attributes = try? FileManager.default.attributesOfItem(atPath: base.appendingPathComponent(name).path),
+                  attributes[.type] as? FileAttributeType == .typeRegular else { continue }
+            out.append(BlobInfo(key: key, bytes: (attributes[.size] as? NSNumber)?.intValue ?? 0,
+                                storedAt: attributes[.modificationDate] as? Date ?? .distantPast))
+        }
+        return out
+    }
+
+    func deleteBlob(_ key: String) async throws {
+        try? FileManager.default.removeItem(at: try path(key))
     }
 }
 

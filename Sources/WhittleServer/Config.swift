@@ -50,6 +50,11 @@ public struct CoordinatorConfig: Sendable, Equatable {
     /// Where the coordinator's state lives: empty for the embedded SQLite file (DIR/whittle.sqlite), else a
     /// PostgreSQL URL every replica shares (`DatabaseURL`).
     public var databaseURL = ""
+    /// This replica's name in the rounds' lease (PostgreSQL only); empty: the host name and the listening port.
+    public var replicaName = ""
+    /// Seconds the rounds' lease lasts unrenewed: how long a dead replica's phases wait before another replica
+    /// takes them over.
+    public var replicaLeaseSeconds = 10
 
     public init() {}
 
@@ -76,6 +81,8 @@ public struct CoordinatorConfig: Sendable, Equatable {
         ("privacy_budget", "Each site's differential-privacy budget: the ε at privacy_delta all rounds together may spend on its data; a round that would exceed it, or that trains without --dp-epsilon, is refused. 0: no budget."),
         ("privacy_delta", "The δ privacy_budget is counted at."),
         ("database_url", "Where the coordinator's state lives: empty for the embedded SQLite file DIR/whittle.sqlite; postgresql://USER[:PASSWORD]@HOST:PORT/DB[?sslmode=verify-full&sslrootcert=CA.pem] for a PostgreSQL database that coordinator replicas share (coordinator migrate creates its schema; docs/operations.md)."),
+        ("replica_name", "With database_url: this replica's name in the rounds' lease (the replica holding it closes phases and ends rounds); empty: HOSTNAME:PORT (HOSTNAME:pidPID on port 0). A restarted replica with the same name takes its lease back at once; two live replicas must not share one."),
+        ("replica_lease_seconds", "With database_url: seconds the rounds' lease lasts unrenewed, so how long a dead replica's rounds wait before another replica takes them over."),
     ]
 
     package var values: [String: String] {
@@ -88,7 +95,8 @@ public struct CoordinatorConfig: Sendable, Equatable {
          "body_timeout_seconds": "\(bodyTimeoutSeconds)", "max_connections": "\(maxConnections)",
          "upload_memory_limit": "\(uploadMemoryLimit)", "retention_days": Self.number(retentionDays),
          "secure_aggregation": "\(secureAggregation)", "privacy_budget": Self.number(privacyBudget),
-         "privacy_delta": Self.number(privacyDelta), "database_url": databaseURL]
+         "privacy_delta": Self.number(privacyDelta), "database_url": databaseURL, "replica_name": replicaName,
+         "replica_lease_seconds": "\(replicaLeaseSeconds)"]
     }
 
     /// The file's text, every key with its comment.
@@ -181,6 +189,15 @@ public struct CoordinatorConfig: Sendable, Equatable {
                 do { _ = try DatabaseURL(value) } catch let error as StoreError { throw ServerError(.invalidSetting, error.message) }
             }
             databaseURL = value
+        case "replica_name":
+            guard value.utf8.count <= 200, value.allSatisfy({ $0.isASCII && !$0.isWhitespace && !$0.isNewline }) else {
+                throw ServerError(.invalidSetting, "replica_name must be at most 200 printable ASCII characters without spaces")
+            }
+            replicaName = value
+        case "replica_lease_seconds":
+            let v = try int()
+            guard v >= 2, v <= 3600 else { throw ServerError(.invalidSetting, "replica_lease_seconds must be from 2 to 3600, not '\(value)'") }
+            replicaLeaseSeconds = v
         case "secure_aggregation":
             guard let v = Bool(value) else { throw ServerError(.invalidSetting, "secure_aggregation must be true or false, not '\(value)'") }
             secureAggregation = v

@@ -37,6 +37,13 @@ package final class CoordinatorMetrics: Sendable {
     nonisolated(unsafe) static let roundsEnded = name("rounds_ended", "total", "Rounds that ended, by final state.")
     nonisolated(unsafe) static let workers = name("workers", "", "Enrolled workers by state (enrolled and never seen, online, offline, expired, revoked), at scrape time.")
     nonisolated(unsafe) static let rounds = name("rounds", "", "Rounds by state, at scrape time.")
+    nonisolated(unsafe) static let owner = name("round_lease_held", "", "1 while this replica holds the rounds' lease (closes phases, ends rounds); a coordinator running alone always does.")
+
+    package init() {
+        registry.makeGauge(descriptor: Self.owner).set(1.0)
+    }
+
+    func ownsRounds(_ held: Bool) { registry.makeGauge(descriptor: Self.owner).set(held ? 1.0 : 0.0) }
 
     func request(route: String, method: String, status: Int, seconds: Duration, bodyBytes: Int) {
         registry.makeCounter(descriptor: Self.requests, labels: [("route", route), ("method", method), ("status", "\(status)")]).increment()

@@ -18,17 +18,36 @@ import WhittleTensor
 ///
 /// Mutations (start, task, accept, tick, cancel) are serialized by an async lock: the store's calls suspend the
 /// actor, and a report must never be folded into an accumulator that another call is replacing.
+///
+/// Replicas (`replication`): several services on one shared store (PostgreSQL). Any replica hands out tasks and
+/// accepts reports (folding them into its own accumulator as it validates them); the one holding the store's lease
+/// (`Replication.leaseName`, renewed every tick, taken over by another replica once it expires) is the only one
+/// that gives workers up, closes phases and ends rounds. Before it decides, it folds in the reports other replicas
+/// accepted (`openPhase`), read from the shared blobs. Every accepted report moves the round's revision on and a
+/// transition writes only over the revision it read (`CoordinatorStore.updateRound`), so a phase never closes
+/// without a report that was acknowledged meanwhile, and two replicas never both close it.
 package actor RoundService {
     let store: any CoordinatorStore
     let directory: URL
-    let reportsDirectory: URL
+    /// Report blobs, by their record's `blob` key: files of the data directory, or the store replicas share.
+    let blobs: any BlobStore
+    /// Artifacts every replica reads (nil: the artifact directory is the only copy).
+    let sharedArtifacts: (any BlobStore)?
+    let replication: Replication?
+    /// This service holds the lease (always, alone).
+    package private(set) var owns: Bool
+    /// Ticks since the running rounds were last read (replicas read them every few ticks, and at once when
+    /// another replica announces a change).
+    var ticksSinceRefresh = 0
+    var runningSignature = ""
     let pollSeconds: Int
     let logger: Logger
     let metrics: CoordinatorMetrics?
     /// The time (the system clock; tests script it).
     let now: @Sendable () -> Date
-    /// When this service started: silence is counted from here after a restart.
-    let startedAt: Date
+    /// When this service started: silence is counted from here after a restart (and, on a replica, from when it
+    /// took the lease over: workers cut off by a dead owner are not silent for that time).
+    var startedAt: Date
 
     /// The open worker phase of each running round: its accumulator (rebuilt from durable reports after a
     /// restart), task and limits.
@@ -56,8 +75,14 @@ package actor RoundService {
 
     package init(store: any CoordinatorStore, directory: URL, artifacts: URL, pollSeconds: Int, logger: Logger,
          metrics: CoordinatorMetrics? = nil, now: @escaping @Sendable () -> Date = Date.init, privacyBudget: PrivacyPlan? = nil,
-         holdTimer: @escaping @Sendable (Double) async -> Void = { try? await Task.sleep(for: .seconds($0)) }) throws {
-        artifactStore = try ArtifactStore(directory: artifacts)
+         holdTimer: @escaping @Sendable (Double) async -> Void = { try? await Task.sleep(for: .seconds($0)) },
+         blobs: (any BlobStore)? = nil, sharedArtifacts: (any BlobStore)? = nil, replication: Replication? = nil) throws {
+        artifactStore = try ArtifactStore(directory: artifacts, shared: sharedArtifacts != nil)
+        self.blobs = try blobs ?? DirectoryBlobs(directory: directory)
+        self.sharedArtifacts = sharedArtifacts
+        self.replication = replication
+        owns = replication == nil
+        metrics?.ownsRounds(owns)
         self.privacyBudget = privacyBudget
         longPoll = LongPoll(timer: holdTimer)
         self.metrics = metrics
@@ -65,10 +90,29 @@ package actor RoundService {
         startedAt = now()
         self.store = store
         self.directory = directory
-        reportsDirectory = directory.appendingPathComponent("reports")
         self.pollSeconds = pollSeconds
         self.logger = logger
-        try FileManager.default.createDirectory(at: reportsDirectory, withIntermediateDirectories: true)
+    }
+
+    /// How a replica takes part: its name in the lease, and how long a lease lasts unrenewed (a dead owner's
+    /// rounds wait that long before another replica takes them over).
+    package struct Replication: Sendable {
+        package var holder: String
+        package var leaseSeconds: Double
+        package static let leaseName = "rounds"
+        /// Ticks between readings of the running rounds when no announcement arrives.
+        package static let refreshTicks = 10
+
+        package init(holder: String, leaseSeconds: Double = 10) {
+            self.holder = holder
+            self.leaseSeconds = leaseSeconds
+        }
+    }
+
+    /// Writes the round over the revision it was read at and moves `round` to the new one.
+    func save(_ round: inout RoundRecord) async throws {
+        try await store.updateRound(round)
+        round.revision += 1
     }
 
     func lock() async {
@@ -85,8 +129,54 @@ package actor RoundService {
 
     // MARK: artifacts
 
-    /// Stores bytes as a content-addressed artifact (durably) and returns its SHA-256.
-    package func storeArtifact(_ bytes: [UInt8]) throws -> String { try artifactStore.store(bytes) }
+    /// Stores bytes as a content-addressed artifact (durably, and in the shared store replicas read) and returns
+    /// its SHA-256.
+    package func storeArtifact(_ bytes: [UInt8]) async throws -> String {
+        let sha = try artifactStore.store(bytes)
+        try await publishArtifacts()
+        return sha
+    }
+
+    /// Copies the artifacts this replica stored to the shared store, before anything naming them is committed.
+    func publishArtifacts() async throws {
+        guard let shared = sharedArtifacts else { return }
+        for sha in artifactStore.unpublished {
+            try await shared.putBlob(Self.artifactKey(sha), ByteBuffer(bytes: try artifactStore.bytes(sha)))
+            artifactStore.published(sha)
+        }
+    }
+
+    static func artifactKey(_ sha: String) -> String { "artifacts/\(sha)" }
+
+    /// Brings the named artifacts this replica lacks from the shared store (checked against their names).
+    package func fetchArtifacts(_ shas: some Sequence<String>) async throws {
+        guard let shared = sharedArtifacts else { return }
+        for sha in shas where Identifiers.isSHA256(sha) && !artifactStore.has(sha) {
+            guard let buffer = try await shared.blob(Self.artifactKey(sha)) else { continue }
+            try artifactStore.storeFetched(buffer, sha: sha)
+        }
+    }
+
+    /// Every artifact a round can read is named in its plan or progress: brings them all.
+    func fetchArtifacts(of round: RoundRecord) async throws {
+        guard sharedArtifacts != nil else { return }
+        try await fetchArtifacts(Self.artifactNames(round.plan).union(Self.artifactNames(round.progress)))
+    }
+
+    /// The SHA-256 names (64 lowercase hex digits standing alone) in a JSON text.
+    static func artifactNames(_ text: String) -> Set<String> {
+        var out = Set<String>()
+        var run: [UInt8] = []
+        for byte in text.utf8 + [0x20] {
+            if (0x30...0x39).contains(byte) || (0x61...0x66).contains(byte) {
+                run.append(byte)
+            } else {
+                if run.count == 64 { out.insert(String(decoding: run, as: UTF8.self)) }
+                run.removeAll(keepingCapacity: true)
+            }
+        }
+        return out
+    }
 
     func storeModel(_ model: Model) throws -> String { try artifactStore.store(model) }
 
@@ -117,10 +207,12 @@ package actor RoundService {
         defer { unlock() }
         var plan = requested
         var startModel = plan.modelSHA256
+        try await fetchArtifacts(Self.artifactNames(try Self.text(plan)))
         if let from = plan.fromRound {
             guard let earlier = try await store.round(id: from) else {
                 throw RoundError(.badPlan, "--from-round: no round '\(from)'")
             }
+            try await fetchArtifacts(of: earlier)
             guard earlier.roundState == .succeeded, let float = try Self.progress(earlier).floatModel else {
                 throw RoundError(.badPlan, "--from-round: round '\(from)' is \(earlier.state); only a succeeded round can be continued")
             }
@@ -154,6 +246,7 @@ package actor RoundService {
         }
         try await checkPrivacyBudget(plan, progress.privacy)
         var record = RoundRecord(id: id, createdAt: started, plan: try Self.text(plan), progress: try Self.text(progress))
+        try await publishArtifacts()
         try await store.addRound(record)
         try await transition(&record, plan: plan, progress: &progress, closing: nil)
         running = nil
@@ -172,6 +265,7 @@ package actor RoundService {
         guard !round.ended else { throw RoundError(.roundEnded, "round '\(id)' has already \(round.state)") }
         let plan = try Self.plan(round)
         var progress = try Self.progress(round)
+        try await fetchArtifacts(of: round)
         guard plan.search?.pick == .operator, plan.search?.architecture == nil else {
             throw RoundError(.badPlan, "round '\(id)' picks its architecture itself (it was not started with --pick operator)")
         }
@@ -213,7 +307,7 @@ package actor RoundService {
             running = nil
         } else {
             round.progress = try Self.text(progress)
-            try await store.updateRound(round)
+            try await save(&round)
         }
         return round
     }
@@ -230,11 +324,22 @@ package actor RoundService {
     package func cancel(_ id: String) async throws -> RoundRecord {
         await lock()
         defer { unlock() }
-        guard var round = try await store.round(id: id) else { throw RoundError(.unknownRound, "no round '\(id)'") }
-        var machine = try await self.machine(round)
-        try await perform(try machine.cancel(), on: &round)
-        return round
+        // Another replica may write the round between the reading and the writing: read it again and retry.
+        var attempt = 1
+        while true {
+            guard var round = try await store.round(id: id) else { throw RoundError(.unknownRound, "no round '\(id)'") }
+            var machine = try await self.machine(round)
+            do {
+                try await perform(try machine.cancel(), on: &round)
+                return round
+            } catch let error as StoreError where error.code == .conflict && attempt < Self.conflictAttempts {
+                attempt += 1
+            }
+        }
     }
+
+    /// How many times an operator's call is tried when another replica keeps writing the round meanwhile.
+    static let conflictAttempts = 5
 
     // MARK: the lifecycle
 
@@ -244,7 +349,7 @@ package actor RoundService {
         let plan = try Self.plan(round), progress = try Self.progress(round)
         let assignments = try await store.assignments(round: round.id, phase: round.phase)
         let reported: Set<String>
-        if let o = open[round.id], o.phase == round.phase {
+        if replication == nil, let o = open[round.id], o.phase == round.phase {
             reported = Set(o.accumulator.workers)
         } else {
             reported = Set(try await store.reports(round: round.id, phase: round.phase).map(\.worker))
@@ -292,10 +397,10 @@ package actor RoundService {
                 round.state = state.rawValue
                 round.message = message
                 round.endedAt = now()
-                try await store.updateRound(round)
+                try await save(&round)
                 open[round.id] = nil
                 running = nil
-                workChanged()
+                await announce()
                 metrics?.roundEnded(state: state.rawValue)
                 if state == .failed {
                     logger.error("round failed", metadata: ["round.id": "\(round.id)", "reason": "\(message)"])
@@ -323,6 +428,25 @@ package actor RoundService {
     /// A worker phase opened or a round ended: every held heartbeat looks for its task again.
     func workChanged() { longPoll.changed() }
 
+    /// `workChanged`, here and (through the store) on every other replica.
+    func announce() async {
+        workChanged()
+        guard replication != nil else { return }
+        do {
+            try await store.announceRoundsChanged()
+        } catch {
+            logger.warning("a round change could not be announced to the other replicas; they see it within a few ticks",
+                           metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Another replica announced a change: the running rounds are read again, and held heartbeats look for work.
+    package func roundsChangedElsewhere() {
+        running = nil
+        ticksSinceRefresh = Replication.refreshTicks
+        workChanged()
+    }
+
     /// Graceful shutdown: answers held heartbeats now and holds no more.
     nonisolated package func stopHolding() { longPoll.stopHolding() }
 
@@ -338,7 +462,17 @@ package actor RoundService {
     /// The open phase of a running round, rebuilt from the durable reports when the coordinator has just started
     /// (or the phase has just opened).
     func openPhase(_ round: RoundRecord) async throws -> OpenPhase {
-        if let o = open[round.id], o.phase == round.phase { return o }
+        if var o = open[round.id], o.phase == round.phase {
+            guard replication != nil else { return o }
+            // Replicas: the reports other replicas accepted since are folded in too.
+            let known = o.accumulator.workers
+            let missing = try await store.reports(round: round.id, phase: round.phase).filter { !known.contains($0.worker) }
+            guard !missing.isEmpty else { return o }
+            try await refold(missing, into: &o, round: round)
+            open[round.id] = o
+            return o
+        }
+        try await fetchArtifacts(of: round)
         let plan = try Self.plan(round), progress = try Self.progress(round)
         let phase = plan.phases[round.phase]
         let engine = RoundEngine(plan: plan, round: round.id)
@@ -356,17 +490,27 @@ package actor RoundService {
                                                         clipNorm: clip, trimFraction: plan.trimFraction),
                           task: task, bodyLimit: 2 * artifactBytes(modelSHA) + (16 << 20),
                           refused: progress.phases[round.phase].refused)
-        for r in try await store.reports(round: round.id, phase: round.phase) {
+        try await refold(try await store.reports(round: round.id, phase: round.phase), into: &o, round: round)
+        open[round.id] = o
+        return o
+    }
+
+    /// Folds accepted reports into the phase again, from their blobs.
+    func refold(_ reports: [ReportRecord], into o: inout OpenPhase, round: RoundRecord) async throws {
+        for r in reports {
             do {
-                let message = try Whittle_TaskReport(serializedBytes: try Files.readBytes(directory.appendingPathComponent(r.blob).path))
+                guard let bytes = try await blobs.blob(r.blob) else {
+                    throw RoundError(.unknownArtifact, "its blob \(r.blob) is missing (replicas need database_url's shared store)")
+                }
+                let message = try Whittle_TaskReport(serializedBytes: bytes.readableBytesView)
                 try o.accumulator.add(message, worker: r.worker, maximumSamples: Int.max)
+            } catch let error as StoreError {
+                throw error
             } catch {
                 logger.error("an accepted report cannot be folded in again", metadata: [
                     "round.id": "\(round.id)", "phase": "\(round.phase)", "worker.name": "\(r.worker)", "error": "\(error)"])
             }
         }
-        open[round.id] = o
-        return o
     }
 
     static func capabilities(_ w: WorkerRecord) -> CapabilitiesView? {
@@ -391,6 +535,7 @@ package actor RoundService {
         // A secure round's tasks carry what is the worker's own (its neighbours' keys, its envelopes, its partners).
         var task = o.task
         let plan = try Self.plan(round)
+        try await fetchArtifacts(of: round)
         try RoundEngine(plan: plan, round: round.id).personalize(&task, worker: name, phase: plan.phases[round.phase],
                                                                  progress: try Self.progress(round), artifacts: artifactStore)
         return task
@@ -451,18 +596,28 @@ package actor RoundService {
             var progress = try Self.progress(record)
             progress.phases[round.phase].refused = o.refused
             record.progress = try Self.text(progress)
-            try await store.updateRound(record)
+            do {
+                try await store.updateRound(record)
+            } catch let error as StoreError where error.code == .conflict {
+                // Another replica wrote the round meanwhile: the count is shown from this replica's phase.
+            }
             logger.warning("report refused", metadata: ["round.id": "\(round.id)", "worker.name": "\(worker.name)", "reason": "\(error.description)"])
             throw RoundError(.invalidReport, error.description)
         }
         let folded = seconds(clock.now - t0)
         let relative = "reports/\(round.id)/\(round.phase)-\(worker.name).pb"
-        try FileManager.default.createDirectory(at: reportsDirectory.appendingPathComponent(round.id), withIntermediateDirectories: true)
-        try bytes.withUnsafeReadableBytes { try Files.writeDurably($0, to: directory.appendingPathComponent(relative).path) }
+        try await blobs.putBlob(relative, bytes)
         let record = ReportRecord(round: round.id, phase: round.phase, worker: worker.name, uploadID: report.uploadID,
                                   blob: relative, bytes: bytes.readableBytes, bytesDown: Int(clamping: report.bytesDown),
                                   samples: o.accumulator.samples - samplesBefore, acceptedAt: now())
-        guard try await store.addReport(record) else { return true }
+        do {
+            guard try await store.addReport(record) else { return true }
+        } catch let error as StoreError where error.code == .conflict {
+            // Another replica closed the phase while this report was stored: it is not counted (the phase, folded
+            // without it, is not put back), and the worker hears so.
+            try? await blobs.deleteBlob(relative)
+            throw RoundError(.staleReport, "phase \(round.phase) of round '\(round.id)' closed while this report was being stored")
+        }
         machine.reportAccepted(from: worker.name)
         o.aggregationSeconds += folded
         open[round.id] = o
@@ -479,15 +634,33 @@ package actor RoundService {
     package func tick() async {
         await lock()
         defer { unlock() }
+        if replication != nil {
+            await renewLease()
+            ticksSinceRefresh += 1
+            if !owns {
+                // Another replica decides; this one keeps its view of the running rounds fresh for heartbeats.
+                if ticksSinceRefresh >= Replication.refreshTicks { await refreshRunning() }
+                return
+            }
+        }
         do {
             let workers = try await store.workers().map(Self.status)
-            for var round in try await runningRounds() {
+            let rounds = try await runningRounds()
+            if replication != nil { noteRunning(rounds) }
+            for var round in rounds {
                 // A round waiting for the operator has no worker phase to time.
                 guard try Self.plan(round).phases[round.phase].kind.onWorkers else { continue }
                 do {
                     _ = try await openPhase(round)
                     var machine = try await self.machine(round)
                     try await perform(machine.tick(now: now(), workers: workers), on: &round)
+                } catch let error as StoreError where error.code == .conflict {
+                    // A report was accepted (or the round written) by another replica meanwhile: decide again at
+                    // the next tick, with it.
+                    logger.debug("round changed during a transition; deciding again", metadata: ["round.id": "\(round.id)"])
+                } catch let error as StoreError {
+                    // The store is unreachable: nothing is decided (the round does not fail for it).
+                    logger.error("round check failed", metadata: ["round.id": "\(round.id)", "error": "\(error)"])
                 } catch {
                     let message = (error as? RoundError)?.message ?? (error as? CompressionError)?.message ?? "\(error)"
                     var machine = try await self.machine(round)
@@ -499,6 +672,58 @@ package actor RoundService {
         }
     }
 
+    /// Takes or renews the lease; a replica that cannot reach the store does not count itself the owner.
+    func renewLease() async {
+        guard let replication else { return }
+        let held: Bool
+        do {
+            let t = now()
+            held = try await store.claimLease(Replication.leaseName, holder: replication.holder, now: t,
+                                              expiresAt: t.addingTimeInterval(replication.leaseSeconds)).holder == replication.holder
+        } catch {
+            held = false
+            logger.error("the rounds' lease cannot be renewed", metadata: ["error": "\(error)"])
+        }
+        guard held != owns else { return }
+        owns = held
+        metrics?.ownsRounds(held)
+        if held {
+            startedAt = now()
+            // What other replicas accepted while this one was not the owner is folded in from the shared blobs.
+            open = [:]
+            running = nil
+            logger.info("this replica now closes phases and ends rounds (it holds the lease)", metadata: ["replica": "\(replication.holder)"])
+        } else {
+            logger.info("another replica holds the rounds' lease", metadata: ["replica": "\(replication.holder)"])
+        }
+    }
+
+    /// Reads the running rounds again (replicas), waking held heartbeats when a phase opened or a round started or
+    /// ended elsewhere.
+    func refreshRunning() async {
+        do {
+            noteRunning(try await runningRounds())
+        } catch {
+            logger.error("the running rounds cannot be read", metadata: ["error": "\(error)"])
+        }
+    }
+
+    func noteRunning(_ rounds: [RoundRecord]) {
+        ticksSinceRefresh = 0
+        let signature = rounds.map { "\($0.id)#\($0.phase)" }.joined(separator: ",")
+        if signature != runningSignature {
+            runningSignature = signature
+            workChanged()
+        }
+    }
+
+    /// A replica shutting down gives its lease up, so another takes over at once.
+    package func resign() async {
+        guard let replication, owns else { return }
+        try? await store.releaseLease(Replication.leaseName, holder: replication.holder)
+        owns = false
+    }
+
     /// Closes the open worker phase (with its accumulator), runs the coordinator phases that follow, and stores
     /// the round at its next worker phase (or ended) in one durable update.
     func transition(_ round: inout RoundRecord, plan: RoundPlan, progress: inout RoundProgress, closing: OpenPhase?) async throws {
@@ -508,6 +733,7 @@ package actor RoundService {
         let first = index
         let closedAt = now().timeIntervalSince1970
         let clock = ContinuousClock()
+        try await fetchArtifacts(of: round)
         if let o = closing {
             let t0 = clock.now
             let acc = o.accumulator
@@ -565,7 +791,8 @@ package actor RoundService {
             progress.phases[index].startedAt = now().timeIntervalSince1970
         }
         round.progress = try Self.text(progress)
-        try await store.updateRound(round)
+        try await publishArtifacts()
+        try await save(&round)
         for closed in progress.phases[first..<min(index, progress.phases.count)] {
             metrics?.phaseClosed(kind: closed.kind, seconds: max(0, (closed.endedAt ?? closedAt) - (closed.startedAt ?? closedAt)),
                                  aggregationSeconds: closed.aggregationSeconds)
@@ -576,7 +803,7 @@ package actor RoundService {
             // The sum is decoded and durable: the masked reports (and the shares that unmasked them) are not needed.
             try await deleteReportBlobs(round: round.id, phases: [sum.phase, first])
         }
-        workChanged()
+        await announce()
         logger.info(round.ended ? "round succeeded" : "phase opened", metadata: [
             "round.id": "\(round.id)", "phase": "\(round.ended ? "-" : phases[index].label)"])
     }
@@ -585,7 +812,7 @@ package actor RoundService {
     func deleteReportBlobs(round: String, phases: [Int]) async throws {
         for phase in phases {
             for r in try await store.reports(round: round, phase: phase) {
-                try? FileManager.default.removeItem(at: directory.appendingPathComponent(r.blob))
+                try? await blobs.deleteBlob(r.blob)
             }
         }
     }
@@ -673,17 +900,29 @@ package actor RoundService {
             if !round.ended {
                 keep.formUnion([progress.currentModel, progress.serverVelocity].compactMap { $0 })
             }
+            let stored = Dictionary(try await blobs.blobs(prefix: "reports/\(round.id)/").map { ($0.key, $0.bytes) }) { a, _ in a }
             for report in try await store.reports(round: round.id) where round.ended || report.phase < round.phase {
-                let path = directory.appendingPathComponent(report.blob).path
-                guard let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? NSNumber else { continue }
-                try FileManager.default.removeItem(atPath: path)
+                guard let size = stored[report.blob] else { continue }
+                try await blobs.deleteBlob(report.blob)
                 out.reports += 1
-                out.reportBytes += size.intValue
+                out.reportBytes += size
             }
         }
-        let removed = try artifactStore.remove(except: keep, olderThan: min(Self.artifactGrace, retentionDays * 86400), now: now)
+        let grace = min(Self.artifactGrace, retentionDays * 86400)
+        let removed = try artifactStore.remove(except: keep, olderThan: grace, now: now)
         out.artifacts = removed.count
         out.artifactBytes = removed.bytes
+        if let shared = sharedArtifacts {
+            for blob in try await shared.blobs(prefix: Self.artifactKey("")) {
+                let sha = String(blob.key.dropFirst(Self.artifactKey("").count))
+                guard !keep.contains(sha), now.timeIntervalSince(blob.storedAt) >= grace else { continue }
+                try await shared.deleteBlob(blob.key)
+                if !removed.names.contains(sha) {
+                    out.artifacts += 1
+                    out.artifactBytes += blob.bytes
+                }
+            }
+        }
         if out != Collected() {
             logger.info("garbage collected", metadata: ["artifacts": "\(out.artifacts)", "artifact.bytes": "\(out.artifactBytes)",
                                                         "reports": "\(out.reports)", "report.bytes": "\(out.reportBytes)"])
@@ -696,9 +935,13 @@ package actor RoundService {
     package func view(_ round: RoundRecord) async throws -> RoundView {
         let plan = try Self.plan(round), progress = try Self.progress(round)
         var phases = progress.phases
-        if !round.ended, round.phase < phases.count, let o = open[round.id], o.phase == round.phase {
-            phases[round.phase].reports = o.accumulator.reports
-            phases[round.phase].refused = o.refused
+        if !round.ended, round.phase < phases.count {
+            if replication == nil, let o = open[round.id], o.phase == round.phase {
+                phases[round.phase].reports = o.accumulator.reports
+                phases[round.phase].refused = o.refused
+            } else if replication != nil {
+                phases[round.phase].reports = try await store.reports(round: round.id, phase: round.phase).count
+            }
         }
         var assigned = 0
         if !round.ended {

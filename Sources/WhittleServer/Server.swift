@@ -121,15 +121,20 @@ package final class ServerState: Sendable {
     let uploads: UploadGate
     let clientCertificates: any ClientCertificates
 
+    /// `replica`: this replica's name when the store is shared (PostgreSQL): report blobs and artifacts then live
+    /// in the store too, and the rounds' lease decides which replica closes phases.
     package init(store: any CoordinatorStore, trust: CARotation.Trust, config: CoordinatorConfig, directory: URL, artifacts: URL, logger: Logger,
-                 clientCertificates: any ClientCertificates = TLSClientCertificates()) throws {
+                 clientCertificates: any ClientCertificates = TLSClientCertificates(), replica: String? = nil) throws {
         self.clientCertificates = clientCertificates
         self.artifacts = artifacts
         let metrics = CoordinatorMetrics()
         self.metrics = metrics
+        let shared = replica != nil ? store as? any BlobStore : nil
         rounds = try RoundService(store: store, directory: directory, artifacts: artifacts, pollSeconds: config.heartbeatSeconds,
                                   logger: logger, metrics: metrics,
-                                  privacyBudget: config.privacyBudget > 0 ? PrivacyPlan(epsilon: config.privacyBudget, delta: config.privacyDelta) : nil)
+                                  privacyBudget: config.privacyBudget > 0 ? PrivacyPlan(epsilon: config.privacyBudget, delta: config.privacyDelta) : nil,
+                                  blobs: shared, sharedArtifacts: shared,
+                                  replication: replica.map { RoundService.Replication(holder: $0, leaseSeconds: Double(config.replicaLeaseSeconds)) })
         self.store = store
         self.trust = trust
         self.config = config
@@ -688,6 +693,8 @@ public enum CoordinatorServer {
             throw APIError(.badRequest, "bad_artifact", "artifacts are named by their SHA-256 in lowercase hex")
         }
         let path = state.artifacts.appendingPathComponent(name).path
+        // Replicas: an artifact another replica made is copied here first.
+        try await state.rounds.fetchArtifacts([name])
         guard let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? NSNumber else {
             throw APIError(.notFound, "unknown_artifact", "no artifact \(name)")
         }
@@ -799,8 +806,17 @@ public enum CoordinatorServer {
         let trust = try CARotation.trust(layout)
         let store = try await openStore(layout: layout, config: config, logger: logger)
         defer { store.close() }
+        let (host, port) = try CoordinatorConfig.hostPort(listen)
+        let replica = config.databaseURL.isEmpty ? nil : replicaName(config, port: port)
         let state = try ServerState(store: store, trust: trust, config: config, directory: layout.directory, artifacts: layout.artifacts,
-                                    logger: logger)
+                                    logger: logger, replica: replica)
+        if let replica { logger.info("replica", metadata: ["replica": "\(replica)", "lease.seconds": "\(config.replicaLeaseSeconds)"]) }
+        // Replicas: another replica's announcements (a phase opened, a round started or ended) wake held heartbeats.
+        let listener = Task {
+            guard replica != nil, let changes = store.roundsChanged() else { return }
+            for await _ in changes { await state.rounds.roundsChangedElsewhere() }
+        }
+        defer { listener.cancel() }
         // Phases close on time (deadlines, silent workers) even when no report arrives.
         let ticker = Task {
             while !Task.isCancelled {
@@ -821,7 +837,6 @@ public enum CoordinatorServer {
             }
         }
         defer { collector.cancel() }
-        let (host, port) = try CoordinatorConfig.hostPort(listen)
         raiseOpenFileLimit(to: config.maxConnections + 256)
         let app = Application(
             router: router(state: state),
@@ -844,7 +859,18 @@ public enum CoordinatorServer {
             },
             logger: logger)
         try await app.runService()
+        ticker.cancel()
+        await state.rounds.resign()
         try? FileManager.default.removeItem(atPath: layout.listening)
+    }
+
+    /// This replica's name in the rounds' lease: `replica_name`, else the host name and the listening port (the
+    /// same after a restart, so a restarted replica takes its lease back at once), or with port 0 (any port) the
+    /// host name and the process id.
+    static func replicaName(_ config: CoordinatorConfig, port: Int) -> String {
+        if !config.replicaName.isEmpty { return config.replicaName }
+        let host = ProcessInfo.processInfo.hostName
+        return port == 0 ? "\(host):pid\(getpid())" : "\(host):\(port)"
     }
 }
 

@@ -165,6 +165,8 @@ public struct StoreError: Error, CustomStringConvertible, Sendable, Equatable {
         case unavailable
         /// The database answered a query with an error.
         case query
+        /// The row changed since it was read (another coordinator replica wrote it): read it again.
+        case conflict
     }
 
     public let code: Code
@@ -176,4 +178,12 @@ public struct StoreError: Error, CustomStringConvertible, Sendable, Equatable {
     }
 
     public var description: String { message }
+
+    static func roundConflict(_ id: String) -> StoreError {
+        StoreError(.conflict, "round '\(id)' changed since it was read (another coordinator replica wrote it)")
+    }
+
+    static func phaseClosed(_ r: ReportRecord) -> StoreError {
+        StoreError(.conflict, "round '\(r.round)' is no longer running at phase \(r.phase): the report came too late")
+    }
 }

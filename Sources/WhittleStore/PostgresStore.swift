@@ -55,6 +55,19 @@ public final class PostgresStore: CoordinatorStore, Sendable {
             """,
             "CREATE TABLE dashboard_session (hash text PRIMARY KEY, expires_at timestamptz NOT NULL)",
         ]),
+        (2, "round revisions, leases and shared blobs (coordinator replicas)", [
+            "ALTER TABLE round ADD COLUMN revision bigint NOT NULL DEFAULT 0",
+            "CREATE TABLE lease (name text PRIMARY KEY, holder text NOT NULL, expires_at timestamptz NOT NULL)",
+            """
+            CREATE TABLE blob (
+                key text PRIMARY KEY, bytes bigint NOT NULL, chunks bigint NOT NULL, created_at timestamptz NOT NULL DEFAULT now())
+            """,
+            """
+            CREATE TABLE blob_chunk (
+                key text NOT NULL REFERENCES blob ON DELETE CASCADE, chunk bigint NOT NULL, data bytea NOT NULL,
+                PRIMARY KEY (key, chunk))
+            """,
+        ]),
     ]
 
     /// The schema version this binary reads and writes.
@@ -192,23 +205,28 @@ public final class PostgresStore: CoordinatorStore, Sendable {
     /// an unknown database, a certificate that does not verify).
     func probe() async throws {
         try await run("connecting") {
-            var c: PostgresConnection.Configuration
-            if let path = Self.socketPath(url) {
-                c = .init(unixSocketPath: path, username: url.user, password: url.password, database: url.database)
-            } else {
-                let mode: PostgresConnection.Configuration.TLS
-                if let tls = try Self.tls(url) {
-                    let context = try NIOSSLContext(configuration: tls)
-                    mode = url.tls == .prefer ? .prefer(context) : .require(context)
-                } else {
-                    mode = .disable
-                }
-                c = .init(host: url.host, port: url.port, username: url.user, password: url.password, database: url.database, tls: mode)
-            }
-            c.options.connectTimeout = .seconds(Int64(url.connectTimeoutSeconds))
-            let connection = try await PostgresConnection.connect(configuration: c, id: 0, logger: logger)
+            let connection = try await PostgresConnection.connect(configuration: try connectionConfiguration(), id: 0, logger: logger)
             try await connection.close()
         }
+    }
+
+    /// One connection's configuration (outside the pool): the probe's, and the one that listens for announcements.
+    func connectionConfiguration() throws -> PostgresConnection.Configuration {
+        var c: PostgresConnection.Configuration
+        if let path = Self.socketPath(url) {
+            c = .init(unixSocketPath: path, username: url.user, password: url.password, database: url.database)
+        } else {
+            let mode: PostgresConnection.Configuration.TLS
+            if let tls = try Self.tls(url) {
+                let context = try NIOSSLContext(configuration: tls)
+                mode = url.tls == .prefer ? .prefer(context) : .require(context)
+            } else {
+                mode = .disable
+            }
+            c = .init(host: url.host, port: url.port, username: url.user, password: url.password, database: url.database, tls: mode)
+        }
+        c.options.connectTimeout = .seconds(Int64(url.connectTimeoutSeconds))
+        return c
     }
 
     /// Runs `body`, turning postgres-nio's deliberately vague errors into ones that say what failed (never the
@@ -292,17 +310,18 @@ public final class PostgresStore: CoordinatorStore, Sendable {
         return t
     }
 
-    static let roundColumns = "id, created_at, state, phase, phase_started_at, plan, progress, message, ended_at"
+    static let roundColumns = "id, created_at, state, phase, phase_started_at, plan, progress, message, ended_at, revision"
 
     static func round(_ row: PostgresRow) throws -> RoundRecord {
-        let (id, created, state, phase, started, plan, progress, message, ended) = try row.decode(
-            (String, Date, String, Int, Date, String, String, String?, Date?).self)
+        let (id, created, state, phase, started, plan, progress, message, ended, revision) = try row.decode(
+            (String, Date, String, Int, Date, String, String, String?, Date?, Int).self)
         var r = RoundRecord(id: id, createdAt: created, plan: plan, progress: progress)
         r.state = state
         r.phase = phase
         r.phaseStartedAt = started
         r.message = message
         r.endedAt = ended
+        r.revision = revision
         return r
     }
 
@@ -475,7 +494,8 @@ public final class PostgresStore: CoordinatorStore, Sendable {
         try await run("adding a round") {
             try await client.query("""
                 INSERT INTO round (\(unescaped: Self.roundColumns))
-                VALUES (\(r.id), \(r.createdAt), \(r.state), \(r.phase), \(r.phaseStartedAt), \(r.plan), \(r.progress), \(r.message), \(r.endedAt))
+                VALUES (\(r.id), \(r.createdAt), \(r.state), \(r.phase), \(r.phaseStartedAt), \(r.plan), \(r.progress), \(r.message), \(r.endedAt),
+                        \(r.revision))
                 """, logger: logger)
         }
     }
@@ -492,11 +512,12 @@ public final class PostgresStore: CoordinatorStore, Sendable {
 
     public func updateRound(_ r: RoundRecord) async throws {
         try await run("updating a round") {
-            try await client.query("""
+            let written = try await all("""
                 UPDATE round SET created_at = \(r.createdAt), state = \(r.state), phase = \(r.phase), phase_started_at = \(r.phaseStartedAt),
-                    plan = \(r.plan), progress = \(r.progress), message = \(r.message), ended_at = \(r.endedAt)
-                WHERE id = \(r.id)
-                """, logger: logger)
+                    plan = \(r.plan), progress = \(r.progress), message = \(r.message), ended_at = \(r.endedAt), revision = revision + 1
+                WHERE id = \(r.id) AND revision = \(r.revision) RETURNING id
+                """) { try $0.decode(String.self) }
+            guard !written.isEmpty else { throw StoreError.roundConflict(r.id) }
         }
     }
 
@@ -530,11 +551,24 @@ public final class PostgresStore: CoordinatorStore, Sendable {
 
     public func addReport(_ r: ReportRecord) async throws -> Bool {
         try await run("recording a report") {
-            try await !all("""
-                INSERT INTO report (\(unescaped: Self.reportColumns))
-                VALUES (\(r.round), \(r.phase), \(r.worker), \(r.uploadID), \(r.blob), \(r.bytes), \(r.bytesDown), \(r.samples), \(r.acceptedAt))
-                ON CONFLICT DO NOTHING RETURNING worker
-                """) { try $0.decode(String.self) }.isEmpty
+            let known = try await one(Int.self, "SELECT count(*)::bigint FROM report WHERE round = \(r.round) AND phase = \(r.phase) AND worker = \(r.worker)") ?? 0
+            guard known == 0 else { return false }
+            return try await client.withTransaction(logger: logger) { connection in
+                // The round's row stays locked until the commit: a replica closing the phase waits for this report,
+                // then finds the revision moved on and reads the phase's reports again.
+                var moved = false
+                for try await _ in try await connection.query("""
+                    UPDATE round SET revision = revision + 1 WHERE id = \(r.round) AND phase = \(r.phase) AND state = 'running' RETURNING id
+                    """, logger: logger) { moved = true }
+                guard moved else { throw StoreError.phaseClosed(r) }
+                var inserted = false
+                for try await _ in try await connection.query("""
+                    INSERT INTO report (\(unescaped: Self.reportColumns))
+                    VALUES (\(r.round), \(r.phase), \(r.worker), \(r.uploadID), \(r.blob), \(r.bytes), \(r.bytesDown), \(r.samples), \(r.acceptedAt))
+                    ON CONFLICT DO NOTHING RETURNING worker
+                    """, logger: logger) { inserted = true }
+                return inserted
+            }
         }
     }
 
@@ -549,5 +583,84 @@ public final class PostgresStore: CoordinatorStore, Sendable {
         try await run("listing reports") {
             try await all("SELECT \(unescaped: Self.reportColumns) FROM report WHERE round = \(round) ORDER BY accepted_at, worker", Self.report)
         }
+    }
+
+    // MARK: Leases and announcements
+
+    public func claimLease(_ name: String, holder: String, now: Date, expiresAt: Date) async throws -> LeaseRecord {
+        try await run("claiming a lease") {
+            let taken = try await all("""
+                INSERT INTO lease (name, holder, expires_at) VALUES (\(name), \(holder), \(expiresAt))
+                ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+                WHERE lease.holder = EXCLUDED.holder OR lease.expires_at <= \(now)
+                RETURNING name, holder, expires_at
+                """, Self.lease)
+            if let lease = taken.first { return lease }
+            guard let lease = try await all("SELECT name, holder, expires_at FROM lease WHERE name = \(name)", Self.lease).first else {
+                throw StoreError(.query, "the lease \(name) vanished while it was claimed")
+            }
+            return lease
+        }
+    }
+
+    public func releaseLease(_ name: String, holder: String) async throws {
+        try await run("releasing a lease") {
+            try await client.query("DELETE FROM lease WHERE name = \(name) AND holder = \(holder)", logger: logger)
+        }
+    }
+
+    public func lease(_ name: String) async throws -> LeaseRecord? {
+        try await run("reading a lease") { try await all("SELECT name, holder, expires_at FROM lease WHERE name = \(name)", Self.lease).first }
+    }
+
+    static func lease(_ row: PostgresRow) throws -> LeaseRecord {
+        let (name, holder, expires) = try row.decode((String, String, Date).self)
+        return LeaseRecord(name: name, holder: holder, expiresAt: expires)
+    }
+
+    /// The channel replicas announce round changes on.
+    static let channel = "whittle_rounds"
+
+    public func announceRoundsChanged() async throws {
+        try await run("announcing a round change") {
+            try await client.query("SELECT pg_notify(\(Self.channel), '')", logger: logger)
+        }
+    }
+
+    /// One connection outside the pool listens (LISTEN) for announcements, reconnecting after a second when it is
+    /// lost; each (re)connection yields once, since announcements may have been missed meanwhile.
+    public func roundsChanged() -> AsyncStream<Void>? {
+        let configuration: PostgresConnection.Configuration
+        do {
+            configuration = try connectionConfiguration()
+        } catch {
+            logger.error("cannot listen for round announcements", metadata: ["error": "\(error)"])
+            return nil
+        }
+        let (stream, continuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let logger = logger, url = url
+        let task = Task {
+            var id = 1
+            while !Task.isCancelled {
+                do {
+                    let connection = try await PostgresConnection.connect(configuration: configuration, id: id, logger: logger)
+                    id += 1
+                    try await connection.listen(on: Self.channel) { notifications in
+                        continuation.yield()
+                        for try await _ in notifications { continuation.yield() }
+                    }
+                    try? await connection.close()
+                } catch is CancellationError {
+                    break
+                } catch {
+                    if Task.isCancelled { break }
+                    logger.warning("listening for round announcements failed; retrying", metadata: ["database.url": "\(url)", "error": "\(error)"])
+                }
+                try? await Task.sleep(for: .seconds(1))
+            }
+            continuation.finish()
+        }
+        continuation.onTermination = { _ in task.cancel() }
+        return stream
     }
 }

@@ -117,6 +117,14 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
         m.registerMigration("v4: the CA that issued each worker certificate (CA rotation)") { db in
             try db.alter(table: "worker") { t in t.add(column: "certificateIssuer", .text) }
         }
+        m.registerMigration("v5: round revisions and leases (coordinator replicas)") { db in
+            try db.alter(table: "round") { t in t.add(column: "revision", .integer).notNull().defaults(to: 0) }
+            try db.create(table: "lease") { t in
+                t.primaryKey("name", .text)
+                t.column("holder", .text).notNull()
+                t.column("expiresAt", .datetime).notNull()
+            }
+        }
         return m
     }
 
@@ -133,7 +141,14 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
     }
 
     public func updateRound(_ round: RoundRecord) async throws {
-        try await pool.write { db in try round.update(db) }
+        try await pool.write { db in
+            guard try Int.fetchOne(db, sql: "SELECT revision FROM round WHERE id = ?", arguments: [round.id]) == round.revision else {
+                throw StoreError.roundConflict(round.id)
+            }
+            var next = round
+            next.revision += 1
+            try next.update(db)
+        }
     }
 
     public func assign(_ a: AssignmentRecord) async throws -> Bool {
@@ -158,9 +173,33 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
 
     public func addReport(_ r: ReportRecord) async throws -> Bool {
         try await pool.write { db in
-            try r.insert(db, onConflict: .ignore)
-            return db.changesCount > 0
+            guard try ReportRecord.filter(Column("round") == r.round && Column("phase") == r.phase && Column("worker") == r.worker).fetchCount(db) == 0 else {
+                return false
+            }
+            try db.execute(sql: "UPDATE round SET revision = revision + 1 WHERE id = ? AND phase = ? AND state = 'running'",
+                           arguments: [r.round, r.phase])
+            guard db.changesCount == 1 else { throw StoreError.phaseClosed(r) }
+            try r.insert(db)
+            return true
         }
+    }
+
+    public func claimLease(_ name: String, holder: String, now: Date, expiresAt: Date) async throws -> LeaseRecord {
+        try await pool.write { db in
+            let lease = LeaseRecord.claimed(try LeaseRecord.fetchOne(db, key: name), name: name, holder: holder, now: now, expiresAt: expiresAt)
+            try lease.save(db)
+            return lease
+        }
+    }
+
+    public func releaseLease(_ name: String, holder: String) async throws {
+        try await pool.write { db in
+            try db.execute(sql: "DELETE FROM lease WHERE name = ? AND holder = ?", arguments: [name, holder])
+        }
+    }
+
+    public func lease(_ name: String) async throws -> LeaseRecord? {
+        try await pool.read { db in try LeaseRecord.fetchOne(db, key: name) }
     }
 
     public func reports(round: String, phase: Int) async throws -> [ReportRecord] {
@@ -306,6 +345,10 @@ extension AssignmentRecord: FetchableRecord, PersistableRecord {
 
 extension ReportRecord: FetchableRecord, PersistableRecord {
     public static let databaseTableName = "report"
+}
+
+extension LeaseRecord: FetchableRecord, PersistableRecord {
+    public static let databaseTableName = "lease"
 }
 
 extension TokenRecord: FetchableRecord, PersistableRecord {

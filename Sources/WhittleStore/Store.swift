@@ -78,6 +78,10 @@ public struct RoundRecord: Codable, Sendable, Equatable {
     /// Why the round failed or was cancelled.
     public var message: String?
     public var endedAt: Date?
+    /// How many times the row was written: `updateRound` writes only over the revision it was read at (and moves
+    /// it on), and every accepted report moves it too, so two coordinator replicas can never both close a phase,
+    /// nor close it without a report another replica acknowledged meanwhile.
+    public var revision = 0
 
     public init(id: String, createdAt: Date, plan: String, progress: String) {
         self.id = id
@@ -137,6 +141,19 @@ public struct ReportRecord: Codable, Sendable, Equatable {
     }
 }
 
+/// A lease: which coordinator replica holds `name` (the rounds' transitions) until when.
+public struct LeaseRecord: Codable, Sendable, Equatable {
+    public var name: String
+    public var holder: String
+    public var expiresAt: Date
+
+    public init(name: String, holder: String, expiresAt: Date) {
+        self.name = name
+        self.holder = holder
+        self.expiresAt = expiresAt
+    }
+}
+
 public enum EnrollmentOutcome: Sendable, Equatable {
     case enrolled(WorkerRecord)
     case unknownToken
@@ -187,21 +204,48 @@ public protocol CoordinatorStore: AnyObject, Sendable {
     func round(id: String) async throws -> RoundRecord?
     /// Every round, newest first.
     func rounds() async throws -> [RoundRecord]
+    /// Writes the round over the revision it was read at (`round.revision`), which moves on by one; throws
+    /// `StoreError.conflict` (and writes nothing) when the stored row has moved on meanwhile.
     func updateRound(_ round: RoundRecord) async throws
     /// Records an assignment; false when the worker already had one for the phase.
     func assign(_ assignment: AssignmentRecord) async throws -> Bool
     func assignments(round: String, phase: Int) async throws -> [AssignmentRecord]
     func dropAssignment(round: String, phase: Int, worker: String, at: Date) async throws
-    /// Records an accepted report; false (and nothing written) when the worker already has one for the phase.
+    /// Records an accepted report and moves its round's revision on, in one transaction; false (and nothing
+    /// written) when the worker already has one for the phase; `StoreError.conflict` (nothing written) when the
+    /// round is no longer running at the report's phase.
     func addReport(_ report: ReportRecord) async throws -> Bool
     func reports(round: String, phase: Int) async throws -> [ReportRecord]
     func reports(round: String) async throws -> [ReportRecord]
+    /// Takes or renews the lease `name` for `holder` until `expiresAt`, when it is free, expired at `now`, or
+    /// already `holder`'s; returns the lease as it stands after the call (someone else's when it was taken).
+    func claimLease(_ name: String, holder: String, now: Date, expiresAt: Date) async throws -> LeaseRecord
+    /// Gives the lease up if `holder` has it (a replica shutting down), so another takes it at once.
+    func releaseLease(_ name: String, holder: String) async throws
+    func lease(_ name: String) async throws -> LeaseRecord?
+
+    /// Tells every process sharing the store that rounds changed (a phase opened, a round started or ended), so
+    /// their held heartbeats look for work again; the default (a store no other process shares) does nothing.
+    func announceRoundsChanged() async throws
+    /// The announcements of other processes sharing the store, as they arrive (nil: nothing else shares it). The
+    /// stream also yields after a lost connection to the announcements comes back, since some may have been missed.
+    func roundsChanged() -> AsyncStream<Void>?
     /// Releases the store's connections (a server's last call); the default does nothing.
     func close()
 }
 
 extension CoordinatorStore {
     public func close() {}
+    public func announceRoundsChanged() async throws {}
+    public func roundsChanged() -> AsyncStream<Void>? { nil }
+}
+
+extension LeaseRecord {
+    /// The lease after `holder` claims it at `now` until `expiresAt` (the rule every store applies atomically).
+    static func claimed(_ current: LeaseRecord?, name: String, holder: String, now: Date, expiresAt: Date) -> LeaseRecord {
+        if let current, current.holder != holder, current.expiresAt > now { return current }
+        return LeaseRecord(name: name, holder: holder, expiresAt: expiresAt)
+    }
 }
 
 /// The store in memory: for tests and for trying things out; nothing survives the process.
@@ -290,7 +334,12 @@ public actor MemoryStore: CoordinatorStore {
     public func addRound(_ round: RoundRecord) throws { roundsByID[round.id] = round }
     public func round(id: String) throws -> RoundRecord? { roundsByID[id] }
     public func rounds() throws -> [RoundRecord] { roundsByID.values.sorted { ($0.createdAt, $0.id) > ($1.createdAt, $1.id) } }
-    public func updateRound(_ round: RoundRecord) throws { roundsByID[round.id] = round }
+    public func updateRound(_ round: RoundRecord) throws {
+        guard let stored = roundsByID[round.id], stored.revision == round.revision else { throw StoreError.roundConflict(round.id) }
+        var next = round
+        next.revision += 1
+        roundsByID[round.id] = next
+    }
 
     public func assign(_ a: AssignmentRecord) throws -> Bool {
         guard !assignmentRows.contains(where: { $0.round == a.round && $0.phase == a.phase && $0.worker == a.worker }) else { return false }
@@ -311,6 +360,8 @@ public actor MemoryStore: CoordinatorStore {
 
     public func addReport(_ r: ReportRecord) throws -> Bool {
         guard !reportRows.contains(where: { $0.round == r.round && $0.phase == r.phase && $0.worker == r.worker }) else { return false }
+        guard let round = roundsByID[r.round], !round.ended, round.phase == r.phase else { throw StoreError.phaseClosed(r) }
+        roundsByID[r.round]!.revision += 1
         reportRows.append(r)
         return true
     }
@@ -320,4 +371,18 @@ public actor MemoryStore: CoordinatorStore {
     }
 
     public func reports(round: String) throws -> [ReportRecord] { reportRows.filter { $0.round == round } }
+
+    var leases: [String: LeaseRecord] = [:]
+
+    public func claimLease(_ name: String, holder: String, now: Date, expiresAt: Date) throws -> LeaseRecord {
+        let lease = LeaseRecord.claimed(leases[name], name: name, holder: holder, now: now, expiresAt: expiresAt)
+        leases[name] = lease
+        return lease
+    }
+
+    public func releaseLease(_ name: String, holder: String) throws {
+        if leases[name]?.holder == holder { leases[name] = nil }
+    }
+
+    public func lease(_ name: String) throws -> LeaseRecord? { leases[name] }
 }

@@ -176,6 +176,7 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
         updated.message = "it's a \"quoted\" message; DROP TABLE round"
         updated.endedAt = Self.now.addingTimeInterval(10)
         try await store.updateRound(updated)
+        updated.revision += 1
         #expect(try await store.round(id: "r1") == updated)
         #expect(try await store.round(id: "nope") == nil)
 
@@ -197,10 +198,82 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
         #expect(try await store.addReport(report("b", 0, at: 1)))
         #expect(try await store.addReport(report("a", 0, at: 2)))
         #expect(try await !store.addReport(report("a", 0, at: 3, upload: "again")), "one report per worker and phase")
+        var atOne = try #require(try await store.round(id: "r2"))
+        atOne.phase = 1
+        try await store.updateRound(atOne)
         #expect(try await store.addReport(report("a", 1, at: 4)))
         #expect(try await store.reports(round: "r2", phase: 0) == [report("b", 0, at: 1), report("a", 0, at: 2)], "in acceptance order")
         #expect(try await store.reports(round: "r2").map(\.phase) == [0, 0, 1])
         #expect(try await store.reports(round: "r1").isEmpty)
+    }
+
+    /// The fences coordinator replicas rely on: a round is written only over the revision it was read at, and a
+    /// report is recorded only while its round runs at its phase, moving the revision on.
+    @Test(arguments: StoreKind.allCases)
+    func roundRevisionsFenceConcurrentWriters(_ kind: StoreKind) async throws {
+        let (store, _) = try await kind.make()
+        try await store.addToken(TokenRecord(hash: "t", createdAt: Self.now, expiresAt: Self.now.addingTimeInterval(60), uses: 2))
+        _ = try await store.enroll(tokenHash: "t", worker: Self.worker("a"), now: Self.now)
+        _ = try await store.enroll(tokenHash: "t", worker: Self.worker("b"), now: Self.now)
+        try await store.addRound(RoundRecord(id: "r", createdAt: Self.now, plan: "{}", progress: "{}"))
+        let read = try #require(try await store.round(id: "r"))
+        #expect(read.revision == 0)
+        var first = read
+        first.progress = "{\"first\":1}"
+        try await store.updateRound(first)
+        var second = read
+        second.progress = "{\"second\":1}"
+        await #expect(throws: StoreError.self, "a write over a revision that moved on is refused") { try await store.updateRound(second) }
+        #expect(try await store.round(id: "r")?.progress == "{\"first\":1}")
+        #expect(try await store.round(id: "r")?.revision == 1)
+
+        func report(_ worker: String, _ phase: Int) -> ReportRecord {
+            ReportRecord(round: "r", phase: phase, worker: worker, uploadID: "u-\(worker)", blob: "reports/r/\(phase)-\(worker).pb",
+                         bytes: 10, bytesDown: 1, samples: 5, acceptedAt: Self.now)
+        }
+        #expect(try await store.addReport(report("a", 0)))
+        #expect(try await store.round(id: "r")?.revision == 2, "an accepted report moves the revision on")
+        var stale = try #require(try await store.round(id: "r"))
+        stale.revision = 1
+        stale.phase = 1
+        await #expect(throws: StoreError.self, "a phase cannot close over a report it did not see") { try await store.updateRound(stale) }
+        #expect(try await !store.addReport(report("a", 0)), "a duplicate is not counted")
+        await #expect(throws: StoreError.self, "no report for a phase the round is not at") { _ = try await store.addReport(report("b", 1)) }
+        var closed = try #require(try await store.round(id: "r"))
+        closed.phase = 1
+        try await store.updateRound(closed)
+        await #expect(throws: StoreError.self, "no report for a phase that closed") { _ = try await store.addReport(report("b", 0)) }
+        #expect(try await store.reports(round: "r").map(\.worker) == ["a"])
+        var ended = try #require(try await store.round(id: "r"))
+        ended.state = "cancelled"
+        try await store.updateRound(ended)
+        await #expect(throws: StoreError.self, "no report for an ended round") { _ = try await store.addReport(report("b", 1)) }
+        do {
+            try await store.updateRound(stale)
+        } catch let error as StoreError {
+            #expect(error.code == .conflict)
+        }
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func leasesPassOnlyWhenFreeExpiredOrReleased(_ kind: StoreKind) async throws {
+        let (store, _) = try await kind.make()
+        let t = Self.now
+        #expect(try await store.lease("rounds") == nil)
+        #expect(try await store.claimLease("rounds", holder: "a", now: t, expiresAt: t.addingTimeInterval(10)).holder == "a")
+        let refused = try await store.claimLease("rounds", holder: "b", now: t.addingTimeInterval(5), expiresAt: t.addingTimeInterval(15))
+        #expect(refused == LeaseRecord(name: "rounds", holder: "a", expiresAt: t.addingTimeInterval(10)), "a live lease stays its holder's")
+        #expect(try await store.claimLease("rounds", holder: "a", now: t.addingTimeInterval(9), expiresAt: t.addingTimeInterval(19)).expiresAt
+                == t.addingTimeInterval(19), "the holder renews")
+        #expect(try await store.claimLease("rounds", holder: "b", now: t.addingTimeInterval(18), expiresAt: t.addingTimeInterval(28)).holder == "a")
+        #expect(try await store.claimLease("rounds", holder: "b", now: t.addingTimeInterval(19), expiresAt: t.addingTimeInterval(29)).holder == "b",
+                "an expired lease passes")
+        #expect(try await store.claimLease("other", holder: "a", now: t, expiresAt: t.addingTimeInterval(10)).holder == "a", "leases are by name")
+        try await store.releaseLease("rounds", holder: "a")
+        #expect(try await store.lease("rounds")?.holder == "b", "only the holder releases")
+        try await store.releaseLease("rounds", holder: "b")
+        #expect(try await store.lease("rounds") == nil)
+        #expect(try await store.claimLease("rounds", holder: "a", now: t.addingTimeInterval(20), expiresAt: t.addingTimeInterval(30)).holder == "a")
     }
 
     @Test func sqliteStateSurvivesReopening() async throws {

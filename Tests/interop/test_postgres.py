@@ -41,6 +41,20 @@ def initializers(path):
     return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
 
 
+def assert_same_model(first, second):
+    """The two compressed models (ONNX files) hold the same tensors: float weights within WEIGHT_TOLERANCE of the
+    largest magnitude, quantized tensors and zero points at most one step apart (where a float sum rounded
+    differently)."""
+    a, b = initializers(first), initializers(second)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if a[name].dtype in (np.float32, np.float64):
+            scale = max(float(np.abs(b[name]).max()), 1e-6)
+            assert float(np.abs(a[name] - b[name]).max()) / scale <= WEIGHT_TOLERANCE, name
+        else:
+            assert int(np.abs(a[name].astype(np.int64) - b[name].astype(np.int64)).max()) <= 1, name
+
+
 def test_a_round_on_postgresql_survives_kill_9_and_equals_the_round_on_sqlite(coordinator_server, worker_path, tmp_path,
                                                                                spawn_any, postgres):
     """The same round twice, on the embedded SQLite database and on PostgreSQL over verified TLS; the PostgreSQL
@@ -80,15 +94,7 @@ def test_a_round_on_postgresql_survives_kill_9_and_equals_the_round_on_sqlite(co
             assert reports[0][0] == reports[0][1], "no report counted twice"
             workers = postgres.psql("SELECT name FROM worker ORDER BY name", database=postgres.last)
             assert [w[0] for w in workers] == names
-    a, b = initializers(models["sqlite"]), initializers(models["postgres"])
-    assert sorted(a) == sorted(b)
-    for name in a:
-        if a[name].dtype in (np.float32, np.float64):
-            scale = max(float(np.abs(b[name]).max()), 1e-6)
-            assert float(np.abs(a[name] - b[name]).max()) / scale <= WEIGHT_TOLERANCE, name
-        else:
-            # Quantized tensors and zero points: at most one step apart where a float sum rounded differently.
-            assert int(np.abs(a[name].astype(np.int64) - b[name].astype(np.int64)).max()) <= 1, name
+    assert_same_model(models["sqlite"], models["postgres"])
 
 
 def test_serve_refuses_an_unmigrated_database_and_migrate_is_idempotent(coordinator_server, postgres):
