@@ -41,12 +41,13 @@ def peak_rss_mib(pid):
     return 0.0
 
 
-def run(name, workers, per_worker, plan, directory, holdout=False):
+def run(name, workers, per_worker, plan, directory, holdout=False, settings=None, database_cpu=None):
     """One round of `plan` on a fresh loopback fleet; its figures (and with `holdout`, the accuracy of the fetched model
-    on the 16,384 holdout images)."""
+    on the 16,384 holdout images). `settings`: more coordinator.conf settings (database_url); `database_cpu`: a
+    function returning the database server's CPU seconds so far, measured over the round too."""
     directory = pathlib.Path(directory)
     with loopback_fleet(RELEASE, directory, heartbeat_seconds=1, enroll_rate_per_second=1000.0,
-                        enroll_burst=1000) as fleet:
+                        enroll_burst=1000, **(settings or {})) as fleet:
         server = fleet.server
         names = [f"board-{k:02d}" for k in range(workers)]
         fleet.enroll(names)
@@ -60,6 +61,7 @@ def run(name, workers, per_worker, plan, directory, holdout=False):
             fleet.start_worker(n)
         time.sleep(2)
         cpu0 = cpu_seconds(server.process.pid)
+        database0 = database_cpu() if database_cpu else 0.0
         worker_cpu0 = sum(cpu_seconds(p.pid) for p in fleet.processes.values())
         began = time.monotonic()
         started = fleet.round("start", "--model", MODEL, *plan, "--min-workers", str(workers), "--json", timeout=120)
@@ -67,6 +69,7 @@ def run(name, workers, per_worker, plan, directory, holdout=False):
         status = fleet.wait(round_id, timeout=3600)
         wall = time.monotonic() - began
         cpu = cpu_seconds(server.process.pid) - cpu0
+        database = database_cpu() - database0 if database_cpu else None
         worker_cpu = sum(cpu_seconds(p.pid) for p in fleet.processes.values()) - worker_cpu0
         assert status["state"] == "succeeded", status
         out, report_path = directory / f"{name}.onnx", directory / f"{name}.json"
@@ -78,7 +81,7 @@ def run(name, workers, per_worker, plan, directory, holdout=False):
             "name": name, "workers": workers, "samplesPerWorker": per_worker, "plan": plan, "wallSeconds": wall,
             "phases": [{"label": p["label"], "seconds": p["endedAt"] - p["startedAt"], "reports": p["reports"],
                         "bytesUp": p["bytesUp"], "aggregationSeconds": p["aggregationSeconds"]} for p in report["phases"]],
-            "coordinatorCPUSeconds": cpu, "reports": reports, "workerCPUSeconds": worker_cpu,
+            "coordinatorCPUSeconds": cpu, "reports": reports, "workerCPUSeconds": worker_cpu, "databaseCPUSeconds": database,
             "coordinatorCPUPerReportMs": 1000 * cpu / max(reports, 1),
             "aggregationPerReportMs": 1000 * sum(p["aggregationSeconds"] for p in report["phases"]) / max(reports, 1),
             "coordinatorPeakRSSMiB": peak_rss_mib(server.process.pid),

@@ -108,10 +108,10 @@ final class ArtifactStore: RoundArtifacts {
 
 /// Blobs as files under a directory (the data directory, when the coordinator runs alone), written durably; a
 /// key is a relative path of plain names.
-final class DirectoryBlobs: BlobStore, @unchecked Sendable {
+package final class DirectoryBlobs: BlobStore, @unchecked Sendable {
     let directory: URL
 
-    init(directory: URL) throws {
+    package init(directory: URL) throws {
         self.directory = directory
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
     }
@@ -124,19 +124,19 @@ final class DirectoryBlobs: BlobStore, @unchecked Sendable {
         return directory.appendingPathComponent(key)
     }
 
-    func putBlob(_ key: String, _ bytes: ByteBuffer) async throws {
+    package func putBlob(_ key: String, _ bytes: ByteBuffer) async throws {
         let url = try path(key)
         try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
         try bytes.withUnsafeReadableBytes { try Files.writeDurably($0, to: url.path) }
     }
 
-    func blob(_ key: String) async throws -> ByteBuffer? {
+    package func blob(_ key: String) async throws -> ByteBuffer? {
         let url = try path(key)
         guard FileManager.default.fileExists(atPath: url.path) else { return nil }
         return ByteBuffer(bytes: try Files.readBytes(url.path))
     }
 
-    func blobs(prefix: String) async throws -> [BlobInfo] {
+    package func blobs(prefix: String) async throws -> [BlobInfo] {
         // Keys are paths: the folder holding the prefix's last part is listed.
         let slash = prefix.lastIndex(of: "/")
         let folder = slash.map { String(prefix[..<$0]) } ?? ""
@@ -154,7 +154,7 @@ final class DirectoryBlobs: BlobStore, @unchecked Sendable {
         return out
     }
 
-    func deleteBlob(_ key: String) async throws {
+    package func deleteBlob(_ key: String) async throws {
         try? FileManager.default.removeItem(at: try path(key))
     }
 }

@@ -164,7 +164,7 @@ package actor RoundService {
     }
 
     /// The SHA-256 names (64 lowercase hex digits standing alone) in a JSON text.
-    static func artifactNames(_ text: String) -> Set<String> {
+    package static func artifactNames(_ text: String) -> Set<String> {
         var out = Set<String>()
         var run: [UInt8] = []
         for byte in text.utf8 + [0x20] {
@@ -644,12 +644,15 @@ package actor RoundService {
             }
         }
         do {
-            let workers = try await store.workers().map(Self.status)
             let rounds = try await runningRounds()
             if replication != nil { noteRunning(rounds) }
+            // Read once per tick, and only while a worker phase runs (a fleet of 10,000 idle boards costs nothing).
+            var fleet: [WorkerStatus]?
             for var round in rounds {
                 // A round waiting for the operator has no worker phase to time.
                 guard try Self.plan(round).phases[round.phase].kind.onWorkers else { continue }
+                if fleet == nil { fleet = try await store.workers().map(Self.status) }
+                let workers = fleet ?? []
                 do {
                     _ = try await openPhase(round)
                     var machine = try await self.machine(round)

@@ -659,11 +659,12 @@ public enum CoordinatorServer {
         }
         capabilities.secureRounds = c.secureRounds
         let text = String(decoding: try JSONEncoder().encode(capabilities), as: UTF8.self)
-        try await state.store.recordContact(name: context.workerName!, at: Date(), address: context.remoteAddress, capabilities: text)
+        let recorded = try await state.store.recordContact(name: context.workerName!, at: Date(), address: context.remoteAddress,
+                                                           capabilities: text)
         state.metrics.heartbeat()
         var response = Whittle_HeartbeatResponse()
         response.pollSeconds = UInt32(state.config.heartbeatSeconds)
-        response.renewCertificate = try await state.store.worker(named: context.workerName!)?.renewRequestedAt != nil
+        response.renewCertificate = recorded?.renewRequestedAt != nil
         response.trustFingerprint = state.trust.fingerprint
         if message.workingOn.isEmpty {
             // Long polling: an idle worker that asks for it waits here (at most one heartbeat interval) until a

@@ -414,9 +414,42 @@ public final class PostgresStore: CoordinatorStore, Sendable {
 
     public func worker(serial: String) async throws -> WorkerRecord? {
         try await run("finding a worker by certificate") {
-            try await all("SELECT \(unescaped: Self.workerColumns) FROM worker WHERE certificate_serial = \(serial) OR previous_serial = \(serial) LIMIT 1",
-                          Self.worker).first
+            for try await w in try await client.execute(WorkerBySerial(serial: serial), logger: logger) { return w }
+            return nil
         }
+    }
+
+    // Every worker request and every heartbeat runs these two: prepared once per pooled connection, so PostgreSQL
+    // plans them once instead of at every call (planning cost several times their execution).
+
+    struct WorkerBySerial: PostgresPreparedStatement {
+        static let sql = "SELECT \(PostgresStore.workerColumns) FROM worker WHERE certificate_serial = $1 OR previous_serial = $1 LIMIT 1"
+        typealias Row = WorkerRecord
+        let serial: String
+        func makeBindings() throws -> PostgresBindings {
+            var b = PostgresBindings()
+            b.append(serial)
+            return b
+        }
+        func decodeRow(_ row: PostgresRow) throws -> WorkerRecord { try PostgresStore.worker(row) }
+    }
+
+    struct RecordContact: PostgresPreparedStatement {
+        static let sql = """
+            UPDATE worker SET last_contact_at = $2, last_address = $3, capabilities = coalesce($4, capabilities)
+            WHERE name = $1 RETURNING \(PostgresStore.workerColumns)
+            """
+        typealias Row = WorkerRecord
+        let name: String, at: Date, address: String?, capabilities: String?
+        func makeBindings() throws -> PostgresBindings {
+            var b = PostgresBindings()
+            b.append(name)
+            b.append(at)
+            b.append(address)
+            b.append(capabilities)
+            return b
+        }
+        func decodeRow(_ row: PostgresRow) throws -> WorkerRecord { try PostgresStore.worker(row) }
     }
 
     public func workers() async throws -> [WorkerRecord] {
@@ -431,12 +464,12 @@ public final class PostgresStore: CoordinatorStore, Sendable {
         }
     }
 
-    public func recordContact(name: String, at: Date, address: String?, capabilities: String?) async throws {
+    @discardableResult
+    public func recordContact(name: String, at: Date, address: String?, capabilities: String?) async throws -> WorkerRecord? {
         try await run("recording a contact") {
-            try await client.query("""
-                UPDATE worker SET last_contact_at = \(at), last_address = \(address), capabilities = coalesce(\(capabilities), capabilities)
-                WHERE name = \(name)
-                """, logger: logger)
+            for try await w in try await client.execute(RecordContact(name: name, at: at, address: address, capabilities: capabilities),
+                                                        logger: logger) { return w }
+            return nil
         }
     }
 
@@ -596,10 +629,9 @@ public final class PostgresStore: CoordinatorStore, Sendable {
                 RETURNING name, holder, expires_at
                 """, Self.lease)
             if let lease = taken.first { return lease }
-            guard let lease = try await all("SELECT name, holder, expires_at FROM lease WHERE name = \(name)", Self.lease).first else {
-                throw StoreError(.query, "the lease \(name) vanished while it was claimed")
-            }
-            return lease
+            if let lease = try await all("SELECT name, holder, expires_at FROM lease WHERE name = \(name)", Self.lease).first { return lease }
+            // Released between the two statements: claim it again.
+            return try await claimLease(name, holder: holder, now: now, expiresAt: expiresAt)
         }
     }
 

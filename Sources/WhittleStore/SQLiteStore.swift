@@ -261,13 +261,15 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
         }
     }
 
-    public func recordContact(name: String, at: Date, address: String?, capabilities: String?) async throws {
+    @discardableResult
+    public func recordContact(name: String, at: Date, address: String?, capabilities: String?) async throws -> WorkerRecord? {
         try await pool.write { db in
-            guard var w = try WorkerRecord.fetchOne(db, key: name) else { return }
+            guard var w = try WorkerRecord.fetchOne(db, key: name) else { return nil }
             w.lastContactAt = at
             w.lastAddress = address
             if let capabilities { w.capabilities = capabilities }
             try w.update(db)
+            return w
         }
     }
 

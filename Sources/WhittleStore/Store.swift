@@ -176,7 +176,9 @@ public protocol CoordinatorStore: AnyObject, Sendable {
     func workers() async throws -> [WorkerRecord]
     /// Marks a worker revoked; false when there is no such worker.
     func revoke(name: String, at: Date) async throws -> Bool
-    func recordContact(name: String, at: Date, address: String?, capabilities: String?) async throws
+    /// Records a heartbeat; returns the worker as it stands after it (nil when there is no such worker).
+    @discardableResult
+    func recordContact(name: String, at: Date, address: String?, capabilities: String?) async throws -> WorkerRecord?
     /// A cheap query proving the store answers (readiness).
     func ping() async throws
 
@@ -283,12 +285,14 @@ public actor MemoryStore: CoordinatorStore {
         return true
     }
 
-    public func recordContact(name: String, at: Date, address: String?, capabilities: String?) throws {
-        guard var w = byName[name] else { return }
+    @discardableResult
+    public func recordContact(name: String, at: Date, address: String?, capabilities: String?) throws -> WorkerRecord? {
+        guard var w = byName[name] else { return nil }
         w.lastContactAt = at
         w.lastAddress = address
         if let capabilities { w.capabilities = capabilities }
         byName[name] = w
+        return w
     }
 
     public func ping() throws {}

@@ -8,12 +8,18 @@ import X509
 /// Load generator for benchmarks/heartbeats.py: enrolls many worker identities with one token, then sends
 /// heartbeats over mutual TLS from concurrent connections and prints throughput and latency as JSON.
 ///
-///   whittle-loadgen --coordinator URL --ca CA.pem --token T --workers N --concurrency C --seconds S [--period P]
+///   whittle-loadgen --coordinator URL [--coordinator URL…] --ca CA.pem --token T --workers N --concurrency C
+///                   --seconds S [--period P]
 ///
 /// With --period P each of the N workers sends one heartbeat every P seconds (a fleet polling); without it, C
-/// connections send heartbeats back to back for S seconds.
+/// connections send heartbeats back to back for S seconds. A polling fleet is spread evenly over the period, as boards
+/// started at different times are: worker g of N is due at start + P × (cycle + g / N); C threads send for them, and
+/// `p99LagMilliseconds` says how late the sends were against that schedule (large: too few threads). The first cycle
+/// opens every worker's connection (a fleet connecting at once, as after a restart): it is not measured, and its
+/// figures are reported apart (`connect…`); the --seconds measured follow it. With several coordinators (replicas on one database),
+/// worker k enrolls with and heartbeats to coordinator k mod their count.
 struct Options {
-    var coordinator = ""
+    var coordinators: [String] = []
     var ca = ""
     var token = ""
     var workers = 1
@@ -30,7 +36,7 @@ struct Options {
         }
         while i < arguments.count {
             switch arguments[i] {
-            case "--coordinator": coordinator = value()
+            case "--coordinator": coordinators.append(value())
             case "--ca": ca = value()
             case "--token": token = value()
             case "--workers": workers = Int(value()) ?? 1
@@ -41,7 +47,11 @@ struct Options {
             }
             i += 1
         }
+        if coordinators.isEmpty { fail("give --coordinator URL") }
     }
+
+    /// The coordinator worker `k` talks to.
+    func coordinator(_ k: Int) -> String { coordinators[k % coordinators.count] }
 }
 
 func fail(_ message: String) -> Never {
@@ -68,9 +78,13 @@ final class Shared<T>: @unchecked Sendable {
 /// Enrolls `count` identities, eight at a time.
 func enroll(_ count: Int) -> [TLSCredentials] {
     let identities = Shared([TLSCredentials?](repeating: nil, count: count))
-    DispatchQueue.concurrentPerform(iterations: min(count, 8)) { lane in
-        let client = HTTPClient(baseURL: options.coordinator, credentials: TLSCredentials(caPEM: caPEM))
-        for k in stride(from: lane, to: count, by: min(count, 8)) {
+    let lanes = min(count, 8)
+    DispatchQueue.concurrentPerform(iterations: lanes) { lane in
+        var clients: [String: HTTPClient] = [:]
+        for k in stride(from: lane, to: count, by: lanes) {
+            let url = options.coordinator(k)
+            let client = clients[url] ?? HTTPClient(baseURL: url, credentials: TLSCredentials(caPEM: caPEM))
+            clients[url] = client
             let key = P256.Signing.PrivateKey()
             var request = Whittle_EnrollRequest()
             request.protocolVersion = 1
@@ -101,11 +115,15 @@ let enrollStart = Date()
 let identities = enroll(options.workers)
 let enrollSeconds = Date().timeIntervalSince(enrollStart)
 
-let clients = identities.map { HTTPClient(baseURL: options.coordinator, credentials: $0) }
+let clients = identities.enumerated().map { HTTPClient(baseURL: options.coordinator($0.offset), credentials: $0.element) }
 let latencies = Shared([[Double]](repeating: [], count: options.concurrency))
 let errors = Shared([Int](repeating: 0, count: options.concurrency))
-let deadline = Date().addingTimeInterval(options.seconds)
+let lags = Shared([[Double]](repeating: [], count: options.concurrency))
+let connecting = Shared((latencies: [Double](), errors: 0))
 let start = Date()
+/// Polling: one unmeasured cycle first.
+let warmup = options.period ?? 0
+let deadline = start.addingTimeInterval(warmup + options.seconds)
 /// Runs `body(lane)` on `count` threads of its own at once (concurrentPerform would cap them at the core count).
 func onThreads(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) {
     let group = DispatchGroup()
@@ -124,33 +142,55 @@ func onThreads(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) {
 onThreads(options.concurrency) { lane in
     let mine = stride(from: lane, to: clients.count, by: options.concurrency).map { clients[$0] }
     guard !mine.isEmpty else { return }
-    var local: [Double] = [], failed = 0, k = 0
+    var local: [Double] = [], lateness: [Double] = [], failed = 0, k = 0
+    var early: [Double] = [], earlyFailed = 0
     while Date() < deadline {
+        let measured = options.period == nil || k >= mine.count
         let client = mine[k % mine.count]
+        if let period = options.period {
+            // This worker's turn: global index lane + j × C of N, in cycle k / |mine|.
+            let g = lane + (k % mine.count) * options.concurrency
+            let due = start.addingTimeInterval(period * (Double(k / mine.count) + Double(g) / Double(clients.count)))
+            let wait = due.timeIntervalSinceNow
+            if wait > 0 {
+                guard due < deadline else { break }
+                Thread.sleep(forTimeInterval: wait)
+            }
+            if measured { lateness.append(max(0, -wait) * 1000) }
+        }
         let t0 = DispatchTime.now().uptimeNanoseconds
-        if let r = try? client.request("POST", "/v1/worker/heartbeat", body: body, contentType: "application/x-protobuf"), r.status == 200 {
-            local.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6)
-        } else {
-            failed += 1
+        let ok = (try? client.request("POST", "/v1/worker/heartbeat", body: body, contentType: "application/x-protobuf"))?.status == 200
+        let milliseconds = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6
+        switch (measured, ok) {
+        case (true, true): local.append(milliseconds)
+        case (true, false): failed += 1
+        case (false, true): early.append(milliseconds)
+        case (false, false): earlyFailed += 1
         }
         k += 1
-        if let period = options.period, k % mine.count == 0 {
-            // Each worker of this lane has sent one heartbeat: wait for the next period.
-            let next = start.addingTimeInterval(period * Double(k / mine.count))
-            let wait = next.timeIntervalSinceNow
-            if wait > 0 { Thread.sleep(forTimeInterval: wait) }
-        }
     }
     latencies.update { $0[lane] = local }
+    lags.update { $0[lane] = lateness }
+    connecting.update {
+        $0.latencies += early
+        $0.errors += earlyFailed
+    }
     errors.update { $0[lane] = failed }
 }
-let elapsed = Date().timeIntervalSince(start)
+let elapsed = Date().timeIntervalSince(start) - warmup
+let connected = connecting.value.latencies.sorted()
 let all = latencies.value.flatMap { $0 }.sorted()
-func percentile(_ p: Double) -> Double { all.isEmpty ? 0 : all[min(all.count - 1, Int(Double(all.count) * p))] }
+func percentile(_ p: Double, of values: [Double] = all) -> Double {
+    values.isEmpty ? 0 : values[min(values.count - 1, Int(Double(values.count) * p))]
+}
+let lagged = lags.value.flatMap { $0 }.sorted()
 let report: [String: Double] = [
     "workers": Double(options.workers), "concurrency": Double(options.concurrency), "seconds": elapsed,
     "requests": Double(all.count), "errors": Double(errors.value.reduce(0, +)), "requestsPerSecond": Double(all.count) / elapsed,
     "p50Milliseconds": percentile(0.5), "p99Milliseconds": percentile(0.99), "enrollSeconds": enrollSeconds,
+    "p99LagMilliseconds": percentile(0.99, of: lagged),
+    "connectRequests": Double(connected.count), "connectErrors": Double(connecting.value.errors),
+    "connectP99Milliseconds": percentile(0.99, of: connected),
 ]
 let data = try! JSONSerialization.data(withJSONObject: report, options: [.sortedKeys])
 print(String(decoding: data, as: UTF8.self))

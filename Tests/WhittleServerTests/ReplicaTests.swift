@@ -201,4 +201,30 @@ import WhittleTestSupport
         #expect(try await store.blob("reports/r1/1-w.pb") == nil)
         #expect(try await store.blobs(prefix: "reports/").map(\.key) == ["reports/r1/2-w.pb", "reports/r2/1-w.pb"])
     }
+
+    /// The data directory's blobs (a coordinator alone): files at their keys, replaced whole, listed by folder;
+    /// a key that would leave the directory is refused.
+    @Test func directoryBlobsAreFilesOfTheDataDirectory() async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("whittle-blobs-\(UUID().uuidString)")
+        let blobs = try DirectoryBlobs(directory: directory)
+        try await blobs.putBlob("reports/r1/1-w.pb", ByteBuffer(bytes: [1, 2, 3, 4]))
+        #expect(FileManager.default.fileExists(atPath: directory.appendingPathComponent("reports/r1/1-w.pb").path))
+        try await blobs.putBlob("reports/r1/1-w.pb", ByteBuffer(bytes: [5]))
+        try await blobs.putBlob("reports/r1/2-w.pb", ByteBuffer(bytes: [6, 7]))
+        #expect(try await blobs.blob("reports/r1/1-w.pb").map { Array($0.readableBytesView) } == [5])
+        #expect(try await blobs.blobs(prefix: "reports/r1/").map(\.key) == ["reports/r1/1-w.pb", "reports/r1/2-w.pb"])
+        #expect(try await blobs.blobs(prefix: "reports/r1/2").map(\.bytes) == [2])
+        #expect(try await blobs.blobs(prefix: "reports/none/").isEmpty)
+        try await blobs.deleteBlob("reports/r1/1-w.pb")
+        #expect(try await blobs.blob("reports/r1/1-w.pb") == nil)
+        for key in ["../escape", "reports/../../x", "/abs", "reports//x", ""] {
+            await #expect(throws: RoundError.self, "\(key)") { try await blobs.putBlob(key, ByteBuffer(bytes: [1])) }
+        }
+    }
+
+    @Test func theArtifactsARoundNamesAreFoundInItsJSON() {
+        let a = String(repeating: "a1", count: 32), b = String(repeating: "0f", count: 32)
+        let text = "{\"model\":\"\(a)\",\"x\":[\"\(b)\",\"\(b)0\",\"\(a.uppercased())\"],\"y\":\"\(b.prefix(63))\"}"
+        #expect(RoundService.artifactNames(text) == [a, b], "64 lowercase hex digits standing alone, nothing longer or shorter")
+    }
 }
