@@ -453,8 +453,7 @@ package actor RoundService {
     // MARK: workers
 
     func runningRounds() async throws -> [RoundRecord] {
-        var out: [RoundRecord] = []
-        for r in try await store.rounds() where !r.ended { out.append(r) }
+        let out = try await store.runningRounds()
         running = Set(out.map(\.id))
         return out.sorted { $0.createdAt < $1.createdAt }
     }

@@ -543,6 +543,12 @@ public final class PostgresStore: CoordinatorStore, Sendable {
         }
     }
 
+    public func runningRounds() async throws -> [RoundRecord] {
+        try await run("listing running rounds") {
+            try await all("SELECT \(unescaped: Self.roundColumns) FROM round WHERE state = 'running' ORDER BY created_at DESC, id DESC", Self.round)
+        }
+    }
+
     public func updateRound(_ r: RoundRecord) async throws {
         try await run("updating a round") {
             let written = try await all("""

@@ -140,6 +140,12 @@ public final class SQLiteStore: CoordinatorStore, @unchecked Sendable {
         try await pool.read { db in try RoundRecord.order(Column("createdAt").desc, Column("id").desc).fetchAll(db) }
     }
 
+    public func runningRounds() async throws -> [RoundRecord] {
+        try await pool.read { db in
+            try RoundRecord.filter(Column("state") == "running").order(Column("createdAt").desc, Column("id").desc).fetchAll(db)
+        }
+    }
+
     public func updateRound(_ round: RoundRecord) async throws {
         try await pool.write { db in
             guard try Int.fetchOne(db, sql: "SELECT revision FROM round WHERE id = ?", arguments: [round.id]) == round.revision else {

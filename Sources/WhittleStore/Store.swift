@@ -206,6 +206,8 @@ public protocol CoordinatorStore: AnyObject, Sendable {
     func round(id: String) async throws -> RoundRecord?
     /// Every round, newest first.
     func rounds() async throws -> [RoundRecord]
+    /// The rounds still running, newest first (what every heartbeat and tick looks at; ended rounds accumulate).
+    func runningRounds() async throws -> [RoundRecord]
     /// Writes the round over the revision it was read at (`round.revision`), which moves on by one; throws
     /// `StoreError.conflict` (and writes nothing) when the stored row has moved on meanwhile.
     func updateRound(_ round: RoundRecord) async throws
@@ -237,6 +239,7 @@ public protocol CoordinatorStore: AnyObject, Sendable {
 }
 
 extension CoordinatorStore {
+    public func runningRounds() async throws -> [RoundRecord] { try await rounds().filter { !$0.ended } }
     public func close() {}
     public func announceRoundsChanged() async throws {}
     public func roundsChanged() -> AsyncStream<Void>? { nil }

@@ -175,6 +175,7 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
         try await store.addRound(r1)
         try await store.addRound(r2)
         #expect(try await store.rounds().map(\.id) == ["r2", "r1"], "newest first")
+        #expect(try await store.runningRounds().map(\.id) == ["r2", "r1"])
         var updated = r1
         updated.state = "failed"
         updated.phase = 3
@@ -184,6 +185,7 @@ enum StoreKind: String, CaseIterable, CustomStringConvertible {
         updated.endedAt = Self.now.addingTimeInterval(10)
         try await store.updateRound(updated)
         updated.revision += 1
+        #expect(try await store.runningRounds().map(\.id) == ["r2"], "a failed round is not running")
         #expect(try await store.round(id: "r1") == updated)
         #expect(try await store.round(id: "nope") == nil)
 
