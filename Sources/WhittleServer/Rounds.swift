@@ -146,7 +146,9 @@ package actor RoundService {
         }
     }
 
-    static func artifactKey(_ sha: String) -> String { "artifacts/\(sha)" }
+    /// Where artifacts live in the shared store: `artifacts/SHA256`.
+    static let artifactPrefix = "artifacts/"
+    static func artifactKey(_ sha: String) -> String { artifactPrefix + sha }
 
     /// Brings the named artifacts this replica lacks from the shared store (checked against their names).
     package func fetchArtifacts(_ shas: some Sequence<String>) async throws {
@@ -915,8 +917,8 @@ package actor RoundService {
         out.artifacts = removed.count
         out.artifactBytes = removed.bytes
         if let shared = sharedArtifacts {
-            for blob in try await shared.blobs(prefix: Self.artifactKey("")) {
-                let sha = String(blob.key.dropFirst(Self.artifactKey("").count))
+            for blob in try await shared.blobs(prefix: Self.artifactPrefix) {
+                let sha = String(blob.key.dropFirst(Self.artifactPrefix.count))
                 guard !keep.contains(sha), now.timeIntervalSince(blob.storedAt) >= grace else { continue }
                 try await shared.deleteBlob(blob.key)
                 if !removed.names.contains(sha) {
@@ -938,11 +940,12 @@ package actor RoundService {
         let plan = try Self.plan(round), progress = try Self.progress(round)
         var phases = progress.phases
         if !round.ended, round.phase < phases.count {
-            if replication == nil, let o = open[round.id], o.phase == round.phase {
+            if replication != nil {
+                // Other replicas accept reports too: the durable rows are the count.
+                phases[round.phase].reports = try await store.reports(round: round.id, phase: round.phase).count
+            } else if let o = open[round.id], o.phase == round.phase {
                 phases[round.phase].reports = o.accumulator.reports
                 phases[round.phase].refused = o.refused
-            } else if replication != nil {
-                phases[round.phase].reports = try await store.reports(round: round.id, phase: round.phase).count
             }
         }
         var assigned = 0

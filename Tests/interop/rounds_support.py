@@ -141,6 +141,20 @@ class Fleet:
         self.workers[name] = files
         return files
 
+    def start_demo_workers(self, count, samples):
+        """Enrolls `camera-0`… `camera-{count-1}`, gives each `samples` labelled images of its own non-IID shard of
+        the demo's training split, and starts them; returns their names."""
+        names = [f"camera-{k}" for k in range(count)]
+        self.enroll(names)
+        x, y = load_train_split()
+        shards = non_iid_shards(y, count)
+        for k, name in enumerate(names):
+            part = shards[k][:samples]
+            self.write_shard(name, x[part], y[part])
+        for name in names:
+            self.start_worker(name)
+        return names
+
     def start_worker(self, name, *extra):
         files = self.workers[name]
         args = [self.worker_binary, "run", "--dir", self.dir / name, "--data", files["x"], "--threads", "1"]

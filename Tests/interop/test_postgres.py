@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from rounds_support import MODEL, Fleet, load_train_split, non_iid_shards
+from rounds_support import MODEL, Fleet
 
 # A round on PostgreSQL sums the same reports as on SQLite; only their arrival order (float addition) differs.
 WEIGHT_TOLERANCE = 1e-5
@@ -23,16 +23,7 @@ def fleet_on(coordinator_server, worker_path, directory, spawn_any, name, **sett
     server.start()
     directory.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(server, worker_path, directory, spawn_any)
-    names = [f"camera-{k}" for k in range(4)]
-    fleet.enroll(names)
-    x, y = load_train_split()
-    shards = non_iid_shards(y, 4)
-    for k, worker in enumerate(names):
-        part = shards[k][:250]
-        fleet.write_shard(worker, x[part], y[part])
-    for worker in names:
-        fleet.start_worker(worker)
-    return fleet, names
+    return fleet, fleet.start_demo_workers(4, 250)
 
 
 def initializers(path):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT, CoordinatorServer
-from rounds_support import MODEL, Fleet, load_train_split, non_iid_shards
+from rounds_support import MODEL, Fleet
 from test_postgres import RECIPE, assert_same_model
 
 WORKERS = 8
@@ -43,16 +43,7 @@ def workers_on(server, worker_path, directory, spawn_any, url):
     """Eight workers enrolled through `url` with non-IID shards of the demo images."""
     server.url = url
     fleet = Fleet(server, worker_path, directory, spawn_any)
-    names = [f"camera-{k}" for k in range(WORKERS)]
-    fleet.enroll(names)
-    x, y = load_train_split()
-    shards = non_iid_shards(y, WORKERS)
-    for k, name in enumerate(names):
-        part = shards[k][:SAMPLES]
-        fleet.write_shard(name, x[part], y[part])
-    for name in names:
-        fleet.start_worker(name)
-    return fleet, names
+    return fleet, fleet.start_demo_workers(WORKERS, SAMPLES)
 
 
 def run_round(fleet, during=None):
