@@ -38,6 +38,21 @@ import WhittleServer
         }
     }
 
+    /// A replica's name goes into the lease table and the logs; its lease has a bounded length.
+    @Test func replicaSettingsAreChecked() throws {
+        var config = CoordinatorConfig()
+        try config.set("replica_name", "coord-eu-1")
+        try config.set("replica_lease_seconds", "2")
+        #expect(config.replicaName == "coord-eu-1" && config.replicaLeaseSeconds == 2)
+        for bad in ["two words", "tab\there", String(repeating: "x", count: 201), "r\u{e9}plica", "line\nbreak"] {
+            #expect(throws: ServerError.self, "\(bad)") { try config.set("replica_name", bad) }
+        }
+        for bad in ["1", "0", "-5", "3601", "ten"] {
+            #expect(throws: ServerError.self, "\(bad)") { try config.set("replica_lease_seconds", bad) }
+        }
+        #expect(config.replicaName == "coord-eu-1" && config.replicaLeaseSeconds == 2, "a refused value changes nothing")
+    }
+
     @Test func logLinesCarryTheirMetadataAsTextOrJSON() throws {
         let at = Date(timeIntervalSince1970: 1_800_000_000)
         let metadata: Logger.Metadata = ["worker.name": "cam-1", "round.id": "r1", "phase": "finetune 2/10"]
